@@ -1,0 +1,194 @@
+//! `dbkeeper jobs`, `dbkeeper history` and `dbkeeper run-job`: the run history as
+//! tables, and running one job by hand.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use super::Exit;
+use crate::config::Config;
+use crate::jobs::{self, Job};
+use crate::runner::{RunOutcome, Runner, Trigger};
+use crate::schedule::TimeZone;
+use crate::state::{JobLast, RunRecord, StateDb};
+use crate::status::Status;
+
+/// `2026-11-22 03:00:00 UTC`, or with the job's zone: `2026-11-22 03:00:00 CET (02:00:00Z)`.
+pub fn format_time_in(t: DateTime<Utc>, tz: &TimeZone) -> String {
+    if tz.0 == chrono_tz::UTC {
+        t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+    } else {
+        format!(
+            "{} ({}Z)",
+            t.with_timezone(&tz.0).format("%Y-%m-%d %H:%M:%S %Z"),
+            t.format("%H:%M:%S")
+        )
+    }
+}
+
+fn format_opt(t: Option<DateTime<Utc>>) -> String {
+    t.map_or_else(
+        || "-".to_owned(),
+        |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
+    )
+}
+
+/// Prints rows as left-aligned columns under a header.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// The run history if the state database exists; a read-only command does not
+/// create one.
+async fn open_history(config: &Config) -> anyhow::Result<Option<StateDb>> {
+    let dir = &config.daemon.state_dir;
+    if !dir.join("state.db").exists() {
+        return Ok(None);
+    }
+    Ok(Some(StateDb::open(dir).await?))
+}
+
+pub async fn jobs(config: &Config) -> anyhow::Result<Exit> {
+    let databases = jobs::open_databases(config)?;
+    let jobs = jobs::build(config, &databases);
+    let last: HashMap<String, JobLast> = match open_history(config).await? {
+        Some(state) => state.last_runs().await?,
+        None => HashMap::new(),
+    };
+    let now = Utc::now();
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|job| {
+            let l = last.get(&job.id).cloned().unwrap_or_default();
+            let opts = &job.options;
+            vec![
+                job.id.clone(),
+                job.kind().to_owned(),
+                opts.schedule.to_string(),
+                l.last_result.map_or("-", |r| r.as_str()).to_owned(),
+                format_opt(l.last_success),
+                opts.schedule
+                    .next_after(now, &opts.timezone)
+                    .map_or_else(|| "-".to_owned(), |t| format_time_in(t, &opts.timezone)),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "JOB",
+            "KIND",
+            "SCHEDULE",
+            "LAST RESULT",
+            "LAST SUCCESS (UTC)",
+            "NEXT RUN",
+        ],
+        &rows,
+    );
+    Ok(Exit::Success)
+}
+
+pub async fn history(config: &Config, job: Option<&str>, limit: u32) -> anyhow::Result<Exit> {
+    let runs: Vec<RunRecord> = match open_history(config).await? {
+        Some(state) => state.history(job, limit).await?,
+        None => Vec::new(),
+    };
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            let took = r
+                .finished_at
+                .and_then(|f| (f - r.started_at).to_std().ok())
+                .map_or_else(|| "-".to_owned(), |d| format!("{:.1}s", d.as_secs_f64()));
+            vec![
+                format_opt(Some(r.started_at)),
+                r.job.clone(),
+                r.trigger.clone(),
+                r.result.as_str().to_owned(),
+                took,
+                r.attempts.to_string(),
+                r.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "STARTED (UTC)",
+            "JOB",
+            "TRIGGER",
+            "RESULT",
+            "TOOK",
+            "ATTEMPTS",
+            "ERROR",
+        ],
+        &rows,
+    );
+    Ok(Exit::Success)
+}
+
+pub async fn run_job(config: &Config, id: &str) -> anyhow::Result<Exit> {
+    let databases = jobs::open_databases(config)?;
+    let all = jobs::build(config, &databases);
+    let Some(job) = all.iter().find(|j| j.id == id).cloned() else {
+        let known: Vec<&str> = all.iter().map(|j| j.id.as_str()).collect();
+        eprintln!(
+            "error: no job \"{id}\" in {}; configured jobs: {}",
+            config.path.display(),
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        );
+        return Ok(Exit::Usage);
+    };
+    let state = StateDb::open(&config.daemon.state_dir).await?;
+    let runner = Runner::new(state.clone(), Status::default(), 1);
+    let outcome = run_interruptible(&runner, job).await;
+    state.close().await;
+    Ok(match outcome {
+        RunOutcome::Success(o) => {
+            println!("{id}: success: {}", o.summary);
+            Exit::Success
+        }
+        RunOutcome::Failure(message) => {
+            eprintln!("{id}: failed: {message}");
+            Exit::Failed
+        }
+        RunOutcome::Skipped(reason) => {
+            eprintln!("{id}: not run ({})", reason.as_str());
+            Exit::Failed
+        }
+    })
+}
+
+/// Runs the job; Ctrl-C or SIGTERM cancels it cleanly.
+async fn run_interruptible(runner: &Runner, job: Arc<Job>) -> RunOutcome {
+    let run = runner.run(job, Trigger::Manual);
+    tokio::pin!(run);
+    tokio::select! {
+        outcome = &mut run => outcome,
+        _ = crate::shutdown_signal() => {
+            eprintln!("interrupted: cancelling the job");
+            runner.cancel_all();
+            run.await
+        }
+    }
+}

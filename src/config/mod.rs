@@ -1,0 +1,293 @@
+//! The TOML configuration file: plain serde structs, checked once at load time.
+//!
+//! Everything the daemon does comes from one [`Config`]. Loading it either yields a
+//! fully validated value or one [`ConfigError`] that names the file and the line and
+//! column (for syntax and type errors) or the key (for semantic errors), so that
+//! `dbkeeper check` and a reload on SIGHUP can say exactly what to fix.
+
+mod job_options;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub(crate) use job_options::job_table;
+pub use job_options::{JobOptions, Missed};
+
+use crate::db::Backend;
+
+/// Environment variable naming the config file when `-c` is not given.
+pub const CONFIG_ENV: &str = "DBKEEPER_CONFIG";
+/// Config file used when neither `-c` nor `$DBKEEPER_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/dbkeeper/dbkeeper.toml";
+
+/// A config file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "cannot read config file {path}: {source}; pass the right file with -c or $DBKEEPER_CONFIG"
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// The file this configuration was read from (not a key; set by [`Config::load`]).
+    #[serde(skip)]
+    pub path: PathBuf,
+    /// Daemon-wide settings (`[daemon]`). Every key has a default.
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    /// The databases to look after (`[[database]]`); at least one is required.
+    #[serde(default, rename = "database")]
+    pub databases: Vec<DatabaseConfig>,
+}
+
+/// `[daemon]`: settings of the process itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct DaemonConfig {
+    /// Directory for the run-history database (`state.db`) and temporary files; created
+    /// if missing. Default: `/var/lib/dbkeeper`.
+    pub state_dir: PathBuf,
+    /// Address of the HTTP listener serving `/metrics`, `/healthz`, `/readyz` and
+    /// `/status`. Default: `127.0.0.1:9736`. A non-loopback address is logged at start-up.
+    pub listen: SocketAddr,
+    /// How many jobs may run at the same time across all databases. Default: `2`.
+    pub max_concurrent_jobs: usize,
+    /// On SIGTERM, how long running jobs may take to finish before they are cancelled.
+    /// Default: `5m`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// How long finished runs are kept in the run history; the newest success and
+    /// failure of every job are always kept. Default: `90d`.
+    #[serde(with = "humantime_serde")]
+    pub history_keep: Duration,
+    /// How often each database's reachability is probed for `database_up` and
+    /// `/readyz`. Default: `30s`.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/dbkeeper"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9736)),
+            max_concurrent_jobs: 2,
+            shutdown_grace: Duration::from_secs(300),
+            history_keep: Duration::from_secs(90 * 86_400),
+            probe_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[[database]]`: one database and the jobs that run on it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DatabaseConfig {
+    /// Short name used in job ids, metric labels and backup paths: letters, digits,
+    /// `_` and `-`. Required.
+    pub name: String,
+    /// `postgres://user@host:port/db` or `sqlite:///path/to/file.db` (a relative
+    /// SQLite path is read from the working directory; add `?mode=rwc` to create a
+    /// missing file). Required. Never put a password here: use `password-file`.
+    pub url: String,
+    /// PostgreSQL only: file holding the password (trailing newline ignored). A
+    /// relative name is looked up in `$CREDENTIALS_DIRECTORY` (systemd
+    /// `LoadCredential=`). Default: none.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// How long to wait for a connection before the database counts as down.
+    /// Default: `10s`.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// `[[database.sql]]`: statements run on a schedule. Default: none.
+    #[serde(default)]
+    pub sql: Vec<SqlJobConfig>,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+job_table! {
+    /// `[[database.sql]]`: one SQL statement (or several, separated by `;`) run on a
+    /// schedule, e.g. `VACUUM`, `ANALYZE` or `SELECT refresh_totals()`.
+    pub struct SqlJobConfig {
+        /// Job name, unique per database; the job id is `<database>.sql.<name>`.
+        /// Required.
+        pub name: String,
+        /// The SQL to run. Required.
+        pub statement: String,
+    }
+    defaults(timeout = Duration::from_secs(3600), missed = Missed::Skip)
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates `text`; `path` is only used in error messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|span| line_column(text, span.start))
+                .unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().trim().replace('\n', " "),
+            }
+        })?;
+        config.path = path.to_owned();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The path to use when `-c` was not given.
+    pub fn default_path() -> PathBuf {
+        std::env::var_os(CONFIG_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+    }
+
+    fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.daemon.max_concurrent_jobs == 0 {
+            return Err(self.invalid("daemon.max-concurrent-jobs", "must be at least 1"));
+        }
+        if self.databases.is_empty() {
+            return Err(self.invalid(
+                "database",
+                "no [[database]] is configured; add one with a name and url",
+            ));
+        }
+        let mut names = HashSet::new();
+        for db in &self.databases {
+            let key = format!("database \"{}\"", db.name);
+            check_name(&db.name).map_err(|m| self.invalid(format!("{key}.name"), m))?;
+            if !names.insert(db.name.as_str()) {
+                return Err(self.invalid(
+                    format!("{key}.name"),
+                    "is used by two databases; database names must be unique",
+                ));
+            }
+            let backend =
+                Backend::from_url(&db.url).map_err(|m| self.invalid(format!("{key}.url"), m))?;
+            if let Some(file) = &db.password_file {
+                if backend != Backend::Postgres {
+                    return Err(self.invalid(
+                        format!("{key}.password-file"),
+                        "only PostgreSQL databases take a password; remove this key",
+                    ));
+                }
+                let resolved = resolve_credential(file);
+                if !resolved.is_file() {
+                    return Err(self.invalid(
+                        format!("{key}.password-file"),
+                        format!(
+                            "{} is not a readable file; create it or fix the path",
+                            resolved.display()
+                        ),
+                    ));
+                }
+            }
+            let mut jobs = HashSet::new();
+            for job in &db.sql {
+                check_name(&job.name).map_err(|m| self.invalid(format!("{key}.sql.name"), m))?;
+                if !jobs.insert(job.name.as_str()) {
+                    return Err(self.invalid(
+                        format!("{key}.sql \"{}\"", job.name),
+                        "two sql jobs share this name; names must be unique per database",
+                    ));
+                }
+                if job.statement.trim().is_empty() {
+                    return Err(self.invalid(
+                        format!("{key}.sql \"{}\".statement", job.name),
+                        "is empty; write the SQL to run",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resolves a credential file name: relative names live in `$CREDENTIALS_DIRECTORY`
+/// when systemd provides one (`LoadCredential=`).
+pub fn resolve_credential(file: &Path) -> PathBuf {
+    resolve_in(file, std::env::var_os("CREDENTIALS_DIRECTORY").as_deref())
+}
+
+fn resolve_in(file: &Path, credentials_dir: Option<&std::ffi::OsStr>) -> PathBuf {
+    match credentials_dir {
+        Some(dir) if file.is_relative() => Path::new(dir).join(file),
+        _ => file.to_owned(),
+    }
+}
+
+/// Names end up in job ids (`db.kind.name`), metric labels and file paths, so they are
+/// kept to a safe alphabet.
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "\"{name}\" is not a valid name; use 1 to 64 letters, digits, '_' or '-'"
+        ))
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests;

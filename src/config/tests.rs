@@ -1,0 +1,170 @@
+use std::path::Path;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("test.toml"), text)
+}
+
+const MINIMAL: &str = r#"
+[[database]]
+name = "app"
+url = "sqlite://app.db"
+
+[[database.sql]]
+name = "analyze"
+statement = "ANALYZE"
+schedule = "@daily"
+"#;
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.daemon.listen.to_string(), "127.0.0.1:9736");
+    assert_eq!(c.daemon.max_concurrent_jobs, 2);
+    assert_eq!(c.daemon.shutdown_grace, Duration::from_secs(300));
+    let opts = c.databases[0].sql[0].options();
+    assert_eq!(opts.timeout, Duration::from_secs(3600));
+    assert_eq!(opts.missed, Missed::Skip);
+    assert_eq!(opts.retries, 0);
+    assert_eq!(opts.timezone.to_string(), "UTC");
+}
+
+#[test]
+fn unknown_key_names_line_and_column() {
+    let text = MINIMAL.replace(
+        "statement = \"ANALYZE\"",
+        "statement = \"ANALYZE\"\nstatment = \"x\"",
+    );
+    let err = parse(&text).unwrap_err().to_string();
+    assert!(err.starts_with("test.toml:9:1: "), "{err}");
+    assert!(err.contains("statment"), "{err}");
+    assert!(!err.contains('\n'), "one line: {err}");
+}
+
+#[test]
+fn wrong_type_bad_cron_bad_duration_bad_zone() {
+    let cases = [
+        ("[daemon]\nmax-concurrent-jobs = \"two\"\n", "2:23:"),
+        ("[daemon]\nshutdown-grace = \"5 fortnights\"\n", "2:18:"),
+    ];
+    for (prefix, at) in cases {
+        let err = parse(&format!("{prefix}{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with(&format!("test.toml:{at}")), "{err}");
+    }
+    let err = parse(&MINIMAL.replace("@daily", "0 0 25 * * *"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("test.toml:9:") && err.contains("invalid schedule"),
+        "{err}"
+    );
+    let err = parse(&MINIMAL.replace(
+        "schedule = \"@daily\"",
+        "schedule = \"@daily\"\ntimezone = \"Europe/Atlantis\"",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("test.toml:10:") && err.contains("Europe/Atlantis"),
+        "{err}"
+    );
+}
+
+#[test]
+fn duplicate_database_name_is_rejected() {
+    let err = parse(&format!(
+        "{MINIMAL}\n[[database]]\nname = \"app\"\nurl = \"sqlite://b.db\"\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("database \"app\".name") && err.contains("unique"),
+        "{err}"
+    );
+}
+
+#[test]
+fn semantic_errors_name_the_key() {
+    let cases = [
+        (
+            MINIMAL.replace("name = \"app\"", "name = \"app.x\""),
+            "database \"app.x\".name",
+        ),
+        (MINIMAL.replace("sqlite://app.db", "mysql://h/db"), ".url"),
+        (MINIMAL.replace("\"ANALYZE\"", "\"  \""), ".statement"),
+        (
+            MINIMAL.replace(
+                "url = \"sqlite://app.db\"",
+                "url = \"postgres://h/db\"\npassword-file = \"/nonexistent/pw\"",
+            ),
+            "password-file",
+        ),
+        (
+            MINIMAL.replace(
+                "url = \"sqlite://app.db\"",
+                "url = \"sqlite://app.db\"\npassword-file = \"/etc/hostname\"",
+            ),
+            "password-file",
+        ),
+        (
+            "[daemon]\nmax-concurrent-jobs = 0\n".to_owned() + MINIMAL,
+            "max-concurrent-jobs",
+        ),
+        ("[daemon]\n".to_owned(), "no [[database]]"),
+    ];
+    for (text, expect) in cases {
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains(expect), "expected {expect:?} in {err}");
+        assert!(err.starts_with("test.toml: "), "{err}");
+    }
+}
+
+#[test]
+fn missing_file_is_a_read_error() {
+    let err = Config::load(Path::new("/nonexistent/dbkeeper.toml")).unwrap_err();
+    assert!(matches!(err, ConfigError::Read { .. }));
+    assert!(err.to_string().contains("/nonexistent/dbkeeper.toml"));
+}
+
+#[test]
+fn relative_password_file_is_read_from_credentials_directory() {
+    let creds = std::ffi::OsStr::new("/run/credentials/dbkeeper.service");
+    assert_eq!(
+        resolve_in(Path::new("app-db"), Some(creds)),
+        Path::new("/run/credentials/dbkeeper.service/app-db")
+    );
+    assert_eq!(
+        resolve_in(Path::new("/etc/pw"), Some(creds)),
+        Path::new("/etc/pw")
+    );
+    assert_eq!(resolve_in(Path::new("app-db"), None), Path::new("app-db"));
+}
+
+/// Every configuration file shipped in `config/` must load.
+#[test]
+fn shipped_configs_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            // password files named in examples need not exist on this machine
+            let text = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("password-file"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            Config::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+            seen += 1;
+        }
+    }
+    assert!(
+        seen >= 2,
+        "expected the demo and example configs in {}",
+        dir.display()
+    );
+}

@@ -1,0 +1,357 @@
+//! The daemon's main loop (`dbkeeper run`).
+//!
+//! Start-up: open the run history, serve HTTP, open and probe the databases, publish
+//! every metric series, arm each job's first run, then tell systemd we are ready.
+//! The loop then starts jobs as the timer fires, feeds the watchdog, probes databases,
+//! prunes the history and reloads the configuration on SIGHUP. On shutdown it stops
+//! scheduling, gives running jobs `shutdown-grace` to finish, then cancels them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Missed};
+use crate::db::{url_has_password, Database, DbError};
+use crate::jobs::{self, Job};
+use crate::runner::{Runner, Trigger};
+use crate::scheduler::{Fire, Timer, TimerError};
+use crate::state::{JobLast, StateDb, StateError};
+use crate::status::{DatabaseStatus, Status};
+use crate::{http, metrics, systemd};
+
+/// How often finished runs older than `history-keep` are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// The daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot listen on {addr}: {source}; free the port or change daemon.listen")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Timer(#[from] TimerError),
+    #[error(transparent)]
+    Database(#[from] DbError),
+    #[error("cannot install the signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// The live objects of one loaded configuration.
+struct Active {
+    config: Config,
+    databases: HashMap<String, Database>,
+    jobs: HashMap<String, Arc<Job>>,
+    order: Vec<Arc<Job>>,
+}
+
+impl Active {
+    fn build(config: Config) -> Result<Self, DbError> {
+        let databases = jobs::open_databases(&config)?;
+        let order = jobs::build(&config, &databases);
+        let jobs = order.iter().map(|j| (j.id.clone(), j.clone())).collect();
+        for db in &config.databases {
+            if url_has_password(&db.url) {
+                tracing::warn!(
+                    database = %db.name,
+                    "the url contains a password; move it to password-file so it stays out of config backups"
+                );
+            }
+        }
+        Ok(Active {
+            config,
+            databases,
+            jobs,
+            order,
+        })
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "databases: {}, jobs: {}",
+            self.databases.len(),
+            self.jobs.len()
+        )
+    }
+}
+
+/// Everything the loop works with, besides the active configuration.
+struct Daemon {
+    state: StateDb,
+    status: Status,
+    runner: Runner,
+    timer: Timer,
+}
+
+/// Runs the daemon until `shutdown` is cancelled. Returns `Ok` after a clean stop.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let metrics_handle = metrics::install();
+    let state = StateDb::open(&config.daemon.state_dir).await?;
+    let interrupted = state.mark_interrupted().await?;
+    if interrupted > 0 {
+        tracing::warn!(
+            runs = interrupted,
+            "runs were cut short by the previous process's end; marked interrupted"
+        );
+    }
+    prune(&state, &config).await;
+
+    let status = Status::default();
+    let listen = config.daemon.listen;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            addr: listen,
+            source,
+        })?;
+    if !listen.ip().is_loopback() {
+        tracing::warn!(%listen, "HTTP listener is reachable from other hosts; /metrics and /status are not authenticated");
+    }
+    // The listener outlives the loop so that /metrics keeps answering during the grace period.
+    let http_stop = CancellationToken::new();
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        http::router(metrics_handle, status.clone()),
+        http_stop.clone(),
+    ));
+
+    let (tx, mut fires) = mpsc::unbounded_channel();
+    let mut daemon = Daemon {
+        runner: Runner::new(
+            state.clone(),
+            status.clone(),
+            config.daemon.max_concurrent_jobs,
+        ),
+        timer: Timer::start(tx).await?,
+        state,
+        status,
+    };
+    let mut active = Active::build(config)?;
+    probe(&active, &daemon.status).await;
+    daemon.activate(&active, true).await;
+    if let Some(period) = systemd::watchdog_period() {
+        daemon.timer.heartbeat(period).await?;
+    }
+    tracing::info!(%listen, "dbkeeper {} started: {}", env!("CARGO_PKG_VERSION"), active.summary());
+    systemd::ready(&active.summary());
+
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
+    let mut probe_tick = tokio::time::interval(active.config.daemon.probe_interval);
+    probe_tick.reset();
+    let mut prune_tick = tokio::time::interval(PRUNE_EVERY);
+    prune_tick.reset();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(fire) = fires.recv() => match fire {
+                Fire::Heartbeat => systemd::watchdog(),
+                Fire::Due { job, at, generation } if generation == daemon.timer.generation() => {
+                    if let Some(job) = active.jobs.get(&job).cloned() {
+                        daemon.runner.spawn(job.clone(), Trigger::Schedule, at);
+                        // From `at`, not from now: the timer may fire a little early.
+                        daemon.arm_next(&job, at.max(Utc::now())).await;
+                    }
+                }
+                Fire::Due { .. } => {} // armed before a reload
+            },
+            _ = hup.recv() => {
+                if let Some(new) = daemon.reload(&active).await {
+                    active = new;
+                    probe_tick = tokio::time::interval(active.config.daemon.probe_interval);
+                }
+            }
+            _ = probe_tick.tick() => {
+                let (a, s) = (active.databases.clone(), daemon.status.clone());
+                tokio::spawn(async move { probe_databases(a, s).await });
+            }
+            _ = prune_tick.tick() => prune(&daemon.state, &active.config).await,
+        }
+    }
+
+    tracing::info!(
+        "shutting down: no new jobs start; running jobs get {}",
+        humantime::format_duration(active.config.daemon.shutdown_grace)
+    );
+    systemd::stopping();
+    daemon.timer.stop().await;
+    if !daemon
+        .runner
+        .shutdown(active.config.daemon.shutdown_grace)
+        .await
+    {
+        tracing::warn!("some jobs were cancelled at the end of the grace period");
+    }
+    http_stop.cancel();
+    let _ = http_task.await;
+    for db in active.databases.values() {
+        db.close().await;
+    }
+    daemon.state.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+impl Daemon {
+    /// Publishes the configuration's jobs and databases and arms every job.
+    async fn activate(&mut self, active: &Active, startup: bool) {
+        let history = self.state.last_runs().await.unwrap_or_else(|e| {
+            tracing::error!("cannot read the run history, last-run metrics start at 0: {e}");
+            HashMap::new()
+        });
+        let now = Utc::now();
+        let jobs: Vec<(Arc<Job>, JobLast, Option<Duration>)> = active
+            .order
+            .iter()
+            .map(|job| {
+                let last = history.get(&job.id).cloned().unwrap_or_default();
+                let interval = job
+                    .options
+                    .schedule
+                    .expected_interval(now, &job.options.timezone);
+                (job.clone(), last, interval)
+            })
+            .collect();
+        let databases = active
+            .databases
+            .values()
+            .map(|db| DatabaseStatus {
+                name: db.name().to_owned(),
+                backend: db.backend().as_str().to_owned(),
+                url: db.url().to_owned(),
+                up: None,
+                error: None,
+            })
+            .collect();
+        self.status.configure(
+            &active.config.path.display().to_string(),
+            databases,
+            &jobs,
+            now,
+        );
+        for (job, last, interval) in &jobs {
+            self.schedule_first(job, last, *interval, startup).await;
+        }
+    }
+
+    /// Arms a job's first run after a (re)load, running it now if it is a start-up
+    /// job or (at start-up) a missed one with `missed = "run-once"`.
+    async fn schedule_first(
+        &mut self,
+        job: &Arc<Job>,
+        last: &JobLast,
+        interval: Option<Duration>,
+        startup: bool,
+    ) {
+        let now = Utc::now();
+        let schedule = &job.options.schedule;
+        if schedule.is_startup() && startup {
+            self.runner.spawn(job.clone(), Trigger::Startup, now);
+        }
+        let Some(interval) = interval.and_then(|i| chrono::Duration::from_std(i).ok()) else {
+            self.status.job_next_run(job, None);
+            return;
+        };
+        if startup {
+            let missed = last.last_success.is_none_or(|t| t + interval < now);
+            match job.options.missed {
+                Missed::RunOnce if missed => {
+                    tracing::info!(job = %job.id, "last success is older than one interval; running it now");
+                    self.runner.spawn(job.clone(), Trigger::Missed, now);
+                }
+                Missed::Skip if missed && last.last_run.is_some() => {
+                    tracing::info!(job = %job.id, "missed a run while down; waiting for the next slot (missed = skip)");
+                    self.status
+                        .job_skipped(job, crate::metrics::SkipReason::Missed);
+                }
+                _ => {}
+            }
+        }
+        // `every` slots follow the previous run, so restarts do not postpone them.
+        let base = match last.last_run {
+            Some(t) if schedule.is_every() && t + interval > now => t,
+            _ => now,
+        };
+        self.arm_next(job, base).await;
+    }
+
+    async fn arm_next(&mut self, job: &Arc<Job>, after: chrono::DateTime<Utc>) {
+        let next = job
+            .options
+            .schedule
+            .next_after(after, &job.options.timezone);
+        self.status.job_next_run(job, next);
+        if let Some(at) = next {
+            if let Err(e) = self.timer.arm(&job.id, at).await {
+                tracing::error!(job = %job.id, "cannot schedule the next run: {e}");
+            }
+        }
+    }
+
+    /// Reloads the configuration file; on any error the running one stays.
+    async fn reload(&mut self, active: &Active) -> Option<Active> {
+        let path = &active.config.path;
+        tracing::info!(file = %path.display(), "SIGHUP: reloading configuration");
+        systemd::reloading();
+        let loaded = Config::load(path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| Active::build(c).map_err(|e| e.to_string()));
+        let new = match loaded {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!("reload failed, keeping the running configuration: {e}");
+                self.status.reload_failed(e);
+                systemd::ready(&format!("{}; last reload FAILED", active.summary()));
+                return None;
+            }
+        };
+        let (old_d, new_d) = (&active.config.daemon, &new.config.daemon);
+        if old_d.listen != new_d.listen || old_d.state_dir != new_d.state_dir {
+            tracing::warn!("daemon.listen and daemon.state-dir only change on restart");
+        }
+        if old_d.max_concurrent_jobs != new_d.max_concurrent_jobs {
+            self.runner.set_max_concurrent(new_d.max_concurrent_jobs);
+        }
+        self.timer.disarm_all().await;
+        self.activate(&new, false).await;
+        probe(&new, &self.status).await;
+        tracing::info!("configuration reloaded: {}", new.summary());
+        systemd::ready(&new.summary());
+        Some(new)
+    }
+}
+
+async fn probe(active: &Active, status: &Status) {
+    probe_databases(active.databases.clone(), status.clone()).await;
+}
+
+/// Pings every database concurrently and records who answered.
+async fn probe_databases(databases: HashMap<String, Database>, status: Status) {
+    let mut pings = JoinSet::new();
+    for (name, db) in databases {
+        pings.spawn(async move { (name, db.ping().await) });
+    }
+    while let Some(Ok((name, result))) = pings.join_next().await {
+        if let Err(e) = &result {
+            tracing::warn!(database = %name, "database probe failed: {e}");
+        }
+        status.database_probed(&name, result.map_err(|e| e.to_string()));
+    }
+}
+
+async fn prune(state: &StateDb, config: &Config) {
+    match state.prune(config.daemon.history_keep, Utc::now()).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(runs = n, "pruned old run history"),
+        Err(e) => tracing::warn!("cannot prune the run history: {e}"),
+    }
+}

@@ -1,0 +1,94 @@
+//! SQLite databases, reached through a small sqlx pool.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use sqlx::{AssertSqlSafe, Executor};
+
+use super::{redact_url, DbError};
+use crate::config::DatabaseConfig;
+
+/// How long a statement waits for another writer's lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn create_requested(url: &str) -> bool {
+    url.split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|kv| kv == "mode=rwc"))
+}
+
+#[derive(Clone)]
+pub struct Sqlite {
+    pub(crate) name: String,
+    pub(crate) url: String,
+    pub(crate) pool: SqlitePool,
+}
+
+impl Sqlite {
+    pub(super) fn open(cfg: &DatabaseConfig) -> Result<Self, DbError> {
+        let url = redact_url(&cfg.url);
+        let options = SqliteConnectOptions::from_str(&cfg.url)
+            .map_err(|source| DbError::Url {
+                name: cfg.name.clone(),
+                url: url.clone(),
+                source,
+            })?
+            .busy_timeout(BUSY_TIMEOUT);
+        if create_requested(&cfg.url) {
+            // `mode=rwc` asks for the file to be created; make its directory too, so a
+            // fresh checkout's demo works. Failures surface when connecting.
+            if let Some(dir) = options.get_filename().parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .min_connections(0)
+            .acquire_timeout(cfg.connect_timeout)
+            .idle_timeout(Some(Duration::from_secs(60)))
+            .connect_lazy_with(options);
+        Ok(Sqlite {
+            name: cfg.name.clone(),
+            url,
+            pool,
+        })
+    }
+
+    fn connect_error(&self, source: sqlx::Error) -> DbError {
+        DbError::Connect {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            source,
+        }
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), DbError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        // Opening succeeds on a file that is not a database; reading the schema does not.
+        conn.execute("SELECT count(*) FROM sqlite_schema")
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        Ok(())
+    }
+
+    pub(super) async fn execute_script(&self, sql: &str) -> Result<u64, DbError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        // The operator's own SQL from the config file, run as written on purpose.
+        let result = sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
+            .execute(&mut *conn)
+            .await
+            .map_err(|source| DbError::Query {
+                name: self.name.clone(),
+                source,
+            })?;
+        Ok(result.rows_affected())
+    }
+}

@@ -1,0 +1,45 @@
+//! dbkeeper: a maintenance daemon for SQLite and PostgreSQL databases.
+//!
+//! Where things are:
+//! - [`config`]: the TOML file, parsed and validated;
+//! - [`schedule`]: schedule strings and next-run arithmetic (time zones, DST);
+//! - [`scheduler`]: the timer (tokio-cron-scheduler) that fires due jobs;
+//! - [`runner`]: overlap guard, concurrency limit, timeout, retries;
+//! - [`jobs`]: what each job kind does; [`db`]: SQLite and PostgreSQL connections;
+//! - [`state`]: the run history; [`status`] and [`metrics`]: what the daemon reports;
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`, `/status`; [`systemd`]: sd_notify;
+//! - [`daemon`]: the main loop; [`cli`]: the one-shot commands.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod http;
+pub mod jobs;
+pub mod metrics;
+pub mod runner;
+pub mod schedule;
+pub mod scheduler;
+pub mod state;
+pub mod status;
+pub mod systemd;
+
+pub use config::Config;
+pub use daemon::run;
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM ({e}); only Ctrl-C stops the daemon");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

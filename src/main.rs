@@ -1,0 +1,49 @@
+//! The `dbkeeper` binary: parses the command line, loads the configuration and hands
+//! over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use dbkeeper::cli::{self, Cli, Command, Exit};
+use dbkeeper::Config;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cli::init_logging();
+    let config = match Config::load(cli.command.config_path()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Exit::Usage.into();
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return Exit::Failed.into();
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Run(_) => {
+                let shutdown = CancellationToken::new();
+                let trigger = shutdown.clone();
+                tokio::spawn(async move {
+                    dbkeeper::shutdown_signal().await;
+                    trigger.cancel();
+                });
+                match dbkeeper::run(config, shutdown).await {
+                    Ok(()) => Exit::Success.into(),
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        eprintln!("error: {e}");
+                        Exit::Failed.into()
+                    }
+                }
+            }
+            Command::Tool(tool) => cli::execute(tool, config).await.into(),
+        }
+    })
+}

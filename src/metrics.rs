@@ -1,0 +1,220 @@
+//! Every Prometheus metric dbkeeper exports is defined here (names, help, buckets).
+//!
+//! Series are created at start-up (and on reload) for every configured job and
+//! database, at 0 or at the value read back from the run history, so alert rules see
+//! them before anything has happened and keep seeing them after a restart.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::jobs::Job;
+use crate::state::JobLast;
+
+pub const BUILD_INFO: &str = "dbkeeper_build_info";
+pub const CONFIG_RELOAD_OK: &str = "dbkeeper_config_last_reload_successful";
+pub const CONFIG_RELOAD_TS: &str = "dbkeeper_config_last_reload_success_timestamp_seconds";
+pub const DATABASE_UP: &str = "dbkeeper_database_up";
+pub const JOB_RUNS: &str = "dbkeeper_job_runs_total";
+pub const JOB_SKIPPED: &str = "dbkeeper_job_skipped_total";
+pub const JOB_DURATION: &str = "dbkeeper_job_duration_seconds";
+pub const JOB_LAST_RUN: &str = "dbkeeper_job_last_run_timestamp_seconds";
+pub const JOB_LAST_SUCCESS: &str = "dbkeeper_job_last_success_timestamp_seconds";
+pub const JOB_LAST_FAILURE: &str = "dbkeeper_job_last_failure_timestamp_seconds";
+pub const JOB_NEXT_RUN: &str = "dbkeeper_job_next_run_timestamp_seconds";
+pub const JOB_EXPECTED_INTERVAL: &str = "dbkeeper_job_expected_interval_seconds";
+pub const JOB_TIMEOUT: &str = "dbkeeper_job_timeout_seconds";
+pub const JOB_RUNNING: &str = "dbkeeper_job_running";
+
+/// Buckets of `job_duration_seconds`: from a fast `ANALYZE` to a multi-hour dump.
+const DURATION_BUCKETS: &[f64] = &[
+    0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0,
+    86400.0,
+];
+
+/// Why a scheduled run did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// The previous run of the same job was still going.
+    Overlap,
+    /// The daemon was down when the job was due and `missed = "skip"`.
+    Missed,
+    /// The daemon was shutting down.
+    Shutdown,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::Overlap => "overlap",
+            SkipReason::Missed => "missed",
+            SkipReason::Shutdown => "shutdown",
+        }
+    }
+    const ALL: [SkipReason; 3] = [
+        SkipReason::Overlap,
+        SkipReason::Missed,
+        SkipReason::Shutdown,
+    ];
+}
+
+/// Installs the global Prometheus recorder once and returns its handle.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(JOB_DURATION.to_owned()), DURATION_BUCKETS)
+                .map(|b| b.build_recorder())
+                // The bucket list is a non-empty constant, so this branch is not taken.
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed (e.g. in a test binary), in
+            // which case rendering from this handle still works for its own series.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            gauge!(CONFIG_RELOAD_OK).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which dbkeeper runs."
+    );
+    describe_gauge!(
+        CONFIG_RELOAD_OK,
+        "1 if the last configuration load or reload succeeded."
+    );
+    describe_gauge!(
+        CONFIG_RELOAD_TS,
+        Unit::Seconds,
+        "Time of the last successful configuration load."
+    );
+    describe_gauge!(
+        DATABASE_UP,
+        "1 if the database answered the last probe or job."
+    );
+    describe_counter!(JOB_RUNS, "Finished job runs by result (after retries).");
+    describe_counter!(JOB_SKIPPED, "Scheduled runs that did not start, by reason.");
+    describe_histogram!(
+        JOB_DURATION,
+        Unit::Seconds,
+        "Duration of finished job runs."
+    );
+    describe_gauge!(
+        JOB_LAST_RUN,
+        Unit::Seconds,
+        "Start time of the job's latest run."
+    );
+    describe_gauge!(
+        JOB_LAST_SUCCESS,
+        Unit::Seconds,
+        "Start time of the job's latest successful run."
+    );
+    describe_gauge!(
+        JOB_LAST_FAILURE,
+        Unit::Seconds,
+        "Start time of the job's latest failed run."
+    );
+    describe_gauge!(
+        JOB_NEXT_RUN,
+        Unit::Seconds,
+        "Time of the job's next scheduled run (0: none)."
+    );
+    describe_gauge!(
+        JOB_EXPECTED_INTERVAL,
+        Unit::Seconds,
+        "Usual time between two runs of the job (0: not periodic)."
+    );
+    describe_gauge!(
+        JOB_TIMEOUT,
+        Unit::Seconds,
+        "Longest time one attempt of the job may run."
+    );
+    describe_gauge!(JOB_RUNNING, "1 while the job runs.");
+}
+
+fn ts(t: Option<DateTime<Utc>>) -> f64 {
+    t.map_or(0.0, |t| t.timestamp_millis() as f64 / 1000.0)
+}
+
+/// The `job`, `kind`, `database` label set of a job.
+fn labels(job: &Job) -> [(&'static str, String); 3] {
+    [
+        ("job", job.id.clone()),
+        ("kind", job.kind().to_owned()),
+        ("database", job.database_name().to_owned()),
+    ]
+}
+
+/// Creates every series of a job, with last-run values from the history.
+pub fn register_job(job: &Job, last: &JobLast, interval: Option<Duration>) {
+    let l = labels(job);
+    for result in ["success", "failure"] {
+        let mut with_result = l.to_vec();
+        with_result.push(("result", result.to_owned()));
+        counter!(JOB_RUNS, &with_result).increment(0);
+    }
+    for reason in SkipReason::ALL {
+        counter!(JOB_SKIPPED, "job" => job.id.clone(), "reason" => reason.as_str()).increment(0);
+    }
+    // Registering the histogram makes its (empty) buckets appear in the output.
+    let _ = histogram!(JOB_DURATION, &l);
+    gauge!(JOB_LAST_RUN, &l).set(ts(last.last_run));
+    gauge!(JOB_LAST_SUCCESS, &l).set(ts(last.last_success));
+    gauge!(JOB_LAST_FAILURE, &l).set(ts(last.last_failure));
+    gauge!(JOB_EXPECTED_INTERVAL, &l).set(interval.map_or(0.0, |d| d.as_secs_f64()));
+    gauge!(JOB_TIMEOUT, &l).set(job.options.timeout.as_secs_f64());
+    gauge!(JOB_RUNNING, &l).set(0.0);
+    gauge!(JOB_NEXT_RUN, &l).set(0.0);
+}
+
+pub fn job_started(job: &Job, at: DateTime<Utc>) {
+    let l = labels(job);
+    gauge!(JOB_RUNNING, &l).set(1.0);
+    gauge!(JOB_LAST_RUN, &l).set(ts(Some(at)));
+}
+
+pub fn job_finished(job: &Job, started: DateTime<Utc>, success: bool, took: Duration) {
+    let l = labels(job);
+    gauge!(JOB_RUNNING, &l).set(0.0);
+    histogram!(JOB_DURATION, &l).record(took.as_secs_f64());
+    let (result, last) = if success {
+        ("success", JOB_LAST_SUCCESS)
+    } else {
+        ("failure", JOB_LAST_FAILURE)
+    };
+    gauge!(last, &l).set(ts(Some(started)));
+    let mut with_result = l.to_vec();
+    with_result.push(("result", result.to_owned()));
+    counter!(JOB_RUNS, &with_result).increment(1);
+}
+
+pub fn job_skipped(job: &Job, reason: SkipReason) {
+    counter!(JOB_SKIPPED, "job" => job.id.clone(), "reason" => reason.as_str()).increment(1);
+}
+
+pub fn job_next_run(job: &Job, next: Option<DateTime<Utc>>) {
+    gauge!(JOB_NEXT_RUN, &labels(job)).set(ts(next));
+}
+
+pub fn database_up(database: &str, up: bool) {
+    gauge!(DATABASE_UP, "database" => database.to_owned()).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Records the outcome of loading or reloading the configuration.
+pub fn config_loaded(success: bool, at: DateTime<Utc>) {
+    gauge!(CONFIG_RELOAD_OK).set(if success { 1.0 } else { 0.0 });
+    if success {
+        gauge!(CONFIG_RELOAD_TS).set(ts(Some(at)));
+    }
+}

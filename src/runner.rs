@@ -1,0 +1,350 @@
+//! Runs jobs under supervision: overlap guard, per-database exclusion, the global
+//! concurrency limit, timeout, retries with backoff, and the run history.
+//!
+//! The daemon and `dbkeeper run-job` go through the same [`Runner::run`], so a job
+//! run by hand behaves exactly like a scheduled one. Every run is spawned as its own
+//! task so that a panicking job is reported as a failed run instead of taking the
+//! daemon down.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::jobs::{Job, Outcome};
+use crate::metrics::SkipReason;
+use crate::state::{RunResult, StateDb};
+use crate::status::Status;
+
+/// Longest wait between two retries, however many there are.
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// After the grace period, how long cancelled jobs get to unwind.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+/// What started a run; stored in the history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Schedule,
+    Startup,
+    /// The daemon was down at the scheduled time (`missed = "run-once"`).
+    Missed,
+    /// `dbkeeper run-job`.
+    Manual,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Schedule => "schedule",
+            Trigger::Startup => "startup",
+            Trigger::Missed => "missed",
+            Trigger::Manual => "manual",
+        }
+    }
+}
+
+/// How a call to [`Runner::run`] ended.
+#[derive(Debug, Clone)]
+pub enum RunOutcome {
+    Success(Outcome),
+    Failure(String),
+    Skipped(SkipReason),
+}
+
+/// Shared handle; cheap to clone.
+#[derive(Clone)]
+pub struct Runner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: StateDb,
+    status: Status,
+    tracker: TaskTracker,
+    /// Cancelled when shutdown begins: nothing new starts.
+    stopping: CancellationToken,
+    /// Cancelled when the grace period is over: running jobs are abandoned.
+    abort: CancellationToken,
+    running: Mutex<HashSet<String>>,
+    db_locks: Mutex<HashMap<String, Arc<RwLock<()>>>>,
+    slots: Mutex<Arc<Semaphore>>,
+}
+
+/// Removes the job from the running set when the run ends, however it ends.
+struct Claim {
+    inner: Arc<Inner>,
+    job: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        lock(&self.inner.running).remove(&self.job);
+    }
+}
+
+enum DbGuard {
+    Shared(#[allow(dead_code)] OwnedRwLockReadGuard<()>),
+    Exclusive(#[allow(dead_code)] OwnedRwLockWriteGuard<()>),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Runner {
+    pub fn new(state: StateDb, status: Status, max_concurrent: usize) -> Self {
+        Runner {
+            inner: Arc::new(Inner {
+                state,
+                status,
+                tracker: TaskTracker::new(),
+                stopping: CancellationToken::new(),
+                abort: CancellationToken::new(),
+                running: Mutex::new(HashSet::new()),
+                db_locks: Mutex::new(HashMap::new()),
+                slots: Mutex::new(Arc::new(Semaphore::new(max_concurrent))),
+            }),
+        }
+    }
+
+    /// Applies a new `max-concurrent-jobs`; runs already holding a slot keep it.
+    pub fn set_max_concurrent(&self, n: usize) {
+        *lock(&self.inner.slots) = Arc::new(Semaphore::new(n));
+    }
+
+    pub fn is_running(&self, job: &str) -> bool {
+        lock(&self.inner.running).contains(job)
+    }
+
+    /// Starts a scheduled run in the background, at `at` plus the job's jitter.
+    pub fn spawn(&self, job: Arc<Job>, trigger: Trigger, at: DateTime<Utc>) {
+        // Claim now, so an overlap is counted at the scheduled time, not after jitter.
+        let Some(claim) = self.claim(&job) else {
+            return;
+        };
+        let runner = self.clone();
+        self.inner.tracker.spawn(async move {
+            let jitter = job.options.jitter;
+            let delay = if jitter.is_zero() {
+                Duration::ZERO
+            } else {
+                rand::rng().random_range(Duration::ZERO..jitter)
+            };
+            let wait = (at - Utc::now()).to_std().unwrap_or_default() + delay;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = runner.inner.stopping.cancelled() => {
+                    runner.inner.status.job_skipped(&job, SkipReason::Shutdown);
+                    return;
+                }
+            }
+            runner.run_claimed(claim, job, trigger).await;
+        });
+    }
+
+    /// Runs the job now and waits for the result.
+    pub async fn run(&self, job: Arc<Job>, trigger: Trigger) -> RunOutcome {
+        match self.claim(&job) {
+            Some(claim) => self.run_claimed(claim, job, trigger).await,
+            None => RunOutcome::Skipped(SkipReason::Overlap),
+        }
+    }
+
+    fn claim(&self, job: &Job) -> Option<Claim> {
+        if !lock(&self.inner.running).insert(job.id.clone()) {
+            tracing::warn!(job = %job.id, "previous run still going; this run is skipped");
+            self.inner.status.job_skipped(job, SkipReason::Overlap);
+            return None;
+        }
+        Some(Claim {
+            inner: self.inner.clone(),
+            job: job.id.clone(),
+        })
+    }
+
+    async fn run_claimed(&self, _claim: Claim, job: Arc<Job>, trigger: Trigger) -> RunOutcome {
+        let inner = &self.inner;
+        let db_lock = lock(&inner.db_locks)
+            .entry(job.database_name().to_owned())
+            .or_default()
+            .clone();
+        let slots = lock(&inner.slots).clone();
+        // Database exclusion first, so a job waiting for its database holds no slot.
+        let waited = async {
+            let guard = if job.work.exclusive() {
+                DbGuard::Exclusive(db_lock.write_owned().await)
+            } else {
+                DbGuard::Shared(db_lock.read_owned().await)
+            };
+            let permit = slots.acquire_owned().await;
+            (guard, permit)
+        };
+        let (_db_guard, _permit) = tokio::select! {
+            got = waited => got,
+            _ = inner.stopping.cancelled() => {
+                inner.status.job_skipped(&job, SkipReason::Shutdown);
+                return RunOutcome::Skipped(SkipReason::Shutdown);
+            }
+        };
+
+        let started = Utc::now();
+        let clock = Instant::now();
+        let run_id = inner
+            .state
+            .begin_run(
+                &job.id,
+                job.kind(),
+                job.database_name(),
+                trigger.as_str(),
+                started,
+            )
+            .await
+            .map_err(|e| tracing::error!(job = %job.id, "cannot record run start: {e}"))
+            .ok();
+        inner.status.job_started(&job, started);
+        tracing::info!(job = %job.id, trigger = trigger.as_str(), "job started");
+
+        let (result, attempts) = self.attempts(&job).await;
+
+        let took = clock.elapsed();
+        let error = result.as_ref().err().map(|e| e.message.clone());
+        if let Some(id) = run_id {
+            let (res, details) = match &result {
+                Ok(outcome) => (RunResult::Success, outcome.details.clone()),
+                Err(_) => (RunResult::Failure, serde_json::json!({})),
+            };
+            if let Err(e) = inner
+                .state
+                .finish_run(id, Utc::now(), res, attempts, error.as_deref(), &details)
+                .await
+            {
+                tracing::error!(job = %job.id, "cannot record run result: {e}");
+            }
+        }
+        inner
+            .status
+            .job_finished(&job, started, took, error.as_deref());
+        match result {
+            Ok(outcome) => {
+                inner.status.database_probed(job.database_name(), Ok(()));
+                tracing::info!(job = %job.id, took_s = took.as_secs_f64(), attempts, "job succeeded: {}", outcome.summary);
+                RunOutcome::Success(outcome)
+            }
+            Err(failure) => {
+                if failure.unreachable {
+                    inner
+                        .status
+                        .database_probed(job.database_name(), Err(failure.message.clone()));
+                }
+                tracing::error!(job = %job.id, took_s = took.as_secs_f64(), attempts, "job failed: {}", failure.message);
+                RunOutcome::Failure(failure.message)
+            }
+        }
+    }
+
+    /// Runs attempts until one succeeds, retries are used up, or shutdown stops us.
+    async fn attempts(&self, job: &Arc<Job>) -> (Result<Outcome, Failure>, u32) {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = self.attempt(job).await;
+            let Err(failure) = &result else {
+                return (result, attempt);
+            };
+            if attempt > job.options.retries || failure.final_ {
+                return (result, attempt);
+            }
+            let backoff = job
+                .options
+                .retry_backoff
+                .saturating_mul(1 << (attempt - 1).min(16))
+                .min(MAX_BACKOFF);
+            tracing::warn!(
+                job = %job.id, attempt, "attempt failed: {}; retrying in {}",
+                failure.message, humantime::format_duration(backoff)
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.inner.stopping.cancelled() => return (result, attempt),
+            }
+        }
+    }
+
+    /// One attempt, in its own task (a panic becomes a failure), under the timeout.
+    async fn attempt(&self, job: &Arc<Job>) -> Result<Outcome, Failure> {
+        let work = job.clone();
+        let mut handle = tokio::spawn(async move { work.execute().await });
+        let timeout = job.options.timeout;
+        tokio::select! {
+            joined = &mut handle => match joined {
+                Ok(Ok(outcome)) => Ok(outcome),
+                Ok(Err(e)) => Err(Failure {
+                    unreachable: e.database_unreachable(),
+                    message: e.to_string(),
+                    final_: false,
+                }),
+                Err(e) => Err(Failure {
+                    message: format!("the job panicked ({e}); this is a bug in dbkeeper, please report it"),
+                    unreachable: false,
+                    final_: false,
+                }),
+            },
+            _ = tokio::time::sleep(timeout) => {
+                handle.abort();
+                Err(Failure {
+                    message: format!(
+                        "timed out after {}; raise `timeout` for this job if it needs longer",
+                        humantime::format_duration(timeout)
+                    ),
+                    unreachable: false,
+                    final_: false,
+                })
+            }
+            _ = self.inner.abort.cancelled() => {
+                handle.abort();
+                Err(Failure {
+                    message: "cancelled: the daemon shut down and the grace period ran out".to_owned(),
+                    unreachable: false,
+                    final_: true,
+                })
+            }
+        }
+    }
+
+    /// Cancels everything at once (`run-job` interrupted with Ctrl-C).
+    pub fn cancel_all(&self) {
+        self.inner.stopping.cancel();
+        self.inner.abort.cancel();
+    }
+
+    /// Stops starting jobs, waits up to `grace` for running ones, then cancels the
+    /// rest. Returns false if some did not finish in time.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        let inner = &self.inner;
+        inner.stopping.cancel();
+        inner.tracker.close();
+        if tokio::time::timeout(grace, inner.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        let running: Vec<String> = lock(&inner.running).iter().cloned().collect();
+        tracing::warn!(?running, "grace period over; cancelling running jobs");
+        inner.abort.cancel();
+        let _ = tokio::time::timeout(CANCEL_WAIT, inner.tracker.wait()).await;
+        false
+    }
+}
+
+struct Failure {
+    message: String,
+    unreachable: bool,
+    /// No point retrying (e.g. cancelled by shutdown).
+    final_: bool,
+}

@@ -1,0 +1,367 @@
+//! The run history: a SQLite file (`<state-dir>/state.db`) with one row per job run.
+//!
+//! It is what `dbkeeper history` and `dbkeeper jobs` show, and where the daemon reads
+//! each job's last success and failure back at start-up so the `job_last_*` gauges
+//! survive restarts. Its schema lives in `migrations/` and is applied with
+//! `sqlx::migrate!`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::Row;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The run history could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot create state directory {path}: {source}; create it or set daemon.state-dir to a writable directory")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot open run history {path}: {source}; check daemon.state-dir and its permissions"
+    )]
+    Open { path: PathBuf, source: sqlx::Error },
+    #[error("cannot update the schema of run history {path}: {source}")]
+    Migrate {
+        path: PathBuf,
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("run history: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunResult {
+    Running,
+    Success,
+    Failure,
+    /// The process died while the run was in progress.
+    Interrupted,
+}
+
+impl RunResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunResult::Running => "running",
+            RunResult::Success => "success",
+            RunResult::Failure => "failure",
+            RunResult::Interrupted => "interrupted",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "running" => RunResult::Running,
+            "success" => RunResult::Success,
+            "interrupted" => RunResult::Interrupted,
+            _ => RunResult::Failure,
+        }
+    }
+}
+
+/// One row of the history.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunRecord {
+    pub id: i64,
+    pub job: String,
+    pub kind: String,
+    pub database: String,
+    pub trigger: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "serialize_result")]
+    pub result: RunResult,
+    pub attempts: i64,
+    pub error: Option<String>,
+    pub details: Option<serde_json::Value>,
+}
+
+fn serialize_result<S: serde::Serializer>(r: &RunResult, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(r.as_str())
+}
+
+/// What the history knows about one job's latest runs.
+#[derive(Debug, Clone, Default)]
+pub struct JobLast {
+    pub last_run: Option<DateTime<Utc>>,
+    pub last_result: Option<RunResult>,
+    pub last_error: Option<String>,
+    pub last_success: Option<DateTime<Utc>>,
+    pub last_failure: Option<DateTime<Utc>>,
+}
+
+/// Handle to the run history.
+#[derive(Clone)]
+pub struct StateDb {
+    pool: SqlitePool,
+}
+
+fn millis(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_millis(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+impl StateDb {
+    /// Opens (creating if needed) `<dir>/state.db` and brings its schema up to date.
+    pub async fn open(dir: &Path) -> Result<Self, StateError> {
+        std::fs::create_dir_all(dir).map_err(|source| StateError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = dir.join("state.db");
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .map_err(|source| StateError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|source| StateError::Migrate { path, source })?;
+        Ok(StateDb { pool })
+    }
+
+    /// Records the start of a run and returns its id.
+    pub async fn begin_run(
+        &self,
+        job: &str,
+        kind: &str,
+        database: &str,
+        trigger: &str,
+        started_at: DateTime<Utc>,
+    ) -> Result<i64, StateError> {
+        let row = sqlx::query(
+            "INSERT INTO job_runs (job, kind, database, trigger, started_at, result)
+             VALUES (?, ?, ?, ?, ?, 'running') RETURNING id",
+        )
+        .bind(job)
+        .bind(kind)
+        .bind(database)
+        .bind(trigger)
+        .bind(millis(started_at))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.get(0))
+    }
+
+    /// Records how a run ended.
+    pub async fn finish_run(
+        &self,
+        id: i64,
+        finished_at: DateTime<Utc>,
+        result: RunResult,
+        attempts: u32,
+        error: Option<&str>,
+        details: &serde_json::Value,
+    ) -> Result<(), StateError> {
+        sqlx::query(
+            "UPDATE job_runs SET finished_at = ?, result = ?, attempts = ?, error = ?, details = ?
+             WHERE id = ?",
+        )
+        .bind(millis(finished_at))
+        .bind(result.as_str())
+        .bind(attempts)
+        .bind(error)
+        .bind(details.to_string())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks runs left 'running' by a process that died as 'interrupted'. Only the
+    /// daemon calls this, at start-up, before it starts any job.
+    pub async fn mark_interrupted(&self) -> Result<u64, StateError> {
+        let done = sqlx::query(
+            "UPDATE job_runs SET result = 'interrupted',
+                 error = 'the process stopped while this run was in progress'
+             WHERE result = 'running'",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Latest run, success and failure of every job in the history.
+    pub async fn last_runs(&self) -> Result<HashMap<String, JobLast>, StateError> {
+        let rows = sqlx::query(
+            "SELECT r.job, r.started_at, r.result, r.error,
+                    (SELECT max(started_at) FROM job_runs s WHERE s.job = r.job AND s.result = 'success'),
+                    (SELECT max(started_at) FROM job_runs f WHERE f.job = r.job
+                         AND f.result IN ('failure', 'interrupted'))
+             FROM job_runs r
+             WHERE r.id = (SELECT max(id) FROM job_runs l WHERE l.job = r.job)",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let job: String = row.get(0);
+                let last = JobLast {
+                    last_run: Some(from_millis(row.get(1))),
+                    last_result: Some(RunResult::parse(row.get(2))),
+                    last_error: row.get(3),
+                    last_success: row.get::<Option<i64>, _>(4).map(from_millis),
+                    last_failure: row.get::<Option<i64>, _>(5).map(from_millis),
+                };
+                (job, last)
+            })
+            .collect())
+    }
+
+    /// The newest `limit` runs, of one job or of all.
+    pub async fn history(
+        &self,
+        job: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RunRecord>, StateError> {
+        let rows = sqlx::query(
+            "SELECT id, job, kind, database, trigger, started_at, finished_at, result, attempts,
+                    error, details
+             FROM job_runs WHERE (?1 IS NULL OR job = ?1)
+             ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(job)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| RunRecord {
+                id: row.get(0),
+                job: row.get(1),
+                kind: row.get(2),
+                database: row.get(3),
+                trigger: row.get(4),
+                started_at: from_millis(row.get(5)),
+                finished_at: row.get::<Option<i64>, _>(6).map(from_millis),
+                result: RunResult::parse(row.get(7)),
+                attempts: row.get(8),
+                error: row.get(9),
+                details: row
+                    .get::<Option<String>, _>(10)
+                    .and_then(|d| serde_json::from_str(&d).ok()),
+            })
+            .collect())
+    }
+
+    /// Deletes finished runs older than `keep`, except each job's newest success and
+    /// newest failure, which the metrics and `dbkeeper jobs` still need.
+    pub async fn prune(&self, keep: Duration, now: DateTime<Utc>) -> Result<u64, StateError> {
+        let cutoff = now - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
+        let done = sqlx::query(
+            "DELETE FROM job_runs
+             WHERE started_at < ? AND result <> 'running'
+               AND id NOT IN (SELECT max(id) FROM job_runs GROUP BY job, result)",
+        )
+        .bind(millis(cutoff))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t(h: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, h, 0, 0).unwrap()
+    }
+
+    async fn run(db: &StateDb, job: &str, at: DateTime<Utc>, result: RunResult) -> i64 {
+        let id = db
+            .begin_run(job, "sql", "app", "schedule", at)
+            .await
+            .unwrap();
+        let error = (result == RunResult::Failure).then_some("boom");
+        db.finish_run(id, at, result, 1, error, &serde_json::json!({"rows": 1}))
+            .await
+            .unwrap();
+        id
+    }
+
+    #[tokio::test]
+    async fn last_runs_and_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).await.unwrap();
+        run(&db, "app.sql.a", t(1), RunResult::Success).await;
+        run(&db, "app.sql.a", t(2), RunResult::Failure).await;
+        run(&db, "app.sql.b", t(3), RunResult::Success).await;
+        let last = db.last_runs().await.unwrap();
+        let a = &last["app.sql.a"];
+        assert_eq!(a.last_success, Some(t(1)));
+        assert_eq!(a.last_failure, Some(t(2)));
+        assert_eq!(a.last_result, Some(RunResult::Failure));
+        assert_eq!(a.last_error.as_deref(), Some("boom"));
+        assert_eq!(last["app.sql.b"].last_failure, None);
+
+        let hist = db.history(Some("app.sql.a"), 10).await.unwrap();
+        assert_eq!(hist.len(), 2);
+        assert_eq!(hist[0].started_at, t(2));
+        assert_eq!(hist[0].details, Some(serde_json::json!({"rows": 1})));
+        assert_eq!(db.history(None, 2).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn survives_reopen_and_marks_interrupted_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).await.unwrap();
+        db.begin_run("app.sql.a", "sql", "app", "schedule", t(1))
+            .await
+            .unwrap();
+        db.close().await;
+        let db = StateDb::open(dir.path()).await.unwrap();
+        assert_eq!(db.mark_interrupted().await.unwrap(), 1);
+        let last = db.last_runs().await.unwrap();
+        assert_eq!(last["app.sql.a"].last_result, Some(RunResult::Interrupted));
+        assert_eq!(last["app.sql.a"].last_failure, Some(t(1)));
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_the_newest_success_and_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).await.unwrap();
+        for h in 0..5 {
+            run(&db, "app.sql.a", t(h), RunResult::Success).await;
+        }
+        run(&db, "app.sql.a", t(5), RunResult::Failure).await;
+        run(&db, "app.sql.a", t(20), RunResult::Success).await;
+        let now = t(22);
+        let pruned = db.prune(Duration::from_secs(3600), now).await.unwrap();
+        // Runs at 0..4h go (the newest success is the one at 20h); the only failure stays.
+        assert_eq!(pruned, 5);
+        let left: Vec<_> = db
+            .history(None, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.started_at)
+            .collect();
+        assert_eq!(left, vec![t(20), t(5)]);
+    }
+}
