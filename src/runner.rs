@@ -276,44 +276,38 @@ impl Runner {
     }
 
     /// One attempt, in its own task (a panic becomes a failure), under the timeout.
+    /// On timeout or shutdown the job is asked to stop and given [`CANCEL_WAIT`] to
+    /// clean up (e.g. cancel its statement on the server) before it is dropped.
     async fn attempt(&self, job: &Arc<Job>) -> Result<Outcome, Failure> {
+        let stop = self.inner.abort.child_token();
         let work = job.clone();
-        let mut handle = tokio::spawn(async move { work.execute().await });
+        let token = stop.clone();
+        let mut handle = tokio::spawn(async move { work.execute(token).await });
         let timeout = job.options.timeout;
-        tokio::select! {
-            joined = &mut handle => match joined {
-                Ok(Ok(outcome)) => Ok(outcome),
-                Ok(Err(e)) => Err(Failure {
-                    unreachable: e.database_unreachable(),
-                    message: e.to_string(),
-                    final_: false,
-                }),
-                Err(e) => Err(Failure {
-                    message: format!("the job panicked ({e}); this is a bug in dbkeeper, please report it"),
-                    unreachable: false,
-                    final_: false,
-                }),
+        let cut_short = tokio::select! {
+            joined = &mut handle => return joined_result(joined),
+            _ = tokio::time::sleep(timeout) => Failure {
+                message: format!(
+                    "timed out after {}; raise `timeout` for this job if it needs longer",
+                    humantime::format_duration(timeout)
+                ),
+                unreachable: false,
+                final_: false,
             },
-            _ = tokio::time::sleep(timeout) => {
-                handle.abort();
-                Err(Failure {
-                    message: format!(
-                        "timed out after {}; raise `timeout` for this job if it needs longer",
-                        humantime::format_duration(timeout)
-                    ),
-                    unreachable: false,
-                    final_: false,
-                })
-            }
-            _ = self.inner.abort.cancelled() => {
-                handle.abort();
-                Err(Failure {
-                    message: "cancelled: the daemon shut down and the grace period ran out".to_owned(),
-                    unreachable: false,
-                    final_: true,
-                })
-            }
+            _ = stop.cancelled() => Failure {
+                message: "cancelled: the daemon shut down and the grace period ran out".to_owned(),
+                unreachable: false,
+                final_: true,
+            },
+        };
+        stop.cancel();
+        if tokio::time::timeout(CANCEL_WAIT, &mut handle)
+            .await
+            .is_err()
+        {
+            handle.abort();
         }
+        Err(cut_short)
     }
 
     /// Cancels everything at once (`run-job` interrupted with Ctrl-C).
@@ -339,6 +333,24 @@ impl Runner {
         inner.abort.cancel();
         let _ = tokio::time::timeout(CANCEL_WAIT, inner.tracker.wait()).await;
         false
+    }
+}
+
+fn joined_result(
+    joined: Result<Result<Outcome, crate::jobs::JobError>, tokio::task::JoinError>,
+) -> Result<Outcome, Failure> {
+    match joined {
+        Ok(Ok(outcome)) => Ok(outcome),
+        Ok(Err(e)) => Err(Failure {
+            unreachable: e.database_unreachable(),
+            message: e.to_string(),
+            final_: false,
+        }),
+        Err(e) => Err(Failure {
+            message: format!("the job panicked ({e}); this is a bug in dbkeeper, please report it"),
+            unreachable: false,
+            final_: false,
+        }),
     }
 }
 

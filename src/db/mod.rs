@@ -10,6 +10,8 @@ mod sqlite;
 use std::fmt;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::DatabaseConfig;
 
 pub use postgres::Postgres;
@@ -60,6 +62,8 @@ pub enum DbError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("database \"{name}\": the statement was cancelled")]
+    Cancelled { name: String },
     #[error("database \"{name}\": cannot read password file {path}: {source}")]
     PasswordFile {
         name: String,
@@ -83,7 +87,7 @@ impl DbError {
         match self {
             DbError::Connect { .. } | DbError::PasswordFile { .. } => true,
             DbError::Query { source, .. } => is_connection_error(source),
-            DbError::Url { .. } => false,
+            DbError::Url { .. } | DbError::Cancelled { .. } => false,
         }
     }
 }
@@ -151,11 +155,17 @@ impl Database {
         }
     }
 
-    /// Runs `sql` (one or more statements) and returns the number of affected rows.
-    pub async fn execute_script(&self, sql: &str, timeout: Duration) -> Result<u64, DbError> {
+    /// Runs `sql` (one or more statements) and returns the number of affected rows;
+    /// stops early with [`DbError::Cancelled`] when `cancel` fires.
+    pub async fn execute_script(
+        &self,
+        sql: &str,
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<u64, DbError> {
         match self {
-            Database::Sqlite(db) => db.execute_script(sql).await,
-            Database::Postgres(db) => db.execute_script(sql, timeout).await,
+            Database::Sqlite(db) => db.execute_script(sql, cancel).await,
+            Database::Postgres(db) => db.execute_script(sql, timeout, cancel).await,
         }
     }
 

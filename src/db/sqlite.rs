@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{AssertSqlSafe, Executor};
+use tokio_util::sync::CancellationToken;
 
 use super::{redact_url, DbError};
 use crate::config::DatabaseConfig;
@@ -75,20 +76,27 @@ impl Sqlite {
         Ok(())
     }
 
-    pub(super) async fn execute_script(&self, sql: &str) -> Result<u64, DbError> {
+    /// Runs the script. SQLite cannot be interrupted without `unsafe`, so on `cancel`
+    /// the connection is closed and the statement ends with the worker thread's
+    /// current step (or with the process).
+    pub(super) async fn execute_script(
+        &self,
+        sql: &str,
+        cancel: &CancellationToken,
+    ) -> Result<u64, DbError> {
         let mut conn = self
             .pool
             .acquire()
             .await
             .map_err(|e| self.connect_error(e))?;
+        conn.close_on_drop();
         // The operator's own SQL from the config file, run as written on purpose.
-        let result = sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
-            .execute(&mut *conn)
-            .await
-            .map_err(|source| DbError::Query {
-                name: self.name.clone(),
-                source,
-            })?;
-        Ok(result.rows_affected())
+        let script = sqlx::raw_sql(AssertSqlSafe(sql.to_owned()));
+        tokio::select! {
+            result = script.execute(&mut *conn) => Ok(result
+                .map_err(|source| DbError::Query { name: self.name.clone(), source })?
+                .rows_affected()),
+            _ = cancel.cancelled() => Err(DbError::Cancelled { name: self.name.clone() }),
+        }
     }
 }

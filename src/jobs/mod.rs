@@ -9,6 +9,8 @@ mod sql;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::{Config, JobOptions};
 use crate::db::{Database, DbError};
 
@@ -55,10 +57,11 @@ impl Job {
         self.database.name()
     }
 
-    /// Does the work once. Timeouts, retries and cancellation are the runner's.
-    pub async fn execute(&self) -> Result<Outcome, JobError> {
+    /// Does the work once. The runner decides about timeouts and retries and fires
+    /// `cancel` when the attempt must stop; the job then cleans up and returns.
+    pub async fn execute(&self, cancel: CancellationToken) -> Result<Outcome, JobError> {
         match &self.work {
-            Work::Sql(sql) => sql.run(&self.database, self.options.timeout).await,
+            Work::Sql(sql) => sql.run(&self.database, self.options.timeout, &cancel).await,
         }
     }
 }

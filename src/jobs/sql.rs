@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use super::{JobError, Outcome};
 use crate::db::Database;
 
@@ -11,8 +13,13 @@ pub struct SqlJob {
 }
 
 impl SqlJob {
-    pub async fn run(&self, db: &Database, timeout: Duration) -> Result<Outcome, JobError> {
-        let rows = db.execute_script(&self.statement, timeout).await?;
+    pub async fn run(
+        &self,
+        db: &Database,
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, JobError> {
+        let rows = db.execute_script(&self.statement, timeout, cancel).await?;
         Ok(Outcome {
             summary: format!("{rows} rows affected"),
             details: serde_json::json!({ "rows_affected": rows }),

@@ -1,0 +1,292 @@
+//! Helpers for the integration tests: the real binary in a temporary directory, a
+//! throw-away PostgreSQL database per test, and a tiny HTTP client.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_dbkeeper");
+
+/// Server URL for test databases (no database name); override with
+/// `DBKEEPER_TEST_PG=postgres://user@host:port`.
+pub fn pg_server() -> String {
+    std::env::var("DBKEEPER_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// A PostgreSQL database created for one test and dropped afterwards.
+pub struct PgDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl PgDb {
+    pub fn new(tag: &str) -> Self {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "dbk_{tag}_{}_{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        psql(
+            &format!("{}/postgres", pg_server()),
+            &format!("CREATE DATABASE {name}"),
+        );
+        PgDb {
+            url: format!("{}/{name}", pg_server()),
+            name,
+        }
+    }
+
+    pub fn sql(&self, sql: &str) -> String {
+        psql(&self.url, sql)
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([&format!("{}/postgres", pg_server()), "-qAtc"])
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .output();
+    }
+}
+
+/// Runs SQL with psql and returns its unaligned output; panics on failure.
+pub fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-qAtc", sql])
+        .output()
+        .expect("psql must be installed (see .ci/run)");
+    assert!(
+        out.status.success(),
+        "psql {sql:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// A temporary directory with a config file in it.
+pub struct Workdir {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Workdir {
+    pub fn new() -> Self {
+        Workdir {
+            dir: tempfile::tempdir().expect("temp dir"),
+            port: free_port(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path().join("dbkeeper.toml")
+    }
+
+    /// Writes the config: a `[daemon]` table pointing at this directory and port,
+    /// then `rest` (databases and jobs). `daemon_extra` goes inside `[daemon]`.
+    pub fn write_config(&self, daemon_extra: &str, rest: &str) {
+        let text = format!(
+            "[daemon]\nstate-dir = \"{}\"\nlisten = \"127.0.0.1:{}\"\n{daemon_extra}\n\n{rest}\n",
+            self.path().join("state").display(),
+            self.port
+        );
+        std::fs::write(self.config_path(), text).expect("write config");
+    }
+
+    pub fn sqlite_url(&self, file: &str) -> String {
+        format!("sqlite://{}?mode=rwc", self.path().join(file).display())
+    }
+
+    /// `dbkeeper <args> -c <config>` as an assert_cmd command.
+    pub fn cmd(&self, args: &[&str]) -> assert_cmd::Command {
+        let mut cmd = assert_cmd::Command::new(BIN);
+        cmd.args(args)
+            .arg("-c")
+            .arg(self.config_path())
+            .env("RUST_LOG", "info");
+        cmd
+    }
+
+    /// Starts `dbkeeper run` and waits until `/healthz` answers.
+    pub fn start(&self) -> Daemon {
+        self.start_with_env(&[])
+    }
+
+    pub fn start_with_env(&self, env: &[(&str, &str)]) -> Daemon {
+        let log = self.path().join(format!("daemon-{}.log", free_port()));
+        let child = Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(self.config_path())
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start dbkeeper");
+        let daemon = Daemon {
+            child,
+            port: self.port,
+            log,
+        };
+        daemon.wait_for("/healthz answers", Duration::from_secs(30), || {
+            http_get(daemon.port, "/healthz").is_some_and(|(code, _)| code == 200)
+        });
+        daemon
+    }
+}
+
+/// A running `dbkeeper run`; killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.port, path)
+            .unwrap_or_else(|| panic!("GET {path} failed; log:\n{}", self.log_text()))
+    }
+
+    pub fn metrics(&self) -> String {
+        self.get("/metrics").1
+    }
+
+    /// Value of the series `name{labels}`; `labels` is a substring of the label set,
+    /// e.g. `job="db.sql.ok",` or `result="success"`.
+    pub fn metric(&self, name: &str, labels: &[&str]) -> Option<f64> {
+        metric_value(&self.metrics(), name, labels)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls `cond` every 100 ms; panics with the daemon log after `timeout`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if cond() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "timed out waiting for: {what}\n--- daemon log ---\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Waits for the process to exit and returns its status and how long it took.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (ExitStatus, Duration) {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return (status, start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "dbkeeper did not exit within {timeout:?}\n{}",
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET path` on 127.0.0.1:port; `None` if nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Some((code, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Finds `name{...labels...} value` in Prometheus text output.
+pub fn metric_value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let series = l.rsplit_once(' ').map_or("", |(s, _)| s);
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            n == name
+                && labels
+                    .iter()
+                    .all(|want| rest.contains(want.trim_end_matches(',')))
+        })
+        .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
+}

@@ -1,0 +1,415 @@
+//! The real `dbkeeper run` process against real SQLite files and real PostgreSQL:
+//! metrics, overlap, reload, shutdown, restart, unreachable databases.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{metric_value, PgDb, Workdir};
+
+const RUNS: &str = "dbkeeper_job_runs_total";
+
+fn sql_job(name: &str, statement: &str, schedule: &str, extra: &str) -> String {
+    format!(
+        "[[database.sql]]\nname = \"{name}\"\nstatement = \"{statement}\"\nschedule = \"{schedule}\"\n{extra}\n"
+    )
+}
+
+fn database(name: &str, url: &str, extra: &str) -> String {
+    format!("[[database]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
+}
+
+#[test]
+fn metrics_pass_promtool_and_show_success_and_failure() {
+    let w = Workdir::new();
+    w.write_config(
+        "",
+        &format!(
+            "{}{}{}{}",
+            database("lite", &w.sqlite_url("lite.db"), ""),
+            sql_job(
+                "ok",
+                "CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1)",
+                "every 1s",
+                ""
+            ),
+            sql_job("bad", "SELECT * FROM no_such_table", "every 1s", ""),
+            sql_job("by-hand", "SELECT 1", "manual", ""),
+        ),
+    );
+    let d = w.start();
+    let ok = ["job=\"lite.sql.ok\"", "result=\"success\""];
+    let bad = ["job=\"lite.sql.bad\"", "result=\"failure\""];
+    d.wait_for("a success and a failure", Duration::from_secs(20), || {
+        let m = d.metrics();
+        metric_value(&m, RUNS, &ok).unwrap_or(0.0) >= 1.0
+            && metric_value(&m, RUNS, &bad).unwrap_or(0.0) >= 1.0
+    });
+    let m = d.metrics();
+
+    let out = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().expect("stdin").write_all(m.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("promtool must be installed (apt-get install prometheus; see .ci/run)");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let now = chrono::Utc::now().timestamp() as f64;
+    let gauge = |name: &str, job: &str| {
+        metric_value(&m, name, &[&format!("job=\"{job}\"")]).unwrap_or(-1.0)
+    };
+    assert!(
+        (now - gauge("dbkeeper_job_last_success_timestamp_seconds", "lite.sql.ok")).abs() < 60.0
+    );
+    assert!(
+        (now - gauge(
+            "dbkeeper_job_last_failure_timestamp_seconds",
+            "lite.sql.bad"
+        ))
+        .abs()
+            < 60.0
+    );
+    assert_eq!(
+        gauge(
+            "dbkeeper_job_last_success_timestamp_seconds",
+            "lite.sql.bad"
+        ),
+        0.0
+    );
+    assert_eq!(
+        gauge("dbkeeper_job_expected_interval_seconds", "lite.sql.ok"),
+        1.0
+    );
+    assert_eq!(gauge("dbkeeper_job_timeout_seconds", "lite.sql.ok"), 3600.0);
+    // Every series of the design table exists from start-up, also for a job that never ran.
+    for (name, labels) in [
+        ("dbkeeper_build_info", "version=\""),
+        ("dbkeeper_config_last_reload_successful", ""),
+        ("dbkeeper_config_last_reload_success_timestamp_seconds", ""),
+        ("dbkeeper_database_up", "database=\"lite\""),
+        (RUNS, "job=\"lite.sql.by-hand\""),
+        ("dbkeeper_job_skipped_total", "reason=\"overlap\""),
+        ("dbkeeper_job_skipped_total", "reason=\"missed\""),
+        ("dbkeeper_job_skipped_total", "reason=\"shutdown\""),
+        (
+            "dbkeeper_job_duration_seconds_count",
+            "job=\"lite.sql.by-hand\"",
+        ),
+        ("dbkeeper_job_duration_seconds_bucket", "le=\"86400\""),
+        (
+            "dbkeeper_job_last_run_timestamp_seconds",
+            "job=\"lite.sql.by-hand\"",
+        ),
+        (
+            "dbkeeper_job_last_success_timestamp_seconds",
+            "job=\"lite.sql.by-hand\"",
+        ),
+        (
+            "dbkeeper_job_last_failure_timestamp_seconds",
+            "job=\"lite.sql.by-hand\"",
+        ),
+        (
+            "dbkeeper_job_next_run_timestamp_seconds",
+            "job=\"lite.sql.by-hand\"",
+        ),
+        (
+            "dbkeeper_job_expected_interval_seconds",
+            "job=\"lite.sql.by-hand\"",
+        ),
+        ("dbkeeper_job_timeout_seconds", "job=\"lite.sql.by-hand\""),
+        ("dbkeeper_job_running", "job=\"lite.sql.by-hand\""),
+    ] {
+        assert!(
+            metric_value(&m, name, &[labels]).is_some(),
+            "missing {name}{{{labels}}} in\n{m}"
+        );
+    }
+    assert_eq!(
+        metric_value(&m, "dbkeeper_database_up", &["database=\"lite\""]),
+        Some(1.0)
+    );
+
+    // /status carries the failing job's database error.
+    let (code, status) = d.get("/status");
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status is JSON");
+    let bad = status["jobs"]
+        .as_array()
+        .and_then(|jobs| jobs.iter().find(|j| j["job"] == "lite.sql.bad"))
+        .expect("bad job in /status");
+    assert_eq!(bad["last_result"], "failure");
+    assert!(
+        bad["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no_such_table"),
+        "{bad}"
+    );
+    assert_eq!(d.get("/readyz").0, 200);
+}
+
+#[test]
+fn slow_job_is_never_started_twice() {
+    let pg = PgDb::new("overlap");
+    let w = Workdir::new();
+    w.write_config(
+        "",
+        &format!(
+            "{}{}",
+            database("pg", &pg.url, ""),
+            sql_job("slow", "SELECT pg_sleep(2.5)", "every 1s", ""),
+        ),
+    );
+    let d = w.start();
+    let skipped = ["job=\"pg.sql.slow\"", "reason=\"overlap\""];
+    d.wait_for("two overlap skips", Duration::from_secs(30), || {
+        d.metric("dbkeeper_job_skipped_total", &skipped)
+            .unwrap_or(0.0)
+            >= 2.0
+    });
+    // At most one dbkeeper session runs the statement at any moment.
+    for _ in 0..20 {
+        let sessions = pg.sql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND query LIKE 'SELECT pg_sleep%' AND state = 'active'",
+            pg.name
+        ));
+        assert!(
+            sessions == "0" || sessions == "1",
+            "{sessions} concurrent runs"
+        );
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let history = w
+        .cmd(&["history", "pg.sql.slow", "-n", "50"])
+        .output()
+        .expect("history");
+    assert!(history.status.success());
+}
+
+#[test]
+fn sighup_with_a_broken_file_keeps_the_old_config_and_a_good_one_applies() {
+    let w = Workdir::new();
+    let lite = database("lite", &w.sqlite_url("lite.db"), "");
+    w.write_config(
+        "",
+        &format!("{lite}{}", sql_job("tick", "SELECT 1", "every 1s", "")),
+    );
+    let d = w.start();
+    let tick = ["job=\"lite.sql.tick\"", "result=\"success\""];
+    d.wait_for("first tick", Duration::from_secs(15), || {
+        d.metric(RUNS, &tick).unwrap_or(0.0) >= 1.0
+    });
+
+    std::fs::write(w.config_path(), "[daemon\nthis is not toml").expect("write");
+    d.signal("HUP");
+    d.wait_for("reload failure reported", Duration::from_secs(10), || {
+        d.metric("dbkeeper_config_last_reload_successful", &[]) == Some(0.0)
+    });
+    let before = d.metric(RUNS, &tick).unwrap_or(0.0);
+    d.wait_for("old config keeps running", Duration::from_secs(15), || {
+        d.metric(RUNS, &tick).unwrap_or(0.0) >= before + 2.0
+    });
+    assert!(d.log_text().contains("reload failed"), "{}", d.log_text());
+
+    w.write_config(
+        "",
+        &format!(
+            "{lite}{}{}",
+            sql_job("tick", "SELECT 1", "every 1s", ""),
+            sql_job("tock", "SELECT 2", "every 1s", "")
+        ),
+    );
+    d.signal("HUP");
+    d.wait_for(
+        "new job runs after a good reload",
+        Duration::from_secs(15),
+        || {
+            let m = d.metrics();
+            metric_value(&m, "dbkeeper_config_last_reload_successful", &[]) == Some(1.0)
+                && metric_value(&m, RUNS, &["job=\"lite.sql.tock\"", "result=\"success\""])
+                    .unwrap_or(0.0)
+                    >= 1.0
+        },
+    );
+}
+
+#[test]
+fn sigterm_lets_a_running_job_finish_within_the_grace_period() {
+    let pg = PgDb::new("grace");
+    let w = Workdir::new();
+    w.write_config(
+        "shutdown-grace = \"20s\"",
+        &format!(
+            "{}{}",
+            database("pg", &pg.url, ""),
+            sql_job("nap", "SELECT pg_sleep(2)", "every 1s", "")
+        ),
+    );
+    let mut d = w.start();
+    d.wait_for("job running", Duration::from_secs(15), || {
+        d.metric("dbkeeper_job_running", &["job=\"pg.sql.nap\""]) == Some(1.0)
+    });
+    d.signal("TERM");
+    let (status, took) = d.wait_exit(Duration::from_secs(25));
+    assert!(status.success(), "exit {status:?}\n{}", d.log_text());
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let history = w.cmd(&["history", "pg.sql.nap"]).output().expect("history");
+    let text = String::from_utf8_lossy(&history.stdout);
+    let newest = text.lines().nth(1).unwrap_or_default();
+    assert!(
+        newest.contains("success"),
+        "newest run should have finished:\n{text}"
+    );
+}
+
+#[test]
+fn sigterm_cancels_a_job_that_outlasts_the_grace_period() {
+    let pg = PgDb::new("cancel");
+    let w = Workdir::new();
+    w.write_config(
+        "shutdown-grace = \"1s\"",
+        &format!(
+            "{}{}",
+            database("pg", &pg.url, ""),
+            sql_job("long", "SELECT pg_sleep(60)", "every 1s", "")
+        ),
+    );
+    let mut d = w.start();
+    d.wait_for("job running", Duration::from_secs(15), || {
+        d.metric("dbkeeper_job_running", &["job=\"pg.sql.long\""]) == Some(1.0)
+    });
+    d.signal("TERM");
+    let (status, took) = d.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "exit {status:?}\n{}", d.log_text());
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    let history = w
+        .cmd(&["history", "pg.sql.long"])
+        .output()
+        .expect("history");
+    let text = String::from_utf8_lossy(&history.stdout);
+    assert!(
+        text.contains("failure") && text.contains("cancelled"),
+        "{text}"
+    );
+    // The statement does not linger on the server.
+    let mut lingering = String::new();
+    for _ in 0..50 {
+        lingering = pg.sql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND query LIKE 'SELECT pg_sleep%'",
+            pg.name
+        ));
+        if lingering == "0" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        lingering, "0",
+        "the cancelled statement still runs on the server"
+    );
+}
+
+#[test]
+fn last_success_survives_a_restart() {
+    let w = Workdir::new();
+    w.write_config(
+        "",
+        &format!(
+            "{}{}",
+            database("lite", &w.sqlite_url("lite.db"), ""),
+            // Once a year: only the run by hand below runs it.
+            sql_job("yearly", "SELECT 1", "0 0 0 1 1 *", ""),
+        ),
+    );
+    w.cmd(&["run-job", "lite.sql.yearly"]).assert().success();
+    let labels = ["job=\"lite.sql.yearly\""];
+    let first = {
+        let d = w.start();
+        let v = d
+            .metric("dbkeeper_job_last_success_timestamp_seconds", &labels)
+            .expect("gauge");
+        assert!(v > 0.0, "restored from the run-job run");
+        v
+    };
+    let d = w.start();
+    assert_eq!(
+        d.metric("dbkeeper_job_last_success_timestamp_seconds", &labels),
+        Some(first)
+    );
+    assert_eq!(
+        d.metric("dbkeeper_job_last_run_timestamp_seconds", &labels),
+        Some(first)
+    );
+}
+
+#[test]
+fn unreachable_databases_are_reported_and_the_daemon_keeps_serving() {
+    let w = Workdir::new();
+    w.write_config(
+        "probe-interval = \"1s\"",
+        &format!(
+            "{}{}{}{}{}",
+            database(
+                "pgdown",
+                "postgres://postgres@127.0.0.1:1/nothing",
+                "connect-timeout = \"1s\""
+            ),
+            sql_job("ping", "SELECT 1", "every 1s", ""),
+            database(
+                "litedown",
+                "sqlite:///nonexistent-dir/x.db",
+                "connect-timeout = \"1s\""
+            ),
+            sql_job("ping", "SELECT 1", "every 1s", ""),
+            database("fine", &w.sqlite_url("fine.db"), ""),
+        ),
+    );
+    let d = w.start();
+    d.wait_for("both failures counted", Duration::from_secs(30), || {
+        let m = d.metrics();
+        ["pgdown", "litedown"].iter().all(|db| {
+            metric_value(
+                &m,
+                RUNS,
+                &[&format!("job=\"{db}.sql.ping\""), "result=\"failure\""],
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+                && metric_value(&m, "dbkeeper_database_up", &[&format!("database=\"{db}\"")])
+                    == Some(0.0)
+        })
+    });
+    assert_eq!(
+        d.metric("dbkeeper_database_up", &["database=\"fine\""]),
+        Some(1.0)
+    );
+    assert_eq!(d.get("/healthz").0, 200);
+    let (code, body) = d.get("/readyz");
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("pgdown") && body.contains("litedown"),
+        "{body}"
+    );
+    let status: serde_json::Value = serde_json::from_str(&d.get("/status").1).expect("json");
+    let err = status["jobs"][0]["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        err.contains("cannot connect to database \"pgdown\""),
+        "{err}"
+    );
+}
