@@ -20,7 +20,7 @@ pub struct Postgres {
     pub(crate) pool: PgPool,
     /// Kept to open a side connection for cancel requests. Holds the password:
     /// never print it (this struct deliberately has no `Debug`).
-    options: PgConnectOptions,
+    options: std::sync::Arc<PgConnectOptions>,
 }
 
 impl Postgres {
@@ -53,7 +53,7 @@ impl Postgres {
             name: cfg.name.clone(),
             url,
             pool,
-            options,
+            options: std::sync::Arc::new(options),
         })
     }
 
