@@ -1,0 +1,239 @@
+//! The one-shot commands, run as the real binary: `check`, `run-job`, `history`,
+//! `jobs`, and how bad input is answered.
+
+mod common;
+
+use std::path::Path;
+
+use common::{PgDb, Workdir, BIN};
+use predicates::prelude::*;
+
+fn repo_file(rel: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(rel)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn check_on_the_demo_config_prints_three_run_times_per_job() {
+    let cwd = tempfile::tempdir().expect("tmp");
+    let out = assert_cmd::Command::new(BIN)
+        .args(["check", "-c", &repo_file("config/demo.toml")])
+        .current_dir(cwd.path())
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let text = String::from_utf8_lossy(&out);
+    let jobs: Vec<&str> = text.lines().filter(|l| l.starts_with("job ")).collect();
+    assert_eq!(jobs.len(), 2, "{text}");
+    for line in jobs {
+        assert_eq!(line.matches(", ").count() + 1, 3, "three run times: {line}");
+    }
+    assert!(
+        text.contains("demo.sql.heartbeat") && text.contains("reachable"),
+        "{text}"
+    );
+    assert!(
+        cwd.path().join("var/demo.db").exists(),
+        "the demo database is created under ./var/"
+    );
+}
+
+#[test]
+fn config_errors_exit_2_with_file_and_position() {
+    let w = Workdir::new();
+    let lite = format!(
+        "[[database]]\nname = \"lite\"\nurl = \"{}\"\n",
+        w.sqlite_url("l.db")
+    );
+    let cases = [
+        (format!("{lite}colour = \"blue\"\n"), "dbkeeper.toml:8:1: unknown field `colour`"),
+        ("[daemon]\nmax-concurrent-jobs = \"many\"\n".to_owned(), "dbkeeper.toml:6:23:"),
+        (
+            format!("{lite}[[database.sql]]\nname = \"x\"\nstatement = \"SELECT 1\"\nschedule = \"0 0 99 * * *\"\n"),
+            "invalid schedule",
+        ),
+        (format!("{lite}{lite}"), "database \"lite\".name: is used by two databases"),
+        ("[daemon]\nshutdown-grace = \"soon\"\n".to_owned(), "dbkeeper.toml:6:18:"),
+    ];
+    for (body, expected) in cases {
+        std::fs::write(w.config_path(), format!("# 1\n# 2\n# 3\n# 4\n{body}")).expect("write");
+        w.cmd(&["check"])
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(expected))
+            .stderr(predicate::function(|s: &str| {
+                s.trim_end().lines().count() == 1
+            }));
+    }
+    assert_cmd::Command::new(BIN)
+        .args(["check", "-c", "/nonexistent/dbkeeper.toml"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "cannot read config file /nonexistent/dbkeeper.toml",
+        ));
+    // $DBKEEPER_CONFIG is used when -c is absent.
+    assert_cmd::Command::new(BIN)
+        .arg("jobs")
+        .env("DBKEEPER_CONFIG", "/nonexistent/from-env.toml")
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("/nonexistent/from-env.toml"));
+}
+
+#[test]
+fn check_exits_1_when_a_database_is_unreachable_and_redacts_the_url() {
+    let w = Workdir::new();
+    w.write_config(
+        "",
+        "[[database]]\nname = \"down\"\nurl = \"postgres://app:hunter2@127.0.0.1:1/x\"\nconnect-timeout = \"1s\"\n",
+    );
+    w.cmd(&["check"])
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains("UNREACHABLE"))
+        .stdout(predicate::str::contains("hunter2").not())
+        .stderr(predicate::str::contains("hunter2").not());
+}
+
+#[test]
+fn run_job_exit_codes_and_history() {
+    let w = Workdir::new();
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"lite\"\nurl = \"{}\"\n\
+             [[database.sql]]\nname = \"good\"\nstatement = \"CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1)\"\nschedule = \"manual\"\n\
+             [[database.sql]]\nname = \"bad\"\nstatement = \"INSERT INTO missing VALUES (1)\"\nschedule = \"@daily\"\n",
+            w.sqlite_url("lite.db")
+        ),
+    );
+    w.cmd(&["run-job", "lite.sql.good"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "lite.sql.good: success: 1 rows affected",
+        ));
+    w.cmd(&["run-job", "lite.sql.bad"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("no such table: missing"));
+    w.cmd(&["run-job", "lite.sql.nope"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("no job \"lite.sql.nope\""))
+        .stderr(predicate::str::contains("lite.sql.good, lite.sql.bad"));
+
+    let history = w
+        .cmd(&["history"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let history = String::from_utf8_lossy(&history);
+    let rows: Vec<&str> = history.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{history}");
+    assert!(
+        rows[0].contains("lite.sql.bad")
+            && rows[0].contains("failure")
+            && rows[0].contains("manual")
+    );
+    assert!(rows[1].contains("lite.sql.good") && rows[1].contains("success"));
+    let one = w
+        .cmd(&["history", "lite.sql.good", "-n", "5"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    assert_eq!(String::from_utf8_lossy(&one).lines().count(), 2);
+
+    let jobs = w
+        .cmd(&["jobs"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let jobs = String::from_utf8_lossy(&jobs);
+    let good = jobs
+        .lines()
+        .find(|l| l.starts_with("lite.sql.good"))
+        .expect("good row");
+    assert!(
+        good.contains("manual") && good.contains("success"),
+        "{jobs}"
+    );
+    let bad = jobs
+        .lines()
+        .find(|l| l.starts_with("lite.sql.bad"))
+        .expect("bad row");
+    assert!(
+        bad.contains("failure") && bad.contains("00:00:00 UTC"),
+        "{jobs}"
+    );
+}
+
+#[test]
+fn timeout_and_retries_are_enforced() {
+    let pg = PgDb::new("retry");
+    let w = Workdir::new();
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"pg\"\nurl = \"{}\"\n\
+             [[database.sql]]\nname = \"slow\"\nstatement = \"SELECT pg_sleep(30)\"\nschedule = \"manual\"\n\
+             timeout = \"1s\"\nretries = 1\nretry-backoff = \"1s\"\n",
+            pg.url
+        ),
+    );
+    let started = std::time::Instant::now();
+    w.cmd(&["run-job", "pg.sql.slow"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("timed out after 1s"));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let history = w
+        .cmd(&["history"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let row = String::from_utf8_lossy(&history)
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    // TOOK, then ATTEMPTS = 2 (one retry)
+    assert!(
+        row.contains("failure") && row.split_whitespace().any(|c| c == "2"),
+        "{row}"
+    );
+    assert_eq!(
+        pg.sql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND query LIKE 'SELECT pg_sleep%'",
+            pg.name
+        )),
+        "0",
+        "timed-out statements are stopped on the server"
+    );
+}
+
+#[test]
+fn help_lists_the_commands() {
+    assert_cmd::Command::new(BIN)
+        .arg("--help")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("run-job").and(predicate::str::contains("Exit codes")));
+}
