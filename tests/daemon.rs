@@ -413,3 +413,131 @@ fn unreachable_databases_are_reported_and_the_daemon_keeps_serving() {
         "{err}"
     );
 }
+
+/// Makes the job's recorded runs look `hours` older, as if the daemon had been down.
+fn age_history(w: &Workdir, hours: i64) {
+    let db = w.path().join("state/state.db");
+    let out = Command::new("sqlite3")
+        .arg(&db)
+        .arg(format!(
+            "UPDATE job_runs SET started_at = started_at - {ms}, finished_at = finished_at - {ms}",
+            ms = hours * 3_600_000
+        ))
+        .output()
+        .expect("sqlite3 must be installed (see .ci/run)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn missed_run_once_runs_at_start_up_and_skip_waits() {
+    let w = Workdir::new();
+    let lite = database("lite", &w.sqlite_url("lite.db"), "");
+    let config = |missed: &str| {
+        format!(
+            "{lite}{}{}",
+            sql_job(
+                "hourly",
+                "SELECT 1",
+                "@hourly",
+                &format!("missed = \"{missed}\"")
+            ),
+            sql_job(
+                "fresh",
+                "SELECT 1",
+                "@hourly",
+                &format!("missed = \"{missed}\"")
+            ),
+        )
+    };
+    w.write_config("", &config("run-once"));
+    w.cmd(&["run-job", "lite.sql.hourly"]).assert().success();
+    w.cmd(&["run-job", "lite.sql.fresh"]).assert().success();
+    age_history(&w, 3);
+    w.cmd(&["run-job", "lite.sql.fresh"]).assert().success(); // a recent success: not missed
+
+    {
+        let d = w.start();
+        d.wait_for("missed run done", Duration::from_secs(15), || {
+            d.metric(RUNS, &["job=\"lite.sql.hourly\"", "result=\"success\""]) == Some(1.0)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            d.metric(RUNS, &["job=\"lite.sql.fresh\"", "result=\"success\""]),
+            Some(0.0)
+        );
+    }
+    let history = w
+        .cmd(&["history", "lite.sql.hourly"])
+        .output()
+        .expect("history");
+    let newest = String::from_utf8_lossy(&history.stdout)
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        newest.contains("missed") && newest.contains("success"),
+        "{newest}"
+    );
+
+    age_history(&w, 3);
+    w.write_config("", &config("skip"));
+    let d = w.start();
+    d.wait_for("missed skip counted", Duration::from_secs(10), || {
+        d.metric(
+            "dbkeeper_job_skipped_total",
+            &["job=\"lite.sql.hourly\"", "reason=\"missed\""],
+        ) == Some(1.0)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        d.metric(RUNS, &["job=\"lite.sql.hourly\"", "result=\"success\""]),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn max_concurrent_jobs_limits_parallel_runs() {
+    let pg = PgDb::new("slots");
+    let w = Workdir::new();
+    let jobs: String = ["a", "b", "c"]
+        .iter()
+        .map(|n| sql_job(n, "SELECT pg_sleep(0.7)", "every 1s", ""))
+        .collect();
+    w.write_config(
+        "max-concurrent-jobs = 1",
+        &format!("{}{jobs}", database("pg", &pg.url, "")),
+    );
+    let d = w.start();
+    let mut max_seen = 0;
+    let mut finished = 0.0;
+    for _ in 0..40 {
+        let active: u32 = pg
+            .sql(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND query LIKE 'SELECT pg_sleep%' AND state = 'active'",
+                pg.name
+            ))
+            .parse()
+            .expect("count");
+        max_seen = max_seen.max(active);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let m = d.metrics();
+    for job in ["a", "b", "c"] {
+        finished += metric_value(
+            &m,
+            RUNS,
+            &[&format!("job=\"pg.sql.{job}\""), "result=\"success\""],
+        )
+        .unwrap_or(0.0);
+    }
+    assert_eq!(max_seen, 1, "more than one job ran at once");
+    assert!(
+        finished >= 3.0,
+        "jobs should still make progress, {finished} finished"
+    );
+}
