@@ -128,14 +128,7 @@ fn run_job_exit_codes_and_history() {
         .stderr(predicate::str::contains("no job \"lite.sql.nope\""))
         .stderr(predicate::str::contains("lite.sql.good, lite.sql.bad"));
 
-    let history = w
-        .cmd(&["history"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let history = String::from_utf8_lossy(&history);
+    let history = w.stdout(&["history"]);
     let rows: Vec<&str> = history.lines().skip(1).collect();
     assert_eq!(rows.len(), 2, "{history}");
     assert!(
@@ -144,23 +137,10 @@ fn run_job_exit_codes_and_history() {
             && rows[0].contains("manual")
     );
     assert!(rows[1].contains("lite.sql.good") && rows[1].contains("success"));
-    let one = w
-        .cmd(&["history", "lite.sql.good", "-n", "5"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    assert_eq!(String::from_utf8_lossy(&one).lines().count(), 2);
+    let one = w.stdout(&["history", "lite.sql.good", "-n", "5"]);
+    assert_eq!(one.lines().count(), 2);
 
-    let jobs = w
-        .cmd(&["jobs"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let jobs = String::from_utf8_lossy(&jobs);
+    let jobs = w.stdout(&["jobs"]);
     let good = jobs
         .lines()
         .find(|l| l.starts_with("lite.sql.good"))
@@ -202,29 +182,16 @@ fn timeout_and_retries_are_enforced() {
         "{:?}",
         started.elapsed()
     );
-    let history = w
-        .cmd(&["history"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let row = String::from_utf8_lossy(&history)
-        .lines()
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned();
+    let history = w.stdout(&["history"]);
+    let row = history.lines().nth(1).unwrap_or_default().to_owned();
     // TOOK, then ATTEMPTS = 2 (one retry)
     assert!(
         row.contains("failure") && row.split_whitespace().any(|c| c == "2"),
         "{row}"
     );
     assert_eq!(
-        pg.sql(&format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND query LIKE 'SELECT pg_sleep%'",
-            pg.name
-        )),
-        "0",
+        pg.sleeping_sessions(),
+        0,
         "timed-out statements are stopped on the server"
     );
 }

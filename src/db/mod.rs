@@ -81,6 +81,14 @@ pub enum DbError {
 }
 
 impl DbError {
+    pub(crate) fn connect(name: &str, url: &str, source: sqlx::Error) -> Self {
+        DbError::Connect {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            source,
+        }
+    }
+
     /// True when the error means the database could not be reached at all (as opposed
     /// to a statement failing), which is what `database_up` reports.
     pub fn is_unreachable(&self) -> bool {

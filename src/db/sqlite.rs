@@ -56,11 +56,7 @@ impl Sqlite {
     }
 
     fn connect_error(&self, source: sqlx::Error) -> DbError {
-        DbError::Connect {
-            name: self.name.clone(),
-            url: self.url.clone(),
-            source,
-        }
+        DbError::connect(&self.name, &self.url, source)
     }
 
     pub(super) async fn ping(&self) -> Result<(), DbError> {

@@ -45,6 +45,17 @@ impl PgDb {
     pub fn sql(&self, sql: &str) -> String {
         psql(&self.url, sql)
     }
+
+    /// Sessions on this database currently running a `SELECT pg_sleep…` statement.
+    pub fn sleeping_sessions(&self) -> u32 {
+        self.sql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
+             AND query LIKE 'SELECT pg_sleep%' AND state = 'active'",
+            self.name
+        ))
+        .parse()
+        .expect("a count")
+    }
 }
 
 impl Drop for PgDb {
@@ -126,6 +137,18 @@ impl Workdir {
             .arg(self.config_path())
             .env("RUST_LOG", "info");
         cmd
+    }
+
+    /// Runs `dbkeeper <args> -c <config>`, asserts success and returns stdout.
+    pub fn stdout(&self, args: &[&str]) -> String {
+        let out = self
+            .cmd(args)
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     /// Starts `dbkeeper run` and waits until `/healthz` answers.
