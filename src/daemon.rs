@@ -7,6 +7,7 @@
 //! scheduling, gives running jobs `shutdown-grace` to finish, then cancels them.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -148,6 +149,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
     let mut probe_tick = tokio::time::interval(active.config.daemon.probe_interval);
     probe_tick.reset();
+    let probing = Arc::new(AtomicBool::new(false));
     let mut prune_tick = tokio::time::interval(PRUNE_EVERY);
     prune_tick.reset();
     loop {
@@ -171,8 +173,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
                 }
             }
             _ = probe_tick.tick() => {
-                let (a, s) = (active.databases.clone(), daemon.status.clone());
-                tokio::spawn(async move { probe_databases(a, s).await });
+                // A slow probe (connect-timeout > probe-interval) is not stacked on.
+                if !probing.swap(true, Ordering::AcqRel) {
+                    let (a, s, flag) = (active.databases.clone(), daemon.status.clone(), probing.clone());
+                    tokio::spawn(async move {
+                        probe_databases(a, s).await;
+                        flag.store(false, Ordering::Release);
+                    });
+                }
             }
             _ = prune_tick.tick() => prune(&daemon.state, &active.config).await,
         }
@@ -320,6 +328,14 @@ impl Daemon {
         }
         if old_d.max_concurrent_jobs != new_d.max_concurrent_jobs {
             self.runner.set_max_concurrent(new_d.max_concurrent_jobs);
+        }
+        for gone in active
+            .order
+            .iter()
+            .filter(|j| !new.jobs.contains_key(&j.id))
+        {
+            tracing::info!(job = %gone.id, "job removed from the configuration");
+            metrics::job_removed(gone);
         }
         self.timer.disarm_all().await;
         self.activate(&new, false).await;

@@ -178,6 +178,15 @@ pub fn register_job(job: &Job, last: &JobLast, interval: Option<Duration>) {
     gauge!(JOB_NEXT_RUN, &l).set(0.0);
 }
 
+/// A reload removed the job. Its series cannot be deleted from the recorder, so
+/// they are set so that no schedule-based alert fires for it until the next restart.
+pub fn job_removed(job: &Job) {
+    let l = labels(job);
+    gauge!(JOB_EXPECTED_INTERVAL, &l).set(0.0);
+    gauge!(JOB_NEXT_RUN, &l).set(0.0);
+    gauge!(JOB_RUNNING, &l).set(0.0);
+}
+
 pub fn job_started(job: &Job, at: DateTime<Utc>) {
     let l = labels(job);
     gauge!(JOB_RUNNING, &l).set(1.0);

@@ -104,7 +104,7 @@ impl Default for DaemonConfig {
 }
 
 /// `[[database]]`: one database and the jobs that run on it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DatabaseConfig {
     /// Short name used in job ids, metric labels and backup paths: letters, digits,
@@ -126,6 +126,19 @@ pub struct DatabaseConfig {
     /// `[[database.sql]]`: statements run on a schedule. Default: none.
     #[serde(default)]
     pub sql: Vec<SqlJobConfig>,
+}
+
+/// By hand, so that a password written into `url` against advice stays out of logs.
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("name", &self.name)
+            .field("url", &crate::db::redact_url(&self.url))
+            .field("password_file", &self.password_file)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("sql", &self.sql)
+            .finish()
+    }
 }
 
 fn default_connect_timeout() -> Duration {

@@ -168,3 +168,18 @@ fn shipped_configs_parse() {
         dir.display()
     );
 }
+
+#[test]
+fn debug_output_hides_a_password_in_the_url() {
+    let text = MINIMAL.replace(
+        "sqlite://app.db",
+        "postgres://app:hunter2@db/app?password=s3cret",
+    );
+    let c = parse(&text).unwrap();
+    let debug = format!("{c:?}");
+    assert!(
+        !debug.contains("hunter2") && !debug.contains("s3cret"),
+        "{debug}"
+    );
+    assert!(debug.contains("REDACTED"));
+}
