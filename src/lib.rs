@@ -10,6 +10,7 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`, `/status`; [`systemd`]: sd_notify;
 //! - [`daemon`]: the main loop; [`cli`]: the one-shot commands.
 
+pub mod archive;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -1,0 +1,388 @@
+//! Keys and segment sealing: XChaCha20-Poly1305 in the STREAM construction.
+//!
+//! Each backup gets a random 32-byte data key, wrapped (AEAD) under the key-encryption
+//! key from the key file. Segments are sealed with `StreamBE32` (19-byte nonce prefix,
+//! 32-bit big-endian counter, last-segment flag) and the exact header bytes as
+//! associated data. Unencrypted archives use the same framing with a 16-byte
+//! SHA-256-based check value instead of the tag, which catches corruption and
+//! truncation (but, having no key, not deliberate tampering).
+
+use std::fmt;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use aead_stream::{NewStream, StreamBE32, StreamPrimitive};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::XChaCha20Poly1305;
+use rand::rngs::OsRng;
+use rand::TryRngCore;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// Size of every key, data or key-encryption.
+pub const KEY_LEN: usize = 32;
+/// Bytes added to each segment: the Poly1305 tag (or the check value when unencrypted).
+pub const TAG_LEN: usize = 16;
+/// STREAM nonce prefix: the 24-byte XChaCha nonce minus 4 counter bytes and 1 flag byte.
+pub const NONCE_PREFIX_LEN: usize = 19;
+const WRAP_NONCE_LEN: usize = 24;
+const WRAP_AAD: &[u8] = b"dbkeeper data key v1";
+const KEY_ID_CONTEXT: &[u8] = b"dbkeeper key id v1";
+
+/// A key file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read key file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "key file {path} is not a regular file; point to a file made with `dbkeeper key generate`"
+    )]
+    NotAFile { path: PathBuf },
+    #[error(
+        "key file {path} is readable by group or others (mode {mode:04o}); run `chmod 600 {path}`"
+    )]
+    Permissions { path: PathBuf, mode: u32 },
+    #[error("key file {path} {problem}; it must hold 32 random bytes, raw or as 64 hex digits (make one with `dbkeeper key generate -o FILE`)")]
+    Format { path: PathBuf, problem: String },
+    #[error("cannot create key file {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the system random number generator failed: {0}")]
+    Random(String),
+}
+
+/// A 32-byte key with its public id. The key bytes are wiped on drop and never printed.
+#[derive(Clone)]
+pub struct Key {
+    bytes: Zeroizing<[u8; KEY_LEN]>,
+    id: String,
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key(id {})", self.id)
+    }
+}
+
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], KeyError> {
+    let mut buf = [0u8; N];
+    OsRng
+        .try_fill_bytes(&mut buf)
+        .map_err(|e| KeyError::Random(e.to_string()))?;
+    Ok(buf)
+}
+
+impl Key {
+    fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+        let mut h = Sha256::new();
+        h.update(KEY_ID_CONTEXT);
+        h.update(bytes);
+        let id = hex::encode(&h.finalize()[..8]);
+        Key {
+            bytes: Zeroizing::new(bytes),
+            id,
+        }
+    }
+
+    /// A fresh random key (used for per-backup data keys and `key generate`).
+    pub fn random() -> Result<Self, KeyError> {
+        Ok(Self::from_bytes(random_bytes()?))
+    }
+
+    /// The key's fingerprint: 16 hex digits, safe to show and store.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Loads a key file: a regular file, not readable by group or others, holding 32
+    /// raw bytes or 64 hex digits (surrounding whitespace ignored).
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let read_err = |source| KeyError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(read_err)?;
+        if !meta.is_file() {
+            return Err(KeyError::NotAFile {
+                path: path.to_owned(),
+            });
+        }
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Permissions {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        let format = |problem: String| KeyError::Format {
+            path: path.to_owned(),
+            problem,
+        };
+        let mut raw = Zeroizing::new(Vec::new());
+        // Never read more than a key file can hold, whatever the file turns out to be.
+        std::fs::File::open(path)
+            .and_then(|f| f.take(256).read_to_end(&mut raw))
+            .map_err(read_err)?;
+        let mut key = [0u8; KEY_LEN];
+        let text = std::str::from_utf8(&raw).map(str::trim).unwrap_or("");
+        if text.len() == 2 * KEY_LEN && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            hex::decode_to_slice(text, &mut key).map_err(|e| format(e.to_string()))?;
+        } else if raw.len() == KEY_LEN {
+            key.copy_from_slice(&raw);
+        } else {
+            return Err(format(format!("holds {} bytes", raw.len())));
+        }
+        if key.iter().all(|&b| b == key[0]) {
+            return Err(format(
+                "holds the same byte repeated, not a random key".to_owned(),
+            ));
+        }
+        Ok(Self::from_bytes(key))
+    }
+
+    /// Writes a new random key as 64 hex digits to a new file with mode 0600 and
+    /// returns it. Refuses to overwrite an existing file.
+    pub fn generate(path: &Path) -> Result<Self, KeyError> {
+        use std::io::Write;
+        let key = Self::random()?;
+        let create_err = |source| KeyError::Create {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(create_err)?;
+        let text = Zeroizing::new(format!("{}\n", hex::encode(*key.bytes)));
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(create_err)?;
+        Ok(key)
+    }
+
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(&(*self.bytes).into())
+    }
+
+    /// Encrypts `data_key` under this key: returns (nonce, wrapped key).
+    pub fn wrap(&self, data_key: &Key) -> Result<(Vec<u8>, Vec<u8>), KeyError> {
+        let nonce: [u8; WRAP_NONCE_LEN] = random_bytes()?;
+        let wrapped = self
+            .cipher()
+            .encrypt(
+                (&nonce).into(),
+                Payload {
+                    msg: data_key.bytes.as_ref(),
+                    aad: WRAP_AAD,
+                },
+            )
+            .map_err(|_| KeyError::Random("key wrapping failed".to_owned()))?;
+        Ok((nonce.to_vec(), wrapped))
+    }
+
+    /// Decrypts a wrapped data key; `None` if this is not the key it was wrapped under
+    /// or the wrapped key was altered.
+    pub fn unwrap_key(&self, nonce: &[u8], wrapped: &[u8]) -> Option<Key> {
+        let nonce = chacha20poly1305::XNonce::try_from(nonce).ok()?;
+        let plain = Zeroizing::new(
+            self.cipher()
+                .decrypt(
+                    &nonce,
+                    Payload {
+                        msg: wrapped,
+                        aad: WRAP_AAD,
+                    },
+                )
+                .ok()?,
+        );
+        let bytes: [u8; KEY_LEN] = plain.as_slice().try_into().ok()?;
+        Some(Self::from_bytes(bytes))
+    }
+}
+
+/// The key files a command or job may decrypt with, each loaded once.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRing {
+    keys: Vec<Key>,
+}
+
+impl KeyRing {
+    pub fn new(keys: Vec<Key>) -> Self {
+        KeyRing { keys }
+    }
+
+    pub fn find(&self, id: &str) -> Option<&Key> {
+        self.keys.iter().find(|k| k.id == id)
+    }
+
+    pub fn ids(&self) -> Vec<&str> {
+        self.keys.iter().map(|k| k.id.as_str()).collect()
+    }
+}
+
+/// Seals and opens segments; one per archive.
+pub enum Sealer {
+    Encrypted(Box<StreamBE32<XChaCha20Poly1305>>),
+    /// No key: a truncated SHA-256 of (SHA-256(header), counter, flag, plaintext).
+    Plain {
+        header_hash: [u8; 32],
+    },
+}
+
+impl Sealer {
+    pub fn encrypted(data_key: &Key, nonce_prefix: &[u8; NONCE_PREFIX_LEN]) -> Self {
+        let stream = StreamBE32::from_aead(data_key.cipher(), nonce_prefix.into());
+        Sealer::Encrypted(Box::new(stream))
+    }
+
+    pub fn plain(header: &[u8]) -> Self {
+        Sealer::Plain {
+            header_hash: Sha256::digest(header).into(),
+        }
+    }
+
+    fn check_value(header_hash: &[u8; 32], counter: u32, last: bool, data: &[u8]) -> [u8; TAG_LEN] {
+        let mut h = Sha256::new();
+        h.update(header_hash);
+        h.update(counter.to_be_bytes());
+        h.update([u8::from(last)]);
+        h.update(data);
+        let digest = h.finalize();
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&digest[..TAG_LEN]);
+        tag
+    }
+
+    /// Turns the plaintext in `buf` into the stored segment (plaintext + 16 bytes).
+    pub(crate) fn seal(
+        &self,
+        counter: u32,
+        last: bool,
+        aad: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ()> {
+        match self {
+            Sealer::Encrypted(stream) => stream
+                .encrypt_in_place(counter, last, aad, buf)
+                .map_err(|_| ()),
+            Sealer::Plain { header_hash } => {
+                let tag = Self::check_value(header_hash, counter, last, buf);
+                buf.extend_from_slice(&tag);
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks and strips a stored segment in `buf`; `Err` if it does not authenticate
+    /// at this position with this last-segment flag.
+    pub(crate) fn open(
+        &self,
+        counter: u32,
+        last: bool,
+        aad: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ()> {
+        match self {
+            Sealer::Encrypted(stream) => stream
+                .decrypt_in_place(counter, last, aad, buf)
+                .map_err(|_| ()),
+            Sealer::Plain { header_hash } => {
+                if buf.len() < TAG_LEN {
+                    return Err(());
+                }
+                let split = buf.len() - TAG_LEN;
+                let expect = Self::check_value(header_hash, counter, last, &buf[..split]);
+                if buf[split..] != expect {
+                    return Err(());
+                }
+                buf.truncate(split);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn generate_then_load_gives_the_same_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let made = Key::generate(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let loaded = Key::load(&path).unwrap();
+        assert_eq!(made.id(), loaded.id());
+        assert_eq!(made.id().len(), 16);
+        assert!(Key::generate(&path).is_err(), "never overwrites");
+        assert!(!format!("{loaded:?}").contains(&hex::encode(*loaded.bytes)));
+    }
+
+    #[test]
+    fn bad_key_files_are_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, data: &[u8], mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, data).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let good_hex = hex::encode([7u8, 1, 2, 3].repeat(8));
+        let open = write("open", good_hex.as_bytes(), 0o644);
+        assert!(matches!(
+            Key::load(&open),
+            Err(KeyError::Permissions { mode: 0o644, .. })
+        ));
+        let short = write("short", b"abcdef", 0o600);
+        let err = Key::load(&short).unwrap_err().to_string();
+        assert!(
+            err.contains("holds 6 bytes") && err.contains("dbkeeper key generate"),
+            "{err}"
+        );
+        let zeros = write("zeros", &[0u8; 32], 0o600);
+        assert!(matches!(Key::load(&zeros), Err(KeyError::Format { .. })));
+        let raw = write("raw", &[9u8, 8, 7, 6].repeat(8), 0o600);
+        assert!(Key::load(&raw).is_ok());
+        let hexed = write("hex", format!("  {good_hex}\n").as_bytes(), 0o400);
+        assert!(Key::load(&hexed).is_ok());
+        assert!(matches!(
+            Key::load(dir.path()),
+            Err(KeyError::NotAFile { .. })
+        ));
+        assert!(matches!(
+            Key::load(Path::new("/dev/zero")),
+            Err(KeyError::NotAFile { .. })
+        ));
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        assert!(matches!(Key::load(&link), Err(KeyError::NotAFile { .. })));
+        assert!(matches!(
+            Key::load(&dir.path().join("missing")),
+            Err(KeyError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn wrapped_key_opens_only_with_its_key() {
+        let kek = Key::random().unwrap();
+        let other = Key::random().unwrap();
+        let data = Key::random().unwrap();
+        let (nonce, wrapped) = kek.wrap(&data).unwrap();
+        assert_eq!(kek.unwrap_key(&nonce, &wrapped).unwrap().id(), data.id());
+        assert!(other.unwrap_key(&nonce, &wrapped).is_none());
+        let mut bent = wrapped.clone();
+        bent[3] ^= 1;
+        assert!(kek.unwrap_key(&nonce, &bent).is_none());
+    }
+}

@@ -1,0 +1,357 @@
+//! The `.dbk` container, version 1 (specified in `docs/FORMAT.md`):
+//!
+//! ```text
+//! "DBKEEPER" | version u8 = 1 | header length u32 BE | header (JSON)
+//! | segments: sealed(plaintext[segment_size]) … sealed(last, possibly shorter or empty)
+//! ```
+//!
+//! [`ArchiveWriter`] and [`ArchiveReader`] stream: memory is two segments whatever
+//! the archive size. The reader tells a truncated archive (a missing last segment)
+//! from a corrupted one and never returns plaintext that did not authenticate.
+
+use std::io::{self, Read, Write};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::crypto::{random_bytes, Key, KeyRing, Sealer, NONCE_PREFIX_LEN, TAG_LEN};
+use super::{ArchiveError, Compression};
+
+pub const MAGIC: &[u8; 8] = b"DBKEEPER";
+pub const VERSION: u8 = 1;
+/// Plaintext bytes per segment.
+pub const SEGMENT_SIZE: u32 = 1 << 20;
+/// Headers are small; anything larger is not one of ours.
+const MAX_HEADER: u32 = 64 * 1024;
+/// Segment sizes a reader accepts (bounds its memory).
+pub(crate) const SEGMENT_SIZE_RANGE: std::ops::RangeInclusive<u32> = 1024..=(16 << 20);
+
+/// The archive header. Field order is the serialization order; the exact bytes are
+/// authenticated with every segment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Header {
+    /// Database name from the config.
+    pub database: String,
+    /// `sqlite` or `postgres`.
+    pub backend: String,
+    /// What the plaintext is: `sqlite` (a database file) or `pg_dump-custom`.
+    pub image: String,
+    pub created: DateTime<Utc>,
+    pub compression: Compression,
+    pub segment_size: u32,
+    /// `None` for unencrypted archives.
+    pub encryption: Option<Encryption>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Encryption {
+    /// Always `xchacha20poly1305-stream-be32`.
+    pub algorithm: String,
+    /// Id of the key-encryption key (see `Key::id`).
+    pub key_id: String,
+    /// 24-byte nonce used to wrap the data key, hex.
+    pub wrap_nonce: String,
+    /// The 32-byte data key encrypted under the key-encryption key (48 bytes), hex.
+    pub wrapped_key: String,
+    /// The 19-byte STREAM nonce prefix, hex.
+    pub nonce_prefix: String,
+}
+
+pub const ALGORITHM: &str = "xchacha20poly1305-stream-be32";
+
+/// Encodes the fixed prefix and header bytes.
+fn encode_prefix(header: &Header) -> io::Result<(Vec<u8>, Vec<u8>)> {
+    let json = serde_json::to_vec(header).map_err(io::Error::other)?;
+    let mut prefix = Vec::with_capacity(13);
+    prefix.extend_from_slice(MAGIC);
+    prefix.push(VERSION);
+    prefix.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    Ok((prefix, json))
+}
+
+/// Writes an archive: `write` the plaintext (the compressed image), then [`finish`].
+///
+/// [`finish`]: ArchiveWriter::finish
+pub struct ArchiveWriter<W: Write> {
+    out: W,
+    sealer: Sealer,
+    header: Vec<u8>,
+    buf: Vec<u8>,
+    segment: usize,
+    counter: u32,
+}
+
+impl<W: Write> ArchiveWriter<W> {
+    /// Writes the header. With `key`, a fresh data key is made and wrapped under it.
+    /// `header.segment_size` is used as given (normally [`SEGMENT_SIZE`]).
+    pub fn new(mut out: W, mut header: Header, key: Option<&Key>) -> Result<Self, ArchiveError> {
+        if !SEGMENT_SIZE_RANGE.contains(&header.segment_size) {
+            return Err(ArchiveError::BadHeader(format!(
+                "segment size {} is out of range",
+                header.segment_size
+            )));
+        }
+        let data_key = match key {
+            Some(kek) => {
+                let data_key = Key::random()?;
+                let (wrap_nonce, wrapped) = kek.wrap(&data_key)?;
+                let prefix: [u8; NONCE_PREFIX_LEN] = random_bytes()?;
+                header.encryption = Some(Encryption {
+                    algorithm: ALGORITHM.to_owned(),
+                    key_id: kek.id().to_owned(),
+                    wrap_nonce: hex::encode(wrap_nonce),
+                    wrapped_key: hex::encode(wrapped),
+                    nonce_prefix: hex::encode(prefix),
+                });
+                Some((data_key, prefix))
+            }
+            None => {
+                header.encryption = None;
+                None
+            }
+        };
+        let (prefix, json) = encode_prefix(&header)?;
+        out.write_all(&prefix)?;
+        out.write_all(&json)?;
+        let sealer = match &data_key {
+            Some((k, prefix)) => Sealer::encrypted(k, prefix),
+            None => Sealer::plain(&json),
+        };
+        let segment = header.segment_size as usize;
+        Ok(ArchiveWriter {
+            out,
+            sealer,
+            header: json,
+            buf: Vec::with_capacity(segment + TAG_LEN),
+            segment,
+            counter: 0,
+        })
+    }
+
+    fn emit(&mut self, last: bool) -> io::Result<()> {
+        self.sealer
+            .seal(self.counter, last, &self.header, &mut self.buf)
+            .map_err(|()| io::Error::other("segment encryption failed"))?;
+        self.out.write_all(&self.buf)?;
+        self.buf.clear();
+        self.counter = self
+            .counter
+            .checked_add(1)
+            .ok_or_else(|| io::Error::other("archive exceeds 2^32 segments"))?;
+        Ok(())
+    }
+
+    /// Seals the last segment and returns the underlying writer.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.emit(true)?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
+}
+
+impl<W: Write> Write for ArchiveWriter<W> {
+    fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
+        let total = data.len();
+        while !data.is_empty() {
+            // A full segment is only sealed once more data shows it is not the last.
+            if self.buf.len() == self.segment {
+                self.emit(false)?;
+            }
+            let take = (self.segment - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+        }
+        Ok(total)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Reads an archive's plaintext (the compressed image), authenticating every segment.
+pub struct ArchiveReader<R: Read> {
+    input: R,
+    header: Header,
+    header_bytes: Vec<u8>,
+    sealer: Sealer,
+    stored_segment: usize,
+    /// Decrypted bytes not yet handed out, and how far they were read.
+    plain: Vec<u8>,
+    pos: usize,
+    /// The next stored segment, read ahead to learn whether the current one is last.
+    ahead: Vec<u8>,
+    counter: u32,
+    done: bool,
+}
+
+/// Reads until `buf` has `want` bytes or the input ends.
+fn fill(input: &mut impl Read, buf: &mut Vec<u8>, want: usize) -> io::Result<()> {
+    buf.clear();
+    input.by_ref().take(want as u64).read_to_end(buf)?;
+    Ok(())
+}
+
+impl<R: Read> ArchiveReader<R> {
+    /// Parses the header and finds the key. `keys` may be empty for unencrypted archives.
+    pub fn open(mut input: R, keys: &KeyRing) -> Result<Self, ArchiveError> {
+        let mut prefix = [0u8; 13];
+        read_exact_or(&mut input, &mut prefix, ArchiveError::NotAnArchive)?;
+        if &prefix[..8] != MAGIC {
+            return Err(ArchiveError::NotAnArchive);
+        }
+        if prefix[8] != VERSION {
+            return Err(ArchiveError::UnsupportedVersion(prefix[8]));
+        }
+        let len = u32::from_be_bytes([prefix[9], prefix[10], prefix[11], prefix[12]]);
+        if len == 0 || len > MAX_HEADER {
+            return Err(ArchiveError::BadHeader(format!(
+                "header length {len} is out of range"
+            )));
+        }
+        let mut header_bytes = vec![0u8; len as usize];
+        read_exact_or(
+            &mut input,
+            &mut header_bytes,
+            ArchiveError::Truncated { segments: 0 },
+        )?;
+        let header: Header = serde_json::from_slice(&header_bytes)
+            .map_err(|e| ArchiveError::BadHeader(e.to_string()))?;
+        if !SEGMENT_SIZE_RANGE.contains(&header.segment_size) {
+            return Err(ArchiveError::BadHeader(format!(
+                "segment size {} is out of range",
+                header.segment_size
+            )));
+        }
+        let sealer = match &header.encryption {
+            None => Sealer::plain(&header_bytes),
+            Some(enc) => {
+                if enc.algorithm != ALGORITHM {
+                    return Err(ArchiveError::BadHeader(format!(
+                        "unknown algorithm {}",
+                        enc.algorithm
+                    )));
+                }
+                let kek = keys
+                    .find(&enc.key_id)
+                    .ok_or_else(|| ArchiveError::WrongKey {
+                        archive: enc.key_id.clone(),
+                        have: keys.ids().iter().map(|s| s.to_string()).collect(),
+                    })?;
+                let hex_field = |name: &str, v: &str| {
+                    hex::decode(v)
+                        .map_err(|_| ArchiveError::BadHeader(format!("{name} is not hex")))
+                };
+                let data_key = kek
+                    .unwrap_key(
+                        &hex_field("wrap_nonce", &enc.wrap_nonce)?,
+                        &hex_field("wrapped_key", &enc.wrapped_key)?,
+                    )
+                    .ok_or(ArchiveError::KeyUnwrap)?;
+                let prefix: [u8; NONCE_PREFIX_LEN] = hex_field("nonce_prefix", &enc.nonce_prefix)?
+                    .try_into()
+                    .map_err(|_| {
+                        ArchiveError::BadHeader("nonce_prefix has the wrong length".to_owned())
+                    })?;
+                Sealer::encrypted(&data_key, &prefix)
+            }
+        };
+        let stored_segment = header.segment_size as usize + TAG_LEN;
+        let mut reader = ArchiveReader {
+            input,
+            header,
+            header_bytes,
+            sealer,
+            stored_segment,
+            plain: Vec::with_capacity(stored_segment),
+            pos: 0,
+            ahead: Vec::with_capacity(stored_segment),
+            counter: 0,
+            done: false,
+        };
+        fill(&mut reader.input, &mut reader.ahead, stored_segment)?;
+        Ok(reader)
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Opens the next segment into `plain`.
+    fn next_segment(&mut self) -> Result<(), ArchiveError> {
+        std::mem::swap(&mut self.plain, &mut self.ahead);
+        self.pos = 0;
+        let full = self.plain.len() == self.stored_segment;
+        if full {
+            fill(&mut self.input, &mut self.ahead, self.stored_segment)?;
+        } else {
+            self.ahead.clear();
+        }
+        let last = self.ahead.is_empty();
+        let counter = self.counter;
+        if self
+            .sealer
+            .open(counter, last, &self.header_bytes, &mut self.plain)
+            .is_err()
+        {
+            // A full segment sealed as "not last" followed by nothing: the file was cut
+            // at a segment boundary. Anything else that fails is corruption.
+            let mut probe = self.plain.clone();
+            let cut = last
+                && full
+                && self
+                    .sealer
+                    .open(counter, false, &self.header_bytes, &mut probe)
+                    .is_ok();
+            self.plain.clear();
+            return Err(if cut || self.plain_is_short(last, full) {
+                ArchiveError::Truncated {
+                    segments: u64::from(counter) + u64::from(cut),
+                }
+            } else {
+                ArchiveError::Corrupt {
+                    segment: u64::from(counter),
+                }
+            });
+        }
+        self.counter = counter
+            .checked_add(1)
+            .ok_or_else(|| ArchiveError::BadHeader("more than 2^32 segments".to_owned()))?;
+        self.done = last;
+        Ok(())
+    }
+
+    /// A last segment shorter than a tag cannot be genuine: the file was cut.
+    fn plain_is_short(&self, last: bool, full: bool) -> bool {
+        last && !full && self.plain.len() < TAG_LEN
+    }
+}
+
+fn read_exact_or(
+    input: &mut impl Read,
+    buf: &mut [u8],
+    short: ArchiveError,
+) -> Result<(), ArchiveError> {
+    match input.read_exact(buf) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(short),
+        Err(e) => Err(ArchiveError::Io(e)),
+    }
+}
+
+impl<R: Read> Read for ArchiveReader<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.plain.len() {
+            if self.done {
+                return Ok(0);
+            }
+            self.next_segment().map_err(ArchiveError::into_io)?;
+        }
+        let n = out.len().min(self.plain.len() - self.pos);
+        out[..n].copy_from_slice(&self.plain[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}

@@ -1,0 +1,232 @@
+//! Backup archives (`.dbk`): compress, then encrypt, streaming.
+//!
+//! [`write_archive`] turns a database image (SQLite file, `pg_dump` custom archive)
+//! into an archive; [`read_archive`] authenticates, decrypts and decompresses it.
+//! Both run on a blocking thread with memory bounded by a few segments. The format
+//! is specified in `docs/FORMAT.md`.
+
+pub mod compress;
+pub mod crypto;
+pub mod format;
+
+use std::io::{self, BufReader, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use sha2::{Digest, Sha256};
+
+pub use compress::Compression;
+pub use crypto::{Key, KeyError, KeyRing};
+pub use format::{ArchiveReader, ArchiveWriter, Header};
+
+/// An archive could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("not a dbkeeper archive (it does not start with DBKEEPER)")]
+    NotAnArchive,
+    #[error("archive format version {0} is not supported by this dbkeeper (it reads version 1); use a newer dbkeeper")]
+    UnsupportedVersion(u8),
+    #[error("the archive header is invalid ({0}): the archive is damaged or was altered")]
+    BadHeader(String),
+    #[error("the archive was made with key {archive}, you have {}; pass the key file that made it (decryption-key-files in the config, or --key-file)",
+        if have.is_empty() { "no key".to_owned() } else { format!("key {}", have.join(", key ")) })]
+    WrongKey { archive: String, have: Vec<String> },
+    #[error("the archive's data key does not open with its key: the header was altered")]
+    KeyUnwrap,
+    #[error("segment {segment} does not authenticate: the archive was altered or damaged")]
+    Corrupt { segment: u64 },
+    #[error(
+        "the archive ends after {segments} segments without its final segment: it was cut short"
+    )]
+    Truncated { segments: u64 },
+    #[error("the archive's contents do not decompress ({0}): the archive is damaged")]
+    Decompress(String),
+    #[error("{0}")]
+    Key(#[from] KeyError),
+    #[error("stopped: the job was cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl ArchiveError {
+    /// True when the archive itself is bad (tampered, truncated, wrong key), which the
+    /// command line reports with exit code 3.
+    pub fn is_verification(&self) -> bool {
+        !matches!(
+            self,
+            ArchiveError::Key(_) | ArchiveError::Cancelled | ArchiveError::Io(_)
+        )
+    }
+
+    pub(crate) fn into_io(self) -> io::Error {
+        io::Error::other(self)
+    }
+
+    /// Recovers an `ArchiveError` that travelled through an `io::Error`; other I/O
+    /// errors while decoding (`InvalidData` from a decompressor) mean a bad archive.
+    fn from_io(e: io::Error, decoding: bool) -> Self {
+        if e.get_ref().is_some_and(|inner| inner.is::<ArchiveError>()) {
+            if let Ok(inner) = e
+                .into_inner()
+                .expect("checked above")
+                .downcast::<ArchiveError>()
+            {
+                return *inner;
+            }
+            return ArchiveError::Decompress("unreadable error".to_owned());
+        }
+        match e.kind() {
+            io::ErrorKind::InvalidData
+            | io::ErrorKind::InvalidInput
+            | io::ErrorKind::UnexpectedEof
+                if decoding =>
+            {
+                ArchiveError::Decompress(e.to_string())
+            }
+            _ => ArchiveError::Io(e),
+        }
+    }
+}
+
+/// A writer that counts and hashes what passes through it.
+pub struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> Hashing<W> {
+    pub fn new(inner: W) -> Self {
+        Hashing {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The inner writer, the byte count and the SHA-256 (hex).
+    pub fn finish(self) -> (W, u64, String) {
+        (self.inner, self.bytes, hex::encode(self.hasher.finalize()))
+    }
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// SHA-256 (hex) and size of everything `input` yields.
+pub fn sha256_of(mut input: impl Read) -> io::Result<(String, u64)> {
+    let mut h = Hashing::new(io::sink());
+    io::copy(&mut input, &mut h)?;
+    let (_, bytes, digest) = h.finish();
+    Ok((digest, bytes))
+}
+
+/// What writing an archive produced.
+#[derive(Debug, Clone)]
+pub struct WriteStats {
+    /// Bytes of the database image (before compression).
+    pub raw_bytes: u64,
+    /// Bytes of the archive file.
+    pub stored_bytes: u64,
+    /// SHA-256 of the archive file, hex.
+    pub sha256: String,
+}
+
+/// Encoding settings of one archive.
+pub struct Settings<'a> {
+    pub header: Header,
+    pub key: Option<&'a Key>,
+    pub compression: Compression,
+    pub level: i32,
+    pub threads: usize,
+}
+
+const COPY_BUF: usize = 256 * 1024;
+
+/// Compresses and seals everything `source` yields into `out`. Checks `cancelled`
+/// between chunks and stops with [`ArchiveError::Cancelled`].
+pub fn write_archive<R: Read, W: Write + Send>(
+    mut source: R,
+    out: W,
+    settings: Settings<'_>,
+    cancelled: &AtomicBool,
+) -> Result<(W, WriteStats), ArchiveError> {
+    let sealed = ArchiveWriter::new(Hashing::new(out), settings.header, settings.key)?;
+    let mut enc = compress::Encoder::new(
+        settings.compression,
+        settings.level,
+        settings.threads,
+        sealed,
+    )?;
+    let mut buf = vec![0u8; COPY_BUF];
+    let mut raw_bytes = 0u64;
+    loop {
+        if cancelled.load(Ordering::Relaxed) {
+            return Err(ArchiveError::Cancelled);
+        }
+        let n = match source.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ArchiveError::Io(e)),
+        };
+        enc.write_all(&buf[..n])?;
+        raw_bytes += n as u64;
+    }
+    let sealed = enc.finish()?;
+    let (out, stored_bytes, sha256) = sealed.finish()?.finish();
+    Ok((
+        out,
+        WriteStats {
+            raw_bytes,
+            stored_bytes,
+            sha256,
+        },
+    ))
+}
+
+/// Authenticates, decrypts and decompresses the archive from `input` into `sink`;
+/// returns the sink, the header and the number of image bytes.
+pub fn read_archive<R: Read, W: Write>(
+    input: R,
+    keys: &KeyRing,
+    mut sink: W,
+    cancelled: &AtomicBool,
+) -> Result<(W, Header, u64), ArchiveError> {
+    let reader = ArchiveReader::open(input, keys)?;
+    let header = reader.header().clone();
+    let mut plain = compress::decoder(
+        header.compression,
+        BufReader::with_capacity(COPY_BUF, reader),
+    )
+    .map_err(|e| ArchiveError::from_io(e, true))?;
+    let mut buf = vec![0u8; COPY_BUF];
+    let mut raw = 0u64;
+    loop {
+        if cancelled.load(Ordering::Relaxed) {
+            return Err(ArchiveError::Cancelled);
+        }
+        let n = match plain.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ArchiveError::from_io(e, true)),
+        };
+        sink.write_all(&buf[..n]).map_err(ArchiveError::Io)?;
+        raw += n as u64;
+    }
+    Ok((sink, header, raw))
+}
+
+#[cfg(test)]
+mod tests;
