@@ -11,6 +11,7 @@
 //! - [`daemon`]: the main loop; [`cli`]: the one-shot commands.
 
 pub mod archive;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -23,6 +24,7 @@ pub mod schedule;
 pub mod scheduler;
 pub mod state;
 pub mod status;
+pub mod storage;
 pub mod systemd;
 
 pub use config::Config;
