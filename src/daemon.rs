@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Missed};
 use crate::db::{url_has_password, Database, DbError};
-use crate::jobs::{self, Job};
+use crate::jobs::backup::publish_catalog;
+use crate::jobs::{self, Job, Work};
 use crate::runner::{Runner, Trigger};
 use crate::scheduler::{Fire, Timer, TimerError};
 use crate::state::{JobLast, StateDb, StateError};
@@ -44,6 +45,8 @@ pub enum DaemonError {
     Timer(#[from] TimerError),
     #[error(transparent)]
     Database(#[from] DbError),
+    #[error(transparent)]
+    Jobs(#[from] jobs::BuildError),
     #[error("cannot install the signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -57,9 +60,9 @@ struct Active {
 }
 
 impl Active {
-    fn build(config: Config) -> Result<Self, DbError> {
+    fn build(config: Config) -> Result<Self, DaemonError> {
         let databases = jobs::open_databases(&config)?;
-        let order = jobs::build(&config, &databases);
+        let order = jobs::build(&config, &databases)?;
         let jobs = order.iter().map(|j| (j.id.clone(), j.clone())).collect();
         for db in &config.databases {
             if url_has_password(&db.url) {
@@ -246,6 +249,24 @@ impl Daemon {
             &jobs,
             now,
         );
+        for job in &active.order {
+            if let Work::Backup(b) = &job.work {
+                let dest = b.destination(job.database_name());
+                if startup {
+                    match dest.cleanup() {
+                        Ok(removed) => {
+                            for name in removed {
+                                tracing::warn!(job = %job.id, file = %name, "removed what an interrupted backup left behind");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(job = %job.id, "cannot clean up {}: {e}", dest.dir().display())
+                        }
+                    }
+                }
+                publish_catalog(job.database_name(), &dest);
+            }
+        }
         for (job, last, interval) in &jobs {
             self.schedule_first(job, last, *interval, startup).await;
         }

@@ -11,9 +11,10 @@ use tokio_util::sync::CancellationToken;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cli::init_logging();
-    let config = match Config::load(cli.command.config_path()) {
-        Ok(config) => config,
-        Err(e) => {
+    let config = match cli.command.config_path().map(|path| Config::load(&path)) {
+        None => None,
+        Some(Ok(config)) => Some(config),
+        Some(Err(e)) => {
             eprintln!("error: {e}");
             return Exit::Usage.into();
         }
@@ -28,6 +29,9 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         match cli.command {
             Command::Run(_) => {
+                let Some(config) = config else {
+                    return Exit::Usage.into();
+                };
                 let shutdown = CancellationToken::new();
                 let trigger = shutdown.clone();
                 tokio::spawn(async move {

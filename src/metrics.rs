@@ -30,6 +30,13 @@ pub const JOB_NEXT_RUN: &str = "dbkeeper_job_next_run_timestamp_seconds";
 pub const JOB_EXPECTED_INTERVAL: &str = "dbkeeper_job_expected_interval_seconds";
 pub const JOB_TIMEOUT: &str = "dbkeeper_job_timeout_seconds";
 pub const JOB_RUNNING: &str = "dbkeeper_job_running";
+pub const BACKUP_LAST_SIZE: &str = "dbkeeper_backup_last_size_bytes";
+pub const BACKUP_LAST_RAW_SIZE: &str = "dbkeeper_backup_last_raw_size_bytes";
+pub const BACKUP_LAST_VERIFIED: &str = "dbkeeper_backup_last_verified_timestamp_seconds";
+pub const BACKUPS_STORED: &str = "dbkeeper_backups_stored";
+pub const BACKUP_OLDEST: &str = "dbkeeper_backup_oldest_timestamp_seconds";
+pub const BACKUP_STORED_BYTES: &str = "dbkeeper_backup_stored_bytes";
+pub const BACKUP_PRUNED: &str = "dbkeeper_backup_pruned_total";
 
 /// Buckets of `job_duration_seconds`: from a fast `ANALYZE` to a multi-hour dump.
 const DURATION_BUCKETS: &[f64] = &[
@@ -141,6 +148,36 @@ fn describe() {
         "Longest time one attempt of the job may run."
     );
     describe_gauge!(JOB_RUNNING, "1 while the job runs.");
+    describe_gauge!(
+        BACKUP_LAST_SIZE,
+        Unit::Bytes,
+        "Archive size of the newest good backup."
+    );
+    describe_gauge!(
+        BACKUP_LAST_RAW_SIZE,
+        Unit::Bytes,
+        "Database image size of the newest good backup."
+    );
+    describe_gauge!(
+        BACKUP_LAST_VERIFIED,
+        Unit::Seconds,
+        "Time of the latest passed verification of any stored backup."
+    );
+    describe_gauge!(
+        BACKUPS_STORED,
+        "Backups in the destination (with a manifest)."
+    );
+    describe_gauge!(
+        BACKUP_OLDEST,
+        Unit::Seconds,
+        "Start time of the oldest stored backup."
+    );
+    describe_gauge!(
+        BACKUP_STORED_BYTES,
+        Unit::Bytes,
+        "Total size of the stored archives."
+    );
+    describe_counter!(BACKUP_PRUNED, "Backups deleted by rotation.");
 }
 
 fn ts(t: Option<DateTime<Utc>>) -> f64 {
@@ -214,6 +251,29 @@ pub fn job_skipped(job: &Job, reason: SkipReason) {
 
 pub fn job_next_run(job: &Job, next: Option<DateTime<Utc>>) {
     gauge!(JOB_NEXT_RUN, &labels(job)).set(ts(next));
+}
+
+/// Sets the `backup_*` gauges from the backups in a destination (oldest first).
+pub fn backup_catalog(database: &str, backups: &[crate::catalog::Manifest]) {
+    let db = || [("database", database.to_owned())];
+    counter!(BACKUP_PRUNED, &db()).increment(0);
+    let newest_good = backups.iter().rev().find(|m| m.is_good());
+    gauge!(BACKUP_LAST_SIZE, &db()).set(newest_good.map_or(0.0, |m| m.stored_bytes as f64));
+    gauge!(BACKUP_LAST_RAW_SIZE, &db()).set(newest_good.map_or(0.0, |m| m.raw_bytes as f64));
+    let verified = backups
+        .iter()
+        .filter(|m| m.verification.result == crate::catalog::VerifyResult::Passed)
+        .map(|m| m.verification.at)
+        .max();
+    gauge!(BACKUP_LAST_VERIFIED, &db()).set(ts(verified));
+    gauge!(BACKUPS_STORED, &db()).set(backups.len() as f64);
+    gauge!(BACKUP_OLDEST, &db()).set(ts(backups.first().map(|m| m.started_at)));
+    gauge!(BACKUP_STORED_BYTES, &db())
+        .set(backups.iter().map(|m| m.stored_bytes as f64).sum::<f64>());
+}
+
+pub fn backup_pruned(database: &str) {
+    counter!(BACKUP_PRUNED, "database" => database.to_owned()).increment(1);
 }
 
 pub fn database_up(database: &str, up: bool) {

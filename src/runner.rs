@@ -209,7 +209,7 @@ impl Runner {
         inner.status.job_started(&job, started);
         tracing::info!(job = %job.id, trigger = trigger.as_str(), "job started");
 
-        let (result, attempts) = self.attempts(&job).await;
+        let (result, attempts) = self.attempts(&job, trigger).await;
 
         let took = clock.elapsed();
         let error = result.as_ref().err().map(|e| e.message.clone());
@@ -248,11 +248,11 @@ impl Runner {
     }
 
     /// Runs attempts until one succeeds, retries are used up, or shutdown stops us.
-    async fn attempts(&self, job: &Arc<Job>) -> (Result<Outcome, Failure>, u32) {
+    async fn attempts(&self, job: &Arc<Job>, trigger: Trigger) -> (Result<Outcome, Failure>, u32) {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let result = self.attempt(job).await;
+            let result = self.attempt(job, trigger).await;
             let Err(failure) = &result else {
                 return (result, attempt);
             };
@@ -278,11 +278,11 @@ impl Runner {
     /// One attempt, in its own task (a panic becomes a failure), under the timeout.
     /// On timeout or shutdown the job is asked to stop and given [`CANCEL_WAIT`] to
     /// clean up (e.g. cancel its statement on the server) before it is dropped.
-    async fn attempt(&self, job: &Arc<Job>) -> Result<Outcome, Failure> {
+    async fn attempt(&self, job: &Arc<Job>, trigger: Trigger) -> Result<Outcome, Failure> {
         let stop = self.inner.abort.child_token();
         let work = job.clone();
         let token = stop.clone();
-        let mut handle = tokio::spawn(async move { work.execute(token).await });
+        let mut handle = tokio::spawn(async move { work.execute(trigger, token).await });
         let timeout = job.options.timeout;
         let cut_short = tokio::select! {
             joined = &mut handle => return joined_result(joined),

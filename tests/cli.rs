@@ -28,7 +28,7 @@ fn check_on_the_demo_config_prints_three_run_times_per_job() {
         .clone();
     let text = String::from_utf8_lossy(&out);
     let jobs: Vec<&str> = text.lines().filter(|l| l.starts_with("job ")).collect();
-    assert_eq!(jobs.len(), 2, "{text}");
+    assert_eq!(jobs.len(), 3, "{text}");
     for line in jobs {
         assert_eq!(line.matches(", ").count() + 1, 3, "three run times: {line}");
     }

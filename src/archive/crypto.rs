@@ -223,6 +223,10 @@ impl KeyRing {
         self.keys.iter().find(|k| k.id == id)
     }
 
+    pub fn into_keys(self) -> Vec<Key> {
+        self.keys
+    }
+
     pub fn ids(&self) -> Vec<&str> {
         self.keys.iter().map(|k| k.id.as_str()).collect()
     }

@@ -123,6 +123,38 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
+/// A reader that counts and hashes what passes through it.
+pub struct HashRead<R> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> HashRead<R> {
+    pub fn new(inner: R) -> Self {
+        HashRead {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Reads what is left, then returns the byte count and the SHA-256 (hex).
+    pub fn finish(mut self) -> io::Result<(u64, String)> {
+        io::copy(&mut self, &mut io::sink())?;
+        Ok((self.bytes, hex::encode(self.hasher.finalize())))
+    }
+}
+
+impl<R: Read> Read for HashRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
 /// SHA-256 (hex) and size of everything `input` yields.
 pub fn sha256_of(mut input: impl Read) -> io::Result<(String, u64)> {
     let mut h = Hashing::new(io::sink());

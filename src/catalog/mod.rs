@@ -45,6 +45,16 @@ pub enum VerifyMode {
     Restore,
 }
 
+impl VerifyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyMode::None => "none",
+            VerifyMode::Read => "read",
+            VerifyMode::Restore => "restore",
+        }
+    }
+}
+
 /// Outcome of the latest verification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -13,8 +13,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::Deserialize;
 
-/// `keep` in the backup config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// `keep` in the backup config. A rule left out of a written `keep` table is 0; the
+/// policy of [`Keep::recommended`] applies only when `keep` is absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Keep {
     pub last: u32,
@@ -25,9 +26,9 @@ pub struct Keep {
     pub yearly: u32,
 }
 
-impl Default for Keep {
+impl Keep {
     /// 3 most recent, 7 daily, 4 weekly, 12 monthly.
-    fn default() -> Self {
+    pub fn recommended() -> Self {
         Keep {
             last: 3,
             hourly: 0,
@@ -37,9 +38,7 @@ impl Default for Keep {
             yearly: 0,
         }
     }
-}
 
-impl Keep {
     /// A policy that would keep nothing is refused at config load.
     pub fn keeps_something(&self) -> bool {
         self.last + self.hourly + self.daily + self.weekly + self.monthly + self.yearly > 0
@@ -166,14 +165,7 @@ mod tests {
     }
 
     fn only(field: &str, n: u32) -> Keep {
-        let mut k = Keep {
-            last: 0,
-            hourly: 0,
-            daily: 0,
-            weekly: 0,
-            monthly: 0,
-            yearly: 0,
-        };
+        let mut k = Keep::default();
         match field {
             "last" => k.last = n,
             "hourly" => k.hourly = n,
@@ -274,12 +266,13 @@ mod tests {
         // An old failure goes.
         let mut c = daily_timeline(5, &[]);
         c[3].good = false;
-        assert!(!kept(&plan(&c, &Keep::default())).contains(&"b003"));
+        assert!(!kept(&plan(&c, &Keep::recommended())).contains(&"b003"));
     }
 
     #[test]
     fn empty_policy_is_detected() {
         assert!(!only("last", 0).keeps_something());
-        assert!(Keep::default().keeps_something());
+        assert!(Keep::recommended().keeps_something());
+        assert!(!Keep::default().keeps_something());
     }
 }

@@ -8,7 +8,7 @@ use crate::jobs::{self, Job};
 
 pub async fn check(config: &Config) -> anyhow::Result<Exit> {
     let databases = jobs::open_databases(config)?;
-    let jobs = jobs::build(config, &databases);
+    let jobs = jobs::build(config, &databases)?;
     println!(
         "configuration {} is valid (databases: {}, jobs: {})",
         config.path.display(),

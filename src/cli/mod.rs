@@ -1,6 +1,7 @@
 //! The command line: argument definitions, exit codes and the one-shot commands
 //! (`check`, `jobs`, `run-job`, `history`). `dbkeeper run` is [`crate::daemon::run`].
 
+mod backup;
 mod check;
 mod report;
 
@@ -77,15 +78,116 @@ pub enum Tool {
         #[arg(short = 'n', long = "limit", default_value_t = 20)]
         limit: u32,
     },
+    /// List, verify and prune backups.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Restore a backup to a SQLite file or a PostgreSQL database. Never overwrites an
+    /// existing target without --force; a damaged archive writes nothing.
+    Restore {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Database name from the config.
+        database: String,
+        /// Backup id from `backup list`, or `latest` (the newest good backup).
+        #[arg(long = "backup", default_value = "latest")]
+        backup: String,
+        /// A file path (SQLite; replaced atomically) or a postgres:// URL.
+        #[arg(long = "to")]
+        to: String,
+        /// Replace an existing SQLite file, or restore into a PostgreSQL database
+        /// that already has tables (pg_restore --clean --if-exists).
+        #[arg(long)]
+        force: bool,
+        /// PostgreSQL: create the target database if it does not exist.
+        #[arg(long)]
+        create: bool,
+    },
+    /// Write the plain database image of an archive (a SQLite file or a pg_dump
+    /// custom-format archive), e.g. `dbkeeper decrypt x.dbk | pg_restore -l`.
+    Decrypt {
+        /// Configuration whose key files to try (default: $DBKEEPER_CONFIG, then
+        /// /etc/dbkeeper/dbkeeper.toml), unless --key-file is given.
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+        /// Key file to decrypt with (repeatable); the config is not read then.
+        #[arg(long = "key-file")]
+        key_files: Vec<PathBuf>,
+        /// The `.dbk` archive.
+        archive: PathBuf,
+        /// Output file (must not exist), or `-` for standard output (the default).
+        #[arg(short = 'o', long = "output", default_value = "-")]
+        output: String,
+    },
+    /// Manage encryption keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// One line per backup: id, database, time, size, raw size, verification.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this database.
+        database: Option<String>,
+    },
+    /// Check a backup: SHA-256, full decryption and decompression, and with
+    /// --restore-test a restore into a scratch database. Exit 3 if it fails.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+        database: String,
+        /// Backup id, or `latest`.
+        #[arg(long = "backup", default_value = "latest")]
+        backup: String,
+        /// Also restore into a scratch database (SQLite file or PostgreSQL database)
+        /// and check it.
+        #[arg(long)]
+        restore_test: bool,
+    },
+    /// Apply the keep policy now; with --dry-run only show what would be deleted.
+    Prune {
+        #[command(flatten)]
+        config: ConfigArg,
+        database: String,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create a new random 32-byte key file (mode 0600) and print its key id.
+    Generate {
+        /// The key file to create; an existing file is never overwritten.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+    },
 }
 
 impl Command {
-    pub fn config_path(&self) -> &PathBuf {
-        match self {
-            Command::Run(c) | Command::Tool(Tool::Check(c) | Tool::Jobs(c)) => &c.path,
-            Command::Tool(Tool::RunJob { config, .. } | Tool::History { config, .. }) => {
-                &config.path
+    /// The configuration file this command needs, if it needs one.
+    pub fn config_path(&self) -> Option<PathBuf> {
+        let tool = match self {
+            Command::Run(c) => return Some(c.path.clone()),
+            Command::Tool(tool) => tool,
+        };
+        match tool {
+            Tool::Check(c) | Tool::Jobs(c) => Some(c.path.clone()),
+            Tool::RunJob { config, .. }
+            | Tool::History { config, .. }
+            | Tool::Restore { config, .. }
+            | Tool::Backup(
+                BackupCommand::List { config, .. }
+                | BackupCommand::Verify { config, .. }
+                | BackupCommand::Prune { config, .. },
+            ) => Some(config.path.clone()),
+            Tool::Decrypt { key_files, .. } if !key_files.is_empty() => None,
+            Tool::Decrypt { config, .. } => {
+                Some(config.clone().unwrap_or_else(Config::default_path))
             }
+            Tool::Key(_) => None,
         }
     }
 }
@@ -97,17 +199,77 @@ pub struct ConfigArg {
     pub path: PathBuf,
 }
 
-/// Runs a one-shot command and returns its exit code.
-pub async fn execute(tool: Tool, config: Config) -> Exit {
-    let result = match tool {
-        Tool::Check(_) => check::check(&config).await,
-        Tool::Jobs(_) => report::jobs(&config).await,
-        Tool::RunJob { job, .. } => report::run_job(&config, &job).await,
-        Tool::History { job, limit, .. } => report::history(&config, job.as_deref(), limit).await,
+/// Runs a one-shot command and returns its exit code. `config` is loaded by the
+/// caller when [`Command::config_path`] asks for one.
+pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
+    let result = match (tool, &config) {
+        (Tool::Key(KeyCommand::Generate { output }), _) => backup::key_generate(&output),
+        (
+            Tool::Decrypt {
+                key_files,
+                archive,
+                output,
+                ..
+            },
+            config,
+        ) => backup::decrypt(config.as_ref(), &key_files, &archive, &output).await,
+        (_, None) => Err(anyhow::anyhow!(
+            "this command needs a configuration file (-c)"
+        )),
+        (Tool::Check(_), Some(c)) => check::check(c).await,
+        (Tool::Jobs(_), Some(c)) => report::jobs(c).await,
+        (Tool::RunJob { job, .. }, Some(c)) => report::run_job(c, &job).await,
+        (Tool::History { job, limit, .. }, Some(c)) => {
+            report::history(c, job.as_deref(), limit).await
+        }
+        (Tool::Backup(BackupCommand::List { database, .. }), Some(c)) => {
+            backup::list(c, database.as_deref())
+        }
+        (
+            Tool::Backup(BackupCommand::Verify {
+                database,
+                backup: id,
+                restore_test,
+                ..
+            }),
+            Some(c),
+        ) => backup::verify(c, &database, &id, restore_test).await,
+        (
+            Tool::Backup(BackupCommand::Prune {
+                database, dry_run, ..
+            }),
+            Some(c),
+        ) => backup::prune(c, &database, dry_run),
+        (
+            Tool::Restore {
+                database,
+                backup: id,
+                to,
+                force,
+                create,
+                ..
+            },
+            Some(c),
+        ) => backup::restore(c, &database, &id, &to, force, create).await,
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
-        Exit::Failed
+        if is_verification_failure(&e) {
+            Exit::Verification
+        } else {
+            Exit::Failed
+        }
+    })
+}
+
+fn is_verification_failure(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<crate::jobs::backup::BackupError>()
+            .is_some_and(|b| b.is_verification())
+            || cause
+                .downcast_ref::<crate::archive::ArchiveError>()
+                .is_some_and(|a| a.is_verification())
     })
 }
 

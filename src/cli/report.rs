@@ -35,7 +35,7 @@ fn format_opt(t: Option<DateTime<Utc>>) -> String {
 }
 
 /// Prints rows as left-aligned columns under a header.
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
+pub(super) fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -68,7 +68,7 @@ async fn open_history(config: &Config) -> anyhow::Result<Option<StateDb>> {
 
 pub async fn jobs(config: &Config) -> anyhow::Result<Exit> {
     let databases = jobs::open_databases(config)?;
-    let jobs = jobs::build(config, &databases);
+    let jobs = jobs::build(config, &databases)?;
     let last: HashMap<String, JobLast> = match open_history(config).await? {
         Some(state) => state.last_runs().await?,
         None => HashMap::new(),
@@ -145,7 +145,7 @@ pub async fn history(config: &Config, job: Option<&str>, limit: u32) -> anyhow::
 
 pub async fn run_job(config: &Config, id: &str) -> anyhow::Result<Exit> {
     let databases = jobs::open_databases(config)?;
-    let all = jobs::build(config, &databases);
+    let all = jobs::build(config, &databases)?;
     let Some(job) = all.iter().find(|j| j.id == id).cloned() else {
         let known: Vec<&str> = all.iter().map(|j| j.id.as_str()).collect();
         eprintln!(

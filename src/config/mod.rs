@@ -17,6 +17,9 @@ use serde::Deserialize;
 pub(crate) use job_options::job_table;
 pub use job_options::{JobOptions, Missed};
 
+use crate::archive::{Compression, Key, KeyError, KeyRing};
+use crate::catalog::rotation::Keep;
+use crate::catalog::VerifyMode;
 use crate::db::Backend;
 
 /// Environment variable naming the config file when `-c` is not given.
@@ -123,6 +126,9 @@ pub struct DatabaseConfig {
     /// Default: `10s`.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// `[database.backup]`: encrypted, compressed, verified backups. Default: none.
+    #[serde(default)]
+    pub backup: Option<BackupConfig>,
     /// `[[database.sql]]`: statements run on a schedule. Default: none.
     #[serde(default)]
     pub sql: Vec<SqlJobConfig>,
@@ -136,6 +142,7 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("url", &crate::db::redact_url(&self.url))
             .field("password_file", &self.password_file)
             .field("connect_timeout", &self.connect_timeout)
+            .field("backup", &self.backup)
             .field("sql", &self.sql)
             .finish()
     }
@@ -158,7 +165,113 @@ job_table! {
     defaults(timeout = Duration::from_secs(3600), missed = Missed::Skip)
 }
 
+/// `encryption = "none"`: the only value, written to opt out of encryption on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncryptionSetting {
+    None,
+}
+
+job_table! {
+    /// `[database.backup]`: the `<database>.backup` job.
+    pub struct BackupConfig {
+        /// Directory that receives `<database>/<id>.dbk` and `<id>.manifest.json`;
+        /// created (mode 0700) if missing. Required.
+        pub destination: PathBuf,
+        /// `gzip` (parallel, multi-member), `zstd` (multithreaded) or `none`.
+        /// Default: `gzip`.
+        #[serde(default)]
+        pub compression: Compression,
+        /// Compression level: gzip 1-9 (default 6), zstd 1-19 (default 3).
+        #[serde(default)]
+        pub level: Option<i32>,
+        /// 32-byte key file (`dbkeeper key generate`), mode 0600. Required unless
+        /// `encryption = "none"`.
+        #[serde(default)]
+        pub encryption_key_file: Option<PathBuf>,
+        /// Write `"none"` to store backups unencrypted, on purpose. Default: unset.
+        #[serde(default)]
+        pub encryption: Option<EncryptionSetting>,
+        /// Create `encryption-key-file` (mode 0600) if it does not exist, e.g. for a
+        /// demo or a first install. Default: `false`.
+        #[serde(default)]
+        pub generate_key_if_missing: bool,
+        /// Older key files, to read backups made before a key rotation. Default: none.
+        #[serde(default)]
+        pub decryption_key_files: Vec<PathBuf>,
+        /// After writing: `none`, `read` (checksum + full decrypt + decompress) or
+        /// `restore` (also restore into a scratch database and check it).
+        /// Default: `read`.
+        #[serde(default)]
+        pub verify: VerifyMode,
+        /// Rotation after each successful backup: `{ last, hourly, daily, weekly,
+        /// monthly, yearly }`; rules left out are 0. Default (no `keep` at all):
+        /// `{ last = 3, daily = 7, weekly = 4, monthly = 12 }`.
+        #[serde(default = "Keep::recommended")]
+        pub keep: Keep,
+        /// PostgreSQL only: the `pg_dump` program (match the server's major version).
+        /// Default: `pg_dump` from `$PATH`.
+        #[serde(default = "default_pg_dump")]
+        pub pg_dump: PathBuf,
+        /// PostgreSQL only: the `pg_restore` program. Default: `pg_restore` from `$PATH`.
+        #[serde(default = "default_pg_restore")]
+        pub pg_restore: PathBuf,
+    }
+    defaults(timeout = Duration::from_secs(6 * 3600), missed = Missed::RunOnce)
+}
+
+fn default_pg_dump() -> PathBuf {
+    PathBuf::from("pg_dump")
+}
+
+fn default_pg_restore() -> PathBuf {
+    PathBuf::from("pg_restore")
+}
+
+impl BackupConfig {
+    /// The compression level with the codec's default applied.
+    pub fn level(&self) -> i32 {
+        self.level
+            .unwrap_or_else(|| self.compression.default_level())
+    }
+
+    /// Loads the encryption key (creating it first if configured so) and every key
+    /// that may decrypt this database's backups.
+    pub fn load_keys(&self) -> Result<(Option<Key>, KeyRing), KeyError> {
+        let key = match &self.encryption_key_file {
+            Some(path) if self.generate_key_if_missing && !path.exists() => {
+                let key = Key::generate(path)?;
+                tracing::warn!(
+                    file = %path.display(),
+                    key_id = key.id(),
+                    "generated a new backup key; keep a copy of it apart from the backups"
+                );
+                Some(key)
+            }
+            Some(path) => Some(Key::load(path)?),
+            None => None,
+        };
+        let mut all: Vec<Key> = key.iter().cloned().collect();
+        for path in &self.decryption_key_files {
+            all.push(Key::load(path)?);
+        }
+        Ok((key, KeyRing::new(all)))
+    }
+}
+
 impl Config {
+    /// Every key file of the configuration, for commands that decrypt any archive.
+    pub fn key_ring(&self) -> Result<KeyRing, KeyError> {
+        let mut keys = Vec::new();
+        for db in &self.databases {
+            if let Some(b) = &db.backup {
+                let (_, ring) = b.load_keys()?;
+                keys.extend(ring.into_keys());
+            }
+        }
+        Ok(KeyRing::new(keys))
+    }
+
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -243,6 +356,9 @@ impl Config {
                     ));
                 }
             }
+            if let Some(backup) = &db.backup {
+                self.validate_backup(&key, backup)?;
+            }
             let mut jobs = HashSet::new();
             for job in &db.sql {
                 check_name(&job.name).map_err(|m| self.invalid(format!("{key}.sql.name"), m))?;
@@ -259,6 +375,61 @@ impl Config {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_backup(&self, db_key: &str, b: &BackupConfig) -> Result<(), ConfigError> {
+        let key = format!("{db_key}.backup");
+        let range = b.compression.level_range();
+        if !range.contains(&b.level()) {
+            return Err(self.invalid(
+                format!("{key}.level"),
+                format!(
+                    "{} is out of range for {} ({}..={})",
+                    b.level(),
+                    b.compression.as_str(),
+                    range.start(),
+                    range.end()
+                ),
+            ));
+        }
+        match (&b.encryption_key_file, b.encryption) {
+            (Some(_), Some(EncryptionSetting::None)) => {
+                return Err(self.invalid(
+                    format!("{key}.encryption"),
+                    "\"none\" contradicts encryption-key-file; remove one of the two",
+                ))
+            }
+            (None, None) => {
+                return Err(self.invalid(
+                    format!("{key}.encryption-key-file"),
+                    "is required; create a key with `dbkeeper key generate -o FILE`, or write encryption = \"none\" to store backups unencrypted",
+                ))
+            }
+            _ => {}
+        }
+        let files = b
+            .encryption_key_file
+            .iter()
+            .map(|f| ("encryption-key-file", f));
+        let old = b
+            .decryption_key_files
+            .iter()
+            .map(|f| ("decryption-key-files", f));
+        for (name, file) in files.chain(old) {
+            if name == "encryption-key-file" && b.generate_key_if_missing && !file.exists() {
+                continue;
+            }
+            Key::load(file).map_err(|e| self.invalid(format!("{key}.{name}"), e.to_string()))?;
+        }
+        if !b.keep.keeps_something() {
+            return Err(self.invalid(
+                format!("{key}.keep"),
+                "keeps no backup at all; set at least one of last, hourly, daily, weekly, monthly, yearly above 0",
+            ));
         }
         Ok(())
     }

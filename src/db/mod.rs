@@ -177,6 +177,22 @@ impl Database {
         }
     }
 
+    /// The server's version (`SHOW server_version`, `sqlite_version()`).
+    pub async fn server_version(&self) -> Result<String, DbError> {
+        match self {
+            Database::Sqlite(db) => db.server_version().await,
+            Database::Postgres(db) => db.server_version().await,
+        }
+    }
+
+    /// Latest applied sqlx migration, if any.
+    pub async fn schema_version(&self) -> Result<Option<i64>, DbError> {
+        match self {
+            Database::Sqlite(db) => db.schema_version().await,
+            Database::Postgres(db) => db.schema_version().await,
+        }
+    }
+
     /// Closes the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
         match self {

@@ -3,8 +3,13 @@
 //! The password comes from `password-file` (re-read each time the pool is built, so a
 //! rotated credential takes effect on reload) and never from the URL we log.
 
+use std::path::Path;
+use std::process::Command;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use zeroize::Zeroizing;
 
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection};
@@ -18,30 +23,76 @@ pub struct Postgres {
     pub(crate) name: String,
     pub(crate) url: String,
     pub(crate) pool: PgPool,
-    /// Kept to open a side connection for cancel requests. Holds the password:
-    /// never print it (this struct deliberately has no `Debug`).
-    options: std::sync::Arc<PgConnectOptions>,
+    /// How to reach the server outside the pool. Holds the password: never print it
+    /// (these structs deliberately have no `Debug`).
+    access: Arc<Access>,
+}
+
+struct Access {
+    /// For side connections (cancel requests, maintenance database).
+    options: PgConnectOptions,
+    /// The configured URL without any password, for pg_dump and pg_restore.
+    url: url::Url,
+    password: Option<Zeroizing<String>>,
+}
+
+/// Removes the password from a URL (userinfo or `password=` parameter) and returns it
+/// separately, so that it can travel in the environment instead of argv.
+fn split_password(raw: &str) -> Option<(url::Url, Option<String>)> {
+    let mut url = url::Url::parse(raw).ok()?;
+    let mut password = url.password().map(percent_decode);
+    url.set_password(None).ok()?;
+    let mut pairs = Vec::new();
+    for (k, v) in url.query_pairs() {
+        if k == "password" {
+            password = Some(v.into_owned());
+        } else {
+            pairs.push((k.into_owned(), v.into_owned()));
+        }
+    }
+    if pairs.is_empty() {
+        url.set_query(None);
+    } else {
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    Some((url, password))
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// Quotes an identifier for PostgreSQL (`"a""b"`).
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 impl Postgres {
     pub(super) fn open(cfg: &DatabaseConfig) -> Result<Self, DbError> {
         let url = redact_url(&cfg.url);
+        let url_error = |source| DbError::Url {
+            name: cfg.name.clone(),
+            url: url.clone(),
+            source,
+        };
         let mut options = PgConnectOptions::from_str(&cfg.url)
-            .map_err(|source| DbError::Url {
-                name: cfg.name.clone(),
-                url: url.clone(),
-                source,
-            })?
+            .map_err(url_error)?
             .application_name("dbkeeper");
+        let (plain_url, mut password) = split_password(&cfg.url)
+            .ok_or_else(|| url_error(sqlx::Error::Configuration("unparseable URL".into())))?;
         if let Some(file) = &cfg.password_file {
             let path = resolve_credential(file);
-            let password =
-                std::fs::read_to_string(&path).map_err(|source| DbError::PasswordFile {
-                    name: cfg.name.clone(),
-                    path: path.display().to_string(),
-                    source,
-                })?;
-            options = options.password(password.trim_end_matches(['\r', '\n']));
+            let text = std::fs::read_to_string(&path).map_err(|source| DbError::PasswordFile {
+                name: cfg.name.clone(),
+                path: path.display().to_string(),
+                source,
+            })?;
+            let pw = text.trim_end_matches(['\r', '\n']).to_owned();
+            options = options.password(&pw);
+            password = Some(pw);
         }
         let pool = PgPoolOptions::new()
             .max_connections(4)
@@ -53,8 +104,121 @@ impl Postgres {
             name: cfg.name.clone(),
             url,
             pool,
-            options: std::sync::Arc::new(options),
+            access: Arc::new(Access {
+                options,
+                url: plain_url,
+                password: password.map(Zeroizing::new),
+            }),
         })
+    }
+
+    fn query_error(&self, source: sqlx::Error) -> DbError {
+        DbError::Query {
+            name: self.name.clone(),
+            source,
+        }
+    }
+
+    /// A `pg_dump`/`pg_restore`/`psql` command aimed at this database (or at another
+    /// database on the same server). The password goes in `PGPASSWORD`, never in argv.
+    pub fn tool_command(&self, program: &Path, database: Option<&str>) -> Command {
+        let mut url = self.access.url.clone();
+        if let Some(db) = database {
+            url.set_path(&format!(
+                "/{}",
+                url::form_urlencoded::byte_serialize(db.as_bytes()).collect::<String>()
+            ));
+        }
+        let mut cmd = Command::new(program);
+        cmd.arg("--no-password").arg(format!("--dbname={url}"));
+        cmd.env("PGAPPNAME", "dbkeeper");
+        if let Some(pw) = &self.access.password {
+            cmd.env("PGPASSWORD", pw.as_str());
+        }
+        cmd
+    }
+
+    /// The database name in the URL.
+    pub fn database_name(&self) -> String {
+        self.access
+            .options
+            .get_database()
+            .unwrap_or("postgres")
+            .to_owned()
+    }
+
+    pub async fn server_version(&self) -> Result<String, DbError> {
+        sqlx::query_scalar("SHOW server_version")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.query_error(e))
+    }
+
+    /// Latest successfully applied sqlx migration, if the database has the table.
+    pub async fn schema_version(&self) -> Result<Option<i64>, DbError> {
+        sqlx::query_scalar(
+            "SELECT CASE WHEN to_regclass('_sqlx_migrations') IS NULL THEN NULL
+                    ELSE (SELECT max(version) FROM _sqlx_migrations WHERE success) END",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.query_error(e))
+    }
+
+    /// Number of user tables (outside the system schemas).
+    pub async fn user_table_count(&self) -> Result<i64, DbError> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+               AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.query_error(e))
+    }
+
+    /// A connection to the server's `postgres` database, for CREATE/DROP DATABASE.
+    async fn maintenance(&self) -> Result<PgConnection, DbError> {
+        let options = self.access.options.clone().database("postgres");
+        PgConnection::connect_with(&options)
+            .await
+            .map_err(|e| DbError::connect(&self.name, &self.url, e))
+    }
+
+    pub async fn database_exists(&self, name: &str) -> Result<bool, DbError> {
+        let mut conn = self.maintenance().await?;
+        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+            .bind(name)
+            .fetch_optional(&mut conn)
+            .await
+            .map_err(|e| self.query_error(e))?;
+        Ok(found.is_some())
+    }
+
+    pub async fn create_database(&self, name: &str) -> Result<(), DbError> {
+        let mut conn = self.maintenance().await?;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE DATABASE {}",
+            quote_ident(name)
+        )))
+        .execute(&mut conn)
+        .await
+        .map_err(|e| self.query_error(e))?;
+        Ok(())
+    }
+
+    /// Drops a database, disconnecting its sessions.
+    pub async fn drop_database(&self, name: &str) -> Result<(), DbError> {
+        let mut conn = self.maintenance().await?;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(name)
+        )))
+        .execute(&mut conn)
+        .await
+        .map_err(|e| self.query_error(e))?;
+        Ok(())
     }
 
     fn connect_error(&self, source: sqlx::Error) -> DbError {
@@ -116,7 +280,7 @@ impl Postgres {
     /// connection (the pool may be busy or closing).
     async fn cancel_backend(&self, pid: i32) {
         let cancel = async {
-            let mut side = PgConnection::connect_with(&self.options).await?;
+            let mut side = PgConnection::connect_with(&self.access.options).await?;
             sqlx::query("SELECT pg_cancel_backend($1)")
                 .bind(pid)
                 .execute(&mut side)
@@ -132,5 +296,32 @@ impl Postgres {
             }
             Err(_) => tracing::warn!(database = %self.name, pid, "cancel request timed out"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_leave_the_url() {
+        let (url, pw) = split_password("postgres://app:p%40ss@h:5433/db?sslmode=require").unwrap();
+        assert_eq!(url.as_str(), "postgres://app@h:5433/db?sslmode=require");
+        assert_eq!(pw.as_deref(), Some("p@ss"));
+        let (url, pw) =
+            split_password("postgres://app@h/db?password=x&application_name=y").unwrap();
+        assert_eq!(url.as_str(), "postgres://app@h/db?application_name=y");
+        assert_eq!(pw.as_deref(), Some("x"));
+        let (url, pw) = split_password("postgres://h/db").unwrap();
+        assert_eq!((url.as_str(), pw), ("postgres://h/db", None));
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("dbkeeper_verify"), "\"dbkeeper_verify\"");
+        assert_eq!(
+            quote_ident("a\"; DROP TABLE x; --"),
+            "\"a\"\"; DROP TABLE x; --\""
+        );
     }
 }

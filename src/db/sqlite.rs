@@ -1,5 +1,6 @@
 //! SQLite databases, reached through a small sqlx pool.
 
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -53,6 +54,54 @@ impl Sqlite {
             url,
             pool,
         })
+    }
+
+    fn query_error(&self, source: sqlx::Error) -> DbError {
+        DbError::Query {
+            name: self.name.clone(),
+            source,
+        }
+    }
+
+    pub async fn server_version(&self) -> Result<String, DbError> {
+        sqlx::query_scalar("SELECT sqlite_version()")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.query_error(e))
+    }
+
+    /// Latest successfully applied sqlx migration, if the database has the table.
+    pub async fn schema_version(&self) -> Result<Option<i64>, DbError> {
+        let has_table: bool = sqlx::query_scalar(
+            "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.query_error(e))?;
+        if !has_table {
+            return Ok(None);
+        }
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.query_error(e))
+    }
+
+    /// Writes a consistent copy of the database to `target` (which must not exist)
+    /// with `VACUUM INTO`: one read transaction, so writers are not blocked in WAL
+    /// mode, and the copy is compact.
+    pub async fn vacuum_into(&self, target: &Path) -> Result<(), DbError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(target.to_string_lossy().into_owned())
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| self.query_error(e))?;
+        Ok(())
     }
 
     fn connect_error(&self, source: sqlx::Error) -> DbError {

@@ -4,6 +4,7 @@
 //! a [`Job`] only knows how to do its work once. Job ids are
 //! `<database>.<kind>[.<name>]`.
 
+pub mod backup;
 mod sql;
 
 use std::collections::HashMap;
@@ -11,8 +12,10 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::BackupKind;
 use crate::config::{Config, JobOptions};
 use crate::db::{Database, DbError};
+use crate::runner::Trigger;
 
 pub use sql::SqlJob;
 
@@ -29,6 +32,7 @@ pub struct Job {
 /// What a job does; one variant per job kind.
 #[derive(Debug)]
 pub enum Work {
+    Backup(Box<backup::BackupJob>),
     Sql(SqlJob),
 }
 
@@ -36,6 +40,7 @@ impl Work {
     /// The kind label used in job ids and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
+            Work::Backup(_) => "backup",
             Work::Sql(_) => "sql",
         }
     }
@@ -43,7 +48,7 @@ impl Work {
     /// True for jobs that must not run beside any other job on the same database.
     pub fn exclusive(&self) -> bool {
         match self {
-            Work::Sql(_) => false,
+            Work::Backup(_) | Work::Sql(_) => false,
         }
     }
 }
@@ -59,8 +64,19 @@ impl Job {
 
     /// Does the work once. The runner decides about timeouts and retries and fires
     /// `cancel` when the attempt must stop; the job then cleans up and returns.
-    pub async fn execute(&self, cancel: CancellationToken) -> Result<Outcome, JobError> {
+    pub async fn execute(
+        &self,
+        trigger: Trigger,
+        cancel: CancellationToken,
+    ) -> Result<Outcome, JobError> {
         match &self.work {
+            Work::Backup(b) => {
+                let kind = match trigger {
+                    Trigger::Manual => BackupKind::Manual,
+                    _ => BackupKind::Scheduled,
+                };
+                Ok(b.run(&self.database, kind, &cancel).await?)
+            }
             Work::Sql(sql) => sql.run(&self.database, self.options.timeout, &cancel).await,
         }
     }
@@ -79,6 +95,8 @@ pub struct Outcome {
 pub enum JobError {
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    Backup(#[from] backup::BackupError),
 }
 
 impl JobError {
@@ -86,6 +104,7 @@ impl JobError {
     pub fn database_unreachable(&self) -> bool {
         match self {
             JobError::Db(e) => e.is_unreachable(),
+            JobError::Backup(e) => e.database_unreachable(),
         }
     }
 }
@@ -99,14 +118,44 @@ pub fn open_databases(config: &Config) -> Result<HashMap<String, Database>, DbEr
         .collect()
 }
 
-/// All jobs of the configuration, in config order.
-pub fn build(config: &Config, databases: &HashMap<String, Database>) -> Vec<Arc<Job>> {
+/// A job could not be set up from the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("database \"{database}\": {source}")]
+    Key {
+        database: String,
+        source: crate::archive::KeyError,
+    },
+}
+
+/// All jobs of the configuration, in config order. Loads the backup keys.
+pub fn build(
+    config: &Config,
+    databases: &HashMap<String, Database>,
+) -> Result<Vec<Arc<Job>>, BuildError> {
     let mut jobs = Vec::new();
     for cfg in &config.databases {
         // open_databases has an entry for every configured database.
         let Some(database) = databases.get(&cfg.name) else {
             continue;
         };
+        if let Some(b) = &cfg.backup {
+            let (key, keys) = b.load_keys().map_err(|source| BuildError::Key {
+                database: cfg.name.clone(),
+                source,
+            })?;
+            jobs.push(Arc::new(Job {
+                id: format!("{}.backup", cfg.name),
+                work: Work::Backup(Box::new(backup::BackupJob {
+                    cfg: b.clone(),
+                    key,
+                    keys,
+                    scratch_dir: config.daemon.state_dir.join("tmp"),
+                })),
+                database: database.clone(),
+                options: b.options(),
+            }));
+        }
         for sql in &cfg.sql {
             jobs.push(Arc::new(Job {
                 id: format!("{}.sql.{}", cfg.name, sql.name),
@@ -118,5 +167,5 @@ pub fn build(config: &Config, databases: &HashMap<String, Database>) -> Vec<Arc<
             }));
         }
     }
-    jobs
+    Ok(jobs)
 }

@@ -1,0 +1,316 @@
+//! `dbkeeper backup list|verify|prune`, `restore`, `decrypt` and `key generate`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::report::print_table;
+use super::Exit;
+use crate::archive::{self, Key, KeyRing};
+use crate::catalog::{self, Manifest, Verification, VerifyMode, VerifyResult};
+use crate::config::Config;
+use crate::jobs::backup::{
+    human_bytes, restore as restoring, verify as verifying, BackupError, BackupJob,
+};
+use crate::jobs::{self, Job, Work};
+use crate::storage::Destination;
+
+/// The `<database>.backup` job of the configuration.
+fn backup_job(config: &Config, database: &str) -> anyhow::Result<Arc<Job>> {
+    let databases = jobs::open_databases(config)?;
+    let all = jobs::build(config, &databases)?;
+    let with_backups: Vec<String> = config
+        .databases
+        .iter()
+        .filter(|d| d.backup.is_some())
+        .map(|d| d.name.clone())
+        .collect();
+    all.into_iter()
+        .find(|j| j.database_name() == database && matches!(j.work, Work::Backup(_)))
+        .ok_or_else(|| {
+            anyhow!(
+                "database \"{database}\" has no [database.backup] in {}; databases with backups: {}",
+                config.path.display(),
+                if with_backups.is_empty() { "none".to_owned() } else { with_backups.join(", ") }
+            )
+        })
+}
+
+fn backup_of(job: &Job) -> &BackupJob {
+    match &job.work {
+        Work::Backup(b) => b,
+        // backup_job only returns backup jobs.
+        _ => unreachable!("not a backup job"),
+    }
+}
+
+/// The backups of a destination, oldest first, warning about unreadable manifests.
+fn catalog_of(dest: &Destination) -> anyhow::Result<Vec<Manifest>> {
+    let (backups, broken) = catalog::list(dest)
+        .with_context(|| format!("cannot list backups in {}", dest.dir().display()))?;
+    for b in broken {
+        eprintln!("warning: {b}");
+    }
+    Ok(backups)
+}
+
+fn selected<'a>(
+    backups: &'a [Manifest],
+    which: &str,
+    dest: &Destination,
+) -> anyhow::Result<&'a Manifest> {
+    catalog::select(backups, which).ok_or_else(|| {
+        if which == "latest" {
+            anyhow!("no good backup in {}", dest.dir().display())
+        } else {
+            anyhow!(
+                "no backup \"{which}\" in {}; `dbkeeper backup list` shows the ids",
+                dest.dir().display()
+            )
+        }
+    })
+}
+
+fn verified_cell(v: &Verification) -> String {
+    match v.result {
+        VerifyResult::Passed => format!("{} {}", v.mode.as_str(), v.at.format("%Y-%m-%d %H:%M")),
+        VerifyResult::Skipped => "not verified".to_owned(),
+        VerifyResult::Failed => "FAILED".to_owned(),
+    }
+}
+
+pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
+    let mut rows = Vec::new();
+    let mut found_db = only.is_none();
+    for db in &config.databases {
+        let Some(b) = &db.backup else { continue };
+        if only.is_some_and(|o| o != db.name) {
+            continue;
+        }
+        found_db = true;
+        for m in catalog_of(&Destination::new(&b.destination, &db.name))? {
+            rows.push(vec![
+                m.id.clone(),
+                m.database.clone(),
+                m.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                human_bytes(m.stored_bytes),
+                human_bytes(m.raw_bytes),
+                verified_cell(&m.verification),
+            ]);
+        }
+    }
+    if !found_db {
+        bail!(
+            "database \"{}\" has no [database.backup] in {}",
+            only.unwrap_or(""),
+            config.path.display()
+        );
+    }
+    print_table(
+        &[
+            "ID",
+            "DATABASE",
+            "TIME (UTC)",
+            "SIZE",
+            "RAW SIZE",
+            "VERIFIED",
+        ],
+        &rows,
+    );
+    Ok(Exit::Success)
+}
+
+pub async fn verify(
+    config: &Config,
+    database: &str,
+    which: &str,
+    restore_test: bool,
+) -> anyhow::Result<Exit> {
+    let job = backup_job(config, database)?;
+    let b = backup_of(&job);
+    let dest = b.destination(database);
+    let backups = catalog_of(&dest)?;
+    let mut manifest = selected(&backups, which, &dest)?.clone();
+    let mode = if restore_test {
+        VerifyMode::Restore
+    } else {
+        VerifyMode::Read
+    };
+    let cancel = cancel_on_signal();
+    let result = verifying::verify(
+        &dest.path(&manifest.archive_name()),
+        &b.keys,
+        mode,
+        Some(verifying::Expect {
+            sha256: &manifest.sha256,
+            raw_bytes: manifest.raw_bytes,
+        }),
+        &b.scratch_target(&job.database),
+        &cancel,
+    )
+    .await;
+    // A wrong or missing key says nothing about the archive: do not record it.
+    let about_archive = match &result {
+        Ok(()) => true,
+        Err(e) => {
+            e.is_verification()
+                && !matches!(
+                    e,
+                    BackupError::Archive(archive::ArchiveError::WrongKey { .. })
+                )
+        }
+    };
+    if about_archive {
+        manifest.verification = Verification {
+            mode,
+            result: if result.is_ok() {
+                VerifyResult::Passed
+            } else {
+                VerifyResult::Failed
+            },
+            at: Utc::now(),
+            error: result.as_ref().err().map(ToString::to_string),
+        };
+        manifest
+            .save(&dest)
+            .with_context(|| format!("cannot update the manifest of {}", manifest.id))?;
+    }
+    result.with_context(|| format!("backup {}", manifest.id))?;
+    println!(
+        "backup {}: verification passed ({})",
+        manifest.id,
+        mode.as_str()
+    );
+    Ok(Exit::Success)
+}
+
+pub fn prune(config: &Config, database: &str, dry_run: bool) -> anyhow::Result<Exit> {
+    let job = backup_job(config, database)?;
+    let decisions = backup_of(&job).prune(database, dry_run)?;
+    for d in &decisions {
+        if d.keep {
+            println!("keep    {}  ({})", d.id, d.reasons.join(", "));
+        } else if dry_run {
+            println!("would delete {}", d.id);
+        } else {
+            println!("deleted {}", d.id);
+        }
+    }
+    Ok(Exit::Success)
+}
+
+pub async fn restore(
+    config: &Config,
+    database: &str,
+    which: &str,
+    to: &str,
+    force: bool,
+    create: bool,
+) -> anyhow::Result<Exit> {
+    let job = backup_job(config, database)?;
+    let b = backup_of(&job);
+    let dest = b.destination(database);
+    let backups = catalog_of(&dest)?;
+    let manifest = selected(&backups, which, &dest)?;
+    let cancel = cancel_on_signal();
+    let opts = restoring::Options {
+        force,
+        create,
+        pg_restore: &b.cfg.pg_restore,
+    };
+    let done = restoring::restore(
+        &dest.path(&manifest.archive_name()),
+        manifest,
+        &b.keys,
+        to,
+        &opts,
+        &cancel,
+    )
+    .await
+    .with_context(|| format!("restore of backup {}", manifest.id))?;
+    println!("backup {}: {done}", manifest.id);
+    Ok(Exit::Success)
+}
+
+pub async fn decrypt(
+    config: Option<&Config>,
+    key_files: &[PathBuf],
+    archive_path: &Path,
+    output: &str,
+) -> anyhow::Result<Exit> {
+    let keys = if key_files.is_empty() {
+        config
+            .map(Config::key_ring)
+            .transpose()?
+            .unwrap_or_default()
+    } else {
+        KeyRing::new(
+            key_files
+                .iter()
+                .map(|f| Key::load(f))
+                .collect::<Result<_, _>>()?,
+        )
+    };
+    let cancel = cancel_on_signal();
+    if output == "-" {
+        // Authenticate everything first: a consumer never sees data from a bad archive.
+        verifying::read_pass(archive_path, &keys, None, &cancel)
+            .await
+            .with_context(|| archive_path.display().to_string())?;
+        let file = std::fs::File::open(archive_path)
+            .with_context(|| archive_path.display().to_string())?;
+        let stdout = std::io::stdout();
+        let result = tokio::task::spawn_blocking(move || {
+            let out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+            archive::read_archive(
+                std::io::BufReader::with_capacity(1 << 20, file),
+                &keys,
+                out,
+                &AtomicBool::new(false),
+            )
+            .and_then(|(mut out, _, _)| out.flush().map_err(archive::ArchiveError::Io))
+        })
+        .await?;
+        result.with_context(|| archive_path.display().to_string())?;
+    } else {
+        let out = Path::new(output);
+        if out.exists() {
+            bail!("{output} exists; remove it or choose another -o");
+        }
+        let tmp = crate::jobs::backup::source::Scratch(verifying::sibling_temp(out));
+        verifying::decode_to_file(archive_path, &keys, &tmp.0, &cancel)
+            .await
+            .with_context(|| archive_path.display().to_string())?;
+        std::fs::rename(&tmp.0, out).with_context(|| format!("cannot write {output}"))?;
+        eprintln!("wrote {output}");
+    }
+    Ok(Exit::Success)
+}
+
+pub fn key_generate(output: &Path) -> anyhow::Result<Exit> {
+    let key = Key::generate(output)?;
+    println!("{}", key.id());
+    eprintln!(
+        "created {} (mode 0600), key id {}; keep a copy of this file apart from the backups: without it they cannot be read",
+        output.display(),
+        key.id()
+    );
+    Ok(Exit::Success)
+}
+
+/// A token cancelled by Ctrl-C or SIGTERM, so long operations stop cleanly.
+fn cancel_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        eprintln!("interrupted: stopping");
+        trigger.cancel();
+    });
+    token
+}

@@ -1,0 +1,313 @@
+//! `backup` jobs (`<database>.backup`): dump → compress → encrypt → temp file →
+//! verify → rename → manifest → rotate.
+//!
+//! Nothing is published until it is complete and checked: the archive is renamed into
+//! place after verification, the manifest written last. A failed run removes its
+//! temporary file and leaves older backups alone; rotation only runs after a good
+//! backup and never removes the newest good one.
+
+pub mod restore;
+pub mod source;
+pub mod verify;
+
+use std::path::PathBuf;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::Outcome;
+use crate::archive::{ArchiveError, Header, Key, KeyRing};
+use crate::catalog::rotation::{self, Candidate, Decision};
+use crate::catalog::{self, BackupKind, Manifest, Verification, VerifyMode, VerifyResult};
+use crate::config::BackupConfig;
+use crate::db::{Database, DbError};
+use crate::metrics;
+use crate::storage::Destination;
+
+/// A backup, verification or restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{0}")]
+    Archive(ArchiveError),
+    #[error("{what} {path}: {source}{}", disk_hint(source))]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot run {program}: {source}; install the PostgreSQL client tools or set its path in [database.backup]")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{program} failed ({status}): {stderr}")]
+    Tool {
+        program: &'static str,
+        status: String,
+        stderr: String,
+    },
+    #[error("verification failed: {0}")]
+    Verification(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn disk_hint(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        "; free space there or point backup.destination elsewhere (older backups are untouched)"
+    } else {
+        ""
+    }
+}
+
+impl BackupError {
+    pub(crate) fn from_archive(e: ArchiveError) -> Self {
+        match e {
+            ArchiveError::Cancelled => BackupError::Cancelled,
+            other => BackupError::Archive(other),
+        }
+    }
+
+    /// True when the archive itself is bad: the command line exits with 3.
+    pub fn is_verification(&self) -> bool {
+        match self {
+            BackupError::Archive(e) => e.is_verification(),
+            BackupError::Verification(_) => true,
+            _ => false,
+        }
+    }
+
+    pub fn database_unreachable(&self) -> bool {
+        matches!(self, BackupError::Db(e) if e.is_unreachable())
+    }
+}
+
+fn io_err(
+    what: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(std::io::Error) -> BackupError {
+    let path = path.into();
+    move |source| BackupError::Io { what, path, source }
+}
+
+/// A configured backup job with its keys loaded.
+#[derive(Debug)]
+pub struct BackupJob {
+    pub cfg: BackupConfig,
+    pub key: Option<Key>,
+    pub keys: KeyRing,
+    /// `<state-dir>/tmp`: SQLite copies and restore tests (never the destination).
+    pub scratch_dir: PathBuf,
+}
+
+impl BackupJob {
+    pub fn destination(&self, database: &str) -> Destination {
+        Destination::new(&self.cfg.destination, database)
+    }
+
+    pub fn scratch_target<'a>(&'a self, db: &'a Database) -> verify::ScratchTarget<'a> {
+        verify::ScratchTarget {
+            db,
+            pg_restore: &self.cfg.pg_restore,
+            scratch_dir: &self.scratch_dir,
+        }
+    }
+
+    /// Takes, verifies, stores and rotates one backup.
+    pub async fn run(
+        &self,
+        db: &Database,
+        kind: BackupKind,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, BackupError> {
+        let dest = self.destination(db.name());
+        dest.ensure()
+            .map_err(io_err("cannot create backup directory", dest.dir()))?;
+        for name in dest
+            .cleanup()
+            .map_err(io_err("cannot clean up", dest.dir()))?
+        {
+            tracing::warn!(database = db.name(), file = %name, "removed what an interrupted backup left behind");
+        }
+        std::fs::create_dir_all(&self.scratch_dir)
+            .map_err(io_err("cannot create", &self.scratch_dir))?;
+
+        let started = Utc::now();
+        let id = catalog::new_id(&dest, started, kind);
+        let archive_name = format!("{id}{}", crate::storage::ARCHIVE_SUFFIX);
+        let server_version = db.server_version().await?;
+        let schema_version = db.schema_version().await.unwrap_or_else(|e| {
+            tracing::warn!(database = db.name(), "cannot read the schema version: {e}");
+            None
+        });
+        let header = Header {
+            database: db.name().to_owned(),
+            backend: db.backend().as_str().to_owned(),
+            image: match db {
+                Database::Sqlite(_) => "sqlite".to_owned(),
+                Database::Postgres(_) => "pg_dump-custom".to_owned(),
+            },
+            created: started,
+            compression: self.cfg.compression,
+            segment_size: crate::archive::format::SEGMENT_SIZE,
+            encryption: None,
+        };
+        let tmp = dest
+            .create_temp(&archive_name)
+            .map_err(io_err("cannot create a file in", dest.dir()))?;
+        let (tmp, stats) = source::dump(
+            db,
+            &self.cfg,
+            header,
+            self.key.clone(),
+            tmp,
+            &self.scratch_dir,
+            cancel,
+        )
+        .await
+        .map_err(|e| match e {
+            BackupError::Archive(ArchiveError::Io(source)) => BackupError::Io {
+                what: "cannot write the backup to",
+                path: dest.dir().to_owned(),
+                source,
+            },
+            other => other,
+        })?;
+
+        let verified = verify::verify(
+            tmp.path(),
+            &self.keys,
+            self.cfg.verify,
+            Some(verify::Expect {
+                sha256: &stats.sha256,
+                raw_bytes: stats.raw_bytes,
+            }),
+            &self.scratch_target(db),
+            cancel,
+        )
+        .await;
+        if matches!(verified, Err(BackupError::Cancelled)) {
+            return Err(BackupError::Cancelled);
+        }
+        let verification = Verification {
+            mode: self.cfg.verify,
+            result: match (&verified, self.cfg.verify) {
+                (Err(_), _) => VerifyResult::Failed,
+                (Ok(()), VerifyMode::None) => VerifyResult::Skipped,
+                (Ok(()), _) => VerifyResult::Passed,
+            },
+            at: Utc::now(),
+            error: verified.as_ref().err().map(ToString::to_string),
+        };
+        dest.commit(tmp, &archive_name)
+            .map_err(io_err("cannot store the backup in", dest.dir()))?;
+        let manifest = Manifest {
+            id: id.clone(),
+            database: db.name().to_owned(),
+            backend: db.backend().as_str().to_owned(),
+            server_version: Some(server_version),
+            kind,
+            started_at: started,
+            finished_at: Utc::now(),
+            raw_bytes: stats.raw_bytes,
+            stored_bytes: stats.stored_bytes,
+            sha256: stats.sha256,
+            key_id: self.key.as_ref().map(|k| k.id().to_owned()),
+            compression: self.cfg.compression,
+            format_version: crate::archive::format::VERSION,
+            dbkeeper_version: env!("CARGO_PKG_VERSION").to_owned(),
+            schema_version,
+            verification,
+        };
+        manifest
+            .save(&dest)
+            .map_err(io_err("cannot write the manifest in", dest.dir()))?;
+        if let Err(e) = verified {
+            publish_catalog(db.name(), &dest);
+            return Err(e);
+        }
+        let pruned = self
+            .prune(db.name(), false)?
+            .iter()
+            .filter(|d| !d.keep)
+            .count();
+        publish_catalog(db.name(), &dest);
+        tracing::info!(database = db.name(), id, "backup stored");
+        Ok(Outcome {
+            summary: format!(
+                "backup {id}: {} → {} ({}), verify {}, {pruned} pruned",
+                human_bytes(manifest.raw_bytes),
+                human_bytes(manifest.stored_bytes),
+                manifest.compression.as_str(),
+                manifest.verification.mode.as_str(),
+            ),
+            details: serde_json::json!({
+                "backup_id": id,
+                "raw_bytes": manifest.raw_bytes,
+                "stored_bytes": manifest.stored_bytes,
+                "verification": manifest.verification,
+                "pruned": pruned,
+            }),
+        })
+    }
+
+    /// Applies the keep policy (or, with `dry_run`, only decides); returns every
+    /// backup's verdict, newest first.
+    pub fn prune(&self, database: &str, dry_run: bool) -> Result<Vec<Decision>, BackupError> {
+        let dest = self.destination(database);
+        let (backups, _) = catalog::list(&dest).map_err(io_err("cannot list", dest.dir()))?;
+        let candidates: Vec<Candidate> = backups
+            .iter()
+            .map(|m| Candidate {
+                id: m.id.clone(),
+                at: m.started_at,
+                good: m.is_good(),
+            })
+            .collect();
+        let decisions = rotation::plan(&candidates, &self.cfg.keep);
+        if !dry_run {
+            for d in decisions.iter().filter(|d| !d.keep) {
+                dest.remove_backup(&d.id)
+                    .map_err(io_err("cannot delete a backup in", dest.dir()))?;
+                tracing::info!(database, id = %d.id, "pruned backup");
+                metrics::backup_pruned(database);
+            }
+        }
+        Ok(decisions)
+    }
+}
+
+/// Sets the `backup_*` gauges of a database from its destination.
+pub fn publish_catalog(database: &str, dest: &Destination) {
+    match catalog::list(dest) {
+        Ok((backups, broken)) => {
+            for b in broken {
+                tracing::warn!(database, "unreadable manifest: {b}");
+            }
+            metrics::backup_catalog(database, &backups);
+        }
+        Err(e) => tracing::warn!(database, dir = %dest.dir().display(), "cannot list backups: {e}"),
+    }
+}
+
+/// `1.5 GiB`, `12.0 MiB`, `512 B`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

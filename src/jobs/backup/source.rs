@@ -1,0 +1,184 @@
+//! Where the database image comes from, streamed into an archive.
+//!
+//! SQLite: `VACUUM INTO` a scratch file in the state directory (never the
+//! destination), then stream it. PostgreSQL: `pg_dump --format=custom --compress=0`
+//! streamed from its stdout, so no plaintext dump ever touches a disk; its stderr is
+//! kept for the error message, and anything but exit status 0 fails the backup.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::io::AsyncReadExt;
+use tokio_util::io::SyncIoBridge;
+use tokio_util::sync::CancellationToken;
+
+use super::BackupError;
+use crate::archive::{self, compress, Header, Key, Settings, WriteStats};
+use crate::config::BackupConfig;
+use crate::db::{Database, Postgres, Sqlite};
+use crate::storage::TempFile;
+
+/// Keeps the tail of a tool's stderr for error messages.
+const STDERR_KEEP: usize = 4096;
+
+/// Removes a scratch file when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Dumps `db` and writes the archive into `tmp`.
+pub async fn dump(
+    db: &Database,
+    cfg: &BackupConfig,
+    header: Header,
+    key: Option<Key>,
+    tmp: TempFile,
+    scratch_dir: &Path,
+    cancel: &CancellationToken,
+) -> Result<(TempFile, WriteStats), BackupError> {
+    let compression = cfg.compression;
+    let level = cfg.level();
+    let encode = move |source: Source, out: TempFile, flag: Arc<AtomicBool>| {
+        let settings = Settings {
+            header,
+            key: key.as_ref(),
+            compression,
+            level,
+            threads: compress::threads(),
+        };
+        archive::write_archive(source, out, settings, &flag)
+    };
+    let encode: Box<Encode> = Box::new(encode);
+    match db {
+        Database::Sqlite(lite) => dump_sqlite(lite, tmp, scratch_dir, cancel, encode).await,
+        Database::Postgres(pg) => dump_postgres(pg, &cfg.pg_dump, tmp, cancel, encode).await,
+    }
+}
+
+type Source = Box<dyn std::io::Read + Send>;
+type Encode = dyn FnOnce(
+        Source,
+        TempFile,
+        Arc<AtomicBool>,
+    ) -> Result<(TempFile, WriteStats), archive::ArchiveError>
+    + Send;
+
+/// Runs the blocking encoder; cancelling sets its stop flag and waits for it to return.
+async fn run_encoder(
+    encode: Box<Encode>,
+    source: Source,
+    tmp: TempFile,
+    cancel: &CancellationToken,
+) -> Result<(TempFile, WriteStats), BackupError> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let stop = flag.clone();
+    let mut task = tokio::task::spawn_blocking(move || encode(source, tmp, stop));
+    let joined = tokio::select! {
+        joined = &mut task => joined,
+        _ = cancel.cancelled() => {
+            flag.store(true, Ordering::Relaxed);
+            task.await
+        }
+    };
+    let result =
+        joined.map_err(|e| BackupError::Internal(format!("encoder thread failed: {e}")))?;
+    if cancel.is_cancelled() {
+        return Err(BackupError::Cancelled);
+    }
+    result.map_err(BackupError::from_archive)
+}
+
+async fn dump_sqlite(
+    lite: &Sqlite,
+    tmp: TempFile,
+    scratch_dir: &Path,
+    cancel: &CancellationToken,
+    encode: Box<Encode>,
+) -> Result<(TempFile, WriteStats), BackupError> {
+    let image = Scratch(scratch_dir.join(format!(
+        "backup-{}-{}.sqlite",
+        lite.name,
+        std::process::id()
+    )));
+    let _ = std::fs::remove_file(&image.0); // VACUUM INTO needs a new file
+    tokio::select! {
+        r = lite.vacuum_into(&image.0) => r?,
+        _ = cancel.cancelled() => return Err(BackupError::Cancelled),
+    }
+    let file = std::fs::File::open(&image.0).map_err(|source| BackupError::Io {
+        what: "cannot read the SQLite copy",
+        path: image.0.clone(),
+        source,
+    })?;
+    run_encoder(encode, Box::new(file), tmp, cancel).await
+}
+
+async fn dump_postgres(
+    pg: &Postgres,
+    pg_dump: &Path,
+    tmp: TempFile,
+    cancel: &CancellationToken,
+    encode: Box<Encode>,
+) -> Result<(TempFile, WriteStats), BackupError> {
+    let mut cmd = tokio::process::Command::from(pg.tool_command(pg_dump, None));
+    cmd.args(["--format=custom", "--compress=0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|source| BackupError::Spawn {
+        program: pg_dump.display().to_string(),
+        source,
+    })?;
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(BackupError::Internal("pg_dump pipes missing".into()));
+    };
+    let stderr_task = tokio::spawn(tail(stderr));
+    let source = Box::new(SyncIoBridge::new(stdout));
+    let written = run_encoder(encode, source, tmp, cancel).await;
+    if written.is_err() {
+        // Writing failed (disk full, cancelled): pg_dump must not linger.
+        let _ = child.start_kill();
+    }
+    let status = child.wait().await;
+    let stderr = stderr_task.await.unwrap_or_default();
+    let written = written?;
+    let status = status.map_err(|source| BackupError::Spawn {
+        program: pg_dump.display().to_string(),
+        source,
+    })?;
+    if !status.success() {
+        return Err(BackupError::Tool {
+            program: "pg_dump",
+            status: status.to_string(),
+            stderr,
+        });
+    }
+    Ok(written)
+}
+
+/// The last [`STDERR_KEEP`] bytes of a child's stderr, as one line.
+pub async fn tail(mut stderr: impl tokio::io::AsyncRead + Unpin) -> String {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 8192];
+    while let Ok(n) = stderr.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        all.extend_from_slice(&buf[..n]);
+        if all.len() > 2 * STDERR_KEEP {
+            all.drain(..all.len() - STDERR_KEEP);
+        }
+    }
+    let start = all.len().saturating_sub(STDERR_KEEP);
+    String::from_utf8_lossy(&all[start..])
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
