@@ -276,7 +276,13 @@ pub async fn decrypt(
             .and_then(|(mut out, _, _)| out.flush().map_err(archive::ArchiveError::Io))
         })
         .await?;
-        result.with_context(|| archive_path.display().to_string())?;
+        match result {
+            // The reader stopped early (`| pg_restore -l`, `| head`): its choice, not a failure.
+            Err(archive::ArchiveError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            other => {
+                other.with_context(|| archive_path.display().to_string())?;
+            }
+        }
     } else {
         let out = Path::new(output);
         if out.exists() {

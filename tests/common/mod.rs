@@ -25,21 +25,38 @@ pub struct PgDb {
 }
 
 impl PgDb {
+    /// Creates a fresh database.
     pub fn new(tag: &str) -> Self {
+        let db = Self::unused(tag);
+        psql(
+            &format!("{}/postgres", pg_server()),
+            &format!("CREATE DATABASE {}", db.name),
+        );
+        db
+    }
+
+    /// A name for a database that does not exist yet (dropped at the end if created).
+    pub fn unused(tag: &str) -> Self {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "dbk_{tag}_{}_{}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::SeqCst)
         );
-        psql(
-            &format!("{}/postgres", pg_server()),
-            &format!("CREATE DATABASE {name}"),
-        );
         PgDb {
             url: format!("{}/{name}", pg_server()),
             name,
         }
+    }
+
+    pub fn exists(&self) -> bool {
+        psql(
+            &format!("{}/postgres", pg_server()),
+            &format!(
+                "SELECT count(*) FROM pg_database WHERE datname = '{}'",
+                self.name
+            ),
+        ) == "1"
     }
 
     pub fn sql(&self, sql: &str) -> String {
@@ -149,6 +166,17 @@ impl Workdir {
             .stdout
             .clone();
         String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Creates a key file with `dbkeeper key generate` and returns its path.
+    pub fn key(&self, name: &str) -> PathBuf {
+        let path = self.path().join(name);
+        assert_cmd::Command::new(BIN)
+            .args(["key", "generate", "-o"])
+            .arg(&path)
+            .assert()
+            .success();
+        path
     }
 
     /// Starts `dbkeeper run` and waits until `/healthz` answers.
@@ -312,4 +340,19 @@ pub fn metric_value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
                     .all(|want| rest.contains(want.trim_end_matches(',')))
         })
         .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
+}
+
+/// Runs SQL on a SQLite file with the sqlite3 shell; panics on failure.
+pub fn sqlite(path: &Path, sql: &str) -> String {
+    let out = Command::new("sqlite3")
+        .arg(path)
+        .arg(sql)
+        .output()
+        .expect("sqlite3 must be installed (see .ci/run)");
+    assert!(
+        out.status.success(),
+        "sqlite3 {sql:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

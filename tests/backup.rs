@@ -1,0 +1,718 @@
+//! Backups end to end with the real binary, real SQLite files and real PostgreSQL:
+//! round trips, damaged archives, wrong keys, interrupted and failing backups, a full
+//! disk, rotation and metrics.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{metric_value, pg_server, psql, sqlite, PgDb, Workdir};
+use predicates::prelude::*;
+
+fn backup_table(dest: &Path, key: Option<&Path>, extra: &str) -> String {
+    let enc = match key {
+        Some(k) => format!("encryption-key-file = \"{}\"", k.display()),
+        None => "encryption = \"none\"".to_owned(),
+    };
+    format!(
+        "[database.backup]\nschedule = \"manual\"\ndestination = \"{}\"\n{enc}\n{extra}\n",
+        dest.display()
+    )
+}
+
+fn sqlite_db(w: &Workdir, name: &str, backup: &str) -> String {
+    format!(
+        "[[database]]\nname = \"{name}\"\nurl = \"sqlite://{}\"\n{backup}",
+        w.path().join(format!("{name}.db")).display()
+    )
+}
+
+/// A SQLite database with a few tables and ~`mib` MiB of incompressible rows.
+fn fill_sqlite(path: &Path, mib: u32) {
+    sqlite(
+        path,
+        &format!(
+            "PRAGMA journal_mode=WAL;
+             CREATE TABLE people (id INTEGER PRIMARY KEY, name TEXT, born TEXT, score REAL);
+             CREATE TABLE blobs (id INTEGER PRIMARY KEY, data BLOB);
+             CREATE INDEX people_name ON people (name);
+             CREATE VIEW high AS SELECT * FROM people WHERE score > 50;
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000)
+               INSERT INTO people (name, born, score) SELECT 'Person ' || i || ' é', date('2000-01-01', '+' || i || ' days'), i % 97 FROM n;
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {})
+               INSERT INTO blobs (data) SELECT randomblob(65536) FROM n;",
+            mib * 16
+        ),
+    );
+}
+
+fn archives(dest: &Path, db: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dest.join(db))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    v.retain(|p| p.to_string_lossy().ends_with(".dbk"));
+    v.sort();
+    v
+}
+
+fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn sqlite_round_trip_gives_identical_data_for_every_codec() {
+    let w = Workdir::new();
+    let key = w.key("backup.key");
+    let db = w.path().join("app.db");
+    fill_sqlite(&db, 1);
+    for compression in ["gzip", "zstd", "none"] {
+        let dest = w.path().join(format!("backups-{compression}"));
+        w.write_config(
+            "",
+            &sqlite_db(
+                &w,
+                "app",
+                &backup_table(
+                    &dest,
+                    Some(&key),
+                    &format!("compression = \"{compression}\"\nverify = \"restore\""),
+                ),
+            ),
+        );
+        w.cmd(&["run-job", "app.backup"]).assert().success();
+        let target = w.path().join(format!("restored-{compression}.db"));
+        w.cmd(&["restore", "app", "--to", target.to_str().expect("utf-8")])
+            .assert()
+            .success();
+        assert_eq!(
+            sqlite(&db, ".dump"),
+            sqlite(&target, ".dump"),
+            "{compression}"
+        );
+        // Never over an existing file without --force; with it, atomically replaced.
+        w.cmd(&["restore", "app", "--to", target.to_str().expect("utf-8")])
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains("--force"));
+        w.cmd(&[
+            "restore",
+            "app",
+            "--to",
+            target.to_str().expect("utf-8"),
+            "--force",
+        ])
+        .assert()
+        .success();
+    }
+    // The archive holds no plaintext; `decrypt` gives back a valid SQLite file.
+    let dest = w.path().join("backups-none");
+    let archive = &archives(&dest, "app")[0];
+    let bytes = std::fs::read(archive).expect("archive");
+    assert!(!bytes.windows(8).any(|x| x == b"Person 1"));
+    let plain = w.path().join("plain.db");
+    w.cmd(&[
+        "decrypt",
+        archive.to_str().expect("utf-8"),
+        "-o",
+        plain.to_str().expect("utf-8"),
+    ])
+    .assert()
+    .success();
+    assert_eq!(sqlite(&plain, "SELECT count(*) FROM people").trim(), "5000");
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert!(
+        list.contains("-manual") && list.contains("restore "),
+        "{list}"
+    );
+}
+
+/// Normalised `pg_dump --schema-only`: without comments and psql meta-commands
+/// (`\restrict` carries a random key).
+fn schema(url: &str) -> String {
+    let out = Command::new("pg_dump")
+        .args(["--schema-only", "--no-owner", "--no-privileges", url])
+        .output()
+        .expect("pg_dump");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("--") && !l.starts_with('\\') && !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Row count and checksum of every table and materialized view, plus sequence values.
+fn contents(url: &str) -> String {
+    let relations = psql(
+        url,
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind IN ('r', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+         ORDER BY 1",
+    );
+    let mut out = String::new();
+    for rel in relations.lines() {
+        out.push_str(&psql(
+            url,
+            &format!("SELECT '{rel}', count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {rel} t"),
+        ));
+        out.push('\n');
+    }
+    out.push_str(&psql(
+        url,
+        "SELECT last_value, is_called FROM sales.invoice_seq",
+    ));
+    out.push_str(&psql(url, "SELECT last_value FROM sales.customers_id_seq"));
+    out
+}
+
+#[test]
+fn postgres_round_trip_keeps_schema_and_data() {
+    let src = PgDb::new("rt_src");
+    let fixture = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rich_schema.sql"),
+    )
+    .expect("fixture");
+    src.sql(&fixture);
+    let w = Workdir::new();
+    let key = w.key("k");
+    let dest = w.path().join("backups");
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"pg\"\nurl = \"{}\"\n{}",
+            src.url,
+            backup_table(&dest, Some(&key), "verify = \"restore\"")
+        ),
+    );
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    assert_eq!(
+        psql(
+            &format!("{}/postgres", pg_server()),
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'dbkeeper_verify_%'"
+        ),
+        "0",
+        "the restore test drops its scratch database"
+    );
+    let target = PgDb::unused("rt_dst");
+    // Without --create a missing database is an error, and nothing is created.
+    w.cmd(&["restore", "pg", "--to", &target.url])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("--create"));
+    assert!(!target.exists());
+    w.cmd(&["restore", "pg", "--to", &target.url, "--create"])
+        .assert()
+        .success();
+    assert_eq!(schema(&src.url), schema(&target.url));
+    assert_eq!(contents(&src.url), contents(&target.url));
+    // A target that now has tables is refused without --force, restored over with it.
+    w.cmd(&["restore", "pg", "--to", &target.url])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("--force"));
+    target.sql("UPDATE sales.customers SET name = 'changed'");
+    w.cmd(&["restore", "pg", "--to", &target.url, "--force"])
+        .assert()
+        .success();
+    assert_eq!(contents(&src.url), contents(&target.url));
+
+    // `decrypt | pg_restore -l` works.
+    let archive = &archives(&dest, "pg")[0];
+    let mut child = Command::new(common::BIN)
+        .args(["decrypt", "--key-file"])
+        .arg(&key)
+        .arg(archive)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("decrypt");
+    let listing = Command::new("pg_restore")
+        .arg("-l")
+        .stdin(child.stdout.take().expect("stdout"))
+        .output()
+        .expect("pg_restore -l");
+    assert!(child.wait().expect("wait").success());
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.contains("MATERIALIZED VIEW sales totals")
+            && listing.contains("TRIGGER sales orders orders_touch"),
+        "{listing}"
+    );
+}
+
+#[test]
+fn damaged_archives_and_wrong_keys_exit_3_and_write_nothing() {
+    let w = Workdir::new();
+    let key = w.key("k");
+    let db = w.path().join("app.db");
+    fill_sqlite(&db, 3); // incompressible: the archive has several 1 MiB segments
+    let dest = w.path().join("backups");
+    w.write_config(
+        "",
+        &sqlite_db(
+            &w,
+            "app",
+            &backup_table(&dest, Some(&key), "compression = \"none\""),
+        ),
+    );
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let archive = archives(&dest, "app")[0].clone();
+    let good = std::fs::read(&archive).expect("archive");
+    let header_end = 13 + u32::from_be_bytes(good[9..13].try_into().expect("4 bytes")) as usize;
+    let segment = (1 << 20) + 16;
+    assert!(
+        good.len() > header_end + 3 * segment,
+        "needs several segments"
+    );
+
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    for pos in [
+        0,
+        9,
+        20,
+        header_end - 2,
+        header_end + 5,
+        header_end + segment + 7,
+        good.len() - 1,
+    ] {
+        let mut bad = good.clone();
+        bad[pos] ^= 0x01;
+        cases.push((format!("byte {pos} flipped"), bad));
+    }
+    for n in 1..=3 {
+        cases.push((
+            format!("cut after segment {n}"),
+            good[..header_end + n * segment].to_vec(),
+        ));
+    }
+    cases.push((
+        "cut inside a segment".into(),
+        good[..header_end + segment + 1000].to_vec(),
+    ));
+    let mut longer = good.clone();
+    longer.extend_from_slice(b"trailing garbage");
+    cases.push(("garbage appended".into(), longer));
+
+    let copy = w.path().join("copy.dbk");
+    let target = w.path().join("restored.db");
+    // After the first failed verify the manifest says "failed", so `latest` finds no
+    // good backup: name it.
+    let id = archive
+        .file_stem()
+        .expect("stem")
+        .to_string_lossy()
+        .into_owned();
+    for (what, bytes) in cases {
+        std::fs::write(&archive, &bytes).expect("write");
+        std::fs::write(&copy, &bytes).expect("write");
+        // Through the manifest (checksum first) and directly through the crypto.
+        w.cmd(&["backup", "verify", "app", "--backup", &id])
+            .assert()
+            .code(3)
+            .stderr(predicate::function(|s: &str| {
+                s.trim_end().lines().count() == 1
+            }));
+        let restored = w
+            .cmd(&[
+                "restore",
+                "app",
+                "--backup",
+                &id,
+                "--to",
+                target.to_str().expect("utf-8"),
+            ])
+            .output()
+            .expect("restore");
+        assert_eq!(
+            restored.status.code(),
+            Some(3),
+            "{what}: {}",
+            String::from_utf8_lossy(&restored.stderr)
+        );
+        assert!(!target.exists(), "{what}: restore wrote a target");
+        let out = w.path().join("plain.out");
+        let decrypted = w
+            .cmd(&[
+                "decrypt",
+                copy.to_str().expect("utf-8"),
+                "-o",
+                out.to_str().expect("utf-8"),
+            ])
+            .output()
+            .expect("decrypt");
+        assert_eq!(
+            decrypted.status.code(),
+            Some(3),
+            "{what}: {}",
+            String::from_utf8_lossy(&decrypted.stderr)
+        );
+        assert!(!out.exists(), "{what}: decrypt left output");
+        let to_stdout = w
+            .cmd(&["decrypt", copy.to_str().expect("utf-8")])
+            .output()
+            .expect("decrypt");
+        assert_eq!(to_stdout.status.code(), Some(3), "{what}");
+        assert!(
+            to_stdout.stdout.is_empty(),
+            "{what}: plaintext reached stdout"
+        );
+    }
+    std::fs::write(&archive, &good).expect("restore good archive");
+    // The truncation message says so.
+    std::fs::write(&copy, &good[..header_end + 2 * segment]).expect("write");
+    let out = w.path().join("cut.out");
+    w.cmd(&[
+        "decrypt",
+        copy.to_str().expect("utf-8"),
+        "-o",
+        out.to_str().expect("utf-8"),
+    ])
+    .assert()
+    .code(3)
+    .stderr(predicate::str::contains("cut short"));
+
+    // Wrong key: names both key ids.
+    let other = w.key("other");
+    let out = Command::new(common::BIN)
+        .args(["decrypt", "--key-file"])
+        .arg(&other)
+        .arg(&archive)
+        .output()
+        .expect("decrypt");
+    assert_eq!(out.status.code(), Some(3));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        msg.contains("was made with key ") && msg.contains(", you have key "),
+        "{msg}"
+    );
+    // The good archive still verifies; with the old key configured as a decryption
+    // key after a rotation, it still restores.
+    w.cmd(&["backup", "verify", "app", "--backup", &id])
+        .assert()
+        .success();
+    w.write_config(
+        "",
+        &sqlite_db(
+            &w,
+            "app",
+            &backup_table(
+                &dest,
+                Some(&other),
+                &format!("decryption-key-files = [\"{}\"]", key.display()),
+            ),
+        ),
+    );
+    w.cmd(&["restore", "app", "--to", target.to_str().expect("utf-8")])
+        .assert()
+        .success();
+}
+
+#[test]
+fn failing_or_killed_backups_leave_no_backup_and_older_ones_intact() {
+    let src = PgDb::new("fail");
+    src.sql("CREATE TABLE t AS SELECT i, md5(i::text) AS h FROM generate_series(1, 50000) i");
+    let w = Workdir::new();
+    let key = w.key("k");
+    let dest = w.path().join("backups");
+    let config = |extra: &str| {
+        format!(
+            "[[database]]\nname = \"pg\"\nurl = \"{}\"\n{}",
+            src.url,
+            backup_table(&dest, Some(&key), extra)
+        )
+    };
+    w.write_config("", &config(""));
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let before = dir_names(&dest.join("pg"));
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    // pg_dump that writes its whole dump and then fails: a failed backup, not a short one.
+    let late_fail = w.path().join("pg_dump_then_fail.sh");
+    std::fs::write(
+        &late_fail,
+        "#!/bin/sh\npg_dump \"$@\"\necho 'pg_dump: error: simulated failure' >&2\nexit 1\n",
+    )
+    .expect("script");
+    let slow = w.path().join("pg_dump_slow.sh");
+    std::fs::write(
+        &slow,
+        "#!/bin/sh\nhead -c 3000000 /dev/urandom\nexec sleep 60\n",
+    )
+    .expect("script");
+    for s in [&late_fail, &slow] {
+        Command::new("chmod")
+            .arg("+x")
+            .arg(s)
+            .status()
+            .expect("chmod");
+    }
+    w.write_config(
+        "",
+        &config(&format!("pg-dump = \"{}\"", late_fail.display())),
+    );
+    w.cmd(&["run-job", "pg.backup"]).assert().code(1).stderr(
+        predicate::str::contains("pg_dump failed")
+            .and(predicate::str::contains("simulated failure")),
+    );
+    assert_eq!(dir_names(&dest.join("pg")), before);
+
+    // A missing database: pg_dump's own message comes through.
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"pg\"\nurl = \"{}/dbk_no_such_db\"\nconnect-timeout = \"2s\"\n{}",
+            pg_server(),
+            backup_table(&dest, Some(&key), "")
+        ),
+    );
+    w.cmd(&["run-job", "pg.backup"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("dbk_no_such_db"));
+    assert_eq!(dir_names(&dest.join("pg")), before);
+
+    // kill -9 in the middle of writing: nothing listed; the leftover is removed on the next start.
+    w.write_config("", &config(&format!("pg-dump = \"{}\"", slow.display())));
+    let mut child = Command::new(common::BIN)
+        .args(["run-job", "-c"])
+        .arg(w.config_path())
+        .arg("pg.backup")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run-job");
+    let start = std::time::Instant::now();
+    while !dir_names(&dest.join("pg"))
+        .iter()
+        .any(|n| n.ends_with(".tmp"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no temporary file appeared"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().expect("kill -9");
+    child.wait().expect("wait");
+    let _ = Command::new("pkill")
+        .args(["-f", &slow.display().to_string()])
+        .status();
+    assert!(
+        dir_names(&dest.join("pg"))
+            .iter()
+            .any(|n| n.ends_with(".tmp")),
+        "leftover present before restart"
+    );
+    let list = w.stdout(&["backup", "list", "pg"]);
+    assert_eq!(
+        list.lines().count(),
+        2,
+        "only the good backup is listed:\n{list}"
+    );
+    w.write_config("", &config(""));
+    let d = w.start();
+    d.wait_for("leftover cleaned", Duration::from_secs(10), || {
+        dir_names(&dest.join("pg")) == before
+    });
+    drop(d);
+    w.cmd(&["backup", "verify", "pg", "--restore-test"])
+        .assert()
+        .success();
+}
+
+#[test]
+fn full_destination_disk_fails_cleanly_and_frees_the_space() {
+    let w = Workdir::new();
+    let key = w.key("k");
+    let db = w.path().join("app.db");
+    fill_sqlite(&db, 1);
+    let dest = w.path().join("small");
+    std::fs::create_dir_all(&dest).expect("mkdir");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(&dest)
+        .status()
+        .expect("mount");
+    assert!(
+        mounted.success(),
+        "this test mounts a 3 MiB tmpfs and must run as root"
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(dest.clone());
+    w.write_config(
+        "",
+        &sqlite_db(
+            &w,
+            "app",
+            &backup_table(&dest, Some(&key), "compression = \"none\""),
+        ),
+    );
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let before = dir_names(&dest.join("app"));
+    sqlite(&db, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 32) INSERT INTO blobs (data) SELECT randomblob(65536) FROM n;"); // now the next archive cannot fit
+    w.cmd(&["run-job", "app.backup"]).assert().code(1).stderr(
+        predicate::str::contains("No space left on device")
+            .and(predicate::str::contains("free space")),
+    );
+    assert_eq!(
+        dir_names(&dest.join("app")),
+        before,
+        "older backup intact, partial file gone"
+    );
+    let df = Command::new("df")
+        .arg("--output=used")
+        .arg(&dest)
+        .output()
+        .expect("df");
+    let used_kib: u64 = String::from_utf8_lossy(&df.stdout)
+        .lines()
+        .nth(1)
+        .unwrap_or("0")
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        used_kib < 1500,
+        "space of the partial file was freed ({used_kib} KiB used)"
+    );
+    w.cmd(&["backup", "verify", "app"]).assert().success();
+    let history = w.stdout(&["history", "app.backup"]);
+    assert!(history.contains("No space left on device"), "{history}");
+}
+
+#[test]
+fn rotation_on_disk_and_backup_metrics() {
+    let w = Workdir::new();
+    let key = w.key("k");
+    fill_sqlite(&w.path().join("app.db"), 0);
+    let dest = w.path().join("backups");
+    let table = backup_table(&dest, Some(&key), "keep = { last = 2 }");
+    w.write_config("", &sqlite_db(&w, "app", &table));
+    for _ in 0..4 {
+        w.cmd(&["run-job", "app.backup"]).assert().success();
+        std::thread::sleep(Duration::from_millis(1100)); // distinct ids
+    }
+    let ids: Vec<String> = archives(&dest, "app")
+        .iter()
+        .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    let dry = w.stdout(&["backup", "prune", "app", "--dry-run"]);
+    assert_eq!(
+        dry.lines().filter(|l| l.starts_with("keep")).count(),
+        2,
+        "{dry}"
+    );
+
+    // A policy that keeps nothing is refused; so is a key file others can read.
+    w.write_config(
+        "",
+        &sqlite_db(
+            &w,
+            "app",
+            &backup_table(&dest, Some(&key), "keep = { daily = 0 }"),
+        ),
+    );
+    w.cmd(&["check"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("keeps no backup"));
+    let open_key = w.path().join("open.key");
+    std::fs::copy(&key, &open_key).expect("copy");
+    Command::new("chmod")
+        .args(["644"])
+        .arg(&open_key)
+        .status()
+        .expect("chmod");
+    w.write_config(
+        "",
+        &sqlite_db(&w, "app", &backup_table(&dest, Some(&open_key), "")),
+    );
+    w.cmd(&["check"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("chmod 600"));
+    w.write_config(
+        "",
+        &sqlite_db(
+            &w,
+            "app",
+            "[database.backup]\nschedule = \"@daily\"\ndestination = \"/tmp/x\"\n",
+        ),
+    );
+    w.cmd(&["check"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("encryption-key-file: is required"));
+
+    // The daemon publishes the catalog at start-up and after each backup.
+    w.write_config(
+        "",
+        &sqlite_db(
+            &w,
+            "app",
+            &table.replace("schedule = \"manual\"", "schedule = \"every 2s\""),
+        ),
+    );
+    let d = w.start();
+    d.wait_for(
+        "a scheduled backup and a prune",
+        Duration::from_secs(20),
+        || {
+            d.metric("dbkeeper_backup_pruned_total", &["database=\"app\""])
+                .unwrap_or(0.0)
+                >= 1.0
+        },
+    );
+    let m = d.metrics();
+    let get = |name: &str| metric_value(&m, name, &["database=\"app\""]).unwrap_or(-1.0);
+    assert_eq!(get("dbkeeper_backups_stored"), 2.0);
+    assert!(get("dbkeeper_backup_last_size_bytes") > 0.0);
+    assert!(get("dbkeeper_backup_last_raw_size_bytes") > get("dbkeeper_backup_last_size_bytes"));
+    assert!(get("dbkeeper_backup_stored_bytes") > get("dbkeeper_backup_last_size_bytes"));
+    let now = chrono::Utc::now().timestamp() as f64;
+    assert!((now - get("dbkeeper_backup_last_verified_timestamp_seconds")).abs() < 60.0);
+    assert!(get("dbkeeper_backup_oldest_timestamp_seconds") > 0.0);
+}
+
+#[test]
+fn unencrypted_backups_are_allowed_when_asked_for() {
+    let w = Workdir::new();
+    fill_sqlite(&w.path().join("app.db"), 0);
+    let dest = w.path().join("backups");
+    w.write_config("", &sqlite_db(&w, "app", &backup_table(&dest, None, "")));
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let archive = &archives(&dest, "app")[0];
+    let manifest =
+        std::fs::read_to_string(archive.to_string_lossy().replace(".dbk", ".manifest.json"))
+            .expect("manifest");
+    assert!(manifest.contains("\"key_id\": null"), "{manifest}");
+    // No key needed to read it back.
+    let out = w.path().join("plain.db");
+    assert_cmd::Command::new(common::BIN)
+        .args(["decrypt", "-c"])
+        .arg(w.config_path())
+        .arg(archive)
+        .arg("-o")
+        .arg(&out)
+        .assert()
+        .success();
+    assert_eq!(sqlite(&out, "SELECT count(*) FROM people").trim(), "5000");
+}
