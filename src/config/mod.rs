@@ -182,7 +182,7 @@ job_table! {
         /// Default: `gzip`.
         #[serde(default)]
         pub compression: Compression,
-        /// Compression level: gzip 1-9 (default 6), zstd 1-19 (default 3).
+        /// Compression level: gzip 1-9 (default 4), zstd 1-19 (default 3).
         #[serde(default)]
         pub level: Option<i32>,
         /// 32-byte key file (`dbkeeper key generate`), mode 0600. Required unless
