@@ -7,7 +7,8 @@ Builds a release binary, creates (or reuses) a PostgreSQL database and a SQLite 
 realistic rows (jsonb, text, timestamps, numbers) of about --size-mb, then times, median
 of --runs:
 
-  PostgreSQL  dbkeeper run-job <db>.backup (defaults: gzip 4, encrypted, verify=read)
+  PostgreSQL  dbkeeper run-job <db>.backup (defaults: zstd 3, encrypted, verify=read)
+              the same with verify=none, and with compression=gzip (level 6 and 4)
               pg_dump -Fc            (what most people run)
               pg_dump -Fc -Z0 > file (the floor: no compression at all)
               pg_dump -Fc -Z0 | gzip -6 | openssl enc (the cron-script pipeline)
@@ -143,7 +144,11 @@ def newest_archive(dest):
 
 def write_config(work, pg_name, lite, extra=""):
     cfg = work / f"bench{extra and '-' + extra}.toml"
-    verify = 'verify = "none"' if extra == "noverify" else ""
+    verify = {
+        "noverify": 'verify = "none"',
+        "gzip6": 'compression = "gzip"\nlevel = 6',
+        "gzip4": 'compression = "gzip"\nlevel = 4',
+    }.get(extra, "")
     cfg.write_text(f"""
 [daemon]
 state-dir = "{work}/state"
@@ -206,6 +211,8 @@ def main():
 
     cfg = write_config(work, big_pg, big_lite)
     cfg_nv = write_config(work, big_pg, big_lite, "noverify")
+    cfg_gz6 = write_config(work, big_pg, big_lite, "gzip6")
+    cfg_gz4 = write_config(work, big_pg, big_lite, "gzip4")
     cfg_small = write_config(work, small_pg, small_lite, "small")
     env = dict(os.environ, RUST_LOG="warn")
     url = f"{PG}/{big_pg}"
@@ -213,16 +220,20 @@ def main():
 
     def row(name, secs, rss, size):
         rows.append((name, secs, rss, size))
-        print(f"  {name:<44} {secs:7.2f} s  {size / 2**20:8.1f} MiB  peak RSS {rss:6.1f} MiB", flush=True)
+        print(f"  {name:<52} {secs:7.2f} s  {size / 2**20:8.1f} MiB  peak RSS {rss:6.1f} MiB", flush=True)
 
     print("PostgreSQL")
     t, m = median_run(f"{BIN} run-job -c {cfg} pg.backup", args.runs, env)
     dbk_pg_size = newest_archive(work / "backups" / "pg").stat().st_size
-    row("dbkeeper (defaults: gzip 4, encrypted, verify=read)", t, m, dbk_pg_size)
+    row("dbkeeper (defaults: zstd 3, encrypted, verify=read)", t, m, dbk_pg_size)
     dbk_pg = t
     t, m = median_run(f"{BIN} run-job -c {cfg_nv} pg.backup", args.runs, env)
-    row("dbkeeper (gzip 4, encrypted, verify=none)", t, m, newest_archive(work / "backups" / "pg").stat().st_size)
+    row("dbkeeper (zstd 3, encrypted, verify=none)", t, m, newest_archive(work / "backups" / "pg").stat().st_size)
     dbk_pg_nv = t
+    t, m = median_run(f"{BIN} run-job -c {cfg_gz6} pg.backup", args.runs, env)
+    row("dbkeeper (gzip 6, encrypted, verify=read)", t, m, newest_archive(work / "backups" / "pg").stat().st_size)
+    t, m = median_run(f"{BIN} run-job -c {cfg_gz4} pg.backup", args.runs, env)
+    row("dbkeeper (gzip 4, encrypted, verify=read)", t, m, newest_archive(work / "backups" / "pg").stat().st_size)
     t, m = median_run(f"pg_dump -Fc -f {out}/fc.dump {url}", args.runs)
     fc_size = (out / "fc.dump").stat().st_size
     row("pg_dump -Fc", t, m, fc_size)
@@ -240,7 +251,7 @@ def main():
     print("SQLite")
     t, m = median_run(f"{BIN} run-job -c {cfg} lite.backup", args.runs, env)
     dbk_lite_size = newest_archive(work / "backups" / "lite").stat().st_size
-    row("dbkeeper (defaults: gzip 4, encrypted, verify=read)", t, m, dbk_lite_size)
+    row("dbkeeper (defaults: zstd 3, encrypted, verify=read)", t, m, dbk_lite_size)
     dbk_lite = t
     t, m = median_run(
         f"set -o pipefail; rm -f {out}/copy.db; sqlite3 {big_lite} '.backup {out}/copy.db' && "

@@ -164,7 +164,7 @@ pub fn sha256_of(mut input: impl Read) -> io::Result<(String, u64)> {
 }
 
 /// What writing an archive produced.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct WriteStats {
     /// Bytes of the database image (before compression).
     pub raw_bytes: u64,
@@ -172,6 +172,8 @@ pub struct WriteStats {
     pub stored_bytes: u64,
     /// SHA-256 of the archive file, hex.
     pub sha256: String,
+    /// With [`Settings::check_with`]: the outcome of reading back the written bytes.
+    pub checked: Option<Result<(), ArchiveError>>,
 }
 
 /// Encoding settings of one archive.
@@ -181,6 +183,75 @@ pub struct Settings<'a> {
     pub compression: Compression,
     pub level: i32,
     pub threads: usize,
+    /// Decrypt and decompress every byte as it is written, on another thread, with
+    /// these keys. Together with a SHA-256 of the stored file this proves what a
+    /// separate read pass would, without reading the file again.
+    pub check_with: Option<KeyRing>,
+}
+
+/// Feeds the bytes written through it to a reader on another thread.
+struct Tee<W> {
+    inner: W,
+    copy: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+}
+
+impl<W: Write> Write for Tee<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        // A checker that stopped has its verdict already; keep writing.
+        if self
+            .copy
+            .as_ref()
+            .is_some_and(|tx| tx.send(buf[..n].to_vec()).is_err())
+        {
+            self.copy = None;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The reading end of a [`Tee`].
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.chunk.len() - self.pos);
+        out[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+type Checker = std::thread::JoinHandle<Result<u64, ArchiveError>>;
+
+fn start_checker(keys: KeyRing) -> (std::sync::mpsc::SyncSender<Vec<u8>>, Checker) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(4);
+    let handle = std::thread::spawn(move || {
+        let input = ChannelReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+        };
+        read_archive(input, &keys, io::sink(), &AtomicBool::new(false)).map(|(_, _, raw)| raw)
+    });
+    (tx, handle)
 }
 
 const COPY_BUF: usize = 256 * 1024;
@@ -193,7 +264,15 @@ pub fn write_archive<R: Read, W: Write + Send>(
     settings: Settings<'_>,
     cancelled: &AtomicBool,
 ) -> Result<(W, WriteStats), ArchiveError> {
-    let sealed = ArchiveWriter::new(Hashing::new(out), settings.header, settings.key)?;
+    let (copy, checker) = match settings.check_with {
+        Some(keys) => {
+            let (tx, handle) = start_checker(keys);
+            (Some(tx), Some(handle))
+        }
+        None => (None, None),
+    };
+    let tee = Tee { inner: out, copy };
+    let sealed = ArchiveWriter::new(Hashing::new(tee), settings.header, settings.key)?;
     let mut enc = compress::Encoder::new(
         settings.compression,
         settings.level,
@@ -216,13 +295,28 @@ pub fn write_archive<R: Read, W: Write + Send>(
         raw_bytes += n as u64;
     }
     let sealed = enc.finish()?;
-    let (out, stored_bytes, sha256) = sealed.finish()?.finish();
+    let (tee, stored_bytes, sha256) = sealed.finish()?.finish();
+    let Tee { inner: out, copy } = tee;
+    drop(copy); // end of input for the checker
+    let checked = checker.map(|handle| {
+        let read_back = handle
+            .join()
+            .map_err(|_| ArchiveError::Decompress("the checking thread panicked".to_owned()))?;
+        match read_back {
+            Ok(raw) if raw == raw_bytes => Ok(()),
+            Ok(raw) => Err(ArchiveError::Decompress(format!(
+                "read back {raw} bytes of image, wrote {raw_bytes}"
+            ))),
+            Err(e) => Err(e),
+        }
+    });
     Ok((
         out,
         WriteStats {
             raw_bytes,
             stored_bytes,
             sha256,
+            checked,
         },
     ))
 }

@@ -32,8 +32,10 @@ fn pack(plain: &[u8], key: Option<&Key>, compression: Compression) -> Vec<u8> {
         compression,
         level: compression.default_level(),
         threads: 2,
+        check_with: Some(KeyRing::new(key.into_iter().cloned().collect())),
     };
     let (out, stats) = write_archive(plain, Vec::new(), settings, &AtomicBool::new(false)).unwrap();
+    assert!(matches!(stats.checked, Some(Ok(()))), "{:?}", stats.checked);
     assert_eq!(stats.raw_bytes, plain.len() as u64);
     assert_eq!(stats.stored_bytes, out.len() as u64);
     assert_eq!(stats.sha256, sha256_of(&out[..]).unwrap().0);
@@ -174,6 +176,7 @@ fn cancellation_stops_writing() {
         compression: Compression::Gzip,
         level: 1,
         threads: 1,
+        check_with: None,
     };
     let err = write_archive(
         &data(10_000)[..],
@@ -183,4 +186,29 @@ fn cancellation_stops_writing() {
     )
     .unwrap_err();
     assert!(matches!(err, ArchiveError::Cancelled));
+}
+
+#[test]
+fn inline_check_reports_a_key_it_cannot_use() {
+    let key = Key::random().unwrap();
+    let settings = Settings {
+        header: header(Compression::Zstd),
+        key: Some(&key),
+        compression: Compression::Zstd,
+        level: 3,
+        threads: 2,
+        check_with: Some(KeyRing::default()),
+    };
+    let (_, stats) = write_archive(
+        &data(5000)[..],
+        Vec::new(),
+        settings,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert!(
+        matches!(stats.checked, Some(Err(ArchiveError::WrongKey { .. }))),
+        "{:?}",
+        stats.checked
+    );
 }

@@ -178,11 +178,11 @@ job_table! {
         /// Directory that receives `<database>/<id>.dbk` and `<id>.manifest.json`;
         /// created (mode 0700) if missing. Required.
         pub destination: PathBuf,
-        /// `gzip` (parallel, multi-member), `zstd` (multithreaded) or `none`.
-        /// Default: `gzip`.
+        /// `zstd` (multithreaded), `gzip` (parallel, multi-member) or `none`.
+        /// Default: `zstd`.
         #[serde(default)]
         pub compression: Compression,
-        /// Compression level: gzip 1-9 (default 4), zstd 1-19 (default 3).
+        /// Compression level: zstd 1-19 (default 3), gzip 1-9 (default 6).
         #[serde(default)]
         pub level: Option<i32>,
         /// 32-byte key file (`dbkeeper key generate`), mode 0600. Required unless

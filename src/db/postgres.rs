@@ -156,13 +156,19 @@ impl Postgres {
 
     /// Latest successfully applied sqlx migration, if the database has the table.
     pub async fn schema_version(&self) -> Result<Option<i64>, DbError> {
-        sqlx::query_scalar(
-            "SELECT CASE WHEN to_regclass('_sqlx_migrations') IS NULL THEN NULL
-                    ELSE (SELECT max(version) FROM _sqlx_migrations WHERE success) END",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| self.query_error(e))
+        // Two steps: PostgreSQL resolves table names while planning, even in a branch
+        // that would not run.
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.query_error(e))?;
+        if !exists {
+            return Ok(None);
+        }
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.query_error(e))
     }
 
     /// Number of user tables (outside the system schemas).

@@ -161,37 +161,19 @@ impl BackupJob {
         let tmp = dest
             .create_temp(&archive_name)
             .map_err(io_err("cannot create a file in", dest.dir()))?;
-        let (tmp, stats) = source::dump(
-            db,
-            &self.cfg,
-            header,
-            self.key.clone(),
-            tmp,
-            &self.scratch_dir,
-            cancel,
-        )
-        .await
-        .map_err(|e| match e {
-            BackupError::Archive(ArchiveError::Io(source)) => BackupError::Io {
-                what: "cannot write the backup to",
-                path: dest.dir().to_owned(),
-                source,
-            },
-            other => other,
-        })?;
+        let check = self.cfg.verify != VerifyMode::None;
+        let (tmp, stats) = source::dump(self, db, header, tmp, check, cancel)
+            .await
+            .map_err(|e| match e {
+                BackupError::Archive(ArchiveError::Io(source)) => BackupError::Io {
+                    what: "cannot write the backup to",
+                    path: dest.dir().to_owned(),
+                    source,
+                },
+                other => other,
+            })?;
 
-        let verified = verify::verify(
-            tmp.path(),
-            &self.keys,
-            self.cfg.verify,
-            Some(verify::Expect {
-                sha256: &stats.sha256,
-                raw_bytes: stats.raw_bytes,
-            }),
-            &self.scratch_target(db),
-            cancel,
-        )
-        .await;
+        let verified = self.verify_written(db, tmp.path(), &stats, cancel).await;
         if matches!(verified, Err(BackupError::Cancelled)) {
             return Err(BackupError::Cancelled);
         }
@@ -255,6 +237,39 @@ impl BackupJob {
                 "pruned": pruned,
             }),
         })
+    }
+
+    /// `read`: every written byte was decrypted and decompressed as it was written
+    /// (`stats.checked`); the stored file's SHA-256 must match what was written.
+    /// `restore`: additionally a restore into a scratch database.
+    async fn verify_written(
+        &self,
+        db: &Database,
+        path: &std::path::Path,
+        stats: &crate::archive::WriteStats,
+        cancel: &CancellationToken,
+    ) -> Result<(), BackupError> {
+        if self.cfg.verify == VerifyMode::None {
+            return Ok(());
+        }
+        match &stats.checked {
+            Some(Err(e)) => {
+                return Err(BackupError::Verification(format!(
+                    "reading back what was written: {e}"
+                )))
+            }
+            Some(Ok(())) => {}
+            None => {
+                return Err(BackupError::Internal(
+                    "written bytes were not checked".to_owned(),
+                ))
+            }
+        }
+        verify::stored_sha_matches(path, &stats.sha256, cancel).await?;
+        if self.cfg.verify == VerifyMode::Restore {
+            verify::restore_test(path, &self.keys, &self.scratch_target(db), cancel).await?;
+        }
+        Ok(())
     }
 
     /// Applies the keep policy (or, with `dry_run`, only decides); returns every

@@ -14,9 +14,8 @@ use tokio::io::AsyncReadExt;
 use tokio_util::io::SyncIoBridge;
 use tokio_util::sync::CancellationToken;
 
-use super::BackupError;
-use crate::archive::{self, compress, Header, Key, Settings, WriteStats};
-use crate::config::BackupConfig;
+use super::{BackupError, BackupJob};
+use crate::archive::{self, compress, Header, Settings, WriteStats};
 use crate::db::{Database, Postgres, Sqlite};
 use crate::storage::TempFile;
 
@@ -32,16 +31,20 @@ impl Drop for Scratch {
     }
 }
 
-/// Dumps `db` and writes the archive into `tmp`.
+/// Dumps `db` and writes the archive into `tmp`; with `check`, every written byte is
+/// also decrypted and decompressed on another thread (see `WriteStats::checked`).
 pub async fn dump(
+    job: &BackupJob,
     db: &Database,
-    cfg: &BackupConfig,
     header: Header,
-    key: Option<Key>,
     tmp: TempFile,
-    scratch_dir: &Path,
+    check: bool,
     cancel: &CancellationToken,
 ) -> Result<(TempFile, WriteStats), BackupError> {
+    let cfg = &job.cfg;
+    let key = job.key.clone();
+    let check_with = check.then(|| job.keys.clone());
+    let scratch_dir = &job.scratch_dir;
     let compression = cfg.compression;
     let level = cfg.level();
     let encode = move |source: Source, out: TempFile, flag: Arc<AtomicBool>| {
@@ -51,6 +54,7 @@ pub async fn dump(
             compression,
             level,
             threads: compress::threads(),
+            check_with,
         };
         archive::write_archive(source, out, settings, &flag)
     };

@@ -128,20 +128,52 @@ pub async fn verify(
     }
     read_pass(path, keys, expect, cancel).await?;
     if mode == VerifyMode::Restore {
-        match target.db {
-            Database::Sqlite(_) => {
-                let image = Scratch(
-                    target
-                        .scratch_dir
-                        .join(format!("verify-{}.sqlite", std::process::id())),
-                );
-                decode_to_file(path, keys, &image.0, cancel).await?;
-                integrity_check(&image.0).await?;
-            }
-            Database::Postgres(pg) => {
-                restore_test_postgres(pg, target.pg_restore, path, keys, cancel).await?
-            }
+        restore_test(path, keys, target, cancel).await?;
+    }
+    Ok(())
+}
+
+/// Restores into a scratch database and checks it.
+pub async fn restore_test(
+    path: &Path,
+    keys: &KeyRing,
+    target: &ScratchTarget<'_>,
+    cancel: &CancellationToken,
+) -> Result<(), BackupError> {
+    match target.db {
+        Database::Sqlite(_) => {
+            let image = Scratch(
+                target
+                    .scratch_dir
+                    .join(format!("verify-{}.sqlite", std::process::id())),
+            );
+            decode_to_file(path, keys, &image.0, cancel).await?;
+            integrity_check(&image.0).await
         }
+        Database::Postgres(pg) => {
+            restore_test_postgres(pg, target.pg_restore, path, keys, cancel).await
+        }
+    }
+}
+
+/// Checks that the file on disk is byte for byte what was written (and checked).
+pub async fn stored_sha_matches(
+    path: &Path,
+    sha256: &str,
+    cancel: &CancellationToken,
+) -> Result<(), BackupError> {
+    let file = open_archive(path)?;
+    let sha = sha256.to_owned();
+    let found = blocking(cancel, move |_| {
+        archive::sha256_of(BufReader::with_capacity(1 << 20, file))
+            .map(|(found, _)| found)
+            .map_err(|e| BackupError::from_archive(e.into()))
+    })
+    .await?;
+    if found != sha {
+        return Err(BackupError::Verification(format!(
+            "the stored file's SHA-256 is {found}, but {sha} was written: the storage changed the data"
+        )));
     }
     Ok(())
 }
