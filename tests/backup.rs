@@ -324,50 +324,27 @@ fn damaged_archives_and_wrong_keys_exit_3_and_write_nothing() {
             .stderr(predicate::function(|s: &str| {
                 s.trim_end().lines().count() == 1
             }));
-        let restored = w
-            .cmd(&[
-                "restore",
-                "app",
-                "--backup",
-                &id,
-                "--to",
-                target.to_str().expect("utf-8"),
-            ])
-            .output()
-            .expect("restore");
-        assert_eq!(
-            restored.status.code(),
-            Some(3),
-            "{what}: {}",
-            String::from_utf8_lossy(&restored.stderr)
-        );
+        let restore = [
+            "restore",
+            "app",
+            "--backup",
+            &id,
+            "--to",
+            target.to_str().expect("utf-8"),
+        ];
+        assert_exit_3(&w, &restore, &what);
         assert!(!target.exists(), "{what}: restore wrote a target");
         let out = w.path().join("plain.out");
-        let decrypted = w
-            .cmd(&[
-                "decrypt",
-                copy.to_str().expect("utf-8"),
-                "-o",
-                out.to_str().expect("utf-8"),
-            ])
-            .output()
-            .expect("decrypt");
-        assert_eq!(
-            decrypted.status.code(),
-            Some(3),
-            "{what}: {}",
-            String::from_utf8_lossy(&decrypted.stderr)
-        );
+        let to_file = [
+            "decrypt",
+            copy.to_str().expect("utf-8"),
+            "-o",
+            out.to_str().expect("utf-8"),
+        ];
+        assert_exit_3(&w, &to_file, &what);
         assert!(!out.exists(), "{what}: decrypt left output");
-        let to_stdout = w
-            .cmd(&["decrypt", copy.to_str().expect("utf-8")])
-            .output()
-            .expect("decrypt");
-        assert_eq!(to_stdout.status.code(), Some(3), "{what}");
-        assert!(
-            to_stdout.stdout.is_empty(),
-            "{what}: plaintext reached stdout"
-        );
+        let stdout = assert_exit_3(&w, &["decrypt", copy.to_str().expect("utf-8")], &what);
+        assert!(stdout.is_empty(), "{what}: plaintext reached stdout");
     }
     std::fs::write(&archive, &good).expect("restore good archive");
     // The truncation message says so.
@@ -417,6 +394,18 @@ fn damaged_archives_and_wrong_keys_exit_3_and_write_nothing() {
     w.cmd(&["restore", "app", "--to", target.to_str().expect("utf-8")])
         .assert()
         .success();
+}
+
+/// Runs the command, expects exit code 3 and returns its stdout.
+fn assert_exit_3(w: &Workdir, args: &[&str], what: &str) -> Vec<u8> {
+    let out = w.cmd(args).output().expect("run dbkeeper");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{what}: {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 #[test]
