@@ -250,6 +250,13 @@ impl Daemon {
             now,
         );
         for job in &active.order {
+            match &job.work {
+                Work::Retention(r) => {
+                    metrics::register_retention(job.database_name(), &r.cfg.table, r.cfg.older_than)
+                }
+                Work::Refresh(r) => metrics::register_refresh(job.database_name(), &r.cfg.view),
+                _ => {}
+            }
             if let Work::Backup(b) = &job.work {
                 let dest = b.destination(job.database_name());
                 if startup {

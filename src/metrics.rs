@@ -37,6 +37,10 @@ pub const BACKUPS_STORED: &str = "dbkeeper_backups_stored";
 pub const BACKUP_OLDEST: &str = "dbkeeper_backup_oldest_timestamp_seconds";
 pub const BACKUP_STORED_BYTES: &str = "dbkeeper_backup_stored_bytes";
 pub const BACKUP_PRUNED: &str = "dbkeeper_backup_pruned_total";
+pub const RETENTION_DELETED: &str = "dbkeeper_retention_rows_deleted_total";
+pub const RETENTION_OLDEST: &str = "dbkeeper_retention_oldest_row_timestamp_seconds";
+pub const RETENTION_MAX_AGE: &str = "dbkeeper_retention_max_age_seconds";
+pub const REFRESH_ROWS: &str = "dbkeeper_refresh_last_rows";
 
 /// Buckets of `job_duration_seconds`: from a fast `ANALYZE` to a multi-hour dump.
 const DURATION_BUCKETS: &[f64] = &[
@@ -178,6 +182,18 @@ fn describe() {
         "Total size of the stored archives."
     );
     describe_counter!(BACKUP_PRUNED, "Backups deleted by rotation.");
+    describe_counter!(RETENTION_DELETED, "Rows deleted by retention jobs.");
+    describe_gauge!(
+        RETENTION_OLDEST,
+        Unit::Seconds,
+        "Time in the retention column of the oldest row left (0: unknown or empty)."
+    );
+    describe_gauge!(
+        RETENTION_MAX_AGE,
+        Unit::Seconds,
+        "The retention policy's older-than."
+    );
+    describe_gauge!(REFRESH_ROWS, "Rows in the view after its latest refresh.");
 }
 
 fn ts(t: Option<DateTime<Utc>>) -> f64 {
@@ -274,6 +290,38 @@ pub fn backup_catalog(database: &str, backups: &[crate::catalog::Manifest]) {
 
 pub fn backup_pruned(database: &str) {
     counter!(BACKUP_PRUNED, "database" => database.to_owned()).increment(1);
+}
+
+/// Creates the retention series of a table (the oldest-row gauge stays 0 until the
+/// first run has looked).
+pub fn register_retention(database: &str, table: &str, max_age: Duration) {
+    counter!(RETENTION_DELETED, "database" => database.to_owned(), "table" => table.to_owned())
+        .increment(0);
+    retention_max_age(database, table, max_age);
+}
+
+pub fn retention_max_age(database: &str, table: &str, max_age: Duration) {
+    gauge!(RETENTION_MAX_AGE, "database" => database.to_owned(), "table" => table.to_owned())
+        .set(max_age.as_secs_f64());
+}
+
+pub fn retention_deleted(database: &str, table: &str, rows: u64) {
+    counter!(RETENTION_DELETED, "database" => database.to_owned(), "table" => table.to_owned())
+        .increment(rows);
+}
+
+pub fn retention_oldest_row(database: &str, table: &str, oldest: Option<DateTime<Utc>>) {
+    gauge!(RETENTION_OLDEST, "database" => database.to_owned(), "table" => table.to_owned())
+        .set(ts(oldest));
+}
+
+pub fn register_refresh(database: &str, view: &str) {
+    gauge!(REFRESH_ROWS, "database" => database.to_owned(), "view" => view.to_owned()).set(0.0);
+}
+
+pub fn refresh_rows(database: &str, view: &str, rows: u64) {
+    gauge!(REFRESH_ROWS, "database" => database.to_owned(), "view" => view.to_owned())
+        .set(rows as f64);
 }
 
 pub fn database_up(database: &str, up: bool) {

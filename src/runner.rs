@@ -344,7 +344,7 @@ fn joined_result(
         Ok(Err(e)) => Err(Failure {
             unreachable: e.database_unreachable(),
             message: e.to_string(),
-            final_: false,
+            final_: !e.retryable(),
         }),
         Err(e) => Err(Failure {
             message: format!("the job panicked ({e}); this is a bug in dbkeeper, please report it"),

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 
 use super::Exit;
 use crate::config::Config;
-use crate::jobs::{self, Job};
+use crate::jobs::{self, Job, Work};
 
 pub async fn check(config: &Config) -> anyhow::Result<Exit> {
     let databases = jobs::open_databases(config)?;
@@ -16,23 +16,29 @@ pub async fn check(config: &Config) -> anyhow::Result<Exit> {
         jobs.len()
     );
     let mut all_up = true;
+    let mut misnamed = false;
     for cfg in &config.databases {
         let db = &databases[&cfg.name];
+        let what = format!(
+            "database {} ({}, {})",
+            cfg.name,
+            db.backend().as_str(),
+            db.url()
+        );
         match db.ping().await {
-            Ok(()) => println!(
-                "database {} ({}, {}): reachable",
-                cfg.name,
-                db.backend().as_str(),
-                db.url()
-            ),
+            Ok(()) => {
+                println!("{what}: reachable");
+                for job in jobs.iter().filter(|j| j.database_name() == cfg.name) {
+                    if let Err(e) = check_names(job).await {
+                        misnamed = true;
+                        println!("job {}: CONFIG ERROR: {e}", job.id);
+                        eprintln!("error: {}: job {}: {e}", config.path.display(), job.id);
+                    }
+                }
+            }
             Err(e) => {
                 all_up = false;
-                println!(
-                    "database {} ({}, {}): UNREACHABLE: {e}",
-                    cfg.name,
-                    db.backend().as_str(),
-                    db.url()
-                );
+                println!("{what}: UNREACHABLE: {e}");
             }
         }
         db.close().await;
@@ -41,7 +47,25 @@ pub async fn check(config: &Config) -> anyhow::Result<Exit> {
     for job in &jobs {
         println!("{}", describe(job, now));
     }
-    Ok(if all_up { Exit::Success } else { Exit::Failed })
+    Ok(if misnamed {
+        Exit::Usage
+    } else if all_up {
+        Exit::Success
+    } else {
+        Exit::Failed
+    })
+}
+
+/// Tables, columns and views named in the config must exist in the catalog.
+async fn check_names(job: &Job) -> anyhow::Result<()> {
+    match &job.work {
+        Work::Retention(r) => {
+            r.resolve(&job.database).await?;
+        }
+        Work::Refresh(r) => r.check(&job.database).await?,
+        Work::Backup(_) | Work::Sql(_) => {}
+    }
+    Ok(())
 }
 
 /// One job and its next three run times, e.g.

@@ -4,6 +4,7 @@
 mod backup;
 mod check;
 mod report;
+mod retention;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -121,6 +122,20 @@ pub enum Tool {
     /// Manage encryption keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Retention rules: what they would delete.
+    #[command(subcommand)]
+    Retention(RetentionCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RetentionCommand {
+    /// Per rule of DB: the cutoff, the rows (or partitions) that would go now, and the
+    /// age of the oldest row. Deletes nothing.
+    Plan {
+        #[command(flatten)]
+        config: ConfigArg,
+        database: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -178,6 +193,7 @@ impl Command {
             Tool::RunJob { config, .. }
             | Tool::History { config, .. }
             | Tool::Restore { config, .. }
+            | Tool::Retention(RetentionCommand::Plan { config, .. })
             | Tool::Backup(
                 BackupCommand::List { config, .. }
                 | BackupCommand::Verify { config, .. }
@@ -251,15 +267,31 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
             },
             Some(c),
         ) => backup::restore(c, &database, &id, &to, force, create).await,
+        (Tool::Retention(RetentionCommand::Plan { database, .. }), Some(c)) => {
+            retention::plan(c, &database).await
+        }
     };
     result.unwrap_or_else(|e| {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", one_line(&e));
         if is_verification_failure(&e) {
             Exit::Verification
         } else {
             Exit::Failed
         }
     })
+}
+
+/// The error and its causes on one line, skipping causes the message already quotes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
 }
 
 fn is_verification_failure(e: &anyhow::Error) -> bool {

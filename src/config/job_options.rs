@@ -34,15 +34,15 @@ pub struct JobOptions {
 
 /// Declares a job table struct with the common job keys appended.
 ///
-/// The kind-specific fields come first; `$timeout` and `$missed` are the kind's
-/// defaults for `timeout` and `missed`.
+/// The kind-specific fields come first; `$timeout`, `$missed` and `$retries` are the
+/// kind's defaults for `timeout`, `missed` and `retries`.
 macro_rules! job_table {
     (
         $(#[$meta:meta])*
         pub struct $name:ident {
             $( $(#[$fmeta:meta])* pub $field:ident : $ty:ty, )*
         }
-        defaults(timeout = $timeout:expr, missed = $missed:expr)
+        defaults(timeout = $timeout:expr, missed = $missed:expr, retries = $retries:expr)
     ) => {
         $(#[$meta])*
         #[derive(Debug, Clone, serde::Deserialize)]
@@ -62,9 +62,9 @@ macro_rules! job_table {
             #[serde(default, with = "humantime_serde")]
             pub timeout: Option<std::time::Duration>,
             /// How many times a failed attempt is retried before the run counts as
-            /// failed. Default: 0.
+            /// failed. Default depends on the job kind.
             #[serde(default)]
-            pub retries: u32,
+            pub retries: Option<u32>,
             /// Wait before the first retry; doubled for each further retry, at most
             /// 1 hour. Default: `30s`.
             #[serde(default, with = "humantime_serde")]
@@ -87,7 +87,7 @@ macro_rules! job_table {
                     schedule: self.schedule.clone(),
                     timezone: self.timezone.clone().unwrap_or_default(),
                     timeout: self.timeout.unwrap_or($timeout),
-                    retries: self.retries,
+                    retries: self.retries.unwrap_or($retries),
                     retry_backoff: self
                         .retry_backoff
                         .unwrap_or(std::time::Duration::from_secs(30)),

@@ -129,6 +129,12 @@ pub struct DatabaseConfig {
     /// `[database.backup]`: encrypted, compressed, verified backups. Default: none.
     #[serde(default)]
     pub backup: Option<BackupConfig>,
+    /// `[[database.retention]]`: expired-row cleanup. Default: none.
+    #[serde(default)]
+    pub retention: Vec<RetentionConfig>,
+    /// `[[database.refresh]]`: materialized-view refreshes. Default: none.
+    #[serde(default)]
+    pub refresh: Vec<RefreshConfig>,
     /// `[[database.sql]]`: statements run on a schedule. Default: none.
     #[serde(default)]
     pub sql: Vec<SqlJobConfig>,
@@ -143,6 +149,8 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("password_file", &self.password_file)
             .field("connect_timeout", &self.connect_timeout)
             .field("backup", &self.backup)
+            .field("retention", &self.retention)
+            .field("refresh", &self.refresh)
             .field("sql", &self.sql)
             .finish()
     }
@@ -162,7 +170,154 @@ job_table! {
         /// The SQL to run. Required.
         pub statement: String,
     }
-    defaults(timeout = Duration::from_secs(3600), missed = Missed::Skip)
+    defaults(timeout = Duration::from_secs(3600), missed = Missed::Skip, retries = 0)
+}
+
+/// How `[[database.retention]]` removes expired data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetentionMode {
+    /// Delete expired rows in batches, each its own short transaction.
+    #[default]
+    Delete,
+    /// PostgreSQL partitioned tables: drop whole partitions whose upper bound is at or
+    /// before the cutoff.
+    DropPartitions,
+    /// Like `drop-partitions`, but detach them (keeping the tables) instead.
+    DetachPartitions,
+}
+
+job_table! {
+    /// `[[database.retention]]`: the `<database>.retention.<name>` job.
+    pub struct RetentionConfig {
+        /// Table to clean, optionally schema-qualified (`audit.events`); names are
+        /// exact (case-sensitive); write `"my.table"` in double quotes for a name that
+        /// contains a dot. Required.
+        pub table: String,
+        /// Job name (the job id is `<database>.retention.<name>`). Default: the table
+        /// name, with characters outside letters, digits, `_`, `-` replaced by `_`.
+        #[serde(default)]
+        pub name: Option<String>,
+        /// Timestamp, timestamptz or date column, or an integer column of unix seconds
+        /// (detected from the catalog). Required.
+        pub column: String,
+        /// Rows whose `column` is older than this are expired, e.g. `90d`. Required.
+        #[serde(with = "humantime_serde")]
+        pub older_than: Duration,
+        /// Extra SQL predicate a row must also match to be deleted. Default: none.
+        #[serde(default, rename = "where")]
+        pub where_clause: Option<String>,
+        /// Rows per batch; each batch is its own transaction. Default: `5000`.
+        #[serde(default = "default_batch_size")]
+        pub batch_size: u32,
+        /// Pause between batches, to leave room for other work. Default: `0s`.
+        #[serde(default, with = "humantime_serde")]
+        pub pause: Option<Duration>,
+        /// Stop cleanly after this long and report what remains. Default: no limit
+        /// (the job `timeout` still applies).
+        #[serde(default, with = "humantime_serde")]
+        pub max_duration: Option<Duration>,
+        /// How long one batch may wait for a lock (PostgreSQL `lock_timeout`, SQLite
+        /// busy timeout) before the run fails. Default: `5s`.
+        #[serde(default = "default_retention_lock_timeout", with = "humantime_serde")]
+        pub lock_timeout: Duration,
+        /// Before deleting, write each batch as JSON lines into an archive (same
+        /// container, compression and key as the backups) under the backup destination,
+        /// so an archive exists for every deleted row. Needs `[database.backup]`.
+        /// Default: `false`.
+        #[serde(default)]
+        pub archive: bool,
+        /// `delete`, `drop-partitions` or `detach-partitions`. Default: `delete`.
+        #[serde(default)]
+        pub mode: RetentionMode,
+    }
+    defaults(timeout = Duration::from_secs(3600), missed = Missed::Skip, retries = 0)
+}
+
+fn default_batch_size() -> u32 {
+    5000
+}
+
+fn default_retention_lock_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+job_table! {
+    /// `[[database.refresh]]`: the `<database>.refresh.<name>` job.
+    pub struct RefreshConfig {
+        /// PostgreSQL: the materialized view, optionally schema-qualified. SQLite: the
+        /// table that holds the result of `query`. Required.
+        pub view: String,
+        /// Job name (the job id is `<database>.refresh.<name>`). Default: the view name,
+        /// sanitized like retention job names.
+        #[serde(default)]
+        pub name: Option<String>,
+        /// SQLite only: the query whose result replaces the table's contents, atomically.
+        #[serde(default)]
+        pub query: Option<String>,
+        /// PostgreSQL: refresh CONCURRENTLY when the view has a usable unique index and
+        /// is populated; otherwise refresh plainly with a warning. Default: `true`.
+        #[serde(default = "yes")]
+        pub concurrently: bool,
+        /// PostgreSQL: fail instead of falling back to a plain (blocking) refresh.
+        /// Default: `false`.
+        #[serde(default)]
+        pub require_concurrently: bool,
+        /// How long the refresh may wait for its lock before the attempt fails (and is
+        /// retried). Default: `5s`.
+        #[serde(default = "default_refresh_lock_timeout", with = "humantime_serde")]
+        pub lock_timeout: Duration,
+    }
+    defaults(timeout = Duration::from_secs(3600), missed = Missed::Skip, retries = 3)
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_refresh_lock_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl RetentionConfig {
+    /// The job name: `name`, or the table name made safe.
+    pub fn job_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            let table =
+                crate::db::QualifiedName::parse(&self.table).map_or(self.table.clone(), |q| q.name);
+            sanitize(&table)
+        })
+    }
+}
+
+impl RefreshConfig {
+    pub fn job_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            let view =
+                crate::db::QualifiedName::parse(&self.view).map_or(self.view.clone(), |q| q.name);
+            sanitize(&view)
+        })
+    }
+}
+
+/// Replaces characters that job ids and metric labels should not carry.
+fn sanitize(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if s.is_empty() {
+        "_".to_owned()
+    } else {
+        s
+    }
 }
 
 /// `encryption = "none"`: the only value, written to opt out of encryption on purpose.
@@ -217,7 +372,7 @@ job_table! {
         #[serde(default = "default_pg_restore")]
         pub pg_restore: PathBuf,
     }
-    defaults(timeout = Duration::from_secs(6 * 3600), missed = Missed::RunOnce)
+    defaults(timeout = Duration::from_secs(6 * 3600), missed = Missed::RunOnce, retries = 0)
 }
 
 fn default_pg_dump() -> PathBuf {
@@ -359,6 +514,8 @@ impl Config {
             if let Some(backup) = &db.backup {
                 self.validate_backup(&key, backup)?;
             }
+            self.validate_retention(&key, db, backend)?;
+            self.validate_refresh(&key, db, backend)?;
             let mut jobs = HashSet::new();
             for job in &db.sql {
                 check_name(&job.name).map_err(|m| self.invalid(format!("{key}.sql.name"), m))?;
@@ -381,6 +538,106 @@ impl Config {
 }
 
 impl Config {
+    fn validate_retention(
+        &self,
+        db_key: &str,
+        db: &DatabaseConfig,
+        backend: Backend,
+    ) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        for r in &db.retention {
+            let key = format!("{db_key}.retention \"{}\"", r.table);
+            crate::db::QualifiedName::parse(&r.table)
+                .map_err(|m| self.invalid(format!("{key}.table"), m))?;
+            if r.column.is_empty() {
+                return Err(self.invalid(
+                    format!("{key}.column"),
+                    "is empty; name the timestamp column",
+                ));
+            }
+            let name = r.job_name();
+            check_name(&name).map_err(|m| self.invalid(format!("{key}.name"), m))?;
+            if !names.insert(name.clone()) {
+                return Err(self.invalid(
+                    format!("{key}.name"),
+                    format!("job name \"{name}\" is used twice; set a distinct name"),
+                ));
+            }
+            if r.batch_size == 0 {
+                return Err(self.invalid(format!("{key}.batch-size"), "must be at least 1"));
+            }
+            if r.older_than.is_zero() {
+                return Err(self.invalid(format!("{key}.older-than"), "must be longer than 0s"));
+            }
+            if r.where_clause
+                .as_deref()
+                .is_some_and(|w| w.trim().is_empty())
+            {
+                return Err(self.invalid(
+                    format!("{key}.where"),
+                    "is empty; remove it or write a predicate",
+                ));
+            }
+            if r.archive && db.backup.is_none() {
+                return Err(self.invalid(
+                    format!("{key}.archive"),
+                    "needs [database.backup] (its destination and key hold the archives)",
+                ));
+            }
+            if r.mode != RetentionMode::Delete {
+                if backend != Backend::Postgres {
+                    return Err(self.invalid(
+                        format!("{key}.mode"),
+                        "partitions exist on PostgreSQL only; use mode = \"delete\"",
+                    ));
+                }
+                if r.archive || r.where_clause.is_some() {
+                    return Err(self.invalid(
+                        format!("{key}.mode"),
+                        "whole partitions are dropped: archive and where only work with mode = \"delete\"",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_refresh(
+        &self,
+        db_key: &str,
+        db: &DatabaseConfig,
+        backend: Backend,
+    ) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        for r in &db.refresh {
+            let key = format!("{db_key}.refresh \"{}\"", r.view);
+            crate::db::QualifiedName::parse(&r.view)
+                .map_err(|m| self.invalid(format!("{key}.view"), m))?;
+            let name = r.job_name();
+            check_name(&name).map_err(|m| self.invalid(format!("{key}.name"), m))?;
+            if !names.insert(name.clone()) {
+                return Err(self.invalid(
+                    format!("{key}.name"),
+                    format!("job name \"{name}\" is used twice; set a distinct name"),
+                ));
+            }
+            match (backend, &r.query) {
+                (Backend::Sqlite, None) => {
+                    return Err(self.invalid(
+                        format!("{key}.query"),
+                        "is required on SQLite: the table is rebuilt from this query",
+                    ))
+                }
+                (Backend::Postgres, Some(_)) => return Err(self.invalid(
+                    format!("{key}.query"),
+                    "is for SQLite only; on PostgreSQL the materialized view's own query is used",
+                )),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     fn validate_backup(&self, db_key: &str, b: &BackupConfig) -> Result<(), ConfigError> {
         let key = format!("{db_key}.backup");
         let range = b.compression.level_range();

@@ -4,6 +4,7 @@
 //! starting; it shows as `database_up 0` and its jobs fail with a clear error until it
 //! comes back.
 
+mod ident;
 mod postgres;
 mod sqlite;
 
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseConfig;
 
+pub use ident::{quote, QualifiedName};
 pub use postgres::Postgres;
 pub use sqlite::Sqlite;
 

@@ -15,7 +15,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection};
 use tokio_util::sync::CancellationToken;
 
-use super::{redact_url, DbError};
+use super::{quote, redact_url, DbError};
 use crate::config::{resolve_credential, DatabaseConfig};
 
 #[derive(Clone)]
@@ -65,11 +65,6 @@ fn percent_decode(s: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Quotes an identifier for PostgreSQL (`"a""b"`).
-pub fn quote_ident(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
-}
-
 impl Postgres {
     pub(super) fn open(cfg: &DatabaseConfig) -> Result<Self, DbError> {
         let url = redact_url(&cfg.url);
@@ -112,7 +107,7 @@ impl Postgres {
         })
     }
 
-    fn query_error(&self, source: sqlx::Error) -> DbError {
+    pub(crate) fn query_error(&self, source: sqlx::Error) -> DbError {
         DbError::Query {
             name: self.name.clone(),
             source,
@@ -204,13 +199,10 @@ impl Postgres {
 
     pub async fn create_database(&self, name: &str) -> Result<(), DbError> {
         let mut conn = self.maintenance().await?;
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "CREATE DATABASE {}",
-            quote_ident(name)
-        )))
-        .execute(&mut conn)
-        .await
-        .map_err(|e| self.query_error(e))?;
+        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {}", quote(name))))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| self.query_error(e))?;
         Ok(())
     }
 
@@ -219,7 +211,7 @@ impl Postgres {
         let mut conn = self.maintenance().await?;
         sqlx::raw_sql(AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quote_ident(name)
+            quote(name)
         )))
         .execute(&mut conn)
         .await
@@ -227,7 +219,7 @@ impl Postgres {
         Ok(())
     }
 
-    fn connect_error(&self, source: sqlx::Error) -> DbError {
+    pub(crate) fn connect_error(&self, source: sqlx::Error) -> DbError {
         DbError::connect(&self.name, &self.url, source)
     }
 
@@ -242,39 +234,52 @@ impl Postgres {
 
     /// Runs the script with `statement_timeout` set, so the server stops a statement
     /// itself when the job's timeout passes. Not wrapped in a transaction, so that
-    /// `VACUUM` and friends work; the session setting dies with the connection, which
-    /// is closed rather than returned to the pool. When `cancel` fires, the server is
-    /// asked to stop the statement (as psql does on Ctrl-C) before this returns.
+    /// `VACUUM` and friends work.
     pub(super) async fn execute_script(
         &self,
         sql: &str,
         timeout: Duration,
         cancel: &CancellationToken,
     ) -> Result<u64, DbError> {
-        let query_error = |source| DbError::Query {
-            name: self.name.clone(),
-            source,
-        };
+        let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
+        // The operator's own SQL from the config file, run as written on purpose.
+        self.run_cancellable(
+            &[format!("SET statement_timeout = {millis}")],
+            sql.to_owned(),
+            cancel,
+        )
+        .await
+    }
+
+    /// Runs `setup` statements (session settings we format ourselves), then `sql`, on a
+    /// connection of its own that is closed afterwards, so settings never leak into the
+    /// pool. When `cancel` fires, the server is asked to stop the statement (as psql
+    /// does on Ctrl-C) before this returns. Returns the rows affected.
+    pub(crate) async fn run_cancellable(
+        &self,
+        setup: &[String],
+        sql: String,
+        cancel: &CancellationToken,
+    ) -> Result<u64, DbError> {
         let mut conn = self
             .pool
             .acquire()
             .await
             .map_err(|e| self.connect_error(e))?;
         conn.close_on_drop();
-        let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
-        // A number we formatted ourselves.
-        sqlx::raw_sql(AssertSqlSafe(format!("SET statement_timeout = {millis}")))
-            .execute(&mut *conn)
-            .await
-            .map_err(query_error)?;
+        for statement in setup {
+            sqlx::raw_sql(AssertSqlSafe(statement.clone()))
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| self.query_error(e))?;
+        }
         let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
             .fetch_one(&mut *conn)
             .await
-            .map_err(query_error)?;
-        // The operator's own SQL from the config file, run as written on purpose.
-        let script = sqlx::raw_sql(AssertSqlSafe(sql.to_owned()));
+            .map_err(|e| self.query_error(e))?;
+        let script = sqlx::raw_sql(AssertSqlSafe(sql));
         tokio::select! {
-            result = script.execute(&mut *conn) => Ok(result.map_err(query_error)?.rows_affected()),
+            result = script.execute(&mut *conn) => Ok(result.map_err(|e| self.query_error(e))?.rows_affected()),
             _ = cancel.cancelled() => {
                 self.cancel_backend(pid).await;
                 Err(DbError::Cancelled { name: self.name.clone() })
@@ -320,14 +325,5 @@ mod tests {
         assert_eq!(pw.as_deref(), Some("x"));
         let (url, pw) = split_password("postgres://h/db").unwrap();
         assert_eq!((url.as_str(), pw), ("postgres://h/db", None));
-    }
-
-    #[test]
-    fn identifiers_are_quoted() {
-        assert_eq!(quote_ident("dbkeeper_verify"), "\"dbkeeper_verify\"");
-        assert_eq!(
-            quote_ident("a\"; DROP TABLE x; --"),
-            "\"a\"\"; DROP TABLE x; --\""
-        );
     }
 }

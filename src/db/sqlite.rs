@@ -56,7 +56,7 @@ impl Sqlite {
         })
     }
 
-    fn query_error(&self, source: sqlx::Error) -> DbError {
+    pub(crate) fn query_error(&self, source: sqlx::Error) -> DbError {
         DbError::Query {
             name: self.name.clone(),
             source,
@@ -104,7 +104,7 @@ impl Sqlite {
         Ok(())
     }
 
-    fn connect_error(&self, source: sqlx::Error) -> DbError {
+    pub(crate) fn connect_error(&self, source: sqlx::Error) -> DbError {
         DbError::connect(&self.name, &self.url, source)
     }
 

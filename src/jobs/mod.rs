@@ -5,6 +5,8 @@
 //! `<database>.<kind>[.<name>]`.
 
 pub mod backup;
+pub mod refresh;
+pub mod retention;
 mod sql;
 
 use std::collections::HashMap;
@@ -33,6 +35,8 @@ pub struct Job {
 #[derive(Debug)]
 pub enum Work {
     Backup(Box<backup::BackupJob>),
+    Retention(Box<retention::RetentionJob>),
+    Refresh(Box<refresh::RefreshJob>),
     Sql(SqlJob),
 }
 
@@ -41,6 +45,8 @@ impl Work {
     pub fn kind(&self) -> &'static str {
         match self {
             Work::Backup(_) => "backup",
+            Work::Retention(_) => "retention",
+            Work::Refresh(_) => "refresh",
             Work::Sql(_) => "sql",
         }
     }
@@ -48,7 +54,7 @@ impl Work {
     /// True for jobs that must not run beside any other job on the same database.
     pub fn exclusive(&self) -> bool {
         match self {
-            Work::Backup(_) | Work::Sql(_) => false,
+            Work::Backup(_) | Work::Retention(_) | Work::Refresh(_) | Work::Sql(_) => false,
         }
     }
 }
@@ -77,6 +83,8 @@ impl Job {
                 };
                 Ok(b.run(&self.database, kind, &cancel).await?)
             }
+            Work::Retention(r) => Ok(r.run(&self.database, &cancel).await?),
+            Work::Refresh(r) => Ok(r.run(&self.database, &cancel).await?),
             Work::Sql(sql) => sql.run(&self.database, self.options.timeout, &cancel).await,
         }
     }
@@ -97,14 +105,39 @@ pub enum JobError {
     Db(#[from] DbError),
     #[error(transparent)]
     Backup(#[from] backup::BackupError),
+    #[error(transparent)]
+    Retention(#[from] retention::RetentionError),
+    #[error(transparent)]
+    Refresh(#[from] refresh::RefreshError),
 }
 
 impl JobError {
+    /// False for failures a retry cannot fix: the configuration names something that
+    /// is not there, or the job refused on purpose.
+    pub fn retryable(&self) -> bool {
+        use refresh::RefreshError as F;
+        use retention::RetentionError as R;
+        !matches!(
+            self,
+            JobError::Refresh(F::Refused(_) | F::NoView { .. })
+                | JobError::Retention(
+                    R::NoTable { .. }
+                        | R::NoColumn { .. }
+                        | R::ColumnType { .. }
+                        | R::Unsupported(_)
+                )
+                | JobError::Backup(backup::BackupError::Refused(_))
+        )
+    }
+
     /// True when the failure means the database could not be reached.
     pub fn database_unreachable(&self) -> bool {
         match self {
             JobError::Db(e) => e.is_unreachable(),
             JobError::Backup(e) => e.database_unreachable(),
+            JobError::Retention(retention::RetentionError::Db(e))
+            | JobError::Refresh(refresh::RefreshError::Db(e)) => e.is_unreachable(),
+            JobError::Retention(_) | JobError::Refresh(_) => false,
         }
     }
 }
@@ -126,6 +159,8 @@ pub enum BuildError {
         database: String,
         source: crate::archive::KeyError,
     },
+    #[error("database \"{database}\": {message}")]
+    Name { database: String, message: String },
 }
 
 /// All jobs of the configuration, in config order. Loads the backup keys.
@@ -154,6 +189,48 @@ pub fn build(
                 })),
                 database: database.clone(),
                 options: b.options(),
+            }));
+        }
+        let name_err = |message| BuildError::Name {
+            database: cfg.name.clone(),
+            message,
+        };
+        for r in &cfg.retention {
+            let archive = match (&cfg.backup, r.archive) {
+                (Some(b), true) => {
+                    let (key, _) = b.load_keys().map_err(|source| BuildError::Key {
+                        database: cfg.name.clone(),
+                        source,
+                    })?;
+                    Some(retention::ArchiveTo {
+                        dest: crate::storage::Destination::new(
+                            &b.destination.join(&cfg.name).join("retention"),
+                            &r.job_name(),
+                        ),
+                        key,
+                        compression: b.compression,
+                        level: b.level(),
+                    })
+                }
+                _ => None,
+            };
+            jobs.push(Arc::new(Job {
+                id: format!("{}.retention.{}", cfg.name, r.job_name()),
+                work: Work::Retention(Box::new(
+                    retention::RetentionJob::new(r.clone(), archive).map_err(name_err)?,
+                )),
+                database: database.clone(),
+                options: r.options(),
+            }));
+        }
+        for r in &cfg.refresh {
+            jobs.push(Arc::new(Job {
+                id: format!("{}.refresh.{}", cfg.name, r.job_name()),
+                work: Work::Refresh(Box::new(
+                    refresh::RefreshJob::new(r.clone()).map_err(name_err)?,
+                )),
+                database: database.clone(),
+                options: r.options(),
             }));
         }
         for sql in &cfg.sql {

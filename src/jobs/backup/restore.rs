@@ -123,6 +123,8 @@ async fn restore_postgres(
         password_file: None,
         connect_timeout: Duration::from_secs(10),
         backup: None,
+        retention: Vec::new(),
+        refresh: Vec::new(),
         sql: Vec::new(),
     };
     let Database::Postgres(pg) = Database::open(&cfg)? else {

@@ -1,0 +1,83 @@
+//! `dbkeeper retention plan DB`: what each retention rule would delete now.
+
+use chrono::Utc;
+
+use super::report::print_table;
+use super::Exit;
+use crate::config::{Config, RetentionMode};
+use crate::jobs::{self, Work};
+
+pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
+    let databases = jobs::open_databases(config)?;
+    let all = jobs::build(config, &databases)?;
+    let rules: Vec<_> = all
+        .iter()
+        .filter(|j| j.database_name() == database)
+        .filter_map(|j| match &j.work {
+            Work::Retention(r) => Some((j, r)),
+            _ => None,
+        })
+        .collect();
+    if rules.is_empty() {
+        anyhow::bail!(
+            "database \"{database}\" has no [[database.retention]] in {}",
+            config.path.display()
+        );
+    }
+    let now = Utc::now();
+    let mut rows = Vec::new();
+    let mut failed = false;
+    for (job, r) in rules {
+        let preview = match r.preview(&job.database).await {
+            Ok(p) => p,
+            Err(e) => {
+                failed = true;
+                rows.push(vec![
+                    job.id.clone(),
+                    r.cfg.table.clone(),
+                    "-".into(),
+                    format!("ERROR: {e}"),
+                    "-".into(),
+                ]);
+                continue;
+            }
+        };
+        let age = preview
+            .oldest
+            .map_or_else(|| "-".to_owned(), |t| format_age((now - t).num_seconds()));
+        let going = match r.cfg.mode {
+            RetentionMode::Delete => format!("{} rows", preview.expired_rows),
+            _ if preview.partitions.is_empty() => "no partitions".to_owned(),
+            _ => format!("partitions {}", preview.partitions.join(", ")),
+        };
+        rows.push(vec![
+            job.id.clone(),
+            r.cfg.table.clone(),
+            preview.cutoff.format("%Y-%m-%d %H:%M:%S").to_string(),
+            going,
+            age,
+        ]);
+    }
+    print_table(
+        &[
+            "JOB",
+            "TABLE",
+            "CUTOFF (UTC)",
+            "WOULD DELETE",
+            "OLDEST ROW AGE",
+        ],
+        &rows,
+    );
+    Ok(if failed { Exit::Failed } else { Exit::Success })
+}
+
+/// `412d 5h`, `5h 12m`, `3m`.
+fn format_age(secs: i64) -> String {
+    let secs = secs.max(0);
+    let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
+    match (d, h) {
+        (0, 0) => format!("{m}m"),
+        (0, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}

@@ -1,0 +1,70 @@
+//! `refresh` jobs (`<database>.refresh.<name>`): keep materialized results fresh.
+//!
+//! PostgreSQL: `REFRESH MATERIALIZED VIEW`, CONCURRENTLY when the view allows it, with
+//! a lock timeout (a blocked refresh fails and the runner retries it with backoff).
+//! SQLite: a table rebuilt from a query in one transaction, so readers see the old or
+//! the new contents, never an empty table.
+
+mod postgres;
+mod sqlite;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Outcome;
+use crate::config::RefreshConfig;
+use crate::db::{Database, DbError, QualifiedName};
+use crate::metrics;
+
+/// A refresh failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("materialized view {view} does not exist in database \"{database}\"; fix `view` in [[database.refresh]]")]
+    NoView { database: String, view: String },
+    #[error("{0}")]
+    Refused(String),
+}
+
+#[derive(Debug)]
+pub struct RefreshJob {
+    pub cfg: RefreshConfig,
+    pub view: QualifiedName,
+}
+
+impl RefreshJob {
+    pub fn new(cfg: RefreshConfig) -> Result<Self, String> {
+        let view = QualifiedName::parse(&cfg.view)?;
+        Ok(RefreshJob { cfg, view })
+    }
+
+    /// Checks that the view exists (PostgreSQL); SQLite creates its table on first run.
+    pub async fn check(&self, db: &Database) -> Result<(), RefreshError> {
+        match db {
+            Database::Postgres(pg) => postgres::inspect(pg, &self.view).await.map(|_| ()),
+            Database::Sqlite(_) => Ok(()),
+        }
+    }
+
+    pub async fn run(
+        &self,
+        db: &Database,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, RefreshError> {
+        let (rows, how) = match db {
+            Database::Postgres(pg) => postgres::refresh(pg, &self.view, &self.cfg, cancel).await?,
+            Database::Sqlite(lite) => {
+                let query = self.cfg.query.as_deref().unwrap_or_default();
+                (
+                    sqlite::rebuild(lite, &self.view, query, self.cfg.lock_timeout).await?,
+                    "rebuilt",
+                )
+            }
+        };
+        metrics::refresh_rows(db.name(), &self.cfg.view, rows);
+        Ok(Outcome {
+            summary: format!("{} {how}: {rows} rows", self.view),
+            details: serde_json::json!({ "rows": rows, "how": how }),
+        })
+    }
+}

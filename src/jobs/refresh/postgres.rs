@@ -1,0 +1,96 @@
+//! `REFRESH MATERIALIZED VIEW [CONCURRENTLY]` with a lock timeout.
+
+use tokio_util::sync::CancellationToken;
+
+use super::RefreshError;
+use crate::config::RefreshConfig;
+use crate::db::{Postgres, QualifiedName};
+
+/// What the catalog says about a materialized view.
+pub struct ViewInfo {
+    /// Quoted, schema-qualified.
+    pub sql: String,
+    pub populated: bool,
+    /// Has a unique index without predicate or expressions: CONCURRENTLY works.
+    pub unique_index: bool,
+}
+
+pub async fn inspect(pg: &Postgres, view: &QualifiedName) -> Result<ViewInfo, RefreshError> {
+    let row: Option<(String, String, bool, bool)> = sqlx::query_as(
+        "SELECT n.nspname::text, c.relname::text, c.relispopulated,
+                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique
+                        AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL)
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.oid = to_regclass($1) AND c.relkind = 'm'",
+    )
+    .bind(view.quoted())
+    .fetch_optional(&pg.pool)
+    .await
+    .map_err(|e| RefreshError::Db(pg.query_error(e)))?;
+    let (schema, name, populated, unique_index) = row.ok_or_else(|| RefreshError::NoView {
+        database: pg.name.clone(),
+        view: view.to_string(),
+    })?;
+    Ok(ViewInfo {
+        sql: QualifiedName {
+            schema: Some(schema),
+            name,
+        }
+        .quoted(),
+        populated,
+        unique_index,
+    })
+}
+
+/// Refreshes the view; returns its row count afterwards and how it was refreshed.
+pub async fn refresh(
+    pg: &Postgres,
+    view: &QualifiedName,
+    cfg: &RefreshConfig,
+    cancel: &CancellationToken,
+) -> Result<(u64, &'static str), RefreshError> {
+    let info = inspect(pg, view).await?;
+    let concurrently = if !cfg.concurrently {
+        false
+    } else if info.populated && info.unique_index {
+        true
+    } else {
+        let why = if info.populated {
+            "it has no unique index on plain columns"
+        } else {
+            "it has never been populated"
+        };
+        if cfg.require_concurrently {
+            return Err(RefreshError::Refused(format!(
+                "cannot refresh {view} CONCURRENTLY: {why}; add a unique index or set require-concurrently = false"
+            )));
+        }
+        tracing::warn!(view = %view, "refreshing without CONCURRENTLY (readers are blocked meanwhile): {why}");
+        false
+    };
+    let statement = format!(
+        "REFRESH MATERIALIZED VIEW {}{}",
+        if concurrently { "CONCURRENTLY " } else { "" },
+        info.sql
+    );
+    let setup = [format!(
+        "SET lock_timeout = '{}ms'",
+        cfg.lock_timeout.as_millis().max(1)
+    )];
+    pg.run_cancellable(&setup, statement, cancel).await?;
+    let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}",
+        info.sql
+    )))
+    .fetch_one(&pg.pool)
+    .await
+    .map_err(|e| RefreshError::Db(pg.query_error(e)))?;
+    Ok((
+        rows.max(0) as u64,
+        if concurrently {
+            "refreshed concurrently"
+        } else {
+            "refreshed"
+        },
+    ))
+}
