@@ -203,7 +203,7 @@ fn archive_max_duration_and_sqlite() {
         "PRAGMA journal_mode=WAL;
          CREATE TABLE \"Log Lines\" (id INTEGER PRIMARY KEY, created_at TEXT NOT NULL, msg TEXT);
          WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
-           INSERT INTO \"Log Lines\" (created_at, msg) SELECT datetime('now', '-' || (i % 60) || ' days'), 'msg ' || i FROM n;",
+           INSERT INTO \"Log Lines\" (created_at, msg) SELECT datetime('now', '-' || (i % 60) || ' days', '-12 hours'), 'msg ' || i FROM n;",
     );
     let expired = sqlite(
         &db,
