@@ -495,3 +495,42 @@ fn sqlite_rebuild_is_atomic_for_readers_in_another_process() {
         "indexes survive rebuilds"
     );
 }
+
+#[test]
+fn retention_and_refresh_series_exist_from_start_up_and_follow_runs() {
+    let w = Workdir::new();
+    let db = w.path().join("app.db");
+    sqlite(
+        &db,
+        "CREATE TABLE events (id INTEGER PRIMARY KEY, created_at INTEGER NOT NULL);
+         INSERT INTO events (created_at) VALUES (unixepoch('now', '-40 days')), (unixepoch('now', '-50 days')), (unixepoch('now'));",
+    );
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"lite\"\nurl = \"sqlite://{}\"\n{}\
+             [[database.refresh]]\nview = \"counts\"\nschedule = \"every 1s\"\nquery = \"SELECT count(*) AS n FROM events\"\n",
+            db.display(),
+            rule("events", "events", "").replace("schedule = \"manual\"", "schedule = \"every 1s\"")
+        ),
+    );
+    let d = w.start();
+    let labels = ["database=\"lite\"", "table=\"events\""];
+    assert_eq!(
+        d.metric("dbkeeper_retention_max_age_seconds", &labels),
+        Some(30.0 * 86400.0)
+    );
+    d.wait_for("retention and refresh ran", Duration::from_secs(15), || {
+        let m = d.metrics();
+        common::metric_value(&m, "dbkeeper_retention_rows_deleted_total", &labels) == Some(2.0)
+            && common::metric_value(&m, "dbkeeper_refresh_last_rows", &["view=\"counts\""])
+                == Some(1.0)
+    });
+    let oldest = d
+        .metric("dbkeeper_retention_oldest_row_timestamp_seconds", &labels)
+        .unwrap_or(0.0);
+    assert!(
+        (chrono::Utc::now().timestamp() as f64 - oldest).abs() < 120.0,
+        "oldest row left is the recent one"
+    );
+}
