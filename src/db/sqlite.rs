@@ -4,6 +4,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{AssertSqlSafe, Executor};
 use tokio_util::sync::CancellationToken;
@@ -60,6 +61,56 @@ impl Sqlite {
         DbError::Query {
             name: self.name.clone(),
             source,
+        }
+    }
+
+    /// A connection of its own (closed afterwards, so its busy timeout does not leak into
+    /// the pool) inside `BEGIN IMMEDIATE`: the write lock is taken now, waiting up to
+    /// `busy` for other writers. End it with [`Sqlite::finish`].
+    pub async fn begin_immediate(
+        &self,
+        busy: Duration,
+    ) -> Result<PoolConnection<sqlx::Sqlite>, DbError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        conn.close_on_drop();
+        // A number we formatted ourselves.
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "PRAGMA busy_timeout = {}",
+            busy.as_millis().max(1)
+        )))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| self.query_error(e))?;
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| self.query_error(e))?;
+        Ok(conn)
+    }
+
+    /// Commits the transaction of [`Sqlite::begin_immediate`] if `result` is `Ok`,
+    /// otherwise rolls it back, and returns `result`.
+    pub async fn finish<T, E: From<DbError>>(
+        &self,
+        mut conn: PoolConnection<sqlx::Sqlite>,
+        result: Result<T, E>,
+    ) -> Result<T, E> {
+        match result {
+            Ok(value) => {
+                sqlx::raw_sql("COMMIT")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| E::from(self.query_error(e)))?;
+                Ok(value)
+            }
+            Err(e) => {
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                Err(e)
+            }
         }
     }
 

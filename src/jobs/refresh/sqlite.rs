@@ -15,25 +15,8 @@ pub async fn rebuild(
     query: &str,
     lock_timeout: Duration,
 ) -> Result<u64, RefreshError> {
-    let db_err = |e| RefreshError::Db(lite.query_error(e));
     let t = table.quoted();
-    let mut conn = lite
-        .pool
-        .acquire()
-        .await
-        .map_err(|e| RefreshError::Db(lite.connect_error(e)))?;
-    conn.close_on_drop();
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "PRAGMA busy_timeout = {}",
-        lock_timeout.as_millis().max(1)
-    )))
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err)?;
-    sqlx::raw_sql("BEGIN IMMEDIATE")
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
+    let mut conn = lite.begin_immediate(lock_timeout).await?;
     // `query` is the operator's own SQL; the table name is quoted.
     let steps = async {
         sqlx::raw_sql(AssertSqlSafe(format!(
@@ -51,18 +34,7 @@ pub async fn rebuild(
         .await?;
         Ok::<u64, sqlx::Error>(inserted.rows_affected())
     }
-    .await;
-    match steps {
-        Ok(rows) => {
-            sqlx::raw_sql("COMMIT")
-                .execute(&mut *conn)
-                .await
-                .map_err(db_err)?;
-            Ok(rows)
-        }
-        Err(e) => {
-            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-            Err(db_err(e))
-        }
-    }
+    .await
+    .map_err(|e| RefreshError::Db(lite.query_error(e)));
+    lite.finish(conn, steps).await
 }

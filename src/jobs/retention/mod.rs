@@ -365,6 +365,16 @@ impl BatchArchive<'_> {
     }
 }
 
+/// `column < <cutoff> AND (where)`; `cutoff` is the backend's first placeholder. The
+/// column is a quoted identifier; `where` is the operator's own SQL, run as written.
+fn expired_predicate(target: &Target, cutoff: &str, where_clause: Option<&str>) -> String {
+    let mut p = format!("{} < {cutoff}", target.column_sql);
+    if let Some(w) = where_clause {
+        p.push_str(&format!(" AND ({w})"));
+    }
+    p
+}
+
 /// Time to wait for a lock, in whole milliseconds (at least 1).
 fn millis(d: Duration) -> u128 {
     d.as_millis().max(1)

@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Connection, Row};
 
-use super::{millis, BatchArchive, ColumnKind, RetentionError, Target};
+use super::{expired_predicate, millis, BatchArchive, ColumnKind, RetentionError, Target};
 use crate::db::{quote, Postgres, QualifiedName};
 
 pub async fn resolve(
@@ -93,15 +93,6 @@ pub async fn resolve(
     })
 }
 
-/// `column < cutoff AND (where)`, with the cutoff as parameter `$1`.
-fn expired_predicate(target: &Target, where_clause: Option<&str>) -> String {
-    let mut p = format!("{} < $1", target.column_sql);
-    if let Some(w) = where_clause {
-        p.push_str(&format!(" AND ({w})"));
-    }
-    p
-}
-
 fn bind_cutoff<'q>(
     q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     target: &Target,
@@ -123,7 +114,7 @@ pub async fn count_expired(
     let sql = format!(
         "SELECT count(*) FROM {} WHERE {}",
         target.table_sql,
-        expired_predicate(target, where_clause)
+        expired_predicate(target, "$1", where_clause)
     );
     let mut conn = pg
         .pool
@@ -183,13 +174,13 @@ pub async fn delete_batch(
         format!(
             "ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE {p} LIMIT $2 FOR UPDATE SKIP LOCKED))",
             t = target.table_sql,
-            p = expired_predicate(target, where_clause)
+            p = expired_predicate(target, "$1", where_clause)
         )
     } else {
         format!(
             "({key}) IN (SELECT {key} FROM {t} WHERE {p} LIMIT $2 FOR UPDATE SKIP LOCKED)",
             t = target.table_sql,
-            p = expired_predicate(target, where_clause)
+            p = expired_predicate(target, "$1", where_clause)
         )
     };
     let returning = if archive.is_some() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{millis, BatchArchive, ColumnKind, RetentionError, Target};
+use super::{expired_predicate, BatchArchive, ColumnKind, RetentionError, Target};
 use crate::db::{quote, QualifiedName, Sqlite};
 
 pub async fn resolve(
@@ -83,14 +83,6 @@ pub async fn resolve(
     })
 }
 
-fn expired_predicate(target: &Target, where_clause: Option<&str>) -> String {
-    let mut p = format!("{} < ?1", target.column_sql);
-    if let Some(w) = where_clause {
-        p.push_str(&format!(" AND ({w})"));
-    }
-    p
-}
-
 fn bind_cutoff<'q>(
     q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
     target: &Target,
@@ -112,7 +104,7 @@ pub async fn count_expired(
     let sql = format!(
         "SELECT count(*) FROM {} WHERE {}",
         target.table_sql,
-        expired_predicate(target, where_clause)
+        expired_predicate(target, "?1", where_clause)
     );
     let row = bind_cutoff(sqlx::query(AssertSqlSafe(sql)), target, cutoff)
         .fetch_one(&lite.pool)
@@ -164,26 +156,9 @@ pub async fn delete_batch(
     let sql = format!(
         "DELETE FROM {t} WHERE rowid IN (SELECT rowid FROM {t} WHERE {p} LIMIT ?2){returning}",
         t = target.table_sql,
-        p = expired_predicate(target, where_clause)
+        p = expired_predicate(target, "?1", where_clause)
     );
-    let mut conn = lite
-        .pool
-        .acquire()
-        .await
-        .map_err(|e| RetentionError::Db(lite.connect_error(e)))?;
-    // The busy timeout is a connection setting: use a connection of our own.
-    conn.close_on_drop();
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "PRAGMA busy_timeout = {}",
-        millis(lock_timeout)
-    )))
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err)?;
-    sqlx::raw_sql("BEGIN IMMEDIATE")
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
+    let mut conn = lite.begin_immediate(lock_timeout).await?;
     let query = bind_cutoff(sqlx::query(AssertSqlSafe(sql)), target, cutoff).bind(i64::from(limit));
     let result = async {
         match archive {
@@ -208,17 +183,5 @@ pub async fn delete_batch(
         }
     }
     .await;
-    match result {
-        Ok(n) => {
-            sqlx::raw_sql("COMMIT")
-                .execute(&mut *conn)
-                .await
-                .map_err(db_err)?;
-            Ok(n)
-        }
-        Err(e) => {
-            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-            Err(e)
-        }
-    }
+    lite.finish(conn, result).await
 }
