@@ -142,9 +142,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     };
     let mut active = Active::build(config)?;
     probe(&active, &daemon.status).await;
-    daemon.activate(&active, true).await;
     if let Some(period) = systemd::watchdog_period() {
         daemon.timer.heartbeat(period).await?;
+    }
+    daemon.activate(&active, true).await;
+    let deferred = daemon.startup_migrations(&active, &mut fires).await;
+    for fire in deferred {
+        daemon.on_fire(&active, fire).await;
     }
     tracing::info!(%listen, "dbkeeper {} started: {}", env!("CARGO_PKG_VERSION"), active.summary());
     systemd::ready(&active.summary());
@@ -158,17 +162,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(fire) = fires.recv() => match fire {
-                Fire::Heartbeat => systemd::watchdog(),
-                Fire::Due { job, at, generation } if generation == daemon.timer.generation() => {
-                    if let Some(job) = active.jobs.get(&job).cloned() {
-                        daemon.runner.spawn(job.clone(), Trigger::Schedule, at);
-                        // From `at`, not from now: the timer may fire a little early.
-                        daemon.arm_next(&job, at.max(Utc::now())).await;
-                    }
-                }
-                Fire::Due { .. } => {} // armed before a reload
-            },
+            Some(fire) = fires.recv() => daemon.on_fire(&active, fire).await,
             _ = hup.recv() => {
                 if let Some(new) = daemon.reload(&active).await {
                     active = new;
@@ -213,6 +207,58 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
 }
 
 impl Daemon {
+    /// Runs `@startup` migrations before the daemon reports ready, feeding the
+    /// watchdog from the timer's heartbeats meanwhile; a failure is reported like any
+    /// failed job and the daemon carries on.
+    async fn startup_migrations(
+        &mut self,
+        active: &Active,
+        fires: &mut mpsc::UnboundedReceiver<Fire>,
+    ) -> Vec<Fire> {
+        let mut deferred = Vec::new();
+        for job in &active.order {
+            if !(matches!(job.work, Work::Migrate(_)) && job.options.schedule.is_startup()) {
+                continue;
+            }
+            systemd::status(&format!("applying migrations: {}", job.id));
+            let run = self.runner.run(job.clone(), Trigger::Startup);
+            tokio::pin!(run);
+            loop {
+                tokio::select! {
+                    _ = &mut run => break,
+                    Some(fire) = fires.recv() => {
+                        // Scheduled jobs wait until start-up is over.
+                        if fire == Fire::Heartbeat {
+                            systemd::watchdog();
+                        } else {
+                            deferred.push(fire);
+                        }
+                    }
+                }
+            }
+        }
+        deferred
+    }
+
+    /// Handles one message from the timer.
+    async fn on_fire(&mut self, active: &Active, fire: Fire) {
+        match fire {
+            Fire::Heartbeat => systemd::watchdog(),
+            Fire::Due {
+                job,
+                at,
+                generation,
+            } if generation == self.timer.generation() => {
+                if let Some(job) = active.jobs.get(&job).cloned() {
+                    self.runner.spawn(job.clone(), Trigger::Schedule, at);
+                    // From `at`, not from now: the timer may fire a little early.
+                    self.arm_next(&job, at.max(Utc::now())).await;
+                }
+            }
+            Fire::Due { .. } => {} // armed before a reload
+        }
+    }
+
     /// Publishes the configuration's jobs and databases and arms every job.
     async fn activate(&mut self, active: &Active, startup: bool) {
         let history = self.state.last_runs().await.unwrap_or_else(|e| {
@@ -255,6 +301,17 @@ impl Daemon {
                     metrics::register_retention(job.database_name(), &r.cfg.table, r.cfg.older_than)
                 }
                 Work::Refresh(r) => metrics::register_refresh(job.database_name(), &r.cfg.view),
+                Work::Migrate(_) => {
+                    // Reads the directory and the history; not worth holding start-up for.
+                    let job = job.clone();
+                    tokio::spawn(async move {
+                        if let Work::Migrate(m) = &job.work {
+                            if let Err(e) = m.status(&job.database).await {
+                                tracing::warn!(job = %job.id, "cannot read migration status: {e}");
+                            }
+                        }
+                    });
+                }
                 _ => {}
             }
             if let Work::Backup(b) = &job.work {
@@ -290,7 +347,8 @@ impl Daemon {
     ) {
         let now = Utc::now();
         let schedule = &job.options.schedule;
-        if schedule.is_startup() && startup {
+        // Start-up migrations run before READY=1 (see `startup_migrations`).
+        if schedule.is_startup() && startup && !matches!(job.work, Work::Migrate(_)) {
             self.runner.spawn(job.clone(), Trigger::Startup, now);
         }
         let Some(interval) = interval.and_then(|i| chrono::Duration::from_std(i).ok()) else {

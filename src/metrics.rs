@@ -41,6 +41,9 @@ pub const RETENTION_DELETED: &str = "dbkeeper_retention_rows_deleted_total";
 pub const RETENTION_OLDEST: &str = "dbkeeper_retention_oldest_row_timestamp_seconds";
 pub const RETENTION_MAX_AGE: &str = "dbkeeper_retention_max_age_seconds";
 pub const REFRESH_ROWS: &str = "dbkeeper_refresh_last_rows";
+pub const MIGRATIONS_PENDING: &str = "dbkeeper_migrations_pending";
+pub const MIGRATIONS_APPLIED_VERSION: &str = "dbkeeper_migrations_applied_version";
+pub const MIGRATIONS_CHECKSUM_MISMATCH: &str = "dbkeeper_migrations_checksum_mismatch";
 
 /// Buckets of `job_duration_seconds`: from a fast `ANALYZE` to a multi-hour dump.
 const DURATION_BUCKETS: &[f64] = &[
@@ -194,6 +197,18 @@ fn describe() {
         "The retention policy's older-than."
     );
     describe_gauge!(REFRESH_ROWS, "Rows in the view after its latest refresh.");
+    describe_gauge!(
+        MIGRATIONS_PENDING,
+        "Migrations in the directory not applied yet."
+    );
+    describe_gauge!(
+        MIGRATIONS_APPLIED_VERSION,
+        "Newest applied migration version (0: none)."
+    );
+    describe_gauge!(
+        MIGRATIONS_CHECKSUM_MISMATCH,
+        "Applied migrations whose file changed since."
+    );
 }
 
 fn ts(t: Option<DateTime<Utc>>) -> f64 {
@@ -322,6 +337,13 @@ pub fn register_refresh(database: &str, view: &str) {
 pub fn refresh_rows(database: &str, view: &str, rows: u64) {
     gauge!(REFRESH_ROWS, "database" => database.to_owned(), "view" => view.to_owned())
         .set(rows as f64);
+}
+
+pub fn migrations(database: &str, pending: usize, applied_version: Option<i64>, drift: usize) {
+    let db = || [("database", database.to_owned())];
+    gauge!(MIGRATIONS_PENDING, &db()).set(pending as f64);
+    gauge!(MIGRATIONS_APPLIED_VERSION, &db()).set(applied_version.unwrap_or(0) as f64);
+    gauge!(MIGRATIONS_CHECKSUM_MISMATCH, &db()).set(drift as f64);
 }
 
 pub fn database_up(database: &str, up: bool) {

@@ -32,8 +32,8 @@ impl BackupKind {
     }
 }
 
-/// How thoroughly a backup is checked after it is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// How thoroughly a backup is checked after it is written (ordered: none < read < restore).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum VerifyMode {
     /// No check beyond a successful write.

@@ -63,6 +63,19 @@ async fn check_names(job: &Job) -> anyhow::Result<()> {
             r.resolve(&job.database).await?;
         }
         Work::Refresh(r) => r.check(&job.database).await?,
+        Work::Migrate(m) => {
+            let status = m.status(&job.database).await?;
+            for problem in &status.problems {
+                println!("job {}: WARNING: {problem}", job.id);
+            }
+            if !status.pending.is_empty() {
+                println!(
+                    "job {}: {} migrations pending",
+                    job.id,
+                    status.pending.len()
+                );
+            }
+        }
         Work::Backup(_) | Work::Sql(_) => {}
     }
     Ok(())

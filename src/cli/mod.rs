@@ -3,6 +3,7 @@
 
 mod backup;
 mod check;
+mod migrate;
 mod report;
 mod retention;
 
@@ -125,6 +126,31 @@ pub enum Tool {
     /// Retention rules: what they would delete.
     #[command(subcommand)]
     Retention(RetentionCommand),
+    /// Schema migrations (sqlx layout and history table).
+    #[command(subcommand)]
+    Migrate(MigrateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// Applied, pending, drifted and missing migrations; exit 1 if something blocks apply.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        database: String,
+    },
+    /// The exact SQL that apply would run, in order; applies nothing.
+    Plan {
+        #[command(flatten)]
+        config: ConfigArg,
+        database: String,
+    },
+    /// Apply pending migrations now (after the pre-migration backup, if configured).
+    Apply {
+        #[command(flatten)]
+        config: ConfigArg,
+        database: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -194,6 +220,11 @@ impl Command {
             | Tool::History { config, .. }
             | Tool::Restore { config, .. }
             | Tool::Retention(RetentionCommand::Plan { config, .. })
+            | Tool::Migrate(
+                MigrateCommand::Status { config, .. }
+                | MigrateCommand::Plan { config, .. }
+                | MigrateCommand::Apply { config, .. },
+            )
             | Tool::Backup(
                 BackupCommand::List { config, .. }
                 | BackupCommand::Verify { config, .. }
@@ -269,6 +300,15 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
         ) => backup::restore(c, &database, &id, &to, force, create).await,
         (Tool::Retention(RetentionCommand::Plan { database, .. }), Some(c)) => {
             retention::plan(c, &database).await
+        }
+        (Tool::Migrate(MigrateCommand::Status { database, .. }), Some(c)) => {
+            migrate::status(c, &database).await
+        }
+        (Tool::Migrate(MigrateCommand::Plan { database, .. }), Some(c)) => {
+            migrate::plan(c, &database).await
+        }
+        (Tool::Migrate(MigrateCommand::Apply { database, .. }), Some(c)) => {
+            migrate::apply(c, &database).await
         }
     };
     result.unwrap_or_else(|e| {

@@ -135,6 +135,9 @@ pub struct DatabaseConfig {
     /// `[[database.refresh]]`: materialized-view refreshes. Default: none.
     #[serde(default)]
     pub refresh: Vec<RefreshConfig>,
+    /// `[database.migrate]`: pending schema migrations. Default: none.
+    #[serde(default)]
+    pub migrate: Option<MigrateConfig>,
     /// `[[database.sql]]`: statements run on a schedule. Default: none.
     #[serde(default)]
     pub sql: Vec<SqlJobConfig>,
@@ -151,6 +154,7 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("backup", &self.backup)
             .field("retention", &self.retention)
             .field("refresh", &self.refresh)
+            .field("migrate", &self.migrate)
             .field("sql", &self.sql)
             .finish()
     }
@@ -269,6 +273,61 @@ job_table! {
         pub lock_timeout: Duration,
     }
     defaults(timeout = Duration::from_secs(3600), missed = Missed::Skip, retries = 3)
+}
+
+/// What to do with a pending migration older than the newest applied one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutOfOrder {
+    /// Refuse to apply anything until it is resolved.
+    #[default]
+    Error,
+    /// Apply it like any other pending migration (what sqlx itself does).
+    Apply,
+}
+
+job_table! {
+    /// `[database.migrate]`: the `<database>.migrate` job.
+    pub struct MigrateConfig {
+        /// Directory of migrations in sqlx's layout: `<version>_<description>.sql`, or
+        /// `.up.sql`/`.down.sql` pairs; `-- no-transaction` as the first line runs a
+        /// file outside a transaction. Read at every run. Required.
+        pub dir: PathBuf,
+        /// Before applying anything, take a `pre-migration` backup through
+        /// `[database.backup]` and verify it; if that fails, apply nothing.
+        /// Default: `true` (needs `[database.backup]`).
+        #[serde(default = "yes")]
+        pub backup_first: bool,
+        /// A pending migration whose version is lower than the newest applied one:
+        /// `error` (apply nothing) or `apply`. Default: `error`.
+        #[serde(default)]
+        pub out_of_order: OutOfOrder,
+        /// `lock_timeout` for each migration's statements (PostgreSQL). Default: `10s`.
+        #[serde(default = "default_migrate_lock_timeout", with = "humantime_serde")]
+        pub lock_timeout: Duration,
+        /// `statement_timeout` for each migration's statements (PostgreSQL).
+        /// Default: none.
+        #[serde(default, with = "humantime_serde")]
+        pub statement_timeout: Option<Duration>,
+        /// How long to wait for another migrator (dbkeeper or sqlx) holding the
+        /// migration lock. Default: `10m`.
+        #[serde(default = "default_lock_wait", with = "humantime_serde")]
+        pub lock_wait: Duration,
+        /// PostgreSQL: before running a migration, drop INVALID indexes left by an
+        /// earlier failed `CREATE INDEX CONCURRENTLY` of that same migration (named in
+        /// its SQL). Default: `false` (they are reported).
+        #[serde(default)]
+        pub drop_invalid_indexes: bool,
+    }
+    defaults(timeout = Duration::from_secs(6 * 3600), missed = Missed::Skip, retries = 0)
+}
+
+fn default_migrate_lock_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_lock_wait() -> Duration {
+    Duration::from_secs(600)
 }
 
 fn yes() -> bool {
@@ -515,6 +574,14 @@ impl Config {
                 self.validate_backup(&key, backup)?;
             }
             self.validate_retention(&key, db, backend)?;
+            if let Some(m) = &db.migrate {
+                if m.backup_first && db.backup.is_none() {
+                    return Err(self.invalid(
+                        format!("{key}.migrate.backup-first"),
+                        "needs [database.backup] to take the pre-migration backup; add one or set backup-first = false",
+                    ));
+                }
+            }
             self.validate_refresh(&key, db, backend)?;
             let mut jobs = HashSet::new();
             for job in &db.sql {

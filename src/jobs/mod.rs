@@ -5,6 +5,7 @@
 //! `<database>.<kind>[.<name>]`.
 
 pub mod backup;
+pub mod migrate;
 pub mod refresh;
 pub mod retention;
 mod sql;
@@ -37,6 +38,7 @@ pub enum Work {
     Backup(Box<backup::BackupJob>),
     Retention(Box<retention::RetentionJob>),
     Refresh(Box<refresh::RefreshJob>),
+    Migrate(Box<migrate::MigrateJob>),
     Sql(SqlJob),
 }
 
@@ -47,6 +49,7 @@ impl Work {
             Work::Backup(_) => "backup",
             Work::Retention(_) => "retention",
             Work::Refresh(_) => "refresh",
+            Work::Migrate(_) => "migrate",
             Work::Sql(_) => "sql",
         }
     }
@@ -54,6 +57,7 @@ impl Work {
     /// True for jobs that must not run beside any other job on the same database.
     pub fn exclusive(&self) -> bool {
         match self {
+            Work::Migrate(_) => true,
             Work::Backup(_) | Work::Retention(_) | Work::Refresh(_) | Work::Sql(_) => false,
         }
     }
@@ -85,6 +89,7 @@ impl Job {
             }
             Work::Retention(r) => Ok(r.run(&self.database, &cancel).await?),
             Work::Refresh(r) => Ok(r.run(&self.database, &cancel).await?),
+            Work::Migrate(m) => Ok(m.run(&self.database, &cancel).await?),
             Work::Sql(sql) => sql.run(&self.database, self.options.timeout, &cancel).await,
         }
     }
@@ -109,6 +114,8 @@ pub enum JobError {
     Retention(#[from] retention::RetentionError),
     #[error(transparent)]
     Refresh(#[from] refresh::RefreshError),
+    #[error(transparent)]
+    Migrate(#[from] migrate::MigrateError),
 }
 
 impl JobError {
@@ -127,6 +134,9 @@ impl JobError {
                         | R::Unsupported(_)
                 )
                 | JobError::Backup(backup::BackupError::Refused(_))
+                | JobError::Migrate(
+                    migrate::MigrateError::Blocked(_) | migrate::MigrateError::Read { .. }
+                )
         )
     }
 
@@ -137,7 +147,8 @@ impl JobError {
             JobError::Backup(e) => e.database_unreachable(),
             JobError::Retention(retention::RetentionError::Db(e))
             | JobError::Refresh(refresh::RefreshError::Db(e)) => e.is_unreachable(),
-            JobError::Retention(_) | JobError::Refresh(_) => false,
+            JobError::Migrate(migrate::MigrateError::Db(e)) => e.is_unreachable(),
+            JobError::Retention(_) | JobError::Refresh(_) | JobError::Migrate(_) => false,
         }
     }
 }
@@ -231,6 +242,23 @@ pub fn build(
                 )),
                 database: database.clone(),
                 options: r.options(),
+            }));
+        }
+        if let Some(m) = &cfg.migrate {
+            let backup = jobs
+                .iter()
+                .find(|j: &&Arc<Job>| {
+                    j.database_name() == cfg.name && matches!(j.work, Work::Backup(_))
+                })
+                .cloned();
+            jobs.push(Arc::new(Job {
+                id: format!("{}.migrate", cfg.name),
+                work: Work::Migrate(Box::new(migrate::MigrateJob {
+                    cfg: m.clone(),
+                    backup,
+                })),
+                database: database.clone(),
+                options: m.options(),
             }));
         }
         for sql in &cfg.sql {

@@ -126,6 +126,19 @@ impl BackupJob {
         kind: BackupKind,
         cancel: &CancellationToken,
     ) -> Result<Outcome, BackupError> {
+        self.run_verified(db, kind, VerifyMode::None, cancel).await
+    }
+
+    /// Like [`BackupJob::run`], verifying at least as thoroughly as `at_least`
+    /// (pre-migration backups are always read back).
+    pub async fn run_verified(
+        &self,
+        db: &Database,
+        kind: BackupKind,
+        at_least: VerifyMode,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, BackupError> {
+        let verify = self.cfg.verify.max(at_least);
         let dest = self.destination(db.name());
         dest.ensure()
             .map_err(io_err("cannot create backup directory", dest.dir()))?;
@@ -161,7 +174,7 @@ impl BackupJob {
         let tmp = dest
             .create_temp(&archive_name)
             .map_err(io_err("cannot create a file in", dest.dir()))?;
-        let check = self.cfg.verify != VerifyMode::None;
+        let check = verify != VerifyMode::None;
         let (tmp, stats) = source::dump(self, db, header, tmp, check, cancel)
             .await
             .map_err(|e| match e {
@@ -173,13 +186,15 @@ impl BackupJob {
                 other => other,
             })?;
 
-        let verified = self.verify_written(db, tmp.path(), &stats, cancel).await;
+        let verified = self
+            .verify_written(db, verify, tmp.path(), &stats, cancel)
+            .await;
         if matches!(verified, Err(BackupError::Cancelled)) {
             return Err(BackupError::Cancelled);
         }
         let verification = Verification {
-            mode: self.cfg.verify,
-            result: match (&verified, self.cfg.verify) {
+            mode: verify,
+            result: match (&verified, verify) {
                 (Err(_), _) => VerifyResult::Failed,
                 (Ok(()), VerifyMode::None) => VerifyResult::Skipped,
                 (Ok(()), _) => VerifyResult::Passed,
@@ -245,11 +260,12 @@ impl BackupJob {
     async fn verify_written(
         &self,
         db: &Database,
+        verify: VerifyMode,
         path: &std::path::Path,
         stats: &crate::archive::WriteStats,
         cancel: &CancellationToken,
     ) -> Result<(), BackupError> {
-        if self.cfg.verify == VerifyMode::None {
+        if verify == VerifyMode::None {
             return Ok(());
         }
         match &stats.checked {
@@ -266,7 +282,7 @@ impl BackupJob {
             }
         }
         verify::stored_sha_matches(path, &stats.sha256, cancel).await?;
-        if self.cfg.verify == VerifyMode::Restore {
+        if verify == VerifyMode::Restore {
             verify::restore_test(path, &self.keys, &self.scratch_target(db), cancel).await?;
         }
         Ok(())

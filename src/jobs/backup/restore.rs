@@ -125,6 +125,7 @@ async fn restore_postgres(
         backup: None,
         retention: Vec::new(),
         refresh: Vec::new(),
+        migrate: None,
         sql: Vec::new(),
     };
     let Database::Postgres(pg) = Database::open(&cfg)? else {

@@ -1,0 +1,374 @@
+//! `migrate` jobs (`<database>.migrate`): apply pending migrations from a directory,
+//! compatible with sqlx.
+//!
+//! Files are read at run time with sqlx's own reader (same versions, descriptions,
+//! SHA-384 checksums and `-- no-transaction` handling as `sqlx::migrate!()`), and the
+//! history lives in sqlx's `_sqlx_migrations` with its exact columns, so a database
+//! migrated by an application's embedded sqlx migrator and by dbkeeper agree on what
+//! is applied. Before anything is applied: checksum drift, applied migrations missing
+//! from disk, dirty entries and out-of-order versions are reported, and a verified
+//! pre-migration backup is taken. Each migration runs with its history row in one
+//! transaction (except `-- no-transaction` files).
+
+mod postgres;
+mod sqlite;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::Utc;
+use sqlx::migrate::{Migration, Migrator};
+use tokio_util::sync::CancellationToken;
+
+use super::{Job, Outcome, Work};
+use crate::catalog::{BackupKind, VerifyMode};
+use crate::config::{MigrateConfig, OutOfOrder};
+use crate::db::{Database, DbError};
+use crate::metrics;
+
+/// A migration run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("cannot read migrations from {dir}: {message}; check [database.migrate] dir")]
+    Read { dir: PathBuf, message: String },
+    #[error("{0}")]
+    Blocked(String),
+    #[error("migration {version} ({file}) failed, nothing after it was applied: {message}")]
+    Failed {
+        version: i64,
+        file: String,
+        message: String,
+    },
+    #[error(
+        "another migrator held the migration lock for {0:?}; try again later or raise lock-wait"
+    )]
+    LockTimeout(std::time::Duration),
+    #[error("pre-migration backup failed, nothing was applied: {0}")]
+    Backup(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// A row of `_sqlx_migrations`.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub version: i64,
+    pub description: String,
+    pub success: bool,
+    pub checksum: Vec<u8>,
+    pub installed_on: String,
+}
+
+/// One version's state, for `migrate status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Applied,
+    Pending,
+    /// Applied, but the file's checksum differs now.
+    Drift,
+    /// Applied, but no file has this version.
+    Missing,
+    /// Marked as failed in the history.
+    Dirty,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Applied => "applied",
+            State::Pending => "pending",
+            State::Drift => "CHECKSUM DRIFT",
+            State::Missing => "FILE MISSING",
+            State::Dirty => "DIRTY",
+        }
+    }
+}
+
+/// Files and history compared.
+#[derive(Debug, Clone)]
+pub struct Assessment {
+    /// Every version seen, ascending: (version, description, state, installed_on).
+    pub rows: Vec<(i64, String, State, Option<String>)>,
+    /// Up migrations to apply, ascending.
+    pub pending: Vec<Migration>,
+    /// What blocks applying, one sentence each.
+    pub problems: Vec<String>,
+    pub drift: usize,
+    pub applied_version: Option<i64>,
+}
+
+/// The migrations in `dir`, up migrations only, ascending.
+pub async fn read_dir(dir: &Path) -> Result<Vec<Migration>, MigrateError> {
+    if !dir.is_dir() {
+        return Err(MigrateError::Read {
+            dir: dir.to_owned(),
+            message: "not a directory".to_owned(),
+        });
+    }
+    let migrator = Migrator::new(dir).await.map_err(|e| MigrateError::Read {
+        dir: dir.to_owned(),
+        message: e.to_string(),
+    })?;
+    let mut up: Vec<Migration> = migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .cloned()
+        .collect();
+    up.sort_by_key(|m| m.version);
+    Ok(up)
+}
+
+/// The file a version comes from, for messages.
+pub fn file_name(dir: &Path, version: i64) -> String {
+    let prefix = format!("{version}_");
+    std::fs::read_dir(dir)
+        .ok()
+        .and_then(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .filter(|n| {
+                    n.starts_with(&prefix) && n.ends_with(".sql") && !n.ends_with(".down.sql")
+                })
+                .min()
+        })
+        .unwrap_or_else(|| format!("{version}_*.sql"))
+}
+
+/// Compares the files with the history.
+pub fn assess(
+    dir: &Path,
+    files: &[Migration],
+    applied: &[Applied],
+    out_of_order: OutOfOrder,
+) -> Assessment {
+    let mut rows = Vec::new();
+    let mut problems = Vec::new();
+    let mut pending = Vec::new();
+    let mut drift = 0;
+    let newest_applied = applied
+        .iter()
+        .filter(|a| a.success)
+        .map(|a| a.version)
+        .max();
+    for a in applied {
+        let file = files.iter().find(|f| f.version == a.version);
+        let state = if !a.success {
+            problems.push(format!(
+                "migration {} ({}) is marked failed (dirty) in _sqlx_migrations; repair the database by hand, then delete that row",
+                a.version, a.description
+            ));
+            State::Dirty
+        } else if let Some(f) = file {
+            if *f.checksum != *a.checksum {
+                drift += 1;
+                problems.push(format!(
+                    "migration {} ({}) was changed after it was applied (checksum differs); restore the file as it was applied and put changes in a new migration",
+                    a.version,
+                    file_name(dir, a.version)
+                ));
+                State::Drift
+            } else {
+                State::Applied
+            }
+        } else {
+            problems.push(format!(
+                "migration {} ({}) is applied but its file is missing from {}; restore the file",
+                a.version,
+                a.description,
+                dir.display()
+            ));
+            State::Missing
+        };
+        rows.push((
+            a.version,
+            a.description.clone(),
+            state,
+            Some(a.installed_on.clone()),
+        ));
+    }
+    for f in files {
+        if applied.iter().any(|a| a.version == f.version) {
+            continue;
+        }
+        if newest_applied.is_some_and(|newest| f.version < newest)
+            && out_of_order == OutOfOrder::Error
+        {
+            problems.push(format!(
+                "migration {} ({}) is pending but newer migration {} is already applied; set out-of-order = \"apply\" to apply it anyway",
+                f.version,
+                file_name(dir, f.version),
+                newest_applied.unwrap_or_default()
+            ));
+        }
+        rows.push((f.version, f.description.to_string(), State::Pending, None));
+        pending.push(f.clone());
+    }
+    rows.sort_by_key(|r| r.0);
+    Assessment {
+        rows,
+        pending,
+        problems,
+        drift,
+        applied_version: newest_applied,
+    }
+}
+
+/// A configured migrate job.
+#[derive(Debug)]
+pub struct MigrateJob {
+    pub cfg: MigrateConfig,
+    /// The database's backup job, for `backup-first`.
+    pub backup: Option<Arc<Job>>,
+}
+
+impl MigrateJob {
+    /// Reads the files and the history (creating nothing) and publishes the metrics.
+    pub async fn status(&self, db: &Database) -> Result<Assessment, MigrateError> {
+        let files = read_dir(&self.cfg.dir).await?;
+        let applied = match db {
+            Database::Postgres(pg) => postgres::applied(pg).await?,
+            Database::Sqlite(lite) => sqlite::applied(lite).await?,
+        };
+        let a = assess(&self.cfg.dir, &files, &applied, self.cfg.out_of_order);
+        metrics::migrations(db.name(), a.pending.len(), a.applied_version, a.drift);
+        Ok(a)
+    }
+
+    pub async fn run(
+        &self,
+        db: &Database,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, MigrateError> {
+        let result = match db {
+            Database::Postgres(pg) => postgres::apply(pg, self, cancel).await,
+            Database::Sqlite(lite) => sqlite::apply(lite, self, cancel).await,
+        };
+        // Whatever happened, the metrics show the state now.
+        if let Err(e) = self.status(db).await {
+            tracing::warn!(database = db.name(), "cannot read migration status: {e}");
+        }
+        let (applied, backup_id) = result?;
+        let summary = if applied.is_empty() {
+            "up to date, nothing to apply".to_owned()
+        } else {
+            format!(
+                "applied {} migrations ({}){}",
+                applied.len(),
+                applied
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                backup_id
+                    .as_ref()
+                    .map_or(String::new(), |id| format!(" after backup {id}"))
+            )
+        };
+        Ok(Outcome {
+            summary,
+            details: serde_json::json!({ "applied": applied, "pre_migration_backup": backup_id }),
+        })
+    }
+
+    /// Takes and verifies the pre-migration backup (when configured); returns its id.
+    async fn backup_first(
+        &self,
+        db: &Database,
+        cancel: &CancellationToken,
+    ) -> Result<Option<String>, MigrateError> {
+        if !self.cfg.backup_first {
+            return Ok(None);
+        }
+        let Some(Work::Backup(b)) = self.backup.as_ref().map(|j| &j.work) else {
+            return Err(MigrateError::Backup(
+                "no [database.backup] is configured".to_owned(),
+            ));
+        };
+        let started = Utc::now();
+        let outcome = b
+            .run_verified(db, BackupKind::PreMigration, VerifyMode::Read, cancel)
+            .await
+            .map_err(|e| MigrateError::Backup(e.to_string()))?;
+        let id = outcome.details["backup_id"].as_str().map(str::to_owned);
+        tracing::info!(
+            database = db.name(),
+            backup = id.as_deref().unwrap_or("?"),
+            took_s = (Utc::now() - started).num_milliseconds() as f64 / 1000.0,
+            "pre-migration backup taken and verified"
+        );
+        Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    fn file(version: i64, sql: &'static str) -> Migration {
+        Migration::new(
+            version,
+            Cow::Owned(format!("m{version}")),
+            sqlx::migrate::MigrationType::Simple,
+            sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(sql)),
+            false,
+        )
+    }
+
+    fn applied(m: &Migration) -> Applied {
+        Applied {
+            version: m.version,
+            description: m.description.to_string(),
+            success: true,
+            checksum: m.checksum.to_vec(),
+            installed_on: "2026-01-01".into(),
+        }
+    }
+
+    #[test]
+    fn pending_drift_missing_dirty_and_out_of_order() {
+        let dir = Path::new("/nonexistent");
+        let files = vec![file(1, "a"), file(2, "b"), file(3, "c"), file(5, "e")];
+        let mut history = vec![applied(&files[0]), applied(&files[2])];
+        let a = assess(dir, &files, &history, OutOfOrder::Error);
+        assert_eq!(
+            a.pending.iter().map(|m| m.version).collect::<Vec<_>>(),
+            [2, 5]
+        );
+        assert_eq!(a.problems.len(), 1, "2 is out of order: {:?}", a.problems);
+        assert!(a.problems[0].contains("out-of-order"));
+        assert!(assess(dir, &files, &history, OutOfOrder::Apply)
+            .problems
+            .is_empty());
+
+        history[0].checksum[0] ^= 1;
+        history.push(Applied {
+            version: 4,
+            description: "gone".into(),
+            ..applied(&files[0])
+        });
+        history.push(Applied {
+            version: 9,
+            success: false,
+            ..applied(&files[3])
+        });
+        let a = assess(dir, &files, &history, OutOfOrder::Apply);
+        let states: Vec<(i64, State)> = a.rows.iter().map(|r| (r.0, r.2)).collect();
+        assert_eq!(
+            states,
+            [
+                (1, State::Drift),
+                (2, State::Pending),
+                (3, State::Applied),
+                (4, State::Missing),
+                (5, State::Pending),
+                (9, State::Dirty)
+            ]
+        );
+        assert_eq!(a.drift, 1);
+        assert_eq!(a.problems.len(), 3);
+        assert_eq!(a.applied_version, Some(4));
+    }
+}

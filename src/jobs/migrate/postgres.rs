@@ -1,0 +1,271 @@
+//! Migrations on PostgreSQL.
+//!
+//! The lock is sqlx's advisory lock (same key, so dbkeeper and an application's sqlx
+//! migrator exclude each other), but taken by polling `pg_try_advisory_lock`: a
+//! waiting migrator then never sits in a long statement, which a concurrent
+//! `CREATE INDEX CONCURRENTLY` in the lock holder would wait for — a deadlock with the
+//! blocking `pg_advisory_lock`. The lock is session-level on a connection of our own
+//! that is closed at the end, so it is released whatever happens.
+
+use std::time::{Duration, Instant};
+
+use sqlx::migrate::Migration;
+use sqlx::pool::PoolConnection;
+use sqlx::{AssertSqlSafe, Connection, Row};
+use tokio_util::sync::CancellationToken;
+
+use super::{assess, file_name, Applied, MigrateError, MigrateJob};
+use crate::db::Postgres;
+
+const POLL: Duration = Duration::from_millis(250);
+
+/// sqlx's migration lock key for a database name.
+fn lock_id(database_name: &str) -> i64 {
+    const CRC_IEEE: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+    0x3d32ad9e * i64::from(CRC_IEEE.checksum(database_name.as_bytes()))
+}
+
+const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
+    version BIGINT PRIMARY KEY,
+    description TEXT NOT NULL,
+    installed_on TIMESTAMPTZ NOT NULL DEFAULT now(),
+    success BOOLEAN NOT NULL,
+    checksum BYTEA NOT NULL,
+    execution_time BIGINT NOT NULL
+)";
+
+fn db_err(pg: &Postgres) -> impl Fn(sqlx::Error) -> MigrateError + '_ {
+    move |e| MigrateError::Db(pg.query_error(e))
+}
+
+/// The history, or nothing if the table does not exist yet.
+pub async fn applied(pg: &Postgres) -> Result<Vec<Applied>, MigrateError> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&pg.pool)
+        .await
+        .map_err(db_err(pg))?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "SELECT version, description, success, checksum, installed_on::text FROM _sqlx_migrations ORDER BY version",
+    )
+    .fetch_all(&pg.pool)
+    .await
+    .map_err(db_err(pg))?;
+    Ok(rows
+        .iter()
+        .map(|r| Applied {
+            version: r.get(0),
+            description: r.get(1),
+            success: r.get(2),
+            checksum: r.get(3),
+            installed_on: r.get(4),
+        })
+        .collect())
+}
+
+/// Waits for sqlx's migration lock by polling, up to `wait`.
+async fn lock(
+    pg: &Postgres,
+    conn: &mut PoolConnection<sqlx::Postgres>,
+    key: i64,
+    wait: Duration,
+    cancel: &CancellationToken,
+) -> Result<(), MigrateError> {
+    let started = Instant::now();
+    let mut told = false;
+    loop {
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut **conn)
+            .await
+            .map_err(db_err(pg))?;
+        if got {
+            return Ok(());
+        }
+        if started.elapsed() >= wait {
+            return Err(MigrateError::LockTimeout(wait));
+        }
+        if !told {
+            tracing::info!(database = %pg.name, "another migrator holds the migration lock; waiting");
+            told = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = cancel.cancelled() => return Err(MigrateError::Cancelled),
+        }
+    }
+}
+
+/// Applies what is pending; returns the applied versions and the backup id.
+pub async fn apply(
+    pg: &Postgres,
+    job: &MigrateJob,
+    cancel: &CancellationToken,
+) -> Result<(Vec<i64>, Option<String>), MigrateError> {
+    let files = super::read_dir(&job.cfg.dir).await?;
+    let mut conn = pg
+        .pool
+        .acquire()
+        .await
+        .map_err(|e| MigrateError::Db(pg.connect_error(e)))?;
+    // The session lock and settings end with this connection.
+    conn.close_on_drop();
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_err(pg))?;
+    let key = lock_id(&database);
+    lock(pg, &mut conn, key, job.cfg.lock_wait, cancel).await?;
+    let result = apply_locked(pg, &mut conn, job, &files, cancel).await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(key)
+        .execute(&mut *conn)
+        .await;
+    result
+}
+
+async fn apply_locked(
+    pg: &Postgres,
+    conn: &mut PoolConnection<sqlx::Postgres>,
+    job: &MigrateJob,
+    files: &[Migration],
+    cancel: &CancellationToken,
+) -> Result<(Vec<i64>, Option<String>), MigrateError> {
+    sqlx::raw_sql(CREATE_TABLE)
+        .execute(&mut **conn)
+        .await
+        .map_err(db_err(pg))?;
+    let history = applied(pg).await?;
+    let a = assess(&job.cfg.dir, files, &history, job.cfg.out_of_order);
+    if !a.problems.is_empty() {
+        return Err(MigrateError::Blocked(format!(
+            "nothing applied: {}",
+            a.problems.join("; ")
+        )));
+    }
+    if a.pending.is_empty() {
+        return Ok((Vec::new(), None));
+    }
+    let database = crate::db::Database::Postgres(pg.clone());
+    let backup_id = job.backup_first(&database, cancel).await?;
+    let mut done = Vec::new();
+    for m in &a.pending {
+        if cancel.is_cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
+        let file = file_name(&job.cfg.dir, m.version);
+        if job.cfg.drop_invalid_indexes {
+            for index in invalid_indexes(pg, conn, Some(m.sql.as_str())).await? {
+                tracing::warn!(database = %pg.name, index, "dropping an INVALID index left by an earlier failed attempt");
+                // `index` comes from format('%I.%I'): already quoted.
+                sqlx::raw_sql(AssertSqlSafe(format!("DROP INDEX IF EXISTS {index}")))
+                    .execute(&mut **conn)
+                    .await
+                    .map_err(db_err(pg))?;
+            }
+        }
+        tracing::info!(database = %pg.name, version = m.version, file, "applying migration");
+        let started = Instant::now();
+        if let Err(e) = run_one(conn, job, m).await {
+            let mut message = e.to_string();
+            if m.no_tx {
+                let left = invalid_indexes(pg, conn, None).await.unwrap_or_default();
+                if !left.is_empty() {
+                    message.push_str(&format!(
+                        "; it left INVALID indexes {} — drop them (or set drop-invalid-indexes = true) before retrying",
+                        left.join(", ")
+                    ));
+                }
+            }
+            return Err(MigrateError::Failed {
+                version: m.version,
+                file,
+                message,
+            });
+        }
+        let _ = sqlx::query("UPDATE _sqlx_migrations SET execution_time = $1 WHERE version = $2")
+            .bind(started.elapsed().as_nanos() as i64)
+            .bind(m.version)
+            .execute(&mut **conn)
+            .await;
+        done.push(m.version);
+    }
+    Ok((done, backup_id))
+}
+
+/// `SET lock_timeout`/`statement_timeout` statements for one migration.
+fn settings(job: &MigrateJob, local: bool) -> String {
+    let scope = if local { "SET LOCAL" } else { "SET" };
+    let statement = job
+        .cfg
+        .statement_timeout
+        .map_or(0, |d| d.as_millis().max(1));
+    format!(
+        "{scope} lock_timeout = '{}ms'; {scope} statement_timeout = '{statement}ms'",
+        job.cfg.lock_timeout.as_millis().max(1)
+    )
+}
+
+const RECORD: &str =
+    "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+                      VALUES ($1, $2, TRUE, $3, -1)";
+
+/// One migration and its history row: in one transaction, or (`-- no-transaction`)
+/// one after the other.
+async fn run_one(
+    conn: &mut PoolConnection<sqlx::Postgres>,
+    job: &MigrateJob,
+    m: &Migration,
+) -> Result<(), sqlx::Error> {
+    let record = sqlx::query(RECORD)
+        .bind(m.version)
+        .bind(m.description.to_string())
+        .bind(m.checksum.to_vec());
+    if m.no_tx {
+        sqlx::raw_sql(AssertSqlSafe(settings(job, false)))
+            .execute(&mut **conn)
+            .await?;
+        let result = async {
+            sqlx::raw_sql(m.sql.clone()).execute(&mut **conn).await?;
+            record.execute(&mut **conn).await
+        }
+        .await;
+        let _ = sqlx::raw_sql("RESET lock_timeout; RESET statement_timeout")
+            .execute(&mut **conn)
+            .await;
+        result.map(|_| ())
+    } else {
+        let mut tx = conn.begin().await?;
+        sqlx::raw_sql(AssertSqlSafe(settings(job, true)))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::raw_sql(m.sql.clone()).execute(&mut *tx).await?;
+        record.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// INVALID indexes (left by a failed `CREATE INDEX CONCURRENTLY`), quoted; with `sql`,
+/// only those whose name appears in it.
+async fn invalid_indexes(
+    pg: &Postgres,
+    conn: &mut PoolConnection<sqlx::Postgres>,
+    sql: Option<&str>,
+) -> Result<Vec<String>, MigrateError> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT format('%I.%I', n.nspname, c.relname), c.relname::text
+         FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE NOT i.indisvalid",
+    )
+    .fetch_all(&mut **conn)
+    .await
+    .map_err(db_err(pg))?;
+    Ok(rows
+        .into_iter()
+        .filter(|(_, name)| sql.is_none_or(|s| s.contains(name.as_str())))
+        .map(|(quoted, _)| quoted)
+        .collect())
+}

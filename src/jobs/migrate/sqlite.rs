@@ -1,0 +1,145 @@
+//! Migrations on SQLite. The database file is its own lock: each migration runs in a
+//! `BEGIN IMMEDIATE` transaction that first re-checks the history, so two migrators
+//! never apply one version twice. `-- no-transaction` files run outside it.
+
+use std::time::{Duration, Instant};
+
+use sqlx::migrate::Migration;
+use sqlx::Row;
+use tokio_util::sync::CancellationToken;
+
+use super::{assess, file_name, Applied, MigrateError, MigrateJob};
+use crate::db::Sqlite;
+
+const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
+    version BIGINT PRIMARY KEY,
+    description TEXT NOT NULL,
+    installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    success BOOLEAN NOT NULL,
+    checksum BLOB NOT NULL,
+    execution_time BIGINT NOT NULL
+)";
+
+const RECORD: &str =
+    "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+                      VALUES (?1, ?2, TRUE, ?3, -1)";
+
+fn db_err(lite: &Sqlite) -> impl Fn(sqlx::Error) -> MigrateError + '_ {
+    move |e| MigrateError::Db(lite.query_error(e))
+}
+
+pub async fn applied(lite: &Sqlite) -> Result<Vec<Applied>, MigrateError> {
+    let exists: bool = sqlx::query_scalar(
+        "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = '_sqlx_migrations'",
+    )
+    .fetch_one(&lite.pool)
+    .await
+    .map_err(db_err(lite))?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "SELECT version, description, success, checksum, CAST(installed_on AS TEXT) FROM _sqlx_migrations ORDER BY version",
+    )
+    .fetch_all(&lite.pool)
+    .await
+    .map_err(db_err(lite))?;
+    Ok(rows
+        .iter()
+        .map(|r| Applied {
+            version: r.get(0),
+            description: r.get(1),
+            success: r.get(2),
+            checksum: r.get(3),
+            installed_on: r.get(4),
+        })
+        .collect())
+}
+
+pub async fn apply(
+    lite: &Sqlite,
+    job: &MigrateJob,
+    cancel: &CancellationToken,
+) -> Result<(Vec<i64>, Option<String>), MigrateError> {
+    let files = super::read_dir(&job.cfg.dir).await?;
+    sqlx::raw_sql(CREATE_TABLE)
+        .execute(&lite.pool)
+        .await
+        .map_err(db_err(lite))?;
+    let a = assess(
+        &job.cfg.dir,
+        &files,
+        &applied(lite).await?,
+        job.cfg.out_of_order,
+    );
+    if !a.problems.is_empty() {
+        return Err(MigrateError::Blocked(format!(
+            "nothing applied: {}",
+            a.problems.join("; ")
+        )));
+    }
+    if a.pending.is_empty() {
+        return Ok((Vec::new(), None));
+    }
+    let database = crate::db::Database::Sqlite(lite.clone());
+    let backup_id = job.backup_first(&database, cancel).await?;
+    let mut done = Vec::new();
+    for m in &a.pending {
+        if cancel.is_cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
+        let file = file_name(&job.cfg.dir, m.version);
+        tracing::info!(database = %lite.name, version = m.version, file, "applying migration");
+        let started = Instant::now();
+        match run_one(lite, m, job.cfg.lock_timeout).await {
+            Ok(true) => done.push(m.version),
+            Ok(false) => {} // another migrator applied it meanwhile
+            Err(e) => {
+                return Err(MigrateError::Failed {
+                    version: m.version,
+                    file,
+                    message: e.to_string(),
+                })
+            }
+        }
+        let _ = sqlx::query("UPDATE _sqlx_migrations SET execution_time = ?1 WHERE version = ?2")
+            .bind(started.elapsed().as_nanos() as i64)
+            .bind(m.version)
+            .execute(&lite.pool)
+            .await;
+    }
+    Ok((done, backup_id))
+}
+
+/// Applies one migration unless it is applied already; `Ok(false)` if it was.
+async fn run_one(lite: &Sqlite, m: &Migration, busy: Duration) -> Result<bool, MigrateError> {
+    let record = sqlx::query(RECORD)
+        .bind(m.version)
+        .bind(m.description.to_string())
+        .bind(m.checksum.to_vec());
+    if m.no_tx {
+        sqlx::raw_sql(m.sql.clone())
+            .execute(&lite.pool)
+            .await
+            .map_err(db_err(lite))?;
+        record.execute(&lite.pool).await.map_err(db_err(lite))?;
+        return Ok(true);
+    }
+    let mut conn = lite.begin_immediate(busy).await?;
+    let steps = async {
+        let seen: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE version = ?1")
+                .bind(m.version)
+                .fetch_one(&mut *conn)
+                .await?;
+        if seen > 0 {
+            return Ok(false);
+        }
+        sqlx::raw_sql(m.sql.clone()).execute(&mut *conn).await?;
+        record.execute(&mut *conn).await?;
+        Ok(true)
+    }
+    .await
+    .map_err(db_err(lite));
+    lite.finish(conn, steps).await
+}

@@ -1,0 +1,440 @@
+//! Migrations with the real binary against real PostgreSQL and SQLite, checked against
+//! sqlx's own `Migrator`.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{psql, PgDb, Workdir, BIN};
+use predicates::prelude::*;
+
+fn write(dir: &Path, name: &str, sql: &str) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    std::fs::write(dir.join(name), sql).expect("write migration");
+}
+
+fn migrate_config(url: &str, dir: &Path, extra: &str) -> String {
+    format!(
+        "[[database]]\nname = \"db\"\nurl = \"{url}\"\n[database.migrate]\ndir = \"{}\"\nschedule = \"manual\"\n{extra}\n",
+        dir.display()
+    )
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// sqlx's own migrator, as an application embedding it would run it.
+fn sqlx_migrate(url: &str, dir: &Path) -> Result<(), sqlx::migrate::MigrateError> {
+    runtime().block_on(async {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(url)
+            .await
+            .expect("connect");
+        let result = sqlx::migrate::Migrator::new(dir).await?.run(&pool).await;
+        pool.close().await;
+        result
+    })
+}
+
+#[test]
+fn sqlx_and_dbkeeper_agree_on_what_is_applied() {
+    let pg = PgDb::new("mig_sqlx");
+    let w = Workdir::new();
+    let dir = w.path().join("migrations");
+    write(
+        &dir,
+        "20260101000001_create_users.sql",
+        "CREATE TABLE users (id bigserial PRIMARY KEY, email text NOT NULL);",
+    );
+    write(
+        &dir,
+        "20260101000002_add_name.up.sql",
+        "ALTER TABLE users ADD COLUMN name text;",
+    );
+    write(
+        &dir,
+        "20260101000002_add_name.down.sql",
+        "ALTER TABLE users DROP COLUMN name;",
+    );
+    write(
+        &dir,
+        "20260101000003_seed.sql",
+        "INSERT INTO users (email) VALUES ('a@example.com'), ('b@example.com');",
+    );
+    sqlx_migrate(&pg.url, &dir).expect("sqlx applies the first three");
+
+    w.write_config("", &migrate_config(&pg.url, &dir, "backup-first = false"));
+    let status = w.stdout(&["migrate", "status", "db"]);
+    assert_eq!(
+        status.matches("applied").count(),
+        3,
+        "sqlx's history is recognised: {status}"
+    );
+    w.stdout(&["migrate", "apply", "db"])
+        .contains("up to date")
+        .then_some(())
+        .expect("nothing to do");
+
+    write(
+        &dir,
+        "20260201000004_add_index.sql",
+        "-- no-transaction\nCREATE INDEX CONCURRENTLY users_email ON users (email);",
+    );
+    write(
+        &dir,
+        "20260201000005_orders.sql",
+        "CREATE TABLE orders (id bigserial PRIMARY KEY, user_id bigint REFERENCES users (id));",
+    );
+    let plan = w.stdout(&["migrate", "plan", "db"]);
+    assert!(
+        plan.contains(
+            "-- migration 20260201000004 (20260201000004_add_index.sql), outside a transaction"
+        ),
+        "{plan}"
+    );
+    assert!(plan.contains("CREATE TABLE orders"), "{plan}");
+    assert_eq!(
+        psql(&pg.url, "SELECT count(*) FROM _sqlx_migrations"),
+        "3",
+        "plan applies nothing"
+    );
+    w.cmd(&["migrate", "apply", "db"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "applied 2 migrations (20260201000004, 20260201000005)",
+        ));
+    // sqlx's migrator afterwards: same checksums, nothing pending, nothing applied twice.
+    sqlx_migrate(&pg.url, &dir).expect("sqlx sees no drift and nothing pending");
+    assert_eq!(
+        psql(
+            &pg.url,
+            "SELECT count(*) FROM _sqlx_migrations WHERE success"
+        ),
+        "5"
+    );
+    assert_eq!(psql(&pg.url, "SELECT count(*) FROM users"), "2");
+    assert_eq!(
+        psql(
+            &pg.url,
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'users_email'::regclass"
+        ),
+        "t"
+    );
+
+    // Drift and a missing file: reported by status and the metric, and block apply.
+    write(
+        &dir,
+        "20260101000003_seed.sql",
+        "INSERT INTO users (email) VALUES ('changed@example.com');",
+    );
+    write(
+        &dir,
+        "20260301000006_more.sql",
+        "CREATE TABLE more (id int);",
+    );
+    let out = w
+        .cmd(&["migrate", "status", "db"])
+        .output()
+        .expect("status");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CHECKSUM DRIFT"));
+    w.cmd(&["migrate", "apply", "db"]).assert().code(1).stderr(
+        predicate::str::contains("20260101000003_seed.sql")
+            .and(predicate::str::contains("changed after it was applied")),
+    );
+    assert_eq!(
+        psql(&pg.url, "SELECT to_regclass('more') IS NULL"),
+        "t",
+        "nothing applied"
+    );
+    {
+        let d = w.start();
+        d.wait_for("drift metric", Duration::from_secs(10), || {
+            d.metric(
+                "dbkeeper_migrations_checksum_mismatch",
+                &["database=\"db\""],
+            ) == Some(1.0)
+                && d.metric("dbkeeper_migrations_pending", &["database=\"db\""]) == Some(1.0)
+        });
+        assert_eq!(
+            d.metric("dbkeeper_migrations_applied_version", &["database=\"db\""]),
+            Some(20260201000005.0)
+        );
+    }
+    std::fs::remove_file(dir.join("20260201000005_orders.sql")).expect("rm");
+    let out = w
+        .cmd(&["migrate", "status", "db"])
+        .output()
+        .expect("status");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FILE MISSING"));
+}
+
+#[test]
+fn failing_migration_rolls_back_and_the_pre_migration_backup_restores() {
+    let pg = PgDb::new("mig_fail");
+    let w = Workdir::new();
+    let dir = w.path().join("migrations");
+    write(&dir, "1_base.sql", "CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL); INSERT INTO accounts VALUES (1, 100), (2, 50);");
+    let key = w.key("k");
+    let config = migrate_config(&pg.url, &dir, "")
+        + &format!(
+            "[database.backup]\nschedule = \"manual\"\ndestination = \"{}\"\nencryption-key-file = \"{}\"\n",
+            w.path().join("backups").display(),
+            key.display()
+        );
+    w.write_config("", &config);
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
+    write(&dir, "2_audit.sql", "CREATE TABLE audit (id int); UPDATE accounts SET balance = balance - 60; ALTER TABLE accounts ADD CONSTRAINT positive CHECK (balance >= 0);");
+    write(&dir, "3_later.sql", "CREATE TABLE later (id int);");
+    w.cmd(&["migrate", "apply", "db"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("2_audit.sql").and(predicate::str::contains("positive")));
+    assert_eq!(
+        psql(
+            &pg.url,
+            "SELECT to_regclass('audit') IS NULL AND to_regclass('later') IS NULL"
+        ),
+        "t"
+    );
+    assert_eq!(
+        psql(
+            &pg.url,
+            "SELECT string_agg(balance::text, ',' ORDER BY id) FROM accounts"
+        ),
+        "100,50"
+    );
+    assert_eq!(
+        psql(&pg.url, "SELECT max(version) FROM _sqlx_migrations"),
+        "1"
+    );
+    let history = w.stdout(&["history", "db.migrate", "-n", "1"]);
+    assert!(
+        history.contains("failure") && history.contains("2_audit.sql"),
+        "{history}"
+    );
+    // The pre-migration backup exists, and restores the pre-migration state.
+    let list = w.stdout(&["backup", "list", "db"]);
+    let id = list
+        .lines()
+        .rfind(|l| l.contains("-pre-migration"))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("a pre-migration backup")
+        .to_owned();
+    let target = PgDb::unused("mig_restored");
+    w.cmd(&[
+        "restore",
+        "db",
+        "--backup",
+        &id,
+        "--to",
+        &target.url,
+        "--create",
+    ])
+    .assert()
+    .success();
+    assert_eq!(
+        psql(
+            &target.url,
+            "SELECT string_agg(balance::text, ',' ORDER BY id) FROM accounts"
+        ),
+        "100,50"
+    );
+    assert_eq!(
+        psql(&target.url, "SELECT max(version) FROM _sqlx_migrations"),
+        "1"
+    );
+    // The manifest records the schema version at backup time.
+    let manifest = std::fs::read_to_string(w.path().join(format!("backups/db/{id}.manifest.json")))
+        .expect("manifest");
+    assert!(
+        manifest.contains("\"schema_version\": 1")
+            && manifest.contains("\"kind\": \"pre-migration\""),
+        "{manifest}"
+    );
+}
+
+#[test]
+fn two_processes_at_once_apply_each_migration_exactly_once_even_with_create_index_concurrently() {
+    let pg = PgDb::new("mig_race");
+    let w = Workdir::new();
+    let dir = w.path().join("migrations");
+    write(&dir, "1_tables.sql", "CREATE TABLE log (what text); CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 50000);");
+    write(
+        &dir,
+        "2_slow.sql",
+        "SELECT pg_sleep(1.5); INSERT INTO log VALUES ('2');",
+    );
+    write(
+        &dir,
+        "3_index.sql",
+        "-- no-transaction\nCREATE INDEX CONCURRENTLY t_x ON t (x);",
+    );
+    write(&dir, "4_after.sql", "INSERT INTO log VALUES ('4');");
+    w.write_config(
+        "",
+        &migrate_config(&pg.url, &dir, "backup-first = false\nlock-wait = \"60s\""),
+    );
+    let spawn = || {
+        Command::new(BIN)
+            .args(["migrate", "apply", "db", "-c"])
+            .arg(w.config_path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let a = spawn();
+    std::thread::sleep(Duration::from_millis(300));
+    let b = spawn();
+    let (a, b) = (
+        a.wait_with_output().expect("a"),
+        b.wait_with_output().expect("b"),
+    );
+    for (name, out) in [("a", &a), ("b", &b)] {
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let outputs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&a.stdout),
+        String::from_utf8_lossy(&b.stdout)
+    );
+    assert!(
+        outputs.contains("applied 4 migrations") && outputs.contains("up to date"),
+        "{outputs}"
+    );
+    assert_eq!(
+        psql(
+            &pg.url,
+            "SELECT string_agg(what, ',' ORDER BY what) FROM log"
+        ),
+        "2,4"
+    );
+    assert_eq!(psql(&pg.url, "SELECT count(*) FROM _sqlx_migrations"), "4");
+    assert_eq!(
+        psql(
+            &pg.url,
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 't_x'::regclass"
+        ),
+        "t"
+    );
+}
+
+#[test]
+fn a_failed_concurrent_index_is_reported_and_optionally_dropped_before_retrying() {
+    let pg = PgDb::new("mig_invalid");
+    let w = Workdir::new();
+    let dir = w.path().join("migrations");
+    write(
+        &dir,
+        "1_t.sql",
+        "CREATE TABLE t (x int); INSERT INTO t VALUES (1), (1);",
+    );
+    write(
+        &dir,
+        "2_unique.sql",
+        "-- no-transaction\nCREATE UNIQUE INDEX CONCURRENTLY t_x_unique ON t (x);",
+    );
+    w.write_config("", &migrate_config(&pg.url, &dir, "backup-first = false"));
+    w.cmd(&["migrate", "apply", "db"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "INVALID indexes public.t_x_unique",
+        ));
+    pg.sql("DELETE FROM t WHERE ctid = (SELECT min(ctid) FROM t)");
+    w.write_config(
+        "",
+        &migrate_config(
+            &pg.url,
+            &dir,
+            "backup-first = false\ndrop-invalid-indexes = true",
+        ),
+    );
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
+    assert_eq!(
+        psql(
+            &pg.url,
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 't_x_unique'::regclass"
+        ),
+        "t"
+    );
+}
+
+#[test]
+fn sqlite_migrations_and_startup_before_ready() {
+    let w = Workdir::new();
+    let dir = w.path().join("migrations");
+    write(
+        &dir,
+        "1_notes.sql",
+        "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);",
+    );
+    write(&dir, "2_slow.sql", "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300000) INSERT INTO notes (body) SELECT 'n' FROM n;");
+    let db = w.path().join("app.db");
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    w.write_config(
+        "",
+        &migrate_config(&url, &dir, "backup-first = false")
+            .replace("schedule = \"manual\"", "schedule = \"@startup\""),
+    );
+    let sock_path = w.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind");
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let d = w.start_with_env(&[("NOTIFY_SOCKET", sock_path.to_str().expect("utf-8"))]);
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = sock.recv(&mut buf).expect("notification");
+        if String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "READY=1")
+        {
+            break;
+        }
+    }
+    // By READY=1 the migrations are in.
+    assert_eq!(
+        common::sqlite(&db, "SELECT count(*) FROM _sqlx_migrations").trim(),
+        "2"
+    );
+    assert_eq!(
+        common::sqlite(&db, "SELECT count(*) FROM notes").trim(),
+        "300000"
+    );
+    assert_eq!(
+        d.metric("dbkeeper_migrations_pending", &["database=\"db\""]),
+        Some(0.0)
+    );
+    drop(d);
+    // sqlx's migrator agrees on SQLite too.
+    runtime().block_on(async {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .connect(&url)
+            .await
+            .expect("connect");
+        sqlx::migrate::Migrator::new(dir.as_path())
+            .await
+            .expect("read")
+            .run(&pool)
+            .await
+            .expect("nothing pending");
+    });
+    assert_eq!(
+        common::sqlite(&db, "SELECT count(*) FROM notes").trim(),
+        "300000"
+    );
+}
