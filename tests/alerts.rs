@@ -1,0 +1,169 @@
+//! The shipped alert rules: promtool's checks and unit tests, and a real Prometheus
+//! server scraping a running dbkeeper, watching an alert fire and resolve.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{free_port, http_get, Workdir};
+
+fn repo(rel: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(rel)
+        .display()
+        .to_string()
+}
+
+fn promtool(args: &[&str]) {
+    let out = Command::new("promtool")
+        .args(args)
+        .output()
+        .expect("promtool must be installed (apt-get install prometheus; see .ci/run)");
+    assert!(
+        out.status.success(),
+        "promtool {args:?}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn rules_pass_promtool_check_and_unit_tests() {
+    promtool(&[
+        "check",
+        "rules",
+        &repo("config/prometheus/dbkeeper.rules.yml"),
+    ]);
+    promtool(&[
+        "test",
+        "rules",
+        &repo("config/prometheus/dbkeeper.rules.test.yml"),
+    ]);
+    // Every alert has a runbook section.
+    let rules =
+        std::fs::read_to_string(repo("config/prometheus/dbkeeper.rules.yml")).expect("rules");
+    let runbook = std::fs::read_to_string(repo("docs/RUNBOOK.md")).expect("runbook");
+    for line in rules
+        .lines()
+        .filter(|l| l.trim_start().starts_with("- alert: "))
+    {
+        let name = line.trim_start().trim_start_matches("- alert: ").trim();
+        assert!(
+            runbook.contains(&format!("## {name}")),
+            "docs/RUNBOOK.md has no section for {name}"
+        );
+        let tests = std::fs::read_to_string(repo("config/prometheus/dbkeeper.rules.test.yml"))
+            .expect("tests");
+        assert!(
+            tests.matches(&format!("alertname: {name}")).count() >= 2,
+            "{name} needs a firing and a quiet test"
+        );
+    }
+}
+
+struct Prometheus {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_prometheus(w: &Workdir, target_port: u16) -> Prometheus {
+    let port = free_port();
+    let config = w.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
+             scrape_configs:\n  - job_name: dbkeeper\n    honor_labels: true\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n",
+            repo("config/prometheus/dbkeeper.rules.yml")
+        ),
+    )
+    .expect("prometheus.yml");
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            w.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(w.path().join("prometheus.log")).expect("log"))
+        .spawn()
+        .expect("prometheus must be installed (apt-get install prometheus; see .ci/run)");
+    Prometheus { child, port }
+}
+
+/// State of `alert` for `job` in Prometheus: "pending", "firing", or None.
+fn alert_state(prom: &Prometheus, alert: &str, job: &str) -> Option<String> {
+    let (code, body) = http_get(prom.port, "/api/v1/alerts")?;
+    if code != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["data"]["alerts"].as_array()?.iter().find_map(|a| {
+        (a["labels"]["alertname"] == alert && a["labels"]["job"] == job)
+            .then(|| a["state"].as_str().unwrap_or("").to_owned())
+    })
+}
+
+#[test]
+fn a_real_prometheus_sees_a_failing_backup_alert_fire_and_resolve() {
+    let w = Workdir::new();
+    let key = w.key("k");
+    let backup = format!(
+        "[database.backup]\nschedule = \"every 2s\"\ndestination = \"{}\"\nencryption-key-file = \"{}\"\nkeep = {{ last = 2 }}\n",
+        w.path().join("backups").display(),
+        key.display()
+    );
+    // The database is unreachable: every backup fails.
+    w.write_config(
+        "probe-interval = \"1s\"",
+        &format!(
+            "[[database]]\nname = \"app\"\nurl = \"postgres://postgres@127.0.0.1:1/app\"\nconnect-timeout = \"1s\"\n{backup}"
+        ),
+    );
+    let d = w.start();
+    let prom = start_prometheus(&w, w.port);
+    let log = || std::fs::read_to_string(w.path().join("prometheus.log")).unwrap_or_default();
+    d.wait_for(
+        "DbkeeperJobFailed pending or firing",
+        Duration::from_secs(60),
+        || {
+            matches!(
+                alert_state(&prom, "DbkeeperJobFailed", "app.backup").as_deref(),
+                Some("pending" | "firing")
+            )
+        },
+    );
+    // Fix it: the same database name, now reachable; reload.
+    w.write_config(
+        "probe-interval = \"1s\"",
+        &format!(
+            "[[database]]\nname = \"app\"\nurl = \"{}\"\n{backup}",
+            w.sqlite_url("app.db")
+        ),
+    );
+    d.signal("HUP");
+    d.wait_for("the alert resolves", Duration::from_secs(60), || {
+        alert_state(&prom, "DbkeeperJobFailed", "app.backup").is_none()
+            && d.metric(
+                "dbkeeper_job_runs_total",
+                &["job=\"app.backup\"", "result=\"success\""],
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+    });
+    assert!(
+        !log().contains("level=error"),
+        "prometheus reported errors:\n{}",
+        log()
+    );
+}
