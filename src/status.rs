@@ -57,6 +57,8 @@ pub struct Snapshot {
 
 #[derive(Default)]
 struct Board {
+    /// Where each database's backups are, for the status page.
+    backup_destinations: Vec<(String, crate::storage::Destination)>,
     config_file: String,
     config_loaded_at: Option<DateTime<Utc>>,
     reload_error: Option<String>,
@@ -98,6 +100,16 @@ impl Status {
             }
             board.databases.insert(db.name.clone(), db);
         }
+        board.backup_destinations = jobs
+            .iter()
+            .filter_map(|(job, _, _)| match &job.work {
+                crate::jobs::Work::Backup(b) => Some((
+                    job.database_name().to_owned(),
+                    b.destination(job.database_name()),
+                )),
+                _ => None,
+            })
+            .collect();
         let old_jobs = std::mem::take(&mut board.jobs);
         board.order.clear();
         for (job, last, interval) in jobs {
@@ -207,6 +219,20 @@ impl Status {
         } else {
             Err(problems)
         }
+    }
+
+    /// The newest `n` backups across all databases, newest first (read from the
+    /// manifests, so they are current even after `run-job` or another process).
+    pub fn recent_backups(&self, n: usize) -> Vec<crate::catalog::Manifest> {
+        let destinations = self.board().backup_destinations.clone();
+        let mut all: Vec<crate::catalog::Manifest> = destinations
+            .iter()
+            .filter_map(|(_, dest)| crate::catalog::list(dest).ok())
+            .flat_map(|(found, _)| found)
+            .collect();
+        all.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+        all.truncate(n);
+        all
     }
 
     pub fn snapshot(&self) -> Snapshot {

@@ -679,6 +679,11 @@ fn rotation_on_disk_and_backup_metrics() {
     let now = chrono::Utc::now().timestamp() as f64;
     assert!((now - get("dbkeeper_backup_last_verified_timestamp_seconds")).abs() < 60.0);
     assert!(get("dbkeeper_backup_oldest_timestamp_seconds") > 0.0);
+    let (_, page) = d.get("/");
+    assert!(
+        page.contains("Recent backups") && page.contains("passed</span> (read)"),
+        "{page}"
+    );
 }
 
 #[test]

@@ -159,6 +159,23 @@ fn metrics_pass_promtool_and_show_success_and_failure() {
         "{bad}"
     );
     assert_eq!(d.get("/readyz").0, 200);
+
+    // The status page shows the same, as HTML.
+    let (code, page) = d.get("/");
+    assert_eq!(code, 200);
+    assert!(page.starts_with("<!doctype html>"), "{page}");
+    for needle in [
+        "lite.sql.ok",
+        "lite.sql.bad",
+        "no such table: no_such_table",
+        "never ran",
+        "no backups yet",
+    ] {
+        assert!(
+            page.contains(needle),
+            "status page lacks {needle:?}:\n{page}"
+        );
+    }
 }
 
 #[test]

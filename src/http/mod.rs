@@ -1,6 +1,9 @@
-//! The HTTP listener: `/metrics` (Prometheus text format), `/healthz` (the process
-//! answers), `/readyz` (configuration loaded and every database reachable) and
-//! `/status` (JSON: databases and jobs with their last result and next run).
+//! The HTTP listener: `/` (the status page, HTML), `/metrics` (Prometheus text
+//! format), `/healthz` (the process answers), `/readyz` (configuration loaded and
+//! every database reachable) and `/status` (JSON: databases and jobs with their last
+//! result and next run).
+
+mod page;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -21,6 +24,7 @@ struct AppState {
 
 pub fn router(metrics: PrometheusHandle, status: Status) -> Router {
     Router::new()
+        .route("/", get(status_page))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -58,6 +62,16 @@ async fn readyz(State(app): State<AppState>) -> Response {
         )
             .into_response(),
     }
+}
+
+async fn status_page(State(app): State<AppState>) -> Response {
+    let status = app.status.clone();
+    // Reading manifests touches the disk: keep it off the async workers.
+    let backups = tokio::task::spawn_blocking(move || status.recent_backups(10))
+        .await
+        .unwrap_or_default();
+    let html = page::render(&app.status.snapshot(), &backups, chrono::Utc::now());
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
 }
 
 async fn status_json(State(app): State<AppState>) -> Response {
