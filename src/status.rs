@@ -230,7 +230,7 @@ impl Status {
             .filter_map(|(_, dest)| crate::catalog::list(dest).ok())
             .flat_map(|(found, _)| found)
             .collect();
-        all.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+        all.sort_by_key(|m| std::cmp::Reverse(m.started_at));
         all.truncate(n);
         all
     }
