@@ -167,3 +167,50 @@ fn a_real_prometheus_sees_a_failing_backup_alert_fire_and_resolve() {
         log()
     );
 }
+
+/// The dashboard is valid JSON, its data source is a template variable, and every
+/// query uses metrics dbkeeper exports.
+#[test]
+fn grafana_dashboard_is_valid_and_uses_real_metrics() {
+    let text = std::fs::read_to_string(repo("config/grafana/dbkeeper.json")).expect("dashboard");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let vars = dash["templating"]["list"].as_array().expect("templating");
+    assert!(vars.iter().any(|v| v["type"] == "datasource" && v["name"] == "datasource"));
+    let known: Vec<&str> = [
+        dbkeeper::metrics::BUILD_INFO,
+        dbkeeper::metrics::DATABASE_UP,
+        dbkeeper::metrics::JOB_RUNS,
+        dbkeeper::metrics::JOB_DURATION,
+        dbkeeper::metrics::JOB_LAST_SUCCESS,
+        dbkeeper::metrics::JOB_LAST_FAILURE,
+        dbkeeper::metrics::JOB_NEXT_RUN,
+        dbkeeper::metrics::JOB_RUNNING,
+        dbkeeper::metrics::BACKUP_LAST_SIZE,
+        dbkeeper::metrics::BACKUP_LAST_RAW_SIZE,
+        dbkeeper::metrics::BACKUP_LAST_VERIFIED,
+        dbkeeper::metrics::BACKUPS_STORED,
+        dbkeeper::metrics::BACKUP_STORED_BYTES,
+        dbkeeper::metrics::RETENTION_DELETED,
+        dbkeeper::metrics::RETENTION_OLDEST,
+        dbkeeper::metrics::RETENTION_MAX_AGE,
+        dbkeeper::metrics::REFRESH_ROWS,
+        dbkeeper::metrics::MIGRATIONS_PENDING,
+        dbkeeper::metrics::MIGRATIONS_APPLIED_VERSION,
+        dbkeeper::metrics::MIGRATIONS_CHECKSUM_MISMATCH,
+    ]
+    .to_vec();
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 8);
+    for panel in panels {
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{}", panel["title"]);
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("dbkeeper_") {
+                    let base = word.trim_end_matches("_bucket");
+                    assert!(known.contains(&base), "panel {} uses unknown metric {word}", panel["title"]);
+                }
+            }
+        }
+    }
+}
