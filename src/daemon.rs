@@ -47,6 +47,8 @@ pub enum DaemonError {
     Database(#[from] DbError),
     #[error(transparent)]
     Jobs(#[from] jobs::BuildError),
+    #[error("{0}")]
+    Notify(String),
     #[error("cannot install the signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -54,6 +56,7 @@ pub enum DaemonError {
 /// The live objects of one loaded configuration.
 struct Active {
     config: Config,
+    notifier: Option<crate::notify::Notifier>,
     databases: HashMap<String, Database>,
     jobs: HashMap<String, Arc<Job>>,
     order: Vec<Arc<Job>>,
@@ -72,7 +75,12 @@ impl Active {
                 );
             }
         }
+        let notifier = match &config.notify {
+            Some(n) => Some(crate::notify::Notifier::new(n.clone()).map_err(DaemonError::Notify)?),
+            None => None,
+        };
         Ok(Active {
+            notifier,
             config,
             databases,
             jobs,
@@ -295,6 +303,7 @@ impl Daemon {
             &jobs,
             now,
         );
+        self.status.set_notifier(active.notifier.clone());
         for job in &active.order {
             match &job.work {
                 Work::Retention(r) => {

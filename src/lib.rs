@@ -19,6 +19,7 @@ pub mod db;
 pub mod http;
 pub mod jobs;
 pub mod metrics;
+pub mod notify;
 pub mod runner;
 pub mod schedule;
 pub mod scheduler;

@@ -57,6 +57,7 @@ pub struct Snapshot {
 
 #[derive(Default)]
 struct Board {
+    notifier: Option<crate::notify::Notifier>,
     /// Where each database's backups are, for the status page.
     backup_destinations: Vec<(String, crate::storage::Destination)>,
     config_file: String,
@@ -154,6 +155,11 @@ impl Status {
         }
     }
 
+    /// Sets (or, with `None`, removes) where failure and recovery events go.
+    pub fn set_notifier(&self, notifier: Option<crate::notify::Notifier>) {
+        self.board().notifier = notifier;
+    }
+
     pub fn job_started(&self, job: &Job, at: DateTime<Utc>) {
         metrics::job_started(job, at);
         if let Some(j) = self.board().jobs.get_mut(&job.id) {
@@ -170,7 +176,31 @@ impl Status {
         error: Option<&str>,
     ) {
         metrics::job_finished(job, started, error.is_none(), took);
-        if let Some(j) = self.board().jobs.get_mut(&job.id) {
+        let mut board = self.board();
+        let notifier = board.notifier.clone();
+        if let Some(j) = board.jobs.get_mut(&job.id) {
+            let failed_before = j.last_result.as_deref().is_some_and(|r| r != "success");
+            // Changes only: the first failure, and the first success after failures.
+            let event = match error {
+                Some(_) if !failed_before => Some(crate::notify::EventKind::Failure),
+                None if failed_before => Some(crate::notify::EventKind::Recovery),
+                _ => None,
+            };
+            if let (Some(event), Some(n)) = (event, &notifier) {
+                n.send(crate::notify::Event {
+                    event,
+                    job: job.id.clone(),
+                    kind: job.kind().to_owned(),
+                    database: job.database_name().to_owned(),
+                    result: if error.is_none() {
+                        "success"
+                    } else {
+                        "failure"
+                    },
+                    error: error.map(str::to_owned),
+                    time: Utc::now(),
+                });
+            }
             j.running = false;
             let result = if error.is_none() {
                 j.last_success = Some(started);

@@ -175,7 +175,9 @@ fn grafana_dashboard_is_valid_and_uses_real_metrics() {
     let text = std::fs::read_to_string(repo("config/grafana/dbkeeper.json")).expect("dashboard");
     let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
     let vars = dash["templating"]["list"].as_array().expect("templating");
-    assert!(vars.iter().any(|v| v["type"] == "datasource" && v["name"] == "datasource"));
+    assert!(vars
+        .iter()
+        .any(|v| v["type"] == "datasource" && v["name"] == "datasource"));
     let known: Vec<&str> = [
         dbkeeper::metrics::BUILD_INFO,
         dbkeeper::metrics::DATABASE_UP,
@@ -202,15 +204,143 @@ fn grafana_dashboard_is_valid_and_uses_real_metrics() {
     let panels = dash["panels"].as_array().expect("panels");
     assert!(panels.len() >= 8);
     for panel in panels {
-        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{}", panel["title"]);
+        assert_eq!(
+            panel["datasource"]["uid"], "${datasource}",
+            "{}",
+            panel["title"]
+        );
         for target in panel["targets"].as_array().expect("targets") {
             let expr = target["expr"].as_str().expect("expr");
             for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
                 if word.starts_with("dbkeeper_") {
                     let base = word.trim_end_matches("_bucket");
-                    assert!(known.contains(&base), "panel {} uses unknown metric {word}", panel["title"]);
+                    assert!(
+                        known.contains(&base),
+                        "panel {} uses unknown metric {word}",
+                        panel["title"]
+                    );
                 }
             }
         }
     }
+}
+
+/// A local HTTP receiver: records (path, body) of each request; answers 500 to the
+/// first one (to exercise retries), 200 to the rest.
+fn receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut request_line = String::new();
+            let _ = reader.read_line(&mut request_line);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let path = request_line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .to_owned();
+            log.lock()
+                .expect("lock")
+                .push((path, String::from_utf8_lossy(&body).into_owned()));
+            let status = if n == 0 {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn notifications_reach_a_webhook_and_alertmanager_on_failure_and_recovery() {
+    let (port, seen) = receiver();
+    let w = Workdir::new();
+    let db = w.path().join("app.db");
+    w.write_config(
+        "",
+        &format!(
+            "[notify]\nwebhook = \"http://127.0.0.1:{port}/hook/secret-token\"\nalertmanager = \"http://127.0.0.1:{port}\"\n\
+             retries = 2\nretry-backoff = \"200ms\"\ntimeout = \"2s\"\n\
+             [[database]]\nname = \"app\"\nurl = \"{}\"\n\
+             [[database.sql]]\nname = \"count\"\nstatement = \"SELECT count(*) FROM later\"\nschedule = \"every 1s\"\n",
+            w.sqlite_url("app.db")
+        ),
+    );
+    let d = w.start();
+    let events = |path: &str, kind: &str| {
+        seen.lock()
+            .expect("lock")
+            .iter()
+            .filter(|(p, body)| p.starts_with(path) && body.contains(kind))
+            .count()
+    };
+    d.wait_for(
+        "failure delivered to both, after a retry",
+        Duration::from_secs(20),
+        || {
+            events("/hook/", "\"failure\"") >= 1
+                && events("/api/v2/alerts", "DbkeeperJobFailed") >= 1
+        },
+    );
+    common::sqlite(&db, "CREATE TABLE later (id int)");
+    d.wait_for("recovery delivered", Duration::from_secs(20), || {
+        events("/hook/", "\"recovery\"") >= 1
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let all = seen.lock().expect("lock").clone();
+    let hooks: Vec<&(String, String)> = all
+        .iter()
+        .filter(|(p, _)| p.starts_with("/hook/"))
+        .collect();
+    // The first delivery got a 500 and was retried: the failure arrives twice at most,
+    // and repeated failures do not notify again.
+    let failures = hooks
+        .iter()
+        .filter(|(_, b)| b.contains("\"failure\""))
+        .count();
+    assert!((1..=2).contains(&failures), "{hooks:?}");
+    let body: serde_json::Value = serde_json::from_str(&hooks[0].1).expect("JSON");
+    assert_eq!(body["job"], "app.sql.count");
+    assert_eq!(body["database"], "app");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no such table"),
+        "{body}"
+    );
+    assert_eq!(
+        hooks
+            .iter()
+            .filter(|(_, b)| b.contains("\"recovery\""))
+            .count(),
+        1
+    );
+    let log = d.log_text();
+    assert!(
+        !log.contains("secret-token"),
+        "the webhook URL leaked into the log:\n{log}"
+    );
 }

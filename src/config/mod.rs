@@ -65,6 +65,65 @@ pub struct Config {
     /// The databases to look after (`[[database]]`); at least one is required.
     #[serde(default, rename = "database")]
     pub databases: Vec<DatabaseConfig>,
+    /// `[notify]`: direct notifications on job failure and recovery. Default: none.
+    #[serde(default)]
+    pub notify: Option<NotifyConfig>,
+}
+
+/// `[notify]`: tell a webhook and/or Alertmanager when a job fails and when it
+/// recovers, for sites without Prometheus alerting.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NotifyConfig {
+    /// URL that receives a JSON POST per event (`event`, `job`, `kind`, `database`,
+    /// `result`, `error`, `time`). Treated as a secret: logs show its host only.
+    /// Default: none.
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// Alertmanager base URL (e.g. `http://127.0.0.1:9093`); events go to
+    /// `/api/v2/alerts` as alert `DbkeeperJobFailed`, resolved on recovery.
+    /// Default: none.
+    #[serde(default)]
+    pub alertmanager: Option<String>,
+    /// Time limit of one delivery attempt. Default: `10s`.
+    #[serde(default = "default_notify_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Further attempts after a failed delivery. Default: `3`.
+    #[serde(default = "default_notify_retries")]
+    pub retries: u32,
+    /// Wait before the first retry, doubled each time. Default: `2s`.
+    #[serde(default = "default_notify_backoff", with = "humantime_serde")]
+    pub retry_backoff: Duration,
+}
+
+fn default_notify_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_notify_retries() -> u32 {
+    3
+}
+
+fn default_notify_backoff() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// By hand: webhook URLs often carry a token.
+impl std::fmt::Debug for NotifyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotifyConfig")
+            .field(
+                "webhook",
+                &self.webhook.as_deref().map(crate::notify::url_host),
+            )
+            .field(
+                "alertmanager",
+                &self.alertmanager.as_deref().map(crate::notify::url_host),
+            )
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .finish()
+    }
 }
 
 /// `[daemon]`: settings of the process itself.
@@ -533,6 +592,25 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.daemon.max_concurrent_jobs == 0 {
             return Err(self.invalid("daemon.max-concurrent-jobs", "must be at least 1"));
+        }
+        if let Some(n) = &self.notify {
+            for (key, url) in [
+                ("notify.webhook", &n.webhook),
+                ("notify.alertmanager", &n.alertmanager),
+            ] {
+                if let Some(url) = url {
+                    let ok =
+                        url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+                    if !ok {
+                        return Err(self.invalid(key, "is not an http:// or https:// URL"));
+                    }
+                }
+            }
+            if n.webhook.is_none() && n.alertmanager.is_none() {
+                return Err(
+                    self.invalid("notify", "set webhook or alertmanager (or remove [notify])")
+                );
+            }
         }
         if self.databases.is_empty() {
             return Err(self.invalid(

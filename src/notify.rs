@@ -1,0 +1,127 @@
+//! Direct notifications (`[notify]`): a JSON POST to a webhook and/or an alert to
+//! Alertmanager when a job fails and when it recovers, retried with backoff, each
+//! attempt under a timeout. Delivery runs in the background and never delays a job.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::NotifyConfig;
+
+/// `https://hooks.example.com/…` → `hooks.example.com`: what logs may show of a URL.
+pub fn url_host(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_else(|| "<invalid URL>".to_owned())
+}
+
+/// What happened to a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// A run failed.
+    Failure,
+    /// The first success after a failure.
+    Recovery,
+}
+
+/// The webhook body.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub event: EventKind,
+    pub job: String,
+    pub kind: String,
+    pub database: String,
+    pub result: &'static str,
+    pub error: Option<String>,
+    pub time: DateTime<Utc>,
+}
+
+#[derive(Clone)]
+pub struct Notifier {
+    cfg: NotifyConfig,
+    client: reqwest::Client,
+}
+
+impl Notifier {
+    pub fn new(cfg: NotifyConfig) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .user_agent(concat!("dbkeeper/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot set up the HTTP client for [notify]: {e}"))?;
+        Ok(Notifier { cfg, client })
+    }
+
+    /// Sends the event in the background.
+    pub fn send(&self, event: Event) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Some(url) = this.cfg.webhook.clone() {
+                this.deliver(&url, serde_json::to_value(&event).unwrap_or_default())
+                    .await;
+            }
+            if let Some(base) = this.cfg.alertmanager.clone() {
+                let url = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
+                this.deliver(&url, alertmanager_body(&event)).await;
+            }
+        });
+    }
+
+    async fn deliver(&self, url: &str, body: serde_json::Value) {
+        let host = url_host(url);
+        let mut wait = self.cfg.retry_backoff;
+        for attempt in 0..=self.cfg.retries {
+            let result = self.client.post(url).json(&body).send().await;
+            let why = match result {
+                Ok(resp) if resp.status().is_success() => return,
+                Ok(resp) => format!("HTTP {}", resp.status()),
+                // Without the URL: it may hold a token.
+                Err(e) => e.without_url().to_string(),
+            };
+            if attempt == self.cfg.retries {
+                tracing::warn!(
+                    host,
+                    attempts = attempt + 1,
+                    "notification not delivered: {why}"
+                );
+                return;
+            }
+            tracing::info!(
+                host,
+                attempt = attempt + 1,
+                "notification failed ({why}); retrying in {}",
+                humantime::format_duration(wait)
+            );
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(300));
+        }
+    }
+}
+
+/// Alertmanager v2: one alert, firing on failure, resolved (`endsAt` now) on recovery.
+fn alertmanager_body(e: &Event) -> serde_json::Value {
+    let ends = match e.event {
+        EventKind::Recovery => e.time,
+        // Stays firing until the recovery resolves it (or a week passes).
+        EventKind::Failure => e.time + chrono::Duration::days(7),
+    };
+    serde_json::json!([{
+        "labels": {
+            "alertname": "DbkeeperJobFailed",
+            "job": e.job,
+            "kind": e.kind,
+            "database": e.database,
+            "severity": "warning",
+            "source": "dbkeeper",
+        },
+        "annotations": {
+            "summary": format!("dbkeeper job {} on database {} failed", e.job, e.database),
+            "description": e.error.clone().unwrap_or_default(),
+        },
+        "startsAt": e.time,
+        "endsAt": ends,
+    }])
+}
