@@ -227,7 +227,9 @@ fn grafana_dashboard_is_valid_and_uses_real_metrics() {
 
 /// A local HTTP receiver: records (path, body) of each request; answers 500 to the
 /// first one (to exercise retries), 200 to the rest.
-fn receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+type Requests = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+fn receiver() -> (u16, Requests) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
