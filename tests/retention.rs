@@ -526,11 +526,15 @@ fn retention_and_refresh_series_exist_from_start_up_and_follow_runs() {
             && common::metric_value(&m, "dbkeeper_refresh_last_rows", &["view=\"counts\""])
                 == Some(1.0)
     });
-    let oldest = d
-        .metric("dbkeeper_retention_oldest_row_timestamp_seconds", &labels)
-        .unwrap_or(0.0);
-    assert!(
-        (chrono::Utc::now().timestamp() as f64 - oldest).abs() < 120.0,
-        "oldest row left is the recent one"
+    // The gauge is set when the run ends, after the last batch's counter update.
+    d.wait_for(
+        "the oldest row left is the recent one",
+        Duration::from_secs(10),
+        || {
+            let oldest = d
+                .metric("dbkeeper_retention_oldest_row_timestamp_seconds", &labels)
+                .unwrap_or(0.0);
+            (chrono::Utc::now().timestamp() as f64 - oldest).abs() < 120.0
+        },
     );
 }
