@@ -665,9 +665,11 @@ fn rotation_on_disk_and_backup_metrics() {
         "a scheduled backup and a prune",
         Duration::from_secs(20),
         || {
-            d.metric("dbkeeper_backup_pruned_total", &["database=\"app\""])
-                .unwrap_or(0.0)
+            // The catalog gauges are published right after pruning.
+            let m = d.metrics();
+            metric_value(&m, "dbkeeper_backup_pruned_total", &["database=\"app\""]).unwrap_or(0.0)
                 >= 1.0
+                && metric_value(&m, "dbkeeper_backups_stored", &["database=\"app\""]) == Some(2.0)
         },
     );
     let m = d.metrics();
