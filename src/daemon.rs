@@ -278,7 +278,8 @@ impl Daemon {
             .order
             .iter()
             .map(|job| {
-                let last = history.get(&job.id).cloned().unwrap_or_default();
+                let mut last = history.get(&job.id).cloned().unwrap_or_default();
+                backfill_from_manifests(job, &mut last);
                 let interval = job
                     .options
                     .schedule
@@ -438,6 +439,26 @@ impl Daemon {
         tracing::info!("configuration reloaded: {}", new.summary());
         systemd::ready(&new.summary());
         Some(new)
+    }
+}
+
+/// A backup job's last success is also on disk, in its manifests: use it when the run
+/// history lost it (deleted or corrupted state), so "backup too old" alerts stay right.
+fn backfill_from_manifests(job: &Job, last: &mut JobLast) {
+    let Work::Backup(b) = &job.work else { return };
+    let Ok((backups, _)) = crate::catalog::list(&b.destination(job.database_name())) else {
+        return;
+    };
+    let newest = backups
+        .iter()
+        .rev()
+        .find(|m| m.is_good())
+        .map(|m| m.started_at);
+    if newest > last.last_success {
+        last.last_success = newest;
+        if last.last_run < newest {
+            last.last_run = newest;
+        }
     }
 }
 

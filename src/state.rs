@@ -36,6 +36,25 @@ pub enum StateError {
     Query(#[from] sqlx::Error),
 }
 
+impl StateError {
+    /// SQLite says the file is not a database, or is damaged (codes 26 and 11).
+    fn is_corruption(&self) -> bool {
+        let db_code = |e: &sqlx::Error| {
+            e.as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c == "26" || c == "11")
+        };
+        match self {
+            StateError::Open { source, .. } => db_code(source),
+            StateError::Migrate { source, .. } => match source {
+                sqlx::migrate::MigrateError::Execute(e) => db_code(e),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunResult {
@@ -119,8 +138,41 @@ impl StateDb {
             source,
         })?;
         let path = dir.join("state.db");
+        if !path.exists() {
+            tracing::info!(file = %path.display(), "no run history yet; starting a new one");
+        }
+        match Self::connect(&path).await {
+            Err(e) if e.is_corruption() => {
+                // History is useful, not essential: keep the damaged file for
+                // inspection and carry on with a fresh one rather than refuse to start.
+                let aside = path.with_file_name(format!(
+                    "state.db.corrupt-{}",
+                    Utc::now().format("%Y%m%dT%H%M%SZ")
+                ));
+                tracing::warn!(
+                    file = %path.display(),
+                    moved_to = %aside.display(),
+                    "the run history is unreadable ({e}); moved it aside and started a new one \
+                     (backups are still listed from their manifests)"
+                );
+                std::fs::rename(&path, &aside).map_err(|source| StateError::Dir {
+                    path: path.clone(),
+                    source,
+                })?;
+                for side in ["-wal", "-shm"] {
+                    let mut p = path.as_os_str().to_owned();
+                    p.push(side);
+                    let _ = std::fs::remove_file(p);
+                }
+                Self::connect(&path).await
+            }
+            other => other,
+        }
+    }
+
+    async fn connect(path: &Path) -> Result<Self, StateError> {
         let options = SqliteConnectOptions::new()
-            .filename(&path)
+            .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(10));
@@ -129,13 +181,17 @@ impl StateDb {
             .connect_with(options)
             .await
             .map_err(|source| StateError::Open {
-                path: path.clone(),
+                path: path.to_owned(),
                 source,
             })?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|source| StateError::Migrate { path, source })?;
+        let migrated = MIGRATOR.run(&pool).await;
+        if let Err(source) = migrated {
+            pool.close().await;
+            return Err(StateError::Migrate {
+                path: path.to_owned(),
+                source,
+            });
+        }
         Ok(StateDb { pool })
     }
 
@@ -340,6 +396,26 @@ mod tests {
         let last = db.last_runs().await.unwrap();
         assert_eq!(last["app.sql.a"].last_result, Some(RunResult::Interrupted));
         assert_eq!(last["app.sql.a"].last_failure, Some(t(1)));
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_history_is_moved_aside_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("state.db"),
+            b"this is not a SQLite database, just junk".repeat(200),
+        )
+        .unwrap();
+        let db = StateDb::open(dir.path()).await.unwrap();
+        run(&db, "app.sql.a", t(1), RunResult::Success).await;
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().any(|n| n.starts_with("state.db.corrupt-")),
+            "{names:?}"
+        );
     }
 
     #[tokio::test]

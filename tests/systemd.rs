@@ -118,3 +118,30 @@ fn notify_protocol_ready_watchdog_reload_stop() {
     let (status, _) = d.wait_exit(Duration::from_secs(10));
     assert!(status.success());
 }
+
+#[test]
+fn unit_exposure_score_stays_below_2() {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/dbkeeper.service"),
+    )
+    .expect("unit file");
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("dbkeeper.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/dbkeeper", BIN)).expect("write unit");
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for dbkeeper.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    assert!(score < 2.0, "systemd-analyze security exposure {score}");
+}

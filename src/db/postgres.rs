@@ -289,7 +289,7 @@ impl Postgres {
 
     /// Asks the server to stop whatever session `pid` is running, over a side
     /// connection (the pool may be busy or closing).
-    async fn cancel_backend(&self, pid: i32) {
+    pub(crate) async fn cancel_backend(&self, pid: i32) {
         let cancel = async {
             let mut side = PgConnection::connect_with(&self.access.options).await?;
             sqlx::query("SELECT pg_cancel_backend($1)")

@@ -63,11 +63,12 @@ impl PgDb {
         psql(&self.url, sql)
     }
 
-    /// Sessions on this database currently running a `SELECT pg_sleep…` statement.
+    /// Other sessions on this database currently running a statement that calls
+    /// `pg_sleep(`.
     pub fn sleeping_sessions(&self) -> u32 {
         self.sql(&format!(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
-             AND query LIKE 'SELECT pg_sleep%' AND state = 'active'",
+             AND query LIKE '%pg_sleep(%' AND state = 'active' AND pid <> pg_backend_pid()",
             self.name
         ))
         .parse()

@@ -145,7 +145,16 @@ async fn dump_postgres(
     };
     let stderr_task = tokio::spawn(tail(stderr));
     let source = Box::new(SyncIoBridge::new(stdout));
-    let written = run_encoder(encode, source, tmp, cancel).await;
+    // On cancel, stop pg_dump too: the encoder thread may be blocked reading its pipe.
+    let encoding = run_encoder(encode, source, tmp, cancel);
+    tokio::pin!(encoding);
+    let written = tokio::select! {
+        written = &mut encoding => written,
+        _ = cancel.cancelled() => {
+            let _ = child.start_kill();
+            encoding.await
+        }
+    };
     if written.is_err() {
         // Writing failed (disk full, cancelled): pg_dump must not linger.
         let _ = child.start_kill();

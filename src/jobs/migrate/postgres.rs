@@ -137,6 +137,10 @@ async fn apply_locked(
         .execute(&mut **conn)
         .await
         .map_err(db_err(pg))?;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut **conn)
+        .await
+        .map_err(db_err(pg))?;
     let history = applied(pg).await?;
     let a = assess(&job.cfg.dir, files, &history, job.cfg.out_of_order);
     if !a.problems.is_empty() {
@@ -168,7 +172,21 @@ async fn apply_locked(
         }
         tracing::info!(database = %pg.name, version = m.version, file, "applying migration");
         let started = Instant::now();
-        if let Err(e) = run_one(conn, job, m).await {
+        // On cancel (shutdown, timeout) the server stops the statement; a transactional
+        // migration then rolls back as a whole.
+        let outcome = {
+            let run = run_one(conn, job, m);
+            tokio::pin!(run);
+            tokio::select! {
+                r = &mut run => r,
+                _ = cancel.cancelled() => {
+                    pg.cancel_backend(pid).await;
+                    let _ = run.await;
+                    return Err(MigrateError::Cancelled);
+                }
+            }
+        };
+        if let Err(e) = outcome {
             let mut message = e.to_string();
             if m.no_tx {
                 let left = invalid_indexes(pg, conn, None).await.unwrap_or_default();
