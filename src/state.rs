@@ -46,10 +46,10 @@ impl StateError {
         };
         match self {
             StateError::Open { source, .. } => db_code(source),
-            StateError::Migrate { source, .. } => match source {
-                sqlx::migrate::MigrateError::Execute(e) => db_code(e),
-                _ => false,
-            },
+            StateError::Migrate {
+                source: sqlx::migrate::MigrateError::Execute(e),
+                ..
+            } => db_code(e),
             _ => false,
         }
     }
