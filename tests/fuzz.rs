@@ -1,0 +1,184 @@
+//! Bounded fuzzing (proptest) of the two parsers that read untrusted input: the archive
+//! reader and the configuration loader. Neither may panic; every bad input must come
+//! back as a typed error, and a damaged archive must never yield the original data.
+//!
+//! Cases per property: $DBKEEPER_FUZZ_CASES (default 300; `.ci/run` runs a longer
+//! session). Failing cases are kept in `tests/proptest-regressions/fuzz.txt` and replayed
+//! first on every later run — the corpus.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::OnceLock;
+
+use dbkeeper::archive::{self, Compression, Header, Key, KeyRing, Settings};
+use proptest::prelude::*;
+
+fn cases() -> u32 {
+    std::env::var("DBKEEPER_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: cases(),
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+        )),
+        ..ProptestConfig::default()
+    }
+}
+
+struct Sample {
+    key: Key,
+    plain: Vec<u8>,
+    /// Archives of `plain`: encrypted gzip, encrypted zstd, unencrypted none.
+    archives: Vec<Vec<u8>>,
+}
+
+fn sample() -> &'static Sample {
+    static SAMPLE: OnceLock<Sample> = OnceLock::new();
+    SAMPLE.get_or_init(|| {
+        let key = Key::random().expect("key");
+        let plain: Vec<u8> = (0..5000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let archives = [
+            (Compression::Gzip, true),
+            (Compression::Zstd, true),
+            (Compression::None, false),
+        ]
+        .into_iter()
+        .map(|(compression, encrypted)| {
+            let settings = Settings {
+                header: Header {
+                    database: "fuzz".into(),
+                    backend: "sqlite".into(),
+                    image: "sqlite".into(),
+                    created: chrono::DateTime::from_timestamp(1_800_000_000, 0).expect("time"),
+                    compression,
+                    segment_size: 1024,
+                    encryption: None,
+                },
+                key: encrypted.then_some(&key),
+                compression,
+                level: compression.default_level(),
+                threads: 1,
+                check_with: None,
+            };
+            archive::write_archive(&plain[..], Vec::new(), settings, &AtomicBool::new(false))
+                .expect("write")
+                .0
+        })
+        .collect();
+        Sample {
+            key,
+            plain,
+            archives,
+        }
+    })
+}
+
+fn read(bytes: &[u8]) -> Result<Vec<u8>, archive::ArchiveError> {
+    let keys = KeyRing::new(vec![sample().key.clone()]);
+    archive::read_archive(bytes, &keys, Vec::new(), &AtomicBool::new(false)).map(|(out, _, _)| out)
+}
+
+#[derive(Debug, Clone)]
+enum Edit {
+    Flip(usize, u8),
+    Truncate(usize),
+    Insert(usize, Vec<u8>),
+    Remove(usize, usize),
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        (any::<usize>(), 1..=255u8).prop_map(|(p, b)| Edit::Flip(p, b)),
+        any::<usize>().prop_map(Edit::Truncate),
+        (
+            any::<usize>(),
+            proptest::collection::vec(any::<u8>(), 1..64)
+        )
+            .prop_map(|(p, v)| Edit::Insert(p, v)),
+        (any::<usize>(), 1..2000usize).prop_map(|(p, n)| Edit::Remove(p, n)),
+    ]
+}
+
+fn apply(mut bytes: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
+    for e in edits {
+        let len = bytes.len().max(1);
+        match e {
+            Edit::Flip(p, b) => {
+                if !bytes.is_empty() {
+                    bytes[p % len] ^= b;
+                }
+            }
+            Edit::Truncate(p) => bytes.truncate(p % len),
+            Edit::Insert(p, v) => {
+                let at = p % (bytes.len() + 1);
+                bytes.splice(at..at, v.iter().copied());
+            }
+            Edit::Remove(p, n) => {
+                let at = p % len;
+                let end = (at + n).min(bytes.len());
+                if at < end {
+                    bytes.drain(at..end);
+                }
+            }
+        }
+    }
+    bytes
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Mutated archives: an error, or — only if the edits cancelled out — the original.
+    #[test]
+    fn mutated_archives_fail_cleanly(which in 0..3usize, edits in proptest::collection::vec(edit(), 1..4)) {
+        let original = &sample().archives[which];
+        let mutated = apply(original.clone(), &edits);
+        match read(&mutated) {
+            Ok(out) => {
+                prop_assert_eq!(&mutated, original, "a changed archive was accepted");
+                prop_assert_eq!(out, sample().plain.clone());
+            }
+            Err(e) => prop_assert!(!e.to_string().is_empty()),
+        }
+    }
+
+    /// Arbitrary bytes, with or without a valid-looking prefix.
+    #[test]
+    fn random_bytes_fail_cleanly(mut bytes in proptest::collection::vec(any::<u8>(), 0..3000), magic in any::<bool>(), len in any::<u32>()) {
+        if magic {
+            let mut prefix = b"DBKEEPER\x01".to_vec();
+            prefix.extend_from_slice(&(len % 70_000).to_be_bytes());
+            prefix.append(&mut bytes);
+            bytes = prefix;
+        }
+        prop_assert!(read(&bytes).is_err());
+    }
+
+    /// Arbitrary text as a configuration file: parsed or refused, never a panic.
+    #[test]
+    fn arbitrary_config_text_is_parsed_or_refused(text in "\\PC{0,400}") {
+        let _ = dbkeeper::Config::parse(Path::new("fuzz.toml"), &text);
+    }
+
+    /// A valid configuration with random edits: parsed or refused with the file name.
+    #[test]
+    fn mutated_configs_are_parsed_or_refused(edits in proptest::collection::vec((any::<usize>(), any::<char>()), 1..6)) {
+        let base = "[daemon]\nstate-dir = \"/tmp/x\"\nmax-concurrent-jobs = 2\n\n[[database]]\nname = \"app\"\n\
+                    url = \"sqlite:///tmp/app.db\"\n\n[[database.sql]]\nname = \"vacuum\"\nstatement = \"VACUUM\"\n\
+                    schedule = \"0 0 3 * * *\"\ntimezone = \"Europe/Berlin\"\ntimeout = \"5m\"\n";
+        let mut chars: Vec<char> = base.chars().collect();
+        for (pos, c) in edits {
+            let at = pos % chars.len();
+            chars[at] = c;
+        }
+        let text: String = chars.into_iter().collect();
+        if let Err(e) = dbkeeper::Config::parse(Path::new("fuzz.toml"), &text) {
+            prop_assert!(e.to_string().starts_with("fuzz.toml"), "{}", e);
+        }
+    }
+}
