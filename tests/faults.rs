@@ -436,3 +436,191 @@ fn restore_targets_that_cannot_work_are_refused_clearly() {
         .code(1)
         .stderr(predicate::str::contains("SQLite backup"));
 }
+
+/// A PostgreSQL server of this test's own (initdb in a temporary directory, run as the
+/// postgres user), so that restarting it disturbs no other test.
+struct PrivatePg {
+    dir: tempfile::TempDir,
+    port: u16,
+    bin: std::path::PathBuf,
+}
+
+impl PrivatePg {
+    fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries in /usr/lib/postgresql")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .find(|p| p.join("initdb").exists())
+            .expect("initdb");
+        let dir = tempfile::tempdir().expect("tmp");
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir.path())
+            .status()
+            .expect("chown");
+        let data = dir.path().join("data");
+        let ok = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin.join("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "-D"])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .status()
+            .expect("initdb")
+            .success();
+        assert!(ok, "initdb failed");
+        let pg = PrivatePg {
+            dir,
+            port: common::free_port(),
+            bin,
+        };
+        pg.ctl(&["start"]);
+        pg
+    }
+
+    fn ctl(&self, action: &[&str]) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.path().display()
+        );
+        let ok = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-o", &opts, "-w", "-m", "fast", "-l"])
+            .arg(self.dir.path().join("log"))
+            .args(action)
+            .stdout(Stdio::null())
+            .status()
+            .expect("pg_ctl")
+            .success();
+        assert!(ok, "pg_ctl {action:?} failed");
+    }
+
+    fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn postgres_restarting_mid_job_fails_clearly_and_the_next_runs_succeed() {
+    let server = PrivatePg::start();
+    psql(&server.url("postgres"), "CREATE DATABASE app");
+    psql(&server.url("postgres"), "CREATE DATABASE mig");
+    let app = server.url("app");
+    psql(
+        &app,
+        "CREATE TABLE events (id bigserial PRIMARY KEY, created_at timestamptz NOT NULL, body text);
+         INSERT INTO events (created_at, body) SELECT now() - interval '100 days', repeat('x', 200) FROM generate_series(1, 4000);
+         CREATE MATERIALIZED VIEW slow AS SELECT count(*) AS n FROM events, pg_sleep(2);",
+    );
+    let w = Workdir::new();
+    let dir = w.path().join("migrations");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(
+        dir.join("1_slow.sql"),
+        "CREATE TABLE t (x int); SELECT pg_sleep(2);",
+    )
+    .expect("write");
+    // pg_dump waits a little before dumping, so the restart can land in the backup.
+    let slow_dump = w.path().join("pg_dump_after_pause.sh");
+    std::fs::write(&slow_dump, "#!/bin/sh\nsleep 1\nexec pg_dump \"$@\"\n").expect("script");
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&slow_dump)
+        .status()
+        .expect("chmod");
+    w.write_config(
+        "max-concurrent-jobs = 4\nprobe-interval = \"1s\"",
+        &format!(
+            "[[database]]\nname = \"app\"\nurl = \"{app}\"\nconnect-timeout = \"2s\"\n\
+             [database.backup]\nschedule = \"every 3s\"\ndestination = \"{}\"\nencryption = \"none\"\npg-dump = \"{}\"\nkeep = {{ last = 2 }}\n\
+             [[database.retention]]\ntable = \"events\"\ncolumn = \"created_at\"\nolder-than = \"30d\"\nbatch-size = 200\n\
+             pause = \"300ms\"\nschedule = \"every 3s\"\n\
+             [[database.refresh]]\nview = \"slow\"\nschedule = \"every 3s\"\nretries = 3\nretry-backoff = \"1s\"\n\
+             [[database]]\nname = \"mig\"\nurl = \"{}\"\nconnect-timeout = \"2s\"\n\
+             [database.migrate]\ndir = \"{}\"\nschedule = \"every 3s\"\nbackup-first = false\n",
+            w.path().join("backups").display(),
+            slow_dump.display(),
+            server.url("mig"),
+            dir.display()
+        ),
+    );
+    let d = w.start();
+    let jobs = [
+        "app.backup",
+        "app.retention.events",
+        "app.refresh.slow",
+        "mig.migrate",
+    ];
+    d.wait_for("all four kinds running", Duration::from_secs(30), || {
+        let m = d.metrics();
+        jobs.iter().all(|job| {
+            metric_value(&m, "dbkeeper_job_running", &[&format!("job=\"{job}\"")]) == Some(1.0)
+        })
+    });
+    let restarted_at = chrono::Utc::now().timestamp() as f64;
+    server.ctl(&["restart"]);
+    // Every kind succeeds again after the restart; the daemon never went away.
+    d.wait_for(
+        "every job succeeded after the restart",
+        Duration::from_secs(60),
+        || {
+            let m = d.metrics();
+            jobs.iter().all(|job| {
+                metric_value(
+                    &m,
+                    "dbkeeper_job_last_success_timestamp_seconds",
+                    &[&format!("job=\"{job}\"")],
+                )
+                .unwrap_or(0.0)
+                    > restarted_at
+            })
+        },
+    );
+    assert_eq!(d.get("/healthz").0, 200);
+    // The restart hit running jobs, and what failed said why, in a sentence.
+    let history = w.stdout(&["history", "-n", "100"]);
+    assert!(
+        history.contains("failure"),
+        "no run was cut by the restart:\n{history}"
+    );
+    for line in history.lines().filter(|l| l.contains("failure")) {
+        assert!(
+            [
+                "connection",
+                "terminat",
+                "shut",
+                "closed",
+                "connect",
+                "pg_dump failed",
+                "administrator"
+            ]
+            .iter()
+            .any(|w| line.contains(w)),
+            "unclear failure: {line}"
+        );
+    }
+    assert_eq!(
+        psql(&server.url("mig"), "SELECT count(*) FROM _sqlx_migrations"),
+        "1",
+        "the migration applied once"
+    );
+    assert_eq!(psql(&app, "SELECT count(*) FROM events"), "0");
+}
