@@ -259,8 +259,11 @@ impl Daemon {
             } if generation == self.timer.generation() => {
                 if let Some(job) = active.jobs.get(&job).cloned() {
                     self.runner.spawn(job.clone(), Trigger::Schedule, at);
-                    // From `at`, not from now: the timer may fire a little early.
-                    self.arm_next(&job, at.max(Utc::now())).await;
+                    let next =
+                        job.options
+                            .schedule
+                            .next_fire(at, Utc::now(), &job.options.timezone);
+                    self.arm_at(&job, next).await;
                 }
             }
             Fire::Due { .. } => {} // armed before a reload
@@ -393,6 +396,10 @@ impl Daemon {
             .options
             .schedule
             .next_after(after, &job.options.timezone);
+        self.arm_at(job, next).await;
+    }
+
+    async fn arm_at(&mut self, job: &Arc<Job>, next: Option<chrono::DateTime<Utc>>) {
         self.status.job_next_run(job, next);
         if let Some(at) = next {
             if let Err(e) = self.timer.arm(&job.id, at).await {

@@ -62,6 +62,21 @@ impl Schedule {
         }
     }
 
+    /// The slot to arm after a run due at `fired_at` started when the clock said `now`.
+    ///
+    /// Counting from the later of the two means: a timer that fired a little early, or a
+    /// clock set back after the run, never repeats the slot (no double run); a clock set
+    /// forward past slots makes the due run start late, once, and continues with the
+    /// first slot after the new time (no burst of catch-up runs).
+    pub fn next_fire(
+        &self,
+        fired_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+        tz: &TimeZone,
+    ) -> Option<DateTime<Utc>> {
+        self.next_after(fired_at.max(now), tz)
+    }
+
     /// The next `n` run times after `after`.
     pub fn upcoming(&self, after: DateTime<Utc>, tz: &TimeZone, n: usize) -> Vec<DateTime<Utc>> {
         std::iter::successors(self.next_after(after, tz), |t| self.next_after(*t, tz))
@@ -289,6 +304,89 @@ mod tests {
         let s: Schedule = "0 30 2 1 7 *".parse().unwrap();
         let next = s.next_after(utc(2026, 1, 15, 0, 0, 0), &berlin());
         assert_eq!(next, Some(utc(2026, 7, 1, 0, 30, 0)));
+    }
+
+    /// Simulates the daemon's timer with a wall clock that jumps: each step is the
+    /// time the timer observes when the armed slot fires. Returns the slots that ran.
+    fn simulate(
+        s: &Schedule,
+        tz: &TimeZone,
+        start: DateTime<Utc>,
+        observed: impl Fn(DateTime<Utc>) -> DateTime<Utc>,
+        steps: usize,
+    ) -> Vec<DateTime<Utc>> {
+        let mut armed = s.next_after(start, tz).unwrap();
+        let mut ran = Vec::new();
+        for _ in 0..steps {
+            let now = observed(armed);
+            ran.push(armed);
+            armed = s.next_fire(armed, now, tz).unwrap();
+        }
+        ran
+    }
+
+    #[test]
+    fn clock_set_back_after_a_run_does_not_repeat_it() {
+        let s: Schedule = "0 0 2 * * *".parse().unwrap();
+        let tz = TimeZone::default();
+        // The timer fires a second early, and after the run the clock is set back 1 h.
+        let ran = simulate(
+            &s,
+            &tz,
+            utc(2026, 1, 1, 0, 0, 0),
+            |slot| slot - chrono::Duration::hours(1),
+            5,
+        );
+        let days: Vec<u32> = ran.iter().map(|t| chrono::Datelike::day(t)).collect();
+        assert_eq!(days, [1, 2, 3, 4, 5], "one run per day, none repeated");
+        let early = s.next_fire(utc(2026, 1, 1, 2, 0, 0), utc(2026, 1, 1, 1, 59, 59), &tz);
+        assert_eq!(
+            early,
+            Some(utc(2026, 1, 2, 2, 0, 0)),
+            "an early timer does not re-arm the same slot"
+        );
+    }
+
+    #[test]
+    fn clock_set_forward_runs_the_due_slot_once_then_resumes() {
+        let s: Schedule = "0 0 2 * * *".parse().unwrap();
+        let tz = TimeZone::default();
+        // On Jan 2 the clock jumps forward by 30 h while the 02:00 slot is armed.
+        let jumped = |slot: DateTime<Utc>| {
+            if slot == utc(2026, 1, 2, 2, 0, 0) {
+                slot + chrono::Duration::hours(30)
+            } else {
+                slot
+            }
+        };
+        let ran = simulate(&s, &tz, utc(2026, 1, 1, 0, 0, 0), jumped, 4);
+        // Jan 2's run happens (late, once); Jan 3's slot was jumped over; then Jan 4, 5.
+        assert_eq!(
+            ran,
+            [
+                utc(2026, 1, 1, 2, 0, 0),
+                utc(2026, 1, 2, 2, 0, 0),
+                utc(2026, 1, 4, 2, 0, 0),
+                utc(2026, 1, 5, 2, 0, 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_year_of_berlin_nights_runs_once_per_local_day() {
+        let s: Schedule = "0 30 2 * * *".parse().unwrap();
+        let tz = berlin();
+        let ran = simulate(&s, &tz, utc(2026, 1, 1, 0, 0, 0), |slot| slot, 365);
+        let mut days: Vec<chrono::NaiveDate> = ran
+            .iter()
+            .map(|t| t.with_timezone(&tz.0).date_naive())
+            .collect();
+        days.dedup();
+        assert_eq!(
+            days.len(),
+            365,
+            "every local day exactly once, DST nights included"
+        );
     }
 
     #[test]
