@@ -337,7 +337,7 @@ mod tests {
             |slot| slot - chrono::Duration::hours(1),
             5,
         );
-        let days: Vec<u32> = ran.iter().map(|t| chrono::Datelike::day(t)).collect();
+        let days: Vec<u32> = ran.iter().map(chrono::Datelike::day).collect();
         assert_eq!(days, [1, 2, 3, 4, 5], "one run per day, none repeated");
         let early = s.next_fire(utc(2026, 1, 1, 2, 0, 0), utc(2026, 1, 1, 1, 59, 59), &tz);
         assert_eq!(
