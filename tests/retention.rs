@@ -538,3 +538,48 @@ fn retention_and_refresh_series_exist_from_start_up_and_follow_runs() {
         },
     );
 }
+
+#[test]
+fn view_names_with_quotes_semicolons_and_comments_are_quoted_not_executed() {
+    let pg = PgDb::new("refresh_names");
+    pg.sql(
+        r#"CREATE SCHEMA "Sales Data";
+           CREATE TABLE victim (id int);
+           CREATE MATERIALIZED VIEW "Sales Data"."Odd ""view""; DROP TABLE victim; --" AS SELECT 1 AS n;"#,
+    );
+    let w = Workdir::new();
+    w.write_config(
+        "",
+        &pg_config(
+            &pg.url,
+            "[[database.refresh]]\nview = '\"Sales Data\".\"Odd \"\"view\"\"; DROP TABLE victim; --\"'\nname = \"odd\"\nschedule = \"manual\"\n",
+        ),
+    );
+    w.cmd(&["run-job", "pg.refresh.odd"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("1 rows"));
+    assert_eq!(
+        psql(&pg.url, "SELECT to_regclass('victim') IS NOT NULL"),
+        "t",
+        "nothing was executed"
+    );
+    // A name that does not exist is a clear error, not SQL.
+    w.write_config(
+        "",
+        &pg_config(
+            &pg.url,
+            "[[database.refresh]]\nview = \"nope; DROP TABLE victim\"\nschedule = \"manual\"\n",
+        ),
+    );
+    w.cmd(&["check"])
+        .assert()
+        .code(2)
+        .stdout(predicate::str::contains(
+            "materialized view nope; DROP TABLE victim does not exist",
+        ));
+    assert_eq!(
+        psql(&pg.url, "SELECT to_regclass('victim') IS NOT NULL"),
+        "t"
+    );
+}
