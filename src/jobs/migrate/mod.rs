@@ -61,6 +61,21 @@ pub struct Applied {
     pub installed_on: String,
 }
 
+/// `_sqlx_migrations` as read: version, description, success, checksum, installed_on.
+pub(crate) type AppliedRow = (i64, String, bool, Vec<u8>, String);
+
+impl From<AppliedRow> for Applied {
+    fn from((version, description, success, checksum, installed_on): AppliedRow) -> Self {
+        Applied {
+            version,
+            description,
+            success,
+            checksum,
+            installed_on,
+        }
+    }
+}
+
 /// One version's state, for `migrate status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use sqlx::migrate::Migration;
 use sqlx::pool::PoolConnection;
-use sqlx::{AssertSqlSafe, Connection, Row};
+use sqlx::{AssertSqlSafe, Connection};
 use tokio_util::sync::CancellationToken;
 
-use super::{assess, file_name, Applied, MigrateError, MigrateJob};
+use super::{assess, file_name, Applied, AppliedRow, MigrateError, MigrateJob};
 use crate::db::Postgres;
 
 const POLL: Duration = Duration::from_millis(250);
@@ -47,22 +47,13 @@ pub async fn applied(pg: &Postgres) -> Result<Vec<Applied>, MigrateError> {
     if !exists {
         return Ok(Vec::new());
     }
-    let rows = sqlx::query(
+    let rows: Vec<AppliedRow> = sqlx::query_as(
         "SELECT version, description, success, checksum, installed_on::text FROM _sqlx_migrations ORDER BY version",
     )
     .fetch_all(&pg.pool)
     .await
     .map_err(db_err(pg))?;
-    Ok(rows
-        .iter()
-        .map(|r| Applied {
-            version: r.get(0),
-            description: r.get(1),
-            success: r.get(2),
-            checksum: r.get(3),
-            installed_on: r.get(4),
-        })
-        .collect())
+    Ok(rows.into_iter().map(Applied::from).collect())
 }
 
 /// Waits for sqlx's migration lock by polling, up to `wait`.

@@ -5,10 +5,9 @@
 use std::time::{Duration, Instant};
 
 use sqlx::migrate::Migration;
-use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
-use super::{assess, file_name, Applied, MigrateError, MigrateJob};
+use super::{assess, file_name, Applied, AppliedRow, MigrateError, MigrateJob};
 use crate::db::Sqlite;
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
@@ -38,22 +37,13 @@ pub async fn applied(lite: &Sqlite) -> Result<Vec<Applied>, MigrateError> {
     if !exists {
         return Ok(Vec::new());
     }
-    let rows = sqlx::query(
+    let rows: Vec<AppliedRow> = sqlx::query_as(
         "SELECT version, description, success, checksum, CAST(installed_on AS TEXT) FROM _sqlx_migrations ORDER BY version",
     )
     .fetch_all(&lite.pool)
     .await
     .map_err(db_err(lite))?;
-    Ok(rows
-        .iter()
-        .map(|r| Applied {
-            version: r.get(0),
-            description: r.get(1),
-            success: r.get(2),
-            checksum: r.get(3),
-            installed_on: r.get(4),
-        })
-        .collect())
+    Ok(rows.into_iter().map(Applied::from).collect())
 }
 
 pub async fn apply(
