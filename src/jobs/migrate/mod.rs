@@ -287,6 +287,30 @@ impl MigrateJob {
         })
     }
 
+    /// Compares files and history; when something is pending and nothing blocks, takes
+    /// the pre-migration backup. Returns the migrations to apply (none: up to date) and
+    /// the backup's id.
+    async fn prepare(
+        &self,
+        db: &Database,
+        files: &[Migration],
+        history: &[Applied],
+        cancel: &CancellationToken,
+    ) -> Result<(Vec<Migration>, Option<String>), MigrateError> {
+        let a = assess(&self.cfg.dir, files, history, self.cfg.out_of_order);
+        if !a.problems.is_empty() {
+            return Err(MigrateError::Blocked(format!(
+                "nothing applied: {}",
+                a.problems.join("; ")
+            )));
+        }
+        if a.pending.is_empty() {
+            return Ok((Vec::new(), None));
+        }
+        let backup_id = self.backup_first(db, cancel).await?;
+        Ok((a.pending, backup_id))
+    }
+
     /// Takes and verifies the pre-migration backup (when configured); returns its id.
     async fn backup_first(
         &self,

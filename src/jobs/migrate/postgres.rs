@@ -14,7 +14,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, Connection};
 use tokio_util::sync::CancellationToken;
 
-use super::{assess, file_name, Applied, AppliedRow, MigrateError, MigrateJob};
+use super::{file_name, Applied, AppliedRow, MigrateError, MigrateJob};
 use crate::db::Postgres;
 
 const POLL: Duration = Duration::from_millis(250);
@@ -133,20 +133,10 @@ async fn apply_locked(
         .await
         .map_err(db_err(pg))?;
     let history = applied(pg).await?;
-    let a = assess(&job.cfg.dir, files, &history, job.cfg.out_of_order);
-    if !a.problems.is_empty() {
-        return Err(MigrateError::Blocked(format!(
-            "nothing applied: {}",
-            a.problems.join("; ")
-        )));
-    }
-    if a.pending.is_empty() {
-        return Ok((Vec::new(), None));
-    }
     let database = crate::db::Database::Postgres(pg.clone());
-    let backup_id = job.backup_first(&database, cancel).await?;
+    let (pending, backup_id) = job.prepare(&database, files, &history, cancel).await?;
     let mut done = Vec::new();
-    for m in &a.pending {
+    for m in &pending {
         if cancel.is_cancelled() {
             return Err(MigrateError::Cancelled);
         }

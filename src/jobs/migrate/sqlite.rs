@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use sqlx::migrate::Migration;
 use tokio_util::sync::CancellationToken;
 
-use super::{assess, file_name, Applied, AppliedRow, MigrateError, MigrateJob};
+use super::{file_name, Applied, AppliedRow, MigrateError, MigrateJob};
 use crate::db::Sqlite;
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
@@ -56,25 +56,11 @@ pub async fn apply(
         .execute(&lite.pool)
         .await
         .map_err(db_err(lite))?;
-    let a = assess(
-        &job.cfg.dir,
-        &files,
-        &applied(lite).await?,
-        job.cfg.out_of_order,
-    );
-    if !a.problems.is_empty() {
-        return Err(MigrateError::Blocked(format!(
-            "nothing applied: {}",
-            a.problems.join("; ")
-        )));
-    }
-    if a.pending.is_empty() {
-        return Ok((Vec::new(), None));
-    }
+    let history = applied(lite).await?;
     let database = crate::db::Database::Sqlite(lite.clone());
-    let backup_id = job.backup_first(&database, cancel).await?;
+    let (pending, backup_id) = job.prepare(&database, &files, &history, cancel).await?;
     let mut done = Vec::new();
-    for m in &a.pending {
+    for m in &pending {
         if cancel.is_cancelled() {
             return Err(MigrateError::Cancelled);
         }
