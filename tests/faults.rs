@@ -624,3 +624,50 @@ fn postgres_restarting_mid_job_fails_clearly_and_the_next_runs_succeed() {
     );
     assert_eq!(psql(&app, "SELECT count(*) FROM events"), "0");
 }
+
+#[test]
+fn kill_9_mid_refresh_and_mid_sql_then_restart_runs_them_again() {
+    let pg = PgDb::new("kill9_refresh");
+    pg.sql("CREATE MATERIALIZED VIEW slow AS SELECT 1 AS n FROM pg_sleep(3);");
+    let w = Workdir::new();
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"pg\"\nurl = \"{}\"\n\
+             [[database.refresh]]\nview = \"slow\"\nschedule = \"every 1h\"\nmissed = \"run-once\"\n\
+             [[database.sql]]\nname = \"nap\"\nstatement = \"SELECT pg_sleep(3)\"\nschedule = \"every 1h\"\nmissed = \"run-once\"\n",
+            pg.url
+        ),
+    );
+    let mut d = w.start();
+    let jobs = ["pg.refresh.slow", "pg.sql.nap"];
+    d.wait_for("both running", Duration::from_secs(15), || {
+        let m = d.metrics();
+        jobs.iter().all(|j| {
+            metric_value(&m, "dbkeeper_job_running", &[&format!("job=\"{j}\"")]) == Some(1.0)
+        })
+    });
+    d.signal("KILL");
+    let _ = d.wait_exit(Duration::from_secs(5));
+    drop(d);
+    // Never succeeded, so both run again at start-up (missed = "run-once").
+    let d = w.start();
+    d.wait_for(
+        "both succeeded after the restart",
+        Duration::from_secs(30),
+        || {
+            let m = d.metrics();
+            jobs.iter().all(|j| {
+                metric_value(
+                    &m,
+                    "dbkeeper_job_runs_total",
+                    &[&format!("job=\"{j}\""), "result=\"success\""],
+                )
+                .unwrap_or(0.0)
+                    >= 1.0
+            })
+        },
+    );
+    let history = w.stdout(&["history", "-n", "10"]);
+    assert_eq!(history.matches("interrupted").count(), 2, "{history}");
+}

@@ -320,7 +320,10 @@ fn expired_partitions_are_dropped() {
     w.cmd(&["run-job", "pg.retention.metrics"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("dropped 2 partitions"));
+        .stdout(
+            predicate::str::contains("dropped 2 partitions")
+                .and(predicate::str::contains(", 45 rows")),
+        );
     assert_eq!(
         pg.sql("SELECT string_agg(relname, ',' ORDER BY relname) FROM pg_class WHERE relname LIKE 'metrics_%' AND relkind = 'r'"),
         "metrics_now"

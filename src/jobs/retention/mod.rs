@@ -177,18 +177,19 @@ impl RetentionJob {
             (RetentionMode::Delete, _) => self.delete_batches(db, &target, cutoff, cancel).await?,
             (mode, Database::Postgres(pg)) => {
                 let detach = mode == RetentionMode::DetachPartitions;
-                let gone =
+                let (gone, rows) =
                     postgres::remove_partitions(pg, &target, cutoff, detach, self.cfg.lock_timeout)
                         .await?;
+                metrics::retention_deleted(db.name(), &target.table, rows);
                 Outcome {
                     summary: format!(
-                        "{} {} partitions of {} ({})",
+                        "{} {} partitions of {} ({}), {rows} rows",
                         if detach { "detached" } else { "dropped" },
                         gone.len(),
                         target.table,
                         gone.join(", ")
                     ),
-                    details: serde_json::json!({ "partitions": gone, "cutoff": cutoff }),
+                    details: serde_json::json!({ "partitions": gone, "rows": rows, "cutoff": cutoff }),
                 }
             }
             (_, Database::Sqlite(_)) => {

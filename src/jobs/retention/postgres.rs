@@ -314,15 +314,17 @@ pub async fn expired_partitions(
     Ok(expired)
 }
 
-/// Drops (or detaches) every expired partition, each in its own transaction.
+/// Drops (or detaches) every expired partition, each in its own transaction (which
+/// first counts its rows, for the metrics). Returns the partitions and the row total.
 pub async fn remove_partitions(
     pg: &Postgres,
     target: &Target,
     cutoff: DateTime<Utc>,
     detach: bool,
     lock_timeout: Duration,
-) -> Result<Vec<String>, RetentionError> {
+) -> Result<(Vec<String>, u64), RetentionError> {
     let mut gone = Vec::new();
+    let mut rows = 0u64;
     for partition in expired_partitions(pg, target, cutoff).await? {
         // `partition` comes from format('%I.%I'), so it is already quoted.
         let statement = if detach {
@@ -343,17 +345,27 @@ pub async fn remove_partitions(
             .await
             .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
         sqlx::raw_sql(AssertSqlSafe(format!(
-            "SET LOCAL lock_timeout = '{}ms'; {statement}",
+            "SET LOCAL lock_timeout = '{}ms'",
             millis(lock_timeout)
         )))
         .execute(&mut *tx)
         .await
         .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
+        let count: i64 =
+            sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {partition}")))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
+        sqlx::raw_sql(AssertSqlSafe(statement))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
+        rows += count.max(0) as u64;
         tx.commit()
             .await
             .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
         tracing::info!(database = %pg.name, partition, detach, "removed an expired partition");
         gone.push(partition);
     }
-    Ok(gone)
+    Ok((gone, rows))
 }
