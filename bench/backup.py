@@ -142,38 +142,30 @@ def newest_archive(dest):
     return max(Path(dest).rglob("*.dbk"), key=lambda p: p.stat().st_mtime)
 
 
-def write_config(work, pg_name, lite, extra=""):
-    cfg = work / f"bench{extra and '-' + extra}.toml"
-    verify = {
+def write_config(work, pg_name, lite, variant=""):
+    """A config with one PostgreSQL and one SQLite database, both backed up with the
+    defaults, or with the settings of `variant`."""
+    cfg = work / f"bench{variant and '-' + variant}.toml"
+    settings = {
         "noverify": 'verify = "none"',
         "gzip6": 'compression = "gzip"\nlevel = 6',
         "gzip4": 'compression = "gzip"\nlevel = 4',
-    }.get(extra, "")
-    cfg.write_text(f"""
-[daemon]
-state-dir = "{work}/state"
-listen = "127.0.0.1:0"
-
+    }.get(variant, "")
+    databases = "".join(
+        f"""
 [[database]]
-name = "pg"
-url = "{PG}/{pg_name}"
+name = "{name}"
+url = "{url}"
 [database.backup]
 schedule = "manual"
 destination = "{work}/backups"
 encryption-key-file = "{work}/bench.key"
 keep = {{ last = 1 }}
-{verify}
-
-[[database]]
-name = "lite"
-url = "sqlite://{lite}"
-[database.backup]
-schedule = "manual"
-destination = "{work}/backups"
-encryption-key-file = "{work}/bench.key"
-keep = {{ last = 1 }}
-{verify}
-""")
+{settings}
+"""
+        for name, url in [("pg", f"{PG}/{pg_name}"), ("lite", f"sqlite://{lite}")]
+    )
+    cfg.write_text(f'[daemon]\nstate-dir = "{work}/state"\nlisten = "127.0.0.1:0"\n{databases}')
     return cfg
 
 

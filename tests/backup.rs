@@ -428,25 +428,16 @@ fn failing_or_killed_backups_leave_no_backup_and_older_ones_intact() {
     assert_eq!(before.len(), 2, "{before:?}");
 
     // pg_dump that writes its whole dump and then fails: a failed backup, not a short one.
-    let late_fail = w.path().join("pg_dump_then_fail.sh");
-    std::fs::write(
-        &late_fail,
+    let late_fail = common::write_script(
+        w.path(),
+        "pg_dump_then_fail.sh",
         "#!/bin/sh\npg_dump \"$@\"\necho 'pg_dump: error: simulated failure' >&2\nexit 1\n",
-    )
-    .expect("script");
-    let slow = w.path().join("pg_dump_slow.sh");
-    std::fs::write(
-        &slow,
+    );
+    let slow = common::write_script(
+        w.path(),
+        "pg_dump_slow.sh",
         "#!/bin/sh\nhead -c 3000000 /dev/urandom\nexec sleep 60\n",
-    )
-    .expect("script");
-    for s in [&late_fail, &slow] {
-        Command::new("chmod")
-            .arg("+x")
-            .arg(s)
-            .status()
-            .expect("chmod");
-    }
+    );
     w.write_config(
         "",
         &config(&format!("pg-dump = \"{}\"", late_fail.display())),

@@ -165,13 +165,12 @@ fn kill_9_mid_retention_and_mid_migration_leaves_consistent_state() {
     );
     let w = Workdir::new();
     let dir = w.path().join("migrations");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::write(dir.join("1_t.sql"), "CREATE TABLE t (x int);").expect("write");
-    std::fs::write(
-        dir.join("2_slow.sql"),
+    common::write_file(&dir, "1_t.sql", "CREATE TABLE t (x int);");
+    common::write_file(
+        &dir,
+        "2_slow.sql",
         "INSERT INTO t VALUES (2); SELECT pg_sleep(3); INSERT INTO t VALUES (3);",
-    )
-    .expect("write");
+    );
     w.write_config(
         "",
         &format!(
@@ -274,23 +273,16 @@ fn sigterm_during_every_job_kind_stops_cleanly_within_the_grace_period() {
     let migrations_db = PgDb::new("sigterm_mig");
     let w = Workdir::new();
     let dir = w.path().join("migrations");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::write(
-        dir.join("1_slow.sql"),
+    common::write_file(
+        &dir,
+        "1_slow.sql",
         "CREATE TABLE t (x int); SELECT pg_sleep(60);",
-    )
-    .expect("write");
-    let slow_dump = w.path().join("slow_pg_dump.sh");
-    std::fs::write(
-        &slow_dump,
+    );
+    let slow_dump = common::write_script(
+        w.path(),
+        "slow_pg_dump.sh",
         "#!/bin/sh\nhead -c 100000 /dev/urandom\nexec sleep 60\n",
-    )
-    .expect("script");
-    Command::new("chmod")
-        .arg("+x")
-        .arg(&slow_dump)
-        .status()
-        .expect("chmod");
+    );
     // The refresh takes a minute: the view's query sleeps.
     w.write_config(
         "shutdown-grace = \"2s\"\nmax-concurrent-jobs = 4",
@@ -532,20 +524,17 @@ fn postgres_restarting_mid_job_fails_clearly_and_the_next_runs_succeed() {
     );
     let w = Workdir::new();
     let dir = w.path().join("migrations");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::write(
-        dir.join("1_slow.sql"),
+    common::write_file(
+        &dir,
+        "1_slow.sql",
         "CREATE TABLE t (x int); SELECT pg_sleep(2);",
-    )
-    .expect("write");
+    );
     // pg_dump waits a little before dumping, so the restart can land in the backup.
-    let slow_dump = w.path().join("pg_dump_after_pause.sh");
-    std::fs::write(&slow_dump, "#!/bin/sh\nsleep 1\nexec pg_dump \"$@\"\n").expect("script");
-    Command::new("chmod")
-        .arg("+x")
-        .arg(&slow_dump)
-        .status()
-        .expect("chmod");
+    let slow_dump = common::write_script(
+        w.path(),
+        "pg_dump_after_pause.sh",
+        "#!/bin/sh\nsleep 1\nexec pg_dump \"$@\"\n",
+    );
     w.write_config(
         "max-concurrent-jobs = 4\nprobe-interval = \"1s\"",
         &format!(

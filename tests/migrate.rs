@@ -12,8 +12,7 @@ use common::{psql, PgDb, Workdir, BIN};
 use predicates::prelude::*;
 
 fn write(dir: &Path, name: &str, sql: &str) {
-    std::fs::create_dir_all(dir).expect("mkdir");
-    std::fs::write(dir.join(name), sql).expect("write migration");
+    common::write_file(dir, name, sql);
 }
 
 fn migrate_config(url: &str, dir: &Path, extra: &str) -> String {

@@ -11,12 +11,26 @@ use std::time::{Duration, Instant};
 
 use common::{Workdir, BIN};
 
+fn shipped_unit() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/dbkeeper.service"))
+        .expect("unit file")
+}
+
+/// The shipped unit with ExecStart pointing at the binary just built (systemd-analyze
+/// checks that it exists), in a temporary directory kept alive by the first value.
+fn unit_copy(unit: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = common::write_file(
+        dir.path(),
+        "dbkeeper.service",
+        &unit.replace("/usr/local/bin/dbkeeper", BIN),
+    );
+    (dir, path)
+}
+
 #[test]
 fn shipped_unit_passes_systemd_analyze_verify() {
-    let unit = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/dbkeeper.service"),
-    )
-    .expect("unit file");
+    let unit = shipped_unit();
     for key in [
         "Type=notify",
         "WatchdogSec=",
@@ -29,10 +43,7 @@ fn shipped_unit_passes_systemd_analyze_verify() {
     ] {
         assert!(unit.contains(key), "unit lacks {key}");
     }
-    // verify checks that ExecStart's binary exists: point it at the one just built.
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("dbkeeper.service");
-    std::fs::write(&path, unit.replace("/usr/local/bin/dbkeeper", BIN)).expect("write unit");
+    let (_dir, path) = unit_copy(&unit);
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&path)
@@ -121,13 +132,7 @@ fn notify_protocol_ready_watchdog_reload_stop() {
 
 #[test]
 fn unit_exposure_score_stays_below_2() {
-    let unit = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/dbkeeper.service"),
-    )
-    .expect("unit file");
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("dbkeeper.service");
-    std::fs::write(&path, unit.replace("/usr/local/bin/dbkeeper", BIN)).expect("write unit");
+    let (_dir, path) = unit_copy(&shipped_unit());
     let out = Command::new("systemd-analyze")
         .args(["security", "--offline=yes"])
         .arg(&path)

@@ -65,16 +65,10 @@ impl ArchiveError {
     /// Recovers an `ArchiveError` that travelled through an `io::Error`; other I/O
     /// errors while decoding (`InvalidData` from a decompressor) mean a bad archive.
     fn from_io(e: io::Error, decoding: bool) -> Self {
-        if e.get_ref().is_some_and(|inner| inner.is::<ArchiveError>()) {
-            if let Ok(inner) = e
-                .into_inner()
-                .expect("checked above")
-                .downcast::<ArchiveError>()
-            {
-                return *inner;
-            }
-            return ArchiveError::Decompress("unreadable error".to_owned());
-        }
+        let e = match e.downcast::<ArchiveError>() {
+            Ok(inner) => return inner,
+            Err(e) => e,
+        };
         match e.kind() {
             io::ErrorKind::InvalidData
             | io::ErrorKind::InvalidInput

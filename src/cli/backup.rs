@@ -41,11 +41,10 @@ fn backup_job(config: &Config, database: &str) -> anyhow::Result<Arc<Job>> {
         })
 }
 
-fn backup_of(job: &Job) -> &BackupJob {
+fn backup_of(job: &Job) -> anyhow::Result<&BackupJob> {
     match &job.work {
-        Work::Backup(b) => b,
-        // backup_job only returns backup jobs.
-        _ => unreachable!("not a backup job"),
+        Work::Backup(b) => Ok(b),
+        _ => Err(anyhow!("{} is not a backup job", job.id)),
     }
 }
 
@@ -132,7 +131,7 @@ pub async fn verify(
     restore_test: bool,
 ) -> anyhow::Result<Exit> {
     let job = backup_job(config, database)?;
-    let b = backup_of(&job);
+    let b = backup_of(&job)?;
     let dest = b.destination(database);
     let backups = catalog_of(&dest)?;
     let mut manifest = selected(&backups, which, &dest)?.clone();
@@ -191,7 +190,7 @@ pub async fn verify(
 
 pub fn prune(config: &Config, database: &str, dry_run: bool) -> anyhow::Result<Exit> {
     let job = backup_job(config, database)?;
-    let decisions = backup_of(&job).prune(database, dry_run)?;
+    let decisions = backup_of(&job)?.prune(database, dry_run)?;
     for d in &decisions {
         if d.keep {
             println!("keep    {}  ({})", d.id, d.reasons.join(", "));
@@ -213,7 +212,7 @@ pub async fn restore(
     create: bool,
 ) -> anyhow::Result<Exit> {
     let job = backup_job(config, database)?;
-    let b = backup_of(&job);
+    let b = backup_of(&job)?;
     let dest = b.destination(database);
     let backups = catalog_of(&dest)?;
     let manifest = selected(&backups, which, &dest)?;

@@ -21,18 +21,17 @@ fn migrate_job(config: &Config, database: &str) -> anyhow::Result<Arc<Job>> {
         })
 }
 
-fn migrate_of(job: &Job) -> &MigrateJob {
+fn migrate_of(job: &Job) -> anyhow::Result<&MigrateJob> {
     match &job.work {
-        Work::Migrate(m) => m,
-        // migrate_job only returns migrate jobs.
-        _ => unreachable!("not a migrate job"),
+        Work::Migrate(m) => Ok(m),
+        _ => Err(anyhow::anyhow!("{} is not a migrate job", job.id)),
     }
 }
 
 /// Applied, pending and drifted migrations; exit 1 if something blocks `apply`.
 pub async fn status(config: &Config, database: &str) -> anyhow::Result<Exit> {
     let job = migrate_job(config, database)?;
-    let a = migrate_of(&job).status(&job.database).await?;
+    let a = migrate_of(&job)?.status(&job.database).await?;
     let rows: Vec<Vec<String>> = a
         .rows
         .iter()
@@ -59,7 +58,7 @@ pub async fn status(config: &Config, database: &str) -> anyhow::Result<Exit> {
 /// The exact SQL `apply` would run, in order; applies nothing.
 pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
     let job = migrate_job(config, database)?;
-    let m = migrate_of(&job);
+    let m = migrate_of(&job)?;
     let a = m.status(&job.database).await?;
     for p in &a.problems {
         eprintln!("blocked: {p}");

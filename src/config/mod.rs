@@ -398,27 +398,28 @@ fn default_refresh_lock_timeout() -> Duration {
 }
 
 impl RetentionConfig {
-    /// The job name: `name`, or the table name made safe.
+    /// The job name: `name`, or the table's name made safe.
     pub fn job_name(&self) -> String {
-        self.name.clone().unwrap_or_else(|| {
-            let table =
-                crate::db::QualifiedName::parse(&self.table).map_or(self.table.clone(), |q| q.name);
-            sanitize(&table)
-        })
+        job_name(&self.name, &self.table)
     }
 }
 
 impl RefreshConfig {
+    /// The job name: `name`, or the view's name made safe.
     pub fn job_name(&self) -> String {
-        self.name.clone().unwrap_or_else(|| {
-            let view =
-                crate::db::QualifiedName::parse(&self.view).map_or(self.view.clone(), |q| q.name);
-            sanitize(&view)
-        })
+        job_name(&self.name, &self.view)
     }
 }
 
-/// Replaces characters that job ids and metric labels should not carry.
+/// `name` if given, else the last part of the (possibly schema-qualified) object name
+/// with characters that job ids and metric labels should not carry replaced.
+fn job_name(name: &Option<String>, object: &str) -> String {
+    name.clone().unwrap_or_else(|| {
+        let object = crate::db::QualifiedName::parse(object).map_or(object.to_owned(), |q| q.name);
+        sanitize(&object)
+    })
+}
+
 fn sanitize(name: &str) -> String {
     let s: String = name
         .chars()
@@ -663,13 +664,7 @@ impl Config {
             self.validate_refresh(&key, db, backend)?;
             let mut jobs = HashSet::new();
             for job in &db.sql {
-                check_name(&job.name).map_err(|m| self.invalid(format!("{key}.sql.name"), m))?;
-                if !jobs.insert(job.name.as_str()) {
-                    return Err(self.invalid(
-                        format!("{key}.sql \"{}\"", job.name),
-                        "two sql jobs share this name; names must be unique per database",
-                    ));
-                }
+                self.claim_name(&mut jobs, &format!("{key}.sql \"{}\"", job.name), &job.name)?;
                 if job.statement.trim().is_empty() {
                     return Err(self.invalid(
                         format!("{key}.sql \"{}\".statement", job.name),
@@ -683,6 +678,24 @@ impl Config {
 }
 
 impl Config {
+    /// A job name must be valid and not used by another job of the same kind on the
+    /// same database (`names`); `key` names the config entry in the error.
+    fn claim_name(
+        &self,
+        names: &mut HashSet<String>,
+        key: &str,
+        name: &str,
+    ) -> Result<(), ConfigError> {
+        check_name(name).map_err(|m| self.invalid(format!("{key}.name"), m))?;
+        if !names.insert(name.to_owned()) {
+            return Err(self.invalid(
+                format!("{key}.name"),
+                format!("job name \"{name}\" is used twice on this database; names must be unique"),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_retention(
         &self,
         db_key: &str,
@@ -700,14 +713,7 @@ impl Config {
                     "is empty; name the timestamp column",
                 ));
             }
-            let name = r.job_name();
-            check_name(&name).map_err(|m| self.invalid(format!("{key}.name"), m))?;
-            if !names.insert(name.clone()) {
-                return Err(self.invalid(
-                    format!("{key}.name"),
-                    format!("job name \"{name}\" is used twice; set a distinct name"),
-                ));
-            }
+            self.claim_name(&mut names, &key, &r.job_name())?;
             if r.batch_size == 0 {
                 return Err(self.invalid(format!("{key}.batch-size"), "must be at least 1"));
             }
@@ -758,14 +764,7 @@ impl Config {
             let key = format!("{db_key}.refresh \"{}\"", r.view);
             crate::db::QualifiedName::parse(&r.view)
                 .map_err(|m| self.invalid(format!("{key}.view"), m))?;
-            let name = r.job_name();
-            check_name(&name).map_err(|m| self.invalid(format!("{key}.name"), m))?;
-            if !names.insert(name.clone()) {
-                return Err(self.invalid(
-                    format!("{key}.name"),
-                    format!("job name \"{name}\" is used twice; set a distinct name"),
-                ));
-            }
+            self.claim_name(&mut names, &key, &r.job_name())?;
             match (backend, &r.query) {
                 (Backend::Sqlite, None) => {
                     return Err(self.invalid(

@@ -87,6 +87,31 @@ fn duplicate_database_name_is_rejected() {
 }
 
 #[test]
+fn duplicate_job_names_on_one_database_are_rejected() {
+    let sql = MINIMAL.to_owned() + "\n[[database.sql]]\nname = \"analyze\"\nstatement = \"SELECT 1\"\nschedule = \"@hourly\"\n";
+    let err = parse(&sql).unwrap_err().to_string();
+    assert!(
+        err.contains("database \"app\".sql \"analyze\".name") && err.contains("used twice"),
+        "{err}"
+    );
+    // Retention jobs named after the same table in two schemas need a name of their own.
+    let rule = |table: &str| {
+        format!("\n[[database.retention]]\ntable = \"{table}\"\ncolumn = \"at\"\nolder-than = \"30d\"\nschedule = \"@daily\"\n")
+    };
+    let err = parse(&format!(
+        "{MINIMAL}{}{}",
+        rule("a.events"),
+        rule("b.events")
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("retention \"b.events\".name") && err.contains("\"events\" is used twice"),
+        "{err}"
+    );
+}
+
+#[test]
 fn semantic_errors_name_the_key() {
     let cases = [
         (

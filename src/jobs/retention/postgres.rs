@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{AssertSqlSafe, Connection, Row};
+use sqlx::{AssertSqlSafe, Row};
 
 use super::{expired_predicate, millis, BatchArchive, ColumnKind, RetentionError, Target};
 use crate::db::{quote, Postgres, QualifiedName};
@@ -93,6 +93,30 @@ pub async fn resolve(
     })
 }
 
+/// A transaction on a pooled connection of its own, in UTC (so a `timestamp` column
+/// compares with the cutoff the same way whatever the server's time zone) and, if
+/// given, with a lock timeout. Dropped without commit, it rolls back.
+async fn transaction(
+    pg: &Postgres,
+    lock_timeout: Option<Duration>,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, RetentionError> {
+    let mut tx = pg
+        .pool
+        .begin()
+        .await
+        .map_err(|e| RetentionError::Db(pg.connect_error(e)))?;
+    let mut settings = "SET LOCAL TimeZone = 'UTC'".to_owned();
+    if let Some(t) = lock_timeout {
+        // A number we formatted ourselves.
+        settings.push_str(&format!("; SET LOCAL lock_timeout = '{}ms'", millis(t)));
+    }
+    sqlx::raw_sql(AssertSqlSafe(settings))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
+    Ok(tx)
+}
+
 fn bind_cutoff<'q>(
     q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     target: &Target,
@@ -116,19 +140,7 @@ pub async fn count_expired(
         target.table_sql,
         expired_predicate(target, "$1", where_clause)
     );
-    let mut conn = pg
-        .pool
-        .acquire()
-        .await
-        .map_err(|e| RetentionError::Db(pg.connect_error(e)))?;
-    let mut tx = conn
-        .begin()
-        .await
-        .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
-    sqlx::raw_sql("SET LOCAL TimeZone = 'UTC'")
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
+    let mut tx = transaction(pg, None).await?;
     let row = bind_cutoff(sqlx::query(AssertSqlSafe(sql)), target, cutoff)
         .fetch_one(&mut *tx)
         .await
@@ -193,19 +205,7 @@ pub async fn delete_batch(
         target.table_sql
     );
 
-    let mut conn = pg
-        .pool
-        .acquire()
-        .await
-        .map_err(|e| RetentionError::Db(pg.connect_error(e)))?;
-    let mut tx = conn.begin().await.map_err(db_err)?;
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "SET LOCAL lock_timeout = '{}ms'; SET LOCAL TimeZone = 'UTC'",
-        millis(lock_timeout)
-    )))
-    .execute(&mut *tx)
-    .await
-    .map_err(db_err)?;
+    let mut tx = transaction(pg, Some(lock_timeout)).await?;
     let query = bind_cutoff(sqlx::query(AssertSqlSafe(sql)), target, cutoff).bind(i64::from(limit));
     let deleted = match archive {
         None => query
@@ -269,6 +269,7 @@ pub async fn expired_partitions(
     .fetch_all(&pg.pool)
     .await
     .map_err(db_err)?;
+    let mut tx = transaction(pg, None).await?;
     let mut expired = Vec::new();
     for row in rows {
         let name: String = row.get(0);
@@ -290,16 +291,6 @@ pub async fn expired_partitions(
             ColumnKind::UnixSeconds => "SELECT ({upper})::numeric <= $1::numeric",
         }
         .replace("{upper}", upper);
-        let mut conn = pg
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| RetentionError::Db(pg.connect_error(e)))?;
-        let mut tx = conn.begin().await.map_err(db_err)?;
-        sqlx::raw_sql("SET LOCAL TimeZone = 'UTC'")
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
         // `upper` is the server's own rendering of a partition bound literal.
         let is_old: bool = bind_cutoff(sqlx::query(AssertSqlSafe(cmp)), target, cutoff)
             .fetch_one(&mut *tx)
@@ -335,22 +326,7 @@ pub async fn remove_partitions(
         } else {
             format!("DROP TABLE {partition}")
         };
-        let mut conn = pg
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| RetentionError::Db(pg.connect_error(e)))?;
-        let mut tx = conn
-            .begin()
-            .await
-            .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "SET LOCAL lock_timeout = '{}ms'",
-            millis(lock_timeout)
-        )))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
+        let mut tx = transaction(pg, Some(lock_timeout)).await?;
         let count: i64 =
             sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {partition}")))
                 .fetch_one(&mut *tx)
