@@ -219,6 +219,12 @@ impl RetentionJob {
         let mut batches = 0u64;
         let mut stopped_early = false;
         let run_stamp = Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+        let batch = Batch {
+            cutoff,
+            where_clause: cfg.where_clause.as_deref(),
+            limit: cfg.batch_size,
+            lock_timeout: cfg.lock_timeout,
+        };
         loop {
             if cancel.is_cancelled() {
                 return Err(RetentionError::Cancelled { deleted });
@@ -235,28 +241,10 @@ impl RetentionJob {
             });
             let n = match db {
                 Database::Sqlite(lite) => {
-                    sqlite::delete_batch(
-                        lite,
-                        target,
-                        cutoff,
-                        cfg.where_clause.as_deref(),
-                        cfg.batch_size,
-                        cfg.lock_timeout,
-                        archive,
-                    )
-                    .await?
+                    sqlite::delete_batch(lite, target, &batch, archive).await?
                 }
                 Database::Postgres(pg) => {
-                    postgres::delete_batch(
-                        pg,
-                        target,
-                        cutoff,
-                        cfg.where_clause.as_deref(),
-                        cfg.batch_size,
-                        cfg.lock_timeout,
-                        archive,
-                    )
-                    .await?
+                    postgres::delete_batch(pg, target, &batch, archive).await?
                 }
             };
             if n == 0 {
@@ -307,6 +295,16 @@ impl RetentionJob {
             }),
         })
     }
+}
+
+/// What one batch deletes: rows older than `cutoff` matching `where_clause`, at most
+/// `limit`, waiting at most `lock_timeout` for locks.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub cutoff: DateTime<Utc>,
+    pub where_clause: Option<&'a str>,
+    pub limit: u32,
+    pub lock_timeout: Duration,
 }
 
 /// One batch's archive: written completely and durably before the batch commits.

@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{expired_predicate, millis, BatchArchive, ColumnKind, RetentionError, Target};
+use super::{expired_predicate, millis, Batch, BatchArchive, ColumnKind, RetentionError, Target};
 use crate::db::{quote, Postgres, QualifiedName};
 
 pub async fn resolve(
@@ -173,12 +173,15 @@ pub async fn oldest(
 pub async fn delete_batch(
     pg: &Postgres,
     target: &Target,
-    cutoff: DateTime<Utc>,
-    where_clause: Option<&str>,
-    limit: u32,
-    lock_timeout: Duration,
+    batch: &Batch<'_>,
     archive: Option<BatchArchive<'_>>,
 ) -> Result<u64, RetentionError> {
+    let Batch {
+        cutoff,
+        where_clause,
+        limit,
+        lock_timeout,
+    } = *batch;
     let db_err = |e| RetentionError::Db(pg.query_error(e));
     let key = target.row_key.join(", ");
     let picked = if target.row_key.len() == 1 && key == "ctid" {

@@ -4,12 +4,10 @@
 //! the cutoff written `YYYY-MM-DD HH:MM:SS` (SQLite's own `datetime()` format), so
 //! ISO-8601 text sorts correctly against it.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{expired_predicate, BatchArchive, ColumnKind, RetentionError, Target};
+use super::{expired_predicate, Batch, BatchArchive, ColumnKind, RetentionError, Target};
 use crate::db::{quote, QualifiedName, Sqlite};
 
 pub async fn resolve(
@@ -136,12 +134,15 @@ pub async fn oldest(
 pub async fn delete_batch(
     lite: &Sqlite,
     target: &Target,
-    cutoff: DateTime<Utc>,
-    where_clause: Option<&str>,
-    limit: u32,
-    lock_timeout: Duration,
+    batch: &Batch<'_>,
     archive: Option<BatchArchive<'_>>,
 ) -> Result<u64, RetentionError> {
+    let Batch {
+        cutoff,
+        where_clause,
+        limit,
+        lock_timeout,
+    } = *batch;
     let db_err = |e| RetentionError::Db(lite.query_error(e));
     let returning = if archive.is_some() {
         let fields: Vec<String> = target
