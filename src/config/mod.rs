@@ -185,6 +185,12 @@ pub struct DatabaseConfig {
     /// Default: `10s`.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// SQLite only: turn `PRAGMA foreign_keys` on for dbkeeper's connections, as the
+    /// application does. Leave it off (SQLite's own default) unless the application
+    /// turns it on itself: with it on, a deleted row takes its ON DELETE CASCADE
+    /// children with it. Default: `false`.
+    #[serde(default)]
+    pub foreign_keys: bool,
     /// `[database.backup]`: encrypted, compressed, verified backups. Default: none.
     #[serde(default)]
     pub backup: Option<BackupConfig>,
@@ -210,6 +216,7 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("url", &crate::db::redact_url(&self.url))
             .field("password_file", &self.password_file)
             .field("connect_timeout", &self.connect_timeout)
+            .field("foreign_keys", &self.foreign_keys)
             .field("backup", &self.backup)
             .field("retention", &self.retention)
             .field("refresh", &self.refresh)
@@ -648,6 +655,12 @@ impl Config {
                         ),
                     ));
                 }
+            }
+            if db.foreign_keys && backend != Backend::Sqlite {
+                return Err(self.invalid(
+                    format!("{key}.foreign-keys"),
+                    "is for SQLite only; PostgreSQL always enforces foreign keys",
+                ));
             }
             if let Some(backup) = &db.backup {
                 self.validate_backup(&key, backup)?;

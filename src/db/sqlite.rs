@@ -25,6 +25,8 @@ pub struct Sqlite {
     pub(crate) name: String,
     pub(crate) url: String,
     pub(crate) pool: SqlitePool,
+    /// `foreign-keys` from the config: whether connections enforce foreign keys.
+    pub(crate) foreign_keys: bool,
 }
 
 impl Sqlite {
@@ -36,7 +38,11 @@ impl Sqlite {
                 url: url.clone(),
                 source,
             })?
-            .busy_timeout(BUSY_TIMEOUT);
+            .busy_timeout(BUSY_TIMEOUT)
+            // sqlx turns foreign keys on by default; SQLite (and so the application,
+            // unless it says otherwise) has them off. Deleting with them on would
+            // cascade into tables the operator never named.
+            .foreign_keys(cfg.foreign_keys);
         if create_requested(&cfg.url) {
             // `mode=rwc` asks for the file to be created; make its directory too, so a
             // fresh checkout's demo works. Failures surface when connecting.
@@ -54,6 +60,7 @@ impl Sqlite {
             name: cfg.name.clone(),
             url,
             pool,
+            foreign_keys: cfg.foreign_keys,
         })
     }
 

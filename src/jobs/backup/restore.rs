@@ -122,6 +122,7 @@ async fn restore_postgres(
         url: url.to_owned(),
         password_file: None,
         connect_timeout: Duration::from_secs(10),
+        foreign_keys: false,
         backup: None,
         retention: Vec::new(),
         refresh: Vec::new(),
