@@ -40,6 +40,7 @@ pub const BACKUP_PRUNED: &str = "dbkeeper_backup_pruned_total";
 pub const RETENTION_DELETED: &str = "dbkeeper_retention_rows_deleted_total";
 pub const RETENTION_OLDEST: &str = "dbkeeper_retention_oldest_row_timestamp_seconds";
 pub const RETENTION_MAX_AGE: &str = "dbkeeper_retention_max_age_seconds";
+pub const RETENTION_UNREADABLE: &str = "dbkeeper_retention_unreadable_rows";
 pub const REFRESH_ROWS: &str = "dbkeeper_refresh_last_rows";
 pub const MIGRATIONS_PENDING: &str = "dbkeeper_migrations_pending";
 pub const MIGRATIONS_APPLIED_VERSION: &str = "dbkeeper_migrations_applied_version";
@@ -196,6 +197,10 @@ fn describe() {
         Unit::Seconds,
         "The retention policy's older-than."
     );
+    describe_gauge!(
+        RETENTION_UNREADABLE,
+        "Rows whose retention column holds a value that is not a time (never deleted), at the latest run."
+    );
     describe_gauge!(REFRESH_ROWS, "Rows in the view after its latest refresh.");
     describe_gauge!(
         MIGRATIONS_PENDING,
@@ -313,6 +318,12 @@ pub fn register_retention(database: &str, table: &str, max_age: Duration) {
     counter!(RETENTION_DELETED, "database" => database.to_owned(), "table" => table.to_owned())
         .increment(0);
     retention_max_age(database, table, max_age);
+    retention_unreadable(database, table, 0);
+}
+
+pub fn retention_unreadable(database: &str, table: &str, rows: u64) {
+    gauge!(RETENTION_UNREADABLE, "database" => database.to_owned(), "table" => table.to_owned())
+        .set(rows as f64);
 }
 
 pub fn retention_max_age(database: &str, table: &str, max_age: Duration) {

@@ -116,6 +116,11 @@ impl FromStr for Schedule {
                             "schedule \"{text}\" is shorter than one second; use at least \"every 1s\""
                         ));
                     }
+                    if d > Duration::from_secs(10 * 366 * 86_400) {
+                        return Err(format!(
+                            "schedule \"{text}\" is longer than ten years; use \"manual\" for a job that only runs by hand"
+                        ));
+                    }
                     ScheduleKind::Every(d)
                 } else {
                     let fields = text.split_whitespace().count();

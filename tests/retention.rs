@@ -274,7 +274,7 @@ fn archive_max_duration_and_sqlite() {
             rule(
                 "Log Lines",
                 "log",
-                "batch-size = 10\npause = \"20ms\"\nmax-duration = \"300ms\""
+                "batch-size = 10\nbatch-time = \"0s\"\npause = \"20ms\"\nmax-duration = \"300ms\""
             )
         ),
     );

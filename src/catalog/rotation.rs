@@ -41,7 +41,19 @@ impl Keep {
 
     /// A policy that would keep nothing is refused at config load.
     pub fn keeps_something(&self) -> bool {
-        self.last + self.hourly + self.daily + self.weekly + self.monthly + self.yearly > 0
+        self.counts().iter().any(|&n| n > 0)
+    }
+
+    /// The six counts, in the order last, hourly, daily, weekly, monthly, yearly.
+    pub fn counts(&self) -> [u32; 6] {
+        [
+            self.last,
+            self.hourly,
+            self.daily,
+            self.weekly,
+            self.monthly,
+            self.yearly,
+        ]
     }
 }
 

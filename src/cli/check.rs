@@ -60,7 +60,11 @@ pub async fn check(config: &Config) -> anyhow::Result<Exit> {
 async fn check_names(job: &Job) -> anyhow::Result<()> {
     match &job.work {
         Work::Retention(r) => {
-            r.resolve(&job.database).await?;
+            let target = r.resolve(&job.database).await?;
+            println!(
+                "job {}: reads {}.{} as {}",
+                job.id, r.cfg.table, r.cfg.column, target.reading
+            );
         }
         Work::Refresh(r) => r.check(&job.database).await?,
         Work::Migrate(m) => {

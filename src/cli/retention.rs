@@ -27,6 +27,7 @@ pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
     let now = Utc::now();
     let mut rows = Vec::new();
     let mut failed = false;
+    let mut unreadable = false;
     for (job, r) in rules {
         let preview = match r.preview(&job.database).await {
             Ok(p) => p,
@@ -36,7 +37,9 @@ pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
                     job.id.clone(),
                     r.cfg.table.clone(),
                     "-".into(),
+                    "-".into(),
                     format!("ERROR: {e}"),
+                    "-".into(),
                     "-".into(),
                 ]);
                 continue;
@@ -50,11 +53,16 @@ pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
             _ if preview.partitions.is_empty() => "no partitions".to_owned(),
             _ => format!("partitions {}", preview.partitions.join(", ")),
         };
+        if preview.unreadable_rows > 0 {
+            unreadable = true;
+        }
         rows.push(vec![
             job.id.clone(),
             r.cfg.table.clone(),
-            preview.cutoff.format("%Y-%m-%d %H:%M:%S").to_string(),
+            preview.reading.clone(),
+            preview.cutoff.format("%Y-%m-%d %H:%M:%S%.3f").to_string(),
             going,
+            preview.unreadable_rows.to_string(),
             age,
         ]);
     }
@@ -62,12 +70,19 @@ pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
         &[
             "JOB",
             "TABLE",
+            "READS TIME AS",
             "CUTOFF (UTC)",
             "WOULD DELETE",
+            "UNREADABLE (KEPT)",
             "OLDEST ROW AGE",
         ],
         &rows,
     );
+    if unreadable {
+        eprintln!(
+            "note: rows with an UNREADABLE time are never deleted; fix their values, or set epoch-unit / column-timezone if the rule reads them wrongly"
+        );
+    }
     Ok(if failed { Exit::Failed } else { Exit::Success })
 }
 

@@ -268,18 +268,44 @@ job_table! {
         /// name, with characters outside letters, digits, `_`, `-` replaced by `_`.
         #[serde(default)]
         pub name: Option<String>,
-        /// Timestamp, timestamptz or date column, or an integer column of unix seconds
-        /// (detected from the catalog). Required.
+        /// The column holding each row's time. PostgreSQL: `timestamptz`, `timestamp`,
+        /// `date`, or a number of `epoch-unit`s since 1970 (integer, numeric, float).
+        /// SQLite: read per value (ISO-8601 text, integers in `epoch-unit`, julian-day
+        /// reals). Required.
         pub column: String,
+        /// Integer (and numeric) values count this unit since 1970-01-01 UTC: `s`,
+        /// `ms` or `us`. Default: `s`.
+        #[serde(default)]
+        pub epoch_unit: EpochUnit,
+        /// PostgreSQL `timestamp` and `date` columns: the IANA zone their wall-clock
+        /// values are written in. Default: the database's own default TimeZone (the
+        /// zone the application's sessions get). Not the same as `timezone`, which is
+        /// the zone of the `schedule`.
+        #[serde(default)]
+        pub column_timezone: Option<String>,
+        /// Allow deleting from a table that other tables reference with ON DELETE
+        /// CASCADE, SET NULL or SET DEFAULT (those rows change or go too, without being
+        /// counted or archived). Default: `false` (such a rule is refused).
+        #[serde(default)]
+        pub cascade: bool,
         /// Rows whose `column` is older than this are expired, e.g. `90d`. Required.
         #[serde(with = "humantime_serde")]
         pub older_than: Duration,
         /// Extra SQL predicate a row must also match to be deleted. Default: none.
         #[serde(default, rename = "where")]
         pub where_clause: Option<String>,
-        /// Rows per batch; each batch is its own transaction. Default: `5000`.
+        /// Rows in the first batch; each batch is its own transaction. Later batches
+        /// are sized to take about `batch-time`. Default: `5000`.
         #[serde(default = "default_batch_size")]
         pub batch_size: u32,
+        /// Target duration of one batch (how long it holds its row locks); batch sizes
+        /// adapt to it, between 100 rows (or `batch-size`, if smaller) and
+        /// `max-batch-size`. `0s` keeps every batch at `batch-size`. Default: `50ms`.
+        #[serde(default = "default_batch_time", with = "humantime_serde")]
+        pub batch_time: Duration,
+        /// Largest batch the adaptation may choose. Default: `100000`.
+        #[serde(default = "default_max_batch_size")]
+        pub max_batch_size: u32,
         /// Pause between batches, to leave room for other work. Default: `0s`.
         #[serde(default, with = "humantime_serde")]
         pub pause: Option<Duration>,
@@ -306,6 +332,46 @@ job_table! {
 
 fn default_batch_size() -> u32 {
     5000
+}
+
+fn default_batch_time() -> Duration {
+    Duration::from_millis(50)
+}
+
+fn default_max_batch_size() -> u32 {
+    100_000
+}
+
+/// The unit of integer times in a retention column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EpochUnit {
+    /// Seconds since 1970-01-01 UTC (`unixepoch()`, `time.time()` as an integer).
+    #[default]
+    S,
+    /// Milliseconds (JavaScript's `Date.now()`, Java's `currentTimeMillis`).
+    Ms,
+    /// Microseconds.
+    Us,
+}
+
+impl EpochUnit {
+    /// Units per second.
+    pub fn per_second(self) -> i64 {
+        match self {
+            EpochUnit::S => 1,
+            EpochUnit::Ms => 1_000,
+            EpochUnit::Us => 1_000_000,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EpochUnit::S => "s",
+            EpochUnit::Ms => "ms",
+            EpochUnit::Us => "us",
+        }
+    }
 }
 
 fn default_retention_lock_timeout() -> Duration {
@@ -597,11 +663,81 @@ impl Config {
         }
     }
 
+    /// `value` must lie in `range`; the error names the key and the range.
+    fn bounded<T: PartialOrd + std::fmt::Debug>(
+        &self,
+        key: impl Into<String>,
+        value: T,
+        range: std::ops::RangeInclusive<T>,
+        show: impl Fn(&T) -> String,
+    ) -> Result<(), ConfigError> {
+        if range.contains(&value) {
+            Ok(())
+        } else {
+            Err(self.invalid(
+                key,
+                format!(
+                    "{} is out of range; write a value from {} to {}",
+                    show(&value),
+                    show(range.start()),
+                    show(range.end())
+                ),
+            ))
+        }
+    }
+
+    fn duration(
+        &self,
+        key: impl Into<String>,
+        d: Duration,
+        max: Duration,
+    ) -> Result<(), ConfigError> {
+        self.bounded(key, d, Duration::ZERO..=max, |d| {
+            humantime::format_duration(*d).to_string()
+        })
+    }
+
+    fn count(
+        &self,
+        key: impl Into<String>,
+        n: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<(), ConfigError> {
+        self.bounded(key, n, range, u64::to_string)
+    }
+
+    /// The keys every job table shares.
+    fn validate_job_options(&self, key: &str, o: &JobOptions) -> Result<(), ConfigError> {
+        self.duration(format!("{key}.timeout"), o.timeout, MAX_JOB_TIMEOUT)?;
+        if o.timeout.is_zero() {
+            return Err(self.invalid(format!("{key}.timeout"), "must be longer than 0s"));
+        }
+        self.count(format!("{key}.retries"), o.retries.into(), 0..=100)?;
+        self.duration(format!("{key}.retry-backoff"), o.retry_backoff, DAY)?;
+        self.duration(format!("{key}.jitter"), o.jitter, DAY)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.daemon.max_concurrent_jobs == 0 {
-            return Err(self.invalid("daemon.max-concurrent-jobs", "must be at least 1"));
+        let d = &self.daemon;
+        self.count(
+            "daemon.max-concurrent-jobs",
+            d.max_concurrent_jobs as u64,
+            1..=1024,
+        )?;
+        self.duration("daemon.shutdown-grace", d.shutdown_grace, DAY)?;
+        self.duration("daemon.history-keep", d.history_keep, MAX_AGE)?;
+        self.duration("daemon.probe-interval", d.probe_interval, DAY)?;
+        if d.probe_interval.is_zero() {
+            return Err(self.invalid("daemon.probe-interval", "must be longer than 0s"));
         }
         if let Some(n) = &self.notify {
+            self.duration("notify.timeout", n.timeout, Duration::from_secs(600))?;
+            self.count("notify.retries", n.retries.into(), 0..=100)?;
+            self.duration(
+                "notify.retry-backoff",
+                n.retry_backoff,
+                Duration::from_secs(3600),
+            )?;
             for (key, url) in [
                 ("notify.webhook", &n.webhook),
                 ("notify.alertmanager", &n.alertmanager),
@@ -630,6 +766,12 @@ impl Config {
         for db in &self.databases {
             let key = format!("database \"{}\"", db.name);
             check_name(&db.name).map_err(|m| self.invalid(format!("{key}.name"), m))?;
+            self.duration(
+                format!("{key}.connect-timeout"),
+                db.connect_timeout,
+                Duration::from_secs(3600),
+            )?;
+            self.validate_jobs_of(&key, db)?;
             if !names.insert(db.name.as_str()) {
                 return Err(self.invalid(
                     format!("{key}.name"),
@@ -727,11 +869,61 @@ impl Config {
                 ));
             }
             self.claim_name(&mut names, &key, &r.job_name())?;
-            if r.batch_size == 0 {
-                return Err(self.invalid(format!("{key}.batch-size"), "must be at least 1"));
+            self.count(
+                format!("{key}.batch-size"),
+                r.batch_size.into(),
+                1..=MAX_BATCH,
+            )?;
+            self.count(
+                format!("{key}.max-batch-size"),
+                r.max_batch_size.into(),
+                1..=MAX_BATCH,
+            )?;
+            self.duration(
+                format!("{key}.batch-time"),
+                r.batch_time,
+                Duration::from_secs(60),
+            )?;
+            self.duration(format!("{key}.older-than"), r.older_than, MAX_AGE)?;
+            if r.older_than < Duration::from_secs(1) {
+                return Err(self.invalid(format!("{key}.older-than"), "must be at least 1s"));
             }
-            if r.older_than.is_zero() {
-                return Err(self.invalid(format!("{key}.older-than"), "must be longer than 0s"));
+            self.duration(
+                format!("{key}.pause"),
+                r.pause.unwrap_or_default(),
+                Duration::from_secs(3600),
+            )?;
+            self.duration(
+                format!("{key}.max-duration"),
+                r.max_duration.unwrap_or_default(),
+                MAX_JOB_TIMEOUT,
+            )?;
+            self.duration(
+                format!("{key}.lock-timeout"),
+                r.lock_timeout,
+                MAX_PG_TIMEOUT,
+            )?;
+            if let Some(zone) = &r.column_timezone {
+                if backend != Backend::Postgres {
+                    return Err(self.invalid(
+                        format!("{key}.column-timezone"),
+                        "is for PostgreSQL timestamp and date columns; SQLite text without an offset is UTC, as SQLite's date functions read it",
+                    ));
+                }
+                if zone.parse::<chrono_tz::Tz>().is_err() {
+                    return Err(self.invalid(
+                        format!("{key}.column-timezone"),
+                        format!(
+                            "\"{zone}\" is not an IANA time zone; write e.g. \"America/New_York\""
+                        ),
+                    ));
+                }
+            }
+            if r.cascade && r.archive {
+                return Err(self.invalid(
+                    format!("{key}.cascade"),
+                    "cannot be combined with archive = true: rows removed by the cascade would not be archived; archive the referencing tables with rules of their own",
+                ));
             }
             if r.where_clause
                 .as_deref()
@@ -839,11 +1031,60 @@ impl Config {
             }
             Key::load(file).map_err(|e| self.invalid(format!("{key}.{name}"), e.to_string()))?;
         }
+        for (name, n) in ["last", "hourly", "daily", "weekly", "monthly", "yearly"]
+            .iter()
+            .zip(b.keep.counts())
+        {
+            self.count(format!("{key}.keep.{name}"), n.into(), 0..=1_000_000)?;
+        }
         if !b.keep.keeps_something() {
             return Err(self.invalid(
                 format!("{key}.keep"),
                 "keeps no backup at all; set at least one of last, hourly, daily, weekly, monthly, yearly above 0",
             ));
+        }
+        Ok(())
+    }
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+/// Longest age a rule or the history may name: far beyond any real policy, and short
+/// enough that `now - age` is always a valid date for every backend.
+const MAX_AGE: Duration = Duration::from_secs(1000 * 366 * 86_400);
+/// Longest a job may run.
+const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(30 * 86_400);
+/// PostgreSQL's lock_timeout and statement_timeout are milliseconds in an int4.
+const MAX_PG_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+/// Largest retention batch.
+const MAX_BATCH: u64 = 10_000_000;
+
+impl Config {
+    /// The shared job keys of every job on `db`, and the kind-specific timeouts.
+    fn validate_jobs_of(&self, key: &str, db: &DatabaseConfig) -> Result<(), ConfigError> {
+        if let Some(b) = &db.backup {
+            self.validate_job_options(&format!("{key}.backup"), &b.options())?;
+        }
+        for r in &db.retention {
+            self.validate_job_options(&format!("{key}.retention \"{}\"", r.table), &r.options())?;
+        }
+        for r in &db.refresh {
+            let k = format!("{key}.refresh \"{}\"", r.view);
+            self.validate_job_options(&k, &r.options())?;
+            self.duration(format!("{k}.lock-timeout"), r.lock_timeout, MAX_PG_TIMEOUT)?;
+        }
+        if let Some(m) = &db.migrate {
+            let k = format!("{key}.migrate");
+            self.validate_job_options(&k, &m.options())?;
+            self.duration(format!("{k}.lock-timeout"), m.lock_timeout, MAX_PG_TIMEOUT)?;
+            self.duration(
+                format!("{k}.statement-timeout"),
+                m.statement_timeout.unwrap_or_default(),
+                MAX_PG_TIMEOUT,
+            )?;
+            self.duration(format!("{k}.lock-wait"), m.lock_wait, MAX_JOB_TIMEOUT)?;
+        }
+        for s in &db.sql {
+            self.validate_job_options(&format!("{key}.sql \"{}\"", s.name), &s.options())?;
         }
         Ok(())
     }

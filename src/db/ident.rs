@@ -19,6 +19,12 @@ pub fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
+/// Quotes a string literal: `it's` becomes `'it''s'` (for values we must splice, such
+/// as a time zone name inside an expression that is reused across statements).
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 impl QualifiedName {
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut parts = Vec::new();

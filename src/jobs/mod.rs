@@ -123,16 +123,12 @@ impl JobError {
     /// is not there, or the job refused on purpose.
     pub fn retryable(&self) -> bool {
         use refresh::RefreshError as F;
-        use retention::RetentionError as R;
+        if let JobError::Retention(e) = self {
+            return !e.is_config_error();
+        }
         !matches!(
             self,
             JobError::Refresh(F::Refused(_) | F::NoView { .. })
-                | JobError::Retention(
-                    R::NoTable { .. }
-                        | R::NoColumn { .. }
-                        | R::ColumnType { .. }
-                        | R::Unsupported(_)
-                )
                 | JobError::Backup(backup::BackupError::Refused(_))
                 | JobError::Migrate(
                     migrate::MigrateError::Blocked(_) | migrate::MigrateError::Read { .. }

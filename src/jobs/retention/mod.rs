@@ -1,19 +1,32 @@
 //! `retention` jobs (`<database>.retention.<name>`): delete expired rows in small
 //! committed batches, never one long lock.
 //!
-//! Each batch is its own short transaction with a lock timeout (PostgreSQL: rows
-//! picked by `ctid` or primary key with `FOR UPDATE SKIP LOCKED`; SQLite: by `rowid`),
-//! so concurrent writers wait at most for one batch. With `archive = true` every batch
-//! is written to an encrypted archive, durably, before its transaction commits.
-//! PostgreSQL partitioned tables can instead drop or detach whole expired partitions.
+//! The rule: a row is deleted only when the database itself, in the DELETE statement
+//! that removes it, reads the row's time as an instant before the cutoff
+//! (`now - older-than`) and `where` holds. Picking candidates (by `ctid`, rowid or
+//! primary key) is only an optimisation: the DELETE repeats the whole predicate, and on
+//! PostgreSQL hierarchies each table is addressed on its own (`ONLY`), so a batch can
+//! never touch a row it did not select. Values the backend cannot read as a time are
+//! never deleted: they are counted (`retention plan`, the
+//! `dbkeeper_retention_unreadable_rows` gauge) and warned about once per run. What a
+//! value means is [`Reading`]'s business (`reading.rs`); the SQL is per backend.
+//!
+//! Each batch is its own short transaction with a lock timeout, sized to take about
+//! `batch-time`, so concurrent writers wait at most for one batch. With
+//! `archive = true` every batch is written to an encrypted archive, durably, before
+//! its transaction commits. PostgreSQL partitioned tables can instead drop or detach
+//! whole expired partitions.
 
 mod postgres;
+mod reading;
 mod sqlite;
 
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
+
+pub use reading::{Cutoff, Reading};
 
 use super::Outcome;
 use crate::archive::{self, Compression, Header, Key, KeyRing, Settings};
@@ -31,54 +44,66 @@ pub enum RetentionError {
     NoTable { database: String, table: String },
     #[error("column \"{column}\" does not exist in table {table}; fix `column` in [[database.retention]]")]
     NoColumn { table: String, column: String },
-    #[error("column \"{column}\" of {table} has type {kind}; retention needs a timestamp, timestamptz or date column, or an integer column of unix seconds")]
+    #[error("column \"{column}\" of {table} has type {kind}; retention needs a timestamptz, timestamp or date column, or a number of epoch-unit since 1970")]
     ColumnType {
         table: String,
         column: String,
         kind: String,
     },
+    #[error("{table} is referenced by {referencing} with ON DELETE CASCADE, SET NULL or SET DEFAULT, so deleting its rows would change rows no rule names; add retention rules for those tables, or set cascade = true to accept it")]
+    Cascade { table: String, referencing: String },
     #[error("{0}")]
     Unsupported(String),
     #[error("cannot archive the batch before deleting it (nothing was deleted): {0}")]
     Archive(String),
+    #[error("older-than reaches before year 1; use a shorter older-than")]
+    Cutoff,
     #[error("cancelled after deleting {deleted} rows")]
     Cancelled { deleted: u64 },
 }
 
 impl RetentionError {
-    /// Errors that mean the configuration names something that is not there.
+    /// Errors that mean the configuration does not fit the database: `check` reports
+    /// them as config errors and the runner does not retry them.
     pub fn is_config_error(&self) -> bool {
         matches!(
             self,
             RetentionError::NoTable { .. }
                 | RetentionError::NoColumn { .. }
                 | RetentionError::ColumnType { .. }
+                | RetentionError::Cascade { .. }
+                | RetentionError::Unsupported(_)
+                | RetentionError::Cutoff
         )
     }
 }
 
-/// How the expiry column stores time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ColumnKind {
-    /// timestamp, timestamptz, date (PostgreSQL); text date-times (SQLite).
-    Timestamp,
-    /// An integer or numeric column of unix seconds.
-    UnixSeconds,
+/// How one batch names the rows it picked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowKey {
+    /// PostgreSQL: `ctid`, unique within one table (each table is addressed with ONLY).
+    Ctid,
+    /// SQLite: the real row id under a name no column shadows (`rowid`, `_rowid_` or
+    /// `oid`).
+    Rowid(&'static str),
+    /// SQLite WITHOUT ROWID tables (or every rowid alias shadowed): the quoted
+    /// primary-key columns.
+    PrimaryKey(Vec<String>),
 }
 
 /// The table and column, checked against the catalog and quoted.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// Quoted, schema-qualified where the catalog says so.
-    pub table_sql: String,
-    /// For messages and metric labels: the table as configured.
+    /// The table as configured, for messages and metric labels.
     pub table: String,
+    /// Quoted, schema-qualified: counts through it include inheritance children.
+    pub table_sql: String,
     pub column_sql: String,
-    pub kind: ColumnKind,
-    /// How one batch names its rows: `ctid`, `rowid`, or quoted primary-key columns.
-    pub row_key: Vec<String>,
-    /// SQLite: every column, quoted, for the JSON form of archived rows.
-    pub columns: Vec<String>,
+    pub reading: Reading,
+    /// Quoted tables that hold the rows, each deleted from on its own: PostgreSQL's
+    /// table and every inheritance child or leaf partition, SQLite's one table.
+    pub relations: Vec<String>,
+    pub row_key: RowKey,
     /// PostgreSQL: the relation's oid, for partition look-ups.
     pub oid: Option<u32>,
     pub partitioned: bool,
@@ -89,7 +114,11 @@ pub struct Target {
 pub struct Preview {
     pub cutoff: DateTime<Utc>,
     pub expired_rows: u64,
+    /// Rows (matching `where`) whose time cannot be read: never deleted.
+    pub unreadable_rows: u64,
     pub oldest: Option<DateTime<Utc>>,
+    /// How the column is read, e.g. `timestamp in America/New_York`.
+    pub reading: String,
     /// Partition modes: the partitions that would go.
     pub partitions: Vec<String>,
 }
@@ -111,6 +140,13 @@ pub struct RetentionJob {
     pub archive: Option<ArchiveTo>,
 }
 
+/// What the backends report about the rows a rule covers, besides deleting them.
+struct Census {
+    expired: u64,
+    unreadable: u64,
+    oldest: Option<DateTime<Utc>>,
+}
+
 impl RetentionJob {
     pub fn new(cfg: RetentionConfig, archive: Option<ArchiveTo>) -> Result<Self, String> {
         let table = QualifiedName::parse(&cfg.table)?;
@@ -121,46 +157,80 @@ impl RetentionJob {
         })
     }
 
-    /// The table and column as the catalog knows them; errors name what is missing.
+    /// The table and column as the catalog knows them; errors name what is missing
+    /// or what the rule may not do (cascading foreign keys, unknown zones).
     pub async fn resolve(&self, db: &Database) -> Result<Target, RetentionError> {
         match db {
-            Database::Sqlite(lite) => sqlite::resolve(lite, &self.table, &self.cfg.column).await,
-            Database::Postgres(pg) => postgres::resolve(pg, &self.table, &self.cfg.column).await,
+            Database::Sqlite(lite) => sqlite::resolve(lite, &self.table, &self.cfg).await,
+            Database::Postgres(pg) => postgres::resolve(pg, &self.table, &self.cfg).await,
         }
     }
 
-    fn cutoff(&self, now: DateTime<Utc>) -> DateTime<Utc> {
-        now - chrono::Duration::from_std(self.cfg.older_than).unwrap_or(chrono::Duration::MAX)
+    fn cutoff(&self, now: DateTime<Utc>) -> Result<Cutoff, RetentionError> {
+        Cutoff::before(now, self.cfg.older_than).ok_or(RetentionError::Cutoff)
+    }
+
+    async fn census(
+        &self,
+        db: &Database,
+        target: &Target,
+        cutoff: Cutoff,
+        count_expired: bool,
+    ) -> Result<Census, RetentionError> {
+        let w = self.cfg.where_clause.as_deref();
+        let (expired, unreadable, oldest) = match db {
+            Database::Sqlite(lite) => (
+                if count_expired {
+                    sqlite::count(lite, target, &sqlite::expired(target, cutoff), w).await?
+                } else {
+                    0
+                },
+                sqlite::count(lite, target, &sqlite::unreadable(target), w).await?,
+                sqlite::oldest(lite, target, w).await?,
+            ),
+            Database::Postgres(pg) => (
+                if count_expired {
+                    postgres::count(pg, target, &postgres::expired(target, cutoff), w).await?
+                } else {
+                    0
+                },
+                postgres::count(pg, target, &postgres::unreadable(target), w).await?,
+                postgres::oldest(pg, target, w).await?,
+            ),
+        };
+        Ok(Census {
+            expired,
+            unreadable,
+            oldest,
+        })
     }
 
     /// What a run would do now; deletes nothing.
     pub async fn preview(&self, db: &Database) -> Result<Preview, RetentionError> {
+        self.preview_at(db, Utc::now()).await
+    }
+
+    /// [`RetentionJob::preview`] with the clock given.
+    pub async fn preview_at(
+        &self,
+        db: &Database,
+        now: DateTime<Utc>,
+    ) -> Result<Preview, RetentionError> {
         let target = self.resolve(db).await?;
-        let cutoff = self.cutoff(Utc::now());
-        let where_clause = self.cfg.where_clause.as_deref();
-        let (expired_rows, oldest, partitions) = match db {
-            Database::Sqlite(lite) => (
-                sqlite::count_expired(lite, &target, cutoff, where_clause).await?,
-                sqlite::oldest(lite, &target).await?,
-                Vec::new(),
-            ),
-            Database::Postgres(pg) => {
-                let partitions = if self.cfg.mode == RetentionMode::Delete {
-                    Vec::new()
-                } else {
-                    postgres::expired_partitions(pg, &target, cutoff).await?
-                };
-                (
-                    postgres::count_expired(pg, &target, cutoff, where_clause).await?,
-                    postgres::oldest(pg, &target).await?,
-                    partitions,
-                )
+        let cutoff = self.cutoff(now)?;
+        let partitions = match db {
+            Database::Postgres(pg) if self.cfg.mode != RetentionMode::Delete => {
+                postgres::expired_partitions(pg, &target, cutoff).await?
             }
+            _ => Vec::new(),
         };
+        let census = self.census(db, &target, cutoff, true).await?;
         Ok(Preview {
-            cutoff,
-            expired_rows,
-            oldest,
+            cutoff: cutoff.instant(),
+            expired_rows: census.expired,
+            unreadable_rows: census.unreadable,
+            oldest: census.oldest,
+            reading: target.reading.to_string(),
             partitions,
         })
     }
@@ -170,10 +240,20 @@ impl RetentionJob {
         db: &Database,
         cancel: &CancellationToken,
     ) -> Result<Outcome, RetentionError> {
+        self.run_at(db, Utc::now(), cancel).await
+    }
+
+    /// [`RetentionJob::run`] with the clock given: the cutoff is `now - older-than`.
+    pub async fn run_at(
+        &self,
+        db: &Database,
+        now: DateTime<Utc>,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, RetentionError> {
         let target = self.resolve(db).await?;
-        let cutoff = self.cutoff(Utc::now());
+        let cutoff = self.cutoff(now)?;
         metrics::retention_max_age(db.name(), &target.table, self.cfg.older_than);
-        let outcome = match (self.cfg.mode, db) {
+        let mut outcome = match (self.cfg.mode, db) {
             (RetentionMode::Delete, _) => self.delete_batches(db, &target, cutoff, cancel).await?,
             (mode, Database::Postgres(pg)) => {
                 let detach = mode == RetentionMode::DetachPartitions;
@@ -189,7 +269,9 @@ impl RetentionJob {
                         target.table,
                         gone.join(", ")
                     ),
-                    details: serde_json::json!({ "partitions": gone, "rows": rows, "cutoff": cutoff }),
+                    details: serde_json::json!({
+                        "partitions": gone, "rows": rows, "cutoff": cutoff.instant(),
+                    }),
                 }
             }
             (_, Database::Sqlite(_)) => {
@@ -198,11 +280,25 @@ impl RetentionJob {
                 ))
             }
         };
-        let oldest = match db {
-            Database::Sqlite(lite) => sqlite::oldest(lite, &target).await?,
-            Database::Postgres(pg) => postgres::oldest(pg, &target).await?,
-        };
-        metrics::retention_oldest_row(db.name(), &target.table, oldest);
+        let census = self.census(db, &target, cutoff, false).await?;
+        metrics::retention_oldest_row(db.name(), &target.table, census.oldest);
+        metrics::retention_unreadable(db.name(), &target.table, census.unreadable);
+        if census.unreadable > 0 {
+            tracing::warn!(
+                database = db.name(),
+                table = %target.table,
+                rows = census.unreadable,
+                reading = %target.reading,
+                "rows whose {} cannot be read as a time were left alone; fix them, or set epoch-unit/column-timezone if the rule reads them wrongly",
+                self.cfg.column
+            );
+            outcome.summary.push_str(&format!(
+                "; {} rows with an unreadable {} left alone",
+                census.unreadable, self.cfg.column
+            ));
+        }
+        outcome.details["unreadable"] = census.unreadable.into();
+        outcome.details["reading"] = target.reading.to_string().into();
         Ok(outcome)
     }
 
@@ -210,7 +306,7 @@ impl RetentionJob {
         &self,
         db: &Database,
         target: &Target,
-        cutoff: DateTime<Utc>,
+        cutoff: Cutoff,
         cancel: &CancellationToken,
     ) -> Result<Outcome, RetentionError> {
         let cfg = &self.cfg;
@@ -219,62 +315,67 @@ impl RetentionJob {
         let mut batches = 0u64;
         let mut stopped_early = false;
         let run_stamp = Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
-        let batch = Batch {
-            cutoff,
-            where_clause: cfg.where_clause.as_deref(),
-            limit: cfg.batch_size,
-            lock_timeout: cfg.lock_timeout,
+        let mut size = BatchSize::new(cfg.batch_size, cfg.max_batch_size, cfg.batch_time);
+        let predicate = match db {
+            Database::Sqlite(_) => sqlite::expired(target, cutoff),
+            Database::Postgres(_) => postgres::expired(target, cutoff),
         };
-        loop {
-            if cancel.is_cancelled() {
-                return Err(RetentionError::Cancelled { deleted });
-            }
-            if cfg.max_duration.is_some_and(|max| started.elapsed() >= max) {
-                stopped_early = true;
-                break;
-            }
-            let archive = self.archive.as_ref().map(|a| BatchArchive {
-                to: a,
-                database: db.name(),
-                backend: db.backend().as_str(),
-                name: format!("{run_stamp}-{:06}.jsonl.dbk", batches + 1),
-            });
-            let n = match db {
-                Database::Sqlite(lite) => {
-                    sqlite::delete_batch(lite, target, &batch, archive).await?
+        'relations: for relation in &target.relations {
+            // SQLite resumes each batch after the last row id it took.
+            let mut after: Option<i64> = None;
+            loop {
+                if cancel.is_cancelled() {
+                    return Err(RetentionError::Cancelled { deleted });
                 }
-                Database::Postgres(pg) => {
-                    postgres::delete_batch(pg, target, &batch, archive).await?
+                if cfg.max_duration.is_some_and(|max| started.elapsed() >= max) {
+                    stopped_early = true;
+                    break 'relations;
                 }
-            };
-            if n == 0 {
-                break;
-            }
-            deleted += n;
-            batches += 1;
-            metrics::retention_deleted(db.name(), &target.table, n);
-            if let Some(pause) = cfg.pause.filter(|p| !p.is_zero()) {
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = cancel.cancelled() => return Err(RetentionError::Cancelled { deleted }),
+                let archive = self.archive.as_ref().map(|a| BatchArchive {
+                    to: a,
+                    database: db.name(),
+                    backend: db.backend().as_str(),
+                    name: format!("{run_stamp}-{:06}.jsonl.dbk", batches + 1),
+                });
+                let batch = Batch {
+                    relation,
+                    predicate: &predicate,
+                    where_clause: cfg.where_clause.as_deref(),
+                    limit: size.current(),
+                    lock_timeout: cfg.lock_timeout,
+                    after,
+                };
+                let began = Instant::now();
+                let done = match db {
+                    Database::Sqlite(lite) => {
+                        sqlite::delete_batch(lite, target, &batch, archive).await?
+                    }
+                    Database::Postgres(pg) => postgres::delete_batch(pg, &batch, archive).await?,
+                };
+                if done.rows == 0 {
+                    break;
+                }
+                size.observe(done.rows, began.elapsed());
+                after = done.last_id.or(after);
+                deleted += done.rows;
+                batches += 1;
+                metrics::retention_deleted(db.name(), &target.table, done.rows);
+                if let Some(pause) = cfg.pause.filter(|p| !p.is_zero()) {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = cancel.cancelled() => return Err(RetentionError::Cancelled { deleted }),
+                    }
                 }
             }
         }
         let remaining = if stopped_early {
-            Some(match db {
-                Database::Sqlite(lite) => {
-                    sqlite::count_expired(lite, target, cutoff, cfg.where_clause.as_deref()).await?
-                }
-                Database::Postgres(pg) => {
-                    postgres::count_expired(pg, target, cutoff, cfg.where_clause.as_deref()).await?
-                }
-            })
+            Some(self.census(db, target, cutoff, true).await?.expired)
         } else {
             None
         };
         let mut summary = format!(
             "deleted {deleted} rows older than {} from {} in {batches} batches",
-            cutoff.format("%Y-%m-%d %H:%M:%S UTC"),
+            cutoff.instant().format("%Y-%m-%d %H:%M:%S%.3f UTC"),
             target.table
         );
         if let Some(left) = remaining {
@@ -288,23 +389,100 @@ impl RetentionJob {
             details: serde_json::json!({
                 "deleted": deleted,
                 "batches": batches,
-                "cutoff": cutoff,
+                "cutoff": cutoff.instant(),
                 "stopped_early": stopped_early,
                 "remaining": remaining,
+                "last_batch_size": size.current(),
                 "took_seconds": started.elapsed().as_secs_f64(),
             }),
         })
     }
 }
 
-/// What one batch deletes: rows older than `cutoff` matching `where_clause`, at most
-/// `limit`, waiting at most `lock_timeout` for locks.
+/// Batch sizes that follow the observed speed so a batch takes about `target`.
+#[derive(Debug, Clone)]
+struct BatchSize {
+    current: u32,
+    min: u32,
+    max: u32,
+    target: Duration,
+}
+
+/// Smallest adapted batch: below this the per-transaction cost dominates.
+const MIN_ADAPTED_BATCH: u32 = 100;
+
+impl BatchSize {
+    fn new(first: u32, max: u32, target: Duration) -> Self {
+        let max = max.max(1);
+        let current = first.clamp(1, max);
+        BatchSize {
+            current,
+            min: MIN_ADAPTED_BATCH.min(current),
+            max,
+            target,
+        }
+    }
+
+    fn current(&self) -> u32 {
+        self.current
+    }
+
+    /// After a batch of `rows` that took `took`: aim the next one at `target`,
+    /// changing by at most 4x per step. A short batch (fewer rows than asked for) says
+    /// nothing about speed at full size and only ever shrinks the next one.
+    fn observe(&mut self, rows: u64, took: Duration) {
+        if self.target.is_zero() || took.is_zero() {
+            return;
+        }
+        let rate = rows as f64 / took.as_secs_f64();
+        let ideal = rate * self.target.as_secs_f64();
+        let lo = f64::from(self.current) / 4.0;
+        let hi = if rows < u64::from(self.current) {
+            f64::from(self.current)
+        } else {
+            f64::from(self.current) * 4.0
+        };
+        let next = ideal
+            .clamp(lo, hi)
+            .clamp(f64::from(self.min), f64::from(self.max));
+        self.current = next as u32;
+    }
+}
+
+/// What one batch deletes: at most `limit` rows of `relation` matching `predicate`
+/// (and `where`), waiting at most `lock_timeout` for locks.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
-    pub cutoff: DateTime<Utc>,
+    pub relation: &'a str,
+    /// The expiry predicate, repeated by the DELETE itself.
+    pub predicate: &'a str,
     pub where_clause: Option<&'a str>,
     pub limit: u32,
     pub lock_timeout: Duration,
+    /// SQLite rowid tables: start after this row id.
+    pub after: Option<i64>,
+}
+
+impl Batch<'_> {
+    /// `(predicate) AND (where)`: the operator's `where` is their own SQL, run as
+    /// written; the predicate is ours.
+    fn condition(&self) -> String {
+        with_where(self.predicate, self.where_clause)
+    }
+}
+
+fn with_where(predicate: &str, where_clause: Option<&str>) -> String {
+    match where_clause {
+        Some(w) => format!("({predicate}) AND ({w})"),
+        None => format!("({predicate})"),
+    }
+}
+
+/// What one batch did.
+pub struct BatchDone {
+    pub rows: u64,
+    /// SQLite rowid tables: the largest row id deleted.
+    pub last_id: Option<i64>,
 }
 
 /// One batch's archive: written completely and durably before the batch commits.
@@ -364,17 +542,44 @@ impl BatchArchive<'_> {
     }
 }
 
-/// `column < <cutoff> AND (where)`; `cutoff` is the backend's first placeholder. The
-/// column is a quoted identifier; `where` is the operator's own SQL, run as written.
-fn expired_predicate(target: &Target, cutoff: &str, where_clause: Option<&str>) -> String {
-    let mut p = format!("{} < {cutoff}", target.column_sql);
-    if let Some(w) = where_clause {
-        p.push_str(&format!(" AND ({w})"));
-    }
-    p
-}
-
 /// Time to wait for a lock, in whole milliseconds (at least 1).
 fn millis(d: Duration) -> u128 {
     d.as_millis().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_size_follows_speed_within_bounds() {
+        let mut b = BatchSize::new(5000, 100_000, Duration::from_millis(50));
+        // 5000 rows in 10 ms: 25000 would take 50 ms, but one step grows at most 4x.
+        b.observe(5000, Duration::from_millis(10));
+        assert_eq!(b.current(), 20_000);
+        b.observe(20_000, Duration::from_millis(40));
+        assert_eq!(b.current(), 25_000);
+        // Slow batches shrink it, never below the floor.
+        for _ in 0..20 {
+            b.observe(u64::from(b.current()), Duration::from_secs(5));
+        }
+        assert_eq!(b.current(), MIN_ADAPTED_BATCH);
+        // Never above the cap.
+        for _ in 0..20 {
+            b.observe(u64::from(b.current()), Duration::from_micros(1));
+        }
+        assert_eq!(b.current(), 100_000);
+        // A short batch never grows the next one.
+        let mut b = BatchSize::new(5000, 100_000, Duration::from_millis(50));
+        b.observe(10, Duration::from_micros(10));
+        assert_eq!(b.current(), 5000);
+        // batch-time = 0s: fixed size.
+        let mut b = BatchSize::new(700, 100_000, Duration::ZERO);
+        b.observe(700, Duration::from_micros(1));
+        assert_eq!(b.current(), 700);
+        // A first batch smaller than the floor is the floor.
+        let mut b = BatchSize::new(10, 100_000, Duration::from_millis(50));
+        b.observe(10, Duration::from_secs(1));
+        assert_eq!(b.current(), 10);
+    }
 }

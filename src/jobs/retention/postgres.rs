@@ -1,19 +1,27 @@
-//! Retention on PostgreSQL: catalog checks, batched deletes, partition removal.
+//! Retention on PostgreSQL: catalog checks, the expiry predicate in SQL, batched
+//! deletes per table of a hierarchy, partition removal.
+//!
+//! Every literal spliced into these statements is one we formatted ourselves (the
+//! cutoff, bounds, limits) or a quoted literal/identifier; `where` is the operator's
+//! own SQL.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{expired_predicate, millis, Batch, BatchArchive, ColumnKind, RetentionError, Target};
-use crate::db::{quote, Postgres, QualifiedName};
+use super::reading::{Cutoff, Reading};
+use super::{millis, with_where, Batch, BatchArchive, BatchDone, RetentionError, RowKey, Target};
+use crate::config::RetentionConfig;
+use crate::db::{quote, quote_literal, Postgres, QualifiedName};
 
 pub async fn resolve(
     pg: &Postgres,
     table: &QualifiedName,
-    column: &str,
+    cfg: &RetentionConfig,
 ) -> Result<Target, RetentionError> {
     let q = |e| RetentionError::Db(pg.query_error(e));
+    let column = cfg.column.as_str();
     let row = sqlx::query(
         "SELECT c.oid::int8, c.relkind::text, n.nspname::text, c.relname::text
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -33,9 +41,12 @@ pub async fn resolve(
         schema: Some(row.get(2)),
         name: row.get(3),
     };
+    // Domains count as their base type.
     let typ: Option<(String, String)> = sqlx::query_as(
-        "SELECT t.typname::text, format_type(a.atttypid, a.atttypmod)
+        "SELECT CASE WHEN t.typtype = 'd' THEN bt.typname::text ELSE t.typname::text END,
+                format_type(a.atttypid, a.atttypmod)
          FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+         LEFT JOIN pg_type bt ON bt.oid = t.typbasetype
          WHERE a.attrelid = $1::int8::oid AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
     )
     .bind(oid)
@@ -47,9 +58,23 @@ pub async fn resolve(
         table: table.to_string(),
         column: column.to_owned(),
     })?;
-    let kind = match typname.as_str() {
-        "timestamptz" | "timestamp" | "date" => ColumnKind::Timestamp,
-        "int2" | "int4" | "int8" | "numeric" | "float4" | "float8" => ColumnKind::UnixSeconds,
+    let unit = cfg.epoch_unit;
+    let reading = match typname.as_str() {
+        "timestamptz" => Reading::Instant,
+        "timestamp" => Reading::WallClock {
+            zone: zone(pg, cfg).await?,
+        },
+        "date" => Reading::Date {
+            zone: zone(pg, cfg).await?,
+        },
+        "int2" | "int4" | "int8" => Reading::Epoch {
+            unit,
+            integer: true,
+        },
+        "numeric" | "float4" | "float8" => Reading::Epoch {
+            unit,
+            integer: false,
+        },
         _ => {
             return Err(RetentionError::ColumnType {
                 table: table.to_string(),
@@ -58,44 +83,193 @@ pub async fn resolve(
             })
         }
     };
-    let partitioned = relkind == "p";
-    let row_key = if partitioned {
-        // ctid is not unique across partitions: use the primary key.
-        let pk: Vec<String> = sqlx::query_scalar(
-            "SELECT a.attname::text FROM pg_index i
-             JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) ON true
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-             WHERE i.indrelid = $1::int8::oid AND i.indisprimary ORDER BY k.ord",
+    // The table and every inheritance child or partition below it.
+    let tree: Vec<(i64, String, String)> = sqlx::query_as(
+        "WITH RECURSIVE tree(oid) AS (
+             SELECT $1::int8::oid
+             UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)
+         SELECT c.oid::int8, format('%I.%I', n.nspname, c.relname), c.relkind::text
+         FROM tree JOIN pg_class c ON c.oid = tree.oid JOIN pg_namespace n ON n.oid = c.relnamespace
+         ORDER BY c.oid",
+    )
+    .bind(oid)
+    .fetch_all(&pg.pool)
+    .await
+    .map_err(q)?;
+    if let Some((_, name, _)) = tree.iter().find(|(_, _, kind)| kind == "f") {
+        return Err(RetentionError::Unsupported(format!(
+            "{table} has the foreign table {name} below it, whose rows dbkeeper cannot address one by one; \
+             point the rule at the local tables instead"
+        )));
+    }
+    if !cfg.cascade {
+        let oids: Vec<i64> = tree.iter().map(|(o, _, _)| *o).collect();
+        let referencing: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT format('%s (%s)', conrelid::regclass, conname)
+             FROM pg_constraint
+             WHERE contype = 'f' AND confrelid = ANY($1::int8[]::oid[])
+               AND confdeltype IN ('c', 'n', 'd') AND NOT (conrelid = ANY($1::int8[]::oid[]))
+             ORDER BY 1",
         )
-        .bind(oid)
+        .bind(&oids)
         .fetch_all(&pg.pool)
         .await
         .map_err(q)?;
-        if pk.is_empty() {
-            return Err(RetentionError::Unsupported(format!(
-                "{table} is partitioned and has no primary key, so rows cannot be deleted in batches; \
-                 use mode = \"drop-partitions\" or add a primary key"
-            )));
+        if !referencing.is_empty() {
+            return Err(RetentionError::Cascade {
+                table: table.to_string(),
+                referencing: referencing.join(", "),
+            });
         }
-        pk.iter().map(|c| quote(c)).collect()
-    } else {
-        vec!["ctid".to_owned()]
-    };
+    }
     Ok(Target {
-        table_sql: qualified.quoted(),
         table: table.to_string(),
+        table_sql: qualified.quoted(),
         column_sql: quote(column),
-        kind,
-        row_key,
-        columns: Vec::new(),
+        reading,
+        relations: tree
+            .into_iter()
+            .filter(|(_, _, kind)| kind == "r")
+            .map(|(_, name, _)| name)
+            .collect(),
+        row_key: RowKey::Ctid,
         oid: u32::try_from(oid).ok(),
-        partitioned,
+        partitioned: relkind == "p",
     })
 }
 
-/// A transaction on a pooled connection of its own, in UTC (so a `timestamp` column
-/// compares with the cutoff the same way whatever the server's time zone) and, if
-/// given, with a lock timeout. Dropped without commit, it rolls back.
+/// The zone `timestamp`/`date` values are written in: `column-timezone`, or the
+/// database's own default, which is what the application's sessions get. sqlx sets
+/// TimeZone=UTC in every session it opens, so the default is read from the
+/// configuration itself, in PostgreSQL's order: role-in-database, role, database,
+/// server configuration file.
+async fn zone(pg: &Postgres, cfg: &RetentionConfig) -> Result<String, RetentionError> {
+    let q = |e| RetentionError::Db(pg.query_error(e));
+    if let Some(zone) = &cfg.column_timezone {
+        // PostgreSQL's zone database must know it too.
+        sqlx::query("SELECT now() AT TIME ZONE $1")
+            .bind(zone)
+            .execute(&pg.pool)
+            .await
+            .map_err(|e| {
+                RetentionError::Unsupported(format!(
+                    "PostgreSQL does not know column-timezone \"{zone}\" ({e}); use a zone from pg_timezone_names"
+                ))
+            })?;
+        return Ok(zone.clone());
+    }
+    let per_role_or_db: Option<String> = sqlx::query_scalar(
+        "SELECT substr(s, strpos(s, '=') + 1)
+         FROM pg_db_role_setting r, unnest(r.setconfig) s
+         WHERE lower(split_part(s, '=', 1)) = 'timezone'
+           AND r.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+           AND r.setrole IN (0, (SELECT oid FROM pg_roles WHERE rolname = session_user))
+           AND NOT (r.setdatabase = 0 AND r.setrole = 0)
+         ORDER BY (r.setrole <> 0) DESC, (r.setdatabase <> 0) DESC
+         LIMIT 1",
+    )
+    .fetch_optional(&pg.pool)
+    .await
+    .map_err(q)?;
+    if let Some(zone) = per_role_or_db {
+        return Ok(zone);
+    }
+    let from_file: Result<Option<Option<String>>, sqlx::Error> = sqlx::query_scalar(
+        "SELECT setting FROM pg_file_settings
+         WHERE lower(name) = 'timezone' AND applied ORDER BY seqno DESC LIMIT 1",
+    )
+    .fetch_optional(&pg.pool)
+    .await;
+    match from_file {
+        Ok(Some(Some(zone))) => Ok(zone),
+        // Not in any file: the built-in default.
+        Ok(_) => Ok("GMT".to_owned()),
+        Err(e) => Err(RetentionError::Unsupported(format!(
+            "cannot tell the database's default TimeZone, which timestamp/date values of \"{}\" are read in ({e}); \
+             set column-timezone in the rule, or GRANT pg_read_all_settings to dbkeeper's role",
+            cfg.column
+        ))),
+    }
+}
+
+/// `c < cutoff` in the column's own semantics; true only for readable values. The
+/// wall-clock forms first bound the column itself (two days of slack for any zone's
+/// offset change), so an index on it still narrows the scan, then compare the instant.
+pub fn expired(target: &Target, cutoff: Cutoff) -> String {
+    let c = &target.column_sql;
+    let cut = format!("{}::timestamptz", cutoff.iso_literal());
+    match &target.reading {
+        Reading::Instant => format!("isfinite({c}) AND {c} < {cut}"),
+        Reading::WallClock { zone } => {
+            let z = quote_literal(zone);
+            format!(
+                "isfinite({c}) AND {c} < ({cut} AT TIME ZONE {z}) + interval '2 days' \
+                 AND ({c} AT TIME ZONE {z}) < {cut}"
+            )
+        }
+        Reading::Date { zone } => {
+            let z = quote_literal(zone);
+            format!(
+                "isfinite({c}) AND {c} < ({cut} AT TIME ZONE {z})::date + 2 \
+                 AND ({c}::timestamp AT TIME ZONE {z}) < {cut}"
+            )
+        }
+        Reading::Epoch { unit, integer } => {
+            let (min, _) = Reading::integer_range(*unit);
+            let bound = if *integer {
+                cutoff.integer_bound(*unit).to_string()
+            } else {
+                cutoff.exact(*unit)
+            };
+            format!("{c} >= {min} AND {c} < {bound}")
+        }
+        Reading::SqliteValue { .. } => "false".to_owned(),
+    }
+}
+
+/// Non-null values that are not a time: infinities, numbers outside years 1–9999
+/// (NaN included: PostgreSQL sorts it above every number).
+pub fn unreadable(target: &Target) -> String {
+    let c = &target.column_sql;
+    match &target.reading {
+        Reading::Instant | Reading::WallClock { .. } | Reading::Date { .. } => {
+            format!("{c} IN ('infinity', '-infinity')")
+        }
+        Reading::Epoch { unit, .. } => {
+            let (min, max) = Reading::integer_range(*unit);
+            format!("({c} < {min} OR {c} > {max})")
+        }
+        Reading::SqliteValue { .. } => "false".to_owned(),
+    }
+}
+
+/// Unix seconds of the oldest readable value.
+fn oldest_expr(target: &Target) -> String {
+    let c = &target.column_sql;
+    let finite = format!("min({c}) FILTER (WHERE isfinite({c}))");
+    match &target.reading {
+        Reading::Instant => format!("extract(epoch FROM {finite})::float8"),
+        Reading::WallClock { zone } => format!(
+            "extract(epoch FROM {finite} AT TIME ZONE {})::float8",
+            quote_literal(zone)
+        ),
+        Reading::Date { zone } => format!(
+            "extract(epoch FROM ({finite})::timestamp AT TIME ZONE {})::float8",
+            quote_literal(zone)
+        ),
+        Reading::Epoch { unit, .. } => {
+            let (min, max) = Reading::integer_range(*unit);
+            format!(
+                "(min({c}) FILTER (WHERE {c} BETWEEN {min} AND {max}))::float8 / {}",
+                unit.per_second()
+            )
+        }
+        Reading::SqliteValue { .. } => "NULL::float8".to_owned(),
+    }
+}
+
+/// A transaction on a pooled connection of its own, with a lock timeout if given.
+/// Dropped without commit, it rolls back.
 async fn transaction(
     pg: &Postgres,
     lock_timeout: Option<Duration>,
@@ -105,62 +279,50 @@ async fn transaction(
         .begin()
         .await
         .map_err(|e| RetentionError::Db(pg.connect_error(e)))?;
-    let mut settings = "SET LOCAL TimeZone = 'UTC'".to_owned();
     if let Some(t) = lock_timeout {
         // A number we formatted ourselves.
-        settings.push_str(&format!("; SET LOCAL lock_timeout = '{}ms'", millis(t)));
-    }
-    sqlx::raw_sql(AssertSqlSafe(settings))
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            millis(t)
+        )))
         .execute(&mut *tx)
         .await
         .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
+    }
     Ok(tx)
 }
 
-fn bind_cutoff<'q>(
-    q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    target: &Target,
-    cutoff: DateTime<Utc>,
-) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    match target.kind {
-        ColumnKind::Timestamp => q.bind(cutoff),
-        ColumnKind::UnixSeconds => q.bind(cutoff.timestamp()),
-    }
-}
-
-pub async fn count_expired(
+/// Rows of the table (children included) matching `predicate` and `where`.
+pub async fn count(
     pg: &Postgres,
     target: &Target,
-    cutoff: DateTime<Utc>,
+    predicate: &str,
     where_clause: Option<&str>,
 ) -> Result<u64, RetentionError> {
-    // Table and column are quoted identifiers; `where` is the operator's own SQL.
     let sql = format!(
         "SELECT count(*) FROM {} WHERE {}",
         target.table_sql,
-        expired_predicate(target, "$1", where_clause)
+        with_where(predicate, where_clause)
     );
-    let mut tx = transaction(pg, None).await?;
-    let row = bind_cutoff(sqlx::query(AssertSqlSafe(sql)), target, cutoff)
-        .fetch_one(&mut *tx)
+    let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
+        .fetch_one(&pg.pool)
         .await
         .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
-    Ok(row.get::<i64, _>(0).max(0) as u64)
+    Ok(n.max(0) as u64)
 }
 
+/// The oldest readable time among the rows the rule covers.
 pub async fn oldest(
     pg: &Postgres,
     target: &Target,
+    where_clause: Option<&str>,
 ) -> Result<Option<DateTime<Utc>>, RetentionError> {
-    let expr = match target.kind {
-        // timestamp without time zone is read as UTC, like the cutoff.
-        ColumnKind::Timestamp => format!(
-            "extract(epoch FROM min({})::timestamp AT TIME ZONE 'UTC')::float8",
-            target.column_sql
-        ),
-        ColumnKind::UnixSeconds => format!("min({})::float8", target.column_sql),
-    };
-    let sql = format!("SELECT {expr} FROM {}", target.table_sql);
+    let sql = format!(
+        "SELECT {} FROM {} WHERE {}",
+        oldest_expr(target),
+        target.table_sql,
+        where_clause.unwrap_or("true")
+    );
     let secs: Option<f64> = sqlx::query_scalar(AssertSqlSafe(sql))
         .fetch_one(&pg.pool)
         .await
@@ -168,49 +330,32 @@ pub async fn oldest(
     Ok(secs.and_then(|s| DateTime::from_timestamp_millis((s * 1000.0) as i64)))
 }
 
-/// Deletes up to `limit` expired rows in one transaction; with `archive`, the rows are
-/// archived durably before the commit. Returns how many rows went.
+/// Deletes up to `limit` expired rows of one table (ONLY: never its children) in one
+/// transaction; the DELETE repeats the predicate. With `archive`, the rows are
+/// archived durably before the commit.
 pub async fn delete_batch(
     pg: &Postgres,
-    target: &Target,
     batch: &Batch<'_>,
     archive: Option<BatchArchive<'_>>,
-) -> Result<u64, RetentionError> {
-    let Batch {
-        cutoff,
-        where_clause,
-        limit,
-        lock_timeout,
-    } = *batch;
+) -> Result<BatchDone, RetentionError> {
     let db_err = |e| RetentionError::Db(pg.query_error(e));
-    let key = target.row_key.join(", ");
-    let picked = if target.row_key.len() == 1 && key == "ctid" {
-        // An array of tids makes the delete a TID scan.
-        format!(
-            "ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE {p} LIMIT $2 FOR UPDATE SKIP LOCKED))",
-            t = target.table_sql,
-            p = expired_predicate(target, "$1", where_clause)
-        )
-    } else {
-        format!(
-            "({key}) IN (SELECT {key} FROM {t} WHERE {p} LIMIT $2 FOR UPDATE SKIP LOCKED)",
-            t = target.table_sql,
-            p = expired_predicate(target, "$1", where_clause)
-        )
-    };
+    let condition = batch.condition();
     let returning = if archive.is_some() {
         " RETURNING row_to_json(dbk_row)::text"
     } else {
         ""
     };
+    // An array of tids makes the outer delete a TID scan.
     let sql = format!(
-        "DELETE FROM {} AS dbk_row WHERE {picked}{returning}",
-        target.table_sql
+        "DELETE FROM ONLY {r} AS dbk_row \
+         WHERE ctid = ANY(ARRAY(SELECT ctid FROM ONLY {r} WHERE {condition} LIMIT {n} FOR UPDATE SKIP LOCKED)) \
+         AND {condition}{returning}",
+        r = batch.relation,
+        n = batch.limit,
     );
-
-    let mut tx = transaction(pg, Some(lock_timeout)).await?;
-    let query = bind_cutoff(sqlx::query(AssertSqlSafe(sql)), target, cutoff).bind(i64::from(limit));
-    let deleted = match archive {
+    let mut tx = transaction(pg, Some(batch.lock_timeout)).await?;
+    let query = sqlx::query(AssertSqlSafe(sql));
+    let rows = match archive {
         None => query
             .execute(&mut *tx)
             .await
@@ -231,15 +376,19 @@ pub async fn delete_batch(
         }
     };
     tx.commit().await.map_err(db_err)?;
-    Ok(deleted)
+    Ok(BatchDone {
+        rows,
+        last_id: None,
+    })
 }
 
-/// Range partitions of a table partitioned on the retention column whose upper bound is
-/// at or before the cutoff, oldest first.
+/// Range partitions of a table partitioned on the retention column whose upper bound,
+/// read like the column's values, is at or before the cutoff and that hold no
+/// unreadable value, oldest first.
 pub async fn expired_partitions(
     pg: &Postgres,
     target: &Target,
-    cutoff: DateTime<Utc>,
+    cutoff: Cutoff,
 ) -> Result<Vec<String>, RetentionError> {
     let db_err = |e| RetentionError::Db(pg.query_error(e));
     if !target.partitioned {
@@ -272,6 +421,7 @@ pub async fn expired_partitions(
     .fetch_all(&pg.pool)
     .await
     .map_err(db_err)?;
+    let cut = format!("{}::timestamptz", cutoff.iso_literal());
     let mut tx = transaction(pg, None).await?;
     let mut expired = Vec::new();
     for row in rows {
@@ -289,18 +439,32 @@ pub async fn expired_partitions(
         if upper.contains("MAXVALUE") {
             continue;
         }
-        let cmp = match target.kind {
-            ColumnKind::Timestamp => "SELECT ({upper})::timestamptz <= $1",
-            ColumnKind::UnixSeconds => "SELECT ({upper})::numeric <= $1::numeric",
-        }
-        .replace("{upper}", upper);
         // `upper` is the server's own rendering of a partition bound literal.
-        let is_old: bool = bind_cutoff(sqlx::query(AssertSqlSafe(cmp)), target, cutoff)
+        let is_old = match &target.reading {
+            Reading::Instant => format!("({upper})::timestamptz <= {cut}"),
+            Reading::WallClock { zone } => format!(
+                "(({upper})::timestamp AT TIME ZONE {}) <= {cut}",
+                quote_literal(zone)
+            ),
+            Reading::Date { zone } => format!(
+                "(({upper})::date::timestamp AT TIME ZONE {}) <= {cut}",
+                quote_literal(zone)
+            ),
+            Reading::Epoch { unit, .. } => {
+                format!("({upper})::numeric <= {}::numeric", cutoff.exact(*unit))
+            }
+            Reading::SqliteValue { .. } => "false".to_owned(),
+        };
+        // A partition holding an unreadable value (-infinity in the lowest one) stays.
+        let sql = format!(
+            "SELECT ({is_old}) AND NOT EXISTS (SELECT 1 FROM {name} WHERE {})",
+            unreadable(target)
+        );
+        let old: bool = sqlx::query_scalar(AssertSqlSafe(sql))
             .fetch_one(&mut *tx)
             .await
-            .map_err(db_err)?
-            .get(0);
-        if is_old {
+            .map_err(db_err)?;
+        if old {
             expired.push(name);
         }
     }
@@ -313,7 +477,7 @@ pub async fn expired_partitions(
 pub async fn remove_partitions(
     pg: &Postgres,
     target: &Target,
-    cutoff: DateTime<Utc>,
+    cutoff: Cutoff,
     detach: bool,
     lock_timeout: Duration,
 ) -> Result<(Vec<String>, u64), RetentionError> {
@@ -330,11 +494,25 @@ pub async fn remove_partitions(
             format!("DROP TABLE {partition}")
         };
         let mut tx = transaction(pg, Some(lock_timeout)).await?;
-        let count: i64 =
-            sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {partition}")))
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
+        let db_err = |e| RetentionError::Db(pg.query_error(e));
+        // Locked first, then re-checked: nothing can slip in between check and drop.
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "LOCK TABLE {partition} IN ACCESS EXCLUSIVE MODE"
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let (count, unreadable_rows): (i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT count(*), count(*) FILTER (WHERE {}) FROM {partition}",
+            unreadable(target)
+        )))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if unreadable_rows > 0 {
+            tracing::warn!(database = %pg.name, partition, rows = unreadable_rows, "kept an expired partition: it holds values that are not a time");
+            continue;
+        }
         sqlx::raw_sql(AssertSqlSafe(statement))
             .execute(&mut *tx)
             .await

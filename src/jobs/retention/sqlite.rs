@@ -1,21 +1,31 @@
-//! Retention on SQLite: catalog checks and batched deletes by `rowid`.
+//! Retention on SQLite: catalog checks, the per-value expiry predicate, batched
+//! deletes by the real row id (or primary key).
 //!
-//! An integer column holds unix seconds; any other column is compared as text with
-//! the cutoff written `YYYY-MM-DD HH:MM:SS` (SQLite's own `datetime()` format), so
-//! ISO-8601 text sorts correctly against it.
+//! SQLite columns hold any type, so the predicate looks at each value's storage class
+//! and reads it with SQLite's own date functions (see [`Reading::SqliteValue`]). The
+//! comparisons are in seconds with millisecond precision, SQLite's own resolution.
 
+use base64::Engine;
 use chrono::{DateTime, Utc};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
 
-use super::{expired_predicate, Batch, BatchArchive, ColumnKind, RetentionError, Target};
+use super::reading::{Cutoff, Reading};
+use super::{with_where, Batch, BatchArchive, BatchDone, RetentionError, RowKey, Target};
+use crate::config::RetentionConfig;
 use crate::db::{quote, QualifiedName, Sqlite};
+
+/// Text is read as a time only if it starts like an ISO-8601 date: SQLite's functions
+/// also accept bare times ("12:00", read as 2000-01-01), "now" and numbers as text,
+/// none of which is a row's date.
+const ISO_DATE: &str = "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*'";
 
 pub async fn resolve(
     lite: &Sqlite,
     table: &QualifiedName,
-    column: &str,
+    cfg: &RetentionConfig,
 ) -> Result<Target, RetentionError> {
     let q = |e| RetentionError::Db(lite.query_error(e));
+    let column = cfg.column.as_str();
     let schema = table.schema.clone().unwrap_or_else(|| "main".to_owned());
     let listed =
         sqlx::query("SELECT type, wr FROM pragma_table_list WHERE schema = ?1 AND name = ?2")
@@ -30,159 +40,283 @@ pub async fn resolve(
             table: table.to_string(),
         });
     };
-    if listed.get::<i64, _>(1) != 0 {
-        return Err(RetentionError::Unsupported(format!(
-            "{table} is a WITHOUT ROWID table, which cannot be deleted from in batches by rowid"
-        )));
-    }
-    let columns: Vec<(String, String)> =
-        sqlx::query_as("SELECT name, type FROM pragma_table_info(?1, ?2)")
+    let without_rowid = listed.get::<i64, _>(1) != 0;
+    let columns: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, pk FROM pragma_table_info(?1, ?2)")
             .bind(&table.name)
             .bind(&schema)
             .fetch_all(&lite.pool)
             .await
             .map_err(q)?;
-    let declared = columns
-        .iter()
-        .find(|(name, _)| name == column)
-        .map(|(_, t)| t.to_ascii_uppercase())
-        .ok_or_else(|| RetentionError::NoColumn {
+    if !columns.iter().any(|(name, _)| name == column) {
+        return Err(RetentionError::NoColumn {
             table: table.to_string(),
             column: column.to_owned(),
-        })?;
-    let kind = if declared.contains("INT") {
-        ColumnKind::UnixSeconds
-    } else if declared.is_empty()
-        || ["DATE", "TIME", "TEXT", "CHAR", "CLOB"]
-            .iter()
-            .any(|t| declared.contains(t))
-    {
-        ColumnKind::Timestamp
-    } else {
-        return Err(RetentionError::ColumnType {
-            table: table.to_string(),
-            column: column.to_owned(),
-            kind: declared,
         });
-    };
-    Ok(Target {
-        table_sql: QualifiedName {
-            schema: Some(schema),
-            name: table.name.clone(),
+    }
+    let mut pk: Vec<&(String, i64)> = columns.iter().filter(|(_, k)| *k > 0).collect();
+    pk.sort_by_key(|(_, k)| *k);
+    let pk: Vec<String> = pk.iter().map(|(name, _)| quote(name)).collect();
+    // A column may be called rowid: then the real row id goes by another of its names.
+    let free_alias = ["rowid", "_rowid_", "oid"]
+        .into_iter()
+        .find(|alias| !columns.iter().any(|(n, _)| n.eq_ignore_ascii_case(alias)));
+    let row_key = match free_alias {
+        Some(alias) if !without_rowid => RowKey::Rowid(alias),
+        _ if !pk.is_empty() => RowKey::PrimaryKey(pk),
+        _ => {
+            return Err(RetentionError::Unsupported(format!(
+                "{table} has columns named rowid, _rowid_ and oid and no primary key, so its rows cannot be addressed one by one"
+            )))
         }
-        .quoted(),
+    };
+    if lite.foreign_keys && !cfg.cascade {
+        let referencing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT DISTINCT m.name FROM {}.sqlite_schema m, pragma_foreign_key_list(m.name, ?2) f
+             WHERE m.type = 'table' AND f.\"table\" = ?1 COLLATE NOCASE
+               AND upper(f.on_delete) IN ('CASCADE', 'SET NULL', 'SET DEFAULT')
+             ORDER BY 1",
+            quote(&schema)
+        )))
+        .bind(&table.name)
+        .bind(&schema)
+        .fetch_all(&lite.pool)
+        .await
+        .map_err(q)?;
+        if !referencing.is_empty() {
+            return Err(RetentionError::Cascade {
+                table: table.to_string(),
+                referencing: referencing.join(", "),
+            });
+        }
+    }
+    let table_sql = QualifiedName {
+        schema: Some(schema),
+        name: table.name.clone(),
+    }
+    .quoted();
+    Ok(Target {
         table: table.to_string(),
+        relations: vec![table_sql.clone()],
+        table_sql,
         column_sql: quote(column),
-        kind,
-        row_key: vec!["rowid".to_owned()],
-        columns: columns.iter().map(|(name, _)| name.clone()).collect(),
+        reading: Reading::SqliteValue {
+            unit: cfg.epoch_unit,
+        },
+        row_key,
         oid: None,
         partitioned: false,
     })
 }
 
-fn bind_cutoff<'q>(
-    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
-    target: &Target,
-    cutoff: DateTime<Utc>,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
-    match target.kind {
-        ColumnKind::Timestamp => q.bind(cutoff.format("%Y-%m-%d %H:%M:%S").to_string()),
-        ColumnKind::UnixSeconds => q.bind(cutoff.timestamp()),
+fn unit_of(target: &Target) -> crate::config::EpochUnit {
+    match target.reading {
+        Reading::SqliteValue { unit } | Reading::Epoch { unit, .. } => unit,
+        _ => crate::config::EpochUnit::S,
     }
 }
 
-pub async fn count_expired(
+/// True for values read as an instant before the cutoff.
+pub fn expired(target: &Target, cutoff: Cutoff) -> String {
+    let c = &target.column_sql;
+    let unit = unit_of(target);
+    let (min, _) = Reading::integer_range(unit);
+    let cut_int = cutoff.integer_bound(unit);
+    let cut_s = cutoff.exact(crate::config::EpochUnit::S);
+    format!(
+        "CASE typeof({c}) \
+         WHEN 'integer' THEN {c} >= {min} AND {c} < {cut_int} \
+         WHEN 'real' THEN coalesce(unixepoch({c}, 'auto', 'subsec') < {cut_s}, 0) \
+         WHEN 'text' THEN {c} GLOB {ISO_DATE} AND coalesce(unixepoch({c}, 'subsec') < {cut_s}, 0) \
+         ELSE 0 END"
+    )
+}
+
+/// Non-null values that are not a time: other text, BLOBs, integers outside years
+/// 1–9999 in `epoch-unit`, reals outside both the julian and the unix range.
+pub fn unreadable(target: &Target) -> String {
+    let c = &target.column_sql;
+    let (min, max) = Reading::integer_range(unit_of(target));
+    format!(
+        "typeof({c}) <> 'null' AND NOT CASE typeof({c}) \
+         WHEN 'integer' THEN {c} BETWEEN {min} AND {max} \
+         WHEN 'real' THEN unixepoch({c}, 'auto') IS NOT NULL \
+         WHEN 'text' THEN {c} GLOB {ISO_DATE} AND unixepoch({c}) IS NOT NULL \
+         ELSE 0 END"
+    )
+}
+
+/// Unix seconds of a readable value, NULL otherwise.
+fn seconds_expr(target: &Target) -> String {
+    let c = &target.column_sql;
+    let unit = unit_of(target);
+    let (min, max) = Reading::integer_range(unit);
+    format!(
+        "CASE typeof({c}) \
+         WHEN 'integer' THEN CASE WHEN {c} BETWEEN {min} AND {max} THEN {c} / {}.0 END \
+         WHEN 'real' THEN unixepoch({c}, 'auto', 'subsec') \
+         WHEN 'text' THEN CASE WHEN {c} GLOB {ISO_DATE} THEN unixepoch({c}, 'subsec') END \
+         END",
+        unit.per_second()
+    )
+}
+
+/// Rows matching `predicate` and `where`.
+pub async fn count(
     lite: &Sqlite,
     target: &Target,
-    cutoff: DateTime<Utc>,
+    predicate: &str,
     where_clause: Option<&str>,
 ) -> Result<u64, RetentionError> {
-    // Table and column are quoted identifiers; `where` is the operator's own SQL.
     let sql = format!(
         "SELECT count(*) FROM {} WHERE {}",
         target.table_sql,
-        expired_predicate(target, "?1", where_clause)
+        with_where(predicate, where_clause)
     );
-    let row = bind_cutoff(sqlx::query(AssertSqlSafe(sql)), target, cutoff)
+    let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
         .fetch_one(&lite.pool)
         .await
         .map_err(|e| RetentionError::Db(lite.query_error(e)))?;
-    Ok(row.get::<i64, _>(0).max(0) as u64)
+    Ok(n.max(0) as u64)
 }
 
+/// The oldest readable time among the rows the rule covers.
 pub async fn oldest(
     lite: &Sqlite,
     target: &Target,
+    where_clause: Option<&str>,
 ) -> Result<Option<DateTime<Utc>>, RetentionError> {
-    let expr = match target.kind {
-        ColumnKind::Timestamp => format!("unixepoch(min({}))", target.column_sql),
-        ColumnKind::UnixSeconds => format!("min({})", target.column_sql),
-    };
-    let secs: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT {expr} FROM {}",
-        target.table_sql
-    )))
-    .fetch_one(&lite.pool)
-    .await
-    .map_err(|e| RetentionError::Db(lite.query_error(e)))?;
-    Ok(secs.and_then(|s| DateTime::from_timestamp(s, 0)))
+    let sql = format!(
+        "SELECT min({}) FROM {} WHERE {}",
+        seconds_expr(target),
+        target.table_sql,
+        where_clause.unwrap_or("1")
+    );
+    let secs: Option<f64> = sqlx::query_scalar(AssertSqlSafe(sql))
+        .fetch_one(&lite.pool)
+        .await
+        .map_err(|e| RetentionError::Db(lite.query_error(e)))?;
+    Ok(secs.and_then(|s| DateTime::from_timestamp_millis((s * 1000.0).round() as i64)))
 }
 
-/// Deletes up to `limit` expired rows in one `BEGIN IMMEDIATE` transaction; with
-/// `archive`, the rows are archived durably before the commit.
+/// Deletes up to `limit` expired rows in one `BEGIN IMMEDIATE` transaction; the
+/// DELETE repeats the predicate. With `archive`, the rows are archived durably before
+/// the commit.
 pub async fn delete_batch(
     lite: &Sqlite,
     target: &Target,
     batch: &Batch<'_>,
     archive: Option<BatchArchive<'_>>,
-) -> Result<u64, RetentionError> {
-    let Batch {
-        cutoff,
-        where_clause,
-        limit,
-        lock_timeout,
-    } = *batch;
+) -> Result<BatchDone, RetentionError> {
     let db_err = |e| RetentionError::Db(lite.query_error(e));
-    let returning = if archive.is_some() {
-        let fields: Vec<String> = target
-            .columns
-            .iter()
-            .map(|c| format!("'{}', {}", c.replace('\'', "''"), quote(c)))
-            .collect();
-        format!(" RETURNING json_object({})", fields.join(", "))
-    } else {
-        String::new()
+    let t = batch.relation;
+    let condition = batch.condition();
+    let n = batch.limit;
+    let (picked, id) = match &target.row_key {
+        RowKey::Rowid(rid) => {
+            let after = batch
+                .after
+                .map_or(String::new(), |a| format!("{rid} > {a} AND "));
+            (
+                format!(
+                    "{rid} IN (SELECT {rid} FROM {t} WHERE {after}{condition} ORDER BY {rid} LIMIT {n})"
+                ),
+                Some(*rid),
+            )
+        }
+        RowKey::PrimaryKey(cols) => {
+            let key = cols.join(", ");
+            (
+                format!("({key}) IN (SELECT {key} FROM {t} WHERE {condition} LIMIT {n})"),
+                None,
+            )
+        }
+        RowKey::Ctid => {
+            return Err(RetentionError::Unsupported(
+                "ctid is PostgreSQL's; SQLite tables are addressed by row id".to_owned(),
+            ))
+        }
     };
-    let sql = format!(
-        "DELETE FROM {t} WHERE rowid IN (SELECT rowid FROM {t} WHERE {p} LIMIT ?2){returning}",
-        t = target.table_sql,
-        p = expired_predicate(target, "?1", where_clause)
-    );
-    let mut conn = lite.begin_immediate(lock_timeout).await?;
-    let query = bind_cutoff(sqlx::query(AssertSqlSafe(sql)), target, cutoff).bind(i64::from(limit));
+    let mut returning = Vec::new();
+    if let Some(rid) = id {
+        returning.push(format!("{rid} AS dbk_rowid"));
+    }
+    if archive.is_some() {
+        returning.push("*".to_owned());
+    }
+    let returning = if returning.is_empty() {
+        String::new()
+    } else {
+        format!(" RETURNING {}", returning.join(", "))
+    };
+    let sql = format!("DELETE FROM {t} WHERE {picked} AND {condition}{returning}");
+    let mut conn = lite.begin_immediate(batch.lock_timeout).await?;
+    let query = sqlx::query(AssertSqlSafe(sql));
     let result = async {
-        match archive {
-            None => Ok(query
+        if returning.is_empty() {
+            let rows = query
                 .execute(&mut *conn)
                 .await
                 .map_err(db_err)?
-                .rows_affected()),
-            Some(archive) => {
-                let rows: Vec<String> = query
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(db_err)?
-                    .iter()
-                    .map(|r| r.get::<String, _>(0))
-                    .collect();
-                if !rows.is_empty() {
-                    archive.write(&rows)?;
-                }
-                Ok(rows.len() as u64)
+                .rows_affected();
+            return Ok(BatchDone {
+                rows,
+                last_id: None,
+            });
+        }
+        let rows = query.fetch_all(&mut *conn).await.map_err(db_err)?;
+        let last_id = match id {
+            Some(_) => rows
+                .iter()
+                .filter_map(|r| r.try_get::<i64, _>(0).ok())
+                .max(),
+            None => None,
+        };
+        if let Some(archive) = archive {
+            let skip = usize::from(id.is_some());
+            let lines: Vec<String> = rows.iter().map(|r| row_json(r, skip)).collect();
+            if !lines.is_empty() {
+                archive.write(&lines)?;
             }
         }
+        Ok(BatchDone {
+            rows: rows.len() as u64,
+            last_id,
+        })
     }
     .await;
     lite.finish(conn, result).await
+}
+
+/// One deleted row as a JSON object, columns from `skip` on. BLOBs (and text that is
+/// not UTF-8) become `{"base64": "…"}`, which no other value can look like.
+fn row_json(row: &sqlx::sqlite::SqliteRow, skip: usize) -> String {
+    let mut object = serde_json::Map::new();
+    for (i, col) in row.columns().iter().enumerate().skip(skip) {
+        let value = match row.try_get_raw(i) {
+            Ok(raw) if raw.is_null() => serde_json::Value::Null,
+            Ok(raw) => match raw.type_info().name() {
+                "INTEGER" => row
+                    .try_get::<i64, _>(i)
+                    .map_or(serde_json::Value::Null, Into::into),
+                "REAL" => row
+                    .try_get::<f64, _>(i)
+                    .ok()
+                    .and_then(serde_json::Number::from_f64)
+                    .map_or(serde_json::Value::Null, serde_json::Value::Number),
+                "TEXT" => match row.try_get::<String, _>(i) {
+                    Ok(text) => text.into(),
+                    Err(_) => base64_value(row.try_get::<Vec<u8>, _>(i).unwrap_or_default()),
+                },
+                _ => base64_value(row.try_get::<Vec<u8>, _>(i).unwrap_or_default()),
+            },
+            Err(_) => serde_json::Value::Null,
+        };
+        object.insert(col.name().to_owned(), value);
+    }
+    serde_json::Value::Object(object).to_string()
+}
+
+fn base64_value(bytes: Vec<u8>) -> serde_json::Value {
+    serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(bytes) })
 }
