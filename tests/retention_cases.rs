@@ -35,7 +35,7 @@ fn count(db: &std::path::Path, sql: &str) -> u64 {
     sqlite(db, sql).trim().parse().expect("a count")
 }
 
-/// 1. `DATETIME DEFAULT (unixepoch())` and julian-day reals: fresh rows stay.
+/// Case 1: `DATETIME DEFAULT (unixepoch())` and julian-day reals: fresh rows stay.
 #[test]
 fn sqlite_unix_seconds_and_julian_days_in_a_datetime_column() {
     let w = Workdir::new();
@@ -64,7 +64,7 @@ fn sqlite_unix_seconds_and_julian_days_in_a_datetime_column() {
     );
 }
 
-/// 2. ISO-8601 text with T, Z, fractions and offsets is read as SQLite reads it; an
+/// Case 2: ISO-8601 text with T, Z, fractions and offsets is read as SQLite reads it; an
 /// unparseable value is kept, counted and shown by the plan.
 #[test]
 fn sqlite_text_timestamps_in_every_iso_form_and_garbage() {
@@ -102,7 +102,7 @@ fn sqlite_text_timestamps_in_every_iso_form_and_garbage() {
     );
 }
 
-/// 3. `timestamp without time zone` in a database whose TimeZone is New York: local
+/// Case 3: `timestamp without time zone` in a database whose TimeZone is New York: local
 /// wall-clock values are not hours older than they are.
 #[test]
 fn postgres_timestamp_in_a_non_utc_database() {
@@ -149,7 +149,7 @@ fn postgres_timestamp_in_a_non_utc_database() {
     assert_eq!(pg.sql("SELECT string_agg(id::text, ',') FROM events"), "1");
 }
 
-/// 4. Inheritance children share ctids with their parent: each table is addressed on
+/// Case 4: Inheritance children share ctids with their parent: each table is addressed on
 /// its own, so an unexpired child row at the same ctid as an expired parent row stays.
 #[test]
 fn postgres_inheritance_children_are_deleted_per_table() {
@@ -178,7 +178,7 @@ fn postgres_inheritance_children_are_deleted_per_table() {
     );
 }
 
-/// 5. Foreign keys: SQLite connections keep the application's setting (off), and a
+/// Case 5: Foreign keys: SQLite connections keep the application's setting (off), and a
 /// rule whose deletes would cascade is refused unless it says cascade = true.
 #[test]
 fn foreign_key_cascades_are_never_silent() {
@@ -247,7 +247,7 @@ fn foreign_key_cascades_are_never_silent() {
     assert_eq!(pg.sql("SELECT count(*) FROM orders WHERE user_id = 1"), "1");
 }
 
-/// 6. A user column named `rowid` does not redirect the deletes.
+/// Case 6: A user column named `rowid` does not redirect the deletes.
 #[test]
 fn a_column_named_rowid_does_not_shadow_the_row_id() {
     let w = Workdir::new();
@@ -269,7 +269,7 @@ fn a_column_named_rowid_does_not_shadow_the_row_id() {
     assert_eq!(count(&db, "SELECT count(*) FROM events"), 2);
 }
 
-/// 9. Bounds, epoch milliseconds, and BLOBs in archives.
+/// Case 9: Bounds, epoch milliseconds, and BLOBs in archives.
 #[test]
 fn bounds_epoch_milliseconds_and_blob_archives() {
     let w = Workdir::new();
