@@ -583,6 +583,7 @@ struct PgCase {
     older: usize,
     with_where: bool,
     batch: u32,
+    scan: &'static str,
     rows: Vec<PgRow>,
 }
 
@@ -632,7 +633,10 @@ fn pg_case() -> impl Strategy<Value = PgCase> {
         prop_oneof![3 => -5_400_000i64..5_400_000, 1 => -86_400_000i64..86_400_000],
         0..OLDER_THAN.len(),
         any::<bool>(),
-        1u32..30,
+        (
+            1u32..30,
+            prop::sample::select(vec!["auto", "rows", "pages"]),
+        ),
         prop::collection::vec(
             (
                 delta_ms(),
@@ -664,7 +668,7 @@ fn pg_case() -> impl Strategy<Value = PgCase> {
                 shift,
                 older,
                 with_where,
-                batch,
+                (batch, scan),
                 rows,
             )| {
                 let cutoff_ms = base + shift;
@@ -683,6 +687,7 @@ fn pg_case() -> impl Strategy<Value = PgCase> {
                     older,
                     with_where,
                     batch,
+                    scan,
                     rows: rows
                         .into_iter()
                         .map(|(d, extra_us, special, part, keep_kind)| PgRow {
@@ -836,10 +841,11 @@ async fn pg_case_run(db: &common::PgDb, n: u32, case: &PgCase) -> Result<(), Tes
     let toml = format!(
         "[[database]]\nname = \"pg\"\nurl = \"{}\"\n\
          [[database.retention]]\ntable = \"{t}\"\ncolumn = \"created_at\"\nolder-than = \"{older}\"\n\
-         epoch-unit = \"{}\"\nbatch-size = {}\nschedule = \"manual\"\n{}{}",
+         epoch-unit = \"{}\"\nbatch-size = {}\nscan = \"{}\"\nschedule = \"manual\"\n{}{}",
         db.url,
         case.typ.unit().name(),
         case.batch,
+        case.scan,
         if case.with_where { "where = \"kind <> 'keep'\"\n" } else { "" },
         case.column_zone
             .map(|z| format!("column-timezone = \"{z}\"\n"))

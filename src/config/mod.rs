@@ -306,6 +306,12 @@ job_table! {
         /// Largest batch the adaptation may choose. Default: `100000`.
         #[serde(default = "default_max_batch_size")]
         pub max_batch_size: u32,
+        /// PostgreSQL: how batches walk a table. `pages` reads it once, in ranges of
+        /// heap pages (fastest when many rows are expired); `rows` picks expired rows
+        /// (through an index on the column: best when few are); `auto` chooses per
+        /// table from the planner's estimate. Default: `auto`.
+        #[serde(default)]
+        pub scan: ScanMode,
         /// Pause between batches, to leave room for other work. Default: `0s`.
         #[serde(default, with = "humantime_serde")]
         pub pause: Option<Duration>,
@@ -340,6 +346,19 @@ fn default_batch_time() -> Duration {
 
 fn default_max_batch_size() -> u32 {
     100_000
+}
+
+/// `scan` of a retention rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScanMode {
+    /// Page ranges when at least 5 % of a table is expired, else row picking.
+    #[default]
+    Auto,
+    /// Pick expired rows, batch by batch.
+    Rows,
+    /// Read the table once in ranges of heap pages.
+    Pages,
 }
 
 /// The unit of integer times in a retention column.
@@ -903,6 +922,12 @@ impl Config {
                 r.lock_timeout,
                 MAX_PG_TIMEOUT,
             )?;
+            if r.scan == ScanMode::Pages && backend != Backend::Postgres {
+                return Err(self.invalid(
+                    format!("{key}.scan"),
+                    "\"pages\" is for PostgreSQL; SQLite batches always pick rows by row id",
+                ));
+            }
             if let Some(zone) = &r.column_timezone {
                 if backend != Backend::Postgres {
                     return Err(self.invalid(

@@ -91,6 +91,17 @@ impl DbError {
         }
     }
 
+    /// The SQLSTATE of a statement the server refused (e.g. `55P03`, lock timeout).
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            DbError::Query {
+                source: sqlx::Error::Database(e),
+                ..
+            } => e.code().map(|c| c.into_owned()),
+            _ => None,
+        }
+    }
+
     /// True when the error means the database could not be reached at all (as opposed
     /// to a statement failing), which is what `database_up` reports.
     pub fn is_unreachable(&self) -> bool {

@@ -315,14 +315,24 @@ impl RetentionJob {
         let mut batches = 0u64;
         let mut stopped_early = false;
         let run_stamp = Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
-        let mut size = BatchSize::new(cfg.batch_size, cfg.max_batch_size, cfg.batch_time);
         let predicate = match db {
             Database::Sqlite(_) => sqlite::expired(target, cutoff),
             Database::Postgres(_) => postgres::expired(target, cutoff),
         };
+        let condition = with_where(&predicate, cfg.where_clause.as_deref());
+        let mut last_size = 0;
         'relations: for relation in &target.relations {
-            // SQLite resumes each batch after the last row id it took.
-            let mut after: Option<i64> = None;
+            let mut scan = match db {
+                Database::Sqlite(_) => Scan::Rows { after: None },
+                Database::Postgres(pg) => {
+                    postgres::scan_for(pg, relation, &condition, cfg.scan).await?
+                }
+            };
+            let mut size = BatchSize::new(
+                scan.units(cfg.batch_size),
+                scan.units(cfg.max_batch_size),
+                cfg.batch_time,
+            );
             loop {
                 if cancel.is_cancelled() {
                     return Err(RetentionError::Cancelled { deleted });
@@ -339,11 +349,10 @@ impl RetentionJob {
                 });
                 let batch = Batch {
                     relation,
-                    predicate: &predicate,
-                    where_clause: cfg.where_clause.as_deref(),
+                    condition: &condition,
                     limit: size.current(),
                     lock_timeout: cfg.lock_timeout,
-                    after,
+                    scan: &scan,
                 };
                 let began = Instant::now();
                 let done = match db {
@@ -352,14 +361,18 @@ impl RetentionJob {
                     }
                     Database::Postgres(pg) => postgres::delete_batch(pg, &batch, archive).await?,
                 };
-                if done.rows == 0 {
+                let took = began.elapsed();
+                if done.rows > 0 {
+                    deleted += done.rows;
+                    batches += 1;
+                    metrics::retention_deleted(db.name(), &target.table, done.rows);
+                }
+                let (more, units, full) = scan.advance(&done, size.current());
+                if !more {
                     break;
                 }
-                size.observe(done.rows, began.elapsed());
-                after = done.last_id.or(after);
-                deleted += done.rows;
-                batches += 1;
-                metrics::retention_deleted(db.name(), &target.table, done.rows);
+                size.observe(units, full, took);
+                last_size = size.current();
                 if let Some(pause) = cfg.pause.filter(|p| !p.is_zero()) {
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
@@ -392,7 +405,7 @@ impl RetentionJob {
                 "cutoff": cutoff.instant(),
                 "stopped_early": stopped_early,
                 "remaining": remaining,
-                "last_batch_size": size.current(),
+                "last_batch_size": last_size,
                 "took_seconds": started.elapsed().as_secs_f64(),
             }),
         })
@@ -427,17 +440,18 @@ impl BatchSize {
         self.current
     }
 
-    /// After a batch of `rows` that took `took`: aim the next one at `target`,
-    /// changing by at most 4x per step. A short batch (fewer rows than asked for) says
-    /// nothing about speed at full size and only ever shrinks the next one.
-    fn observe(&mut self, rows: u64, took: Duration) {
+    /// After a batch of `units` (rows or pages) that took `took`: aim the next one at
+    /// `target`, changing by at most 4x per step. A short batch (`full` false: fewer
+    /// rows than asked for) says nothing about speed at full size and only ever shrinks
+    /// the next one.
+    fn observe(&mut self, units: u64, full: bool, took: Duration) {
         if self.target.is_zero() || took.is_zero() {
             return;
         }
-        let rate = rows as f64 / took.as_secs_f64();
+        let rate = units as f64 / took.as_secs_f64();
         let ideal = rate * self.target.as_secs_f64();
         let lo = f64::from(self.current) / 4.0;
-        let hi = if rows < u64::from(self.current) {
+        let hi = if !full {
             f64::from(self.current)
         } else {
             f64::from(self.current) * 4.0
@@ -449,28 +463,66 @@ impl BatchSize {
     }
 }
 
-/// What one batch deletes: at most `limit` rows of `relation` matching `predicate`
-/// (and `where`), waiting at most `lock_timeout` for locks.
-#[derive(Debug, Clone, Copy)]
-pub struct Batch<'a> {
-    pub relation: &'a str,
-    /// The expiry predicate, repeated by the DELETE itself.
-    pub predicate: &'a str,
-    pub where_clause: Option<&'a str>,
-    pub limit: u32,
-    pub lock_timeout: Duration,
-    /// SQLite rowid tables: start after this row id.
-    pub after: Option<i64>,
+/// How a relation is walked through, batch by batch.
+#[derive(Debug, Clone)]
+pub enum Scan {
+    /// Each batch picks up to `limit` matching rows (SQLite: after row id `after`;
+    /// PostgreSQL: by index or scan, when few rows are expired). Done when a batch finds
+    /// none.
+    Rows { after: Option<i64> },
+    /// PostgreSQL, when many rows are expired: each batch deletes the matching rows of
+    /// `limit` heap pages from `next` on, so the whole table is read once, in order,
+    /// like a plain DELETE. Done at `end`, the table's size when the run began (rows
+    /// added later are the next run's).
+    Pages {
+        next: i64,
+        end: i64,
+        rows_per_page: f64,
+    },
 }
 
-impl Batch<'_> {
-    /// `(predicate) AND (where)`: the operator's `where` is their own SQL, run as
-    /// written; the predicate is ours.
-    fn condition(&self) -> String {
-        with_where(self.predicate, self.where_clause)
+impl Scan {
+    /// A row count from the config in this scan's units (rows or pages).
+    fn units(&self, rows: u32) -> u32 {
+        match self {
+            Scan::Rows { .. } => rows,
+            Scan::Pages { rows_per_page, .. } => {
+                (f64::from(rows) / rows_per_page.max(1.0)).ceil().max(1.0) as u32
+            }
+        }
+    }
+
+    /// Moves past a batch of `limit` units; returns whether to go on, and the units
+    /// done and whether the batch was full, for sizing the next one.
+    fn advance(&mut self, done: &BatchDone, limit: u32) -> (bool, u64, bool) {
+        match self {
+            Scan::Rows { after } => {
+                *after = done.last_id.or(*after);
+                (done.rows > 0, done.rows, done.rows >= u64::from(limit))
+            }
+            Scan::Pages { next, end, .. } => {
+                *next += i64::from(limit);
+                (*next < *end, u64::from(limit), true)
+            }
+        }
     }
 }
 
+/// What one batch deletes: the rows of `relation` matching `condition` (the expiry
+/// predicate and `where`), `limit` rows or pages of them as `scan` says, waiting at
+/// most `lock_timeout` for locks.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub relation: &'a str,
+    /// `(expired) AND (where)`, repeated by the DELETE itself.
+    pub condition: &'a str,
+    pub limit: u32,
+    pub lock_timeout: Duration,
+    pub scan: &'a Scan,
+}
+
+/// `(predicate) AND (where)`: the operator's `where` is their own SQL, run as
+/// written; the predicate is ours.
 fn with_where(predicate: &str, where_clause: Option<&str>) -> String {
     match where_clause {
         Some(w) => format!("({predicate}) AND ({w})"),
@@ -486,6 +538,7 @@ pub struct BatchDone {
 }
 
 /// One batch's archive: written completely and durably before the batch commits.
+#[derive(Clone)]
 pub struct BatchArchive<'a> {
     to: &'a ArchiveTo,
     database: &'a str,
@@ -555,31 +608,31 @@ mod tests {
     fn batch_size_follows_speed_within_bounds() {
         let mut b = BatchSize::new(5000, 100_000, Duration::from_millis(50));
         // 5000 rows in 10 ms: 25000 would take 50 ms, but one step grows at most 4x.
-        b.observe(5000, Duration::from_millis(10));
+        b.observe(5000, true, Duration::from_millis(10));
         assert_eq!(b.current(), 20_000);
-        b.observe(20_000, Duration::from_millis(40));
+        b.observe(20_000, true, Duration::from_millis(40));
         assert_eq!(b.current(), 25_000);
         // Slow batches shrink it, never below the floor.
         for _ in 0..20 {
-            b.observe(u64::from(b.current()), Duration::from_secs(5));
+            b.observe(u64::from(b.current()), true, Duration::from_secs(5));
         }
         assert_eq!(b.current(), MIN_ADAPTED_BATCH);
         // Never above the cap.
         for _ in 0..20 {
-            b.observe(u64::from(b.current()), Duration::from_micros(1));
+            b.observe(u64::from(b.current()), true, Duration::from_micros(1));
         }
         assert_eq!(b.current(), 100_000);
         // A short batch never grows the next one.
         let mut b = BatchSize::new(5000, 100_000, Duration::from_millis(50));
-        b.observe(10, Duration::from_micros(10));
+        b.observe(10, false, Duration::from_micros(10));
         assert_eq!(b.current(), 5000);
         // batch-time = 0s: fixed size.
         let mut b = BatchSize::new(700, 100_000, Duration::ZERO);
-        b.observe(700, Duration::from_micros(1));
+        b.observe(700, true, Duration::from_micros(1));
         assert_eq!(b.current(), 700);
         // A first batch smaller than the floor is the floor.
         let mut b = BatchSize::new(10, 100_000, Duration::from_millis(50));
-        b.observe(10, Duration::from_secs(1));
+        b.observe(10, true, Duration::from_secs(1));
         assert_eq!(b.current(), 10);
     }
 }

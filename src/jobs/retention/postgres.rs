@@ -11,8 +11,10 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Row};
 
 use super::reading::{Cutoff, Reading};
-use super::{millis, with_where, Batch, BatchArchive, BatchDone, RetentionError, RowKey, Target};
-use crate::config::RetentionConfig;
+use super::{
+    millis, with_where, Batch, BatchArchive, BatchDone, RetentionError, RowKey, Scan, Target,
+};
+use crate::config::{RetentionConfig, ScanMode};
 use crate::db::{quote, quote_literal, Postgres, QualifiedName};
 
 pub async fn resolve(
@@ -243,28 +245,37 @@ pub fn unreadable(target: &Target) -> String {
     }
 }
 
-/// Unix seconds of the oldest readable value.
-fn oldest_expr(target: &Target) -> String {
+/// The readable values' filter, and their unix seconds, for finding the oldest one
+/// by the column's order (so an index on it answers at once).
+fn oldest_parts(target: &Target) -> (String, String) {
     let c = &target.column_sql;
-    let finite = format!("min({c}) FILTER (WHERE isfinite({c}))");
     match &target.reading {
-        Reading::Instant => format!("extract(epoch FROM {finite})::float8"),
-        Reading::WallClock { zone } => format!(
-            "extract(epoch FROM {finite} AT TIME ZONE {})::float8",
-            quote_literal(zone)
+        Reading::Instant => (
+            format!("isfinite({c})"),
+            format!("extract(epoch FROM {c})::float8"),
         ),
-        Reading::Date { zone } => format!(
-            "extract(epoch FROM ({finite})::timestamp AT TIME ZONE {})::float8",
-            quote_literal(zone)
+        Reading::WallClock { zone } => (
+            format!("isfinite({c})"),
+            format!(
+                "extract(epoch FROM {c} AT TIME ZONE {})::float8",
+                quote_literal(zone)
+            ),
+        ),
+        Reading::Date { zone } => (
+            format!("isfinite({c})"),
+            format!(
+                "extract(epoch FROM {c}::timestamp AT TIME ZONE {})::float8",
+                quote_literal(zone)
+            ),
         ),
         Reading::Epoch { unit, .. } => {
             let (min, max) = Reading::integer_range(*unit);
-            format!(
-                "(min({c}) FILTER (WHERE {c} BETWEEN {min} AND {max}))::float8 / {}",
-                unit.per_second()
+            (
+                format!("{c} BETWEEN {min} AND {max}"),
+                format!("{c}::float8 / {}", unit.per_second()),
             )
         }
-        Reading::SqliteValue { .. } => "NULL::float8".to_owned(),
+        Reading::SqliteValue { .. } => ("false".to_owned(), "NULL::float8".to_owned()),
     }
 }
 
@@ -317,42 +328,131 @@ pub async fn oldest(
     target: &Target,
     where_clause: Option<&str>,
 ) -> Result<Option<DateTime<Utc>>, RetentionError> {
+    let (readable, seconds) = oldest_parts(target);
     let sql = format!(
-        "SELECT {} FROM {} WHERE {}",
-        oldest_expr(target),
+        "SELECT {seconds} FROM {} WHERE {} ORDER BY {} LIMIT 1",
         target.table_sql,
-        where_clause.unwrap_or("true")
+        with_where(&readable, where_clause),
+        target.column_sql
     );
     let secs: Option<f64> = sqlx::query_scalar(AssertSqlSafe(sql))
-        .fetch_one(&pg.pool)
+        .fetch_optional(&pg.pool)
         .await
         .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
     Ok(secs.and_then(|s| DateTime::from_timestamp_millis((s * 1000.0) as i64)))
 }
 
-/// Deletes up to `limit` expired rows of one table (ONLY: never its children) in one
-/// transaction; the DELETE repeats the predicate. With `archive`, the rows are
+/// Below this share of expired rows a batch picks its rows (through an index on the
+/// column, if there is one); above it, reading the table once in page ranges is
+/// cheaper, as the planner would choose for a plain DELETE.
+const PAGE_SCAN_SHARE: f64 = 0.05;
+
+/// How to walk one table: by page ranges when a large share of it is expired (or it
+/// is small), else by picking rows. The share is the planner's estimate.
+pub async fn scan_for(
+    pg: &Postgres,
+    relation: &str,
+    condition: &str,
+    mode: ScanMode,
+) -> Result<Scan, RetentionError> {
+    let db_err = |e| RetentionError::Db(pg.query_error(e));
+    if mode == ScanMode::Rows {
+        return Ok(Scan::Rows { after: None });
+    }
+    // `relation` is quoted by format('%I.%I').
+    let (pages, tuples): (i64, f32) = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT (pg_relation_size('{r}'::regclass) / current_setting('block_size')::int8)::int8, c.reltuples
+         FROM pg_class c WHERE c.oid = '{r}'::regclass",
+        r = relation.replace('\'', "''")
+    )))
+    .fetch_one(&pg.pool)
+    .await
+    .map_err(db_err)?;
+    if pages == 0 {
+        return Ok(Scan::Rows { after: None });
+    }
+    let plan: serde_json::Value = sqlx::query_scalar(AssertSqlSafe(format!(
+        "EXPLAIN (FORMAT JSON) SELECT 1 FROM ONLY {relation} WHERE {condition}"
+    )))
+    .fetch_one(&pg.pool)
+    .await
+    .map_err(db_err)?;
+    let estimate = plan[0]["Plan"]["Plan Rows"].as_f64().unwrap_or(0.0);
+    let tuples = f64::from(tuples.max(0.0));
+    // Never analyzed: no estimate, and reading it once is the safe guess.
+    let share = if tuples > 0.0 { estimate / tuples } else { 1.0 };
+    if pages > 0 && (mode == ScanMode::Pages || share >= PAGE_SCAN_SHARE) {
+        let rows_per_page = if tuples > 0.0 {
+            tuples / pages as f64
+        } else {
+            100.0
+        };
+        Ok(Scan::Pages {
+            next: 0,
+            end: pages,
+            rows_per_page,
+        })
+    } else {
+        Ok(Scan::Rows { after: None })
+    }
+}
+
+/// Deletes one batch of expired rows of one table (ONLY: never its children) in one
+/// transaction; the DELETE itself carries the predicate. With `archive`, the rows are
 /// archived durably before the commit.
+///
+/// Page ranges delete straight from a TID range scan, waiting for rows a writer has
+/// locked; if that wait hits the lock timeout, the same range is done again skipping
+/// the locked rows (left for the next run). Row picking always skips locked rows.
 pub async fn delete_batch(
     pg: &Postgres,
     batch: &Batch<'_>,
     archive: Option<BatchArchive<'_>>,
 ) -> Result<BatchDone, RetentionError> {
-    let db_err = |e| RetentionError::Db(pg.query_error(e));
-    let condition = batch.condition();
-    let returning = if archive.is_some() {
-        " RETURNING row_to_json(dbk_row)::text"
-    } else {
-        ""
+    let r = batch.relation;
+    let condition = batch.condition;
+    let n = batch.limit;
+    let skip_locked = |range: &str, limit: &str| {
+        format!(
+            "DELETE FROM ONLY {r} AS dbk_row \
+             WHERE ctid = ANY(ARRAY(SELECT ctid FROM ONLY {r} WHERE {range}{condition}{limit} FOR UPDATE SKIP LOCKED)) \
+             AND {condition}"
+        )
     };
-    // An array of tids makes the outer delete a TID scan.
-    let sql = format!(
-        "DELETE FROM ONLY {r} AS dbk_row \
-         WHERE ctid = ANY(ARRAY(SELECT ctid FROM ONLY {r} WHERE {condition} LIMIT {n} FOR UPDATE SKIP LOCKED)) \
-         AND {condition}{returning}",
-        r = batch.relation,
-        n = batch.limit,
-    );
+    match batch.scan {
+        // An array of tids makes the outer delete a TID scan.
+        Scan::Rows { .. } => {
+            run_batch(pg, batch, &skip_locked("", &format!(" LIMIT {n}")), archive).await
+        }
+        Scan::Pages { next, .. } => {
+            let range = format!(
+                "ctid >= '({next},0)'::tid AND ctid < '({},0)'::tid AND ",
+                next + i64::from(n)
+            );
+            let direct = format!("DELETE FROM ONLY {r} AS dbk_row WHERE {range}{condition}");
+            match run_batch(pg, batch, &direct, archive.clone()).await {
+                Err(RetentionError::Db(e)) if e.sqlstate().as_deref() == Some("55P03") => {
+                    tracing::info!(database = %pg.name, table = r, "rows locked by another transaction; skipping them in this page range");
+                    run_batch(pg, batch, &skip_locked(&range, ""), archive).await
+                }
+                other => other,
+            }
+        }
+    }
+}
+
+/// Runs one batch's DELETE in its own transaction with the lock timeout.
+async fn run_batch(
+    pg: &Postgres,
+    batch: &Batch<'_>,
+    delete: &str,
+    archive: Option<BatchArchive<'_>>,
+) -> Result<BatchDone, RetentionError> {
+    let db_err = |e| RetentionError::Db(pg.query_error(e));
+    let sql = match archive {
+        Some(_) => format!("{delete} RETURNING row_to_json(dbk_row)::text"),
+        None => delete.to_owned(),
+    };
     let mut tx = transaction(pg, Some(batch.lock_timeout)).await?;
     let query = sqlx::query(AssertSqlSafe(sql));
     let rows = match archive {

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
 
 use super::reading::{Cutoff, Reading};
-use super::{with_where, Batch, BatchArchive, BatchDone, RetentionError, RowKey, Target};
+use super::{with_where, Batch, BatchArchive, BatchDone, RetentionError, RowKey, Scan, Target};
 use crate::config::RetentionConfig;
 use crate::db::{quote, QualifiedName, Sqlite};
 
@@ -210,13 +210,16 @@ pub async fn delete_batch(
 ) -> Result<BatchDone, RetentionError> {
     let db_err = |e| RetentionError::Db(lite.query_error(e));
     let t = batch.relation;
-    let condition = batch.condition();
+    let condition = batch.condition;
     let n = batch.limit;
+    let after = match batch.scan {
+        Scan::Rows { after } => *after,
+        Scan::Pages { .. } => None,
+    };
     let (picked, id) = match &target.row_key {
         RowKey::Rowid(rid) => {
-            let after = batch
-                .after
-                .map_or(String::new(), |a| format!("{rid} > {a} AND "));
+            // Resuming after the last row id taken reads each row once per run.
+            let after = after.map_or(String::new(), |a| format!("{rid} > {a} AND "));
             (
                 format!(
                     "{rid} IN (SELECT {rid} FROM {t} WHERE {after}{condition} ORDER BY {rid} LIMIT {n})"
