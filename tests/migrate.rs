@@ -437,3 +437,64 @@ fn sqlite_migrations_and_startup_before_ready() {
         "300000"
     );
 }
+
+/// SQLite's documented table rebuild (create the new table, copy, drop the old one,
+/// rename) keeps every ON DELETE CASCADE child row, whether the database enforces
+/// foreign keys or not; when it does, a migration that leaves rows pointing at nothing
+/// is rolled back and names the table.
+#[test]
+fn sqlite_table_rebuild_keeps_cascade_children_and_dangling_references_roll_back() {
+    for foreign_keys in ["", "foreign-keys = true\n"] {
+        let w = Workdir::new();
+        let dir = w.path().join("migrations");
+        write(
+            &dir,
+            "1_schema.sql",
+            "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL);
+             CREATE TABLE orders (id INTEGER PRIMARY KEY,
+                                  user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE);
+             INSERT INTO users VALUES (1, 'a'), (2, 'b');
+             INSERT INTO orders (user_id) VALUES (1), (1), (2);",
+        );
+        write(
+            &dir,
+            "2_rebuild_users.sql",
+            "CREATE TABLE users_new (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT);
+             INSERT INTO users_new (id, name) SELECT id, name FROM users;
+             DROP TABLE users;
+             ALTER TABLE users_new RENAME TO users;",
+        );
+        let db = w.path().join("app.db");
+        w.write_config(
+            "",
+            &migrate_config(&w.sqlite_url("app.db"), &dir, "backup-first = false").replace(
+                "[database.migrate]",
+                &format!("{foreign_keys}[database.migrate]"),
+            ),
+        );
+        w.cmd(&["migrate", "apply", "db"]).assert().success();
+        let sql = |q: &str| common::sqlite(&db, q).trim().to_owned();
+        assert_eq!(
+            sql("SELECT count(*) FROM orders"),
+            "3",
+            "every child row is kept ({foreign_keys:?})"
+        );
+        assert_eq!(sql("SELECT count(*) FROM pragma_foreign_key_check"), "0");
+        assert_eq!(
+            sql("SELECT count(*) FROM pragma_table_info('users') WHERE name = 'email'"),
+            "1"
+        );
+        if foreign_keys.is_empty() {
+            continue;
+        }
+        write(&dir, "3_drop_user.sql", "DELETE FROM users WHERE id = 1;");
+        w.cmd(&["migrate", "apply", "db"]).assert().code(1).stderr(
+            predicate::str::contains("3_drop_user.sql")
+                .and(predicate::str::contains("table \"orders\""))
+                .and(predicate::str::contains("rolled back")),
+        );
+        assert_eq!(sql("SELECT count(*) FROM users"), "2", "rolled back");
+        assert_eq!(sql("SELECT count(*) FROM orders"), "3");
+        assert_eq!(sql("SELECT max(version) FROM _sqlx_migrations"), "2");
+    }
+}

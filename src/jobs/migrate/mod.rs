@@ -47,6 +47,12 @@ pub enum MigrateError {
     LockTimeout(std::time::Duration),
     #[error("pre-migration backup failed, nothing was applied: {0}")]
     Backup(String),
+    #[error("it left {rows} rows whose foreign key points at no row (the first in table \"{table}\", referencing \"{parent}\"), so it was rolled back; make the migration keep or re-point every referenced row")]
+    ForeignKeys {
+        rows: usize,
+        table: String,
+        parent: String,
+    },
     #[error("cancelled")]
     Cancelled,
 }

@@ -1,10 +1,13 @@
 //! Migrations on SQLite. The database file is its own lock: each migration runs in a
 //! `BEGIN IMMEDIATE` transaction that first re-checks the history, so two migrators
-//! never apply one version twice. `-- no-transaction` files run outside it.
+//! never apply one version twice. `-- no-transaction` files run outside it. Foreign
+//! keys are off while a migration runs, and checked before it commits when the
+//! database enforces them (`foreign-keys = true`).
 
 use std::time::{Duration, Instant};
 
 use sqlx::migrate::Migration;
+use sqlx::pool::PoolConnection;
 use tokio_util::sync::CancellationToken;
 
 use super::{file_name, Applied, AppliedRow, MigrateError, MigrateJob};
@@ -88,34 +91,71 @@ pub async fn apply(
 }
 
 /// Applies one migration unless it is applied already; `Ok(false)` if it was.
+///
+/// Foreign keys are off while it runs, as SQLite's ALTER TABLE page prescribes for
+/// schema changes: with them on, the documented table rebuild (create the new table,
+/// copy, drop the old one, rename) deletes every ON DELETE CASCADE child row when the
+/// old table is dropped. The setting cannot change inside a transaction, so it is made
+/// on a connection of our own before `BEGIN`, and that connection is closed afterwards.
+/// With `foreign-keys = true` the application relies on them, so
+/// `PRAGMA foreign_key_check` must find nothing before the migration commits.
 async fn run_one(lite: &Sqlite, m: &Migration, busy: Duration) -> Result<bool, MigrateError> {
+    let mut conn = lite.own_connection(busy, false).await?;
     let record = sqlx::query(RECORD)
         .bind(m.version)
         .bind(m.description.to_string())
         .bind(m.checksum.to_vec());
     if m.no_tx {
         sqlx::raw_sql(m.sql.clone())
-            .execute(&lite.pool)
+            .execute(&mut *conn)
             .await
             .map_err(db_err(lite))?;
-        record.execute(&lite.pool).await.map_err(db_err(lite))?;
+        foreign_key_check(lite, &mut conn).await?;
+        record.execute(&mut *conn).await.map_err(db_err(lite))?;
         return Ok(true);
     }
-    let mut conn = lite.begin_immediate(busy).await?;
+    lite.begin_immediate_on(&mut conn).await?;
     let steps = async {
         let seen: i64 =
             sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE version = ?1")
                 .bind(m.version)
                 .fetch_one(&mut *conn)
-                .await?;
+                .await
+                .map_err(db_err(lite))?;
         if seen > 0 {
             return Ok(false);
         }
-        sqlx::raw_sql(m.sql.clone()).execute(&mut *conn).await?;
-        record.execute(&mut *conn).await?;
+        sqlx::raw_sql(m.sql.clone())
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err(lite))?;
+        foreign_key_check(lite, &mut conn).await?;
+        record.execute(&mut *conn).await.map_err(db_err(lite))?;
         Ok(true)
     }
-    .await
-    .map_err(db_err(lite));
-    lite.finish(conn, steps).await
+    .await;
+    lite.end_transaction(&mut conn, steps).await
+}
+
+/// With `foreign-keys = true`: fails if any row's foreign key points at no row.
+async fn foreign_key_check(
+    lite: &Sqlite,
+    conn: &mut PoolConnection<sqlx::Sqlite>,
+) -> Result<(), MigrateError> {
+    if !lite.foreign_keys {
+        return Ok(());
+    }
+    let violations: Vec<(String, String)> =
+        sqlx::query_as("SELECT \"table\", parent FROM pragma_foreign_key_check")
+            .fetch_all(&mut **conn)
+            .await
+            .map_err(db_err(lite))?;
+    match violations.first() {
+        None => Ok(()),
+        Some((table, parent)) => Err(MigrateError::ForeignKeys {
+            rows: violations.len(),
+            table: table.clone(),
+            parent: parent.clone(),
+        }),
+    }
 }
