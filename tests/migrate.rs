@@ -498,3 +498,53 @@ fn sqlite_table_rebuild_keeps_cascade_children_and_dangling_references_roll_back
         assert_eq!(sql("SELECT max(version) FROM _sqlx_migrations"), "2");
     }
 }
+
+/// Two files with one version are a configuration error for every command that reads
+/// the directory, on both backends: exit 2, both names, nothing applied. An up file and
+/// its `.down.sql` are a pair, not a duplicate.
+#[test]
+fn two_migrations_with_one_version_are_a_config_error_and_nothing_is_applied() {
+    let pg = PgDb::new("mig_dup");
+    let w = Workdir::new();
+    let lite = w.path().join("app.db");
+    for url in [pg.url.clone(), w.sqlite_url("app.db")] {
+        let dir = w.path().join("migrations");
+        write(&dir, "1_a.sql", "CREATE TABLE a (x int);");
+        write(&dir, "1_b.sql", "CREATE TABLE b (x int);");
+        write(&dir, "2_c.up.sql", "CREATE TABLE c (x int);");
+        write(&dir, "2_c.down.sql", "DROP TABLE c;");
+        w.write_config("", &migrate_config(&url, &dir, "backup-first = false"));
+        let commands: [&[&str]; 5] = [
+            &["check"],
+            &["migrate", "status", "db"],
+            &["migrate", "plan", "db"],
+            &["migrate", "apply", "db"],
+            &["run-job", "db.migrate"],
+        ];
+        for args in commands {
+            w.cmd(args).assert().code(2).stderr(
+                predicate::str::contains("1_a.sql")
+                    .and(predicate::str::contains("1_b.sql"))
+                    .and(predicate::str::contains("same version 1")),
+            );
+        }
+        let tables = if url.starts_with("sqlite") {
+            common::sqlite(
+                &lite,
+                "SELECT count(*) FROM sqlite_schema WHERE name IN ('a', 'b', 'c')",
+            )
+            .trim()
+            .to_owned()
+        } else {
+            pg.sql("SELECT count(*) FROM pg_class WHERE relname IN ('a', 'b', 'c')")
+        };
+        assert_eq!(tables, "0", "nothing applied on {url}");
+        // Renumbered, both apply.
+        std::fs::rename(dir.join("1_b.sql"), dir.join("3_b.sql")).expect("rename");
+        w.cmd(&["migrate", "apply", "db"])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("applied 3 migrations (1, 2, 3)"));
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+}

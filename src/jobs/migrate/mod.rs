@@ -53,8 +53,23 @@ pub enum MigrateError {
         table: String,
         parent: String,
     },
+    #[error("migrations {first} and {second} in {dir} have the same version {version}, so only one of them could ever be applied; give the one that is not applied yet a new, higher version")]
+    Duplicate {
+        dir: PathBuf,
+        version: i64,
+        first: String,
+        second: String,
+    },
     #[error("cancelled")]
     Cancelled,
+}
+
+impl MigrateError {
+    /// True when the configuration (here: the migrations directory) is wrong, not the
+    /// database: the command line exits 2, and retrying cannot help.
+    pub fn is_config(&self) -> bool {
+        matches!(self, MigrateError::Duplicate { .. })
+    }
 }
 
 /// A row of `_sqlx_migrations`.
@@ -120,18 +135,76 @@ pub struct Assessment {
     pub applied_version: Option<i64>,
 }
 
-/// The migrations in `dir`, up migrations only, ascending.
-pub async fn read_dir(dir: &Path) -> Result<Vec<Migration>, MigrateError> {
-    if !dir.is_dir() {
-        return Err(MigrateError::Read {
-            dir: dir.to_owned(),
-            message: "not a directory".to_owned(),
-        });
+/// A file sqlx reads as a migration: `<version>_<description>.sql` (or `.up.sql`,
+/// `.down.sql`).
+struct MigrationFile {
+    version: i64,
+    down: bool,
+    name: String,
+}
+
+/// The migration files in `dir`, by name, chosen as sqlx's reader chooses them:
+/// regular files (links followed) whose name splits at the first `_` into an integer
+/// and a rest ending in `.sql`. sqlx reports a bad version itself; it is skipped here.
+fn scan(dir: &Path) -> std::io::Result<Vec<MigrationFile>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if !std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((version, rest)) = name.split_once('_') else {
+            continue;
+        };
+        let Ok(version) = version.parse::<i64>() else {
+            continue;
+        };
+        if rest.ends_with(".sql") {
+            files.push(MigrationFile {
+                version,
+                down: rest.ends_with(".down.sql"),
+                name,
+            });
+        }
     }
-    let migrator = Migrator::new(dir).await.map_err(|e| MigrateError::Read {
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
+}
+
+/// Two up files (or two down files) with one version: sqlx would read both, and which
+/// one a history row belongs to would be a guess. An up file and its `.down.sql` are a
+/// pair, not a duplicate.
+fn refuse_duplicates(dir: &Path, files: &[MigrationFile]) -> Result<(), MigrateError> {
+    let mut seen: std::collections::HashMap<(i64, bool), &str> = Default::default();
+    for f in files {
+        if let Some(first) = seen.insert((f.version, f.down), &f.name) {
+            return Err(MigrateError::Duplicate {
+                dir: dir.to_owned(),
+                version: f.version,
+                first: first.to_owned(),
+                second: f.name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The migrations in `dir`, up migrations only, ascending; refuses two files with one
+/// version.
+pub async fn read_dir(dir: &Path) -> Result<Vec<Migration>, MigrateError> {
+    let read_error = |message: String| MigrateError::Read {
         dir: dir.to_owned(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    if !dir.is_dir() {
+        return Err(read_error("not a directory".to_owned()));
+    }
+    let migrator = Migrator::new(dir)
+        .await
+        .map_err(|e| read_error(e.to_string()))?;
+    let names = scan(dir).map_err(|e| read_error(e.to_string()))?;
+    refuse_duplicates(dir, &names)?;
     let mut up: Vec<Migration> = migrator
         .iter()
         .filter(|m| !m.migration_type.is_down_migration())
@@ -143,16 +216,13 @@ pub async fn read_dir(dir: &Path) -> Result<Vec<Migration>, MigrateError> {
 
 /// The file a version comes from, for messages.
 pub fn file_name(dir: &Path, version: i64) -> String {
-    let prefix = format!("{version}_");
-    std::fs::read_dir(dir)
+    scan(dir)
         .ok()
-        .and_then(|entries| {
-            entries
-                .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-                .filter(|n| {
-                    n.starts_with(&prefix) && n.ends_with(".sql") && !n.ends_with(".down.sql")
-                })
-                .min()
+        .and_then(|files| {
+            files
+                .into_iter()
+                .find(|f| f.version == version && !f.down)
+                .map(|f| f.name)
         })
         .unwrap_or_else(|| format!("{version}_*.sql"))
 }
@@ -415,5 +485,36 @@ mod tests {
         assert_eq!(a.drift, 1);
         assert_eq!(a.problems.len(), 3);
         assert_eq!(a.applied_version, Some(4));
+    }
+
+    #[test]
+    fn two_files_with_one_version_are_refused_but_an_up_down_pair_is_not() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let write = |name: &str| std::fs::write(dir.path().join(name), "SELECT 1;").expect("write");
+        for name in [
+            "1_a.up.sql",
+            "1_a.down.sql",
+            "2_b.sql",
+            "2_b.down.sql",
+            "README.md",
+            "3_notes.txt",
+        ] {
+            write(name);
+        }
+        std::fs::create_dir(dir.path().join("4_dir.sql")).expect("mkdir");
+        let files = scan(dir.path()).expect("scan");
+        assert_eq!(files.len(), 4, "only migration files");
+        assert!(refuse_duplicates(dir.path(), &files).is_ok());
+        assert_eq!(file_name(dir.path(), 2), "2_b.sql");
+
+        write("02_c.sql");
+        let e =
+            refuse_duplicates(dir.path(), &scan(dir.path()).expect("scan")).expect_err("2 twice");
+        let text = e.to_string();
+        assert!(
+            text.contains("02_c.sql") && text.contains("2_b.sql") && text.contains("version 2"),
+            "{text}"
+        );
+        assert!(e.is_config());
     }
 }
