@@ -29,17 +29,19 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// sqlx's own migrator, as an application embedding it would run it.
+/// sqlx's own migrator, as an application embedding it would run it (PostgreSQL, or
+/// SQLite for a `sqlite:` URL).
 fn sqlx_migrate(url: &str, dir: &Path) -> Result<(), sqlx::migrate::MigrateError> {
+    use sqlx::Connection;
     runtime().block_on(async {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .connect(url)
-            .await
-            .expect("connect");
-        let result = sqlx::migrate::Migrator::new(dir).await?.run(&pool).await;
-        pool.close().await;
-        result
+        let migrator = sqlx::migrate::Migrator::new(dir).await?;
+        if url.starts_with("sqlite:") {
+            let mut conn = sqlx::SqliteConnection::connect(url).await.expect("connect");
+            migrator.run(&mut conn).await
+        } else {
+            let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+            migrator.run(&mut conn).await
+        }
     })
 }
 
@@ -363,6 +365,15 @@ fn a_failed_concurrent_index_is_reported_and_optionally_dropped_before_retrying(
             "backup-first = false\ndrop-invalid-indexes = true",
         ),
     );
+    // The failed no-transaction migration is marked failed: the operator says it may
+    // run again by deleting its row.
+    w.cmd(&["migrate", "apply", "db"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "DELETE FROM _sqlx_migrations WHERE version = 2",
+        ));
+    pg.sql("DELETE FROM _sqlx_migrations WHERE version = 2");
     w.cmd(&["migrate", "apply", "db"]).assert().success();
     assert_eq!(
         psql(
@@ -546,5 +557,99 @@ fn two_migrations_with_one_version_are_a_config_error_and_nothing_is_applied() {
             .success()
             .stdout(predicate::str::contains("applied 3 migrations (1, 2, 3)"));
         std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+}
+
+/// A `-- no-transaction` migration that fails part-way is marked failed in the history,
+/// where sqlx's own migrator looks: sqlx and dbkeeper both refuse to go past it until an
+/// operator deletes the row (to run it again) or marks it applied (it was completed by
+/// hand), on both backends.
+#[test]
+fn a_failed_no_transaction_migration_blocks_dbkeeper_and_sqlx_until_an_operator_acts() {
+    let pg = PgDb::new("mig_dirty");
+    let w = Workdir::new();
+    let lite = w.path().join("app.db");
+    for (n, url) in [pg.url.clone(), w.sqlite_url("app.db")].iter().enumerate() {
+        let is_sqlite = url.starts_with("sqlite:");
+        let sql = |q: &str| {
+            if is_sqlite {
+                common::sqlite(&lite, q).trim().to_owned()
+            } else {
+                pg.sql(q)
+            }
+        };
+        let dir = w.path().join(format!("migrations-{n}"));
+        write(&dir, "1_t.sql", "CREATE TABLE t (x int);");
+        write(
+            &dir,
+            "2_half.sql",
+            "-- no-transaction\nCREATE TABLE half (x int);\nINSERT INTO missing VALUES (1);",
+        );
+        write(&dir, "3_after.sql", "CREATE TABLE after_it (x int);");
+        w.write_config("", &migrate_config(url, &dir, "backup-first = false"));
+        w.cmd(&["migrate", "apply", "db"]).assert().code(1).stderr(
+            predicate::str::contains("2_half.sql")
+                .and(predicate::str::contains("marked failed"))
+                .and(predicate::str::contains("missing"))
+                .and(predicate::str::contains(
+                    "DELETE FROM _sqlx_migrations WHERE version = 2",
+                )),
+        );
+        assert_eq!(
+            sql("SELECT count(*) FROM _sqlx_migrations WHERE version = 2 AND NOT success AND execution_time > 0"),
+            "1",
+            "{url}: the failed migration is recorded as failed"
+        );
+        match sqlx_migrate(url, &dir) {
+            Err(sqlx::migrate::MigrateError::Dirty(2)) => {}
+            other => panic!("{url}: sqlx's migrator must refuse version 2 as dirty: {other:?}"),
+        }
+        // dbkeeper refuses too, and says so in status.
+        w.cmd(&["migrate", "apply", "db"])
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains("marked failed (dirty)"));
+        let status = w.cmd(&["migrate", "status", "db"]).assert().code(1);
+        let out = status.get_output();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("2 ") && l.contains("FAILED (dirty)")),
+            "{stdout}"
+        );
+        assert!(
+            stderr.contains("UPDATE _sqlx_migrations SET success = TRUE WHERE version = 2"),
+            "{stderr}"
+        );
+        assert_eq!(
+            sql("SELECT count(*) FROM _sqlx_migrations WHERE version = 3"),
+            "0",
+            "{url}: nothing after it"
+        );
+        if is_sqlite {
+            // Completed by hand, then marked applied.
+            sql("CREATE TABLE missing (x int); INSERT INTO missing VALUES (1); UPDATE _sqlx_migrations SET success = TRUE WHERE version = 2;");
+            w.cmd(&["migrate", "apply", "db"])
+                .assert()
+                .success()
+                .stdout(predicate::str::contains("applied 1 migrations (3)"));
+        } else {
+            // Undone by hand, the cause fixed, then run again.
+            sql("DROP TABLE IF EXISTS half; CREATE TABLE missing (x int); DELETE FROM _sqlx_migrations WHERE version = 2;");
+            w.cmd(&["migrate", "apply", "db"])
+                .assert()
+                .success()
+                .stdout(predicate::str::contains("applied 2 migrations (2, 3)"));
+        }
+        sqlx_migrate(url, &dir)
+            .expect("sqlx agrees: nothing dirty, nothing changed, nothing pending");
+        assert_eq!(
+            sql("SELECT count(*) FROM _sqlx_migrations WHERE success"),
+            "3"
+        );
     }
 }

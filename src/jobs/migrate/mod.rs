@@ -8,7 +8,9 @@
 //! is applied. Before anything is applied: checksum drift, applied migrations missing
 //! from disk, dirty entries and out-of-order versions are reported, and a verified
 //! pre-migration backup is taken. Each migration runs with its history row in one
-//! transaction (except `-- no-transaction` files).
+//! transaction; a `-- no-transaction` file's row is written as failed before it runs
+//! and marked applied after, so one that fails part-way blocks dbkeeper and sqlx alike
+//! until an operator acts.
 
 mod postgres;
 mod sqlite;
@@ -37,6 +39,12 @@ pub enum MigrateError {
     Blocked(String),
     #[error("migration {version} ({file}) failed, nothing after it was applied: {message}")]
     Failed {
+        version: i64,
+        file: String,
+        message: String,
+    },
+    #[error("migration {version} ({file}) ran outside a transaction and failed part-way, so it is marked failed in _sqlx_migrations and nothing after it is applied until you act: {message}; {}", repair_hint(*.version))]
+    FailedDirty {
         version: i64,
         file: String,
         message: String,
@@ -72,6 +80,63 @@ impl MigrateError {
     }
 }
 
+/// What an operator does about a migration marked failed (dirty); the same words in
+/// the error, `migrate status` and `docs/RUNBOOK.md`.
+fn repair_hint(version: i64) -> String {
+    format!(
+        "inspect what it did and finish or undo it by hand, then run `DELETE FROM _sqlx_migrations WHERE version = {version}` and apply again, or, if it did complete, `UPDATE _sqlx_migrations SET success = TRUE WHERE version = {version}` (docs/RUNBOOK.md, \"A migration marked failed\")"
+    )
+}
+
+/// Migration `m` from `file` failed with `message`; `dirty`: it ran outside a
+/// transaction after its history row was written as failed, so that row stays.
+fn failed(m: &Migration, file: &str, dirty: bool, message: impl std::fmt::Display) -> MigrateError {
+    let (version, file, message) = (m.version, file.to_owned(), message.to_string());
+    if dirty {
+        MigrateError::FailedDirty {
+            version,
+            file,
+            message,
+        }
+    } else {
+        MigrateError::Failed {
+            version,
+            file,
+            message,
+        }
+    }
+}
+
+/// sqlx's history row for `m`, exactly as sqlx writes it (`execution_time` -1 until
+/// measured), with `success` as given. `$n` parameters work on both backends.
+fn history_row<'q, DB: sqlx::Database>(
+    m: &Migration,
+    success: bool,
+) -> sqlx::query::Query<'q, DB, DB::Arguments>
+where
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    bool: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Vec<u8>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES ($1, $2, $3, $4, -1)",
+    )
+    .bind(m.version)
+    .bind(m.description.to_string())
+    .bind(success)
+    .bind(m.checksum.to_vec())
+}
+
+/// A `-- no-transaction` migration that ran through: its row becomes what sqlx writes
+/// for an applied migration (`installed_on` is when it completed, as with sqlx).
+const MARK_APPLIED: &str =
+    "UPDATE _sqlx_migrations SET success = TRUE, installed_on = CURRENT_TIMESTAMP WHERE version = $1";
+
+/// sqlx measures each migration and stores the nanoseconds afterwards.
+const EXECUTION_TIME: &str = "UPDATE _sqlx_migrations SET execution_time = $1 WHERE version = $2";
+
 /// A row of `_sqlx_migrations`.
 #[derive(Debug, Clone)]
 pub struct Applied {
@@ -106,7 +171,8 @@ pub enum State {
     Drift,
     /// Applied, but no file has this version.
     Missing,
-    /// Marked as failed in the history.
+    /// Marked as failed in the history: a `-- no-transaction` migration that failed
+    /// part-way (or is running right now).
     Dirty,
 }
 
@@ -117,7 +183,7 @@ impl State {
             State::Pending => "pending",
             State::Drift => "CHECKSUM DRIFT",
             State::Missing => "FILE MISSING",
-            State::Dirty => "DIRTY",
+            State::Dirty => "FAILED (dirty)",
         }
     }
 }
@@ -247,8 +313,10 @@ pub fn assess(
         let file = files.iter().find(|f| f.version == a.version);
         let state = if !a.success {
             problems.push(format!(
-                "migration {} ({}) is marked failed (dirty) in _sqlx_migrations; repair the database by hand, then delete that row",
-                a.version, a.description
+                "migration {} ({}) is marked failed (dirty) in _sqlx_migrations, so nothing is applied until you act: {}",
+                a.version,
+                file.map_or_else(|| a.description.clone(), |_| file_name(dir, a.version)),
+                repair_hint(a.version)
             ));
             State::Dirty
         } else if let Some(f) = file {

@@ -156,7 +156,7 @@ async fn apply_locked(
         // On cancel (shutdown, timeout) the server stops the statement; a transactional
         // migration then rolls back as a whole.
         let outcome = {
-            let run = run_one(conn, job, m);
+            let run = run_one(pg, conn, job, m, &file);
             tokio::pin!(run);
             tokio::select! {
                 r = &mut run => r,
@@ -167,28 +167,12 @@ async fn apply_locked(
                 }
             }
         };
-        if let Err(e) = outcome {
-            let mut message = e.to_string();
-            if m.no_tx {
-                let left = invalid_indexes(pg, conn, None).await.unwrap_or_default();
-                if !left.is_empty() {
-                    message.push_str(&format!(
-                        "; it left INVALID indexes {} — drop them (or set drop-invalid-indexes = true) before retrying",
-                        left.join(", ")
-                    ));
-                }
-            }
-            return Err(MigrateError::Failed {
-                version: m.version,
-                file,
-                message,
-            });
-        }
-        let _ = sqlx::query("UPDATE _sqlx_migrations SET execution_time = $1 WHERE version = $2")
+        let _ = sqlx::query(super::EXECUTION_TIME)
             .bind(started.elapsed().as_nanos() as i64)
             .bind(m.version)
             .execute(&mut **conn)
             .await;
+        outcome?;
         done.push(m.version);
     }
     Ok((done, backup_id))
@@ -207,44 +191,65 @@ fn settings(job: &MigrateJob, local: bool) -> String {
     )
 }
 
-const RECORD: &str =
-    "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
-                      VALUES ($1, $2, TRUE, $3, -1)";
-
 /// One migration and its history row: in one transaction, or (`-- no-transaction`)
-/// one after the other.
+/// marked failed first and applied once it ran through.
 async fn run_one(
+    pg: &Postgres,
     conn: &mut PoolConnection<sqlx::Postgres>,
     job: &MigrateJob,
     m: &Migration,
-) -> Result<(), sqlx::Error> {
-    let record = sqlx::query(RECORD)
-        .bind(m.version)
-        .bind(m.description.to_string())
-        .bind(m.checksum.to_vec());
-    if m.no_tx {
+    file: &str,
+) -> Result<(), MigrateError> {
+    if !m.no_tx {
+        let result = async {
+            let mut tx = conn.begin().await?;
+            sqlx::raw_sql(AssertSqlSafe(settings(job, true)))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::raw_sql(m.sql.clone()).execute(&mut *tx).await?;
+            super::history_row(m, true).execute(&mut *tx).await?;
+            tx.commit().await
+        }
+        .await;
+        return result.map_err(|e| super::failed(m, file, false, e));
+    }
+    // Written as failed before it runs: whether it fails part-way or the process or
+    // connection dies meanwhile, the history says so, and neither dbkeeper nor sqlx's
+    // migrator (which refuses a "dirty" version) applies anything after it until an
+    // operator has looked. sqlx itself writes no row for a failed migration, and would
+    // run a half-done one again.
+    super::history_row(m, false)
+        .execute(&mut **conn)
+        .await
+        .map_err(|e| super::failed(m, file, false, e))?;
+    let ran = async {
         sqlx::raw_sql(AssertSqlSafe(settings(job, false)))
             .execute(&mut **conn)
             .await?;
-        let result = async {
-            sqlx::raw_sql(m.sql.clone()).execute(&mut **conn).await?;
-            record.execute(&mut **conn).await
-        }
-        .await;
+        let ran = sqlx::raw_sql(m.sql.clone()).execute(&mut **conn).await;
         let _ = sqlx::raw_sql("RESET lock_timeout; RESET statement_timeout")
             .execute(&mut **conn)
             .await;
-        result.map(|_| ())
-    } else {
-        let mut tx = conn.begin().await?;
-        sqlx::raw_sql(AssertSqlSafe(settings(job, true)))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::raw_sql(m.sql.clone()).execute(&mut *tx).await?;
-        record.execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(())
+        ran
     }
+    .await;
+    if let Err(e) = ran {
+        let mut message = e.to_string();
+        let left = invalid_indexes(pg, conn, None).await.unwrap_or_default();
+        if !left.is_empty() {
+            message.push_str(&format!(
+                "; it left INVALID indexes {} — drop them (or set drop-invalid-indexes = true) before retrying",
+                left.join(", ")
+            ));
+        }
+        return Err(super::failed(m, file, true, message));
+    }
+    sqlx::query(super::MARK_APPLIED)
+        .bind(m.version)
+        .execute(&mut **conn)
+        .await
+        .map_err(|e| super::failed(m, file, true, e))?;
+    Ok(())
 }
 
 /// INVALID indexes (left by a failed `CREATE INDEX CONCURRENTLY`), quoted; with `sql`,
