@@ -653,3 +653,79 @@ fn a_failed_no_transaction_migration_blocks_dbkeeper_and_sqlx_until_an_operator_
         );
     }
 }
+
+/// `CREATE INDEX … IF NOT EXISTS` is skipped by PostgreSQL when an INVALID index of
+/// that name exists: the migration fails instead of being recorded as applied —
+/// rolled back when it ran in a transaction, marked failed when it did not.
+#[test]
+fn an_invalid_index_named_in_a_migration_fails_it_even_after_if_not_exists() {
+    let pg = PgDb::new("mig_if_not_exists");
+    let w = Workdir::new();
+    let dir = w.path().join("migrations");
+    // Two INVALID indexes, as failed CREATE INDEX CONCURRENTLY attempts leave them.
+    pg.sql("CREATE TABLE t (x int); INSERT INTO t VALUES (1), (1);");
+    for index in [
+        "CREATE UNIQUE INDEX CONCURRENTLY t_x ON t (x)",
+        "CREATE UNIQUE INDEX CONCURRENTLY t_y ON t (x) WHERE x > 0",
+    ] {
+        let out = Command::new("psql")
+            .args([&pg.url, "-qAtc", index])
+            .output()
+            .expect("psql");
+        assert!(!out.status.success(), "{index} must fail on duplicates");
+    }
+    pg.sql("DELETE FROM t WHERE ctid = (SELECT min(ctid) FROM t)");
+    let invalid = || {
+        pg.sql("SELECT string_agg(indexrelid::regclass::text, ',' ORDER BY 1) FROM pg_index WHERE NOT indisvalid")
+    };
+    assert_eq!(invalid(), "t_x,t_y");
+    let config = |extra: &str| {
+        w.write_config(
+            "",
+            &migrate_config(&pg.url, &dir, &format!("backup-first = false\n{extra}")),
+        )
+    };
+
+    // In a transaction: rolled back, nothing recorded.
+    write(
+        &dir,
+        "1_plain.sql",
+        "CREATE TABLE marker (x int);\nCREATE UNIQUE INDEX IF NOT EXISTS t_y ON t (x) WHERE x > 0;",
+    );
+    config("");
+    w.cmd(&["migrate", "apply", "db"]).assert().code(1).stderr(
+        predicate::str::contains("1_plain.sql")
+            .and(predicate::str::contains("INVALID index public.t_y"))
+            .and(predicate::str::contains("drop-invalid-indexes = true"))
+            .and(predicate::str::contains("DROP INDEX")),
+    );
+    assert_eq!(pg.sql("SELECT to_regclass('marker') IS NULL"), "t");
+    assert_eq!(pg.sql("SELECT count(*) FROM _sqlx_migrations"), "0");
+    config("drop-invalid-indexes = true");
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
+    assert_eq!(invalid(), "t_x", "t_y was dropped and built again");
+
+    // Outside a transaction: marked failed.
+    write(
+        &dir,
+        "2_concurrently.sql",
+        "-- no-transaction\nCREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS t_x ON t (x);",
+    );
+    config("");
+    w.cmd(&["migrate", "apply", "db"]).assert().code(1).stderr(
+        predicate::str::contains("2_concurrently.sql")
+            .and(predicate::str::contains("INVALID index public.t_x"))
+            .and(predicate::str::contains("drop-invalid-indexes = true"))
+            .and(predicate::str::contains(
+                "DELETE FROM _sqlx_migrations WHERE version = 2",
+            )),
+    );
+    assert_eq!(
+        pg.sql("SELECT success FROM _sqlx_migrations WHERE version = 2"),
+        "f"
+    );
+    pg.sql("DELETE FROM _sqlx_migrations WHERE version = 2");
+    config("drop-invalid-indexes = true");
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
+    assert_eq!(invalid(), "", "every index is valid now");
+}

@@ -68,6 +68,8 @@ pub enum MigrateError {
         first: String,
         second: String,
     },
+    #[error("INVALID index {} named in it is still there (PostgreSQL skips CREATE INDEX … IF NOT EXISTS when an index of that name exists, even an INVALID one); drop it with DROP INDEX CONCURRENTLY, or set drop-invalid-indexes = true, and apply again", .0.join(", "))]
+    InvalidIndexes(Vec<String>),
     #[error("cancelled")]
     Cancelled,
 }
