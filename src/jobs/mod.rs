@@ -126,7 +126,7 @@ impl JobError {
         use retention::RetentionError as R;
         !matches!(
             self,
-            JobError::Refresh(F::Refused(_) | F::NoView { .. })
+            JobError::Refresh(F::Refused(_) | F::NoView { .. } | F::NotOwned { .. })
                 | JobError::Retention(
                     R::NoTable { .. }
                         | R::NoColumn { .. }
