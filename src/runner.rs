@@ -52,7 +52,11 @@ impl Trigger {
 #[derive(Debug, Clone)]
 pub enum RunOutcome {
     Success(Outcome),
-    Failure(String),
+    Failure {
+        message: String,
+        /// The configuration is wrong (see [`crate::jobs::JobError::is_config`]).
+        config: bool,
+    },
     Skipped(SkipReason),
 }
 
@@ -242,7 +246,10 @@ impl Runner {
                         .database_probed(job.database_name(), Err(failure.message.clone()));
                 }
                 tracing::error!(job = %job.id, took_s = took.as_secs_f64(), attempts, "job failed: {}", failure.message);
-                RunOutcome::Failure(failure.message)
+                RunOutcome::Failure {
+                    message: failure.message,
+                    config: failure.config,
+                }
             }
         }
     }
@@ -293,11 +300,13 @@ impl Runner {
                 ),
                 unreachable: false,
                 final_: false,
+                config: false,
             },
             _ = stop.cancelled() => Failure {
                 message: "cancelled: the daemon shut down and the grace period ran out".to_owned(),
                 unreachable: false,
                 final_: true,
+                config: false,
             },
         };
         stop.cancel();
@@ -345,11 +354,13 @@ fn joined_result(
             unreachable: e.database_unreachable(),
             message: e.to_string(),
             final_: !e.retryable(),
+            config: e.is_config(),
         }),
         Err(e) => Err(Failure {
             message: format!("the job panicked ({e}); this is a bug in dbkeeper, please report it"),
             unreachable: false,
             final_: false,
+            config: false,
         }),
     }
 }
@@ -359,4 +370,6 @@ struct Failure {
     unreachable: bool,
     /// No point retrying (e.g. cancelled by shutdown).
     final_: bool,
+    /// The configuration is wrong.
+    config: bool,
 }

@@ -29,17 +29,19 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// sqlx's own migrator, as an application embedding it would run it.
+/// sqlx's own migrator, as an application embedding it would run it (PostgreSQL, or
+/// SQLite for a `sqlite:` URL).
 fn sqlx_migrate(url: &str, dir: &Path) -> Result<(), sqlx::migrate::MigrateError> {
+    use sqlx::Connection;
     runtime().block_on(async {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .connect(url)
-            .await
-            .expect("connect");
-        let result = sqlx::migrate::Migrator::new(dir).await?.run(&pool).await;
-        pool.close().await;
-        result
+        let migrator = sqlx::migrate::Migrator::new(dir).await?;
+        if url.starts_with("sqlite:") {
+            let mut conn = sqlx::SqliteConnection::connect(url).await.expect("connect");
+            migrator.run(&mut conn).await
+        } else {
+            let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+            migrator.run(&mut conn).await
+        }
     })
 }
 
@@ -363,6 +365,15 @@ fn a_failed_concurrent_index_is_reported_and_optionally_dropped_before_retrying(
             "backup-first = false\ndrop-invalid-indexes = true",
         ),
     );
+    // The failed no-transaction migration is marked failed: the operator says it may
+    // run again by deleting its row.
+    w.cmd(&["migrate", "apply", "db"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "DELETE FROM _sqlx_migrations WHERE version = 2",
+        ));
+    pg.sql("DELETE FROM _sqlx_migrations WHERE version = 2");
     w.cmd(&["migrate", "apply", "db"]).assert().success();
     assert_eq!(
         psql(
@@ -436,4 +447,285 @@ fn sqlite_migrations_and_startup_before_ready() {
         common::sqlite(&db, "SELECT count(*) FROM notes").trim(),
         "300000"
     );
+}
+
+/// SQLite's documented table rebuild (create the new table, copy, drop the old one,
+/// rename) keeps every ON DELETE CASCADE child row, whether the database enforces
+/// foreign keys or not; when it does, a migration that leaves rows pointing at nothing
+/// is rolled back and names the table.
+#[test]
+fn sqlite_table_rebuild_keeps_cascade_children_and_dangling_references_roll_back() {
+    for foreign_keys in ["", "foreign-keys = true\n"] {
+        let w = Workdir::new();
+        let dir = w.path().join("migrations");
+        write(
+            &dir,
+            "1_schema.sql",
+            "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL);
+             CREATE TABLE orders (id INTEGER PRIMARY KEY,
+                                  user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE);
+             INSERT INTO users VALUES (1, 'a'), (2, 'b');
+             INSERT INTO orders (user_id) VALUES (1), (1), (2);",
+        );
+        write(
+            &dir,
+            "2_rebuild_users.sql",
+            "CREATE TABLE users_new (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT);
+             INSERT INTO users_new (id, name) SELECT id, name FROM users;
+             DROP TABLE users;
+             ALTER TABLE users_new RENAME TO users;",
+        );
+        let db = w.path().join("app.db");
+        w.write_config(
+            "",
+            &migrate_config(&w.sqlite_url("app.db"), &dir, "backup-first = false").replace(
+                "[database.migrate]",
+                &format!("{foreign_keys}[database.migrate]"),
+            ),
+        );
+        w.cmd(&["migrate", "apply", "db"]).assert().success();
+        let sql = |q: &str| common::sqlite(&db, q).trim().to_owned();
+        assert_eq!(
+            sql("SELECT count(*) FROM orders"),
+            "3",
+            "every child row is kept ({foreign_keys:?})"
+        );
+        assert_eq!(sql("SELECT count(*) FROM pragma_foreign_key_check"), "0");
+        assert_eq!(
+            sql("SELECT count(*) FROM pragma_table_info('users') WHERE name = 'email'"),
+            "1"
+        );
+        if foreign_keys.is_empty() {
+            continue;
+        }
+        write(&dir, "3_drop_user.sql", "DELETE FROM users WHERE id = 1;");
+        w.cmd(&["migrate", "apply", "db"]).assert().code(1).stderr(
+            predicate::str::contains("3_drop_user.sql")
+                .and(predicate::str::contains("table \"orders\""))
+                .and(predicate::str::contains("rolled back")),
+        );
+        assert_eq!(sql("SELECT count(*) FROM users"), "2", "rolled back");
+        assert_eq!(sql("SELECT count(*) FROM orders"), "3");
+        assert_eq!(sql("SELECT max(version) FROM _sqlx_migrations"), "2");
+    }
+}
+
+/// Two files with one version are a configuration error for every command that reads
+/// the directory, on both backends: exit 2, both names, nothing applied. An up file and
+/// its `.down.sql` are a pair, not a duplicate.
+#[test]
+fn two_migrations_with_one_version_are_a_config_error_and_nothing_is_applied() {
+    let pg = PgDb::new("mig_dup");
+    let w = Workdir::new();
+    let lite = w.path().join("app.db");
+    for url in [pg.url.clone(), w.sqlite_url("app.db")] {
+        let dir = w.path().join("migrations");
+        write(&dir, "1_a.sql", "CREATE TABLE a (x int);");
+        write(&dir, "1_b.sql", "CREATE TABLE b (x int);");
+        write(&dir, "2_c.up.sql", "CREATE TABLE c (x int);");
+        write(&dir, "2_c.down.sql", "DROP TABLE c;");
+        w.write_config("", &migrate_config(&url, &dir, "backup-first = false"));
+        let commands: [&[&str]; 5] = [
+            &["check"],
+            &["migrate", "status", "db"],
+            &["migrate", "plan", "db"],
+            &["migrate", "apply", "db"],
+            &["run-job", "db.migrate"],
+        ];
+        for args in commands {
+            w.cmd(args).assert().code(2).stderr(
+                predicate::str::contains("1_a.sql")
+                    .and(predicate::str::contains("1_b.sql"))
+                    .and(predicate::str::contains("same version 1")),
+            );
+        }
+        let tables = if url.starts_with("sqlite") {
+            common::sqlite(
+                &lite,
+                "SELECT count(*) FROM sqlite_schema WHERE name IN ('a', 'b', 'c')",
+            )
+            .trim()
+            .to_owned()
+        } else {
+            pg.sql("SELECT count(*) FROM pg_class WHERE relname IN ('a', 'b', 'c')")
+        };
+        assert_eq!(tables, "0", "nothing applied on {url}");
+        // Renumbered, both apply.
+        std::fs::rename(dir.join("1_b.sql"), dir.join("3_b.sql")).expect("rename");
+        w.cmd(&["migrate", "apply", "db"])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("applied 3 migrations (1, 2, 3)"));
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+}
+
+/// A `-- no-transaction` migration that fails part-way is marked failed in the history,
+/// where sqlx's own migrator looks: sqlx and dbkeeper both refuse to go past it until an
+/// operator deletes the row (to run it again) or marks it applied (it was completed by
+/// hand), on both backends.
+#[test]
+fn a_failed_no_transaction_migration_blocks_dbkeeper_and_sqlx_until_an_operator_acts() {
+    let pg = PgDb::new("mig_dirty");
+    let w = Workdir::new();
+    let lite = w.path().join("app.db");
+    for (n, url) in [pg.url.clone(), w.sqlite_url("app.db")].iter().enumerate() {
+        let is_sqlite = url.starts_with("sqlite:");
+        let sql = |q: &str| {
+            if is_sqlite {
+                common::sqlite(&lite, q).trim().to_owned()
+            } else {
+                pg.sql(q)
+            }
+        };
+        let dir = w.path().join(format!("migrations-{n}"));
+        write(&dir, "1_t.sql", "CREATE TABLE t (x int);");
+        write(
+            &dir,
+            "2_half.sql",
+            "-- no-transaction\nCREATE TABLE half (x int);\nINSERT INTO missing VALUES (1);",
+        );
+        write(&dir, "3_after.sql", "CREATE TABLE after_it (x int);");
+        w.write_config("", &migrate_config(url, &dir, "backup-first = false"));
+        w.cmd(&["migrate", "apply", "db"]).assert().code(1).stderr(
+            predicate::str::contains("2_half.sql")
+                .and(predicate::str::contains("marked failed"))
+                .and(predicate::str::contains("missing"))
+                .and(predicate::str::contains(
+                    "DELETE FROM _sqlx_migrations WHERE version = 2",
+                )),
+        );
+        assert_eq!(
+            sql("SELECT count(*) FROM _sqlx_migrations WHERE version = 2 AND NOT success AND execution_time > 0"),
+            "1",
+            "{url}: the failed migration is recorded as failed"
+        );
+        match sqlx_migrate(url, &dir) {
+            Err(sqlx::migrate::MigrateError::Dirty(2)) => {}
+            other => panic!("{url}: sqlx's migrator must refuse version 2 as dirty: {other:?}"),
+        }
+        // dbkeeper refuses too, and says so in status.
+        w.cmd(&["migrate", "apply", "db"])
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains("marked failed (dirty)"));
+        let status = w.cmd(&["migrate", "status", "db"]).assert().code(1);
+        let out = status.get_output();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("2 ") && l.contains("FAILED (dirty)")),
+            "{stdout}"
+        );
+        assert!(
+            stderr.contains("UPDATE _sqlx_migrations SET success = TRUE WHERE version = 2"),
+            "{stderr}"
+        );
+        assert_eq!(
+            sql("SELECT count(*) FROM _sqlx_migrations WHERE version = 3"),
+            "0",
+            "{url}: nothing after it"
+        );
+        if is_sqlite {
+            // Completed by hand, then marked applied.
+            sql("CREATE TABLE missing (x int); INSERT INTO missing VALUES (1); UPDATE _sqlx_migrations SET success = TRUE WHERE version = 2;");
+            w.cmd(&["migrate", "apply", "db"])
+                .assert()
+                .success()
+                .stdout(predicate::str::contains("applied 1 migrations (3)"));
+        } else {
+            // Undone by hand, the cause fixed, then run again.
+            sql("DROP TABLE IF EXISTS half; CREATE TABLE missing (x int); DELETE FROM _sqlx_migrations WHERE version = 2;");
+            w.cmd(&["migrate", "apply", "db"])
+                .assert()
+                .success()
+                .stdout(predicate::str::contains("applied 2 migrations (2, 3)"));
+        }
+        sqlx_migrate(url, &dir)
+            .expect("sqlx agrees: nothing dirty, nothing changed, nothing pending");
+        assert_eq!(
+            sql("SELECT count(*) FROM _sqlx_migrations WHERE success"),
+            "3"
+        );
+    }
+}
+
+/// `CREATE INDEX … IF NOT EXISTS` is skipped by PostgreSQL when an INVALID index of
+/// that name exists: the migration fails instead of being recorded as applied —
+/// rolled back when it ran in a transaction, marked failed when it did not.
+#[test]
+fn an_invalid_index_named_in_a_migration_fails_it_even_after_if_not_exists() {
+    let pg = PgDb::new("mig_if_not_exists");
+    let w = Workdir::new();
+    let dir = w.path().join("migrations");
+    // Two INVALID indexes, as failed CREATE INDEX CONCURRENTLY attempts leave them.
+    pg.sql("CREATE TABLE t (x int); INSERT INTO t VALUES (1), (1);");
+    for index in [
+        "CREATE UNIQUE INDEX CONCURRENTLY t_x ON t (x)",
+        "CREATE UNIQUE INDEX CONCURRENTLY t_y ON t (x) WHERE x > 0",
+    ] {
+        let out = Command::new("psql")
+            .args([&pg.url, "-qAtc", index])
+            .output()
+            .expect("psql");
+        assert!(!out.status.success(), "{index} must fail on duplicates");
+    }
+    pg.sql("DELETE FROM t WHERE ctid = (SELECT min(ctid) FROM t)");
+    let invalid = || {
+        pg.sql("SELECT string_agg(indexrelid::regclass::text, ',' ORDER BY 1) FROM pg_index WHERE NOT indisvalid")
+    };
+    assert_eq!(invalid(), "t_x,t_y");
+    let config = |extra: &str| {
+        w.write_config(
+            "",
+            &migrate_config(&pg.url, &dir, &format!("backup-first = false\n{extra}")),
+        )
+    };
+
+    // In a transaction: rolled back, nothing recorded.
+    write(
+        &dir,
+        "1_plain.sql",
+        "CREATE TABLE marker (x int);\nCREATE UNIQUE INDEX IF NOT EXISTS t_y ON t (x) WHERE x > 0;",
+    );
+    config("");
+    w.cmd(&["migrate", "apply", "db"]).assert().code(1).stderr(
+        predicate::str::contains("1_plain.sql")
+            .and(predicate::str::contains("INVALID index public.t_y"))
+            .and(predicate::str::contains("drop-invalid-indexes = true"))
+            .and(predicate::str::contains("DROP INDEX")),
+    );
+    assert_eq!(pg.sql("SELECT to_regclass('marker') IS NULL"), "t");
+    assert_eq!(pg.sql("SELECT count(*) FROM _sqlx_migrations"), "0");
+    config("drop-invalid-indexes = true");
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
+    assert_eq!(invalid(), "t_x", "t_y was dropped and built again");
+
+    // Outside a transaction: marked failed.
+    write(
+        &dir,
+        "2_concurrently.sql",
+        "-- no-transaction\nCREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS t_x ON t (x);",
+    );
+    config("");
+    w.cmd(&["migrate", "apply", "db"]).assert().code(1).stderr(
+        predicate::str::contains("2_concurrently.sql")
+            .and(predicate::str::contains("INVALID index public.t_x"))
+            .and(predicate::str::contains("drop-invalid-indexes = true"))
+            .and(predicate::str::contains(
+                "DELETE FROM _sqlx_migrations WHERE version = 2",
+            )),
+    );
+    assert_eq!(
+        pg.sql("SELECT success FROM _sqlx_migrations WHERE version = 2"),
+        "f"
+    );
+    pg.sql("DELETE FROM _sqlx_migrations WHERE version = 2");
+    config("drop-invalid-indexes = true");
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
+    assert_eq!(invalid(), "", "every index is valid now");
 }

@@ -315,6 +315,8 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
         eprintln!("error: {}", one_line(&e));
         if is_verification_failure(&e) {
             Exit::Verification
+        } else if is_config_error(&e) {
+            Exit::Usage
         } else {
             Exit::Failed
         }
@@ -332,6 +334,16 @@ fn one_line(e: &anyhow::Error) -> String {
         }
     }
     message
+}
+
+/// A configuration error found while running a command (e.g. two migrations with one
+/// version): exit 2, as for a bad config file.
+fn is_config_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<crate::jobs::migrate::MigrateError>()
+            .is_some_and(|m| m.is_config())
+    })
 }
 
 fn is_verification_failure(e: &anyhow::Error) -> bool {

@@ -168,9 +168,13 @@ pub async fn run_job(config: &Config, id: &str) -> anyhow::Result<Exit> {
             println!("{id}: success: {}", o.summary);
             Exit::Success
         }
-        RunOutcome::Failure(message) => {
+        RunOutcome::Failure { message, config } => {
             eprintln!("{id}: failed: {message}");
-            Exit::Failed
+            if config {
+                Exit::Usage
+            } else {
+                Exit::Failed
+            }
         }
         RunOutcome::Skipped(reason) => {
             eprintln!("{id}: not run ({})", reason.as_str());

@@ -71,12 +71,13 @@ impl Sqlite {
         }
     }
 
-    /// A connection of its own (closed afterwards, so its busy timeout does not leak into
-    /// the pool) inside `BEGIN IMMEDIATE`: the write lock is taken now, waiting up to
-    /// `busy` for other writers. End it with [`Sqlite::finish`].
-    pub async fn begin_immediate(
+    /// A connection of its own, closed when dropped (so its settings never reach the
+    /// pool), that waits up to `busy` for other writers and enforces foreign keys or
+    /// not as `foreign_keys` says.
+    pub async fn own_connection(
         &self,
         busy: Duration,
+        foreign_keys: bool,
     ) -> Result<PoolConnection<sqlx::Sqlite>, DbError> {
         let mut conn = self
             .pool
@@ -84,41 +85,74 @@ impl Sqlite {
             .await
             .map_err(|e| self.connect_error(e))?;
         conn.close_on_drop();
-        // A number we formatted ourselves.
+        // A number we formatted ourselves. `foreign_keys` cannot change inside a
+        // transaction, so it is set here, before any BEGIN.
         sqlx::raw_sql(AssertSqlSafe(format!(
-            "PRAGMA busy_timeout = {}",
-            busy.as_millis().max(1)
+            "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = {}",
+            busy.as_millis().max(1),
+            if foreign_keys { "ON" } else { "OFF" }
         )))
         .execute(&mut *conn)
         .await
         .map_err(|e| self.query_error(e))?;
-        sqlx::raw_sql("BEGIN IMMEDIATE")
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| self.query_error(e))?;
         Ok(conn)
     }
 
-    /// Commits the transaction of [`Sqlite::begin_immediate`] if `result` is `Ok`,
-    /// otherwise rolls it back, and returns `result`.
-    pub async fn finish<T, E: From<DbError>>(
+    /// `BEGIN IMMEDIATE` on `conn`: the write lock is taken now, waiting up to the
+    /// connection's busy timeout for other writers. End it with
+    /// [`Sqlite::end_transaction`].
+    pub async fn begin_immediate_on(
         &self,
-        mut conn: PoolConnection<sqlx::Sqlite>,
+        conn: &mut PoolConnection<sqlx::Sqlite>,
+    ) -> Result<(), DbError> {
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(&mut **conn)
+            .await
+            .map_err(|e| self.query_error(e))?;
+        Ok(())
+    }
+
+    /// A connection of its own (see [`Sqlite::own_connection`], with the configured
+    /// foreign-key setting) inside `BEGIN IMMEDIATE`. End it with [`Sqlite::finish`].
+    pub async fn begin_immediate(
+        &self,
+        busy: Duration,
+    ) -> Result<PoolConnection<sqlx::Sqlite>, DbError> {
+        let mut conn = self.own_connection(busy, self.foreign_keys).await?;
+        self.begin_immediate_on(&mut conn).await?;
+        Ok(conn)
+    }
+
+    /// Commits the transaction on `conn` if `result` is `Ok`, otherwise rolls it back,
+    /// and returns `result`; the connection stays open.
+    pub async fn end_transaction<T, E: From<DbError>>(
+        &self,
+        conn: &mut PoolConnection<sqlx::Sqlite>,
         result: Result<T, E>,
     ) -> Result<T, E> {
         match result {
             Ok(value) => {
                 sqlx::raw_sql("COMMIT")
-                    .execute(&mut *conn)
+                    .execute(&mut **conn)
                     .await
                     .map_err(|e| E::from(self.query_error(e)))?;
                 Ok(value)
             }
             Err(e) => {
-                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut **conn).await;
                 Err(e)
             }
         }
+    }
+
+    /// Ends the transaction of [`Sqlite::begin_immediate`] (see
+    /// [`Sqlite::end_transaction`]) and closes its connection.
+    pub async fn finish<T, E: From<DbError>>(
+        &self,
+        mut conn: PoolConnection<sqlx::Sqlite>,
+        result: Result<T, E>,
+    ) -> Result<T, E> {
+        self.end_transaction(&mut conn, result).await
     }
 
     pub async fn server_version(&self) -> Result<String, DbError> {

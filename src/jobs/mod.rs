@@ -128,12 +128,20 @@ impl JobError {
         }
         !matches!(
             self,
-            JobError::Refresh(F::Refused(_) | F::NoView { .. })
+            JobError::Refresh(F::Refused(_) | F::NoView { .. } | F::NotOwned { .. })
                 | JobError::Backup(backup::BackupError::Refused(_))
                 | JobError::Migrate(
-                    migrate::MigrateError::Blocked(_) | migrate::MigrateError::Read { .. }
+                    migrate::MigrateError::Blocked(_)
+                        | migrate::MigrateError::Read { .. }
+                        | migrate::MigrateError::Duplicate { .. }
                 )
         )
+    }
+
+    /// True when the configuration is wrong rather than the database or the run:
+    /// `run-job` and `migrate apply` then exit 2, like `check`.
+    pub fn is_config(&self) -> bool {
+        matches!(self, JobError::Migrate(e) if e.is_config())
     }
 
     /// True when the failure means the database could not be reached.

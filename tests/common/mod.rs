@@ -343,9 +343,11 @@ pub fn metric_value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
 }
 
-/// Runs SQL on a SQLite file with the sqlite3 shell; panics on failure.
+/// Runs SQL on a SQLite file with the sqlite3 shell; panics on failure. It waits up
+/// to 10 s for another process's lock instead of failing with "database is locked".
 pub fn sqlite(path: &Path, sql: &str) -> String {
     let out = Command::new("sqlite3")
+        .args(["-cmd", ".timeout 10000"])
         .arg(path)
         .arg(sql)
         .output()

@@ -8,7 +8,9 @@
 //! is applied. Before anything is applied: checksum drift, applied migrations missing
 //! from disk, dirty entries and out-of-order versions are reported, and a verified
 //! pre-migration backup is taken. Each migration runs with its history row in one
-//! transaction (except `-- no-transaction` files).
+//! transaction; a `-- no-transaction` file's row is written as failed before it runs
+//! and marked applied after, so one that fails part-way blocks dbkeeper and sqlx alike
+//! until an operator acts.
 
 mod postgres;
 mod sqlite;
@@ -41,15 +43,101 @@ pub enum MigrateError {
         file: String,
         message: String,
     },
+    #[error("migration {version} ({file}) ran outside a transaction and failed part-way, so it is marked failed in _sqlx_migrations and nothing after it is applied until you act: {message}; {}", repair_hint(*.version))]
+    FailedDirty {
+        version: i64,
+        file: String,
+        message: String,
+    },
     #[error(
         "another migrator held the migration lock for {0:?}; try again later or raise lock-wait"
     )]
     LockTimeout(std::time::Duration),
     #[error("pre-migration backup failed, nothing was applied: {0}")]
     Backup(String),
+    #[error("it left {rows} rows whose foreign key points at no row (the first in table \"{table}\", referencing \"{parent}\"), so it was rolled back; make the migration keep or re-point every referenced row")]
+    ForeignKeys {
+        rows: usize,
+        table: String,
+        parent: String,
+    },
+    #[error("migrations {first} and {second} in {dir} have the same version {version}, so only one of them could ever be applied; give the one that is not applied yet a new, higher version")]
+    Duplicate {
+        dir: PathBuf,
+        version: i64,
+        first: String,
+        second: String,
+    },
+    #[error("INVALID index {} named in it is still there (PostgreSQL skips CREATE INDEX … IF NOT EXISTS when an index of that name exists, even an INVALID one); drop it with DROP INDEX CONCURRENTLY, or set drop-invalid-indexes = true, and apply again", .0.join(", "))]
+    InvalidIndexes(Vec<String>),
     #[error("cancelled")]
     Cancelled,
 }
+
+impl MigrateError {
+    /// True when the configuration (here: the migrations directory) is wrong, not the
+    /// database: the command line exits 2, and retrying cannot help.
+    pub fn is_config(&self) -> bool {
+        matches!(self, MigrateError::Duplicate { .. })
+    }
+}
+
+/// What an operator does about a migration marked failed (dirty); the same words in
+/// the error, `migrate status` and `docs/RUNBOOK.md`.
+fn repair_hint(version: i64) -> String {
+    format!(
+        "inspect what it did and finish or undo it by hand, then run `DELETE FROM _sqlx_migrations WHERE version = {version}` and apply again, or, if it did complete, `UPDATE _sqlx_migrations SET success = TRUE WHERE version = {version}` (docs/RUNBOOK.md, \"A migration marked failed\")"
+    )
+}
+
+/// Migration `m` from `file` failed with `message`; `dirty`: it ran outside a
+/// transaction after its history row was written as failed, so that row stays.
+fn failed(m: &Migration, file: &str, dirty: bool, message: impl std::fmt::Display) -> MigrateError {
+    let (version, file, message) = (m.version, file.to_owned(), message.to_string());
+    if dirty {
+        MigrateError::FailedDirty {
+            version,
+            file,
+            message,
+        }
+    } else {
+        MigrateError::Failed {
+            version,
+            file,
+            message,
+        }
+    }
+}
+
+/// sqlx's history row for `m`, exactly as sqlx writes it (`execution_time` -1 until
+/// measured), with `success` as given. `$n` parameters work on both backends.
+fn history_row<'q, DB: sqlx::Database>(
+    m: &Migration,
+    success: bool,
+) -> sqlx::query::Query<'q, DB, DB::Arguments>
+where
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    bool: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Vec<u8>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES ($1, $2, $3, $4, -1)",
+    )
+    .bind(m.version)
+    .bind(m.description.to_string())
+    .bind(success)
+    .bind(m.checksum.to_vec())
+}
+
+/// A `-- no-transaction` migration that ran through: its row becomes what sqlx writes
+/// for an applied migration (`installed_on` is when it completed, as with sqlx).
+const MARK_APPLIED: &str =
+    "UPDATE _sqlx_migrations SET success = TRUE, installed_on = CURRENT_TIMESTAMP WHERE version = $1";
+
+/// sqlx measures each migration and stores the nanoseconds afterwards.
+const EXECUTION_TIME: &str = "UPDATE _sqlx_migrations SET execution_time = $1 WHERE version = $2";
 
 /// A row of `_sqlx_migrations`.
 #[derive(Debug, Clone)]
@@ -85,7 +173,8 @@ pub enum State {
     Drift,
     /// Applied, but no file has this version.
     Missing,
-    /// Marked as failed in the history.
+    /// Marked as failed in the history: a `-- no-transaction` migration that failed
+    /// part-way (or is running right now).
     Dirty,
 }
 
@@ -96,7 +185,7 @@ impl State {
             State::Pending => "pending",
             State::Drift => "CHECKSUM DRIFT",
             State::Missing => "FILE MISSING",
-            State::Dirty => "DIRTY",
+            State::Dirty => "FAILED (dirty)",
         }
     }
 }
@@ -114,18 +203,76 @@ pub struct Assessment {
     pub applied_version: Option<i64>,
 }
 
-/// The migrations in `dir`, up migrations only, ascending.
-pub async fn read_dir(dir: &Path) -> Result<Vec<Migration>, MigrateError> {
-    if !dir.is_dir() {
-        return Err(MigrateError::Read {
-            dir: dir.to_owned(),
-            message: "not a directory".to_owned(),
-        });
+/// A file sqlx reads as a migration: `<version>_<description>.sql` (or `.up.sql`,
+/// `.down.sql`).
+struct MigrationFile {
+    version: i64,
+    down: bool,
+    name: String,
+}
+
+/// The migration files in `dir`, by name, chosen as sqlx's reader chooses them:
+/// regular files (links followed) whose name splits at the first `_` into an integer
+/// and a rest ending in `.sql`. sqlx reports a bad version itself; it is skipped here.
+fn scan(dir: &Path) -> std::io::Result<Vec<MigrationFile>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if !std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((version, rest)) = name.split_once('_') else {
+            continue;
+        };
+        let Ok(version) = version.parse::<i64>() else {
+            continue;
+        };
+        if rest.ends_with(".sql") {
+            files.push(MigrationFile {
+                version,
+                down: rest.ends_with(".down.sql"),
+                name,
+            });
+        }
     }
-    let migrator = Migrator::new(dir).await.map_err(|e| MigrateError::Read {
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
+}
+
+/// Two up files (or two down files) with one version: sqlx would read both, and which
+/// one a history row belongs to would be a guess. An up file and its `.down.sql` are a
+/// pair, not a duplicate.
+fn refuse_duplicates(dir: &Path, files: &[MigrationFile]) -> Result<(), MigrateError> {
+    let mut seen: std::collections::HashMap<(i64, bool), &str> = Default::default();
+    for f in files {
+        if let Some(first) = seen.insert((f.version, f.down), &f.name) {
+            return Err(MigrateError::Duplicate {
+                dir: dir.to_owned(),
+                version: f.version,
+                first: first.to_owned(),
+                second: f.name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The migrations in `dir`, up migrations only, ascending; refuses two files with one
+/// version.
+pub async fn read_dir(dir: &Path) -> Result<Vec<Migration>, MigrateError> {
+    let read_error = |message: String| MigrateError::Read {
         dir: dir.to_owned(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    if !dir.is_dir() {
+        return Err(read_error("not a directory".to_owned()));
+    }
+    let migrator = Migrator::new(dir)
+        .await
+        .map_err(|e| read_error(e.to_string()))?;
+    let names = scan(dir).map_err(|e| read_error(e.to_string()))?;
+    refuse_duplicates(dir, &names)?;
     let mut up: Vec<Migration> = migrator
         .iter()
         .filter(|m| !m.migration_type.is_down_migration())
@@ -137,16 +284,13 @@ pub async fn read_dir(dir: &Path) -> Result<Vec<Migration>, MigrateError> {
 
 /// The file a version comes from, for messages.
 pub fn file_name(dir: &Path, version: i64) -> String {
-    let prefix = format!("{version}_");
-    std::fs::read_dir(dir)
+    scan(dir)
         .ok()
-        .and_then(|entries| {
-            entries
-                .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-                .filter(|n| {
-                    n.starts_with(&prefix) && n.ends_with(".sql") && !n.ends_with(".down.sql")
-                })
-                .min()
+        .and_then(|files| {
+            files
+                .into_iter()
+                .find(|f| f.version == version && !f.down)
+                .map(|f| f.name)
         })
         .unwrap_or_else(|| format!("{version}_*.sql"))
 }
@@ -171,8 +315,10 @@ pub fn assess(
         let file = files.iter().find(|f| f.version == a.version);
         let state = if !a.success {
             problems.push(format!(
-                "migration {} ({}) is marked failed (dirty) in _sqlx_migrations; repair the database by hand, then delete that row",
-                a.version, a.description
+                "migration {} ({}) is marked failed (dirty) in _sqlx_migrations, so nothing is applied until you act: {}",
+                a.version,
+                file.map_or_else(|| a.description.clone(), |_| file_name(dir, a.version)),
+                repair_hint(a.version)
             ));
             State::Dirty
         } else if let Some(f) = file {
@@ -409,5 +555,36 @@ mod tests {
         assert_eq!(a.drift, 1);
         assert_eq!(a.problems.len(), 3);
         assert_eq!(a.applied_version, Some(4));
+    }
+
+    #[test]
+    fn two_files_with_one_version_are_refused_but_an_up_down_pair_is_not() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let write = |name: &str| std::fs::write(dir.path().join(name), "SELECT 1;").expect("write");
+        for name in [
+            "1_a.up.sql",
+            "1_a.down.sql",
+            "2_b.sql",
+            "2_b.down.sql",
+            "README.md",
+            "3_notes.txt",
+        ] {
+            write(name);
+        }
+        std::fs::create_dir(dir.path().join("4_dir.sql")).expect("mkdir");
+        let files = scan(dir.path()).expect("scan");
+        assert_eq!(files.len(), 4, "only migration files");
+        assert!(refuse_duplicates(dir.path(), &files).is_ok());
+        assert_eq!(file_name(dir.path(), 2), "2_b.sql");
+
+        write("02_c.sql");
+        let e =
+            refuse_duplicates(dir.path(), &scan(dir.path()).expect("scan")).expect_err("2 twice");
+        let text = e.to_string();
+        assert!(
+            text.contains("02_c.sql") && text.contains("2_b.sql") && text.contains("version 2"),
+            "{text}"
+        );
+        assert!(e.is_config());
     }
 }

@@ -156,7 +156,7 @@ async fn apply_locked(
         // On cancel (shutdown, timeout) the server stops the statement; a transactional
         // migration then rolls back as a whole.
         let outcome = {
-            let run = run_one(conn, job, m);
+            let run = run_one(pg, conn, job, m, &file);
             tokio::pin!(run);
             tokio::select! {
                 r = &mut run => r,
@@ -167,28 +167,12 @@ async fn apply_locked(
                 }
             }
         };
-        if let Err(e) = outcome {
-            let mut message = e.to_string();
-            if m.no_tx {
-                let left = invalid_indexes(pg, conn, None).await.unwrap_or_default();
-                if !left.is_empty() {
-                    message.push_str(&format!(
-                        "; it left INVALID indexes {} — drop them (or set drop-invalid-indexes = true) before retrying",
-                        left.join(", ")
-                    ));
-                }
-            }
-            return Err(MigrateError::Failed {
-                version: m.version,
-                file,
-                message,
-            });
-        }
-        let _ = sqlx::query("UPDATE _sqlx_migrations SET execution_time = $1 WHERE version = $2")
+        let _ = sqlx::query(super::EXECUTION_TIME)
             .bind(started.elapsed().as_nanos() as i64)
             .bind(m.version)
             .execute(&mut **conn)
             .await;
+        outcome?;
         done.push(m.version);
     }
     Ok((done, backup_id))
@@ -207,64 +191,147 @@ fn settings(job: &MigrateJob, local: bool) -> String {
     )
 }
 
-const RECORD: &str =
-    "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
-                      VALUES ($1, $2, TRUE, $3, -1)";
-
 /// One migration and its history row: in one transaction, or (`-- no-transaction`)
-/// one after the other.
+/// marked failed first and applied once it ran through. Either way it fails if an
+/// INVALID index named in it is left afterwards (see [`refuse_invalid_indexes`]).
 async fn run_one(
+    pg: &Postgres,
     conn: &mut PoolConnection<sqlx::Postgres>,
     job: &MigrateJob,
     m: &Migration,
-) -> Result<(), sqlx::Error> {
-    let record = sqlx::query(RECORD)
-        .bind(m.version)
-        .bind(m.description.to_string())
-        .bind(m.checksum.to_vec());
-    if m.no_tx {
+    file: &str,
+) -> Result<(), MigrateError> {
+    let db = |e: sqlx::Error| MigrateError::Db(pg.query_error(e));
+    if !m.no_tx {
+        let result = async {
+            let mut tx = conn.begin().await.map_err(db)?;
+            sqlx::raw_sql(AssertSqlSafe(settings(job, true)))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            sqlx::raw_sql(m.sql.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            refuse_invalid_indexes(pg, &mut tx, m).await?;
+            super::history_row(m, true)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)
+        }
+        .await;
+        return result.map_err(|e| super::failed(m, file, false, e));
+    }
+    // Written as failed before it runs: whether it fails part-way or the process or
+    // connection dies meanwhile, the history says so, and neither dbkeeper nor sqlx's
+    // migrator (which refuses a "dirty" version) applies anything after it until an
+    // operator has looked. sqlx itself writes no row for a failed migration, and would
+    // run a half-done one again.
+    super::history_row(m, false)
+        .execute(&mut **conn)
+        .await
+        .map_err(|e| super::failed(m, file, false, db(e)))?;
+    let ran = async {
         sqlx::raw_sql(AssertSqlSafe(settings(job, false)))
             .execute(&mut **conn)
             .await?;
-        let result = async {
-            sqlx::raw_sql(m.sql.clone()).execute(&mut **conn).await?;
-            record.execute(&mut **conn).await
-        }
-        .await;
+        let ran = sqlx::raw_sql(m.sql.clone()).execute(&mut **conn).await;
         let _ = sqlx::raw_sql("RESET lock_timeout; RESET statement_timeout")
             .execute(&mut **conn)
             .await;
-        result.map(|_| ())
-    } else {
-        let mut tx = conn.begin().await?;
-        sqlx::raw_sql(AssertSqlSafe(settings(job, true)))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::raw_sql(m.sql.clone()).execute(&mut *tx).await?;
-        record.execute(&mut *tx).await?;
-        tx.commit().await?;
+        ran
+    }
+    .await;
+    if let Err(e) = ran {
+        let mut message = db(e).to_string();
+        // All of them: a failed `CREATE INDEX CONCURRENTLY ON t (x)` names no index.
+        let left = invalid_indexes(pg, conn, None).await.unwrap_or_default();
+        if !left.is_empty() {
+            message.push_str(&format!(
+                "; the database now has INVALID indexes {} — drop them (or set drop-invalid-indexes = true for those named in the migration)",
+                left.join(", ")
+            ));
+        }
+        return Err(super::failed(m, file, true, message));
+    }
+    let marked = async {
+        refuse_invalid_indexes(pg, conn, m).await?;
+        sqlx::query(super::MARK_APPLIED)
+            .bind(m.version)
+            .execute(&mut **conn)
+            .await
+            .map_err(db)
+    }
+    .await;
+    marked.map_err(|e| super::failed(m, file, true, e))?;
+    Ok(())
+}
+
+/// Fails if an INVALID index named in the migration exists after it ran. PostgreSQL
+/// skips `CREATE INDEX [CONCURRENTLY] IF NOT EXISTS` with a mere notice when an index
+/// of that name exists, even an INVALID one left by an earlier failed attempt: the
+/// migration would be recorded as applied while the index it promises is unusable.
+async fn refuse_invalid_indexes(
+    pg: &Postgres,
+    conn: &mut sqlx::PgConnection,
+    m: &Migration,
+) -> Result<(), MigrateError> {
+    let invalid = invalid_indexes(pg, conn, Some(m.sql.as_str())).await?;
+    if invalid.is_empty() {
         Ok(())
+    } else {
+        Err(MigrateError::InvalidIndexes(invalid))
     }
 }
 
 /// INVALID indexes (left by a failed `CREATE INDEX CONCURRENTLY`), quoted; with `sql`,
-/// only those whose name appears in it.
+/// only those whose name appears in it as a word.
 async fn invalid_indexes(
     pg: &Postgres,
-    conn: &mut PoolConnection<sqlx::Postgres>,
+    conn: &mut sqlx::PgConnection,
     sql: Option<&str>,
 ) -> Result<Vec<String>, MigrateError> {
     let rows: Vec<(String, String)> = sqlx::query_as(
         "SELECT format('%I.%I', n.nspname, c.relname), c.relname::text
          FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE NOT i.indisvalid",
+         WHERE NOT i.indisvalid ORDER BY 1",
     )
-    .fetch_all(&mut **conn)
+    .fetch_all(conn)
     .await
     .map_err(db_err(pg))?;
     Ok(rows
         .into_iter()
-        .filter(|(_, name)| sql.is_none_or(|s| s.contains(name.as_str())))
+        .filter(|(_, name)| sql.is_none_or(|s| mentions(s, name)))
         .map(|(quoted, _)| quoted)
         .collect())
+}
+
+/// True if `name` occurs in `sql` as a whole identifier (ASCII case ignored, as
+/// PostgreSQL folds unquoted names): `t_x` is not mentioned by `t_x_unique`.
+fn mentions(sql: &str, name: &str) -> bool {
+    let ident = |c: char| c.is_alphanumeric() || c == '_' || c == '$';
+    let (sql_lower, name_lower) = (sql.to_ascii_lowercase(), name.to_ascii_lowercase());
+    sql_lower.match_indices(&name_lower).any(|(at, _)| {
+        let before = sql_lower[..at].chars().next_back();
+        let after = sql_lower[at + name_lower.len()..].chars().next();
+        !before.is_some_and(ident) && !after.is_some_and(ident)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mentions;
+
+    #[test]
+    fn index_names_are_matched_as_whole_identifiers() {
+        let sql = "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS t_x_unique ON t (x);\n\
+                   CREATE INDEX \"Odd Name\" ON t (y);";
+        assert!(mentions(sql, "t_x_unique"));
+        assert!(mentions(sql, "T_X_UNIQUE"));
+        assert!(mentions(sql, "Odd Name"));
+        assert!(!mentions(sql, "t_x"), "a prefix of another name");
+        assert!(!mentions(sql, "x_unique"), "a suffix of another name");
+        assert!(!mentions(sql, "x_u"));
+    }
 }

@@ -1,10 +1,13 @@
 //! Migrations on SQLite. The database file is its own lock: each migration runs in a
 //! `BEGIN IMMEDIATE` transaction that first re-checks the history, so two migrators
-//! never apply one version twice. `-- no-transaction` files run outside it.
+//! never apply one version twice. `-- no-transaction` files run outside it. Foreign
+//! keys are off while a migration runs, and checked before it commits when the
+//! database enforces them (`foreign-keys = true`).
 
 use std::time::{Duration, Instant};
 
 use sqlx::migrate::Migration;
+use sqlx::pool::PoolConnection;
 use tokio_util::sync::CancellationToken;
 
 use super::{file_name, Applied, AppliedRow, MigrateError, MigrateJob};
@@ -18,10 +21,6 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
     checksum BLOB NOT NULL,
     execution_time BIGINT NOT NULL
 )";
-
-const RECORD: &str =
-    "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
-                      VALUES (?1, ?2, TRUE, ?3, -1)";
 
 fn db_err(lite: &Sqlite) -> impl Fn(sqlx::Error) -> MigrateError + '_ {
     move |e| MigrateError::Db(lite.query_error(e))
@@ -67,55 +66,113 @@ pub async fn apply(
         let file = file_name(&job.cfg.dir, m.version);
         tracing::info!(database = %lite.name, version = m.version, file, "applying migration");
         let started = Instant::now();
-        match run_one(lite, m, job.cfg.lock_timeout).await {
-            Ok(true) => done.push(m.version),
-            Ok(false) => {} // another migrator applied it meanwhile
-            Err(e) => {
-                return Err(MigrateError::Failed {
-                    version: m.version,
-                    file,
-                    message: e.to_string(),
-                })
-            }
+        let applied = run_one(lite, m, job.cfg.lock_timeout, &file).await;
+        // Not when another migrator applied it meanwhile: its row is not ours.
+        if !matches!(applied, Ok(false)) {
+            let _ = sqlx::query(super::EXECUTION_TIME)
+                .bind(started.elapsed().as_nanos() as i64)
+                .bind(m.version)
+                .execute(&lite.pool)
+                .await;
         }
-        let _ = sqlx::query("UPDATE _sqlx_migrations SET execution_time = ?1 WHERE version = ?2")
-            .bind(started.elapsed().as_nanos() as i64)
-            .bind(m.version)
-            .execute(&lite.pool)
-            .await;
+        if applied? {
+            done.push(m.version);
+        }
     }
     Ok((done, backup_id))
 }
 
 /// Applies one migration unless it is applied already; `Ok(false)` if it was.
-async fn run_one(lite: &Sqlite, m: &Migration, busy: Duration) -> Result<bool, MigrateError> {
-    let record = sqlx::query(RECORD)
-        .bind(m.version)
-        .bind(m.description.to_string())
-        .bind(m.checksum.to_vec());
-    if m.no_tx {
-        sqlx::raw_sql(m.sql.clone())
-            .execute(&lite.pool)
-            .await
-            .map_err(db_err(lite))?;
-        record.execute(&lite.pool).await.map_err(db_err(lite))?;
-        return Ok(true);
-    }
-    let mut conn = lite.begin_immediate(busy).await?;
+///
+/// Foreign keys are off while it runs, as SQLite's ALTER TABLE page prescribes for
+/// schema changes: with them on, the documented table rebuild (create the new table,
+/// copy, drop the old one, rename) deletes every ON DELETE CASCADE child row when the
+/// old table is dropped. The setting cannot change inside a transaction, so it is made
+/// on a connection of our own before `BEGIN`, and that connection is closed afterwards.
+/// With `foreign-keys = true` the application relies on them, so
+/// `PRAGMA foreign_key_check` must find nothing before the migration commits.
+async fn run_one(
+    lite: &Sqlite,
+    m: &Migration,
+    busy: Duration,
+    file: &str,
+) -> Result<bool, MigrateError> {
+    let mut conn = lite.own_connection(busy, false).await?;
+    lite.begin_immediate_on(&mut conn).await?;
     let steps = async {
         let seen: i64 =
             sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE version = ?1")
                 .bind(m.version)
                 .fetch_one(&mut *conn)
-                .await?;
+                .await
+                .map_err(db_err(lite))?;
         if seen > 0 {
             return Ok(false);
         }
-        sqlx::raw_sql(m.sql.clone()).execute(&mut *conn).await?;
-        record.execute(&mut *conn).await?;
-        Ok(true)
+        if m.no_tx {
+            // Written as failed before it runs (see postgres.rs for why), in the
+            // transaction that re-checked the history: the version is claimed, and a
+            // second migrator cannot run it too.
+            super::history_row(m, false)
+                .execute(&mut *conn)
+                .await
+                .map_err(db_err(lite))?;
+            return Ok(true);
+        }
+        let applied = async {
+            run_checked(lite, &mut conn, m).await?;
+            super::history_row(m, true)
+                .execute(&mut *conn)
+                .await
+                .map_err(db_err(lite))
+        }
+        .await;
+        applied.map_err(|e| super::failed(m, file, false, e))?;
+        Ok::<bool, MigrateError>(true)
     }
-    .await
-    .map_err(db_err(lite));
-    lite.finish(conn, steps).await
+    .await;
+    let claimed = lite.end_transaction(&mut conn, steps).await?;
+    if !claimed || !m.no_tx {
+        return Ok(claimed);
+    }
+    let ran = async {
+        run_checked(lite, &mut conn, m).await?;
+        sqlx::query(super::MARK_APPLIED)
+            .bind(m.version)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err(lite))
+    }
+    .await;
+    ran.map_err(|e| super::failed(m, file, true, e))?;
+    Ok(true)
+}
+
+/// Runs the migration's SQL, then (with `foreign-keys = true`) fails if any row's
+/// foreign key points at no row.
+async fn run_checked(
+    lite: &Sqlite,
+    conn: &mut PoolConnection<sqlx::Sqlite>,
+    m: &Migration,
+) -> Result<(), MigrateError> {
+    sqlx::raw_sql(m.sql.clone())
+        .execute(&mut **conn)
+        .await
+        .map_err(db_err(lite))?;
+    if !lite.foreign_keys {
+        return Ok(());
+    }
+    let violations: Vec<(String, String)> =
+        sqlx::query_as("SELECT \"table\", parent FROM pragma_foreign_key_check")
+            .fetch_all(&mut **conn)
+            .await
+            .map_err(db_err(lite))?;
+    match violations.first() {
+        None => Ok(()),
+        Some((table, parent)) => Err(MigrateError::ForeignKeys {
+            rows: violations.len(),
+            table: table.clone(),
+            parent: parent.clone(),
+        }),
+    }
 }

@@ -3,7 +3,8 @@
 //! PostgreSQL: `REFRESH MATERIALIZED VIEW`, CONCURRENTLY when the view allows it, with
 //! a lock timeout (a blocked refresh fails and the runner retries it with backoff).
 //! SQLite: a table rebuilt from a query in one transaction, so readers see the old or
-//! the new contents, never an empty table.
+//! the new contents, never an empty table; only a table dbkeeper created is ever
+//! replaced.
 
 mod postgres;
 mod sqlite;
@@ -24,6 +25,12 @@ pub enum RefreshError {
     NoView { database: String, view: String },
     #[error("{0}")]
     Refused(String),
+    #[error("{kind} {table} in database \"{database}\" was not created by dbkeeper (its CREATE statement has no dbkeeper:refresh marker), and a refresh replaces only tables it created; point `view` in [[database.refresh]] at another name, or drop the {kind} so dbkeeper creates its own table")]
+    NotOwned {
+        database: String,
+        table: String,
+        kind: String,
+    },
 }
 
 #[derive(Debug)]
@@ -38,11 +45,12 @@ impl RefreshJob {
         Ok(RefreshJob { cfg, view })
     }
 
-    /// Checks that the view exists (PostgreSQL); SQLite creates its table on first run.
+    /// Checks that the view exists (PostgreSQL), or that the table is missing (it is
+    /// created on the first run) or one dbkeeper created (SQLite).
     pub async fn check(&self, db: &Database) -> Result<(), RefreshError> {
         match db {
             Database::Postgres(pg) => postgres::inspect(pg, &self.view).await.map(|_| ()),
-            Database::Sqlite(_) => Ok(()),
+            Database::Sqlite(lite) => sqlite::check(lite, &self.view).await,
         }
     }
 
@@ -55,10 +63,7 @@ impl RefreshJob {
             Database::Postgres(pg) => postgres::refresh(pg, &self.view, &self.cfg, cancel).await?,
             Database::Sqlite(lite) => {
                 let query = self.cfg.query.as_deref().unwrap_or_default();
-                (
-                    sqlite::rebuild(lite, &self.view, query, self.cfg.lock_timeout).await?,
-                    "rebuilt",
-                )
+                sqlite::rebuild(lite, &self.view, query, self.cfg.lock_timeout).await?
             }
         };
         metrics::refresh_rows(db.name(), &self.cfg.view, rows);

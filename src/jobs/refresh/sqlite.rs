@@ -1,40 +1,316 @@
 //! SQLite has no materialized views: a table holds the query's result and is rebuilt
-//! in one transaction (created on first use; its indexes survive rebuilds).
+//! in one `BEGIN IMMEDIATE` transaction, so readers in other processes see the old or
+//! the new rows, never an empty or half-built table.
+//!
+//! A refresh replaces only a table it created itself. The table's own `CREATE TABLE`
+//! text carries the marker comment `/* dbkeeper:refresh */`, which SQLite keeps
+//! verbatim in `sqlite_schema.sql`. The marker travels with the database file (backups,
+//! copies) and lives and dies with the table: a separate marker table could outlive a
+//! dropped table and then claim an application's new table of the same name.
 
 use std::time::Duration;
 
-use sqlx::AssertSqlSafe;
+use sqlx::{AssertSqlSafe, SqliteConnection};
 
 use super::RefreshError;
-use crate::db::{QualifiedName, Sqlite};
+use crate::db::{quote, QualifiedName, Sqlite};
 
-/// Replaces the table's rows with the query's result; returns the new row count.
+/// Written between the table's name and its column list.
+const MARKER: &str = "/* dbkeeper:refresh */";
+
+/// Where the query's result columns are read from (on our own connection; dropped
+/// again in the same transaction).
+const PROBE: &str = "_dbkeeper_refresh_columns";
+
+/// The table a rebuild with new columns fills before it takes the old one's place.
+const STAGING: &str = "_dbkeeper_refresh_new";
+
+/// A result or table column: name and declared type, in order.
+type Columns = Vec<(String, String)>;
+
+/// What the database holds under the refresh table's name.
+enum Target {
+    Missing,
+    /// A table dbkeeper created, with its columns.
+    Owned(Columns),
+    /// Something else: an application's table (or a view or index); its kind.
+    Foreign(String),
+}
+
+/// Refuses (without touching anything) when the name belongs to something dbkeeper
+/// did not create.
+pub async fn check(lite: &Sqlite, table: &QualifiedName) -> Result<(), RefreshError> {
+    let mut conn = lite
+        .pool
+        .acquire()
+        .await
+        .map_err(|e| RefreshError::Db(lite.connect_error(e)))?;
+    match inspect(&mut conn, table)
+        .await
+        .map_err(|e| RefreshError::Db(lite.query_error(e)))?
+    {
+        Target::Foreign(kind) => Err(not_owned(lite, table, kind)),
+        Target::Missing | Target::Owned(_) => Ok(()),
+    }
+}
+
+/// Replaces the table's rows with the query's result (creating the table, or building
+/// it anew when the query's columns changed); returns the row count and what was done.
 pub async fn rebuild(
     lite: &Sqlite,
     table: &QualifiedName,
     query: &str,
     lock_timeout: Duration,
-) -> Result<u64, RefreshError> {
-    let t = table.quoted();
+) -> Result<(u64, &'static str), RefreshError> {
+    let db = |e: sqlx::Error| RefreshError::Db(lite.query_error(e));
     let mut conn = lite.begin_immediate(lock_timeout).await?;
-    // `query` is the operator's own SQL; the table name is quoted.
     let steps = async {
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "CREATE TABLE IF NOT EXISTS {t} AS SELECT * FROM ({query}) WHERE 0"
-        )))
-        .execute(&mut *conn)
-        .await?;
-        sqlx::raw_sql(AssertSqlSafe(format!("DELETE FROM {t}")))
-            .execute(&mut *conn)
-            .await?;
-        let inserted = sqlx::raw_sql(AssertSqlSafe(format!(
-            "INSERT INTO {t} SELECT * FROM ({query})"
-        )))
-        .execute(&mut *conn)
-        .await?;
-        Ok::<u64, sqlx::Error>(inserted.rows_affected())
+        let target = inspect(&mut conn, table).await.map_err(db)?;
+        let columns = query_columns(&mut conn, query).await.map_err(db)?;
+        match target {
+            Target::Foreign(kind) => Err(not_owned(lite, table, kind)),
+            Target::Missing => {
+                create(&mut conn, table, &columns).await.map_err(db)?;
+                let rows = insert(&mut conn, table, &columns, query)
+                    .await
+                    .map_err(db)?;
+                Ok((rows, "created"))
+            }
+            // Same columns: the table and its indexes stay, only the rows change.
+            Target::Owned(old) if old == columns => {
+                execute(&mut conn, format!("DELETE FROM {}", table.quoted()))
+                    .await
+                    .map_err(db)?;
+                let rows = insert(&mut conn, table, &columns, query)
+                    .await
+                    .map_err(db)?;
+                Ok((rows, "rebuilt"))
+            }
+            Target::Owned(_) => {
+                let rows = replace(&mut conn, table, &columns, query)
+                    .await
+                    .map_err(db)?;
+                Ok((rows, "rebuilt with new columns"))
+            }
+        }
     }
-    .await
-    .map_err(|e| RefreshError::Db(lite.query_error(e)));
+    .await;
     lite.finish(conn, steps).await
+}
+
+fn not_owned(lite: &Sqlite, table: &QualifiedName, kind: String) -> RefreshError {
+    RefreshError::NotOwned {
+        database: lite.name.clone(),
+        table: table.to_string(),
+        kind,
+    }
+}
+
+/// `"schema".sqlite_schema` for the table's schema (`main` when unqualified).
+fn schema_table(table: &QualifiedName) -> String {
+    format!(
+        "{}.sqlite_schema",
+        quote(table.schema.as_deref().unwrap_or("main"))
+    )
+}
+
+async fn inspect(
+    conn: &mut SqliteConnection,
+    table: &QualifiedName,
+) -> Result<Target, sqlx::Error> {
+    // Tables, views and indexes share one namespace, case-insensitively.
+    let found: Option<(String, String, Option<String>)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT type, name, sql FROM {} WHERE name = ?1 COLLATE NOCASE AND type <> 'trigger'",
+        schema_table(table)
+    )))
+    .bind(&table.name)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((kind, name, sql)) = found else {
+        return Ok(Target::Missing);
+    };
+    if kind != "table" || !sql.as_deref().is_some_and(|sql| has_marker(sql, &name)) {
+        return Ok(Target::Foreign(kind));
+    }
+    let columns = sqlx::query_as("SELECT name, type FROM pragma_table_info(?1, ?2) ORDER BY cid")
+        .bind(&name)
+        .bind(table.schema.as_deref().unwrap_or("main"))
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(Target::Owned(columns))
+}
+
+/// True if `sql` (from `sqlite_schema`) is `CREATE TABLE "<name>" /* dbkeeper:refresh */ …`,
+/// as [`create`] writes it and `ALTER TABLE … RENAME` keeps it. Only the text right
+/// after the name counts, so a marker inside a name, a default or a comment elsewhere
+/// does not.
+fn has_marker(sql: &str, name: &str) -> bool {
+    sql.strip_prefix("CREATE TABLE ")
+        .and_then(|rest| rest.strip_prefix(quote(name).as_str()))
+        .is_some_and(|rest| rest.trim_start().starts_with(MARKER))
+}
+
+/// The query's result columns with the declared types `CREATE TABLE … AS` would give
+/// them (SQLite derives both, including names made unique, so ask it). `LIMIT 0`
+/// makes SQLite stop before reading a row.
+async fn query_columns(conn: &mut SqliteConnection, query: &str) -> Result<Columns, sqlx::Error> {
+    // `query` is the operator's own SQL from the config, run as written on purpose.
+    execute(
+        conn,
+        format!(
+            "CREATE TEMP TABLE {} AS SELECT * FROM ({query}) LIMIT 0",
+            quote(PROBE)
+        ),
+    )
+    .await?;
+    let columns =
+        sqlx::query_as("SELECT name, type FROM pragma_table_info(?1, 'temp') ORDER BY cid")
+            .bind(PROBE)
+            .fetch_all(&mut *conn)
+            .await?;
+    execute(conn, format!("DROP TABLE temp.{}", quote(PROBE))).await?;
+    Ok(columns)
+}
+
+/// `CREATE TABLE "t" /* dbkeeper:refresh */ ("a" INT, "b" TEXT)`. The types are the
+/// affinity names SQLite itself wrote for the probe (`INT`, `TEXT`, `NUM`, `REAL` or
+/// none), never text from the config.
+async fn create(
+    conn: &mut SqliteConnection,
+    table: &QualifiedName,
+    columns: &Columns,
+) -> Result<(), sqlx::Error> {
+    let definitions: Vec<String> = columns
+        .iter()
+        .map(|(name, decl)| format!("{} {decl}", quote(name)).trim_end().to_owned())
+        .collect();
+    execute(
+        conn,
+        format!(
+            "CREATE TABLE {} {MARKER} ({})",
+            table.quoted(),
+            definitions.join(", ")
+        ),
+    )
+    .await
+}
+
+/// Inserts the query's rows, naming the columns: each value lands under the name
+/// the query gave it.
+async fn insert(
+    conn: &mut SqliteConnection,
+    table: &QualifiedName,
+    columns: &Columns,
+    query: &str,
+) -> Result<u64, sqlx::Error> {
+    let names: Vec<String> = columns.iter().map(|(name, _)| quote(name)).collect();
+    let done = sqlx::raw_sql(AssertSqlSafe(format!(
+        "INSERT INTO {} ({}) SELECT * FROM ({query})",
+        table.quoted(),
+        names.join(", ")
+    )))
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// The query's columns changed: a new table with the marker is filled, the old one
+/// dropped and the new one renamed into its place, all inside the caller's
+/// transaction. The old table's indexes and triggers are created again where their SQL
+/// still applies; the others are reported.
+async fn replace(
+    conn: &mut SqliteConnection,
+    table: &QualifiedName,
+    columns: &Columns,
+    query: &str,
+) -> Result<u64, sqlx::Error> {
+    let staging = QualifiedName {
+        schema: table.schema.clone(),
+        name: STAGING.to_owned(),
+    };
+    create(conn, &staging, columns).await?;
+    let rows = insert(conn, &staging, columns, query).await?;
+    let dependents: Vec<(String, String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT type, name, sql FROM {} WHERE tbl_name = ?1 COLLATE NOCASE \
+         AND type IN ('index', 'trigger') AND sql IS NOT NULL ORDER BY type, name",
+        schema_table(table)
+    )))
+    .bind(&table.name)
+    .fetch_all(&mut *conn)
+    .await?;
+    execute(conn, format!("DROP TABLE {}", table.quoted())).await?;
+    // Since SQLite 3.26 a rename re-checks every view, and a view over the table just
+    // dropped fails that check; the legacy rename does not look at views (none names
+    // the staging table anyway). This connection is closed afterwards.
+    execute(conn, "PRAGMA legacy_alter_table = ON".to_owned()).await?;
+    execute(
+        conn,
+        format!(
+            "ALTER TABLE {} RENAME TO {}",
+            staging.quoted(),
+            quote(&table.name)
+        ),
+    )
+    .await?;
+    for (kind, name, sql) in dependents {
+        // Each in a savepoint, so one that no longer applies leaves no trace.
+        execute(conn, "SAVEPOINT dbkeeper_dependent".to_owned()).await?;
+        match sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
+            Ok(_) => execute(conn, "RELEASE dbkeeper_dependent".to_owned()).await?,
+            Err(e) => {
+                execute(
+                    conn,
+                    "ROLLBACK TO dbkeeper_dependent; RELEASE dbkeeper_dependent".to_owned(),
+                )
+                .await?;
+                tracing::warn!(
+                    table = %table,
+                    "{kind} {name} no longer applies to the new columns and was dropped: {e}"
+                );
+            }
+        }
+    }
+    Ok(rows)
+}
+
+async fn execute(conn: &mut SqliteConnection, sql: String) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_marker;
+
+    #[test]
+    fn only_the_marker_right_after_the_name_counts() {
+        assert!(has_marker(
+            "CREATE TABLE \"t\" /* dbkeeper:refresh */ (\"a\" INT)",
+            "t"
+        ));
+        assert!(has_marker(
+            "CREATE TABLE \"a\"\"b\" /* dbkeeper:refresh */ (x)",
+            "a\"b"
+        ));
+        assert!(
+            !has_marker("CREATE TABLE \"t\"(\"a\" INT)", "t"),
+            "no marker"
+        );
+        assert!(
+            !has_marker(
+                "CREATE TABLE t (a TEXT DEFAULT '/* dbkeeper:refresh */')",
+                "t"
+            ),
+            "marker text elsewhere"
+        );
+        assert!(
+            !has_marker(
+                "CREATE TABLE \"x /* dbkeeper:refresh */\" (a)",
+                "x /* dbkeeper:refresh */"
+            ),
+            "marker inside the name"
+        );
+    }
 }
