@@ -310,9 +310,12 @@ impl Daemon {
         self.status.set_notifier(active.notifier.clone());
         for job in &active.order {
             match &job.work {
-                Work::Retention(r) => {
-                    metrics::register_retention(job.database_name(), &r.cfg.table, r.cfg.older_than)
-                }
+                Work::Retention(r) => metrics::register_retention(
+                    job.database_name(),
+                    &r.cfg.table,
+                    &r.rule,
+                    r.cfg.older_than,
+                ),
                 Work::Refresh(r) => metrics::register_refresh(job.database_name(), &r.cfg.view),
                 Work::Migrate(_) => {
                     // Reads the directory and the history; not worth holding start-up for.

@@ -312,33 +312,46 @@ pub fn backup_pruned(database: &str) {
     counter!(BACKUP_PRUNED, "database" => database.to_owned()).increment(1);
 }
 
-/// Creates the retention series of a table (the oldest-row gauge stays 0 until the
-/// first run has looked).
-pub fn register_retention(database: &str, table: &str, max_age: Duration) {
-    counter!(RETENTION_DELETED, "database" => database.to_owned(), "table" => table.to_owned())
-        .increment(0);
-    retention_max_age(database, table, max_age);
-    retention_unreadable(database, table, 0);
+/// Creates the retention series of a rule (the oldest-row gauge stays 0 until the
+/// first run has looked). `rule` is the job name: two rules on one table (say,
+/// different `where` and `older-than`) keep series of their own.
+pub fn register_retention(database: &str, table: &str, rule: &str, max_age: Duration) {
+    counter!(RETENTION_DELETED, &retention_labels(database, table, rule)).increment(0);
+    retention_max_age(database, table, rule, max_age);
+    retention_unreadable(database, table, rule, 0);
 }
 
-pub fn retention_unreadable(database: &str, table: &str, rows: u64) {
-    gauge!(RETENTION_UNREADABLE, "database" => database.to_owned(), "table" => table.to_owned())
-        .set(rows as f64);
+fn retention_labels(database: &str, table: &str, rule: &str) -> [(&'static str, String); 3] {
+    [
+        ("database", database.to_owned()),
+        ("table", table.to_owned()),
+        ("rule", rule.to_owned()),
+    ]
 }
 
-pub fn retention_max_age(database: &str, table: &str, max_age: Duration) {
-    gauge!(RETENTION_MAX_AGE, "database" => database.to_owned(), "table" => table.to_owned())
-        .set(max_age.as_secs_f64());
+pub fn retention_unreadable(database: &str, table: &str, rule: &str, rows: u64) {
+    gauge!(
+        RETENTION_UNREADABLE,
+        &retention_labels(database, table, rule)
+    )
+    .set(rows as f64);
 }
 
-pub fn retention_deleted(database: &str, table: &str, rows: u64) {
-    counter!(RETENTION_DELETED, "database" => database.to_owned(), "table" => table.to_owned())
-        .increment(rows);
+pub fn retention_max_age(database: &str, table: &str, rule: &str, max_age: Duration) {
+    gauge!(RETENTION_MAX_AGE, &retention_labels(database, table, rule)).set(max_age.as_secs_f64());
 }
 
-pub fn retention_oldest_row(database: &str, table: &str, oldest: Option<DateTime<Utc>>) {
-    gauge!(RETENTION_OLDEST, "database" => database.to_owned(), "table" => table.to_owned())
-        .set(ts(oldest));
+pub fn retention_deleted(database: &str, table: &str, rule: &str, rows: u64) {
+    counter!(RETENTION_DELETED, &retention_labels(database, table, rule)).increment(rows);
+}
+
+pub fn retention_oldest_row(
+    database: &str,
+    table: &str,
+    rule: &str,
+    oldest: Option<DateTime<Utc>>,
+) {
+    gauge!(RETENTION_OLDEST, &retention_labels(database, table, rule)).set(ts(oldest));
 }
 
 pub fn register_refresh(database: &str, view: &str) {

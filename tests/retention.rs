@@ -142,7 +142,10 @@ fn odd_names_work_and_a_bad_where_deletes_nothing() {
                 "{}{}{}",
                 rule(odd, "weird", "where = \"kind <> 'keep'\""),
                 rule("unix_events", "unix", ""),
-                rule(odd, "broken", "where = \"kind <> 'keep' AND (\""),
+                // Balanced, so it passes the load-time bracket check; the server
+                // rejects it. (An unbalanced one is refused at load:
+                // tests/retention_adversary.rs.)
+                rule(odd, "broken", "where = \"kind <> 'keep' AND AND true\""),
             ),
         ),
     );

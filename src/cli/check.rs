@@ -60,7 +60,7 @@ pub async fn check(config: &Config) -> anyhow::Result<Exit> {
 async fn check_names(job: &Job) -> anyhow::Result<()> {
     match &job.work {
         Work::Retention(r) => {
-            let target = r.resolve(&job.database).await?;
+            let target = r.check(&job.database).await?;
             println!(
                 "job {}: reads {}.{} as {}",
                 job.id, r.cfg.table, r.cfg.column, target.reading

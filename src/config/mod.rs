@@ -903,10 +903,12 @@ impl Config {
                 r.batch_time,
                 Duration::from_secs(60),
             )?;
-            self.duration(format!("{key}.older-than"), r.older_than, MAX_AGE)?;
-            if r.older_than < Duration::from_secs(1) {
-                return Err(self.invalid(format!("{key}.older-than"), "must be at least 1s"));
-            }
+            self.bounded(
+                format!("{key}.older-than"),
+                r.older_than,
+                Duration::from_secs(1)..=MAX_AGE,
+                |d| humantime::format_duration(*d).to_string(),
+            )?;
             self.duration(
                 format!("{key}.pause"),
                 r.pause.unwrap_or_default(),
@@ -950,14 +952,15 @@ impl Config {
                     "cannot be combined with archive = true: rows removed by the cascade would not be archived; archive the referencing tables with rules of their own",
                 ));
             }
-            if r.where_clause
-                .as_deref()
-                .is_some_and(|w| w.trim().is_empty())
-            {
-                return Err(self.invalid(
-                    format!("{key}.where"),
-                    "is empty; remove it or write a predicate",
-                ));
+            if let Some(w) = r.where_clause.as_deref() {
+                if w.trim().is_empty() {
+                    return Err(self.invalid(
+                        format!("{key}.where"),
+                        "is empty; remove it or write a predicate",
+                    ));
+                }
+                crate::db::check_expression(w)
+                    .map_err(|m| self.invalid(format!("{key}.where"), m))?;
             }
             if r.archive && db.backup.is_none() {
                 return Err(self.invalid(
@@ -1075,7 +1078,7 @@ impl Config {
 const DAY: Duration = Duration::from_secs(86_400);
 /// Longest age a rule or the history may name: far beyond any real policy, and short
 /// enough that `now - age` is always a valid date for every backend.
-const MAX_AGE: Duration = Duration::from_secs(1000 * 366 * 86_400);
+const MAX_AGE: Duration = Duration::from_secs(1000 * 31_557_600);
 /// Longest a job may run.
 const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(30 * 86_400);
 /// PostgreSQL's lock_timeout and statement_timeout are milliseconds in an int4.

@@ -25,6 +25,108 @@ pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+/// Checks that `sql` is one self-contained expression as far as its brackets go: the
+/// parentheses outside string literals, quoted identifiers, dollar quotes and comments
+/// balance without ever closing more than they opened, there is no `;`, and nothing
+/// is left unterminated. dbkeeper splices a rule's `where` into its own statements as
+/// `… AND (<where>)`; text like `a = 1) OR (true` would otherwise escape the brackets
+/// and turn the expiry predicate off.
+pub fn check_expression(sql: &str) -> Result<(), String> {
+    let chars: Vec<char> = sql.chars().collect();
+    let mut depth = 0i64;
+    let mut i = 0;
+    let unterminated = |what: &str| Err(format!("has an unterminated {what}"));
+    while i < chars.len() {
+        let c = chars[i];
+        let next = chars.get(i + 1).copied();
+        match c {
+            '\'' => {
+                // E'…' strings take backslash escapes; every string takes ''.
+                let escapes = i > 0 && matches!(chars[i - 1], 'e' | 'E');
+                i += 1;
+                loop {
+                    match chars.get(i) {
+                        None => return unterminated("string literal"),
+                        Some('\\') if escapes => i += 2,
+                        Some('\'') if chars.get(i + 1) == Some(&'\'') => i += 2,
+                        Some('\'') => break,
+                        Some(_) => i += 1,
+                    }
+                }
+            }
+            '"' => {
+                i += 1;
+                loop {
+                    match chars.get(i) {
+                        None => return unterminated("quoted identifier"),
+                        Some('"') if chars.get(i + 1) == Some(&'"') => i += 2,
+                        Some('"') => break,
+                        Some(_) => i += 1,
+                    }
+                }
+            }
+            '-' if next == Some('-') => {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+            }
+            '/' if next == Some('*') => {
+                // PostgreSQL nests block comments.
+                let mut nested = 1;
+                i += 2;
+                while nested > 0 {
+                    match (chars.get(i), chars.get(i + 1)) {
+                        (None, _) => return unterminated("comment"),
+                        (Some('/'), Some('*')) => {
+                            nested += 1;
+                            i += 2
+                        }
+                        (Some('*'), Some('/')) => {
+                            nested -= 1;
+                            i += 2
+                        }
+                        _ => i += 1,
+                    }
+                }
+                continue;
+            }
+            '$' => {
+                // $tag$ … $tag$ (a $1 parameter has no closing $).
+                let tag_end = chars[i + 1..]
+                    .iter()
+                    .position(|&ch| !(ch.is_alphanumeric() || ch == '_'))
+                    .map(|p| i + 1 + p);
+                if let Some(end) = tag_end.filter(|&e| chars[e] == '$') {
+                    let tag: String = chars[i..=end].iter().collect();
+                    let rest: String = chars[end + 1..].iter().collect();
+                    match rest.find(&tag) {
+                        Some(at) => i = end + 1 + rest[..at].chars().count() + tag.chars().count(),
+                        None => return unterminated("dollar-quoted string"),
+                    }
+                    continue;
+                }
+            }
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err(
+                        "closes a parenthesis it did not open; it must be one expression"
+                            .to_owned(),
+                    );
+                }
+            }
+            ';' => return Err("contains `;`; it must be one expression, not statements".to_owned()),
+            _ => {}
+        }
+        i += 1;
+    }
+    if depth != 0 {
+        return Err("leaves a parenthesis open".to_owned());
+    }
+    Ok(())
+}
+
 impl QualifiedName {
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut parts = Vec::new();
@@ -93,6 +195,40 @@ impl fmt::Display for QualifiedName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expressions_must_keep_their_brackets() {
+        for ok in [
+            "kind <> 'audit'",
+            "a = 1 AND (b = 2 OR c = 3)",
+            "note = 'it''s ) here'",
+            "note = E'\\' )'",
+            "\"odd ) name\" = 1",
+            "x = 1 -- a comment with ) and ;\n AND y = 2",
+            "x = 1 /* ) /* nested ( */ */",
+            "body = $q$ ) ; $q$",
+            "x = $1",
+        ] {
+            assert!(
+                check_expression(ok).is_ok(),
+                "{ok}: {:?}",
+                check_expression(ok)
+            );
+        }
+        for bad in [
+            "k = 'a') OR (k = 'b'",
+            "x = 1)",
+            "(x = 1",
+            "x = 1; DELETE FROM t",
+            "note = 'open",
+            "\"open",
+            "x = 1 /* open",
+            "x = $q$ open",
+            "x = 1 --\n) OR (true",
+        ] {
+            assert!(check_expression(bad).is_err(), "{bad} must be refused");
+        }
+    }
 
     #[test]
     fn plain_qualified_and_quoted_names() {

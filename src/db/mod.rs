@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseConfig;
 
-pub use ident::{quote, quote_literal, QualifiedName};
+pub use ident::{check_expression, quote, quote_literal, QualifiedName};
 pub use postgres::Postgres;
 pub use sqlite::Sqlite;
 

@@ -54,6 +54,8 @@ pub enum RetentionError {
     Cascade { table: String, referencing: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error("`where` does not fit the table ({0}); fix `where` in [[database.retention]]")]
+    Where(#[source] DbError),
     #[error("cannot archive the batch before deleting it (nothing was deleted): {0}")]
     Archive(String),
     #[error("older-than reaches before year 1; use a shorter older-than")]
@@ -73,6 +75,7 @@ impl RetentionError {
                 | RetentionError::ColumnType { .. }
                 | RetentionError::Cascade { .. }
                 | RetentionError::Unsupported(_)
+                | RetentionError::Where(_)
                 | RetentionError::Cutoff
         )
     }
@@ -98,6 +101,9 @@ pub struct Target {
     pub table: String,
     /// Quoted, schema-qualified: counts through it include inheritance children.
     pub table_sql: String,
+    /// The configured table's own name, quoted: every statement names the table (or
+    /// the child it deletes from) by it, so `where` may say `events.kind`.
+    pub alias: String,
     pub column_sql: String,
     pub reading: Reading,
     /// Quoted tables that hold the rows, each deleted from on its own: PostgreSQL's
@@ -136,6 +142,8 @@ pub struct ArchiveTo {
 #[derive(Debug)]
 pub struct RetentionJob {
     pub cfg: RetentionConfig,
+    /// The job name, the `rule` label of the retention metrics.
+    pub rule: String,
     pub table: QualifiedName,
     pub archive: Option<ArchiveTo>,
 }
@@ -151,6 +159,7 @@ impl RetentionJob {
     pub fn new(cfg: RetentionConfig, archive: Option<ArchiveTo>) -> Result<Self, String> {
         let table = QualifiedName::parse(&cfg.table)?;
         Ok(RetentionJob {
+            rule: cfg.job_name(),
             cfg,
             table,
             archive,
@@ -166,16 +175,48 @@ impl RetentionJob {
         }
     }
 
+    /// What `check` asks: the rule fits the database (table, column, zone, foreign
+    /// keys, partition key, and a `where` that plans on every table). Reads nothing
+    /// but the catalog.
+    pub async fn check(&self, db: &Database) -> Result<Target, RetentionError> {
+        let target = self.resolve(db).await?;
+        let cutoff = self.cutoff(Utc::now())?;
+        match db {
+            Database::Sqlite(lite) => {
+                let condition = with_where(
+                    &sqlite::expired(&target, cutoff),
+                    self.cfg.where_clause.as_deref(),
+                );
+                sqlite::validate(lite, &target, &condition).await?;
+            }
+            Database::Postgres(pg) => {
+                if self.cfg.mode != RetentionMode::Delete {
+                    postgres::check_partition_key(pg, &target).await?;
+                }
+                let condition = with_where(
+                    &postgres::expired(&target, cutoff),
+                    self.cfg.where_clause.as_deref(),
+                );
+                postgres::validate(pg, &target, &condition).await?;
+            }
+        }
+        Ok(target)
+    }
+
     fn cutoff(&self, now: DateTime<Utc>) -> Result<Cutoff, RetentionError> {
         Cutoff::before(now, self.cfg.older_than).ok_or(RetentionError::Cutoff)
     }
 
+    /// Counts what the rule covers now. `after_full_run`: a run just went through every
+    /// table, so the oldest row is looked for from the cutoff on (see
+    /// `postgres::oldest`).
     async fn census(
         &self,
         db: &Database,
         target: &Target,
         cutoff: Cutoff,
         count_expired: bool,
+        after_full_run: bool,
     ) -> Result<Census, RetentionError> {
         let w = self.cfg.where_clause.as_deref();
         let (expired, unreadable, oldest) = match db {
@@ -195,7 +236,7 @@ impl RetentionJob {
                     0
                 },
                 postgres::count(pg, target, &postgres::unreadable(target), w).await?,
-                postgres::oldest(pg, target, w).await?,
+                postgres::oldest(pg, target, w, after_full_run.then_some(cutoff)).await?,
             ),
         };
         Ok(Census {
@@ -224,7 +265,7 @@ impl RetentionJob {
             }
             _ => Vec::new(),
         };
-        let census = self.census(db, &target, cutoff, true).await?;
+        let census = self.census(db, &target, cutoff, true, false).await?;
         Ok(Preview {
             cutoff: cutoff.instant(),
             expired_rows: census.expired,
@@ -252,7 +293,7 @@ impl RetentionJob {
     ) -> Result<Outcome, RetentionError> {
         let target = self.resolve(db).await?;
         let cutoff = self.cutoff(now)?;
-        metrics::retention_max_age(db.name(), &target.table, self.cfg.older_than);
+        metrics::retention_max_age(db.name(), &target.table, &self.rule, self.cfg.older_than);
         let mut outcome = match (self.cfg.mode, db) {
             (RetentionMode::Delete, _) => self.delete_batches(db, &target, cutoff, cancel).await?,
             (mode, Database::Postgres(pg)) => {
@@ -260,7 +301,7 @@ impl RetentionJob {
                 let (gone, rows) =
                     postgres::remove_partitions(pg, &target, cutoff, detach, self.cfg.lock_timeout)
                         .await?;
-                metrics::retention_deleted(db.name(), &target.table, rows);
+                metrics::retention_deleted(db.name(), &target.table, &self.rule, rows);
                 Outcome {
                     summary: format!(
                         "{} {} partitions of {} ({}), {rows} rows",
@@ -280,9 +321,11 @@ impl RetentionJob {
                 ))
             }
         };
-        let census = self.census(db, &target, cutoff, false).await?;
-        metrics::retention_oldest_row(db.name(), &target.table, census.oldest);
-        metrics::retention_unreadable(db.name(), &target.table, census.unreadable);
+        let full_run = self.cfg.mode == RetentionMode::Delete
+            && outcome.details["stopped_early"] == serde_json::Value::Bool(false);
+        let census = self.census(db, &target, cutoff, false, full_run).await?;
+        metrics::retention_oldest_row(db.name(), &target.table, &self.rule, census.oldest);
+        metrics::retention_unreadable(db.name(), &target.table, &self.rule, census.unreadable);
         if census.unreadable > 0 {
             tracing::warn!(
                 database = db.name(),
@@ -314,20 +357,25 @@ impl RetentionJob {
         let mut deleted = 0u64;
         let mut batches = 0u64;
         let mut stopped_early = false;
-        let run_stamp = Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+        // Milliseconds: two runs within one second must not collide.
+        let run_stamp = Utc::now().format("%Y%m%dT%H%M%S%3fZ").to_string();
         let predicate = match db {
             Database::Sqlite(_) => sqlite::expired(target, cutoff),
             Database::Postgres(_) => postgres::expired(target, cutoff),
         };
         let condition = with_where(&predicate, cfg.where_clause.as_deref());
         let mut last_size = 0;
+        // Whether counting what is left is cheap (no page-range pass just left a mass
+        // of dead index entries to step over).
+        let mut picked_rows_only = true;
         'relations: for relation in &target.relations {
             let mut scan = match db {
                 Database::Sqlite(_) => Scan::Rows { after: None },
                 Database::Postgres(pg) => {
-                    postgres::scan_for(pg, relation, &condition, cfg.scan).await?
+                    postgres::scan_for(pg, target, relation, &condition, cfg.scan).await?
                 }
             };
+            picked_rows_only &= matches!(scan, Scan::Rows { .. });
             let mut size = BatchSize::new(
                 scan.units(cfg.batch_size),
                 scan.units(cfg.max_batch_size),
@@ -359,13 +407,15 @@ impl RetentionJob {
                     Database::Sqlite(lite) => {
                         sqlite::delete_batch(lite, target, &batch, archive).await?
                     }
-                    Database::Postgres(pg) => postgres::delete_batch(pg, &batch, archive).await?,
+                    Database::Postgres(pg) => {
+                        postgres::delete_batch(pg, target, &batch, archive).await?
+                    }
                 };
                 let took = began.elapsed();
                 if done.rows > 0 {
                     deleted += done.rows;
                     batches += 1;
-                    metrics::retention_deleted(db.name(), &target.table, done.rows);
+                    metrics::retention_deleted(db.name(), &target.table, &self.rule, done.rows);
                 }
                 let (more, units, full) = scan.advance(&done, size.current());
                 if !more {
@@ -381,8 +431,8 @@ impl RetentionJob {
                 }
             }
         }
-        let remaining = if stopped_early {
-            Some(self.census(db, target, cutoff, true).await?.expired)
+        let remaining = if stopped_early || picked_rows_only {
+            Some(self.census(db, target, cutoff, true, false).await?.expired)
         } else {
             None
         };
@@ -391,11 +441,23 @@ impl RetentionJob {
             cutoff.instant().format("%Y-%m-%d %H:%M:%S%.3f UTC"),
             target.table
         );
-        if let Some(left) = remaining {
-            summary.push_str(&format!(
+        match remaining {
+            Some(left) if stopped_early => summary.push_str(&format!(
                 "; stopped after max-duration {} with {left} expired rows left",
                 humantime::format_duration(cfg.max_duration.unwrap_or_default())
-            ));
+            )),
+            Some(left) if left > 0 => {
+                tracing::warn!(
+                    database = db.name(),
+                    table = %target.table,
+                    rows = left,
+                    "expired rows remain after the run (held by another transaction or kept by a trigger); the next run tries again"
+                );
+                summary.push_str(&format!(
+                    "; {left} expired rows remain (held by another transaction or kept by a trigger)"
+                ));
+            }
+            _ => {}
         }
         Ok(Outcome {
             summary,

@@ -24,13 +24,20 @@ pub async fn resolve(
 ) -> Result<Target, RetentionError> {
     let q = |e| RetentionError::Db(pg.query_error(e));
     let column = cfg.column.as_str();
+    // One connection for the whole look-up: every new connection costs a round trip
+    // or two, and over TCP sqlx's can stall on Nagle's algorithm.
+    let mut conn = pg
+        .pool
+        .acquire()
+        .await
+        .map_err(|e| RetentionError::Db(pg.connect_error(e)))?;
     let row = sqlx::query(
         "SELECT c.oid::int8, c.relkind::text, n.nspname::text, c.relname::text
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')",
     )
     .bind(table.quoted())
-    .fetch_optional(&pg.pool)
+    .fetch_optional(&mut *conn)
     .await
     .map_err(q)?
     .ok_or_else(|| RetentionError::NoTable {
@@ -53,7 +60,7 @@ pub async fn resolve(
     )
     .bind(oid)
     .bind(column)
-    .fetch_optional(&pg.pool)
+    .fetch_optional(&mut *conn)
     .await
     .map_err(q)?;
     let (typname, display) = typ.ok_or_else(|| RetentionError::NoColumn {
@@ -64,10 +71,10 @@ pub async fn resolve(
     let reading = match typname.as_str() {
         "timestamptz" => Reading::Instant,
         "timestamp" => Reading::WallClock {
-            zone: zone(pg, cfg).await?,
+            zone: zone(pg, &mut conn, cfg).await?,
         },
         "date" => Reading::Date {
-            zone: zone(pg, cfg).await?,
+            zone: zone(pg, &mut conn, cfg).await?,
         },
         "int2" | "int4" | "int8" => Reading::Epoch {
             unit,
@@ -95,7 +102,7 @@ pub async fn resolve(
          ORDER BY c.oid",
     )
     .bind(oid)
-    .fetch_all(&pg.pool)
+    .fetch_all(&mut *conn)
     .await
     .map_err(q)?;
     if let Some((_, name, _)) = tree.iter().find(|(_, _, kind)| kind == "f") {
@@ -114,7 +121,7 @@ pub async fn resolve(
              ORDER BY 1",
         )
         .bind(&oids)
-        .fetch_all(&pg.pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(q)?;
         if !referencing.is_empty() {
@@ -126,6 +133,7 @@ pub async fn resolve(
     }
     Ok(Target {
         table: table.to_string(),
+        alias: quote(&table.name),
         table_sql: qualified.quoted(),
         column_sql: quote(column),
         reading,
@@ -145,13 +153,17 @@ pub async fn resolve(
 /// TimeZone=UTC in every session it opens, so the default is read from the
 /// configuration itself, in PostgreSQL's order: role-in-database, role, database,
 /// server configuration file.
-async fn zone(pg: &Postgres, cfg: &RetentionConfig) -> Result<String, RetentionError> {
+async fn zone(
+    pg: &Postgres,
+    conn: &mut sqlx::PgConnection,
+    cfg: &RetentionConfig,
+) -> Result<String, RetentionError> {
     let q = |e| RetentionError::Db(pg.query_error(e));
     if let Some(zone) = &cfg.column_timezone {
         // PostgreSQL's zone database must know it too.
         sqlx::query("SELECT now() AT TIME ZONE $1")
             .bind(zone)
-            .execute(&pg.pool)
+            .execute(&mut *conn)
             .await
             .map_err(|e| {
                 RetentionError::Unsupported(format!(
@@ -170,7 +182,7 @@ async fn zone(pg: &Postgres, cfg: &RetentionConfig) -> Result<String, RetentionE
          ORDER BY (r.setrole <> 0) DESC, (r.setdatabase <> 0) DESC
          LIMIT 1",
     )
-    .fetch_optional(&pg.pool)
+    .fetch_optional(&mut *conn)
     .await
     .map_err(q)?;
     if let Some(zone) = per_role_or_db {
@@ -180,7 +192,7 @@ async fn zone(pg: &Postgres, cfg: &RetentionConfig) -> Result<String, RetentionE
         "SELECT setting FROM pg_file_settings
          WHERE lower(name) = 'timezone' AND applied ORDER BY seqno DESC LIMIT 1",
     )
-    .fetch_optional(&pg.pool)
+    .fetch_optional(&mut *conn)
     .await;
     match from_file {
         Ok(Some(Some(zone))) => Ok(zone),
@@ -202,19 +214,15 @@ pub fn expired(target: &Target, cutoff: Cutoff) -> String {
     let cut = format!("{}::timestamptz", cutoff.iso_literal());
     match &target.reading {
         Reading::Instant => format!("isfinite({c}) AND {c} < {cut}"),
-        Reading::WallClock { zone } => {
-            let z = quote_literal(zone);
-            format!(
-                "isfinite({c}) AND {c} < ({cut} AT TIME ZONE {z}) + interval '2 days' \
-                 AND ({c} AT TIME ZONE {z}) < {cut}"
-            )
-        }
-        Reading::Date { zone } => {
-            let z = quote_literal(zone);
-            format!(
-                "isfinite({c}) AND {c} < ({cut} AT TIME ZONE {z})::date + 2 \
-                 AND ({c}::timestamp AT TIME ZONE {z}) < {cut}"
-            )
+        // The session's TimeZone is the column's zone (see `transaction`), so casts
+        // between timestamp and timestamptz read wall clocks exactly as the
+        // application's sessions do, whatever form the zone setting takes.
+        Reading::WallClock { .. } => format!(
+            "isfinite({c}) AND {c} < {cut}::timestamp + interval '2 days' \
+             AND {c}::timestamptz < {cut}"
+        ),
+        Reading::Date { .. } => {
+            format!("isfinite({c}) AND {c} < {cut}::date + 2 AND {c}::timestamptz < {cut}")
         }
         Reading::Epoch { unit, integer } => {
             let (min, _) = Reading::integer_range(*unit);
@@ -229,6 +237,15 @@ pub fn expired(target: &Target, cutoff: Cutoff) -> String {
     }
 }
 
+/// Rows the rule must keep: NULL, unreadable or not before the cutoff.
+fn not_expired(target: &Target, cutoff: Cutoff) -> String {
+    format!(
+        "{c} IS NULL OR NOT ({})",
+        expired(target, cutoff),
+        c = target.column_sql
+    )
+}
+
 /// Non-null values that are not a time: infinities, numbers outside years 1–9999
 /// (NaN included: PostgreSQL sorts it above every number).
 pub fn unreadable(target: &Target) -> String {
@@ -239,7 +256,8 @@ pub fn unreadable(target: &Target) -> String {
         }
         Reading::Epoch { unit, .. } => {
             let (min, max) = Reading::integer_range(*unit);
-            format!("({c} < {min} OR {c} > {max})")
+            // Past the last whole unit of year 9999 (NaN sorts above every number).
+            format!("({c} < {min} OR {c} >= {})", i128::from(max) + 1)
         }
         Reading::SqliteValue { .. } => "false".to_owned(),
     }
@@ -254,24 +272,14 @@ fn oldest_parts(target: &Target) -> (String, String) {
             format!("isfinite({c})"),
             format!("extract(epoch FROM {c})::float8"),
         ),
-        Reading::WallClock { zone } => (
+        Reading::WallClock { .. } | Reading::Date { .. } => (
             format!("isfinite({c})"),
-            format!(
-                "extract(epoch FROM {c} AT TIME ZONE {})::float8",
-                quote_literal(zone)
-            ),
-        ),
-        Reading::Date { zone } => (
-            format!("isfinite({c})"),
-            format!(
-                "extract(epoch FROM {c}::timestamp AT TIME ZONE {})::float8",
-                quote_literal(zone)
-            ),
+            format!("extract(epoch FROM {c}::timestamptz)::float8"),
         ),
         Reading::Epoch { unit, .. } => {
             let (min, max) = Reading::integer_range(*unit);
             (
-                format!("{c} BETWEEN {min} AND {max}"),
+                format!("{c} >= {min} AND {c} < {}", i128::from(max) + 1),
                 format!("{c}::float8 / {}", unit.per_second()),
             )
         }
@@ -279,26 +287,43 @@ fn oldest_parts(target: &Target) -> (String, String) {
     }
 }
 
-/// A transaction on a pooled connection of its own, with a lock timeout if given.
-/// Dropped without commit, it rolls back.
+/// A transaction on a pooled connection of its own, in the column's zone (for
+/// `timestamp` and `date` columns), with a lock timeout if given. Dropped without
+/// commit, it rolls back.
+///
+/// `lazy_commit` commits without waiting for the WAL flush (`synchronous_commit =
+/// off`): a crash right after can only undo the last deletes, whose rows are then
+/// deleted again by the next run; nothing that should stay can go. It saves a disk
+/// flush per batch.
 async fn transaction(
     pg: &Postgres,
+    target: &Target,
     lock_timeout: Option<Duration>,
+    lazy_commit: bool,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, RetentionError> {
     let mut tx = pg
         .pool
         .begin()
         .await
         .map_err(|e| RetentionError::Db(pg.connect_error(e)))?;
+    let mut settings = Vec::new();
+    if let Reading::WallClock { zone } | Reading::Date { zone } = &target.reading {
+        // Set like the database's own setting is, so `-7` means what it means there
+        // (7 hours west), which `AT TIME ZONE '-7'` would not.
+        settings.push(format!("SET LOCAL TimeZone = {}", quote_literal(zone)));
+    }
     if let Some(t) = lock_timeout {
         // A number we formatted ourselves.
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "SET LOCAL lock_timeout = '{}ms'",
-            millis(t)
-        )))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
+        settings.push(format!("SET LOCAL lock_timeout = '{}ms'", millis(t)));
+    }
+    if lazy_commit {
+        settings.push("SET LOCAL synchronous_commit = off".to_owned());
+    }
+    if !settings.is_empty() {
+        sqlx::raw_sql(AssertSqlSafe(settings.join("; ")))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
     }
     Ok(tx)
 }
@@ -311,35 +336,68 @@ pub async fn count(
     where_clause: Option<&str>,
 ) -> Result<u64, RetentionError> {
     let sql = format!(
-        "SELECT count(*) FROM {} WHERE {}",
+        "SELECT count(*) FROM {} AS {} WHERE {}",
         target.table_sql,
+        target.alias,
         with_where(predicate, where_clause)
     );
+    let mut tx = transaction(pg, target, None, false).await?;
     let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
-        .fetch_one(&pg.pool)
+        .fetch_one(&mut *tx)
         .await
         .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
     Ok(n.max(0) as u64)
 }
 
 /// The oldest readable time among the rows the rule covers.
+///
+/// With `from` (after a run that went through every table), only rows from about
+/// the cutoff on are looked at: just after a mass delete, the index on the column
+/// starts with thousands of dead entries that a search from the beginning would have to
+/// step over one by one. Rows a writer held during that run are the next run's.
 pub async fn oldest(
     pg: &Postgres,
     target: &Target,
     where_clause: Option<&str>,
+    from: Option<Cutoff>,
 ) -> Result<Option<DateTime<Utc>>, RetentionError> {
-    let (readable, seconds) = oldest_parts(target);
+    let (mut readable, seconds) = oldest_parts(target);
+    if let Some(cutoff) = from {
+        readable.push_str(&format!(" AND {}", not_before(target, cutoff)));
+    }
     let sql = format!(
-        "SELECT {seconds} FROM {} WHERE {} ORDER BY {} LIMIT 1",
+        "SELECT {seconds} FROM {} AS {} WHERE {} ORDER BY {} LIMIT 1",
         target.table_sql,
+        target.alias,
         with_where(&readable, where_clause),
         target.column_sql
     );
+    let mut tx = transaction(pg, target, None, false).await?;
     let secs: Option<f64> = sqlx::query_scalar(AssertSqlSafe(sql))
-        .fetch_optional(&pg.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
     Ok(secs.and_then(|s| DateTime::from_timestamp_millis((s * 1000.0) as i64)))
+}
+
+/// A bound on the column itself (so an index serves it) that every value not before
+/// the cutoff meets, with the same two days of slack as [`expired`] for wall clocks.
+fn not_before(target: &Target, cutoff: Cutoff) -> String {
+    let c = &target.column_sql;
+    let cut = format!("{}::timestamptz", cutoff.iso_literal());
+    match &target.reading {
+        Reading::Instant => format!("{c} >= {cut}"),
+        Reading::WallClock { .. } => format!("{c} >= {cut}::timestamp - interval '2 days'"),
+        Reading::Date { .. } => format!("{c} >= {cut}::date - 2"),
+        Reading::Epoch { unit, integer } => {
+            if *integer {
+                format!("{c} >= {}", cutoff.integer_bound(*unit))
+            } else {
+                format!("{c} >= {}", cutoff.exact(*unit))
+            }
+        }
+        Reading::SqliteValue { .. } => "true".to_owned(),
+    }
 }
 
 /// Below this share of expired rows a batch picks its rows (through an index on the
@@ -351,6 +409,7 @@ const PAGE_SCAN_SHARE: f64 = 0.05;
 /// is small), else by picking rows. The share is the planner's estimate.
 pub async fn scan_for(
     pg: &Postgres,
+    target: &Target,
     relation: &str,
     condition: &str,
     mode: ScanMode,
@@ -371,10 +430,12 @@ pub async fn scan_for(
     if pages == 0 {
         return Ok(Scan::Rows { after: None });
     }
+    let mut tx = transaction(pg, target, None, false).await?;
     let plan: serde_json::Value = sqlx::query_scalar(AssertSqlSafe(format!(
-        "EXPLAIN (FORMAT JSON) SELECT 1 FROM ONLY {relation} WHERE {condition}"
+        "EXPLAIN (FORMAT JSON) SELECT 1 FROM ONLY {relation} AS {} WHERE {condition}",
+        target.alias
     )))
-    .fetch_one(&pg.pool)
+    .fetch_one(&mut *tx)
     .await
     .map_err(db_err)?;
     let estimate = plan[0]["Plan"]["Plan Rows"].as_f64().unwrap_or(0.0);
@@ -406,34 +467,43 @@ pub async fn scan_for(
 /// the locked rows (left for the next run). Row picking always skips locked rows.
 pub async fn delete_batch(
     pg: &Postgres,
+    target: &Target,
     batch: &Batch<'_>,
     archive: Option<BatchArchive<'_>>,
 ) -> Result<BatchDone, RetentionError> {
     let r = batch.relation;
+    let a = &target.alias;
     let condition = batch.condition;
     let n = batch.limit;
     let skip_locked = |range: &str, limit: &str| {
         format!(
-            "DELETE FROM ONLY {r} AS dbk_row \
-             WHERE ctid = ANY(ARRAY(SELECT ctid FROM ONLY {r} WHERE {range}{condition}{limit} FOR UPDATE SKIP LOCKED)) \
+            "DELETE FROM ONLY {r} AS {a} \
+             WHERE ctid = ANY(ARRAY(SELECT ctid FROM ONLY {r} AS {a} WHERE {range}{condition}{limit} FOR UPDATE SKIP LOCKED)) \
              AND {condition}"
         )
     };
     match batch.scan {
         // An array of tids makes the outer delete a TID scan.
         Scan::Rows { .. } => {
-            run_batch(pg, batch, &skip_locked("", &format!(" LIMIT {n}")), archive).await
+            run_batch(
+                pg,
+                target,
+                batch,
+                &skip_locked("", &format!(" LIMIT {n}")),
+                archive,
+            )
+            .await
         }
         Scan::Pages { next, .. } => {
             let range = format!(
                 "ctid >= '({next},0)'::tid AND ctid < '({},0)'::tid AND ",
                 next + i64::from(n)
             );
-            let direct = format!("DELETE FROM ONLY {r} AS dbk_row WHERE {range}{condition}");
-            match run_batch(pg, batch, &direct, archive.clone()).await {
+            let direct = format!("DELETE FROM ONLY {r} AS {a} WHERE {range}{condition}");
+            match run_batch(pg, target, batch, &direct, archive.clone()).await {
                 Err(RetentionError::Db(e)) if e.sqlstate().as_deref() == Some("55P03") => {
                     tracing::info!(database = %pg.name, table = r, "rows locked by another transaction; skipping them in this page range");
-                    run_batch(pg, batch, &skip_locked(&range, ""), archive).await
+                    run_batch(pg, target, batch, &skip_locked(&range, ""), archive).await
                 }
                 other => other,
             }
@@ -444,16 +514,17 @@ pub async fn delete_batch(
 /// Runs one batch's DELETE in its own transaction with the lock timeout.
 async fn run_batch(
     pg: &Postgres,
+    target: &Target,
     batch: &Batch<'_>,
     delete: &str,
     archive: Option<BatchArchive<'_>>,
 ) -> Result<BatchDone, RetentionError> {
     let db_err = |e| RetentionError::Db(pg.query_error(e));
     let sql = match archive {
-        Some(_) => format!("{delete} RETURNING row_to_json(dbk_row)::text"),
+        Some(_) => format!("{delete} RETURNING row_to_json({})::text", target.alias),
         None => delete.to_owned(),
     };
-    let mut tx = transaction(pg, Some(batch.lock_timeout)).await?;
+    let mut tx = transaction(pg, target, Some(batch.lock_timeout), true).await?;
     let query = sqlx::query(AssertSqlSafe(sql));
     let rows = match archive {
         None => query
@@ -482,15 +553,8 @@ async fn run_batch(
     })
 }
 
-/// Range partitions of a table partitioned on the retention column whose upper bound,
-/// read like the column's values, is at or before the cutoff and that hold no
-/// unreadable value, oldest first.
-pub async fn expired_partitions(
-    pg: &Postgres,
-    target: &Target,
-    cutoff: Cutoff,
-) -> Result<Vec<String>, RetentionError> {
-    let db_err = |e| RetentionError::Db(pg.query_error(e));
+/// Partition modes need a table partitioned by RANGE on the retention column alone.
+pub async fn check_partition_key(pg: &Postgres, target: &Target) -> Result<(), RetentionError> {
     if !target.partitioned {
         return Err(RetentionError::Unsupported(format!(
             "{} is not a partitioned table; use mode = \"delete\"",
@@ -502,16 +566,50 @@ pub async fn expired_partitions(
         .bind(oid)
         .fetch_one(&pg.pool)
         .await
-        .map_err(db_err)?;
+        .map_err(|e| RetentionError::Db(pg.query_error(e)))?;
     let column = target.column_sql.trim_matches('"').replace("\"\"", "\"");
     let plain = format!("RANGE ({column})");
     let quoted = format!("RANGE ({})", target.column_sql);
     if keydef != plain && keydef != quoted {
         return Err(RetentionError::Unsupported(format!(
-            "{} is partitioned by {keydef}, not by RANGE on the retention column",
+            "{} is partitioned by {keydef}, not by RANGE on the retention column alone; use mode = \"delete\"",
             target.table
         )));
     }
+    Ok(())
+}
+
+/// Plans (without running) what every batch would run on each table, so a `where`
+/// that does not fit the table fails `check`, not the first run.
+pub async fn validate(
+    pg: &Postgres,
+    target: &Target,
+    condition: &str,
+) -> Result<(), RetentionError> {
+    let mut tx = transaction(pg, target, None, false).await?;
+    for relation in &target.relations {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "EXPLAIN SELECT 1 FROM ONLY {relation} AS {} WHERE {condition}",
+            target.alias
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| RetentionError::Where(pg.query_error(e)))?;
+    }
+    Ok(())
+}
+
+/// Range partitions of a table partitioned on the retention column whose upper bound,
+/// read like the column's values, is at or before the cutoff and that hold no
+/// unreadable value, oldest first.
+pub async fn expired_partitions(
+    pg: &Postgres,
+    target: &Target,
+    cutoff: Cutoff,
+) -> Result<Vec<String>, RetentionError> {
+    let db_err = |e| RetentionError::Db(pg.query_error(e));
+    check_partition_key(pg, target).await?;
+    let oid = i64::from(target.oid.unwrap_or_default());
     let rows = sqlx::query(
         "SELECT format('%I.%I', n.nspname, c.relname), pg_get_expr(c.relpartbound, c.oid)
          FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -522,7 +620,7 @@ pub async fn expired_partitions(
     .await
     .map_err(db_err)?;
     let cut = format!("{}::timestamptz", cutoff.iso_literal());
-    let mut tx = transaction(pg, None).await?;
+    let mut tx = transaction(pg, target, None, false).await?;
     let mut expired = Vec::new();
     for row in rows {
         let name: String = row.get(0);
@@ -542,23 +640,19 @@ pub async fn expired_partitions(
         // `upper` is the server's own rendering of a partition bound literal.
         let is_old = match &target.reading {
             Reading::Instant => format!("({upper})::timestamptz <= {cut}"),
-            Reading::WallClock { zone } => format!(
-                "(({upper})::timestamp AT TIME ZONE {}) <= {cut}",
-                quote_literal(zone)
-            ),
-            Reading::Date { zone } => format!(
-                "(({upper})::date::timestamp AT TIME ZONE {}) <= {cut}",
-                quote_literal(zone)
-            ),
+            Reading::WallClock { .. } => format!("({upper})::timestamp::timestamptz <= {cut}"),
+            Reading::Date { .. } => format!("({upper})::date::timestamptz <= {cut}"),
             Reading::Epoch { unit, .. } => {
                 format!("({upper})::numeric <= {}::numeric", cutoff.exact(*unit))
             }
             Reading::SqliteValue { .. } => "false".to_owned(),
         };
-        // A partition holding an unreadable value (-infinity in the lowest one) stays.
+        // The bound is only a quick test: a partition goes only if every row in it is
+        // expired by the rule itself (a DST-gap wall clock reads later than the bound;
+        // -infinity is not a time).
         let sql = format!(
             "SELECT ({is_old}) AND NOT EXISTS (SELECT 1 FROM {name} WHERE {})",
-            unreadable(target)
+            not_expired(target, cutoff)
         );
         let old: bool = sqlx::query_scalar(AssertSqlSafe(sql))
             .fetch_one(&mut *tx)
@@ -593,7 +687,7 @@ pub async fn remove_partitions(
         } else {
             format!("DROP TABLE {partition}")
         };
-        let mut tx = transaction(pg, Some(lock_timeout)).await?;
+        let mut tx = transaction(pg, target, Some(lock_timeout), false).await?;
         let db_err = |e| RetentionError::Db(pg.query_error(e));
         // Locked first, then re-checked: nothing can slip in between check and drop.
         sqlx::raw_sql(AssertSqlSafe(format!(
@@ -602,15 +696,15 @@ pub async fn remove_partitions(
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        let (count, unreadable_rows): (i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
+        let (count, kept): (i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT count(*), count(*) FILTER (WHERE {}) FROM {partition}",
-            unreadable(target)
+            not_expired(target, cutoff)
         )))
         .fetch_one(&mut *tx)
         .await
         .map_err(db_err)?;
-        if unreadable_rows > 0 {
-            tracing::warn!(database = %pg.name, partition, rows = unreadable_rows, "kept an expired partition: it holds values that are not a time");
+        if kept > 0 {
+            tracing::warn!(database = %pg.name, partition, rows = kept, "kept a partition past the cutoff: it holds rows the rule does not find expired");
             continue;
         }
         sqlx::raw_sql(AssertSqlSafe(statement))

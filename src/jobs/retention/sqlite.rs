@@ -41,32 +41,37 @@ pub async fn resolve(
         });
     };
     let without_rowid = listed.get::<i64, _>(1) != 0;
-    let columns: Vec<(String, i64)> =
-        sqlx::query_as("SELECT name, pk FROM pragma_table_info(?1, ?2)")
+    let columns: Vec<(String, i64, bool)> =
+        sqlx::query_as("SELECT name, pk, \"notnull\" FROM pragma_table_info(?1, ?2)")
             .bind(&table.name)
             .bind(&schema)
             .fetch_all(&lite.pool)
             .await
             .map_err(q)?;
-    if !columns.iter().any(|(name, _)| name == column) {
+    if !columns.iter().any(|(name, _, _)| name == column) {
         return Err(RetentionError::NoColumn {
             table: table.to_string(),
             column: column.to_owned(),
         });
     }
-    let mut pk: Vec<&(String, i64)> = columns.iter().filter(|(_, k)| *k > 0).collect();
-    pk.sort_by_key(|(_, k)| *k);
-    let pk: Vec<String> = pk.iter().map(|(name, _)| quote(name)).collect();
+    let mut pk: Vec<&(String, i64, bool)> = columns.iter().filter(|(_, k, _)| *k > 0).collect();
+    pk.sort_by_key(|(_, k, _)| *k);
+    // A rowid table's primary key may hold NULLs (an old SQLite quirk), which no
+    // `IN` ever matches; WITHOUT ROWID keys never do.
+    let pk_addresses_every_row = without_rowid || pk.iter().all(|(_, _, not_null)| *not_null);
+    let pk: Vec<String> = pk.iter().map(|(name, _, _)| quote(name)).collect();
     // A column may be called rowid: then the real row id goes by another of its names.
-    let free_alias = ["rowid", "_rowid_", "oid"]
-        .into_iter()
-        .find(|alias| !columns.iter().any(|(n, _)| n.eq_ignore_ascii_case(alias)));
+    let free_alias = ["rowid", "_rowid_", "oid"].into_iter().find(|alias| {
+        !columns
+            .iter()
+            .any(|(n, _, _)| n.eq_ignore_ascii_case(alias))
+    });
     let row_key = match free_alias {
         Some(alias) if !without_rowid => RowKey::Rowid(alias),
-        _ if !pk.is_empty() => RowKey::PrimaryKey(pk),
+        _ if !pk.is_empty() && pk_addresses_every_row => RowKey::PrimaryKey(pk),
         _ => {
             return Err(RetentionError::Unsupported(format!(
-                "{table} has columns named rowid, _rowid_ and oid and no primary key, so its rows cannot be addressed one by one"
+                "{table} has columns named rowid, _rowid_ and oid and no NOT NULL primary key, so its rows cannot be addressed one by one; rename one of those columns or declare the key NOT NULL"
             )))
         }
     };
@@ -97,6 +102,7 @@ pub async fn resolve(
     .quoted();
     Ok(Target {
         table: table.to_string(),
+        alias: quote(&table.name),
         relations: vec![table_sql.clone()],
         table_sql,
         column_sql: quote(column),
@@ -159,6 +165,23 @@ fn seconds_expr(target: &Target) -> String {
          END",
         unit.per_second()
     )
+}
+
+/// Compiles (without running) what every batch would run, so a `where` that does not
+/// fit the table fails `check`, not the first run.
+pub async fn validate(
+    lite: &Sqlite,
+    target: &Target,
+    condition: &str,
+) -> Result<(), RetentionError> {
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "EXPLAIN SELECT 1 FROM {} WHERE {condition}",
+        target.table_sql
+    )))
+    .execute(&lite.pool)
+    .await
+    .map_err(|e| RetentionError::Where(lite.query_error(e)))?;
+    Ok(())
 }
 
 /// Rows matching `predicate` and `where`.
@@ -292,7 +315,8 @@ pub async fn delete_batch(
 }
 
 /// One deleted row as a JSON object, columns from `skip` on. BLOBs (and text that is
-/// not UTF-8) become `{"base64": "…"}`, which no other value can look like.
+/// not UTF-8) become `{"base64": "…"}` and infinite reals `{"real": "Infinity"}`
+/// (or `"-Infinity"`): objects, which no other value can look like.
 fn row_json(row: &sqlx::sqlite::SqliteRow, skip: usize) -> String {
     let mut object = serde_json::Map::new();
     for (i, col) in row.columns().iter().enumerate().skip(skip) {
@@ -302,11 +326,14 @@ fn row_json(row: &sqlx::sqlite::SqliteRow, skip: usize) -> String {
                 "INTEGER" => row
                     .try_get::<i64, _>(i)
                     .map_or(serde_json::Value::Null, Into::into),
-                "REAL" => row
-                    .try_get::<f64, _>(i)
-                    .ok()
-                    .and_then(serde_json::Number::from_f64)
-                    .map_or(serde_json::Value::Null, serde_json::Value::Number),
+                "REAL" => match row.try_get::<f64, _>(i) {
+                    Ok(r) => serde_json::Number::from_f64(r).map_or_else(
+                        // JSON has no infinity: {"real": "Infinity"}, never a null.
+                        || serde_json::json!({ "real": if r > 0.0 { "Infinity" } else { "-Infinity" } }),
+                        serde_json::Value::Number,
+                    ),
+                    Err(_) => base64_value(row.try_get::<Vec<u8>, _>(i).unwrap_or_default()),
+                },
                 "TEXT" => match row.try_get::<String, _>(i) {
                     Ok(text) => text.into(),
                     Err(_) => base64_value(row.try_get::<Vec<u8>, _>(i).unwrap_or_default()),
