@@ -140,17 +140,7 @@ fn infinite_reals_are_archived_as_infinity_not_null() {
         ),
     );
     w.stdout(&["run-job", "lite.retention.r"]);
-    let dir = w.path().join("backups/lite/retention/r");
-    let archive = std::fs::read_dir(&dir)
-        .expect("archive dir")
-        .map(|e| e.expect("entry").path())
-        .find(|p| p.to_string_lossy().ends_with(".dbk"))
-        .expect("an archive");
-    let out = w.stdout(&["decrypt", archive.to_str().expect("utf-8")]);
-    let rows: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect();
+    let rows = w.archived_rows("backups/lite/retention/r");
     let v = |id: i64| rows.iter().find(|r| r["id"] == id).expect("archived")["v"].clone();
     assert_eq!(v(1), serde_json::json!({ "real": "Infinity" }));
     assert_eq!(v(2), serde_json::json!({ "real": "-Infinity" }));

@@ -342,14 +342,9 @@ fn bounds_epoch_milliseconds_and_blob_archives() {
         ),
     );
     w.stdout(&["run-job", "lite.retention.r"]);
-    let dir = w.path().join("backups/lite/retention/r");
-    let archive = std::fs::read_dir(&dir)
-        .expect("archive dir")
-        .map(|e| e.expect("entry").path())
-        .find(|p| p.to_string_lossy().ends_with(".dbk"))
-        .expect("an archive");
-    let out = w.stdout(&["decrypt", archive.to_str().expect("utf-8")]);
-    let row: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    let rows = w.archived_rows("backups/lite/retention/r");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
     assert_eq!(row["id"], 1);
     assert_eq!(row["payload"]["base64"], "AP8Q");
 }

@@ -94,6 +94,29 @@ async fn run_rule(toml: &str, now: DateTime<Utc>) -> (u64, u64, u64) {
     (plan.expired_rows, plan.unreadable_rows, deleted)
 }
 
+/// What the oracle says a run must leave.
+struct Expected {
+    left: Vec<i64>,
+    deleted: u64,
+    unreadable: u64,
+}
+
+impl Expected {
+    fn matches(
+        &self,
+        left: &[i64],
+        planned: u64,
+        unreadable: u64,
+        deleted: u64,
+    ) -> Result<(), TestCaseError> {
+        prop_assert_eq!(left, &self.left[..], "survivors");
+        prop_assert_eq!(deleted, self.deleted, "deleted");
+        prop_assert_eq!(planned, deleted, "plan = run");
+        prop_assert_eq!(unreadable, self.unreadable, "unreadable");
+        Ok(())
+    }
+}
+
 // ---------------------------------------------------------------- SQLite
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -498,11 +521,12 @@ async fn sqlite_case(dir: &Path, n: u32, case: &LiteCase) -> Result<(), TestCase
         .expect("survivors");
     conn.close().await.expect("close");
     let _ = std::fs::remove_file(&file);
-    prop_assert_eq!(&left, &expect_left, "survivors");
-    prop_assert_eq!(deleted, expect_deleted, "deleted");
-    prop_assert_eq!(planned, deleted, "plan = run");
-    prop_assert_eq!(unreadable, expect_unreadable, "unreadable");
-    Ok(())
+    Expected {
+        left: expect_left,
+        deleted: expect_deleted,
+        unreadable: expect_unreadable,
+    }
+    .matches(&left, planned, unreadable, deleted)
 }
 
 #[test]
@@ -866,11 +890,12 @@ async fn pg_case_run(db: &common::PgDb, n: u32, case: &PgCase) -> Result<(), Tes
         .expect("drop");
     conn.close().await.expect("close");
     let left: Vec<i64> = left.into_iter().map(i64::from).collect();
-    prop_assert_eq!(&left, &expect_left, "survivors");
-    prop_assert_eq!(deleted, expect_deleted, "deleted");
-    prop_assert_eq!(planned, deleted, "plan = run");
-    prop_assert_eq!(unreadable, expect_unreadable, "unreadable");
-    Ok(())
+    Expected {
+        left: expect_left,
+        deleted: expect_deleted,
+        unreadable: expect_unreadable,
+    }
+    .matches(&left, planned, unreadable, deleted)
 }
 
 #[test]

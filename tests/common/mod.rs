@@ -375,3 +375,23 @@ pub fn write_script(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     path
 }
+
+impl Workdir {
+    /// The rows of every retention archive in `dir` (relative to this directory),
+    /// decrypted with `dbkeeper decrypt`: one JSON value per archived row.
+    pub fn archived_rows(&self, dir: &str) -> Vec<serde_json::Value> {
+        let mut rows = Vec::new();
+        for entry in std::fs::read_dir(self.path().join(dir)).expect("archive dir") {
+            let path = entry.expect("entry").path();
+            if !path.to_string_lossy().ends_with(".dbk") {
+                continue;
+            }
+            let out = self.stdout(&["decrypt", path.to_str().expect("utf-8")]);
+            rows.extend(
+                out.lines()
+                    .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line")),
+            );
+        }
+        rows
+    }
+}

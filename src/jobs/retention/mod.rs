@@ -65,6 +65,17 @@ pub enum RetentionError {
 }
 
 impl RetentionError {
+    /// Refuses a rule on `table` if any table in `referencing` would cascade into.
+    fn refuse_cascades(table: &QualifiedName, referencing: Vec<String>) -> Result<(), Self> {
+        if referencing.is_empty() {
+            return Ok(());
+        }
+        Err(RetentionError::Cascade {
+            table: table.to_string(),
+            referencing: referencing.join(", "),
+        })
+    }
+
     /// Errors that mean the configuration does not fit the database: `check` reports
     /// them as config errors and the runner does not retry them.
     pub fn is_config_error(&self) -> bool {

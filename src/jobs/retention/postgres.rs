@@ -124,12 +124,7 @@ pub async fn resolve(
         .fetch_all(&mut *conn)
         .await
         .map_err(q)?;
-        if !referencing.is_empty() {
-            return Err(RetentionError::Cascade {
-                table: table.to_string(),
-                referencing: referencing.join(", "),
-            });
-        }
+        RetentionError::refuse_cascades(table, referencing)?;
     }
     Ok(Target {
         table: table.to_string(),

@@ -88,12 +88,7 @@ pub async fn resolve(
         .fetch_all(&lite.pool)
         .await
         .map_err(q)?;
-        if !referencing.is_empty() {
-            return Err(RetentionError::Cascade {
-                table: table.to_string(),
-                referencing: referencing.join(", "),
-            });
-        }
+        RetentionError::refuse_cascades(table, referencing)?;
     }
     let table_sql = QualifiedName {
         schema: Some(schema),
