@@ -14,8 +14,13 @@ use predicates::prelude::*;
 
 /// A `[[database]]` named `lite` on `db` with one refresh job per `(view, name, query)`.
 fn config(w: &Workdir, db: &Path, refreshes: &[(&str, &str, &str)]) {
+    config_with(w, db, "", refreshes);
+}
+
+/// As [`config`], with `database_extra` (e.g. `foreign-keys = true`) in `[[database]]`.
+fn config_with(w: &Workdir, db: &Path, database_extra: &str, refreshes: &[(&str, &str, &str)]) {
     let mut text = format!(
-        "[[database]]\nname = \"lite\"\nurl = \"sqlite://{}\"\n",
+        "[[database]]\nname = \"lite\"\nurl = \"sqlite://{}\"\n{database_extra}\n",
         db.display()
     );
     for (view, name, query) in refreshes {
@@ -133,6 +138,67 @@ fn an_application_table_or_view_is_never_replaced_and_check_says_what_to_do() {
         sqlite(&db, "SELECT id, name FROM customers").trim(),
         "1|replaced"
     );
+}
+
+/// A refresh table another table references with a foreign key is refused, whatever
+/// its `ON DELETE` action and whether or not foreign keys are enforced: deleting its
+/// rows would delete (cascade) or orphan the application's rows.
+#[test]
+fn a_refresh_table_referenced_by_a_foreign_key_is_refused_and_nothing_is_touched() {
+    for foreign_keys in ["", "foreign-keys = true"] {
+        for second in [
+            "SELECT region, sum(amount) AS total FROM sales GROUP BY region",
+            "SELECT region, sum(amount) AS total, count(*) AS n FROM sales GROUP BY region",
+        ] {
+            let w = Workdir::new();
+            let db = sales_db(&w, 80);
+            let first = "SELECT region, sum(amount) AS total FROM sales GROUP BY region";
+            config_with(&w, &db, foreign_keys, &[("totals", "totals", first)]);
+            w.cmd(&["run-job", "lite.refresh.totals"])
+                .assert()
+                .success();
+            sqlite(
+                &db,
+                "CREATE UNIQUE INDEX totals_region ON totals (region);
+                 CREATE TABLE notes (id INTEGER PRIMARY KEY,
+                                     region TEXT REFERENCES totals (region) ON DELETE CASCADE);
+                 CREATE TABLE pins (region TEXT REFERENCES Totals (region));
+                 INSERT INTO notes (region) VALUES ('r1'), ('r2');",
+            );
+            let before = sqlite(&db, "SELECT * FROM totals ORDER BY region");
+            config_with(&w, &db, foreign_keys, &[("totals", "totals", second)]);
+            w.cmd(&["check"]).assert().code(2).stderr(
+                predicate::str::contains("job lite.refresh.totals")
+                    .and(predicate::str::contains(
+                        "table totals in database \"lite\" is referenced by a foreign key from notes, pins",
+                    )),
+            );
+            let started = Instant::now();
+            w.cmd(&["run-job", "lite.refresh.totals"])
+                .assert()
+                .code(1)
+                .stderr(predicate::str::contains("referenced by a foreign key"));
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "a refusal is not retried"
+            );
+            assert_eq!(sqlite(&db, "SELECT count(*) FROM notes").trim(), "2");
+            assert_eq!(sqlite(&db, "SELECT * FROM totals ORDER BY region"), before);
+        }
+    }
+    // Referenced before dbkeeper ever created it: refused as well.
+    let w = Workdir::new();
+    let db = sales_db(&w, 10);
+    sqlite(
+        &db,
+        "CREATE TABLE early (t TEXT REFERENCES totals (region))",
+    );
+    config(&w, &db, &[("totals", "totals", "SELECT region FROM sales")]);
+    w.cmd(&["run-job", "lite.refresh.totals"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("foreign key from early"));
+    assert_eq!(schema_sql(&db, "totals"), "");
 }
 
 #[test]
@@ -278,4 +344,119 @@ fn readers_in_another_process_never_see_an_empty_or_half_built_table_when_column
         "1",
         "the index is re-created on every rebuild"
     );
+}
+
+/// A query that reads the refresh table itself sees its old rows on both paths (same
+/// columns: rows replaced in place; new columns: table rebuilt).
+#[test]
+fn a_query_reading_its_own_table_sees_the_old_rows_on_both_paths() {
+    let w = Workdir::new();
+    let db = sales_db(&w, 4);
+    config(&w, &db, &[("snap", "snap", "SELECT id, amount FROM sales")]);
+    w.cmd(&["run-job", "lite.refresh.snap"]).assert().success();
+    // Carry the previous snapshot forward (same columns and types: rows replaced in
+    // place), with what is new in sales.
+    sqlite(&db, "INSERT INTO sales (region, amount) VALUES ('east', 5)");
+    let same = "SELECT id, amount FROM snap UNION ALL SELECT id, amount FROM sales WHERE id > (SELECT max(id) FROM snap)";
+    config(&w, &db, &[("snap", "snap", same)]);
+    w.cmd(&["run-job", "lite.refresh.snap"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("rebuilt: 5 rows"));
+    assert_eq!(
+        sqlite(
+            &db,
+            "SELECT group_concat(amount, ',') FROM (SELECT amount FROM snap ORDER BY id)"
+        )
+        .trim(),
+        "1.0,2.0,3.0,4.0,5.0"
+    );
+    let changed = "SELECT id, amount, amount + 1 AS next FROM snap";
+    config(&w, &db, &[("snap", "snap", changed)]);
+    w.cmd(&["run-job", "lite.refresh.snap"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("rebuilt with new columns: 5 rows"));
+    assert_eq!(
+        sqlite(
+            &db,
+            "SELECT group_concat(next, ',') FROM (SELECT next FROM snap ORDER BY id)"
+        )
+        .trim(),
+        "2.0,3.0,4.0,5.0,6.0"
+    );
+}
+
+/// SQLite's TEMP schema is refused when the configuration is loaded: a TEMP table
+/// vanishes when dbkeeper's connection closes.
+#[test]
+fn a_refresh_into_the_temp_schema_is_a_config_error() {
+    let w = Workdir::new();
+    let db = sales_db(&w, 4);
+    for view in ["temp.snap", "TEMP.snap"] {
+        config(&w, &db, &[(view, "snap", "SELECT id FROM sales")]);
+        w.cmd(&["check"])
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("TEMP schema"));
+        w.cmd(&["run-job", "lite.refresh.snap"]).assert().code(2);
+    }
+}
+
+/// When the query's columns change, triggers are not created again (SQLite would accept
+/// one using a dropped column and every later refresh would fail); each is named in the
+/// run summary. An index that cannot be created for another reason than a missing
+/// column (a UNIQUE index the new rows violate) fails the rebuild, which rolls back.
+#[test]
+fn a_rebuild_drops_triggers_by_name_and_a_violated_unique_index_rolls_it_back() {
+    let w = Workdir::new();
+    let db = sales_db(&w, 80);
+    let first = "SELECT region, count(*) AS n FROM sales GROUP BY region";
+    config(&w, &db, &[("totals", "totals", first)]);
+    w.cmd(&["run-job", "lite.refresh.totals"])
+        .assert()
+        .success();
+    sqlite(
+        &db,
+        "CREATE TABLE seen (n INT);
+         CREATE TRIGGER totals_seen AFTER INSERT ON totals BEGIN INSERT INTO seen VALUES (NEW.n); END;
+         CREATE INDEX totals_n ON totals (n);
+         CREATE UNIQUE INDEX totals_region ON totals (region);",
+    );
+    let second = "SELECT region, sum(amount) AS m FROM sales GROUP BY region";
+    config(&w, &db, &[("totals", "totals", second)]);
+    w.cmd(&["run-job", "lite.refresh.totals"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "dropped with the old columns: index totals_n, trigger totals_seen",
+        ))
+        .stderr(predicate::str::contains("trigger totals_seen"));
+    assert_eq!(schema_sql(&db, "totals_seen"), "", "not created again");
+    assert!(schema_sql(&db, "totals_region").contains("UNIQUE"));
+    w.cmd(&["run-job", "lite.refresh.totals"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("rebuilt: 40 rows"));
+
+    // Two rows per region now: the UNIQUE index cannot come back.
+    let third = "SELECT region, amount AS a, id FROM sales";
+    config(&w, &db, &[("totals", "totals", third)]);
+    w.cmd(&["run-job", "lite.refresh.totals"])
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("index totals_region").and(predicate::str::contains(
+                "rolled back and the old table is intact",
+            )),
+        );
+    assert_eq!(
+        sqlite(
+            &db,
+            "SELECT group_concat(name, ',') FROM pragma_table_info('totals')"
+        )
+        .trim(),
+        "region,m"
+    );
+    assert_eq!(sqlite(&db, "SELECT count(*) FROM totals").trim(), "40");
 }

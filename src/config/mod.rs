@@ -995,8 +995,21 @@ impl Config {
         let mut names = HashSet::new();
         for r in &db.refresh {
             let key = format!("{db_key}.refresh \"{}\"", r.view);
-            crate::db::QualifiedName::parse(&r.view)
+            let view = crate::db::QualifiedName::parse(&r.view)
                 .map_err(|m| self.invalid(format!("{key}.view"), m))?;
+            // A TEMP table lives only as long as dbkeeper's connection: the refresh
+            // would report rows that nobody else can ever read.
+            if backend == Backend::Sqlite
+                && view
+                    .schema
+                    .as_deref()
+                    .is_some_and(|s| s.eq_ignore_ascii_case("temp"))
+            {
+                return Err(self.invalid(
+                    format!("{key}.view"),
+                    "names SQLite's TEMP schema, whose tables vanish when dbkeeper's connection closes; use a table in main or an attached schema",
+                ));
+            }
             self.claim_name(&mut names, &key, &r.job_name())?;
             match (backend, &r.query) {
                 (Backend::Sqlite, None) => {

@@ -128,8 +128,14 @@ impl JobError {
         }
         !matches!(
             self,
-            JobError::Refresh(F::Refused(_) | F::NoView { .. } | F::NotOwned { .. })
-                | JobError::Backup(backup::BackupError::Refused(_))
+            JobError::Refresh(
+                F::Refused(_)
+                    | F::NoView { .. }
+                    | F::NotOwned { .. }
+                    | F::Referenced { .. }
+                    // The same rows would violate the index again.
+                    | F::IndexFails { .. }
+            ) | JobError::Backup(backup::BackupError::Refused(_))
                 | JobError::Migrate(
                     migrate::MigrateError::Blocked(_)
                         | migrate::MigrateError::Read { .. }

@@ -3,8 +3,8 @@
 //! PostgreSQL: `REFRESH MATERIALIZED VIEW`, CONCURRENTLY when the view allows it, with
 //! a lock timeout (a blocked refresh fails and the runner retries it with backoff).
 //! SQLite: a table rebuilt from a query in one transaction, so readers see the old or
-//! the new contents, never an empty table; only a table dbkeeper created is ever
-//! replaced.
+//! the new contents, never an empty table; only a table dbkeeper created, and that no
+//! other table references with a foreign key, is ever replaced.
 
 mod postgres;
 mod sqlite;
@@ -30,6 +30,19 @@ pub enum RefreshError {
         database: String,
         table: String,
         kind: String,
+    },
+    #[error("index {index} on {table} in database \"{database}\" cannot be created again for the query's new columns ({source}), so the rebuild was rolled back and the old table is intact; drop or change the index, or change `query`")]
+    IndexFails {
+        database: String,
+        table: String,
+        index: String,
+        source: sqlx::Error,
+    },
+    #[error("table {table} in database \"{database}\" is referenced by a foreign key from {referencing}, and a refresh deletes its rows (which would delete, or orphan, the rows pointing at them); remove those foreign keys, or point `view` in [[database.refresh]] at a table no other table references")]
+    Referenced {
+        database: String,
+        table: String,
+        referencing: String,
     },
 }
 
@@ -59,17 +72,28 @@ impl RefreshJob {
         db: &Database,
         cancel: &CancellationToken,
     ) -> Result<Outcome, RefreshError> {
-        let (rows, how) = match db {
-            Database::Postgres(pg) => postgres::refresh(pg, &self.view, &self.cfg, cancel).await?,
+        let (rows, how, dropped) = match db {
+            Database::Postgres(pg) => {
+                let (rows, how) = postgres::refresh(pg, &self.view, &self.cfg, cancel).await?;
+                (rows, how, Vec::new())
+            }
             Database::Sqlite(lite) => {
                 let query = self.cfg.query.as_deref().unwrap_or_default();
-                sqlite::rebuild(lite, &self.view, query, self.cfg.lock_timeout).await?
+                let done = sqlite::rebuild(lite, &self.view, query, self.cfg.lock_timeout).await?;
+                (done.rows, done.how, done.dropped)
             }
         };
         metrics::refresh_rows(db.name(), &self.cfg.view, rows);
+        let mut summary = format!("{} {how}: {rows} rows", self.view);
+        if !dropped.is_empty() {
+            summary.push_str(&format!(
+                "; dropped with the old columns: {}",
+                dropped.join(", ")
+            ));
+        }
         Ok(Outcome {
-            summary: format!("{} {how}: {rows} rows", self.view),
-            details: serde_json::json!({ "rows": rows, "how": how }),
+            summary,
+            details: serde_json::json!({ "rows": rows, "how": how, "dropped": dropped }),
         })
     }
 }

@@ -25,6 +25,10 @@ const PROBE: &str = "_dbkeeper_refresh_columns";
 /// The table a rebuild with new columns fills before it takes the old one's place.
 const STAGING: &str = "_dbkeeper_refresh_new";
 
+/// Where the same-columns path keeps the query's result while it empties the table
+/// (on our own connection; dropped again in the same transaction).
+const STAGE: &str = "_dbkeeper_refresh_stage";
+
 /// A result or table column: name and declared type, in order.
 type Columns = Vec<(String, String)>;
 
@@ -35,6 +39,9 @@ enum Target {
     Owned(Columns),
     /// Something else: an application's table (or a view or index); its kind.
     Foreign(String),
+    /// Missing or dbkeeper's, but other tables' foreign keys point at it (their names):
+    /// the refresh's `DELETE`/`DROP` would cascade into them, or orphan their rows.
+    Referenced(Vec<String>),
 }
 
 /// Refuses (without touching anything) when the name belongs to something dbkeeper
@@ -50,18 +57,27 @@ pub async fn check(lite: &Sqlite, table: &QualifiedName) -> Result<(), RefreshEr
         .map_err(|e| RefreshError::Db(lite.query_error(e)))?
     {
         Target::Foreign(kind) => Err(not_owned(lite, table, kind)),
+        Target::Referenced(names) => Err(referenced(lite, table, names)),
         Target::Missing | Target::Owned(_) => Ok(()),
     }
 }
 
+/// What a refresh did: rows now in the table, how, and the indexes and triggers a
+/// rebuild with new columns dropped (each as `index x` or `trigger y`).
+pub struct Rebuilt {
+    pub rows: u64,
+    pub how: &'static str,
+    pub dropped: Vec<String>,
+}
+
 /// Replaces the table's rows with the query's result (creating the table, or building
-/// it anew when the query's columns changed); returns the row count and what was done.
+/// it anew when the query's columns changed).
 pub async fn rebuild(
     lite: &Sqlite,
     table: &QualifiedName,
     query: &str,
     lock_timeout: Duration,
-) -> Result<(u64, &'static str), RefreshError> {
+) -> Result<Rebuilt, RefreshError> {
     let db = |e: sqlx::Error| RefreshError::Db(lite.query_error(e));
     let mut conn = lite.begin_immediate(lock_timeout).await?;
     let steps = async {
@@ -69,29 +85,30 @@ pub async fn rebuild(
         let columns = query_columns(&mut conn, query).await.map_err(db)?;
         match target {
             Target::Foreign(kind) => Err(not_owned(lite, table, kind)),
+            Target::Referenced(names) => Err(referenced(lite, table, names)),
             Target::Missing => {
                 create(&mut conn, table, &columns).await.map_err(db)?;
                 let rows = insert(&mut conn, table, &columns, query)
                     .await
                     .map_err(db)?;
-                Ok((rows, "created"))
+                Ok(Rebuilt {
+                    rows,
+                    how: "created",
+                    dropped: Vec::new(),
+                })
             }
             // Same columns: the table and its indexes stay, only the rows change.
             Target::Owned(old) if old == columns => {
-                execute(&mut conn, format!("DELETE FROM {}", table.quoted()))
+                let rows = refill(&mut conn, table, &columns, query)
                     .await
                     .map_err(db)?;
-                let rows = insert(&mut conn, table, &columns, query)
-                    .await
-                    .map_err(db)?;
-                Ok((rows, "rebuilt"))
+                Ok(Rebuilt {
+                    rows,
+                    how: "rebuilt",
+                    dropped: Vec::new(),
+                })
             }
-            Target::Owned(_) => {
-                let rows = replace(&mut conn, table, &columns, query)
-                    .await
-                    .map_err(db)?;
-                Ok((rows, "rebuilt with new columns"))
-            }
+            Target::Owned(_) => replace(lite, &mut conn, table, &columns, query).await,
         }
     }
     .await;
@@ -103,6 +120,14 @@ fn not_owned(lite: &Sqlite, table: &QualifiedName, kind: String) -> RefreshError
         database: lite.name.clone(),
         table: table.to_string(),
         kind,
+    }
+}
+
+fn referenced(lite: &Sqlite, table: &QualifiedName, names: Vec<String>) -> RefreshError {
+    RefreshError::Referenced {
+        database: lite.name.clone(),
+        table: table.to_string(),
+        referencing: names.join(", "),
     }
 }
 
@@ -126,18 +151,43 @@ async fn inspect(
     .bind(&table.name)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((kind, name, sql)) = found else {
+    if let Some((kind, name, sql)) = &found {
+        if kind != "table" || !sql.as_deref().is_some_and(|sql| has_marker(sql, name)) {
+            return Ok(Target::Foreign(kind.clone()));
+        }
+    }
+    // Whether or not the database enforces foreign keys: enforced, the `DELETE` cascades
+    // into (or is refused by) the referencing rows; not enforced, they are orphaned.
+    let referencing = referencing_tables(conn, table).await?;
+    if !referencing.is_empty() {
+        return Ok(Target::Referenced(referencing));
+    }
+    let Some((_, name, _)) = found else {
         return Ok(Target::Missing);
     };
-    if kind != "table" || !sql.as_deref().is_some_and(|sql| has_marker(sql, &name)) {
-        return Ok(Target::Foreign(kind));
-    }
     let columns = sqlx::query_as("SELECT name, type FROM pragma_table_info(?1, ?2) ORDER BY cid")
         .bind(&name)
         .bind(table.schema.as_deref().unwrap_or("main"))
         .fetch_all(&mut *conn)
         .await?;
     Ok(Target::Owned(columns))
+}
+
+/// Tables with a foreign key pointing at `table` (a foreign key can only point into its
+/// own schema; a table not created yet can be referenced already).
+async fn referencing_tables(
+    conn: &mut SqliteConnection,
+    table: &QualifiedName,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT DISTINCT s.name FROM {} AS s, pragma_foreign_key_list(s.name, ?2) AS f \
+         WHERE s.type = 'table' AND f.\"table\" = ?1 COLLATE NOCASE ORDER BY s.name",
+        schema_table(table)
+    )))
+    .bind(&table.name)
+    .bind(table.schema.as_deref().unwrap_or("main"))
+    .fetch_all(&mut *conn)
+    .await
 }
 
 /// True if `sql` (from `sqlite_schema`) is `CREATE TABLE "<name>" /* dbkeeper:refresh */ …`,
@@ -214,22 +264,51 @@ async fn insert(
     Ok(done.rows_affected())
 }
 
-/// The query's columns changed: a new table with the marker is filled, the old one
-/// dropped and the new one renamed into its place, all inside the caller's
-/// transaction. The old table's indexes and triggers are created again where their SQL
-/// still applies; the others are reported.
-async fn replace(
+/// Replaces the rows in place. The query's result is computed into a TEMP stage
+/// first: a query that reads the table itself must see its old rows, not the empty
+/// table the `DELETE` leaves (as the rebuild with new columns does).
+async fn refill(
     conn: &mut SqliteConnection,
     table: &QualifiedName,
     columns: &Columns,
     query: &str,
 ) -> Result<u64, sqlx::Error> {
+    let stage = format!("temp.{}", quote(STAGE));
+    execute(
+        conn,
+        format!(
+            "CREATE TEMP TABLE {} AS SELECT * FROM ({query})",
+            quote(STAGE)
+        ),
+    )
+    .await?;
+    execute(conn, format!("DELETE FROM {}", table.quoted())).await?;
+    let rows = insert(conn, table, columns, &format!("SELECT * FROM {stage}")).await?;
+    execute(conn, format!("DROP TABLE {stage}")).await?;
+    Ok(rows)
+}
+
+/// The query's columns changed: a new table with the marker is filled, the old one
+/// dropped and the new one renamed into its place, all inside the caller's
+/// transaction. The old table's indexes are created again where their columns still
+/// exist (the others are reported); one that fails for another reason (a UNIQUE index
+/// the new rows violate) fails the rebuild, which rolls back. Triggers are never
+/// created again: SQLite does not check a trigger body's columns when it is created, so
+/// one using a dropped column would come back and break every later refresh.
+async fn replace(
+    lite: &Sqlite,
+    conn: &mut SqliteConnection,
+    table: &QualifiedName,
+    columns: &Columns,
+    query: &str,
+) -> Result<Rebuilt, RefreshError> {
+    let db = |e: sqlx::Error| RefreshError::Db(lite.query_error(e));
     let staging = QualifiedName {
         schema: table.schema.clone(),
         name: STAGING.to_owned(),
     };
-    create(conn, &staging, columns).await?;
-    let rows = insert(conn, &staging, columns, query).await?;
+    create(conn, &staging, columns).await.map_err(db)?;
+    let rows = insert(conn, &staging, columns, query).await.map_err(db)?;
     let dependents: Vec<(String, String, String)> = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT type, name, sql FROM {} WHERE tbl_name = ?1 COLLATE NOCASE \
          AND type IN ('index', 'trigger') AND sql IS NOT NULL ORDER BY type, name",
@@ -237,12 +316,17 @@ async fn replace(
     )))
     .bind(&table.name)
     .fetch_all(&mut *conn)
-    .await?;
-    execute(conn, format!("DROP TABLE {}", table.quoted())).await?;
+    .await
+    .map_err(db)?;
+    execute(conn, format!("DROP TABLE {}", table.quoted()))
+        .await
+        .map_err(db)?;
     // Since SQLite 3.26 a rename re-checks every view, and a view over the table just
     // dropped fails that check; the legacy rename does not look at views (none names
     // the staging table anyway). This connection is closed afterwards.
-    execute(conn, "PRAGMA legacy_alter_table = ON".to_owned()).await?;
+    execute(conn, "PRAGMA legacy_alter_table = ON".to_owned())
+        .await
+        .map_err(db)?;
     execute(
         conn,
         format!(
@@ -251,26 +335,57 @@ async fn replace(
             quote(&table.name)
         ),
     )
-    .await?;
+    .await
+    .map_err(db)?;
+    let mut dropped = Vec::new();
     for (kind, name, sql) in dependents {
-        // Each in a savepoint, so one that no longer applies leaves no trace.
-        execute(conn, "SAVEPOINT dbkeeper_dependent".to_owned()).await?;
+        if kind == "trigger" {
+            tracing::warn!(table = %table, "trigger {name} was dropped with the old columns and is not created again; create it anew if it still applies");
+            dropped.push(format!("trigger {name}"));
+            continue;
+        }
+        // In a savepoint, so an index that no longer applies leaves no trace.
+        execute(conn, "SAVEPOINT dbkeeper_dependent".to_owned())
+            .await
+            .map_err(db)?;
         match sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
-            Ok(_) => execute(conn, "RELEASE dbkeeper_dependent".to_owned()).await?,
-            Err(e) => {
+            Ok(_) => execute(conn, "RELEASE dbkeeper_dependent".to_owned())
+                .await
+                .map_err(db)?,
+            Err(e) if is_missing_column(&e) => {
                 execute(
                     conn,
                     "ROLLBACK TO dbkeeper_dependent; RELEASE dbkeeper_dependent".to_owned(),
                 )
-                .await?;
+                .await
+                .map_err(db)?;
                 tracing::warn!(
                     table = %table,
                     "{kind} {name} no longer applies to the new columns and was dropped: {e}"
                 );
+                dropped.push(format!("{kind} {name}"));
+            }
+            Err(e) => {
+                return Err(RefreshError::IndexFails {
+                    database: lite.name.clone(),
+                    table: table.to_string(),
+                    index: name,
+                    source: e,
+                })
             }
         }
     }
-    Ok(rows)
+    Ok(Rebuilt {
+        rows,
+        how: "rebuilt with new columns",
+        dropped,
+    })
+}
+
+/// SQLite's error for an index over a column the new table does not have.
+fn is_missing_column(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.message().starts_with("no such column"))
 }
 
 async fn execute(conn: &mut SqliteConnection, sql: String) -> Result<(), sqlx::Error> {
