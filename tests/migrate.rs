@@ -729,3 +729,249 @@ fn an_invalid_index_named_in_a_migration_fails_it_even_after_if_not_exists() {
     w.cmd(&["migrate", "apply", "db"]).assert().success();
     assert_eq!(invalid(), "", "every index is valid now");
 }
+
+/// A `-- no-transaction` migration still running (its migrator holds the lock) is shown
+/// as RUNNING with no repair advice; if its row is deleted meanwhile anyway, the
+/// migrator fails instead of reporting it applied.
+#[test]
+fn a_running_no_transaction_migration_is_not_dirty_and_a_row_deleted_meanwhile_fails_the_run() {
+    let pg = PgDb::new("mig_running");
+    let w = Workdir::new();
+    let dir = w.path().join("migrations");
+    write(&dir, "1_a.sql", "CREATE TABLE a (x int);");
+    write(
+        &dir,
+        "2_slow.sql",
+        "-- no-transaction\nINSERT INTO a VALUES (2); SELECT pg_sleep(4);",
+    );
+    write(&dir, "3_c.sql", "INSERT INTO a VALUES (3);");
+    w.write_config("", &migrate_config(&pg.url, &dir, "backup-first = false"));
+    let apply = Command::new(BIN)
+        .args(["migrate", "apply", "db", "-c"])
+        .arg(w.config_path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let started = std::time::Instant::now();
+    while pg.sleeping_sessions() == 0 {
+        assert!(started.elapsed() < Duration::from_secs(20), "never ran 2");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = w.cmd(&["migrate", "status", "db"]).assert().success();
+    let out = status.get_output();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("2 ") && l.contains("RUNNING")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("held by pid"), "{stdout}");
+    assert!(
+        !stdout.contains("FAILED") && !stderr.contains("DELETE FROM"),
+        "{stdout}{stderr}"
+    );
+
+    pg.sql("DELETE FROM _sqlx_migrations WHERE version = 2");
+    let out = apply.wait_with_output().expect("apply");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("2_slow.sql") && stderr.contains("was removed while it ran"),
+        "{stderr}"
+    );
+    assert_eq!(
+        pg.sql("SELECT string_agg(version::text, ',' ORDER BY version) FROM _sqlx_migrations"),
+        "1",
+        "nothing after it, and 2 is not recorded"
+    );
+}
+
+/// An INVALID index of the same name in a schema the migration does not mean (not on
+/// its search path, or another schema than the one it qualifies) is neither blamed nor
+/// dropped.
+#[test]
+fn an_invalid_index_in_another_schema_is_neither_blamed_nor_dropped() {
+    let pg = PgDb::new("mig_other_schema");
+    let w = Workdir::new();
+    let dir = w.path().join("migrations");
+    pg.sql("CREATE SCHEMA reporting; CREATE TABLE reporting.t (k text); INSERT INTO reporting.t VALUES ('a'), ('a');");
+    let out = Command::new("psql")
+        .args([
+            &pg.url,
+            "-qAtc",
+            "CREATE UNIQUE INDEX CONCURRENTLY t_k_key ON reporting.t (k)",
+        ])
+        .output()
+        .expect("psql");
+    assert!(!out.status.success(), "duplicates make it INVALID");
+    write(
+        &dir,
+        "1_t.sql",
+        "CREATE TABLE t (k text); INSERT INTO t VALUES ('x'), ('y');",
+    );
+    write(
+        &dir,
+        "2_idx.sql",
+        "-- no-transaction\nCREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS t_k_key ON t (k);",
+    );
+    write(
+        &dir,
+        "3_qualified.sql",
+        "COMMENT ON INDEX \"public\".t_k_key IS 'k';",
+    );
+    w.write_config(
+        "",
+        &migrate_config(
+            &pg.url,
+            &dir,
+            "backup-first = false\ndrop-invalid-indexes = true",
+        ),
+    );
+    w.cmd(&["migrate", "apply", "db"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("applied 3 migrations (1, 2, 3)"));
+    assert_eq!(
+        pg.sql("SELECT string_agg(indexrelid::regclass::text || ':' || indisvalid, ',' ORDER BY indexrelid::regclass::text) FROM pg_index WHERE indexrelid::regclass::text LIKE '%t_k_key'"),
+        "reporting.t_k_key:false,t_k_key:true",
+        "the other schema's INVALID index is left alone"
+    );
+}
+
+/// A migration file that ends dbkeeper's transaction itself (COMMIT or ROLLBACK) is
+/// never recorded as applied: it is marked failed, like a `-- no-transaction` migration
+/// that failed part-way, so neither dbkeeper nor sqlx applies anything after it.
+#[test]
+fn a_migration_that_ends_its_own_transaction_is_marked_failed_on_both_backends() {
+    for (file, then) in [
+        (
+            "INSERT INTO t VALUES (1);\nCOMMIT;\nINSERT INTO t VALUES (2);",
+            "",
+        ),
+        (
+            "INSERT INTO t VALUES (1);\nCOMMIT;\nINSERT INTO missing VALUES (2);",
+            "and then failed",
+        ),
+        (
+            "INSERT INTO t VALUES (1);\nROLLBACK;\nINSERT INTO t VALUES (2);",
+            "",
+        ),
+    ] {
+        ends_its_own_transaction(file, then);
+    }
+}
+
+/// Migration 2 is `file`; the error must say `then` too.
+fn ends_its_own_transaction(file: &str, then: &str) {
+    let pg = PgDb::new("mig_commit");
+    let w = Workdir::new();
+    let lite = w.path().join("app.db");
+    for (n, url) in [pg.url.clone(), w.sqlite_url("app.db")].iter().enumerate() {
+        let sql = |q: &str| {
+            if url.starts_with("sqlite:") {
+                common::sqlite(&lite, q).trim().to_owned()
+            } else {
+                pg.sql(q)
+            }
+        };
+        let dir = w.path().join(format!("migrations-{n}"));
+        write(&dir, "1_t.sql", "CREATE TABLE t (x int);");
+        write(&dir, "2_commits.sql", file);
+        write(&dir, "3_after.sql", "INSERT INTO t VALUES (3);");
+        w.write_config("", &migrate_config(url, &dir, "backup-first = false"));
+        w.cmd(&["migrate", "apply", "db"]).assert().code(1).stderr(
+            predicate::str::contains("2_commits.sql")
+                .and(predicate::str::contains("ends its own transaction"))
+                .and(predicate::str::contains("may be committed"))
+                .and(predicate::str::contains(then))
+                .and(predicate::str::contains(
+                    "DELETE FROM _sqlx_migrations WHERE version = 2",
+                )),
+        );
+        assert_eq!(
+            sql("SELECT version || ':' || success FROM _sqlx_migrations WHERE version > 1"),
+            if url.starts_with("sqlite:") {
+                "2:0"
+            } else {
+                "2:false"
+            },
+            "{url}: marked failed, nothing after it"
+        );
+        assert_eq!(sql("SELECT count(*) FROM t WHERE x = 3"), "0");
+        match sqlx_migrate(url, &dir) {
+            Err(sqlx::migrate::MigrateError::Dirty(2)) => {}
+            other => panic!("{url}: sqlx's migrator must refuse version 2 as dirty: {other:?}"),
+        }
+    }
+}
+
+/// With `foreign-keys = true`, only foreign-key violations a migration adds fail it (one
+/// that was there before is not its fault), and a `-- no-transaction` migration that
+/// adds one is marked failed with its changes left in place, not "rolled back".
+#[test]
+fn sqlite_foreign_key_check_blames_only_new_violations_and_never_claims_a_rollback_it_did_not_do() {
+    let w = Workdir::new();
+    let dir = w.path().join("migrations");
+    let db = w.path().join("app.db");
+    write(
+        &dir,
+        "1_init.sql",
+        "CREATE TABLE users (id INTEGER PRIMARY KEY);
+         CREATE TABLE posts (id INTEGER PRIMARY KEY, user_id INTEGER REFERENCES users (id));
+         INSERT INTO users VALUES (1), (2); INSERT INTO posts (user_id) VALUES (1), (2);",
+    );
+    w.write_config(
+        "",
+        &migrate_config(&w.sqlite_url("app.db"), &dir, "backup-first = false").replace(
+            "[database.migrate]",
+            "foreign-keys = true\n[database.migrate]",
+        ),
+    );
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
+    // An orphan the application left, long before the next migration.
+    common::sqlite(&db, "INSERT INTO posts (user_id) VALUES (9)");
+    write(&dir, "2_unrelated.sql", "CREATE TABLE other (x int);");
+    w.cmd(&["migrate", "apply", "db"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("applied 1 migrations (2)"));
+
+    write(
+        &dir,
+        "3_del.sql",
+        "-- no-transaction\nDELETE FROM users WHERE id = 2;",
+    );
+    let out = w.cmd(&["migrate", "apply", "db"]).assert().code(1);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    for part in [
+        "3_del.sql",
+        "left 1 new rows",
+        "1 such rows existed before",
+        "table \"posts\"",
+        "changes stay",
+        "marked failed",
+    ] {
+        assert!(stderr.contains(part), "{part:?} in {stderr}");
+    }
+    assert!(
+        !stderr.contains("rolled back,") && !stderr.contains("so it was rolled back"),
+        "{stderr}"
+    );
+    assert_eq!(
+        common::sqlite(&db, "SELECT count(*) FROM users").trim(),
+        "1"
+    );
+    assert_eq!(
+        common::sqlite(
+            &db,
+            "SELECT success FROM _sqlx_migrations WHERE version = 3"
+        )
+        .trim(),
+        "0"
+    );
+}

@@ -45,6 +45,9 @@ pub async fn status(config: &Config, database: &str) -> anyhow::Result<Exit> {
         })
         .collect();
     print_table(&["VERSION", "DESCRIPTION", "STATE", "INSTALLED ON"], &rows);
+    if let Some(pid) = a.running {
+        println!("in progress: the migration lock is held by pid {pid}; a RUNNING migration is no failure, leave its row alone until it ends");
+    }
     for p in &a.problems {
         eprintln!("blocked: {p}");
     }

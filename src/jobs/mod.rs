@@ -140,6 +140,8 @@ impl JobError {
                     migrate::MigrateError::Blocked(_)
                         | migrate::MigrateError::Read { .. }
                         | migrate::MigrateError::Duplicate { .. }
+                        // A retry would run the migration a second time.
+                        | migrate::MigrateError::RowRemoved { .. }
                 )
         )
     }

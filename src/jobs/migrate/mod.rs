@@ -49,17 +49,29 @@ pub enum MigrateError {
         file: String,
         message: String,
     },
+    #[error("migration {version} ({file}) ran outside a transaction, but its row in _sqlx_migrations was removed while it ran, so nothing records it as applied and the next apply would run it again; insert that row as applied (`INSERT INTO _sqlx_migrations …` with success = TRUE, as sqlx writes it) or undo what it did by hand before applying again")]
+    RowRemoved { version: i64, file: String },
+    #[error("migration {version} ({file}) ends its own transaction (COMMIT or ROLLBACK in the file){}, so part of it may be committed; it is marked failed in _sqlx_migrations and nothing after it is applied until you act: remove COMMIT and ROLLBACK from the file (or make it `-- no-transaction`), then {}", .failed.as_ref().map_or(String::new(), |e| format!(" and then failed: {e}")), repair_hint(*.version))]
+    EndsOwnTransaction {
+        version: i64,
+        file: String,
+        /// The error its SQL ended with after that, if any.
+        failed: Option<Box<DbError>>,
+    },
     #[error(
         "another migrator held the migration lock for {0:?}; try again later or raise lock-wait"
     )]
     LockTimeout(std::time::Duration),
     #[error("pre-migration backup failed, nothing was applied: {0}")]
     Backup(String),
-    #[error("it left {rows} rows whose foreign key points at no row (the first in table \"{table}\", referencing \"{parent}\"), so it was rolled back; make the migration keep or re-point every referenced row")]
+    #[error("it left {new} new rows whose foreign key points at no row (the first in table \"{table}\", referencing \"{parent}\"){}; {}", existed_before(*.before), fk_outcome(*.in_transaction))]
     ForeignKeys {
-        rows: usize,
+        /// Violations the migration added (those that existed before are not its own).
+        new: usize,
+        before: usize,
         table: String,
         parent: String,
+        in_transaction: bool,
     },
     #[error("migrations {first} and {second} in {dir} have the same version {version}, so only one of them could ever be applied; give the one that is not applied yet a new, higher version")]
     Duplicate {
@@ -79,6 +91,23 @@ impl MigrateError {
     /// database: the command line exits 2, and retrying cannot help.
     pub fn is_config(&self) -> bool {
         matches!(self, MigrateError::Duplicate { .. })
+    }
+}
+
+fn existed_before(before: usize) -> String {
+    if before == 0 {
+        String::new()
+    } else {
+        format!(" ({before} such rows existed before it ran and are not counted)")
+    }
+}
+
+/// What became of a migration that left foreign-key violations, and what to do.
+fn fk_outcome(in_transaction: bool) -> &'static str {
+    if in_transaction {
+        "so it was rolled back; make the migration keep or re-point every referenced row"
+    } else {
+        "it ran outside a transaction, so its changes stay (nothing was rolled back) and it is marked failed; fix or delete those rows in that table by hand"
     }
 }
 
@@ -109,6 +138,15 @@ fn failed(m: &Migration, file: &str, dirty: bool, message: impl std::fmt::Displa
     }
 }
 
+/// A migration in a transaction failed with `e`. One that ended dbkeeper's transaction
+/// itself is reported as such; anything else was rolled back as a whole.
+fn failed_in_transaction(m: &Migration, file: &str, e: MigrateError) -> MigrateError {
+    match e {
+        e @ MigrateError::EndsOwnTransaction { .. } => e,
+        e => failed(m, file, false, e),
+    }
+}
+
 /// sqlx's history row for `m`, exactly as sqlx writes it (`execution_time` -1 until
 /// measured), with `success` as given. `$n` parameters work on both backends.
 fn history_row<'q, DB: sqlx::Database>(
@@ -135,6 +173,20 @@ where
 /// for an applied migration (`installed_on` is when it completed, as with sqlx).
 const MARK_APPLIED: &str =
     "UPDATE _sqlx_migrations SET success = TRUE, installed_on = CURRENT_TIMESTAMP WHERE version = $1";
+
+/// A `-- no-transaction` migration ran through and [`MARK_APPLIED`] changed `rows`
+/// rows. None: its row is gone (an operator deleted it while the migration ran), and
+/// reporting success would leave an applied migration that nothing records.
+fn marked(m: &Migration, file: &str, rows: u64) -> Result<(), MigrateError> {
+    if rows == 1 {
+        Ok(())
+    } else {
+        Err(MigrateError::RowRemoved {
+            version: m.version,
+            file: file.to_owned(),
+        })
+    }
+}
 
 /// sqlx measures each migration and stores the nanoseconds afterwards.
 const EXECUTION_TIME: &str = "UPDATE _sqlx_migrations SET execution_time = $1 WHERE version = $2";
@@ -174,8 +226,11 @@ pub enum State {
     /// Applied, but no file has this version.
     Missing,
     /// Marked as failed in the history: a `-- no-transaction` migration that failed
-    /// part-way (or is running right now).
+    /// part-way (or whose migrator died).
     Dirty,
+    /// Marked as failed in the history while another session holds the migration lock:
+    /// a `-- no-transaction` migration still running, not (yet) a failure.
+    Running,
 }
 
 impl State {
@@ -186,6 +241,7 @@ impl State {
             State::Drift => "CHECKSUM DRIFT",
             State::Missing => "FILE MISSING",
             State::Dirty => "FAILED (dirty)",
+            State::Running => "RUNNING",
         }
     }
 }
@@ -201,6 +257,8 @@ pub struct Assessment {
     pub problems: Vec<String>,
     pub drift: usize,
     pub applied_version: Option<i64>,
+    /// Another session holding the migration lock (PostgreSQL): its process id.
+    pub running: Option<i32>,
 }
 
 /// A file sqlx reads as a migration: `<version>_<description>.sql` (or `.up.sql`,
@@ -295,12 +353,14 @@ pub fn file_name(dir: &Path, version: i64) -> String {
         .unwrap_or_else(|| format!("{version}_*.sql"))
 }
 
-/// Compares the files with the history.
+/// Compares the files with the history. `running`: the process id of another session
+/// holding the migration lock, whose failed-looking rows are migrations in progress.
 pub fn assess(
     dir: &Path,
     files: &[Migration],
     applied: &[Applied],
     out_of_order: OutOfOrder,
+    running: Option<i32>,
 ) -> Assessment {
     let mut rows = Vec::new();
     let mut problems = Vec::new();
@@ -313,7 +373,12 @@ pub fn assess(
         .max();
     for a in applied {
         let file = files.iter().find(|f| f.version == a.version);
-        let state = if !a.success {
+        let state = if !a.success && running.is_some() {
+            // The row a `-- no-transaction` migration writes before it runs; the lock
+            // holder marks it applied (or leaves it failed) when it ends. Repairing it
+            // now would race the running migration.
+            State::Running
+        } else if !a.success {
             problems.push(format!(
                 "migration {} ({}) is marked failed (dirty) in _sqlx_migrations, so nothing is applied until you act: {}",
                 a.version,
@@ -373,6 +438,7 @@ pub fn assess(
         problems,
         drift,
         applied_version: newest_applied,
+        running,
     }
 }
 
@@ -388,11 +454,21 @@ impl MigrateJob {
     /// Reads the files and the history (creating nothing) and publishes the metrics.
     pub async fn status(&self, db: &Database) -> Result<Assessment, MigrateError> {
         let files = read_dir(&self.cfg.dir).await?;
-        let applied = match db {
-            Database::Postgres(pg) => postgres::applied(pg).await?,
-            Database::Sqlite(lite) => sqlite::applied(lite).await?,
+        let (applied, running) = match db {
+            Database::Postgres(pg) => (
+                postgres::applied(pg).await?,
+                postgres::lock_holder(pg).await?,
+            ),
+            // A SQLite `-- no-transaction` migration holds no lock while it runs.
+            Database::Sqlite(lite) => (sqlite::applied(lite).await?, None),
         };
-        let a = assess(&self.cfg.dir, &files, &applied, self.cfg.out_of_order);
+        let a = assess(
+            &self.cfg.dir,
+            &files,
+            &applied,
+            self.cfg.out_of_order,
+            running,
+        );
         metrics::migrations(db.name(), a.pending.len(), a.applied_version, a.drift);
         Ok(a)
     }
@@ -443,7 +519,8 @@ impl MigrateJob {
         history: &[Applied],
         cancel: &CancellationToken,
     ) -> Result<(Vec<Migration>, Option<String>), MigrateError> {
-        let a = assess(&self.cfg.dir, files, history, self.cfg.out_of_order);
+        // Called under the migration lock (or SQLite): nobody else is running one.
+        let a = assess(&self.cfg.dir, files, history, self.cfg.out_of_order, None);
         if !a.problems.is_empty() {
             return Err(MigrateError::Blocked(format!(
                 "nothing applied: {}",
@@ -517,14 +594,14 @@ mod tests {
         let dir = Path::new("/nonexistent");
         let files = vec![file(1, "a"), file(2, "b"), file(3, "c"), file(5, "e")];
         let mut history = vec![applied(&files[0]), applied(&files[2])];
-        let a = assess(dir, &files, &history, OutOfOrder::Error);
+        let a = assess(dir, &files, &history, OutOfOrder::Error, None);
         assert_eq!(
             a.pending.iter().map(|m| m.version).collect::<Vec<_>>(),
             [2, 5]
         );
         assert_eq!(a.problems.len(), 1, "2 is out of order: {:?}", a.problems);
         assert!(a.problems[0].contains("out-of-order"));
-        assert!(assess(dir, &files, &history, OutOfOrder::Apply)
+        assert!(assess(dir, &files, &history, OutOfOrder::Apply, None)
             .problems
             .is_empty());
 
@@ -539,7 +616,7 @@ mod tests {
             success: false,
             ..applied(&files[3])
         });
-        let a = assess(dir, &files, &history, OutOfOrder::Apply);
+        let a = assess(dir, &files, &history, OutOfOrder::Apply, None);
         let states: Vec<(i64, State)> = a.rows.iter().map(|r| (r.0, r.2)).collect();
         assert_eq!(
             states,
@@ -555,6 +632,10 @@ mod tests {
         assert_eq!(a.drift, 1);
         assert_eq!(a.problems.len(), 3);
         assert_eq!(a.applied_version, Some(4));
+
+        let a = assess(dir, &files, &history, OutOfOrder::Apply, Some(42));
+        assert_eq!(a.rows.last().map(|r| r.2), Some(State::Running));
+        assert_eq!(a.problems.len(), 2, "a running migration is no problem");
     }
 
     #[test]

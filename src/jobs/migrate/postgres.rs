@@ -56,6 +56,28 @@ pub async fn applied(pg: &Postgres) -> Result<Vec<Applied>, MigrateError> {
     Ok(rows.into_iter().map(Applied::from).collect())
 }
 
+/// The process id of another session holding sqlx's migration lock on this database:
+/// a migrator at work, whose `-- no-transaction` migration's row says failed until it
+/// ends. Read from `pg_locks`, so looking never takes the lock from a migrator.
+pub async fn lock_holder(pg: &Postgres) -> Result<Option<i32>, MigrateError> {
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pg.pool)
+        .await
+        .map_err(db_err(pg))?;
+    // A bigint advisory key is stored as its high and low 32 bits, objsubid 1.
+    sqlx::query_scalar(
+        "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+           AND d.datname = current_database() AND l.pid <> pg_backend_pid()
+           AND l.classid = ($1 >> 32)::oid AND l.objid = ($1 & 4294967295)::oid
+         LIMIT 1",
+    )
+    .bind(lock_id(&database))
+    .fetch_optional(&pg.pool)
+    .await
+    .map_err(db_err(pg))
+}
+
 /// Waits for sqlx's migration lock by polling, up to `wait`.
 async fn lock(
     pg: &Postgres,
@@ -209,10 +231,39 @@ async fn run_one(
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
-            sqlx::raw_sql(m.sql.clone())
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
+            // Reverts with the transaction: gone afterwards if the file's own COMMIT or
+            // ROLLBACK ended it (a number, formatted here).
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "SET LOCAL dbkeeper.migration_tx = '{}'",
+                m.version
+            )))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            let ran = sqlx::raw_sql(m.sql.clone()).execute(&mut *tx).await;
+            // Asked even after an error: statements after the file's COMMIT fail on
+            // their own. In dbkeeper's transaction, failed or not, the answer is the
+            // version (or an error: the transaction is aborted).
+            let marker: Option<String> =
+                sqlx::query_scalar("SELECT current_setting('dbkeeper.migration_tx', true)")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap_or_else(|_| Some(m.version.to_string()));
+            if marker != Some(m.version.to_string()) {
+                // What ran before its COMMIT stays: recorded as failed, exactly like a
+                // `-- no-transaction` migration that failed part-way.
+                let _ = tx.rollback().await;
+                super::history_row(m, false)
+                    .execute(&mut **conn)
+                    .await
+                    .map_err(db)?;
+                return Err(MigrateError::EndsOwnTransaction {
+                    version: m.version,
+                    file: file.to_owned(),
+                    failed: ran.err().map(|e| Box::new(pg.query_error(e))),
+                });
+            }
+            ran.map_err(db)?;
             refuse_invalid_indexes(pg, &mut tx, m).await?;
             super::history_row(m, true)
                 .execute(&mut *tx)
@@ -221,7 +272,7 @@ async fn run_one(
             tx.commit().await.map_err(db)
         }
         .await;
-        return result.map_err(|e| super::failed(m, file, false, e));
+        return result.map_err(|e| super::failed_in_transaction(m, file, e));
     }
     // Written as failed before it runs: whether it fails part-way or the process or
     // connection dies meanwhile, the history says so, and neither dbkeeper nor sqlx's
@@ -264,8 +315,8 @@ async fn run_one(
             .map_err(db)
     }
     .await;
-    marked.map_err(|e| super::failed(m, file, true, e))?;
-    Ok(())
+    let marked = marked.map_err(|e| super::failed(m, file, true, e))?;
+    super::marked(m, file, marked.rows_affected())
 }
 
 /// Fails if an INVALID index named in the migration exists after it ran. PostgreSQL
@@ -286,14 +337,18 @@ async fn refuse_invalid_indexes(
 }
 
 /// INVALID indexes (left by a failed `CREATE INDEX CONCURRENTLY`), quoted; with `sql`,
-/// only those whose name appears in it as a word.
+/// only those it names (see [`names_index`]): an index of the same name in a schema the
+/// migration could not have meant is neither blamed nor dropped.
 async fn invalid_indexes(
     pg: &Postgres,
     conn: &mut sqlx::PgConnection,
     sql: Option<&str>,
 ) -> Result<Vec<String>, MigrateError> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT format('%I.%I', n.nspname, c.relname), c.relname::text
+    // The search path of the connection the migration runs on decides where an
+    // unqualified name lives.
+    let rows: Vec<(String, String, String, bool)> = sqlx::query_as(
+        "SELECT format('%I.%I', n.nspname, c.relname), n.nspname::text, c.relname::text,
+                n.nspname = ANY (current_schemas(false))
          FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE NOT i.indisvalid ORDER BY 1",
     )
@@ -302,26 +357,47 @@ async fn invalid_indexes(
     .map_err(db_err(pg))?;
     Ok(rows
         .into_iter()
-        .filter(|(_, name)| sql.is_none_or(|s| mentions(s, name)))
-        .map(|(quoted, _)| quoted)
+        .filter(|(_, schema, name, on_path)| {
+            sql.is_none_or(|s| names_index(s, schema, name, *on_path))
+        })
+        .map(|(quoted, ..)| quoted)
         .collect())
 }
 
-/// True if `name` occurs in `sql` as a whole identifier (ASCII case ignored, as
-/// PostgreSQL folds unquoted names): `t_x` is not mentioned by `t_x_unique`.
-fn mentions(sql: &str, name: &str) -> bool {
+/// True if `sql` names index `name` of `schema`: `name` occurs as a whole identifier
+/// (ASCII case ignored, as PostgreSQL folds unquoted names; `t_x` is not named by
+/// `t_x_unique`), either qualified as `schema.name` (quotes optional) or unqualified
+/// while `schema` is on the search path (`on_path`).
+fn names_index(sql: &str, schema: &str, name: &str, on_path: bool) -> bool {
     let ident = |c: char| c.is_alphanumeric() || c == '_' || c == '$';
-    let (sql_lower, name_lower) = (sql.to_ascii_lowercase(), name.to_ascii_lowercase());
-    sql_lower.match_indices(&name_lower).any(|(at, _)| {
-        let before = sql_lower[..at].chars().next_back();
-        let after = sql_lower[at + name_lower.len()..].chars().next();
-        !before.is_some_and(ident) && !after.is_some_and(ident)
+    let ends_word = |text: &str| text.chars().next_back().is_some_and(ident);
+    let sql = sql.to_ascii_lowercase();
+    let (schema, name) = (schema.to_ascii_lowercase(), name.to_ascii_lowercase());
+    sql.match_indices(&name).any(|(at, _)| {
+        let before = &sql[..at];
+        if ends_word(before) || sql[at + name.len()..].starts_with(ident) {
+            return false;
+        }
+        let before = before.strip_suffix('"').unwrap_or(before).trim_end();
+        match before.strip_suffix('.') {
+            None => on_path,
+            Some(qualifier) => qualifier
+                .trim_end()
+                .strip_suffix('"')
+                .unwrap_or(qualifier)
+                .strip_suffix(schema.as_str())
+                .is_some_and(|rest| !ends_word(rest)),
+        }
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::mentions;
+    use super::names_index;
+
+    fn mentions(sql: &str, name: &str) -> bool {
+        names_index(sql, "public", name, true)
+    }
 
     #[test]
     fn index_names_are_matched_as_whole_identifiers() {
@@ -333,5 +409,30 @@ mod tests {
         assert!(!mentions(sql, "t_x"), "a prefix of another name");
         assert!(!mentions(sql, "x_unique"), "a suffix of another name");
         assert!(!mentions(sql, "x_u"));
+    }
+
+    #[test]
+    fn an_index_counts_only_in_the_schema_the_sql_can_mean() {
+        let plain = "CREATE INDEX IF NOT EXISTS t_x ON t (x);";
+        assert!(names_index(plain, "public", "t_x", true));
+        assert!(
+            !names_index(plain, "other", "t_x", false),
+            "not on the path"
+        );
+        for qualified in [
+            "CREATE INDEX IF NOT EXISTS app.t_x ON app.t (x);",
+            "CREATE INDEX IF NOT EXISTS \"app\".\"t_x\" ON app.t (x);",
+            "CREATE INDEX IF NOT EXISTS \"app\" . t_x ON app.t (x);",
+        ] {
+            assert!(names_index(qualified, "app", "t_x", false), "{qualified}");
+            assert!(
+                !names_index(qualified, "public", "t_x", true),
+                "{qualified}"
+            );
+            assert!(
+                !names_index(qualified, "myapp", "t_x", false),
+                "{qualified}"
+            );
+        }
     }
 }

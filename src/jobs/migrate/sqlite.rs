@@ -120,23 +120,34 @@ async fn run_one(
             return Ok(true);
         }
         let applied = async {
-            run_checked(lite, &mut conn, m).await?;
+            run_checked(lite, &mut conn, m, file).await?;
             super::history_row(m, true)
                 .execute(&mut *conn)
                 .await
                 .map_err(db_err(lite))
         }
         .await;
-        applied.map_err(|e| super::failed(m, file, false, e))?;
+        applied.map_err(|e| super::failed_in_transaction(m, file, e))?;
         Ok::<bool, MigrateError>(true)
     }
     .await;
-    let claimed = lite.end_transaction(&mut conn, steps).await?;
+    let claimed = match lite.end_transaction(&mut conn, steps).await {
+        // What ran before its COMMIT stays: recorded as failed, exactly like a
+        // `-- no-transaction` migration that failed part-way.
+        Err(e @ MigrateError::EndsOwnTransaction { .. }) => {
+            super::history_row(m, false)
+                .execute(&mut *conn)
+                .await
+                .map_err(db_err(lite))?;
+            return Err(e);
+        }
+        claimed => claimed?,
+    };
     if !claimed || !m.no_tx {
         return Ok(claimed);
     }
     let ran = async {
-        run_checked(lite, &mut conn, m).await?;
+        run_checked(lite, &mut conn, m, file).await?;
         sqlx::query(super::MARK_APPLIED)
             .bind(m.version)
             .execute(&mut *conn)
@@ -144,35 +155,69 @@ async fn run_one(
             .map_err(db_err(lite))
     }
     .await;
-    ran.map_err(|e| super::failed(m, file, true, e))?;
+    let marked = ran.map_err(|e| super::failed(m, file, true, e))?;
+    super::marked(m, file, marked.rows_affected())?;
     Ok(true)
 }
 
-/// Runs the migration's SQL, then (with `foreign-keys = true`) fails if any row's
-/// foreign key points at no row.
+/// Runs the migration's SQL, fails if it ended the transaction it ran in, then (with
+/// `foreign-keys = true`) fails if it left a row whose foreign key points at no row
+/// that was not there before.
 async fn run_checked(
     lite: &Sqlite,
     conn: &mut PoolConnection<sqlx::Sqlite>,
     m: &Migration,
+    file: &str,
 ) -> Result<(), MigrateError> {
-    sqlx::raw_sql(m.sql.clone())
-        .execute(&mut **conn)
-        .await
-        .map_err(db_err(lite))?;
-    if !lite.foreign_keys {
-        return Ok(());
-    }
-    let violations: Vec<(String, String)> =
-        sqlx::query_as("SELECT \"table\", parent FROM pragma_foreign_key_check")
-            .fetch_all(&mut **conn)
+    // Only violations the migration adds are its fault: those already there are
+    // counted first (inside its transaction, when it has one).
+    let before = if lite.foreign_keys {
+        Some(violations(lite, conn).await?)
+    } else {
+        None
+    };
+    let ran = sqlx::raw_sql(m.sql.clone()).execute(&mut **conn).await;
+    // SQLite has no transaction-scoped setting to look at, but `BEGIN` fails inside a
+    // transaction: if it succeeds, the file's COMMIT or ROLLBACK ended ours (asked
+    // even after an error: statements after its COMMIT fail on their own).
+    if !m.no_tx && sqlx::raw_sql("BEGIN").execute(&mut **conn).await.is_ok() {
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut **conn)
             .await
             .map_err(db_err(lite))?;
-    match violations.first() {
+        return Err(MigrateError::EndsOwnTransaction {
+            version: m.version,
+            file: file.to_owned(),
+            failed: ran.err().map(|e| Box::new(lite.query_error(e))),
+        });
+    }
+    ran.map_err(db_err(lite))?;
+    let Some(before) = before else {
+        return Ok(());
+    };
+    let after = violations(lite, conn).await?;
+    let new: Vec<&Violation> = after.iter().filter(|v| !before.contains(v)).collect();
+    match new.first() {
         None => Ok(()),
-        Some((table, parent)) => Err(MigrateError::ForeignKeys {
-            rows: violations.len(),
+        Some((table, _, parent, _)) => Err(MigrateError::ForeignKeys {
+            new: new.len(),
+            before: before.len(),
             table: table.clone(),
             parent: parent.clone(),
+            in_transaction: !m.no_tx,
         }),
     }
+}
+
+/// A row of `PRAGMA foreign_key_check`: table, rowid, parent, foreign key id.
+type Violation = (String, Option<i64>, String, i64);
+
+async fn violations(
+    lite: &Sqlite,
+    conn: &mut PoolConnection<sqlx::Sqlite>,
+) -> Result<Vec<Violation>, MigrateError> {
+    sqlx::query_as("SELECT \"table\", rowid, parent, fkid FROM pragma_foreign_key_check")
+        .fetch_all(&mut **conn)
+        .await
+        .map_err(db_err(lite))
 }
