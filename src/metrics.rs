@@ -45,6 +45,7 @@ pub const REFRESH_ROWS: &str = "dbkeeper_refresh_last_rows";
 pub const MIGRATIONS_PENDING: &str = "dbkeeper_migrations_pending";
 pub const MIGRATIONS_APPLIED_VERSION: &str = "dbkeeper_migrations_applied_version";
 pub const MIGRATIONS_CHECKSUM_MISMATCH: &str = "dbkeeper_migrations_checksum_mismatch";
+pub const MIGRATIONS_BLOCKED: &str = "dbkeeper_migrations_blocked";
 
 /// Buckets of `job_duration_seconds`: from a fast `ANALYZE` to a multi-hour dump.
 const DURATION_BUCKETS: &[f64] = &[
@@ -214,6 +215,10 @@ fn describe() {
         MIGRATIONS_CHECKSUM_MISMATCH,
         "Applied migrations whose file changed since."
     );
+    describe_gauge!(
+        MIGRATIONS_BLOCKED,
+        "Problems that block applying migrations (dirty, drift, missing, out-of-order, duplicate versions)."
+    );
 }
 
 fn ts(t: Option<DateTime<Utc>>) -> f64 {
@@ -363,11 +368,23 @@ pub fn refresh_rows(database: &str, view: &str, rows: u64) {
         .set(rows as f64);
 }
 
-pub fn migrations(database: &str, pending: usize, applied_version: Option<i64>, drift: usize) {
+pub fn migrations(
+    database: &str,
+    pending: usize,
+    applied_version: Option<i64>,
+    drift: usize,
+    blocked: usize,
+) {
     let db = || [("database", database.to_owned())];
     gauge!(MIGRATIONS_PENDING, &db()).set(pending as f64);
     gauge!(MIGRATIONS_APPLIED_VERSION, &db()).set(applied_version.unwrap_or(0) as f64);
     gauge!(MIGRATIONS_CHECKSUM_MISMATCH, &db()).set(drift as f64);
+    migrations_blocked(database, blocked);
+}
+
+/// Problems that block applying (see [`crate::jobs::migrate::Assessment::problems`]).
+pub fn migrations_blocked(database: &str, blocked: usize) {
+    gauge!(MIGRATIONS_BLOCKED, "database" => database.to_owned()).set(blocked as f64);
 }
 
 pub fn database_up(database: &str, up: bool) {

@@ -167,6 +167,11 @@ fn sqlx_and_dbkeeper_agree_on_what_is_applied() {
                 && d.metric("dbkeeper_migrations_pending", &["database=\"db\""]) == Some(1.0)
         });
         assert_eq!(
+            d.metric("dbkeeper_migrations_blocked", &["database=\"db\""]),
+            Some(1.0),
+            "the drift blocks applying"
+        );
+        assert_eq!(
             d.metric("dbkeeper_migrations_applied_version", &["database=\"db\""]),
             Some(20260201000005.0)
         );
@@ -974,4 +979,29 @@ fn sqlite_foreign_key_check_blames_only_new_violations_and_never_claims_a_rollba
         .trim(),
         "0"
     );
+}
+
+/// A file name sqlx cannot read as a migration is a configuration error for every
+/// command that reads the directory: exit 2, as `check` exits.
+#[test]
+fn a_migration_file_name_sqlx_cannot_read_is_a_config_error_everywhere() {
+    let w = Workdir::new();
+    let dir = w.path().join("migrations");
+    write(&dir, "1x_a.sql", "SELECT 1;");
+    w.write_config(
+        "",
+        &migrate_config(&w.sqlite_url("app.db"), &dir, "backup-first = false"),
+    );
+    for args in [
+        &["check"][..],
+        &["migrate", "status", "db"],
+        &["migrate", "plan", "db"],
+        &["migrate", "apply", "db"],
+        &["run-job", "db.migrate"],
+    ] {
+        w.cmd(args)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("1x_a.sql"));
+    }
 }

@@ -87,10 +87,14 @@ pub enum MigrateError {
 }
 
 impl MigrateError {
-    /// True when the configuration (here: the migrations directory) is wrong, not the
-    /// database: the command line exits 2, and retrying cannot help.
+    /// True when the configuration (here: the migrations directory, or a file in it
+    /// sqlx cannot read) is wrong, not the database: the command line exits 2, as
+    /// `check` does, and retrying cannot help.
     pub fn is_config(&self) -> bool {
-        matches!(self, MigrateError::Duplicate { .. })
+        matches!(
+            self,
+            MigrateError::Duplicate { .. } | MigrateError::Read { .. }
+        )
     }
 }
 
@@ -453,7 +457,12 @@ pub struct MigrateJob {
 impl MigrateJob {
     /// Reads the files and the history (creating nothing) and publishes the metrics.
     pub async fn status(&self, db: &Database) -> Result<Assessment, MigrateError> {
-        let files = read_dir(&self.cfg.dir).await?;
+        let files = read_dir(&self.cfg.dir).await.inspect_err(|e| {
+            // Two files with one version block applying like any other problem.
+            if matches!(e, MigrateError::Duplicate { .. }) {
+                metrics::migrations_blocked(db.name(), 1);
+            }
+        })?;
         let (applied, running) = match db {
             Database::Postgres(pg) => (
                 postgres::applied(pg).await?,
@@ -469,7 +478,13 @@ impl MigrateJob {
             self.cfg.out_of_order,
             running,
         );
-        metrics::migrations(db.name(), a.pending.len(), a.applied_version, a.drift);
+        metrics::migrations(
+            db.name(),
+            a.pending.len(),
+            a.applied_version,
+            a.drift,
+            a.problems.len(),
+        );
         Ok(a)
     }
 
