@@ -45,6 +45,24 @@ fn sqlx_migrate(url: &str, dir: &Path) -> Result<(), sqlx::migrate::MigrateError
     })
 }
 
+/// Runs `CREATE … INDEX CONCURRENTLY` that must fail on duplicate rows, leaving an
+/// INVALID index behind as a failed attempt does.
+fn leave_invalid_index(pg: &PgDb, create: &str) {
+    let out = Command::new("psql")
+        .args([&pg.url, "-qAtc", create])
+        .output()
+        .expect("psql");
+    assert!(!out.status.success(), "{create} must fail on duplicates");
+}
+
+/// sqlx's own migrator refuses `version` as dirty.
+fn assert_sqlx_refuses_dirty(url: &str, dir: &Path, version: i64) {
+    match sqlx_migrate(url, dir) {
+        Err(sqlx::migrate::MigrateError::Dirty(v)) if v == version => {}
+        other => panic!("{url}: sqlx's migrator must refuse version {version} as dirty: {other:?}"),
+    }
+}
+
 #[test]
 fn sqlx_and_dbkeeper_agree_on_what_is_applied() {
     let pg = PgDb::new("mig_sqlx");
@@ -605,10 +623,7 @@ fn a_failed_no_transaction_migration_blocks_dbkeeper_and_sqlx_until_an_operator_
             "1",
             "{url}: the failed migration is recorded as failed"
         );
-        match sqlx_migrate(url, &dir) {
-            Err(sqlx::migrate::MigrateError::Dirty(2)) => {}
-            other => panic!("{url}: sqlx's migrator must refuse version 2 as dirty: {other:?}"),
-        }
+        assert_sqlx_refuses_dirty(url, &dir, 2);
         // dbkeeper refuses too, and says so in status.
         w.cmd(&["migrate", "apply", "db"])
             .assert()
@@ -673,11 +688,7 @@ fn an_invalid_index_named_in_a_migration_fails_it_even_after_if_not_exists() {
         "CREATE UNIQUE INDEX CONCURRENTLY t_x ON t (x)",
         "CREATE UNIQUE INDEX CONCURRENTLY t_y ON t (x) WHERE x > 0",
     ] {
-        let out = Command::new("psql")
-            .args([&pg.url, "-qAtc", index])
-            .output()
-            .expect("psql");
-        assert!(!out.status.success(), "{index} must fail on duplicates");
+        leave_invalid_index(&pg, index);
     }
     pg.sql("DELETE FROM t WHERE ctid = (SELECT min(ctid) FROM t)");
     let invalid = || {
@@ -805,15 +816,10 @@ fn an_invalid_index_in_another_schema_is_neither_blamed_nor_dropped() {
     let w = Workdir::new();
     let dir = w.path().join("migrations");
     pg.sql("CREATE SCHEMA reporting; CREATE TABLE reporting.t (k text); INSERT INTO reporting.t VALUES ('a'), ('a');");
-    let out = Command::new("psql")
-        .args([
-            &pg.url,
-            "-qAtc",
-            "CREATE UNIQUE INDEX CONCURRENTLY t_k_key ON reporting.t (k)",
-        ])
-        .output()
-        .expect("psql");
-    assert!(!out.status.success(), "duplicates make it INVALID");
+    leave_invalid_index(
+        &pg,
+        "CREATE UNIQUE INDEX CONCURRENTLY t_k_key ON reporting.t (k)",
+    );
     write(
         &dir,
         "1_t.sql",
@@ -908,10 +914,7 @@ fn ends_its_own_transaction(file: &str, then: &str) {
             "{url}: marked failed, nothing after it"
         );
         assert_eq!(sql("SELECT count(*) FROM t WHERE x = 3"), "0");
-        match sqlx_migrate(url, &dir) {
-            Err(sqlx::migrate::MigrateError::Dirty(2)) => {}
-            other => panic!("{url}: sqlx's migrator must refuse version 2 as dirty: {other:?}"),
-        }
+        assert_sqlx_refuses_dirty(url, &dir, 2);
     }
 }
 
