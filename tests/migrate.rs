@@ -801,9 +801,14 @@ fn a_running_no_transaction_migration_is_not_dirty_and_a_row_deleted_meanwhile_f
         "{stderr}"
     );
     assert_eq!(
-        pg.sql("SELECT string_agg(version::text, ',' ORDER BY version) FROM _sqlx_migrations"),
-        "1",
-        "nothing after it, and 2 is not recorded"
+        pg.sql("SELECT string_agg(version || ':' || success, ',' ORDER BY version) FROM _sqlx_migrations"),
+        "1:true,2:false",
+        "nothing after it, and 2 written back as failed so it never runs again unseen"
+    );
+    w.cmd(&["migrate", "apply", "db"]).assert().code(1);
+    assert_eq!(
+        pg.sql("SELECT count(*) FROM _sqlx_migrations WHERE version = 3"),
+        "0"
     );
 }
 

@@ -49,7 +49,7 @@ pub enum MigrateError {
         file: String,
         message: String,
     },
-    #[error("migration {version} ({file}) ran outside a transaction, but its row in _sqlx_migrations was removed while it ran, so nothing records it as applied and the next apply would run it again; insert that row as applied (`INSERT INTO _sqlx_migrations …` with success = TRUE, as sqlx writes it) or undo what it did by hand before applying again")]
+    #[error("migration {version} ({file}) ran outside a transaction to the end, but its row in _sqlx_migrations was removed while it ran; dbkeeper wrote the row back marked failed, so nothing runs it again unseen: check what it did, then `UPDATE _sqlx_migrations SET success = TRUE WHERE version = {version}` if it is complete (or undo it by hand and delete the row to run it again)")]
     RowRemoved { version: i64, file: String },
     #[error("migration {version} ({file}) ends its own transaction (COMMIT or ROLLBACK in the file){}, so part of it may be committed; it is marked failed in _sqlx_migrations and nothing after it is applied until you act: remove COMMIT and ROLLBACK from the file (or make it `-- no-transaction`), then {}", .failed.as_ref().map_or(String::new(), |e| format!(" and then failed: {e}")), repair_hint(*.version))]
     EndsOwnTransaction {

@@ -156,6 +156,12 @@ async fn run_one(
     }
     .await;
     let marked = ran.map_err(|e| super::failed(m, file, true, e))?;
+    if marked.rows_affected() == 0 {
+        // Written back as failed: it ran, but nothing may run it again unseen.
+        let _ = super::history_row::<sqlx::Sqlite>(m, false)
+            .execute(&mut *conn)
+            .await;
+    }
     super::marked(m, file, marked.rows_affected())?;
     Ok(true)
 }
