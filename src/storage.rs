@@ -144,7 +144,14 @@ impl Destination {
 
     /// Deletes a backup: the manifest first, so that a crash in between leaves an
     /// archive without a manifest, which cleanup removes.
+    /// `id` must be a bare name: anything that could leave the folder is refused.
     pub fn remove_backup(&self, id: &str) -> io::Result<()> {
+        if id.is_empty() || id.starts_with('.') || id.contains(['/', '\\', '\0']) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("refusing to delete \"{id}\": not a backup id"),
+            ));
+        }
         remove_if_exists(&self.dir.join(format!("{id}{MANIFEST_SUFFIX}")))?;
         remove_if_exists(&self.dir.join(format!("{id}{ARCHIVE_SUFFIX}")))?;
         sync_dir(&self.dir)

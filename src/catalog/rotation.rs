@@ -7,11 +7,22 @@
 //! shorten how far back the policy reaches. Only good backups (complete, not failed
 //! verification) count; the newest good backup is always kept; failed ones older than
 //! it are removed.
+//!
+//! Rotation cannot be talked into deleting the wrong thing: it sees only trusted
+//! backups (see [`super::trust()`]), deletes only `<id>.dbk`/`<id>.manifest.json` in
+//! the database's own folder for ids it took from file names there, never the backup
+//! the current run just made, never a backup dated in the future (a run while the
+//! clock was wrong: kept, reported, and not given a slot), and never a backup whose id
+//! appears twice.
 
 use std::collections::BTreeMap;
+use std::io;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::Deserialize;
+
+use super::TrustPolicy;
+use crate::storage::Destination;
 
 /// `keep` in the backup config. A rule left out of a written `keep` table is 0; the
 /// policy of [`Keep::recommended`] applies only when `keep` is absent.
@@ -63,6 +74,23 @@ pub struct Candidate {
     pub id: String,
     pub at: DateTime<Utc>,
     pub good: bool,
+    /// Dated after now (plus [`super::FUTURE_SKEW`]): kept, and takes no slot.
+    pub future: bool,
+    /// Made by the run that is rotating now: kept whatever the policy says.
+    pub just_made: bool,
+}
+
+impl Candidate {
+    /// A backup dated `at`, judged against `now`.
+    pub fn new(id: &str, at: DateTime<Utc>, good: bool, now: DateTime<Utc>) -> Self {
+        Candidate {
+            id: id.to_owned(),
+            at,
+            good,
+            future: super::is_future(at, now),
+            just_made: false,
+        }
+    }
 }
 
 /// The verdict on one backup, with the rules that keep it.
@@ -97,7 +125,17 @@ pub fn plan(candidates: &[Candidate], keep: &Keep) -> Vec<Decision> {
     let mut sorted: Vec<&Candidate> = candidates.iter().collect();
     sorted.sort_by(|a, b| (b.at, &b.id).cmp(&(a.at, &a.id)));
     let mut reasons: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    let good: Vec<&Candidate> = sorted.iter().copied().filter(|c| c.good).collect();
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in &sorted {
+        *seen.entry(c.id.as_str()).or_default() += 1;
+    }
+    let duplicate = |c: &Candidate| seen.get(c.id.as_str()).is_some_and(|&n| n > 1);
+    // Only good, present-dated, unambiguous backups take slots.
+    let good: Vec<&Candidate> = sorted
+        .iter()
+        .copied()
+        .filter(|c| c.good && !c.future && !duplicate(c))
+        .collect();
 
     for c in good.iter().take(keep.last as usize) {
         reasons.entry(&c.id).or_default().push("last".to_owned());
@@ -134,7 +172,17 @@ pub fn plan(candidates: &[Candidate], keep: &Keep) -> Vec<Decision> {
     sorted
         .iter()
         .map(|c| {
-            let mut r = reasons.remove(c.id.as_str()).unwrap_or_default();
+            let mut r = if duplicate(c) {
+                vec!["duplicate id; never deleted".to_owned()]
+            } else {
+                reasons.get(c.id.as_str()).cloned().unwrap_or_default()
+            };
+            if c.future {
+                r.push("dated in the future; kept until the clock passes it".to_owned());
+            }
+            if c.just_made {
+                r.push("made by this run".to_owned());
+            }
             // A failed backup newer than every good one is left for inspection.
             if !c.good && newest_good.is_none_or(|t| c.at > t) {
                 r.push("failed verification; kept until a newer good backup exists".to_owned());
@@ -146,6 +194,61 @@ pub fn plan(candidates: &[Candidate], keep: &Keep) -> Vec<Decision> {
             }
         })
         .collect()
+}
+
+/// What [`rotate`] found and did.
+#[derive(Debug, Clone, Default)]
+pub struct Rotation {
+    /// Every trusted backup's verdict, newest first.
+    pub decisions: Vec<Decision>,
+    /// Ids of trusted backups dated in the future.
+    pub future: Vec<String>,
+    /// Manifests that were not believed (and so were left alone).
+    pub untrusted: Vec<super::Rejected>,
+}
+
+/// Applies `keep` to the trusted backups in `dest` (or, with `dry_run`, only
+/// decides). `just_made` is the id of the backup the calling run wrote, if any.
+pub fn rotate(
+    dest: &Destination,
+    policy: &TrustPolicy,
+    keep: &Keep,
+    now: DateTime<Utc>,
+    just_made: Option<&str>,
+    dry_run: bool,
+) -> io::Result<Rotation> {
+    let listing = super::list(dest, policy)?;
+    let candidates: Vec<Candidate> = listing
+        .backups
+        .iter()
+        .map(|m| Candidate {
+            just_made: just_made == Some(m.id.as_str()),
+            ..Candidate::new(&m.id, m.started_at, m.is_good(), now)
+        })
+        .collect();
+    let decisions = plan(&candidates, keep);
+    if !dry_run {
+        for d in decisions.iter().filter(|d| !d.keep) {
+            // Ids come from file names in this folder; checked again so that no
+            // future change can turn a manifest's text into a path.
+            if !super::is_valid_id(&d.id) {
+                return Err(io::Error::other(format!(
+                    "refusing to delete backup \"{}\": not a backup id",
+                    d.id
+                )));
+            }
+            dest.remove_backup(&d.id)?;
+        }
+    }
+    Ok(Rotation {
+        future: candidates
+            .iter()
+            .filter(|c| c.future)
+            .map(|c| c.id.clone())
+            .collect(),
+        decisions,
+        untrusted: listing.untrusted,
+    })
 }
 
 #[cfg(test)]
@@ -164,6 +267,8 @@ mod tests {
                 id: format!("b{d:03}"),
                 at: at(d, 2),
                 good: true,
+                future: false,
+                just_made: false,
             })
             .collect()
     }
@@ -209,11 +314,15 @@ mod tests {
             id: "b000-late".into(),
             at: at(0, 20),
             good: true,
+            future: false,
+            just_made: false,
         });
         c.push(Candidate {
             id: "b001-late".into(),
             at: at(1, 23),
             good: true,
+            future: false,
+            just_made: false,
         });
         let d = plan(&c, &only("daily", 2));
         assert_eq!(kept(&d), ["b000-late", "b001-late"]);
@@ -239,6 +348,8 @@ mod tests {
                 id: format!("h{h}"),
                 at: at(0, 20) - Duration::minutes(30 * h),
                 good: true,
+                future: false,
+                just_made: false,
             })
             .collect();
         // 20:00, 19:30, 19:00, 18:30 … -> newest of hours 20, 19, 18

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::source::{tail, Scratch};
 use super::BackupError;
 use crate::archive::{self, HashRead, Header, KeyRing};
-use crate::catalog::VerifyMode;
+use crate::catalog::{self, Manifest, TrustPolicy, VerifyMode};
 use crate::db::{Database, Postgres};
 
 /// What a read pass found.
@@ -34,6 +34,20 @@ pub struct ReadReport {
 pub struct Expect<'a> {
     pub sha256: &'a str,
     pub raw_bytes: u64,
+    /// The manifest and policy the authenticated header must agree with.
+    pub trust: Option<(&'a Manifest, &'a TrustPolicy)>,
+}
+
+impl<'a> Expect<'a> {
+    /// Everything `manifest` claims, checked against `policy` once the header is
+    /// authenticated (the listing only read it).
+    pub fn trusted(manifest: &'a Manifest, policy: &'a TrustPolicy) -> Self {
+        Expect {
+            sha256: &manifest.sha256,
+            raw_bytes: manifest.raw_bytes,
+            trust: Some((manifest, policy)),
+        }
+    }
 }
 
 /// Runs a blocking archive operation; cancelling sets its stop flag.
@@ -102,6 +116,18 @@ pub async fn read_pass(
                 "the archive holds {} bytes of database image, the manifest says {}",
                 report.raw_bytes, expect.raw_bytes
             )));
+        }
+        if let Some((manifest, policy)) = expect.trust {
+            catalog::trust(
+                manifest,
+                &report.header,
+                &Manifest::manifest_name(&manifest.id),
+                policy,
+            )
+            .map_err(|reason| BackupError::Untrusted {
+                id: manifest.id.clone(),
+                reason,
+            })?;
         }
     }
     Ok(report)
