@@ -333,6 +333,7 @@ impl Daemon {
             if let Work::Backup(b) = &job.work {
                 let dest = b.destination(job.database_name());
                 if startup {
+                    b.clean_scratch(job.database_name());
                     match dest.cleanup() {
                         Ok(removed) => {
                             for name in removed {

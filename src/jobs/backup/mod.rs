@@ -129,6 +129,22 @@ impl BackupJob {
         }
     }
 
+    /// Removes plaintext scratch copies no live process owns (a crashed run's).
+    pub fn clean_scratch(&self, database: &str) {
+        match crate::storage::clean_scratch(&self.scratch_dir) {
+            Ok(removed) => {
+                for name in removed {
+                    tracing::warn!(database, file = %name, "removed a scratch file a crashed run left behind");
+                }
+            }
+            Err(e) => tracing::warn!(
+                database,
+                "cannot clean up {}: {e}",
+                self.scratch_dir.display()
+            ),
+        }
+    }
+
     pub fn scratch_target<'a>(&'a self, db: &'a Database) -> verify::ScratchTarget<'a> {
         verify::ScratchTarget {
             db,
@@ -166,8 +182,7 @@ impl BackupJob {
         {
             tracing::warn!(database = db.name(), file = %name, "removed what an interrupted backup left behind");
         }
-        std::fs::create_dir_all(&self.scratch_dir)
-            .map_err(io_err("cannot create", &self.scratch_dir))?;
+        self.clean_scratch(db.name());
 
         let started = Utc::now();
         let id = catalog::new_id(&dest, started, kind);

@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::{BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -168,11 +169,18 @@ pub async fn restore_test(
 ) -> Result<(), BackupError> {
     match target.db {
         Database::Sqlite(_) => {
+            let dir = target.scratch_dir;
             let image = Scratch(
-                target
-                    .scratch_dir
-                    .join(format!("verify-{}.sqlite", std::process::id())),
+                crate::storage::scratch_file(dir, "verify", ".sqlite").map_err(|source| {
+                    BackupError::Io {
+                        what: "cannot create a scratch file in",
+                        path: dir.to_owned(),
+                        source,
+                    }
+                })?,
             );
+            // Reserved under this process's token; decoding creates it anew.
+            let _ = std::fs::remove_file(&image.0);
             decode_to_file(path, keys, &image.0, cancel).await?;
             integrity_check(&image.0).await
         }
@@ -204,7 +212,8 @@ pub async fn stored_sha_matches(
     Ok(())
 }
 
-/// Writes the plain image of the archive to `out` (which must not exist), fsynced.
+/// Writes the plain image of the archive to `out` (which must not exist, and is
+/// created 0600: it is plaintext), fsynced.
 pub async fn decode_to_file(
     archive_path: &Path,
     keys: &KeyRing,
@@ -222,6 +231,7 @@ pub async fn decode_to_file(
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&out)
             .map_err(|e| io_err("cannot create", e))?;
         let (mut file, header, _) =
