@@ -198,10 +198,10 @@ fn manifest_ids_are_never_paths_and_duplicates_never_delete_the_genuine_backup()
             && manifest_path(&dest, "b", &b_id).exists(),
         "a's rotation deleted b's only backup"
     );
-    assert_eq!(ids(&dest, "b"), [b_id.clone()]);
+    assert_eq!(ids(&dest, "b"), [b_id.as_str()]);
     assert_eq!(
         ids(&dest, "a"),
-        [a_second.clone()],
+        [a_second.as_str()],
         "a's own rotation still works"
     );
     for planted in ["zz.manifest.json", "20200101T000000Z-manual.manifest.json"] {
