@@ -301,7 +301,17 @@ pub async fn decrypt(
                 .collect::<Result<_, _>>()?,
         )
     };
-    refuse_plain(archive_path, &keys, allow_unencrypted)?;
+    // With the config, the archive must be one of its databases'.
+    let databases: Option<Vec<&str>> = key_files.is_empty().then(|| {
+        config.map_or_else(Vec::new, |c| {
+            c.databases
+                .iter()
+                .filter(|d| d.backup.is_some())
+                .map(|d| d.name.as_str())
+                .collect()
+        })
+    });
+    check_provenance(archive_path, &keys, databases.as_deref(), allow_unencrypted)?;
     let cancel = cancel_on_signal();
     if output == "-" {
         // Authenticate everything first: a consumer never sees data from a bad archive.
@@ -344,28 +354,38 @@ pub async fn decrypt(
     Ok(Exit::Success)
 }
 
-/// A plain archive proves nothing about who made it: when any key is known (the
-/// config's or `--key-file`), it is read only with `--allow-unencrypted`. The header
-/// is checked before anything is written; one that claims encryption is
-/// authenticated by the decryption itself.
-fn refuse_plain(
+/// `decrypt`'s share of the provenance rules, checked on the header before anything
+/// is written (a header that claims encryption is authenticated by the decryption
+/// itself, which also needs one of the given keys): a plain archive proves nothing
+/// about who made it, so when any key is known (the config's or `--key-file`) it is
+/// read only with `--allow-unencrypted`; with a config (`databases`), the archive
+/// must be one of its databases'.
+fn check_provenance(
     archive_path: &Path,
     keys: &KeyRing,
+    databases: Option<&[&str]>,
     allow_unencrypted: bool,
 ) -> anyhow::Result<()> {
-    if allow_unencrypted || keys.ids().is_empty() {
-        return Ok(());
-    }
     let mut file = std::fs::File::open(archive_path)
         .with_context(|| format!("cannot open {}", archive_path.display()))?;
     let (header, _) = archive::format::read_header(&mut file)
         .with_context(|| archive_path.display().to_string())?;
-    if header.encryption.is_none() {
-        return Err(BackupError::Untrusted {
-            id: archive_path.display().to_string(),
-            reason: catalog::Untrusted::Unencrypted,
+    let untrusted = |reason| BackupError::Untrusted {
+        id: archive_path.display().to_string(),
+        reason,
+    };
+    if header.encryption.is_none() && !allow_unencrypted && !keys.ids().is_empty() {
+        return Err(untrusted(catalog::Untrusted::Unencrypted).into());
+    }
+    if let Some(databases) = databases {
+        if !databases.contains(&header.database.as_str()) {
+            return Err(untrusted(catalog::Untrusted::WrongDatabase {
+                what: "header",
+                found: header.database.clone(),
+                expected: databases.join(", "),
+            })
+            .into());
         }
-        .into());
     }
     Ok(())
 }
