@@ -72,6 +72,20 @@ fn backup(w: &Workdir, db: &str, dest: &Path) -> String {
     made[0].clone()
 }
 
+/// A workdir with the SQLite database `app` (one row, `x`) backed up, encrypted, to
+/// `<workdir>/backups` with `extra` in its backup table; returns it and the destination.
+fn app_with_backups(extra: &str) -> (Workdir, PathBuf) {
+    let w = Workdir::new();
+    let key = w.key("k");
+    let dest = w.path().join("backups");
+    marked_db(&w, "app", "x");
+    w.write_config(
+        "",
+        &sqlite_db(&w, "app", &backup_table(&dest, Some(&key), extra)),
+    );
+    (w, dest)
+}
+
 /// Waits until the next backup gets another id (ids have one-second resolution).
 fn next_second() {
     std::thread::sleep(Duration::from_millis(1100));
@@ -152,8 +166,24 @@ fn forged_plain_archive_is_listed_untrusted_and_refused_everywhere() {
     assert_eq!(marker(&plain), "forged");
 }
 
+/// Plants `20200101T000000Z-manual.manifest.json` in `<dest>/<db>/`: a copy of the
+/// manifest of `id` (so claiming that id), dated 2020.
+fn plant_duplicate(dest: &Path, db: &str, id: &str) {
+    let text = std::fs::read_to_string(manifest_path(dest, db, id)).expect("read");
+    let started = text
+        .lines()
+        .find(|l| l.contains("\"started_at\""))
+        .expect("started_at")
+        .to_owned();
+    std::fs::write(
+        manifest_path(dest, db, "20200101T000000Z-manual"),
+        text.replace(&started, "  \"started_at\": \"2020-01-01T00:00:00Z\","),
+    )
+    .expect("plant");
+}
+
 #[test]
-fn manifest_ids_are_never_paths_and_duplicates_never_delete_the_genuine_backup() {
+fn manifest_ids_are_never_paths() {
     let w = Workdir::new();
     let key = w.key("k");
     let dest = w.path().join("backups");
@@ -179,17 +209,7 @@ fn manifest_ids_are_never_paths_and_duplicates_never_delete_the_genuine_backup()
         b_manifest.replace(&format!("\"{b_id}\""), &format!("\"../b/{b_id}\"")),
     )
     .expect("plant");
-    let a_manifest = std::fs::read_to_string(manifest_path(&dest, "a", &a_first)).expect("read");
-    let started = a_manifest
-        .lines()
-        .find(|l| l.contains("\"started_at\""))
-        .expect("started_at")
-        .to_owned();
-    std::fs::write(
-        manifest_path(&dest, "a", "20200101T000000Z-manual"),
-        a_manifest.replace(&started, "  \"started_at\": \"2020-01-01T00:00:00Z\","),
-    )
-    .expect("plant");
+    plant_duplicate(&dest, "a", &a_first);
 
     next_second();
     let a_second = backup(&w, "a", &dest);
@@ -212,33 +232,15 @@ fn manifest_ids_are_never_paths_and_duplicates_never_delete_the_genuine_backup()
     }
     let list = w.stdout(&["backup", "list", "a"]);
     assert_eq!(list.matches("UNTRUSTED").count(), 2, "{list}");
+}
 
-    // The duplicate case on its own: keep = 2, the genuine backup and a manifest
-    // copying its id; the next run must not delete the genuine one.
-    let w = Workdir::new();
-    let key = w.key("k");
-    let dest = w.path().join("backups");
-    marked_db(&w, "app", "x");
-    w.write_config(
-        "",
-        &sqlite_db(
-            &w,
-            "app",
-            &backup_table(&dest, Some(&key), "keep = { last = 2 }"),
-        ),
-    );
+#[test]
+fn a_duplicate_id_never_makes_rotation_delete_the_genuine_backup() {
+    // keep = 2, the genuine backup and a manifest copying its id dated long ago: the
+    // next run must not delete the genuine one.
+    let (w, dest) = app_with_backups("keep = { last = 2 }");
     let genuine = backup(&w, "app", &dest);
-    let text = std::fs::read_to_string(manifest_path(&dest, "app", &genuine)).expect("read");
-    let started = text
-        .lines()
-        .find(|l| l.contains("\"started_at\""))
-        .expect("started_at")
-        .to_owned();
-    std::fs::write(
-        manifest_path(&dest, "app", "20200101T000000Z-manual"),
-        text.replace(&started, "  \"started_at\": \"2020-01-01T00:00:00Z\","),
-    )
-    .expect("plant");
+    plant_duplicate(&dest, "app", &genuine);
     next_second();
     let newer = backup(&w, "app", &dest);
     assert_eq!(ids(&dest, "app"), [genuine.clone(), newer]);
@@ -373,18 +375,7 @@ fn a_future_dated_backup_keeps_no_slot_and_never_costs_the_fresh_one() {
 
 #[test]
 fn scratch_files_of_any_pid_are_cleaned_and_private_files_stay_private() {
-    let w = Workdir::new();
-    let key = w.key("k");
-    let dest = w.path().join("backups");
-    marked_db(&w, "app", "x");
-    w.write_config(
-        "",
-        &sqlite_db(
-            &w,
-            "app",
-            &backup_table(&dest, Some(&key), "verify = \"restore\""),
-        ),
-    );
+    let (w, dest) = app_with_backups("verify = \"restore\"");
     let id = backup(&w, "app", &dest);
     let state = w.path().join("state");
     assert_eq!(mode(&state), 0o700, "state directory");
