@@ -333,6 +333,7 @@ impl Daemon {
             if let Work::Backup(b) = &job.work {
                 let dest = b.destination(job.database_name());
                 if startup {
+                    b.clean_scratch(job.database_name());
                     match dest.cleanup() {
                         Ok(removed) => {
                             for name in removed {
@@ -344,7 +345,11 @@ impl Daemon {
                         }
                     }
                 }
-                publish_catalog(job.database_name(), &dest);
+                publish_catalog(
+                    job.database_name(),
+                    &dest,
+                    &b.trust_policy(job.database_name(), false),
+                );
             }
         }
         for (job, last, interval) in &jobs {
@@ -456,14 +461,15 @@ impl Daemon {
 /// history lost it (deleted or corrupted state), so "backup too old" alerts stay right.
 fn backfill_from_manifests(job: &Job, last: &mut JobLast) {
     let Work::Backup(b) = &job.work else { return };
-    let Ok((backups, _)) = crate::catalog::list(&b.destination(job.database_name())) else {
+    let database = job.database_name();
+    let policy = b.trust_policy(database, false);
+    let Ok(listing) = crate::catalog::list(&b.destination(database), &policy) else {
         return;
     };
-    let newest = backups
-        .iter()
-        .rev()
-        .find(|m| m.is_good())
-        .map(|m| m.started_at);
+    // Only a trusted backup of the present counts: a planted or future-dated one
+    // would silence the "backup too old" alert.
+    let newest =
+        crate::catalog::select(&listing.backups, "latest", Utc::now()).map(|m| m.started_at);
     if newest > last.last_success {
         last.last_success = newest;
         if last.last_run < newest {

@@ -37,6 +37,7 @@ pub const BACKUPS_STORED: &str = "dbkeeper_backups_stored";
 pub const BACKUP_OLDEST: &str = "dbkeeper_backup_oldest_timestamp_seconds";
 pub const BACKUP_STORED_BYTES: &str = "dbkeeper_backup_stored_bytes";
 pub const BACKUP_PRUNED: &str = "dbkeeper_backup_pruned_total";
+pub const BACKUP_FUTURE_DATED: &str = "dbkeeper_backup_future_dated";
 pub const RETENTION_DELETED: &str = "dbkeeper_retention_rows_deleted_total";
 pub const RETENTION_OLDEST: &str = "dbkeeper_retention_oldest_row_timestamp_seconds";
 pub const RETENTION_MAX_AGE: &str = "dbkeeper_retention_max_age_seconds";
@@ -187,6 +188,10 @@ fn describe() {
         "Total size of the stored archives."
     );
     describe_counter!(BACKUP_PRUNED, "Backups deleted by rotation.");
+    describe_gauge!(
+        BACKUP_FUTURE_DATED,
+        "Trusted backups dated in the future (made while a clock was wrong): kept, and not counted by the keep policy."
+    );
     describe_counter!(RETENTION_DELETED, "Rows deleted by retention jobs.");
     describe_gauge!(
         RETENTION_OLDEST,
@@ -295,10 +300,12 @@ pub fn job_next_run(job: &Job, next: Option<DateTime<Utc>>) {
 }
 
 /// Sets the `backup_*` gauges from the backups in a destination (oldest first).
-pub fn backup_catalog(database: &str, backups: &[crate::catalog::Manifest]) {
+/// `backups` are the trusted ones; `future_dated` of them are dated in the future.
+pub fn backup_catalog(database: &str, backups: &[crate::catalog::Manifest], future_dated: usize) {
     let db = || [("database", database.to_owned())];
     counter!(BACKUP_PRUNED, &db()).increment(0);
-    let newest_good = backups.iter().rev().find(|m| m.is_good());
+    gauge!(BACKUP_FUTURE_DATED, &db()).set(future_dated as f64);
+    let newest_good = crate::catalog::select(backups, "latest", chrono::Utc::now());
     gauge!(BACKUP_LAST_SIZE, &db()).set(newest_good.map_or(0.0, |m| m.stored_bytes as f64));
     gauge!(BACKUP_LAST_RAW_SIZE, &db()).set(newest_good.map_or(0.0, |m| m.raw_bytes as f64));
     let verified = backups

@@ -59,7 +59,7 @@ pub struct Snapshot {
 struct Board {
     notifier: Option<crate::notify::Notifier>,
     /// Where each database's backups are, for the status page.
-    backup_destinations: Vec<(String, crate::storage::Destination)>,
+    backup_destinations: Vec<(crate::storage::Destination, crate::catalog::TrustPolicy)>,
     config_file: String,
     config_loaded_at: Option<DateTime<Utc>>,
     reload_error: Option<String>,
@@ -105,8 +105,8 @@ impl Status {
             .iter()
             .filter_map(|(job, _, _)| match &job.work {
                 crate::jobs::Work::Backup(b) => Some((
-                    job.database_name().to_owned(),
                     b.destination(job.database_name()),
+                    b.trust_policy(job.database_name(), false),
                 )),
                 _ => None,
             })
@@ -257,8 +257,8 @@ impl Status {
         let destinations = self.board().backup_destinations.clone();
         let mut all: Vec<crate::catalog::Manifest> = destinations
             .iter()
-            .filter_map(|(_, dest)| crate::catalog::list(dest).ok())
-            .flat_map(|(found, _)| found)
+            .filter_map(|(dest, policy)| crate::catalog::list(dest, policy).ok())
+            .flat_map(|listing| listing.backups)
             .collect();
         all.sort_by_key(|m| std::cmp::Reverse(m.started_at));
         all.truncate(n);

@@ -1,11 +1,17 @@
 //! Backup destinations on the local file system, written atomically.
 //!
 //! An archive is written to a hidden temporary name in its final directory
-//! (`.<name>.<pid>.tmp`), fsynced, renamed into place and the directory fsynced; its
-//! manifest follows the same way, last. So a crash leaves either nothing, a temporary
-//! file, or an archive without a manifest — and [`Destination::cleanup`] removes both
-//! of the latter. A partial file is deleted as soon as a write fails, so a full disk
-//! gets its space back.
+//! (`.<name>.<random>.tmp`, mode 0600), fsynced, renamed into place and the directory
+//! fsynced; its manifest follows the same way, last. So a crash leaves either
+//! nothing, a temporary file, or an archive without a manifest — and
+//! [`Destination::cleanup`] removes both of the latter. A partial file is deleted as
+//! soon as a write fails, so a full disk gets its space back.
+//!
+//! Whether a temporary file's writer is still alive is told by an advisory lock
+//! (`flock`) the writer holds on it, never by a PID: PIDs repeat across containers
+//! and restarts (they are always 1 in a container). The scratch folder
+//! (`<state-dir>/tmp`, plaintext SQLite copies) works the same way with one lock file
+//! per process: see [`scratch_file`] and [`clean_scratch`].
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -82,16 +88,22 @@ impl Destination {
         self.dir.join(name)
     }
 
-    /// Opens a new temporary file that will become `name`.
+    /// Opens a new temporary file that will become `name`, locked for as long as it
+    /// is being written.
     pub fn create_temp(&self, name: &str) -> io::Result<TempFile> {
-        let path = self
-            .dir
-            .join(format!(".{name}.{}{TMP_SUFFIX}", std::process::id()));
+        let path = self.dir.join(format!(
+            ".{name}.{:016x}{TMP_SUFFIX}",
+            rand::random::<u64>()
+        ));
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
+        if let Err(e) = lock(&file) {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
         Ok(TempFile {
             path,
             file: Some(file),
@@ -144,14 +156,21 @@ impl Destination {
 
     /// Deletes a backup: the manifest first, so that a crash in between leaves an
     /// archive without a manifest, which cleanup removes.
+    /// `id` must be a bare name: anything that could leave the folder is refused.
     pub fn remove_backup(&self, id: &str) -> io::Result<()> {
+        if id.is_empty() || id.starts_with('.') || id.contains(['/', '\\', '\0']) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("refusing to delete \"{id}\": not a backup id"),
+            ));
+        }
         remove_if_exists(&self.dir.join(format!("{id}{MANIFEST_SUFFIX}")))?;
         remove_if_exists(&self.dir.join(format!("{id}{ARCHIVE_SUFFIX}")))?;
         sync_dir(&self.dir)
     }
 
-    /// Removes what interrupted writes left behind: temporary files of processes that
-    /// are gone, and archives without a manifest. Returns the removed file names.
+    /// Removes what interrupted writes left behind: temporary files no live writer
+    /// holds locked, and archives without a manifest. Returns the removed file names.
     pub fn cleanup(&self) -> io::Result<Vec<String>> {
         let mut removed = Vec::new();
         let entries = match fs::read_dir(&self.dir) {
@@ -161,12 +180,9 @@ impl Destination {
         };
         for entry in entries {
             let name = entry?.file_name().to_string_lossy().into_owned();
-            let stale = if let Some(rest) = name.strip_suffix(TMP_SUFFIX) {
-                // `.<final name>.<pid>.tmp`: only a dead writer's file is stale.
-                let pid = rest
-                    .rsplit_once('.')
-                    .and_then(|(_, p)| p.parse::<u32>().ok());
-                pid.is_none_or(|p| !Path::new(&format!("/proc/{p}")).exists())
+            let stale = if name.ends_with(TMP_SUFFIX) {
+                // Only a file nobody holds locked is stale.
+                !held(&self.dir.join(&name))?
             } else if let Some(id) = name.strip_suffix(ARCHIVE_SUFFIX) {
                 !self.dir.join(format!("{id}{MANIFEST_SUFFIX}")).exists()
             } else {
@@ -182,6 +198,126 @@ impl Destination {
         }
         Ok(removed)
     }
+}
+
+/// Takes the exclusive advisory lock on `file`, or fails if someone holds it.
+fn lock(file: &File) -> io::Result<()> {
+    file.try_lock().map_err(|e| match e {
+        fs::TryLockError::WouldBlock => io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "the file is locked by another process",
+        ),
+        fs::TryLockError::Error(e) => e,
+    })
+}
+
+/// True when a live process holds the lock on `path` (a gone file is not held).
+fn held(path: &Path) -> io::Result<bool> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match file.try_lock() {
+        // Released when `file` is dropped.
+        Ok(()) => Ok(false),
+        Err(fs::TryLockError::WouldBlock) => Ok(true),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Creates `dir` (and missing parents) with mode 0700; an existing one is left as
+/// it is (systemd's `StateDirectory=` sets its own).
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+const OWNER_PREFIX: &str = ".owner-";
+const OWNER_SUFFIX: &str = ".lock";
+
+/// This process's scratch token and the locked owner files it holds (one per scratch
+/// folder), kept for the life of the process.
+static SCRATCH_OWNER: std::sync::OnceLock<(String, std::sync::Mutex<Vec<OwnerFile>>)> =
+    std::sync::OnceLock::new();
+/// A scratch folder and this process's locked owner file in it.
+type OwnerFile = (PathBuf, File);
+static SCRATCH_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A new, empty file `<dir>/<prefix>-<token>-<n><ext>` (mode 0600, `dir` created 0700)
+/// that [`clean_scratch`] leaves alone while this process lives. The caller removes it.
+pub fn scratch_file(dir: &Path, prefix: &str, ext: &str) -> io::Result<PathBuf> {
+    let (token, held) = SCRATCH_OWNER.get_or_init(|| {
+        (
+            format!("{:016x}", rand::random::<u64>()),
+            std::sync::Mutex::new(Vec::new()),
+        )
+    });
+    {
+        let mut held = held
+            .lock()
+            .map_err(|_| io::Error::other("scratch owner lock poisoned"))?;
+        if !held.iter().any(|(d, _)| d == dir) {
+            create_private_dir(dir)?;
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(dir.join(format!("{OWNER_PREFIX}{token}{OWNER_SUFFIX}")))?;
+            lock(&file)?;
+            held.push((dir.to_owned(), file));
+        }
+    }
+    let n = SCRATCH_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("{prefix}-{token}-{n}{ext}"));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    Ok(path)
+}
+
+/// Removes every file in the scratch folder `dir` that no live process owns (its
+/// token's owner file is not locked), whatever its name or age: the plaintext copies
+/// of a crashed run never survive the next start. Returns the removed names.
+pub fn clean_scratch(dir: &Path) -> io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    match fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry?;
+                if entry.file_type()?.is_file() {
+                    names.push(entry.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(names),
+        Err(e) => return Err(e),
+    }
+    let mut live = Vec::new();
+    for name in &names {
+        if let Some(token) = name
+            .strip_prefix(OWNER_PREFIX)
+            .and_then(|n| n.strip_suffix(OWNER_SUFFIX))
+        {
+            if held(&dir.join(name))? {
+                live.push(token.to_owned());
+            }
+        }
+    }
+    let mut removed = Vec::new();
+    for name in names {
+        if live.iter().any(|token| name.contains(token.as_str())) {
+            continue;
+        }
+        remove_if_exists(&dir.join(&name))?;
+        removed.push(name);
+    }
+    Ok(removed)
 }
 
 fn remove_if_exists(path: &Path) -> io::Result<()> {
@@ -249,14 +385,42 @@ mod tests {
         ] {
             fs::write(dest.path(name), b"x").unwrap();
         }
+        // PID 1 always exists: a PID says nothing about a writer being alive.
+        fs::write(dest.path(".pid-one.dbk.1.tmp"), b"x").unwrap();
         let live = dest.create_temp("live.dbk").unwrap();
         let mut removed = dest.cleanup().unwrap();
         removed.sort();
         assert_eq!(
             removed,
-            vec![".dead.dbk.999999999.tmp", ".odd.tmp", "orphan.dbk"]
+            vec![
+                ".dead.dbk.999999999.tmp",
+                ".odd.tmp",
+                ".pid-one.dbk.1.tmp",
+                "orphan.dbk"
+            ]
         );
         assert!(live.path().exists(), "a running writer's file stays");
         assert!(dest.path("good.dbk").exists() && dest.path("notes.txt").exists());
+    }
+
+    #[test]
+    fn scratch_files_are_private_and_cleaned_unless_their_owner_lives() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("state/tmp");
+        let mine = scratch_file(&dir, "verify", ".sqlite").unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&mine), 0o600);
+        for stale in ["backup-app-1.sqlite", "verify-1.sqlite", ".owner-dead.lock"] {
+            fs::write(dir.join(stale), b"x").unwrap();
+        }
+        let mut removed = clean_scratch(&dir).unwrap();
+        removed.sort();
+        assert_eq!(
+            removed,
+            [".owner-dead.lock", "backup-app-1.sqlite", "verify-1.sqlite"]
+        );
+        assert!(mine.exists(), "a live process's scratch file stays");
     }
 }

@@ -8,26 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{metric_value, pg_server, psql, sqlite, PgDb, Workdir};
+use common::{
+    archives, backup_table, metric_value, pg_server, psql, sqlite, sqlite_db, PgDb, Workdir,
+};
 use predicates::prelude::*;
-
-fn backup_table(dest: &Path, key: Option<&Path>, extra: &str) -> String {
-    let enc = match key {
-        Some(k) => format!("encryption-key-file = \"{}\"", k.display()),
-        None => "encryption = \"none\"".to_owned(),
-    };
-    format!(
-        "[database.backup]\nschedule = \"manual\"\ndestination = \"{}\"\n{enc}\n{extra}\n",
-        dest.display()
-    )
-}
-
-fn sqlite_db(w: &Workdir, name: &str, backup: &str) -> String {
-    format!(
-        "[[database]]\nname = \"{name}\"\nurl = \"sqlite://{}\"\n{backup}",
-        w.path().join(format!("{name}.db")).display()
-    )
-}
 
 /// A SQLite database with a few tables and ~`mib` MiB of incompressible rows.
 fn fill_sqlite(path: &Path, mib: u32) {
@@ -46,15 +30,6 @@ fn fill_sqlite(path: &Path, mib: u32) {
             mib * 16
         ),
     );
-}
-
-fn archives(dest: &Path, db: &str) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dest.join(db))
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    v.retain(|p| p.to_string_lossy().ends_with(".dbk"));
-    v.sort();
-    v
 }
 
 fn dir_names(dir: &Path) -> Vec<String> {

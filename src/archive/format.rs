@@ -194,37 +194,45 @@ fn fill(input: &mut impl Read, buf: &mut Vec<u8>, want: usize) -> io::Result<()>
     Ok(())
 }
 
+/// Reads and parses the prefix and header of an archive, and returns the header with
+/// its exact bytes. Nothing is authenticated yet: callers that need a header they can
+/// trust read the segments too (the header bytes are their associated data).
+pub fn read_header(input: &mut impl Read) -> Result<(Header, Vec<u8>), ArchiveError> {
+    let mut prefix = [0u8; 13];
+    read_exact_or(input, &mut prefix, ArchiveError::NotAnArchive)?;
+    if &prefix[..8] != MAGIC {
+        return Err(ArchiveError::NotAnArchive);
+    }
+    if prefix[8] != VERSION {
+        return Err(ArchiveError::UnsupportedVersion(prefix[8]));
+    }
+    let len = u32::from_be_bytes([prefix[9], prefix[10], prefix[11], prefix[12]]);
+    if len == 0 || len > MAX_HEADER {
+        return Err(ArchiveError::BadHeader(format!(
+            "header length {len} is out of range"
+        )));
+    }
+    let mut header_bytes = vec![0u8; len as usize];
+    read_exact_or(
+        input,
+        &mut header_bytes,
+        ArchiveError::Truncated { segments: 0 },
+    )?;
+    let header: Header = serde_json::from_slice(&header_bytes)
+        .map_err(|e| ArchiveError::BadHeader(e.to_string()))?;
+    if !SEGMENT_SIZE_RANGE.contains(&header.segment_size) {
+        return Err(ArchiveError::BadHeader(format!(
+            "segment size {} is out of range",
+            header.segment_size
+        )));
+    }
+    Ok((header, header_bytes))
+}
+
 impl<R: Read> ArchiveReader<R> {
     /// Parses the header and finds the key. `keys` may be empty for unencrypted archives.
     pub fn open(mut input: R, keys: &KeyRing) -> Result<Self, ArchiveError> {
-        let mut prefix = [0u8; 13];
-        read_exact_or(&mut input, &mut prefix, ArchiveError::NotAnArchive)?;
-        if &prefix[..8] != MAGIC {
-            return Err(ArchiveError::NotAnArchive);
-        }
-        if prefix[8] != VERSION {
-            return Err(ArchiveError::UnsupportedVersion(prefix[8]));
-        }
-        let len = u32::from_be_bytes([prefix[9], prefix[10], prefix[11], prefix[12]]);
-        if len == 0 || len > MAX_HEADER {
-            return Err(ArchiveError::BadHeader(format!(
-                "header length {len} is out of range"
-            )));
-        }
-        let mut header_bytes = vec![0u8; len as usize];
-        read_exact_or(
-            &mut input,
-            &mut header_bytes,
-            ArchiveError::Truncated { segments: 0 },
-        )?;
-        let header: Header = serde_json::from_slice(&header_bytes)
-            .map_err(|e| ArchiveError::BadHeader(e.to_string()))?;
-        if !SEGMENT_SIZE_RANGE.contains(&header.segment_size) {
-            return Err(ArchiveError::BadHeader(format!(
-                "segment size {} is out of range",
-                header.segment_size
-            )));
-        }
+        let (header, header_bytes) = read_header(&mut input)?;
         let sealer = match &header.encryption {
             None => Sealer::plain(&header_bytes),
             Some(enc) => {

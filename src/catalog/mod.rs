@@ -2,9 +2,12 @@
 //!
 //! A backup is an archive `<id>.dbk` plus its manifest `<id>.manifest.json`; the
 //! manifest is the source of truth (an archive without one is an interrupted write).
-//! Ids are `<UTC yyyymmddThhmmssZ>-<kind>`, so they sort by time.
+//! Ids are `<UTC yyyymmddThhmmssZ>-<kind>[.<n>]`, so they sort by time; an id is
+//! taken from the manifest's file name, and a manifest is believed only when
+//! [`trust()`] accepts it.
 
 pub mod rotation;
+pub mod trust;
 
 use std::io;
 
@@ -12,6 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::storage::{Destination, ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
+pub use trust::{id_of_manifest_file, is_valid_id, trust, TrustPolicy, Untrusted};
 
 /// Why a backup was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,14 +139,31 @@ pub fn new_id(dest: &Destination, at: DateTime<Utc>, kind: BackupKind) -> String
         .unwrap_or(base)
 }
 
-/// All backups in `dest`, oldest first. Unreadable manifests are reported in the
-/// second list (file name and reason) rather than hiding the rest.
-pub fn list(dest: &Destination) -> io::Result<(Vec<Manifest>, Vec<String>)> {
-    let mut found = Vec::new();
-    let mut broken = Vec::new();
+/// A manifest that [`trust`] (or reading it) rejected, with the reason.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    /// The manifest's file name in the backup folder.
+    pub file: String,
+    /// The manifest, when it could be read at all (for display only: never acted on).
+    pub manifest: Option<Manifest>,
+    pub reason: Untrusted,
+}
+
+/// The backups of one folder: the trusted ones, oldest first, and the rejected ones.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    pub backups: Vec<Manifest>,
+    pub untrusted: Vec<Rejected>,
+}
+
+/// All backups in `dest`, sorted by time. A manifest is trusted only if it, its
+/// archive's header, its file name and `policy` agree (see [`trust()`]); the others
+/// are reported in [`Listing::untrusted`] rather than hiding the rest.
+pub fn list(dest: &Destination, policy: &TrustPolicy) -> io::Result<Listing> {
+    let mut listing = Listing::default();
     let entries = match std::fs::read_dir(dest.dir()) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((found, broken)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(listing),
         Err(e) => return Err(e),
     };
     for entry in entries {
@@ -151,26 +172,75 @@ pub fn list(dest: &Destination) -> io::Result<(Vec<Manifest>, Vec<String>)> {
         if !name.ends_with(MANIFEST_SUFFIX) || name.starts_with('.') {
             continue;
         }
-        match std::fs::read(entry.path())
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()))
-        {
-            Ok(m) if dest.path(&m.archive_name()).exists() => found.push(m),
-            Ok(m) => broken.push(format!(
-                "{name}: its archive {} is missing",
-                m.archive_name()
-            )),
-            Err(e) => broken.push(format!("{name}: {e}")),
+        let (manifest, verdict) = examine(dest, &name, policy);
+        match (manifest, verdict) {
+            (Some(m), Ok(())) => listing.backups.push(m),
+            (manifest, verdict) => listing.untrusted.push(Rejected {
+                file: name,
+                manifest,
+                reason: verdict.err().unwrap_or(Untrusted::BadName),
+            }),
         }
     }
-    found.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
-    Ok((found, broken))
+    listing
+        .backups
+        .sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
+    listing.untrusted.sort_by(|a, b| a.file.cmp(&b.file));
+    Ok(listing)
 }
 
-/// Picks `latest` (the newest good backup) or the backup with this id.
-pub fn select<'a>(backups: &'a [Manifest], which: &str) -> Option<&'a Manifest> {
+/// Reads one manifest and its archive's header and judges them.
+fn examine(
+    dest: &Destination,
+    name: &str,
+    policy: &TrustPolicy,
+) -> (Option<Manifest>, Result<(), Untrusted>) {
+    let manifest = match std::fs::read(dest.path(name))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()))
+    {
+        Ok(m) => m,
+        Err(e) => return (None, Err(Untrusted::Unreadable(e))),
+    };
+    // The archive is named after the file name's id, never the JSON's.
+    let Some(id) = id_of_manifest_file(name) else {
+        return (Some(manifest), Err(Untrusted::BadName));
+    };
+    let header = match std::fs::File::open(dest.path(&format!("{id}{ARCHIVE_SUFFIX}"))) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return (Some(manifest), Err(Untrusted::ArchiveMissing))
+        }
+        Err(e) => return (Some(manifest), Err(Untrusted::BadHeader(e.to_string()))),
+        Ok(mut file) => match crate::archive::format::read_header(&mut file) {
+            Ok((header, _)) => header,
+            Err(e) => return (Some(manifest), Err(Untrusted::BadHeader(e.to_string()))),
+        },
+    };
+    let verdict = trust(&manifest, &header, name, policy);
+    (Some(manifest), verdict)
+}
+
+/// How far past now a backup's time may be before it counts as dated in the future
+/// (clocks of the hosts writing one destination differ a little).
+pub const FUTURE_SKEW: chrono::Duration = chrono::Duration::minutes(5);
+
+/// A backup dated after `now` + [`FUTURE_SKEW`] was made while a clock was wrong.
+pub fn is_future(at: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+    at > now + FUTURE_SKEW
+}
+
+/// Picks `latest` (the newest good backup not dated in the future) or the backup
+/// with this id, among trusted backups.
+pub fn select<'a>(
+    backups: &'a [Manifest],
+    which: &str,
+    now: DateTime<Utc>,
+) -> Option<&'a Manifest> {
     if which == "latest" {
-        backups.iter().rev().find(|m| m.is_good())
+        backups
+            .iter()
+            .rev()
+            .find(|m| m.is_good() && !is_future(m.started_at, now))
     } else {
         backups.iter().find(|m| m.id == which)
     }

@@ -7,11 +7,22 @@
 //! shorten how far back the policy reaches. Only good backups (complete, not failed
 //! verification) count; the newest good backup is always kept; failed ones older than
 //! it are removed.
+//!
+//! Rotation cannot be talked into deleting the wrong thing: it sees only trusted
+//! backups (see [`super::trust()`]), deletes only `<id>.dbk`/`<id>.manifest.json` in
+//! the database's own folder for ids it took from file names there, never the backup
+//! the current run just made, never a backup dated in the future (a run while the
+//! clock was wrong: kept, reported, and not given a slot), and never a backup whose id
+//! appears twice.
 
 use std::collections::BTreeMap;
+use std::io;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::Deserialize;
+
+use super::TrustPolicy;
+use crate::storage::Destination;
 
 /// `keep` in the backup config. A rule left out of a written `keep` table is 0; the
 /// policy of [`Keep::recommended`] applies only when `keep` is absent.
@@ -63,6 +74,23 @@ pub struct Candidate {
     pub id: String,
     pub at: DateTime<Utc>,
     pub good: bool,
+    /// Dated after now (plus [`super::FUTURE_SKEW`]): kept, and takes no slot.
+    pub future: bool,
+    /// Made by the run that is rotating now: kept whatever the policy says.
+    pub just_made: bool,
+}
+
+impl Candidate {
+    /// A backup dated `at`, judged against `now`.
+    pub fn new(id: &str, at: DateTime<Utc>, good: bool, now: DateTime<Utc>) -> Self {
+        Candidate {
+            id: id.to_owned(),
+            at,
+            good,
+            future: super::is_future(at, now),
+            just_made: false,
+        }
+    }
 }
 
 /// The verdict on one backup, with the rules that keep it.
@@ -97,7 +125,17 @@ pub fn plan(candidates: &[Candidate], keep: &Keep) -> Vec<Decision> {
     let mut sorted: Vec<&Candidate> = candidates.iter().collect();
     sorted.sort_by(|a, b| (b.at, &b.id).cmp(&(a.at, &a.id)));
     let mut reasons: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    let good: Vec<&Candidate> = sorted.iter().copied().filter(|c| c.good).collect();
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in &sorted {
+        *seen.entry(c.id.as_str()).or_default() += 1;
+    }
+    let duplicate = |c: &Candidate| seen.get(c.id.as_str()).is_some_and(|&n| n > 1);
+    // Only good, present-dated, unambiguous backups take slots.
+    let good: Vec<&Candidate> = sorted
+        .iter()
+        .copied()
+        .filter(|c| c.good && !c.future && !duplicate(c))
+        .collect();
 
     for c in good.iter().take(keep.last as usize) {
         reasons.entry(&c.id).or_default().push("last".to_owned());
@@ -134,7 +172,17 @@ pub fn plan(candidates: &[Candidate], keep: &Keep) -> Vec<Decision> {
     sorted
         .iter()
         .map(|c| {
-            let mut r = reasons.remove(c.id.as_str()).unwrap_or_default();
+            let mut r = if duplicate(c) {
+                vec!["duplicate id; never deleted".to_owned()]
+            } else {
+                reasons.get(c.id.as_str()).cloned().unwrap_or_default()
+            };
+            if c.future {
+                r.push("dated in the future; kept until the clock passes it".to_owned());
+            }
+            if c.just_made {
+                r.push("made by this run".to_owned());
+            }
             // A failed backup newer than every good one is left for inspection.
             if !c.good && newest_good.is_none_or(|t| c.at > t) {
                 r.push("failed verification; kept until a newer good backup exists".to_owned());
@@ -146,6 +194,61 @@ pub fn plan(candidates: &[Candidate], keep: &Keep) -> Vec<Decision> {
             }
         })
         .collect()
+}
+
+/// What [`rotate`] found and did.
+#[derive(Debug, Clone, Default)]
+pub struct Rotation {
+    /// Every trusted backup's verdict, newest first.
+    pub decisions: Vec<Decision>,
+    /// Ids of trusted backups dated in the future.
+    pub future: Vec<String>,
+    /// Manifests that were not believed (and so were left alone).
+    pub untrusted: Vec<super::Rejected>,
+}
+
+/// Applies `keep` to the trusted backups in `dest` (or, with `dry_run`, only
+/// decides). `just_made` is the id of the backup the calling run wrote, if any.
+pub fn rotate(
+    dest: &Destination,
+    policy: &TrustPolicy,
+    keep: &Keep,
+    now: DateTime<Utc>,
+    just_made: Option<&str>,
+    dry_run: bool,
+) -> io::Result<Rotation> {
+    let listing = super::list(dest, policy)?;
+    let candidates: Vec<Candidate> = listing
+        .backups
+        .iter()
+        .map(|m| Candidate {
+            just_made: just_made == Some(m.id.as_str()),
+            ..Candidate::new(&m.id, m.started_at, m.is_good(), now)
+        })
+        .collect();
+    let decisions = plan(&candidates, keep);
+    if !dry_run {
+        for d in decisions.iter().filter(|d| !d.keep) {
+            // Ids come from file names in this folder; checked again so that no
+            // future change can turn a manifest's text into a path.
+            if !super::is_valid_id(&d.id) {
+                return Err(io::Error::other(format!(
+                    "refusing to delete backup \"{}\": not a backup id",
+                    d.id
+                )));
+            }
+            dest.remove_backup(&d.id)?;
+        }
+    }
+    Ok(Rotation {
+        future: candidates
+            .iter()
+            .filter(|c| c.future)
+            .map(|c| c.id.clone())
+            .collect(),
+        decisions,
+        untrusted: listing.untrusted,
+    })
 }
 
 #[cfg(test)]
@@ -164,6 +267,8 @@ mod tests {
                 id: format!("b{d:03}"),
                 at: at(d, 2),
                 good: true,
+                future: false,
+                just_made: false,
             })
             .collect()
     }
@@ -209,11 +314,15 @@ mod tests {
             id: "b000-late".into(),
             at: at(0, 20),
             good: true,
+            future: false,
+            just_made: false,
         });
         c.push(Candidate {
             id: "b001-late".into(),
             at: at(1, 23),
             good: true,
+            future: false,
+            just_made: false,
         });
         let d = plan(&c, &only("daily", 2));
         assert_eq!(kept(&d), ["b000-late", "b001-late"]);
@@ -239,6 +348,8 @@ mod tests {
                 id: format!("h{h}"),
                 at: at(0, 20) - Duration::minutes(30 * h),
                 good: true,
+                future: false,
+                just_made: false,
             })
             .collect();
         // 20:00, 19:30, 19:00, 18:30 … -> newest of hours 20, 19, 18
@@ -286,5 +397,222 @@ mod tests {
         assert!(!only("last", 0).keeps_something());
         assert!(Keep::recommended().keeps_something());
         assert!(!Keep::default().keeps_something());
+    }
+
+    mod on_disk {
+        //! The property: whatever is in the folder and whatever the policy, rotation
+        //! keeps the newest good backup and the one just made, never deletes a
+        //! future-dated or untrusted one, and touches nothing outside the folder.
+
+        use std::collections::BTreeSet;
+        use std::path::Path;
+        use std::sync::atomic::AtomicBool;
+
+        use proptest::prelude::*;
+
+        use super::super::*;
+        use crate::archive::{self, Compression, Header, Key, Settings};
+        use crate::catalog::{BackupKind, Manifest, Verification, VerifyMode, VerifyResult};
+
+        #[derive(Debug, Clone, Copy)]
+        enum Sort {
+            Good,
+            Failed,
+            Future,
+            /// A plain archive although a key is configured.
+            Plain,
+            /// Header and manifest name another database.
+            OtherDatabase,
+            /// A second manifest claiming the id of an earlier backup.
+            Duplicate,
+        }
+
+        fn sort() -> impl Strategy<Value = Sort> {
+            prop_oneof![
+                4 => Just(Sort::Good),
+                2 => Just(Sort::Failed),
+                1 => Just(Sort::Future),
+                1 => Just(Sort::Plain),
+                1 => Just(Sort::OtherDatabase),
+                1 => Just(Sort::Duplicate),
+            ]
+        }
+
+        fn id_at(at: DateTime<Utc>) -> String {
+            format!("{}-scheduled", at.format("%Y%m%dT%H%M%SZ"))
+        }
+
+        /// Writes `<file_id>.dbk` and `<file_id>.manifest.json` whose JSON says `id`.
+        fn write(
+            dest: &Destination,
+            file_id: &str,
+            id: &str,
+            at: DateTime<Utc>,
+            sort: Sort,
+            key: &Key,
+        ) {
+            let database = match sort {
+                Sort::OtherDatabase => "other",
+                _ => "app",
+            };
+            let key = match sort {
+                Sort::Plain => None,
+                _ => Some(key),
+            };
+            let header = Header {
+                database: database.to_owned(),
+                backend: "sqlite".to_owned(),
+                image: "sqlite".to_owned(),
+                created: at,
+                compression: Compression::None,
+                segment_size: crate::archive::format::SEGMENT_SIZE,
+                encryption: None,
+            };
+            let out = std::fs::File::create(dest.path(&format!("{file_id}{ARCHIVE}"))).unwrap();
+            let settings = Settings {
+                header,
+                key,
+                compression: Compression::None,
+                level: 0,
+                threads: 1,
+                check_with: None,
+            };
+            let (_, stats) =
+                archive::write_archive(&b"image"[..], out, settings, &AtomicBool::new(false))
+                    .unwrap();
+            let m = Manifest {
+                id: id.to_owned(),
+                database: database.to_owned(),
+                backend: "sqlite".to_owned(),
+                server_version: None,
+                kind: BackupKind::Scheduled,
+                started_at: at,
+                finished_at: at,
+                raw_bytes: stats.raw_bytes,
+                stored_bytes: stats.stored_bytes,
+                sha256: stats.sha256,
+                key_id: key.map(|k| k.id().to_owned()),
+                compression: Compression::None,
+                format_version: 1,
+                dbkeeper_version: "test".to_owned(),
+                schema_version: None,
+                verification: Verification {
+                    mode: VerifyMode::Read,
+                    result: if matches!(sort, Sort::Failed) {
+                        VerifyResult::Failed
+                    } else {
+                        VerifyResult::Passed
+                    },
+                    at,
+                    error: None,
+                },
+            };
+            let json = serde_json::to_vec_pretty(&m).unwrap();
+            std::fs::write(dest.path(&format!("{file_id}{MANIFEST}")), json).unwrap();
+        }
+
+        const ARCHIVE: &str = crate::storage::ARCHIVE_SUFFIX;
+        const MANIFEST: &str = crate::storage::MANIFEST_SUFFIX;
+
+        fn files(root: &Path) -> BTreeSet<String> {
+            let mut out = BTreeSet::new();
+            let mut stack = vec![root.to_owned()];
+            while let Some(dir) = stack.pop() {
+                for e in std::fs::read_dir(&dir).unwrap() {
+                    let p = e.unwrap().path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else {
+                        out.insert(p.strip_prefix(root).unwrap().display().to_string());
+                    }
+                }
+            }
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+            #[test]
+            fn rotation_cannot_be_tricked(
+                backups in proptest::collection::vec((sort(), 1u32..4000), 0..10),
+                just_made in any::<bool>(),
+                counts in proptest::array::uniform6(0u32..4),
+            ) {
+                let keep = Keep {
+                    last: counts[0], hourly: counts[1], daily: counts[2],
+                    weekly: counts[3], monthly: counts[4], yearly: counts[5],
+                };
+                let root = tempfile::tempdir().unwrap();
+                let key = Key::random().unwrap();
+                let now = Utc::now();
+                let dest = Destination::new(root.path(), "app");
+                let other = Destination::new(root.path(), "other");
+                dest.ensure().unwrap();
+                other.ensure().unwrap();
+                let sentinel = id_at(now - chrono::Duration::days(400));
+                write(&other, &sentinel, &sentinel, now - chrono::Duration::days(400), Sort::Good, &key);
+                std::fs::write(root.path().join("outside.txt"), b"x").unwrap();
+
+                let mut used = BTreeSet::new();
+                let mut good_ids: Vec<(DateTime<Utc>, String)> = Vec::new();
+                let mut protected: BTreeSet<String> = BTreeSet::new();
+                for (sort, hours) in &backups {
+                    let at = match sort {
+                        Sort::Future => now + chrono::Duration::hours(i64::from(*hours) + 1),
+                        _ => now - chrono::Duration::hours(i64::from(*hours)),
+                    };
+                    let file_id = id_at(at);
+                    if !used.insert(file_id.clone()) {
+                        continue;
+                    }
+                    // A duplicate needs an earlier good backup to copy; without one it
+                    // is just another good backup.
+                    let sort = match (sort, good_ids.first()) {
+                        (Sort::Duplicate, None) => &Sort::Good,
+                        _ => sort,
+                    };
+                    let claimed = match (sort, good_ids.first()) {
+                        (Sort::Duplicate, Some((_, id))) => id.clone(),
+                        _ => file_id.clone(),
+                    };
+                    write(&dest, &file_id, &claimed, at, *sort, &key);
+                    match sort {
+                        Sort::Good => good_ids.push((at, file_id)),
+                        Sort::Failed => {}
+                        _ => { protected.insert(file_id); }
+                    }
+                }
+                let made = id_at(now);
+                if just_made && used.insert(made.clone()) {
+                    write(&dest, &made, &made, now, Sort::Good, &key);
+                    good_ids.push((now, made.clone()));
+                    protected.insert(made.clone());
+                }
+                if let Some((_, newest)) = good_ids.iter().max() {
+                    protected.insert(newest.clone());
+                }
+                let before = files(root.path());
+                let policy = TrustPolicy {
+                    database: "app".to_owned(),
+                    key_ids: vec![key.id().to_owned()],
+                    encrypting: true,
+                    allow_unencrypted: false,
+                };
+                rotate(&dest, &policy, &keep, now, just_made.then_some(made.as_str()), false).unwrap();
+                let after = files(root.path());
+                prop_assert!(after.is_subset(&before));
+                for gone in before.difference(&after) {
+                    let name = gone.strip_prefix("app/");
+                    prop_assert!(name.is_some(), "deleted outside the folder: {gone}");
+                    let name = name.unwrap_or_default();
+                    let id = name.strip_suffix(ARCHIVE).or_else(|| name.strip_suffix(MANIFEST));
+                    prop_assert!(id.is_some_and(crate::catalog::is_valid_id), "deleted {gone}");
+                    prop_assert!(!protected.contains(id.unwrap_or_default()), "deleted protected {gone}");
+                }
+                for id in &protected {
+                    prop_assert!(after.contains(&format!("app/{id}{MANIFEST}")), "{id} lost");
+                }
+            }
+        }
     }
 }

@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use super::report::print_table;
 use super::Exit;
 use crate::archive::{self, Key, KeyRing};
-use crate::catalog::{self, Manifest, Verification, VerifyMode, VerifyResult};
+use crate::catalog::{
+    self, Listing, Manifest, TrustPolicy, Verification, VerifyMode, VerifyResult,
+};
 use crate::config::Config;
 use crate::jobs::backup::{
     human_bytes, restore as restoring, verify as verifying, BackupError, BackupJob,
@@ -48,31 +50,43 @@ fn backup_of(job: &Job) -> anyhow::Result<&BackupJob> {
     }
 }
 
-/// The backups of a destination, oldest first, warning about unreadable manifests.
-fn catalog_of(dest: &Destination) -> anyhow::Result<Vec<Manifest>> {
-    let (backups, broken) = catalog::list(dest)
-        .with_context(|| format!("cannot list backups in {}", dest.dir().display()))?;
-    for b in broken {
-        eprintln!("warning: {b}");
-    }
-    Ok(backups)
+/// The backups of a destination as `policy` judges them.
+fn catalog_of(dest: &Destination, policy: &TrustPolicy) -> anyhow::Result<Listing> {
+    catalog::list(dest, policy)
+        .with_context(|| format!("cannot list backups in {}", dest.dir().display()))
 }
 
+/// The trusted backup `which` names; an untrusted one is refused (exit 3), with
+/// its reason.
 fn selected<'a>(
-    backups: &'a [Manifest],
+    listing: &'a Listing,
     which: &str,
     dest: &Destination,
 ) -> anyhow::Result<&'a Manifest> {
-    catalog::select(backups, which).ok_or_else(|| {
-        if which == "latest" {
-            anyhow!("no good backup in {}", dest.dir().display())
-        } else {
-            anyhow!(
-                "no backup \"{which}\" in {}; `dbkeeper backup list` shows the ids",
-                dest.dir().display()
-            )
+    if let Some(m) = catalog::select(&listing.backups, which, Utc::now()) {
+        return Ok(m);
+    }
+    let untrusted = listing
+        .untrusted
+        .iter()
+        .rev()
+        .find(|r| which == "latest" || catalog::id_of_manifest_file(&r.file) == Some(which));
+    if let Some(r) = untrusted {
+        return Err(BackupError::Untrusted {
+            id: catalog::id_of_manifest_file(&r.file)
+                .unwrap_or(&r.file)
+                .to_owned(),
+            reason: r.reason.clone(),
         }
-    })
+        .into());
+    }
+    if which == "latest" {
+        bail!("no good backup in {}", dest.dir().display())
+    }
+    bail!(
+        "no backup \"{which}\" in {}; `dbkeeper backup list` shows the ids",
+        dest.dir().display()
+    )
 }
 
 fn verified_cell(v: &Verification) -> String {
@@ -92,14 +106,36 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
             continue;
         }
         found_db = true;
-        for m in catalog_of(&Destination::new(&b.destination, &db.name))? {
+        let job = backup_job(config, &db.name)?;
+        let policy = backup_of(&job)?.trust_policy(&db.name, false);
+        let listing = catalog_of(&Destination::new(&b.destination, &db.name), &policy)?;
+        let now = Utc::now();
+        for m in &listing.backups {
+            let mut verified = verified_cell(&m.verification);
+            if catalog::is_future(m.started_at, now) {
+                verified.push_str(", DATED IN THE FUTURE");
+            }
             rows.push(vec![
                 m.id.clone(),
                 m.database.clone(),
                 m.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
                 human_bytes(m.stored_bytes),
                 human_bytes(m.raw_bytes),
-                verified_cell(&m.verification),
+                verified,
+            ]);
+        }
+        for r in &listing.untrusted {
+            let id = catalog::id_of_manifest_file(&r.file).unwrap_or(&r.file);
+            rows.push(vec![
+                id.to_owned(),
+                db.name.clone(),
+                r.manifest.as_ref().map_or_else(
+                    || "-".to_owned(),
+                    |m| m.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                ),
+                "-".to_owned(),
+                "-".to_owned(),
+                format!("UNTRUSTED: {}", r.reason),
             ]);
         }
     }
@@ -129,12 +165,14 @@ pub async fn verify(
     database: &str,
     which: &str,
     restore_test: bool,
+    allow_unencrypted: bool,
 ) -> anyhow::Result<Exit> {
     let job = backup_job(config, database)?;
     let b = backup_of(&job)?;
     let dest = b.destination(database);
-    let backups = catalog_of(&dest)?;
-    let mut manifest = selected(&backups, which, &dest)?.clone();
+    let policy = b.trust_policy(database, allow_unencrypted);
+    let listing = catalog_of(&dest, &policy)?;
+    let mut manifest = selected(&listing, which, &dest)?.clone();
     let mode = if restore_test {
         VerifyMode::Restore
     } else {
@@ -145,15 +183,13 @@ pub async fn verify(
         &dest.path(&manifest.archive_name()),
         &b.keys,
         mode,
-        Some(verifying::Expect {
-            sha256: &manifest.sha256,
-            raw_bytes: manifest.raw_bytes,
-        }),
+        Some(verifying::Expect::trusted(&manifest, &policy)),
         &b.scratch_target(&job.database),
         &cancel,
     )
     .await;
-    // A wrong or missing key says nothing about the archive: do not record it.
+    // A wrong or missing key says nothing about the archive: do not record it; nor
+    // is a manifest that turned out untrusted ever written to.
     let about_archive = match &result {
         Ok(()) => true,
         Err(e) => {
@@ -161,6 +197,7 @@ pub async fn verify(
                 && !matches!(
                     e,
                     BackupError::Archive(archive::ArchiveError::WrongKey { .. })
+                        | BackupError::Untrusted { .. }
                 )
         }
     };
@@ -190,7 +227,7 @@ pub async fn verify(
 
 pub fn prune(config: &Config, database: &str, dry_run: bool) -> anyhow::Result<Exit> {
     let job = backup_job(config, database)?;
-    let decisions = backup_of(&job)?.prune(database, dry_run)?;
+    let decisions = backup_of(&job)?.prune(database, None, dry_run)?;
     for d in &decisions {
         if d.keep {
             println!("keep    {}  ({})", d.id, d.reasons.join(", "));
@@ -203,24 +240,32 @@ pub fn prune(config: &Config, database: &str, dry_run: bool) -> anyhow::Result<E
     Ok(Exit::Success)
 }
 
+/// `restore`'s switches.
+pub struct RestoreFlags {
+    pub force: bool,
+    pub create: bool,
+    pub allow_unencrypted: bool,
+}
+
 pub async fn restore(
     config: &Config,
     database: &str,
     which: &str,
     to: &str,
-    force: bool,
-    create: bool,
+    how: RestoreFlags,
 ) -> anyhow::Result<Exit> {
     let job = backup_job(config, database)?;
     let b = backup_of(&job)?;
     let dest = b.destination(database);
-    let backups = catalog_of(&dest)?;
-    let manifest = selected(&backups, which, &dest)?;
+    let policy = b.trust_policy(database, how.allow_unencrypted);
+    let listing = catalog_of(&dest, &policy)?;
+    let manifest = selected(&listing, which, &dest)?;
     let cancel = cancel_on_signal();
     let opts = restoring::Options {
-        force,
-        create,
+        force: how.force,
+        create: how.create,
         pg_restore: &b.cfg.pg_restore,
+        trust: &policy,
     };
     let done = restoring::restore(
         &dest.path(&manifest.archive_name()),
@@ -241,6 +286,7 @@ pub async fn decrypt(
     key_files: &[PathBuf],
     archive_path: &Path,
     output: &str,
+    allow_unencrypted: bool,
 ) -> anyhow::Result<Exit> {
     let keys = if key_files.is_empty() {
         config
@@ -255,6 +301,17 @@ pub async fn decrypt(
                 .collect::<Result<_, _>>()?,
         )
     };
+    // With the config, the archive must be one of its databases'.
+    let databases: Option<Vec<&str>> = key_files.is_empty().then(|| {
+        config.map_or_else(Vec::new, |c| {
+            c.databases
+                .iter()
+                .filter(|d| d.backup.is_some())
+                .map(|d| d.name.as_str())
+                .collect()
+        })
+    });
+    check_provenance(archive_path, &keys, databases.as_deref(), allow_unencrypted)?;
     let cancel = cancel_on_signal();
     if output == "-" {
         // Authenticate everything first: a consumer never sees data from a bad archive.
@@ -295,6 +352,42 @@ pub async fn decrypt(
         eprintln!("wrote {output}");
     }
     Ok(Exit::Success)
+}
+
+/// `decrypt`'s share of the provenance rules, checked on the header before anything
+/// is written (a header that claims encryption is authenticated by the decryption
+/// itself, which also needs one of the given keys): a plain archive proves nothing
+/// about who made it, so when any key is known (the config's or `--key-file`) it is
+/// read only with `--allow-unencrypted`; with a config (`databases`), the archive
+/// must be one of its databases'.
+fn check_provenance(
+    archive_path: &Path,
+    keys: &KeyRing,
+    databases: Option<&[&str]>,
+    allow_unencrypted: bool,
+) -> anyhow::Result<()> {
+    let mut file = std::fs::File::open(archive_path)
+        .with_context(|| format!("cannot open {}", archive_path.display()))?;
+    let (header, _) = archive::format::read_header(&mut file)
+        .with_context(|| archive_path.display().to_string())?;
+    let untrusted = |reason| BackupError::Untrusted {
+        id: archive_path.display().to_string(),
+        reason,
+    };
+    if header.encryption.is_none() && !allow_unencrypted && !keys.ids().is_empty() {
+        return Err(untrusted(catalog::Untrusted::Unencrypted).into());
+    }
+    if let Some(databases) = databases {
+        if !databases.contains(&header.database.as_str()) {
+            return Err(untrusted(catalog::Untrusted::WrongDatabase {
+                what: "header",
+                found: header.database.clone(),
+                expected: databases.join(", "),
+            })
+            .into());
+        }
+    }
+    Ok(())
 }
 
 pub fn key_generate(output: &Path) -> anyhow::Result<Exit> {

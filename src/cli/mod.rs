@@ -103,6 +103,10 @@ pub enum Tool {
         /// PostgreSQL: create the target database if it does not exist.
         #[arg(long)]
         create: bool,
+        /// Accept an unencrypted archive although a key is configured (anyone who
+        /// can write to the destination can forge one).
+        #[arg(long)]
+        allow_unencrypted: bool,
     },
     /// Write the plain database image of an archive (a SQLite file or a pg_dump
     /// custom-format archive), e.g. `dbkeeper decrypt x.dbk | pg_restore -l`.
@@ -119,6 +123,10 @@ pub enum Tool {
         /// Output file (must not exist), or `-` for standard output (the default).
         #[arg(short = 'o', long = "output", default_value = "-")]
         output: String,
+        /// Accept an unencrypted archive although a key is configured (anyone who
+        /// can write to the destination can forge one).
+        #[arg(long)]
+        allow_unencrypted: bool,
     },
     /// Manage encryption keys.
     #[command(subcommand)]
@@ -186,6 +194,10 @@ pub enum BackupCommand {
         /// and check it.
         #[arg(long)]
         restore_test: bool,
+        /// Accept an unencrypted archive although a key is configured (anyone who
+        /// can write to the destination can forge one).
+        #[arg(long)]
+        allow_unencrypted: bool,
     },
     /// Apply the keep policy now; with --dry-run only show what would be deleted.
     Prune {
@@ -256,10 +268,20 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
                 key_files,
                 archive,
                 output,
+                allow_unencrypted,
                 ..
             },
             config,
-        ) => backup::decrypt(config.as_ref(), &key_files, &archive, &output).await,
+        ) => {
+            backup::decrypt(
+                config.as_ref(),
+                &key_files,
+                &archive,
+                &output,
+                allow_unencrypted,
+            )
+            .await
+        }
         (_, None) => Err(anyhow::anyhow!(
             "this command needs a configuration file (-c)"
         )),
@@ -277,10 +299,11 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
                 database,
                 backup: id,
                 restore_test,
+                allow_unencrypted,
                 ..
             }),
             Some(c),
-        ) => backup::verify(c, &database, &id, restore_test).await,
+        ) => backup::verify(c, &database, &id, restore_test, allow_unencrypted).await,
         (
             Tool::Backup(BackupCommand::Prune {
                 database, dry_run, ..
@@ -294,10 +317,18 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
                 to,
                 force,
                 create,
+                allow_unencrypted,
                 ..
             },
             Some(c),
-        ) => backup::restore(c, &database, &id, &to, force, create).await,
+        ) => {
+            let how = backup::RestoreFlags {
+                force,
+                create,
+                allow_unencrypted,
+            };
+            backup::restore(c, &database, &id, &to, how).await
+        }
         (Tool::Retention(RetentionCommand::Plan { database, .. }), Some(c)) => {
             retention::plan(c, &database).await
         }

@@ -395,3 +395,33 @@ impl Workdir {
         rows
     }
 }
+
+/// A `[database.backup]` table writing to `dest`, encrypted with `key` (or plain).
+pub fn backup_table(dest: &Path, key: Option<&Path>, extra: &str) -> String {
+    let enc = match key {
+        Some(k) => format!("encryption-key-file = \"{}\"", k.display()),
+        None => "encryption = \"none\"".to_owned(),
+    };
+    format!(
+        "[database.backup]\nschedule = \"manual\"\ndestination = \"{}\"\n{enc}\n{extra}\n",
+        dest.display()
+    )
+}
+
+/// A `[[database]]` entry for `<workdir>/<name>.db`, followed by `backup`.
+pub fn sqlite_db(w: &Workdir, name: &str, backup: &str) -> String {
+    format!(
+        "[[database]]\nname = \"{name}\"\nurl = \"sqlite://{}\"\n{backup}",
+        w.path().join(format!("{name}.db")).display()
+    )
+}
+
+/// The archives in `<dest>/<db>/`, sorted.
+pub fn archives(dest: &Path, db: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dest.join(db))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    v.retain(|p| p.to_string_lossy().ends_with(".dbk"));
+    v.sort();
+    v
+}

@@ -17,8 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::Outcome;
 use crate::archive::{ArchiveError, Header, Key, KeyRing};
-use crate::catalog::rotation::{self, Candidate, Decision};
-use crate::catalog::{self, BackupKind, Manifest, Verification, VerifyMode, VerifyResult};
+use crate::catalog::rotation::{self, Decision};
+use crate::catalog::{
+    self, BackupKind, Manifest, TrustPolicy, Verification, VerifyMode, VerifyResult,
+};
 use crate::config::BackupConfig;
 use crate::db::{Database, DbError};
 use crate::metrics;
@@ -50,6 +52,11 @@ pub enum BackupError {
     },
     #[error("verification failed: {0}")]
     Verification(String),
+    #[error("backup {id} is not trusted: {reason}; it is never restored, counted or used for rotation (see `dbkeeper backup list`)")]
+    Untrusted {
+        id: String,
+        reason: crate::catalog::Untrusted,
+    },
     #[error("{0}")]
     Refused(String),
     #[error("cancelled")]
@@ -78,7 +85,7 @@ impl BackupError {
     pub fn is_verification(&self) -> bool {
         match self {
             BackupError::Archive(e) => e.is_verification(),
-            BackupError::Verification(_) => true,
+            BackupError::Verification(_) | BackupError::Untrusted { .. } => true,
             _ => false,
         }
     }
@@ -109,6 +116,33 @@ pub struct BackupJob {
 impl BackupJob {
     pub fn destination(&self, database: &str) -> Destination {
         Destination::new(&self.cfg.destination, database)
+    }
+
+    /// What a genuine backup of `database` looks like under this job's config;
+    /// `allow_unencrypted` is the reader's `--allow-unencrypted`.
+    pub fn trust_policy(&self, database: &str, allow_unencrypted: bool) -> TrustPolicy {
+        TrustPolicy {
+            database: database.to_owned(),
+            key_ids: self.keys.ids().iter().map(|id| (*id).to_owned()).collect(),
+            encrypting: self.key.is_some(),
+            allow_unencrypted,
+        }
+    }
+
+    /// Removes plaintext scratch copies no live process owns (a crashed run's).
+    pub fn clean_scratch(&self, database: &str) {
+        match crate::storage::clean_scratch(&self.scratch_dir) {
+            Ok(removed) => {
+                for name in removed {
+                    tracing::warn!(database, file = %name, "removed a scratch file a crashed run left behind");
+                }
+            }
+            Err(e) => tracing::warn!(
+                database,
+                "cannot clean up {}: {e}",
+                self.scratch_dir.display()
+            ),
+        }
     }
 
     pub fn scratch_target<'a>(&'a self, db: &'a Database) -> verify::ScratchTarget<'a> {
@@ -148,8 +182,7 @@ impl BackupJob {
         {
             tracing::warn!(database = db.name(), file = %name, "removed what an interrupted backup left behind");
         }
-        std::fs::create_dir_all(&self.scratch_dir)
-            .map_err(io_err("cannot create", &self.scratch_dir))?;
+        self.clean_scratch(db.name());
 
         let started = Utc::now();
         let id = catalog::new_id(&dest, started, kind);
@@ -225,16 +258,17 @@ impl BackupJob {
         manifest
             .save(&dest)
             .map_err(io_err("cannot write the manifest in", dest.dir()))?;
+        let policy = self.trust_policy(db.name(), false);
         if let Err(e) = verified {
-            publish_catalog(db.name(), &dest);
+            publish_catalog(db.name(), &dest, &policy);
             return Err(e);
         }
         let pruned = self
-            .prune(db.name(), false)?
+            .prune(db.name(), Some(&id), false)?
             .iter()
             .filter(|d| !d.keep)
             .count();
-        publish_catalog(db.name(), &dest);
+        publish_catalog(db.name(), &dest, &policy);
         tracing::info!(database = db.name(), id, "backup stored");
         Ok(Outcome {
             summary: format!(
@@ -288,40 +322,66 @@ impl BackupJob {
         Ok(())
     }
 
-    /// Applies the keep policy (or, with `dry_run`, only decides); returns every
-    /// backup's verdict, newest first.
-    pub fn prune(&self, database: &str, dry_run: bool) -> Result<Vec<Decision>, BackupError> {
+    /// Applies the keep policy (or, with `dry_run`, only decides) to the trusted
+    /// backups; `just_made` (the id this run wrote) is never pruned. Returns every
+    /// trusted backup's verdict, newest first.
+    pub fn prune(
+        &self,
+        database: &str,
+        just_made: Option<&str>,
+        dry_run: bool,
+    ) -> Result<Vec<Decision>, BackupError> {
         let dest = self.destination(database);
-        let (backups, _) = catalog::list(&dest).map_err(io_err("cannot list", dest.dir()))?;
-        let candidates: Vec<Candidate> = backups
-            .iter()
-            .map(|m| Candidate {
-                id: m.id.clone(),
-                at: m.started_at,
-                good: m.is_good(),
-            })
-            .collect();
-        let decisions = rotation::plan(&candidates, &self.cfg.keep);
+        let policy = self.trust_policy(database, false);
+        let done = rotation::rotate(
+            &dest,
+            &policy,
+            &self.cfg.keep,
+            Utc::now(),
+            just_made,
+            dry_run,
+        )
+        .map_err(io_err("cannot rotate the backups in", dest.dir()))?;
+        report_suspects(database, &done.untrusted, &done.future);
         if !dry_run {
-            for d in decisions.iter().filter(|d| !d.keep) {
-                dest.remove_backup(&d.id)
-                    .map_err(io_err("cannot delete a backup in", dest.dir()))?;
+            for d in done.decisions.iter().filter(|d| !d.keep) {
                 tracing::info!(database, id = %d.id, "pruned backup");
                 metrics::backup_pruned(database);
             }
         }
-        Ok(decisions)
+        Ok(done.decisions)
     }
 }
 
-/// Sets the `backup_*` gauges of a database from its destination.
-pub fn publish_catalog(database: &str, dest: &Destination) {
-    match catalog::list(dest) {
-        Ok((backups, broken)) => {
-            for b in broken {
-                tracing::warn!(database, "unreadable manifest: {b}");
-            }
-            metrics::backup_catalog(database, &backups);
+/// Logs backups that rotation and `latest` leave alone because they are not believed
+/// or are dated in the future.
+fn report_suspects(database: &str, untrusted: &[catalog::Rejected], future: &[String]) {
+    for r in untrusted {
+        tracing::warn!(database, file = %r.file, "untrusted backup, left alone: {}", r.reason);
+    }
+    for id in future {
+        tracing::warn!(
+            database,
+            id = %id,
+            "backup dated in the future (made while a clock was wrong?): kept, and not counted by the keep policy"
+        );
+    }
+}
+
+/// Sets the `backup_*` gauges of a database from the trusted backups of its
+/// destination.
+pub fn publish_catalog(database: &str, dest: &Destination, policy: &TrustPolicy) {
+    match catalog::list(dest, policy) {
+        Ok(listing) => {
+            let now = Utc::now();
+            let future: Vec<String> = listing
+                .backups
+                .iter()
+                .filter(|m| catalog::is_future(m.started_at, now))
+                .map(|m| m.id.clone())
+                .collect();
+            report_suspects(database, &listing.untrusted, &future);
+            metrics::backup_catalog(database, &listing.backups, future.len());
         }
         Err(e) => tracing::warn!(database, dir = %dest.dir().display(), "cannot list backups: {e}"),
     }

@@ -14,7 +14,7 @@ use super::source::Scratch;
 use super::verify::{self, Expect};
 use super::BackupError;
 use crate::archive::KeyRing;
-use crate::catalog::Manifest;
+use crate::catalog::{Manifest, TrustPolicy};
 use crate::config::DatabaseConfig;
 use crate::db::{Database, Postgres};
 use crate::storage::sync_dir;
@@ -25,6 +25,8 @@ pub struct Options<'a> {
     /// PostgreSQL: create the target database if it does not exist.
     pub create: bool,
     pub pg_restore: &'a Path,
+    /// What the backup's header must agree with (checked once it is authenticated).
+    pub trust: &'a TrustPolicy,
 }
 
 /// Restores the backup `manifest` (archive at `archive`) to `target`: a file path for
@@ -37,10 +39,7 @@ pub async fn restore(
     opts: &Options<'_>,
     cancel: &CancellationToken,
 ) -> Result<String, BackupError> {
-    let expect = Expect {
-        sha256: &manifest.sha256,
-        raw_bytes: manifest.raw_bytes,
-    };
+    let expect = Expect::trusted(manifest, opts.trust);
     let is_url = target.starts_with("postgres://") || target.starts_with("postgresql://");
     match (manifest.backend.as_str(), is_url) {
         ("sqlite", false) => {

@@ -105,12 +105,16 @@ async fn dump_sqlite(
     cancel: &CancellationToken,
     encode: Box<Encode>,
 ) -> Result<(TempFile, WriteStats), BackupError> {
-    let image = Scratch(scratch_dir.join(format!(
-        "backup-{}-{}.sqlite",
-        lite.name,
-        std::process::id()
-    )));
-    let _ = std::fs::remove_file(&image.0); // VACUUM INTO needs a new file
+    // Created empty and private (VACUUM INTO accepts an empty file): the copy is
+    // plaintext.
+    let image = Scratch(
+        crate::storage::scratch_file(scratch_dir, &format!("backup-{}", lite.name), ".sqlite")
+            .map_err(|source| BackupError::Io {
+                what: "cannot create a scratch file in",
+                path: scratch_dir.to_owned(),
+                source,
+            })?,
+    );
     tokio::select! {
         r = lite.vacuum_into(&image.0) => r?,
         _ = cancel.cancelled() => return Err(BackupError::Cancelled),

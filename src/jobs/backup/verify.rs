@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::{BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::source::{tail, Scratch};
 use super::BackupError;
 use crate::archive::{self, HashRead, Header, KeyRing};
-use crate::catalog::VerifyMode;
+use crate::catalog::{self, Manifest, TrustPolicy, VerifyMode};
 use crate::db::{Database, Postgres};
 
 /// What a read pass found.
@@ -34,6 +35,20 @@ pub struct ReadReport {
 pub struct Expect<'a> {
     pub sha256: &'a str,
     pub raw_bytes: u64,
+    /// The manifest and policy the authenticated header must agree with.
+    pub trust: Option<(&'a Manifest, &'a TrustPolicy)>,
+}
+
+impl<'a> Expect<'a> {
+    /// Everything `manifest` claims, checked against `policy` once the header is
+    /// authenticated (the listing only read it).
+    pub fn trusted(manifest: &'a Manifest, policy: &'a TrustPolicy) -> Self {
+        Expect {
+            sha256: &manifest.sha256,
+            raw_bytes: manifest.raw_bytes,
+            trust: Some((manifest, policy)),
+        }
+    }
 }
 
 /// Runs a blocking archive operation; cancelling sets its stop flag.
@@ -103,6 +118,18 @@ pub async fn read_pass(
                 report.raw_bytes, expect.raw_bytes
             )));
         }
+        if let Some((manifest, policy)) = expect.trust {
+            catalog::trust(
+                manifest,
+                &report.header,
+                &Manifest::manifest_name(&manifest.id),
+                policy,
+            )
+            .map_err(|reason| BackupError::Untrusted {
+                id: manifest.id.clone(),
+                reason,
+            })?;
+        }
     }
     Ok(report)
 }
@@ -142,11 +169,18 @@ pub async fn restore_test(
 ) -> Result<(), BackupError> {
     match target.db {
         Database::Sqlite(_) => {
+            let dir = target.scratch_dir;
             let image = Scratch(
-                target
-                    .scratch_dir
-                    .join(format!("verify-{}.sqlite", std::process::id())),
+                crate::storage::scratch_file(dir, "verify", ".sqlite").map_err(|source| {
+                    BackupError::Io {
+                        what: "cannot create a scratch file in",
+                        path: dir.to_owned(),
+                        source,
+                    }
+                })?,
             );
+            // Reserved under this process's token; decoding creates it anew.
+            let _ = std::fs::remove_file(&image.0);
             decode_to_file(path, keys, &image.0, cancel).await?;
             integrity_check(&image.0).await
         }
@@ -178,7 +212,8 @@ pub async fn stored_sha_matches(
     Ok(())
 }
 
-/// Writes the plain image of the archive to `out` (which must not exist), fsynced.
+/// Writes the plain image of the archive to `out` (which must not exist, and is
+/// created 0600: it is plaintext), fsynced.
 pub async fn decode_to_file(
     archive_path: &Path,
     keys: &KeyRing,
@@ -196,6 +231,7 @@ pub async fn decode_to_file(
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&out)
             .map_err(|e| io_err("cannot create", e))?;
         let (mut file, header, _) =

@@ -1,0 +1,199 @@
+//! Provenance: when a manifest and its archive may be believed.
+//!
+//! Anyone who can write to the destination can put files there, so a manifest is
+//! only a claim. [`trust`] checks it against what an attacker cannot forge without
+//! the key (the archive header, authenticated by every segment of an encrypted
+//! archive) and against the configuration. Every reader (listing, verify, restore,
+//! decrypt, rotation, the daemon's catalog) goes through it, so an untrusted backup
+//! is never restored, never counted as good and never used to delete anything.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+
+use super::{BackupKind, Manifest};
+use crate::archive::Header;
+use crate::storage::MANIFEST_SUFFIX;
+
+/// What the configuration says a genuine backup of one database looks like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustPolicy {
+    /// The database name of the `[[database]]` entry (and of its folder).
+    pub database: String,
+    /// Ids of every configured key (`encryption-key-file` and `decryption-key-files`).
+    pub key_ids: Vec<String>,
+    /// `encryption-key-file` is configured: backups are written encrypted.
+    pub encrypting: bool,
+    /// `--allow-unencrypted`: the operator accepts plain archives for this read.
+    pub allow_unencrypted: bool,
+}
+
+impl TrustPolicy {
+    /// A plain archive is believed only where the configuration writes plain ones,
+    /// or the operator said so for this one command: anyone can forge one.
+    pub fn accepts_plain(&self) -> bool {
+        !self.encrypting || self.allow_unencrypted
+    }
+}
+
+/// Why a backup is not believed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Untrusted {
+    #[error("the file name is not a backup id (<UTC yyyymmddThhmmssZ>-<kind>[.<n>])")]
+    BadName,
+    #[error("the manifest cannot be read ({0})")]
+    Unreadable(String),
+    #[error("the manifest says id \"{0}\", not the id of its file name")]
+    IdMismatch(String),
+    #[error("its archive is missing")]
+    ArchiveMissing,
+    #[error("the archive header cannot be read ({0})")]
+    BadHeader(String),
+    #[error("it belongs to database \"{found}\", not \"{expected}\" ({what})")]
+    WrongDatabase {
+        what: &'static str,
+        found: String,
+        expected: String,
+    },
+    #[error("the manifest and the archive header disagree on the {0}")]
+    Disagree(&'static str),
+    #[error("the archive is not encrypted but a key is configured; pass --allow-unencrypted if you made it on purpose")]
+    Unencrypted,
+    #[error("the archive was made with key {0}, which is not configured (encryption-key-file or decryption-key-files)")]
+    UnknownKey(String),
+}
+
+/// Rejects a backup whose manifest, header (`header`), file name (`file_name`, the
+/// manifest's) and configuration (`policy`) do not all agree.
+pub fn trust(
+    manifest: &Manifest,
+    header: &Header,
+    file_name: &str,
+    policy: &TrustPolicy,
+) -> Result<(), Untrusted> {
+    let id = id_of_manifest_file(file_name).ok_or(Untrusted::BadName)?;
+    let (at, kind) = parse_id(id).ok_or(Untrusted::BadName)?;
+    if manifest.id != id {
+        return Err(Untrusted::IdMismatch(manifest.id.clone()));
+    }
+    for (what, found) in [
+        ("manifest", &manifest.database),
+        ("header", &header.database),
+    ] {
+        if *found != policy.database {
+            return Err(Untrusted::WrongDatabase {
+                what,
+                found: found.clone(),
+                expected: policy.database.clone(),
+            });
+        }
+    }
+    if header.backend != manifest.backend {
+        return Err(Untrusted::Disagree("backend"));
+    }
+    // The time decides rotation and `latest`: the manifest may not move it.
+    if header.created != manifest.started_at || at != seconds(manifest.started_at) {
+        return Err(Untrusted::Disagree("time"));
+    }
+    if kind != manifest.kind.as_str() {
+        return Err(Untrusted::Disagree("kind"));
+    }
+    if header.compression != manifest.compression {
+        return Err(Untrusted::Disagree("compression"));
+    }
+    match &header.encryption {
+        None if !policy.accepts_plain() => Err(Untrusted::Unencrypted),
+        None if manifest.key_id.is_some() => Err(Untrusted::Disagree("key id")),
+        None => Ok(()),
+        Some(enc) if !policy.key_ids.contains(&enc.key_id) => {
+            Err(Untrusted::UnknownKey(enc.key_id.clone()))
+        }
+        Some(enc) if manifest.key_id.as_deref() != Some(enc.key_id.as_str()) => {
+            Err(Untrusted::Disagree("key id"))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// The backup id of a manifest file name, if it has the manifest suffix and the id
+/// is well formed. Ids come only from file names, never from the manifest's JSON.
+pub fn id_of_manifest_file(file_name: &str) -> Option<&str> {
+    file_name
+        .strip_suffix(MANIFEST_SUFFIX)
+        .filter(|id| parse_id(id).is_some())
+}
+
+/// True for `<UTC yyyymmddThhmmssZ>-<kind>[.<n>]`; such an id is a plain file name
+/// (no separator, no dot prefix), so joining it to a folder stays in that folder.
+pub fn is_valid_id(id: &str) -> bool {
+    parse_id(id).is_some()
+}
+
+/// The time (to the second) and kind of a well-formed id.
+fn parse_id(id: &str) -> Option<(DateTime<Utc>, &str)> {
+    let (stamp, rest) = id.split_at_checked(16)?;
+    let at = NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ")
+        .ok()?
+        .and_utc();
+    let rest = rest.strip_prefix('-')?;
+    let (kind, n) = match rest.split_once('.') {
+        Some((kind, n)) => (kind, Some(n)),
+        None => (rest, None),
+    };
+    let known = [
+        BackupKind::Scheduled,
+        BackupKind::Manual,
+        BackupKind::PreMigration,
+    ];
+    if !known.iter().any(|k| k.as_str() == kind) {
+        return None;
+    }
+    // `new_id` numbers from 2; no leading zeros, so one id has one spelling.
+    if let Some(n) = n {
+        let ok = n.len() <= 9
+            && !n.starts_with('0')
+            && n.bytes().all(|b| b.is_ascii_digit())
+            && n.parse::<u32>().is_ok_and(|n| n >= 2);
+        if !ok {
+            return None;
+        }
+    }
+    Some((at, kind))
+}
+
+fn seconds(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_plain_names_in_one_spelling() {
+        for ok in [
+            "20261121T020000Z-scheduled",
+            "20261121T020000Z-manual.2",
+            "20261121T020000Z-pre-migration.13",
+        ] {
+            assert!(is_valid_id(ok), "{ok}");
+        }
+        for bad in [
+            "../b/20261121T020000Z-scheduled",
+            "20261121T020000Z-scheduled/../../x",
+            "20261121T020000Z-other",
+            "20261121T020000Z-manual.02",
+            "20261121T020000Z-manual.1",
+            "20261121T020000Z-manual.",
+            "20261321T020000Z-manual",
+            "x0261121T020000Z-manual",
+            "",
+            "20261121T020000Z",
+        ] {
+            assert!(!is_valid_id(bad), "{bad}");
+        }
+        assert_eq!(
+            id_of_manifest_file("20261121T020000Z-manual.manifest.json"),
+            Some("20261121T020000Z-manual")
+        );
+        assert_eq!(id_of_manifest_file("x.manifest.json"), None);
+    }
+}
