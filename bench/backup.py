@@ -200,10 +200,14 @@ def main():
     print(f"preparing data (~{args.size_mb} MB and ~{args.small_mb} MB) …", flush=True)
     big_pg, small_pg = f"dbk_bench_{args.size_mb}", f"dbk_bench_{args.small_mb}"
     ensure_pg(big_pg, args.size_mb)
-    ensure_pg(small_pg, args.small_mb)
+    if not args.restore_only:
+        ensure_pg(small_pg, args.small_mb)
     big_lite, small_lite = work / f"bench-{args.size_mb}.db", work / f"bench-{args.small_mb}.db"
-    ensure_sqlite(big_lite, args.size_mb)
-    ensure_sqlite(small_lite, args.small_mb)
+    if not args.restore_only:
+        ensure_sqlite(big_lite, args.size_mb)
+        ensure_sqlite(small_lite, args.small_mb)
+    else:
+        big_lite.touch()
     pg_size = int(psql(big_pg, "SELECT pg_database_size(current_database())"))
     print(f"PostgreSQL database {pg_size / 2**20:.0f} MiB, SQLite file {big_lite.stat().st_size / 2**20:.0f} MiB, "
           f"{os.cpu_count()} cores, median of {args.runs}\n", flush=True)

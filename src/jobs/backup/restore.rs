@@ -23,7 +23,7 @@ use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
 use super::source::Scratch;
-use super::verify::{self, Expect, PrivateDir};
+use super::verify::{self, Durability, Expect, PrivateDir};
 use super::BackupError;
 use crate::archive::KeyRing;
 use crate::catalog::Manifest;
@@ -247,7 +247,15 @@ async fn restore_sqlite(
         _ => PathBuf::from("."),
     };
     let tmp = Scratch(verify::sibling_temp(target));
-    verify::decode_to_file(archive, keys, Some(expect), &tmp.0, cancel).await?;
+    verify::decode_to_file(
+        archive,
+        keys,
+        Some(expect),
+        &tmp.0,
+        Durability::Synced,
+        cancel,
+    )
+    .await?;
     verify::integrity_check(&tmp.0).await?;
     if let Some(from) = inherit_from(target)? {
         apply_inherited(&tmp.0, &from).await?;
@@ -347,7 +355,15 @@ async fn restore_postgres_with(
     pg.pool.close().await;
     let dir = PrivateDir::new(opts.scratch_dir)?;
     let image = dir.path().join("image.dump");
-    verify::decode_to_file(archive, keys, Some(expect), &image, cancel).await?;
+    verify::decode_to_file(
+        archive,
+        keys,
+        Some(expect),
+        &image,
+        Durability::Transient,
+        cancel,
+    )
+    .await?;
     let scratch = verify::scratch_database_name(&name, "restore")?;
     pg.create_database_like(&scratch, &name).await?;
     let swapped = fill_and_swap(pg, &name, &scratch, &image, opts, cancel).await;

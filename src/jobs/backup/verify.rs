@@ -150,7 +150,7 @@ pub async fn restore_test(
         Database::Sqlite(_) => {
             let dir = PrivateDir::new(target.scratch_dir)?;
             let image = dir.path().join("verify.sqlite");
-            decode_to_file(path, keys, None, &image, cancel).await?;
+            decode_to_file(path, keys, None, &image, Durability::Transient, cancel).await?;
             integrity_check(&image).await
         }
         Database::Postgres(pg) => restore_test_postgres(pg, target, path, keys, cancel).await,
@@ -179,8 +179,17 @@ pub async fn stored_sha_matches(
     Ok(())
 }
 
+/// Whether a decoded file must reach the disk before it is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// It replaces something (a rename follows): fsync it first.
+    Synced,
+    /// Transient input for a tool, deleted afterwards: an fsync would only cost time.
+    Transient,
+}
+
 /// Writes the plain image of the archive to `out` (which must not exist; created with
-/// mode 0600), fsynced, hashing the archive on the way: one open file handle is both
+/// mode 0600), hashing the archive on the way: one open file handle is both
 /// authenticated and decoded, and with `expect` the SHA-256 and size are compared
 /// with the manifest's before the caller uses `out`.
 pub async fn decode_to_file(
@@ -188,6 +197,7 @@ pub async fn decode_to_file(
     keys: &KeyRing,
     expect: Option<Expect<'_>>,
     out: &Path,
+    durability: Durability,
     cancel: &CancellationToken,
 ) -> Result<ReadReport, BackupError> {
     let input = open_archive(archive_path)?;
@@ -212,7 +222,10 @@ pub async fn decode_to_file(
             .map_err(|e| BackupError::from_archive(e.into()))?;
         file.into_inner()
             .map_err(std::io::IntoInnerError::into_error)
-            .and_then(|f| f.sync_all())
+            .and_then(|f| match durability {
+                Durability::Synced => f.sync_all(),
+                Durability::Transient => Ok(()),
+            })
             .map_err(|e| io_err("cannot write", e))?;
         Ok(ReadReport {
             header,
@@ -323,7 +336,15 @@ async fn restore_test_postgres(
     let scratch = scratch_database_name("dbkeeper", "verify")?;
     let dir = PrivateDir::new(target.scratch_dir)?;
     let image = dir.path().join("image.dump");
-    decode_to_file(archive_path, keys, None, &image, cancel).await?;
+    decode_to_file(
+        archive_path,
+        keys,
+        None,
+        &image,
+        Durability::Transient,
+        cancel,
+    )
+    .await?;
     pg.create_database(&scratch).await.map_err(|e| {
         BackupError::Refused(format!(
             "cannot create a scratch database for the restore test ({e}); give the role CREATEDB, \
