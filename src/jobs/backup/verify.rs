@@ -74,23 +74,33 @@ pub async fn read_pass(
     let file = open_archive(path)?;
     let keys = keys.clone();
     let report = blocking(cancel, move |stop| {
-        let mut input = HashRead::new(BufReader::with_capacity(1 << 20, file));
-        let (_, header, raw_bytes) =
-            archive::read_archive(&mut input, &keys, std::io::sink(), stop)
-                .map_err(BackupError::from_archive)?;
-        let (stored_bytes, sha256) = input
-            .finish()
-            .map_err(|e| BackupError::from_archive(e.into()))?;
-        Ok(ReadReport {
-            header,
-            sha256,
-            stored_bytes,
-            raw_bytes,
-        })
+        read_hashed(file, &keys, std::io::sink(), stop).map(|(_, report)| report)
     })
     .await?;
     check_expected(&report, expect)?;
     Ok(report)
+}
+
+/// Decrypts and decompresses `file` into `sink`, hashing every byte read from it.
+fn read_hashed<W: std::io::Write>(
+    file: File,
+    keys: &KeyRing,
+    sink: W,
+    stop: &AtomicBool,
+) -> Result<(W, ReadReport), BackupError> {
+    let mut input = HashRead::new(BufReader::with_capacity(1 << 20, file));
+    let (sink, header, raw_bytes) =
+        archive::read_archive(&mut input, keys, sink, stop).map_err(BackupError::from_archive)?;
+    let (stored_bytes, sha256) = input
+        .finish()
+        .map_err(|e| BackupError::from_archive(e.into()))?;
+    let report = ReadReport {
+        header,
+        sha256,
+        stored_bytes,
+        raw_bytes,
+    };
+    Ok((sink, report))
 }
 
 /// Compares what a read pass found with what the manifest promised.
@@ -209,30 +219,16 @@ pub async fn decode_to_file(
             source,
         };
         let file = create_private(&out).map_err(|e| io_err("cannot create", e))?;
-        let mut input = HashRead::new(BufReader::with_capacity(1 << 20, input));
-        let (file, header, raw_bytes) = archive::read_archive(
-            &mut input,
-            &keys,
-            std::io::BufWriter::with_capacity(1 << 20, file),
-            stop,
-        )
-        .map_err(BackupError::from_archive)?;
-        let (stored_bytes, sha256) = input
-            .finish()
-            .map_err(|e| BackupError::from_archive(e.into()))?;
-        file.into_inner()
+        let sink = std::io::BufWriter::with_capacity(1 << 20, file);
+        let (sink, report) = read_hashed(input, &keys, sink, stop)?;
+        sink.into_inner()
             .map_err(std::io::IntoInnerError::into_error)
             .and_then(|f| match durability {
                 Durability::Synced => f.sync_all(),
                 Durability::Transient => Ok(()),
             })
             .map_err(|e| io_err("cannot write", e))?;
-        Ok(ReadReport {
-            header,
-            sha256,
-            stored_bytes,
-            raw_bytes,
-        })
+        Ok(report)
     })
     .await?;
     check_expected(&report, expect)?;
