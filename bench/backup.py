@@ -15,6 +15,12 @@ of --runs:
   SQLite      dbkeeper run-job <db>.backup (defaults)
               sqlite3 .backup + gzip -6 + openssl enc
   Reading     dbkeeper backup verify (SHA-256 + decrypt + decompress): MB/s of plaintext
+  Restore     dbkeeper restore --create (decrypt to a private file, pg_restore -j <cores>
+              into a scratch database, rename swap), pg_restore -d of the pg_dump -Fc
+              file, and pg_restore -j <cores> of it, each into a new database
+
+(`--restore-only` takes one dbkeeper backup and one pg_dump -Fc, then times only the
+restores: `python3 bench/backup.py --restore-only --size-mb 50 --runs 1` is a quick check.)
 
 and prints times, sizes, ratios and peak RSS (dbkeeper's at two database sizes).
 Needs PostgreSQL on 127.0.0.1 (user postgres), pg_dump, sqlite3, gzip, openssl.
@@ -175,6 +181,7 @@ def main():
     ap.add_argument("--small-mb", type=int, default=100)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", default="/var/tmp/dbkeeper-bench")
+    ap.add_argument("--restore-only", action="store_true", help="time only the restores")
     args = ap.parse_args()
 
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
@@ -193,10 +200,14 @@ def main():
     print(f"preparing data (~{args.size_mb} MB and ~{args.small_mb} MB) …", flush=True)
     big_pg, small_pg = f"dbk_bench_{args.size_mb}", f"dbk_bench_{args.small_mb}"
     ensure_pg(big_pg, args.size_mb)
-    ensure_pg(small_pg, args.small_mb)
+    if not args.restore_only:
+        ensure_pg(small_pg, args.small_mb)
     big_lite, small_lite = work / f"bench-{args.size_mb}.db", work / f"bench-{args.small_mb}.db"
-    ensure_sqlite(big_lite, args.size_mb)
-    ensure_sqlite(small_lite, args.small_mb)
+    if not args.restore_only:
+        ensure_sqlite(big_lite, args.size_mb)
+        ensure_sqlite(small_lite, args.small_mb)
+    else:
+        big_lite.touch()
     pg_size = int(psql(big_pg, "SELECT pg_database_size(current_database())"))
     print(f"PostgreSQL database {pg_size / 2**20:.0f} MiB, SQLite file {big_lite.stat().st_size / 2**20:.0f} MiB, "
           f"{os.cpu_count()} cores, median of {args.runs}\n", flush=True)
@@ -213,6 +224,12 @@ def main():
     def row(name, secs, rss, size):
         rows.append((name, secs, rss, size))
         print(f"  {name:<52} {secs:7.2f} s  {size / 2**20:8.1f} MiB  peak RSS {rss:6.1f} MiB", flush=True)
+
+    if args.restore_only:
+        sh(f"RUST_LOG=warn {BIN} run-job -c {cfg} pg.backup")
+        sh(f"pg_dump -Fc -f {out}/fc.dump {url}")
+        restore_section(args, cfg, out, env)
+        return
 
     print("PostgreSQL")
     t, m = median_run(f"{BIN} run-job -c {cfg} pg.backup", args.runs, env)
@@ -280,6 +297,34 @@ def main():
     print(f"  dbkeeper SQLite time / .backup+gzip+openssl {dbk_lite / lite_pipe:5.2f}  [<= 0.50]")
     print(f"  decrypt+decompress speed                   {read_speed:5.0f} MiB/s  [>= 300 MB/s]")
     print(f"  peak RSS                                   {max(m_big, m_small, m_small_lite):5.1f} MiB  [<= 64 MiB]")
+    print()
+    restore_section(args, cfg, out, env)
+
+
+def restore_section(args, cfg, out, env):
+    """Times restoring the same data three ways, each into a database that does not
+    exist yet (dropped before every run), and prints them side by side."""
+    target = "dbk_bench_restore"
+    target_url = f"{PG}/{target}"
+    cores = os.cpu_count() or 1
+
+    def drop_target():
+        sh(["psql", f"{PG}/postgres", "-qc", f"DROP DATABASE IF EXISTS {target} WITH (FORCE)"])
+
+    print(f"Restore (same data, into a new database, median of {args.runs})")
+    dbk, m = median_run(f"{BIN} restore -c {cfg} pg --to {target_url} --create", args.runs, env, drop_target)
+    print(f"  {'dbkeeper restore --create':<40} {dbk:7.2f} s  peak RSS {m:6.1f} MiB", flush=True)
+    rows = int(psql(target, "SELECT count(*) FROM events"))
+    one, _ = median_run(f"psql {PG}/postgres -qc 'CREATE DATABASE {target}' && "
+                        f"pg_restore -d {target_url} {out}/fc.dump", args.runs, None, drop_target)
+    print(f"  {'pg_restore -d (pg_dump -Fc file)':<40} {one:7.2f} s", flush=True)
+    par, _ = median_run(f"psql {PG}/postgres -qc 'CREATE DATABASE {target}' && "
+                        f"pg_restore -j {cores} -d {target_url} {out}/fc.dump", args.runs, None, drop_target)
+    print(f"  {f'pg_restore -j {cores} -d (pg_dump -Fc file)':<40} {par:7.2f} s", flush=True)
+    drop_target()
+    print(f"  ({rows} rows restored by dbkeeper)")
+    print(f"  dbkeeper restore time / pg_restore -j {cores} time  {dbk / par:5.2f}  [<= 1.00]")
+    print(f"  dbkeeper restore time / pg_restore -d time    {dbk / one:5.2f}")
 
 
 if __name__ == "__main__":

@@ -249,6 +249,28 @@ static SCRATCH_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomic
 /// A new, empty file `<dir>/<prefix>-<token>-<n><ext>` (mode 0600, `dir` created 0700)
 /// that [`clean_scratch`] leaves alone while this process lives. The caller removes it.
 pub fn scratch_file(dir: &Path, prefix: &str, ext: &str) -> io::Result<PathBuf> {
+    let path = scratch_name(dir, prefix, ext)?;
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    Ok(path)
+}
+
+/// A new, empty directory `<dir>/<prefix>-<token>-<n>` (mode 0700), owned like
+/// [`scratch_file`]'s files: [`clean_scratch`] removes it with its contents once no
+/// live process owns it. The caller removes it.
+pub fn scratch_dir(dir: &Path, prefix: &str) -> io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let path = scratch_name(dir, prefix, "")?;
+    fs::DirBuilder::new().mode(0o700).create(&path)?;
+    Ok(path)
+}
+
+/// A fresh name in the scratch folder `dir` under this process's token, after making
+/// sure this process holds its owner file there.
+fn scratch_name(dir: &Path, prefix: &str, ext: &str) -> io::Result<PathBuf> {
     let (token, held) = SCRATCH_OWNER.get_or_init(|| {
         (
             format!("{:016x}", rand::random::<u64>()),
@@ -272,16 +294,10 @@ pub fn scratch_file(dir: &Path, prefix: &str, ext: &str) -> io::Result<PathBuf> 
         }
     }
     let n = SCRATCH_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = dir.join(format!("{prefix}-{token}-{n}{ext}"));
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)?;
-    Ok(path)
+    Ok(dir.join(format!("{prefix}-{token}-{n}{ext}")))
 }
 
-/// Removes every file in the scratch folder `dir` that no live process owns (its
+/// Removes every file and folder in the scratch folder `dir` that no live process owns (its
 /// token's owner file is not locked), whatever its name or age: the plaintext copies
 /// of a crashed run never survive the next start. Returns the removed names.
 pub fn clean_scratch(dir: &Path) -> io::Result<Vec<String>> {
@@ -290,7 +306,8 @@ pub fn clean_scratch(dir: &Path) -> io::Result<Vec<String>> {
         Ok(entries) => {
             for entry in entries {
                 let entry = entry?;
-                if entry.file_type()?.is_file() {
+                let kind = entry.file_type()?;
+                if kind.is_file() || kind.is_dir() {
                     names.push(entry.file_name().to_string_lossy().into_owned());
                 }
             }
@@ -321,7 +338,12 @@ pub fn clean_scratch(dir: &Path) -> io::Result<Vec<String>> {
 }
 
 fn remove_if_exists(path: &Path) -> io::Result<()> {
-    match fs::remove_file(path) {
+    let removed = if path.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    };
+    match removed {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }

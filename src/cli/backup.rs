@@ -266,6 +266,7 @@ pub async fn restore(
         create: how.create,
         pg_restore: &b.cfg.pg_restore,
         trust: &policy,
+        scratch_dir: &b.scratch_dir,
     };
     let done = restoring::restore(
         &dest.path(&manifest.archive_name()),
@@ -345,9 +346,16 @@ pub async fn decrypt(
             bail!("{output} exists; remove it or choose another -o");
         }
         let tmp = crate::jobs::backup::source::Scratch(verifying::sibling_temp(out));
-        verifying::decode_to_file(archive_path, &keys, &tmp.0, &cancel)
-            .await
-            .with_context(|| archive_path.display().to_string())?;
+        verifying::decode_to_file(
+            archive_path,
+            &keys,
+            None,
+            &tmp.0,
+            verifying::Durability::Synced,
+            &cancel,
+        )
+        .await
+        .with_context(|| archive_path.display().to_string())?;
         std::fs::rename(&tmp.0, out).with_context(|| format!("cannot write {output}"))?;
         eprintln!("wrote {output}");
     }

@@ -73,6 +73,13 @@ pub enum DbError {
         #[source]
         source: std::io::Error,
     },
+    #[error("database \"{name}\": cannot write a private file for the client tools in {path}: {source}; check that the state directory is writable")]
+    PrivateFile {
+        name: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("database \"{name}\": invalid URL {url}: {source}")]
     Url {
         name: String,
@@ -108,7 +115,7 @@ impl DbError {
         match self {
             DbError::Connect { .. } | DbError::PasswordFile { .. } => true,
             DbError::Query { source, .. } => is_connection_error(source),
-            DbError::Url { .. } | DbError::Cancelled { .. } => false,
+            DbError::Url { .. } | DbError::Cancelled { .. } | DbError::PrivateFile { .. } => false,
         }
     }
 }

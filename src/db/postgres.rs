@@ -15,7 +15,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection};
 use tokio_util::sync::CancellationToken;
 
-use super::{quote, redact_url, DbError};
+use super::{quote, quote_literal, redact_url, DbError};
 use crate::config::{resolve_credential, DatabaseConfig};
 
 #[derive(Clone)]
@@ -31,23 +31,37 @@ pub struct Postgres {
 struct Access {
     /// For side connections (cancel requests, maintenance database).
     options: PgConnectOptions,
-    /// The configured URL without any password, for pg_dump and pg_restore.
+    /// The configured URL without any secret, for pg_dump and pg_restore.
     url: url::Url,
     password: Option<Zeroizing<String>>,
+    /// libpq's `sslpassword` (passphrase of an encrypted client key). libpq reads it
+    /// from no environment variable, so tools get it through a 0600 service file.
+    ssl_password: Option<Zeroizing<String>>,
 }
 
-/// Removes the password from a URL (userinfo or `password=` parameter) and returns it
-/// separately, so that it can travel in the environment instead of argv.
-fn split_password(raw: &str) -> Option<(url::Url, Option<String>)> {
+/// The secrets a URL may carry, taken out of it so that they never reach argv or logs.
+struct Secrets {
+    /// The URL without them.
+    url: url::Url,
+    password: Option<String>,
+    ssl_password: Option<String>,
+}
+
+/// Removes the password (userinfo or `password=` parameter) and `sslpassword=` from a
+/// URL and returns them separately, so that they can travel in the environment (or a
+/// private file) instead of argv, and never reach sqlx (which logs parameters it does
+/// not know, with their values).
+fn split_secrets(raw: &str) -> Option<Secrets> {
     let mut url = url::Url::parse(raw).ok()?;
     let mut password = url.password().map(percent_decode);
+    let mut ssl_password = None;
     url.set_password(None).ok()?;
     let mut pairs = Vec::new();
     for (k, v) in url.query_pairs() {
-        if k == "password" {
-            password = Some(v.into_owned());
-        } else {
-            pairs.push((k.into_owned(), v.into_owned()));
+        match k.as_ref() {
+            "password" => password = Some(v.into_owned()),
+            "sslpassword" => ssl_password = Some(v.into_owned()),
+            _ => pairs.push((k.into_owned(), v.into_owned())),
         }
     }
     if pairs.is_empty() {
@@ -55,7 +69,68 @@ fn split_password(raw: &str) -> Option<(url::Url, Option<String>)> {
     } else {
         url.query_pairs_mut().clear().extend_pairs(pairs);
     }
-    Some((url, password))
+    Some(Secrets {
+        url,
+        password,
+        ssl_password,
+    })
+}
+
+/// Percent-encodes a database name for a URL path, so that libpq decodes it back to
+/// exactly the same name (`form_urlencoded` would turn a space into `+`, which libpq
+/// keeps as a plus sign).
+fn encode_path_segment(name: &str) -> String {
+    url::form_urlencoded::byte_serialize(name.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
+/// A client tool command, with the private service file (if any) that must outlive it.
+pub struct ToolCommand {
+    pub cmd: Command,
+    _service: Option<ServiceFile>,
+}
+
+/// A libpq connection-service file holding `sslpassword`, mode 0600, removed on drop.
+struct ServiceFile(std::path::PathBuf);
+
+impl Drop for ServiceFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The service name dbkeeper writes into its private service files.
+const SERVICE: &str = "dbkeeper";
+
+fn write_service_file(dir: &Path, ssl_password: &str) -> std::io::Result<ServiceFile> {
+    use rand::TryRngCore;
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if ssl_password.contains(['\n', '\r']) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "sslpassword contains a line break",
+        ));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mut suffix = [0u8; 8];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut suffix)
+        .map_err(std::io::Error::other)?;
+    let path = dir.join(format!("pgservice-{}.conf", hex::encode(suffix)));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    let guard = ServiceFile(path);
+    writeln!(file, "[{SERVICE}]\nsslpassword={ssl_password}")?;
+    file.sync_all()?;
+    Ok(guard)
 }
 
 fn percent_decode(s: &str) -> String {
@@ -73,11 +148,18 @@ impl Postgres {
             url: url.clone(),
             source,
         };
-        let mut options = PgConnectOptions::from_str(&cfg.url)
+        let Secrets {
+            url: plain_url,
+            mut password,
+            ssl_password,
+        } = split_secrets(&cfg.url)
+            .ok_or_else(|| url_error(sqlx::Error::Configuration("unparseable URL".into())))?;
+        let mut options = PgConnectOptions::from_str(plain_url.as_str())
             .map_err(url_error)?
             .application_name("dbkeeper");
-        let (plain_url, mut password) = split_password(&cfg.url)
-            .ok_or_else(|| url_error(sqlx::Error::Configuration("unparseable URL".into())))?;
+        if let Some(pw) = &password {
+            options = options.password(pw);
+        }
         if let Some(file) = &cfg.password_file {
             let path = resolve_credential(file);
             let text = std::fs::read_to_string(&path).map_err(|source| DbError::PasswordFile {
@@ -103,6 +185,7 @@ impl Postgres {
                 options,
                 url: plain_url,
                 password: password.map(Zeroizing::new),
+                ssl_password: ssl_password.map(Zeroizing::new),
             }),
         })
     }
@@ -115,22 +198,42 @@ impl Postgres {
     }
 
     /// A `pg_dump`/`pg_restore`/`psql` command aimed at this database (or at another
-    /// database on the same server). The password goes in `PGPASSWORD`, never in argv.
-    pub fn tool_command(&self, program: &Path, database: Option<&str>) -> Command {
+    /// database on the same server). The password goes in `PGPASSWORD` and
+    /// `sslpassword` in a 0600 service file under `private_dir` (named by
+    /// `PGSERVICEFILE`), never in argv. The database name is the one decoded from the
+    /// URL, re-encoded so that libpq reads back exactly that name.
+    pub fn tool_command(
+        &self,
+        program: &Path,
+        database: Option<&str>,
+        private_dir: &Path,
+    ) -> Result<ToolCommand, DbError> {
         let mut url = self.access.url.clone();
-        if let Some(db) = database {
-            url.set_path(&format!(
-                "/{}",
-                url::form_urlencoded::byte_serialize(db.as_bytes()).collect::<String>()
-            ));
-        }
+        let db = database.map_or_else(|| self.database_name(), str::to_owned);
+        url.set_path(&format!("/{}", encode_path_segment(&db)));
         let mut cmd = Command::new(program);
         cmd.arg("--no-password").arg(format!("--dbname={url}"));
         cmd.env("PGAPPNAME", "dbkeeper");
         if let Some(pw) = &self.access.password {
             cmd.env("PGPASSWORD", pw.as_str());
         }
-        cmd
+        let service = match &self.access.ssl_password {
+            Some(pw) => {
+                let file =
+                    write_service_file(private_dir, pw).map_err(|source| DbError::PrivateFile {
+                        name: self.name.clone(),
+                        path: private_dir.display().to_string(),
+                        source,
+                    })?;
+                cmd.env("PGSERVICEFILE", &file.0).env("PGSERVICE", SERVICE);
+                Some(file)
+            }
+            None => None,
+        };
+        Ok(ToolCommand {
+            cmd,
+            _service: service,
+        })
     }
 
     /// The database name in the URL.
@@ -204,6 +307,89 @@ impl Postgres {
             .await
             .map_err(|e| self.query_error(e))?;
         Ok(())
+    }
+
+    /// Creates `name` as a copy-to-be of `like`: same owner (when that is not us),
+    /// encoding and locale, so that swapping it in changes nothing but the contents.
+    pub async fn create_database_like(&self, name: &str, like: &str) -> Result<(), DbError> {
+        let mut conn = self.maintenance().await?;
+        let row: Option<(String, bool, String, String, String)> = sqlx::query_as(
+            "SELECT pg_get_userbyid(datdba)::text, pg_get_userbyid(datdba) = current_user,
+                    pg_encoding_to_char(encoding)::text, datcollate::text, datctype::text
+             FROM pg_database WHERE datname = $1",
+        )
+        .bind(like)
+        .fetch_optional(&mut conn)
+        .await
+        .map_err(|e| self.query_error(e))?;
+        let mut sql = format!("CREATE DATABASE {}", quote(name));
+        if let Some((owner, ours, encoding, collate, ctype)) = row {
+            if !ours {
+                sql.push_str(&format!(" OWNER {}", quote(&owner)));
+            }
+            sql.push_str(&format!(
+                " TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}",
+                quote_literal(&encoding),
+                quote_literal(&collate),
+                quote_literal(&ctype)
+            ));
+        }
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| self.query_error(e))?;
+        Ok(())
+    }
+
+    /// In one transaction, renames `target` (if it exists) to `old` and `new` to
+    /// `target`: either both renames happen or neither. With `terminate`, other
+    /// sessions of `target` are ended first (a rename needs none); one that connects
+    /// in between makes the rename fail, and the transaction leaves everything as it
+    /// was.
+    pub async fn swap_databases(
+        &self,
+        target: &str,
+        new: &str,
+        old: &str,
+        terminate: bool,
+    ) -> Result<(), DbError> {
+        let mut conn = self.maintenance().await?;
+        let mut tx = conn.begin().await.map_err(|e| self.query_error(e))?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(target)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| self.query_error(e))?;
+        if exists {
+            if terminate {
+                sqlx::query(
+                    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+                     WHERE datname = $1 AND pid <> pg_backend_pid()",
+                )
+                .bind(target)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.query_error(e))?;
+            }
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "ALTER DATABASE {} RENAME TO {}",
+                quote(target),
+                quote(old)
+            )))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.query_error(e))?;
+        }
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "ALTER DATABASE {} RENAME TO {}",
+            quote(new),
+            quote(target)
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.query_error(e))?;
+        tx.commit().await.map_err(|e| self.query_error(e))
     }
 
     /// Drops a database, disconnecting its sessions.
@@ -314,6 +500,10 @@ impl Postgres {
 mod tests {
     use super::*;
 
+    fn split_password(raw: &str) -> Option<(url::Url, Option<String>)> {
+        split_secrets(raw).map(|s| (s.url, s.password))
+    }
+
     #[test]
     fn passwords_leave_the_url() {
         let (url, pw) = split_password("postgres://app:p%40ss@h:5433/db?sslmode=require").unwrap();
@@ -325,5 +515,18 @@ mod tests {
         assert_eq!(pw.as_deref(), Some("x"));
         let (url, pw) = split_password("postgres://h/db").unwrap();
         assert_eq!((url.as_str(), pw), ("postgres://h/db", None));
+    }
+
+    #[test]
+    fn ssl_passwords_leave_the_url() {
+        let s = split_secrets("postgres://h/db?sslpassword=k%20ey&sslkey=/k.pem").unwrap();
+        assert_eq!(s.url.as_str(), "postgres://h/db?sslkey=%2Fk.pem");
+        assert_eq!(s.ssl_password.as_deref(), Some("k ey"));
+    }
+
+    #[test]
+    fn database_names_round_trip_through_libpq_encoding() {
+        assert_eq!(encode_path_segment("adv sp"), "adv%20sp");
+        assert_eq!(encode_path_segment("a+b%c"), "a%2Bb%25c");
     }
 }

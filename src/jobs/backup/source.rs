@@ -61,7 +61,9 @@ pub async fn dump(
     let encode: Box<Encode> = Box::new(encode);
     match db {
         Database::Sqlite(lite) => dump_sqlite(lite, tmp, scratch_dir, cancel, encode).await,
-        Database::Postgres(pg) => dump_postgres(pg, &cfg.pg_dump, tmp, cancel, encode).await,
+        Database::Postgres(pg) => {
+            dump_postgres(pg, &cfg.pg_dump, tmp, scratch_dir, cancel, encode).await
+        }
     }
 }
 
@@ -131,10 +133,12 @@ async fn dump_postgres(
     pg: &Postgres,
     pg_dump: &Path,
     tmp: TempFile,
+    scratch_dir: &Path,
     cancel: &CancellationToken,
     encode: Box<Encode>,
 ) -> Result<(TempFile, WriteStats), BackupError> {
-    let mut cmd = tokio::process::Command::from(pg.tool_command(pg_dump, None));
+    let tool = pg.tool_command(pg_dump, None, scratch_dir)?;
+    let mut cmd = tokio::process::Command::from(tool.cmd);
     cmd.args(["--format=custom", "--compress=0"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -4,8 +4,7 @@
 //! database that is dropped afterwards).
 
 use std::fs::File;
-use std::io::{BufReader, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,10 +12,9 @@ use std::sync::Arc;
 
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection};
-use tokio_util::io::SyncIoBridge;
 use tokio_util::sync::CancellationToken;
 
-use super::source::{tail, Scratch};
+use super::source::tail;
 use super::BackupError;
 use crate::archive::{self, HashRead, Header, KeyRing};
 use crate::catalog::{self, Manifest, TrustPolicy, VerifyMode};
@@ -90,48 +88,65 @@ pub async fn read_pass(
     let file = open_archive(path)?;
     let keys = keys.clone();
     let report = blocking(cancel, move |stop| {
-        let mut input = HashRead::new(BufReader::with_capacity(1 << 20, file));
-        let (_, header, raw_bytes) =
-            archive::read_archive(&mut input, &keys, std::io::sink(), stop)
-                .map_err(BackupError::from_archive)?;
-        let (stored_bytes, sha256) = input
-            .finish()
-            .map_err(|e| BackupError::from_archive(e.into()))?;
-        Ok(ReadReport {
-            header,
-            sha256,
-            stored_bytes,
-            raw_bytes,
-        })
+        read_hashed(file, &keys, std::io::sink(), stop).map(|(_, report)| report)
     })
     .await?;
-    if let Some(expect) = expect {
-        if report.sha256 != expect.sha256 {
-            return Err(BackupError::Verification(format!(
-                "SHA-256 of the archive is {}, the manifest says {}: the file changed after it was written",
-                report.sha256, expect.sha256
-            )));
-        }
-        if report.raw_bytes != expect.raw_bytes {
-            return Err(BackupError::Verification(format!(
-                "the archive holds {} bytes of database image, the manifest says {}",
-                report.raw_bytes, expect.raw_bytes
-            )));
-        }
-        if let Some((manifest, policy)) = expect.trust {
-            catalog::trust(
-                manifest,
-                &report.header,
-                &Manifest::manifest_name(&manifest.id),
-                policy,
-            )
-            .map_err(|reason| BackupError::Untrusted {
-                id: manifest.id.clone(),
-                reason,
-            })?;
-        }
-    }
+    check_expected(&report, expect)?;
     Ok(report)
+}
+
+/// Decrypts and decompresses `file` into `sink`, hashing every byte read from it.
+fn read_hashed<W: std::io::Write>(
+    file: File,
+    keys: &KeyRing,
+    sink: W,
+    stop: &AtomicBool,
+) -> Result<(W, ReadReport), BackupError> {
+    let mut input = HashRead::new(BufReader::with_capacity(1 << 20, file));
+    let (sink, header, raw_bytes) =
+        archive::read_archive(&mut input, keys, sink, stop).map_err(BackupError::from_archive)?;
+    let (stored_bytes, sha256) = input
+        .finish()
+        .map_err(|e| BackupError::from_archive(e.into()))?;
+    let report = ReadReport {
+        header,
+        sha256,
+        stored_bytes,
+        raw_bytes,
+    };
+    Ok((sink, report))
+}
+
+/// Compares what a read pass found with what the manifest promised.
+fn check_expected(report: &ReadReport, expect: Option<Expect<'_>>) -> Result<(), BackupError> {
+    let Some(expect) = expect else {
+        return Ok(());
+    };
+    if report.sha256 != expect.sha256 {
+        return Err(BackupError::Verification(format!(
+            "SHA-256 of the archive is {}, the manifest says {}: the file changed after it was written",
+            report.sha256, expect.sha256
+        )));
+    }
+    if report.raw_bytes != expect.raw_bytes {
+        return Err(BackupError::Verification(format!(
+            "the archive holds {} bytes of database image, the manifest says {}",
+            report.raw_bytes, expect.raw_bytes
+        )));
+    }
+    if let Some((manifest, policy)) = expect.trust {
+        catalog::trust(
+            manifest,
+            &report.header,
+            &Manifest::manifest_name(&manifest.id),
+            policy,
+        )
+        .map_err(|reason| BackupError::Untrusted {
+            id: manifest.id.clone(),
+            reason,
+        })?;
+    }
+    Ok(())
 }
 
 /// Everything a restore test needs besides the archive.
@@ -169,24 +184,12 @@ pub async fn restore_test(
 ) -> Result<(), BackupError> {
     match target.db {
         Database::Sqlite(_) => {
-            let dir = target.scratch_dir;
-            let image = Scratch(
-                crate::storage::scratch_file(dir, "verify", ".sqlite").map_err(|source| {
-                    BackupError::Io {
-                        what: "cannot create a scratch file in",
-                        path: dir.to_owned(),
-                        source,
-                    }
-                })?,
-            );
-            // Reserved under this process's token; decoding creates it anew.
-            let _ = std::fs::remove_file(&image.0);
-            decode_to_file(path, keys, &image.0, cancel).await?;
-            integrity_check(&image.0).await
+            let dir = PrivateDir::new(target.scratch_dir)?;
+            let image = dir.path().join("verify.sqlite");
+            decode_to_file(path, keys, None, &image, Durability::Transient, cancel).await?;
+            integrity_check(&image).await
         }
-        Database::Postgres(pg) => {
-            restore_test_postgres(pg, target.pg_restore, path, keys, cancel).await
-        }
+        Database::Postgres(pg) => restore_test_postgres(pg, target, path, keys, cancel).await,
     }
 }
 
@@ -212,37 +215,89 @@ pub async fn stored_sha_matches(
     Ok(())
 }
 
-/// Writes the plain image of the archive to `out` (which must not exist, and is
-/// created 0600: it is plaintext), fsynced.
+/// Whether a decoded file must reach the disk before it is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// It replaces something (a rename follows): fsync it first.
+    Synced,
+    /// Transient input for a tool, deleted afterwards: an fsync would only cost time.
+    Transient,
+}
+
+/// Writes the plain image of the archive to `out` (which must not exist; created with
+/// mode 0600), hashing the archive on the way: one open file handle is both
+/// authenticated and decoded, and with `expect` the SHA-256 and size are compared
+/// with the manifest's before the caller uses `out`.
 pub async fn decode_to_file(
     archive_path: &Path,
     keys: &KeyRing,
+    expect: Option<Expect<'_>>,
     out: &Path,
+    durability: Durability,
     cancel: &CancellationToken,
-) -> Result<Header, BackupError> {
+) -> Result<ReadReport, BackupError> {
     let input = open_archive(archive_path)?;
     let (keys, out) = (keys.clone(), out.to_owned());
-    blocking(cancel, move |stop| {
+    let report = blocking(cancel, move |stop| {
         let io_err = |what, source| BackupError::Io {
             what,
             path: out.clone(),
             source,
         };
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&out)
-            .map_err(|e| io_err("cannot create", e))?;
-        let (mut file, header, _) =
-            archive::read_archive(BufReader::with_capacity(1 << 20, input), &keys, file, stop)
-                .map_err(BackupError::from_archive)?;
-        file.flush()
-            .and_then(|()| file.sync_all())
+        let file = create_private(&out).map_err(|e| io_err("cannot create", e))?;
+        let sink = std::io::BufWriter::with_capacity(1 << 20, file);
+        let (sink, report) = read_hashed(input, &keys, sink, stop)?;
+        sink.into_inner()
+            .map_err(std::io::IntoInnerError::into_error)
+            .and_then(|f| match durability {
+                Durability::Synced => f.sync_all(),
+                Durability::Transient => Ok(()),
+            })
             .map_err(|e| io_err("cannot write", e))?;
-        Ok(header)
+        Ok(report)
     })
-    .await
+    .await?;
+    check_expected(&report, expect)?;
+    Ok(report)
+}
+
+/// Creates a new file readable by its owner only: plaintext images never get the
+/// umask's permissions.
+pub fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// A fresh directory (mode 0700) for transient plaintext, removed with everything in
+/// it when dropped, on every path out of the caller.
+pub struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    /// Creates a 0700 folder in the scratch folder `parent` (created 0700 if missing),
+    /// owned by this process: a crash leaves nothing the next start does not remove.
+    pub fn new(parent: &Path) -> Result<Self, BackupError> {
+        crate::storage::scratch_dir(parent, "dbkeeper")
+            .map(PrivateDir)
+            .map_err(|source| BackupError::Io {
+                what: "cannot create a private scratch directory in",
+                path: parent.to_owned(),
+                source,
+            })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// `PRAGMA integrity_check` on a SQLite file, opened read-only.
@@ -269,29 +324,55 @@ pub async fn integrity_check(path: &Path) -> Result<(), BackupError> {
     Ok(())
 }
 
-/// Restores into a fresh scratch database on the same server, then drops it.
+/// A fresh database name on the server: `<base>_dbk_<what>_<random>`, cut so that it
+/// fits PostgreSQL's 63-byte identifiers.
+pub fn scratch_database_name(base: &str, what: &str) -> Result<String, BackupError> {
+    let suffix: [u8; 4] = crate::archive::crypto::random_bytes()
+        .map_err(|e| BackupError::Archive(crate::archive::ArchiveError::from(e)))?;
+    let tail = format!("_dbk_{what}_{}", hex::encode(suffix));
+    let mut head = base.to_owned();
+    while head.len() + tail.len() > 63 {
+        head.pop();
+    }
+    Ok(format!("{head}{tail}"))
+}
+
+/// Restores into a fresh scratch database on the same server, then drops it. Not
+/// being able to create the scratch database (no CREATEDB, too many connections,
+/// server down) says nothing about the backup: that is a job error, never a failed
+/// verification.
 async fn restore_test_postgres(
     pg: &Postgres,
-    pg_restore: &Path,
+    target: &ScratchTarget<'_>,
     archive_path: &Path,
     keys: &KeyRing,
     cancel: &CancellationToken,
 ) -> Result<(), BackupError> {
-    let suffix: [u8; 4] = crate::archive::crypto::random_bytes()
-        .map_err(|e| BackupError::Archive(crate::archive::ArchiveError::from(e)))?;
-    let scratch = format!("dbkeeper_verify_{}", hex::encode(suffix));
-    pg.create_database(&scratch).await.map_err(|e| {
-        BackupError::Verification(format!(
-            "cannot create the scratch database for the restore test (the role needs CREATEDB): {e}"
-        ))
-    })?;
-    let restored = pg_restore_into(
-        pg,
-        pg_restore,
-        &scratch,
+    let scratch = scratch_database_name("dbkeeper", "verify")?;
+    let dir = PrivateDir::new(target.scratch_dir)?;
+    let image = dir.path().join("image.dump");
+    decode_to_file(
         archive_path,
         keys,
+        None,
+        &image,
+        Durability::Transient,
+        cancel,
+    )
+    .await?;
+    pg.create_database(&scratch).await.map_err(|e| {
+        BackupError::Refused(format!(
+            "cannot create a scratch database for the restore test ({e}); give the role CREATEDB, \
+             or check that the server accepts connections; the backup itself was not judged"
+        ))
+    })?;
+    let restored = pg_restore_file(
+        pg,
+        target.pg_restore,
+        &scratch,
+        &image,
         &["--no-owner", "--no-privileges"],
+        dir.path(),
         cancel,
     )
     .await;
@@ -306,21 +387,29 @@ async fn restore_test_postgres(
     })
 }
 
-/// Streams the decrypted image into `pg_restore --dbname=<database>`.
-pub async fn pg_restore_into(
+/// How many parallel jobs `pg_restore -j` gets: one per core.
+fn restore_jobs() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// Runs `pg_restore -j <cores> --exit-on-error` of the plain image `image` (a seekable
+/// file, which parallel restore needs) into `database`.
+pub async fn pg_restore_file(
     pg: &Postgres,
     program: &Path,
     database: &str,
-    archive_path: &Path,
-    keys: &KeyRing,
+    image: &Path,
     args: &[&str],
+    private_dir: &Path,
     cancel: &CancellationToken,
 ) -> Result<(), BackupError> {
-    let input = open_archive(archive_path)?;
-    let mut cmd = tokio::process::Command::from(pg.tool_command(program, Some(database)));
+    let tool = pg.tool_command(program, Some(database), private_dir)?;
+    let mut cmd = tokio::process::Command::from(tool.cmd);
     cmd.args(args)
+        .arg(format!("--jobs={}", restore_jobs()))
         .arg("--exit-on-error")
-        .stdin(Stdio::piped())
+        .arg(image)
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
@@ -329,46 +418,26 @@ pub async fn pg_restore_into(
         source,
     };
     let mut child = cmd.spawn().map_err(spawn_err)?;
-    let (Some(stdin), Some(stderr)) = (child.stdin.take(), child.stderr.take()) else {
+    let Some(stderr) = child.stderr.take() else {
         return Err(BackupError::Internal("pg_restore pipes missing".into()));
     };
     let stderr_task = tokio::spawn(tail(stderr));
-    let keys = keys.clone();
-    let fed = blocking(cancel, move |stop| {
-        let sink = SyncIoBridge::new(stdin);
-        let (mut sink, _, _) =
-            archive::read_archive(BufReader::with_capacity(1 << 20, input), &keys, sink, stop)
-                .map_err(BackupError::from_archive)?;
-        sink.flush()
-            .and_then(|()| sink.shutdown())
-            .map_err(|e| BackupError::from_archive(e.into()))?;
-        Ok(())
-    })
-    .await;
-    if fed.is_err() {
-        let _ = child.start_kill();
-    }
-    let status = child.wait().await.map_err(spawn_err)?;
-    let stderr = stderr_task.await.unwrap_or_default();
-    match fed {
-        // pg_restore stopped reading because it failed: its message says why.
-        Err(BackupError::Io { .. }) | Err(BackupError::Archive(archive::ArchiveError::Io(_)))
-            if !status.success() =>
-        {
-            Err(BackupError::Tool {
-                program: "pg_restore",
-                status: status.to_string(),
-                stderr,
-            })
+    let status = tokio::select! {
+        status = child.wait() => status.map_err(spawn_err)?,
+        _ = cancel.cancelled() => {
+            let _ = child.kill().await;
+            return Err(BackupError::Cancelled);
         }
-        Err(e) => Err(e),
-        Ok(()) if !status.success() => Err(BackupError::Tool {
+    };
+    let stderr = stderr_task.await.unwrap_or_default();
+    if !status.success() {
+        return Err(BackupError::Tool {
             program: "pg_restore",
             status: status.to_string(),
             stderr,
-        }),
-        Ok(()) => Ok(()),
+        });
     }
+    Ok(())
 }
 
 /// A path beside `target` for writing its replacement.

@@ -1,0 +1,423 @@
+//! Restores that cannot half-destroy their target, with the real binary, real SQLite
+//! files and real PostgreSQL: a PostgreSQL restore either replaces the target whole or
+//! leaves it exactly as it was; a SQLite restore keeps the target's WAL when it cannot
+//! replace the file and keeps its owner, mode and journal mode when it can; a restore
+//! test that cannot even start does not condemn the backup; URL secrets stay out of
+//! argv and logs; database names with spaces mean the same thing everywhere.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{pg_server, psql, sqlite, PgDb, Workdir};
+use predicates::prelude::*;
+
+fn backup_table(dest: &Path, key: &Path, extra: &str) -> String {
+    format!(
+        "[database.backup]\nschedule = \"manual\"\ndestination = \"{}\"\nencryption-key-file = \"{}\"\n{extra}\n",
+        dest.display(),
+        key.display()
+    )
+}
+
+/// A workdir whose config backs up the PostgreSQL database at `url` as `pg`.
+fn pg_workdir(url: &str, extra: &str) -> Workdir {
+    let w = Workdir::new();
+    let key = w.key("k");
+    let dest = w.path().join("backups");
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"pg\"\nurl = \"{url}\"\n{}",
+            backup_table(&dest, &key, extra)
+        ),
+    );
+    w
+}
+
+fn server_sql(sql: &str) -> String {
+    psql(&format!("{}/postgres", pg_server()), sql)
+}
+
+/// Databases left behind by restores (scratch or swapped-out ones) whose name starts
+/// with `prefix`.
+fn leftovers(prefix: &str) -> String {
+    server_sql(&format!(
+        "SELECT count(*) FROM pg_database WHERE datname LIKE '{prefix}%\\_dbk\\_%'"
+    ))
+}
+
+/// A login role for one test, dropped (with what it owns) at the end.
+struct Role(String);
+
+impl Role {
+    fn new(tag: &str, attrs: &str) -> Self {
+        let name = format!("dbk_{tag}_{}", std::process::id());
+        server_sql(&format!("DROP ROLE IF EXISTS {name}"));
+        server_sql(&format!("CREATE ROLE {name} LOGIN {attrs}"));
+        Role(name)
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .arg(format!("{}/postgres", pg_server()))
+            .arg("-qAtc")
+            .arg(format!("DROP ROLE IF EXISTS {}", self.0))
+            .output();
+    }
+}
+
+#[test]
+fn forced_postgres_restore_replaces_a_target_with_a_dependent_view_whole() {
+    let src = PgDb::new("dep_src");
+    src.sql(
+        "CREATE TABLE t (i int PRIMARY KEY, s text);
+         INSERT INTO t SELECT i, 'backup' FROM generate_series(1, 20) i;
+         CREATE TABLE z (i int);
+         INSERT INTO z SELECT generate_series(1, 10);",
+    );
+    let w = pg_workdir(&src.url, "");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+
+    // The target has the same tables, 500 rows in z, and a view that depends on t:
+    // `pg_restore --clean` would drop z, then fail on t and stop half-way.
+    let target = PgDb::new("dep_dst");
+    target.sql(
+        "CREATE TABLE t (i int PRIMARY KEY, s text);
+         INSERT INTO t SELECT i, 'target' FROM generate_series(1, 5) i;
+         CREATE TABLE z (i int);
+         INSERT INTO z SELECT generate_series(1, 500);
+         CREATE VIEW v AS SELECT * FROM t;",
+    );
+    w.cmd(&["restore", "pg", "--to", &target.url, "--force"])
+        .assert()
+        .success();
+    // Fully restored: exactly the backup's contents, nothing of the old target.
+    assert_eq!(target.sql("SELECT count(*) FROM z"), "10");
+    assert_eq!(
+        target.sql("SELECT count(*), min(s), max(s) FROM t"),
+        "20|backup|backup"
+    );
+    assert_eq!(
+        target.sql("SELECT count(*) FROM pg_views WHERE viewname = 'v'"),
+        "0"
+    );
+    assert_eq!(leftovers(&target.name), "0", "scratch or old database left");
+}
+
+#[test]
+fn failing_postgres_restore_leaves_the_target_as_it_was_and_no_database_behind() {
+    // The backup needs a role the target server does not have any more.
+    let owner = Role::new("gone_owner", "");
+    let src = PgDb::new("role_src");
+    src.sql(&format!(
+        "CREATE TABLE z (i int); INSERT INTO z SELECT generate_series(1, 10);
+         ALTER TABLE z OWNER TO {}",
+        owner.0
+    ));
+    let w = pg_workdir(&src.url, "");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    src.sql(&format!("DROP OWNED BY {}", owner.0));
+    drop(owner);
+
+    let target = PgDb::new("role_dst");
+    target.sql("CREATE TABLE z (i int); INSERT INTO z SELECT generate_series(1, 500)");
+    w.cmd(&["restore", "pg", "--to", &target.url, "--force"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("pg_restore"));
+    assert_eq!(
+        target.sql("SELECT count(*) FROM z"),
+        "500",
+        "target damaged"
+    );
+    assert_eq!(leftovers(&target.name), "0", "scratch database left");
+
+    // Onto a new database: a failed restore leaves no half database.
+    let fresh = PgDb::unused("role_new");
+    w.cmd(&["restore", "pg", "--to", &fresh.url, "--create"])
+        .assert()
+        .code(1);
+    assert!(!fresh.exists(), "a half-restored database was left");
+    assert_eq!(leftovers(&fresh.name), "0", "scratch database left");
+}
+
+#[test]
+fn restore_test_without_createdb_is_a_job_error_and_keeps_the_backup_good() {
+    let role = Role::new("nocreatedb", "NOCREATEDB");
+    let src = PgDb::new("nocdb");
+    server_sql(&format!("ALTER DATABASE {} OWNER TO {}", src.name, role.0));
+    src.sql(&format!(
+        "SET ROLE {}; CREATE TABLE t AS SELECT generate_series(1, 100) i",
+        role.0
+    ));
+    let url = format!(
+        "{}/{}",
+        pg_server().replace("://postgres@", &format!("://{}@", role.0)),
+        src.name
+    );
+    let w = pg_workdir(&url, "verify = \"read\"");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    w.cmd(&["backup", "verify", "pg", "--restore-test"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("CREATEDB"));
+    let manifest = manifests(&w.path().join("backups/pg"));
+    assert_eq!(manifest.len(), 1);
+    assert_eq!(
+        manifest[0]["verification"]["result"], "passed",
+        "{:#}",
+        manifest[0]
+    );
+    // The scheduled job with verify = "restore" fails, but does not mark its backup failed.
+    let w2 = pg_workdir(&url, "verify = \"restore\"");
+    w2.cmd(&["run-job", "pg.backup"]).assert().code(1);
+    let manifest = manifests(&w2.path().join("backups/pg"));
+    assert_eq!(manifest.len(), 1);
+    assert_ne!(manifest[0]["verification"]["result"], "failed");
+    drop(src);
+}
+
+fn manifests(dir: &Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("backup dir").flatten() {
+        if e.file_name().to_string_lossy().ends_with(".manifest.json") {
+            let text = std::fs::read_to_string(e.path()).expect("manifest");
+            out.push(serde_json::from_str(&text).expect("json"));
+        }
+    }
+    out
+}
+
+#[test]
+fn ssl_password_never_reaches_argv_or_logs() {
+    let src = PgDb::new("sslpw");
+    src.sql("CREATE TABLE t AS SELECT generate_series(1, 10) i");
+    let secret = "s3cr3t-ssl-pass";
+    let w = Workdir::new();
+    let record = w.path().join("record");
+    // Stands in for pg_dump/pg_restore: records what it was given, then runs the real one.
+    let wrap = |tool: &str| {
+        common::write_script(
+            w.path(),
+            &format!("{tool}.sh"),
+            &format!(
+                "#!/bin/sh\n{{ echo \"argv: $*\"; env | grep -v '^PGSERVICEFILE'; \
+                 echo \"service: $(tr '\\n' ' ' < \"$PGSERVICEFILE\")\"; stat -c 'mode: %a' \"$PGSERVICEFILE\"; \
+                 echo \"file: $PGSERVICEFILE\"; }} >> {}\nexec {tool} \"$@\"\n",
+                record.display()
+            ),
+        )
+    };
+    let (dump, restore) = (wrap("pg_dump"), wrap("pg_restore"));
+    let key = w.key("k");
+    let dest = w.path().join("backups");
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"pg\"\nurl = \"{}?sslpassword={secret}\"\n{}",
+            src.url,
+            backup_table(
+                &dest,
+                &key,
+                &format!(
+                    "verify = \"restore\"\npg-dump = \"{}\"\npg-restore = \"{}\"",
+                    dump.display(),
+                    restore.display()
+                )
+            )
+        ),
+    );
+    let out = w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let logs = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(!logs.contains(secret), "secret in the log: {logs}");
+    let target = PgDb::unused("sslpw_dst");
+    let restored_url = format!("{}?sslpassword={secret}", target.url);
+    let out = w
+        .cmd(&["restore", "pg", "--to", &restored_url, "--create"])
+        .assert()
+        .success();
+    let logs = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(!logs.contains(secret), "secret in the log: {logs}");
+    assert_eq!(target.sql("SELECT count(*) FROM t"), "10");
+
+    let seen = std::fs::read_to_string(&record).expect("the tools ran");
+    let argv: Vec<&str> = seen.lines().filter(|l| l.starts_with("argv:")).collect();
+    assert!(argv.len() >= 3, "pg_dump, restore test, restore: {seen}");
+    for line in seen.lines().filter(|l| !l.starts_with("service:")) {
+        assert!(
+            !line.contains(secret),
+            "secret outside the service file: {line}"
+        );
+    }
+    let services: Vec<&str> = seen.lines().filter(|l| l.starts_with("service:")).collect();
+    assert_eq!(services.len(), argv.len());
+    assert!(services
+        .iter()
+        .all(|l| l.contains(&format!("sslpassword={secret}"))));
+    assert!(seen
+        .lines()
+        .filter(|l| l.starts_with("mode:"))
+        .all(|l| l == "mode: 600"));
+    for file in seen.lines().filter_map(|l| l.strip_prefix("file: ")) {
+        assert!(!Path::new(file).exists(), "{file} was left behind");
+    }
+}
+
+#[test]
+fn database_names_with_spaces_mean_one_database() {
+    let src = PgDb::new("space_src");
+    src.sql("CREATE TABLE t AS SELECT generate_series(1, 7) i");
+    let w = pg_workdir(&src.url, "");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let name = format!("dbk_adv sp_{}", std::process::id());
+    let drop_it = || {
+        let _ = Command::new("psql")
+            .arg(format!("{}/postgres", pg_server()))
+            .arg("-qAtc")
+            .arg(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .output();
+    };
+    drop_it();
+    let url = format!("{}/{}", pg_server(), name.replace(' ', "%20"));
+    let result = w.cmd(&["restore", "pg", "--to", &url, "--create"]).assert();
+    let rows = psql(&url, "SELECT count(*) FROM t");
+    let plus = server_sql(&format!(
+        "SELECT count(*) FROM pg_database WHERE datname = '{}'",
+        name.replace(' ', "+")
+    ));
+    drop_it();
+    result.success();
+    assert_eq!(rows, "7");
+    assert_eq!(plus, "0");
+}
+
+// ---------- SQLite ----------
+
+/// A workdir backing up the SQLite file `src.db` (rollback journal, 3 rows) as `app`.
+fn sqlite_workdir() -> Workdir {
+    let w = Workdir::new();
+    let key = w.key("k");
+    let dest = w.path().join("backups");
+    let src = w.path().join("src.db");
+    sqlite(
+        &src,
+        "CREATE TABLE t (i INTEGER PRIMARY KEY, s TEXT); INSERT INTO t (s) VALUES ('a'), ('b'), ('c');",
+    );
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n{}",
+            src.display(),
+            backup_table(&dest, &key, "")
+        ),
+    );
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    w
+}
+
+/// A WAL-mode database at `path` whose last transaction is committed but still only in
+/// its `-wal` file (the writer died before any checkpoint, as a crashed app does).
+fn wal_target(path: &Path) {
+    sqlite(
+        path,
+        "PRAGMA journal_mode=WAL; CREATE TABLE t (i INTEGER PRIMARY KEY, s TEXT); INSERT INTO t (s) VALUES ('old');",
+    );
+    let status = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import sqlite3, os\nc = sqlite3.connect({path:?})\nc.execute(\"PRAGMA wal_autocheckpoint=0\")\n\
+             c.execute(\"INSERT INTO t (s) VALUES ('only-in-wal')\")\nc.commit()\nos._exit(0)\n",
+            path = path.display().to_string()
+        ))
+        .status()
+        .expect("python3");
+    assert!(status.success());
+    let wal = with_suffix(path, "-wal");
+    assert!(
+        std::fs::metadata(&wal)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false),
+        "the committed row should be in {}",
+        wal.display()
+    );
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+#[test]
+fn sqlite_target_that_cannot_be_replaced_keeps_its_wal() {
+    let w = sqlite_workdir();
+    let target = w.path().join("live.db");
+    wal_target(&target);
+    // A bind-mounted file (as in containers): renaming onto it fails with EBUSY.
+    let script =
+        "mount --bind \"$1\" \"$1\" && exec \"$2\" restore app --to \"$1\" --force -c \"$3\"";
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", script, "sh"])
+        .arg(&target)
+        .arg(common::BIN)
+        .arg(w.config_path())
+        .output()
+        .expect("unshare");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("mount point"), "{stderr}");
+    assert_eq!(
+        sqlite(&target, "SELECT group_concat(s) FROM t").trim(),
+        "old,only-in-wal",
+        "committed data lost"
+    );
+    let left: Vec<String> = std::fs::read_dir(w.path())
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("dbkeeper-restore"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn forced_sqlite_restore_keeps_owner_mode_and_journal_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = sqlite_workdir();
+    let target = w.path().join("live.db");
+    wal_target(&target);
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    std::os::unix::fs::chown(&target, Some(4321), Some(4322)).expect("chown (tests run as root)");
+    w.cmd(&[
+        "restore",
+        "app",
+        "--to",
+        target.to_str().expect("utf-8"),
+        "--force",
+    ])
+    .assert()
+    .success();
+    let meta = std::fs::metadata(&target).expect("target");
+    assert_eq!(meta.mode() & 0o7777, 0o640);
+    assert_eq!((meta.uid(), meta.gid()), (4321, 4322));
+    assert_eq!(sqlite(&target, "PRAGMA journal_mode").trim(), "wal");
+    assert_eq!(
+        sqlite(&target, "SELECT group_concat(s) FROM t").trim(),
+        "a,b,c"
+    );
+
+    // A new target is private to its owner, whatever the umask.
+    let fresh = w.path().join("fresh.db");
+    w.cmd(&["restore", "app", "--to", fresh.to_str().expect("utf-8")])
+        .assert()
+        .success();
+    assert_eq!(
+        std::fs::metadata(&fresh).expect("fresh").mode() & 0o777,
+        0o600
+    );
+}
