@@ -21,14 +21,6 @@ fn rule(table: &str, name: &str, extra: &str) -> String {
     )
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// 1,000,000 rows, 60 % expired, while a writer inserts and updates throughout.
 #[test]
 fn million_rows_deleted_in_batches_without_blocking_a_writer() {
@@ -72,7 +64,7 @@ fn million_rows_deleted_in_batches_without_blocking_a_writer() {
     assert_eq!(planned, 600_000);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let rt = runtime();
+    let rt = common::runtime();
     let url = pg.url.clone();
     let stop_writer = stop.clone();
     let writer = rt.spawn(async move {
@@ -365,7 +357,7 @@ fn concurrent_refresh_never_disturbs_readers_and_a_blocked_refresh_retries() {
              [[database.refresh]]\nview = \"plain_totals\"\nschedule = \"manual\"\nrequire-concurrently = true\n",
         ),
     );
-    let rt = runtime();
+    let rt = common::runtime();
     let stop = Arc::new(AtomicBool::new(false));
     let (url, stop_reader) = (pg.url.clone(), stop.clone());
     let reader = rt.spawn(async move {
@@ -462,7 +454,7 @@ fn sqlite_rebuild_is_atomic_for_readers_in_another_process() {
         &db,
         "CREATE INDEX region_totals_region ON \"region totals\" (region)",
     );
-    let rt = runtime();
+    let rt = common::runtime();
     let stop = Arc::new(AtomicBool::new(false));
     let (path, stop_reader) = (db.clone(), stop.clone());
     let reader = rt.spawn(async move {

@@ -37,14 +37,6 @@ fn runner() -> TestRunner {
     })
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// Year 1 and year 9999 in microseconds: the readable range of numbers.
 const MIN_US: i128 = -62_135_596_800_000_000;
 const MAX_US: i128 = 253_402_300_799_999_999;
@@ -531,7 +523,7 @@ async fn sqlite_case(dir: &Path, n: u32, case: &LiteCase) -> Result<(), TestCase
 
 #[test]
 fn sqlite_survivors_match_the_oracle() {
-    let rt = runtime();
+    let rt = common::runtime();
     let dir = tempfile::tempdir().expect("dir");
     let n = std::sync::atomic::AtomicU32::new(0);
     runner()
@@ -900,7 +892,7 @@ async fn pg_case_run(db: &common::PgDb, n: u32, case: &PgCase) -> Result<(), Tes
 
 #[test]
 fn postgres_survivors_match_the_oracle() {
-    let rt = runtime();
+    let rt = common::runtime();
     let db = common::PgDb::new("oracle");
     let n = std::sync::atomic::AtomicU32::new(0);
     runner()

@@ -372,23 +372,13 @@ impl Postgres {
                 .await
                 .map_err(|e| self.query_error(e))?;
             }
-            sqlx::raw_sql(AssertSqlSafe(format!(
-                "ALTER DATABASE {} RENAME TO {}",
-                quote(target),
-                quote(old)
-            )))
-            .execute(&mut *tx)
+            rename(&mut tx, target, old)
+                .await
+                .map_err(|e| self.query_error(e))?;
+        }
+        rename(&mut tx, new, target)
             .await
             .map_err(|e| self.query_error(e))?;
-        }
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "ALTER DATABASE {} RENAME TO {}",
-            quote(new),
-            quote(target)
-        )))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| self.query_error(e))?;
         tx.commit().await.map_err(|e| self.query_error(e))
     }
 
@@ -494,6 +484,19 @@ impl Postgres {
             Err(_) => tracing::warn!(database = %self.name, pid, "cancel request timed out"),
         }
     }
+}
+
+/// `ALTER DATABASE from RENAME TO to`, both names quoted.
+async fn rename(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    from: &str,
+    to: &str,
+) -> Result<(), sqlx::Error> {
+    let sql = format!("ALTER DATABASE {} RENAME TO {}", quote(from), quote(to));
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(&mut **tx)
+        .await
+        .map(|_| ())
 }
 
 #[cfg(test)]

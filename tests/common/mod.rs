@@ -425,3 +425,12 @@ pub fn archives(dest: &Path, db: &str) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// A two-worker tokio runtime for tests that talk to databases from this process.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
