@@ -320,9 +320,25 @@ pub fn write_archive<R: Read, W: Write + Send>(
 pub fn read_archive<R: Read, W: Write>(
     input: R,
     keys: &KeyRing,
-    mut sink: W,
+    sink: W,
     cancelled: &AtomicBool,
 ) -> Result<(W, Header, u64), ArchiveError> {
+    read_archive_gated(input, keys, sink, cancelled, |_| Ok(()))
+}
+
+/// [`read_archive`], calling `admit` with the header once it is authenticated (the
+/// first segment opened with it as associated data) and before the first byte
+/// reaches `sink`, so a consumer that acts on the bytes as they come (a streamed
+/// restore) never sees a byte of an archive whose header it would refuse. For an
+/// unencrypted archive nothing is authenticated: `admit` runs on the parsed header.
+pub fn read_archive_gated<R: Read, W: Write>(
+    input: R,
+    keys: &KeyRing,
+    mut sink: W,
+    cancelled: &AtomicBool,
+    admit: impl FnOnce(&Header) -> Result<(), ArchiveError>,
+) -> Result<(W, Header, u64), ArchiveError> {
+    let mut admit = Some(admit);
     let reader = ArchiveReader::open(input, keys)?;
     let header = reader.header().clone();
     let mut plain = compress::decoder(
@@ -342,8 +358,14 @@ pub fn read_archive<R: Read, W: Write>(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(ArchiveError::from_io(e, true)),
         };
+        if let Some(admit) = admit.take() {
+            admit(&header)?;
+        }
         sink.write_all(&buf[..n]).map_err(ArchiveError::Io)?;
         raw += n as u64;
+    }
+    if let Some(admit) = admit.take() {
+        admit(&header)?;
     }
     Ok((sink, header, raw))
 }

@@ -6,6 +6,7 @@
 //! temporary file and leaves older backups alone; rotation only runs after a good
 //! backup and never removes the newest good one.
 
+pub mod pg_restore;
 pub mod restore;
 pub mod source;
 pub mod verify;

@@ -1,17 +1,18 @@
 //! `dbkeeper restore`: put a backup back, without ever leaving a half-restored target.
 //!
-//! Both backends first decode the archive into a private file in one pass over one
-//! open file handle (authenticated, decompressed, hashed and compared with the
-//! manifest), so a tampered or truncated archive never reaches the target.
+//! Both backends read the archive in one pass over one open file handle
+//! (authenticated, decompressed, hashed and compared with the manifest) into
+//! something that is not the target yet, so a tampered or truncated archive never
+//! reaches the target.
 //!
 //! SQLite: the image is written beside the target, checked with
 //! `PRAGMA integrity_check`, given the target's owner, group, mode and journal mode,
 //! and renamed over it; the target's `-wal`/`-shm`/`-journal` are moved aside first
 //! and put back if anything fails, so committed transactions in a WAL are never lost.
 //!
-//! PostgreSQL: `pg_restore -j <cores>` into a fresh scratch database on the same
-//! server, then one transaction renames the target away and the scratch database into
-//! its place. Until that commit the target is untouched; a failure anywhere before it
+//! PostgreSQL: the archive is streamed into a fresh scratch database on the same
+//! server while it is authenticated (see [`super::pg_restore`]), then one transaction
+//! renames the target away and the scratch database into its place. Until that commit the target is untouched; a failure anywhere before it
 //! drops the scratch database and leaves the target exactly as it was.
 
 use std::os::unix::fs::MetadataExt;
@@ -24,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::source::Scratch;
 use super::verify::{self, Durability, Expect, PrivateDir};
-use super::BackupError;
+use super::{pg_restore, BackupError};
 use crate::archive::KeyRing;
 use crate::catalog::{Manifest, TrustPolicy};
 use crate::config::DatabaseConfig;
@@ -353,19 +354,16 @@ async fn restore_postgres_with(
     // Our own pool holds a session on the target; the swap needs none.
     pg.pool.close().await;
     let dir = PrivateDir::new(opts.scratch_dir)?;
-    let image = dir.path().join("image.dump");
-    verify::decode_to_file(
-        archive,
-        keys,
-        Some(expect),
-        &image,
-        Durability::Transient,
-        cancel,
-    )
-    .await?;
     let scratch = verify::scratch_database_name(&name, "restore")?;
     pg.create_database_like(&scratch, &name).await?;
-    let swapped = fill_and_swap(pg, &name, &scratch, &image, opts, cancel).await;
+    let fill = pg_restore::Target {
+        pg,
+        program: opts.pg_restore,
+        database: &scratch,
+        args: &[],
+        private_dir: dir.path(),
+    };
+    let swapped = fill_and_swap(&fill, &name, archive, keys, expect, opts, cancel).await;
     drop(dir); // plaintext off the disk as soon as it is no longer needed
     let old = match swapped {
         Ok(old) => old,
@@ -389,18 +387,19 @@ async fn restore_postgres_with(
     Ok(format!("restored into database \"{name}\" ({})", pg.url))
 }
 
-/// Restores `image` into the scratch database, then swaps it in for `name`; returns
+/// Restores the archive into the scratch database, then swaps it in for `name`; returns
 /// the name the previous database now has.
 async fn fill_and_swap(
-    pg: &Postgres,
+    fill: &pg_restore::Target<'_>,
     name: &str,
-    scratch: &str,
-    image: &Path,
+    archive: &Path,
+    keys: &KeyRing,
+    expect: Expect<'_>,
     opts: &Options<'_>,
     cancel: &CancellationToken,
 ) -> Result<String, BackupError> {
-    let private = image.parent().unwrap_or(opts.scratch_dir);
-    verify::pg_restore_file(pg, opts.pg_restore, scratch, image, &[], private, cancel).await?;
+    let (pg, scratch) = (fill.pg, fill.database);
+    pg_restore::restore_archive(fill, archive, keys, Some(expect), cancel).await?;
     if cancel.is_cancelled() {
         return Err(BackupError::Cancelled);
     }

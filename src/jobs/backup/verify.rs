@@ -50,7 +50,7 @@ impl<'a> Expect<'a> {
 }
 
 /// Runs a blocking archive operation; cancelling sets its stop flag.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     cancel: &CancellationToken,
     work: impl FnOnce(&AtomicBool) -> Result<T, BackupError> + Send + 'static,
 ) -> Result<T, BackupError> {
@@ -70,7 +70,7 @@ async fn blocking<T: Send + 'static>(
     joined.map_err(|e| BackupError::Internal(format!("worker thread failed: {e}")))?
 }
 
-fn open_archive(path: &Path) -> Result<File, BackupError> {
+pub(super) fn open_archive(path: &Path) -> Result<File, BackupError> {
     File::open(path).map_err(|source| BackupError::Io {
         what: "cannot open the archive",
         path: path.to_owned(),
@@ -102,9 +102,32 @@ fn read_hashed<W: std::io::Write>(
     sink: W,
     stop: &AtomicBool,
 ) -> Result<(W, ReadReport), BackupError> {
+    read_hashed_gated(file, keys, sink, stop, None)
+}
+
+/// [`read_hashed`]; with `gate`, the authenticated header must pass it before the
+/// first byte reaches `sink`.
+pub(super) fn read_hashed_gated<W: std::io::Write>(
+    file: File,
+    keys: &KeyRing,
+    sink: W,
+    stop: &AtomicBool,
+    gate: Option<&TrustGate>,
+) -> Result<(W, ReadReport), BackupError> {
     let mut input = HashRead::new(BufReader::with_capacity(1 << 20, file));
-    let (sink, header, raw_bytes) =
-        archive::read_archive(&mut input, keys, sink, stop).map_err(BackupError::from_archive)?;
+    let mut refused = None;
+    let admit = |header: &Header| match gate.map(|g| g.check(header)) {
+        Some(Err(e)) => {
+            refused = Some(e);
+            Err(archive::ArchiveError::Cancelled)
+        }
+        _ => Ok(()),
+    };
+    let read = archive::read_archive_gated(&mut input, keys, sink, stop, admit);
+    if let Some(e) = refused {
+        return Err(e);
+    }
+    let (sink, header, raw_bytes) = read.map_err(BackupError::from_archive)?;
     let (stored_bytes, sha256) = input
         .finish()
         .map_err(|e| BackupError::from_archive(e.into()))?;
@@ -118,7 +141,10 @@ fn read_hashed<W: std::io::Write>(
 }
 
 /// Compares what a read pass found with what the manifest promised.
-fn check_expected(report: &ReadReport, expect: Option<Expect<'_>>) -> Result<(), BackupError> {
+pub(super) fn check_expected(
+    report: &ReadReport,
+    expect: Option<Expect<'_>>,
+) -> Result<(), BackupError> {
     let Some(expect) = expect else {
         return Ok(());
     };
@@ -135,18 +161,47 @@ fn check_expected(report: &ReadReport, expect: Option<Expect<'_>>) -> Result<(),
         )));
     }
     if let Some((manifest, policy)) = expect.trust {
-        catalog::trust(
-            manifest,
-            &report.header,
-            &Manifest::manifest_name(&manifest.id),
-            policy,
-        )
-        .map_err(|reason| BackupError::Untrusted {
-            id: manifest.id.clone(),
-            reason,
-        })?;
+        check_trust(manifest, policy, &report.header)?;
     }
     Ok(())
+}
+
+fn check_trust(
+    manifest: &Manifest,
+    policy: &TrustPolicy,
+    header: &Header,
+) -> Result<(), BackupError> {
+    catalog::trust(
+        manifest,
+        header,
+        &Manifest::manifest_name(&manifest.id),
+        policy,
+    )
+    .map_err(|reason| BackupError::Untrusted {
+        id: manifest.id.clone(),
+        reason,
+    })
+}
+
+/// The provenance check of an [`Expect`], owned so that a reading thread can apply it
+/// to the header as soon as it is authenticated.
+pub(super) struct TrustGate(Option<(Manifest, TrustPolicy)>);
+
+impl TrustGate {
+    pub(super) fn of(expect: Option<&Expect<'_>>) -> Self {
+        TrustGate(
+            expect
+                .and_then(|e| e.trust)
+                .map(|(m, p)| (m.clone(), p.clone())),
+        )
+    }
+
+    fn check(&self, header: &Header) -> Result<(), BackupError> {
+        match &self.0 {
+            Some((manifest, policy)) => check_trust(manifest, policy, header),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Everything a restore test needs besides the archive.
@@ -237,6 +292,18 @@ pub async fn decode_to_file(
     cancel: &CancellationToken,
 ) -> Result<ReadReport, BackupError> {
     let input = open_archive(archive_path)?;
+    decode_handle_to_file(input, keys, expect, out, durability, cancel).await
+}
+
+/// [`decode_to_file`] of an archive already open.
+pub(super) async fn decode_handle_to_file(
+    input: File,
+    keys: &KeyRing,
+    expect: Option<Expect<'_>>,
+    out: &Path,
+    durability: Durability,
+    cancel: &CancellationToken,
+) -> Result<ReadReport, BackupError> {
     let (keys, out) = (keys.clone(), out.to_owned());
     let report = blocking(cancel, move |stop| {
         let io_err = |what, source| BackupError::Io {
@@ -350,32 +417,22 @@ async fn restore_test_postgres(
 ) -> Result<(), BackupError> {
     let scratch = scratch_database_name("dbkeeper", "verify")?;
     let dir = PrivateDir::new(target.scratch_dir)?;
-    let image = dir.path().join("image.dump");
-    decode_to_file(
-        archive_path,
-        keys,
-        None,
-        &image,
-        Durability::Transient,
-        cancel,
-    )
-    .await?;
     pg.create_database(&scratch).await.map_err(|e| {
         BackupError::Refused(format!(
             "cannot create a scratch database for the restore test ({e}); give the role CREATEDB, \
              or check that the server accepts connections; the backup itself was not judged"
         ))
     })?;
-    let restored = pg_restore_file(
+    let fill = super::pg_restore::Target {
         pg,
-        target.pg_restore,
-        &scratch,
-        &image,
-        &["--no-owner", "--no-privileges"],
-        dir.path(),
-        cancel,
-    )
-    .await;
+        program: target.pg_restore,
+        database: &scratch,
+        args: &["--no-owner", "--no-privileges"],
+        private_dir: dir.path(),
+    };
+    let restored = super::pg_restore::restore_archive(&fill, archive_path, keys, None, cancel)
+        .await
+        .map(drop);
     if let Err(e) = pg.drop_database(&scratch).await {
         tracing::warn!(database = %pg.name, scratch, "cannot drop the scratch database: {e}");
     }
@@ -388,7 +445,7 @@ async fn restore_test_postgres(
 }
 
 /// How many parallel jobs `pg_restore -j` gets: one per core.
-fn restore_jobs() -> usize {
+pub(super) fn restore_jobs() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 

@@ -1,0 +1,545 @@
+//! A PostgreSQL backup into a database with `pg_restore`, decoding and loading at once.
+//!
+//! An encrypted archive is piped into `pg_restore --section=pre-data --section=data`
+//! while it is being decrypted: every byte pg_restore gets belongs to a segment that
+//! has authenticated, under a header that passed the provenance check before the
+//! first byte left (see [`archive::read_archive_gated`]), so decoding overlaps with
+//! `COPY` instead of preceding it. The indexes, constraints and grants
+//! (`--section=post-data`) then get `pg_restore -j <cores>`, which needs a seekable
+//! file but reads nothing of it beyond the table of contents: the stream's first
+//! [`TOC_COPY_MAX`] bytes are kept in a private file for it (the whole stream when it
+//! is smaller, as a small database's is). A table of contents longer than that (more
+//! than a few hundred thousand objects) is read by a second streamed pass instead.
+//!
+//! An unencrypted archive proves nothing until its SHA-256 is compared with the
+//! manifest at the end, so it is decoded to a private file and checked first, and only
+//! then handed to pg_restore (`--allow-unencrypted` restores only).
+//!
+//! Whatever fails, the caller drops the database it restored into: a failure part-way
+//! (a truncated or altered archive found at the end, pg_restore's own errors) leaves
+//! a partial scratch database, never a partial target.
+
+use std::fs::File;
+use std::io::{Seek, Write};
+use std::path::Path;
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::source::tail;
+use super::verify::{self, Durability, Expect, ReadReport, TrustGate};
+use super::BackupError;
+use crate::archive::{self, KeyRing};
+use crate::db::Postgres;
+
+/// How much of the decoded stream is kept for the post-data pass. A table of contents
+/// takes a few hundred bytes per object, so 64 MiB holds that of any ordinary schema.
+const TOC_COPY_MAX: u64 = 64 << 20;
+
+/// Chunks in flight between the decoding thread and pg_restore's stdin.
+const PIPE_CHUNKS: usize = 4;
+const PIPE_CHUNK: usize = 1 << 20;
+
+/// What to restore with, besides the archive.
+pub struct Target<'a> {
+    pub pg: &'a Postgres,
+    pub program: &'a Path,
+    /// The database to restore into (on `pg`'s server).
+    pub database: &'a str,
+    /// Extra pg_restore arguments (e.g. `--no-owner`).
+    pub args: &'a [&'a str],
+    /// A private (0700) folder for the table-of-contents copy and libpq files.
+    pub private_dir: &'a Path,
+}
+
+/// Restores the archive at `archive_path` into `target.database`, checking it against
+/// `expect` (SHA-256, size and, before the first byte is restored, provenance).
+pub async fn restore_archive(
+    target: &Target<'_>,
+    archive_path: &Path,
+    keys: &KeyRing,
+    expect: Option<Expect<'_>>,
+    cancel: &CancellationToken,
+) -> Result<ReadReport, BackupError> {
+    restore_archive_with(target, archive_path, keys, expect, TOC_COPY_MAX, cancel).await
+}
+
+async fn restore_archive_with(
+    target: &Target<'_>,
+    archive_path: &Path,
+    keys: &KeyRing,
+    expect: Option<Expect<'_>>,
+    toc_copy_max: u64,
+    cancel: &CancellationToken,
+) -> Result<ReadReport, BackupError> {
+    // One open file for everything read from it, so nothing can be swapped in
+    // between the check and the use.
+    let mut file = verify::open_archive(archive_path)?;
+    let header = archive::format::read_header(&mut file).map_err(BackupError::from_archive)?;
+    file.rewind().map_err(|source| BackupError::Io {
+        what: "cannot read",
+        path: archive_path.to_owned(),
+        source,
+    })?;
+    if header.0.encryption.is_none() {
+        let image = target.private_dir.join("image.dump");
+        let report = verify::decode_handle_to_file(
+            file,
+            keys,
+            expect,
+            &image,
+            Durability::Transient,
+            cancel,
+        )
+        .await?;
+        pg_restore_file(target, &image, &[], cancel).await?;
+        return Ok(report);
+    }
+    let toc = target.private_dir.join("toc.dump");
+    let copy = TocCopy::create(&toc, toc_copy_max)?;
+    let again = file.try_clone().map_err(|source| BackupError::Io {
+        what: "cannot read",
+        path: archive_path.to_owned(),
+        source,
+    })?;
+    let sections = ["--section=pre-data", "--section=data"];
+    let (report, copy) = stream(target, file, keys, &expect, &sections, copy, cancel).await?;
+    verify::check_expected(&report, expect)?;
+    let whole_toc = copy.is_some_and(|c| c.complete) || toc_readable(target.program, &toc).await;
+    if whole_toc {
+        pg_restore_file(target, &toc, &["--section=post-data"], cancel).await?;
+    } else {
+        tracing::info!("the table of contents is larger than its copy; reading the archive again for indexes and constraints");
+        let mut file = again;
+        file.rewind().map_err(|source| BackupError::Io {
+            what: "cannot read",
+            path: archive_path.to_owned(),
+            source,
+        })?;
+        let post = ["--section=post-data"];
+        let (second, _) = stream(target, file, keys, &None, &post, None, cancel).await?;
+        if second.sha256 != report.sha256 {
+            return Err(BackupError::Verification(
+                "the archive changed between two reads of it".to_owned(),
+            ));
+        }
+    }
+    Ok(report)
+}
+
+/// Pipes the decoded archive into one `pg_restore` with `sections`, keeping the first
+/// bytes in `copy`. The whole archive is always read (and hashed), even when
+/// pg_restore stops reading early, so the report is complete.
+async fn stream(
+    target: &Target<'_>,
+    file: File,
+    keys: &KeyRing,
+    expect: &Option<Expect<'_>>,
+    sections: &[&str],
+    copy: Option<TocCopy>,
+    cancel: &CancellationToken,
+) -> Result<(ReadReport, Option<TocCopy>), BackupError> {
+    let program = target.program;
+    let tool = target
+        .pg
+        .tool_command(program, Some(target.database), target.private_dir)?;
+    let mut cmd = tokio::process::Command::from(tool.cmd);
+    cmd.args(target.args)
+        .args(sections)
+        .arg("--exit-on-error")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let spawn_err = |source| BackupError::Spawn {
+        program: program.display().to_string(),
+        source,
+    };
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    let (Some(mut stdin), Some(stderr)) = (child.stdin.take(), child.stderr.take()) else {
+        return Err(BackupError::Internal("pg_restore pipes missing".into()));
+    };
+    let stderr = tokio::spawn(tail(stderr));
+
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PIPE_CHUNKS);
+    // Once pg_restore stops reading (done, or failed), the rest is drained unread:
+    // the decoder still has to finish authenticating and hashing the archive.
+    let feed = async move {
+        let mut broken = None;
+        while let Some(chunk) = rx.recv().await {
+            if broken.is_none() {
+                if let Err(e) = stdin.write_all(&chunk).await {
+                    broken = Some(e);
+                }
+            }
+        }
+        drop(stdin);
+        broken
+    };
+    let gate = TrustGate::of(expect.as_ref());
+    let keys = keys.clone();
+    let decode = verify::blocking(cancel, move |stop| {
+        let sink = Tee {
+            pipe: std::io::BufWriter::with_capacity(PIPE_CHUNK, Pipe(tx)),
+            copy,
+        };
+        let (sink, report) = verify::read_hashed_gated(file, &keys, sink, stop, Some(&gate))?;
+        let Tee { pipe, mut copy } = sink;
+        if let Some(c) = &mut copy {
+            c.file.flush().map_err(|source| BackupError::Io {
+                what: "cannot write",
+                path: "the table-of-contents copy".into(),
+                source,
+            })?;
+        }
+        pipe.into_inner()
+            .map_err(|e| BackupError::Internal(format!("cannot feed pg_restore: {}", e.error())))?;
+        Ok((report, copy))
+    });
+    let exited = async {
+        tokio::select! {
+            status = child.wait() => status,
+            _ = cancel.cancelled() => {
+                let _ = child.start_kill();
+                child.wait().await
+            }
+        }
+    };
+    let (decoded, broken, status) = tokio::join!(decode, feed, exited);
+    if cancel.is_cancelled() {
+        return Err(BackupError::Cancelled);
+    }
+    // The archive's own verdict first: pg_restore fails too when its input is cut off.
+    let decoded = decoded?;
+    let status = status.map_err(spawn_err)?;
+    if !status.success() {
+        return Err(BackupError::Tool {
+            program: "pg_restore",
+            status: status.to_string(),
+            stderr: stderr.await.unwrap_or_default(),
+        });
+    }
+    if let Some(e) = broken {
+        // pg_restore succeeded without reading to the end: only trailing bytes it had
+        // no use for were left, which pg_restore itself judged.
+        tracing::debug!("pg_restore closed its input before the end: {e}");
+    }
+    Ok(decoded)
+}
+
+/// Runs `pg_restore -j <cores>` of a seekable file into the target.
+async fn pg_restore_file(
+    target: &Target<'_>,
+    image: &Path,
+    sections: &[&str],
+    cancel: &CancellationToken,
+) -> Result<(), BackupError> {
+    let mut args = target.args.to_vec();
+    args.extend_from_slice(sections);
+    verify::pg_restore_file(
+        target.pg,
+        target.program,
+        target.database,
+        image,
+        &args,
+        target.private_dir,
+        cancel,
+    )
+    .await
+}
+
+/// Whether `pg_restore -l` reads the whole table of contents from `toc`.
+async fn toc_readable(program: &Path, toc: &Path) -> bool {
+    tokio::process::Command::new(program)
+        .arg("--list")
+        .arg(toc)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
+}
+
+/// Hands 1 MiB chunks to the task that writes pg_restore's stdin.
+struct Pipe(mpsc::Sender<Vec<u8>>);
+
+impl Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(buf.to_vec())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The first `max` bytes of the stream, in a private file.
+struct TocCopy {
+    file: std::io::BufWriter<File>,
+    left: u64,
+    complete: bool,
+}
+
+impl TocCopy {
+    fn create(path: &Path, max: u64) -> Result<Option<Self>, BackupError> {
+        let file = verify::create_private(path).map_err(|source| BackupError::Io {
+            what: "cannot create",
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Some(TocCopy {
+            file: std::io::BufWriter::with_capacity(1 << 20, file),
+            left: max,
+            complete: true,
+        }))
+    }
+
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if !self.complete {
+            return Ok(());
+        }
+        let take = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        self.file.write_all(&buf[..take])?;
+        self.left -= take as u64;
+        if take < buf.len() {
+            self.complete = false;
+        }
+        Ok(())
+    }
+}
+
+/// pg_restore's pipe, plus the table-of-contents copy.
+struct Tee {
+    pipe: std::io::BufWriter<Pipe>,
+    copy: Option<TocCopy>,
+}
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(copy) = &mut self.copy {
+            copy.write(buf)?;
+        }
+        self.pipe.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if let Some(copy) = &mut self.copy {
+            copy.file.flush()?;
+        }
+        self.pipe.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against the real server on 127.0.0.1: the streamed restore gives the database
+    //! that `pg_restore` of the same dump gives, through either post-data path, and a
+    //! damaged archive is reported as damaged.
+
+    use std::process::Command;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::archive::{write_archive, Compression, Header, Key, Settings};
+    use crate::config::DatabaseConfig;
+    use crate::db::Database;
+
+    const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+
+    fn psql(db: &str, sql: &str) -> String {
+        let out = Command::new("psql")
+            .arg(format!("{SERVER}/{db}"))
+            .args(["-v", "ON_ERROR_STOP=1", "-qAtc", sql])
+            .output()
+            .expect("psql runs");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn schema(db: &str) -> String {
+        let out = Command::new("pg_dump")
+            .args(["--schema-only", "--no-owner", &format!("{SERVER}/{db}")])
+            .output()
+            .expect("pg_dump runs");
+        assert!(out.status.success());
+        // Drop the lines that name the database or vary per run.
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| {
+                !l.starts_with("--")
+                    && !l.starts_with("\\restrict")
+                    && !l.starts_with("\\unrestrict")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// A database with a bit of everything that lives in each section.
+    fn source(name: &str) {
+        psql("postgres", &format!("DROP DATABASE IF EXISTS {name}"));
+        psql("postgres", &format!("CREATE DATABASE {name}"));
+        psql(
+            name,
+            "CREATE TABLE a (id serial PRIMARY KEY, v text NOT NULL, at timestamptz DEFAULT now());
+             CREATE TABLE b (id int REFERENCES a ON DELETE CASCADE, w text, UNIQUE (w));
+             CREATE INDEX b_id ON b (id) WHERE id > 10;
+             INSERT INTO a (v) SELECT md5(i::text) FROM generate_series(1, 20000) i;
+             INSERT INTO b SELECT i, 'w' || i FROM generate_series(1, 20000) i;
+             CREATE VIEW va AS SELECT id, v FROM a WHERE id < 100;
+             CREATE MATERIALIZED VIEW mb AS SELECT id % 7 AS k, count(*) FROM b GROUP BY 1;
+             CREATE UNIQUE INDEX mb_k ON mb (k);
+             CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.at := now(); RETURN NEW; END $$;
+             CREATE TRIGGER a_touch BEFORE UPDATE ON a FOR EACH ROW EXECUTE FUNCTION touch();
+             COMMENT ON TABLE a IS 'the a table';
+             SELECT setval('a_id_seq', 50000);",
+        );
+    }
+
+    fn archive_of(db: &str, path: &Path, key: &Key) {
+        let dump = Command::new("pg_dump")
+            .args(["--format=custom", "--compress=0", &format!("{SERVER}/{db}")])
+            .output()
+            .expect("pg_dump runs");
+        assert!(dump.status.success());
+        let settings = Settings {
+            header: Header {
+                database: "pg".into(),
+                backend: "postgres".into(),
+                image: "pg_dump-custom".into(),
+                created: chrono::Utc::now(),
+                compression: Compression::Zstd,
+                segment_size: 64 * 1024,
+                encryption: None,
+            },
+            key: Some(key),
+            compression: Compression::Zstd,
+            level: 3,
+            threads: 1,
+            check_with: None,
+        };
+        let file = File::create(path).unwrap();
+        write_archive(&dump.stdout[..], file, settings, &AtomicBool::new(false)).unwrap();
+    }
+
+    fn server() -> Postgres {
+        let cfg = DatabaseConfig {
+            name: "t".to_owned(),
+            url: format!("{SERVER}/postgres"),
+            password_file: None,
+            connect_timeout: Duration::from_secs(10),
+            foreign_keys: false,
+            backup: None,
+            retention: Vec::new(),
+            refresh: Vec::new(),
+            migrate: None,
+            sql: Vec::new(),
+        };
+        match Database::open(&cfg).unwrap() {
+            Database::Postgres(pg) => pg,
+            Database::Sqlite(_) => unreachable!(),
+        }
+    }
+
+    async fn restore_into(
+        db: &str,
+        archive: &Path,
+        key: &Key,
+        toc_max: u64,
+    ) -> Result<ReadReport, BackupError> {
+        psql("postgres", &format!("DROP DATABASE IF EXISTS {db}"));
+        psql("postgres", &format!("CREATE DATABASE {db}"));
+        let dir = tempfile::tempdir().unwrap();
+        let pg = server();
+        let target = Target {
+            pg: &pg,
+            program: Path::new("pg_restore"),
+            database: db,
+            args: &["--no-owner"],
+            private_dir: dir.path(),
+        };
+        let keys = KeyRing::new(vec![key.clone()]);
+        restore_archive_with(
+            &target,
+            archive,
+            &keys,
+            None,
+            toc_max,
+            &CancellationToken::new(),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn streamed_restore_equals_the_source_through_either_post_data_path() {
+        let tag = std::process::id();
+        let (src, dst) = (
+            format!("dbk_stream_src_{tag}"),
+            format!("dbk_stream_dst_{tag}"),
+        );
+        source(&src);
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a.dbk");
+        let key = Key::random().unwrap();
+        archive_of(&src, &archive, &key);
+        let want = schema(&src);
+        let rows = "SELECT (SELECT count(*) FROM a), (SELECT count(*) FROM b), (SELECT sum(count) FROM mb), \
+                    (SELECT last_value FROM a_id_seq), (SELECT obj_description('a'::regclass))";
+        // 64 bytes cannot hold the table of contents: the second-pass path.
+        for toc_max in [TOC_COPY_MAX, 64] {
+            let report = restore_into(&dst, &archive, &key, toc_max).await.unwrap();
+            assert!(report.raw_bytes > 64);
+            assert_eq!(schema(&dst), want, "toc copy of {toc_max} bytes");
+            assert_eq!(psql(&dst, rows), psql(&src, rows));
+        }
+        for db in [&src, &dst] {
+            psql("postgres", &format!("DROP DATABASE {db}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_damaged_archive_is_reported_as_damaged_not_as_a_pg_restore_failure() {
+        let tag = std::process::id();
+        let (src, dst) = (
+            format!("dbk_stream_bad_{tag}"),
+            format!("dbk_stream_badd_{tag}"),
+        );
+        source(&src);
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a.dbk");
+        let key = Key::random().unwrap();
+        archive_of(&src, &archive, &key);
+        let mut bytes = std::fs::read(&archive).unwrap();
+        let len = bytes.len();
+        // A flipped byte in the middle, and the last segment cut off.
+        let mut flipped = bytes.clone();
+        flipped[len / 2] ^= 1;
+        std::fs::write(&archive, &flipped).unwrap();
+        let e = restore_into(&dst, &archive, &key, TOC_COPY_MAX)
+            .await
+            .unwrap_err();
+        assert!(e.is_verification(), "{e}");
+        bytes.truncate(len - 100);
+        std::fs::write(&archive, &bytes).unwrap();
+        let e = restore_into(&dst, &archive, &key, TOC_COPY_MAX)
+            .await
+            .unwrap_err();
+        assert!(e.is_verification(), "{e}");
+        for db in [&src, &dst] {
+            psql("postgres", &format!("DROP DATABASE {db}"));
+        }
+    }
+}
