@@ -1,8 +1,7 @@
 //! `dbkeeper backup list|verify|prune`, `restore`, `decrypt` and `key generate`.
 
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
@@ -312,33 +311,34 @@ pub async fn decrypt(
                 .collect()
         })
     });
-    check_provenance(archive_path, &keys, databases.as_deref(), allow_unencrypted)?;
+    // One open file for the checks and the output, so nothing can be swapped in between.
+    let mut file = std::fs::File::open(archive_path)
+        .with_context(|| format!("cannot open {}", archive_path.display()))?;
+    check_provenance(&mut file, archive_path, &keys, databases.as_deref(), allow_unencrypted)?;
     let cancel = cancel_on_signal();
+    let context = || archive_path.display().to_string();
     if output == "-" {
         // Authenticate everything first: a consumer never sees data from a bad archive.
-        verifying::read_pass(archive_path, &keys, None, &cancel)
+        let checked = file.try_clone().with_context(context)?;
+        let (_, first) = verifying::decode_handle_to(checked, &keys, std::io::sink(), &cancel)
             .await
-            .with_context(|| archive_path.display().to_string())?;
-        let file = std::fs::File::open(archive_path)
-            .with_context(|| archive_path.display().to_string())?;
-        let stdout = std::io::stdout();
-        let result = tokio::task::spawn_blocking(move || {
-            let out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
-            archive::read_archive(
-                std::io::BufReader::with_capacity(1 << 20, file),
-                &keys,
-                out,
-                &AtomicBool::new(false),
-            )
-            .and_then(|(mut out, _, _)| out.flush().map_err(archive::ArchiveError::Io))
-        })
-        .await?;
-        match result {
-            // The reader stopped early (`| pg_restore -l`, `| head`): its choice, not a failure.
-            Err(archive::ArchiveError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-            other => {
-                other.with_context(|| archive_path.display().to_string())?;
+            .with_context(context)?;
+        file.rewind().with_context(context)?;
+        let out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
+        match verifying::decode_handle_to(file, &keys, out, &cancel).await {
+            Ok((mut out, second)) => {
+                out.flush().with_context(|| "cannot write to stdout".to_owned())?;
+                if second.sha256 != first.sha256 {
+                    return Err(BackupError::Verification(
+                        "the archive changed while it was being read; discard the output".into(),
+                    ))
+                    .with_context(context);
+                }
             }
+            // The reader stopped early (`| pg_restore -l`, `| head`): its choice, not a failure.
+            Err(BackupError::Archive(archive::ArchiveError::Io(e)))
+                if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            Err(e) => return Err(e).with_context(context),
         }
     } else {
         let out = Path::new(output);
@@ -346,8 +346,8 @@ pub async fn decrypt(
             bail!("{output} exists; remove it or choose another -o");
         }
         let tmp = crate::jobs::backup::source::Scratch(verifying::sibling_temp(out));
-        verifying::decode_to_file(
-            archive_path,
+        verifying::decode_handle_to_file(
+            file,
             &keys,
             None,
             &tmp.0,
@@ -369,14 +369,15 @@ pub async fn decrypt(
 /// read only with `--allow-unencrypted`; with a config (`databases`), the archive
 /// must be one of its databases'.
 fn check_provenance(
+    file: &mut std::fs::File,
     archive_path: &Path,
     keys: &KeyRing,
     databases: Option<&[&str]>,
     allow_unencrypted: bool,
 ) -> anyhow::Result<()> {
-    let mut file = std::fs::File::open(archive_path)
-        .with_context(|| format!("cannot open {}", archive_path.display()))?;
-    let (header, _) = archive::format::read_header(&mut file)
+    let (header, _) =
+        archive::format::read_header(file).with_context(|| archive_path.display().to_string())?;
+    file.rewind()
         .with_context(|| archive_path.display().to_string())?;
     let untrusted = |reason| BackupError::Untrusted {
         id: archive_path.display().to_string(),

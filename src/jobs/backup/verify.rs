@@ -86,13 +86,21 @@ pub async fn read_pass(
     cancel: &CancellationToken,
 ) -> Result<ReadReport, BackupError> {
     let file = open_archive(path)?;
-    let keys = keys.clone();
-    let report = blocking(cancel, move |stop| {
-        read_hashed(file, &keys, std::io::sink(), stop).map(|(_, report)| report)
-    })
-    .await?;
+    let (_, report) = decode_handle_to(file, keys, std::io::sink(), cancel).await?;
     check_expected(&report, expect)?;
     Ok(report)
+}
+
+/// Decrypts and decompresses the archive open as `file` into `sink` on a blocking
+/// thread, hashing the file on the way.
+pub async fn decode_handle_to<W: std::io::Write + Send + 'static>(
+    file: File,
+    keys: &KeyRing,
+    sink: W,
+    cancel: &CancellationToken,
+) -> Result<(W, ReadReport), BackupError> {
+    let keys = keys.clone();
+    blocking(cancel, move |stop| read_hashed(file, &keys, sink, stop)).await
 }
 
 /// Decrypts and decompresses `file` into `sink`, hashing every byte read from it.
@@ -296,7 +304,7 @@ pub async fn decode_to_file(
 }
 
 /// [`decode_to_file`] of an archive already open.
-pub(super) async fn decode_handle_to_file(
+pub async fn decode_handle_to_file(
     input: File,
     keys: &KeyRing,
     expect: Option<Expect<'_>>,
