@@ -421,3 +421,45 @@ fn forced_sqlite_restore_keeps_owner_mode_and_journal_mode() {
         0o600
     );
 }
+
+#[test]
+fn restore_test_that_pg_restore_fails_is_a_job_error_and_keeps_the_verdict() {
+    // The dump has a policy for a role the server no longer has (`--no-owner` and
+    // `--no-privileges` do not skip policies), so pg_restore fails on a good archive.
+    let role = Role::new("policy_role", "");
+    let src = PgDb::new("rt_policy");
+    src.sql(&format!(
+        "CREATE TABLE t AS SELECT generate_series(1, 10) i;
+         ALTER TABLE t ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY p ON t TO {} USING (true)",
+        role.0
+    ));
+    let w = pg_workdir(&src.url, "verify = \"read\"");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    src.sql("DROP POLICY p ON t");
+    let name = role.0.clone();
+    drop(role);
+    assert_eq!(
+        server_sql(&format!(
+            "SELECT count(*) FROM pg_roles WHERE rolname = '{name}'"
+        )),
+        "0"
+    );
+    w.cmd(&["backup", "verify", "pg", "--restore-test"])
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("pg_restore")
+                .and(predicate::str::contains(&name))
+                .and(predicate::str::contains("the backup was not judged")),
+        );
+    let manifest = manifests(&w.path().join("backups/pg"));
+    assert_eq!(manifest.len(), 1);
+    assert_eq!(
+        manifest[0]["verification"]["result"], "passed",
+        "{:#}",
+        manifest[0]
+    );
+    // A plain read still passes: the archive is fine.
+    w.cmd(&["backup", "verify", "pg"]).assert().success();
+}
