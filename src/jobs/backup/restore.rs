@@ -333,6 +333,7 @@ async fn restore_postgres_with(
     opts: &Options<'_>,
     cancel: &CancellationToken,
 ) -> Result<String, BackupError> {
+    pg.tidy_scratch_databases().await;
     // Decoded once from the URL, and used as is for every statement and tool below.
     let name = pg.database_name();
     let exists = pg.database_exists(&name).await?;
@@ -364,6 +365,7 @@ async fn restore_postgres_with(
     )
     .await?;
     let scratch = verify::scratch_database_name(&name, "restore")?;
+    let _claim = pg.claim_scratch(&scratch).await?;
     pg.create_database_like(&scratch, &name).await?;
     let swapped = fill_and_swap(pg, &name, &scratch, &image, opts, cancel).await;
     drop(dir); // plaintext off the disk as soon as it is no longer needed

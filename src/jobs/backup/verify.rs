@@ -361,6 +361,7 @@ async fn restore_test_postgres(
         cancel,
     )
     .await?;
+    let _claim = pg.claim_scratch(&scratch).await?;
     pg.create_database(&scratch).await.map_err(|e| {
         BackupError::Refused(format!(
             "cannot create a scratch database for the restore test ({e}); give the role CREATEDB, \
