@@ -368,6 +368,7 @@ impl Daemon {
                     job.database_name(),
                     &dest,
                     &b.trust_policy(job.database_name(), false),
+                    true,
                 );
             }
         }

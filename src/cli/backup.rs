@@ -97,6 +97,11 @@ fn verified_cell(v: &Verification) -> String {
     }
 }
 
+/// `, DUPLICATE ID <id> (<files>)`: more than one manifest claims this id.
+fn duplicate_note(d: &catalog::DuplicateId) -> String {
+    format!(", DUPLICATE ID {} ({})", d.id, d.files.join(", "))
+}
+
 pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
     let mut rows = Vec::new();
     let mut found_db = only.is_none();
@@ -114,6 +119,9 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
             let mut verified = verified_cell(&m.verification);
             if catalog::is_future(m.started_at, now) {
                 verified.push_str(", DATED IN THE FUTURE");
+            }
+            if let Some(d) = listing.duplicate_of(&Manifest::manifest_name(&m.id)) {
+                verified.push_str(&duplicate_note(d));
             }
             rows.push(vec![
                 m.id.clone(),
@@ -135,7 +143,13 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
                 ),
                 "-".to_owned(),
                 "-".to_owned(),
-                format!("UNTRUSTED: {}", r.reason),
+                format!(
+                    "UNTRUSTED: {}{}",
+                    r.reason,
+                    listing
+                        .duplicate_of(&r.file)
+                        .map_or_else(String::new, duplicate_note)
+                ),
             ]);
         }
     }
