@@ -28,6 +28,22 @@ use crate::state::{JobLast, StateDb, StateError};
 use crate::status::{DatabaseStatus, Status};
 use crate::{http, metrics, systemd};
 
+/// Drops, in the background, the scratch databases that crashed restores and restore
+/// tests left on the servers of the configured PostgreSQL databases (each server once
+/// per login); ones still owned by a live process are left alone.
+fn clean_scratch_databases(active: &Active) {
+    let mut servers = std::collections::HashSet::new();
+    for db in active.databases.values() {
+        if let Database::Postgres(pg) = db {
+            if servers.insert(pg.server_identity()) {
+                let pg = pg.clone();
+                // A server that is down must not hold up start-up.
+                tokio::spawn(async move { pg.tidy_scratch_databases().await });
+            }
+        }
+    }
+}
+
 /// How often finished runs older than `history-keep` are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -308,6 +324,9 @@ impl Daemon {
             now,
         );
         self.status.set_notifier(active.notifier.clone());
+        if startup {
+            clean_scratch_databases(active);
+        }
         for job in &active.order {
             match &job.work {
                 Work::Retention(r) => metrics::register_retention(
@@ -349,6 +368,7 @@ impl Daemon {
                     job.database_name(),
                     &dest,
                     &b.trust_policy(job.database_name(), false),
+                    true,
                 );
             }
         }

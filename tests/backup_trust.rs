@@ -249,6 +249,68 @@ fn a_duplicate_id_never_makes_rotation_delete_the_genuine_backup() {
         .success();
 }
 
+#[test]
+fn a_duplicate_id_is_warned_about_once_per_run_and_listed_as_such() {
+    let (w, dest) = app_with_backups("keep = { last = 2 }");
+    let genuine = backup(&w, "app", &dest);
+    plant_duplicate(&dest, "app", &genuine);
+    let copy = "20200101T000000Z-manual.manifest.json";
+    // Sorted: the copy is dated 2020.
+    let files = format!("{copy}, {genuine}.manifest.json");
+
+    // `backup list` marks both claims, genuine and copy, naming the files.
+    let list = w.stdout(&["backup", "list", "app"]);
+    let marked: Vec<&str> = list
+        .lines()
+        .filter(|l| l.contains(&format!("DUPLICATE ID {genuine} ({files})")))
+        .collect();
+    assert_eq!(marked.len(), 2, "{list}");
+    assert!(
+        marked
+            .iter()
+            .any(|l| l.starts_with(&genuine) && !l.contains("UNTRUSTED")),
+        "{list}"
+    );
+    assert!(
+        marked
+            .iter()
+            .any(|l| l.starts_with("20200101T000000Z-manual") && l.contains("UNTRUSTED")),
+        "{list}"
+    );
+
+    // A backup run (rotation, then the catalog metrics) warns once, naming the files.
+    next_second();
+    let out = w
+        .cmd(&["run-job", "app.backup"])
+        .env("RUST_LOG", "warn")
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("claimed by more than one manifest"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains(&genuine) && warnings[0].contains(copy),
+        "{stderr}"
+    );
+    // So does `backup prune`, and it deletes neither claim.
+    let out = w
+        .cmd(&["backup", "prune", "app"])
+        .env("RUST_LOG", "warn")
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert_eq!(
+        stderr.matches("claimed by more than one manifest").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(manifest_path(&dest, "app", &genuine).exists());
+    assert!(dest.join("app").join(copy).exists());
+}
+
 /// Writes a genuine, encrypted backup of `app` (the image `image`) dated `ahead`
 /// into the future, as a run with a wrong clock would have; returns its id.
 fn plant_future_backup(dest: &Path, key: &Path, image: &Path, ahead: chrono::Duration) -> String {

@@ -2,8 +2,10 @@
 //! files and real PostgreSQL: a PostgreSQL restore either replaces the target whole or
 //! leaves it exactly as it was; a SQLite restore keeps the target's WAL when it cannot
 //! replace the file and keeps its owner, mode and journal mode when it can; a restore
-//! test that cannot even start does not condemn the backup; URL secrets stay out of
-//! argv and logs; database names with spaces mean the same thing everywhere.
+//! test that cannot start, or whose pg_restore fails, does not condemn the backup; the
+//! scratch databases a crash leaves are dropped once their owner is gone, and nothing
+//! else is; URL secrets stay out of argv and logs; database names with spaces mean the
+//! same thing everywhere.
 
 mod common;
 
@@ -420,4 +422,157 @@ fn forced_sqlite_restore_keeps_owner_mode_and_journal_mode() {
         std::fs::metadata(&fresh).expect("fresh").mode() & 0o777,
         0o600
     );
+}
+
+/// A database created on the test server under an exact name, dropped at the end.
+fn named_database(name: &str) -> PgDb {
+    server_sql(&format!("CREATE DATABASE \"{name}\""));
+    PgDb {
+        name: name.to_owned(),
+        url: format!("{}/{name}", pg_server()),
+    }
+}
+
+/// The library's handle on the test server's `postgres` database, to hold a scratch
+/// claim the way a live restore does.
+fn server_handle() -> dbkeeper::db::Postgres {
+    let cfg = dbkeeper::config::DatabaseConfig {
+        name: "owner".to_owned(),
+        url: format!("{}/postgres", pg_server()),
+        password_file: None,
+        connect_timeout: std::time::Duration::from_secs(10),
+        foreign_keys: false,
+        backup: None,
+        retention: Vec::new(),
+        refresh: Vec::new(),
+        migrate: None,
+        sql: Vec::new(),
+    };
+    match dbkeeper::db::Database::open(&cfg).expect("open") {
+        dbkeeper::db::Database::Postgres(pg) => pg,
+        dbkeeper::db::Database::Sqlite(_) => unreachable!("a postgres:// URL"),
+    }
+}
+
+#[test]
+fn crash_leftover_scratch_databases_are_dropped_unless_their_owner_lives() {
+    let tag = format!("lo{}", std::process::id());
+    let hex = |n: u32| {
+        format!(
+            "{:08x}",
+            std::process::id().wrapping_mul(2654435761).wrapping_add(n)
+        )
+    };
+    let src = PgDb::new(&format!("{tag}_src"));
+    src.sql("CREATE TABLE t AS SELECT generate_series(1, 10) i");
+    let w = pg_workdir(&src.url, "");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+
+    // What a kill -9 leaves: a scratch restore database, a swapped-out old one, a
+    // restore test's database; none has a live owner.
+    let orphans = [
+        named_database(&format!("{tag}_dbk_restore_{}", hex(1))),
+        named_database(&format!("{tag}_dbk_old_{}", hex(2))),
+        named_database(&format!("{tag}_dbk_verify_{}", hex(3))),
+    ];
+    // One whose owner is alive (it holds the claim), and names that only look alike.
+    let owned_name = format!("{tag}_dbk_restore_{}", hex(4));
+    let rt = common::runtime();
+    // The pool sqlx builds beside the handle needs a runtime around it.
+    let _in_runtime = rt.enter();
+    let owner = server_handle();
+    let claim = rt
+        .block_on(owner.claim_scratch(&owned_name))
+        .expect("claim");
+    let owned = named_database(&owned_name);
+    let lookalikes = [
+        named_database(&format!("{tag}_dbk_restore_ZZZZ")),
+        named_database(&format!("{tag}_dbk_restore_abc")),
+        named_database(&format!("{tag}_dbk_restore_ABCDEF12")),
+        named_database(&format!("{tag}_dbk_restore_{}0", hex(6))),
+    ];
+
+    // A restore first clears its server of orphans, then restores as usual.
+    let target = PgDb::new(&format!("{tag}_dst"));
+    w.cmd(&["restore", "pg", "--to", &target.url])
+        .assert()
+        .success();
+    assert_eq!(target.sql("SELECT count(*) FROM t"), "10");
+    for db in &orphans {
+        assert!(!db.exists(), "{} survived the restore", db.name);
+    }
+    assert!(owned.exists(), "a database with a live owner was dropped");
+    for db in &lookalikes {
+        assert!(db.exists(), "{} is not a scratch database", db.name);
+    }
+
+    // The daemon does the same at start-up, and says what it dropped.
+    let orphan = named_database(&format!("{tag}_dbk_verify_{}", hex(7)));
+    let d = w.start();
+    d.wait_for(
+        "the orphan is dropped",
+        std::time::Duration::from_secs(20),
+        || !orphan.exists(),
+    );
+    d.wait_for(
+        "the drop is logged",
+        std::time::Duration::from_secs(5),
+        || d.log_text().contains(&orphan.name),
+    );
+    drop(d);
+    assert!(owned.exists(), "a database with a live owner was dropped");
+    for db in &lookalikes {
+        assert!(db.exists(), "{} is not a scratch database", db.name);
+    }
+
+    // Once its owner is gone, the next clean-up takes it.
+    drop(claim);
+    drop(owner);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    w.cmd(&["restore", "pg", "--to", &target.url, "--force"])
+        .assert()
+        .success();
+    assert!(!owned.exists(), "an orphan was left");
+}
+
+#[test]
+fn restore_test_that_pg_restore_fails_is_a_job_error_and_keeps_the_verdict() {
+    // The dump has a policy for a role the server no longer has (`--no-owner` and
+    // `--no-privileges` do not skip policies), so pg_restore fails on a good archive.
+    let role = Role::new("policy_role", "");
+    let src = PgDb::new("rt_policy");
+    src.sql(&format!(
+        "CREATE TABLE t AS SELECT generate_series(1, 10) i;
+         ALTER TABLE t ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY p ON t TO {} USING (true)",
+        role.0
+    ));
+    let w = pg_workdir(&src.url, "verify = \"read\"");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    src.sql("DROP POLICY p ON t");
+    let name = role.0.clone();
+    drop(role);
+    assert_eq!(
+        server_sql(&format!(
+            "SELECT count(*) FROM pg_roles WHERE rolname = '{name}'"
+        )),
+        "0"
+    );
+    w.cmd(&["backup", "verify", "pg", "--restore-test"])
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("pg_restore")
+                .and(predicate::str::contains(&name))
+                .and(predicate::str::contains("the backup was not judged")),
+        );
+    let manifest = manifests(&w.path().join("backups/pg"));
+    assert_eq!(manifest.len(), 1);
+    assert_eq!(
+        manifest[0]["verification"]["result"], "passed",
+        "{:#}",
+        manifest[0]
+    );
+    // A plain read still passes: the archive is fine.
+    w.cmd(&["backup", "verify", "pg"]).assert().success();
 }

@@ -149,11 +149,32 @@ pub struct Rejected {
     pub reason: Untrusted,
 }
 
-/// The backups of one folder: the trusted ones, oldest first, and the rejected ones.
+/// An id that more than one manifest file in a folder claims (a copied or renamed
+/// manifest): only the file named after the id can be trusted, the others are never
+/// used or deleted, and readers report the id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DuplicateId {
+    pub id: String,
+    /// The manifest files claiming it, sorted.
+    pub files: Vec<String>,
+}
+
+/// The backups of one folder: the trusted ones, oldest first, the rejected ones, and
+/// the ids claimed more than once (by trusted or rejected manifests).
 #[derive(Debug, Clone, Default)]
 pub struct Listing {
     pub backups: Vec<Manifest>,
     pub untrusted: Vec<Rejected>,
+    pub duplicates: Vec<DuplicateId>,
+}
+
+impl Listing {
+    /// The duplicate-id group the manifest file `file` belongs to, if any.
+    pub fn duplicate_of(&self, file: &str) -> Option<&DuplicateId> {
+        self.duplicates
+            .iter()
+            .find(|d| d.files.iter().any(|f| f == file))
+    }
 }
 
 /// All backups in `dest`, sorted by time. A manifest is trusted only if it, its
@@ -186,7 +207,35 @@ pub fn list(dest: &Destination, policy: &TrustPolicy) -> io::Result<Listing> {
         .backups
         .sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
     listing.untrusted.sort_by(|a, b| a.file.cmp(&b.file));
+    listing.duplicates = duplicate_ids(&listing);
     Ok(listing)
+}
+
+/// The ids that more than one readable manifest claims, with the files claiming them.
+fn duplicate_ids(listing: &Listing) -> Vec<DuplicateId> {
+    let mut claims: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for m in &listing.backups {
+        claims
+            .entry(&m.id)
+            .or_default()
+            .push(Manifest::manifest_name(&m.id));
+    }
+    for r in &listing.untrusted {
+        if let Some(m) = &r.manifest {
+            claims.entry(&m.id).or_default().push(r.file.clone());
+        }
+    }
+    claims
+        .into_iter()
+        .filter(|(_, files)| files.len() > 1)
+        .map(|(id, mut files)| {
+            files.sort();
+            DuplicateId {
+                id: id.to_owned(),
+                files,
+            }
+        })
+        .collect()
 }
 
 /// Reads one manifest and its archive's header and judges them.

@@ -13,7 +13,10 @@
 //! the database's own folder for ids it took from file names there, never the backup
 //! the current run just made, never a backup dated in the future (a run while the
 //! clock was wrong: kept, reported, and not given a slot), and never a backup whose id
-//! appears twice.
+//! appears twice. A copied or renamed manifest claiming a trusted backup's id is not
+//! trusted itself (its file name is not its id), so it is never deleted; the genuine
+//! backup is rotated as usual. Either way the id is reported (see
+//! [`super::DuplicateId`]).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -205,6 +208,8 @@ pub struct Rotation {
     pub future: Vec<String>,
     /// Manifests that were not believed (and so were left alone).
     pub untrusted: Vec<super::Rejected>,
+    /// Ids claimed by more than one manifest file (the copies were left alone).
+    pub duplicates: Vec<super::DuplicateId>,
 }
 
 /// Applies `keep` to the trusted backups in `dest` (or, with `dry_run`, only
@@ -248,6 +253,7 @@ pub fn rotate(
             .collect(),
         decisions,
         untrusted: listing.untrusted,
+        duplicates: listing.duplicates,
     })
 }
 

@@ -96,6 +96,11 @@ fn verified_cell(v: &Verification) -> String {
     }
 }
 
+/// `, DUPLICATE ID <id> (<files>)`: more than one manifest claims this id.
+fn duplicate_note(d: &catalog::DuplicateId) -> String {
+    format!(", DUPLICATE ID {} ({})", d.id, d.files.join(", "))
+}
+
 pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
     let mut rows = Vec::new();
     let mut found_db = only.is_none();
@@ -113,6 +118,9 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
             let mut verified = verified_cell(&m.verification);
             if catalog::is_future(m.started_at, now) {
                 verified.push_str(", DATED IN THE FUTURE");
+            }
+            if let Some(d) = listing.duplicate_of(&Manifest::manifest_name(&m.id)) {
+                verified.push_str(&duplicate_note(d));
             }
             rows.push(vec![
                 m.id.clone(),
@@ -134,7 +142,13 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
                 ),
                 "-".to_owned(),
                 "-".to_owned(),
-                format!("UNTRUSTED: {}", r.reason),
+                format!(
+                    "UNTRUSTED: {}{}",
+                    r.reason,
+                    listing
+                        .duplicate_of(&r.file)
+                        .map_or_else(String::new, duplicate_note)
+                ),
             ]);
         }
     }
@@ -314,7 +328,13 @@ pub async fn decrypt(
     // One open file for the checks and the output, so nothing can be swapped in between.
     let mut file = std::fs::File::open(archive_path)
         .with_context(|| format!("cannot open {}", archive_path.display()))?;
-    check_provenance(&mut file, archive_path, &keys, databases.as_deref(), allow_unencrypted)?;
+    check_provenance(
+        &mut file,
+        archive_path,
+        &keys,
+        databases.as_deref(),
+        allow_unencrypted,
+    )?;
     let cancel = cancel_on_signal();
     let context = || archive_path.display().to_string();
     if output == "-" {
@@ -327,7 +347,8 @@ pub async fn decrypt(
         let out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
         match verifying::decode_handle_to(file, &keys, out, &cancel).await {
             Ok((mut out, second)) => {
-                out.flush().with_context(|| "cannot write to stdout".to_owned())?;
+                out.flush()
+                    .with_context(|| "cannot write to stdout".to_owned())?;
                 if second.sha256 != first.sha256 {
                     return Err(BackupError::Verification(
                         "the archive changed while it was being read; discard the output".into(),

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::DatabaseConfig;
 
 pub use ident::{check_expression, quote, quote_literal, QualifiedName};
-pub use postgres::Postgres;
+pub use postgres::{is_scratch_name, scratch_lock_key, Postgres, ScratchClaim};
 pub use sqlite::Sqlite;
 
 /// Which kind of database a URL points at.
@@ -80,6 +80,8 @@ pub enum DbError {
         #[source]
         source: std::io::Error,
     },
+    #[error("database \"{name}\": the scratch database name \"{scratch}\" is held by another process; try again")]
+    ScratchInUse { name: String, scratch: String },
     #[error("database \"{name}\": invalid URL {url}: {source}")]
     Url {
         name: String,
@@ -115,7 +117,10 @@ impl DbError {
         match self {
             DbError::Connect { .. } | DbError::PasswordFile { .. } => true,
             DbError::Query { source, .. } => is_connection_error(source),
-            DbError::Url { .. } | DbError::Cancelled { .. } | DbError::PrivateFile { .. } => false,
+            DbError::Url { .. }
+            | DbError::Cancelled { .. }
+            | DbError::PrivateFile { .. }
+            | DbError::ScratchInUse { .. } => false,
         }
     }
 }

@@ -2,6 +2,13 @@
 //!
 //! The password comes from `password-file` (re-read each time the pool is built, so a
 //! rotated credential takes effect on reload) and never from the URL we log.
+//!
+//! Scratch databases (`<name>_dbk_(restore|old|verify)_<8 hex>`, made by `restore` and
+//! restore tests) are owned through a session-level advisory lock on the server's
+//! maintenance database, derived from the scratch name: [`Postgres::claim_scratch`]
+//! takes it before the database is created and holds it until the owner is done, so
+//! [`Postgres::clean_scratch_databases`] can tell a crashed owner's leftover (lock
+//! free) from one in use — PIDs and timestamps could not.
 
 use std::path::Path;
 use std::process::Command;
@@ -98,6 +105,46 @@ impl Drop for ServiceFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// The session that owns a scratch database: while it is open, its advisory lock tells
+/// [`Postgres::clean_scratch_databases`] (in this or any other dbkeeper process) that
+/// the database is in use. Dropping it closes the connection, which releases the lock;
+/// keep it until the scratch database has been dropped or swapped in.
+pub struct ScratchClaim {
+    _session: PgConnection,
+}
+
+/// The advisory lock key of a scratch database name: the first 8 bytes of a SHA-256
+/// over a fixed prefix and the name, so that keys of other applications' locks (small
+/// integers, table OIDs) are unlikely to collide with ours.
+pub fn scratch_lock_key(name: &str) -> i64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"dbkeeper scratch database\0")
+        .chain_update(name.as_bytes())
+        .finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}
+
+/// True for exactly the names dbkeeper gives scratch databases:
+/// `<anything>_dbk_(restore|old|verify)_<8 lowercase hex digits>`. The cleaner never
+/// looks at any other database.
+pub fn is_scratch_name(name: &str) -> bool {
+    let Some(split) = name.len().checked_sub(8) else {
+        return false;
+    };
+    let Some((head, hex)) = name.split_at_checked(split) else {
+        return false;
+    };
+    if !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return false;
+    }
+    ["_dbk_restore_", "_dbk_old_", "_dbk_verify_"]
+        .iter()
+        .any(|kind| head.ends_with(kind))
 }
 
 /// The service name dbkeeper writes into its private service files.
@@ -382,6 +429,98 @@ impl Postgres {
         tx.commit().await.map_err(|e| self.query_error(e))
     }
 
+    /// Takes the advisory lock that marks the scratch database `name` as ours, on a
+    /// session of its own to the maintenance database (advisory locks are per
+    /// database, and the cleaner looks there). Call it before creating the database
+    /// and keep the claim until the database is dropped or swapped in.
+    pub async fn claim_scratch(&self, name: &str) -> Result<ScratchClaim, DbError> {
+        let mut session = self.maintenance().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(scratch_lock_key(name))
+            .fetch_one(&mut session)
+            .await
+            .map_err(|e| self.query_error(e))?;
+        if !locked {
+            // Only possible if another process drew the same random name (or is
+            // cleaning up a leftover of that name right now): never share it.
+            return Err(DbError::ScratchInUse {
+                name: self.name.clone(),
+                scratch: name.to_owned(),
+            });
+        }
+        Ok(ScratchClaim { _session: session })
+    }
+
+    /// Drops the scratch databases on this server whose owner is gone (see
+    /// [`ScratchClaim`]): each one matching [`is_scratch_name`] whose advisory lock can
+    /// be taken. A database with sessions is left (never terminated), as is one we may
+    /// not drop; both are logged. Returns the names dropped.
+    pub async fn clean_scratch_databases(&self) -> Result<Vec<String>, DbError> {
+        let mut conn = self.maintenance().await?;
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT datname::text FROM pg_database WHERE datname LIKE '%\\_dbk\\_%' ORDER BY datname",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| self.query_error(e))?;
+        let mut dropped = Vec::new();
+        for name in names.into_iter().filter(|n| is_scratch_name(n)) {
+            let key = scratch_lock_key(&name);
+            let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(key)
+                .fetch_one(&mut conn)
+                .await
+                .map_err(|e| self.query_error(e))?;
+            if !free {
+                tracing::debug!(database = %self.name, scratch = %name, "scratch database in use, left alone");
+                continue;
+            }
+            // No FORCE: a session on it (a pg_restore that outlived its dbkeeper, an
+            // operator looking at it) makes the drop fail, and it is tried again later.
+            let result = sqlx::raw_sql(AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {}",
+                quote(&name)
+            )))
+            .execute(&mut conn)
+            .await;
+            sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(key)
+                .execute(&mut conn)
+                .await
+                .map_err(|e| self.query_error(e))?;
+            match result {
+                Ok(_) => {
+                    tracing::warn!(database = %self.name, scratch = %name, "dropped a scratch database a crashed restore or restore test left behind");
+                    dropped.push(name);
+                }
+                Err(e) => {
+                    tracing::warn!(database = %self.name, scratch = %name, "cannot drop a scratch database a crashed restore or restore test left behind, left as it is: {e}");
+                }
+            }
+        }
+        let _ = conn.close().await;
+        Ok(dropped)
+    }
+
+    /// [`Postgres::clean_scratch_databases`], for callers that go on either way: a
+    /// server that cannot be asked is logged, not an error.
+    pub async fn tidy_scratch_databases(&self) {
+        if let Err(e) = self.clean_scratch_databases().await {
+            tracing::warn!(database = %self.name, "cannot look for scratch databases left behind: {e}");
+        }
+    }
+
+    /// Where this database lives and as whom we log in: databases with the same
+    /// server identity share their scratch databases' cleanup.
+    pub fn server_identity(&self) -> (String, u16, String) {
+        let o = &self.access.options;
+        (
+            o.get_host().to_owned(),
+            o.get_port(),
+            o.get_username().to_owned(),
+        )
+    }
+
     /// Drops a database, disconnecting its sessions.
     pub async fn drop_database(&self, name: &str) -> Result<(), DbError> {
         let mut conn = self.maintenance().await?;
@@ -525,6 +664,48 @@ mod tests {
         let s = split_secrets("postgres://h/db?sslpassword=k%20ey&sslkey=/k.pem").unwrap();
         assert_eq!(s.url.as_str(), "postgres://h/db?sslkey=%2Fk.pem");
         assert_eq!(s.ssl_password.as_deref(), Some("k ey"));
+    }
+
+    #[test]
+    fn only_dbkeepers_scratch_names_match() {
+        for name in [
+            "app_dbk_restore_0123abcd",
+            "app_dbk_old_deadbeef",
+            "dbkeeper_dbk_verify_00000000",
+            "a b_dbk_restore_12345678",
+            "_dbk_restore_12345678",
+            "x_dbk_old_dbk_restore_12345678",
+        ] {
+            assert!(is_scratch_name(name), "{name}");
+        }
+        for name in [
+            "app",
+            "x_dbk_restore_ZZZZ",
+            "x_dbk_restore_abc",
+            "x_dbk_restore_ABCDEF12",
+            "x_dbk_restore_abcdef123",
+            "x_dbk_restore_abcdef1",
+            "x_dbk_restore__abcdef12",
+            "x_dbk_backup_abcdef12",
+            "x_dbk_restoreabcdef12",
+            "dbk_restore_abcdef12",
+            "x_dbk_restore_abcdef1é",
+            "x_dbk_restore_abcdef12 ",
+        ] {
+            assert!(!is_scratch_name(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn lock_keys_differ_by_name_and_are_stable() {
+        assert_eq!(
+            scratch_lock_key("app_dbk_restore_0123abcd"),
+            scratch_lock_key("app_dbk_restore_0123abcd")
+        );
+        assert_ne!(
+            scratch_lock_key("app_dbk_restore_0123abcd"),
+            scratch_lock_key("app_dbk_restore_0123abce")
+        );
     }
 
     #[test]

@@ -81,7 +81,7 @@ impl Drop for PgDb {
         let _ = Command::new("psql")
             .args([&format!("{}/postgres", pg_server()), "-qAtc"])
             .arg(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
                 self.name
             ))
             .output();

@@ -264,7 +264,7 @@ impl BackupJob {
             .map_err(io_err("cannot write the manifest in", dest.dir()))?;
         let policy = self.trust_policy(db.name(), false);
         if let Err(e) = verified {
-            publish_catalog(db.name(), &dest, &policy);
+            publish_catalog(db.name(), &dest, &policy, true);
             return Err(e);
         }
         let pruned = self
@@ -272,7 +272,7 @@ impl BackupJob {
             .iter()
             .filter(|d| !d.keep)
             .count();
-        publish_catalog(db.name(), &dest, &policy);
+        publish_catalog(db.name(), &dest, &policy, false);
         tracing::info!(database = db.name(), id, "backup stored");
         Ok(Outcome {
             summary: format!(
@@ -346,7 +346,7 @@ impl BackupJob {
             dry_run,
         )
         .map_err(io_err("cannot rotate the backups in", dest.dir()))?;
-        report_suspects(database, &done.untrusted, &done.future);
+        report_suspects(database, &done.untrusted, &done.future, &done.duplicates);
         if !dry_run {
             for d in done.decisions.iter().filter(|d| !d.keep) {
                 tracing::info!(database, id = %d.id, "pruned backup");
@@ -357,9 +357,22 @@ impl BackupJob {
     }
 }
 
-/// Logs backups that rotation and `latest` leave alone because they are not believed
-/// or are dated in the future.
-fn report_suspects(database: &str, untrusted: &[catalog::Rejected], future: &[String]) {
+/// Logs backups that rotation and `latest` leave alone because they are not believed,
+/// are dated in the future, or share their id with another manifest (once per id).
+fn report_suspects(
+    database: &str,
+    untrusted: &[catalog::Rejected],
+    future: &[String],
+    duplicates: &[catalog::DuplicateId],
+) {
+    for d in duplicates {
+        tracing::warn!(
+            database,
+            id = %d.id,
+            files = %d.files.join(", "),
+            "backup id claimed by more than one manifest file: only the one named after the id is believed, copies are never used or deleted; remove them by hand"
+        );
+    }
     for r in untrusted {
         tracing::warn!(database, file = %r.file, "untrusted backup, left alone: {}", r.reason);
     }
@@ -373,8 +386,9 @@ fn report_suspects(database: &str, untrusted: &[catalog::Rejected], future: &[St
 }
 
 /// Sets the `backup_*` gauges of a database from the trusted backups of its
-/// destination.
-pub fn publish_catalog(database: &str, dest: &Destination, policy: &TrustPolicy) {
+/// destination; with `report`, also logs the suspect backups (callers that have just
+/// rotated pass `false`: rotation reported them already in this run).
+pub fn publish_catalog(database: &str, dest: &Destination, policy: &TrustPolicy, report: bool) {
     match catalog::list(dest, policy) {
         Ok(listing) => {
             let now = Utc::now();
@@ -384,7 +398,9 @@ pub fn publish_catalog(database: &str, dest: &Destination, policy: &TrustPolicy)
                 .filter(|m| catalog::is_future(m.started_at, now))
                 .map(|m| m.id.clone())
                 .collect();
-            report_suspects(database, &listing.untrusted, &future);
+            if report {
+                report_suspects(database, &listing.untrusted, &future, &listing.duplicates);
+            }
             metrics::backup_catalog(database, &listing.backups, future.len());
         }
         Err(e) => tracing::warn!(database, dir = %dest.dir().display(), "cannot list backups: {e}"),

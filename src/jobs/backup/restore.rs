@@ -334,6 +334,7 @@ async fn restore_postgres_with(
     opts: &Options<'_>,
     cancel: &CancellationToken,
 ) -> Result<String, BackupError> {
+    pg.tidy_scratch_databases().await;
     // Decoded once from the URL, and used as is for every statement and tool below.
     let name = pg.database_name();
     let exists = pg.database_exists(&name).await?;
@@ -355,6 +356,7 @@ async fn restore_postgres_with(
     pg.pool.close().await;
     let dir = PrivateDir::new(opts.scratch_dir)?;
     let scratch = verify::scratch_database_name(&name, "restore")?;
+    let _claim = pg.claim_scratch(&scratch).await?;
     pg.create_database_like(&scratch, &name).await?;
     let fill = pg_restore::Target {
         pg,

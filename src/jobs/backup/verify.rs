@@ -414,8 +414,9 @@ pub fn scratch_database_name(base: &str, what: &str) -> Result<String, BackupErr
 
 /// Restores into a fresh scratch database on the same server, then drops it. Not
 /// being able to create the scratch database (no CREATEDB, too many connections,
-/// server down) says nothing about the backup: that is a job error, never a failed
-/// verification.
+/// server down) or to restore into it says nothing about the backup, whose archive
+/// has already been authenticated and decompressed: that is a job error, never a
+/// failed verification.
 async fn restore_test_postgres(
     pg: &Postgres,
     target: &ScratchTarget<'_>,
@@ -425,6 +426,7 @@ async fn restore_test_postgres(
 ) -> Result<(), BackupError> {
     let scratch = scratch_database_name("dbkeeper", "verify")?;
     let dir = PrivateDir::new(target.scratch_dir)?;
+    let _claim = pg.claim_scratch(&scratch).await?;
     pg.create_database(&scratch).await.map_err(|e| {
         BackupError::Refused(format!(
             "cannot create a scratch database for the restore test ({e}); give the role CREATEDB, \
@@ -444,9 +446,13 @@ async fn restore_test_postgres(
     if let Err(e) = pg.drop_database(&scratch).await {
         tracing::warn!(database = %pg.name, scratch, "cannot drop the scratch database: {e}");
     }
+    // The archive authenticated and decompressed before pg_restore saw it, so a
+    // pg_restore failure is about this server (a missing role or extension, a full
+    // disk), not the backup: a job error, and the manifest is not marked failed.
     restored.map_err(|e| match e {
-        BackupError::Tool { stderr, .. } => BackupError::Verification(format!(
-            "pg_restore into a scratch database failed: {stderr}"
+        BackupError::Tool { stderr, .. } => BackupError::Refused(format!(
+            "pg_restore into a scratch database failed: {stderr}; the archive itself authenticated and \
+             decompressed, so check the server (missing roles or extensions, disk space); the backup was not judged"
         )),
         other => other,
     })
