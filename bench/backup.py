@@ -303,26 +303,43 @@ def main():
 
 def restore_section(args, cfg, out, env):
     """Times restoring the same data three ways, each into a database that does not
-    exist yet (dropped before every run), and prints them side by side."""
+    exist yet (dropped, then a CHECKPOINT, before every run, so no run pays for the
+    previous one's dirty pages), in turns (one of each per round, so a burst of load
+    elsewhere on the machine hits all three alike), and prints the medians side by side."""
     target = "dbk_bench_restore"
     target_url = f"{PG}/{target}"
     cores = os.cpu_count() or 1
 
-    def drop_target():
+    def fresh_start():
         sh(["psql", f"{PG}/postgres", "-qc", f"DROP DATABASE IF EXISTS {target} WITH (FORCE)"])
+        sh(["psql", f"{PG}/postgres", "-qc", "CHECKPOINT"])
 
-    print(f"Restore (same data, into a new database, median of {args.runs})")
-    dbk, m = median_run(f"{BIN} restore -c {cfg} pg --to {target_url} --create", args.runs, env, drop_target)
-    print(f"  {'dbkeeper restore --create':<40} {dbk:7.2f} s  peak RSS {m:6.1f} MiB", flush=True)
-    rows = int(psql(target, "SELECT count(*) FROM events"))
-    one, _ = median_run(f"psql {PG}/postgres -qc 'CREATE DATABASE {target}' && "
-                        f"pg_restore -d {target_url} {out}/fc.dump", args.runs, None, drop_target)
-    print(f"  {'pg_restore -d (pg_dump -Fc file)':<40} {one:7.2f} s", flush=True)
-    par, _ = median_run(f"psql {PG}/postgres -qc 'CREATE DATABASE {target}' && "
-                        f"pg_restore -j {cores} -d {target_url} {out}/fc.dump", args.runs, None, drop_target)
-    print(f"  {f'pg_restore -j {cores} -d (pg_dump -Fc file)':<40} {par:7.2f} s", flush=True)
-    drop_target()
-    print(f"  ({rows} rows restored by dbkeeper)")
+    create = f"psql {PG}/postgres -qc 'CREATE DATABASE {target}' && "
+    ways = [
+        ("dbkeeper restore --create", f"{BIN} restore -c {cfg} pg --to {target_url} --create", env),
+        ("pg_restore -d (pg_dump -Fc file)", f"{create}pg_restore -d {target_url} {out}/fc.dump", None),
+        (f"pg_restore -j {cores} -d (pg_dump -Fc file)",
+         f"{create}pg_restore -j {cores} -d {target_url} {out}/fc.dump", None),
+    ]
+    times = {name: [] for name, _, _ in ways}
+    peak = 0.0
+    rows = 0
+    print(f"Restore (same data, into a new database, median of {args.runs}, runs in turns)")
+    for _ in range(args.runs):
+        for name, cmd, run_env in ways:
+            fresh_start()
+            secs, rss = timed(cmd, run_env)
+            times[name].append(secs)
+            if name.startswith("dbkeeper"):
+                peak = max(peak, rss)
+                rows = int(psql(target, "SELECT count(*) FROM events"))
+    fresh_start()
+    dbk, one, par = (statistics.median(times[name]) for name, _, _ in ways)
+    print(f"  {ways[0][0]:<40} {dbk:7.2f} s  peak RSS {peak:6.1f} MiB")
+    print(f"  {ways[1][0]:<40} {one:7.2f} s")
+    print(f"  {ways[2][0]:<40} {par:7.2f} s")
+    print(f"  ({rows} rows restored by dbkeeper; all runs: "
+          + "; ".join(f"{n.split(' (')[0]} " + " ".join(f"{t:.2f}" for t in ts) for n, ts in times.items()) + ")")
     print(f"  dbkeeper restore time / pg_restore -j {cores} time  {dbk / par:5.2f}  [<= 1.00]")
     print(f"  dbkeeper restore time / pg_restore -d time    {dbk / one:5.2f}")
 
