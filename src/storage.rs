@@ -23,6 +23,30 @@ pub const ARCHIVE_SUFFIX: &str = ".dbk";
 pub const MANIFEST_SUFFIX: &str = ".manifest.json";
 const TMP_SUFFIX: &str = ".tmp";
 
+/// Opens `path` for reading only if it is a regular file, without following a
+/// symbolic link and without blocking: a FIFO or device planted in a backup folder
+/// would otherwise hang or feed endless data to whoever reads it.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::new(io::ErrorKind::InvalidInput, "it is a symbolic link")
+            } else {
+                e
+            }
+        })?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it is not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
 /// `<destination>/<database>/`.
 #[derive(Debug, Clone)]
 pub struct Destination {

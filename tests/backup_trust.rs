@@ -490,3 +490,201 @@ fn scratch_files_of_any_pid_are_cleaned_and_private_files_stay_private() {
     .success();
     assert_eq!(mode(&out), 0o600, "decrypted plaintext is private");
 }
+
+/// Writes `<id>` in `<dest>/<db>/` as a copy of backup `from`: the archive bytes as
+/// given, and `from`'s manifest with the id, time and SHA-256 changed to match: what
+/// an attacker without the key can make.
+fn plant_copy(dest: &Path, db: &str, from: &str, id: &str, archive: &[u8], time: &str) {
+    let folder = dest.join(db);
+    std::fs::write(folder.join(format!("{id}.dbk")), archive).expect("plant archive");
+    let mut m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(manifest_path(dest, db, from)).expect("read"),
+    )
+    .expect("json");
+    m["id"] = id.into();
+    m["started_at"] = time.into();
+    m["sha256"] = sha256_hex(archive).into();
+    m["stored_bytes"] = archive.len().into();
+    std::fs::write(
+        manifest_path(dest, db, id),
+        serde_json::to_vec_pretty(&m).expect("json"),
+    )
+    .expect("plant manifest");
+}
+
+/// The SHA-256 (hex) of `bytes`, with the `sha256sum` tool (the tests keep no hash crate).
+fn sha256_hex(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(bytes)
+        .expect("write");
+    let out = child.wait_with_output().expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)[..64].to_owned()
+}
+
+/// An id and RFC 3339 time `secs` seconds after the id `id`.
+fn later_id(id: &str, secs: i64) -> (String, String) {
+    let at = chrono::NaiveDateTime::parse_from_str(&id[..16], "%Y%m%dT%H%M%SZ")
+        .expect("id time")
+        .and_utc()
+        + chrono::Duration::seconds(secs);
+    (
+        at.format("%Y%m%dT%H%M%SZ-manual").to_string(),
+        at.format("%Y-%m-%dT%H:%M:%S%.9fZ").to_string(),
+    )
+}
+
+#[test]
+fn an_edited_header_time_never_authenticates_so_it_never_takes_a_slot() {
+    // The header is plain JSON: without the key, an attacker can still edit its time
+    // and write a matching manifest. Two such "newer" backups with keep = 2 must not
+    // push the real ones out.
+    let (w, dest) = app_with_backups("keep = { last = 2 }");
+    let first = backup(&w, "app", &dest);
+    next_second();
+    let newest = backup(&w, "app", &dest);
+    let bytes = std::fs::read(dest.join("app").join(format!("{newest}.dbk"))).expect("read");
+    let len = u32::from_be_bytes(bytes[9..13].try_into().expect("4 bytes")) as usize;
+    let mut header: serde_json::Value =
+        serde_json::from_slice(&bytes[13..13 + len]).expect("header");
+    let mut forged_ids = Vec::new();
+    for ahead in [1, 2] {
+        let (id, time) = later_id(&newest, ahead);
+        header["created"] = time.clone().into();
+        let edited = serde_json::to_vec(&header).expect("json");
+        let mut forged = bytes[..9].to_vec();
+        forged.extend_from_slice(&(edited.len() as u32).to_be_bytes());
+        forged.extend_from_slice(&edited);
+        forged.extend_from_slice(&bytes[13 + len..]);
+        plant_copy(&dest, "app", &newest, &id, &forged, &time);
+        forged_ids.push(id);
+    }
+    let list = w.stdout(&["backup", "list", "app"]);
+    for id in &forged_ids {
+        let line = list
+            .lines()
+            .find(|l| l.contains(id.as_str()))
+            .expect("listed");
+        assert!(line.contains("UNTRUSTED"), "{list}");
+        assert!(line.contains("does not authenticate"), "{list}");
+    }
+    w.cmd(&["backup", "prune", "app"]).assert().success();
+    for id in [&first, &newest] {
+        assert!(
+            manifest_path(&dest, "app", id).exists(),
+            "real backup {id} pruned"
+        );
+    }
+    let out = w.path().join("restored.db");
+    w.cmd(&["restore", "app", "--to", out.to_str().expect("utf-8")])
+        .assert()
+        .success();
+    assert_eq!(marker(&out), "x");
+}
+
+#[test]
+fn copies_and_links_of_an_archive_never_count_and_never_cost_the_original() {
+    // keep = 2: a byte-for-byte copy of the newest archive under `<id>.2`, a symbolic
+    // link under `<id>.3` and a hard link under `<id>.4` (manifests adjusted). None may
+    // take a slot, and nothing real may be deleted.
+    let (w, dest) = app_with_backups("keep = { last = 2 }");
+    let first = backup(&w, "app", &dest);
+    next_second();
+    let newest = backup(&w, "app", &dest);
+    let folder = dest.join("app");
+    let real = folder.join(format!("{newest}.dbk"));
+    let bytes = std::fs::read(&real).expect("read");
+    let time = {
+        let m: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(manifest_path(&dest, "app", &newest)).expect("read"),
+        )
+        .expect("json");
+        m["started_at"].as_str().expect("time").to_owned()
+    };
+    plant_copy(&dest, "app", &newest, &format!("{newest}.2"), &bytes, &time);
+    for (n, link) in [(3, true), (4, false)] {
+        let id = format!("{newest}.{n}");
+        plant_copy(&dest, "app", &newest, &id, &bytes, &time);
+        let path = folder.join(format!("{id}.dbk"));
+        std::fs::remove_file(&path).expect("rm");
+        if link {
+            std::os::unix::fs::symlink(&real, &path).expect("symlink");
+        } else {
+            std::fs::hard_link(&real, &path).expect("hard link");
+        }
+    }
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert!(list.contains(&format!("copy of backup {newest}")), "{list}");
+    assert!(list.contains("not a regular file"), "{list}");
+    w.cmd(&["backup", "prune", "app"]).assert().success();
+    next_second();
+    let third = backup(&w, "app", &dest);
+    // keep = 2 over the real ones: newest and third; the copies and links are left.
+    assert!(real.exists(), "the real newest archive was deleted");
+    assert!(manifest_path(&dest, "app", &third).exists());
+    assert!(
+        !manifest_path(&dest, "app", &first).exists(),
+        "rotation still works"
+    );
+    for n in 2..=4 {
+        assert!(manifest_path(&dest, "app", &format!("{newest}.{n}")).exists());
+    }
+}
+
+#[test]
+fn planted_fifos_and_huge_manifests_are_untrusted_and_nothing_hangs() {
+    let (w, dest) = app_with_backups("keep = { last = 5 }");
+    let genuine = backup(&w, "app", &dest);
+    let folder = dest.join("app");
+    // A FIFO as an archive (with a copied manifest), a FIFO as a manifest, and a
+    // sparse 1 GiB manifest.
+    let (fifo_id, time) = later_id(&genuine, 1);
+    plant_copy(&dest, "app", &genuine, &fifo_id, b"", &time);
+    let fifo = folder.join(format!("{fifo_id}.dbk"));
+    std::fs::remove_file(&fifo).expect("rm");
+    let mk = |p: &Path| {
+        assert!(std::process::Command::new("mkfifo")
+            .arg(p)
+            .status()
+            .expect("mkfifo")
+            .success())
+    };
+    mk(&fifo);
+    let (pipe_id, _) = later_id(&genuine, 2);
+    mk(&manifest_path(&dest, "app", &pipe_id));
+    let (big_id, _) = later_id(&genuine, 3);
+    std::fs::File::create(manifest_path(&dest, "app", &big_id))
+        .expect("create")
+        .set_len(1 << 30)
+        .expect("sparse");
+
+    let list = w
+        .cmd(&["backup", "list", "app"])
+        .timeout(Duration::from_secs(60))
+        .output()
+        .expect("list runs");
+    assert!(list.status.success(), "{list:?}");
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert_eq!(list.matches("UNTRUSTED").count(), 3, "{list}");
+    assert!(list.contains("larger than"), "{list}");
+    // Backups and restores go on.
+    next_second();
+    w.cmd(&["run-job", "app.backup"])
+        .timeout(Duration::from_secs(60))
+        .assert()
+        .success();
+    let out = w.path().join("restored.db");
+    w.cmd(&["restore", "app", "--to", out.to_str().expect("utf-8")])
+        .timeout(Duration::from_secs(60))
+        .assert()
+        .success();
+    assert_eq!(marker(&out), "x");
+}

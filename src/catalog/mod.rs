@@ -9,6 +9,7 @@
 pub mod rotation;
 pub mod trust;
 
+use std::collections::HashMap;
 use std::io;
 
 use chrono::{DateTime, Utc};
@@ -187,15 +188,18 @@ pub fn list(dest: &Destination, policy: &TrustPolicy) -> io::Result<Listing> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(listing),
         Err(e) => return Err(e),
     };
+    // Trusted backups by their archive's header bytes: a copy of an archive (a
+    // duplicate under another `.n` id, a hard link) has the same header as the
+    // original, while two genuine archives never do (random data key and nonce).
+    let mut by_header: HashMap<Vec<u8>, Vec<Manifest>> = HashMap::new();
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if !name.ends_with(MANIFEST_SUFFIX) || name.starts_with('.') {
             continue;
         }
-        let (manifest, verdict) = examine(dest, &name, policy);
-        match (manifest, verdict) {
-            (Some(m), Ok(())) => listing.backups.push(m),
+        match examine(dest, &name, policy) {
+            (Some(m), Ok(header)) => by_header.entry(header).or_default().push(m),
             (manifest, verdict) => listing.untrusted.push(Rejected {
                 file: name,
                 manifest,
@@ -203,12 +207,36 @@ pub fn list(dest: &Destination, policy: &TrustPolicy) -> io::Result<Listing> {
             }),
         }
     }
+    for (_, mut same) in by_header {
+        // The original is the id without a suffix, or with the lowest one.
+        same.sort_by(|a, b| id_order(&a.id).cmp(&id_order(&b.id)));
+        let mut same = same.into_iter();
+        let Some(original) = same.next() else {
+            continue;
+        };
+        for copy in same {
+            listing.untrusted.push(Rejected {
+                file: Manifest::manifest_name(&copy.id),
+                reason: Untrusted::CopyOf(original.id.clone()),
+                manifest: Some(copy),
+            });
+        }
+        listing.backups.push(original);
+    }
     listing
         .backups
         .sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
     listing.untrusted.sort_by(|a, b| a.file.cmp(&b.file));
     listing.duplicates = duplicate_ids(&listing);
     Ok(listing)
+}
+
+/// Orders ids of one second: `<stamp>-<kind>` before `<stamp>-<kind>.2` before `.10`.
+fn id_order(id: &str) -> (u64, &str) {
+    match id.rsplit_once('.') {
+        Some((base, n)) => (n.parse().unwrap_or(u64::MAX), base),
+        None => (0, id),
+    }
 }
 
 /// The ids that more than one readable manifest claims, with the files claiming them.
@@ -238,35 +266,140 @@ fn duplicate_ids(listing: &Listing) -> Vec<DuplicateId> {
         .collect()
 }
 
-/// Reads one manifest and its archive's header and judges them.
+/// Manifests are a few hundred bytes; a larger one is not ours (and a sparse or
+/// endless one must not be read into memory).
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// Reads one manifest and its archive's authenticated header and judges them; with
+/// the header's exact bytes, which tell a copy of an archive from another archive.
 fn examine(
     dest: &Destination,
     name: &str,
     policy: &TrustPolicy,
-) -> (Option<Manifest>, Result<(), Untrusted>) {
-    let manifest = match std::fs::read(dest.path(name))
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()))
-    {
+) -> (Option<Manifest>, Result<Vec<u8>, Untrusted>) {
+    let manifest = match read_manifest(&dest.path(name)) {
         Ok(m) => m,
-        Err(e) => return (None, Err(Untrusted::Unreadable(e))),
+        Err(e) => return (None, Err(e)),
     };
     // The archive is named after the file name's id, never the JSON's.
     let Some(id) = id_of_manifest_file(name) else {
         return (Some(manifest), Err(Untrusted::BadName));
     };
-    let header = match std::fs::File::open(dest.path(&format!("{id}{ARCHIVE_SUFFIX}"))) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return (Some(manifest), Err(Untrusted::ArchiveMissing))
-        }
-        Err(e) => return (Some(manifest), Err(Untrusted::BadHeader(e.to_string()))),
-        Ok(mut file) => match crate::archive::format::read_header(&mut file) {
-            Ok((header, _)) => header,
-            Err(e) => return (Some(manifest), Err(Untrusted::BadHeader(e.to_string()))),
-        },
-    };
-    let verdict = trust(&manifest, &header, name, policy);
+    let archive = dest.path(&format!("{id}{ARCHIVE_SUFFIX}"));
+    let verdict = authentic_header(&archive, &policy.keys).and_then(|(header, bytes)| {
+        trust(&manifest, &header, name, policy)?;
+        Ok(bytes)
+    });
     (Some(manifest), verdict)
+}
+
+fn read_manifest(path: &std::path::Path) -> Result<Manifest, Untrusted> {
+    use std::io::Read;
+    let file = crate::storage::open_regular(path).map_err(|e| match e.kind() {
+        io::ErrorKind::InvalidInput => Untrusted::NotRegularFile("manifest"),
+        _ => Untrusted::Unreadable(e.to_string()),
+    })?;
+    let mut bytes = Vec::new();
+    file.take(MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Untrusted::Unreadable(e.to_string()))?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(Untrusted::ManifestTooLarge);
+    }
+    serde_json::from_slice(&bytes).map_err(|e| Untrusted::Unreadable(e.to_string()))
+}
+
+/// The header of the archive at `path` and its bytes, authenticated when it is
+/// encrypted: its first segment must open with a configured key, with the header as
+/// associated data, so no field of it (time, database, kind) can have been edited.
+/// Plain archives prove nothing; [`trust`] decides whether they are accepted.
+fn authentic_header(
+    path: &std::path::Path,
+    keys: &crate::archive::KeyRing,
+) -> Result<(crate::archive::Header, Vec<u8>), Untrusted> {
+    use std::io::{Read, Seek};
+    let mut file = crate::storage::open_regular(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Untrusted::ArchiveMissing,
+        io::ErrorKind::InvalidInput => Untrusted::NotRegularFile("archive"),
+        _ => Untrusted::BadHeader(e.to_string()),
+    })?;
+    let identity = FileIdentity::of(&file).map_err(|e| Untrusted::BadHeader(e.to_string()))?;
+    if let Some(known) = authenticated().get(&identity) {
+        return Ok(known);
+    }
+    let (header, bytes) = crate::archive::format::read_header(&mut file)
+        .map_err(|e| Untrusted::BadHeader(e.to_string()))?;
+    let Some(enc) = &header.encryption else {
+        return Ok((header, bytes));
+    };
+    if keys.find(&enc.key_id).is_none() {
+        return Err(Untrusted::UnknownKey(enc.key_id.clone()));
+    }
+    file.rewind()
+        .map_err(|e| Untrusted::BadHeader(e.to_string()))?;
+    let mut reader = crate::archive::ArchiveReader::open(io::BufReader::new(file), keys)
+        .map_err(|e| Untrusted::NotAuthentic(e.to_string()))?;
+    reader
+        .read(&mut [0u8; 1])
+        .map_err(|e| Untrusted::NotAuthentic(e.to_string()))?;
+    authenticated().put(identity, (header.clone(), bytes.clone()));
+    Ok((header, bytes))
+}
+
+/// What identifies one version of one file: any change to it changes its ctime,
+/// which no user can set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileIdentity {
+    fn of(file: &std::fs::File) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// Headers this process has authenticated, so that the daemon, which lists its
+/// folders after every backup, decrypts each archive's first segment only once.
+struct Authenticated(std::sync::Mutex<HashMap<FileIdentity, (crate::archive::Header, Vec<u8>)>>);
+
+impl Authenticated {
+    fn get(&self, id: &FileIdentity) -> Option<(crate::archive::Header, Vec<u8>)> {
+        let map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(id).cloned()
+    }
+
+    fn put(&self, id: FileIdentity, value: (crate::archive::Header, Vec<u8>)) {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= 100_000 {
+            map.clear();
+        }
+        map.insert(id, value);
+    }
+}
+
+fn authenticated() -> &'static Authenticated {
+    static CACHE: std::sync::OnceLock<Authenticated> = std::sync::OnceLock::new();
+    CACHE.get_or_init(|| Authenticated(std::sync::Mutex::new(HashMap::new())))
 }
 
 /// How far past now a backup's time may be before it counts as dated in the future

@@ -600,7 +600,7 @@ mod tests {
                 let before = files(root.path());
                 let policy = TrustPolicy {
                     database: "app".to_owned(),
-                    key_ids: vec![key.id().to_owned()],
+                    keys: crate::archive::KeyRing::new(vec![key.clone()]),
                     encrypting: true,
                     allow_unencrypted: false,
                 };

@@ -3,23 +3,25 @@
 //! Anyone who can write to the destination can put files there, so a manifest is
 //! only a claim. [`trust`] checks it against what an attacker cannot forge without
 //! the key (the archive header, authenticated by every segment of an encrypted
-//! archive) and against the configuration. Every reader (listing, verify, restore,
+//! archive, which a listing checks by opening its first segment) and against the
+//! configuration. Every reader (listing, verify, restore,
 //! decrypt, rotation, the daemon's catalog) goes through it, so an untrusted backup
 //! is never restored, never counted as good and never used to delete anything.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 
 use super::{BackupKind, Manifest};
-use crate::archive::Header;
+use crate::archive::{Header, KeyRing};
 use crate::storage::MANIFEST_SUFFIX;
 
 /// What the configuration says a genuine backup of one database looks like.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct TrustPolicy {
     /// The database name of the `[[database]]` entry (and of its folder).
     pub database: String,
-    /// Ids of every configured key (`encryption-key-file` and `decryption-key-files`).
-    pub key_ids: Vec<String>,
+    /// Every configured key (`encryption-key-file` and `decryption-key-files`): a
+    /// listing authenticates each encrypted archive's header with them.
+    pub keys: KeyRing,
     /// `encryption-key-file` is configured: backups are written encrypted.
     pub encrypting: bool,
     /// `--allow-unencrypted`: the operator accepts plain archives for this read.
@@ -59,6 +61,18 @@ pub enum Untrusted {
     Unencrypted,
     #[error("the archive was made with key {0}, which is not configured (encryption-key-file or decryption-key-files)")]
     UnknownKey(String),
+    #[error("its {0} is not a regular file (a link, pipe or device planted in the folder)")]
+    NotRegularFile(&'static str),
+    #[error("the manifest is larger than {} bytes", super::MAX_MANIFEST_BYTES)]
+    ManifestTooLarge,
+    #[error(
+        "the archive header does not authenticate with its key ({0}): it was altered or forged"
+    )]
+    NotAuthentic(String),
+    #[error(
+        "its archive is a copy of backup {0} (same authenticated header), which is the one counted"
+    )]
+    CopyOf(String),
 }
 
 /// Rejects a backup whose manifest, header (`header`), file name (`file_name`, the
@@ -103,7 +117,7 @@ pub fn trust(
         None if !policy.accepts_plain() => Err(Untrusted::Unencrypted),
         None if manifest.key_id.is_some() => Err(Untrusted::Disagree("key id")),
         None => Ok(()),
-        Some(enc) if !policy.key_ids.contains(&enc.key_id) => {
+        Some(enc) if policy.keys.find(&enc.key_id).is_none() => {
             Err(Untrusted::UnknownKey(enc.key_id.clone()))
         }
         Some(enc) if manifest.key_id.as_deref() != Some(enc.key_id.as_str()) => {

@@ -124,7 +124,7 @@ impl BackupJob {
     pub fn trust_policy(&self, database: &str, allow_unencrypted: bool) -> TrustPolicy {
         TrustPolicy {
             database: database.to_owned(),
-            key_ids: self.keys.ids().iter().map(|id| (*id).to_owned()).collect(),
+            keys: self.keys.clone(),
             encrypting: self.key.is_some(),
             allow_unencrypted,
         }

@@ -71,7 +71,7 @@ pub(super) async fn blocking<T: Send + 'static>(
 }
 
 pub(super) fn open_archive(path: &Path) -> Result<File, BackupError> {
-    File::open(path).map_err(|source| BackupError::Io {
+    crate::storage::open_regular(path).map_err(|source| BackupError::Io {
         what: "cannot open the archive",
         path: path.to_owned(),
         source,
