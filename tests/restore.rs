@@ -168,13 +168,7 @@ fn restore_test_without_createdb_is_a_job_error_and_keeps_the_backup_good() {
         .assert()
         .code(1)
         .stderr(predicate::str::contains("CREATEDB"));
-    let manifest = manifests(&w.path().join("backups/pg"));
-    assert_eq!(manifest.len(), 1);
-    assert_eq!(
-        manifest[0]["verification"]["result"], "passed",
-        "{:#}",
-        manifest[0]
-    );
+    assert_single_backup_passed(&w);
     // The scheduled job with verify = "restore" fails, but does not mark its backup failed.
     let w2 = pg_workdir(&url, "verify = \"restore\"");
     w2.cmd(&["run-job", "pg.backup"]).assert().code(1);
@@ -182,6 +176,17 @@ fn restore_test_without_createdb_is_a_job_error_and_keeps_the_backup_good() {
     assert_eq!(manifest.len(), 1);
     assert_ne!(manifest[0]["verification"]["result"], "failed");
     drop(src);
+}
+
+/// The workdir's one PostgreSQL backup still has the verdict "passed".
+fn assert_single_backup_passed(w: &Workdir) {
+    let manifest = manifests(&w.path().join("backups/pg"));
+    assert_eq!(manifest.len(), 1);
+    assert_eq!(
+        manifest[0]["verification"]["result"], "passed",
+        "{:#}",
+        manifest[0]
+    );
 }
 
 fn manifests(dir: &Path) -> Vec<serde_json::Value> {
@@ -436,18 +441,7 @@ fn named_database(name: &str) -> PgDb {
 /// The library's handle on the test server's `postgres` database, to hold a scratch
 /// claim the way a live restore does.
 fn server_handle() -> dbkeeper::db::Postgres {
-    let cfg = dbkeeper::config::DatabaseConfig {
-        name: "owner".to_owned(),
-        url: format!("{}/postgres", pg_server()),
-        password_file: None,
-        connect_timeout: std::time::Duration::from_secs(10),
-        foreign_keys: false,
-        backup: None,
-        retention: Vec::new(),
-        refresh: Vec::new(),
-        migrate: None,
-        sql: Vec::new(),
-    };
+    let cfg = dbkeeper::jobs::backup::restore::target_config(&format!("{}/postgres", pg_server()));
     match dbkeeper::db::Database::open(&cfg).expect("open") {
         dbkeeper::db::Database::Postgres(pg) => pg,
         dbkeeper::db::Database::Sqlite(_) => unreachable!("a postgres:// URL"),
@@ -570,13 +564,7 @@ fn restore_test_that_pg_restore_fails_is_a_job_error_and_keeps_the_verdict() {
                 .and(predicate::str::contains(&name))
                 .and(predicate::str::contains("the backup was not judged")),
         );
-    let manifest = manifests(&w.path().join("backups/pg"));
-    assert_eq!(manifest.len(), 1);
-    assert_eq!(
-        manifest[0]["verification"]["result"], "passed",
-        "{:#}",
-        manifest[0]
-    );
+    assert_single_backup_passed(&w);
     // A plain read still passes: the archive is fine.
     w.cmd(&["backup", "verify", "pg"]).assert().success();
 }

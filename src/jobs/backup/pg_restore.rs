@@ -141,27 +141,10 @@ async fn stream(
     copy: Option<TocCopy>,
     cancel: &CancellationToken,
 ) -> Result<(ReadReport, Option<TocCopy>), BackupError> {
-    let program = target.program;
-    let tool = target
-        .pg
-        .tool_command(program, Some(target.database), target.private_dir)?;
-    let mut cmd = tokio::process::Command::from(tool.cmd);
-    cmd.args(target.args)
-        .args(sections)
-        .arg("--exit-on-error")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let spawn_err = |source| BackupError::Spawn {
-        program: program.display().to_string(),
-        source,
-    };
-    let mut child = cmd.spawn().map_err(spawn_err)?;
-    let (Some(mut stdin), Some(stderr)) = (child.stdin.take(), child.stderr.take()) else {
+    let (tool, mut run) = spawn(target, sections, Stdio::piped())?;
+    let Some(mut stdin) = run.child.stdin.take() else {
         return Err(BackupError::Internal("pg_restore pipes missing".into()));
     };
-    let stderr = tokio::spawn(tail(stderr));
 
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PIPE_CHUNKS);
     // Once pg_restore stops reading (done, or failed), the rest is drained unread:
@@ -198,29 +181,11 @@ async fn stream(
             .map_err(|e| BackupError::Internal(format!("cannot feed pg_restore: {}", e.error())))?;
         Ok((report, copy))
     });
-    let exited = async {
-        tokio::select! {
-            status = child.wait() => status,
-            _ = cancel.cancelled() => {
-                let _ = child.start_kill();
-                child.wait().await
-            }
-        }
-    };
-    let (decoded, broken, status) = tokio::join!(decode, feed, exited);
-    if cancel.is_cancelled() {
-        return Err(BackupError::Cancelled);
-    }
+    let (decoded, broken, exited) = tokio::join!(decode, feed, wait(run, cancel));
+    drop(tool);
     // The archive's own verdict first: pg_restore fails too when its input is cut off.
     let decoded = decoded?;
-    let status = status.map_err(spawn_err)?;
-    if !status.success() {
-        return Err(BackupError::Tool {
-            program: "pg_restore",
-            status: status.to_string(),
-            stderr: stderr.await.unwrap_or_default(),
-        });
-    }
+    exited?;
     if let Some(e) = broken {
         // pg_restore succeeded without reading to the end: only trailing bytes it had
         // no use for were left, which pg_restore itself judged.
@@ -229,25 +194,94 @@ async fn stream(
     Ok(decoded)
 }
 
-/// Runs `pg_restore -j <cores>` of a seekable file into the target.
+/// Runs `pg_restore -j <cores>` of a seekable file (which parallel restore needs)
+/// into the target.
 async fn pg_restore_file(
     target: &Target<'_>,
     image: &Path,
     sections: &[&str],
     cancel: &CancellationToken,
 ) -> Result<(), BackupError> {
-    let mut args = target.args.to_vec();
-    args.extend_from_slice(sections);
-    verify::pg_restore_file(
-        target.pg,
-        target.program,
-        target.database,
-        image,
-        &args,
-        target.private_dir,
-        cancel,
-    )
-    .await
+    let jobs = format!("--jobs={}", verify::restore_jobs());
+    let image = image.to_string_lossy();
+    let mut args = sections.to_vec();
+    args.extend([jobs.as_str(), image.as_ref()]);
+    let (tool, child) = spawn(target, &args, Stdio::null())?;
+    let exited = wait(child, cancel).await;
+    drop(tool);
+    exited
+}
+
+/// Starts `pg_restore <target.args> <args> --exit-on-error` aimed at the target
+/// database, its stderr captured. The returned command holds the private libpq
+/// files the child reads: keep it until the child has exited.
+fn spawn(
+    target: &Target<'_>,
+    args: &[&str],
+    stdin: Stdio,
+) -> Result<(impl Sized, Running), BackupError> {
+    let mut tool =
+        target
+            .pg
+            .tool_command(target.program, Some(target.database), target.private_dir)?;
+    let mut cmd = tokio::process::Command::from(std::mem::replace(
+        &mut tool.cmd,
+        std::process::Command::new(target.program),
+    ));
+    cmd.args(target.args)
+        .args(args)
+        .arg("--exit-on-error")
+        .stdin(stdin)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|source| BackupError::Spawn {
+        program: target.program.display().to_string(),
+        source,
+    })?;
+    let Some(stderr) = child.stderr.take() else {
+        return Err(BackupError::Internal("pg_restore pipes missing".into()));
+    };
+    Ok((
+        tool,
+        Running {
+            program: target.program.display().to_string(),
+            stderr: tokio::spawn(tail(stderr)),
+            child,
+        },
+    ))
+}
+
+/// A pg_restore started by [`spawn`].
+struct Running {
+    program: String,
+    child: tokio::process::Child,
+    stderr: tokio::task::JoinHandle<String>,
+}
+
+/// Waits for pg_restore to exit (killing it on cancel); a failure carries the end of
+/// its stderr.
+async fn wait(mut run: Running, cancel: &CancellationToken) -> Result<(), BackupError> {
+    let status = tokio::select! {
+        status = run.child.wait() => status,
+        _ = cancel.cancelled() => {
+            let _ = run.child.start_kill();
+            let _ = run.child.wait().await;
+            return Err(BackupError::Cancelled);
+        }
+    };
+    let status = status.map_err(|source| BackupError::Spawn {
+        program: run.program,
+        source,
+    })?;
+    if !status.success() {
+        return Err(BackupError::Tool {
+            program: "pg_restore",
+            status: status.to_string(),
+            stderr: run.stderr.await.unwrap_or_default(),
+        });
+    }
+    Ok(())
 }
 
 /// Whether `pg_restore -l` reads the whole table of contents from `toc`.
@@ -347,11 +381,9 @@ mod tests {
 
     use std::process::Command;
     use std::sync::atomic::AtomicBool;
-    use std::time::Duration;
 
     use super::*;
     use crate::archive::{write_archive, Compression, Header, Key, Settings};
-    use crate::config::DatabaseConfig;
     use crate::db::Database;
 
     const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
@@ -436,18 +468,7 @@ mod tests {
     }
 
     fn server() -> Postgres {
-        let cfg = DatabaseConfig {
-            name: "t".to_owned(),
-            url: format!("{SERVER}/postgres"),
-            password_file: None,
-            connect_timeout: Duration::from_secs(10),
-            foreign_keys: false,
-            backup: None,
-            retention: Vec::new(),
-            refresh: Vec::new(),
-            migrate: None,
-            sql: Vec::new(),
-        };
+        let cfg = super::super::restore::target_config(&format!("{SERVER}/postgres"));
         match Database::open(&cfg).unwrap() {
             Database::Postgres(pg) => pg,
             Database::Sqlite(_) => unreachable!(),

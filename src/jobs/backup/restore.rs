@@ -304,7 +304,19 @@ async fn restore_postgres(
     opts: &Options<'_>,
     cancel: &CancellationToken,
 ) -> Result<String, BackupError> {
-    let cfg = DatabaseConfig {
+    let Database::Postgres(pg) = Database::open(&target_config(url))? else {
+        return Err(BackupError::Refused(
+            "--to must be a postgres:// URL".to_owned(),
+        ));
+    };
+    let result = restore_postgres_with(&pg, archive, keys, expect, opts, cancel).await;
+    pg.pool.close().await;
+    result
+}
+
+/// A database entry for a restore target given only by its URL (`--to`).
+pub fn target_config(url: &str) -> DatabaseConfig {
+    DatabaseConfig {
         name: "restore-target".to_owned(),
         url: url.to_owned(),
         password_file: None,
@@ -315,15 +327,7 @@ async fn restore_postgres(
         refresh: Vec::new(),
         migrate: None,
         sql: Vec::new(),
-    };
-    let Database::Postgres(pg) = Database::open(&cfg)? else {
-        return Err(BackupError::Refused(
-            "--to must be a postgres:// URL".to_owned(),
-        ));
-    };
-    let result = restore_postgres_with(&pg, archive, keys, expect, opts, cancel).await;
-    pg.pool.close().await;
-    result
+    }
 }
 
 async fn restore_postgres_with(

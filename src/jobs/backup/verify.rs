@@ -6,7 +6,6 @@
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -14,7 +13,6 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
-use super::source::tail;
 use super::BackupError;
 use crate::archive::{self, HashRead, Header, KeyRing};
 use crate::catalog::{self, Manifest, TrustPolicy, VerifyMode};
@@ -461,54 +459,6 @@ async fn restore_test_postgres(
 /// How many parallel jobs `pg_restore -j` gets: one per core.
 pub(super) fn restore_jobs() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-}
-
-/// Runs `pg_restore -j <cores> --exit-on-error` of the plain image `image` (a seekable
-/// file, which parallel restore needs) into `database`.
-pub async fn pg_restore_file(
-    pg: &Postgres,
-    program: &Path,
-    database: &str,
-    image: &Path,
-    args: &[&str],
-    private_dir: &Path,
-    cancel: &CancellationToken,
-) -> Result<(), BackupError> {
-    let tool = pg.tool_command(program, Some(database), private_dir)?;
-    let mut cmd = tokio::process::Command::from(tool.cmd);
-    cmd.args(args)
-        .arg(format!("--jobs={}", restore_jobs()))
-        .arg("--exit-on-error")
-        .arg(image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let spawn_err = |source| BackupError::Spawn {
-        program: program.display().to_string(),
-        source,
-    };
-    let mut child = cmd.spawn().map_err(spawn_err)?;
-    let Some(stderr) = child.stderr.take() else {
-        return Err(BackupError::Internal("pg_restore pipes missing".into()));
-    };
-    let stderr_task = tokio::spawn(tail(stderr));
-    let status = tokio::select! {
-        status = child.wait() => status.map_err(spawn_err)?,
-        _ = cancel.cancelled() => {
-            let _ = child.kill().await;
-            return Err(BackupError::Cancelled);
-        }
-    };
-    let stderr = stderr_task.await.unwrap_or_default();
-    if !status.success() {
-        return Err(BackupError::Tool {
-            program: "pg_restore",
-            status: status.to_string(),
-            stderr,
-        });
-    }
-    Ok(())
 }
 
 /// A path beside `target` for writing its replacement.
