@@ -15,7 +15,7 @@ use sqlx::{AssertSqlSafe, Connection};
 use tokio_util::sync::CancellationToken;
 
 use super::{file_name, Applied, AppliedRow, MigrateError, MigrateJob};
-use crate::db::Postgres;
+use crate::db::{set_timeout, Postgres, Scope, Timeout};
 
 const POLL: Duration = Duration::from_millis(250);
 
@@ -40,11 +40,7 @@ fn db_err(pg: &Postgres) -> impl Fn(sqlx::Error) -> MigrateError + '_ {
 
 /// The history, or nothing if the table does not exist yet.
 pub async fn applied(pg: &Postgres) -> Result<Vec<Applied>, MigrateError> {
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(&pg.pool)
-        .await
-        .map_err(db_err(pg))?;
-    if !exists {
+    if !pg.has_migration_history().await? {
         return Ok(Vec::new());
     }
     let rows: Vec<AppliedRow> = sqlx::query_as(
@@ -200,16 +196,13 @@ async fn apply_locked(
     Ok((done, backup_id))
 }
 
-/// `SET lock_timeout`/`statement_timeout` statements for one migration.
-fn settings(job: &MigrateJob, local: bool) -> String {
-    let scope = if local { "SET LOCAL" } else { "SET" };
-    let statement = job
-        .cfg
-        .statement_timeout
-        .map_or(0, |d| d.as_millis().max(1));
+/// `SET lock_timeout`/`statement_timeout` statements for one migration (no
+/// `statement-timeout`: none).
+fn settings(job: &MigrateJob, scope: Scope) -> String {
     format!(
-        "{scope} lock_timeout = '{}ms'; {scope} statement_timeout = '{statement}ms'",
-        job.cfg.lock_timeout.as_millis().max(1)
+        "{}; {}",
+        set_timeout(scope, Timeout::Lock, Some(job.cfg.lock_timeout)),
+        set_timeout(scope, Timeout::Statement, job.cfg.statement_timeout)
     )
 }
 
@@ -227,7 +220,7 @@ async fn run_one(
     if !m.no_tx {
         let result = async {
             let mut tx = conn.begin().await.map_err(db)?;
-            sqlx::raw_sql(AssertSqlSafe(settings(job, true)))
+            sqlx::raw_sql(AssertSqlSafe(settings(job, Scope::Transaction)))
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
@@ -284,7 +277,7 @@ async fn run_one(
         .await
         .map_err(|e| super::failed(m, file, false, db(e)))?;
     let ran = async {
-        sqlx::raw_sql(AssertSqlSafe(settings(job, false)))
+        sqlx::raw_sql(AssertSqlSafe(settings(job, Scope::Session)))
             .execute(&mut **conn)
             .await?;
         let ran = sqlx::raw_sql(m.sql.clone()).execute(&mut **conn).await;

@@ -27,13 +27,7 @@ fn db_err(lite: &Sqlite) -> impl Fn(sqlx::Error) -> MigrateError + '_ {
 }
 
 pub async fn applied(lite: &Sqlite) -> Result<Vec<Applied>, MigrateError> {
-    let exists: bool = sqlx::query_scalar(
-        "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = '_sqlx_migrations'",
-    )
-    .fetch_one(&lite.pool)
-    .await
-    .map_err(db_err(lite))?;
-    if !exists {
+    if !lite.has_migration_history().await? {
         return Ok(Vec::new());
     }
     let rows: Vec<AppliedRow> = sqlx::query_as(

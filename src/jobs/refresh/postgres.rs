@@ -4,7 +4,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::RefreshError;
 use crate::config::RefreshConfig;
-use crate::db::{Postgres, QualifiedName};
+use crate::db::{set_timeout, Postgres, QualifiedName, Scope, Timeout};
 
 /// What the catalog says about a materialized view.
 pub struct ViewInfo {
@@ -73,9 +73,10 @@ pub async fn refresh(
         if concurrently { "CONCURRENTLY " } else { "" },
         info.sql
     );
-    let setup = [format!(
-        "SET lock_timeout = '{}ms'",
-        cfg.lock_timeout.as_millis().max(1)
+    let setup = [set_timeout(
+        Scope::Session,
+        Timeout::Lock,
+        Some(cfg.lock_timeout),
     )];
     pg.run_cancellable(&setup, statement, cancel).await?;
     let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(

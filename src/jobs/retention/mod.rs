@@ -668,11 +668,6 @@ impl BatchArchive<'_> {
     }
 }
 
-/// Time to wait for a lock, in whole milliseconds (at least 1).
-fn millis(d: Duration) -> u128 {
-    d.as_millis().max(1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

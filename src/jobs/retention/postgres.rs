@@ -11,11 +11,9 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Row};
 
 use super::reading::{Cutoff, Reading};
-use super::{
-    millis, with_where, Batch, BatchArchive, BatchDone, RetentionError, RowKey, Scan, Target,
-};
+use super::{with_where, Batch, BatchArchive, BatchDone, RetentionError, RowKey, Scan, Target};
 use crate::config::{RetentionConfig, ScanMode};
-use crate::db::{quote, quote_literal, Postgres, QualifiedName};
+use crate::db::{quote, quote_literal, set_timeout, Postgres, QualifiedName, Scope, Timeout};
 
 pub async fn resolve(
     pg: &Postgres,
@@ -308,8 +306,7 @@ async fn transaction(
         settings.push(format!("SET LOCAL TimeZone = {}", quote_literal(zone)));
     }
     if let Some(t) = lock_timeout {
-        // A number we formatted ourselves.
-        settings.push(format!("SET LOCAL lock_timeout = '{}ms'", millis(t)));
+        settings.push(set_timeout(Scope::Transaction, Timeout::Lock, Some(t)));
     }
     if lazy_commit {
         settings.push("SET LOCAL synchronous_commit = off".to_owned());
