@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Outcome;
 use crate::config::RefreshConfig;
-use crate::db::{Database, DbError, QualifiedName};
+use crate::db::{Database, DbError, NameError, QualifiedName};
 use crate::metrics;
 
 /// A refresh failed.
@@ -53,7 +53,7 @@ pub struct RefreshJob {
 }
 
 impl RefreshJob {
-    pub fn new(cfg: RefreshConfig) -> Result<Self, String> {
+    pub fn new(cfg: RefreshConfig) -> Result<Self, NameError> {
         let view = QualifiedName::parse(&cfg.view)?;
         Ok(RefreshJob { cfg, view })
     }
