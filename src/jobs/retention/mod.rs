@@ -804,6 +804,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn refusals_are_config_errors_and_final() {
+        for e in [
+            RetentionError::PartitionsNeedPostgres,
+            RetentionError::NotPartitioned { table: "t".into() },
+            RetentionError::Cutoff,
+        ] {
+            assert!(e.is_config_error() && !e.is_transient(), "{e}");
+        }
+        let e = RetentionError::Cancelled { deleted: 3 };
+        assert!(!e.is_config_error() && e.is_transient());
+    }
+
+    #[test]
     fn batch_size_follows_speed_within_bounds() {
         let mut b = BatchSize::new(5000, 100_000, Duration::from_millis(50));
         // 5000 rows in 10 ms: 25000 would take 50 ms, but one step grows at most 4x.
