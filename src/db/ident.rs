@@ -7,6 +7,44 @@
 
 use std::fmt;
 
+/// A `where` from the config is not one self-contained expression (see
+/// [`check_expression`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExpressionError {
+    #[error("has an unterminated {0}")]
+    Unterminated(&'static str),
+    #[error("closes a parenthesis it did not open; it must be one expression")]
+    ClosesUnopened,
+    #[error("contains `;`; it must be one expression, not statements")]
+    Semicolon,
+    #[error("leaves a parenthesis open")]
+    LeftOpen,
+}
+
+/// A table or view name from the config cannot be parsed (see [`QualifiedName::parse`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("\"{0}\" has an unclosed double quote")]
+    UnclosedQuote(String),
+    #[error("\"{0}\": text after a closing double quote; quote the whole name")]
+    AfterQuote(String),
+    #[error("\"{0}\" is not a valid name; write table or schema.table")]
+    Empty(String),
+}
+
+// The config reports both as the message of the key they are about.
+impl From<ExpressionError> for String {
+    fn from(e: ExpressionError) -> Self {
+        e.to_string()
+    }
+}
+
+impl From<NameError> for String {
+    fn from(e: NameError) -> Self {
+        e.to_string()
+    }
+}
+
 /// `[schema.]name`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QualifiedName {
@@ -31,11 +69,11 @@ pub fn quote_literal(text: &str) -> String {
 /// is left unterminated. dbkeeper splices a rule's `where` into its own statements as
 /// `… AND (<where>)`; text like `a = 1) OR (true` would otherwise escape the brackets
 /// and turn the expiry predicate off.
-pub fn check_expression(sql: &str) -> Result<(), String> {
+pub fn check_expression(sql: &str) -> Result<(), ExpressionError> {
     let chars: Vec<char> = sql.chars().collect();
     let mut depth = 0i64;
     let mut i = 0;
-    let unterminated = |what: &str| Err(format!("has an unterminated {what}"));
+    let unterminated = |what: &'static str| Err(ExpressionError::Unterminated(what));
     while i < chars.len() {
         let c = chars[i];
         let next = chars.get(i + 1).copied();
@@ -110,25 +148,22 @@ pub fn check_expression(sql: &str) -> Result<(), String> {
             ')' => {
                 depth -= 1;
                 if depth < 0 {
-                    return Err(
-                        "closes a parenthesis it did not open; it must be one expression"
-                            .to_owned(),
-                    );
+                    return Err(ExpressionError::ClosesUnopened);
                 }
             }
-            ';' => return Err("contains `;`; it must be one expression, not statements".to_owned()),
+            ';' => return Err(ExpressionError::Semicolon),
             _ => {}
         }
         i += 1;
     }
     if depth != 0 {
-        return Err("leaves a parenthesis open".to_owned());
+        return Err(ExpressionError::LeftOpen);
     }
     Ok(())
 }
 
 impl QualifiedName {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, NameError> {
         let mut parts = Vec::new();
         let mut current = String::new();
         let mut chars = text.chars().peekable();
@@ -145,7 +180,7 @@ impl QualifiedName {
                             }
                             Some('"') => break,
                             Some(c) => current.push(c),
-                            None => return Err(format!("\"{text}\" has an unclosed double quote")),
+                            None => return Err(NameError::UnclosedQuote(text.to_owned())),
                         }
                     }
                 }
@@ -153,19 +188,13 @@ impl QualifiedName {
                     parts.push(std::mem::take(&mut current));
                     quoted_part = false;
                 }
-                _ if quoted_part => {
-                    return Err(format!(
-                        "\"{text}\": text after a closing double quote; quote the whole name"
-                    ))
-                }
+                _ if quoted_part => return Err(NameError::AfterQuote(text.to_owned())),
                 c => current.push(c),
             }
         }
         parts.push(current);
         if parts.iter().any(String::is_empty) {
-            return Err(format!(
-                "\"{text}\" is not a valid name; write table or schema.table"
-            ));
+            return Err(NameError::Empty(text.to_owned()));
         }
         let name = parts.pop().unwrap_or_default();
         Ok(QualifiedName {

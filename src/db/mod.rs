@@ -3,6 +3,15 @@
 //! Pools are created lazily: an unreachable database never stops the daemon from
 //! starting; it shows as `database_up 0` and its jobs fail with a clear error until it
 //! comes back.
+//!
+//! [`with_backend!`] is the one place that matches on the backend: a body written once
+//! is compiled for [`Sqlite`] and for [`Postgres`]. What a job kind needs from a
+//! database is a trait of that kind (`RetentionBackend`, `RefreshBackend`,
+//! `MigrationBackend`), implemented once per backend in `jobs/<kind>/<backend>.rs`;
+//! the kind's generic code reaches it through this macro, with static dispatch. The
+//! helpers every backend shares live here too: the `_sqlx_migrations` probe
+//! ([`Database::has_migration_history`]), timeout values ([`timeout_millis`],
+//! [`set_timeout`]) and identifier quoting (`ident.rs`).
 
 mod ident;
 mod postgres;
@@ -15,9 +24,51 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseConfig;
 
-pub use ident::{check_expression, quote, quote_literal, QualifiedName};
-pub use postgres::{is_scratch_name, scratch_lock_key, Postgres, ScratchClaim};
+pub use ident::{
+    check_expression, quote, quote_literal, ExpressionError, NameError, QualifiedName,
+};
+pub use postgres::{
+    is_scratch_name, scratch_lock_key, set_timeout, Postgres, Scope, ScratchClaim, Timeout,
+};
 pub use sqlite::Sqlite;
+
+/// Evaluates `$body` with `$b` bound to the backend of `$db` (`&Sqlite` or
+/// `&Postgres`). The body is written once and compiled once per backend, so it can
+/// call a job kind's contract (a trait both backends implement) without `dyn`: this
+/// is the only `match` on the backend outside the `Database` enum's own definition.
+macro_rules! with_backend {
+    ($db:expr, $b:ident => $body:expr) => {
+        match $db {
+            $crate::db::Database::Sqlite($b) => $body,
+            $crate::db::Database::Postgres($b) => $body,
+        }
+    };
+}
+pub(crate) use with_backend;
+
+/// A timeout in whole milliseconds as both backends' settings take it: at least 1
+/// (0 would mean "no timeout" to PostgreSQL and "fail at once" to SQLite) and at most
+/// `i32::MAX`, the largest either setting accepts.
+pub fn timeout_millis(d: Duration) -> u128 {
+    d.as_millis().clamp(1, i32::MAX as u128)
+}
+
+/// A URL of a scheme dbkeeper has no backend for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "\"{url}\" is not a supported URL; write postgres://user@host/db or sqlite:///path/file.db"
+)]
+pub struct UnsupportedUrl {
+    /// Redacted.
+    pub url: String,
+}
+
+// The config reports it as the message of the `url` key.
+impl From<UnsupportedUrl> for String {
+    fn from(e: UnsupportedUrl) -> Self {
+        e.to_string()
+    }
+}
 
 /// Which kind of database a URL points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,15 +79,14 @@ pub enum Backend {
 
 impl Backend {
     /// Picks the backend from the URL scheme.
-    pub fn from_url(url: &str) -> Result<Self, String> {
+    pub fn from_url(url: &str) -> Result<Self, UnsupportedUrl> {
         let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
         match scheme {
             "sqlite" => Ok(Backend::Sqlite),
             "postgres" | "postgresql" => Ok(Backend::Postgres),
-            _ => Err(format!(
-                "\"{}\" is not a supported URL; write postgres://user@host/db or sqlite:///path/file.db",
-                redact_url(url)
-            )),
+            _ => Err(UnsupportedUrl {
+                url: redact_url(url),
+            }),
         }
     }
 
@@ -150,19 +200,16 @@ impl Database {
             Ok(Backend::Sqlite) => Sqlite::open(cfg).map(Database::Sqlite),
             Ok(Backend::Postgres) => Postgres::open(cfg).map(Database::Postgres),
             // Config validation rejects other schemes before we get here.
-            Err(message) => Err(DbError::Url {
+            Err(e) => Err(DbError::Url {
                 name: cfg.name.clone(),
                 url: redact_url(&cfg.url),
-                source: sqlx::Error::Configuration(message.into()),
+                source: sqlx::Error::Configuration(e.into()),
             }),
         }
     }
 
     pub fn name(&self) -> &str {
-        match self {
-            Database::Sqlite(db) => &db.name,
-            Database::Postgres(db) => &db.name,
-        }
+        self::with_backend!(self, db => &db.name)
     }
 
     pub fn backend(&self) -> Backend {
@@ -174,56 +221,44 @@ impl Database {
 
     /// The URL with any password removed, for messages.
     pub fn url(&self) -> &str {
-        match self {
-            Database::Sqlite(db) => &db.url,
-            Database::Postgres(db) => &db.url,
-        }
+        self::with_backend!(self, db => &db.url)
     }
 
     /// Connects and runs a trivial query; `Ok` means the database is up.
     pub async fn ping(&self) -> Result<(), DbError> {
-        match self {
-            Database::Sqlite(db) => db.ping().await,
-            Database::Postgres(db) => db.ping().await,
-        }
+        self::with_backend!(self, db => db.ping().await)
     }
 
     /// Runs `sql` (one or more statements) and returns the number of affected rows;
-    /// stops early with [`DbError::Cancelled`] when `cancel` fires.
+    /// stops early with [`DbError::Cancelled`] when `cancel` fires. `timeout` becomes
+    /// a server-side statement timeout where the backend has one.
     pub async fn execute_script(
         &self,
         sql: &str,
         timeout: Duration,
         cancel: &CancellationToken,
     ) -> Result<u64, DbError> {
-        match self {
-            Database::Sqlite(db) => db.execute_script(sql, cancel).await,
-            Database::Postgres(db) => db.execute_script(sql, timeout, cancel).await,
-        }
+        self::with_backend!(self, db => db.execute_script(sql, timeout, cancel).await)
     }
 
     /// The server's version (`SHOW server_version`, `sqlite_version()`).
     pub async fn server_version(&self) -> Result<String, DbError> {
-        match self {
-            Database::Sqlite(db) => db.server_version().await,
-            Database::Postgres(db) => db.server_version().await,
-        }
+        self::with_backend!(self, db => db.server_version().await)
+    }
+
+    /// Whether sqlx's history table `_sqlx_migrations` exists: the one probe for it.
+    pub async fn has_migration_history(&self) -> Result<bool, DbError> {
+        self::with_backend!(self, db => db.has_migration_history().await)
     }
 
     /// Latest applied sqlx migration, if any.
     pub async fn schema_version(&self) -> Result<Option<i64>, DbError> {
-        match self {
-            Database::Sqlite(db) => db.schema_version().await,
-            Database::Postgres(db) => db.schema_version().await,
-        }
+        self::with_backend!(self, db => db.schema_version().await)
     }
 
     /// Closes the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
-        match self {
-            Database::Sqlite(db) => db.pool.close().await,
-            Database::Postgres(db) => db.pool.close().await,
-        }
+        self::with_backend!(self, db => db.pool.close().await)
     }
 }
 

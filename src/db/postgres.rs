@@ -22,7 +22,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection};
 use tokio_util::sync::CancellationToken;
 
-use super::{quote, quote_literal, redact_url, DbError};
+use super::{quote, quote_literal, redact_url, timeout_millis, DbError};
 use crate::config::{resolve_credential, DatabaseConfig};
 
 #[derive(Clone)]
@@ -299,15 +299,20 @@ impl Postgres {
             .map_err(|e| self.query_error(e))
     }
 
+    /// Whether sqlx's history table `_sqlx_migrations` exists (on the search path, as
+    /// sqlx looks for it).
+    pub async fn has_migration_history(&self) -> Result<bool, DbError> {
+        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.query_error(e))
+    }
+
     /// Latest successfully applied sqlx migration, if the database has the table.
     pub async fn schema_version(&self) -> Result<Option<i64>, DbError> {
         // Two steps: PostgreSQL resolves table names while planning, even in a branch
         // that would not run.
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| self.query_error(e))?;
-        if !exists {
+        if !self.has_migration_history().await? {
             return Ok(None);
         }
         sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
@@ -556,10 +561,13 @@ impl Postgres {
         timeout: Duration,
         cancel: &CancellationToken,
     ) -> Result<u64, DbError> {
-        let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
         // The operator's own SQL from the config file, run as written on purpose.
         self.run_cancellable(
-            &[format!("SET statement_timeout = {millis}")],
+            &[set_timeout(
+                Scope::Session,
+                Timeout::Statement,
+                Some(timeout),
+            )],
             sql.to_owned(),
             cancel,
         )
@@ -623,6 +631,41 @@ impl Postgres {
             Err(_) => tracing::warn!(database = %self.name, pid, "cancel request timed out"),
         }
     }
+}
+
+/// A PostgreSQL timeout setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeout {
+    /// `lock_timeout`: how long a statement waits for a lock.
+    Lock,
+    /// `statement_timeout`: how long a statement may run.
+    Statement,
+}
+
+/// How long a `SET` lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// `SET`: until the session ends or the setting is reset.
+    Session,
+    /// `SET LOCAL`: until the transaction ends.
+    Transaction,
+}
+
+/// `SET [LOCAL] lock_timeout = '250ms'`, the one place that formats timeouts for
+/// PostgreSQL: whole milliseconds as a quoted literal with its unit (see
+/// [`timeout_millis`]); `None` is `'0ms'`, no timeout. The text is ours alone, never
+/// from the config, so it can be spliced into a statement.
+pub fn set_timeout(scope: Scope, setting: Timeout, duration: Option<Duration>) -> String {
+    let scope = match scope {
+        Scope::Session => "SET",
+        Scope::Transaction => "SET LOCAL",
+    };
+    let setting = match setting {
+        Timeout::Lock => "lock_timeout",
+        Timeout::Statement => "statement_timeout",
+    };
+    let millis = duration.map_or(0, timeout_millis);
+    format!("{scope} {setting} = '{millis}ms'")
 }
 
 /// `ALTER DATABASE from RENAME TO to`, both names quoted.
@@ -705,6 +748,32 @@ mod tests {
         assert_ne!(
             scratch_lock_key("app_dbk_restore_0123abcd"),
             scratch_lock_key("app_dbk_restore_0123abce")
+        );
+    }
+
+    #[test]
+    fn timeouts_are_quoted_whole_milliseconds() {
+        let ms = |m| Some(Duration::from_millis(m));
+        assert_eq!(
+            set_timeout(Scope::Transaction, Timeout::Lock, ms(250)),
+            "SET LOCAL lock_timeout = '250ms'"
+        );
+        assert_eq!(
+            set_timeout(Scope::Session, Timeout::Statement, None),
+            "SET statement_timeout = '0ms'"
+        );
+        // Never 0 (no timeout) for a set duration, never above what the server takes.
+        assert_eq!(
+            set_timeout(
+                Scope::Session,
+                Timeout::Lock,
+                Some(Duration::from_micros(10))
+            ),
+            "SET lock_timeout = '1ms'"
+        );
+        assert_eq!(
+            set_timeout(Scope::Session, Timeout::Lock, Some(Duration::MAX)),
+            format!("SET lock_timeout = '{}ms'", i32::MAX)
         );
     }
 

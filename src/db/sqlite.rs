@@ -9,7 +9,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{AssertSqlSafe, Executor};
 use tokio_util::sync::CancellationToken;
 
-use super::{redact_url, DbError};
+use super::{redact_url, timeout_millis, DbError};
 use crate::config::DatabaseConfig;
 
 /// How long a statement waits for another writer's lock before giving up.
@@ -89,7 +89,7 @@ impl Sqlite {
         // transaction, so it is set here, before any BEGIN.
         sqlx::raw_sql(AssertSqlSafe(format!(
             "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = {}",
-            busy.as_millis().max(1),
+            timeout_millis(busy),
             if foreign_keys { "ON" } else { "OFF" }
         )))
         .execute(&mut *conn)
@@ -162,15 +162,19 @@ impl Sqlite {
             .map_err(|e| self.query_error(e))
     }
 
-    /// Latest successfully applied sqlx migration, if the database has the table.
-    pub async fn schema_version(&self) -> Result<Option<i64>, DbError> {
-        let has_table: bool = sqlx::query_scalar(
+    /// Whether sqlx's history table `_sqlx_migrations` exists.
+    pub async fn has_migration_history(&self) -> Result<bool, DbError> {
+        sqlx::query_scalar(
             "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = '_sqlx_migrations'",
         )
         .fetch_one(&self.pool)
         .await
-        .map_err(|e| self.query_error(e))?;
-        if !has_table {
+        .map_err(|e| self.query_error(e))
+    }
+
+    /// Latest successfully applied sqlx migration, if the database has the table.
+    pub async fn schema_version(&self) -> Result<Option<i64>, DbError> {
+        if !self.has_migration_history().await? {
             return Ok(None);
         }
         sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
@@ -213,12 +217,14 @@ impl Sqlite {
         Ok(())
     }
 
-    /// Runs the script. SQLite cannot be interrupted without `unsafe`, so on `cancel`
-    /// the connection is closed and the statement ends with the worker thread's
-    /// current step (or with the process).
+    /// Runs the script. SQLite has no statement timeout (`_timeout` is the runner's
+    /// business here) and cannot be interrupted without `unsafe`, so on `cancel` the
+    /// connection is closed and the statement ends with the worker thread's current
+    /// step (or with the process).
     pub(super) async fn execute_script(
         &self,
         sql: &str,
+        _timeout: Duration,
         cancel: &CancellationToken,
     ) -> Result<u64, DbError> {
         let mut conn = self

@@ -216,7 +216,7 @@ pub fn build(
         }
         let name_err = |message| BuildError::Name {
             database: cfg.name.clone(),
-            message,
+            message: String::from(message),
         };
         for r in &cfg.retention {
             let archive = match (&cfg.backup, r.archive) {

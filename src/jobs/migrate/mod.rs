@@ -11,12 +11,19 @@
 //! transaction; a `-- no-transaction` file's row is written as failed before it runs
 //! and marked applied after, so one that fails part-way blocks dbkeeper and sqlx alike
 //! until an operator acts.
+//!
+//! What applying needs from a database is the [`MigrationBackend`] contract, one
+//! implementation per backend (`postgres.rs`: sqlx's advisory lock, server-side
+//! cancel, INVALID indexes; `sqlite.rs`: the file lock, foreign-key checks). Reading
+//! files, comparing them with the history, the pre-migration backup, the apply loop
+//! and the history rows are written once here.
 
 mod postgres;
 mod sqlite;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use chrono::Utc;
 use sqlx::migrate::{Migration, Migrator};
@@ -25,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Job, Outcome, Work};
 use crate::catalog::{BackupKind, VerifyMode};
 use crate::config::{MigrateConfig, OutOfOrder};
-use crate::db::{Database, DbError};
+use crate::db::{with_backend, Database, DbError};
 use crate::metrics;
 
 /// A migration run failed.
@@ -33,21 +40,35 @@ use crate::metrics;
 pub enum MigrateError {
     #[error(transparent)]
     Db(#[from] DbError),
-    #[error("cannot read migrations from {dir}: {message}; check [database.migrate] dir")]
-    Read { dir: PathBuf, message: String },
-    #[error("{0}")]
-    Blocked(String),
-    #[error("migration {version} ({file}) failed, nothing after it was applied: {message}")]
+    #[error("cannot read migrations from {dir}: {source}; check [database.migrate] dir")]
+    Read {
+        dir: PathBuf,
+        #[source]
+        source: ReadFailure,
+    },
+    /// What blocks applying, one sentence each (as in [`Assessment::problems`]).
+    #[error("nothing applied: {}", .0.join("; "))]
+    Blocked(Vec<String>),
+    #[error("migration {version} ({file}) failed, nothing after it was applied: {source}")]
     Failed {
         version: i64,
         file: String,
-        message: String,
+        #[source]
+        source: Box<MigrateError>,
     },
-    #[error("migration {version} ({file}) ran outside a transaction and failed part-way, so it is marked failed in _sqlx_migrations and nothing after it is applied until you act: {message}; {}", repair_hint(*.version))]
+    #[error("migration {version} ({file}) ran outside a transaction and failed part-way, so it is marked failed in _sqlx_migrations and nothing after it is applied until you act: {source}; {}", repair_hint(*.version))]
     FailedDirty {
         version: i64,
         file: String,
-        message: String,
+        #[source]
+        source: Box<MigrateError>,
+    },
+    /// A `-- no-transaction` migration failed and left INVALID indexes behind.
+    #[error("{source}; the database now has INVALID indexes {} — drop them (or set drop-invalid-indexes = true for those named in the migration)", .indexes.join(", "))]
+    LeftInvalid {
+        #[source]
+        source: Box<DbError>,
+        indexes: Vec<String>,
     },
     #[error("migration {version} ({file}) ran outside a transaction to the end, but its row in _sqlx_migrations was removed while it ran; dbkeeper wrote the row back marked failed, so nothing runs it again unseen: check what it did, then `UPDATE _sqlx_migrations SET success = TRUE WHERE version = {version}` if it is complete (or undo it by hand and delete the row to run it again)")]
     RowRemoved { version: i64, file: String },
@@ -63,7 +84,7 @@ pub enum MigrateError {
     )]
     LockTimeout(std::time::Duration),
     #[error("pre-migration backup failed, nothing was applied: {0}")]
-    Backup(String),
+    Backup(#[source] BackupFailure),
     #[error("it left {new} new rows whose foreign key points at no row (the first in table \"{table}\", referencing \"{parent}\"){}; {}", existed_before(*.before), fk_outcome(*.in_transaction))]
     ForeignKeys {
         /// Violations the migration added (those that existed before are not its own).
@@ -86,6 +107,26 @@ pub enum MigrateError {
     Cancelled,
 }
 
+/// Why the migrations directory could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadFailure {
+    #[error("not a directory")]
+    NotADirectory,
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Why the pre-migration backup was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupFailure {
+    #[error("no [database.backup] is configured")]
+    NotConfigured,
+    #[error(transparent)]
+    Failed(Box<super::backup::BackupError>),
+}
+
 impl MigrateError {
     /// True when the configuration (here: the migrations directory, or a file in it
     /// sqlx cannot read) is wrong, not the database: the command line exits 2, as
@@ -95,6 +136,26 @@ impl MigrateError {
             self,
             MigrateError::Duplicate { .. } | MigrateError::Read { .. }
         )
+    }
+
+    /// Whether another attempt may succeed (the runner retries). Not for what stays
+    /// until an operator acts: a blocked history, unreadable or duplicate files, and a
+    /// `-- no-transaction` migration whose row vanished (a retry would run it twice).
+    pub fn is_transient(&self) -> bool {
+        use MigrateError as E;
+        match self {
+            E::Blocked(_) | E::Read { .. } | E::Duplicate { .. } | E::RowRemoved { .. } => false,
+            E::Db(_)
+            | E::Failed { .. }
+            | E::FailedDirty { .. }
+            | E::LeftInvalid { .. }
+            | E::EndsOwnTransaction { .. }
+            | E::LockTimeout(_)
+            | E::Backup(_)
+            | E::ForeignKeys { .. }
+            | E::InvalidIndexes(_)
+            | E::Cancelled => true,
+        }
     }
 }
 
@@ -123,21 +184,21 @@ fn repair_hint(version: i64) -> String {
     )
 }
 
-/// Migration `m` from `file` failed with `message`; `dirty`: it ran outside a
-/// transaction after its history row was written as failed, so that row stays.
-fn failed(m: &Migration, file: &str, dirty: bool, message: impl std::fmt::Display) -> MigrateError {
-    let (version, file, message) = (m.version, file.to_owned(), message.to_string());
+/// Migration `m` from `file` failed with `e`; `dirty`: it ran outside a transaction
+/// after its history row was written as failed, so that row stays.
+fn failed(m: &Migration, file: &str, dirty: bool, e: impl Into<MigrateError>) -> MigrateError {
+    let (version, file, source) = (m.version, file.to_owned(), Box::new(e.into()));
     if dirty {
         MigrateError::FailedDirty {
             version,
             file,
-            message,
+            source,
         }
     } else {
         MigrateError::Failed {
             version,
             file,
-            message,
+            source,
         }
     }
 }
@@ -323,17 +384,15 @@ fn refuse_duplicates(dir: &Path, files: &[MigrationFile]) -> Result<(), MigrateE
 /// The migrations in `dir`, up migrations only, ascending; refuses two files with one
 /// version.
 pub async fn read_dir(dir: &Path) -> Result<Vec<Migration>, MigrateError> {
-    let read_error = |message: String| MigrateError::Read {
+    let read_error = |source: ReadFailure| MigrateError::Read {
         dir: dir.to_owned(),
-        message,
+        source,
     };
     if !dir.is_dir() {
-        return Err(read_error("not a directory".to_owned()));
+        return Err(read_error(ReadFailure::NotADirectory));
     }
-    let migrator = Migrator::new(dir)
-        .await
-        .map_err(|e| read_error(e.to_string()))?;
-    let names = scan(dir).map_err(|e| read_error(e.to_string()))?;
+    let migrator = Migrator::new(dir).await.map_err(|e| read_error(e.into()))?;
+    let names = scan(dir).map_err(|e| read_error(e.into()))?;
     refuse_duplicates(dir, &names)?;
     let mut up: Vec<Migration> = migrator
         .iter()
@@ -446,6 +505,62 @@ pub fn assess(
     }
 }
 
+/// What applying migrations needs from a database, implemented once per backend;
+/// the apply loop ([`MigrateJob::run`]) is written once against it. Native `async
+/// fn`, reached statically through [`with_backend!`].
+pub(crate) trait MigrationBackend {
+    /// Where the loop runs. PostgreSQL: a session of its own holding sqlx's migration
+    /// lock. SQLite: nothing (each migration takes the file's write lock itself).
+    type Session;
+
+    /// `_sqlx_migrations` ascending by version, or nothing if it does not exist yet.
+    async fn applied(&self) -> Result<Vec<Applied>, MigrateError>;
+
+    /// The process id of another session holding the migration lock (a migrator at
+    /// work, whose `-- no-transaction` migration's row says failed until it ends).
+    async fn lock_holder(&self) -> Result<Option<i32>, MigrateError> {
+        Ok(None)
+    }
+
+    /// Opens the session (waiting for the lock) and creates `_sqlx_migrations` if it
+    /// is missing. On an error nothing is held.
+    async fn open(
+        &self,
+        job: &MigrateJob,
+        cancel: &CancellationToken,
+    ) -> Result<Self::Session, MigrateError>;
+
+    /// Ends the session, releasing what it holds.
+    async fn close(&self, session: Self::Session);
+
+    /// What to do before `m` is applied (PostgreSQL: drop INVALID indexes it names,
+    /// with `drop-invalid-indexes`).
+    async fn prepare(
+        &self,
+        _session: &mut Self::Session,
+        _job: &MigrateJob,
+        _m: &Migration,
+    ) -> Result<(), MigrateError> {
+        Ok(())
+    }
+
+    /// Applies `m` from `file` with its history row (in one transaction, or for a
+    /// `-- no-transaction` file marked failed first and applied once it ran through).
+    /// `Ok(false)`: another migrator applied it meanwhile. On `cancel` it returns
+    /// [`MigrateError::Cancelled`] once the statement has stopped.
+    async fn apply(
+        &self,
+        session: &mut Self::Session,
+        job: &MigrateJob,
+        m: &Migration,
+        file: &str,
+        cancel: &CancellationToken,
+    ) -> Result<bool, MigrateError>;
+
+    /// Stores how long `m` took, as sqlx does ([`EXECUTION_TIME`]); best effort.
+    async fn record_time(&self, session: &mut Self::Session, m: &Migration, nanos: i64);
+}
+
 /// A configured migrate job.
 #[derive(Debug)]
 pub struct MigrateJob {
@@ -463,14 +578,9 @@ impl MigrateJob {
                 metrics::migrations_blocked(db.name(), 1);
             }
         })?;
-        let (applied, running) = match db {
-            Database::Postgres(pg) => (
-                postgres::applied(pg).await?,
-                postgres::lock_holder(pg).await?,
-            ),
-            // A SQLite `-- no-transaction` migration holds no lock while it runs.
-            Database::Sqlite(lite) => (sqlite::applied(lite).await?, None),
-        };
+        // A SQLite `-- no-transaction` migration holds no lock while it runs.
+        let (applied, running) =
+            with_backend!(db, b => (b.applied().await?, b.lock_holder().await?));
         let a = assess(
             &self.cfg.dir,
             &files,
@@ -493,10 +603,7 @@ impl MigrateJob {
         db: &Database,
         cancel: &CancellationToken,
     ) -> Result<Outcome, MigrateError> {
-        let result = match db {
-            Database::Postgres(pg) => postgres::apply(pg, self, cancel).await,
-            Database::Sqlite(lite) => sqlite::apply(lite, self, cancel).await,
-        };
+        let result = with_backend!(db, b => self.apply_on(db, b, cancel).await);
         // Whatever happened, the metrics show the state now.
         if let Err(e) = self.status(db).await {
             tracing::warn!(database = db.name(), "cannot read migration status: {e}");
@@ -524,6 +631,62 @@ impl MigrateJob {
         })
     }
 
+    /// Applies what is pending on `b`, the backend of `db`; returns the applied
+    /// versions and the pre-migration backup's id.
+    async fn apply_on<B: MigrationBackend>(
+        &self,
+        db: &Database,
+        b: &B,
+        cancel: &CancellationToken,
+    ) -> Result<(Vec<i64>, Option<String>), MigrateError> {
+        let files = read_dir(&self.cfg.dir).await?;
+        let mut session = b.open(self, cancel).await?;
+        let result = self
+            .apply_pending(db, b, &mut session, &files, cancel)
+            .await;
+        b.close(session).await;
+        result
+    }
+
+    /// The apply loop, inside the backend's session.
+    async fn apply_pending<B: MigrationBackend>(
+        &self,
+        db: &Database,
+        b: &B,
+        session: &mut B::Session,
+        files: &[Migration],
+        cancel: &CancellationToken,
+    ) -> Result<(Vec<i64>, Option<String>), MigrateError> {
+        let history = b.applied().await?;
+        let (pending, backup_id) = self.prepare(db, files, &history, cancel).await?;
+        let mut done = Vec::new();
+        for m in &pending {
+            if cancel.is_cancelled() {
+                return Err(MigrateError::Cancelled);
+            }
+            let file = file_name(&self.cfg.dir, m.version);
+            b.prepare(session, self, m).await?;
+            tracing::info!(
+                database = db.name(),
+                version = m.version,
+                file,
+                "applying migration"
+            );
+            let started = Instant::now();
+            let applied = b.apply(session, self, m, &file, cancel).await;
+            // Not when another migrator applied it meanwhile (its row is not ours), nor
+            // when cancelled (nothing ran to the end).
+            if !matches!(applied, Ok(false) | Err(MigrateError::Cancelled)) {
+                b.record_time(session, m, started.elapsed().as_nanos() as i64)
+                    .await;
+            }
+            if applied? {
+                done.push(m.version);
+            }
+        }
+        Ok((done, backup_id))
+    }
+
     /// Compares files and history; when something is pending and nothing blocks, takes
     /// the pre-migration backup. Returns the migrations to apply (none: up to date) and
     /// the backup's id.
@@ -537,10 +700,7 @@ impl MigrateJob {
         // Called under the migration lock (or SQLite): nobody else is running one.
         let a = assess(&self.cfg.dir, files, history, self.cfg.out_of_order, None);
         if !a.problems.is_empty() {
-            return Err(MigrateError::Blocked(format!(
-                "nothing applied: {}",
-                a.problems.join("; ")
-            )));
+            return Err(MigrateError::Blocked(a.problems));
         }
         if a.pending.is_empty() {
             return Ok((Vec::new(), None));
@@ -559,15 +719,13 @@ impl MigrateJob {
             return Ok(None);
         }
         let Some(Work::Backup(b)) = self.backup.as_ref().map(|j| &j.work) else {
-            return Err(MigrateError::Backup(
-                "no [database.backup] is configured".to_owned(),
-            ));
+            return Err(MigrateError::Backup(BackupFailure::NotConfigured));
         };
         let started = Utc::now();
         let outcome = b
             .run_verified(db, BackupKind::PreMigration, VerifyMode::Read, cancel)
             .await
-            .map_err(|e| MigrateError::Backup(e.to_string()))?;
+            .map_err(|e| MigrateError::Backup(BackupFailure::Failed(Box::new(e))))?;
         let id = outcome.details["backup_id"].as_str().map(str::to_owned);
         tracing::info!(
             database = db.name(),
@@ -651,6 +809,24 @@ mod tests {
         let a = assess(dir, &files, &history, OutOfOrder::Apply, Some(42));
         assert_eq!(a.rows.last().map(|r| r.2), Some(State::Running));
         assert_eq!(a.problems.len(), 2, "a running migration is no problem");
+    }
+
+    #[test]
+    fn what_stays_until_an_operator_acts_is_not_retried() {
+        assert!(!MigrateError::Blocked(vec!["dirty".into()]).is_transient());
+        assert!(!MigrateError::RowRemoved {
+            version: 1,
+            file: "1_a.sql".into()
+        }
+        .is_transient());
+        assert!(MigrateError::LockTimeout(std::time::Duration::from_secs(1)).is_transient());
+        let e = failed(&file(1, "a"), "1_a.sql", false, MigrateError::Cancelled);
+        assert!(e.is_transient());
+        assert!(
+            e.to_string()
+                .ends_with("nothing after it was applied: cancelled"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Migrations on PostgreSQL.
+//! Migrations on PostgreSQL: [`MigrationBackend`] for [`Postgres`].
 //!
 //! The lock is sqlx's advisory lock (same key, so dbkeeper and an application's sqlx
 //! migrator exclude each other), but taken by polling `pg_try_advisory_lock`: a
@@ -14,8 +14,8 @@ use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, Connection};
 use tokio_util::sync::CancellationToken;
 
-use super::{file_name, Applied, AppliedRow, MigrateError, MigrateJob};
-use crate::db::Postgres;
+use super::{Applied, AppliedRow, MigrateError, MigrateJob, MigrationBackend};
+use crate::db::{set_timeout, Postgres, Scope, Timeout};
 
 const POLL: Duration = Duration::from_millis(250);
 
@@ -38,13 +38,125 @@ fn db_err(pg: &Postgres) -> impl Fn(sqlx::Error) -> MigrateError + '_ {
     move |e| MigrateError::Db(pg.query_error(e))
 }
 
+/// The session the apply loop runs in: a connection of its own holding sqlx's
+/// migration lock (`key`), closed when dropped, so the lock and any settings end with
+/// it whatever happens.
+pub(crate) struct Session {
+    conn: PoolConnection<sqlx::Postgres>,
+    key: i64,
+    /// The session's server process, for cancel requests.
+    pid: i32,
+}
+
+impl MigrationBackend for Postgres {
+    type Session = Session;
+
+    async fn applied(&self) -> Result<Vec<Applied>, MigrateError> {
+        applied(self).await
+    }
+
+    async fn lock_holder(&self) -> Result<Option<i32>, MigrateError> {
+        lock_holder(self).await
+    }
+
+    async fn open(
+        &self,
+        job: &MigrateJob,
+        cancel: &CancellationToken,
+    ) -> Result<Session, MigrateError> {
+        let pg = self;
+        let mut conn = pg
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| MigrateError::Db(pg.connect_error(e)))?;
+        // The session lock and settings end with this connection.
+        conn.close_on_drop();
+        let database: String = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db_err(pg))?;
+        let key = lock_id(&database);
+        lock(pg, &mut conn, key, job.cfg.lock_wait, cancel).await?;
+        let pid = async {
+            sqlx::raw_sql(CREATE_TABLE).execute(&mut *conn).await?;
+            sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *conn)
+                .await
+        }
+        .await;
+        match pid {
+            Ok(pid) => Ok(Session { conn, key, pid }),
+            Err(e) => {
+                self.close(Session { conn, key, pid: 0 }).await;
+                Err(db_err(pg)(e))
+            }
+        }
+    }
+
+    async fn close(&self, mut session: Session) {
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(session.key)
+            .execute(&mut *session.conn)
+            .await;
+    }
+
+    async fn prepare(
+        &self,
+        session: &mut Session,
+        job: &MigrateJob,
+        m: &Migration,
+    ) -> Result<(), MigrateError> {
+        if !job.cfg.drop_invalid_indexes {
+            return Ok(());
+        }
+        let conn = &mut session.conn;
+        for index in invalid_indexes(self, conn, Some(m.sql.as_str())).await? {
+            tracing::warn!(database = %self.name, index, "dropping an INVALID index left by an earlier failed attempt");
+            // `index` comes from format('%I.%I'): already quoted.
+            sqlx::raw_sql(AssertSqlSafe(format!("DROP INDEX IF EXISTS {index}")))
+                .execute(&mut **conn)
+                .await
+                .map_err(db_err(self))?;
+        }
+        Ok(())
+    }
+
+    /// On cancel (shutdown, timeout) the server stops the statement; a transactional
+    /// migration then rolls back as a whole.
+    async fn apply(
+        &self,
+        session: &mut Session,
+        job: &MigrateJob,
+        m: &Migration,
+        file: &str,
+        cancel: &CancellationToken,
+    ) -> Result<bool, MigrateError> {
+        let pid = session.pid;
+        let run = run_one(self, &mut session.conn, job, m, file);
+        tokio::pin!(run);
+        tokio::select! {
+            r = &mut run => r.map(|()| true),
+            _ = cancel.cancelled() => {
+                self.cancel_backend(pid).await;
+                let _ = run.await;
+                Err(MigrateError::Cancelled)
+            }
+        }
+    }
+
+    async fn record_time(&self, session: &mut Session, m: &Migration, nanos: i64) {
+        let _ = sqlx::query(super::EXECUTION_TIME)
+            .bind(nanos)
+            .bind(m.version)
+            .execute(&mut *session.conn)
+            .await;
+    }
+}
+
 /// The history, or nothing if the table does not exist yet.
-pub async fn applied(pg: &Postgres) -> Result<Vec<Applied>, MigrateError> {
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(&pg.pool)
-        .await
-        .map_err(db_err(pg))?;
-    if !exists {
+async fn applied(pg: &Postgres) -> Result<Vec<Applied>, MigrateError> {
+    if !pg.has_migration_history().await? {
         return Ok(Vec::new());
     }
     let rows: Vec<AppliedRow> = sqlx::query_as(
@@ -59,7 +171,7 @@ pub async fn applied(pg: &Postgres) -> Result<Vec<Applied>, MigrateError> {
 /// The process id of another session holding sqlx's migration lock on this database:
 /// a migrator at work, whose `-- no-transaction` migration's row says failed until it
 /// ends. Read from `pg_locks`, so looking never takes the lock from a migrator.
-pub async fn lock_holder(pg: &Postgres) -> Result<Option<i32>, MigrateError> {
+async fn lock_holder(pg: &Postgres) -> Result<Option<i32>, MigrateError> {
     let database: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&pg.pool)
         .await
@@ -111,105 +223,13 @@ async fn lock(
     }
 }
 
-/// Applies what is pending; returns the applied versions and the backup id.
-pub async fn apply(
-    pg: &Postgres,
-    job: &MigrateJob,
-    cancel: &CancellationToken,
-) -> Result<(Vec<i64>, Option<String>), MigrateError> {
-    let files = super::read_dir(&job.cfg.dir).await?;
-    let mut conn = pg
-        .pool
-        .acquire()
-        .await
-        .map_err(|e| MigrateError::Db(pg.connect_error(e)))?;
-    // The session lock and settings end with this connection.
-    conn.close_on_drop();
-    let database: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db_err(pg))?;
-    let key = lock_id(&database);
-    lock(pg, &mut conn, key, job.cfg.lock_wait, cancel).await?;
-    let result = apply_locked(pg, &mut conn, job, &files, cancel).await;
-    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(key)
-        .execute(&mut *conn)
-        .await;
-    result
-}
-
-async fn apply_locked(
-    pg: &Postgres,
-    conn: &mut PoolConnection<sqlx::Postgres>,
-    job: &MigrateJob,
-    files: &[Migration],
-    cancel: &CancellationToken,
-) -> Result<(Vec<i64>, Option<String>), MigrateError> {
-    sqlx::raw_sql(CREATE_TABLE)
-        .execute(&mut **conn)
-        .await
-        .map_err(db_err(pg))?;
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut **conn)
-        .await
-        .map_err(db_err(pg))?;
-    let history = applied(pg).await?;
-    let database = crate::db::Database::Postgres(pg.clone());
-    let (pending, backup_id) = job.prepare(&database, files, &history, cancel).await?;
-    let mut done = Vec::new();
-    for m in &pending {
-        if cancel.is_cancelled() {
-            return Err(MigrateError::Cancelled);
-        }
-        let file = file_name(&job.cfg.dir, m.version);
-        if job.cfg.drop_invalid_indexes {
-            for index in invalid_indexes(pg, conn, Some(m.sql.as_str())).await? {
-                tracing::warn!(database = %pg.name, index, "dropping an INVALID index left by an earlier failed attempt");
-                // `index` comes from format('%I.%I'): already quoted.
-                sqlx::raw_sql(AssertSqlSafe(format!("DROP INDEX IF EXISTS {index}")))
-                    .execute(&mut **conn)
-                    .await
-                    .map_err(db_err(pg))?;
-            }
-        }
-        tracing::info!(database = %pg.name, version = m.version, file, "applying migration");
-        let started = Instant::now();
-        // On cancel (shutdown, timeout) the server stops the statement; a transactional
-        // migration then rolls back as a whole.
-        let outcome = {
-            let run = run_one(pg, conn, job, m, &file);
-            tokio::pin!(run);
-            tokio::select! {
-                r = &mut run => r,
-                _ = cancel.cancelled() => {
-                    pg.cancel_backend(pid).await;
-                    let _ = run.await;
-                    return Err(MigrateError::Cancelled);
-                }
-            }
-        };
-        let _ = sqlx::query(super::EXECUTION_TIME)
-            .bind(started.elapsed().as_nanos() as i64)
-            .bind(m.version)
-            .execute(&mut **conn)
-            .await;
-        outcome?;
-        done.push(m.version);
-    }
-    Ok((done, backup_id))
-}
-
-/// `SET lock_timeout`/`statement_timeout` statements for one migration.
-fn settings(job: &MigrateJob, local: bool) -> String {
-    let scope = if local { "SET LOCAL" } else { "SET" };
-    let statement = job
-        .cfg
-        .statement_timeout
-        .map_or(0, |d| d.as_millis().max(1));
+/// `SET lock_timeout`/`statement_timeout` statements for one migration (no
+/// `statement-timeout`: none).
+fn settings(job: &MigrateJob, scope: Scope) -> String {
     format!(
-        "{scope} lock_timeout = '{}ms'; {scope} statement_timeout = '{statement}ms'",
-        job.cfg.lock_timeout.as_millis().max(1)
+        "{}; {}",
+        set_timeout(scope, Timeout::Lock, Some(job.cfg.lock_timeout)),
+        set_timeout(scope, Timeout::Statement, job.cfg.statement_timeout)
     )
 }
 
@@ -227,7 +247,7 @@ async fn run_one(
     if !m.no_tx {
         let result = async {
             let mut tx = conn.begin().await.map_err(db)?;
-            sqlx::raw_sql(AssertSqlSafe(settings(job, true)))
+            sqlx::raw_sql(AssertSqlSafe(settings(job, Scope::Transaction)))
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
@@ -284,7 +304,7 @@ async fn run_one(
         .await
         .map_err(|e| super::failed(m, file, false, db(e)))?;
     let ran = async {
-        sqlx::raw_sql(AssertSqlSafe(settings(job, false)))
+        sqlx::raw_sql(AssertSqlSafe(settings(job, Scope::Session)))
             .execute(&mut **conn)
             .await?;
         let ran = sqlx::raw_sql(m.sql.clone()).execute(&mut **conn).await;
@@ -295,16 +315,17 @@ async fn run_one(
     }
     .await;
     if let Err(e) = ran {
-        let mut message = db(e).to_string();
         // All of them: a failed `CREATE INDEX CONCURRENTLY ON t (x)` names no index.
         let left = invalid_indexes(pg, conn, None).await.unwrap_or_default();
-        if !left.is_empty() {
-            message.push_str(&format!(
-                "; the database now has INVALID indexes {} — drop them (or set drop-invalid-indexes = true for those named in the migration)",
-                left.join(", ")
-            ));
-        }
-        return Err(super::failed(m, file, true, message));
+        let e = if left.is_empty() {
+            MigrateError::Db(pg.query_error(e))
+        } else {
+            MigrateError::LeftInvalid {
+                source: Box::new(pg.query_error(e)),
+                indexes: left,
+            }
+        };
+        return Err(super::failed(m, file, true, e));
     }
     let marked = async {
         refuse_invalid_indexes(pg, conn, m).await?;

@@ -1,16 +1,17 @@
-//! Migrations on SQLite. The database file is its own lock: each migration runs in a
+//! Migrations on SQLite ([`MigrationBackend`] for [`Sqlite`]). The database file is
+//! its own lock, so the apply loop's session holds nothing: each migration runs in a
 //! `BEGIN IMMEDIATE` transaction that first re-checks the history, so two migrators
 //! never apply one version twice. `-- no-transaction` files run outside it. Foreign
 //! keys are off while a migration runs, and checked before it commits when the
 //! database enforces them (`foreign-keys = true`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::migrate::Migration;
 use sqlx::pool::PoolConnection;
 use tokio_util::sync::CancellationToken;
 
-use super::{file_name, Applied, AppliedRow, MigrateError, MigrateJob};
+use super::{Applied, AppliedRow, MigrateError, MigrateJob, MigrationBackend};
 use crate::db::Sqlite;
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
@@ -26,14 +27,8 @@ fn db_err(lite: &Sqlite) -> impl Fn(sqlx::Error) -> MigrateError + '_ {
     move |e| MigrateError::Db(lite.query_error(e))
 }
 
-pub async fn applied(lite: &Sqlite) -> Result<Vec<Applied>, MigrateError> {
-    let exists: bool = sqlx::query_scalar(
-        "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = '_sqlx_migrations'",
-    )
-    .fetch_one(&lite.pool)
-    .await
-    .map_err(db_err(lite))?;
-    if !exists {
+async fn applied(lite: &Sqlite) -> Result<Vec<Applied>, MigrateError> {
+    if !lite.has_migration_history().await? {
         return Ok(Vec::new());
     }
     let rows: Vec<AppliedRow> = sqlx::query_as(
@@ -45,41 +40,47 @@ pub async fn applied(lite: &Sqlite) -> Result<Vec<Applied>, MigrateError> {
     Ok(rows.into_iter().map(Applied::from).collect())
 }
 
-pub async fn apply(
-    lite: &Sqlite,
-    job: &MigrateJob,
-    cancel: &CancellationToken,
-) -> Result<(Vec<i64>, Option<String>), MigrateError> {
-    let files = super::read_dir(&job.cfg.dir).await?;
-    sqlx::raw_sql(CREATE_TABLE)
-        .execute(&lite.pool)
-        .await
-        .map_err(db_err(lite))?;
-    let history = applied(lite).await?;
-    let database = crate::db::Database::Sqlite(lite.clone());
-    let (pending, backup_id) = job.prepare(&database, &files, &history, cancel).await?;
-    let mut done = Vec::new();
-    for m in &pending {
-        if cancel.is_cancelled() {
-            return Err(MigrateError::Cancelled);
-        }
-        let file = file_name(&job.cfg.dir, m.version);
-        tracing::info!(database = %lite.name, version = m.version, file, "applying migration");
-        let started = Instant::now();
-        let applied = run_one(lite, m, job.cfg.lock_timeout, &file).await;
-        // Not when another migrator applied it meanwhile: its row is not ours.
-        if !matches!(applied, Ok(false)) {
-            let _ = sqlx::query(super::EXECUTION_TIME)
-                .bind(started.elapsed().as_nanos() as i64)
-                .bind(m.version)
-                .execute(&lite.pool)
-                .await;
-        }
-        if applied? {
-            done.push(m.version);
-        }
+impl MigrationBackend for Sqlite {
+    type Session = ();
+
+    async fn applied(&self) -> Result<Vec<Applied>, MigrateError> {
+        applied(self).await
     }
-    Ok((done, backup_id))
+
+    async fn open(
+        &self,
+        _job: &MigrateJob,
+        _cancel: &CancellationToken,
+    ) -> Result<(), MigrateError> {
+        sqlx::raw_sql(CREATE_TABLE)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err(self))?;
+        Ok(())
+    }
+
+    async fn close(&self, _session: ()) {}
+
+    /// SQLite statements cannot be interrupted (without `unsafe`): `_cancel` is
+    /// looked at between migrations only.
+    async fn apply(
+        &self,
+        _session: &mut (),
+        job: &MigrateJob,
+        m: &Migration,
+        file: &str,
+        _cancel: &CancellationToken,
+    ) -> Result<bool, MigrateError> {
+        run_one(self, m, job.cfg.lock_timeout, file).await
+    }
+
+    async fn record_time(&self, _session: &mut (), m: &Migration, nanos: i64) {
+        let _ = sqlx::query(super::EXECUTION_TIME)
+            .bind(nanos)
+            .bind(m.version)
+            .execute(&self.pool)
+            .await;
+    }
 }
 
 /// Applies one migration unless it is applied already; `Ok(false)` if it was.

@@ -1,13 +1,14 @@
-//! `REFRESH MATERIALIZED VIEW [CONCURRENTLY]` with a lock timeout.
+//! PostgreSQL's [`RefreshBackend`]: `REFRESH MATERIALIZED VIEW [CONCURRENTLY]` with a
+//! lock timeout.
 
 use tokio_util::sync::CancellationToken;
 
-use super::RefreshError;
+use super::{RefreshBackend, RefreshError, Refreshed, Refusal};
 use crate::config::RefreshConfig;
-use crate::db::{Postgres, QualifiedName};
+use crate::db::{set_timeout, Postgres, QualifiedName, Scope, Timeout};
 
 /// What the catalog says about a materialized view.
-pub struct ViewInfo {
+struct ViewInfo {
     /// Quoted, schema-qualified.
     pub sql: String,
     pub populated: bool,
@@ -15,7 +16,28 @@ pub struct ViewInfo {
     pub unique_index: bool,
 }
 
-pub async fn inspect(pg: &Postgres, view: &QualifiedName) -> Result<ViewInfo, RefreshError> {
+impl RefreshBackend for Postgres {
+    /// The view must exist.
+    async fn check(&self, view: &QualifiedName) -> Result<(), RefreshError> {
+        inspect(self, view).await.map(|_| ())
+    }
+
+    async fn refresh(
+        &self,
+        view: &QualifiedName,
+        cfg: &RefreshConfig,
+        cancel: &CancellationToken,
+    ) -> Result<Refreshed, RefreshError> {
+        let (rows, how) = refresh(self, view, cfg, cancel).await?;
+        Ok(Refreshed {
+            rows,
+            how,
+            dropped: Vec::new(),
+        })
+    }
+}
+
+async fn inspect(pg: &Postgres, view: &QualifiedName) -> Result<ViewInfo, RefreshError> {
     let row: Option<(String, String, bool, bool)> = sqlx::query_as(
         "SELECT n.nspname::text, c.relname::text, c.relispopulated,
                 EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique
@@ -43,7 +65,7 @@ pub async fn inspect(pg: &Postgres, view: &QualifiedName) -> Result<ViewInfo, Re
 }
 
 /// Refreshes the view; returns its row count afterwards and how it was refreshed.
-pub async fn refresh(
+async fn refresh(
     pg: &Postgres,
     view: &QualifiedName,
     cfg: &RefreshConfig,
@@ -61,9 +83,10 @@ pub async fn refresh(
             "it has never been populated"
         };
         if cfg.require_concurrently {
-            return Err(RefreshError::Refused(format!(
-                "cannot refresh {view} CONCURRENTLY: {why}; add a unique index or set require-concurrently = false"
-            )));
+            return Err(RefreshError::Refused(Refusal::Concurrently {
+                view: view.to_string(),
+                why,
+            }));
         }
         tracing::warn!(view = %view, "refreshing without CONCURRENTLY (readers are blocked meanwhile): {why}");
         false
@@ -73,9 +96,10 @@ pub async fn refresh(
         if concurrently { "CONCURRENTLY " } else { "" },
         info.sql
     );
-    let setup = [format!(
-        "SET lock_timeout = '{}ms'",
-        cfg.lock_timeout.as_millis().max(1)
+    let setup = [set_timeout(
+        Scope::Session,
+        Timeout::Lock,
+        Some(cfg.lock_timeout),
     )];
     pg.run_cancellable(&setup, statement, cancel).await?;
     let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(

@@ -11,8 +11,10 @@
 use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, SqliteConnection};
+use tokio_util::sync::CancellationToken;
 
-use super::RefreshError;
+use super::{RefreshBackend, RefreshError, Refreshed};
+use crate::config::RefreshConfig;
 use crate::db::{quote, QualifiedName, Sqlite};
 
 /// Written between the table's name and its column list.
@@ -44,9 +46,30 @@ enum Target {
     Referenced(Vec<String>),
 }
 
+impl RefreshBackend for Sqlite {
+    /// The table must be missing (it is created on the first run) or one dbkeeper
+    /// created.
+    async fn check(&self, view: &QualifiedName) -> Result<(), RefreshError> {
+        check(self, view).await
+    }
+
+    /// Rebuilds the table from `query`. SQLite statements cannot be interrupted
+    /// (without `unsafe`), so `_cancel` is not asked: the transaction is short and
+    /// ends by itself.
+    async fn refresh(
+        &self,
+        view: &QualifiedName,
+        cfg: &RefreshConfig,
+        _cancel: &CancellationToken,
+    ) -> Result<Refreshed, RefreshError> {
+        let query = cfg.query.as_deref().unwrap_or_default();
+        rebuild(self, view, query, cfg.lock_timeout).await
+    }
+}
+
 /// Refuses (without touching anything) when the name belongs to something dbkeeper
 /// did not create.
-pub async fn check(lite: &Sqlite, table: &QualifiedName) -> Result<(), RefreshError> {
+async fn check(lite: &Sqlite, table: &QualifiedName) -> Result<(), RefreshError> {
     let mut conn = lite
         .pool
         .acquire()
@@ -62,22 +85,14 @@ pub async fn check(lite: &Sqlite, table: &QualifiedName) -> Result<(), RefreshEr
     }
 }
 
-/// What a refresh did: rows now in the table, how, and the indexes and triggers a
-/// rebuild with new columns dropped (each as `index x` or `trigger y`).
-pub struct Rebuilt {
-    pub rows: u64,
-    pub how: &'static str,
-    pub dropped: Vec<String>,
-}
-
 /// Replaces the table's rows with the query's result (creating the table, or building
 /// it anew when the query's columns changed).
-pub async fn rebuild(
+async fn rebuild(
     lite: &Sqlite,
     table: &QualifiedName,
     query: &str,
     lock_timeout: Duration,
-) -> Result<Rebuilt, RefreshError> {
+) -> Result<Refreshed, RefreshError> {
     let db = |e: sqlx::Error| RefreshError::Db(lite.query_error(e));
     let mut conn = lite.begin_immediate(lock_timeout).await?;
     let steps = async {
@@ -91,7 +106,7 @@ pub async fn rebuild(
                 let rows = insert(&mut conn, table, &columns, query)
                     .await
                     .map_err(db)?;
-                Ok(Rebuilt {
+                Ok(Refreshed {
                     rows,
                     how: "created",
                     dropped: Vec::new(),
@@ -102,7 +117,7 @@ pub async fn rebuild(
                 let rows = refill(&mut conn, table, &columns, query)
                     .await
                     .map_err(db)?;
-                Ok(Rebuilt {
+                Ok(Refreshed {
                     rows,
                     how: "rebuilt",
                     dropped: Vec::new(),
@@ -301,7 +316,7 @@ async fn replace(
     table: &QualifiedName,
     columns: &Columns,
     query: &str,
-) -> Result<Rebuilt, RefreshError> {
+) -> Result<Refreshed, RefreshError> {
     let db = |e: sqlx::Error| RefreshError::Db(lite.query_error(e));
     let staging = QualifiedName {
         schema: table.schema.clone(),
@@ -375,7 +390,7 @@ async fn replace(
             }
         }
     }
-    Ok(Rebuilt {
+    Ok(Refreshed {
         rows,
         how: "rebuilt with new columns",
         dropped,

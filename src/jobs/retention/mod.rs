@@ -9,7 +9,13 @@
 //! never touch a row it did not select. Values the backend cannot read as a time are
 //! never deleted: they are counted (`retention plan`, the
 //! `dbkeeper_retention_unreadable_rows` gauge) and warned about once per run. What a
-//! value means is [`Reading`]'s business (`reading.rs`); the SQL is per backend.
+//! value means is [`Reading`]'s business (`reading.rs`).
+//!
+//! What a rule needs from a database is the [`RetentionBackend`] contract, implemented
+//! once per backend (`sqlite.rs`, `postgres.rs`): catalog look-up, the SQL of the
+//! predicates, counting, one batch's DELETE, partitions. The rest (check, preview,
+//! the batch loop and its sizing, the census and the outcome) is written once here
+//! against it.
 //!
 //! Each batch is its own short transaction with a lock timeout, sized to take about
 //! `batch-time`, so concurrent writers wait at most for one batch. With
@@ -21,6 +27,7 @@ mod postgres;
 mod reading;
 mod sqlite;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -29,9 +36,9 @@ use tokio_util::sync::CancellationToken;
 pub use reading::{Cutoff, Reading};
 
 use super::Outcome;
-use crate::archive::{self, Compression, Header, Key, KeyRing, Settings};
-use crate::config::{RetentionConfig, RetentionMode};
-use crate::db::{Database, DbError, QualifiedName};
+use crate::archive::{self, ArchiveError, Compression, Header, Key, KeyRing, Settings};
+use crate::config::{RetentionConfig, RetentionMode, ScanMode};
+use crate::db::{with_backend, Database, DbError, NameError, QualifiedName};
 use crate::metrics;
 use crate::storage::Destination;
 
@@ -52,12 +59,35 @@ pub enum RetentionError {
     },
     #[error("{table} is referenced by {referencing} with ON DELETE CASCADE, SET NULL or SET DEFAULT, so deleting its rows would change rows no rule names; add retention rules for those tables, or set cascade = true to accept it")]
     Cascade { table: String, referencing: String },
-    #[error("{0}")]
-    Unsupported(String),
+    #[error("{table} has columns named rowid, _rowid_ and oid and no NOT NULL primary key, so its rows cannot be addressed one by one; rename one of those columns or declare the key NOT NULL")]
+    Unaddressable { table: String },
+    #[error("{table} has the foreign table {child} below it, whose rows dbkeeper cannot address one by one; point the rule at the local tables instead")]
+    ForeignTable { table: String, child: String },
+    #[error("PostgreSQL does not know column-timezone \"{zone}\" ({source}); use a zone from pg_timezone_names")]
+    UnknownZone {
+        zone: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot tell the database's default TimeZone, which timestamp/date values of \"{column}\" are read in ({source}); set column-timezone in the rule, or GRANT pg_read_all_settings to dbkeeper's role")]
+    DefaultZone {
+        column: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("{table} is not a partitioned table; use mode = \"delete\"")]
+    NotPartitioned { table: String },
+    #[error("{table} is partitioned by {keydef}, not by RANGE on the retention column alone; use mode = \"delete\"")]
+    PartitionKey { table: String, keydef: String },
+    #[error("partition modes need PostgreSQL; use mode = \"delete\"")]
+    PartitionsNeedPostgres,
+    /// A target resolved by one backend handed to another: a bug.
+    #[error("ctid is PostgreSQL's; SQLite tables are addressed by row id")]
+    CtidOnSqlite,
     #[error("`where` does not fit the table ({0}); fix `where` in [[database.retention]]")]
     Where(#[source] DbError),
     #[error("cannot archive the batch before deleting it (nothing was deleted): {0}")]
-    Archive(String),
+    Archive(#[source] ArchiveFailure),
     #[error("older-than reaches before year 1; use a shorter older-than")]
     Cutoff,
     #[error("cancelled after deleting {deleted} rows")]
@@ -79,17 +109,49 @@ impl RetentionError {
     /// Errors that mean the configuration does not fit the database: `check` reports
     /// them as config errors and the runner does not retry them.
     pub fn is_config_error(&self) -> bool {
-        matches!(
-            self,
-            RetentionError::NoTable { .. }
-                | RetentionError::NoColumn { .. }
-                | RetentionError::ColumnType { .. }
-                | RetentionError::Cascade { .. }
-                | RetentionError::Unsupported(_)
-                | RetentionError::Where(_)
-                | RetentionError::Cutoff
-        )
+        use RetentionError as E;
+        match self {
+            E::NoTable { .. }
+            | E::NoColumn { .. }
+            | E::ColumnType { .. }
+            | E::Cascade { .. }
+            | E::Unaddressable { .. }
+            | E::ForeignTable { .. }
+            | E::UnknownZone { .. }
+            | E::DefaultZone { .. }
+            | E::NotPartitioned { .. }
+            | E::PartitionKey { .. }
+            | E::PartitionsNeedPostgres
+            | E::CtidOnSqlite
+            | E::Where(_)
+            | E::Cutoff => true,
+            E::Db(_) | E::Archive(_) | E::Cancelled { .. } => false,
+        }
     }
+
+    /// Whether another attempt may succeed (the runner retries), as opposed to a
+    /// refusal that stays until the configuration or the database changes: every
+    /// error but [`RetentionError::is_config_error`]'s.
+    pub fn is_transient(&self) -> bool {
+        !self.is_config_error()
+    }
+}
+
+/// Why a batch could not be archived (so it was not deleted).
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveFailure {
+    #[error("{}: {source}", .dir.display())]
+    Directory {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    File(#[from] std::io::Error),
+    #[error(transparent)]
+    Write(#[from] ArchiveError),
+    #[error("the archive does not read back: {0}")]
+    ReadBack(#[source] ArchiveError),
 }
 
 /// How one batch names the rows it picked.
@@ -159,6 +221,97 @@ pub struct RetentionJob {
     pub archive: Option<ArchiveTo>,
 }
 
+/// What retention needs from a database, implemented once per backend. SQL fragments
+/// (`expired`, `unreadable`, `condition`) are the backend's own; `where` is the
+/// operator's SQL, spliced as `(predicate) AND (where)` by [`with_where`].
+///
+/// Native `async fn`: the kind's code is generic over the backend and reached through
+/// [`with_backend!`], so every call is static and no future is boxed.
+pub(crate) trait RetentionBackend {
+    /// The table and column as the catalog knows them; errors name what is missing or
+    /// what the rule may not do (cascading foreign keys, unknown zones).
+    async fn resolve(
+        &self,
+        table: &QualifiedName,
+        cfg: &RetentionConfig,
+    ) -> Result<Target, RetentionError>;
+
+    /// SQL true exactly for values read as an instant before the cutoff.
+    fn expired(&self, target: &Target, cutoff: Cutoff) -> String;
+
+    /// SQL true for non-null values that are not a time.
+    fn unreadable(&self, target: &Target) -> String;
+
+    /// Compiles or plans (without running) what every batch would run, so a `where`
+    /// that does not fit the table fails `check`, not the first run.
+    async fn validate(&self, target: &Target, condition: &str) -> Result<(), RetentionError>;
+
+    /// Rows (children included) matching `predicate` and `where`.
+    async fn count(
+        &self,
+        target: &Target,
+        predicate: &str,
+        where_clause: Option<&str>,
+    ) -> Result<u64, RetentionError>;
+
+    /// The oldest readable time among the rows the rule covers. `from`: a run just
+    /// went through every table, so the backend may look only from the cutoff on.
+    async fn oldest(
+        &self,
+        target: &Target,
+        where_clause: Option<&str>,
+        from: Option<Cutoff>,
+    ) -> Result<Option<DateTime<Utc>>, RetentionError>;
+
+    /// How to walk one relation batch by batch; by rows unless the backend can do
+    /// better.
+    async fn scan_for(
+        &self,
+        _target: &Target,
+        _relation: &str,
+        _condition: &str,
+        _mode: ScanMode,
+    ) -> Result<Scan, RetentionError> {
+        Ok(Scan::Rows { after: None })
+    }
+
+    /// Deletes one batch in its own transaction; the DELETE repeats the condition.
+    /// With `archive`, the rows are archived durably before the commit.
+    async fn delete_batch(
+        &self,
+        target: &Target,
+        batch: &Batch<'_>,
+        archive: Option<BatchArchive<'_>>,
+    ) -> Result<BatchDone, RetentionError>;
+
+    /// Partition modes: the table must be partitioned by RANGE on the column alone.
+    /// (The config allows partition modes on PostgreSQL only.)
+    async fn check_partition_key(&self, _target: &Target) -> Result<(), RetentionError> {
+        Ok(())
+    }
+
+    /// Partition modes: the partitions that would go now, oldest first.
+    async fn expired_partitions(
+        &self,
+        _target: &Target,
+        _cutoff: Cutoff,
+    ) -> Result<Vec<String>, RetentionError> {
+        Ok(Vec::new())
+    }
+
+    /// Partition modes: drops (or detaches) every expired partition; returns them and
+    /// the rows they held.
+    async fn remove_partitions(
+        &self,
+        _target: &Target,
+        _cutoff: Cutoff,
+        _detach: bool,
+        _lock_timeout: Duration,
+    ) -> Result<(Vec<String>, u64), RetentionError> {
+        Err(RetentionError::PartitionsNeedPostgres)
+    }
+}
+
 /// What the backends report about the rows a rule covers, besides deleting them.
 struct Census {
     expired: u64,
@@ -167,7 +320,7 @@ struct Census {
 }
 
 impl RetentionJob {
-    pub fn new(cfg: RetentionConfig, archive: Option<ArchiveTo>) -> Result<Self, String> {
+    pub fn new(cfg: RetentionConfig, archive: Option<ArchiveTo>) -> Result<Self, NameError> {
         let table = QualifiedName::parse(&cfg.table)?;
         Ok(RetentionJob {
             rule: cfg.job_name(),
@@ -180,37 +333,27 @@ impl RetentionJob {
     /// The table and column as the catalog knows them; errors name what is missing
     /// or what the rule may not do (cascading foreign keys, unknown zones).
     pub async fn resolve(&self, db: &Database) -> Result<Target, RetentionError> {
-        match db {
-            Database::Sqlite(lite) => sqlite::resolve(lite, &self.table, &self.cfg).await,
-            Database::Postgres(pg) => postgres::resolve(pg, &self.table, &self.cfg).await,
-        }
+        with_backend!(db, b => b.resolve(&self.table, &self.cfg).await)
     }
 
     /// What `check` asks: the rule fits the database (table, column, zone, foreign
     /// keys, partition key, and a `where` that plans on every table). Reads nothing
     /// but the catalog.
     pub async fn check(&self, db: &Database) -> Result<Target, RetentionError> {
-        let target = self.resolve(db).await?;
+        with_backend!(db, b => self.check_on(b).await)
+    }
+
+    async fn check_on(&self, b: &impl RetentionBackend) -> Result<Target, RetentionError> {
+        let target = b.resolve(&self.table, &self.cfg).await?;
         let cutoff = self.cutoff(Utc::now())?;
-        match db {
-            Database::Sqlite(lite) => {
-                let condition = with_where(
-                    &sqlite::expired(&target, cutoff),
-                    self.cfg.where_clause.as_deref(),
-                );
-                sqlite::validate(lite, &target, &condition).await?;
-            }
-            Database::Postgres(pg) => {
-                if self.cfg.mode != RetentionMode::Delete {
-                    postgres::check_partition_key(pg, &target).await?;
-                }
-                let condition = with_where(
-                    &postgres::expired(&target, cutoff),
-                    self.cfg.where_clause.as_deref(),
-                );
-                postgres::validate(pg, &target, &condition).await?;
-            }
+        if self.cfg.mode != RetentionMode::Delete {
+            b.check_partition_key(&target).await?;
         }
+        let condition = with_where(
+            &b.expired(&target, cutoff),
+            self.cfg.where_clause.as_deref(),
+        );
+        b.validate(&target, &condition).await?;
         Ok(target)
     }
 
@@ -220,36 +363,25 @@ impl RetentionJob {
 
     /// Counts what the rule covers now. `after_full_run`: a run just went through every
     /// table, so the oldest row is looked for from the cutoff on (see
-    /// `postgres::oldest`).
+    /// [`RetentionBackend::oldest`]).
     async fn census(
         &self,
-        db: &Database,
+        b: &impl RetentionBackend,
         target: &Target,
         cutoff: Cutoff,
         count_expired: bool,
         after_full_run: bool,
     ) -> Result<Census, RetentionError> {
         let w = self.cfg.where_clause.as_deref();
-        let (expired, unreadable, oldest) = match db {
-            Database::Sqlite(lite) => (
-                if count_expired {
-                    sqlite::count(lite, target, &sqlite::expired(target, cutoff), w).await?
-                } else {
-                    0
-                },
-                sqlite::count(lite, target, &sqlite::unreadable(target), w).await?,
-                sqlite::oldest(lite, target, w).await?,
-            ),
-            Database::Postgres(pg) => (
-                if count_expired {
-                    postgres::count(pg, target, &postgres::expired(target, cutoff), w).await?
-                } else {
-                    0
-                },
-                postgres::count(pg, target, &postgres::unreadable(target), w).await?,
-                postgres::oldest(pg, target, w, after_full_run.then_some(cutoff)).await?,
-            ),
+        let expired = if count_expired {
+            b.count(target, &b.expired(target, cutoff), w).await?
+        } else {
+            0
         };
+        let unreadable = b.count(target, &b.unreadable(target), w).await?;
+        let oldest = b
+            .oldest(target, w, after_full_run.then_some(cutoff))
+            .await?;
         Ok(Census {
             expired,
             unreadable,
@@ -268,15 +400,22 @@ impl RetentionJob {
         db: &Database,
         now: DateTime<Utc>,
     ) -> Result<Preview, RetentionError> {
-        let target = self.resolve(db).await?;
+        with_backend!(db, b => self.preview_on(b, now).await)
+    }
+
+    async fn preview_on(
+        &self,
+        b: &impl RetentionBackend,
+        now: DateTime<Utc>,
+    ) -> Result<Preview, RetentionError> {
+        let target = b.resolve(&self.table, &self.cfg).await?;
         let cutoff = self.cutoff(now)?;
-        let partitions = match db {
-            Database::Postgres(pg) if self.cfg.mode != RetentionMode::Delete => {
-                postgres::expired_partitions(pg, &target, cutoff).await?
-            }
-            _ => Vec::new(),
+        let partitions = if self.cfg.mode != RetentionMode::Delete {
+            b.expired_partitions(&target, cutoff).await?
+        } else {
+            Vec::new()
         };
-        let census = self.census(db, &target, cutoff, true, false).await?;
+        let census = self.census(b, &target, cutoff, true, false).await?;
         Ok(Preview {
             cutoff: cutoff.instant(),
             expired_rows: census.expired,
@@ -302,16 +441,27 @@ impl RetentionJob {
         now: DateTime<Utc>,
         cancel: &CancellationToken,
     ) -> Result<Outcome, RetentionError> {
-        let target = self.resolve(db).await?;
+        with_backend!(db, b => self.run_on(db, b, now, cancel).await)
+    }
+
+    /// [`RetentionJob::run_at`] on `b`, the backend of `db`.
+    async fn run_on(
+        &self,
+        db: &Database,
+        b: &impl RetentionBackend,
+        now: DateTime<Utc>,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, RetentionError> {
+        let target = b.resolve(&self.table, &self.cfg).await?;
         let cutoff = self.cutoff(now)?;
         metrics::retention_max_age(db.name(), &target.table, &self.rule, self.cfg.older_than);
-        let mut outcome = match (self.cfg.mode, db) {
-            (RetentionMode::Delete, _) => self.delete_batches(db, &target, cutoff, cancel).await?,
-            (mode, Database::Postgres(pg)) => {
+        let mut outcome = match self.cfg.mode {
+            RetentionMode::Delete => self.delete_batches(db, b, &target, cutoff, cancel).await?,
+            mode => {
                 let detach = mode == RetentionMode::DetachPartitions;
-                let (gone, rows) =
-                    postgres::remove_partitions(pg, &target, cutoff, detach, self.cfg.lock_timeout)
-                        .await?;
+                let (gone, rows) = b
+                    .remove_partitions(&target, cutoff, detach, self.cfg.lock_timeout)
+                    .await?;
                 metrics::retention_deleted(db.name(), &target.table, &self.rule, rows);
                 Outcome {
                     summary: format!(
@@ -326,15 +476,10 @@ impl RetentionJob {
                     }),
                 }
             }
-            (_, Database::Sqlite(_)) => {
-                return Err(RetentionError::Unsupported(
-                    "partition modes need PostgreSQL; use mode = \"delete\"".to_owned(),
-                ))
-            }
         };
         let full_run = self.cfg.mode == RetentionMode::Delete
             && outcome.details["stopped_early"] == serde_json::Value::Bool(false);
-        let census = self.census(db, &target, cutoff, false, full_run).await?;
+        let census = self.census(b, &target, cutoff, false, full_run).await?;
         metrics::retention_oldest_row(db.name(), &target.table, &self.rule, census.oldest);
         metrics::retention_unreadable(db.name(), &target.table, &self.rule, census.unreadable);
         if census.unreadable > 0 {
@@ -359,6 +504,7 @@ impl RetentionJob {
     async fn delete_batches(
         &self,
         db: &Database,
+        b: &impl RetentionBackend,
         target: &Target,
         cutoff: Cutoff,
         cancel: &CancellationToken,
@@ -370,22 +516,13 @@ impl RetentionJob {
         let mut stopped_early = false;
         // Milliseconds: two runs within one second must not collide.
         let run_stamp = Utc::now().format("%Y%m%dT%H%M%S%3fZ").to_string();
-        let predicate = match db {
-            Database::Sqlite(_) => sqlite::expired(target, cutoff),
-            Database::Postgres(_) => postgres::expired(target, cutoff),
-        };
-        let condition = with_where(&predicate, cfg.where_clause.as_deref());
+        let condition = with_where(&b.expired(target, cutoff), cfg.where_clause.as_deref());
         let mut last_size = 0;
         // Whether counting what is left is cheap (no page-range pass just left a mass
         // of dead index entries to step over).
         let mut picked_rows_only = true;
         'relations: for relation in &target.relations {
-            let mut scan = match db {
-                Database::Sqlite(_) => Scan::Rows { after: None },
-                Database::Postgres(pg) => {
-                    postgres::scan_for(pg, target, relation, &condition, cfg.scan).await?
-                }
-            };
+            let mut scan = b.scan_for(target, relation, &condition, cfg.scan).await?;
             picked_rows_only &= matches!(scan, Scan::Rows { .. });
             let mut size = BatchSize::new(
                 scan.units(cfg.batch_size),
@@ -414,14 +551,7 @@ impl RetentionJob {
                     scan: &scan,
                 };
                 let began = Instant::now();
-                let done = match db {
-                    Database::Sqlite(lite) => {
-                        sqlite::delete_batch(lite, target, &batch, archive).await?
-                    }
-                    Database::Postgres(pg) => {
-                        postgres::delete_batch(pg, target, &batch, archive).await?
-                    }
-                };
+                let done = b.delete_batch(target, &batch, archive).await?;
                 let took = began.elapsed();
                 if done.rows > 0 {
                     deleted += done.rows;
@@ -443,7 +573,7 @@ impl RetentionJob {
             }
         }
         let remaining = if stopped_early || picked_rows_only {
-            Some(self.census(db, target, cutoff, true, false).await?.expired)
+            Some(self.census(b, target, cutoff, true, false).await?.expired)
         } else {
             None
         };
@@ -622,18 +752,20 @@ pub struct BatchArchive<'a> {
 impl BatchArchive<'_> {
     /// Writes the rows (one JSON object per line) and makes the file durable.
     fn write(&self, rows: &[String]) -> Result<(), RetentionError> {
-        let fail = |e: String| RetentionError::Archive(e);
+        let fail = |e: ArchiveFailure| RetentionError::Archive(e);
         let dest = &self.to.dest;
-        dest.ensure()
-            .map_err(|e| fail(format!("{}: {e}", dest.dir().display())))?;
+        dest.ensure().map_err(|source| {
+            fail(ArchiveFailure::Directory {
+                dir: dest.dir().to_owned(),
+                source,
+            })
+        })?;
         let mut lines = Vec::with_capacity(rows.iter().map(|r| r.len() + 1).sum());
         for r in rows {
             lines.extend_from_slice(r.as_bytes());
             lines.push(b'\n');
         }
-        let tmp = dest
-            .create_temp(&self.name)
-            .map_err(|e| fail(e.to_string()))?;
+        let tmp = dest.create_temp(&self.name).map_err(|e| fail(e.into()))?;
         let settings = Settings {
             header: Header {
                 database: self.database.to_owned(),
@@ -658,24 +790,31 @@ impl BatchArchive<'_> {
                 &std::sync::atomic::AtomicBool::new(false),
             )
         })
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| fail(e.into()))?;
         if let Some(Err(e)) = stats.checked {
-            return Err(fail(format!("the archive does not read back: {e}")));
+            return Err(fail(ArchiveFailure::ReadBack(e)));
         }
-        dest.commit(tmp, &self.name)
-            .map_err(|e| fail(e.to_string()))?;
+        dest.commit(tmp, &self.name).map_err(|e| fail(e.into()))?;
         Ok(())
     }
-}
-
-/// Time to wait for a lock, in whole milliseconds (at least 1).
-fn millis(d: Duration) -> u128 {
-    d.as_millis().max(1)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_config_errors_and_final() {
+        for e in [
+            RetentionError::PartitionsNeedPostgres,
+            RetentionError::NotPartitioned { table: "t".into() },
+            RetentionError::Cutoff,
+        ] {
+            assert!(e.is_config_error() && !e.is_transient(), "{e}");
+        }
+        let e = RetentionError::Cancelled { deleted: 3 };
+        assert!(!e.is_config_error() && e.is_transient());
+    }
 
     #[test]
     fn batch_size_follows_speed_within_bounds() {

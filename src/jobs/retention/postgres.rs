@@ -1,5 +1,6 @@
-//! Retention on PostgreSQL: catalog checks, the expiry predicate in SQL, batched
-//! deletes per table of a hierarchy, partition removal.
+//! Retention on PostgreSQL ([`RetentionBackend`] for [`Postgres`]): catalog checks,
+//! the expiry predicate in SQL, batched deletes per table of a hierarchy, partition
+//! removal.
 //!
 //! Every literal spliced into these statements is one we formatted ourselves (the
 //! cutoff, bounds, limits) or a quoted literal/identifier; `where` is the operator's
@@ -12,12 +13,94 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::reading::{Cutoff, Reading};
 use super::{
-    millis, with_where, Batch, BatchArchive, BatchDone, RetentionError, RowKey, Scan, Target,
+    with_where, Batch, BatchArchive, BatchDone, RetentionBackend, RetentionError, RowKey, Scan,
+    Target,
 };
 use crate::config::{RetentionConfig, ScanMode};
-use crate::db::{quote, quote_literal, Postgres, QualifiedName};
+use crate::db::{quote, quote_literal, set_timeout, Postgres, QualifiedName, Scope, Timeout};
 
-pub async fn resolve(
+impl RetentionBackend for Postgres {
+    async fn resolve(
+        &self,
+        table: &QualifiedName,
+        cfg: &RetentionConfig,
+    ) -> Result<Target, RetentionError> {
+        resolve(self, table, cfg).await
+    }
+
+    fn expired(&self, target: &Target, cutoff: Cutoff) -> String {
+        expired(target, cutoff)
+    }
+
+    fn unreadable(&self, target: &Target) -> String {
+        unreadable(target)
+    }
+
+    async fn validate(&self, target: &Target, condition: &str) -> Result<(), RetentionError> {
+        validate(self, target, condition).await
+    }
+
+    async fn count(
+        &self,
+        target: &Target,
+        predicate: &str,
+        where_clause: Option<&str>,
+    ) -> Result<u64, RetentionError> {
+        count(self, target, predicate, where_clause).await
+    }
+
+    async fn oldest(
+        &self,
+        target: &Target,
+        where_clause: Option<&str>,
+        from: Option<Cutoff>,
+    ) -> Result<Option<DateTime<Utc>>, RetentionError> {
+        oldest(self, target, where_clause, from).await
+    }
+
+    async fn scan_for(
+        &self,
+        target: &Target,
+        relation: &str,
+        condition: &str,
+        mode: ScanMode,
+    ) -> Result<Scan, RetentionError> {
+        scan_for(self, target, relation, condition, mode).await
+    }
+
+    async fn delete_batch(
+        &self,
+        target: &Target,
+        batch: &Batch<'_>,
+        archive: Option<BatchArchive<'_>>,
+    ) -> Result<BatchDone, RetentionError> {
+        delete_batch(self, target, batch, archive).await
+    }
+
+    async fn check_partition_key(&self, target: &Target) -> Result<(), RetentionError> {
+        check_partition_key(self, target).await
+    }
+
+    async fn expired_partitions(
+        &self,
+        target: &Target,
+        cutoff: Cutoff,
+    ) -> Result<Vec<String>, RetentionError> {
+        expired_partitions(self, target, cutoff).await
+    }
+
+    async fn remove_partitions(
+        &self,
+        target: &Target,
+        cutoff: Cutoff,
+        detach: bool,
+        lock_timeout: Duration,
+    ) -> Result<(Vec<String>, u64), RetentionError> {
+        remove_partitions(self, target, cutoff, detach, lock_timeout).await
+    }
+}
+
+async fn resolve(
     pg: &Postgres,
     table: &QualifiedName,
     cfg: &RetentionConfig,
@@ -106,10 +189,10 @@ pub async fn resolve(
     .await
     .map_err(q)?;
     if let Some((_, name, _)) = tree.iter().find(|(_, _, kind)| kind == "f") {
-        return Err(RetentionError::Unsupported(format!(
-            "{table} has the foreign table {name} below it, whose rows dbkeeper cannot address one by one; \
-             point the rule at the local tables instead"
-        )));
+        return Err(RetentionError::ForeignTable {
+            table: table.to_string(),
+            child: name.clone(),
+        });
     }
     if !cfg.cascade {
         let oids: Vec<i64> = tree.iter().map(|(o, _, _)| *o).collect();
@@ -160,10 +243,9 @@ async fn zone(
             .bind(zone)
             .execute(&mut *conn)
             .await
-            .map_err(|e| {
-                RetentionError::Unsupported(format!(
-                    "PostgreSQL does not know column-timezone \"{zone}\" ({e}); use a zone from pg_timezone_names"
-                ))
+            .map_err(|source| RetentionError::UnknownZone {
+                zone: zone.clone(),
+                source,
             })?;
         return Ok(zone.clone());
     }
@@ -193,18 +275,17 @@ async fn zone(
         Ok(Some(Some(zone))) => Ok(zone),
         // Not in any file: the built-in default.
         Ok(_) => Ok("GMT".to_owned()),
-        Err(e) => Err(RetentionError::Unsupported(format!(
-            "cannot tell the database's default TimeZone, which timestamp/date values of \"{}\" are read in ({e}); \
-             set column-timezone in the rule, or GRANT pg_read_all_settings to dbkeeper's role",
-            cfg.column
-        ))),
+        Err(source) => Err(RetentionError::DefaultZone {
+            column: cfg.column.clone(),
+            source,
+        }),
     }
 }
 
 /// `c < cutoff` in the column's own semantics; true only for readable values. The
 /// wall-clock forms first bound the column itself (two days of slack for any zone's
 /// offset change), so an index on it still narrows the scan, then compare the instant.
-pub fn expired(target: &Target, cutoff: Cutoff) -> String {
+fn expired(target: &Target, cutoff: Cutoff) -> String {
     let c = &target.column_sql;
     let cut = format!("{}::timestamptz", cutoff.iso_literal());
     match &target.reading {
@@ -243,7 +324,7 @@ fn not_expired(target: &Target, cutoff: Cutoff) -> String {
 
 /// Non-null values that are not a time: infinities, numbers outside years 1–9999
 /// (NaN included: PostgreSQL sorts it above every number).
-pub fn unreadable(target: &Target) -> String {
+fn unreadable(target: &Target) -> String {
     let c = &target.column_sql;
     match &target.reading {
         Reading::Instant | Reading::WallClock { .. } | Reading::Date { .. } => {
@@ -308,8 +389,7 @@ async fn transaction(
         settings.push(format!("SET LOCAL TimeZone = {}", quote_literal(zone)));
     }
     if let Some(t) = lock_timeout {
-        // A number we formatted ourselves.
-        settings.push(format!("SET LOCAL lock_timeout = '{}ms'", millis(t)));
+        settings.push(set_timeout(Scope::Transaction, Timeout::Lock, Some(t)));
     }
     if lazy_commit {
         settings.push("SET LOCAL synchronous_commit = off".to_owned());
@@ -324,7 +404,7 @@ async fn transaction(
 }
 
 /// Rows of the table (children included) matching `predicate` and `where`.
-pub async fn count(
+async fn count(
     pg: &Postgres,
     target: &Target,
     predicate: &str,
@@ -350,7 +430,7 @@ pub async fn count(
 /// the cutoff on are looked at: just after a mass delete, the index on the column
 /// starts with thousands of dead entries that a search from the beginning would have to
 /// step over one by one. Rows a writer held during that run are the next run's.
-pub async fn oldest(
+async fn oldest(
     pg: &Postgres,
     target: &Target,
     where_clause: Option<&str>,
@@ -402,7 +482,7 @@ const PAGE_SCAN_SHARE: f64 = 0.05;
 
 /// How to walk one table: by page ranges when a large share of it is expired (or it
 /// is small), else by picking rows. The share is the planner's estimate.
-pub async fn scan_for(
+async fn scan_for(
     pg: &Postgres,
     target: &Target,
     relation: &str,
@@ -413,11 +493,11 @@ pub async fn scan_for(
     if mode == ScanMode::Rows {
         return Ok(Scan::Rows { after: None });
     }
-    // `relation` is quoted by format('%I.%I').
+    // `relation` is quoted by format('%I.%I'); here it is the text of a regclass.
     let (pages, tuples): (i64, f32) = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT (pg_relation_size('{r}'::regclass) / current_setting('block_size')::int8)::int8, c.reltuples
-         FROM pg_class c WHERE c.oid = '{r}'::regclass",
-        r = relation.replace('\'', "''")
+        "SELECT (pg_relation_size({r}::regclass) / current_setting('block_size')::int8)::int8, c.reltuples
+         FROM pg_class c WHERE c.oid = {r}::regclass",
+        r = quote_literal(relation)
     )))
     .fetch_one(&pg.pool)
     .await
@@ -460,7 +540,7 @@ pub async fn scan_for(
 /// Page ranges delete straight from a TID range scan, waiting for rows a writer has
 /// locked; if that wait hits the lock timeout, the same range is done again skipping
 /// the locked rows (left for the next run). Row picking always skips locked rows.
-pub async fn delete_batch(
+async fn delete_batch(
     pg: &Postgres,
     target: &Target,
     batch: &Batch<'_>,
@@ -549,12 +629,11 @@ async fn run_batch(
 }
 
 /// Partition modes need a table partitioned by RANGE on the retention column alone.
-pub async fn check_partition_key(pg: &Postgres, target: &Target) -> Result<(), RetentionError> {
+async fn check_partition_key(pg: &Postgres, target: &Target) -> Result<(), RetentionError> {
     if !target.partitioned {
-        return Err(RetentionError::Unsupported(format!(
-            "{} is not a partitioned table; use mode = \"delete\"",
-            target.table
-        )));
+        return Err(RetentionError::NotPartitioned {
+            table: target.table.clone(),
+        });
     }
     let oid = i64::from(target.oid.unwrap_or_default());
     let keydef: String = sqlx::query_scalar("SELECT pg_get_partkeydef($1::int8::oid)")
@@ -566,21 +645,17 @@ pub async fn check_partition_key(pg: &Postgres, target: &Target) -> Result<(), R
     let plain = format!("RANGE ({column})");
     let quoted = format!("RANGE ({})", target.column_sql);
     if keydef != plain && keydef != quoted {
-        return Err(RetentionError::Unsupported(format!(
-            "{} is partitioned by {keydef}, not by RANGE on the retention column alone; use mode = \"delete\"",
-            target.table
-        )));
+        return Err(RetentionError::PartitionKey {
+            table: target.table.clone(),
+            keydef,
+        });
     }
     Ok(())
 }
 
 /// Plans (without running) what every batch would run on each table, so a `where`
 /// that does not fit the table fails `check`, not the first run.
-pub async fn validate(
-    pg: &Postgres,
-    target: &Target,
-    condition: &str,
-) -> Result<(), RetentionError> {
+async fn validate(pg: &Postgres, target: &Target, condition: &str) -> Result<(), RetentionError> {
     let mut tx = transaction(pg, target, None, false).await?;
     for relation in &target.relations {
         sqlx::raw_sql(AssertSqlSafe(format!(
@@ -597,7 +672,7 @@ pub async fn validate(
 /// Range partitions of a table partitioned on the retention column whose upper bound,
 /// read like the column's values, is at or before the cutoff and that hold no
 /// unreadable value, oldest first.
-pub async fn expired_partitions(
+async fn expired_partitions(
     pg: &Postgres,
     target: &Target,
     cutoff: Cutoff,
@@ -663,7 +738,7 @@ pub async fn expired_partitions(
 
 /// Drops (or detaches) every expired partition, each in its own transaction (which
 /// first counts its rows, for the metrics). Returns the partitions and the row total.
-pub async fn remove_partitions(
+async fn remove_partitions(
     pg: &Postgres,
     target: &Target,
     cutoff: Cutoff,

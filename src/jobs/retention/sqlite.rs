@@ -1,5 +1,6 @@
-//! Retention on SQLite: catalog checks, the per-value expiry predicate, batched
-//! deletes by the real row id (or primary key).
+//! Retention on SQLite ([`RetentionBackend`] for [`Sqlite`]): catalog checks, the
+//! per-value expiry predicate, batched deletes by the real row id (or primary key).
+//! SQLite has no partitions, so the contract's partition defaults apply.
 //!
 //! SQLite columns hold any type, so the predicate looks at each value's storage class
 //! and reads it with SQLite's own date functions (see [`Reading::SqliteValue`]). The
@@ -10,7 +11,10 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
 
 use super::reading::{Cutoff, Reading};
-use super::{with_where, Batch, BatchArchive, BatchDone, RetentionError, RowKey, Scan, Target};
+use super::{
+    with_where, Batch, BatchArchive, BatchDone, RetentionBackend, RetentionError, RowKey, Scan,
+    Target,
+};
 use crate::config::RetentionConfig;
 use crate::db::{quote, QualifiedName, Sqlite};
 
@@ -19,7 +23,58 @@ use crate::db::{quote, QualifiedName, Sqlite};
 /// none of which is a row's date.
 const ISO_DATE: &str = "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*'";
 
-pub async fn resolve(
+impl RetentionBackend for Sqlite {
+    async fn resolve(
+        &self,
+        table: &QualifiedName,
+        cfg: &RetentionConfig,
+    ) -> Result<Target, RetentionError> {
+        resolve(self, table, cfg).await
+    }
+
+    fn expired(&self, target: &Target, cutoff: Cutoff) -> String {
+        expired(target, cutoff)
+    }
+
+    fn unreadable(&self, target: &Target) -> String {
+        unreadable(target)
+    }
+
+    async fn validate(&self, target: &Target, condition: &str) -> Result<(), RetentionError> {
+        validate(self, target, condition).await
+    }
+
+    async fn count(
+        &self,
+        target: &Target,
+        predicate: &str,
+        where_clause: Option<&str>,
+    ) -> Result<u64, RetentionError> {
+        count(self, target, predicate, where_clause).await
+    }
+
+    /// Looks at every row whatever `from` says: SQLite's per-value reading has no
+    /// index order to take advantage of.
+    async fn oldest(
+        &self,
+        target: &Target,
+        where_clause: Option<&str>,
+        _from: Option<Cutoff>,
+    ) -> Result<Option<DateTime<Utc>>, RetentionError> {
+        oldest(self, target, where_clause).await
+    }
+
+    async fn delete_batch(
+        &self,
+        target: &Target,
+        batch: &Batch<'_>,
+        archive: Option<BatchArchive<'_>>,
+    ) -> Result<BatchDone, RetentionError> {
+        delete_batch(self, target, batch, archive).await
+    }
+}
+
+async fn resolve(
     lite: &Sqlite,
     table: &QualifiedName,
     cfg: &RetentionConfig,
@@ -70,9 +125,9 @@ pub async fn resolve(
         Some(alias) if !without_rowid => RowKey::Rowid(alias),
         _ if !pk.is_empty() && pk_addresses_every_row => RowKey::PrimaryKey(pk),
         _ => {
-            return Err(RetentionError::Unsupported(format!(
-                "{table} has columns named rowid, _rowid_ and oid and no NOT NULL primary key, so its rows cannot be addressed one by one; rename one of those columns or declare the key NOT NULL"
-            )))
+            return Err(RetentionError::Unaddressable {
+                table: table.to_string(),
+            })
         }
     };
     if lite.foreign_keys && !cfg.cascade {
@@ -118,7 +173,7 @@ fn unit_of(target: &Target) -> crate::config::EpochUnit {
 }
 
 /// True for values read as an instant before the cutoff.
-pub fn expired(target: &Target, cutoff: Cutoff) -> String {
+fn expired(target: &Target, cutoff: Cutoff) -> String {
     let c = &target.column_sql;
     let unit = unit_of(target);
     let (min, _) = Reading::integer_range(unit);
@@ -135,7 +190,7 @@ pub fn expired(target: &Target, cutoff: Cutoff) -> String {
 
 /// Non-null values that are not a time: other text, BLOBs, integers outside years
 /// 1–9999 in `epoch-unit`, reals outside both the julian and the unix range.
-pub fn unreadable(target: &Target) -> String {
+fn unreadable(target: &Target) -> String {
     let c = &target.column_sql;
     let (min, max) = Reading::integer_range(unit_of(target));
     format!(
@@ -164,11 +219,7 @@ fn seconds_expr(target: &Target) -> String {
 
 /// Compiles (without running) what every batch would run, so a `where` that does not
 /// fit the table fails `check`, not the first run.
-pub async fn validate(
-    lite: &Sqlite,
-    target: &Target,
-    condition: &str,
-) -> Result<(), RetentionError> {
+async fn validate(lite: &Sqlite, target: &Target, condition: &str) -> Result<(), RetentionError> {
     sqlx::raw_sql(AssertSqlSafe(format!(
         "EXPLAIN SELECT 1 FROM {} WHERE {condition}",
         target.table_sql
@@ -180,7 +231,7 @@ pub async fn validate(
 }
 
 /// Rows matching `predicate` and `where`.
-pub async fn count(
+async fn count(
     lite: &Sqlite,
     target: &Target,
     predicate: &str,
@@ -199,7 +250,7 @@ pub async fn count(
 }
 
 /// The oldest readable time among the rows the rule covers.
-pub async fn oldest(
+async fn oldest(
     lite: &Sqlite,
     target: &Target,
     where_clause: Option<&str>,
@@ -220,7 +271,7 @@ pub async fn oldest(
 /// Deletes up to `limit` expired rows in one `BEGIN IMMEDIATE` transaction; the
 /// DELETE repeats the predicate. With `archive`, the rows are archived durably before
 /// the commit.
-pub async fn delete_batch(
+async fn delete_batch(
     lite: &Sqlite,
     target: &Target,
     batch: &Batch<'_>,
@@ -252,11 +303,7 @@ pub async fn delete_batch(
                 None,
             )
         }
-        RowKey::Ctid => {
-            return Err(RetentionError::Unsupported(
-                "ctid is PostgreSQL's; SQLite tables are addressed by row id".to_owned(),
-            ))
-        }
+        RowKey::Ctid => return Err(RetentionError::CtidOnSqlite),
     };
     let mut returning = Vec::new();
     if let Some(rid) = id {
