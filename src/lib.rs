@@ -1,6 +1,7 @@
 //! dbkeeper: a maintenance daemon for SQLite and PostgreSQL databases.
 //!
 //! Where things are:
+//! - [`redact`]: what messages may show of a URL; [`ident`]: SQL names, quoted;
 //! - [`config`]: the TOML file, parsed and validated;
 //! - [`schedule`]: schedule strings and next-run arithmetic (time zones, DST);
 //! - [`scheduler`]: the timer (tokio-cron-scheduler) that fires due jobs;
@@ -17,9 +18,11 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod http;
+pub mod ident;
 pub mod jobs;
 pub mod metrics;
 pub mod notify;
+pub mod redact;
 pub mod runner;
 pub mod schedule;
 pub mod scheduler;

@@ -8,14 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::NotifyConfig;
-
-/// `https://hooks.example.com/…` → `hooks.example.com`: what logs may show of a URL.
-pub fn url_host(url: &str) -> String {
-    url::Url::parse(url)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_owned))
-        .unwrap_or_else(|| "<invalid URL>".to_owned())
-}
+use crate::redact::url_host;
 
 /// What happened to a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
