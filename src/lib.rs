@@ -6,8 +6,10 @@
 //! - [`schedule`]: schedule strings and next-run arithmetic (time zones, DST);
 //! - [`scheduler`]: the timer (tokio-cron-scheduler) that fires due jobs;
 //! - [`runner`]: overlap guard, concurrency limit, timeout, retries;
-//! - [`jobs`]: what each job kind does; [`db`]: SQLite and PostgreSQL connections;
-//! - [`state`]: the run history; [`status`] and [`metrics`]: what the daemon reports;
+//! - [`jobs`]: the one module that knows the job kinds, and the registry of the
+//!   configured jobs; [`db`]: SQLite and PostgreSQL connections;
+//! - [`state`]: the run history; [`status`] (the board), [`metrics`] and [`notify`]:
+//!   what the daemon reports, each told by [`reporter`];
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`, `/status`; [`systemd`]: sd_notify;
 //! - [`daemon`]: the main loop; [`cli`]: the one-shot commands.
 
@@ -23,6 +25,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod notify;
 pub mod redact;
+pub mod reporter;
 pub mod runner;
 pub mod schedule;
 pub mod scheduler;
