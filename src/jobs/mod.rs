@@ -748,3 +748,171 @@ pub fn build(
 ) -> Result<Vec<Arc<Job>>, BuildError> {
     Ok(Jobs::build(config)?.jobs)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// Database `a`: a backup (key file `key`, generated if missing), a
+    /// pre-migration backup and a sql job; database `b`: a retention rule and a sql
+    /// job.
+    fn config(dir: &Path, key: &Path) -> Config {
+        let text = format!(
+            r#"
+[daemon]
+state-dir = "{state}"
+
+[[database]]
+name = "a"
+url = "sqlite://{dir}/a.db"
+
+[database.backup]
+schedule = "@daily"
+destination = "{dir}/backups"
+encryption-key-file = "{key}"
+generate-key-if-missing = true
+
+[database.migrate]
+dir = "{dir}/migrations"
+schedule = "manual"
+backup-first = true
+
+[[database.sql]]
+name = "analyze"
+statement = "ANALYZE"
+schedule = "@daily"
+
+[[database]]
+name = "b"
+url = "sqlite://{dir}/b.db"
+
+[[database.retention]]
+table = "events"
+column = "created_at"
+older-than = "30d"
+schedule = "@daily"
+
+[[database.sql]]
+name = "analyze"
+statement = "ANALYZE"
+schedule = "@daily"
+"#,
+            state = dir.join("state").display(),
+            dir = dir.display(),
+            key = key.display(),
+        );
+        Config::parse(&dir.join("test.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn entries_are_the_jobs_in_config_order_without_opening_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("backup.key");
+        let config = config(dir.path(), &key);
+        let listed: Vec<(String, Kind)> = entries(&config)
+            .iter()
+            .map(|e| (e.id.clone(), e.kind()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("a.backup".to_owned(), Kind::Backup),
+                ("a.migrate".to_owned(), Kind::Migrate),
+                ("a.sql.analyze".to_owned(), Kind::Sql),
+                ("b.retention.events".to_owned(), Kind::Retention),
+                ("b.sql.analyze".to_owned(), Kind::Sql),
+            ]
+        );
+        assert!(!key.exists(), "listing the jobs loads (and makes) no key");
+    }
+
+    #[tokio::test]
+    async fn a_selection_opens_only_its_databases_and_loads_only_its_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("backup.key");
+        let config = config(dir.path(), &key);
+        // b's retention rules need neither database a nor its key.
+        let (database, kind) = ("b", Kind::Retention);
+        let jobs = Jobs::select(&config, Select::Kind { database, kind }).unwrap();
+        let names: Vec<&str> = jobs.databases().iter().map(Database::name).collect();
+        assert_eq!(names, ["b"]);
+        assert_eq!(jobs.len(), 1);
+        assert!(jobs.retention_for("b", "events").is_some());
+        assert!(jobs.backup_for("a").is_none());
+        // One job of a that takes no backup needs no key either.
+        let jobs = Jobs::select(&config, Select::Id("a.sql.analyze")).unwrap();
+        assert!(jobs.contains("a.sql.analyze") && jobs.len() == 1);
+        assert!(!key.exists(), "no chosen job needed the key");
+        // Everything: the key is loaded (here: generated).
+        let jobs = Jobs::build(&config).unwrap();
+        assert_eq!(jobs.len(), 5);
+        assert!(key.exists());
+    }
+
+    #[tokio::test]
+    async fn the_migration_takes_the_backup_of_its_databases_backup_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), &dir.path().join("backup.key"));
+
+        let jobs = Jobs::build(&config).unwrap();
+        assert_eq!(jobs.len(), 5);
+        assert_eq!(jobs.databases().len(), 2);
+        let (_, backup) = jobs.backup_for("a").unwrap();
+        let (job, migrate) = jobs.migrate_for("a").unwrap();
+        assert!(job.exclusive() && !job.runs_before_ready());
+        let taken = migrate.backup.as_deref().unwrap();
+        assert!(std::ptr::eq(taken, backup), "one BackupJob, shared");
+
+        // Alone, the migration still has its backup, but no backup job is listed.
+        let (database, kind) = ("a", Kind::Migrate);
+        let jobs = Jobs::select(&config, Select::Kind { database, kind }).unwrap();
+        assert!(jobs.backup_for("a").is_none());
+        let (_, migrate) = jobs.migrate_for("a").unwrap();
+        assert!(migrate.backup.is_some());
+    }
+
+    #[test]
+    fn errors_say_whether_a_retry_can_help() {
+        use migrate::MigrateError as M;
+        use refresh::RefreshError as F;
+        use retention::RetentionError as R;
+        let file = || "1_x.sql".to_owned();
+        let not_transient: Vec<JobError> = vec![
+            M::Blocked("dirty".into()).into(),
+            M::RowRemoved {
+                version: 1,
+                file: file(),
+            }
+            .into(),
+            F::Refused("no".into()).into(),
+            F::NoView {
+                database: "a".into(),
+                view: "v".into(),
+            }
+            .into(),
+            R::Cutoff.into(),
+            R::Unsupported("no".into()).into(),
+            backup::BackupError::Refused("no".into()).into(),
+        ];
+        for e in &not_transient {
+            assert!(!e.is_transient(), "{e}");
+        }
+        let transient: Vec<JobError> = vec![
+            M::LockTimeout(std::time::Duration::from_secs(1)).into(),
+            M::Failed {
+                version: 1,
+                file: file(),
+                message: "deadlock".into(),
+            }
+            .into(),
+            R::Cancelled { deleted: 3 }.into(),
+            backup::BackupError::Cancelled.into(),
+            backup::BackupError::Verification("short read".into()).into(),
+        ];
+        for e in &transient {
+            assert!(e.is_transient(), "{e}");
+        }
+    }
+}
