@@ -5,6 +5,10 @@
 //! The loop then starts jobs as the timer fires, feeds the watchdog, probes databases,
 //! prunes the history and reloads the configuration on SIGHUP. On shutdown it stops
 //! scheduling, gives running jobs `shutdown-grace` to finish, then cancels them.
+//!
+//! It knows no job kind: it builds the registry ([`crate::jobs::Jobs`]) and calls
+//! each job's hooks (`activate`, `runs_before_ready`, `last_success_on_disk`);
+//! what happened goes to the [`Reporter`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
