@@ -5,6 +5,10 @@
 //! The loop then starts jobs as the timer fires, feeds the watchdog, probes databases,
 //! prunes the history and reloads the configuration on SIGHUP. On shutdown it stops
 //! scheduling, gives running jobs `shutdown-grace` to finish, then cancels them.
+//!
+//! It knows no job kind: it builds the registry ([`crate::jobs::Jobs`]) and calls
+//! each job's hooks (`activate`, `runs_before_ready`, `last_success_on_disk`);
+//! what happened goes to the [`Reporter`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,10 +23,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Missed};
-use crate::db::{url_has_password, Database, DbError};
-use crate::jobs::backup::publish_catalog;
-use crate::jobs::{self, Job, Work};
-use crate::runner::{Runner, Trigger};
+use crate::db::Database;
+use crate::http::BackupShelf;
+use crate::jobs::{self, Job, Jobs, Trigger};
+use crate::metrics::SkipReason;
+use crate::notify::{Notifier, NotifyError};
+use crate::redact::url_has_password;
+use crate::reporter::Reporter;
+use crate::runner::Runner;
 use crate::scheduler::{Fire, Timer, TimerError};
 use crate::state::{JobLast, StateDb, StateError};
 use crate::status::{DatabaseStatus, Status};
@@ -33,7 +41,7 @@ use crate::{http, metrics, systemd};
 /// per login); ones still owned by a live process are left alone.
 fn clean_scratch_databases(active: &Active) {
     let mut servers = std::collections::HashSet::new();
-    for db in active.databases.values() {
+    for db in active.jobs.databases() {
         if let Database::Postgres(pg) = db {
             if servers.insert(pg.server_identity()) {
                 let pg = pg.clone();
@@ -60,11 +68,9 @@ pub enum DaemonError {
     #[error(transparent)]
     Timer(#[from] TimerError),
     #[error(transparent)]
-    Database(#[from] DbError),
-    #[error(transparent)]
     Jobs(#[from] jobs::BuildError),
-    #[error("{0}")]
-    Notify(String),
+    #[error(transparent)]
+    Notify(#[from] NotifyError),
     #[error("cannot install the signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -72,17 +78,13 @@ pub enum DaemonError {
 /// The live objects of one loaded configuration.
 struct Active {
     config: Config,
-    notifier: Option<crate::notify::Notifier>,
-    databases: HashMap<String, Database>,
-    jobs: HashMap<String, Arc<Job>>,
-    order: Vec<Arc<Job>>,
+    notifier: Option<Notifier>,
+    jobs: Jobs,
 }
 
 impl Active {
     fn build(config: Config) -> Result<Self, DaemonError> {
-        let databases = jobs::open_databases(&config)?;
-        let order = jobs::build(&config, &databases)?;
-        let jobs = order.iter().map(|j| (j.id.clone(), j.clone())).collect();
+        let jobs = Jobs::build(&config)?;
         for db in &config.databases {
             if url_has_password(&db.url) {
                 tracing::warn!(
@@ -92,22 +94,20 @@ impl Active {
             }
         }
         let notifier = match &config.notify {
-            Some(n) => Some(crate::notify::Notifier::new(n.clone()).map_err(DaemonError::Notify)?),
+            Some(n) => Some(Notifier::new(n.clone())?),
             None => None,
         };
         Ok(Active {
             notifier,
             config,
-            databases,
             jobs,
-            order,
         })
     }
 
     fn summary(&self) -> String {
         format!(
             "databases: {}, jobs: {}",
-            self.databases.len(),
+            self.jobs.databases().len(),
             self.jobs.len()
         )
     }
@@ -116,7 +116,9 @@ impl Active {
 /// Everything the loop works with, besides the active configuration.
 struct Daemon {
     state: StateDb,
-    status: Status,
+    report: Reporter,
+    /// Where the status page finds the backups.
+    shelf: BackupShelf,
     runner: Runner,
     timer: Timer,
 }
@@ -135,6 +137,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     prune(&state, &config).await;
 
     let status = Status::default();
+    let shelf = BackupShelf::default();
     let listen = config.daemon.listen;
     let listener = TcpListener::bind(listen)
         .await
@@ -149,23 +152,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let http_stop = CancellationToken::new();
     let http_task = tokio::spawn(http::serve(
         listener,
-        http::router(metrics_handle, status.clone()),
+        http::router(metrics_handle, status.clone(), shelf.clone()),
         http_stop.clone(),
     ));
 
     let (tx, mut fires) = mpsc::unbounded_channel();
+    let report = Reporter::new(status);
     let mut daemon = Daemon {
         runner: Runner::new(
             state.clone(),
-            status.clone(),
+            report.clone(),
             config.daemon.max_concurrent_jobs,
         ),
         timer: Timer::start(tx).await?,
         state,
-        status,
+        report,
+        shelf,
     };
     let mut active = Active::build(config)?;
-    probe(&active, &daemon.status).await;
+    probe(&active, &daemon.report).await;
     if let Some(period) = systemd::watchdog_period() {
         daemon.timer.heartbeat(period).await?;
     }
@@ -196,7 +201,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             _ = probe_tick.tick() => {
                 // A slow probe (connect-timeout > probe-interval) is not stacked on.
                 if !probing.swap(true, Ordering::AcqRel) {
-                    let (a, s, flag) = (active.databases.clone(), daemon.status.clone(), probing.clone());
+                    let (a, s, flag) = (active.jobs.databases().to_vec(), daemon.report.clone(), probing.clone());
                     tokio::spawn(async move {
                         probe_databases(a, s).await;
                         flag.store(false, Ordering::Release);
@@ -222,9 +227,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     }
     http_stop.cancel();
     let _ = http_task.await;
-    for db in active.databases.values() {
-        db.close().await;
-    }
+    active.jobs.close().await;
     daemon.state.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -240,8 +243,8 @@ impl Daemon {
         fires: &mut mpsc::UnboundedReceiver<Fire>,
     ) -> Vec<Fire> {
         let mut deferred = Vec::new();
-        for job in &active.order {
-            if !(matches!(job.work, Work::Migrate(_)) && job.options.schedule.is_startup()) {
+        for job in active.jobs.iter() {
+            if !job.runs_before_ready() {
                 continue;
             }
             systemd::status(&format!("applying migrations: {}", job.id));
@@ -294,11 +297,11 @@ impl Daemon {
         });
         let now = Utc::now();
         let jobs: Vec<(Arc<Job>, JobLast, Option<Duration>)> = active
-            .order
+            .jobs
             .iter()
             .map(|job| {
                 let mut last = history.get(&job.id).cloned().unwrap_or_default();
-                backfill_from_manifests(job, &mut last);
+                backfill_last_success(job, &mut last);
                 let interval = job
                     .options
                     .schedule
@@ -307,8 +310,9 @@ impl Daemon {
             })
             .collect();
         let databases = active
-            .databases
-            .values()
+            .jobs
+            .databases()
+            .iter()
             .map(|db| DatabaseStatus {
                 name: db.name().to_owned(),
                 backend: db.backend().as_str().to_owned(),
@@ -317,60 +321,19 @@ impl Daemon {
                 error: None,
             })
             .collect();
-        self.status.configure(
+        self.report.configure(
             &active.config.path.display().to_string(),
             databases,
             &jobs,
+            active.notifier.clone(),
             now,
         );
-        self.status.set_notifier(active.notifier.clone());
+        self.shelf.set(active.jobs.backup_sources());
         if startup {
             clean_scratch_databases(active);
         }
-        for job in &active.order {
-            match &job.work {
-                Work::Retention(r) => metrics::register_retention(
-                    job.database_name(),
-                    &r.cfg.table,
-                    &r.rule,
-                    r.cfg.older_than,
-                ),
-                Work::Refresh(r) => metrics::register_refresh(job.database_name(), &r.cfg.view),
-                Work::Migrate(_) => {
-                    // Reads the directory and the history; not worth holding start-up for.
-                    let job = job.clone();
-                    tokio::spawn(async move {
-                        if let Work::Migrate(m) = &job.work {
-                            if let Err(e) = m.status(&job.database).await {
-                                tracing::warn!(job = %job.id, "cannot read migration status: {e}");
-                            }
-                        }
-                    });
-                }
-                _ => {}
-            }
-            if let Work::Backup(b) = &job.work {
-                let dest = b.destination(job.database_name());
-                if startup {
-                    b.clean_scratch(job.database_name());
-                    match dest.cleanup() {
-                        Ok(removed) => {
-                            for name in removed {
-                                tracing::warn!(job = %job.id, file = %name, "removed what an interrupted backup left behind");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(job = %job.id, "cannot clean up {}: {e}", dest.dir().display())
-                        }
-                    }
-                }
-                publish_catalog(
-                    job.database_name(),
-                    &dest,
-                    &b.trust_policy(job.database_name(), false),
-                    true,
-                );
-            }
+        for job in active.jobs.iter() {
+            job.activate(startup);
         }
         for (job, last, interval) in &jobs {
             self.schedule_first(job, last, *interval, startup).await;
@@ -389,11 +352,11 @@ impl Daemon {
         let now = Utc::now();
         let schedule = &job.options.schedule;
         // Start-up migrations run before READY=1 (see `startup_migrations`).
-        if schedule.is_startup() && startup && !matches!(job.work, Work::Migrate(_)) {
+        if schedule.is_startup() && startup && !job.runs_before_ready() {
             self.runner.spawn(job.clone(), Trigger::Startup, now);
         }
         let Some(interval) = interval.and_then(|i| chrono::Duration::from_std(i).ok()) else {
-            self.status.job_next_run(job, None);
+            self.report.job_next_run(job, None);
             return;
         };
         if startup {
@@ -405,8 +368,7 @@ impl Daemon {
                 }
                 Missed::Skip if missed && last.last_run.is_some() => {
                     tracing::info!(job = %job.id, "missed a run while down; waiting for the next slot (missed = skip)");
-                    self.status
-                        .job_skipped(job, crate::metrics::SkipReason::Missed);
+                    self.report.job_skipped(job, SkipReason::Missed);
                 }
                 _ => {}
             }
@@ -428,7 +390,7 @@ impl Daemon {
     }
 
     async fn arm_at(&mut self, job: &Arc<Job>, next: Option<chrono::DateTime<Utc>>) {
-        self.status.job_next_run(job, next);
+        self.report.job_next_run(job, next);
         if let Some(at) = next {
             if let Err(e) = self.timer.arm(&job.id, at).await {
                 tracing::error!(job = %job.id, "cannot schedule the next run: {e}");
@@ -448,7 +410,7 @@ impl Daemon {
             Ok(new) => new,
             Err(e) => {
                 tracing::error!("reload failed, keeping the running configuration: {e}");
-                self.status.reload_failed(e);
+                self.report.reload_failed(e);
                 systemd::ready(&format!("{}; last reload FAILED", active.summary()));
                 return None;
             }
@@ -460,36 +422,24 @@ impl Daemon {
         if old_d.max_concurrent_jobs != new_d.max_concurrent_jobs {
             self.runner.set_max_concurrent(new_d.max_concurrent_jobs);
         }
-        for gone in active
-            .order
-            .iter()
-            .filter(|j| !new.jobs.contains_key(&j.id))
-        {
+        for gone in active.jobs.iter().filter(|j| !new.jobs.contains(&j.id)) {
             tracing::info!(job = %gone.id, "job removed from the configuration");
-            metrics::job_removed(gone);
+            self.report.job_removed(gone);
         }
         self.timer.disarm_all().await;
         self.activate(&new, false).await;
-        probe(&new, &self.status).await;
+        probe(&new, &self.report).await;
         tracing::info!("configuration reloaded: {}", new.summary());
         systemd::ready(&new.summary());
         Some(new)
     }
 }
 
-/// A backup job's last success is also on disk, in its manifests: use it when the run
-/// history lost it (deleted or corrupted state), so "backup too old" alerts stay right.
-fn backfill_from_manifests(job: &Job, last: &mut JobLast) {
-    let Work::Backup(b) = &job.work else { return };
-    let database = job.database_name();
-    let policy = b.trust_policy(database, false);
-    let Ok(listing) = crate::catalog::list(&b.destination(database), &policy) else {
-        return;
-    };
-    // Only a trusted backup of the present counts: a planted or future-dated one
-    // would silence the "backup too old" alert.
-    let newest =
-        crate::catalog::select(&listing.backups, "latest", Utc::now()).map(|m| m.started_at);
+/// A job's last success may also be on disk (a backup's manifests): use it when the
+/// run history lost it (deleted or corrupted state), so "backup too old" alerts stay
+/// right.
+fn backfill_last_success(job: &Job, last: &mut JobLast) {
+    let newest = job.last_success_on_disk();
     if newest > last.last_success {
         last.last_success = newest;
         if last.last_run < newest {
@@ -498,21 +448,21 @@ fn backfill_from_manifests(job: &Job, last: &mut JobLast) {
     }
 }
 
-async fn probe(active: &Active, status: &Status) {
-    probe_databases(active.databases.clone(), status.clone()).await;
+async fn probe(active: &Active, report: &Reporter) {
+    probe_databases(active.jobs.databases().to_vec(), report.clone()).await;
 }
 
 /// Pings every database concurrently and records who answered.
-async fn probe_databases(databases: HashMap<String, Database>, status: Status) {
+async fn probe_databases(databases: Vec<Database>, report: Reporter) {
     let mut pings = JoinSet::new();
-    for (name, db) in databases {
-        pings.spawn(async move { (name, db.ping().await) });
+    for db in databases {
+        pings.spawn(async move { (db.name().to_owned(), db.ping().await) });
     }
     while let Some(Ok((name, result))) = pings.join_next().await {
         if let Err(e) = &result {
             tracing::warn!(database = %name, "database probe failed: {e}");
         }
-        status.database_probed(&name, result.map_err(|e| e.to_string()));
+        report.database_probed(&name, result.map_err(|e| e.to_string()));
     }
 }
 

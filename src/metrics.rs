@@ -13,7 +13,6 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::jobs::Job;
 use crate::state::JobLast;
 
 pub const BUILD_INFO: &str = "dbkeeper_build_info";
@@ -230,25 +229,41 @@ fn ts(t: Option<DateTime<Utc>>) -> f64 {
     t.map_or(0.0, |t| t.timestamp_millis() as f64 / 1000.0)
 }
 
-/// The `job`, `kind`, `database` label set of a job.
-fn labels(job: &Job) -> [(&'static str, String); 3] {
-    [
-        ("job", job.id.clone()),
-        ("kind", job.kind().to_owned()),
-        ("database", job.database_name().to_owned()),
-    ]
+/// The `job`, `kind`, `database` labels of a job's series: plain text, so that this
+/// module knows nothing of the jobs themselves.
+#[derive(Debug, Clone, Copy)]
+pub struct JobLabels<'a> {
+    pub job: &'a str,
+    pub kind: &'a str,
+    pub database: &'a str,
+}
+
+impl JobLabels<'_> {
+    fn pairs(&self) -> [(&'static str, String); 3] {
+        [
+            ("job", self.job.to_owned()),
+            ("kind", self.kind.to_owned()),
+            ("database", self.database.to_owned()),
+        ]
+    }
 }
 
 /// Creates every series of a job, with last-run values from the history.
-pub fn register_job(job: &Job, last: &JobLast, interval: Option<Duration>) {
-    let l = labels(job);
+pub fn register_job(
+    job: JobLabels<'_>,
+    last: &JobLast,
+    interval: Option<Duration>,
+    timeout: Duration,
+) {
+    let l = job.pairs();
     for result in ["success", "failure"] {
         let mut with_result = l.to_vec();
         with_result.push(("result", result.to_owned()));
         counter!(JOB_RUNS, &with_result).increment(0);
     }
     for reason in SkipReason::ALL {
-        counter!(JOB_SKIPPED, "job" => job.id.clone(), "reason" => reason.as_str()).increment(0);
+        counter!(JOB_SKIPPED, "job" => job.job.to_owned(), "reason" => reason.as_str())
+            .increment(0);
     }
     // Registering the histogram makes its (empty) buckets appear in the output.
     let _ = histogram!(JOB_DURATION, &l);
@@ -256,28 +271,28 @@ pub fn register_job(job: &Job, last: &JobLast, interval: Option<Duration>) {
     gauge!(JOB_LAST_SUCCESS, &l).set(ts(last.last_success));
     gauge!(JOB_LAST_FAILURE, &l).set(ts(last.last_failure));
     gauge!(JOB_EXPECTED_INTERVAL, &l).set(interval.map_or(0.0, |d| d.as_secs_f64()));
-    gauge!(JOB_TIMEOUT, &l).set(job.options.timeout.as_secs_f64());
+    gauge!(JOB_TIMEOUT, &l).set(timeout.as_secs_f64());
     gauge!(JOB_RUNNING, &l).set(0.0);
     gauge!(JOB_NEXT_RUN, &l).set(0.0);
 }
 
 /// A reload removed the job. Its series cannot be deleted from the recorder, so
 /// they are set so that no schedule-based alert fires for it until the next restart.
-pub fn job_removed(job: &Job) {
-    let l = labels(job);
+pub fn job_removed(job: JobLabels<'_>) {
+    let l = job.pairs();
     gauge!(JOB_EXPECTED_INTERVAL, &l).set(0.0);
     gauge!(JOB_NEXT_RUN, &l).set(0.0);
     gauge!(JOB_RUNNING, &l).set(0.0);
 }
 
-pub fn job_started(job: &Job, at: DateTime<Utc>) {
-    let l = labels(job);
+pub fn job_started(job: JobLabels<'_>, at: DateTime<Utc>) {
+    let l = job.pairs();
     gauge!(JOB_RUNNING, &l).set(1.0);
     gauge!(JOB_LAST_RUN, &l).set(ts(Some(at)));
 }
 
-pub fn job_finished(job: &Job, started: DateTime<Utc>, success: bool, took: Duration) {
-    let l = labels(job);
+pub fn job_finished(job: JobLabels<'_>, started: DateTime<Utc>, success: bool, took: Duration) {
+    let l = job.pairs();
     gauge!(JOB_RUNNING, &l).set(0.0);
     histogram!(JOB_DURATION, &l).record(took.as_secs_f64());
     let (result, last) = if success {
@@ -291,12 +306,12 @@ pub fn job_finished(job: &Job, started: DateTime<Utc>, success: bool, took: Dura
     counter!(JOB_RUNS, &with_result).increment(1);
 }
 
-pub fn job_skipped(job: &Job, reason: SkipReason) {
-    counter!(JOB_SKIPPED, "job" => job.id.clone(), "reason" => reason.as_str()).increment(1);
+pub fn job_skipped(job: &str, reason: SkipReason) {
+    counter!(JOB_SKIPPED, "job" => job.to_owned(), "reason" => reason.as_str()).increment(1);
 }
 
-pub fn job_next_run(job: &Job, next: Option<DateTime<Utc>>) {
-    gauge!(JOB_NEXT_RUN, &labels(job)).set(ts(next));
+pub fn job_next_run(job: JobLabels<'_>, next: Option<DateTime<Utc>>) {
+    gauge!(JOB_NEXT_RUN, &job.pairs()).set(ts(next));
 }
 
 /// Sets the `backup_*` gauges from the backups in a destination (oldest first).

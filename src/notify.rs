@@ -8,14 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::NotifyConfig;
-
-/// `https://hooks.example.com/…` → `hooks.example.com`: what logs may show of a URL.
-pub fn url_host(url: &str) -> String {
-    url::Url::parse(url)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_owned))
-        .unwrap_or_else(|| "<invalid URL>".to_owned())
-}
+use crate::redact::url_host;
 
 /// What happened to a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -39,6 +32,11 @@ pub struct Event {
     pub time: DateTime<Utc>,
 }
 
+/// The HTTP client for `[notify]` could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up the HTTP client for [notify]: {0}")]
+pub struct NotifyError(reqwest::Error);
+
 #[derive(Clone)]
 pub struct Notifier {
     cfg: NotifyConfig,
@@ -46,13 +44,44 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    pub fn new(cfg: NotifyConfig) -> Result<Self, String> {
+    pub fn new(cfg: NotifyConfig) -> Result<Self, NotifyError> {
         let client = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .user_agent(concat!("dbkeeper/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| format!("cannot set up the HTTP client for [notify]: {e}"))?;
+            .map_err(NotifyError)?;
         Ok(Notifier { cfg, client })
+    }
+
+    /// A run of a job finished (`error` if it failed; `failed_before` if the job's
+    /// previous run had failed). Notifies on changes only: the first failure, and
+    /// the first success after failures.
+    pub fn run_finished(
+        &self,
+        job: &str,
+        kind: &str,
+        database: &str,
+        failed_before: bool,
+        error: Option<&str>,
+    ) {
+        let event = match error {
+            Some(_) if !failed_before => EventKind::Failure,
+            None if failed_before => EventKind::Recovery,
+            _ => return,
+        };
+        self.send(Event {
+            event,
+            job: job.to_owned(),
+            kind: kind.to_owned(),
+            database: database.to_owned(),
+            result: if error.is_none() {
+                "success"
+            } else {
+                "failure"
+            },
+            error: error.map(str::to_owned),
+            time: Utc::now(),
+        });
     }
 
     /// Sends the event in the background.

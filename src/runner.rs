@@ -16,37 +16,15 @@ use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, Semaphore
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::jobs::{Job, Outcome};
+use crate::jobs::{Job, Outcome, Transient, Trigger};
 use crate::metrics::SkipReason;
+use crate::reporter::Reporter;
 use crate::state::{RunResult, StateDb};
-use crate::status::Status;
 
 /// Longest wait between two retries, however many there are.
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// After the grace period, how long cancelled jobs get to unwind.
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
-
-/// What started a run; stored in the history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
-    Schedule,
-    Startup,
-    /// The daemon was down at the scheduled time (`missed = "run-once"`).
-    Missed,
-    /// `dbkeeper run-job`.
-    Manual,
-}
-
-impl Trigger {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Schedule => "schedule",
-            Trigger::Startup => "startup",
-            Trigger::Missed => "missed",
-            Trigger::Manual => "manual",
-        }
-    }
-}
 
 /// How a call to [`Runner::run`] ended.
 #[derive(Debug, Clone)]
@@ -68,7 +46,7 @@ pub struct Runner {
 
 struct Inner {
     state: StateDb,
-    status: Status,
+    report: Reporter,
     tracker: TaskTracker,
     /// Cancelled when shutdown begins: nothing new starts.
     stopping: CancellationToken,
@@ -101,11 +79,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Runner {
-    pub fn new(state: StateDb, status: Status, max_concurrent: usize) -> Self {
+    pub fn new(state: StateDb, report: Reporter, max_concurrent: usize) -> Self {
         Runner {
             inner: Arc::new(Inner {
                 state,
-                status,
+                report,
                 tracker: TaskTracker::new(),
                 stopping: CancellationToken::new(),
                 abort: CancellationToken::new(),
@@ -143,7 +121,7 @@ impl Runner {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = runner.inner.stopping.cancelled() => {
-                    runner.inner.status.job_skipped(&job, SkipReason::Shutdown);
+                    runner.inner.report.job_skipped(&job, SkipReason::Shutdown);
                     return;
                 }
             }
@@ -162,7 +140,7 @@ impl Runner {
     fn claim(&self, job: &Job) -> Option<Claim> {
         if !lock(&self.inner.running).insert(job.id.clone()) {
             tracing::warn!(job = %job.id, "previous run still going; this run is skipped");
-            self.inner.status.job_skipped(job, SkipReason::Overlap);
+            self.inner.report.job_skipped(job, SkipReason::Overlap);
             return None;
         }
         Some(Claim {
@@ -180,7 +158,7 @@ impl Runner {
         let slots = lock(&inner.slots).clone();
         // Database exclusion first, so a job waiting for its database holds no slot.
         let waited = async {
-            let guard = if job.work.exclusive() {
+            let guard = if job.exclusive() {
                 DbGuard::Exclusive(db_lock.write_owned().await)
             } else {
                 DbGuard::Shared(db_lock.read_owned().await)
@@ -191,7 +169,7 @@ impl Runner {
         let (_db_guard, _permit) = tokio::select! {
             got = waited => got,
             _ = inner.stopping.cancelled() => {
-                inner.status.job_skipped(&job, SkipReason::Shutdown);
+                inner.report.job_skipped(&job, SkipReason::Shutdown);
                 return RunOutcome::Skipped(SkipReason::Shutdown);
             }
         };
@@ -210,7 +188,7 @@ impl Runner {
             .await
             .map_err(|e| tracing::error!(job = %job.id, "cannot record run start: {e}"))
             .ok();
-        inner.status.job_started(&job, started);
+        inner.report.job_started(&job, started);
         tracing::info!(job = %job.id, trigger = trigger.as_str(), "job started");
 
         let (result, attempts) = self.attempts(&job, trigger).await;
@@ -231,18 +209,18 @@ impl Runner {
             }
         }
         inner
-            .status
+            .report
             .job_finished(&job, started, took, error.as_deref());
         match result {
             Ok(outcome) => {
-                inner.status.database_probed(job.database_name(), Ok(()));
+                inner.report.database_probed(job.database_name(), Ok(()));
                 tracing::info!(job = %job.id, took_s = took.as_secs_f64(), attempts, "job succeeded: {}", outcome.summary);
                 RunOutcome::Success(outcome)
             }
             Err(failure) => {
                 if failure.unreachable {
                     inner
-                        .status
+                        .report
                         .database_probed(job.database_name(), Err(failure.message.clone()));
                 }
                 tracing::error!(job = %job.id, took_s = took.as_secs_f64(), attempts, "job failed: {}", failure.message);
@@ -353,7 +331,7 @@ fn joined_result(
         Ok(Err(e)) => Err(Failure {
             unreachable: e.database_unreachable(),
             message: e.to_string(),
-            final_: !e.retryable(),
+            final_: !e.is_transient(),
             config: e.is_config(),
         }),
         Err(e) => Err(Failure {

@@ -1,19 +1,18 @@
-//! The daemon's live view of itself: jobs, databases, configuration.
+//! The daemon's live view of itself: jobs, databases, configuration — the board
+//! behind `/status`, `/readyz` and the status page.
 //!
-//! Every change goes through [`Status`], which updates both the in-memory board
-//! behind `/status` and `/readyz` and the Prometheus series, so the two never
-//! disagree.
+//! Only the board: the Prometheus series are [`crate::metrics`]', notifications
+//! [`crate::notify`]'s, and the list of stored backups the backup library's. Every
+//! event reaches all three through [`crate::reporter::Reporter`], so they never
+//! disagree. The board knows jobs by id only.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::jobs::Job;
-use crate::metrics::{self, SkipReason};
-use crate::state::{JobLast, RunResult};
+use crate::state::RunResult;
 
 /// One job as `/status` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -57,9 +56,6 @@ pub struct Snapshot {
 
 #[derive(Default)]
 struct Board {
-    notifier: Option<crate::notify::Notifier>,
-    /// Where each database's backups are, for the status page.
-    backup_destinations: Vec<(crate::storage::Destination, crate::catalog::TrustPolicy)>,
     config_file: String,
     config_loaded_at: Option<DateTime<Utc>>,
     reload_error: Option<String>,
@@ -81,13 +77,15 @@ impl Status {
     }
 
     /// Replaces the job and database lists after a (re)load of the configuration.
+    /// `jobs` come with `running: false`; a job still running from before the reload
+    /// keeps its flag. Returns the ids of those still-running jobs.
     pub fn configure(
         &self,
         config_file: &str,
         databases: Vec<DatabaseStatus>,
-        jobs: &[(Arc<Job>, JobLast, Option<Duration>)],
+        jobs: Vec<JobStatus>,
         at: DateTime<Utc>,
-    ) {
+    ) -> Vec<String> {
         let mut board = self.board();
         board.config_file = config_file.to_owned();
         board.config_loaded_at = Some(at);
@@ -101,126 +99,66 @@ impl Status {
             }
             board.databases.insert(db.name.clone(), db);
         }
-        board.backup_destinations = jobs
-            .iter()
-            .filter_map(|(job, _, _)| match &job.work {
-                crate::jobs::Work::Backup(b) => Some((
-                    b.destination(job.database_name()),
-                    b.trust_policy(job.database_name(), false),
-                )),
-                _ => None,
-            })
-            .collect();
         let old_jobs = std::mem::take(&mut board.jobs);
         board.order.clear();
-        for (job, last, interval) in jobs {
-            metrics::register_job(job, last, *interval);
-            let running = old_jobs.get(&job.id).is_some_and(|j| j.running);
-            board.order.push(job.id.clone());
-            board.jobs.insert(
-                job.id.clone(),
-                JobStatus {
-                    job: job.id.clone(),
-                    kind: job.kind().to_owned(),
-                    database: job.database_name().to_owned(),
-                    schedule: job.options.schedule.to_string(),
-                    timezone: job.options.timezone.to_string(),
-                    running,
-                    last_result: last.last_result.map(|r| r.as_str().to_owned()),
-                    last_run: last.last_run,
-                    last_success: last.last_success,
-                    last_failure: last.last_failure,
-                    last_error: last.last_error.clone(),
-                    next_run: None,
-                },
-            );
-            if running {
-                metrics::job_started(job, last.last_run.unwrap_or(at));
+        let mut still_running = Vec::new();
+        for mut job in jobs {
+            job.running = old_jobs.get(&job.job).is_some_and(|j| j.running);
+            if job.running {
+                still_running.push(job.job.clone());
             }
+            board.order.push(job.job.clone());
+            board.jobs.insert(job.job.clone(), job);
         }
-        metrics::config_loaded(true, at);
+        still_running
     }
 
     /// Records a failed reload; the running configuration stays in force.
     pub fn reload_failed(&self, error: String) {
         self.board().reload_error = Some(error);
-        metrics::config_loaded(false, Utc::now());
     }
 
     pub fn database_probed(&self, name: &str, result: Result<(), String>) {
-        metrics::database_up(name, result.is_ok());
         if let Some(db) = self.board().databases.get_mut(name) {
             db.up = Some(result.is_ok());
             db.error = result.err();
         }
     }
 
-    /// Sets (or, with `None`, removes) where failure and recovery events go.
-    pub fn set_notifier(&self, notifier: Option<crate::notify::Notifier>) {
-        self.board().notifier = notifier;
-    }
-
-    pub fn job_started(&self, job: &Job, at: DateTime<Utc>) {
-        metrics::job_started(job, at);
-        if let Some(j) = self.board().jobs.get_mut(&job.id) {
+    pub fn job_started(&self, job: &str, at: DateTime<Utc>) {
+        if let Some(j) = self.board().jobs.get_mut(job) {
             j.running = true;
             j.last_run = Some(at);
         }
     }
 
+    /// Records the end of a run (`error` if it failed). Returns whether the job's
+    /// previous run had failed (`None` for a job not on the board), which decides
+    /// the notifications.
     pub fn job_finished(
         &self,
-        job: &Job,
+        job: &str,
         started: DateTime<Utc>,
-        took: Duration,
         error: Option<&str>,
-    ) {
-        metrics::job_finished(job, started, error.is_none(), took);
+    ) -> Option<bool> {
         let mut board = self.board();
-        let notifier = board.notifier.clone();
-        if let Some(j) = board.jobs.get_mut(&job.id) {
-            let failed_before = j.last_result.as_deref().is_some_and(|r| r != "success");
-            // Changes only: the first failure, and the first success after failures.
-            let event = match error {
-                Some(_) if !failed_before => Some(crate::notify::EventKind::Failure),
-                None if failed_before => Some(crate::notify::EventKind::Recovery),
-                _ => None,
-            };
-            if let (Some(event), Some(n)) = (event, &notifier) {
-                n.send(crate::notify::Event {
-                    event,
-                    job: job.id.clone(),
-                    kind: job.kind().to_owned(),
-                    database: job.database_name().to_owned(),
-                    result: if error.is_none() {
-                        "success"
-                    } else {
-                        "failure"
-                    },
-                    error: error.map(str::to_owned),
-                    time: Utc::now(),
-                });
-            }
-            j.running = false;
-            let result = if error.is_none() {
-                j.last_success = Some(started);
-                RunResult::Success
-            } else {
-                j.last_failure = Some(started);
-                RunResult::Failure
-            };
-            j.last_result = Some(result.as_str().to_owned());
-            j.last_error = error.map(str::to_owned);
-        }
+        let j = board.jobs.get_mut(job)?;
+        let failed_before = j.last_result.as_deref().is_some_and(|r| r != "success");
+        j.running = false;
+        let result = if error.is_none() {
+            j.last_success = Some(started);
+            RunResult::Success
+        } else {
+            j.last_failure = Some(started);
+            RunResult::Failure
+        };
+        j.last_result = Some(result.as_str().to_owned());
+        j.last_error = error.map(str::to_owned);
+        Some(failed_before)
     }
 
-    pub fn job_skipped(&self, job: &Job, reason: SkipReason) {
-        metrics::job_skipped(job, reason);
-    }
-
-    pub fn job_next_run(&self, job: &Job, next: Option<DateTime<Utc>>) {
-        metrics::job_next_run(job, next);
-        if let Some(j) = self.board().jobs.get_mut(&job.id) {
+    pub fn job_next_run(&self, job: &str, next: Option<DateTime<Utc>>) {
+        if let Some(j) = self.board().jobs.get_mut(job) {
             j.next_run = next;
         }
     }
@@ -249,20 +187,6 @@ impl Status {
         } else {
             Err(problems)
         }
-    }
-
-    /// The newest `n` backups across all databases, newest first (read from the
-    /// manifests, so they are current even after `run-job` or another process).
-    pub fn recent_backups(&self, n: usize) -> Vec<crate::catalog::Manifest> {
-        let destinations = self.board().backup_destinations.clone();
-        let mut all: Vec<crate::catalog::Manifest> = destinations
-            .iter()
-            .filter_map(|(dest, policy)| crate::catalog::list(dest, policy).ok())
-            .flat_map(|listing| listing.backups)
-            .collect();
-        all.sort_by_key(|m| std::cmp::Reverse(m.started_at));
-        all.truncate(n);
-        all
     }
 
     pub fn snapshot(&self) -> Snapshot {

@@ -4,35 +4,41 @@ use chrono::{DateTime, Utc};
 
 use super::Exit;
 use crate::config::Config;
-use crate::jobs::{self, Job, Work};
+use crate::jobs::{Job, Jobs};
 
 pub async fn check(config: &Config) -> anyhow::Result<Exit> {
-    let databases = jobs::open_databases(config)?;
-    let jobs = jobs::build(config, &databases)?;
+    let jobs = Jobs::build(config)?;
     println!(
         "configuration {} is valid (databases: {}, jobs: {})",
         config.path.display(),
-        databases.len(),
+        jobs.databases().len(),
         jobs.len()
     );
     let mut all_up = true;
     let mut misnamed = false;
-    for cfg in &config.databases {
-        let db = &databases[&cfg.name];
+    for db in jobs.databases() {
         let what = format!(
             "database {} ({}, {})",
-            cfg.name,
+            db.name(),
             db.backend().as_str(),
             db.url()
         );
         match db.ping().await {
             Ok(()) => {
                 println!("{what}: reachable");
-                for job in jobs.iter().filter(|j| j.database_name() == cfg.name) {
-                    if let Err(e) = check_names(job).await {
-                        misnamed = true;
-                        println!("job {}: CONFIG ERROR: {e}", job.id);
-                        eprintln!("error: {}: job {}: {e}", config.path.display(), job.id);
+                // Tables, columns and views named in the config must exist in the catalog.
+                for job in jobs.of_database(db.name()) {
+                    match job.check().await {
+                        Ok(notes) => {
+                            for note in notes {
+                                println!("job {}: {note}", job.id);
+                            }
+                        }
+                        Err(e) => {
+                            misnamed = true;
+                            println!("job {}: CONFIG ERROR: {e}", job.id);
+                            eprintln!("error: {}: job {}: {e}", config.path.display(), job.id);
+                        }
                     }
                 }
             }
@@ -44,7 +50,7 @@ pub async fn check(config: &Config) -> anyhow::Result<Exit> {
         db.close().await;
     }
     let now = Utc::now();
-    for job in &jobs {
+    for job in jobs.iter() {
         println!("{}", describe(job, now));
     }
     Ok(if misnamed {
@@ -54,35 +60,6 @@ pub async fn check(config: &Config) -> anyhow::Result<Exit> {
     } else {
         Exit::Failed
     })
-}
-
-/// Tables, columns and views named in the config must exist in the catalog.
-async fn check_names(job: &Job) -> anyhow::Result<()> {
-    match &job.work {
-        Work::Retention(r) => {
-            let target = r.check(&job.database).await?;
-            println!(
-                "job {}: reads {}.{} as {}",
-                job.id, r.cfg.table, r.cfg.column, target.reading
-            );
-        }
-        Work::Refresh(r) => r.check(&job.database).await?,
-        Work::Migrate(m) => {
-            let status = m.status(&job.database).await?;
-            for problem in &status.problems {
-                println!("job {}: WARNING: {problem}", job.id);
-            }
-            if !status.pending.is_empty() {
-                println!(
-                    "job {}: {} migrations pending",
-                    job.id,
-                    status.pending.len()
-                );
-            }
-        }
-        Work::Backup(_) | Work::Sql(_) => {}
-    }
-    Ok(())
 }
 
 /// One job and its next three run times, e.g.

@@ -1,37 +1,32 @@
 //! `dbkeeper migrate status|plan|apply DB`.
 
-use std::sync::Arc;
-
 use super::report::print_table;
 use super::Exit;
 use crate::config::Config;
-use crate::jobs::migrate::{file_name, MigrateJob};
-use crate::jobs::{self, Job, Work};
+use crate::jobs::migrate::file_name;
+use crate::jobs::{self, Jobs, Kind, Select};
 
-fn migrate_job(config: &Config, database: &str) -> anyhow::Result<Arc<Job>> {
-    let databases = jobs::open_databases(config)?;
-    jobs::build(config, &databases)?
-        .into_iter()
-        .find(|j| j.database_name() == database && matches!(j.work, Work::Migrate(_)))
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "database \"{database}\" has no [database.migrate] in {}",
-                config.path.display()
-            )
-        })
+/// The database's migrate job alone (with its pre-migration backup): no other
+/// database is opened and no other key loaded.
+fn migrate_jobs(config: &Config, database: &str) -> anyhow::Result<Jobs> {
+    let kind = Kind::Migrate;
+    Ok(Jobs::select(config, Select::Kind { database, kind })?)
 }
 
-fn migrate_of(job: &Job) -> anyhow::Result<&MigrateJob> {
-    match &job.work {
-        Work::Migrate(m) => Ok(m),
-        _ => Err(anyhow::anyhow!("{} is not a migrate job", job.id)),
-    }
+fn no_migrate(config: &Config, database: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "database \"{database}\" has no [database.migrate] in {}",
+        config.path.display()
+    )
 }
 
 /// Applied, pending and drifted migrations; exit 1 if something blocks `apply`.
 pub async fn status(config: &Config, database: &str) -> anyhow::Result<Exit> {
-    let job = migrate_job(config, database)?;
-    let a = migrate_of(&job)?.status(&job.database).await?;
+    let jobs = migrate_jobs(config, database)?;
+    let (job, m) = jobs
+        .migrate_for(database)
+        .ok_or_else(|| no_migrate(config, database))?;
+    let a = m.status(&job.database).await?;
     let rows: Vec<Vec<String>> = a
         .rows
         .iter()
@@ -60,8 +55,10 @@ pub async fn status(config: &Config, database: &str) -> anyhow::Result<Exit> {
 
 /// The exact SQL `apply` would run, in order; applies nothing.
 pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
-    let job = migrate_job(config, database)?;
-    let m = migrate_of(&job)?;
+    let jobs = migrate_jobs(config, database)?;
+    let (job, m) = jobs
+        .migrate_for(database)
+        .ok_or_else(|| no_migrate(config, database))?;
     let a = m.status(&job.database).await?;
     for p in &a.problems {
         eprintln!("blocked: {p}");
@@ -91,6 +88,9 @@ pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
 
 /// Runs the migrate job now, exactly as the daemon would (and as `run-job` does).
 pub async fn apply(config: &Config, database: &str) -> anyhow::Result<Exit> {
-    migrate_job(config, database)?;
-    super::report::run_job(config, &format!("{database}.migrate")).await
+    let id = format!("{database}.migrate");
+    if !jobs::entries(config).iter().any(|e| e.id == id) {
+        return Err(no_migrate(config, database));
+    }
+    super::report::run_job(config, &id).await
 }

@@ -370,11 +370,7 @@ fn one_line(e: &anyhow::Error) -> String {
 /// A configuration error found while running a command (e.g. two migrations with one
 /// version): exit 2, as for a bad config file.
 fn is_config_error(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        cause
-            .downcast_ref::<crate::jobs::migrate::MigrateError>()
-            .is_some_and(|m| m.is_config())
-    })
+    e.chain().any(crate::jobs::is_config_error)
 }
 
 fn is_verification_failure(e: &anyhow::Error) -> bool {

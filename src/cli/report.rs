@@ -8,11 +8,11 @@ use chrono::{DateTime, Utc};
 
 use super::Exit;
 use crate::config::Config;
-use crate::jobs::{self, Job};
-use crate::runner::{RunOutcome, Runner, Trigger};
+use crate::jobs::{self, Job, Jobs, Select, Trigger};
+use crate::reporter::Reporter;
+use crate::runner::{RunOutcome, Runner};
 use crate::schedule::TimeZone;
 use crate::state::{JobLast, RunRecord, StateDb};
-use crate::status::Status;
 
 /// `2026-11-22 03:00:00 UTC`, or with the job's zone: `2026-11-22 03:00:00 CET (02:00:00Z)`.
 pub fn format_time_in(t: DateTime<Utc>, tz: &TimeZone) -> String {
@@ -66,9 +66,10 @@ async fn open_history(config: &Config) -> anyhow::Result<Option<StateDb>> {
     Ok(Some(StateDb::open(dir).await?))
 }
 
+/// The table of jobs: read from the configuration and the run history; opens no
+/// database and loads no key.
 pub async fn jobs(config: &Config) -> anyhow::Result<Exit> {
-    let databases = jobs::open_databases(config)?;
-    let jobs = jobs::build(config, &databases)?;
+    let jobs = jobs::entries(config);
     let last: HashMap<String, JobLast> = match open_history(config).await? {
         Some(state) => state.last_runs().await?,
         None => HashMap::new(),
@@ -81,7 +82,7 @@ pub async fn jobs(config: &Config) -> anyhow::Result<Exit> {
             let opts = &job.options;
             vec![
                 job.id.clone(),
-                job.kind().to_owned(),
+                job.kind().as_str().to_owned(),
                 opts.schedule.to_string(),
                 l.last_result.map_or("-", |r| r.as_str()).to_owned(),
                 format_opt(l.last_success),
@@ -144,9 +145,9 @@ pub async fn history(config: &Config, job: Option<&str>, limit: u32) -> anyhow::
 }
 
 pub async fn run_job(config: &Config, id: &str) -> anyhow::Result<Exit> {
-    let databases = jobs::open_databases(config)?;
-    let all = jobs::build(config, &databases)?;
-    let Some(job) = all.iter().find(|j| j.id == id).cloned() else {
+    let chosen = Jobs::select(config, Select::Id(id))?;
+    let Some(job) = chosen.get(id).cloned() else {
+        let all = jobs::entries(config);
         let known: Vec<&str> = all.iter().map(|j| j.id.as_str()).collect();
         eprintln!(
             "error: no job \"{id}\" in {}; configured jobs: {}",
@@ -160,7 +161,7 @@ pub async fn run_job(config: &Config, id: &str) -> anyhow::Result<Exit> {
         return Ok(Exit::Usage);
     };
     let state = StateDb::open(&config.daemon.state_dir).await?;
-    let runner = Runner::new(state.clone(), Status::default(), 1);
+    let runner = Runner::new(state.clone(), Reporter::default(), 1);
     let outcome = run_interruptible(&runner, job).await;
     state.close().await;
     Ok(match outcome {

@@ -5,19 +5,12 @@ use chrono::Utc;
 use super::report::print_table;
 use super::Exit;
 use crate::config::{Config, RetentionMode};
-use crate::jobs::{self, Work};
+use crate::jobs::{Jobs, Kind, Select};
 
 pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
-    let databases = jobs::open_databases(config)?;
-    let all = jobs::build(config, &databases)?;
-    let rules: Vec<_> = all
-        .iter()
-        .filter(|j| j.database_name() == database)
-        .filter_map(|j| match &j.work {
-            Work::Retention(r) => Some((j, r)),
-            _ => None,
-        })
-        .collect();
+    let kind = Kind::Retention;
+    let jobs = Jobs::select(config, Select::Kind { database, kind })?;
+    let rules: Vec<_> = jobs.retention_rules(database).collect();
     if rules.is_empty() {
         anyhow::bail!(
             "database \"{database}\" has no [[database.retention]] in {}",

@@ -20,12 +20,50 @@ pub use job_options::{JobOptions, Missed};
 use crate::archive::{Compression, Key, KeyError, KeyRing};
 use crate::catalog::rotation::Keep;
 use crate::catalog::VerifyMode;
-use crate::db::Backend;
 
 /// Environment variable naming the config file when `-c` is not given.
 pub const CONFIG_ENV: &str = "DBKEEPER_CONFIG";
 /// Config file used when neither `-c` nor `$DBKEEPER_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/dbkeeper/dbkeeper.toml";
+
+/// Which kind of database a URL points at; the config decides it from the scheme,
+/// and everything above (connections, backups, restores) follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database URL with a scheme dbkeeper does not support.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "\"{url}\" is not a supported URL; write postgres://user@host/db or sqlite:///path/file.db"
+)]
+pub struct UnsupportedUrl {
+    /// The URL with any password removed.
+    pub url: String,
+}
+
+impl Backend {
+    /// Picks the backend from the URL scheme.
+    pub fn from_url(url: &str) -> Result<Self, UnsupportedUrl> {
+        let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
+        match scheme {
+            "sqlite" => Ok(Backend::Sqlite),
+            "postgres" | "postgresql" => Ok(Backend::Postgres),
+            _ => Err(UnsupportedUrl {
+                url: crate::redact::redact_url(url),
+            }),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
 
 /// A config file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -114,11 +152,11 @@ impl std::fmt::Debug for NotifyConfig {
         f.debug_struct("NotifyConfig")
             .field(
                 "webhook",
-                &self.webhook.as_deref().map(crate::notify::url_host),
+                &self.webhook.as_deref().map(crate::redact::url_host),
             )
             .field(
                 "alertmanager",
-                &self.alertmanager.as_deref().map(crate::notify::url_host),
+                &self.alertmanager.as_deref().map(crate::redact::url_host),
             )
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
@@ -213,7 +251,7 @@ impl std::fmt::Debug for DatabaseConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DatabaseConfig")
             .field("name", &self.name)
-            .field("url", &crate::db::redact_url(&self.url))
+            .field("url", &crate::redact::redact_url(&self.url))
             .field("password_file", &self.password_file)
             .field("connect_timeout", &self.connect_timeout)
             .field("foreign_keys", &self.foreign_keys)
@@ -507,7 +545,8 @@ impl RefreshConfig {
 /// with characters that job ids and metric labels should not carry replaced.
 fn job_name(name: &Option<String>, object: &str) -> String {
     name.clone().unwrap_or_else(|| {
-        let object = crate::db::QualifiedName::parse(object).map_or(object.to_owned(), |q| q.name);
+        let object =
+            crate::ident::QualifiedName::parse(object).map_or(object.to_owned(), |q| q.name);
         sanitize(&object)
     })
 }
@@ -797,8 +836,8 @@ impl Config {
                     "is used by two databases; database names must be unique",
                 ));
             }
-            let backend =
-                Backend::from_url(&db.url).map_err(|m| self.invalid(format!("{key}.url"), m))?;
+            let backend = Backend::from_url(&db.url)
+                .map_err(|e| self.invalid(format!("{key}.url"), e.to_string()))?;
             if let Some(file) = &db.password_file {
                 if backend != Backend::Postgres {
                     return Err(self.invalid(
@@ -879,7 +918,7 @@ impl Config {
         let mut names = HashSet::new();
         for r in &db.retention {
             let key = format!("{db_key}.retention \"{}\"", r.table);
-            crate::db::QualifiedName::parse(&r.table)
+            crate::ident::QualifiedName::parse(&r.table)
                 .map_err(|m| self.invalid(format!("{key}.table"), m))?;
             if r.column.is_empty() {
                 return Err(self.invalid(
@@ -959,7 +998,7 @@ impl Config {
                         "is empty; remove it or write a predicate",
                     ));
                 }
-                crate::db::check_expression(w)
+                crate::ident::check_expression(w)
                     .map_err(|m| self.invalid(format!("{key}.where"), m))?;
             }
             if r.archive && db.backup.is_none() {
@@ -995,7 +1034,7 @@ impl Config {
         let mut names = HashSet::new();
         for r in &db.refresh {
             let key = format!("{db_key}.refresh \"{}\"", r.view);
-            let view = crate::db::QualifiedName::parse(&r.view)
+            let view = crate::ident::QualifiedName::parse(&r.view)
                 .map_err(|m| self.invalid(format!("{key}.view"), m))?;
             // A TEMP table lives only as long as dbkeeper's connection: the refresh
             // would report rows that nobody else can ever read.

@@ -13,7 +13,6 @@
 //! ([`Database::has_migration_history`]), timeout values ([`timeout_millis`],
 //! [`set_timeout`]) and identifier quoting (`ident.rs`).
 
-mod ident;
 mod postgres;
 mod sqlite;
 
@@ -24,9 +23,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseConfig;
 
-pub use ident::{
+pub use crate::config::{Backend, UnsupportedUrl};
+pub use crate::ident::{
     check_expression, quote, quote_literal, ExpressionError, NameError, QualifiedName,
 };
+pub use crate::redact::{redact_url, url_has_password};
 pub use postgres::{
     is_scratch_name, scratch_lock_key, set_timeout, Postgres, Scope, ScratchClaim, Timeout,
 };
@@ -51,51 +52,6 @@ pub(crate) use with_backend;
 /// `i32::MAX`, the largest either setting accepts.
 pub fn timeout_millis(d: Duration) -> u128 {
     d.as_millis().clamp(1, i32::MAX as u128)
-}
-
-/// A URL of a scheme dbkeeper has no backend for.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "\"{url}\" is not a supported URL; write postgres://user@host/db or sqlite:///path/file.db"
-)]
-pub struct UnsupportedUrl {
-    /// Redacted.
-    pub url: String,
-}
-
-// The config reports it as the message of the `url` key.
-impl From<UnsupportedUrl> for String {
-    fn from(e: UnsupportedUrl) -> Self {
-        e.to_string()
-    }
-}
-
-/// Which kind of database a URL points at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-impl Backend {
-    /// Picks the backend from the URL scheme.
-    pub fn from_url(url: &str) -> Result<Self, UnsupportedUrl> {
-        let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
-        match scheme {
-            "sqlite" => Ok(Backend::Sqlite),
-            "postgres" | "postgresql" => Ok(Backend::Postgres),
-            _ => Err(UnsupportedUrl {
-                url: redact_url(url),
-            }),
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Backend::Sqlite => "sqlite",
-            Backend::Postgres => "postgres",
-        }
-    }
 }
 
 /// A database operation failed.
@@ -271,68 +227,9 @@ impl fmt::Debug for Database {
     }
 }
 
-/// Removes the password (in the userinfo or a `password=` query parameter) from a URL.
-pub fn redact_url(url: &str) -> String {
-    let Ok(mut parsed) = url::Url::parse(url) else {
-        // Unparseable: keep only the scheme, which cannot hold a secret.
-        let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
-        return format!("{scheme}:<unparseable URL>");
-    };
-    if parsed.password().is_some() {
-        let _ = parsed.set_password(Some("REDACTED"));
-    }
-    if parsed.query().is_some() {
-        let pairs: Vec<(String, String)> = parsed
-            .query_pairs()
-            .map(|(k, v)| {
-                let secret = matches!(k.as_ref(), "password" | "sslpassword");
-                (
-                    k.into_owned(),
-                    if secret {
-                        "REDACTED".into()
-                    } else {
-                        v.into_owned()
-                    },
-                )
-            })
-            .collect();
-        parsed.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    parsed.to_string()
-}
-
-/// True if the URL carries a password of its own (which the config should not do).
-pub fn url_has_password(url: &str) -> bool {
-    url::Url::parse(url)
-        .is_ok_and(|u| u.password().is_some() || u.query_pairs().any(|(k, _)| k == "password"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_redacted() {
-        let r = redact_url(
-            "postgres://app:s3cret@db.example:5432/app?password=hunter2&sslmode=require",
-        );
-        assert!(!r.contains("s3cret") && !r.contains("hunter2"), "{r}");
-        assert!(
-            r.contains("app@db.example") || r.contains("app:REDACTED@db.example"),
-            "{r}"
-        );
-        assert!(r.contains("sslmode=require"));
-        assert_eq!(
-            redact_url("sqlite://var/demo.db?mode=rwc"),
-            "sqlite://var/demo.db?mode=rwc"
-        );
-    }
-
-    #[test]
-    fn unparseable_urls_show_no_userinfo() {
-        let r = redact_url("postgres://user:pa ss@@host:notaport/db");
-        assert!(!r.contains("pa ss"), "{r}");
-    }
 
     #[test]
     fn backend_from_scheme() {

@@ -5,6 +5,8 @@
 
 mod page;
 
+use std::sync::{Arc, Mutex};
+
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,22 +16,45 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::jobs::backup::newest_backups;
+use crate::jobs::BackupSource;
 use crate::status::Status;
+
+/// Where the configured backups are, for the status page's list of recent backups;
+/// the daemon sets it at every (re)load. Reading the manifests is the backup
+/// library's ([`crate::jobs::backup::newest_backups`]).
+#[derive(Clone, Default)]
+pub struct BackupShelf(Arc<Mutex<Vec<BackupSource>>>);
+
+impl BackupShelf {
+    pub fn set(&self, sources: Vec<BackupSource>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = sources;
+    }
+
+    fn sources(&self) -> Vec<BackupSource> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
 
 #[derive(Clone)]
 struct AppState {
     metrics: PrometheusHandle,
     status: Status,
+    backups: BackupShelf,
 }
 
-pub fn router(metrics: PrometheusHandle, status: Status) -> Router {
+pub fn router(metrics: PrometheusHandle, status: Status, backups: BackupShelf) -> Router {
     Router::new()
         .route("/", get(status_page))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/status", get(status_json))
-        .with_state(AppState { metrics, status })
+        .with_state(AppState {
+            metrics,
+            status,
+            backups,
+        })
 }
 
 /// Serves until `shutdown` is cancelled.
@@ -65,9 +90,9 @@ async fn readyz(State(app): State<AppState>) -> Response {
 }
 
 async fn status_page(State(app): State<AppState>) -> Response {
-    let status = app.status.clone();
+    let sources = app.backups.sources();
     // Reading manifests touches the disk: keep it off the async workers.
-    let backups = tokio::task::spawn_blocking(move || status.recent_backups(10))
+    let backups = tokio::task::spawn_blocking(move || newest_backups(&sources, 10))
         .await
         .unwrap_or_default();
     let html = page::render(&app.status.snapshot(), &backups, chrono::Utc::now());

@@ -407,6 +407,20 @@ pub fn publish_catalog(database: &str, dest: &Destination, policy: &TrustPolicy,
     }
 }
 
+/// The newest `n` trusted backups across `sources`, newest first, read from the
+/// manifests (so they are current even after `run-job` or another process): the
+/// status page's list. A destination that cannot be listed is left out.
+pub fn newest_backups(sources: &[super::BackupSource], n: usize) -> Vec<Manifest> {
+    let mut all: Vec<Manifest> = sources
+        .iter()
+        .filter_map(|(dest, policy)| catalog::list(dest, policy).ok())
+        .flat_map(|listing| listing.backups)
+        .collect();
+    all.sort_by_key(|m| std::cmp::Reverse(m.started_at));
+    all.truncate(n);
+    all
+}
+
 /// `1.5 GiB`, `12.0 MiB`, `512 B`.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -29,7 +29,8 @@ use chrono::Utc;
 use sqlx::migrate::{Migration, Migrator};
 use tokio_util::sync::CancellationToken;
 
-use super::{Job, Outcome, Work};
+use super::backup::BackupJob;
+use super::Outcome;
 use crate::catalog::{BackupKind, VerifyMode};
 use crate::config::{MigrateConfig, OutOfOrder};
 use crate::db::{with_backend, Database, DbError};
@@ -565,8 +566,9 @@ pub(crate) trait MigrationBackend {
 #[derive(Debug)]
 pub struct MigrateJob {
     pub cfg: MigrateConfig,
-    /// The database's backup job, for `backup-first`.
-    pub backup: Option<Arc<Job>>,
+    /// The database's backup job, for `backup-first` (the same one its
+    /// `<database>.backup` job runs; `None` without `[database.backup]`).
+    pub backup: Option<Arc<BackupJob>>,
 }
 
 impl MigrateJob {
@@ -718,7 +720,7 @@ impl MigrateJob {
         if !self.cfg.backup_first {
             return Ok(None);
         }
-        let Some(Work::Backup(b)) = self.backup.as_ref().map(|j| &j.work) else {
+        let Some(b) = &self.backup else {
             return Err(MigrateError::Backup(BackupFailure::NotConfigured));
         };
         let started = Utc::now();

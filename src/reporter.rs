@@ -1,0 +1,128 @@
+//! Where what happens to jobs and databases is told: the status board
+//! ([`crate::status`]), the Prometheus series ([`crate::metrics`]) and the
+//! notifications ([`crate::notify`]).
+//!
+//! Each of the three has its own home and knows nothing of the others; the runner
+//! and the daemon tell a [`Reporter`] once, and it tells each of them.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::jobs::Job;
+use crate::metrics::{self, SkipReason};
+use crate::notify::Notifier;
+use crate::state::JobLast;
+use crate::status::{DatabaseStatus, JobStatus, Status};
+
+/// Shared handle; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Reporter {
+    status: Status,
+    notifier: Arc<Mutex<Option<Notifier>>>,
+}
+
+impl Reporter {
+    pub fn new(status: Status) -> Self {
+        Reporter {
+            status,
+            notifier: Arc::default(),
+        }
+    }
+
+    fn notifier(&self) -> MutexGuard<'_, Option<Notifier>> {
+        self.notifier.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A configuration was (re)loaded: its databases and jobs (each with its last
+    /// runs and expected interval) replace the old ones, and `notifier` (or none)
+    /// takes over the notifications.
+    pub fn configure(
+        &self,
+        config_file: &str,
+        databases: Vec<DatabaseStatus>,
+        jobs: &[(Arc<Job>, JobLast, Option<Duration>)],
+        notifier: Option<Notifier>,
+        at: DateTime<Utc>,
+    ) {
+        let rows = jobs
+            .iter()
+            .map(|(job, last, interval)| {
+                metrics::register_job(job.labels(), last, *interval, job.options.timeout);
+                JobStatus {
+                    job: job.id.clone(),
+                    kind: job.kind().to_owned(),
+                    database: job.database_name().to_owned(),
+                    schedule: job.options.schedule.to_string(),
+                    timezone: job.options.timezone.to_string(),
+                    running: false,
+                    last_result: last.last_result.map(|r| r.as_str().to_owned()),
+                    last_run: last.last_run,
+                    last_success: last.last_success,
+                    last_failure: last.last_failure,
+                    last_error: last.last_error.clone(),
+                    next_run: None,
+                }
+            })
+            .collect();
+        let running = self.status.configure(config_file, databases, rows, at);
+        for (job, last, _) in jobs.iter().filter(|(j, _, _)| running.contains(&j.id)) {
+            metrics::job_started(job.labels(), last.last_run.unwrap_or(at));
+        }
+        metrics::config_loaded(true, at);
+        *self.notifier() = notifier;
+    }
+
+    /// A reload failed; the running configuration stays in force.
+    pub fn reload_failed(&self, error: String) {
+        self.status.reload_failed(error);
+        metrics::config_loaded(false, Utc::now());
+    }
+
+    /// A reload removed the job.
+    pub fn job_removed(&self, job: &Job) {
+        metrics::job_removed(job.labels());
+    }
+
+    pub fn database_probed(&self, name: &str, result: Result<(), String>) {
+        metrics::database_up(name, result.is_ok());
+        self.status.database_probed(name, result);
+    }
+
+    pub fn job_started(&self, job: &Job, at: DateTime<Utc>) {
+        metrics::job_started(job.labels(), at);
+        self.status.job_started(&job.id, at);
+    }
+
+    pub fn job_finished(
+        &self,
+        job: &Job,
+        started: DateTime<Utc>,
+        took: Duration,
+        error: Option<&str>,
+    ) {
+        metrics::job_finished(job.labels(), started, error.is_none(), took);
+        let Some(failed_before) = self.status.job_finished(&job.id, started, error) else {
+            return;
+        };
+        if let Some(n) = self.notifier().as_ref() {
+            n.run_finished(
+                &job.id,
+                job.kind(),
+                job.database_name(),
+                failed_before,
+                error,
+            );
+        }
+    }
+
+    pub fn job_skipped(&self, job: &Job, reason: SkipReason) {
+        metrics::job_skipped(&job.id, reason);
+    }
+
+    pub fn job_next_run(&self, job: &Job, next: Option<DateTime<Utc>>) {
+        metrics::job_next_run(job.labels(), next);
+        self.status.job_next_run(&job.id, next);
+    }
+}
