@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::DatabaseConfig;
 
 pub use ident::{check_expression, quote, quote_literal, QualifiedName};
-pub use postgres::{is_scratch_name, scratch_lock_key, Postgres, ScratchClaim};
+pub use postgres::{
+    is_scratch_name, scratch_lock_key, Postgres, ScratchClaim, SwapMode, Swapped, UserObjects,
+};
 pub use sqlite::Sqlite;
 
 /// Which kind of database a URL points at.
