@@ -867,3 +867,35 @@ fn output_within(mut cmd: Command, limit: std::time::Duration) -> std::process::
     }
     child.wait_with_output().expect("output")
 }
+
+#[test]
+fn restore_test_whose_pg_restore_is_killed_keeps_the_backup_good() {
+    // The OOM killer (or an admin) ends pg_restore: nothing to do with the archive.
+    let src = PgDb::new("rt_killed");
+    src.sql("CREATE TABLE t AS SELECT generate_series(1, 100) i");
+    let w = pg_workdir(&src.url, "verify = \"read\"\nkeep = { last = 5 }");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let killed = common::write_script(w.path(), "killed_pg_restore", "#!/bin/sh\nkill -9 $$\n");
+    write_pg_config(
+        &w,
+        &src.url,
+        &format!(
+            "verify = \"read\"\nkeep = {{ last = 5 }}\npg-restore = \"{}\"",
+            killed.display()
+        ),
+    );
+    w.cmd(&["backup", "verify", "pg", "--restore-test"])
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("signal: 9")
+                .and(predicate::str::contains("the backup was not judged")),
+        );
+    let manifest = manifests(&w.path().join("backups/pg"));
+    assert_eq!(manifest.len(), 1);
+    assert_eq!(
+        manifest[0]["verification"]["result"], "passed",
+        "{:#}",
+        manifest[0]
+    );
+}
