@@ -411,7 +411,7 @@ fn failing_or_killed_backups_leave_no_backup_and_older_ones_intact() {
     let slow = common::write_script(
         w.path(),
         "pg_dump_slow.sh",
-        "#!/bin/sh\nhead -c 3000000 /dev/urandom\nexec sleep 60\n",
+        "#!/bin/sh\nprintf PGDMP\nhead -c 3000000 /dev/urandom\nexec sleep 60\n",
     );
     w.write_config(
         "",
@@ -677,4 +677,62 @@ fn unencrypted_backups_are_allowed_when_asked_for() {
         .assert()
         .success();
     assert_eq!(sqlite(&out, "SELECT count(*) FROM people").trim(), "5000");
+}
+
+#[test]
+fn a_pg_dump_that_succeeds_without_a_dump_makes_no_backup_and_keeps_the_real_ones() {
+    let src = PgDb::new("nodump");
+    src.sql("CREATE TABLE t (x int); INSERT INTO t VALUES (1)");
+    let w = Workdir::new();
+    let key = w.key("k");
+    let dest = w.path().join("backups");
+    let config = |extra: &str| {
+        format!(
+            "[[database]]\nname = \"pg\"\nurl = \"{}\"\n{}",
+            src.url,
+            backup_table(
+                &dest,
+                Some(&key),
+                &format!("keep = {{ last = 1 }}\n{extra}")
+            )
+        )
+    };
+    w.write_config("", &config(""));
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let before = dir_names(&dest.join("pg"));
+    // A wrapper (ssh, docker exec) that loses pg_dump's output and exit status.
+    let silent = common::write_script(w.path(), "pg_dump_silent.sh", "#!/bin/sh\nexit 0\n");
+    let chatty = common::write_script(
+        w.path(),
+        "pg_dump_chatty.sh",
+        "#!/bin/sh\necho 'Error: No such container: db'\nexit 0\n",
+    );
+    let failing = common::write_script(
+        w.path(),
+        "pg_dump_failing.sh",
+        "#!/bin/sh\necho 'pg_dump: error: connection refused' >&2\nexit 1\n",
+    );
+    for (script, says) in [
+        (&silent, "it is empty"),
+        (&chatty, "it starts with \"Error: No such"),
+    ] {
+        std::thread::sleep(Duration::from_millis(1100));
+        w.write_config("", &config(&format!("pg-dump = \"{}\"", script.display())));
+        w.cmd(&["run-job", "pg.backup"]).assert().code(1).stderr(
+            predicate::str::contains("pg_dump's output is not a custom-format dump")
+                .and(predicate::str::contains(says)),
+        );
+        assert_eq!(
+            dir_names(&dest.join("pg")),
+            before,
+            "a backup was published or rotated"
+        );
+    }
+    // pg_dump failing with no output: its own message, not the missing dump.
+    w.write_config("", &config(&format!("pg-dump = \"{}\"", failing.display())));
+    w.cmd(&["run-job", "pg.backup"]).assert().code(1).stderr(
+        predicate::str::contains("pg_dump failed")
+            .and(predicate::str::contains("connection refused")),
+    );
+    assert_eq!(dir_names(&dest.join("pg")), before);
 }

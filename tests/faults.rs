@@ -281,7 +281,7 @@ fn sigterm_during_every_job_kind_stops_cleanly_within_the_grace_period() {
     let slow_dump = common::write_script(
         w.path(),
         "slow_pg_dump.sh",
-        "#!/bin/sh\nhead -c 100000 /dev/urandom\nexec sleep 60\n",
+        "#!/bin/sh\nprintf PGDMP\nhead -c 100000 /dev/urandom\nexec sleep 60\n",
     );
     // The refresh takes a minute: the view's query sleeps.
     w.write_config(

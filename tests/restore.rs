@@ -27,16 +27,21 @@ fn backup_table(dest: &Path, key: &Path, extra: &str) -> String {
 /// A workdir whose config backs up the PostgreSQL database at `url` as `pg`.
 fn pg_workdir(url: &str, extra: &str) -> Workdir {
     let w = Workdir::new();
-    let key = w.key("k");
+    w.key("k");
+    write_pg_config(&w, url, extra);
+    w
+}
+
+/// (Re)writes `w`'s config as [`pg_workdir`] does.
+fn write_pg_config(w: &Workdir, url: &str, extra: &str) {
     let dest = w.path().join("backups");
     w.write_config(
         "",
         &format!(
             "[[database]]\nname = \"pg\"\nurl = \"{url}\"\n{}",
-            backup_table(&dest, &key, extra)
+            backup_table(&dest, &w.path().join("k"), extra)
         ),
     );
-    w
 }
 
 fn server_sql(sql: &str) -> String {
@@ -567,4 +572,318 @@ fn restore_test_that_pg_restore_fails_is_a_job_error_and_keeps_the_verdict() {
     assert_single_backup_passed(&w);
     // A plain read still passes: the archive is fine.
     w.cmd(&["backup", "verify", "pg"]).assert().success();
+}
+
+// ---------- Without --force, nothing in the target is ever lost ----------
+
+#[test]
+fn restore_without_force_refuses_a_target_holding_only_large_objects_functions_or_types() {
+    let src = PgDb::new("lo_src");
+    src.sql("CREATE TABLE t (i int); INSERT INTO t VALUES (1)");
+    let w = pg_workdir(&src.url, "");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+
+    let target = PgDb::new("lo_dst");
+    target.sql(
+        "SELECT lo_from_bytea(0, 'precious large object data');
+         CREATE FUNCTION keepme() RETURNS int LANGUAGE sql AS 'SELECT 7';
+         CREATE TYPE mood AS ENUM ('ok', 'not ok');",
+    );
+    w.cmd(&["restore", "pg", "--to", &target.url])
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("1 large object")
+                .and(predicate::str::contains("1 function"))
+                .and(predicate::str::contains("1 type"))
+                .and(predicate::str::contains("--force")),
+        );
+    assert_eq!(
+        target.sql("SELECT count(*) FROM pg_largeobject_metadata"),
+        "1"
+    );
+    assert_eq!(target.sql("SELECT keepme()"), "7");
+    assert_eq!(target.sql("SELECT to_regclass('t') IS NULL"), "t");
+    assert_eq!(leftovers(&target.name), "0", "scratch database left");
+
+    // An empty database (a fresh CREATE DATABASE) is still replaced without --force.
+    let empty = PgDb::new("lo_empty");
+    w.cmd(&["restore", "pg", "--to", &empty.url])
+        .assert()
+        .success();
+    assert_eq!(empty.sql("SELECT count(*) FROM t"), "1");
+    assert_eq!(leftovers(&empty.name), "0", "old database left");
+}
+
+/// A `pg_restore` that first runs `sql` with psql on `url` (as another client of the
+/// target would, while the restore runs), then does its job.
+fn meddling_pg_restore(w: &Workdir, url: &str, sql: &str) -> PathBuf {
+    common::write_script(
+        w.path(),
+        "meddling_pg_restore",
+        &format!("#!/bin/sh\npsql -qAt '{url}' -c \"{sql}\" >/dev/null || exit 99\nexec pg_restore \"$@\"\n"),
+    )
+}
+
+#[test]
+fn restore_without_force_keeps_what_was_written_to_the_target_during_the_restore() {
+    let src = PgDb::new("race_src");
+    src.sql("CREATE TABLE t (i int); INSERT INTO t SELECT generate_series(1, 10)");
+    let target = PgDb::new("race_dst");
+    let w = pg_workdir(&src.url, "");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    // The target is empty when the restore starts; an application writes into it
+    // while pg_restore runs.
+    let script = meddling_pg_restore(
+        &w,
+        &target.url,
+        "CREATE TABLE IF NOT EXISTS precious (x text); INSERT INTO precious VALUES ('APPDATA')",
+    );
+    write_pg_config(
+        &w,
+        &src.url,
+        &format!("pg-restore = \"{}\"", script.display()),
+    );
+    w.cmd(&["restore", "pg", "--to", &target.url])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "the target changed during the restore; nothing was replaced",
+        ));
+    assert!(
+        target
+            .sql("SELECT string_agg(x, ',') FROM precious")
+            .starts_with("APPDATA"),
+        "data written during the restore was lost"
+    );
+    assert_eq!(target.sql("SELECT to_regclass('t') IS NULL"), "t");
+    assert_eq!(leftovers(&target.name), "0", "scratch or old database left");
+}
+
+#[test]
+fn restore_with_create_refuses_a_database_created_under_that_name_during_the_restore() {
+    let src = PgDb::new("crt_src");
+    src.sql("CREATE TABLE t (i int); INSERT INTO t SELECT generate_series(1, 10)");
+    let w = pg_workdir(&src.url, "");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let fresh = PgDb::unused("crt_new");
+    // While pg_restore runs, someone creates the database and writes into it.
+    let create = common::write_script(
+        w.path(),
+        "creating_pg_restore",
+        &format!(
+            "#!/bin/sh\nif [ \"$(psql -qAt '{server}/postgres' -c \"SELECT count(*) FROM pg_database WHERE datname = '{name}'\")\" = 0 ]; then\n  psql -q '{server}/postgres' -c 'CREATE DATABASE {name}' || exit 99\n  psql -q '{url}' -c \"CREATE TABLE precious (x text); INSERT INTO precious VALUES ('APPDATA')\" || exit 99\nfi\nexec pg_restore \"$@\"\n",
+            server = pg_server(),
+            name = fresh.name,
+            url = fresh.url
+        ),
+    );
+    write_pg_config(
+        &w,
+        &src.url,
+        &format!("pg-restore = \"{}\"", create.display()),
+    );
+    w.cmd(&["restore", "pg", "--to", &fresh.url, "--create"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("was created while restoring"));
+    assert_eq!(fresh.sql("SELECT x FROM precious"), "APPDATA");
+    assert_eq!(leftovers(&fresh.name), "0", "scratch or old database left");
+}
+
+#[test]
+fn sqlite_restore_without_force_never_replaces_a_file_created_during_the_restore() {
+    // Big enough that decoding and checking it take a while.
+    let w = Workdir::new();
+    let key = w.key("k");
+    let src = w.path().join("big.db");
+    sqlite(
+        &src,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);
+         WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 200000)
+         INSERT INTO t (v) SELECT hex(randomblob(100)) FROM c;",
+    );
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"big\"\nurl = \"sqlite://{}\"\n{}",
+            src.display(),
+            backup_table(&w.path().join("backups"), &key, "")
+        ),
+    );
+    w.cmd(&["run-job", "big.backup"]).assert().success();
+    let target = w.path().join("new.db");
+    let mut raced = false;
+    for _ in 0..5 {
+        let _ = std::fs::remove_file(&target);
+        let mut child = Command::new(common::BIN)
+            .args(["restore", "big", "--to"])
+            .arg(&target)
+            .arg("-c")
+            .arg(w.config_path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("restore");
+        // As soon as the restore is decoding, an application creates the target.
+        let start = std::time::Instant::now();
+        while !has_restore_temp(w.path()) && start.elapsed().as_secs() < 20 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        sqlite(
+            &target,
+            "CREATE TABLE precious (x); INSERT INTO precious VALUES ('APPDATA')",
+        );
+        let running = child.try_wait().expect("try_wait").is_none();
+        let out = child.wait_with_output().expect("wait");
+        if !running {
+            continue; // finished before the file appeared: try again
+        }
+        raced = true;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("appeared while restoring"), "{stderr}");
+        assert_eq!(
+            sqlite(&target, "SELECT x FROM precious").trim(),
+            "APPDATA",
+            "the file created during the restore was replaced"
+        );
+        assert!(!has_restore_temp(w.path()), "restore temp file left");
+        break;
+    }
+    assert!(
+        raced,
+        "the restore always finished before the file appeared"
+    );
+}
+
+fn has_restore_temp(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .expect("dir")
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().contains("dbkeeper-restore"))
+}
+
+#[test]
+fn sqlite_restore_refuses_fifos_devices_sockets_and_links_without_opening_them() {
+    let w = sqlite_workdir();
+    let fifo = w.path().join("target.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
+    let socket = w.path().join("target.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("socket");
+    let real = w.path().join("real.db");
+    sqlite(&real, "CREATE TABLE keep (x); INSERT INTO keep VALUES (1)");
+    let link = w.path().join("link.db");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    let device = w.path().join("null.dev");
+    // Tests run as root here; elsewhere there is no device to try.
+    let have_device = Command::new("mknod")
+        .arg(&device)
+        .args(["c", "1", "3"])
+        .status()
+        .is_ok_and(|s| s.success());
+
+    let mut cases = vec![
+        (fifo.clone(), "a FIFO".to_owned()),
+        (socket.clone(), "a socket".to_owned()),
+        (
+            link.clone(),
+            format!(
+                "is a symbolic link; restore to the file it points to, {}",
+                real.display()
+            ),
+        ),
+        (w.path().to_owned(), "is a directory".to_owned()),
+    ];
+    if have_device {
+        cases.push((device.clone(), "a device".to_owned()));
+    }
+    for (target, says) in &cases {
+        for force in [false, true] {
+            let mut cmd = Command::new(common::BIN);
+            cmd.args(["restore", "app", "--to"])
+                .arg(target)
+                .arg("-c")
+                .arg(w.config_path());
+            if force {
+                cmd.arg("--force");
+            }
+            let out = output_within(cmd, std::time::Duration::from_secs(20));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{}: {stderr}", target.display());
+            assert!(
+                stderr.contains(says.as_str()),
+                "{}: {stderr}",
+                target.display()
+            );
+        }
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let kind = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .expect("still there")
+            .file_type()
+    };
+    assert!(kind(&fifo).is_fifo());
+    assert!(kind(&socket).is_socket());
+    assert!(kind(&link).is_symlink());
+    if have_device {
+        assert!(kind(&device).is_char_device(), "device node replaced");
+    }
+    assert_eq!(sqlite(&real, "SELECT x FROM keep").trim(), "1");
+    assert!(!has_restore_temp(w.path()), "restore temp file left");
+}
+
+/// Runs `cmd`, killing it (and failing the test) if it has not finished in `limit`.
+fn output_within(mut cmd: Command, limit: std::time::Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("still running after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn restore_test_whose_pg_restore_is_killed_keeps_the_backup_good() {
+    // The OOM killer (or an admin) ends pg_restore: nothing to do with the archive.
+    let src = PgDb::new("rt_killed");
+    src.sql("CREATE TABLE t AS SELECT generate_series(1, 100) i");
+    let w = pg_workdir(&src.url, "verify = \"read\"\nkeep = { last = 5 }");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let killed = common::write_script(w.path(), "killed_pg_restore", "#!/bin/sh\nkill -9 $$\n");
+    write_pg_config(
+        &w,
+        &src.url,
+        &format!(
+            "verify = \"read\"\nkeep = {{ last = 5 }}\npg-restore = \"{}\"",
+            killed.display()
+        ),
+    );
+    w.cmd(&["backup", "verify", "pg", "--restore-test"])
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("signal: 9")
+                .and(predicate::str::contains("the backup was not judged")),
+        );
+    let manifest = manifests(&w.path().join("backups/pg"));
+    assert_eq!(manifest.len(), 1);
+    assert_eq!(
+        manifest[0]["verification"]["result"], "passed",
+        "{:#}",
+        manifest[0]
+    );
 }

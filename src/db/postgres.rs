@@ -187,6 +187,190 @@ fn percent_decode(s: &str) -> String {
         .unwrap_or_default()
 }
 
+/// What [`Postgres::swap_databases`] may do to a target that exists at the moment of
+/// the swap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwapMode {
+    /// End its sessions and replace it, whatever it holds (`restore --force`).
+    Force,
+    /// Rename it away without ending any session; the caller checks the renamed
+    /// database for user objects and swaps back if it is not empty.
+    ReplaceIfEmpty,
+    /// Leave it alone and swap nothing (`restore --create` onto a name that was free).
+    RequireAbsent,
+}
+
+/// What [`Postgres::swap_databases`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Swapped {
+    /// The target existed and now has the old name.
+    Replaced,
+    /// There was no target: the new database just took the name.
+    Created,
+    /// [`SwapMode::RequireAbsent`] and the target exists: nothing was renamed.
+    TargetAppeared,
+}
+
+/// The user objects found in a database, by kind (only kinds with any).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserObjects {
+    counts: Vec<(&'static str, &'static str, i64)>,
+}
+
+impl UserObjects {
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+}
+
+impl std::fmt::Display for UserObjects {
+    /// "3 relations, 1 large object, 2 functions".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.counts.is_empty() {
+            return f.write_str("no user objects");
+        }
+        for (i, (one, many, n)) in self.counts.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{n} {}", if *n == 1 { one } else { many })?;
+        }
+        Ok(())
+    }
+}
+
+/// Kinds of user object: (singular, plural, the rows of that kind, from which they are
+/// counted).
+///
+/// Why OIDs: initdb gives everything it creates an OID below 16384
+/// (`FirstNormalObjectId`), and every object created afterwards — by `CREATE`, an
+/// extension script, `lo_create`, … — gets one at or above it, OIDs being unique
+/// within a catalog. So `oid >= 16384` catches every kind of object a user can make
+/// without a list of system schemas or names to keep up to date, and a brand-new
+/// database (from `template0`, or a `template1` nobody added to) counts as empty.
+/// Changes made to initdb's own objects (`GRANT … ON SCHEMA public`, a comment on it)
+/// are not objects and are not counted. Objects that only exist as part of another
+/// one (indexes, TOAST tables, a table's row type, array and multirange types) are
+/// left out so that the counts read naturally; their owner is counted. Temporary
+/// schemas and what is in them belong to sessions, not to the database.
+const USER_OBJECTS: &[(&str, &str, &str)] = &[
+    (
+        "schema",
+        "schemas",
+        "pg_namespace WHERE oid >= 16384 AND nspname !~ '^pg_(toast_)?temp_'",
+    ),
+    (
+        "relation",
+        "relations",
+        "pg_class WHERE oid >= 16384 AND relkind NOT IN ('i', 'I', 't') AND relnamespace NOT IN \
+         (SELECT oid FROM pg_namespace WHERE nspname ~ '^pg_(toast_)?temp_')",
+    ),
+    (
+        "large object",
+        "large objects",
+        "pg_largeobject_metadata WHERE oid >= 16384",
+    ),
+    (
+        "function",
+        "functions",
+        "pg_proc WHERE oid >= 16384 AND pronamespace NOT IN \
+         (SELECT oid FROM pg_namespace WHERE nspname ~ '^pg_(toast_)?temp_')",
+    ),
+    (
+        "type",
+        "types",
+        "pg_type t WHERE oid >= 16384 AND typrelid = 0 AND typtype <> 'm' \
+         AND NOT EXISTS (SELECT 1 FROM pg_type e WHERE e.typarray = t.oid) AND typnamespace NOT IN \
+         (SELECT oid FROM pg_namespace WHERE nspname ~ '^pg_(toast_)?temp_')",
+    ),
+    ("extension", "extensions", "pg_extension WHERE oid >= 16384"),
+    ("collation", "collations", "pg_collation WHERE oid >= 16384"),
+    (
+        "conversion",
+        "conversions",
+        "pg_conversion WHERE oid >= 16384",
+    ),
+    ("operator", "operators", "pg_operator WHERE oid >= 16384"),
+    (
+        "operator class",
+        "operator classes",
+        "pg_opclass WHERE oid >= 16384",
+    ),
+    (
+        "operator family",
+        "operator families",
+        "pg_opfamily WHERE oid >= 16384",
+    ),
+    (
+        "access method",
+        "access methods",
+        "pg_am WHERE oid >= 16384",
+    ),
+    (
+        "text search configuration",
+        "text search configurations",
+        "pg_ts_config WHERE oid >= 16384",
+    ),
+    (
+        "text search dictionary",
+        "text search dictionaries",
+        "pg_ts_dict WHERE oid >= 16384",
+    ),
+    (
+        "text search parser",
+        "text search parsers",
+        "pg_ts_parser WHERE oid >= 16384",
+    ),
+    (
+        "text search template",
+        "text search templates",
+        "pg_ts_template WHERE oid >= 16384",
+    ),
+    (
+        "foreign-data wrapper",
+        "foreign-data wrappers",
+        "pg_foreign_data_wrapper WHERE oid >= 16384",
+    ),
+    (
+        "foreign server",
+        "foreign servers",
+        "pg_foreign_server WHERE oid >= 16384",
+    ),
+    (
+        "publication",
+        "publications",
+        "pg_publication WHERE oid >= 16384",
+    ),
+    (
+        "event trigger",
+        "event triggers",
+        "pg_event_trigger WHERE oid >= 16384",
+    ),
+    ("cast", "casts", "pg_cast WHERE oid >= 16384"),
+    ("transform", "transforms", "pg_transform WHERE oid >= 16384"),
+    ("language", "languages", "pg_language WHERE oid >= 16384"),
+    ("policy", "policies", "pg_policy WHERE oid >= 16384"),
+    (
+        "default privilege rule",
+        "default privilege rules",
+        "pg_default_acl WHERE oid >= 16384",
+    ),
+    (
+        "statistics object",
+        "statistics objects",
+        "pg_statistic_ext WHERE oid >= 16384",
+    ),
+];
+
+/// One row (kind, count) per entry of [`USER_OBJECTS`]; built from constants only.
+fn user_objects_sql() -> String {
+    USER_OBJECTS
+        .iter()
+        .map(|(kind, _, rows)| format!("SELECT '{kind}'::text, count(*) FROM {rows}"))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ")
+}
+
 impl Postgres {
     pub(super) fn open(cfg: &DatabaseConfig) -> Result<Self, DbError> {
         let url = redact_url(&cfg.url);
@@ -321,17 +505,29 @@ impl Postgres {
             .map_err(|e| self.query_error(e))
     }
 
-    /// Number of user tables (outside the system schemas).
-    pub async fn user_table_count(&self) -> Result<i64, DbError> {
-        sqlx::query_scalar(
-            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
-               AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-               AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| self.query_error(e))
+    /// Every object in database `database` (on this server) that initdb did not create:
+    /// what a restore without `--force` must never throw away.
+    pub async fn user_objects_in(&self, database: &str) -> Result<UserObjects, DbError> {
+        let options = self.access.options.clone().database(database);
+        let mut conn = PgConnection::connect_with(&options)
+            .await
+            .map_err(|e| DbError::connect(&self.name, &self.url, e))?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(user_objects_sql()))
+            .fetch_all(&mut conn)
+            .await
+            .map_err(|e| self.query_error(e))?;
+        let _ = conn.close().await;
+        let counts = rows
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .filter_map(|(kind, n)| {
+                USER_OBJECTS
+                    .iter()
+                    .find(|o| o.0 == kind)
+                    .map(|o| (o.0, o.1, n))
+            })
+            .collect();
+        Ok(UserObjects { counts })
     }
 
     /// A connection to the server's `postgres` database, for CREATE/DROP DATABASE.
@@ -394,8 +590,8 @@ impl Postgres {
     }
 
     /// In one transaction, renames `target` (if it exists) to `old` and `new` to
-    /// `target`: either both renames happen or neither. With `terminate`, other
-    /// sessions of `target` are ended first (a rename needs none); one that connects
+    /// `target`: either both renames happen or neither. What an existing `target` may
+    /// go through is `mode`'s: see [`SwapMode`]. A session that connects to `target`
     /// in between makes the rename fail, and the transaction leaves everything as it
     /// was.
     pub async fn swap_databases(
@@ -403,8 +599,8 @@ impl Postgres {
         target: &str,
         new: &str,
         old: &str,
-        terminate: bool,
-    ) -> Result<(), DbError> {
+        mode: SwapMode,
+    ) -> Result<Swapped, DbError> {
         let mut conn = self.maintenance().await?;
         let mut tx = conn.begin().await.map_err(|e| self.query_error(e))?;
         let exists: bool =
@@ -414,15 +610,13 @@ impl Postgres {
                 .await
                 .map_err(|e| self.query_error(e))?;
         if exists {
-            if terminate {
-                sqlx::query(
-                    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
-                     WHERE datname = $1 AND pid <> pg_backend_pid()",
-                )
-                .bind(target)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.query_error(e))?;
+            match mode {
+                SwapMode::RequireAbsent => {
+                    // Dropping `tx` rolls back: nothing was renamed.
+                    return Ok(Swapped::TargetAppeared);
+                }
+                SwapMode::Force => self.terminate_sessions(&mut tx, target).await?,
+                SwapMode::ReplaceIfEmpty => {}
             }
             rename(&mut tx, target, old)
                 .await
@@ -431,7 +625,50 @@ impl Postgres {
         rename(&mut tx, new, target)
             .await
             .map_err(|e| self.query_error(e))?;
+        tx.commit().await.map_err(|e| self.query_error(e))?;
+        Ok(if exists {
+            Swapped::Replaced
+        } else {
+            Swapped::Created
+        })
+    }
+
+    /// Undoes [`Postgres::swap_databases`]: in one transaction, `target` goes back to
+    /// `new` and `old` back to `target`. Sessions that reached `target` since the swap
+    /// are ended: they are on the database that is being taken back.
+    pub async fn unswap_databases(
+        &self,
+        target: &str,
+        new: &str,
+        old: &str,
+    ) -> Result<(), DbError> {
+        let mut conn = self.maintenance().await?;
+        let mut tx = conn.begin().await.map_err(|e| self.query_error(e))?;
+        self.terminate_sessions(&mut tx, target).await?;
+        rename(&mut tx, target, new)
+            .await
+            .map_err(|e| self.query_error(e))?;
+        rename(&mut tx, old, target)
+            .await
+            .map_err(|e| self.query_error(e))?;
         tx.commit().await.map_err(|e| self.query_error(e))
+    }
+
+    /// Ends every other session on `database` (waiting up to 5 s for each to go).
+    async fn terminate_sessions(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        database: &str,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(database)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| self.query_error(e))?;
+        Ok(())
     }
 
     /// Takes the advisory lock that marks the scratch database `name` as ours, on a

@@ -864,20 +864,24 @@ schedule = "@daily"
         use retention::RetentionError as R;
         let file = || "1_x.sql".to_owned();
         let not_transient: Vec<JobError> = vec![
-            M::Blocked("dirty".into()).into(),
+            M::Blocked(vec!["dirty".into()]).into(),
             M::RowRemoved {
                 version: 1,
                 file: file(),
             }
             .into(),
-            F::Refused("no".into()).into(),
+            F::Refused(refresh::Refusal::Concurrently {
+                view: "v".into(),
+                why: "no unique index",
+            })
+            .into(),
             F::NoView {
                 database: "a".into(),
                 view: "v".into(),
             }
             .into(),
             R::Cutoff.into(),
-            R::Unsupported("no".into()).into(),
+            R::Unaddressable { table: "t".into() }.into(),
             backup::BackupError::Refused("no".into()).into(),
         ];
         for e in &not_transient {
@@ -888,7 +892,7 @@ schedule = "@daily"
             M::Failed {
                 version: 1,
                 file: file(),
-                message: "deadlock".into(),
+                source: Box::new(M::LockTimeout(std::time::Duration::from_secs(1))),
             }
             .into(),
             R::Cancelled { deleted: 3 }.into(),

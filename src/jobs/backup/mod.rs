@@ -51,6 +51,8 @@ pub enum BackupError {
         status: String,
         stderr: String,
     },
+    #[error(transparent)]
+    NotAnImage(#[from] source::NotAnImage),
     #[error("verification failed: {0}")]
     Verification(String),
     #[error("backup {id} is not trusted: {reason}; it is never restored, counted or used for rotation (see `dbkeeper backup list`)")]

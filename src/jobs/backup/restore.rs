@@ -7,13 +7,18 @@
 //!
 //! SQLite: the image is written beside the target, checked with
 //! `PRAGMA integrity_check`, given the target's owner, group, mode and journal mode,
-//! and renamed over it; the target's `-wal`/`-shm`/`-journal` are moved aside first
-//! and put back if anything fails, so committed transactions in a WAL are never lost.
+//! and renamed over it (`--force`) or hard-linked to it (which fails if a file
+//! appeared there meanwhile); the target's `-wal`/`-shm`/`-journal` are moved aside
+//! first and put back if anything fails, so committed transactions in a WAL are never
+//! lost. Only a regular file is ever a target: anything else is refused before it is
+//! opened.
 //!
 //! PostgreSQL: the archive is streamed into a fresh scratch database on the same
 //! server while it is authenticated (see [`super::pg_restore`]), then one transaction
-//! renames the target away and the scratch database into its place. Until that commit the target is untouched; a failure anywhere before it
-//! drops the scratch database and leaves the target exactly as it was.
+//! renames the target away and the scratch database into its place. Until that commit
+//! the target is untouched; a failure anywhere before it drops the scratch database
+//! and leaves the target exactly as it was. Without `--force`, the renamed target is
+//! checked for user objects again after the commit and the swap undone if it has any.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -29,7 +34,7 @@ use super::{pg_restore, BackupError};
 use crate::archive::KeyRing;
 use crate::catalog::{Manifest, TrustPolicy};
 use crate::config::DatabaseConfig;
-use crate::db::{Database, Postgres};
+use crate::db::{Database, Postgres, SwapMode, Swapped};
 use crate::storage::sync_dir;
 
 /// What `restore` was told to do besides the target.
@@ -139,10 +144,9 @@ struct Inherit {
 }
 
 /// SQLite records WAL mode in bytes 18 and 19 of the file header (2 = WAL).
-fn is_wal(path: &Path) -> std::io::Result<bool> {
+fn is_wal(file: &mut std::fs::File) -> std::io::Result<bool> {
     use std::io::Read;
     let mut header = [0u8; 20];
-    let mut file = std::fs::File::open(path)?;
     match file.read_exact(&mut header) {
         Ok(()) => Ok(header[18] == 2 && header[19] == 2),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
@@ -150,23 +154,90 @@ fn is_wal(path: &Path) -> std::io::Result<bool> {
     }
 }
 
-fn inherit_from(target: &Path) -> Result<Option<Inherit>, BackupError> {
-    let meta = match std::fs::metadata(target) {
+fn is_wal_file(path: &Path) -> std::io::Result<bool> {
+    is_wal(&mut std::fs::File::open(path)?)
+}
+
+/// What is at the SQLite target path, looked at without following a link or opening
+/// anything: only a regular file (or nothing) can be restored over. A FIFO would block
+/// the open forever, and renaming over a device node, socket or link would replace
+/// something that is not a database.
+/// True when a regular file is there, false when nothing is.
+fn usable_target(target: &Path) -> Result<bool, BackupError> {
+    let meta = match std::fs::symlink_metadata(target) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(source) => {
             return Err(BackupError::Io {
-                what: "cannot read",
+                what: "cannot look at",
                 path: target.to_owned(),
                 source,
             })
         }
     };
-    let wal = is_wal(target).map_err(|source| BackupError::Io {
+    let kind = meta.file_type();
+    if kind.is_file() {
+        return Ok(true);
+    }
+    if kind.is_symlink() {
+        let points_to = std::fs::canonicalize(target)
+            .or_else(|_| std::fs::read_link(target))
+            .map_or_else(
+                |_| "its destination".to_owned(),
+                |p| p.display().to_string(),
+            );
+        return Err(BackupError::Refused(format!(
+            "{} is a symbolic link; restore to the file it points to, {points_to}",
+            target.display()
+        )));
+    }
+    if kind.is_dir() {
+        return Err(BackupError::Refused(format!(
+            "{} is a directory; name the database file",
+            target.display()
+        )));
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let what = if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    };
+    Err(BackupError::Refused(format!(
+        "{} is {what}, not a database file; restore to a regular file",
+        target.display()
+    )))
+}
+
+fn inherit_from(target: &Path) -> Result<Option<Inherit>, BackupError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !usable_target(target)? {
+        return Ok(None);
+    }
+    let read_err = |source| BackupError::Io {
         what: "cannot read",
         path: target.to_owned(),
         source,
-    })?;
+    };
+    // Checked above, but it may have been swapped since: never follow a link, never
+    // wait for a FIFO's writer, and look at what was actually opened.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(target)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(BackupError::Refused(format!(
+            "{} is not a regular file any more; restore to a regular file",
+            target.display()
+        )));
+    }
+    let wal = is_wal(&mut file).map_err(read_err)?;
     Ok(Some(Inherit {
         mode: meta.mode() & 0o7777,
         uid: meta.uid(),
@@ -178,7 +249,7 @@ fn inherit_from(target: &Path) -> Result<Option<Inherit>, BackupError> {
 /// Gives the restored file `image` the journal mode, owner, group and mode of the
 /// file it will replace.
 async fn apply_inherited(image: &Path, from: &Inherit) -> Result<(), BackupError> {
-    if is_wal(image).unwrap_or(false) != from.wal {
+    if is_wal_file(image).unwrap_or(false) != from.wal {
         let mode = if from.wal { "WAL" } else { "DELETE" };
         let fail = |e: sqlx::Error| {
             BackupError::Internal(format!(
@@ -230,17 +301,10 @@ async fn restore_sqlite(
     force: bool,
     cancel: &CancellationToken,
 ) -> Result<String, BackupError> {
-    if target.exists() && !force {
-        return Err(BackupError::Refused(format!(
-            "{} exists; add --force to replace it (stop the application using it first)",
-            target.display()
-        )));
-    }
-    if target.is_dir() {
-        return Err(BackupError::Refused(format!(
-            "{} is a directory; name the database file",
-            target.display()
-        )));
+    // Before anything is decoded or opened: an unusable target is refused even with
+    // --force.
+    if usable_target(target)? && !force {
+        return Err(exists_refusal(target));
     }
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
@@ -256,16 +320,31 @@ async fn restore_sqlite(
         cancel,
     )
     .await?;
-    verify::integrity_check(&tmp.0).await?;
-    if let Some(from) = inherit_from(target)? {
-        apply_inherited(&tmp.0, &from).await?;
+    tokio::select! {
+        checked = verify::integrity_check(&tmp.0) => checked?,
+        _ = cancel.cancelled() => return Err(BackupError::Cancelled),
+    }
+    if force {
+        if let Some(from) = inherit_from(target)? {
+            apply_inherited(&tmp.0, &from).await?;
+        }
+    } else if usable_target(target)? {
+        return Err(appeared_refusal(target));
+    }
+    if cancel.is_cancelled() {
+        return Err(BackupError::Cancelled);
     }
     // A WAL beside the new file would be replayed into it; park it (never delete it)
     // until the rename below, the commit point, has happened.
     let aside = Aside::take(target)?;
-    if let Err(source) = std::fs::rename(&tmp.0, target) {
+    let published = if force {
+        std::fs::rename(&tmp.0, target).map_err(|e| rename_refused(target, e))
+    } else {
+        publish_new(&tmp.0, target)
+    };
+    if let Err(e) = published {
         drop(aside);
-        return Err(rename_refused(target, source));
+        return Err(e);
     }
     aside.discard();
     sync_dir(&dir).map_err(|source| BackupError::Io {
@@ -274,6 +353,51 @@ async fn restore_sqlite(
         source,
     })?;
     Ok(format!("restored to {}", target.display()))
+}
+
+fn exists_refusal(target: &Path) -> BackupError {
+    BackupError::Refused(format!(
+        "{} exists; add --force to replace it (stop the application using it first)",
+        target.display()
+    ))
+}
+
+fn appeared_refusal(target: &Path) -> BackupError {
+    BackupError::Refused(format!(
+        "{} appeared while restoring; nothing was replaced (add --force to replace it)",
+        target.display()
+    ))
+}
+
+/// Puts `tmp` at `target` only if nothing is there: a hard link fails with `EEXIST`
+/// atomically, where a rename would replace a file created since the check.
+fn publish_new(tmp: &Path, target: &Path) -> Result<(), BackupError> {
+    match std::fs::hard_link(tmp, target) {
+        Ok(()) => {
+            // `Scratch` removes the other name too; this is only the early path.
+            let _ = std::fs::remove_file(tmp);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(appeared_refusal(target)),
+        Err(source)
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::EPERM) | Some(libc::EOPNOTSUPP) | Some(libc::EMLINK)
+            ) =>
+        {
+            Err(BackupError::Refused(format!(
+                "cannot put the restored file at {} without risking replacing a file created \
+                 meanwhile: this file system refuses hard links ({source}); restore with --force \
+                 once you are sure nothing is there, or restore elsewhere and move the file",
+                target.display()
+            )))
+        }
+        Err(source) => Err(BackupError::Io {
+            what: "cannot move the restored file to",
+            path: target.to_owned(),
+            source,
+        }),
+    }
 }
 
 /// The rename of the restored file over the target failed; nothing was changed.
@@ -347,11 +471,11 @@ async fn restore_postgres_with(
             "database \"{name}\" does not exist on the target server; add --create to create it"
         )));
     }
-    if exists {
-        let tables = pg.user_table_count().await?;
-        if tables > 0 && !opts.force {
+    if exists && !opts.force {
+        let found = pg.user_objects_in(&name).await?;
+        if !found.is_empty() {
             return Err(BackupError::Refused(format!(
-                "database \"{name}\" already has {tables} tables or other relations; add --force to replace it \
+                "database \"{name}\" is not empty ({found}); add --force to replace it \
                  (it is swapped out only after the restore succeeded)"
             )));
         }
@@ -362,6 +486,13 @@ async fn restore_postgres_with(
     let scratch = verify::scratch_database_name(&name, "restore")?;
     let _claim = pg.claim_scratch(&scratch).await?;
     pg.create_database_like(&scratch, &name).await?;
+    let mode = if opts.force {
+        SwapMode::Force
+    } else if exists {
+        SwapMode::ReplaceIfEmpty
+    } else {
+        SwapMode::RequireAbsent
+    };
     let fill = pg_restore::Target {
         pg,
         program: opts.pg_restore,
@@ -369,7 +500,7 @@ async fn restore_postgres_with(
         args: &[],
         private_dir: dir.path(),
     };
-    let swapped = fill_and_swap(&fill, &name, archive, keys, expect, opts, cancel).await;
+    let swapped = fill_and_swap(&fill, &name, mode, archive, keys, expect, cancel).await;
     drop(dir); // plaintext off the disk as soon as it is no longer needed
     let old = match swapped {
         Ok(old) => old,
@@ -383,7 +514,7 @@ async fn restore_postgres_with(
             return Err(e);
         }
     };
-    if exists {
+    if let Some(old) = old {
         if let Err(e) = pg.drop_database(&old).await {
             tracing::warn!(
                 "restored, but cannot drop the previous contents, now database \"{old}\": {e}; drop it by hand"
@@ -394,23 +525,39 @@ async fn restore_postgres_with(
 }
 
 /// Restores the archive into the scratch database, then swaps it in for `name`; returns
-/// the name the previous database now has.
+/// the name the previous database now has, if there was one and it is to be dropped.
+///
+/// Without `--force`, nothing the target holds at the moment of the swap may be lost,
+/// although it may have changed since the check at the start: with `--create` the swap
+/// refuses a target that appeared meanwhile; onto an existing (empty) target, the
+/// renamed old database is checked again once nobody can reach it any more, and if it
+/// is not empty the swap is undone.
 async fn fill_and_swap(
     fill: &pg_restore::Target<'_>,
     name: &str,
+    mode: SwapMode,
     archive: &Path,
     keys: &KeyRing,
     expect: Expect<'_>,
-    opts: &Options<'_>,
     cancel: &CancellationToken,
-) -> Result<String, BackupError> {
+) -> Result<Option<String>, BackupError> {
     let (pg, scratch) = (fill.pg, fill.database);
     pg_restore::restore_archive(fill, archive, keys, Some(expect), cancel).await?;
     if cancel.is_cancelled() {
         return Err(BackupError::Cancelled);
     }
-    let old = verify::scratch_database_name(name, "old")?;
-    pg.swap_databases(name, scratch, &old, opts.force)
+    // Not `_dbk_old_` without --force: until it has been found empty, the renamed
+    // target is not ours to drop, and the crash-leftover cleaner drops `_old_` ones.
+    let old = verify::scratch_database_name(
+        name,
+        if mode == SwapMode::Force {
+            "old"
+        } else {
+            "kept"
+        },
+    )?;
+    let swapped = pg
+        .swap_databases(name, scratch, &old, mode)
         .await
         .map_err(|e| {
             BackupError::Refused(format!(
@@ -418,5 +565,35 @@ async fn fill_and_swap(
                  (other sessions on it? stop them or add --force to end them)"
             ))
         })?;
-    Ok(old)
+    match swapped {
+        Swapped::Created => Ok(None),
+        Swapped::TargetAppeared => Err(BackupError::Refused(format!(
+            "database \"{name}\" was created while restoring; nothing was replaced \
+             (add --force to replace it)"
+        ))),
+        Swapped::Replaced if mode == SwapMode::Force => Ok(Some(old)),
+        Swapped::Replaced => {
+            // Renamed, with no session on it (the rename needs none) under a random
+            // name: what it holds now is what the target held at the swap.
+            let found = pg.user_objects_in(&old).await;
+            if matches!(&found, Ok(f) if f.is_empty()) {
+                return Ok(Some(old));
+            }
+            let found = match found {
+                Ok(f) => f.to_string(),
+                Err(e) => format!("cannot tell: {e}"),
+            };
+            if let Err(e) = pg.unswap_databases(name, scratch, &old).await {
+                return Err(BackupError::Internal(format!(
+                    "the target changed during the restore ({found}) and the swap cannot be undone ({e}): \
+                     its previous contents are in database \"{old}\" and the restored ones in \"{name}\"; \
+                     rename them by hand (nothing was dropped)"
+                )));
+            }
+            Err(BackupError::Refused(format!(
+                "the target changed during the restore; nothing was replaced \
+                 (database \"{name}\" now holds {found}; add --force to replace it)"
+            )))
+        }
+    }
 }

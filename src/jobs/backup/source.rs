@@ -59,12 +59,21 @@ pub async fn dump(
         archive::write_archive(source, out, settings, &flag)
     };
     let encode: Box<Encode> = Box::new(encode);
-    match db {
+    let dumped = match db {
         Database::Sqlite(lite) => dump_sqlite(lite, tmp, scratch_dir, cancel, encode).await,
         Database::Postgres(pg) => {
             dump_postgres(pg, &cfg.pg_dump, tmp, scratch_dir, cancel, encode).await
         }
-    }
+    };
+    dumped.map_err(|e| match e {
+        BackupError::Archive(archive::ArchiveError::Io(io)) if is_not_an_image(&io) => {
+            match io.into_inner().map(|inner| inner.downcast::<NotAnImage>()) {
+                Some(Ok(not)) => BackupError::NotAnImage(*not),
+                _ => BackupError::Internal("lost the reason an image was refused".into()),
+            }
+        }
+        other => other,
+    })
 }
 
 type Source = Box<dyn std::io::Read + Send>;
@@ -126,7 +135,8 @@ async fn dump_sqlite(
         path: image.0.clone(),
         source,
     })?;
-    run_encoder(encode, Box::new(file), tmp, cancel).await
+    let source = Magic::new(file, SQLITE_MAGIC, "the SQLite copy", "a SQLite database");
+    run_encoder(encode, Box::new(source), tmp, cancel).await
 }
 
 async fn dump_postgres(
@@ -152,7 +162,12 @@ async fn dump_postgres(
         return Err(BackupError::Internal("pg_dump pipes missing".into()));
     };
     let stderr_task = tokio::spawn(tail(stderr));
-    let source = Box::new(SyncIoBridge::new(stdout));
+    let source = Box::new(Magic::new(
+        SyncIoBridge::new(stdout),
+        PG_DUMP_MAGIC,
+        "pg_dump's output",
+        "a custom-format dump",
+    ));
     // On cancel, stop pg_dump too: the encoder thread may be blocked reading its pipe.
     let encoding = run_encoder(encode, source, tmp, cancel);
     tokio::pin!(encoding);
@@ -169,6 +184,17 @@ async fn dump_postgres(
     }
     let status = child.wait().await;
     let stderr = stderr_task.await.unwrap_or_default();
+    let failed = matches!(&status, Ok(s) if !s.success());
+    if failed && matches!(&written, Err(e) if not_an_image(e)) {
+        // pg_dump failed before writing anything: its own message says why.
+        if let Ok(status) = status {
+            return Err(BackupError::Tool {
+                program: "pg_dump",
+                status: status.to_string(),
+                stderr,
+            });
+        }
+    }
     let written = written?;
     let status = status.map_err(|source| BackupError::Spawn {
         program: pg_dump.display().to_string(),
@@ -182,6 +208,93 @@ async fn dump_postgres(
         });
     }
     Ok(written)
+}
+
+/// How every SQLite database file starts.
+const SQLITE_MAGIC: &[u8] = b"SQLite format 3\0";
+/// How every `pg_dump --format=custom` output starts.
+const PG_DUMP_MAGIC: &[u8] = b"PGDMP";
+
+/// The image does not start the way its kind always does (empty, or something else):
+/// archiving it would make a "good" backup that cannot be restored.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} is not {kind} ({found}); nothing was published")]
+pub struct NotAnImage {
+    what: &'static str,
+    kind: &'static str,
+    found: String,
+}
+
+fn not_an_image(e: &BackupError) -> bool {
+    matches!(e, BackupError::Archive(archive::ArchiveError::Io(io)) if is_not_an_image(io))
+}
+
+fn is_not_an_image(io: &std::io::Error) -> bool {
+    io.get_ref().is_some_and(|inner| inner.is::<NotAnImage>())
+}
+
+/// Passes an image through unchanged, checking its first bytes as they go by: it must
+/// start with `magic` (so be non-empty). Nothing is buffered beyond those bytes.
+struct Magic<R> {
+    inner: R,
+    magic: &'static [u8],
+    /// The first bytes seen so far, up to `magic.len()`.
+    head: Vec<u8>,
+    what: &'static str,
+    kind: &'static str,
+}
+
+impl<R> Magic<R> {
+    fn new(inner: R, magic: &'static [u8], what: &'static str, kind: &'static str) -> Self {
+        Magic {
+            inner,
+            magic,
+            head: Vec::with_capacity(magic.len()),
+            what,
+            kind,
+        }
+    }
+
+    /// `more`: the bytes read after `head`, some of which are shown too.
+    fn refuse(&self, more: &[u8]) -> std::io::Error {
+        let found = if self.head.is_empty() {
+            "it is empty".to_owned()
+        } else {
+            let mut sample = self.head.clone();
+            sample.extend_from_slice(&more[..more.len().min(40)]);
+            format!(
+                "it starts with {:?}",
+                String::from_utf8_lossy(&sample).into_owned()
+            )
+        };
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            NotAnImage {
+                what: self.what,
+                kind: self.kind,
+                found,
+            },
+        )
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Magic<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let missing = self.magic.len() - self.head.len();
+        if missing == 0 {
+            return Ok(n);
+        }
+        if n == 0 {
+            return Err(self.refuse(&[]));
+        }
+        let take = missing.min(n);
+        self.head.extend_from_slice(&buf[..take]);
+        if !self.magic.starts_with(&self.head) {
+            return Err(self.refuse(&buf[take..n]));
+        }
+        Ok(n)
+    }
 }
 
 /// The last [`STDERR_KEEP`] bytes of a child's stderr, as one line.
@@ -202,4 +315,45 @@ pub async fn tail(mut stderr: impl tokio::io::AsyncRead + Unpin) -> String {
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn through(input: &[u8], chunk: usize) -> std::io::Result<Vec<u8>> {
+        struct Chunks<'a>(&'a [u8], usize);
+        impl Read for Chunks<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.0.len().min(self.1).min(buf.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let mut out = Vec::new();
+        Magic::new(
+            Chunks(input, chunk),
+            PG_DUMP_MAGIC,
+            "pg_dump's output",
+            "a dump",
+        )
+        .read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn images_pass_unchanged_only_with_their_magic() {
+        for chunk in [1, 2, 5, 4096] {
+            let dump = b"PGDMP\x01\x0e\x00rest of the dump";
+            assert_eq!(through(dump, chunk).expect("a dump"), dump);
+            for bad in [&b""[..], b"PGDM", b"PGDMX...", b"Error: no such container"] {
+                let e = through(bad, chunk).expect_err("not a dump");
+                assert!(e.get_ref().is_some_and(|i| i.is::<NotAnImage>()), "{e}");
+            }
+        }
+        let e = through(b"", 1).expect_err("empty");
+        assert!(e.to_string().contains("it is empty"), "{e}");
+    }
 }

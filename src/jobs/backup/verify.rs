@@ -448,8 +448,8 @@ async fn restore_test_postgres(
     // pg_restore failure is about this server (a missing role or extension, a full
     // disk), not the backup: a job error, and the manifest is not marked failed.
     restored.map_err(|e| match e {
-        BackupError::Tool { stderr, .. } => BackupError::Refused(format!(
-            "pg_restore into a scratch database failed: {stderr}; the archive itself authenticated and \
+        BackupError::Tool { status, stderr, .. } => BackupError::Refused(format!(
+            "pg_restore into a scratch database failed ({status}): {stderr}; the archive itself authenticated and \
              decompressed, so check the server (missing roles or extensions, disk space); the backup was not judged"
         )),
         other => other,
