@@ -1,15 +1,15 @@
 //! dbkeeper: a maintenance daemon for SQLite and PostgreSQL databases.
 //!
 //! Where things are, bottom layer first. A module imports from its own layer or
-//! below (one exception left: `config` still takes key, compression and keep types
-//! from the backup library), and `.ci/modgraph.py` fails on any import cycle:
+//! below, and `.ci/modgraph.py` fails on any import cycle:
 //! - [`redact`]: what messages may show of a URL; [`ident`]: SQL names, quoted;
+//!   [`keys`]: key files, key ids, wrapping data keys;
 //! - [`config`]: the TOML file, parsed and validated; [`schedule`]: schedule strings
 //!   and next-run arithmetic (time zones, DST);
-//! - [`db`]: SQLite and PostgreSQL connections; [`state`]: the run history;
-//!   [`metrics`]: every Prometheus series; [`notify`]: webhook and Alertmanager events;
-//!   [`archive`], [`storage`], [`catalog`]: the backup library (format, destinations,
-//!   manifests);
+//! - [`db`]: SQLite and PostgreSQL connections; [`repo`]: the backup repository
+//!   (archive format, storage behind [`repo::storage::Storage`], catalog, verify,
+//!   restore); [`state`]: the run history; [`metrics`]: every Prometheus series;
+//!   [`notify`]: webhook and Alertmanager events;
 //! - [`jobs`]: the one module that knows the job kinds — what each does, and the
 //!   registry of configured jobs ([`jobs::Jobs`]);
 //! - [`status`]: the status board; [`reporter`]: tells the board, the metrics and the
@@ -37,8 +37,6 @@
 //! - **Secrets never appear in errors.** URLs go through [`redact`] before they are
 //!   in a message; passwords, key bytes and webhook tokens are never formatted.
 
-pub mod archive;
-pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -46,16 +44,17 @@ pub mod db;
 pub mod http;
 pub mod ident;
 pub mod jobs;
+pub mod keys;
 pub mod metrics;
 pub mod notify;
 pub mod redact;
+pub mod repo;
 pub mod reporter;
 pub mod runner;
 pub mod schedule;
 pub mod scheduler;
 pub mod state;
 pub mod status;
-pub mod storage;
 pub mod systemd;
 
 pub use config::Config;

@@ -316,16 +316,20 @@ pub fn job_next_run(job: JobLabels<'_>, next: Option<DateTime<Utc>>) {
 
 /// Sets the `backup_*` gauges from the backups in a destination (oldest first).
 /// `backups` are the trusted ones; `future_dated` of them are dated in the future.
-pub fn backup_catalog(database: &str, backups: &[crate::catalog::Manifest], future_dated: usize) {
+pub fn backup_catalog(
+    database: &str,
+    backups: &[crate::repo::catalog::Manifest],
+    future_dated: usize,
+) {
     let db = || [("database", database.to_owned())];
     counter!(BACKUP_PRUNED, &db()).increment(0);
     gauge!(BACKUP_FUTURE_DATED, &db()).set(future_dated as f64);
-    let newest_good = crate::catalog::select(backups, "latest", chrono::Utc::now());
+    let newest_good = crate::repo::catalog::select(backups, "latest", chrono::Utc::now());
     gauge!(BACKUP_LAST_SIZE, &db()).set(newest_good.map_or(0.0, |m| m.stored_bytes as f64));
     gauge!(BACKUP_LAST_RAW_SIZE, &db()).set(newest_good.map_or(0.0, |m| m.raw_bytes as f64));
     let verified = backups
         .iter()
-        .filter(|m| m.verification.result == crate::catalog::VerifyResult::Passed)
+        .filter(|m| m.verification.result == crate::repo::catalog::VerifyResult::Passed)
         .map(|m| m.verification.at)
         .max();
     gauge!(BACKUP_LAST_VERIFIED, &db()).set(ts(verified));

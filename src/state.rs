@@ -133,7 +133,7 @@ fn from_millis(ms: i64) -> DateTime<Utc> {
 impl StateDb {
     /// Opens (creating if needed) `<dir>/state.db` and brings its schema up to date.
     pub async fn open(dir: &Path) -> Result<Self, StateError> {
-        crate::storage::create_private_dir(dir).map_err(|source| StateError::Dir {
+        crate::repo::storage::create_private_dir(dir).map_err(|source| StateError::Dir {
             path: dir.to_owned(),
             source,
         })?;

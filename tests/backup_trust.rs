@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::{archives, backup_table, metric_value, sqlite, sqlite_db, Workdir};
-use dbkeeper::archive::{self, format, Compression, Header, Key, Settings};
-use dbkeeper::catalog::{BackupKind, Manifest, Verification, VerifyMode, VerifyResult};
-use dbkeeper::storage::Destination;
+use dbkeeper::repo::archive::{self, format, Compression, Header, Key, Settings};
+use dbkeeper::repo::catalog::{BackupKind, Manifest, Verification, VerifyMode, VerifyResult};
+use dbkeeper::repo::storage::Destination;
 
 /// `<workdir>/<name>.db` holding one table `t` with one row `value`.
 fn marked_db(w: &Workdir, name: &str, value: &str) -> PathBuf {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 
-use dbkeeper::archive::{self, Compression, Header, Key, KeyRing, Settings};
+use dbkeeper::repo::archive::{self, Compression, Header, Key, KeyRing, Settings};
 use proptest::prelude::*;
 
 fn cases() -> u32 {

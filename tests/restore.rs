@@ -446,7 +446,7 @@ fn named_database(name: &str) -> PgDb {
 /// The library's handle on the test server's `postgres` database, to hold a scratch
 /// claim the way a live restore does.
 fn server_handle() -> dbkeeper::db::Postgres {
-    let cfg = dbkeeper::jobs::backup::restore::target_config(&format!("{}/postgres", pg_server()));
+    let cfg = dbkeeper::repo::restore::target_config(&format!("{}/postgres", pg_server()));
     match dbkeeper::db::Database::open(&cfg).expect("open") {
         dbkeeper::db::Database::Postgres(pg) => pg,
         dbkeeper::db::Database::Sqlite(_) => unreachable!("a postgres:// URL"),

@@ -10,43 +10,62 @@ use tokio_util::sync::CancellationToken;
 
 use super::report::print_table;
 use super::Exit;
-use crate::archive::{self, Key, KeyRing};
-use crate::catalog::{
+use crate::config::{BackupConfig, Config};
+use crate::jobs::backup::{human_bytes, BackupJob};
+use crate::jobs::{Job, Jobs, Kind, Select};
+use crate::repo::archive::{self, Key, KeyRing};
+use crate::repo::catalog::{
     self, Listing, Manifest, TrustPolicy, Verification, VerifyMode, VerifyResult,
 };
-use crate::config::Config;
-use crate::jobs::backup::{
-    human_bytes, restore as restoring, verify as verifying, BackupError, BackupJob,
-};
-use crate::jobs::{self, Job, Work};
-use crate::storage::Destination;
+use crate::repo::storage::Destination;
+use crate::repo::{restore as restoring, verify as verifying, BackupError};
 
-/// The `<database>.backup` job of the configuration.
-fn backup_job(config: &Config, database: &str) -> anyhow::Result<Arc<Job>> {
-    let databases = jobs::open_databases(config)?;
-    let all = jobs::build(config, &databases)?;
+/// The `<database>.backup` job alone: only its database is opened (lazily) and
+/// only its keys are loaded.
+fn backup_jobs(config: &Config, database: &str) -> anyhow::Result<Jobs> {
+    let kind = Kind::Backup;
+    let jobs = Jobs::select(config, Select::Kind { database, kind })?;
+    if jobs.backup_for(database).is_none() {
+        return Err(no_backup(config, database));
+    }
+    Ok(jobs)
+}
+
+/// The backup job [`backup_jobs`] selected.
+fn backup_of<'a>(
+    config: &Config,
+    jobs: &'a Jobs,
+    database: &str,
+) -> anyhow::Result<(&'a Arc<Job>, &'a BackupJob)> {
+    jobs.backup_for(database)
+        .ok_or_else(|| no_backup(config, database))
+}
+
+fn no_backup(config: &Config, database: &str) -> anyhow::Error {
     let with_backups: Vec<String> = config
         .databases
         .iter()
         .filter(|d| d.backup.is_some())
         .map(|d| d.name.clone())
         .collect();
-    all.into_iter()
-        .find(|j| j.database_name() == database && matches!(j.work, Work::Backup(_)))
-        .ok_or_else(|| {
-            anyhow!(
-                "database \"{database}\" has no [database.backup] in {}; databases with backups: {}",
-                config.path.display(),
-                if with_backups.is_empty() { "none".to_owned() } else { with_backups.join(", ") }
-            )
-        })
+    anyhow!(
+        "database \"{database}\" has no [database.backup] in {}; databases with backups: {}",
+        config.path.display(),
+        if with_backups.is_empty() {
+            "none".to_owned()
+        } else {
+            with_backups.join(", ")
+        }
+    )
 }
 
-fn backup_of(job: &Job) -> anyhow::Result<&BackupJob> {
-    match &job.work {
-        Work::Backup(b) => Ok(b),
-        _ => Err(anyhow!("{} is not a backup job", job.id)),
-    }
+/// How the backups of `database` are judged, from its config alone: no database is
+/// opened (`backup list` needs none).
+fn trust_policy_of(database: &str, b: &BackupConfig) -> anyhow::Result<TrustPolicy> {
+    let (key, keys) = b
+        .load_keys()
+        .with_context(|| format!("database \"{database}\""))?;
+    Ok(BackupJob::policy(database, key.as_ref(), &keys, false))
 }
 
 /// The backups of a destination as `policy` judges them.
@@ -110,8 +129,7 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
             continue;
         }
         found_db = true;
-        let job = backup_job(config, &db.name)?;
-        let policy = backup_of(&job)?.trust_policy(&db.name, false);
+        let policy = trust_policy_of(&db.name, b)?;
         let listing = catalog_of(&Destination::new(&b.destination, &db.name), &policy)?;
         let now = Utc::now();
         for m in &listing.backups {
@@ -180,8 +198,8 @@ pub async fn verify(
     restore_test: bool,
     allow_unencrypted: bool,
 ) -> anyhow::Result<Exit> {
-    let job = backup_job(config, database)?;
-    let b = backup_of(&job)?;
+    let jobs = backup_jobs(config, database)?;
+    let (job, b) = backup_of(config, &jobs, database)?;
     let dest = b.destination(database);
     let policy = b.trust_policy(database, allow_unencrypted);
     let listing = catalog_of(&dest, &policy)?;
@@ -239,8 +257,9 @@ pub async fn verify(
 }
 
 pub fn prune(config: &Config, database: &str, dry_run: bool) -> anyhow::Result<Exit> {
-    let job = backup_job(config, database)?;
-    let decisions = backup_of(&job)?.prune(database, None, dry_run)?;
+    let jobs = backup_jobs(config, database)?;
+    let (_, b) = backup_of(config, &jobs, database)?;
+    let decisions = b.prune(database, None, dry_run)?;
     for d in &decisions {
         if d.keep {
             println!("keep    {}  ({})", d.id, d.reasons.join(", "));
@@ -267,8 +286,8 @@ pub async fn restore(
     to: &str,
     how: RestoreFlags,
 ) -> anyhow::Result<Exit> {
-    let job = backup_job(config, database)?;
-    let b = backup_of(&job)?;
+    let jobs = backup_jobs(config, database)?;
+    let (_, b) = backup_of(config, &jobs, database)?;
     let dest = b.destination(database);
     let policy = b.trust_policy(database, how.allow_unencrypted);
     let listing = catalog_of(&dest, &policy)?;
@@ -366,7 +385,7 @@ pub async fn decrypt(
         if out.exists() {
             bail!("{output} exists; remove it or choose another -o");
         }
-        let tmp = crate::jobs::backup::source::Scratch(verifying::sibling_temp(out));
+        let tmp = crate::repo::storage::Scratch(verifying::sibling_temp(out));
         verifying::decode_handle_to_file(
             file,
             &keys,

@@ -379,7 +379,7 @@ fn is_verification_failure(e: &anyhow::Error) -> bool {
             .downcast_ref::<crate::jobs::backup::BackupError>()
             .is_some_and(|b| b.is_verification())
             || cause
-                .downcast_ref::<crate::archive::ArchiveError>()
+                .downcast_ref::<crate::repo::archive::ArchiveError>()
                 .is_some_and(|a| a.is_verification())
     })
 }

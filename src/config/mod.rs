@@ -5,6 +5,7 @@
 //! column (for syntax and type errors) or the key (for semantic errors), so that
 //! `dbkeeper check` and a reload on SIGHUP can say exactly what to fix.
 
+mod backup;
 mod job_options;
 
 use std::collections::HashSet;
@@ -17,9 +18,9 @@ use serde::Deserialize;
 pub(crate) use job_options::job_table;
 pub use job_options::{JobOptions, Missed};
 
-use crate::archive::{Compression, Key, KeyError, KeyRing};
-use crate::catalog::rotation::Keep;
-use crate::catalog::VerifyMode;
+use crate::keys::{Key, KeyError, KeyRing};
+
+pub use backup::{Compression, Keep, VerifyMode};
 
 /// Environment variable naming the config file when `-c` is not given.
 pub const CONFIG_ENV: &str = "DBKEEPER_CONFIG";
@@ -54,6 +55,15 @@ impl Backend {
             _ => Err(UnsupportedUrl {
                 url: crate::redact::redact_url(url),
             }),
+        }
+    }
+
+    /// The backend [`Backend::as_str`] names (as a manifest records it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "sqlite" => Some(Backend::Sqlite),
+            "postgres" => Some(Backend::Postgres),
+            _ => None,
         }
     }
 

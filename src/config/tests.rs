@@ -176,7 +176,7 @@ fn shipped_configs_parse() {
     // key files at a real key and leave password files out.
     let scratch = tempfile::tempdir().unwrap();
     let key = scratch.path().join("backup.key");
-    crate::archive::Key::generate(&key).unwrap();
+    crate::repo::archive::Key::generate(&key).unwrap();
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();

@@ -5,8 +5,8 @@ use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
 
-use crate::catalog::{Manifest, VerifyResult};
 use crate::jobs::backup::human_bytes;
+use crate::repo::catalog::{Manifest, VerifyResult};
 use crate::status::Snapshot;
 
 /// Escapes text for HTML element content and attribute values.

@@ -1,8 +1,8 @@
 //! The maintenance jobs: what each kind does once it is its turn to run, and the
 //! registry of the configured jobs ([`Jobs`]).
 //!
-//! This module is the one place that knows the job kinds: [`Work`] is matched here
-//! (and in `cli/backup.rs`, until the backup library moves out), nowhere else. The
+//! This module is the one place that knows the job kinds: [`Work`] is matched here,
+//! nowhere else. The
 //! daemon, `check`, `/status` and the command line see a [`Job`] through its
 //! kind-agnostic hooks ([`Job::execute`], [`Job::activate`], [`Job::check`],
 //! [`Job::runs_before_ready`], [`Job::last_success_on_disk`], …) and find the jobs
@@ -31,15 +31,15 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::{Key, KeyRing};
-use crate::catalog::{BackupKind, TrustPolicy};
 use crate::config::{
     BackupConfig, Config, DatabaseConfig, JobOptions, MigrateConfig, RefreshConfig,
     RetentionConfig, SqlJobConfig,
 };
 use crate::db::{Database, DbError};
 use crate::metrics::{self, JobLabels};
-use crate::storage::Destination;
+use crate::repo::archive::{Key, KeyRing};
+use crate::repo::catalog::{BackupKind, TrustPolicy};
+use crate::repo::storage::Destination;
 
 pub use sql::SqlJob;
 
@@ -204,8 +204,8 @@ impl Job {
         };
         let database = self.database_name();
         let policy = b.trust_policy(database, false);
-        let listing = crate::catalog::list(&b.destination(database), &policy).ok()?;
-        crate::catalog::select(&listing.backups, "latest", Utc::now()).map(|m| m.started_at)
+        let listing = crate::repo::catalog::list(&b.destination(database), &policy).ok()?;
+        crate::repo::catalog::select(&listing.backups, "latest", Utc::now()).map(|m| m.started_at)
     }
 
     /// What `dbkeeper check` asks of a job once its database answered: do the
@@ -288,13 +288,13 @@ impl Transient for DbError {
     }
 }
 
+// Each error decides for itself (an inherent method beside its variants).
 impl Transient for backup::BackupError {
     fn is_transient(&self) -> bool {
-        !matches!(self, backup::BackupError::Refused(_))
+        backup::BackupError::is_transient(self)
     }
 }
 
-// Each kind's error decides for itself (an inherent method beside its variants).
 impl Transient for retention::RetentionError {
     fn is_transient(&self) -> bool {
         retention::RetentionError::is_transient(self)
@@ -378,7 +378,7 @@ pub enum BuildError {
     #[error("database \"{database}\": {source}")]
     Key {
         database: String,
-        source: crate::archive::KeyError,
+        source: crate::repo::archive::KeyError,
     },
     #[error("database \"{database}\": {message}")]
     Name { database: String, message: String },
@@ -709,28 +709,6 @@ impl Builder<'_> {
             }),
         })
     }
-}
-
-/// Opens every configured database (lazily; nothing is connected yet).
-///
-/// Kept for `cli/backup.rs` until it moves to [`Jobs::select`] /
-/// [`Jobs::backup_for`] with the backup library.
-pub fn open_databases(config: &Config) -> Result<HashMap<String, Database>, DbError> {
-    config
-        .databases
-        .iter()
-        .map(|cfg| Ok((cfg.name.clone(), Database::open(cfg)?)))
-        .collect()
-}
-
-/// All jobs of the configuration, in config order.
-///
-/// Kept for `cli/backup.rs` (see [`open_databases`]); everything else uses [`Jobs`].
-pub fn build(
-    config: &Config,
-    _databases: &HashMap<String, Database>,
-) -> Result<Vec<Arc<Job>>, BuildError> {
-    Ok(Jobs::build(config)?.jobs)
 }
 
 #[cfg(test)]

@@ -6,10 +6,7 @@
 //! temporary file and leaves older backups alone; rotation only runs after a good
 //! backup and never removes the newest good one.
 
-pub mod pg_restore;
-pub mod restore;
 pub mod source;
-pub mod verify;
 
 use std::path::PathBuf;
 
@@ -17,94 +14,20 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use super::Outcome;
-use crate::archive::{ArchiveError, Header, Key, KeyRing};
-use crate::catalog::rotation::{self, Decision};
-use crate::catalog::{
+use crate::config::BackupConfig;
+use crate::db::Database;
+use crate::metrics;
+use crate::repo::archive::{ArchiveError, Header, Key, KeyRing};
+use crate::repo::catalog::rotation::{self, Decision};
+use crate::repo::catalog::{
     self, BackupKind, Manifest, TrustPolicy, Verification, VerifyMode, VerifyResult,
 };
-use crate::config::BackupConfig;
-use crate::db::{Database, DbError};
-use crate::metrics;
-use crate::storage::Destination;
+use crate::repo::storage::Destination;
+use crate::repo::{io_err, verify};
 
-/// A backup, verification or restore failed.
-#[derive(Debug, thiserror::Error)]
-pub enum BackupError {
-    #[error(transparent)]
-    Db(#[from] DbError),
-    #[error("{0}")]
-    Archive(ArchiveError),
-    #[error("{what} {path}: {source}{}", disk_hint(source))]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot run {program}: {source}; install the PostgreSQL client tools or set its path in [database.backup]")]
-    Spawn {
-        program: String,
-        source: std::io::Error,
-    },
-    #[error("{program} failed ({status}): {stderr}")]
-    Tool {
-        program: &'static str,
-        status: String,
-        stderr: String,
-    },
-    #[error(transparent)]
-    NotAnImage(#[from] source::NotAnImage),
-    #[error("verification failed: {0}")]
-    Verification(String),
-    #[error("backup {id} is not trusted: {reason}; it is never restored, counted or used for rotation (see `dbkeeper backup list`)")]
-    Untrusted {
-        id: String,
-        reason: crate::catalog::Untrusted,
-    },
-    #[error("{0}")]
-    Refused(String),
-    #[error("cancelled")]
-    Cancelled,
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-fn disk_hint(e: &std::io::Error) -> &'static str {
-    if e.kind() == std::io::ErrorKind::StorageFull {
-        "; free space there or point backup.destination elsewhere (older backups are untouched)"
-    } else {
-        ""
-    }
-}
-
-impl BackupError {
-    pub(crate) fn from_archive(e: ArchiveError) -> Self {
-        match e {
-            ArchiveError::Cancelled => BackupError::Cancelled,
-            other => BackupError::Archive(other),
-        }
-    }
-
-    /// True when the archive itself is bad: the command line exits with 3.
-    pub fn is_verification(&self) -> bool {
-        match self {
-            BackupError::Archive(e) => e.is_verification(),
-            BackupError::Verification(_) | BackupError::Untrusted { .. } => true,
-            _ => false,
-        }
-    }
-
-    pub fn database_unreachable(&self) -> bool {
-        matches!(self, BackupError::Db(e) if e.is_unreachable())
-    }
-}
-
-fn io_err(
-    what: &'static str,
-    path: impl Into<PathBuf>,
-) -> impl FnOnce(std::io::Error) -> BackupError {
-    let path = path.into();
-    move |source| BackupError::Io { what, path, source }
-}
+/// The job fails with the repository's error: most of what goes wrong is writing or
+/// checking the archive.
+pub use crate::repo::BackupError;
 
 /// A configured backup job with its keys loaded.
 #[derive(Debug)]
@@ -124,17 +47,28 @@ impl BackupJob {
     /// What a genuine backup of `database` looks like under this job's config;
     /// `allow_unencrypted` is the reader's `--allow-unencrypted`.
     pub fn trust_policy(&self, database: &str, allow_unencrypted: bool) -> TrustPolicy {
+        Self::policy(database, self.key.as_ref(), &self.keys, allow_unencrypted)
+    }
+
+    /// [`BackupJob::trust_policy`] from the keys alone, for readers that need no job
+    /// (`backup list`).
+    pub fn policy(
+        database: &str,
+        key: Option<&Key>,
+        keys: &KeyRing,
+        allow_unencrypted: bool,
+    ) -> TrustPolicy {
         TrustPolicy {
             database: database.to_owned(),
-            keys: self.keys.clone(),
-            encrypting: self.key.is_some(),
+            keys: keys.clone(),
+            encrypting: key.is_some(),
             allow_unencrypted,
         }
     }
 
     /// Removes plaintext scratch copies no live process owns (a crashed run's).
     pub fn clean_scratch(&self, database: &str) {
-        match crate::storage::clean_scratch(&self.scratch_dir) {
+        match crate::repo::storage::clean_scratch(&self.scratch_dir) {
             Ok(removed) => {
                 for name in removed {
                     tracing::warn!(database, file = %name, "removed a scratch file a crashed run left behind");
@@ -189,7 +123,7 @@ impl BackupJob {
 
         let started = Utc::now();
         let id = catalog::new_id(&dest, started, kind);
-        let archive_name = format!("{id}{}", crate::storage::ARCHIVE_SUFFIX);
+        let archive_name = format!("{id}{}", crate::repo::storage::ARCHIVE_SUFFIX);
         let server_version = db.server_version().await?;
         let schema_version = db.schema_version().await.unwrap_or_else(|e| {
             tracing::warn!(database = db.name(), "cannot read the schema version: {e}");
@@ -204,7 +138,7 @@ impl BackupJob {
             },
             created: started,
             compression: self.cfg.compression,
-            segment_size: crate::archive::format::SEGMENT_SIZE,
+            segment_size: crate::repo::archive::format::SEGMENT_SIZE,
             encryption: None,
         };
         let tmp = dest
@@ -256,7 +190,7 @@ impl BackupJob {
             sha256: stats.sha256,
             key_id: self.key.as_ref().map(|k| k.id().to_owned()),
             compression: self.cfg.compression,
-            format_version: crate::archive::format::VERSION,
+            format_version: crate::repo::archive::format::VERSION,
             dbkeeper_version: env!("CARGO_PKG_VERSION").to_owned(),
             schema_version,
             verification,
@@ -302,7 +236,7 @@ impl BackupJob {
         db: &Database,
         verify: VerifyMode,
         path: &std::path::Path,
-        stats: &crate::archive::WriteStats,
+        stats: &crate::repo::archive::WriteStats,
         cancel: &CancellationToken,
     ) -> Result<(), BackupError> {
         if verify == VerifyMode::None {

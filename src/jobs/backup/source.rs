@@ -5,31 +5,23 @@
 //! streamed from its stdout, so no plaintext dump ever touches a disk; its stderr is
 //! kept for the error message, and anything but exit status 0 fails the backup.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+//!
+//! This is the backup *job's* input, so it stays with the job in `jobs/backup/`:
+//! it talks to the live database (`VACUUM INTO`, `pg_dump`), which the repository
+//! (`crate::repo`) never does for a backup; the repository only receives the stream.
 
-use tokio::io::AsyncReadExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::AtomicBool;
+
 use tokio_util::io::SyncIoBridge;
 use tokio_util::sync::CancellationToken;
 
-use super::{BackupError, BackupJob};
-use crate::archive::{self, compress, Header, Settings, WriteStats};
+use super::BackupJob;
 use crate::db::{Database, Postgres, Sqlite};
-use crate::storage::TempFile;
-
-/// Keeps the tail of a tool's stderr for error messages.
-const STDERR_KEEP: usize = 4096;
-
-/// Removes a scratch file when dropped.
-pub struct Scratch(pub PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+use crate::repo::archive::{self, compress, Header, Settings, WriteStats};
+use crate::repo::storage::{Scratch, TempFile};
+use crate::repo::{blocking, tail, BackupError, NotAnImage};
 
 /// Dumps `db` and writes the archive into `tmp`; with `check`, every written byte is
 /// also decrypted and decompressed on another thread (see `WriteStats::checked`).
@@ -47,7 +39,7 @@ pub async fn dump(
     let scratch_dir = &job.scratch_dir;
     let compression = cfg.compression;
     let level = cfg.level();
-    let encode = move |source: Source, out: TempFile, flag: Arc<AtomicBool>| {
+    let encode = move |source: Source, out: TempFile, flag: &AtomicBool| {
         let settings = Settings {
             header,
             key: key.as_ref(),
@@ -56,7 +48,7 @@ pub async fn dump(
             threads: compress::threads(),
             check_with,
         };
-        archive::write_archive(source, out, settings, &flag)
+        archive::write_archive(source, out, settings, flag)
     };
     let encode: Box<Encode> = Box::new(encode);
     let dumped = match db {
@@ -77,11 +69,7 @@ pub async fn dump(
 }
 
 type Source = Box<dyn std::io::Read + Send>;
-type Encode = dyn FnOnce(
-        Source,
-        TempFile,
-        Arc<AtomicBool>,
-    ) -> Result<(TempFile, WriteStats), archive::ArchiveError>
+type Encode = dyn FnOnce(Source, TempFile, &AtomicBool) -> Result<(TempFile, WriteStats), archive::ArchiveError>
     + Send;
 
 /// Runs the blocking encoder; cancelling sets its stop flag and waits for it to return.
@@ -91,22 +79,10 @@ async fn run_encoder(
     tmp: TempFile,
     cancel: &CancellationToken,
 ) -> Result<(TempFile, WriteStats), BackupError> {
-    let flag = Arc::new(AtomicBool::new(false));
-    let stop = flag.clone();
-    let mut task = tokio::task::spawn_blocking(move || encode(source, tmp, stop));
-    let joined = tokio::select! {
-        joined = &mut task => joined,
-        _ = cancel.cancelled() => {
-            flag.store(true, Ordering::Relaxed);
-            task.await
-        }
-    };
-    let result =
-        joined.map_err(|e| BackupError::Internal(format!("encoder thread failed: {e}")))?;
-    if cancel.is_cancelled() {
-        return Err(BackupError::Cancelled);
-    }
-    result.map_err(BackupError::from_archive)
+    blocking(cancel, move |stop| {
+        encode(source, tmp, stop).map_err(BackupError::from_archive)
+    })
+    .await
 }
 
 async fn dump_sqlite(
@@ -119,12 +95,16 @@ async fn dump_sqlite(
     // Created empty and private (VACUUM INTO accepts an empty file): the copy is
     // plaintext.
     let image = Scratch(
-        crate::storage::scratch_file(scratch_dir, &format!("backup-{}", lite.name), ".sqlite")
-            .map_err(|source| BackupError::Io {
-                what: "cannot create a scratch file in",
-                path: scratch_dir.to_owned(),
-                source,
-            })?,
+        crate::repo::storage::scratch_file(
+            scratch_dir,
+            &format!("backup-{}", lite.name),
+            ".sqlite",
+        )
+        .map_err(|source| BackupError::Io {
+            what: "cannot create a scratch file in",
+            path: scratch_dir.to_owned(),
+            source,
+        })?,
     );
     tokio::select! {
         r = lite.vacuum_into(&image.0) => r?,
@@ -215,16 +195,6 @@ const SQLITE_MAGIC: &[u8] = b"SQLite format 3\0";
 /// How every `pg_dump --format=custom` output starts.
 const PG_DUMP_MAGIC: &[u8] = b"PGDMP";
 
-/// The image does not start the way its kind always does (empty, or something else):
-/// archiving it would make a "good" backup that cannot be restored.
-#[derive(Debug, thiserror::Error)]
-#[error("{what} is not {kind} ({found}); nothing was published")]
-pub struct NotAnImage {
-    what: &'static str,
-    kind: &'static str,
-    found: String,
-}
-
 fn not_an_image(e: &BackupError) -> bool {
     matches!(e, BackupError::Archive(archive::ArchiveError::Io(io)) if is_not_an_image(io))
 }
@@ -295,26 +265,6 @@ impl<R: std::io::Read> std::io::Read for Magic<R> {
         }
         Ok(n)
     }
-}
-
-/// The last [`STDERR_KEEP`] bytes of a child's stderr, as one line.
-pub async fn tail(mut stderr: impl tokio::io::AsyncRead + Unpin) -> String {
-    let mut all = Vec::new();
-    let mut buf = [0u8; 8192];
-    while let Ok(n) = stderr.read(&mut buf).await {
-        if n == 0 {
-            break;
-        }
-        all.extend_from_slice(&buf[..n]);
-        if all.len() > 2 * STDERR_KEEP {
-            all.drain(..all.len() - STDERR_KEEP);
-        }
-    }
-    let start = all.len().saturating_sub(STDERR_KEEP);
-    String::from_utf8_lossy(&all[start..])
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 #[cfg(test)]

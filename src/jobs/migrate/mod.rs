@@ -31,10 +31,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::backup::BackupJob;
 use super::Outcome;
-use crate::catalog::{BackupKind, VerifyMode};
 use crate::config::{MigrateConfig, OutOfOrder};
 use crate::db::{with_backend, Database, DbError};
 use crate::metrics;
+use crate::repo::catalog::{BackupKind, VerifyMode};
 
 /// A migration run failed.
 #[derive(Debug, thiserror::Error)]

@@ -36,11 +36,11 @@ use tokio_util::sync::CancellationToken;
 pub use reading::{Cutoff, Reading};
 
 use super::Outcome;
-use crate::archive::{self, ArchiveError, Compression, Header, Key, KeyRing, Settings};
 use crate::config::{RetentionConfig, RetentionMode, ScanMode};
 use crate::db::{with_backend, Database, DbError, NameError, QualifiedName};
 use crate::metrics;
-use crate::storage::Destination;
+use crate::repo::archive::{self, ArchiveError, Compression, Header, Key, KeyRing, Settings};
+use crate::repo::storage::Destination;
 
 /// A retention run failed.
 #[derive(Debug, thiserror::Error)]

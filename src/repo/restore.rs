@@ -28,14 +28,13 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
-use super::source::Scratch;
 use super::verify::{self, Durability, Expect, PrivateDir};
 use super::{pg_restore, BackupError};
-use crate::archive::KeyRing;
-use crate::catalog::{Manifest, TrustPolicy};
-use crate::config::DatabaseConfig;
+use crate::config::{Backend, DatabaseConfig};
 use crate::db::{Database, Postgres, SwapMode, Swapped};
-use crate::storage::sync_dir;
+use crate::repo::archive::KeyRing;
+use crate::repo::catalog::{Manifest, TrustPolicy};
+use crate::repo::storage::{sync_dir, Scratch};
 
 /// What `restore` was told to do besides the target.
 pub struct Options<'a> {
@@ -61,12 +60,14 @@ pub async fn restore(
 ) -> Result<String, BackupError> {
     let expect = Expect::trusted(manifest, opts.trust);
     let is_url = target.starts_with("postgres://") || target.starts_with("postgresql://");
-    match (manifest.backend.as_str(), is_url) {
-        ("sqlite", false) => {
+    match (manifest.backend(), is_url) {
+        (Some(Backend::Sqlite), false) => {
             restore_sqlite(archive, keys, expect, Path::new(target), opts.force, cancel).await
         }
-        ("postgres", true) => restore_postgres(archive, keys, expect, target, opts, cancel).await,
-        ("sqlite", true) => Err(BackupError::Refused(
+        (Some(Backend::Postgres), true) => {
+            restore_postgres(archive, keys, expect, target, opts, cancel).await
+        }
+        (Some(Backend::Sqlite), true) => Err(BackupError::Refused(
             "this is a SQLite backup; --to must be a file path".to_owned(),
         )),
         _ => Err(BackupError::Refused(

@@ -14,48 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use flate2::write::GzEncoder;
-use serde::{Deserialize, Serialize};
 
-/// `compression` in the config and the archive header.
-///
-/// zstd is the default: on two cores it keeps pace with `pg_dump` (a backup takes
-/// about as long as an uncompressed dump) at the size of `pg_dump -Fc`, where gzip at
-/// a comparable ratio needs twice the CPU (see bench/backup.py and the README).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    Gzip,
-    #[default]
-    Zstd,
-    None,
-}
-
-impl Compression {
-    /// Level used when the config gives none: gzip's and zstd's own defaults.
-    pub fn default_level(self) -> i32 {
-        match self {
-            Compression::Gzip => 6,
-            Compression::Zstd => 3,
-            Compression::None => 0,
-        }
-    }
-
-    pub fn level_range(self) -> std::ops::RangeInclusive<i32> {
-        match self {
-            Compression::Gzip => 1..=9,
-            Compression::Zstd => 1..=19,
-            Compression::None => 0..=0,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Compression::Gzip => "gzip",
-            Compression::Zstd => "zstd",
-            Compression::None => "none",
-        }
-    }
-}
+pub use crate::config::Compression;
 
 /// Bytes per zstd worker job.
 const ZSTD_JOB: u32 = 1 << 20;

@@ -28,11 +28,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::source::tail;
 use super::verify::{self, Durability, Expect, ReadReport, TrustGate};
-use super::BackupError;
-use crate::archive::{self, KeyRing};
+use super::{blocking, tail, BackupError};
 use crate::db::Postgres;
+use crate::repo::archive::{self, KeyRing};
 
 /// How much of the decoded stream is kept for the post-data pass. A table of contents
 /// takes a few hundred bytes per object, so 64 MiB holds that of any ordinary schema.
@@ -163,7 +162,7 @@ async fn stream(
     };
     let gate = TrustGate::of(expect.as_ref());
     let keys = keys.clone();
-    let decode = verify::blocking(cancel, move |stop| {
+    let decode = blocking(cancel, move |stop| {
         let sink = Tee {
             pipe: std::io::BufWriter::with_capacity(PIPE_CHUNK, Pipe(tx)),
             copy,
@@ -383,8 +382,8 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     use super::*;
-    use crate::archive::{write_archive, Compression, Header, Key, Settings};
     use crate::db::Database;
+    use crate::repo::archive::{write_archive, Compression, Header, Key, Settings};
 
     const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 

@@ -15,7 +15,7 @@ use std::io;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::storage::{Destination, ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
+use crate::repo::storage::{Destination, ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
 pub use trust::{id_of_manifest_file, is_valid_id, trust, TrustPolicy, Untrusted};
 
 /// Why a backup was taken.
@@ -37,28 +37,7 @@ impl BackupKind {
     }
 }
 
-/// How thoroughly a backup is checked after it is written (ordered: none < read < restore).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum VerifyMode {
-    /// No check beyond a successful write.
-    None,
-    /// SHA-256, full authenticated decryption and decompression.
-    #[default]
-    Read,
-    /// `read`, plus a restore into a scratch database and an integrity check.
-    Restore,
-}
-
-impl VerifyMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VerifyMode::None => "none",
-            VerifyMode::Read => "read",
-            VerifyMode::Restore => "restore",
-        }
-    }
-}
+pub use crate::config::VerifyMode;
 
 /// Outcome of the latest verification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,7 +73,7 @@ pub struct Manifest {
     pub stored_bytes: u64,
     pub sha256: String,
     pub key_id: Option<String>,
-    pub compression: crate::archive::Compression,
+    pub compression: crate::repo::archive::Compression,
     pub format_version: u8,
     pub dbkeeper_version: String,
     /// Latest applied migration (`_sqlx_migrations`), if the database has any.
@@ -103,6 +82,12 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The backend the backup is of, parsed from the recorded name; `None` for a
+    /// name this version does not know.
+    pub fn backend(&self) -> Option<crate::config::Backend> {
+        crate::config::Backend::from_name(&self.backend)
+    }
+
     pub fn archive_name(&self) -> String {
         format!("{}{ARCHIVE_SUFFIX}", self.id)
     }
@@ -295,7 +280,7 @@ fn examine(
 
 fn read_manifest(path: &std::path::Path) -> Result<Manifest, Untrusted> {
     use std::io::Read;
-    let file = crate::storage::open_regular(path).map_err(|e| match e.kind() {
+    let file = crate::repo::storage::open_regular(path).map_err(|e| match e.kind() {
         io::ErrorKind::InvalidInput => Untrusted::NotRegularFile("manifest"),
         _ => Untrusted::Unreadable(e.to_string()),
     })?;
@@ -315,10 +300,10 @@ fn read_manifest(path: &std::path::Path) -> Result<Manifest, Untrusted> {
 /// Plain archives prove nothing; [`trust`] decides whether they are accepted.
 fn authentic_header(
     path: &std::path::Path,
-    keys: &crate::archive::KeyRing,
-) -> Result<(crate::archive::Header, Vec<u8>), Untrusted> {
+    keys: &crate::repo::archive::KeyRing,
+) -> Result<(crate::repo::archive::Header, Vec<u8>), Untrusted> {
     use std::io::{Read, Seek};
-    let mut file = crate::storage::open_regular(path).map_err(|e| match e.kind() {
+    let mut file = crate::repo::storage::open_regular(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Untrusted::ArchiveMissing,
         io::ErrorKind::InvalidInput => Untrusted::NotRegularFile("archive"),
         _ => Untrusted::BadHeader(e.to_string()),
@@ -327,7 +312,7 @@ fn authentic_header(
     if let Some(known) = authenticated().get(&identity) {
         return Ok(known);
     }
-    let (header, bytes) = crate::archive::format::read_header(&mut file)
+    let (header, bytes) = crate::repo::archive::format::read_header(&mut file)
         .map_err(|e| Untrusted::BadHeader(e.to_string()))?;
     let Some(enc) = &header.encryption else {
         return Ok((header, bytes));
@@ -337,7 +322,7 @@ fn authentic_header(
     }
     file.rewind()
         .map_err(|e| Untrusted::BadHeader(e.to_string()))?;
-    let mut reader = crate::archive::ArchiveReader::open(io::BufReader::new(file), keys)
+    let mut reader = crate::repo::archive::ArchiveReader::open(io::BufReader::new(file), keys)
         .map_err(|e| Untrusted::NotAuthentic(e.to_string()))?;
     reader
         .read(&mut [0u8; 1])
@@ -374,10 +359,12 @@ impl FileIdentity {
 
 /// Headers this process has authenticated, so that the daemon, which lists its
 /// folders after every backup, decrypts each archive's first segment only once.
-struct Authenticated(std::sync::Mutex<HashMap<FileIdentity, (crate::archive::Header, Vec<u8>)>>);
+struct Authenticated(
+    std::sync::Mutex<HashMap<FileIdentity, (crate::repo::archive::Header, Vec<u8>)>>,
+);
 
 impl Authenticated {
-    fn get(&self, id: &FileIdentity) -> Option<(crate::archive::Header, Vec<u8>)> {
+    fn get(&self, id: &FileIdentity) -> Option<(crate::repo::archive::Header, Vec<u8>)> {
         let map = self
             .0
             .lock()
@@ -385,7 +372,7 @@ impl Authenticated {
         map.get(id).cloned()
     }
 
-    fn put(&self, id: FileIdentity, value: (crate::archive::Header, Vec<u8>)) {
+    fn put(&self, id: FileIdentity, value: (crate::repo::archive::Header, Vec<u8>)) {
         let mut map = self
             .0
             .lock()

@@ -133,7 +133,7 @@ impl<W: Write> ArchiveWriter<W> {
     fn emit(&mut self, last: bool) -> io::Result<()> {
         self.sealer
             .seal(self.counter, last, &self.header, &mut self.buf)
-            .map_err(|()| io::Error::other("segment encryption failed"))?;
+            .map_err(io::Error::other)?;
         self.out.write_all(&self.buf)?;
         self.buf.clear();
         self.counter = self

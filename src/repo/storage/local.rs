@@ -1,4 +1,5 @@
-//! Backup destinations on the local file system, written atomically.
+//! The local directory as a [`Storage`]: backup destinations on the local file
+//! system, written atomically.
 //!
 //! An archive is written to a hidden temporary name in its final directory
 //! (`.<name>.<random>.tmp`, mode 0600), fsynced, renamed into place and the directory
@@ -17,6 +18,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use super::Storage;
 
 /// Suffixes of the files a backup consists of.
 pub const ARCHIVE_SUFFIX: &str = ".dbk";
@@ -224,6 +227,71 @@ impl Destination {
     }
 }
 
+/// A name that stays inside the folder: no separator, not hidden (temporary files
+/// are), not empty.
+fn bare(name: &str) -> io::Result<&str> {
+    if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\', '\0']) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("\"{name}\" is not an object name"),
+        ));
+    }
+    Ok(name)
+}
+
+impl Storage for Destination {
+    type Upload = TempFile;
+    type Reader = io::Take<File>;
+
+    fn put(&self, name: &str) -> io::Result<TempFile> {
+        self.create_temp(bare(name)?)
+    }
+
+    fn publish(&self, upload: TempFile, name: &str) -> io::Result<()> {
+        self.commit(upload, bare(name)?).map(drop)
+    }
+
+    fn replace(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        self.write_atomic(bare(name)?, bytes)
+    }
+
+    /// A regular file only, opened without following links or blocking (see
+    /// [`open_regular`]).
+    fn get(&self, name: &str, range: Option<std::ops::Range<u64>>) -> io::Result<Self::Reader> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = open_regular(&self.path(bare(name)?))?;
+        Ok(match range {
+            Some(r) => {
+                file.seek(SeekFrom::Start(r.start))?;
+                file.take(r.end.saturating_sub(r.start))
+            }
+            None => file.take(u64::MAX),
+        })
+    }
+
+    fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(prefix) && !name.starts_with('.') && entry.file_type()?.is_file() {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    fn delete(&self, name: &str) -> io::Result<()> {
+        remove_if_exists(&self.path(bare(name)?))?;
+        sync_dir(&self.dir)
+    }
+}
+
 /// Takes the exclusive advisory lock on `file`, or fails if someone holds it.
 fn lock(file: &File) -> io::Result<()> {
     file.try_lock().map_err(|e| match e {
@@ -378,6 +446,15 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Removes a scratch file when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,5 +545,36 @@ mod tests {
             [".owner-dead.lock", "backup-app-1.sqlite", "verify-1.sqlite"]
         );
         assert!(mine.exists(), "a live process's scratch file stays");
+    }
+
+    #[test]
+    fn the_local_directory_is_a_storage() {
+        use std::io::Read;
+        let root = tempfile::tempdir().unwrap();
+        let dest = Destination::new(root.path(), "app");
+        dest.ensure().unwrap();
+        let mut up = Storage::put(&dest, "a.dbk").unwrap();
+        up.write_all(b"0123456789").unwrap();
+        assert!(
+            dest.list("").unwrap().is_empty(),
+            "unpublished uploads are not listed"
+        );
+        dest.publish(up, "a.dbk").unwrap();
+        let again = Storage::put(&dest, "a.dbk").unwrap();
+        assert!(dest.publish(again, "a.dbk").is_err(), "never replaces");
+        dest.replace("a.manifest.json", b"{}").unwrap();
+        let mut names = dest.list("a.").unwrap();
+        names.sort();
+        assert_eq!(names, ["a.dbk", "a.manifest.json"]);
+        let mut part = String::new();
+        dest.get("a.dbk", Some(2..5))
+            .unwrap()
+            .read_to_string(&mut part)
+            .unwrap();
+        assert_eq!(part, "234");
+        assert!(dest.get("../app/a.dbk", None).is_err());
+        dest.delete("a.dbk").unwrap();
+        dest.delete("a.dbk").unwrap();
+        assert_eq!(dest.list("").unwrap(), ["a.manifest.json"]);
     }
 }

@@ -11,8 +11,8 @@
 use chrono::{DateTime, NaiveDateTime, Utc};
 
 use super::{BackupKind, Manifest};
-use crate::archive::{Header, KeyRing};
-use crate::storage::MANIFEST_SUFFIX;
+use crate::repo::archive::{Header, KeyRing};
+use crate::repo::storage::MANIFEST_SUFFIX;
 
 /// What the configuration says a genuine backup of one database looks like.
 #[derive(Debug, Clone)]

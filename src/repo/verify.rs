@@ -6,17 +6,16 @@
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
-use super::BackupError;
-use crate::archive::{self, HashRead, Header, KeyRing};
-use crate::catalog::{self, Manifest, TrustPolicy, VerifyMode};
+use super::{blocking, BackupError};
 use crate::db::{Database, Postgres};
+use crate::repo::archive::{self, HashRead, Header, KeyRing};
+use crate::repo::catalog::{self, Manifest, TrustPolicy, VerifyMode};
 
 /// What a read pass found.
 #[derive(Debug, Clone)]
@@ -47,29 +46,8 @@ impl<'a> Expect<'a> {
     }
 }
 
-/// Runs a blocking archive operation; cancelling sets its stop flag.
-pub(super) async fn blocking<T: Send + 'static>(
-    cancel: &CancellationToken,
-    work: impl FnOnce(&AtomicBool) -> Result<T, BackupError> + Send + 'static,
-) -> Result<T, BackupError> {
-    let flag = Arc::new(AtomicBool::new(false));
-    let stop = flag.clone();
-    let mut task = tokio::task::spawn_blocking(move || work(&stop));
-    let joined = tokio::select! {
-        j = &mut task => j,
-        _ = cancel.cancelled() => {
-            flag.store(true, Ordering::Relaxed);
-            task.await
-        }
-    };
-    if cancel.is_cancelled() {
-        return Err(BackupError::Cancelled);
-    }
-    joined.map_err(|e| BackupError::Internal(format!("worker thread failed: {e}")))?
-}
-
 pub(super) fn open_archive(path: &Path) -> Result<File, BackupError> {
-    crate::storage::open_regular(path).map_err(|source| BackupError::Io {
+    crate::repo::storage::open_regular(path).map_err(|source| BackupError::Io {
         what: "cannot open the archive",
         path: path.to_owned(),
         source,
@@ -353,7 +331,7 @@ impl PrivateDir {
     /// Creates a 0700 folder in the scratch folder `parent` (created 0700 if missing),
     /// owned by this process: a crash leaves nothing the next start does not remove.
     pub fn new(parent: &Path) -> Result<Self, BackupError> {
-        crate::storage::scratch_dir(parent, "dbkeeper")
+        crate::repo::storage::scratch_dir(parent, "dbkeeper")
             .map(PrivateDir)
             .map_err(|source| BackupError::Io {
                 what: "cannot create a private scratch directory in",
@@ -400,8 +378,8 @@ pub async fn integrity_check(path: &Path) -> Result<(), BackupError> {
 /// A fresh database name on the server: `<base>_dbk_<what>_<random>`, cut so that it
 /// fits PostgreSQL's 63-byte identifiers.
 pub fn scratch_database_name(base: &str, what: &str) -> Result<String, BackupError> {
-    let suffix: [u8; 4] = crate::archive::crypto::random_bytes()
-        .map_err(|e| BackupError::Archive(crate::archive::ArchiveError::from(e)))?;
+    let suffix: [u8; 4] = crate::repo::archive::crypto::random_bytes()
+        .map_err(|e| BackupError::Archive(crate::repo::archive::ArchiveError::from(e)))?;
     let tail = format!("_dbk_{what}_{}", hex::encode(suffix));
     let mut head = base.to_owned();
     while head.len() + tail.len() > 63 {

@@ -22,54 +22,11 @@ use std::collections::BTreeMap;
 use std::io;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
-use serde::Deserialize;
 
 use super::TrustPolicy;
-use crate::storage::Destination;
+use crate::repo::storage::Destination;
 
-/// `keep` in the backup config. A rule left out of a written `keep` table is 0; the
-/// policy of [`Keep::recommended`] applies only when `keep` is absent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct Keep {
-    pub last: u32,
-    pub hourly: u32,
-    pub daily: u32,
-    pub weekly: u32,
-    pub monthly: u32,
-    pub yearly: u32,
-}
-
-impl Keep {
-    /// 3 most recent, 7 daily, 4 weekly, 12 monthly.
-    pub fn recommended() -> Self {
-        Keep {
-            last: 3,
-            hourly: 0,
-            daily: 7,
-            weekly: 4,
-            monthly: 12,
-            yearly: 0,
-        }
-    }
-
-    /// A policy that would keep nothing is refused at config load.
-    pub fn keeps_something(&self) -> bool {
-        self.counts().iter().any(|&n| n > 0)
-    }
-
-    /// The six counts, in the order last, hourly, daily, weekly, monthly, yearly.
-    pub fn counts(&self) -> [u32; 6] {
-        [
-            self.last,
-            self.hourly,
-            self.daily,
-            self.weekly,
-            self.monthly,
-            self.yearly,
-        ]
-    }
-}
+pub use crate::config::Keep;
 
 /// One backup as rotation sees it.
 #[derive(Debug, Clone)]
@@ -417,8 +374,8 @@ mod tests {
         use proptest::prelude::*;
 
         use super::super::*;
-        use crate::archive::{self, Compression, Header, Key, Settings};
-        use crate::catalog::{BackupKind, Manifest, Verification, VerifyMode, VerifyResult};
+        use crate::repo::archive::{self, Compression, Header, Key, Settings};
+        use crate::repo::catalog::{BackupKind, Manifest, Verification, VerifyMode, VerifyResult};
 
         #[derive(Debug, Clone, Copy)]
         enum Sort {
@@ -471,7 +428,7 @@ mod tests {
                 image: "sqlite".to_owned(),
                 created: at,
                 compression: Compression::None,
-                segment_size: crate::archive::format::SEGMENT_SIZE,
+                segment_size: crate::repo::archive::format::SEGMENT_SIZE,
                 encryption: None,
             };
             let out = std::fs::File::create(dest.path(&format!("{file_id}{ARCHIVE}"))).unwrap();
@@ -517,8 +474,8 @@ mod tests {
             std::fs::write(dest.path(&format!("{file_id}{MANIFEST}")), json).unwrap();
         }
 
-        const ARCHIVE: &str = crate::storage::ARCHIVE_SUFFIX;
-        const MANIFEST: &str = crate::storage::MANIFEST_SUFFIX;
+        const ARCHIVE: &str = crate::repo::storage::ARCHIVE_SUFFIX;
+        const MANIFEST: &str = crate::repo::storage::MANIFEST_SUFFIX;
 
         fn files(root: &Path) -> BTreeSet<String> {
             let mut out = BTreeSet::new();
@@ -600,7 +557,7 @@ mod tests {
                 let before = files(root.path());
                 let policy = TrustPolicy {
                     database: "app".to_owned(),
-                    keys: crate::archive::KeyRing::new(vec![key.clone()]),
+                    keys: crate::repo::archive::KeyRing::new(vec![key.clone()]),
                     encrypting: true,
                     allow_unencrypted: false,
                 };
@@ -612,7 +569,7 @@ mod tests {
                     prop_assert!(name.is_some(), "deleted outside the folder: {gone}");
                     let name = name.unwrap_or_default();
                     let id = name.strip_suffix(ARCHIVE).or_else(|| name.strip_suffix(MANIFEST));
-                    prop_assert!(id.is_some_and(crate::catalog::is_valid_id), "deleted {gone}");
+                    prop_assert!(id.is_some_and(crate::repo::catalog::is_valid_id), "deleted {gone}");
                     prop_assert!(!protected.contains(id.unwrap_or_default()), "deleted protected {gone}");
                 }
                 for id in &protected {

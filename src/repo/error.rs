@@ -1,0 +1,102 @@
+//! The errors of the backup library (and of the backup job, which shares them):
+//! writing, reading, verifying and restoring archives.
+
+use std::path::PathBuf;
+
+use super::archive::ArchiveError;
+use crate::db::DbError;
+
+/// A backup, verification or restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{0}")]
+    Archive(ArchiveError),
+    #[error("{what} {path}: {source}{}", disk_hint(source))]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot run {program}: {source}; install the PostgreSQL client tools or set its path in [database.backup]")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{program} failed ({status}): {stderr}")]
+    Tool {
+        program: &'static str,
+        status: String,
+        stderr: String,
+    },
+    #[error(transparent)]
+    NotAnImage(#[from] NotAnImage),
+    #[error("verification failed: {0}")]
+    Verification(String),
+    #[error("backup {id} is not trusted: {reason}; it is never restored, counted or used for rotation (see `dbkeeper backup list`)")]
+    Untrusted {
+        id: String,
+        reason: super::catalog::Untrusted,
+    },
+    #[error("{0}")]
+    Refused(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn disk_hint(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        "; free space there or point backup.destination elsewhere (older backups are untouched)"
+    } else {
+        ""
+    }
+}
+
+impl BackupError {
+    pub(crate) fn from_archive(e: ArchiveError) -> Self {
+        match e {
+            ArchiveError::Cancelled => BackupError::Cancelled,
+            other => BackupError::Archive(other),
+        }
+    }
+
+    /// True when the archive itself is bad: the command line exits with 3.
+    pub fn is_verification(&self) -> bool {
+        match self {
+            BackupError::Archive(e) => e.is_verification(),
+            BackupError::Verification(_) | BackupError::Untrusted { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether trying again can help: everything but a deliberate refusal (a
+    /// restore test that cannot run here, a target that would be overwritten).
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, BackupError::Refused(_))
+    }
+
+    pub fn database_unreachable(&self) -> bool {
+        matches!(self, BackupError::Db(e) if e.is_unreachable())
+    }
+}
+
+pub(crate) fn io_err(
+    what: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(std::io::Error) -> BackupError {
+    let path = path.into();
+    move |source| BackupError::Io { what, path, source }
+}
+
+/// The image does not start the way its kind always does (empty, or something else):
+/// archiving it would make a "good" backup that cannot be restored.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} is not {kind} ({found}); nothing was published")]
+pub struct NotAnImage {
+    pub(crate) what: &'static str,
+    pub(crate) kind: &'static str,
+    pub(crate) found: String,
+}
