@@ -119,6 +119,9 @@ async fn dump_sqlite(
     run_encoder(encode, Box::new(source), tmp, cancel).await
 }
 
+/// How long a pg_dump whose output is not a dump may take to exit by itself.
+const NOT_A_DUMP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn dump_postgres(
     pg: &Postgres,
     pg_dump: &Path,
@@ -158,14 +161,31 @@ async fn dump_postgres(
             encoding.await
         }
     };
-    if written.is_err() {
+    let mut stopped_by_us = false;
+    match &written {
+        // Its output is not a dump: a pg_dump that failed exits on its own at once,
+        // and then its status and message say why; one still writing (a wrapper
+        // printing something else) is stopped after a grace period. Killing it at
+        // once would report our signal instead of its own failure.
+        Err(e) if not_an_image(e) => {
+            if tokio::time::timeout(NOT_A_DUMP_GRACE, child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.start_kill();
+                stopped_by_us = true;
+            }
+        }
         // Writing failed (disk full, cancelled): pg_dump must not linger.
-        let _ = child.start_kill();
+        Err(_) => {
+            let _ = child.start_kill();
+        }
+        Ok(_) => {}
     }
     let status = child.wait().await;
     let stderr = stderr_task.await.unwrap_or_default();
     let failed = matches!(&status, Ok(s) if !s.success());
-    if failed && matches!(&written, Err(e) if not_an_image(e)) {
+    if failed && !stopped_by_us && matches!(&written, Err(e) if not_an_image(e)) {
         // pg_dump failed before writing anything: its own message says why.
         if let Ok(status) = status {
             return Err(BackupError::Tool {
