@@ -688,3 +688,57 @@ fn planted_fifos_and_huge_manifests_are_untrusted_and_nothing_hangs() {
         .success();
     assert_eq!(marker(&out), "x");
 }
+
+#[test]
+fn a_database_folder_replaced_by_a_link_is_never_followed() {
+    // An attacker replaces `<destination>/app` with a link to another folder of app's
+    // backups: dbkeeper must neither write, clean up nor rotate there.
+    let (w, dest) = app_with_backups("keep = { last = 1 }");
+    backup(&w, "app", &dest);
+    next_second();
+    backup(&w, "app", &dest);
+    let elsewhere = w.path().join("elsewhere");
+    std::fs::rename(dest.join("app"), &elsewhere).expect("move");
+    std::fs::write(elsewhere.join("20200101T000000Z-manual.dbk"), b"orphan").expect("plant");
+    std::os::unix::fs::symlink(&elsewhere, dest.join("app")).expect("link");
+    let before: Vec<_> = std::fs::read_dir(&elsewhere)
+        .expect("read")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    next_second();
+    w.cmd(&["run-job", "app.backup"])
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("symbolic link"));
+    w.cmd(&["backup", "list", "app"])
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("symbolic link"));
+    let mut after: Vec<_> = std::fs::read_dir(&elsewhere)
+        .expect("read")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    let mut before = before;
+    before.sort();
+    after.sort();
+    assert_eq!(before, after, "files changed in the linked folder");
+}
+
+#[test]
+fn a_loose_scratch_folder_is_tightened_and_a_foreign_one_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let (w, dest) = app_with_backups("");
+    let tmp = w.path().join("state").join("tmp");
+    std::fs::create_dir_all(&tmp).expect("mkdir");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    backup(&w, "app", &dest);
+    assert_eq!(mode(&tmp), 0o700, "the scratch folder was left open");
+    // Owned by another user (as root here: nobody), it is refused.
+    if std::os::unix::fs::chown(&tmp, Some(65534), Some(65534)).is_ok() {
+        next_second();
+        w.cmd(&["run-job", "app.backup"])
+            .assert()
+            .failure()
+            .stderr(predicates::str::contains("belongs to another user"));
+    }
+}

@@ -606,6 +606,15 @@ fn restore_without_force_refuses_a_target_holding_only_large_objects_functions_o
     assert_eq!(target.sql("SELECT to_regclass('t') IS NULL"), "t");
     assert_eq!(leftovers(&target.name), "0", "scratch database left");
 
+    // A large object whose OID the client chose, below initdb's range, counts too.
+    let low = PgDb::new("lo_low");
+    low.sql("SELECT lo_from_bytea(1234, 'precious')");
+    w.cmd(&["restore", "pg", "--to", &low.url])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("1 large object"));
+    assert_eq!(low.sql("SELECT count(*) FROM pg_largeobject_metadata"), "1");
+
     // An empty database (a fresh CREATE DATABASE) is still replaced without --force.
     let empty = PgDb::new("lo_empty");
     w.cmd(&["restore", "pg", "--to", &empty.url])
@@ -885,5 +894,27 @@ fn restore_test_whose_pg_restore_is_killed_keeps_the_backup_good() {
         manifest[0]["verification"]["result"], "passed",
         "{:#}",
         manifest[0]
+    );
+}
+
+#[test]
+fn a_target_named_like_a_scratch_database_is_refused() {
+    // The crash clean-up drops `…_dbk_old_<8 hex>` databases whose restore is gone; a
+    // user's database restored under such a name would be dropped by the next restore.
+    let src = PgDb::new("scratchname_src");
+    src.sql("CREATE TABLE t (i int); INSERT INTO t VALUES (1)");
+    let w = pg_workdir(&src.url, "");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let name = format!("dbk_sn{}_dbk_old_0000beef", std::process::id());
+    let url = format!("{}/{name}", pg_server());
+    w.cmd(&["restore", "pg", "--to", &url, "--create"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("scratch database"));
+    assert_eq!(
+        server_sql(&format!(
+            "SELECT count(*) FROM pg_database WHERE datname = '{name}'"
+        )),
+        "0"
     );
 }

@@ -463,9 +463,17 @@ async fn restore_postgres_with(
     opts: &Options<'_>,
     cancel: &CancellationToken,
 ) -> Result<String, BackupError> {
-    pg.tidy_scratch_databases().await;
     // Decoded once from the URL, and used as is for every statement and tool below.
     let name = pg.database_name();
+    if crate::db::is_scratch_name(&name) {
+        // The crash clean-up drops databases of that shape whose owner is gone: a
+        // user's database must never have one.
+        return Err(BackupError::Refused(format!(
+            "database \"{name}\" has the name of a dbkeeper scratch database (…_dbk_restore_/_old_/_verify_<8 hex>), \
+             which dbkeeper drops when their restore is gone; restore under another name"
+        )));
+    }
+    pg.tidy_scratch_databases().await;
     let exists = pg.database_exists(&name).await?;
     if !exists && !opts.create {
         return Err(BackupError::Refused(format!(

@@ -168,6 +168,7 @@ impl Listing {
 /// are reported in [`Listing::untrusted`] rather than hiding the rest.
 pub fn list(dest: &Destination, policy: &TrustPolicy) -> io::Result<Listing> {
     let mut listing = Listing::default();
+    dest.real_dir()?;
     let entries = match std::fs::read_dir(dest.dir()) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(listing),

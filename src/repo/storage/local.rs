@@ -105,10 +105,32 @@ impl Destination {
 
     /// Creates the directory (mode 0700) if needed.
     pub fn ensure(&self) -> io::Result<()> {
+        self.real_dir()?;
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&self.dir)
+            .create(&self.dir)?;
+        self.real_dir()
+    }
+
+    /// Refuses a database folder that is a symbolic link (or anything but a
+    /// directory): whoever can write to the destination could otherwise point
+    /// `<destination>/<database>` at another folder and have dbkeeper clean up, write
+    /// and rotate there. A folder that does not exist yet is fine.
+    pub fn real_dir(&self) -> io::Result<()> {
+        match fs::symlink_metadata(&self.dir) {
+            Ok(m) if m.file_type().is_dir() => Ok(()),
+            Ok(m) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is {}, not a directory; dbkeeper never follows it (remove it, or make it a real folder)",
+                    self.dir.display(),
+                    if m.file_type().is_symlink() { "a symbolic link" } else { "not a folder" }
+                ),
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -118,6 +140,7 @@ impl Destination {
     /// Opens a new temporary file that will become `name`, locked for as long as it
     /// is being written.
     pub fn create_temp(&self, name: &str) -> io::Result<TempFile> {
+        self.real_dir()?;
         let path = self.dir.join(format!(
             ".{name}.{:016x}{TMP_SUFFIX}",
             rand::random::<u64>()
@@ -191,6 +214,7 @@ impl Destination {
                 format!("refusing to delete \"{id}\": not a backup id"),
             ));
         }
+        self.real_dir()?;
         remove_if_exists(&self.dir.join(format!("{id}{MANIFEST_SUFFIX}")))?;
         remove_if_exists(&self.dir.join(format!("{id}{ARCHIVE_SUFFIX}")))?;
         sync_dir(&self.dir)
@@ -200,6 +224,7 @@ impl Destination {
     /// holds locked, and archives without a manifest. Returns the removed file names.
     pub fn cleanup(&self) -> io::Result<Vec<String>> {
         let mut removed = Vec::new();
+        self.real_dir()?;
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
@@ -270,6 +295,7 @@ impl Storage for Destination {
     }
 
     fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        self.real_dir()?;
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -327,6 +353,49 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
         .create(dir)
 }
 
+/// Plaintext goes only into a scratch folder nobody else can enter or rearrange: it
+/// must be a real folder owned by this process's user, and so must its parent (the
+/// state directory), neither writable by others. A folder of ours with a looser mode
+/// (made by hand, or by an older version) is tightened to 0700; one that belongs to
+/// someone else, or sits in a folder others can write, is refused, since its owner
+/// could swap a scratch copy for their own file between two steps of a backup.
+fn check_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // /proc/self belongs to the process's effective user.
+    let me = fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    let refuse = |what: &Path, why: &str| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} {why}; plaintext scratch copies need a folder only dbkeeper's user can write \
+                 (remove it, or fix its owner and mode: chown to this user, chmod 0700)",
+                what.display()
+            ),
+        )
+    };
+    let meta = fs::symlink_metadata(dir)?;
+    if !meta.file_type().is_dir() {
+        return Err(refuse(dir, "is not a folder (a symbolic link?)"));
+    }
+    if me.is_some_and(|me| meta.uid() != me) {
+        return Err(refuse(dir, "belongs to another user"));
+    }
+    if meta.mode() & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), "scratch folder had mode {:o}; setting 0700", meta.mode() & 0o7777);
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let meta = fs::metadata(parent)?;
+        if me.is_some_and(|me| meta.uid() != me && meta.uid() != 0) {
+            return Err(refuse(parent, "belongs to another user"));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(refuse(parent, "can be written by other users"));
+        }
+    }
+    Ok(())
+}
+
 const OWNER_PREFIX: &str = ".owner-";
 const OWNER_SUFFIX: &str = ".lock";
 
@@ -375,6 +444,7 @@ fn scratch_name(dir: &Path, prefix: &str, ext: &str) -> io::Result<PathBuf> {
             .map_err(|_| io::Error::other("scratch owner lock poisoned"))?;
         if !held.iter().any(|(d, _)| d == dir) {
             create_private_dir(dir)?;
+            check_private_dir(dir)?;
             let file = OpenOptions::new()
                 .write(true)
                 .create(true)
