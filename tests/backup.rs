@@ -176,7 +176,10 @@ fn postgres_round_trip_keeps_schema_and_data() {
     assert_eq!(
         psql(
             &format!("{}/postgres", pg_server()),
-            "SELECT count(*) FROM pg_database WHERE datname LIKE 'dbkeeper_verify_%'"
+            &format!(
+                "SELECT count(*) FROM pg_database WHERE datname LIKE '{}\\_dbk\\_verify\\_%'",
+                src.name
+            )
         ),
         "0",
         "the restore test drops its scratch database"

@@ -44,6 +44,16 @@ fn write_pg_config(w: &Workdir, url: &str, extra: &str) {
     );
 }
 
+/// A fresh source database `tag` filled by `sql`, and a workdir that has backed it up
+/// once as `pg`.
+fn backed_up(tag: &str, sql: &str) -> (PgDb, Workdir) {
+    let src = PgDb::new(tag);
+    src.sql(sql);
+    let w = pg_workdir(&src.url, "");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    (src, w)
+}
+
 fn server_sql(sql: &str) -> String {
     psql(&format!("{}/postgres", pg_server()), sql)
 }
@@ -282,10 +292,10 @@ fn ssl_password_never_reaches_argv_or_logs() {
 
 #[test]
 fn database_names_with_spaces_mean_one_database() {
-    let src = PgDb::new("space_src");
-    src.sql("CREATE TABLE t AS SELECT generate_series(1, 7) i");
-    let w = pg_workdir(&src.url, "");
-    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let (_src, w) = backed_up(
+        "space_src",
+        "CREATE TABLE t AS SELECT generate_series(1, 7) i",
+    );
     let name = format!("dbk_adv sp_{}", std::process::id());
     let drop_it = || {
         let _ = Command::new("psql")
@@ -462,10 +472,10 @@ fn crash_leftover_scratch_databases_are_dropped_unless_their_owner_lives() {
             std::process::id().wrapping_mul(2654435761).wrapping_add(n)
         )
     };
-    let src = PgDb::new(&format!("{tag}_src"));
-    src.sql("CREATE TABLE t AS SELECT generate_series(1, 10) i");
-    let w = pg_workdir(&src.url, "");
-    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let (_src, w) = backed_up(
+        &format!("{tag}_src"),
+        "CREATE TABLE t AS SELECT generate_series(1, 10) i",
+    );
 
     // What a kill -9 leaves: a scratch restore database, a swapped-out old one, a
     // restore test's database; none has a live owner.
@@ -578,10 +588,7 @@ fn restore_test_that_pg_restore_fails_is_a_job_error_and_keeps_the_verdict() {
 
 #[test]
 fn restore_without_force_refuses_a_target_holding_only_large_objects_functions_or_types() {
-    let src = PgDb::new("lo_src");
-    src.sql("CREATE TABLE t (i int); INSERT INTO t VALUES (1)");
-    let w = pg_workdir(&src.url, "");
-    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let (_src, w) = backed_up("lo_src", "CREATE TABLE t (i int); INSERT INTO t VALUES (1)");
 
     let target = PgDb::new("lo_dst");
     target.sql(
@@ -671,10 +678,10 @@ fn restore_without_force_keeps_what_was_written_to_the_target_during_the_restore
 
 #[test]
 fn restore_with_create_refuses_a_database_created_under_that_name_during_the_restore() {
-    let src = PgDb::new("crt_src");
-    src.sql("CREATE TABLE t (i int); INSERT INTO t SELECT generate_series(1, 10)");
-    let w = pg_workdir(&src.url, "");
-    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let (src, w) = backed_up(
+        "crt_src",
+        "CREATE TABLE t (i int); INSERT INTO t SELECT generate_series(1, 10)",
+    );
     let fresh = PgDb::unused("crt_new");
     // While pg_restore runs, someone creates the database and writes into it.
     let create = common::write_script(
@@ -901,10 +908,10 @@ fn restore_test_whose_pg_restore_is_killed_keeps_the_backup_good() {
 fn a_target_named_like_a_scratch_database_is_refused() {
     // The crash clean-up drops `…_dbk_old_<8 hex>` databases whose restore is gone; a
     // user's database restored under such a name would be dropped by the next restore.
-    let src = PgDb::new("scratchname_src");
-    src.sql("CREATE TABLE t (i int); INSERT INTO t VALUES (1)");
-    let w = pg_workdir(&src.url, "");
-    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let (_src, w) = backed_up(
+        "scratchname_src",
+        "CREATE TABLE t (i int); INSERT INTO t VALUES (1)",
+    );
     let name = format!("dbk_sn{}_dbk_old_0000beef", std::process::id());
     let url = format!("{}/{name}", pg_server());
     w.cmd(&["restore", "pg", "--to", &url, "--create"])

@@ -30,7 +30,7 @@ pub use crate::ident::{
 pub use crate::redact::{redact_url, url_has_password};
 pub use postgres::{
     is_scratch_name, scratch_lock_key, set_timeout, Postgres, Scope, ScratchClaim, SwapMode,
-    Swapped, Timeout, UserObjects,
+    Swapped, Timeout, ToolFiles, UserObjects,
 };
 pub use sqlite::Sqlite;
 

@@ -98,6 +98,16 @@ pub struct ToolCommand {
     _service: Option<ServiceFile>,
 }
 
+/// The private files a started tool reads (removed on drop): keep them until it exits.
+pub struct ToolFiles(#[allow(dead_code)] Option<ServiceFile>);
+
+impl ToolCommand {
+    /// The command for tokio, and the files to keep while the child runs.
+    pub fn into_tokio(self) -> (tokio::process::Command, ToolFiles) {
+        (self.cmd.into(), ToolFiles(self._service))
+    }
+}
+
 /// A libpq connection-service file holding `sslpassword`, mode 0600, removed on drop.
 struct ServiceFile(std::path::PathBuf);
 

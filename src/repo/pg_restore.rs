@@ -218,15 +218,11 @@ fn spawn(
     target: &Target<'_>,
     args: &[&str],
     stdin: Stdio,
-) -> Result<(impl Sized, Running), BackupError> {
-    let mut tool =
-        target
-            .pg
-            .tool_command(target.program, Some(target.database), target.private_dir)?;
-    let mut cmd = tokio::process::Command::from(std::mem::replace(
-        &mut tool.cmd,
-        std::process::Command::new(target.program),
-    ));
+) -> Result<(crate::db::ToolFiles, Running), BackupError> {
+    let (mut cmd, files) = target
+        .pg
+        .tool_command(target.program, Some(target.database), target.private_dir)?
+        .into_tokio();
     cmd.args(target.args)
         .args(args)
         .arg("--exit-on-error")
@@ -242,7 +238,7 @@ fn spawn(
         return Err(BackupError::Internal("pg_restore pipes missing".into()));
     };
     Ok((
-        tool,
+        files,
         Running {
             program: target.program.display().to_string(),
             stderr: tokio::spawn(tail(stderr)),

@@ -99,6 +99,7 @@ pub(super) fn read_hashed_gated<W: std::io::Write>(
     gate: Option<&TrustGate>,
 ) -> Result<(W, ReadReport), BackupError> {
     let mut input = HashRead::new(BufReader::with_capacity(1 << 20, file));
+    // The reader only needs to stop; the refusal itself is reported from `refused`.
     let mut refused = None;
     let admit = |header: &Header| match gate.map(|g| g.check(header)) {
         Some(Err(e)) => {
@@ -400,7 +401,8 @@ async fn restore_test_postgres(
     keys: &KeyRing,
     cancel: &CancellationToken,
 ) -> Result<(), BackupError> {
-    let scratch = scratch_database_name("dbkeeper", "verify")?;
+    // Named after the database it tests, so that a leftover says whose it was.
+    let scratch = scratch_database_name(&pg.database_name(), "verify")?;
     let dir = PrivateDir::new(target.scratch_dir)?;
     let _claim = pg.claim_scratch(&scratch).await?;
     pg.create_database(&scratch).await.map_err(|e| {

@@ -130,8 +130,7 @@ async fn dump_postgres(
     cancel: &CancellationToken,
     encode: Box<Encode>,
 ) -> Result<(TempFile, WriteStats), BackupError> {
-    let tool = pg.tool_command(pg_dump, None, scratch_dir)?;
-    let mut cmd = tokio::process::Command::from(tool.cmd);
+    let (mut cmd, _files) = pg.tool_command(pg_dump, None, scratch_dir)?.into_tokio();
     cmd.args(["--format=custom", "--compress=0"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

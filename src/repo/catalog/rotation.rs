@@ -388,6 +388,12 @@ mod tests {
             OtherDatabase,
             /// A second manifest claiming the id of an earlier backup.
             Duplicate,
+            /// A byte copy of an earlier good archive under `<its id>.<n>`.
+            Copy,
+            /// A symbolic link to an earlier good archive under `<its id>.<n>`.
+            Link,
+            /// A copy of an earlier good archive whose header time was edited (no key).
+            EditedTime,
         }
 
         fn sort() -> impl Strategy<Value = Sort> {
@@ -398,6 +404,9 @@ mod tests {
                 1 => Just(Sort::Plain),
                 1 => Just(Sort::OtherDatabase),
                 1 => Just(Sort::Duplicate),
+                1 => Just(Sort::Copy),
+                1 => Just(Sort::Link),
+                1 => Just(Sort::EditedTime),
             ]
         }
 
@@ -474,6 +483,55 @@ mod tests {
             std::fs::write(dest.path(&format!("{file_id}{MANIFEST}")), json).unwrap();
         }
 
+        /// Plants a copy, link or time-edited copy (per `sort`) of the backup `of`
+        /// under `<of>.<n>`, with its manifest adjusted as an attacker without the key
+        /// would.
+        fn plant(dest: &Destination, of: &str, n: usize, sort: Sort) -> String {
+            let id = format!("{of}.{n}");
+            let original = dest.path(&format!("{of}{ARCHIVE}"));
+            let path = dest.path(&format!("{id}{ARCHIVE}"));
+            let mut bytes = std::fs::read(&original).unwrap();
+            let mut m: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(dest.path(&format!("{of}{MANIFEST}"))).unwrap(),
+            )
+            .unwrap();
+            match sort {
+                Sort::Link => std::os::unix::fs::symlink(&original, &path).unwrap(),
+                Sort::EditedTime => {
+                    let len = u32::from_be_bytes(bytes[9..13].try_into().unwrap()) as usize;
+                    let mut h: serde_json::Value =
+                        serde_json::from_slice(&bytes[13..13 + len]).unwrap();
+                    let at: DateTime<Utc> = serde_json::from_value(h["created"].clone()).unwrap();
+                    let later = at + chrono::Duration::milliseconds(1);
+                    h["created"] = serde_json::to_value(later).unwrap();
+                    m["started_at"] = h["created"].clone();
+                    let edited = serde_json::to_vec(&h).unwrap();
+                    let mut out = bytes[..9].to_vec();
+                    out.extend_from_slice(&(edited.len() as u32).to_be_bytes());
+                    out.extend_from_slice(&edited);
+                    out.extend_from_slice(&bytes[13 + len..]);
+                    bytes = out;
+                    std::fs::write(&path, &bytes).unwrap();
+                }
+                _ => std::fs::write(&path, &bytes).unwrap(),
+            }
+            m["id"] = id.clone().into();
+            std::fs::write(
+                dest.path(&format!("{id}{MANIFEST}")),
+                serde_json::to_vec(&m).unwrap(),
+            )
+            .unwrap();
+            id
+        }
+
+        /// The backup ids whose manifest is in `dest`.
+        fn kept(dest: &Destination, ids: &[String]) -> Vec<String> {
+            ids.iter()
+                .filter(|id| dest.path(&format!("{id}{MANIFEST}")).exists())
+                .cloned()
+                .collect()
+        }
+
         const ARCHIVE: &str = crate::repo::storage::ARCHIVE_SUFFIX;
         const MANIFEST: &str = crate::repo::storage::MANIFEST_SUFFIX;
 
@@ -510,8 +568,15 @@ mod tests {
                 let now = Utc::now();
                 let dest = Destination::new(root.path(), "app");
                 let other = Destination::new(root.path(), "other");
+                // The oracle: the same genuine backups without anything planted. What
+                // rotation keeps of them must not depend on what an attacker added.
+                let twin_root = tempfile::tempdir().unwrap();
+                let twin = Destination::new(twin_root.path(), "app");
                 dest.ensure().unwrap();
                 other.ensure().unwrap();
+                twin.ensure().unwrap();
+                let mut genuine: Vec<String> = Vec::new();
+                let mut planted = 0usize;
                 let sentinel = id_at(now - chrono::Duration::days(400));
                 write(&other, &sentinel, &sentinel, now - chrono::Duration::days(400), Sort::Good, &key);
                 std::fs::write(root.path().join("outside.txt"), b"x").unwrap();
@@ -528,12 +593,21 @@ mod tests {
                     if !used.insert(file_id.clone()) {
                         continue;
                     }
-                    // A duplicate needs an earlier good backup to copy; without one it
-                    // is just another good backup.
+                    // A duplicate or copy needs an earlier good backup to copy; without
+                    // one it is just another good backup.
                     let sort = match (sort, good_ids.first()) {
-                        (Sort::Duplicate, None) => &Sort::Good,
+                        (Sort::Duplicate | Sort::Copy | Sort::Link | Sort::EditedTime, None) => &Sort::Good,
                         _ => sort,
                     };
+                    if let (Sort::Copy | Sort::Link | Sort::EditedTime, Some((_, of))) = (sort, good_ids.first()) {
+                        planted += 1;
+                        protected.insert(plant(&dest, &of.clone(), planted + 1, *sort));
+                        continue;
+                    }
+                    if matches!(sort, Sort::Good | Sort::Failed | Sort::Future) {
+                        write(&twin, &file_id, &file_id, at, *sort, &key);
+                        genuine.push(file_id.clone());
+                    }
                     let claimed = match (sort, good_ids.first()) {
                         (Sort::Duplicate, Some((_, id))) => id.clone(),
                         _ => file_id.clone(),
@@ -548,6 +622,8 @@ mod tests {
                 let made = id_at(now);
                 if just_made && used.insert(made.clone()) {
                     write(&dest, &made, &made, now, Sort::Good, &key);
+                    write(&twin, &made, &made, now, Sort::Good, &key);
+                    genuine.push(made.clone());
                     good_ids.push((now, made.clone()));
                     protected.insert(made.clone());
                 }
@@ -562,6 +638,8 @@ mod tests {
                     allow_unencrypted: false,
                 };
                 rotate(&dest, &policy, &keep, now, just_made.then_some(made.as_str()), false).unwrap();
+                rotate(&twin, &policy, &keep, now, just_made.then_some(made.as_str()), false).unwrap();
+                prop_assert_eq!(kept(&dest, &genuine), kept(&twin, &genuine), "planted files changed what rotation kept");
                 let after = files(root.path());
                 prop_assert!(after.is_subset(&before));
                 for gone in before.difference(&after) {
