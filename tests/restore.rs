@@ -707,9 +707,9 @@ fn restore_with_create_refuses_a_database_created_under_that_name_during_the_res
     assert_eq!(leftovers(&fresh.name), "0", "scratch or old database left");
 }
 
-#[test]
-fn sqlite_restore_without_force_never_replaces_a_file_created_during_the_restore() {
-    // Big enough that decoding and checking it take a while.
+/// A workdir with one backup of `big` (20 MB of SQLite): big enough that decoding
+/// and checking it take a while.
+fn big_sqlite_backup() -> Workdir {
     let w = Workdir::new();
     let key = w.key("k");
     let src = w.path().join("big.db");
@@ -728,6 +728,12 @@ fn sqlite_restore_without_force_never_replaces_a_file_created_during_the_restore
         ),
     );
     w.cmd(&["run-job", "big.backup"]).assert().success();
+    w
+}
+
+#[test]
+fn sqlite_restore_without_force_never_replaces_a_file_created_during_the_restore() {
+    let w = big_sqlite_backup();
     let target = w.path().join("new.db");
     let mut raced = false;
     for _ in 0..5 {
@@ -923,5 +929,53 @@ fn a_target_named_like_a_scratch_database_is_refused() {
             "SELECT count(*) FROM pg_database WHERE datname = '{name}'"
         )),
         "0"
+    );
+}
+
+#[test]
+fn a_killed_sqlite_restore_leaves_no_plaintext_after_the_next_restore() {
+    // Adversary round 2, case 06: after kill -9, the decoded copy stayed beside the
+    // target for ever.
+    let w = big_sqlite_backup();
+    let target = w.path().join("live.db");
+    wal_target(&target);
+    let mut killed = false;
+    for _ in 0..5 {
+        let mut child = Command::new(common::BIN)
+            .args(["restore", "big", "--force", "--to"])
+            .arg(&target)
+            .arg("-c")
+            .arg(w.config_path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("restore");
+        let start = std::time::Instant::now();
+        while !has_restore_temp(w.path()) && start.elapsed().as_secs() < 20 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        child.kill().expect("kill -9");
+        child.wait().expect("wait");
+        if has_restore_temp(w.path()) {
+            killed = true;
+            break;
+        }
+    }
+    assert!(killed, "the restore always finished before it was killed");
+    assert_eq!(
+        sqlite(&target, "SELECT group_concat(s) FROM t").trim(),
+        "old,only-in-wal",
+        "a killed restore changed the target"
+    );
+    // The next restore into that folder (of another file) removes the leftover.
+    let other = w.path().join("other.db");
+    w.cmd(&["restore", "big", "--to", other.to_str().expect("utf-8")])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("interrupted restore"));
+    assert!(!has_restore_temp(w.path()), "plaintext leftover survived");
+    assert_eq!(
+        sqlite(&target, "SELECT group_concat(s) FROM t").trim(),
+        "old,only-in-wal"
     );
 }

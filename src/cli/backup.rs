@@ -18,7 +18,7 @@ use crate::repo::catalog::{
     self, Listing, Manifest, TrustPolicy, Verification, VerifyMode, VerifyResult,
 };
 use crate::repo::storage::Destination;
-use crate::repo::{restore as restoring, verify as verifying, BackupError};
+use crate::repo::{restore as restoring, sibling, verify as verifying, BackupError};
 
 /// The `<database>.backup` job alone: only its database is opened (lazily) and
 /// only its keys are loaded.
@@ -385,18 +385,23 @@ pub async fn decrypt(
         if out.exists() {
             bail!("{output} exists; remove it or choose another -o");
         }
-        let tmp = crate::repo::storage::Scratch(verifying::sibling_temp(out));
-        verifying::decode_handle_to_file(
+        for done in sibling::recover(out)? {
+            tracing::warn!("{done}");
+        }
+        // Locked while it exists: a decrypt killed mid-way leaves plaintext the next
+        // one into this folder removes.
+        let tmp = sibling::SiblingTemp::create(out)?;
+        verifying::decode_handle_into(
             file,
             &keys,
             None,
-            &tmp.0,
+            (tmp.writer()?, tmp.path()),
             verifying::Durability::Synced,
             &cancel,
         )
         .await
         .with_context(|| archive_path.display().to_string())?;
-        std::fs::rename(&tmp.0, out).with_context(|| format!("cannot write {output}"))?;
+        std::fs::rename(tmp.path(), out).with_context(|| format!("cannot write {output}"))?;
         eprintln!("wrote {output}");
     }
     Ok(Exit::Success)

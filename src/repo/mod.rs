@@ -5,7 +5,8 @@
 //!   the local directory, [`storage::Destination`], as its first implementation);
 //! - [`catalog`]: manifests, listing, provenance (trust) and rotation;
 //! - [`verify`]: reading an archive back, and the restore test;
-//! - [`restore`] and [`pg_restore`]: putting a backup back;
+//! - [`restore`] and [`pg_restore`]: putting a backup back; [`sibling`]: the
+//!   plaintext written beside a restore or decrypt target, and its crash recovery;
 //! - [`BackupError`]: what any of them (and the backup job) can fail with.
 //!
 //! The backup job (`jobs::backup`) takes the dump and calls into this module; nothing
@@ -16,6 +17,7 @@ pub mod catalog;
 mod error;
 pub mod pg_restore;
 pub mod restore;
+pub mod sibling;
 pub mod storage;
 pub mod verify;
 

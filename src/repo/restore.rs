@@ -28,13 +28,14 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
+use super::sibling::{self, SiblingTemp};
 use super::verify::{self, Durability, Expect, PrivateDir};
 use super::{pg_restore, BackupError};
 use crate::config::{Backend, DatabaseConfig};
 use crate::db::{Database, Postgres, SwapMode, Swapped};
 use crate::repo::archive::KeyRing;
 use crate::repo::catalog::{Manifest, TrustPolicy};
-use crate::repo::storage::{sync_dir, Scratch};
+use crate::repo::storage::sync_dir;
 
 /// What `restore` was told to do besides the target.
 pub struct Options<'a> {
@@ -73,66 +74,6 @@ pub async fn restore(
         _ => Err(BackupError::Refused(
             "this is a PostgreSQL backup; --to must be a postgres:// URL".to_owned(),
         )),
-    }
-}
-
-/// The files SQLite keeps beside a database, which belong to the old one.
-const SIDE_FILES: [&str; 3] = ["-wal", "-shm", "-journal"];
-
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
-}
-
-/// The target's side files, moved aside (renamed, never deleted) until the new file
-/// is in place; dropped without [`Aside::discard`], they are put back.
-struct Aside {
-    moved: Vec<(PathBuf, PathBuf)>,
-}
-
-impl Aside {
-    fn take(target: &Path) -> Result<Self, BackupError> {
-        let mut aside = Aside { moved: Vec::new() };
-        let tag = std::process::id();
-        for suffix in SIDE_FILES {
-            let side = with_suffix(target, suffix);
-            let parked = verify::sibling_temp(&with_suffix(target, &format!("{suffix}.{tag}")));
-            match std::fs::rename(&side, &parked) {
-                Ok(()) => aside.moved.push((side, parked)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                // `aside` goes out of scope here and puts back what it moved.
-                Err(source) => {
-                    return Err(BackupError::Io {
-                        what: "cannot move aside",
-                        path: side,
-                        source,
-                    })
-                }
-            }
-        }
-        Ok(aside)
-    }
-
-    /// The new database is in place: the old side files are of no use any more.
-    fn discard(mut self) {
-        for (_, parked) in self.moved.drain(..) {
-            let _ = std::fs::remove_file(parked);
-        }
-    }
-}
-
-impl Drop for Aside {
-    fn drop(&mut self) {
-        for (side, parked) in self.moved.drain(..) {
-            if let Err(e) = std::fs::rename(&parked, &side) {
-                tracing::error!(
-                    "cannot put {} back from {}: {e}; move it back by hand before opening the database",
-                    side.display(),
-                    parked.display()
-                );
-            }
-        }
     }
 }
 
@@ -307,27 +248,33 @@ async fn restore_sqlite(
     if usable_target(target)? && !force {
         return Err(exists_refusal(target));
     }
+    for done in sibling::recover(target)? {
+        tracing::warn!("{done}");
+    }
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
     };
-    let tmp = Scratch(verify::sibling_temp(target));
-    verify::decode_to_file(
-        archive,
+    // Locked while it exists: a restore killed mid-way leaves a file the next one
+    // knows to remove.
+    let tmp = SiblingTemp::create(target)?;
+    let input = verify::open_archive(archive)?;
+    verify::decode_handle_into(
+        input,
         keys,
         Some(expect),
-        &tmp.0,
+        (tmp.writer()?, tmp.path()),
         Durability::Synced,
         cancel,
     )
     .await?;
     tokio::select! {
-        checked = verify::integrity_check(&tmp.0) => checked?,
+        checked = verify::integrity_check(tmp.path()) => checked?,
         _ = cancel.cancelled() => return Err(BackupError::Cancelled),
     }
     if force {
         if let Some(from) = inherit_from(target)? {
-            apply_inherited(&tmp.0, &from).await?;
+            apply_inherited(tmp.path(), &from).await?;
         }
     } else if usable_target(target)? {
         return Err(appeared_refusal(target));
@@ -337,17 +284,17 @@ async fn restore_sqlite(
     }
     // A WAL beside the new file would be replayed into it; park it (never delete it)
     // until the rename below, the commit point, has happened.
-    let aside = Aside::take(target)?;
+    let parked = tmp.park_side_files(target)?;
     let published = if force {
-        std::fs::rename(&tmp.0, target).map_err(|e| rename_refused(target, e))
+        std::fs::rename(tmp.path(), target).map_err(|e| rename_refused(target, e))
     } else {
-        publish_new(&tmp.0, target)
+        publish_new(tmp.path(), target)
     };
     if let Err(e) = published {
-        drop(aside);
+        drop(parked);
         return Err(e);
     }
-    aside.discard();
+    parked.discard();
     sync_dir(&dir).map_err(|source| BackupError::Io {
         what: "cannot sync the directory of",
         path: target.to_owned(),
@@ -375,7 +322,7 @@ fn appeared_refusal(target: &Path) -> BackupError {
 fn publish_new(tmp: &Path, target: &Path) -> Result<(), BackupError> {
     match std::fs::hard_link(tmp, target) {
         Ok(()) => {
-            // `Scratch` removes the other name too; this is only the early path.
+            // `SiblingTemp` removes the other name too; this is only the early path.
             let _ = std::fs::remove_file(tmp);
             Ok(())
         }

@@ -289,14 +289,26 @@ pub async fn decode_handle_to_file(
     durability: Durability,
     cancel: &CancellationToken,
 ) -> Result<ReadReport, BackupError> {
-    let (keys, out) = (keys.clone(), out.to_owned());
+    let file = create_private(out).map_err(|source| BackupError::Io {
+        what: "cannot create",
+        path: out.to_owned(),
+        source,
+    })?;
+    decode_handle_into(input, keys, expect, (file, out), durability, cancel).await
+}
+
+/// [`decode_handle_to_file`] into a file already created (`out`: the file and its
+/// path, for messages).
+pub async fn decode_handle_into(
+    input: File,
+    keys: &KeyRing,
+    expect: Option<Expect<'_>>,
+    out: (File, &Path),
+    durability: Durability,
+    cancel: &CancellationToken,
+) -> Result<ReadReport, BackupError> {
+    let (keys, (file, out)) = (keys.clone(), (out.0, out.1.to_owned()));
     let report = blocking(cancel, move |stop| {
-        let io_err = |what, source| BackupError::Io {
-            what,
-            path: out.clone(),
-            source,
-        };
-        let file = create_private(&out).map_err(|e| io_err("cannot create", e))?;
         let sink = std::io::BufWriter::with_capacity(1 << 20, file);
         let (sink, report) = read_hashed(input, &keys, sink, stop)?;
         sink.into_inner()
@@ -305,7 +317,11 @@ pub async fn decode_handle_to_file(
                 Durability::Synced => f.sync_all(),
                 Durability::Transient => Ok(()),
             })
-            .map_err(|e| io_err("cannot write", e))?;
+            .map_err(|source| BackupError::Io {
+                what: "cannot write",
+                path: out,
+                source,
+            })?;
         Ok(report)
     })
     .await?;
@@ -439,15 +455,4 @@ async fn restore_test_postgres(
 /// How many parallel jobs `pg_restore -j` gets: one per core.
 pub(super) fn restore_jobs() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-}
-
-/// A path beside `target` for writing its replacement.
-pub fn sibling_temp(target: &Path) -> PathBuf {
-    let name = target
-        .file_name()
-        .map_or_else(|| "restore".into(), |n| n.to_string_lossy().into_owned());
-    target.with_file_name(format!(
-        ".{name}.dbkeeper-restore.{}.tmp",
-        std::process::id()
-    ))
 }
