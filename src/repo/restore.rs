@@ -34,7 +34,7 @@ use crate::config::{Backend, DatabaseConfig};
 use crate::db::{Database, Postgres, SwapMode, Swapped};
 use crate::repo::archive::KeyRing;
 use crate::repo::catalog::{Manifest, TrustPolicy};
-use crate::repo::storage::{sync_dir, Scratch};
+use crate::repo::storage::{sync_dir, Object, Scratch};
 
 /// What `restore` was told to do besides the target.
 pub struct Options<'a> {
@@ -48,10 +48,10 @@ pub struct Options<'a> {
     pub scratch_dir: &'a Path,
 }
 
-/// Restores the backup `manifest` (archive at `archive`) to `target`: a file path for
+/// Restores the backup `manifest` (its archive open as `archive`) to `target`: a file path for
 /// SQLite backups, a `postgres://` URL for PostgreSQL ones.
 pub async fn restore(
-    archive: &Path,
+    archive: &dyn Object,
     manifest: &Manifest,
     keys: &KeyRing,
     target: &str,
@@ -295,7 +295,7 @@ async fn apply_inherited(image: &Path, from: &Inherit) -> Result<(), BackupError
 }
 
 async fn restore_sqlite(
-    archive: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     expect: Expect<'_>,
     target: &Path,
@@ -422,7 +422,7 @@ fn rename_refused(target: &Path, source: std::io::Error) -> BackupError {
 }
 
 async fn restore_postgres(
-    archive: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     expect: Expect<'_>,
     url: &str,
@@ -457,7 +457,7 @@ pub fn target_config(url: &str) -> DatabaseConfig {
 
 async fn restore_postgres_with(
     pg: &Postgres,
-    archive: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     expect: Expect<'_>,
     opts: &Options<'_>,
@@ -545,7 +545,7 @@ async fn fill_and_swap(
     fill: &pg_restore::Target<'_>,
     name: &str,
     mode: SwapMode,
-    archive: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     expect: Expect<'_>,
     cancel: &CancellationToken,

@@ -28,6 +28,7 @@ mod reading;
 mod sqlite;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -40,7 +41,7 @@ use crate::config::{RetentionConfig, RetentionMode, ScanMode};
 use crate::db::{with_backend, Database, DbError, NameError, QualifiedName};
 use crate::metrics;
 use crate::repo::archive::{self, ArchiveError, Compression, Header, Key, KeyRing, Settings};
-use crate::repo::storage::Destination;
+use crate::repo::storage::Storage;
 
 /// A retention run failed.
 #[derive(Debug, thiserror::Error)]
@@ -207,7 +208,7 @@ pub struct Preview {
 /// Where archived batches go: `<destination>/<database>/retention/<job>/`.
 #[derive(Debug, Clone)]
 pub struct ArchiveTo {
-    pub dest: Destination,
+    pub dest: Arc<dyn Storage>,
     pub key: Option<Key>,
     pub compression: Compression,
     pub level: i32,
@@ -754,9 +755,9 @@ impl BatchArchive<'_> {
     fn write(&self, rows: &[String]) -> Result<(), RetentionError> {
         let fail = |e: ArchiveFailure| RetentionError::Archive(e);
         let dest = &self.to.dest;
-        dest.ensure().map_err(|source| {
+        dest.prepare().map_err(|source| {
             fail(ArchiveFailure::Directory {
-                dir: dest.dir().to_owned(),
+                dir: dest.location(),
                 source,
             })
         })?;
@@ -765,7 +766,7 @@ impl BatchArchive<'_> {
             lines.extend_from_slice(r.as_bytes());
             lines.push(b'\n');
         }
-        let tmp = dest.create_temp(&self.name).map_err(|e| fail(e.into()))?;
+        let tmp = dest.put(&self.name).map_err(|e| fail(e.into()))?;
         let settings = Settings {
             header: Header {
                 database: self.database.to_owned(),
@@ -794,7 +795,7 @@ impl BatchArchive<'_> {
         if let Some(Err(e)) = stats.checked {
             return Err(fail(ArchiveFailure::ReadBack(e)));
         }
-        dest.commit(tmp, &self.name).map_err(|e| fail(e.into()))?;
+        tmp.publish().map_err(|e| fail(e.into()))?;
         Ok(())
     }
 }
