@@ -14,7 +14,7 @@ use chrono::Utc;
 use common::{archives, backup_table, metric_value, sqlite, sqlite_db, Workdir};
 use dbkeeper::repo::archive::{self, format, Compression, Header, Key, Settings};
 use dbkeeper::repo::catalog::{BackupKind, Manifest, Verification, VerifyMode, VerifyResult};
-use dbkeeper::repo::storage::Destination;
+use dbkeeper::repo::storage::{Destination, Storage};
 
 /// `<workdir>/<name>.db` holding one table `t` with one row `value`.
 fn marked_db(w: &Workdir, name: &str, value: &str) -> PathBuf {
@@ -318,7 +318,7 @@ fn plant_future_backup(dest: &Path, key: &Path, image: &Path, ahead: chrono::Dur
     let created = Utc::now() + ahead;
     let id = format!("{}-scheduled", created.format("%Y%m%dT%H%M%SZ"));
     let dest = Destination::new(dest, "app");
-    dest.ensure().expect("dest");
+    dest.prepare().expect("dest");
     let out = std::fs::File::create(dest.path(&format!("{id}.dbk"))).expect("archive");
     let settings = Settings {
         header: Header {

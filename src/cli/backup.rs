@@ -1,4 +1,8 @@
 //! `dbkeeper backup list|verify|prune`, `restore`, `decrypt` and `key generate`.
+//!
+//! Backups are reached through their [`Storage`] only (built by the backup job, or
+//! by `storage::for_backups` for `backup list`), so these commands work on any
+//! backend. `decrypt` reads a file the operator names, which is always local.
 
 use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
@@ -17,7 +21,7 @@ use crate::repo::archive::{self, Key, KeyRing};
 use crate::repo::catalog::{
     self, Listing, Manifest, TrustPolicy, Verification, VerifyMode, VerifyResult,
 };
-use crate::repo::storage::Destination;
+use crate::repo::storage::{self, Storage};
 use crate::repo::{restore as restoring, sibling, verify as verifying, BackupError};
 
 /// The `<database>.backup` job alone: only its database is opened (lazily) and
@@ -69,9 +73,9 @@ fn trust_policy_of(database: &str, b: &BackupConfig) -> anyhow::Result<TrustPoli
 }
 
 /// The backups of a destination as `policy` judges them.
-fn catalog_of(dest: &Destination, policy: &TrustPolicy) -> anyhow::Result<Listing> {
+fn catalog_of(dest: &dyn Storage, policy: &TrustPolicy) -> anyhow::Result<Listing> {
     catalog::list(dest, policy)
-        .with_context(|| format!("cannot list backups in {}", dest.dir().display()))
+        .with_context(|| format!("cannot list backups in {}", dest.location().display()))
 }
 
 /// The trusted backup `which` names; an untrusted one is refused (exit 3), with
@@ -79,7 +83,7 @@ fn catalog_of(dest: &Destination, policy: &TrustPolicy) -> anyhow::Result<Listin
 fn selected<'a>(
     listing: &'a Listing,
     which: &str,
-    dest: &Destination,
+    dest: &dyn Storage,
 ) -> anyhow::Result<&'a Manifest> {
     if let Some(m) = catalog::select(&listing.backups, which, Utc::now()) {
         return Ok(m);
@@ -99,11 +103,11 @@ fn selected<'a>(
         .into());
     }
     if which == "latest" {
-        bail!("no good backup in {}", dest.dir().display())
+        bail!("no good backup in {}", dest.location().display())
     }
     bail!(
         "no backup \"{which}\" in {}; `dbkeeper backup list` shows the ids",
-        dest.dir().display()
+        dest.location().display()
     )
 }
 
@@ -130,7 +134,7 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
         }
         found_db = true;
         let policy = trust_policy_of(&db.name, b)?;
-        let listing = catalog_of(&Destination::new(&b.destination, &db.name), &policy)?;
+        let listing = catalog_of(&*storage::for_backups(b, &[&db.name]), &policy)?;
         let now = Utc::now();
         for m in &listing.backups {
             let mut verified = verified_cell(&m.verification);
@@ -202,23 +206,28 @@ pub async fn verify(
     let (job, b) = backup_of(config, &jobs, database)?;
     let dest = b.destination(database);
     let policy = b.trust_policy(database, allow_unencrypted);
-    let listing = catalog_of(&dest, &policy)?;
-    let mut manifest = selected(&listing, which, &dest)?.clone();
+    let listing = catalog_of(&*dest, &policy)?;
+    let mut manifest = selected(&listing, which, &*dest)?.clone();
     let mode = if restore_test {
         VerifyMode::Restore
     } else {
         VerifyMode::Read
     };
     let cancel = cancel_on_signal();
-    let result = verifying::verify(
-        &dest.path(&manifest.archive_name()),
-        &b.keys,
-        mode,
-        Some(verifying::Expect::trusted(&manifest, &policy)),
-        &b.scratch_target(&job.database),
-        &cancel,
-    )
-    .await;
+    let result = match verifying::open_archive(&*dest, &manifest.archive_name()) {
+        Ok(archive) => {
+            verifying::verify(
+                &*archive,
+                &b.keys,
+                mode,
+                Some(verifying::Expect::trusted(&manifest, &policy)),
+                &b.scratch_target(&job.database),
+                &cancel,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
     // A wrong or missing key says nothing about the archive: do not record it; nor
     // is a manifest that turned out untrusted ever written to.
     let about_archive = match &result {
@@ -244,7 +253,7 @@ pub async fn verify(
             error: result.as_ref().err().map(ToString::to_string),
         };
         manifest
-            .save(&dest)
+            .save(&*dest)
             .with_context(|| format!("cannot update the manifest of {}", manifest.id))?;
     }
     result.with_context(|| format!("backup {}", manifest.id))?;
@@ -290,8 +299,8 @@ pub async fn restore(
     let (_, b) = backup_of(config, &jobs, database)?;
     let dest = b.destination(database);
     let policy = b.trust_policy(database, how.allow_unencrypted);
-    let listing = catalog_of(&dest, &policy)?;
-    let manifest = selected(&listing, which, &dest)?;
+    let listing = catalog_of(&*dest, &policy)?;
+    let manifest = selected(&listing, which, &*dest)?;
     let cancel = cancel_on_signal();
     let opts = restoring::Options {
         force: how.force,
@@ -300,16 +309,12 @@ pub async fn restore(
         trust: &policy,
         scratch_dir: &b.scratch_dir,
     };
-    let done = restoring::restore(
-        &dest.path(&manifest.archive_name()),
-        manifest,
-        &b.keys,
-        to,
-        &opts,
-        &cancel,
-    )
-    .await
-    .with_context(|| format!("restore of backup {}", manifest.id))?;
+    // The one handle that is authenticated and restored: never reopened by name.
+    let archive = verifying::open_archive(&*dest, &manifest.archive_name())
+        .with_context(|| format!("restore of backup {}", manifest.id))?;
+    let done = restoring::restore(&*archive, manifest, &b.keys, to, &opts, &cancel)
+        .await
+        .with_context(|| format!("restore of backup {}", manifest.id))?;
     println!("backup {}: {done}", manifest.id);
     Ok(Exit::Success)
 }

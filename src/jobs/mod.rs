@@ -39,7 +39,7 @@ use crate::db::{Database, DbError};
 use crate::metrics::{self, JobLabels};
 use crate::repo::archive::{Key, KeyRing};
 use crate::repo::catalog::{BackupKind, TrustPolicy};
-use crate::repo::storage::Destination;
+use crate::repo::storage::{self, Storage};
 
 pub use sql::SqlJob;
 
@@ -161,18 +161,18 @@ impl Job {
                 let dest = b.destination(database);
                 if startup {
                     b.clean_scratch(database);
-                    match dest.cleanup() {
+                    match crate::repo::catalog::clean(&*dest) {
                         Ok(removed) => {
                             for name in removed {
                                 tracing::warn!(job = %self.id, file = %name, "removed what an interrupted backup left behind");
                             }
                         }
                         Err(e) => {
-                            tracing::warn!(job = %self.id, "cannot clean up {}: {e}", dest.dir().display())
+                            tracing::warn!(job = %self.id, "cannot clean up {}: {e}", dest.location().display())
                         }
                     }
                 }
-                backup::publish_catalog(database, &dest, &b.trust_policy(database, false), true);
+                backup::publish_catalog(database, &*dest, &b.trust_policy(database, false), true);
             }
             Work::Retention(r) => {
                 metrics::register_retention(database, &r.cfg.table, &r.rule, r.cfg.older_than)
@@ -204,7 +204,7 @@ impl Job {
         };
         let database = self.database_name();
         let policy = b.trust_policy(database, false);
-        let listing = crate::repo::catalog::list(&b.destination(database), &policy).ok()?;
+        let listing = crate::repo::catalog::list(&*b.destination(database), &policy).ok()?;
         crate::repo::catalog::select(&listing.backups, "latest", Utc::now()).map(|m| m.started_at)
     }
 
@@ -479,7 +479,7 @@ impl Select<'_> {
 
 /// Where the backups of a backup job are and how they are judged: what the status
 /// page lists (see [`backup::newest_backups`]).
-pub type BackupSource = (Destination, TrustPolicy);
+pub type BackupSource = (Arc<dyn Storage>, TrustPolicy);
 
 /// The configured jobs, in config order, with the databases they run on.
 #[derive(Debug, Default)]
@@ -675,9 +675,9 @@ impl Builder<'_> {
                     (Some(b), true) => {
                         let (key, _) = self.keys(b)?;
                         Some(retention::ArchiveTo {
-                            dest: Destination::new(
-                                &b.destination.join(&self.cfg.name).join("retention"),
-                                &r.job_name(),
+                            dest: storage::for_backups(
+                                b,
+                                &[&self.cfg.name, "retention", &r.job_name()],
                             ),
                             key,
                             compression: b.compression,

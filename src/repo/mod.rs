@@ -1,8 +1,10 @@
 //! The backup repository: everything about backups that is not taking one.
 //!
 //! - [`archive`]: the `.dbk` format (compression, encryption, the header);
-//! - [`storage`]: where archives and manifests are kept ([`storage::Storage`], with
-//!   the local directory, [`storage::Destination`], as its first implementation);
+//! - [`storage`]: where archives and manifests are kept ([`storage::Storage`], built
+//!   from the config by [`storage::for_backups`], with the local directory,
+//!   [`storage::Destination`], as its first implementation); everything below reaches
+//!   backups only through it;
 //! - [`catalog`]: manifests, listing, provenance (trust) and rotation;
 //! - [`verify`]: reading an archive back, and the restore test;
 //! - [`restore`] and [`pg_restore`]: putting a backup back; [`sibling`]: the

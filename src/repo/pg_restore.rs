@@ -20,7 +20,7 @@
 //! a partial scratch database, never a partial target.
 
 use std::fs::File;
-use std::io::{Seek, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
 
@@ -32,6 +32,7 @@ use super::verify::{self, Durability, Expect, ReadReport, TrustGate};
 use super::{blocking, tail, BackupError};
 use crate::db::Postgres;
 use crate::repo::archive::{self, KeyRing};
+use crate::repo::storage::{Object, Reader};
 
 /// How much of the decoded stream is kept for the post-data pass. A table of contents
 /// takes a few hundred bytes per object, so 64 MiB holds that of any ordinary schema.
@@ -53,35 +54,31 @@ pub struct Target<'a> {
     pub private_dir: &'a Path,
 }
 
-/// Restores the archive at `archive_path` into `target.database`, checking it against
+/// Restores the archive open as `archive` into `target.database`, checking it against
 /// `expect` (SHA-256, size and, before the first byte is restored, provenance).
 pub async fn restore_archive(
     target: &Target<'_>,
-    archive_path: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     expect: Option<Expect<'_>>,
     cancel: &CancellationToken,
 ) -> Result<ReadReport, BackupError> {
-    restore_archive_with(target, archive_path, keys, expect, TOC_COPY_MAX, cancel).await
+    restore_archive_with(target, archive, keys, expect, TOC_COPY_MAX, cancel).await
 }
 
 async fn restore_archive_with(
     target: &Target<'_>,
-    archive_path: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     expect: Option<Expect<'_>>,
     toc_copy_max: u64,
     cancel: &CancellationToken,
 ) -> Result<ReadReport, BackupError> {
-    // One open file for everything read from it, so nothing can be swapped in
+    // Every read goes through the one open handle, so nothing can be swapped in
     // between the check and the use.
-    let mut file = verify::open_archive(archive_path)?;
-    let header = archive::format::read_header(&mut file).map_err(BackupError::from_archive)?;
-    file.rewind().map_err(|source| BackupError::Io {
-        what: "cannot read",
-        path: archive_path.to_owned(),
-        source,
-    })?;
+    let header = archive::format::read_header(&mut verify::read_all(archive)?)
+        .map_err(BackupError::from_archive)?;
+    let file = verify::read_all(archive)?;
     if header.0.encryption.is_none() {
         let image = target.private_dir.join("image.dump");
         let report = verify::decode_handle_to_file(
@@ -98,11 +95,6 @@ async fn restore_archive_with(
     }
     let toc = target.private_dir.join("toc.dump");
     let copy = TocCopy::create(&toc, toc_copy_max)?;
-    let again = file.try_clone().map_err(|source| BackupError::Io {
-        what: "cannot read",
-        path: archive_path.to_owned(),
-        source,
-    })?;
     let sections = ["--section=pre-data", "--section=data"];
     let (report, copy) = stream(target, file, keys, &expect, &sections, copy, cancel).await?;
     verify::check_expected(&report, expect)?;
@@ -111,12 +103,7 @@ async fn restore_archive_with(
         pg_restore_file(target, &toc, &["--section=post-data"], cancel).await?;
     } else {
         tracing::info!("the table of contents is larger than its copy; reading the archive again for indexes and constraints");
-        let mut file = again;
-        file.rewind().map_err(|source| BackupError::Io {
-            what: "cannot read",
-            path: archive_path.to_owned(),
-            source,
-        })?;
+        let file = verify::read_all(archive)?;
         let post = ["--section=post-data"];
         let (second, _) = stream(target, file, keys, &None, &post, None, cancel).await?;
         if second.sha256 != report.sha256 {
@@ -133,7 +120,7 @@ async fn restore_archive_with(
 /// pg_restore stops reading early, so the report is complete.
 async fn stream(
     target: &Target<'_>,
-    file: File,
+    file: Reader,
     keys: &KeyRing,
     expect: &Option<Expect<'_>>,
     sections: &[&str],
@@ -388,6 +375,7 @@ mod tests {
     use super::*;
     use crate::db::Database;
     use crate::repo::archive::{write_archive, Compression, Header, Key, Settings};
+    use crate::repo::storage::LocalObject;
 
     const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 
@@ -480,7 +468,7 @@ mod tests {
 
     async fn restore_into(
         db: &str,
-        archive: &Path,
+        archive_path: &Path,
         key: &Key,
         toc_max: u64,
     ) -> Result<ReadReport, BackupError> {
@@ -496,9 +484,11 @@ mod tests {
             private_dir: dir.path(),
         };
         let keys = KeyRing::new(vec![key.clone()]);
+        let file = crate::repo::storage::open_regular(archive_path).unwrap();
+        let archive = LocalObject::from_file(file, archive_path.to_owned()).unwrap();
         restore_archive_with(
             &target,
-            archive,
+            &archive,
             &keys,
             None,
             toc_max,

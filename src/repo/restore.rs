@@ -35,7 +35,7 @@ use crate::config::{Backend, DatabaseConfig};
 use crate::db::{Database, Postgres, SwapMode, Swapped};
 use crate::repo::archive::KeyRing;
 use crate::repo::catalog::{Manifest, TrustPolicy};
-use crate::repo::storage::sync_dir;
+use crate::repo::storage::{sync_dir, Object};
 
 /// What `restore` was told to do besides the target.
 pub struct Options<'a> {
@@ -49,10 +49,10 @@ pub struct Options<'a> {
     pub scratch_dir: &'a Path,
 }
 
-/// Restores the backup `manifest` (archive at `archive`) to `target`: a file path for
+/// Restores the backup `manifest` (its archive open as `archive`) to `target`: a file path for
 /// SQLite backups, a `postgres://` URL for PostgreSQL ones.
 pub async fn restore(
-    archive: &Path,
+    archive: &dyn Object,
     manifest: &Manifest,
     keys: &KeyRing,
     target: &str,
@@ -236,20 +236,22 @@ async fn apply_inherited(image: &Path, from: &Inherit) -> Result<(), BackupError
 }
 
 async fn restore_sqlite(
-    archive: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     expect: Expect<'_>,
     target: &Path,
     force: bool,
     cancel: &CancellationToken,
 ) -> Result<String, BackupError> {
+    // First, whatever else happens: a WAL an interrupted restore parked goes back
+    // before the application finds its database without it.
+    for done in sibling::recover(target)? {
+        tracing::warn!("{done}");
+    }
     // Before anything is decoded or opened: an unusable target is refused even with
     // --force.
     if usable_target(target)? && !force {
         return Err(exists_refusal(target));
-    }
-    for done in sibling::recover(target)? {
-        tracing::warn!("{done}");
     }
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
@@ -258,7 +260,7 @@ async fn restore_sqlite(
     // Locked while it exists: a restore killed mid-way leaves a file the next one
     // knows to remove.
     let tmp = SiblingTemp::create(target)?;
-    let input = verify::open_archive(archive)?;
+    let input = verify::read_all(archive)?;
     verify::decode_handle_into(
         input,
         keys,
@@ -369,7 +371,7 @@ fn rename_refused(target: &Path, source: std::io::Error) -> BackupError {
 }
 
 async fn restore_postgres(
-    archive: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     expect: Expect<'_>,
     url: &str,
@@ -404,7 +406,7 @@ pub fn target_config(url: &str) -> DatabaseConfig {
 
 async fn restore_postgres_with(
     pg: &Postgres,
-    archive: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     expect: Expect<'_>,
     opts: &Options<'_>,
@@ -492,7 +494,7 @@ async fn fill_and_swap(
     fill: &pg_restore::Target<'_>,
     name: &str,
     mode: SwapMode,
-    archive: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     expect: Expect<'_>,
     cancel: &CancellationToken,

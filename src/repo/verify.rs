@@ -2,9 +2,12 @@
 //! decompression) and `restore` (additionally restore into a scratch database and
 //! check it: `PRAGMA integrity_check`, or `pg_restore` into a scratch PostgreSQL
 //! database that is dropped afterwards).
+//!
+//! An archive is read through one open handle ([`Object`]) from start to end: what
+//! is authenticated is what is restored, whichever backend holds it.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -16,6 +19,7 @@ use super::{blocking, BackupError};
 use crate::db::{Database, Postgres};
 use crate::repo::archive::{self, HashRead, Header, KeyRing};
 use crate::repo::catalog::{self, Manifest, TrustPolicy, VerifyMode};
+use crate::repo::storage::{Object, Reader, Storage};
 
 /// What a read pass found.
 #[derive(Debug, Clone)]
@@ -46,31 +50,42 @@ impl<'a> Expect<'a> {
     }
 }
 
-pub(super) fn open_archive(path: &Path) -> Result<File, BackupError> {
-    crate::repo::storage::open_regular(path).map_err(|source| BackupError::Io {
+/// Opens the archive `name` in `store`: the one handle every later read of this
+/// backup goes through (checks and restore alike), never the name again.
+pub fn open_archive(store: &dyn Storage, name: &str) -> Result<Box<dyn Object>, BackupError> {
+    store.open(name).map_err(|source| BackupError::Io {
         what: "cannot open the archive",
-        path: path.to_owned(),
+        path: store.location().join(name),
+        source,
+    })
+}
+
+/// A new reader of the whole archive open as `archive`.
+pub(super) fn read_all(archive: &dyn Object) -> Result<Reader, BackupError> {
+    archive.read(None).map_err(|source| BackupError::Io {
+        what: "cannot read",
+        path: archive.location().to_owned(),
         source,
     })
 }
 
 /// Decrypts and decompresses the whole archive, hashing the file on the way.
 pub async fn read_pass(
-    path: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     expect: Option<Expect<'_>>,
     cancel: &CancellationToken,
 ) -> Result<ReadReport, BackupError> {
-    let file = open_archive(path)?;
+    let file = read_all(archive)?;
     let (_, report) = decode_handle_to(file, keys, std::io::sink(), cancel).await?;
     check_expected(&report, expect)?;
     Ok(report)
 }
 
-/// Decrypts and decompresses the archive open as `file` into `sink` on a blocking
+/// Decrypts and decompresses the archive read from `file` into `sink` on a blocking
 /// thread, hashing the file on the way.
 pub async fn decode_handle_to<W: std::io::Write + Send + 'static>(
-    file: File,
+    file: impl Read + Send + 'static,
     keys: &KeyRing,
     sink: W,
     cancel: &CancellationToken,
@@ -81,7 +96,7 @@ pub async fn decode_handle_to<W: std::io::Write + Send + 'static>(
 
 /// Decrypts and decompresses `file` into `sink`, hashing every byte read from it.
 fn read_hashed<W: std::io::Write>(
-    file: File,
+    file: impl Read,
     keys: &KeyRing,
     sink: W,
     stop: &AtomicBool,
@@ -92,7 +107,7 @@ fn read_hashed<W: std::io::Write>(
 /// [`read_hashed`]; with `gate`, the authenticated header must pass it before the
 /// first byte reaches `sink`.
 pub(super) fn read_hashed_gated<W: std::io::Write>(
-    file: File,
+    file: impl Read,
     keys: &KeyRing,
     sink: W,
     stop: &AtomicBool,
@@ -198,7 +213,7 @@ pub struct ScratchTarget<'a> {
 
 /// `read`, then (for `restore`) a restore into a scratch database.
 pub async fn verify(
-    path: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     mode: VerifyMode,
     expect: Option<Expect<'_>>,
@@ -208,16 +223,17 @@ pub async fn verify(
     if mode == VerifyMode::None {
         return Ok(());
     }
-    read_pass(path, keys, expect, cancel).await?;
+    read_pass(archive, keys, expect, cancel).await?;
     if mode == VerifyMode::Restore {
-        restore_test(path, keys, target, cancel).await?;
+        restore_test(archive, keys, target, cancel).await?;
     }
     Ok(())
 }
 
-/// Restores into a scratch database and checks it.
+/// Restores into a scratch database and checks it. The scratch copies are local
+/// (the state directory), wherever the archive is.
 pub async fn restore_test(
-    path: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     target: &ScratchTarget<'_>,
     cancel: &CancellationToken,
@@ -226,20 +242,20 @@ pub async fn restore_test(
         Database::Sqlite(_) => {
             let dir = PrivateDir::new(target.scratch_dir)?;
             let image = dir.path().join("verify.sqlite");
-            decode_to_file(path, keys, None, &image, Durability::Transient, cancel).await?;
+            decode_to_file(archive, keys, None, &image, Durability::Transient, cancel).await?;
             integrity_check(&image).await
         }
-        Database::Postgres(pg) => restore_test_postgres(pg, target, path, keys, cancel).await,
+        Database::Postgres(pg) => restore_test_postgres(pg, target, archive, keys, cancel).await,
     }
 }
 
-/// Checks that the file on disk is byte for byte what was written (and checked).
+/// Checks that the stored object is byte for byte what was written (and checked).
 pub async fn stored_sha_matches(
-    path: &Path,
+    archive: &dyn Object,
     sha256: &str,
     cancel: &CancellationToken,
 ) -> Result<(), BackupError> {
-    let file = open_archive(path)?;
+    let file = read_all(archive)?;
     let sha = sha256.to_owned();
     let found = blocking(cancel, move |_| {
         archive::sha256_of(BufReader::with_capacity(1 << 20, file))
@@ -269,20 +285,20 @@ pub enum Durability {
 /// authenticated and decoded, and with `expect` the SHA-256 and size are compared
 /// with the manifest's before the caller uses `out`.
 pub async fn decode_to_file(
-    archive_path: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     expect: Option<Expect<'_>>,
     out: &Path,
     durability: Durability,
     cancel: &CancellationToken,
 ) -> Result<ReadReport, BackupError> {
-    let input = open_archive(archive_path)?;
+    let input = read_all(archive)?;
     decode_handle_to_file(input, keys, expect, out, durability, cancel).await
 }
 
-/// [`decode_to_file`] of an archive already open.
+/// [`decode_to_file`] from a reader of an archive already open.
 pub async fn decode_handle_to_file(
-    input: File,
+    input: impl Read + Send + 'static,
     keys: &KeyRing,
     expect: Option<Expect<'_>>,
     out: &Path,
@@ -300,7 +316,7 @@ pub async fn decode_handle_to_file(
 /// [`decode_handle_to_file`] into a file already created (`out`: the file and its
 /// path, for messages).
 pub async fn decode_handle_into(
-    input: File,
+    input: impl Read + Send + 'static,
     keys: &KeyRing,
     expect: Option<Expect<'_>>,
     out: (File, &Path),
@@ -413,7 +429,7 @@ pub fn scratch_database_name(base: &str, what: &str) -> Result<String, BackupErr
 async fn restore_test_postgres(
     pg: &Postgres,
     target: &ScratchTarget<'_>,
-    archive_path: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     cancel: &CancellationToken,
 ) -> Result<(), BackupError> {
@@ -434,7 +450,7 @@ async fn restore_test_postgres(
         args: &["--no-owner", "--no-privileges"],
         private_dir: dir.path(),
     };
-    let restored = super::pg_restore::restore_archive(&fill, archive_path, keys, None, cancel)
+    let restored = super::pg_restore::restore_archive(&fill, archive, keys, None, cancel)
         .await
         .map(drop);
     if let Err(e) = pg.drop_database(&scratch).await {

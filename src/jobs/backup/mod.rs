@@ -1,14 +1,16 @@
-//! `backup` jobs (`<database>.backup`): dump → compress → encrypt → temp file →
-//! verify → rename → manifest → rotate.
+//! `backup` jobs (`<database>.backup`): dump → compress → encrypt → upload →
+//! verify → publish → manifest → rotate.
 //!
-//! Nothing is published until it is complete and checked: the archive is renamed into
-//! place after verification, the manifest written last. A failed run removes its
-//! temporary file and leaves older backups alone; rotation only runs after a good
-//! backup and never removes the newest good one.
+//! Nothing is published until it is complete and checked: the archive is published
+//! (locally: renamed into place) after verification, the manifest written last. A
+//! failed run discards its upload and leaves older backups alone; rotation only runs
+//! after a good backup and never removes the newest good one. The job sees its
+//! destination only as a [`Storage`], so it runs unchanged on any backend.
 
 pub mod source;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +24,7 @@ use crate::repo::catalog::rotation::{self, Decision};
 use crate::repo::catalog::{
     self, BackupKind, Manifest, TrustPolicy, Verification, VerifyMode, VerifyResult,
 };
-use crate::repo::storage::Destination;
+use crate::repo::storage::{self, Storage, Upload, ARCHIVE_SUFFIX};
 use crate::repo::{io_err, verify};
 
 /// The job fails with the repository's error: most of what goes wrong is writing or
@@ -40,8 +42,9 @@ pub struct BackupJob {
 }
 
 impl BackupJob {
-    pub fn destination(&self, database: &str) -> Destination {
-        Destination::new(&self.cfg.destination, database)
+    /// Where the backups of `database` are kept.
+    pub fn destination(&self, database: &str) -> Arc<dyn Storage> {
+        storage::for_backups(&self.cfg, &[database])
     }
 
     /// What a genuine backup of `database` looks like under this job's config;
@@ -111,19 +114,17 @@ impl BackupJob {
     ) -> Result<Outcome, BackupError> {
         let verify = self.cfg.verify.max(at_least);
         let dest = self.destination(db.name());
-        dest.ensure()
-            .map_err(io_err("cannot create backup directory", dest.dir()))?;
-        for name in dest
-            .cleanup()
-            .map_err(io_err("cannot clean up", dest.dir()))?
-        {
+        let dir = dest.location();
+        dest.prepare()
+            .map_err(io_err("cannot create backup directory", &dir))?;
+        for name in catalog::clean(&*dest).map_err(io_err("cannot clean up", &dir))? {
             tracing::warn!(database = db.name(), file = %name, "removed what an interrupted backup left behind");
         }
         self.clean_scratch(db.name());
 
         let started = Utc::now();
-        let id = catalog::new_id(&dest, started, kind);
-        let archive_name = format!("{id}{}", crate::repo::storage::ARCHIVE_SUFFIX);
+        let id = catalog::new_id(&*dest, started, kind);
+        let archive_name = format!("{id}{ARCHIVE_SUFFIX}");
         let server_version = db.server_version().await?;
         let schema_version = db.schema_version().await.unwrap_or_else(|e| {
             tracing::warn!(database = db.name(), "cannot read the schema version: {e}");
@@ -141,23 +142,30 @@ impl BackupJob {
             segment_size: crate::repo::archive::format::SEGMENT_SIZE,
             encryption: None,
         };
-        let tmp = dest
-            .create_temp(&archive_name)
-            .map_err(io_err("cannot create a file in", dest.dir()))?;
+        let upload = dest
+            .put(&archive_name)
+            .map_err(io_err("cannot create a file in", &dir))?;
         let check = verify != VerifyMode::None;
-        let (tmp, stats) = source::dump(self, db, header, tmp, check, cancel)
+        let (mut upload, stats) = source::dump(self, db, header, upload, check, cancel)
             .await
             .map_err(|e| match e {
                 BackupError::Archive(ArchiveError::Io(source)) => BackupError::Io {
                     what: "cannot write the backup to",
-                    path: dest.dir().to_owned(),
+                    path: dir.clone(),
                     source,
                 },
                 other => other,
             })?;
 
         let verified = self
-            .verify_written(db, verify, tmp.path(), &stats, cancel)
+            .verify_written(
+                db,
+                verify,
+                &mut upload,
+                &dir.join(&archive_name),
+                &stats,
+                cancel,
+            )
             .await;
         if matches!(verified, Err(BackupError::Cancelled)) {
             return Err(BackupError::Cancelled);
@@ -175,8 +183,9 @@ impl BackupJob {
             at: Utc::now(),
             error: verified.as_ref().err().map(ToString::to_string),
         };
-        dest.commit(tmp, &archive_name)
-            .map_err(io_err("cannot store the backup in", dest.dir()))?;
+        upload
+            .publish()
+            .map_err(io_err("cannot store the backup in", &dir))?;
         let manifest = Manifest {
             id: id.clone(),
             database: db.name().to_owned(),
@@ -196,11 +205,11 @@ impl BackupJob {
             verification,
         };
         manifest
-            .save(&dest)
-            .map_err(io_err("cannot write the manifest in", dest.dir()))?;
+            .save(&*dest)
+            .map_err(io_err("cannot write the manifest in", &dir))?;
         let policy = self.trust_policy(db.name(), false);
         if let Err(e) = verified {
-            publish_catalog(db.name(), &dest, &policy, true);
+            publish_catalog(db.name(), &*dest, &policy, true);
             return Err(e);
         }
         let pruned = self
@@ -208,7 +217,7 @@ impl BackupJob {
             .iter()
             .filter(|d| !d.keep)
             .count();
-        publish_catalog(db.name(), &dest, &policy, false);
+        publish_catalog(db.name(), &*dest, &policy, false);
         tracing::info!(database = db.name(), id, "backup stored");
         Ok(Outcome {
             summary: format!(
@@ -229,13 +238,15 @@ impl BackupJob {
     }
 
     /// `read`: every written byte was decrypted and decompressed as it was written
-    /// (`stats.checked`); the stored file's SHA-256 must match what was written.
-    /// `restore`: additionally a restore into a scratch database.
+    /// (`stats.checked`); the stored bytes' SHA-256 must match what was written.
+    /// `restore`: additionally a restore into a scratch database. Both read the
+    /// upload before it is published (`location` names it in errors).
     async fn verify_written(
         &self,
         db: &Database,
         verify: VerifyMode,
-        path: &std::path::Path,
+        upload: &mut Box<dyn Upload>,
+        location: &Path,
         stats: &crate::repo::archive::WriteStats,
         cancel: &CancellationToken,
     ) -> Result<(), BackupError> {
@@ -255,9 +266,15 @@ impl BackupJob {
                 ))
             }
         }
-        verify::stored_sha_matches(path, &stats.sha256, cancel).await?;
+        let stored = upload.written().map_err(|source| BackupError::Io {
+            what: "cannot open the archive",
+            path: location.to_owned(),
+            source,
+        })?;
+        verify::stored_sha_matches(&*stored, &stats.sha256, cancel).await?;
         if verify == VerifyMode::Restore {
-            verify::restore_test(path, &self.keys, &self.scratch_target(db), cancel).await?;
+            let target = self.scratch_target(db);
+            verify::restore_test(&*stored, &self.keys, &target, cancel).await?;
         }
         Ok(())
     }
@@ -274,14 +291,14 @@ impl BackupJob {
         let dest = self.destination(database);
         let policy = self.trust_policy(database, false);
         let done = rotation::rotate(
-            &dest,
+            &*dest,
             &policy,
             &self.cfg.keep,
             Utc::now(),
             just_made,
             dry_run,
         )
-        .map_err(io_err("cannot rotate the backups in", dest.dir()))?;
+        .map_err(io_err("cannot rotate the backups in", dest.location()))?;
         report_suspects(database, &done.untrusted, &done.future, &done.duplicates);
         if !dry_run {
             for d in done.decisions.iter().filter(|d| !d.keep) {
@@ -324,7 +341,7 @@ fn report_suspects(
 /// Sets the `backup_*` gauges of a database from the trusted backups of its
 /// destination; with `report`, also logs the suspect backups (callers that have just
 /// rotated pass `false`: rotation reported them already in this run).
-pub fn publish_catalog(database: &str, dest: &Destination, policy: &TrustPolicy, report: bool) {
+pub fn publish_catalog(database: &str, dest: &dyn Storage, policy: &TrustPolicy, report: bool) {
     match catalog::list(dest, policy) {
         Ok(listing) => {
             let now = Utc::now();
@@ -339,7 +356,9 @@ pub fn publish_catalog(database: &str, dest: &Destination, policy: &TrustPolicy,
             }
             metrics::backup_catalog(database, &listing.backups, future.len());
         }
-        Err(e) => tracing::warn!(database, dir = %dest.dir().display(), "cannot list backups: {e}"),
+        Err(e) => {
+            tracing::warn!(database, dir = %dest.location().display(), "cannot list backups: {e}")
+        }
     }
 }
 
@@ -349,7 +368,7 @@ pub fn publish_catalog(database: &str, dest: &Destination, policy: &TrustPolicy,
 pub fn newest_backups(sources: &[super::BackupSource], n: usize) -> Vec<Manifest> {
     let mut all: Vec<Manifest> = sources
         .iter()
-        .filter_map(|(dest, policy)| catalog::list(dest, policy).ok())
+        .filter_map(|(dest, policy)| catalog::list(&**dest, policy).ok())
         .flat_map(|listing| listing.backups)
         .collect();
     all.sort_by_key(|m| std::cmp::Reverse(m.started_at));

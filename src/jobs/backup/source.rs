@@ -20,8 +20,11 @@ use tokio_util::sync::CancellationToken;
 use super::BackupJob;
 use crate::db::{Database, Postgres, Sqlite};
 use crate::repo::archive::{self, compress, Header, Settings, WriteStats};
-use crate::repo::storage::{Scratch, TempFile};
+use crate::repo::storage::{Scratch, Upload};
 use crate::repo::{blocking, tail, BackupError, NotAnImage};
+
+/// The upload the archive is written into (locally, a temporary file).
+type TempFile = Box<dyn Upload>;
 
 /// Dumps `db` and writes the archive into `tmp`; with `check`, every written byte is
 /// also decrypted and decompressed on another thread (see `WriteStats::checked`).

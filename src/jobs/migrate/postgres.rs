@@ -51,12 +51,40 @@ pub(crate) struct Session {
 impl MigrationBackend for Postgres {
     type Session = Session;
 
+    /// The history, or nothing if the table does not exist yet.
     async fn applied(&self) -> Result<Vec<Applied>, MigrateError> {
-        applied(self).await
+        if !self.has_migration_history().await? {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<AppliedRow> = sqlx::query_as(
+            "SELECT version, description, success, checksum, installed_on::text FROM _sqlx_migrations ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err(self))?;
+        Ok(rows.into_iter().map(Applied::from).collect())
     }
 
+    /// The process id of another session holding sqlx's migration lock on this database:
+    /// a migrator at work, whose `-- no-transaction` migration's row says failed until it
+    /// ends. Read from `pg_locks`, so looking never takes the lock from a migrator.
     async fn lock_holder(&self) -> Result<Option<i32>, MigrateError> {
-        lock_holder(self).await
+        let database: String = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err(self))?;
+        // A bigint advisory key is stored as its high and low 32 bits, objsubid 1.
+        sqlx::query_scalar(
+            "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+               AND d.datname = current_database() AND l.pid <> pg_backend_pid()
+               AND l.classid = ($1 >> 32)::oid AND l.objid = ($1 & 4294967295)::oid
+             LIMIT 1",
+        )
+        .bind(lock_id(&database))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err(self))
     }
 
     async fn open(
@@ -152,42 +180,6 @@ impl MigrationBackend for Postgres {
             .execute(&mut *session.conn)
             .await;
     }
-}
-
-/// The history, or nothing if the table does not exist yet.
-async fn applied(pg: &Postgres) -> Result<Vec<Applied>, MigrateError> {
-    if !pg.has_migration_history().await? {
-        return Ok(Vec::new());
-    }
-    let rows: Vec<AppliedRow> = sqlx::query_as(
-        "SELECT version, description, success, checksum, installed_on::text FROM _sqlx_migrations ORDER BY version",
-    )
-    .fetch_all(&pg.pool)
-    .await
-    .map_err(db_err(pg))?;
-    Ok(rows.into_iter().map(Applied::from).collect())
-}
-
-/// The process id of another session holding sqlx's migration lock on this database:
-/// a migrator at work, whose `-- no-transaction` migration's row says failed until it
-/// ends. Read from `pg_locks`, so looking never takes the lock from a migrator.
-async fn lock_holder(pg: &Postgres) -> Result<Option<i32>, MigrateError> {
-    let database: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&pg.pool)
-        .await
-        .map_err(db_err(pg))?;
-    // A bigint advisory key is stored as its high and low 32 bits, objsubid 1.
-    sqlx::query_scalar(
-        "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database
-         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-           AND d.datname = current_database() AND l.pid <> pg_backend_pid()
-           AND l.classid = ($1 >> 32)::oid AND l.objid = ($1 & 4294967295)::oid
-         LIMIT 1",
-    )
-    .bind(lock_id(&database))
-    .fetch_optional(&pg.pool)
-    .await
-    .map_err(db_err(pg))
 }
 
 /// Waits for sqlx's migration lock by polling, up to `wait`.

@@ -27,24 +27,20 @@ fn db_err(lite: &Sqlite) -> impl Fn(sqlx::Error) -> MigrateError + '_ {
     move |e| MigrateError::Db(lite.query_error(e))
 }
 
-async fn applied(lite: &Sqlite) -> Result<Vec<Applied>, MigrateError> {
-    if !lite.has_migration_history().await? {
-        return Ok(Vec::new());
-    }
-    let rows: Vec<AppliedRow> = sqlx::query_as(
-        "SELECT version, description, success, checksum, CAST(installed_on AS TEXT) FROM _sqlx_migrations ORDER BY version",
-    )
-    .fetch_all(&lite.pool)
-    .await
-    .map_err(db_err(lite))?;
-    Ok(rows.into_iter().map(Applied::from).collect())
-}
-
 impl MigrationBackend for Sqlite {
     type Session = ();
 
     async fn applied(&self) -> Result<Vec<Applied>, MigrateError> {
-        applied(self).await
+        if !self.has_migration_history().await? {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<AppliedRow> = sqlx::query_as(
+            "SELECT version, description, success, checksum, CAST(installed_on AS TEXT) FROM _sqlx_migrations ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err(self))?;
+        Ok(rows.into_iter().map(Applied::from).collect())
     }
 
     async fn open(

@@ -22,16 +22,58 @@ impl RefreshBackend for Postgres {
         inspect(self, view).await.map(|_| ())
     }
 
+    /// Its row count afterwards, and whether it was refreshed concurrently.
     async fn refresh(
         &self,
         view: &QualifiedName,
         cfg: &RefreshConfig,
         cancel: &CancellationToken,
     ) -> Result<Refreshed, RefreshError> {
-        let (rows, how) = refresh(self, view, cfg, cancel).await?;
+        let info = inspect(self, view).await?;
+        let concurrently = if !cfg.concurrently {
+            false
+        } else if info.populated && info.unique_index {
+            true
+        } else {
+            let why = if info.populated {
+                "it has no unique index on plain columns"
+            } else {
+                "it has never been populated"
+            };
+            if cfg.require_concurrently {
+                return Err(RefreshError::Refused(Refusal::Concurrently {
+                    view: view.to_string(),
+                    why,
+                }));
+            }
+            tracing::warn!(view = %view, "refreshing without CONCURRENTLY (readers are blocked meanwhile): {why}");
+            false
+        };
+        let statement = format!(
+            "REFRESH MATERIALIZED VIEW {}{}",
+            if concurrently { "CONCURRENTLY " } else { "" },
+            info.sql
+        );
+        let setup = [set_timeout(
+            Scope::Session,
+            Timeout::Lock,
+            Some(cfg.lock_timeout),
+        )];
+        self.run_cancellable(&setup, statement, cancel).await?;
+        let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {}",
+            info.sql
+        )))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| RefreshError::Db(self.query_error(e)))?;
         Ok(Refreshed {
-            rows,
-            how,
+            rows: rows.max(0) as u64,
+            how: if concurrently {
+                "refreshed concurrently"
+            } else {
+                "refreshed"
+            },
             dropped: Vec::new(),
         })
     }
@@ -62,59 +104,4 @@ async fn inspect(pg: &Postgres, view: &QualifiedName) -> Result<ViewInfo, Refres
         populated,
         unique_index,
     })
-}
-
-/// Refreshes the view; returns its row count afterwards and how it was refreshed.
-async fn refresh(
-    pg: &Postgres,
-    view: &QualifiedName,
-    cfg: &RefreshConfig,
-    cancel: &CancellationToken,
-) -> Result<(u64, &'static str), RefreshError> {
-    let info = inspect(pg, view).await?;
-    let concurrently = if !cfg.concurrently {
-        false
-    } else if info.populated && info.unique_index {
-        true
-    } else {
-        let why = if info.populated {
-            "it has no unique index on plain columns"
-        } else {
-            "it has never been populated"
-        };
-        if cfg.require_concurrently {
-            return Err(RefreshError::Refused(Refusal::Concurrently {
-                view: view.to_string(),
-                why,
-            }));
-        }
-        tracing::warn!(view = %view, "refreshing without CONCURRENTLY (readers are blocked meanwhile): {why}");
-        false
-    };
-    let statement = format!(
-        "REFRESH MATERIALIZED VIEW {}{}",
-        if concurrently { "CONCURRENTLY " } else { "" },
-        info.sql
-    );
-    let setup = [set_timeout(
-        Scope::Session,
-        Timeout::Lock,
-        Some(cfg.lock_timeout),
-    )];
-    pg.run_cancellable(&setup, statement, cancel).await?;
-    let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM {}",
-        info.sql
-    )))
-    .fetch_one(&pg.pool)
-    .await
-    .map_err(|e| RefreshError::Db(pg.query_error(e)))?;
-    Ok((
-        rows.max(0) as u64,
-        if concurrently {
-            "refreshed concurrently"
-        } else {
-            "refreshed"
-        },
-    ))
 }

@@ -47,10 +47,25 @@ enum Target {
 }
 
 impl RefreshBackend for Sqlite {
+    /// Refuses (without touching anything) when the name belongs to something dbkeeper
+    /// did not create.
+    ///
     /// The table must be missing (it is created on the first run) or one dbkeeper
     /// created.
     async fn check(&self, view: &QualifiedName) -> Result<(), RefreshError> {
-        check(self, view).await
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| RefreshError::Db(self.connect_error(e)))?;
+        match inspect(&mut conn, view)
+            .await
+            .map_err(|e| RefreshError::Db(self.query_error(e)))?
+        {
+            Target::Foreign(kind) => Err(not_owned(self, view, kind)),
+            Target::Referenced(names) => Err(referenced(self, view, names)),
+            Target::Missing | Target::Owned(_) => Ok(()),
+        }
     }
 
     /// Rebuilds the table from `query`. SQLite statements cannot be interrupted
@@ -64,24 +79,6 @@ impl RefreshBackend for Sqlite {
     ) -> Result<Refreshed, RefreshError> {
         let query = cfg.query.as_deref().unwrap_or_default();
         rebuild(self, view, query, cfg.lock_timeout).await
-    }
-}
-
-/// Refuses (without touching anything) when the name belongs to something dbkeeper
-/// did not create.
-async fn check(lite: &Sqlite, table: &QualifiedName) -> Result<(), RefreshError> {
-    let mut conn = lite
-        .pool
-        .acquire()
-        .await
-        .map_err(|e| RefreshError::Db(lite.connect_error(e)))?;
-    match inspect(&mut conn, table)
-        .await
-        .map_err(|e| RefreshError::Db(lite.query_error(e)))?
-    {
-        Target::Foreign(kind) => Err(not_owned(lite, table, kind)),
-        Target::Referenced(names) => Err(referenced(lite, table, names)),
-        Target::Missing | Target::Owned(_) => Ok(()),
     }
 }
 

@@ -28,6 +28,7 @@ mod reading;
 mod sqlite;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -40,7 +41,7 @@ use crate::config::{RetentionConfig, RetentionMode, ScanMode};
 use crate::db::{with_backend, Database, DbError, NameError, QualifiedName};
 use crate::metrics;
 use crate::repo::archive::{self, ArchiveError, Compression, Header, Key, KeyRing, Settings};
-use crate::repo::storage::Destination;
+use crate::repo::storage::Storage;
 
 /// A retention run failed.
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +187,8 @@ pub struct Target {
     /// PostgreSQL: the relation's oid, for partition look-ups.
     pub oid: Option<u32>,
     pub partitioned: bool,
+    /// The rule's `where` (the operator's SQL), which limits the rows it covers.
+    pub where_clause: Option<String>,
 }
 
 /// What `retention plan` shows for one rule.
@@ -205,7 +208,7 @@ pub struct Preview {
 /// Where archived batches go: `<destination>/<database>/retention/<job>/`.
 #[derive(Debug, Clone)]
 pub struct ArchiveTo {
-    pub dest: Destination,
+    pub dest: Arc<dyn Storage>,
     pub key: Option<Key>,
     pub compression: Compression,
     pub level: i32,
@@ -246,20 +249,15 @@ pub(crate) trait RetentionBackend {
     /// that does not fit the table fails `check`, not the first run.
     async fn validate(&self, target: &Target, condition: &str) -> Result<(), RetentionError>;
 
-    /// Rows (children included) matching `predicate` and `where`.
-    async fn count(
-        &self,
-        target: &Target,
-        predicate: &str,
-        where_clause: Option<&str>,
-    ) -> Result<u64, RetentionError>;
+    /// Rows (children included) matching `condition` (a predicate [`with_where`]).
+    async fn count(&self, target: &Target, condition: &str) -> Result<u64, RetentionError>;
 
-    /// The oldest readable time among the rows the rule covers. `from`: a run just
-    /// went through every table, so the backend may look only from the cutoff on.
+    /// The oldest readable time among the rows the rule covers (`where` included).
+    /// `from`: a run just went through every table, so the backend may look only from
+    /// the cutoff on.
     async fn oldest(
         &self,
         target: &Target,
-        where_clause: Option<&str>,
         from: Option<Cutoff>,
     ) -> Result<Option<DateTime<Utc>>, RetentionError>;
 
@@ -276,12 +274,11 @@ pub(crate) trait RetentionBackend {
     }
 
     /// Deletes one batch in its own transaction; the DELETE repeats the condition.
-    /// With `archive`, the rows are archived durably before the commit.
+    /// With [`Batch::archive`], the rows are archived durably before the commit.
     async fn delete_batch(
         &self,
         target: &Target,
         batch: &Batch<'_>,
-        archive: Option<BatchArchive<'_>>,
     ) -> Result<BatchDone, RetentionError>;
 
     /// Partition modes: the table must be partitioned by RANGE on the column alone.
@@ -374,14 +371,15 @@ impl RetentionJob {
     ) -> Result<Census, RetentionError> {
         let w = self.cfg.where_clause.as_deref();
         let expired = if count_expired {
-            b.count(target, &b.expired(target, cutoff), w).await?
+            b.count(target, &with_where(&b.expired(target, cutoff), w))
+                .await?
         } else {
             0
         };
-        let unreadable = b.count(target, &b.unreadable(target), w).await?;
-        let oldest = b
-            .oldest(target, w, after_full_run.then_some(cutoff))
+        let unreadable = b
+            .count(target, &with_where(&b.unreadable(target), w))
             .await?;
+        let oldest = b.oldest(target, after_full_run.then_some(cutoff)).await?;
         Ok(Census {
             expired,
             unreadable,
@@ -549,9 +547,10 @@ impl RetentionJob {
                     limit: size.current(),
                     lock_timeout: cfg.lock_timeout,
                     scan: &scan,
+                    archive: archive.as_ref(),
                 };
                 let began = Instant::now();
-                let done = b.delete_batch(target, &batch, archive).await?;
+                let done = b.delete_batch(target, &batch).await?;
                 let took = began.elapsed();
                 if done.rows > 0 {
                     deleted += done.rows;
@@ -722,6 +721,8 @@ pub struct Batch<'a> {
     pub limit: u32,
     pub lock_timeout: Duration,
     pub scan: &'a Scan,
+    /// Where the batch's rows are archived before it commits (`archive = true`).
+    pub archive: Option<&'a BatchArchive<'a>>,
 }
 
 /// `(predicate) AND (where)`: the operator's `where` is their own SQL, run as
@@ -741,7 +742,7 @@ pub struct BatchDone {
 }
 
 /// One batch's archive: written completely and durably before the batch commits.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct BatchArchive<'a> {
     to: &'a ArchiveTo,
     database: &'a str,
@@ -754,9 +755,9 @@ impl BatchArchive<'_> {
     fn write(&self, rows: &[String]) -> Result<(), RetentionError> {
         let fail = |e: ArchiveFailure| RetentionError::Archive(e);
         let dest = &self.to.dest;
-        dest.ensure().map_err(|source| {
+        dest.prepare().map_err(|source| {
             fail(ArchiveFailure::Directory {
-                dir: dest.dir().to_owned(),
+                dir: dest.location(),
                 source,
             })
         })?;
@@ -765,7 +766,7 @@ impl BatchArchive<'_> {
             lines.extend_from_slice(r.as_bytes());
             lines.push(b'\n');
         }
-        let tmp = dest.create_temp(&self.name).map_err(|e| fail(e.into()))?;
+        let tmp = dest.put(&self.name).map_err(|e| fail(e.into()))?;
         let settings = Settings {
             header: Header {
                 database: self.database.to_owned(),
@@ -794,7 +795,7 @@ impl BatchArchive<'_> {
         if let Some(Err(e)) = stats.checked {
             return Err(fail(ArchiveFailure::ReadBack(e)));
         }
-        dest.commit(tmp, &self.name).map_err(|e| fail(e.into()))?;
+        tmp.publish().map_err(|e| fail(e.into()))?;
         Ok(())
     }
 }

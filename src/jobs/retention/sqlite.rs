@@ -11,10 +11,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
 
 use super::reading::{Cutoff, Reading};
-use super::{
-    with_where, Batch, BatchArchive, BatchDone, RetentionBackend, RetentionError, RowKey, Scan,
-    Target,
-};
+use super::{Batch, BatchDone, RetentionBackend, RetentionError, RowKey, Scan, Target};
 use crate::config::RetentionConfig;
 use crate::db::{quote, QualifiedName, Sqlite};
 
@@ -29,28 +26,143 @@ impl RetentionBackend for Sqlite {
         table: &QualifiedName,
         cfg: &RetentionConfig,
     ) -> Result<Target, RetentionError> {
-        resolve(self, table, cfg).await
+        let column = cfg.column.as_str();
+        let q = |e| RetentionError::Db(self.query_error(e));
+        let schema = table.schema.clone().unwrap_or_else(|| "main".to_owned());
+        let listed =
+            sqlx::query("SELECT type, wr FROM pragma_table_list WHERE schema = ?1 AND name = ?2")
+                .bind(&schema)
+                .bind(&table.name)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(q)?;
+        let Some(listed) = listed.filter(|r| r.get::<String, _>(0) == "table") else {
+            return Err(RetentionError::NoTable {
+                database: self.name.clone(),
+                table: table.to_string(),
+            });
+        };
+        let without_rowid = listed.get::<i64, _>(1) != 0;
+        let columns: Vec<(String, i64, bool)> =
+            sqlx::query_as("SELECT name, pk, \"notnull\" FROM pragma_table_info(?1, ?2)")
+                .bind(&table.name)
+                .bind(&schema)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q)?;
+        if !columns.iter().any(|(name, _, _)| name == column) {
+            return Err(RetentionError::NoColumn {
+                table: table.to_string(),
+                column: column.to_owned(),
+            });
+        }
+        let mut pk: Vec<&(String, i64, bool)> = columns.iter().filter(|(_, k, _)| *k > 0).collect();
+        pk.sort_by_key(|(_, k, _)| *k);
+        // A rowid table's primary key may hold NULLs (an old SQLite quirk), which no
+        // `IN` ever matches; WITHOUT ROWID keys never do.
+        let pk_addresses_every_row = without_rowid || pk.iter().all(|(_, _, not_null)| *not_null);
+        let pk: Vec<String> = pk.iter().map(|(name, _, _)| quote(name)).collect();
+        // A column may be called rowid: then the real row id goes by another of its names.
+        let free_alias = ["rowid", "_rowid_", "oid"].into_iter().find(|alias| {
+            !columns
+                .iter()
+                .any(|(n, _, _)| n.eq_ignore_ascii_case(alias))
+        });
+        let row_key = match free_alias {
+            Some(alias) if !without_rowid => RowKey::Rowid(alias),
+            _ if !pk.is_empty() && pk_addresses_every_row => RowKey::PrimaryKey(pk),
+            _ => {
+                return Err(RetentionError::Unaddressable {
+                    table: table.to_string(),
+                })
+            }
+        };
+        if self.foreign_keys && !cfg.cascade {
+            let referencing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT DISTINCT m.name FROM {}.sqlite_schema m, pragma_foreign_key_list(m.name, ?2) f
+                 WHERE m.type = 'table' AND f.\"table\" = ?1 COLLATE NOCASE
+                   AND upper(f.on_delete) IN ('CASCADE', 'SET NULL', 'SET DEFAULT')
+                 ORDER BY 1",
+                quote(&schema)
+            )))
+            .bind(&table.name)
+            .bind(&schema)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q)?;
+            RetentionError::refuse_cascades(table, referencing)?;
+        }
+        let table_sql = QualifiedName {
+            schema: Some(schema),
+            name: table.name.clone(),
+        }
+        .quoted();
+        Ok(Target {
+            table: table.to_string(),
+            alias: quote(&table.name),
+            relations: vec![table_sql.clone()],
+            table_sql,
+            column_sql: quote(column),
+            reading: Reading::SqliteValue {
+                unit: cfg.epoch_unit,
+            },
+            row_key,
+            oid: None,
+            partitioned: false,
+            where_clause: cfg.where_clause.clone(),
+        })
     }
 
     fn expired(&self, target: &Target, cutoff: Cutoff) -> String {
-        expired(target, cutoff)
+        let c = &target.column_sql;
+        let unit = unit_of(target);
+        let (min, _) = Reading::integer_range(unit);
+        let cut_int = cutoff.integer_bound(unit);
+        let cut_s = cutoff.exact(crate::config::EpochUnit::S);
+        format!(
+            "CASE typeof({c}) \
+             WHEN 'integer' THEN {c} >= {min} AND {c} < {cut_int} \
+             WHEN 'real' THEN coalesce(unixepoch({c}, 'auto', 'subsec') < {cut_s}, 0) \
+             WHEN 'text' THEN {c} GLOB {ISO_DATE} AND coalesce(unixepoch({c}, 'subsec') < {cut_s}, 0) \
+             ELSE 0 END"
+        )
     }
 
+    /// Non-null values that are not a time: other text, BLOBs, integers outside years
+    /// 1–9999 in `epoch-unit`, reals outside both the julian and the unix range.
     fn unreadable(&self, target: &Target) -> String {
-        unreadable(target)
+        let c = &target.column_sql;
+        let (min, max) = Reading::integer_range(unit_of(target));
+        format!(
+            "typeof({c}) <> 'null' AND NOT CASE typeof({c}) \
+             WHEN 'integer' THEN {c} BETWEEN {min} AND {max} \
+             WHEN 'real' THEN unixepoch({c}, 'auto') IS NOT NULL \
+             WHEN 'text' THEN {c} GLOB {ISO_DATE} AND unixepoch({c}) IS NOT NULL \
+             ELSE 0 END"
+        )
+    }
+
+    async fn count(&self, target: &Target, condition: &str) -> Result<u64, RetentionError> {
+        let sql = format!(
+            "SELECT count(*) FROM {} WHERE {condition}",
+            target.table_sql
+        );
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| RetentionError::Db(self.query_error(e)))?;
+        Ok(n.max(0) as u64)
     }
 
     async fn validate(&self, target: &Target, condition: &str) -> Result<(), RetentionError> {
-        validate(self, target, condition).await
-    }
-
-    async fn count(
-        &self,
-        target: &Target,
-        predicate: &str,
-        where_clause: Option<&str>,
-    ) -> Result<u64, RetentionError> {
-        count(self, target, predicate, where_clause).await
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "EXPLAIN SELECT 1 FROM {} WHERE {condition}",
+            target.table_sql
+        )))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| RetentionError::Where(self.query_error(e)))?;
+        Ok(())
     }
 
     /// Looks at every row whatever `from` says: SQLite's per-value reading has no
@@ -58,111 +170,105 @@ impl RetentionBackend for Sqlite {
     async fn oldest(
         &self,
         target: &Target,
-        where_clause: Option<&str>,
         _from: Option<Cutoff>,
     ) -> Result<Option<DateTime<Utc>>, RetentionError> {
-        oldest(self, target, where_clause).await
+        let sql = format!(
+            "SELECT min({}) FROM {} WHERE {}",
+            seconds_expr(target),
+            target.table_sql,
+            target.where_clause.as_deref().unwrap_or("1")
+        );
+        let secs: Option<f64> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| RetentionError::Db(self.query_error(e)))?;
+        Ok(secs.and_then(|s| DateTime::from_timestamp_millis((s * 1000.0).round() as i64)))
     }
 
+    /// A `BEGIN IMMEDIATE` transaction.
     async fn delete_batch(
         &self,
         target: &Target,
         batch: &Batch<'_>,
-        archive: Option<BatchArchive<'_>>,
     ) -> Result<BatchDone, RetentionError> {
-        delete_batch(self, target, batch, archive).await
-    }
-}
-
-async fn resolve(
-    lite: &Sqlite,
-    table: &QualifiedName,
-    cfg: &RetentionConfig,
-) -> Result<Target, RetentionError> {
-    let q = |e| RetentionError::Db(lite.query_error(e));
-    let column = cfg.column.as_str();
-    let schema = table.schema.clone().unwrap_or_else(|| "main".to_owned());
-    let listed =
-        sqlx::query("SELECT type, wr FROM pragma_table_list WHERE schema = ?1 AND name = ?2")
-            .bind(&schema)
-            .bind(&table.name)
-            .fetch_optional(&lite.pool)
-            .await
-            .map_err(q)?;
-    let Some(listed) = listed.filter(|r| r.get::<String, _>(0) == "table") else {
-        return Err(RetentionError::NoTable {
-            database: lite.name.clone(),
-            table: table.to_string(),
-        });
-    };
-    let without_rowid = listed.get::<i64, _>(1) != 0;
-    let columns: Vec<(String, i64, bool)> =
-        sqlx::query_as("SELECT name, pk, \"notnull\" FROM pragma_table_info(?1, ?2)")
-            .bind(&table.name)
-            .bind(&schema)
-            .fetch_all(&lite.pool)
-            .await
-            .map_err(q)?;
-    if !columns.iter().any(|(name, _, _)| name == column) {
-        return Err(RetentionError::NoColumn {
-            table: table.to_string(),
-            column: column.to_owned(),
-        });
-    }
-    let mut pk: Vec<&(String, i64, bool)> = columns.iter().filter(|(_, k, _)| *k > 0).collect();
-    pk.sort_by_key(|(_, k, _)| *k);
-    // A rowid table's primary key may hold NULLs (an old SQLite quirk), which no
-    // `IN` ever matches; WITHOUT ROWID keys never do.
-    let pk_addresses_every_row = without_rowid || pk.iter().all(|(_, _, not_null)| *not_null);
-    let pk: Vec<String> = pk.iter().map(|(name, _, _)| quote(name)).collect();
-    // A column may be called rowid: then the real row id goes by another of its names.
-    let free_alias = ["rowid", "_rowid_", "oid"].into_iter().find(|alias| {
-        !columns
-            .iter()
-            .any(|(n, _, _)| n.eq_ignore_ascii_case(alias))
-    });
-    let row_key = match free_alias {
-        Some(alias) if !without_rowid => RowKey::Rowid(alias),
-        _ if !pk.is_empty() && pk_addresses_every_row => RowKey::PrimaryKey(pk),
-        _ => {
-            return Err(RetentionError::Unaddressable {
-                table: table.to_string(),
+        let db_err = |e| RetentionError::Db(self.query_error(e));
+        let t = batch.relation;
+        let condition = batch.condition;
+        let n = batch.limit;
+        let after = match batch.scan {
+            Scan::Rows { after } => *after,
+            Scan::Pages { .. } => None,
+        };
+        let (picked, id) = match &target.row_key {
+            RowKey::Rowid(rid) => {
+                // Resuming after the last row id taken reads each row once per run.
+                let after = after.map_or(String::new(), |a| format!("{rid} > {a} AND "));
+                (
+                    format!(
+                        "{rid} IN (SELECT {rid} FROM {t} WHERE {after}{condition} ORDER BY {rid} LIMIT {n})"
+                    ),
+                    Some(*rid),
+                )
+            }
+            RowKey::PrimaryKey(cols) => {
+                let key = cols.join(", ");
+                (
+                    format!("({key}) IN (SELECT {key} FROM {t} WHERE {condition} LIMIT {n})"),
+                    None,
+                )
+            }
+            RowKey::Ctid => return Err(RetentionError::CtidOnSqlite),
+        };
+        let mut returning = Vec::new();
+        if let Some(rid) = id {
+            returning.push(format!("{rid} AS dbk_rowid"));
+        }
+        if batch.archive.is_some() {
+            returning.push("*".to_owned());
+        }
+        let returning = if returning.is_empty() {
+            String::new()
+        } else {
+            format!(" RETURNING {}", returning.join(", "))
+        };
+        let sql = format!("DELETE FROM {t} WHERE {picked} AND {condition}{returning}");
+        let mut conn = self.begin_immediate(batch.lock_timeout).await?;
+        let query = sqlx::query(AssertSqlSafe(sql));
+        let result = async {
+            if returning.is_empty() {
+                let rows = query
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                return Ok(BatchDone {
+                    rows,
+                    last_id: None,
+                });
+            }
+            let rows = query.fetch_all(&mut *conn).await.map_err(db_err)?;
+            let last_id = match id {
+                Some(_) => rows
+                    .iter()
+                    .filter_map(|r| r.try_get::<i64, _>(0).ok())
+                    .max(),
+                None => None,
+            };
+            if let Some(archive) = batch.archive {
+                let skip = usize::from(id.is_some());
+                let lines: Vec<String> = rows.iter().map(|r| row_json(r, skip)).collect();
+                if !lines.is_empty() {
+                    archive.write(&lines)?;
+                }
+            }
+            Ok(BatchDone {
+                rows: rows.len() as u64,
+                last_id,
             })
         }
-    };
-    if lite.foreign_keys && !cfg.cascade {
-        let referencing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT DISTINCT m.name FROM {}.sqlite_schema m, pragma_foreign_key_list(m.name, ?2) f
-             WHERE m.type = 'table' AND f.\"table\" = ?1 COLLATE NOCASE
-               AND upper(f.on_delete) IN ('CASCADE', 'SET NULL', 'SET DEFAULT')
-             ORDER BY 1",
-            quote(&schema)
-        )))
-        .bind(&table.name)
-        .bind(&schema)
-        .fetch_all(&lite.pool)
-        .await
-        .map_err(q)?;
-        RetentionError::refuse_cascades(table, referencing)?;
+        .await;
+        self.finish(conn, result).await
     }
-    let table_sql = QualifiedName {
-        schema: Some(schema),
-        name: table.name.clone(),
-    }
-    .quoted();
-    Ok(Target {
-        table: table.to_string(),
-        alias: quote(&table.name),
-        relations: vec![table_sql.clone()],
-        table_sql,
-        column_sql: quote(column),
-        reading: Reading::SqliteValue {
-            unit: cfg.epoch_unit,
-        },
-        row_key,
-        oid: None,
-        partitioned: false,
-    })
 }
 
 fn unit_of(target: &Target) -> crate::config::EpochUnit {
@@ -170,36 +276,6 @@ fn unit_of(target: &Target) -> crate::config::EpochUnit {
         Reading::SqliteValue { unit } | Reading::Epoch { unit, .. } => unit,
         _ => crate::config::EpochUnit::S,
     }
-}
-
-/// True for values read as an instant before the cutoff.
-fn expired(target: &Target, cutoff: Cutoff) -> String {
-    let c = &target.column_sql;
-    let unit = unit_of(target);
-    let (min, _) = Reading::integer_range(unit);
-    let cut_int = cutoff.integer_bound(unit);
-    let cut_s = cutoff.exact(crate::config::EpochUnit::S);
-    format!(
-        "CASE typeof({c}) \
-         WHEN 'integer' THEN {c} >= {min} AND {c} < {cut_int} \
-         WHEN 'real' THEN coalesce(unixepoch({c}, 'auto', 'subsec') < {cut_s}, 0) \
-         WHEN 'text' THEN {c} GLOB {ISO_DATE} AND coalesce(unixepoch({c}, 'subsec') < {cut_s}, 0) \
-         ELSE 0 END"
-    )
-}
-
-/// Non-null values that are not a time: other text, BLOBs, integers outside years
-/// 1–9999 in `epoch-unit`, reals outside both the julian and the unix range.
-fn unreadable(target: &Target) -> String {
-    let c = &target.column_sql;
-    let (min, max) = Reading::integer_range(unit_of(target));
-    format!(
-        "typeof({c}) <> 'null' AND NOT CASE typeof({c}) \
-         WHEN 'integer' THEN {c} BETWEEN {min} AND {max} \
-         WHEN 'real' THEN unixepoch({c}, 'auto') IS NOT NULL \
-         WHEN 'text' THEN {c} GLOB {ISO_DATE} AND unixepoch({c}) IS NOT NULL \
-         ELSE 0 END"
-    )
 }
 
 /// Unix seconds of a readable value, NULL otherwise.
@@ -215,145 +291,6 @@ fn seconds_expr(target: &Target) -> String {
          END",
         unit.per_second()
     )
-}
-
-/// Compiles (without running) what every batch would run, so a `where` that does not
-/// fit the table fails `check`, not the first run.
-async fn validate(lite: &Sqlite, target: &Target, condition: &str) -> Result<(), RetentionError> {
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "EXPLAIN SELECT 1 FROM {} WHERE {condition}",
-        target.table_sql
-    )))
-    .execute(&lite.pool)
-    .await
-    .map_err(|e| RetentionError::Where(lite.query_error(e)))?;
-    Ok(())
-}
-
-/// Rows matching `predicate` and `where`.
-async fn count(
-    lite: &Sqlite,
-    target: &Target,
-    predicate: &str,
-    where_clause: Option<&str>,
-) -> Result<u64, RetentionError> {
-    let sql = format!(
-        "SELECT count(*) FROM {} WHERE {}",
-        target.table_sql,
-        with_where(predicate, where_clause)
-    );
-    let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
-        .fetch_one(&lite.pool)
-        .await
-        .map_err(|e| RetentionError::Db(lite.query_error(e)))?;
-    Ok(n.max(0) as u64)
-}
-
-/// The oldest readable time among the rows the rule covers.
-async fn oldest(
-    lite: &Sqlite,
-    target: &Target,
-    where_clause: Option<&str>,
-) -> Result<Option<DateTime<Utc>>, RetentionError> {
-    let sql = format!(
-        "SELECT min({}) FROM {} WHERE {}",
-        seconds_expr(target),
-        target.table_sql,
-        where_clause.unwrap_or("1")
-    );
-    let secs: Option<f64> = sqlx::query_scalar(AssertSqlSafe(sql))
-        .fetch_one(&lite.pool)
-        .await
-        .map_err(|e| RetentionError::Db(lite.query_error(e)))?;
-    Ok(secs.and_then(|s| DateTime::from_timestamp_millis((s * 1000.0).round() as i64)))
-}
-
-/// Deletes up to `limit` expired rows in one `BEGIN IMMEDIATE` transaction; the
-/// DELETE repeats the predicate. With `archive`, the rows are archived durably before
-/// the commit.
-async fn delete_batch(
-    lite: &Sqlite,
-    target: &Target,
-    batch: &Batch<'_>,
-    archive: Option<BatchArchive<'_>>,
-) -> Result<BatchDone, RetentionError> {
-    let db_err = |e| RetentionError::Db(lite.query_error(e));
-    let t = batch.relation;
-    let condition = batch.condition;
-    let n = batch.limit;
-    let after = match batch.scan {
-        Scan::Rows { after } => *after,
-        Scan::Pages { .. } => None,
-    };
-    let (picked, id) = match &target.row_key {
-        RowKey::Rowid(rid) => {
-            // Resuming after the last row id taken reads each row once per run.
-            let after = after.map_or(String::new(), |a| format!("{rid} > {a} AND "));
-            (
-                format!(
-                    "{rid} IN (SELECT {rid} FROM {t} WHERE {after}{condition} ORDER BY {rid} LIMIT {n})"
-                ),
-                Some(*rid),
-            )
-        }
-        RowKey::PrimaryKey(cols) => {
-            let key = cols.join(", ");
-            (
-                format!("({key}) IN (SELECT {key} FROM {t} WHERE {condition} LIMIT {n})"),
-                None,
-            )
-        }
-        RowKey::Ctid => return Err(RetentionError::CtidOnSqlite),
-    };
-    let mut returning = Vec::new();
-    if let Some(rid) = id {
-        returning.push(format!("{rid} AS dbk_rowid"));
-    }
-    if archive.is_some() {
-        returning.push("*".to_owned());
-    }
-    let returning = if returning.is_empty() {
-        String::new()
-    } else {
-        format!(" RETURNING {}", returning.join(", "))
-    };
-    let sql = format!("DELETE FROM {t} WHERE {picked} AND {condition}{returning}");
-    let mut conn = lite.begin_immediate(batch.lock_timeout).await?;
-    let query = sqlx::query(AssertSqlSafe(sql));
-    let result = async {
-        if returning.is_empty() {
-            let rows = query
-                .execute(&mut *conn)
-                .await
-                .map_err(db_err)?
-                .rows_affected();
-            return Ok(BatchDone {
-                rows,
-                last_id: None,
-            });
-        }
-        let rows = query.fetch_all(&mut *conn).await.map_err(db_err)?;
-        let last_id = match id {
-            Some(_) => rows
-                .iter()
-                .filter_map(|r| r.try_get::<i64, _>(0).ok())
-                .max(),
-            None => None,
-        };
-        if let Some(archive) = archive {
-            let skip = usize::from(id.is_some());
-            let lines: Vec<String> = rows.iter().map(|r| row_json(r, skip)).collect();
-            if !lines.is_empty() {
-                archive.write(&lines)?;
-            }
-        }
-        Ok(BatchDone {
-            rows: rows.len() as u64,
-            last_id,
-        })
-    }
-    .await;
-    lite.finish(conn, result).await
 }
 
 /// One deleted row as a JSON object, columns from `skip` on. BLOBs (and text that is

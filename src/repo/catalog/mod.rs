@@ -5,6 +5,10 @@
 //! Ids are `<UTC yyyymmddThhmmssZ>-<kind>[.<n>]`, so they sort by time; an id is
 //! taken from the manifest's file name, and a manifest is believed only when
 //! [`trust()`] accepts it.
+//!
+//! Everything here goes through [`Storage`] by name, never by path, so it works the
+//! same on any backend; names are built here and in rotation only (from ids that
+//! came from names the storage listed), never from a manifest's text.
 
 pub mod rotation;
 pub mod trust;
@@ -15,7 +19,7 @@ use std::io;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::repo::storage::{Destination, ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
+use crate::repo::storage::{Storage, Version, ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
 pub use trust::{id_of_manifest_file, is_valid_id, trust, TrustPolicy, Untrusted};
 
 /// Why a backup was taken.
@@ -102,19 +106,22 @@ impl Manifest {
     }
 
     /// Writes the manifest atomically beside its archive.
-    pub fn save(&self, dest: &Destination) -> io::Result<()> {
+    pub fn save(&self, store: &dyn Storage) -> io::Result<()> {
         let mut json = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         json.push(b'\n');
-        dest.write_atomic(&Self::manifest_name(&self.id), &json)
+        store.replace(&Self::manifest_name(&self.id), &json)
     }
 }
 
-/// A new backup id for `at` that is not taken in `dest` yet.
-pub fn new_id(dest: &Destination, at: DateTime<Utc>, kind: BackupKind) -> String {
+/// A new backup id for `at` that is not taken in `store` yet.
+pub fn new_id(store: &dyn Storage, at: DateTime<Utc>, kind: BackupKind) -> String {
     let base = format!("{}-{}", at.format("%Y%m%dT%H%M%SZ"), kind.as_str());
+    // A folder that cannot be listed takes the plain id: writing there fails next,
+    // with the reason.
+    let names = store.list(&base).unwrap_or_default();
     let taken = |id: &str| {
-        dest.path(&format!("{id}{ARCHIVE_SUFFIX}")).exists()
-            || dest.path(&Manifest::manifest_name(id)).exists()
+        names.contains(&format!("{id}{ARCHIVE_SUFFIX}"))
+            || names.contains(&Manifest::manifest_name(id))
     };
     if !taken(&base) {
         return base;
@@ -166,25 +173,17 @@ impl Listing {
 /// All backups in `dest`, sorted by time. A manifest is trusted only if it, its
 /// archive's header, its file name and `policy` agree (see [`trust()`]); the others
 /// are reported in [`Listing::untrusted`] rather than hiding the rest.
-pub fn list(dest: &Destination, policy: &TrustPolicy) -> io::Result<Listing> {
+pub fn list(store: &dyn Storage, policy: &TrustPolicy) -> io::Result<Listing> {
     let mut listing = Listing::default();
-    dest.real_dir()?;
-    let entries = match std::fs::read_dir(dest.dir()) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(listing),
-        Err(e) => return Err(e),
-    };
     // Trusted backups by their archive's header bytes: a copy of an archive (a
     // duplicate under another `.n` id, a hard link) has the same header as the
     // original, while two genuine archives never do (random data key and nonce).
     let mut by_header: HashMap<Vec<u8>, Vec<Manifest>> = HashMap::new();
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+    for name in store.list("")? {
         if !name.ends_with(MANIFEST_SUFFIX) || name.starts_with('.') {
             continue;
         }
-        match examine(dest, &name, policy) {
+        match examine(store, &name, policy) {
             (Some(m), Ok(header)) => by_header.entry(header).or_default().push(m),
             (manifest, verdict) => listing.untrusted.push(Rejected {
                 file: name,
@@ -259,11 +258,11 @@ pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 /// Reads one manifest and its archive's authenticated header and judges them; with
 /// the header's exact bytes, which tell a copy of an archive from another archive.
 fn examine(
-    dest: &Destination,
+    store: &dyn Storage,
     name: &str,
     policy: &TrustPolicy,
 ) -> (Option<Manifest>, Result<Vec<u8>, Untrusted>) {
-    let manifest = match read_manifest(&dest.path(name)) {
+    let manifest = match read_manifest(store, name) {
         Ok(m) => m,
         Err(e) => return (None, Err(e)),
     };
@@ -271,23 +270,25 @@ fn examine(
     let Some(id) = id_of_manifest_file(name) else {
         return (Some(manifest), Err(Untrusted::BadName));
     };
-    let archive = dest.path(&format!("{id}{ARCHIVE_SUFFIX}"));
-    let verdict = authentic_header(&archive, &policy.keys).and_then(|(header, bytes)| {
+    let archive = format!("{id}{ARCHIVE_SUFFIX}");
+    let verdict = authentic_header(store, &archive, &policy.keys).and_then(|(header, bytes)| {
         trust(&manifest, &header, name, policy)?;
         Ok(bytes)
     });
     (Some(manifest), verdict)
 }
 
-fn read_manifest(path: &std::path::Path) -> Result<Manifest, Untrusted> {
+fn read_manifest(store: &dyn Storage, name: &str) -> Result<Manifest, Untrusted> {
     use std::io::Read;
-    let file = crate::repo::storage::open_regular(path).map_err(|e| match e.kind() {
-        io::ErrorKind::InvalidInput => Untrusted::NotRegularFile("manifest"),
-        _ => Untrusted::Unreadable(e.to_string()),
-    })?;
+    // One byte past the cap: enough to tell that a manifest is too large.
+    let mut file = store
+        .get(name, Some(0..MAX_MANIFEST_BYTES + 1))
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidInput => Untrusted::NotRegularFile("manifest"),
+            _ => Untrusted::Unreadable(e.to_string()),
+        })?;
     let mut bytes = Vec::new();
-    file.take(MAX_MANIFEST_BYTES + 1)
-        .read_to_end(&mut bytes)
+    file.read_to_end(&mut bytes)
         .map_err(|e| Untrusted::Unreadable(e.to_string()))?;
     if bytes.len() as u64 > MAX_MANIFEST_BYTES {
         return Err(Untrusted::ManifestTooLarge);
@@ -295,34 +296,38 @@ fn read_manifest(path: &std::path::Path) -> Result<Manifest, Untrusted> {
     serde_json::from_slice(&bytes).map_err(|e| Untrusted::Unreadable(e.to_string()))
 }
 
-/// The header of the archive at `path` and its bytes, authenticated when it is
+/// The header of the archive `name` and its bytes, authenticated when it is
 /// encrypted: its first segment must open with a configured key, with the header as
 /// associated data, so no field of it (time, database, kind) can have been edited.
 /// Plain archives prove nothing; [`trust`] decides whether they are accepted.
 fn authentic_header(
-    path: &std::path::Path,
+    store: &dyn Storage,
+    name: &str,
     keys: &crate::repo::archive::KeyRing,
 ) -> Result<(crate::repo::archive::Header, Vec<u8>), Untrusted> {
-    use std::io::{Read, Seek};
-    let mut file = crate::repo::storage::open_regular(path).map_err(|e| match e.kind() {
+    use std::io::Read;
+    let object = store.open(name).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Untrusted::ArchiveMissing,
         io::ErrorKind::InvalidInput => Untrusted::NotRegularFile("archive"),
         _ => Untrusted::BadHeader(e.to_string()),
     })?;
-    let identity = FileIdentity::of(&file).map_err(|e| Untrusted::BadHeader(e.to_string()))?;
+    // The version is read from the open handle, so what is cached is about the very
+    // bytes read below.
+    let identity = object.version().clone();
     if let Some(known) = authenticated().get(&identity) {
         return Ok(known);
     }
-    let (header, bytes) = crate::repo::archive::format::read_header(&mut file)
-        .map_err(|e| Untrusted::BadHeader(e.to_string()))?;
+    let bad_header = |e: io::Error| Untrusted::BadHeader(e.to_string());
+    let (header, bytes) =
+        crate::repo::archive::format::read_header(&mut object.read(None).map_err(bad_header)?)
+            .map_err(|e| Untrusted::BadHeader(e.to_string()))?;
     let Some(enc) = &header.encryption else {
         return Ok((header, bytes));
     };
     if keys.find(&enc.key_id).is_none() {
         return Err(Untrusted::UnknownKey(enc.key_id.clone()));
     }
-    file.rewind()
-        .map_err(|e| Untrusted::BadHeader(e.to_string()))?;
+    let file = object.read(None).map_err(bad_header)?;
     let mut reader = crate::repo::archive::ArchiveReader::open(io::BufReader::new(file), keys)
         .map_err(|e| Untrusted::NotAuthentic(e.to_string()))?;
     reader
@@ -332,40 +337,12 @@ fn authentic_header(
     Ok((header, bytes))
 }
 
-/// What identifies one version of one file: any change to it changes its ctime,
-/// which no user can set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct FileIdentity {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
-}
-
-impl FileIdentity {
-    fn of(file: &std::fs::File) -> io::Result<Self> {
-        use std::os::unix::fs::MetadataExt;
-        let m = file.metadata()?;
-        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
-        Ok(FileIdentity {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
-            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
-        })
-    }
-}
-
 /// Headers this process has authenticated, so that the daemon, which lists its
 /// folders after every backup, decrypts each archive's first segment only once.
-struct Authenticated(
-    std::sync::Mutex<HashMap<FileIdentity, (crate::repo::archive::Header, Vec<u8>)>>,
-);
+struct Authenticated(std::sync::Mutex<HashMap<Version, (crate::repo::archive::Header, Vec<u8>)>>);
 
 impl Authenticated {
-    fn get(&self, id: &FileIdentity) -> Option<(crate::repo::archive::Header, Vec<u8>)> {
+    fn get(&self, id: &Version) -> Option<(crate::repo::archive::Header, Vec<u8>)> {
         let map = self
             .0
             .lock()
@@ -373,7 +350,7 @@ impl Authenticated {
         map.get(id).cloned()
     }
 
-    fn put(&self, id: FileIdentity, value: (crate::repo::archive::Header, Vec<u8>)) {
+    fn put(&self, id: Version, value: (crate::repo::archive::Header, Vec<u8>)) {
         let mut map = self
             .0
             .lock()
@@ -388,6 +365,38 @@ impl Authenticated {
 fn authenticated() -> &'static Authenticated {
     static CACHE: std::sync::OnceLock<Authenticated> = std::sync::OnceLock::new();
     CACHE.get_or_init(|| Authenticated(std::sync::Mutex::new(HashMap::new())))
+}
+
+/// Deletes the backup `id`: the manifest first, so that a crash in between leaves an
+/// archive without a manifest, which [`clean`] removes. `id` must be a backup id:
+/// anything that could name another object is refused.
+pub fn remove_backup(store: &dyn Storage, id: &str) -> io::Result<()> {
+    if !is_valid_id(id) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("refusing to delete \"{id}\": not a backup id"),
+        ));
+    }
+    store.delete(&Manifest::manifest_name(id))?;
+    store.delete(&format!("{id}{ARCHIVE_SUFFIX}"))
+}
+
+/// Removes what interrupted writes left behind: unfinished uploads no live writer
+/// holds ([`Storage::clean_uploads`]), and archives without a manifest (the manifest
+/// is written last). Returns the removed names.
+pub fn clean(store: &dyn Storage) -> io::Result<Vec<String>> {
+    let mut removed = store.clean_uploads()?;
+    let names = store.list("")?;
+    for name in &names {
+        let Some(id) = name.strip_suffix(ARCHIVE_SUFFIX) else {
+            continue;
+        };
+        if !names.contains(&Manifest::manifest_name(id)) {
+            store.delete(name)?;
+            removed.push(name.clone());
+        }
+    }
+    Ok(removed)
 }
 
 /// How far past now a backup's time may be before it counts as dated in the future
@@ -413,5 +422,59 @@ pub fn select<'a>(
             .find(|m| m.is_good() && !is_future(m.started_at, now))
     } else {
         backups.iter().find(|m| m.id == which)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::storage::local::in_temp_dir;
+
+    #[test]
+    fn clean_removes_interrupted_writes_only() {
+        let (_root, dest) = in_temp_dir();
+        let plant = |name: &str| std::fs::write(dest.path(name), b"x").unwrap();
+        let (done, cut) = ("20261121T020000Z-manual", "20261121T030000Z-manual");
+        plant(&format!("{done}{ARCHIVE_SUFFIX}"));
+        plant(&Manifest::manifest_name(done));
+        // Published, but the run died before its manifest.
+        plant(&format!("{cut}{ARCHIVE_SUFFIX}"));
+        plant(".20261121T040000Z-manual.dbk.00000000deadbeef.tmp");
+        plant("notes.txt");
+        let live = dest.put("20261121T050000Z-manual.dbk").unwrap();
+        let mut removed = clean(&dest).unwrap();
+        removed.sort();
+        assert_eq!(
+            removed,
+            [
+                ".20261121T040000Z-manual.dbk.00000000deadbeef.tmp",
+                "20261121T030000Z-manual.dbk"
+            ]
+        );
+        let mut left = dest.list("").unwrap();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "20261121T020000Z-manual.dbk",
+                "20261121T020000Z-manual.manifest.json",
+                "notes.txt"
+            ]
+        );
+        drop(live);
+    }
+
+    #[test]
+    fn remove_backup_takes_ids_only() {
+        let (_root, dest) = in_temp_dir();
+        let id = "20261121T020000Z-manual";
+        for name in [format!("{id}.dbk"), format!("{id}.manifest.json")] {
+            std::fs::write(dest.path(&name), b"x").unwrap();
+        }
+        for bad in ["", "../app/x", ".hidden", "notes.txt"] {
+            assert!(remove_backup(&dest, bad).is_err(), "{bad}");
+        }
+        remove_backup(&dest, id).unwrap();
+        assert!(dest.list("").unwrap().is_empty());
     }
 }

@@ -24,7 +24,7 @@ use std::io;
 use chrono::{DateTime, Datelike, Timelike, Utc};
 
 use super::TrustPolicy;
-use crate::repo::storage::Destination;
+use crate::repo::storage::Storage;
 
 pub use crate::config::Keep;
 
@@ -169,17 +169,17 @@ pub struct Rotation {
     pub duplicates: Vec<super::DuplicateId>,
 }
 
-/// Applies `keep` to the trusted backups in `dest` (or, with `dry_run`, only
+/// Applies `keep` to the trusted backups in `store` (or, with `dry_run`, only
 /// decides). `just_made` is the id of the backup the calling run wrote, if any.
 pub fn rotate(
-    dest: &Destination,
+    store: &dyn Storage,
     policy: &TrustPolicy,
     keep: &Keep,
     now: DateTime<Utc>,
     just_made: Option<&str>,
     dry_run: bool,
 ) -> io::Result<Rotation> {
-    let listing = super::list(dest, policy)?;
+    let listing = super::list(store, policy)?;
     let candidates: Vec<Candidate> = listing
         .backups
         .iter()
@@ -199,7 +199,7 @@ pub fn rotate(
                     d.id
                 )));
             }
-            dest.remove_backup(&d.id)?;
+            super::remove_backup(store, &d.id)?;
         }
     }
     Ok(Rotation {
@@ -376,6 +376,7 @@ mod tests {
         use super::super::*;
         use crate::repo::archive::{self, Compression, Header, Key, Settings};
         use crate::repo::catalog::{BackupKind, Manifest, Verification, VerifyMode, VerifyResult};
+        use crate::repo::storage::{Destination, Storage};
 
         #[derive(Debug, Clone, Copy)]
         enum Sort {
@@ -572,9 +573,9 @@ mod tests {
                 // rotation keeps of them must not depend on what an attacker added.
                 let twin_root = tempfile::tempdir().unwrap();
                 let twin = Destination::new(twin_root.path(), "app");
-                dest.ensure().unwrap();
-                other.ensure().unwrap();
-                twin.ensure().unwrap();
+                dest.prepare().unwrap();
+                other.prepare().unwrap();
+                twin.prepare().unwrap();
                 let mut genuine: Vec<String> = Vec::new();
                 let mut planted = 0usize;
                 let sentinel = id_at(now - chrono::Duration::days(400));

@@ -5,21 +5,28 @@
 //! (`.<name>.<random>.tmp`, mode 0600), fsynced, renamed into place and the directory
 //! fsynced; its manifest follows the same way, last. So a crash leaves either
 //! nothing, a temporary file, or an archive without a manifest — and
-//! [`Destination::cleanup`] removes both of the latter. A partial file is deleted as
-//! soon as a write fails, so a full disk gets its space back.
+//! [`Storage::clean_uploads`] removes the former, the catalog's clean-up
+//! (`catalog::clean`) the latter. A partial file is deleted as soon as a write fails,
+//! so a full disk gets its space back. Reads go through one open file handle
+//! ([`LocalObject`]), read by position, so a check and the use after it read the
+//! same file even if the name is replaced meanwhile.
 //!
 //! Whether a temporary file's writer is still alive is told by an advisory lock
 //! (`flock`) the writer holds on it, never by a PID: PIDs repeat across containers
 //! and restarts (they are always 1 in a container). The scratch folder
 //! (`<state-dir>/tmp`, plaintext SQLite copies) works the same way with one lock file
-//! per process: see [`scratch_file`] and [`clean_scratch`].
+//! per process: see [`scratch_file`] and [`clean_scratch`]. Those scratch helpers are
+//! here because they are the same file-system craft, not because they are storage:
+//! the state directory is always local, whatever backend holds the backups.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::ops::Range;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::Storage;
+use super::{Object, Reader, Storage, Upload, Version};
 
 /// Suffixes of the files a backup consists of.
 pub const ARCHIVE_SUFFIX: &str = ".dbk";
@@ -50,22 +57,36 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
-/// `<destination>/<database>/`.
+/// `<destination>/<database>/` (or a retention rule's folder below it).
 #[derive(Debug, Clone)]
 pub struct Destination {
     dir: PathBuf,
 }
 
-/// A file being written; removed on drop unless committed.
+/// A file being written to a hidden temporary name in its final folder, locked for
+/// as long as it is being written; removed on drop unless published.
 #[derive(Debug)]
 pub struct TempFile {
     path: PathBuf,
+    /// The name it is published under, in `dir`.
+    target: PathBuf,
+    dir: PathBuf,
     file: Option<File>,
 }
 
 impl TempFile {
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Syncs the file and hands it over; afterwards the temporary file is the
+    /// caller's to rename or remove.
+    fn finish(&mut self) -> io::Result<()> {
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("temporary file already committed"))?;
+        file.sync_all()
     }
 }
 
@@ -92,6 +113,111 @@ impl Drop for TempFile {
     }
 }
 
+impl Upload for TempFile {
+    /// The temporary file itself, opened again for reading: it is this process's
+    /// (mode 0600, locked), and the handle stays valid across the rename.
+    fn written(&mut self) -> io::Result<Box<dyn Object>> {
+        self.flush()?;
+        let file = open_regular(&self.path)?;
+        Ok(Box::new(LocalObject::from_file(file, self.target.clone())?))
+    }
+
+    fn publish(mut self: Box<Self>) -> io::Result<()> {
+        let result = self.finish().and_then(|()| {
+            if self.target.exists() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} already exists", self.target.display()),
+                ));
+            }
+            fs::rename(&self.path, &self.target)?;
+            sync_dir(&self.dir)
+        });
+        if result.is_err() {
+            let _ = fs::remove_file(&self.path);
+        }
+        result
+    }
+}
+
+/// A regular file open for reading, read by position so that every reader of one
+/// handle is independent of the others (a shared file offset would not be).
+#[derive(Debug)]
+pub struct LocalObject {
+    file: Arc<File>,
+    location: PathBuf,
+    version: Version,
+    size: u64,
+}
+
+impl LocalObject {
+    /// Wraps a file already open (by [`open_regular`], or a file the operator named,
+    /// as `decrypt` takes); `location` is for messages.
+    pub fn from_file(file: File, location: PathBuf) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        let version = Version(format!(
+            "{}:{}:{}:{}:{}",
+            m.dev(),
+            m.ino(),
+            m.size(),
+            ns(m.mtime(), m.mtime_nsec()),
+            ns(m.ctime(), m.ctime_nsec())
+        ));
+        Ok(LocalObject {
+            file: Arc::new(file),
+            location,
+            version,
+            size: m.size(),
+        })
+    }
+}
+
+impl Object for LocalObject {
+    fn location(&self) -> &Path {
+        &self.location
+    }
+
+    fn version(&self) -> &Version {
+        &self.version
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, range: Option<Range<u64>>) -> io::Result<Reader> {
+        let range = range.unwrap_or(0..u64::MAX);
+        Ok(Box::new(PositionalReader {
+            file: self.file.clone(),
+            at: range.start,
+            end: range.end.max(range.start),
+        }))
+    }
+}
+
+/// Reads `at..end` of a shared file with `pread`, leaving its offset alone.
+struct PositionalReader {
+    file: Arc<File>,
+    at: u64,
+    end: u64,
+}
+
+impl Read for PositionalReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let left = usize::try_from(self.end - self.at).unwrap_or(usize::MAX);
+        let want = buf.len().min(left);
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
 impl Destination {
     pub fn new(destination: &Path, database: &str) -> Self {
         Destination {
@@ -101,16 +227,6 @@ impl Destination {
 
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    /// Creates the directory (mode 0700) if needed.
-    pub fn ensure(&self) -> io::Result<()> {
-        self.real_dir()?;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)?;
-        self.real_dir()
     }
 
     /// Refuses a database folder that is a symbolic link (or anything but a
@@ -139,7 +255,7 @@ impl Destination {
 
     /// Opens a new temporary file that will become `name`, locked for as long as it
     /// is being written.
-    pub fn create_temp(&self, name: &str) -> io::Result<TempFile> {
+    fn create_temp(&self, name: &str) -> io::Result<TempFile> {
         self.real_dir()?;
         let path = self.dir.join(format!(
             ".{name}.{:016x}{TMP_SUFFIX}",
@@ -156,99 +272,25 @@ impl Destination {
         }
         Ok(TempFile {
             path,
+            target: self.dir.join(name),
+            dir: self.dir.clone(),
             file: Some(file),
         })
     }
 
-    /// Makes the temporary file durable under its final `name`. Never replaces an
-    /// existing file.
-    pub fn commit(&self, mut tmp: TempFile, name: &str) -> io::Result<PathBuf> {
-        let target = self.dir.join(name);
-        let file = tmp
-            .file
-            .take()
-            .ok_or_else(|| io::Error::other("already committed"))?;
-        let result = (|| {
-            file.sync_all()?;
-            drop(file);
-            if target.exists() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!("{} already exists", target.display()),
-                ));
-            }
-            fs::rename(&tmp.path, &target)?;
-            sync_dir(&self.dir)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp.path);
-        }
-        result.map(|()| target)
-    }
-
-    /// Writes `bytes` to `name` atomically (replacing it if present).
-    pub fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
-        let mut tmp = self.create_temp(name)?;
-        tmp.write_all(bytes)?;
-        let file = tmp
-            .file
-            .take()
-            .ok_or_else(|| io::Error::other("already committed"))?;
-        let result = file
-            .sync_all()
-            .and_then(|()| fs::rename(&tmp.path, self.dir.join(name)))
-            .and_then(|()| sync_dir(&self.dir));
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp.path);
-        }
-        result
-    }
-
-    /// Deletes a backup: the manifest first, so that a crash in between leaves an
-    /// archive without a manifest, which cleanup removes.
-    /// `id` must be a bare name: anything that could leave the folder is refused.
-    pub fn remove_backup(&self, id: &str) -> io::Result<()> {
-        if id.is_empty() || id.starts_with('.') || id.contains(['/', '\\', '\0']) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("refusing to delete \"{id}\": not a backup id"),
-            ));
-        }
-        self.real_dir()?;
-        remove_if_exists(&self.dir.join(format!("{id}{MANIFEST_SUFFIX}")))?;
-        remove_if_exists(&self.dir.join(format!("{id}{ARCHIVE_SUFFIX}")))?;
-        sync_dir(&self.dir)
-    }
-
-    /// Removes what interrupted writes left behind: temporary files no live writer
-    /// holds locked, and archives without a manifest. Returns the removed file names.
-    pub fn cleanup(&self) -> io::Result<Vec<String>> {
-        let mut removed = Vec::new();
+    /// The names in the folder, or none when it does not exist yet.
+    fn entries(&self) -> io::Result<Vec<String>> {
         self.real_dir()?;
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
+        let mut names = Vec::new();
         for entry in entries {
-            let name = entry?.file_name().to_string_lossy().into_owned();
-            let stale = if name.ends_with(TMP_SUFFIX) {
-                // Only a file nobody holds locked is stale.
-                !held(&self.dir.join(&name))?
-            } else if let Some(id) = name.strip_suffix(ARCHIVE_SUFFIX) {
-                !self.dir.join(format!("{id}{MANIFEST_SUFFIX}")).exists()
-            } else {
-                false
-            };
-            if stale {
-                remove_if_exists(&self.dir.join(&name))?;
-                removed.push(name);
-            }
+            names.push(entry?.file_name().to_string_lossy().into_owned());
         }
-        if !removed.is_empty() {
-            sync_dir(&self.dir)?;
-        }
-        Ok(removed)
+        Ok(names)
     }
 }
 
@@ -265,56 +307,78 @@ fn bare(name: &str) -> io::Result<&str> {
 }
 
 impl Storage for Destination {
-    type Upload = TempFile;
-    type Reader = io::Take<File>;
-
-    fn put(&self, name: &str) -> io::Result<TempFile> {
-        self.create_temp(bare(name)?)
+    fn location(&self) -> PathBuf {
+        self.dir.clone()
     }
 
-    fn publish(&self, upload: TempFile, name: &str) -> io::Result<()> {
-        self.commit(upload, bare(name)?).map(drop)
+    /// Creates the folder (mode 0700) if needed.
+    fn prepare(&self) -> io::Result<()> {
+        self.real_dir()?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)?;
+        self.real_dir()
+    }
+
+    fn put(&self, name: &str) -> io::Result<Box<dyn Upload>> {
+        Ok(Box::new(self.create_temp(bare(name)?)?))
     }
 
     fn replace(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
-        self.write_atomic(bare(name)?, bytes)
+        let mut tmp = self.create_temp(bare(name)?)?;
+        tmp.write_all(bytes)?;
+        let result = tmp
+            .finish()
+            .and_then(|()| fs::rename(&tmp.path, &tmp.target))
+            .and_then(|()| sync_dir(&self.dir));
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp.path);
+        }
+        result
     }
 
     /// A regular file only, opened without following links or blocking (see
     /// [`open_regular`]).
-    fn get(&self, name: &str, range: Option<std::ops::Range<u64>>) -> io::Result<Self::Reader> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut file = open_regular(&self.path(bare(name)?))?;
-        Ok(match range {
-            Some(r) => {
-                file.seek(SeekFrom::Start(r.start))?;
-                file.take(r.end.saturating_sub(r.start))
-            }
-            None => file.take(u64::MAX),
-        })
+    fn open(&self, name: &str) -> io::Result<Box<dyn Object>> {
+        let path = self.path(bare(name)?);
+        self.real_dir()?;
+        let file = open_regular(&path)?;
+        Ok(Box::new(LocalObject::from_file(file, path)?))
     }
 
+    /// Every entry but the hidden ones (temporary files): links, FIFOs and folders
+    /// planted in the folder are listed, and refused by [`Storage::open`].
     fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
-        self.real_dir()?;
-        let entries = match fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(prefix) && !name.starts_with('.') && entry.file_type()?.is_file() {
-                names.push(name);
-            }
-        }
-        Ok(names)
+        Ok(self
+            .entries()?
+            .into_iter()
+            .filter(|name| name.starts_with(prefix) && !name.starts_with('.'))
+            .collect())
     }
 
     fn delete(&self, name: &str) -> io::Result<()> {
-        remove_if_exists(&self.path(bare(name)?))?;
+        let path = self.path(bare(name)?);
+        self.real_dir()?;
+        remove_if_exists(&path)?;
         sync_dir(&self.dir)
+    }
+
+    /// Temporary files no live writer holds locked: whether a writer is alive is
+    /// told by its lock, never by a PID.
+    fn clean_uploads(&self) -> io::Result<Vec<String>> {
+        let mut removed = Vec::new();
+        for name in self.entries()? {
+            // Only a file nobody holds locked is stale.
+            if name.ends_with(TMP_SUFFIX) && !held(&self.dir.join(&name))? {
+                remove_if_exists(&self.dir.join(&name))?;
+                removed.push(name);
+            }
+        }
+        if !removed.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(removed)
     }
 }
 
@@ -525,24 +589,31 @@ impl Drop for Scratch {
     }
 }
 
+/// A prepared, empty `<temporary folder>/app` (the folder goes with the guard).
+#[cfg(test)]
+pub(crate) fn in_temp_dir() -> (tempfile::TempDir, Destination) {
+    let root = tempfile::tempdir().expect("temporary folder");
+    let dest = Destination::new(root.path(), "app");
+    dest.prepare().expect("prepare");
+    (root, dest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn commit_is_atomic_and_never_overwrites() {
-        let root = tempfile::tempdir().unwrap();
-        let dest = Destination::new(root.path(), "app");
-        dest.ensure().unwrap();
+        let (_root, dest) = in_temp_dir();
         let mut tmp = dest.create_temp("a.dbk").unwrap();
         tmp.write_all(b"data").unwrap();
         assert!(!dest.path("a.dbk").exists());
-        dest.commit(tmp, "a.dbk").unwrap();
+        Box::new(tmp).publish().unwrap();
         assert_eq!(fs::read(dest.path("a.dbk")).unwrap(), b"data");
         let mut again = dest.create_temp("a.dbk").unwrap();
         again.write_all(b"other").unwrap();
         let tmp_path = again.path().to_owned();
-        assert!(dest.commit(again, "a.dbk").is_err());
+        assert!(Box::new(again).publish().is_err());
         assert_eq!(fs::read(dest.path("a.dbk")).unwrap(), b"data");
         assert!(
             !tmp_path.exists(),
@@ -552,9 +623,7 @@ mod tests {
 
     #[test]
     fn dropped_temp_files_disappear() {
-        let root = tempfile::tempdir().unwrap();
-        let dest = Destination::new(root.path(), "app");
-        dest.ensure().unwrap();
+        let (_root, dest) = in_temp_dir();
         let path = {
             let mut tmp = dest.create_temp("b.dbk").unwrap();
             tmp.write_all(b"partial").unwrap();
@@ -564,10 +633,8 @@ mod tests {
     }
 
     #[test]
-    fn cleanup_removes_leftovers_only() {
-        let root = tempfile::tempdir().unwrap();
-        let dest = Destination::new(root.path(), "app");
-        dest.ensure().unwrap();
+    fn clean_uploads_removes_leftovers_only() {
+        let (_root, dest) = in_temp_dir();
         for name in [
             "good.dbk",
             "good.manifest.json",
@@ -581,19 +648,16 @@ mod tests {
         // PID 1 always exists: a PID says nothing about a writer being alive.
         fs::write(dest.path(".pid-one.dbk.1.tmp"), b"x").unwrap();
         let live = dest.create_temp("live.dbk").unwrap();
-        let mut removed = dest.cleanup().unwrap();
+        let mut removed = dest.clean_uploads().unwrap();
         removed.sort();
         assert_eq!(
             removed,
-            vec![
-                ".dead.dbk.999999999.tmp",
-                ".odd.tmp",
-                ".pid-one.dbk.1.tmp",
-                "orphan.dbk"
-            ]
+            vec![".dead.dbk.999999999.tmp", ".odd.tmp", ".pid-one.dbk.1.tmp"]
         );
         assert!(live.path().exists(), "a running writer's file stays");
         assert!(dest.path("good.dbk").exists() && dest.path("notes.txt").exists());
+        // Archives without a manifest are the catalog's to judge (`catalog::clean`).
+        assert!(dest.path("orphan.dbk").exists());
     }
 
     #[test]
@@ -620,18 +684,17 @@ mod tests {
     #[test]
     fn the_local_directory_is_a_storage() {
         use std::io::Read;
-        let root = tempfile::tempdir().unwrap();
-        let dest = Destination::new(root.path(), "app");
-        dest.ensure().unwrap();
-        let mut up = Storage::put(&dest, "a.dbk").unwrap();
+        let (_root, dest) = in_temp_dir();
+        let mut up = dest.put("a.dbk").unwrap();
         up.write_all(b"0123456789").unwrap();
         assert!(
             dest.list("").unwrap().is_empty(),
             "unpublished uploads are not listed"
         );
-        dest.publish(up, "a.dbk").unwrap();
-        let again = Storage::put(&dest, "a.dbk").unwrap();
-        assert!(dest.publish(again, "a.dbk").is_err(), "never replaces");
+        let written = up.written().unwrap();
+        up.publish().unwrap();
+        let again = dest.put("a.dbk").unwrap();
+        assert!(again.publish().is_err(), "never replaces");
         dest.replace("a.manifest.json", b"{}").unwrap();
         let mut names = dest.list("a.").unwrap();
         names.sort();
@@ -643,8 +706,39 @@ mod tests {
             .unwrap();
         assert_eq!(part, "234");
         assert!(dest.get("../app/a.dbk", None).is_err());
+        let opened = dest.open("a.dbk").unwrap();
+        assert_eq!(opened.size(), 10);
+        let read = |o: &dyn Object| {
+            let mut all = Vec::new();
+            o.read(None).unwrap().read_to_end(&mut all).unwrap();
+            all
+        };
+        assert_eq!(read(&*written), read(&*opened), "the upload, published");
         dest.delete("a.dbk").unwrap();
         dest.delete("a.dbk").unwrap();
         assert_eq!(dest.list("").unwrap(), ["a.manifest.json"]);
+        // One handle reads the version it opened, whatever happens to the name.
+        let mut all = String::new();
+        opened.read(None).unwrap().read_to_string(&mut all).unwrap();
+        assert_eq!(all, "0123456789");
+    }
+
+    #[test]
+    fn planted_links_and_fifos_are_listed_but_never_opened() {
+        let (root, dest) = in_temp_dir();
+        fs::write(root.path().join("elsewhere"), b"x").unwrap();
+        std::os::unix::fs::symlink(root.path().join("elsewhere"), dest.path("l.dbk")).unwrap();
+        assert!(std::process::Command::new("mkfifo")
+            .arg(dest.path("f.dbk"))
+            .status()
+            .expect("mkfifo")
+            .success());
+        let mut names = dest.list("").unwrap();
+        names.sort();
+        assert_eq!(names, ["f.dbk", "l.dbk"]);
+        for name in names {
+            let refused = dest.open(&name).err().map(|e| e.kind());
+            assert_eq!(refused, Some(io::ErrorKind::InvalidInput), "{name}");
+        }
     }
 }

@@ -1,51 +1,134 @@
-//! Where archives and manifests are kept: the [`Storage`] contract, and the local
-//! directory ([`local`], [`Destination`]) as its first implementation.
+//! Where archives and manifests are kept: the [`Storage`] contract, [`for_backups`]
+//! which builds one from the configuration, and the local directory ([`local`],
+//! [`Destination`]) as its first implementation.
 //!
 //! What a backend must guarantee, whatever it stores in: nothing is visible under
 //! its name until it is complete and durable (a streaming put is published
 //! atomically, and never replaces an existing object), an unfinished upload is
-//! removed when dropped or after a crash, and reads return exactly what was
-//! published. An object store (S3, GCS, Azure) implements the same trait next:
-//! multipart upload + complete for `put`/`publish`, ranged GET for `get`.
+//! removed when dropped or by [`Storage::clean_uploads`] after a crash, and reads
+//! return exactly what was published. Every reader of one opened [`Object`] sees the
+//! same version of it, however often it reads: a check and the use that follows it
+//! never read two different things. An object store (S3, GCS, Azure) implements the
+//! same traits: multipart upload to a staging key for [`Storage::put`], a
+//! conditional copy (`If-None-Match: *`) for [`Upload::publish`], GET pinned to a
+//! version id or ETag (ranged) for [`Object::read`], the ETag for [`Version`].
+//!
+//! Callers (the catalog, rotation, verify, restore, the backup job and the CLI) hold
+//! an `Arc<dyn Storage>` and never a path; a new backend is one file here plus its
+//! case in [`for_backups`]. The scratch helpers re-exported below are not storage:
+//! they work in the state directory (`<state-dir>/tmp`), which is always local.
 
 pub mod local;
 
+use std::fmt;
 use std::io::{self, Read, Write};
 use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::BackupConfig;
 
 pub use local::{
     clean_scratch, create_private_dir, open_regular, scratch_dir, scratch_file, sync_dir,
-    Destination, Scratch, TempFile, ARCHIVE_SUFFIX, MANIFEST_SUFFIX,
+    Destination, LocalObject, Scratch, TempFile, ARCHIVE_SUFFIX, MANIFEST_SUFFIX,
 };
 
-/// One backup destination of one database: a flat namespace of named objects
-/// (`<id>.dbk`, `<id>.manifest.json`, retention exports).
-pub trait Storage {
-    /// An object being written: bytes go in, nothing is visible under its name until
-    /// [`Storage::publish`]; dropped unpublished, it is removed.
-    type Upload: Write + Send;
-    /// An object being read.
-    type Reader: Read + Send;
+/// A stream of an object's bytes, owned (it can be moved to a blocking thread).
+pub type Reader = Box<dyn Read + Send>;
 
-    /// Starts writing the object `name` (streaming put).
-    fn put(&self, name: &str) -> io::Result<Self::Upload>;
+/// One namespace of objects under one backup destination: a database's backups
+/// (`<id>.dbk`, `<id>.manifest.json`) or one retention rule's exports. Names are
+/// bare (no separator, not starting with `.`); anything else is refused with
+/// `InvalidInput`.
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Where the objects are, for messages only (a folder, a URL).
+    fn location(&self) -> PathBuf;
 
-    /// Makes a finished upload durable and visible as `name`, atomically. Never
-    /// replaces an existing object: that is an `AlreadyExists` error, and the upload
-    /// is discarded.
-    fn publish(&self, upload: Self::Upload, name: &str) -> io::Result<()>;
+    /// Creates the namespace if it does not exist yet; refuses one that cannot be
+    /// trusted to stay where it is (locally: a folder that is a symbolic link).
+    fn prepare(&self) -> io::Result<()>;
+
+    /// Starts writing the object `name` (streaming put). Nothing is visible under
+    /// `name` until [`Upload::publish`]; dropped unpublished, the upload is removed.
+    fn put(&self, name: &str) -> io::Result<Box<dyn Upload>>;
 
     /// Writes a small object in one go, atomically, replacing it if present (a
     /// manifest, rewritten when a backup is verified again).
     fn replace(&self, name: &str, bytes: &[u8]) -> io::Result<()>;
 
-    /// Reads the object `name`, or only the bytes in `range` of it.
-    fn get(&self, name: &str, range: Option<Range<u64>>) -> io::Result<Self::Reader>;
+    /// Opens one version of the published object `name`, to be read (and re-read)
+    /// through the handle only, never again by name. `NotFound` when there is none;
+    /// `InvalidInput` when something is there that is not a plain object (locally: a
+    /// symbolic link, FIFO, device or folder), which is never opened in a way that
+    /// can block or follow it.
+    fn open(&self, name: &str) -> io::Result<Box<dyn Object>>;
 
-    /// The names of the published objects that start with `prefix` (unfinished
-    /// uploads are not listed), in no particular order.
+    /// Reads `range` (all of it with `None`) of the object `name`: [`Storage::open`]
+    /// and [`Object::read`] at once, with the same errors.
+    fn get(&self, name: &str, range: Option<Range<u64>>) -> io::Result<Reader> {
+        self.open(name)?.read(range)
+    }
+
+    /// The names starting with `prefix` of everything published in the namespace,
+    /// in no particular order: unfinished uploads are not listed, and everything else
+    /// is, whatever it is ([`Storage::open`] tells what can be read).
     fn list(&self, prefix: &str) -> io::Result<Vec<String>>;
 
-    /// Deletes the object `name`; one that is already gone is not an error.
+    /// Deletes the object `name`, durably; one that is already gone is not an error.
     fn delete(&self, name: &str) -> io::Result<()>;
+
+    /// Removes the unfinished uploads that no live writer is working on (what a
+    /// crash left behind); returns their names, for the log. Uploads in progress, in
+    /// this process or another, are left alone.
+    fn clean_uploads(&self) -> io::Result<Vec<String>>;
+}
+
+/// An object being written: bytes go in through [`Write`].
+pub trait Upload: Write + Send {
+    /// Ends the write (no byte may follow) and opens what was written, before it is
+    /// published: the backup job checks the stored bytes (and restores from them) and
+    /// publishes only then. The [`Object`] stays valid after [`Upload::publish`].
+    fn written(&mut self) -> io::Result<Box<dyn Object>>;
+
+    /// Makes the upload durable and visible under the name given to
+    /// [`Storage::put`], atomically. Never replaces an existing object: that is an
+    /// `AlreadyExists` error, and the upload is discarded (as on any error).
+    fn publish(self: Box<Self>) -> io::Result<()>;
+}
+
+/// One version of one stored object, open for reading.
+pub trait Object: Send + Sync {
+    /// Where it is, for messages only.
+    fn location(&self) -> &Path;
+
+    /// Which version of the content this handle reads (see [`Version`]).
+    fn version(&self) -> &Version;
+
+    /// Its size in bytes.
+    fn size(&self) -> u64;
+
+    /// A new, independent reader of `range` (all of it with `None`) of exactly this
+    /// version: however the object changes by name meanwhile, every reader of one
+    /// handle reads the same bytes (or fails).
+    fn read(&self, range: Option<Range<u64>>) -> io::Result<Reader>;
+}
+
+/// Identifies one version of an object's content, read from the open handle: equal
+/// versions hold equal bytes, and the version changes whenever the content does, so
+/// what has been learned about one version (an authenticated header) holds for every
+/// handle with that version — a hard link shares its original's. Locally: device,
+/// inode, size, mtime and ctime (no user can set a ctime); in an object store: the
+/// ETag (with the version id where versioning is on).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Version(pub String);
+
+/// The namespace `parts` (e.g. `[database]`, or `[database, "retention", rule]`)
+/// under the destination of `cfg`. The one place that knows which backend a
+/// destination is: a new backend adds its case here.
+pub fn for_backups(cfg: &BackupConfig, parts: &[&str]) -> Arc<dyn Storage> {
+    let (last, parents) = parts.split_last().map_or(("", &[][..]), |(l, p)| (*l, p));
+    let root = parents
+        .iter()
+        .fold(cfg.destination.clone(), |path, part| path.join(part));
+    Arc::new(Destination::new(&root, last))
 }
