@@ -210,7 +210,17 @@ impl Database {
 
     /// Latest applied sqlx migration, if any.
     pub async fn schema_version(&self) -> Result<Option<i64>, DbError> {
-        self::with_backend!(self, db => db.schema_version().await)
+        // Two steps: PostgreSQL resolves table names while planning, even in a branch
+        // that would not run.
+        if !self.has_migration_history().await? {
+            return Ok(None);
+        }
+        self::with_backend!(self, db => {
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&db.pool)
+                .await
+                .map_err(|e| db.query_error(e))
+        })
     }
 
     /// Closes the pool, waiting for connections in use to be returned.

@@ -505,19 +505,6 @@ impl Postgres {
             .map_err(|e| self.query_error(e))
     }
 
-    /// Latest successfully applied sqlx migration, if the database has the table.
-    pub async fn schema_version(&self) -> Result<Option<i64>, DbError> {
-        // Two steps: PostgreSQL resolves table names while planning, even in a branch
-        // that would not run.
-        if !self.has_migration_history().await? {
-            return Ok(None);
-        }
-        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| self.query_error(e))
-    }
-
     /// Every object in database `database` (on this server) that initdb did not create:
     /// what a restore without `--force` must never throw away.
     pub async fn user_objects_in(&self, database: &str) -> Result<UserObjects, DbError> {

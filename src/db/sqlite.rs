@@ -172,17 +172,6 @@ impl Sqlite {
         .map_err(|e| self.query_error(e))
     }
 
-    /// Latest successfully applied sqlx migration, if the database has the table.
-    pub async fn schema_version(&self) -> Result<Option<i64>, DbError> {
-        if !self.has_migration_history().await? {
-            return Ok(None);
-        }
-        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| self.query_error(e))
-    }
-
     /// Writes a consistent copy of the database to `target` (which must not exist)
     /// with `VACUUM INTO`: one read transaction, so writers are not blocked in WAL
     /// mode, and the copy is compact.
