@@ -297,18 +297,6 @@ impl DumpCheck {
         self.phase == Phase::BlockType && self.field_len == 0
     }
 
-    /// Past the header and the table of contents.
-    pub fn in_data(&self) -> bool {
-        matches!(
-            self.phase,
-            Phase::BlockType
-                | Phase::BlockId { .. }
-                | Phase::ChunkLen { .. }
-                | Phase::Chunk { .. }
-                | Phase::BlobOid
-        )
-    }
-
     fn consume(&mut self, mut input: &[u8]) -> Result<(), DumpError> {
         while !input.is_empty() {
             match self.need {
