@@ -411,10 +411,12 @@ fn failing_or_killed_backups_leave_no_backup_and_older_ones_intact() {
         "pg_dump_then_fail.sh",
         "#!/bin/sh\npg_dump \"$@\"\necho 'pg_dump: error: simulated failure' >&2\nexit 1\n",
     );
+    // Part of a real dump, then a stall: bytes that are not a dump would be refused
+    // at once by the dump check, before there is anything to kill.
     let slow = common::write_script(
         w.path(),
         "pg_dump_slow.sh",
-        "#!/bin/sh\nprintf PGDMP\nhead -c 3000000 /dev/urandom\nexec sleep 60\n",
+        "#!/bin/sh\npg_dump \"$@\" | head -c 1000000\nexec sleep 60\n",
     );
     w.write_config(
         "",
