@@ -411,10 +411,12 @@ fn failing_or_killed_backups_leave_no_backup_and_older_ones_intact() {
         "pg_dump_then_fail.sh",
         "#!/bin/sh\npg_dump \"$@\"\necho 'pg_dump: error: simulated failure' >&2\nexit 1\n",
     );
+    // Part of a real dump, then a stall: bytes that are not a dump would be refused
+    // at once by the dump check, before there is anything to kill.
     let slow = common::write_script(
         w.path(),
         "pg_dump_slow.sh",
-        "#!/bin/sh\nprintf PGDMP\nhead -c 3000000 /dev/urandom\nexec sleep 60\n",
+        "#!/bin/sh\npg_dump \"$@\" | head -c 1000000\nexec sleep 60\n",
     );
     w.write_config(
         "",
@@ -738,4 +740,164 @@ fn a_pg_dump_that_succeeds_without_a_dump_makes_no_backup_and_keeps_the_real_one
             .and(predicate::str::contains("connection refused")),
     );
     assert_eq!(dir_names(&dest.join("pg")), before);
+}
+
+/// The adversary's `pg-dump`: a wrapper that passes on only the first 200 kB of
+/// pg_dump's output and exits 0. The output starts with `PGDMP` and holds the whole
+/// table of contents, but the dump is cut short: the backup fails and publishes
+/// nothing, so the complete backup before it survives rotation with `last = 1`. And an
+/// archive an older dbkeeper published from such output is a verification failure
+/// (exit 3, manifest marked failed, never counted as good) — with `--restore-test`
+/// too, where pg_restore would otherwise fail on it as if the server were at fault.
+#[test]
+fn a_dump_cut_short_is_never_published_and_an_archived_one_fails_verification() {
+    use dbkeeper::repo::archive::{self, Header, Key, KeyRing, Settings};
+    use dbkeeper::repo::catalog::{Manifest, VerifyResult};
+    use dbkeeper::repo::storage::Destination;
+    use std::sync::atomic::AtomicBool;
+
+    const CUT: usize = 200_000;
+    let src = PgDb::new("cutdump");
+    src.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT i, md5(i::text) FROM generate_series(1, 20000) i;
+         CREATE TABLE z (x int); INSERT INTO z VALUES (1);",
+    );
+    let w = Workdir::new();
+    let key = w.key("k");
+    let dest = w.path().join("backups");
+    let config = |extra: &str| {
+        format!(
+            "[[database]]\nname = \"pg\"\nurl = \"{}\"\n{}",
+            src.url,
+            backup_table(
+                &dest,
+                Some(&key),
+                &format!("keep = {{ last = 1 }}\n{extra}")
+            )
+        )
+    };
+    w.write_config("", &config(""));
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let before = dir_names(&dest.join("pg"));
+    let genuine = archives(&dest, "pg")[0].clone();
+
+    let cut = common::write_script(
+        w.path(),
+        "pg_dump_cut.sh",
+        &format!("#!/bin/sh\npg_dump \"$@\" | head -c {CUT}\nexit 0\n"),
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    w.write_config("", &config(&format!("pg-dump = \"{}\"", cut.display())));
+    w.cmd(&["run-job", "pg.backup"]).assert().code(1).stderr(
+        predicate::str::contains(format!("ends after {CUT} bytes, inside the data of entry"))
+            .and(predicate::str::contains("the dump is incomplete"))
+            .and(predicate::str::contains("nothing was published")),
+    );
+    assert_eq!(
+        dir_names(&dest.join("pg")),
+        before,
+        "a cut dump was published, or the complete backup rotated away"
+    );
+
+    // What an older dbkeeper published from the same wrapper: the genuine backup's
+    // image cut at 200 kB, archived with the same key, a second later.
+    let the_key = Key::load(&key).expect("key");
+    let keys = KeyRing::new(vec![the_key.clone()]);
+    let (image, header, _) = archive::read_archive(
+        std::fs::File::open(&genuine).expect("open"),
+        &keys,
+        Vec::new(),
+        &AtomicBool::new(false),
+    )
+    .expect("the genuine backup reads");
+    assert!(
+        image.len() > 2 * CUT,
+        "the dump must be longer than the cut"
+    );
+    let id_of = |p: &Path| {
+        p.file_name()
+            .expect("name")
+            .to_string_lossy()
+            .trim_end_matches(".dbk")
+            .to_owned()
+    };
+    let genuine_id = id_of(&genuine);
+    let created = header.created + chrono::Duration::seconds(1);
+    let id = format!("{}-manual", created.format("%Y%m%dT%H%M%SZ"));
+    let folder = Destination::new(&dest, "pg");
+    let settings = Settings {
+        header: Header {
+            created,
+            encryption: None,
+            ..header.clone()
+        },
+        key: Some(&the_key),
+        compression: header.compression,
+        level: 3,
+        threads: 1,
+        check_with: None,
+    };
+    let out = std::fs::File::create(folder.path(&format!("{id}.dbk"))).expect("create");
+    let (_, stats) = archive::write_archive(&image[..CUT], out, settings, &AtomicBool::new(false))
+        .expect("an archive of the cut dump");
+    let mut manifest: Manifest = serde_json::from_slice(
+        &std::fs::read(dest.join("pg").join(format!("{genuine_id}.manifest.json")))
+            .expect("manifest"),
+    )
+    .expect("parse");
+    manifest.id = id.clone();
+    manifest.started_at = created;
+    manifest.finished_at = created;
+    manifest.raw_bytes = stats.raw_bytes;
+    manifest.stored_bytes = stats.stored_bytes;
+    manifest.sha256 = stats.sha256;
+    manifest.save(&folder).expect("save");
+    let listed = w.stdout(&["backup", "list", "pg"]);
+    assert!(
+        listed.contains(&id) && !listed.contains("UNTRUSTED") && !listed.contains("FAILED"),
+        "{listed}"
+    );
+
+    for restore_test in [true, false] {
+        let mut args = vec!["backup", "verify", "pg", "--backup", &id];
+        if restore_test {
+            args.push("--restore-test");
+        }
+        w.cmd(&args).assert().code(3).stderr(
+            predicate::str::contains("the dump is incomplete")
+                .and(predicate::str::contains("pg_restore").not()),
+        );
+        let saved: Manifest = serde_json::from_slice(
+            &std::fs::read(dest.join("pg").join(format!("{id}.manifest.json"))).expect("manifest"),
+        )
+        .expect("parse");
+        assert_eq!(saved.verification.result, VerifyResult::Failed);
+    }
+    let target = PgDb::unused("cutdump_dst");
+    w.cmd(&[
+        "restore",
+        "pg",
+        "--backup",
+        &id,
+        "--to",
+        &target.url,
+        "--create",
+    ])
+    .assert()
+    .code(3)
+    .stderr(predicate::str::contains("the dump is incomplete"));
+    assert!(!target.exists());
+    // Failed, it is no rotation slot: the complete backup stays, and is `latest`.
+    w.cmd(&["backup", "prune", "pg"]).assert().success();
+    assert!(genuine.exists(), "rotation deleted the complete backup");
+    w.cmd(&["restore", "pg", "--to", &target.url, "--create"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(&genuine_id));
+    assert_eq!(
+        psql(&target.url, "SELECT count(*) FROM t"),
+        "20000",
+        "restored from the complete backup"
+    );
 }

@@ -278,10 +278,12 @@ fn sigterm_during_every_job_kind_stops_cleanly_within_the_grace_period() {
         "1_slow.sql",
         "CREATE TABLE t (x int); SELECT pg_sleep(60);",
     );
+    // Part of a real dump, then a stall (bytes that are not a dump would fail the
+    // backup at once).
     let slow_dump = common::write_script(
         w.path(),
         "slow_pg_dump.sh",
-        "#!/bin/sh\nprintf PGDMP\nhead -c 100000 /dev/urandom\nexec sleep 60\n",
+        "#!/bin/sh\npg_dump \"$@\" | head -c 100000\nexec sleep 60\n",
     );
     // The refresh takes a minute: the view's query sleeps.
     w.write_config(

@@ -32,6 +32,9 @@ pub enum BackupError {
     },
     #[error(transparent)]
     NotAnImage(#[from] NotAnImage),
+    /// pg_dump's output (as it was being archived) is not a complete dump.
+    #[error("{0}; nothing was published")]
+    IncompleteDump(super::archive::pgdump::DumpError),
     #[error("verification failed: {0}")]
     Verification(String),
     #[error("backup {id} is not trusted: {reason}; it is never restored, counted or used for rotation (see `dbkeeper backup list`)")]

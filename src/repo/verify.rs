@@ -1,7 +1,8 @@
 //! Checking a backup: `read` (SHA-256, full authenticated decryption, full
-//! decompression) and `restore` (additionally restore into a scratch database and
-//! check it: `PRAGMA integrity_check`, or `pg_restore` into a scratch PostgreSQL
-//! database that is dropped afterwards).
+//! decompression, and for a pg_dump image the check that the dump is complete, which
+//! every decode runs: see `archive::pgdump`) and `restore` (additionally restore into
+//! a scratch database and check it: `PRAGMA integrity_check`, or `pg_restore` into a
+//! scratch PostgreSQL database that is dropped afterwards).
 //!
 //! An archive is read through one open handle ([`Object`]) from start to end: what
 //! is authenticated is what is restored, whichever backend holds it.
@@ -456,13 +457,14 @@ async fn restore_test_postgres(
     if let Err(e) = pg.drop_database(&scratch).await {
         tracing::warn!(database = %pg.name, scratch, "cannot drop the scratch database: {e}");
     }
-    // The archive authenticated and decompressed before pg_restore saw it, so a
-    // pg_restore failure is about this server (a missing role or extension, a full
-    // disk), not the backup: a job error, and the manifest is not marked failed.
+    // The archive authenticated, decompressed and held a complete dump (the decoder's
+    // verdict comes first), so a pg_restore failure is about this server (a missing
+    // role or extension, a full disk), not the backup: a job error, and the manifest
+    // is not marked failed.
     restored.map_err(|e| match e {
         BackupError::Tool { status, stderr, .. } => BackupError::Refused(format!(
-            "pg_restore into a scratch database failed ({status}): {stderr}; the archive itself authenticated and \
-             decompressed, so check the server (missing roles or extensions, disk space); the backup was not judged"
+            "pg_restore into a scratch database failed ({status}): {stderr}; the archive itself authenticated, \
+             decompressed and held a complete dump, so check the server (missing roles or extensions, disk space); the backup was not judged"
         )),
         other => other,
     })

@@ -135,7 +135,7 @@ impl BackupJob {
             backend: db.backend().as_str().to_owned(),
             image: match db {
                 Database::Sqlite(_) => "sqlite".to_owned(),
-                Database::Postgres(_) => "pg_dump-custom".to_owned(),
+                Database::Postgres(_) => crate::repo::archive::pgdump::IMAGE.to_owned(),
             },
             created: started,
             compression: self.cfg.compression,

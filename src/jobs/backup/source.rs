@@ -3,7 +3,9 @@
 //! SQLite: `VACUUM INTO` a scratch file in the state directory (never the
 //! destination), then stream it. PostgreSQL: `pg_dump --format=custom --compress=0`
 //! streamed from its stdout, so no plaintext dump ever touches a disk; its stderr is
-//! kept for the error message, and anything but exit status 0 fails the backup.
+//! kept for the error message, and anything but exit status 0 fails the backup. Its
+//! output must also be a complete custom-format dump, checked as it streams past
+//! (`repo::archive::pgdump`): a dump cut short fails the backup even after exit 0.
 
 //!
 //! This is the backup *job's* input, so it stays with the job in `jobs/backup/`:
@@ -19,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::BackupJob;
 use crate::db::{Database, Postgres, Sqlite};
+use crate::repo::archive::pgdump::{DumpCheck, DumpError};
 use crate::repo::archive::{self, compress, Header, Settings, WriteStats};
 use crate::repo::storage::{Scratch, Upload};
 use crate::repo::{blocking, tail, BackupError, NotAnImage};
@@ -65,6 +68,12 @@ pub async fn dump(
             match io.into_inner().map(|inner| inner.downcast::<NotAnImage>()) {
                 Some(Ok(not)) => BackupError::NotAnImage(*not),
                 _ => BackupError::Internal("lost the reason an image was refused".into()),
+            }
+        }
+        BackupError::Archive(archive::ArchiveError::Io(io)) if dump_error(&io).is_some() => {
+            match io.into_inner().map(|inner| inner.downcast::<DumpError>()) {
+                Some(Ok(bad)) => BackupError::IncompleteDump(*bad),
+                _ => BackupError::Internal("lost the reason a dump was refused".into()),
             }
         }
         other => other,
@@ -147,12 +156,12 @@ async fn dump_postgres(
         return Err(BackupError::Internal("pg_dump pipes missing".into()));
     };
     let stderr_task = tokio::spawn(tail(stderr));
-    let source = Box::new(Magic::new(
+    let source = Box::new(Complete::new(Magic::new(
         SyncIoBridge::new(stdout),
         PG_DUMP_MAGIC,
         "pg_dump's output",
         "a custom-format dump",
-    ));
+    )));
     // On cancel, stop pg_dump too: the encoder thread may be blocked reading its pipe.
     let encoding = run_encoder(encode, source, tmp, cancel);
     tokio::pin!(encoding);
@@ -169,7 +178,7 @@ async fn dump_postgres(
         // and then its status and message say why; one still writing (a wrapper
         // printing something else) is stopped after a grace period. Killing it at
         // once would report our signal instead of its own failure.
-        Err(e) if not_an_image(e) => {
+        Err(e) if not_an_image(e) || incomplete_dump(e).is_some() => {
             if tokio::time::timeout(NOT_A_DUMP_GRACE, child.wait())
                 .await
                 .is_err()
@@ -187,8 +196,11 @@ async fn dump_postgres(
     let status = child.wait().await;
     let stderr = stderr_task.await.unwrap_or_default();
     let failed = matches!(&status, Ok(s) if !s.success());
-    if failed && !stopped_by_us && matches!(&written, Err(e) if not_an_image(e)) {
-        // pg_dump failed before writing anything: its own message says why.
+    let cut_short =
+        matches!(&written, Err(e) if incomplete_dump(e).is_some_and(DumpError::is_truncated));
+    if failed && !stopped_by_us && (cut_short || matches!(&written, Err(e) if not_an_image(e))) {
+        // pg_dump failed before writing anything, or stopped part-way (its output
+        // ends early): its own message says why.
         if let Ok(status) = status {
             return Err(BackupError::Tool {
                 program: "pg_dump",
@@ -223,6 +235,56 @@ fn not_an_image(e: &BackupError) -> bool {
 
 fn is_not_an_image(io: &std::io::Error) -> bool {
     io.get_ref().is_some_and(|inner| inner.is::<NotAnImage>())
+}
+
+/// Why [`Complete`] refused the dump, if it did.
+fn incomplete_dump(e: &BackupError) -> Option<&DumpError> {
+    match e {
+        BackupError::Archive(archive::ArchiveError::Io(io)) => dump_error(io),
+        _ => None,
+    }
+}
+
+fn dump_error(io: &std::io::Error) -> Option<&DumpError> {
+    io.get_ref()
+        .and_then(|inner| inner.downcast_ref::<DumpError>())
+}
+
+/// Passes pg_dump's output through unchanged, checking its framing as it goes by
+/// ([`DumpCheck`]): at the end of the stream it must be a complete dump, whatever
+/// pg_dump's exit status. A wrapper that passes on part of the dump and exits 0 (a
+/// `head -c`, a dropped `ssh` connection) would otherwise make a backup that
+/// verifies, takes a rotation slot and cannot be restored.
+struct Complete<R> {
+    inner: R,
+    check: DumpCheck,
+    finished: bool,
+}
+
+impl<R> Complete<R> {
+    fn new(inner: R) -> Self {
+        Complete {
+            inner,
+            check: DumpCheck::new(),
+            finished: false,
+        }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Complete<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let checked = if n > 0 {
+            self.check.feed(&buf[..n]).map(drop)
+        } else if !self.finished {
+            self.finished = true;
+            self.check.finish().map(drop)
+        } else {
+            Ok(())
+        };
+        checked.map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        Ok(n)
+    }
 }
 
 /// Passes an image through unchanged, checking its first bytes as they go by: it must

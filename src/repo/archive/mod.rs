@@ -3,11 +3,13 @@
 //! [`write_archive`] turns a database image (SQLite file, `pg_dump` custom archive)
 //! into an archive; [`read_archive`] authenticates, decrypts and decompresses it.
 //! Both run on a blocking thread with memory bounded by a few segments. The format
-//! is specified in `docs/FORMAT.md`.
+//! is specified in `docs/FORMAT.md`. A `pg_dump-custom` image is also checked to be
+//! a complete dump whenever it is read ([`pgdump`]).
 
 pub mod compress;
 pub mod crypto;
 pub mod format;
+pub mod pgdump;
 
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +42,9 @@ pub enum ArchiveError {
     Truncated { segments: u64 },
     #[error("the archive's contents do not decompress ({0}): the archive is damaged")]
     Decompress(String),
+    /// The archive is intact, but the pg_dump output it holds is not a complete dump.
+    #[error("{0}")]
+    Dump(#[from] pgdump::DumpError),
     #[error("{0}")]
     Key(#[from] KeyError),
     #[error("stopped: the job was cancelled")]
@@ -52,10 +57,12 @@ impl ArchiveError {
     /// True when the archive itself is bad (tampered, truncated, wrong key), which the
     /// command line reports with exit code 3.
     pub fn is_verification(&self) -> bool {
-        !matches!(
-            self,
-            ArchiveError::Key(_) | ArchiveError::Cancelled | ArchiveError::Io(_)
-        )
+        match self {
+            // A dump in a version this dbkeeper cannot read is not known to be bad.
+            ArchiveError::Dump(e) => !e.is_unsupported(),
+            ArchiveError::Key(_) | ArchiveError::Cancelled | ArchiveError::Io(_) => false,
+            _ => true,
+        }
     }
 
     pub(crate) fn into_io(self) -> io::Error {
@@ -341,6 +348,10 @@ pub fn read_archive_gated<R: Read, W: Write>(
     let mut admit = Some(admit);
     let reader = ArchiveReader::open(input, keys)?;
     let header = reader.header().clone();
+    // An archive proves only that these are the bytes pg_dump wrote: whether they
+    // are a whole dump is checked as they pass (a dump cut short still starts with
+    // PGDMP, and pg_restore would only find out part-way through a restore).
+    let mut dump = (header.image == pgdump::IMAGE).then(pgdump::DumpCheck::new);
     let mut plain = compress::decoder(
         header.compression,
         BufReader::with_capacity(COPY_BUF, reader),
@@ -361,11 +372,17 @@ pub fn read_archive_gated<R: Read, W: Write>(
         if let Some(admit) = admit.take() {
             admit(&header)?;
         }
+        if let Some(dump) = &mut dump {
+            dump.feed(&buf[..n])?;
+        }
         sink.write_all(&buf[..n]).map_err(ArchiveError::Io)?;
         raw += n as u64;
     }
     if let Some(admit) = admit.take() {
         admit(&header)?;
+    }
+    if let Some(dump) = &dump {
+        dump.finish()?;
     }
     Ok((sink, header, raw))
 }
