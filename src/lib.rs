@@ -56,6 +56,8 @@ pub mod scheduler;
 pub mod state;
 pub mod status;
 pub mod systemd;
+#[cfg(test)]
+mod testing;
 
 pub use config::Config;
 pub use daemon::run;

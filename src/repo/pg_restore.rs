@@ -377,21 +377,7 @@ mod tests {
     use crate::repo::archive::{write_archive, Compression, Header, Key, Settings};
     use crate::repo::storage::LocalObject;
 
-    const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
-
-    fn psql(db: &str, sql: &str) -> String {
-        let out = Command::new("psql")
-            .arg(format!("{SERVER}/{db}"))
-            .args(["-v", "ON_ERROR_STOP=1", "-qAtc", sql])
-            .output()
-            .expect("psql runs");
-        assert!(
-            out.status.success(),
-            "{sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
+    use crate::testing::{psql, SERVER};
 
     fn schema(db: &str) -> String {
         let out = Command::new("pg_dump")

@@ -10,20 +10,7 @@ use std::sync::OnceLock;
 
 use super::*;
 
-const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
-
-fn psql(db: &str, sql: &str) {
-    let out = Command::new("psql")
-        .arg(format!("{SERVER}/{db}"))
-        .args(["-v", "ON_ERROR_STOP=1", "-qAtc", sql])
-        .output()
-        .expect("psql runs");
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use crate::testing::{psql, SERVER};
 
 struct Dumps {
     /// As dbkeeper runs it: `--format=custom --compress=0` to a pipe.
