@@ -455,7 +455,7 @@ impl Postgres {
         let mut url = self.access.url.clone();
         let db = database.map_or_else(|| self.database_name(), str::to_owned);
         url.set_path(&format!("/{}", encode_path_segment(&db)));
-        let mut cmd = Command::new(program);
+        let mut cmd = Command::new(direct_program(program));
         cmd.arg("--no-password").arg(format!("--dbname={url}"));
         cmd.env("PGAPPNAME", "dbkeeper");
         if let Some(pw) = &self.access.password {
@@ -918,9 +918,80 @@ async fn rename(
         .map(|_| ())
 }
 
+/// Where Debian's postgresql-common keeps each major version's programs.
+const PG_LIB: &str = "/usr/lib/postgresql";
+
+/// The program to run for `program` (a PostgreSQL client tool, as configured).
+///
+/// On Debian and Ubuntu, `pg_dump` and `pg_restore` on `$PATH` are links to
+/// postgresql-common's `pg_wrapper`, a Perl script that takes about 0.1 s to start
+/// before it runs the real program: a restore runs pg_restore twice, so that is a
+/// fixed cost on every backup and restore. When `program` is a bare name that
+/// resolves to the wrapper, and nothing would make the wrapper choose a particular
+/// cluster (`PGCLUSTER` unset), the real program of the newest installed version is
+/// run directly, as the wrapper itself would (a newer pg_dump/pg_restore reads and
+/// writes every older server's dumps). Any other value, a full path included, is run
+/// as it is.
+pub fn direct_program(program: &Path) -> std::path::PathBuf {
+    let as_is = || program.to_owned();
+    let Some(name) = program.to_str().filter(|n| !n.contains('/')) else {
+        return as_is();
+    };
+    if std::env::var_os("PGCLUSTER").is_some() {
+        return as_is();
+    }
+    let Some(on_path) = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    }) else {
+        return as_is();
+    };
+    let is_wrapper = std::fs::canonicalize(&on_path)
+        .is_ok_and(|real| real.file_name().is_some_and(|f| f == "pg_wrapper"));
+    if !is_wrapper {
+        return as_is();
+    }
+    newest_installed(Path::new(PG_LIB), name).unwrap_or_else(as_is)
+}
+
+/// `<lib>/<major>/bin/<name>` of the highest major version that has it.
+fn newest_installed(lib: &Path, name: &str) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(lib)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let major: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin").join(name);
+            bin.is_file().then_some((major, bin))
+        })
+        .max_by_key(|(major, _)| *major)
+        .map(|(_, bin)| bin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_installed_version_is_chosen_and_paths_are_run_as_they_are() {
+        let lib = tempfile::tempdir().unwrap();
+        for (major, has) in [("9", true), ("15", true), ("16", false), ("README", true)] {
+            let bin = lib.path().join(major).join("bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            if has {
+                std::fs::write(bin.join("pg_restore"), b"").unwrap();
+            }
+        }
+        assert_eq!(
+            newest_installed(lib.path(), "pg_restore"),
+            Some(lib.path().join("15/bin/pg_restore"))
+        );
+        assert_eq!(newest_installed(lib.path(), "pg_dump"), None);
+        for configured in ["/opt/pg/bin/pg_dump", "./pg_dump", "no-such-tool-on-path"] {
+            assert_eq!(direct_program(Path::new(configured)), Path::new(configured));
+        }
+    }
 
     fn split_password(raw: &str) -> Option<(url::Url, Option<String>)> {
         split_secrets(raw).map(|s| (s.url, s.password))

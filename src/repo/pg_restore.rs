@@ -6,10 +6,11 @@
 //! first byte left (see [`archive::read_archive_gated`]), so decoding overlaps with
 //! `COPY` instead of preceding it. The indexes, constraints and grants
 //! (`--section=post-data`) then get `pg_restore -j <cores>`, which needs a seekable
-//! file but reads nothing of it beyond the table of contents: the stream's first
-//! [`TOC_COPY_MAX`] bytes are kept in a private file for it (the whole stream when it
-//! is smaller, as a small database's is). A table of contents longer than that (more
-//! than a few hundred thousand objects) is read by a second streamed pass instead.
+//! file but reads nothing of it beyond the table of contents: the stream's start, up
+//! to where the table of contents ends (found by a [`DumpCheck`] as it passes), is
+//! kept in a private file for it. A table of contents longer than [`TOC_COPY_MAX`]
+//! (more than a few hundred thousand objects) is read by a second streamed pass
+//! instead.
 //!
 //! An unencrypted archive proves nothing until its SHA-256 is compared with the
 //! manifest at the end, so it is decoded to a private file and checked first, and only
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::verify::{self, Durability, Expect, ReadReport, TrustGate};
 use super::{blocking, tail, BackupError};
 use crate::db::Postgres;
+use crate::repo::archive::pgdump::DumpCheck;
 use crate::repo::archive::{self, KeyRing};
 use crate::repo::storage::{Object, Reader};
 
@@ -98,7 +100,7 @@ async fn restore_archive_with(
     let sections = ["--section=pre-data", "--section=data"];
     let (report, copy) = stream(target, file, keys, &expect, &sections, copy, cancel).await?;
     verify::check_expected(&report, expect)?;
-    let whole_toc = copy.is_some_and(|c| c.complete) || toc_readable(target.program, &toc).await;
+    let whole_toc = copy.is_some_and(|c| c.whole_toc());
     if whole_toc {
         pg_restore_file(target, &toc, &["--section=post-data"], cancel).await?;
     } else {
@@ -274,19 +276,6 @@ async fn wait(mut run: Running, cancel: &CancellationToken) -> Result<(), Backup
     Ok(())
 }
 
-/// Whether `pg_restore -l` reads the whole table of contents from `toc`.
-async fn toc_readable(program: &Path, toc: &Path) -> bool {
-    tokio::process::Command::new(program)
-        .arg("--list")
-        .arg(toc)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .is_ok_and(|s| s.success())
-}
-
 /// Hands 1 MiB chunks to the task that writes pg_restore's stdin.
 struct Pipe(mpsc::Sender<Vec<u8>>);
 
@@ -303,11 +292,23 @@ impl Write for Pipe {
     }
 }
 
-/// The first `max` bytes of the stream, in a private file.
+/// The start of the stream, in a private file, up to the end of the table of
+/// contents (found by a [`DumpCheck`] of its own) or `max` bytes, whichever is first.
 struct TocCopy {
     file: std::io::BufWriter<File>,
     left: u64,
-    complete: bool,
+    check: DumpCheck,
+    state: CopyState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyState {
+    Copying,
+    /// The whole table of contents is in the copy.
+    Whole,
+    /// `max` bytes were not enough (or the start did not parse: the decoding pass
+    /// reports why); the post-data pass reads the archive again.
+    Cut,
 }
 
 impl TocCopy {
@@ -320,12 +321,13 @@ impl TocCopy {
         Ok(Some(TocCopy {
             file: std::io::BufWriter::with_capacity(1 << 20, file),
             left: max,
-            complete: true,
+            check: DumpCheck::new(),
+            state: CopyState::Copying,
         }))
     }
 
     fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        if !self.complete {
+        if self.state != CopyState::Copying {
             return Ok(());
         }
         let take = buf
@@ -333,10 +335,20 @@ impl TocCopy {
             .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         self.file.write_all(&buf[..take])?;
         self.left -= take as u64;
-        if take < buf.len() {
-            self.complete = false;
-        }
+        self.state = if self.check.feed(&buf[..take]).is_err() {
+            CopyState::Cut
+        } else if self.check.past_toc() {
+            CopyState::Whole
+        } else if take < buf.len() {
+            CopyState::Cut
+        } else {
+            CopyState::Copying
+        };
         Ok(())
+    }
+
+    fn whole_toc(&self) -> bool {
+        self.state == CopyState::Whole
     }
 }
 

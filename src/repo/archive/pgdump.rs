@@ -291,6 +291,19 @@ impl DumpCheck {
         })
     }
 
+    /// Whether the whole table of contents has gone past (data blocks, if any, follow):
+    /// what a copy of the stream's start needs to hold for `pg_restore --list`.
+    pub fn past_toc(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::BlockType
+                | Phase::BlockId { .. }
+                | Phase::ChunkLen { .. }
+                | Phase::Chunk { .. }
+                | Phase::BlobOid
+        )
+    }
+
     /// At a point where the stream may end: between data blocks (or right after the
     /// table of contents).
     pub fn between_blocks(&self) -> bool {
