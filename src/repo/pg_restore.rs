@@ -25,8 +25,6 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
 
-use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::verify::{self, Durability, Expect, ReadReport, TrustGate};
@@ -40,8 +38,7 @@ use crate::repo::storage::{Object, Reader};
 /// takes a few hundred bytes per object, so 64 MiB holds that of any ordinary schema.
 const TOC_COPY_MAX: u64 = 64 << 20;
 
-/// Chunks in flight between the decoding thread and pg_restore's stdin.
-const PIPE_CHUNKS: usize = 4;
+/// What the decoding thread gathers before each write to pg_restore's stdin.
 const PIPE_CHUNK: usize = 1 << 20;
 
 /// What to restore with, besides the archive.
@@ -129,35 +126,27 @@ async fn stream(
     copy: Option<TocCopy>,
     cancel: &CancellationToken,
 ) -> Result<(ReadReport, Option<TocCopy>), BackupError> {
-    let (tool, mut run) = spawn(target, sections, Stdio::piped())?;
-    let Some(mut stdin) = run.child.stdin.take() else {
-        return Err(BackupError::Internal("pg_restore pipes missing".into()));
-    };
-
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PIPE_CHUNKS);
-    // Once pg_restore stops reading (done, or failed), the rest is drained unread:
-    // the decoder still has to finish authenticating and hashing the archive.
-    let feed = async move {
-        let mut broken = None;
-        while let Some(chunk) = rx.recv().await {
-            if broken.is_none() {
-                if let Err(e) = stdin.write_all(&chunk).await {
-                    broken = Some(e);
-                }
-            }
-        }
-        drop(stdin);
-        broken
-    };
+    // A pipe of our own, written with blocking writes straight from the decoding
+    // thread: no hop through the runtime, no copy of each chunk.
+    let (reader, writer) = std::io::pipe().map_err(|source| BackupError::Spawn {
+        program: target.program.display().to_string(),
+        source,
+    })?;
+    let (tool, run) = spawn(target, sections, Stdio::from(reader))?;
     let gate = TrustGate::of(expect.as_ref());
     let keys = keys.clone();
     let decode = blocking(cancel, move |stop| {
         let sink = Tee {
-            pipe: std::io::BufWriter::with_capacity(PIPE_CHUNK, Pipe(tx)),
+            pipe: Some(std::io::BufWriter::with_capacity(PIPE_CHUNK, writer)),
+            broken: None,
             copy,
         };
         let (sink, report) = verify::read_hashed_gated(file, &keys, sink, stop, Some(&gate))?;
-        let Tee { pipe, mut copy } = sink;
+        let Tee {
+            pipe,
+            mut broken,
+            mut copy,
+        } = sink;
         if let Some(c) = &mut copy {
             c.file.flush().map_err(|source| BackupError::Io {
                 what: "cannot write",
@@ -165,21 +154,23 @@ async fn stream(
                 source,
             })?;
         }
-        pipe.into_inner()
-            .map_err(|e| BackupError::Internal(format!("cannot feed pg_restore: {}", e.error())))?;
-        Ok((report, copy))
+        // Closing our end is pg_restore's end of input.
+        if let Some(Err(e)) = pipe.map(|p| p.into_inner().map_err(|e| e.into_error())) {
+            broken = Some(e);
+        }
+        Ok((report, copy, broken))
     });
-    let (decoded, broken, exited) = tokio::join!(decode, feed, wait(run, cancel));
+    let (decoded, exited) = tokio::join!(decode, wait(run, cancel));
     drop(tool);
     // The archive's own verdict first: pg_restore fails too when its input is cut off.
-    let decoded = decoded?;
+    let (report, copy, broken) = decoded?;
     exited?;
     if let Some(e) = broken {
         // pg_restore succeeded without reading to the end: only trailing bytes it had
         // no use for were left, which pg_restore itself judged.
         tracing::debug!("pg_restore closed its input before the end: {e}");
     }
-    Ok(decoded)
+    Ok((report, copy))
 }
 
 /// Runs `pg_restore -j <cores>` of a seekable file (which parallel restore needs)
@@ -276,27 +267,12 @@ async fn wait(mut run: Running, cancel: &CancellationToken) -> Result<(), Backup
     Ok(())
 }
 
-/// Hands 1 MiB chunks to the task that writes pg_restore's stdin.
-struct Pipe(mpsc::Sender<Vec<u8>>);
-
-impl Write for Pipe {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .blocking_send(buf.to_vec())
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The start of the stream, in a private file, up to the end of the table of
 /// contents (found by a [`DumpCheck`] of its own) or `max` bytes, whichever is first.
 struct TocCopy {
     file: std::io::BufWriter<File>,
     left: u64,
+    copied: u64,
     check: DumpCheck,
     state: CopyState,
 }
@@ -321,6 +297,7 @@ impl TocCopy {
         Ok(Some(TocCopy {
             file: std::io::BufWriter::with_capacity(1 << 20, file),
             left: max,
+            copied: 0,
             check: DumpCheck::new(),
             state: CopyState::Copying,
         }))
@@ -330,20 +307,24 @@ impl TocCopy {
         if self.state != CopyState::Copying {
             return Ok(());
         }
-        let take = buf
+        let mut take = buf
             .len()
             .min(usize::try_from(self.left).unwrap_or(usize::MAX));
-        self.file.write_all(&buf[..take])?;
-        self.left -= take as u64;
+        let before = self.copied;
         self.state = if self.check.feed(&buf[..take]).is_err() {
             CopyState::Cut
-        } else if self.check.past_toc() {
+        } else if let Some(end) = self.check.toc_end() {
+            // Not a byte of table data beyond it.
+            take = usize::try_from(end - before).unwrap_or(take).min(take);
             CopyState::Whole
         } else if take < buf.len() {
             CopyState::Cut
         } else {
             CopyState::Copying
         };
+        self.file.write_all(&buf[..take])?;
+        self.left -= take as u64;
+        self.copied += take as u64;
         Ok(())
     }
 
@@ -354,7 +335,10 @@ impl TocCopy {
 
 /// pg_restore's pipe, plus the table-of-contents copy.
 struct Tee {
-    pipe: std::io::BufWriter<Pipe>,
+    /// Gone once pg_restore has stopped reading (done, or failed): the rest is
+    /// decoded unread, because the archive still has to authenticate and hash whole.
+    pipe: Option<std::io::BufWriter<std::io::PipeWriter>>,
+    broken: Option<std::io::Error>,
     copy: Option<TocCopy>,
 }
 
@@ -363,7 +347,12 @@ impl Write for Tee {
         if let Some(copy) = &mut self.copy {
             copy.write(buf)?;
         }
-        self.pipe.write_all(buf)?;
+        if let Some(pipe) = &mut self.pipe {
+            if let Err(e) = pipe.write_all(buf) {
+                self.broken = Some(e);
+                self.pipe = None;
+            }
+        }
         Ok(buf.len())
     }
 
@@ -371,7 +360,7 @@ impl Write for Tee {
         if let Some(copy) = &mut self.copy {
             copy.file.flush()?;
         }
-        self.pipe.flush()
+        Ok(())
     }
 }
 

@@ -208,6 +208,8 @@ pub struct DumpCheck {
     blob: i64,
     /// The first error: the stream is judged once.
     failed: Option<DumpError>,
+    /// Where the table of contents ended, once it has.
+    toc_end: Option<u64>,
 }
 
 impl Default for DumpCheck {
@@ -237,6 +239,7 @@ impl DumpCheck {
             current: 0,
             blob: 0,
             failed: None,
+            toc_end: None,
         }
     }
 
@@ -291,17 +294,11 @@ impl DumpCheck {
         })
     }
 
-    /// Whether the whole table of contents has gone past (data blocks, if any, follow):
-    /// what a copy of the stream's start needs to hold for `pg_restore --list`.
-    pub fn past_toc(&self) -> bool {
-        matches!(
-            self.phase,
-            Phase::BlockType
-                | Phase::BlockId { .. }
-                | Phase::ChunkLen { .. }
-                | Phase::Chunk { .. }
-                | Phase::BlobOid
-        )
+    /// How many bytes the header and table of contents take, once they have gone past
+    /// (data blocks, if any, follow): what a copy of the stream's start needs to hold
+    /// for `pg_restore --list`.
+    pub fn toc_end(&self) -> Option<u64> {
+        self.toc_end
     }
 
     /// At a point where the stream may end: between data blocks (or right after the
@@ -648,6 +645,7 @@ impl DumpCheck {
         if self.toc_read < self.toc_total {
             self.expect(Phase::Entry(Field::DumpId), Need::Int);
         } else {
+            self.toc_end = Some(self.at);
             self.expect(Phase::BlockType, Need::Raw(1));
         }
     }
