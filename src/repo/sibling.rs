@@ -3,7 +3,7 @@
 //! parked while the restored file takes its place.
 //!
 //! Names: `.<name>.dbkeeper-restore.<tag>.tmp` for the new file and
-//! `.<name><side>.dbkeeper-restore.<tag>.<inode>.parked` for an old side file, with
+//! `.<name><side>.dbkeeper-restore.<tag>.<state>.parked` for an old side file, with
 //! one random tag per writer (never a PID: PIDs repeat, and are 1 in every
 //! container). The writer holds an advisory lock (`flock`) on its `.tmp` for as long
 //! as it lives, so a leftover is told from a file in use by the lock alone.
@@ -11,10 +11,16 @@
 //! A writer killed mid-way (kill -9, power loss) leaves plaintext and perhaps parked
 //! side files behind. The next writer into the same folder ([`recover`]) removes
 //! every stale `.tmp` there, and settles the parked side files of its own target by
-//! the inode recorded in their name: the target still being that inode means the
-//! rename (the commit point) never happened, so they are the target's own and go
-//! back (committed transactions in a WAL are never lost); another inode means the
-//! restored file replaced the target, so they belonged to the old database and go.
+//! the state of the target recorded in their name (inode, size, modification time):
+//! - the same inode, unchanged: the rename (the commit point) never happened and
+//!   nothing wrote the database since, so they are its own and go back (committed
+//!   transactions in a WAL are never lost);
+//! - another inode: the restored file replaced the target, so they belonged to the
+//!   old database and are removed;
+//! - the same inode but changed since (an application opened the database without
+//!   its WAL and wrote to it): putting the old WAL back would replay stale pages over
+//!   newer ones, and removing it would lose what it holds, so nothing is touched and
+//!   the restore is refused, naming the file for the operator to decide.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -102,14 +108,14 @@ impl SiblingTemp {
     }
 
     /// Moves `target`'s side files aside, named after this writer and the target's
-    /// inode, until [`Parked::discard`]; dropped before that, they are put back.
+    /// state, until [`Parked::discard`]; dropped before that, they are put back.
     pub fn park_side_files(&self, target: &Path) -> Result<Parked, BackupError> {
-        let ino = inode(target).map_err(|e| io_error("cannot look at", target, e))?;
+        let state = state_of(target).map_err(|e| io_error("cannot look at", target, e))?;
         let mut parked = Parked { moved: Vec::new() };
         for side in SIDE_FILES {
             let from = with_suffix(target, side);
             let to = folder_of(target).join(format!(
-                ".{}{side}{MARK}{}.{ino}{PARKED}",
+                ".{}{side}{MARK}{}.{state}{PARKED}",
                 name_of(target),
                 self.tag
             ));
@@ -173,25 +179,35 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// The inode at `path` without following a link; 0 when nothing is there.
-fn inode(path: &Path) -> io::Result<u64> {
+/// What is at `path`, without following a link: `<inode>-<size>-<mtime in ns>`
+/// (`0-0-0` when nothing is there).
+fn state_of(path: &Path) -> io::Result<String> {
     match fs::symlink_metadata(path) {
-        Ok(m) => Ok(m.ino()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Ok(m) => Ok(format!(
+            "{}-{}-{}",
+            m.ino(),
+            m.size(),
+            i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok("0-0-0".to_owned()),
         Err(e) => Err(e),
     }
+}
+
+fn inode_of(state: &str) -> &str {
+    state.split('-').next().unwrap_or_default()
 }
 
 /// A file name of ours, split up.
 enum Leftover<'a> {
     /// `.<name>.dbkeeper-restore.<tag>.tmp`
     Temp,
-    /// `.<target><side>.dbkeeper-restore.<tag>.<inode>.parked`
+    /// `.<target><side>.dbkeeper-restore.<tag>.<state>.parked`
     Parked {
         target: &'a str,
         side: &'static str,
         tag: &'a str,
-        inode: u64,
+        state: &'a str,
     },
 }
 
@@ -201,15 +217,18 @@ fn parse(file_name: &str) -> Option<Leftover<'_>> {
     if let Some(tag) = after.strip_suffix(TMP) {
         return is_tag(tag).then_some(Leftover::Temp);
     }
-    let (tag, inode) = after.strip_suffix(PARKED)?.split_once('.')?;
-    let inode = inode.parse().ok()?;
+    let (tag, state) = after.strip_suffix(PARKED)?.split_once('.')?;
+    let parts: Vec<&str> = state.split('-').collect();
+    if parts.len() != 3 || parts.iter().any(|p| p.parse::<i128>().is_err()) {
+        return None;
+    }
     let side = SIDE_FILES.into_iter().find(|s| before.ends_with(s))?;
     let target = before.strip_suffix(side)?;
     (is_tag(tag) && !target.is_empty()).then_some(Leftover::Parked {
         target,
         side,
         tag,
-        inode,
+        state,
     })
 }
 
@@ -275,14 +294,25 @@ pub fn recover(target: &Path) -> Result<Vec<String>, BackupError> {
                 target: of,
                 side,
                 tag,
-                inode: was,
+                state: was,
             }) if of == name => {
                 let live = dir.join(format!(".{name}{MARK}{tag}{TMP}"));
                 if held(&live).unwrap_or(true) {
                     continue;
                 }
-                let now = inode(target).map_err(|e| io_error("cannot look at", target, e))?;
+                let now = state_of(target).map_err(|e| io_error("cannot look at", target, e))?;
                 let side_path = with_suffix(target, side);
+                if now != was && inode_of(&now) == inode_of(was) {
+                    return Err(BackupError::Refused(format!(
+                        "{} was moved aside by an interrupted restore, and {} has been written \
+                         since: putting it back would replay old pages over newer ones, removing it \
+                         would lose the transactions it holds; with the application stopped, \
+                         decide (keep a copy of both), remove {} and try again",
+                        path.display(),
+                        target.display(),
+                        path.display()
+                    )));
+                }
                 if now == was {
                     match put_back(&path, &side_path) {
                         Ok(()) => done.push(format!(
@@ -325,16 +355,16 @@ mod tests {
             parse(".app.db.dbkeeper-restore.0123456789abcdef.tmp"),
             Some(Leftover::Temp)
         ));
-        match parse(".app.db-wal.dbkeeper-restore.0123456789abcdef.42.parked") {
+        match parse(".app.db-wal.dbkeeper-restore.0123456789abcdef.42-7-99.parked") {
             Some(Leftover::Parked {
                 target,
                 side,
                 tag,
-                inode,
+                state,
             }) => {
                 assert_eq!(
-                    (target, side, tag, inode),
-                    ("app.db", "-wal", "0123456789abcdef", 42)
+                    (target, side, tag, state),
+                    ("app.db", "-wal", "0123456789abcdef", "42-7-99")
                 );
             }
             _ => panic!("a parked name must parse"),
@@ -343,9 +373,10 @@ mod tests {
             "app.db",
             ".app.db.dbkeeper-restore.123.tmp",
             ".app.db.dbkeeper-restore.0123456789abcdef.tmpx",
-            ".app.db-x.dbkeeper-restore.0123456789abcdef.1.parked",
-            ".-wal.dbkeeper-restore.0123456789abcdef.1.parked",
-            ".app.db-wal.dbkeeper-restore.0123456789abcdef.x.parked",
+            ".app.db-x.dbkeeper-restore.0123456789abcdef.1-1-1.parked",
+            ".-wal.dbkeeper-restore.0123456789abcdef.1-1-1.parked",
+            ".app.db-wal.dbkeeper-restore.0123456789abcdef.x-1-1.parked",
+            ".app.db-wal.dbkeeper-restore.0123456789abcdef.1-1.parked",
         ] {
             assert!(parse(stranger).is_none(), "{stranger}");
         }
@@ -401,6 +432,31 @@ mod tests {
         assert_eq!(fs::read(&target).unwrap(), b"new");
         let left: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().collect();
         assert_eq!(left.len(), 1, "{left:?}");
+    }
+
+    #[test]
+    fn a_database_written_since_its_wal_was_parked_is_left_for_the_operator() {
+        // Adversary round 3, case 01: the application wrote (and checkpointed) the
+        // database after the crash; the old WAL must neither go back nor go away.
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("app.db");
+        fs::write(&target, b"old").unwrap();
+        fs::write(with_suffix(&target, "-wal"), b"committed").unwrap();
+        let temp = SiblingTemp::create(&target).unwrap();
+        std::mem::forget(temp.park_side_files(&target).unwrap());
+        temp.abandon();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut f = fs::OpenOptions::new().append(true).open(&target).unwrap();
+        std::io::Write::write_all(&mut f, b" and newer").unwrap();
+        drop(f);
+        assert!(matches!(recover(&target), Err(BackupError::Refused(_))));
+        assert!(!with_suffix(&target, "-wal").exists(), "nothing put back");
+        let parked = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(PARKED))
+            .count();
+        assert_eq!(parked, 1, "the parked WAL is kept");
     }
 
     #[test]

@@ -183,7 +183,9 @@ impl BackupJob {
             at: Utc::now(),
             error: verified.as_ref().err().map(ToString::to_string),
         };
-        upload
+        // Held until the manifest is written, so that no clean-up (a daemon starting,
+        // another run) takes the archive for one a crash left without a manifest.
+        let publishing = upload
             .publish()
             .map_err(io_err("cannot store the backup in", &dir))?;
         let manifest = Manifest {
@@ -207,6 +209,7 @@ impl BackupJob {
         manifest
             .save(&*dest)
             .map_err(io_err("cannot write the manifest in", &dir))?;
+        drop(publishing);
         let policy = self.trust_policy(db.name(), false);
         if let Err(e) = verified {
             publish_catalog(db.name(), &*dest, &policy, true);

@@ -795,6 +795,7 @@ impl BatchArchive<'_> {
         if let Some(Err(e)) = stats.checked {
             return Err(fail(ArchiveFailure::ReadBack(e)));
         }
+        // Nothing completes an export after it is published: the guard can go.
         tmp.publish().map_err(|e| fail(e.into()))?;
         Ok(())
     }

@@ -391,7 +391,8 @@ pub fn clean(store: &dyn Storage) -> io::Result<Vec<String>> {
         let Some(id) = name.strip_suffix(ARCHIVE_SUFFIX) else {
             continue;
         };
-        if !names.contains(&Manifest::manifest_name(id)) {
+        // A writer between publishing the archive and writing its manifest holds it.
+        if !names.contains(&Manifest::manifest_name(id)) && !store.in_use(name)? {
             store.delete(name)?;
             removed.push(name.clone());
         }
@@ -462,6 +463,22 @@ mod tests {
             ]
         );
         drop(live);
+    }
+
+    #[test]
+    fn an_archive_whose_manifest_is_being_written_is_not_an_orphan() {
+        // Adversary round 3, case 02: a daemon starting (or another run) between a
+        // backup's publish and its manifest deleted the fresh archive.
+        let (_root, dest) = in_temp_dir();
+        let id = "20261121T020000Z-manual";
+        let mut up = dest.put(&format!("{id}{ARCHIVE_SUFFIX}")).unwrap();
+        std::io::Write::write_all(&mut up, b"archive").unwrap();
+        let publishing = up.publish().unwrap();
+        assert!(clean(&dest).unwrap().is_empty(), "a live writer's archive went");
+        assert!(dest.in_use(&format!("{id}{ARCHIVE_SUFFIX}")).unwrap());
+        drop(publishing);
+        // The writer died before its manifest: now it is a leftover.
+        assert_eq!(clean(&dest).unwrap(), [format!("{id}{ARCHIVE_SUFFIX}")]);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{Object, Reader, Storage, Upload, Version};
+use super::{Object, Publishing, Reader, Storage, Upload, Version};
 
 /// Suffixes of the files a backup consists of.
 pub const ARCHIVE_SUFFIX: &str = ".dbk";
@@ -79,14 +79,15 @@ impl TempFile {
         &self.path
     }
 
-    /// Syncs the file and hands it over; afterwards the temporary file is the
-    /// caller's to rename or remove.
-    fn finish(&mut self) -> io::Result<()> {
+    /// Syncs the file and hands it over (still locked); afterwards the temporary
+    /// file is the caller's to rename or remove.
+    fn finish(&mut self) -> io::Result<File> {
         let file = self
             .file
             .take()
             .ok_or_else(|| io::Error::other("temporary file already committed"))?;
-        file.sync_all()
+        file.sync_all()?;
+        Ok(file)
     }
 }
 
@@ -122,8 +123,9 @@ impl Upload for TempFile {
         Ok(Box::new(LocalObject::from_file(file, self.target.clone())?))
     }
 
-    fn publish(mut self: Box<Self>) -> io::Result<()> {
-        let result = self.finish().and_then(|()| {
+    /// The guard is the file itself, still locked: the lock moves with the rename.
+    fn publish(mut self: Box<Self>) -> io::Result<Publishing> {
+        let result = self.finish().and_then(|file| {
             if self.target.exists() {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
@@ -131,7 +133,8 @@ impl Upload for TempFile {
                 ));
             }
             fs::rename(&self.path, &self.target)?;
-            sync_dir(&self.dir)
+            sync_dir(&self.dir)?;
+            Ok(Box::new(file) as Publishing)
         });
         if result.is_err() {
             let _ = fs::remove_file(&self.path);
@@ -330,7 +333,7 @@ impl Storage for Destination {
         tmp.write_all(bytes)?;
         let result = tmp
             .finish()
-            .and_then(|()| fs::rename(&tmp.path, &tmp.target))
+            .and_then(|_| fs::rename(&tmp.path, &tmp.target))
             .and_then(|()| sync_dir(&self.dir));
         if result.is_err() {
             let _ = fs::remove_file(&tmp.path);
@@ -366,6 +369,23 @@ impl Storage for Destination {
 
     /// Temporary files no live writer holds locked: whether a writer is alive is
     /// told by its lock, never by a PID.
+    /// Locally, the writer's lock on the file (see [`Upload::publish`]). Only a regular
+    /// file can be held: a link or FIFO under that name is never opened.
+    fn in_use(&self, name: &str) -> io::Result<bool> {
+        let file = match open_regular(&self.path(bare(name)?)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        match file.try_lock() {
+            // Released when `file` is dropped.
+            Ok(()) => Ok(false),
+            Err(fs::TryLockError::WouldBlock) => Ok(true),
+            Err(fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
     fn clean_uploads(&self) -> io::Result<Vec<String>> {
         let mut removed = Vec::new();
         for name in self.entries()? {

@@ -81,9 +81,18 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// crash left behind); returns their names, for the log. Uploads in progress, in
     /// this process or another, are left alone.
     fn clean_uploads(&self) -> io::Result<Vec<String>>;
+
+    /// Whether a live writer still holds the published object `name` (the
+    /// [`Publishing`] guard of its upload: its manifest is being written). Clean-ups
+    /// never remove such an object.
+    fn in_use(&self, name: &str) -> io::Result<bool>;
 }
 
 /// An object being written: bytes go in through [`Write`].
+/// Held by the writer of a just-published object until it is complete (see
+/// [`Upload::publish`]); dropping it says the writer is done.
+pub type Publishing = Box<dyn Send + Sync>;
+
 pub trait Upload: Write + Send {
     /// Ends the write (no byte may follow) and opens what was written, before it is
     /// published: the backup job checks the stored bytes (and restores from them) and
@@ -92,8 +101,10 @@ pub trait Upload: Write + Send {
 
     /// Makes the upload durable and visible under the name given to
     /// [`Storage::put`], atomically. Never replaces an existing object: that is an
-    /// `AlreadyExists` error, and the upload is discarded (as on any error).
-    fn publish(self: Box<Self>) -> io::Result<()>;
+    /// `AlreadyExists` error, and the upload is discarded (as on any error). Keep the
+    /// returned guard until whatever completes the object (its manifest) is written:
+    /// until then [`Storage::in_use`] says so, in every process.
+    fn publish(self: Box<Self>) -> io::Result<Publishing>;
 }
 
 /// One version of one stored object, open for reading.
