@@ -392,21 +392,44 @@ pub async fn integrity_check(path: &Path) -> Result<(), BackupError> {
             "restored SQLite file fails its integrity check: {detail}"
         ))
     };
+    // Only SQLite's own verdict on the file judges the backup: a worker thread that
+    // cannot start, memory or disk running out, say nothing about it.
+    let judge = |e: sqlx::Error| {
+        if is_damage(&e) {
+            fail(e.to_string())
+        } else {
+            BackupError::Refused(format!(
+                "cannot run the integrity check of the restored SQLite file ({e}); check the host's \
+                 limits (threads, memory, disk); the backup itself was not judged"
+            ))
+        }
+    };
     let mut conn = SqliteConnectOptions::new()
         .filename(path)
         .read_only(true)
         .connect()
         .await
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(judge)?;
     let rows: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check")
         .fetch_all(&mut conn)
         .await
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(judge)?;
     let _ = conn.close().await;
     if rows != ["ok"] {
         return Err(fail(rows.join("; ")));
     }
     Ok(())
+}
+
+/// Whether SQLite said the file itself is damaged (`SQLITE_CORRUPT`, `SQLITE_NOTADB`),
+/// as opposed to failing for want of something (memory, threads, disk, locks).
+fn is_damage(e: &sqlx::Error) -> bool {
+    const SQLITE_CORRUPT: i64 = 11;
+    const SQLITE_NOTADB: i64 = 26;
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .and_then(|code| code.parse::<i64>().ok())
+        .is_some_and(|code| matches!(code & 0xff, SQLITE_CORRUPT | SQLITE_NOTADB))
 }
 
 /// A fresh database name on the server: `<base>_dbk_<what>_<random>`, cut so that it
@@ -473,4 +496,50 @@ async fn restore_test_postgres(
 /// How many parallel jobs `pg_restore -j` gets: one per core.
 pub(super) fn restore_jobs() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_sqlites_verdict_on_the_file_fails_a_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.db");
+        let mut conn = SqliteConnectOptions::new()
+            .filename(&good)
+            .create_if_missing(true)
+            .connect()
+            .await
+            .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(
+            "CREATE TABLE t (i INTEGER PRIMARY KEY, s TEXT); CREATE INDEX ts ON t (s);
+             WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000)
+             INSERT INTO t (s) SELECT hex(randomblob(50)) FROM c;"
+                .to_owned(),
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        conn.close().await.unwrap();
+        integrity_check(&good).await.unwrap();
+
+        // Damage: the header says SQLite, the pages are garbage.
+        let mut bytes = std::fs::read(&good).unwrap();
+        let len = bytes.len();
+        for b in &mut bytes[4096..len] {
+            *b = 0x5a;
+        }
+        let damaged = dir.path().join("damaged.db");
+        std::fs::write(&damaged, &bytes).unwrap();
+        let e = integrity_check(&damaged).await.unwrap_err();
+        assert!(e.is_verification(), "{e}");
+
+        // Cannot run at all (here: the file cannot be opened): not a verdict.
+        let e = integrity_check(&dir.path().join("missing.db"))
+            .await
+            .unwrap_err();
+        assert!(!e.is_verification(), "{e}");
+        assert!(matches!(e, BackupError::Refused(_)), "{e}");
+    }
 }

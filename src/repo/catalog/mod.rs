@@ -474,7 +474,10 @@ mod tests {
         let mut up = dest.put(&format!("{id}{ARCHIVE_SUFFIX}")).unwrap();
         std::io::Write::write_all(&mut up, b"archive").unwrap();
         let publishing = up.publish().unwrap();
-        assert!(clean(&dest).unwrap().is_empty(), "a live writer's archive went");
+        assert!(
+            clean(&dest).unwrap().is_empty(),
+            "a live writer's archive went"
+        );
         assert!(dest.in_use(&format!("{id}{ARCHIVE_SUFFIX}")).unwrap());
         drop(publishing);
         // The writer died before its manifest: now it is a leftover.
