@@ -742,3 +742,71 @@ fn a_loose_scratch_folder_is_tightened_and_a_foreign_one_refused() {
             .stderr(predicates::str::contains("belongs to another user"));
     }
 }
+
+#[test]
+fn a_retired_key_vouches_only_for_backups_older_than_the_current_keys_first() {
+    // Adversary round 3, case 05: after a key rotation, whoever holds the old key
+    // (the usual reason to rotate) minted backups that became `latest` and took the
+    // genuine ones' rotation slots.
+    let w = Workdir::new();
+    let (old, new) = (w.key("old.key"), w.key("new.key"));
+    let dest = w.path().join("backups");
+    let app = marked_db(&w, "app", "GENUINE");
+    let config = |key: &Path, extra: &str, db: &Path| {
+        format!(
+            "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n{}",
+            db.display(),
+            backup_table(&dest, Some(key), &format!("keep = {{ last = 2 }}\n{extra}"))
+        )
+    };
+    // Made before the rotation, with the old key.
+    w.write_config("", &config(&old, "", &app));
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let before_rotation = ids(&dest, "app");
+    std::thread::sleep(Duration::from_millis(1100));
+    let rotated = config(
+        &new,
+        &format!("decryption-key-files = [\"{}\"]", old.display()),
+        &app,
+    );
+    w.write_config("", &rotated);
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let genuine = ids(&dest, "app");
+    assert_eq!(genuine.len(), 2);
+    std::thread::sleep(Duration::from_millis(1100));
+
+    // The attacker: the old key, and write access to the destination.
+    let evil = marked_db(&w, "evil", "FORGED");
+    w.write_config("", &config(&old, "", &evil));
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let forged: Vec<String> = ids(&dest, "app")
+        .into_iter()
+        .filter(|id| !genuine.contains(id))
+        .collect();
+    assert_eq!(forged.len(), 1);
+
+    w.write_config("", &rotated);
+    let list = w.stdout(&["backup", "list", "app"]);
+    let line = |id: &str| {
+        list.lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(line(&forged[0]).contains("UNTRUSTED"), "{list}");
+    assert!(line(&forged[0]).contains("retired key"), "{list}");
+    assert!(!line(&before_rotation[0]).contains("UNTRUSTED"), "{list}");
+    let out = w.path().join("out.db");
+    w.cmd(&["restore", "app", "--to", out.to_str().expect("utf-8")])
+        .assert()
+        .success();
+    assert_eq!(marker(&out), "GENUINE");
+    std::thread::sleep(Duration::from_millis(1100));
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let left = ids(&dest, "app");
+    assert!(left.contains(&genuine[1]), "{left:?}");
+    assert!(
+        left.contains(&forged[0]),
+        "an untrusted backup is never deleted"
+    );
+}

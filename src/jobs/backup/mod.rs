@@ -65,6 +65,7 @@ impl BackupJob {
             database: database.to_owned(),
             keys: keys.clone(),
             encrypting: key.is_some(),
+            current_key: key.map(|k| k.id().to_owned()),
             allow_unencrypted,
         }
     }

@@ -211,9 +211,45 @@ pub fn list(store: &dyn Storage, policy: &TrustPolicy) -> io::Result<Listing> {
     listing
         .backups
         .sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
+    retire_old_keys(&mut listing, policy);
     listing.untrusted.sort_by(|a, b| a.file.cmp(&b.file));
     listing.duplicates = duplicate_ids(&listing);
     Ok(listing)
+}
+
+/// Once a backup exists under the current key, a key in `decryption-key-files` vouches
+/// only for older backups: after a key rotation (after a leak, typically) nobody
+/// makes backups with the old key any more, so a newer one was made by whoever else
+/// holds it. The header time this compares is authenticated (see [`trust()`]).
+fn retire_old_keys(listing: &mut Listing, policy: &TrustPolicy) {
+    let Some(current) = &policy.current_key else {
+        return;
+    };
+    let Some(first) = listing
+        .backups
+        .iter()
+        .find(|m| m.key_id.as_ref() == Some(current))
+        .map(|m| (m.started_at, m.id.clone()))
+    else {
+        return;
+    };
+    let (kept, retired): (Vec<Manifest>, Vec<Manifest>) = std::mem::take(&mut listing.backups)
+        .into_iter()
+        .partition(|m| match &m.key_id {
+            Some(key) if key != current => m.started_at <= first.0,
+            _ => true,
+        });
+    listing.backups = kept;
+    for m in retired {
+        listing.untrusted.push(Rejected {
+            file: Manifest::manifest_name(&m.id),
+            reason: Untrusted::RetiredKey {
+                key: m.key_id.clone().unwrap_or_default(),
+                first: first.1.clone(),
+            },
+            manifest: Some(m),
+        });
+    }
 }
 
 /// Orders ids of one second: `<stamp>-<kind>` before `<stamp>-<kind>.2` before `.10`.

@@ -636,6 +636,7 @@ mod tests {
                     database: "app".to_owned(),
                     keys: crate::repo::archive::KeyRing::new(vec![key.clone()]),
                     encrypting: true,
+                    current_key: Some(key.id().to_owned()),
                     allow_unencrypted: false,
                 };
                 rotate(&dest, &policy, &keep, now, just_made.then_some(made.as_str()), false).unwrap();

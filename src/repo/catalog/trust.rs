@@ -24,6 +24,9 @@ pub struct TrustPolicy {
     pub keys: KeyRing,
     /// `encryption-key-file` is configured: backups are written encrypted.
     pub encrypting: bool,
+    /// The id of `encryption-key-file`, the key new backups are made with. Keys in
+    /// `decryption-key-files` only read backups made before the current key's first.
+    pub current_key: Option<String>,
     /// `--allow-unencrypted`: the operator accepts plain archives for this read.
     pub allow_unencrypted: bool,
 }
@@ -73,6 +76,11 @@ pub enum Untrusted {
         "its archive is a copy of backup {0} (same authenticated header), which is the one counted"
     )]
     CopyOf(String),
+    #[error(
+        "it was made with key {key}, a retired key (decryption-key-files), after {first}, the first \
+         backup made with the current key: retired keys only read older backups"
+    )]
+    RetiredKey { key: String, first: String },
 }
 
 /// Rejects a backup whose manifest, header (`header`), file name (`file_name`, the
