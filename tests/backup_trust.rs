@@ -219,11 +219,19 @@ fn manifest_ids_are_never_paths() {
         "a's rotation deleted b's only backup"
     );
     assert_eq!(ids(&dest, "b"), [b_id.as_str()]);
+    // keep = 1 would prune a's first backup, but another manifest claims its id
+    // (adversary round 3, case 09): which claim is right cannot be told, so it stays.
+    assert_eq!(ids(&dest, "a"), [a_first.as_str(), a_second.as_str()]);
+    // Once the planted claim is gone, a's own rotation prunes it as the policy says.
+    std::fs::remove_file(manifest_path(&dest, "a", "20200101T000000Z-manual")).expect("rm");
+    next_second();
+    let a_third = backup(&w, "a", &dest);
     assert_eq!(
         ids(&dest, "a"),
-        [a_second.as_str()],
+        [a_third.as_str()],
         "a's own rotation still works"
     );
+    plant_duplicate(&dest, "a", &a_third);
     for planted in ["zz.manifest.json", "20200101T000000Z-manual.manifest.json"] {
         assert!(
             dest.join("a").join(planted).exists(),

@@ -38,6 +38,9 @@ pub struct Candidate {
     pub future: bool,
     /// Made by the run that is rotating now: kept whatever the policy says.
     pub just_made: bool,
+    /// Another manifest (trusted or not) claims the same id: which claim is right
+    /// cannot be told, so it is kept and takes no slot.
+    pub claimed_twice: bool,
 }
 
 impl Candidate {
@@ -49,6 +52,7 @@ impl Candidate {
             good,
             future: super::is_future(at, now),
             just_made: false,
+            claimed_twice: false,
         }
     }
 }
@@ -89,7 +93,8 @@ pub fn plan(candidates: &[Candidate], keep: &Keep) -> Vec<Decision> {
     for c in &sorted {
         *seen.entry(c.id.as_str()).or_default() += 1;
     }
-    let duplicate = |c: &Candidate| seen.get(c.id.as_str()).is_some_and(|&n| n > 1);
+    let duplicate =
+        |c: &Candidate| c.claimed_twice || seen.get(c.id.as_str()).is_some_and(|&n| n > 1);
     // Only good, present-dated, unambiguous backups take slots.
     let good: Vec<&Candidate> = sorted
         .iter()
@@ -185,6 +190,8 @@ pub fn rotate(
         .iter()
         .map(|m| Candidate {
             just_made: just_made == Some(m.id.as_str()),
+            // Untrusted manifests' claims count too (adversary round 3, case 09).
+            claimed_twice: listing.duplicates.iter().any(|d| d.id == m.id),
             ..Candidate::new(&m.id, m.started_at, m.is_good(), now)
         })
         .collect();
@@ -232,6 +239,7 @@ mod tests {
                 good: true,
                 future: false,
                 just_made: false,
+                claimed_twice: false,
             })
             .collect()
     }
@@ -279,6 +287,7 @@ mod tests {
             good: true,
             future: false,
             just_made: false,
+            claimed_twice: false,
         });
         c.push(Candidate {
             id: "b001-late".into(),
@@ -286,6 +295,7 @@ mod tests {
             good: true,
             future: false,
             just_made: false,
+            claimed_twice: false,
         });
         let d = plan(&c, &only("daily", 2));
         assert_eq!(kept(&d), ["b000-late", "b001-late"]);
@@ -313,6 +323,7 @@ mod tests {
                 good: true,
                 future: false,
                 just_made: false,
+                claimed_twice: false,
             })
             .collect();
         // 20:00, 19:30, 19:00, 18:30 … -> newest of hours 20, 19, 18
