@@ -625,6 +625,12 @@ mod tests {
                         _ => file_id.clone(),
                     };
                     write(&dest, &file_id, &claimed, at, *sort, &key);
+                    if matches!(sort, Sort::Duplicate) {
+                        // A second claim on an id is a rule of its own (the claimed
+                        // backup is never deleted), not a planted file the twin ignores.
+                        write(&twin, &file_id, &claimed, at, *sort, &key);
+                        protected.insert(claimed.clone());
+                    }
                     match sort {
                         Sort::Good => good_ids.push((at, file_id)),
                         Sort::Failed => {}
