@@ -818,3 +818,32 @@ fn a_retired_key_vouches_only_for_backups_older_than_the_current_keys_first() {
         "an untrusted backup is never deleted"
     );
 }
+
+#[test]
+fn an_archive_cut_short_never_counts_as_good_nor_costs_an_intact_backup() {
+    // Adversary round 3, case 10: a truncated archive kept its slot (the listing only
+    // authenticates the first segment) and the older intact backup was pruned.
+    let (w, dest) = app_with_backups("keep = { last = 2 }");
+    let older = backup(&w, "app", &dest);
+    next_second();
+    let cut = backup(&w, "app", &dest);
+    let archive = dest.join("app").join(format!("{cut}.dbk"));
+    let len = std::fs::metadata(&archive).expect("archive").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&archive)
+        .expect("open");
+    file.set_len(len - 1).expect("truncate");
+    drop(file);
+    let list = w.stdout(&["backup", "list", "app"]);
+    let line = list
+        .lines()
+        .find(|l| l.starts_with(&cut))
+        .unwrap_or_default();
+    assert!(line.contains("UNTRUSTED") && line.contains("cut short"), "{list}");
+    next_second();
+    let newer = backup(&w, "app", &dest);
+    let left = ids(&dest, "app");
+    assert!(left.contains(&older), "the intact backup was pruned: {left:?}");
+    assert!(left.contains(&cut) && left.contains(&newer), "{left:?}");
+}

@@ -307,10 +307,12 @@ fn examine(
         return (Some(manifest), Err(Untrusted::BadName));
     };
     let archive = format!("{id}{ARCHIVE_SUFFIX}");
-    let verdict = authentic_header(store, &archive, &policy.keys).and_then(|(header, bytes)| {
-        trust(&manifest, &header, name, policy)?;
-        Ok(bytes)
-    });
+    let verdict = authentic_header(store, &archive, &policy.keys, manifest.stored_bytes).and_then(
+        |(header, bytes)| {
+            trust(&manifest, &header, name, policy)?;
+            Ok(bytes)
+        },
+    );
     (Some(manifest), verdict)
 }
 
@@ -336,10 +338,15 @@ fn read_manifest(store: &dyn Storage, name: &str) -> Result<Manifest, Untrusted>
 /// encrypted: its first segment must open with a configured key, with the header as
 /// associated data, so no field of it (time, database, kind) can have been edited.
 /// Plain archives prove nothing; [`trust`] decides whether they are accepted.
+///
+/// The archive must also have the size its manifest was written with: a file cut
+/// short (a failing disk, an interrupted copy) would otherwise count as good, and
+/// take a rotation slot from an intact backup, until something read it to the end.
 fn authentic_header(
     store: &dyn Storage,
     name: &str,
     keys: &crate::repo::archive::KeyRing,
+    stored_bytes: u64,
 ) -> Result<(crate::repo::archive::Header, Vec<u8>), Untrusted> {
     use std::io::Read;
     let object = store.open(name).map_err(|e| match e.kind() {
@@ -347,6 +354,12 @@ fn authentic_header(
         io::ErrorKind::InvalidInput => Untrusted::NotRegularFile("archive"),
         _ => Untrusted::BadHeader(e.to_string()),
     })?;
+    if object.size() != stored_bytes {
+        return Err(Untrusted::SizeMismatch {
+            found: object.size(),
+            claimed: stored_bytes,
+        });
+    }
     // The version is read from the open handle, so what is cached is about the very
     // bytes read below.
     let identity = object.version().clone();
