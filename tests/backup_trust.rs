@@ -840,10 +840,95 @@ fn an_archive_cut_short_never_counts_as_good_nor_costs_an_intact_backup() {
         .lines()
         .find(|l| l.starts_with(&cut))
         .unwrap_or_default();
-    assert!(line.contains("UNTRUSTED") && line.contains("cut short"), "{list}");
+    assert!(
+        line.contains("UNTRUSTED") && line.contains("cut short"),
+        "{list}"
+    );
     next_second();
     let newer = backup(&w, "app", &dest);
     let left = ids(&dest, "app");
-    assert!(left.contains(&older), "the intact backup was pruned: {left:?}");
+    assert!(
+        left.contains(&older),
+        "the intact backup was pruned: {left:?}"
+    );
     assert!(left.contains(&cut) && left.contains(&newer), "{left:?}");
+}
+
+#[test]
+fn an_edited_manifest_never_makes_rotation_delete_a_backup_that_reads_whole() {
+    // Adversary round 3, case 07: the manifest is not authenticated, yet (a) a
+    // "failed" typed into it, or (b) a wrong SHA-256 turned into "failed" by a routine
+    // `backup verify`, made the next rotation delete backups whose every byte
+    // authenticates.
+    let (w, dest) = app_with_backups("keep = { last = 10 }");
+    let a = backup(&w, "app", &dest);
+    next_second();
+    let b = backup(&w, "app", &dest);
+    next_second();
+    let _c = backup(&w, "app", &dest);
+    let edit = |id: &str, from: &str, to: &str| {
+        let path = manifest_path(&dest, "app", id);
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.contains(from), "{text}");
+        std::fs::write(&path, text.replacen(from, to, 1)).expect("write");
+    };
+    edit(&a, "\"result\": \"passed\"", "\"result\": \"failed\"");
+    let text = std::fs::read_to_string(manifest_path(&dest, "app", &b)).expect("read");
+    let sha = text
+        .lines()
+        .find(|l| l.contains("\"sha256\""))
+        .expect("sha256")
+        .to_owned();
+    std::fs::write(
+        manifest_path(&dest, "app", &b),
+        text.replace(&sha, &format!("  \"sha256\": \"{}\",", "0".repeat(64))),
+    )
+    .expect("write");
+    let out = w
+        .cmd(&["backup", "verify", "app", "--backup", &b])
+        .assert()
+        .code(3);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(stderr.contains("manifest was edited"), "{stderr}");
+    let after = std::fs::read_to_string(manifest_path(&dest, "app", &b)).expect("read");
+    assert!(
+        !after.contains("\"result\": \"failed\""),
+        "an edited manifest is not a failed backup: {after}"
+    );
+    next_second();
+    backup(&w, "app", &dest);
+    let left = ids(&dest, "app");
+    assert!(
+        left.contains(&a),
+        "a backup recorded as failed by an edit went: {left:?}"
+    );
+    assert!(left.contains(&b), "{left:?}");
+    let dry = w.stdout(&["backup", "prune", "app", "--dry-run"]);
+    assert!(dry.contains("reads whole"), "{dry}");
+}
+
+#[test]
+fn a_backup_found_damaged_is_still_pruned_once_a_newer_good_one_exists() {
+    // The other side of the re-check above: a recorded failure that reading confirms
+    // (a damaged segment) still costs the backup, as the rotation rule says.
+    let (w, dest) = app_with_backups("keep = { last = 10 }");
+    sqlite(
+        &w.path().join("app.db"),
+        "CREATE TABLE big (v TEXT);
+         WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 40000)
+         INSERT INTO big SELECT hex(randomblob(60)) FROM c;",
+    );
+    let damaged = backup(&w, "app", &dest);
+    let archive = dest.join("app").join(format!("{damaged}.dbk"));
+    let mut bytes = std::fs::read(&archive).expect("read");
+    assert!(bytes.len() > 2 << 20, "needs several segments");
+    let last = bytes.len() - 100;
+    bytes[last] ^= 0x01;
+    std::fs::write(&archive, &bytes).expect("write");
+    w.cmd(&["backup", "verify", "app", "--backup", &damaged])
+        .assert()
+        .code(3);
+    next_second();
+    let newer = backup(&w, "app", &dest);
+    assert_eq!(ids(&dest, "app"), [newer]);
 }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::{blocking, BackupError};
 use crate::db::{Database, Postgres};
 use crate::repo::archive::{self, HashRead, Header, KeyRing};
-use crate::repo::catalog::{self, Manifest, TrustPolicy, VerifyMode};
+use crate::repo::catalog::{self, Manifest, TrustPolicy, Untrusted, VerifyMode};
 use crate::repo::storage::{Object, Reader, Storage};
 
 /// What a read pass found.
@@ -149,6 +149,21 @@ pub(super) fn check_expected(
     let Some(expect) = expect else {
         return Ok(());
     };
+    // An encrypted archive that has just authenticated whole is the bytes its maker
+    // wrote: a SHA-256 or size the manifest disagrees with is the manifest's fault
+    // (edited), never a reason to record the backup as failed (adversary round 3,
+    // case 07). Only a plain archive depends on the manifest's hash for its integrity.
+    let authenticated = report.header.encryption.is_some();
+    let disagree = |what: &str| BackupError::Untrusted {
+        id: expect.trust.map_or_else(String::new, |(m, _)| m.id.clone()),
+        reason: Untrusted::ManifestMismatch(what.to_owned()),
+    };
+    if authenticated && report.sha256 != expect.sha256 {
+        return Err(disagree("SHA-256"));
+    }
+    if authenticated && report.raw_bytes != expect.raw_bytes {
+        return Err(disagree("image size"));
+    }
     if report.sha256 != expect.sha256 {
         return Err(BackupError::Verification(format!(
             "SHA-256 of the archive is {}, the manifest says {}: the file changed after it was written",

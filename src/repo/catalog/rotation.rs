@@ -20,11 +20,13 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::atomic::AtomicBool;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 
 use super::TrustPolicy;
-use crate::repo::storage::Storage;
+use crate::repo::archive::{self, KeyRing};
+use crate::repo::storage::{Storage, ARCHIVE_SUFFIX};
 
 pub use crate::config::Keep;
 
@@ -161,6 +163,27 @@ pub fn plan(candidates: &[Candidate], keep: &Keep) -> Vec<Decision> {
         .collect()
 }
 
+/// Whether a backup whose manifest records a failed verification really is bad: the
+/// manifest is not authenticated, so a recorded failure is read again before it
+/// costs the backup (adversary round 3, case 07). Only a bad archive (not
+/// authentic, cut short, damaged, an incomplete dump) confirms it; an archive that
+/// reads whole, or one that cannot be read now (I/O, a key not configured), does not.
+fn failure_confirmed(store: &dyn Storage, id: &str, keys: &KeyRing) -> bool {
+    let Ok(object) = store.open(&format!("{id}{ARCHIVE_SUFFIX}")) else {
+        return false;
+    };
+    let Ok(input) = object.read(None) else {
+        return false;
+    };
+    let read = archive::read_archive(
+        io::BufReader::with_capacity(1 << 20, input),
+        keys,
+        io::sink(),
+        &AtomicBool::new(false),
+    );
+    read.is_err_and(|e| e.is_verification())
+}
+
 /// What [`rotate`] found and did.
 #[derive(Debug, Clone, Default)]
 pub struct Rotation {
@@ -195,7 +218,17 @@ pub fn rotate(
             ..Candidate::new(&m.id, m.started_at, m.is_good(), now)
         })
         .collect();
-    let decisions = plan(&candidates, keep);
+    let mut decisions = plan(&candidates, keep);
+    for d in decisions.iter_mut().filter(|d| !d.keep) {
+        let failed = candidates.iter().any(|c| c.id == d.id && !c.good);
+        if failed && !failure_confirmed(store, &d.id, &policy.keys) {
+            d.keep = true;
+            d.reasons.push(
+                "recorded as failed, but its archive reads whole: kept (was its manifest edited?)"
+                    .to_owned(),
+            );
+        }
+    }
     if !dry_run {
         for d in decisions.iter().filter(|d| !d.keep) {
             // Ids come from file names in this folder; checked again so that no

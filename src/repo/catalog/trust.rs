@@ -81,6 +81,8 @@ pub enum Untrusted {
          backup made with the current key: retired keys only read older backups"
     )]
     RetiredKey { key: String, first: String },
+    #[error("its archive authenticates whole, but the manifest's {0} does not match it: the manifest was edited")]
+    ManifestMismatch(String),
     #[error("its archive is {found} bytes, not the {claimed} it was written with: cut short or replaced")]
     SizeMismatch { found: u64, claimed: u64 },
 }
