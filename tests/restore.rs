@@ -1081,8 +1081,9 @@ fn a_pg_restore_wrapper_that_hides_a_failure_never_replaces_the_target() {
                 .and(predicate::str::contains("public.b")),
         );
     assert_target_kept(&target);
-    // What the restoring role created on the server is gone with the scratch database.
+    // The roles go once nothing of theirs is left.
     drop(target);
+    drop(src);
     drop(restorer);
     drop(owner);
 }

@@ -219,6 +219,74 @@ async fn compare(conn: &mut PgConnection, contents: &Contents) -> Result<Gaps, s
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::Database;
+    use crate::testing::psql;
+
+    fn server_as(role: &str) -> Postgres {
+        let url = format!("postgres://{role}@127.0.0.1:5432/postgres");
+        match Database::open(&crate::repo::restore::target_config(&url)) {
+            Ok(Database::Postgres(pg)) => pg,
+            _ => panic!("cannot open {url}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn rows_hidden_by_row_level_security_cannot_be_checked_and_never_pass() {
+        let tag = format!("dbk_pgcheck_rls_{}", std::process::id());
+        psql("postgres", &format!("DROP DATABASE IF EXISTS {tag}"));
+        psql("postgres", &format!("DROP ROLE IF EXISTS {tag}"));
+        psql("postgres", &format!("CREATE ROLE {tag} LOGIN"));
+        psql("postgres", &format!("CREATE DATABASE {tag}"));
+        psql(
+            &tag,
+            &format!(
+                "CREATE TABLE t (x int); INSERT INTO t VALUES (1); CREATE TABLE e (x int);
+                 ALTER TABLE t OWNER TO {tag}; ALTER TABLE e OWNER TO {tag};
+                 ALTER TABLE t ENABLE ROW LEVEL SECURITY; ALTER TABLE t FORCE ROW LEVEL SECURITY;
+                 CREATE POLICY nothing ON t USING (false);"
+            ),
+        );
+        let with_rows = |name: &str| Relation {
+            rows: true,
+            ..rel(RelKind::Table, "public", name)
+        };
+        let contents = Contents {
+            relations: vec![with_rows("t")],
+            constraints: 0,
+            rows_known: true,
+        };
+        // A superuser bypasses row-level security: the row is there.
+        let admin = server_as("postgres");
+        check_restored(&admin, &tag, &contents).await.unwrap();
+        // The owner, made subject to its policy, would see no row: not a pass, and
+        // not a verdict either.
+        let owner = server_as(&tag);
+        let e = check_restored(&owner, &tag, &contents).await.unwrap_err();
+        assert!(
+            matches!(&e, BackupError::Refused(m) if m.contains("cannot be checked")),
+            "{e}"
+        );
+        // An empty table that should have rows, and a table that is not there.
+        let wrong = Contents {
+            relations: vec![with_rows("e"), with_rows("gone")],
+            constraints: 1,
+            rows_known: true,
+        };
+        let e = check_restored(&admin, &tag, &wrong).await.unwrap_err();
+        let BackupError::Unrestored(m) = &e else {
+            panic!("{e}")
+        };
+        assert!(m.contains("missing table public.gone"), "{m}");
+        assert!(
+            m.contains("without the rows the dump holds: table public.e"),
+            "{m}"
+        );
+        assert!(m.contains("0 of the dump's 1"), "{m}");
+        admin.pool.close().await;
+        owner.pool.close().await;
+        psql("postgres", &format!("DROP DATABASE {tag} WITH (FORCE)"));
+        psql("postgres", &format!("DROP ROLE {tag}"));
+    }
 
     fn rel(kind: RelKind, schema: &str, name: &str) -> Relation {
         Relation {
