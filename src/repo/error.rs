@@ -36,7 +36,8 @@ pub enum BackupError {
     #[error("{0}; nothing was published")]
     IncompleteDump(super::archive::pgdump::DumpError),
     /// pg_restore (or what was configured as it) exited 0, but the database it
-    /// restored into lacks what the dump lists (see `repo::pg_check`).
+    /// restored into lacks what the dump lists, or cannot be checked (see
+    /// `repo::pg_check`).
     #[error("{0}")]
     Unrestored(String),
     #[error("verification failed: {0}")]

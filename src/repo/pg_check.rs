@@ -19,7 +19,8 @@
 //! Row-level security would hide rows from a role that does not bypass it, so the
 //! session sets `row_security = off`, with which PostgreSQL raises an error instead of
 //! filtering: then, as with any other query failure, the database cannot be checked,
-//! which is an error of its own ([`BackupError::Refused`]), never a pass.
+//! which fails the restore like a mismatch ([`BackupError::Unrestored`]), never
+//! passes.
 
 use std::collections::HashSet;
 
@@ -35,18 +36,24 @@ const ROWS_BATCH: usize = 100;
 /// How many missing objects a message names.
 const NAMED_MAX: usize = 5;
 
-/// Checks database `database` on `pg`'s server against `contents`: a mismatch is
-/// [`BackupError::Unrestored`], a check that cannot run [`BackupError::Refused`].
+/// Checks database `database` on `pg`'s server against `contents`: a mismatch, or a
+/// check that cannot run, is [`BackupError::Unrestored`].
 pub async fn check_restored(
     pg: &Postgres,
     database: &str,
     contents: &Contents,
 ) -> Result<(), BackupError> {
     let cannot = |e: &dyn std::fmt::Display| {
-        BackupError::Refused(format!(
+        let e = e.to_string();
+        let hint = if e.contains("row-level security") {
+            "; a role that restores tables with forced row-level security needs BYPASSRLS \
+             (or to be a superuser)"
+        } else {
+            ""
+        };
+        BackupError::Unrestored(format!(
             "pg_restore reported success, but the restored database cannot be checked against \
-             the dump ({e}); a role that restores databases with row-level security needs \
-             BYPASSRLS (or to be a superuser)"
+             the dump ({e}){hint}"
         ))
     };
     let mut conn = pg.connect_to(database).await.map_err(|e| cannot(&e))?;
@@ -263,7 +270,8 @@ mod tests {
         let owner = server_as(&tag);
         let e = check_restored(&owner, &tag, &contents).await.unwrap_err();
         assert!(
-            matches!(&e, BackupError::Refused(m) if m.contains("cannot be checked")),
+            matches!(&e, BackupError::Unrestored(m) if m.contains("cannot be checked")
+                && m.contains("BYPASSRLS")),
             "{e}"
         );
         // An empty table that should have rows, and a table that is not there.

@@ -388,7 +388,8 @@ fn contents_list_tables_indexes_constraints_and_which_tables_have_rows() {
            CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10);
            CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (10) TO (20);
            INSERT INTO p VALUES (1, 'only in p1');
-           CREATE VIEW vw AS SELECT * FROM full_t;"#,
+           CREATE VIEW vw AS SELECT * FROM full_t;
+           CREATE TABLE "Tâble" (x int); INSERT INTO "Tâble" VALUES (1);"#,
     );
     let plain = dump(&db, &["--format=custom", "--compress=0"]);
     let compressed = dump(&db, &["--format=custom"]);
@@ -411,6 +412,7 @@ fn contents_list_tables_indexes_constraints_and_which_tables_have_rows() {
     // An empty table's data block holds only the end of its COPY (`\.`).
     assert!(!table("public", "empty_t"));
     assert!(table("Odd Schema", "We \"ird\" Name"));
+    assert!(table("public", "Tâble"));
     // The partitioned table has no data of its own; its rows are its partitions'.
     assert!(!table("public", "p"));
     assert!(table("public", "p1"));
@@ -428,4 +430,21 @@ fn contents_list_tables_indexes_constraints_and_which_tables_have_rows() {
     let z = contents_of(&compressed, 4096);
     assert!(!z.rows_known);
     assert_eq!(z.relations.len(), c.relations.len());
+
+    // In a LATIN1 database the same name is other bytes, which a UTF-8 session would
+    // not find: it is left out rather than looked up wrong.
+    psql("postgres", &format!("DROP DATABASE IF EXISTS {db}_l1"));
+    psql(
+        "postgres",
+        &format!("CREATE DATABASE {db}_l1 ENCODING 'LATIN1' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"),
+    );
+    psql(
+        &format!("{db}_l1"),
+        r#"CREATE TABLE "Tâble" (x int); INSERT INTO "Tâble" VALUES (1); CREATE TABLE plain (x int);"#,
+    );
+    let latin1 = dump(&format!("{db}_l1"), &["--format=custom", "--compress=0"]);
+    psql("postgres", &format!("DROP DATABASE {db}_l1"));
+    let l = contents_of(&latin1, latin1.len());
+    let names: Vec<&str> = l.relations.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["plain", "plain"], "{l:?}");
 }
