@@ -2,7 +2,8 @@
 //! decompression, and for a pg_dump image the check that the dump is complete, which
 //! every decode runs: see `archive::pgdump`) and `restore` (additionally restore into
 //! a scratch database and check it: `PRAGMA integrity_check`, or `pg_restore` into a
-//! scratch PostgreSQL database that is dropped afterwards).
+//! scratch PostgreSQL database, checked against the dump's table of contents
+//! (`repo::pg_check`) and dropped afterwards).
 //!
 //! An archive is read through one open handle ([`Object`]) from start to end: what
 //! is authenticated is what is restored, whichever backend holds it.
