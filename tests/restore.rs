@@ -979,3 +979,179 @@ fn a_killed_sqlite_restore_leaves_no_plaintext_after_the_next_restore() {
         "old,only-in-wal"
     );
 }
+
+// ---------- pg_restore's exit 0 is not proof: the restored database is checked ----------
+
+/// A target holding the application's data: 1000 rows in `precious`.
+fn precious_target(tag: &str) -> PgDb {
+    let target = PgDb::new(tag);
+    target
+        .sql("CREATE TABLE precious (x int); INSERT INTO precious SELECT generate_series(1, 1000)");
+    target
+}
+
+/// The restore failed before the swap: the target is as it was, nothing left behind.
+fn assert_target_kept(target: &PgDb) {
+    assert_eq!(
+        target.sql("SELECT count(*) FROM precious"),
+        "1000",
+        "the target was replaced"
+    );
+    assert_eq!(leftovers(&target.name), "0", "scratch or old database left");
+}
+
+/// A `pg-restore` that reads its input and exits 0 having restored nothing.
+fn noop_pg_restore(w: &Workdir) -> PathBuf {
+    common::write_script(
+        w.path(),
+        "noop_pg_restore",
+        "#!/bin/sh\ncat >/dev/null\nexit 0\n",
+    )
+}
+
+#[test]
+fn a_pg_restore_that_exits_0_having_restored_nothing_never_replaces_the_target() {
+    let (src, w) = backed_up(
+        "noop_src",
+        "CREATE TABLE t (i int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10);
+         CREATE TABLE empty_one (x int)",
+    );
+    let noop = noop_pg_restore(&w);
+    write_pg_config(
+        &w,
+        &src.url,
+        &format!("pg-restore = \"{}\"", noop.display()),
+    );
+    let target = precious_target("noop_dst");
+    w.cmd(&["restore", "pg", "--to", &target.url, "--force"])
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("pg_restore reported success")
+                .and(predicate::str::contains(
+                    "missing table public.empty_one, table public.t",
+                ))
+                .and(predicate::str::contains("pg-restore program"))
+                .and(predicate::str::contains("the target was not touched")),
+        );
+    assert_target_kept(&target);
+}
+
+#[test]
+fn a_pg_restore_wrapper_that_hides_a_failure_never_replaces_the_target() {
+    // The dump gives table `a` to a role the restoring role cannot give it to, so
+    // pg_restore stops in the pre-data section; the logging wrapper's exit status is
+    // cat's, 0.
+    let owner = Role::new("hidden_owner", "");
+    let restorer = Role::new("hidden_restorer", "CREATEDB");
+    let src = PgDb::new("hidden_src");
+    src.sql(&format!(
+        "CREATE TABLE a (x int); INSERT INTO a VALUES (1);
+         CREATE TABLE b (y int); INSERT INTO b VALUES (2);
+         ALTER TABLE a OWNER TO {}",
+        owner.0
+    ));
+    let w = pg_workdir(&src.url, "");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let hiding = common::write_script(
+        w.path(),
+        "logging_pg_restore",
+        "#!/bin/sh\npg_restore \"$@\" 2>&1 | cat >&2\n",
+    );
+    write_pg_config(
+        &w,
+        &src.url,
+        &format!("pg-restore = \"{}\"", hiding.display()),
+    );
+    let target = precious_target("hidden_dst");
+    server_sql(&format!(
+        "ALTER DATABASE {} OWNER TO {}",
+        target.name, restorer.0
+    ));
+    target.sql(&format!("ALTER TABLE precious OWNER TO {}", restorer.0));
+    let as_restorer = target
+        .url
+        .replacen("postgres@", &format!("{}@", restorer.0), 1);
+    assert_ne!(as_restorer, target.url);
+    w.cmd(&["restore", "pg", "--to", &as_restorer, "--force"])
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("pg_restore reported success")
+                .and(predicate::str::contains("public.b")),
+        );
+    assert_target_kept(&target);
+    // The roles go once nothing of theirs is left.
+    drop(target);
+    drop(src);
+    drop(restorer);
+    drop(owner);
+}
+
+#[test]
+fn a_pg_restore_that_skips_the_data_or_the_post_data_never_replaces_the_target() {
+    let (src, w) = backed_up(
+        "skip_src",
+        r#"CREATE TABLE t (i int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10);
+           CREATE TABLE "Odd ""Name""" (x int); INSERT INTO "Odd ""Name""" VALUES (1);
+           CREATE TABLE empty_one (x int REFERENCES t)"#,
+    );
+    // Leaves out one section, runs pg_restore with the rest, exits 0.
+    let skipping = |section: &str| {
+        common::write_script(
+            w.path(),
+            &format!("skip_{section}"),
+            &format!(
+                "#!/bin/bash\nargs=()\nfor a in \"$@\"; do [ \"$a\" = --section={section} ] || args+=(\"$a\"); done\n\
+                 case \" ${{args[*]}} \" in *' --section='*) pg_restore \"${{args[@]}}\" ;; *) cat >/dev/null ;; esac\nexit 0\n"
+            ),
+        )
+    };
+    let target = precious_target("skip_dst");
+    for (section, says) in [
+        (
+            "data",
+            "without the rows the dump holds: table public.\"Odd \"\"Name\"\"\", table public.t",
+        ),
+        (
+            "post-data",
+            "0 of the dump's 2 key, unique and foreign key constraints",
+        ),
+    ] {
+        let script = skipping(section);
+        write_pg_config(
+            &w,
+            &src.url,
+            &format!("pg-restore = \"{}\"", script.display()),
+        );
+        w.cmd(&["restore", "pg", "--to", &target.url, "--force"])
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains(says));
+        assert_target_kept(&target);
+    }
+}
+
+#[test]
+fn restore_test_whose_pg_restore_exits_0_having_restored_nothing_is_a_job_error() {
+    let src = PgDb::new("rt_noop");
+    src.sql("CREATE TABLE t AS SELECT generate_series(1, 100) i");
+    let w = pg_workdir(&src.url, "verify = \"read\"");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let noop = noop_pg_restore(&w);
+    write_pg_config(
+        &w,
+        &src.url,
+        &format!("verify = \"read\"\npg-restore = \"{}\"", noop.display()),
+    );
+    w.cmd(&["backup", "verify", "pg", "--restore-test"])
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("pg_restore reported success")
+                .and(predicate::str::contains("missing table public.t"))
+                .and(predicate::str::contains("the backup was not judged")),
+        );
+    assert_single_backup_passed(&w);
+    assert_eq!(leftovers(&src.name), "0", "scratch database left");
+}

@@ -530,6 +530,15 @@ impl Postgres {
         Ok(UserObjects { counts })
     }
 
+    /// A connection of our own to database `database` on this server (a scratch
+    /// database, say), with the configured credentials.
+    pub async fn connect_to(&self, database: &str) -> Result<PgConnection, DbError> {
+        let options = self.access.options.clone().database(database);
+        PgConnection::connect_with(&options)
+            .await
+            .map_err(|e| DbError::connect(&self.name, &self.url, e))
+    }
+
     /// A connection to the server's `postgres` database, for CREATE/DROP DATABASE.
     async fn maintenance(&self) -> Result<PgConnection, DbError> {
         let options = self.access.options.clone().database("postgres");

@@ -35,6 +35,11 @@ pub enum BackupError {
     /// pg_dump's output (as it was being archived) is not a complete dump.
     #[error("{0}; nothing was published")]
     IncompleteDump(super::archive::pgdump::DumpError),
+    /// pg_restore (or what was configured as it) exited 0, but the database it
+    /// restored into lacks what the dump lists, or cannot be checked (see
+    /// `repo::pg_check`).
+    #[error("{0}")]
+    Unrestored(String),
     #[error("verification failed: {0}")]
     Verification(String),
     #[error("backup {id} is not trusted: {reason}; it is never restored, counted or used for rotation (see `dbkeeper backup list`)")]

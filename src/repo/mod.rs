@@ -17,6 +17,7 @@
 pub mod archive;
 pub mod catalog;
 mod error;
+pub mod pg_check;
 pub mod pg_restore;
 pub mod restore;
 pub mod sibling;

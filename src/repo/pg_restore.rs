@@ -16,6 +16,10 @@
 //! manifest at the end, so it is decoded to a private file and checked first, and only
 //! then handed to pg_restore (`--allow-unencrypted` restores only).
 //!
+//! Once pg_restore has exited 0 for every section, the database is checked against
+//! what the dump's table of contents lists ([`super::pg_check`]): a wrapper that
+//! hides pg_restore's failure, or skips its work, fails the restore there.
+//!
 //! Whatever fails, the caller drops the database it restored into: a failure part-way
 //! (a truncated or altered archive found at the end, pg_restore's own errors) leaves
 //! a partial scratch database, never a partial target.
@@ -90,6 +94,7 @@ async fn restore_archive_with(
         )
         .await?;
         pg_restore_file(target, &image, &[], cancel).await?;
+        check(target, &report, cancel).await?;
         return Ok(report);
     }
     let toc = target.private_dir.join("toc.dump");
@@ -111,7 +116,30 @@ async fn restore_archive_with(
             ));
         }
     }
+    check(target, &report, cancel).await?;
     Ok(report)
+}
+
+/// Holds the restored database against what the dump lists: pg_restore's exit
+/// status alone is no proof (see [`super::pg_check`]).
+async fn check(
+    target: &Target<'_>,
+    report: &ReadReport,
+    cancel: &CancellationToken,
+) -> Result<(), BackupError> {
+    let Some(contents) = &report.contents else {
+        // Only an image the header does not call a custom-format dump has none; its
+        // header authenticated, and pg_restore just read it, so there is no list.
+        tracing::warn!(
+            image = %report.header.image,
+            "not a pg_dump-custom image: the restored database is not checked against it"
+        );
+        return Ok(());
+    };
+    tokio::select! {
+        checked = super::pg_check::check_restored(target.pg, target.database, contents) => checked,
+        _ = cancel.cancelled() => Err(BackupError::Cancelled),
+    }
 }
 
 /// Pipes the decoded archive into one `pg_restore` with `sections`, keeping the first

@@ -15,7 +15,9 @@
 //!
 //! PostgreSQL: the archive is streamed into a fresh scratch database on the same
 //! server while it is authenticated (see [`super::pg_restore`]), then one transaction
-//! renames the target away and the scratch database into its place. Until that commit
+//! renames the target away and the scratch database into its place. Before the swap,
+//! the scratch database is checked against the dump's table of contents (see
+//! [`super::pg_check`]): pg_restore's exit 0 alone never lets it in. Until that commit
 //! the target is untouched; a failure anywhere before it drops the scratch database
 //! and leaves the target exactly as it was. Without `--force`, the renamed target is
 //! checked for user objects again after the commit and the swap undone if it has any.
@@ -500,7 +502,14 @@ async fn fill_and_swap(
     cancel: &CancellationToken,
 ) -> Result<Option<String>, BackupError> {
     let (pg, scratch) = (fill.pg, fill.database);
-    pg_restore::restore_archive(fill, archive, keys, Some(expect), cancel).await?;
+    pg_restore::restore_archive(fill, archive, keys, Some(expect), cancel)
+        .await
+        .map_err(|e| match e {
+            BackupError::Unrestored(m) => {
+                BackupError::Unrestored(format!("{m}; the target was not touched"))
+            }
+            other => other,
+        })?;
     if cancel.is_cancelled() {
         return Err(BackupError::Cancelled);
     }

@@ -2,7 +2,8 @@
 //! decompression, and for a pg_dump image the check that the dump is complete, which
 //! every decode runs: see `archive::pgdump`) and `restore` (additionally restore into
 //! a scratch database and check it: `PRAGMA integrity_check`, or `pg_restore` into a
-//! scratch PostgreSQL database that is dropped afterwards).
+//! scratch PostgreSQL database, checked against the dump's table of contents
+//! (`repo::pg_check`) and dropped afterwards).
 //!
 //! An archive is read through one open handle ([`Object`]) from start to end: what
 //! is authenticated is what is restored, whichever backend holds it.
@@ -29,6 +30,8 @@ pub struct ReadReport {
     pub sha256: String,
     pub stored_bytes: u64,
     pub raw_bytes: u64,
+    /// For a pg_dump image: what a restore of it must hold.
+    pub contents: Option<std::sync::Arc<crate::repo::archive::pgdump::Contents>>,
 }
 
 /// Expected values from the manifest (or from writing).
@@ -128,7 +131,7 @@ pub(super) fn read_hashed_gated<W: std::io::Write>(
     if let Some(e) = refused {
         return Err(e);
     }
-    let (sink, header, raw_bytes) = read.map_err(BackupError::from_archive)?;
+    let (sink, header, raw_bytes, contents) = read.map_err(BackupError::from_archive)?;
     let (stored_bytes, sha256) = input
         .finish()
         .map_err(|e| BackupError::from_archive(e.into()))?;
@@ -137,6 +140,7 @@ pub(super) fn read_hashed_gated<W: std::io::Write>(
         sha256,
         stored_bytes,
         raw_bytes,
+        contents: contents.map(std::sync::Arc::new),
     };
     Ok((sink, report))
 }
@@ -504,6 +508,9 @@ async fn restore_test_postgres(
             "pg_restore into a scratch database failed ({status}): {stderr}; the archive itself authenticated, \
              decompressed and held a complete dump, so check the server (missing roles or extensions, disk space); the backup was not judged"
         )),
+        // The dump was read whole and complete: a restore that did not produce it
+        // says something about pg_restore (or its wrapper), not about the backup.
+        BackupError::Unrestored(m) => BackupError::Refused(format!("{m}; the backup was not judged")),
         other => other,
     })
 }

@@ -331,6 +331,7 @@ pub fn read_archive<R: Read, W: Write>(
     cancelled: &AtomicBool,
 ) -> Result<(W, Header, u64), ArchiveError> {
     read_archive_gated(input, keys, sink, cancelled, |_| Ok(()))
+        .map(|(sink, header, raw, _)| (sink, header, raw))
 }
 
 /// [`read_archive`], calling `admit` with the header once it is authenticated (the
@@ -338,13 +339,14 @@ pub fn read_archive<R: Read, W: Write>(
 /// reaches `sink`, so a consumer that acts on the bytes as they come (a streamed
 /// restore) never sees a byte of an archive whose header it would refuse. For an
 /// unencrypted archive nothing is authenticated: `admit` runs on the parsed header.
+/// For a `pg_dump-custom` image, also returns what a restore of it must hold.
 pub fn read_archive_gated<R: Read, W: Write>(
     input: R,
     keys: &KeyRing,
     mut sink: W,
     cancelled: &AtomicBool,
     admit: impl FnOnce(&Header) -> Result<(), ArchiveError>,
-) -> Result<(W, Header, u64), ArchiveError> {
+) -> Result<(W, Header, u64, Option<pgdump::Contents>), ArchiveError> {
     let mut admit = Some(admit);
     let reader = ArchiveReader::open(input, keys)?;
     let header = reader.header().clone();
@@ -384,7 +386,12 @@ pub fn read_archive_gated<R: Read, W: Write>(
     if let Some(dump) = &dump {
         dump.finish()?;
     }
-    Ok((sink, header, raw))
+    Ok((
+        sink,
+        header,
+        raw,
+        dump.map(pgdump::DumpCheck::into_contents),
+    ))
 }
 
 #[cfg(test)]

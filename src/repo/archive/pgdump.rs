@@ -16,10 +16,19 @@
 //! block reading in `pg_backup_custom.c`, for archive versions 1.12 to 1.16.
 //!
 //! Only the framing is parsed: data chunks are skipped by their length, never copied
-//! or decompressed, so checking costs a few instructions per chunk. Memory is one
-//! field at a time plus, per entry with data, its dump id and a short label (the
-//! entry's type and name, cut to [`LABEL_MAX`] bytes) for the completeness check and
-//! the messages.
+//! or decompressed (but for a 5-byte one, compared with the end-of-COPY mark), so
+//! checking costs a few instructions per chunk. Memory is one field at a time plus,
+//! per entry with data, its dump id and a short label (the entry's type and name, cut
+//! to [`LABEL_MAX`] bytes) for the completeness check and the messages, and the
+//! names in [`Contents`].
+//!
+//! On the way it also gathers what a restore of the dump must produce
+//! ([`Contents`]): the tables and indexes the table of contents creates, how many
+//! constraints, and which tables' data blocks hold rows (in a dump without
+//! compression, any chunk but the end-of-COPY mark `\.` that closes every table's
+//! data, an empty table's included). pg_restore's exit status
+//! is only its (or a wrapper's) word; the restore checks the restored database
+//! against this list before it counts as done (`repo::pg_check`).
 
 use std::collections::HashMap;
 
@@ -39,6 +48,9 @@ const K_OFFSET_NO_DATA: u8 = 3;
 /// The archive versions (major 1) whose layout this module knows.
 const OLDEST_MINOR: u8 = 12;
 const NEWEST_MINOR: u8 = 16;
+/// What pg_dump (up to 17 at least) writes after a table's COPY rows, in a chunk of
+/// its own: all an empty table's block holds.
+const COPY_END: &[u8] = b"\\.\n\n\n";
 /// How much of an entry's type and name is kept for messages.
 pub const LABEL_MAX: usize = 64;
 /// How many missing entries a message names.
@@ -169,6 +181,41 @@ struct WithData {
     /// `TABLE DATA public.t`, cut to [`LABEL_MAX`] bytes.
     label: Box<str>,
     done: bool,
+    /// For a `TABLE DATA` entry, its table in [`Contents::relations`].
+    table: Option<usize>,
+}
+
+/// What kind of relation a table-of-contents entry creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RelKind {
+    Table,
+    Index,
+}
+
+/// A table or index that a restore of the dump must create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relation {
+    pub kind: RelKind,
+    pub schema: String,
+    pub name: String,
+    /// A table whose data block held at least one non-empty chunk: it must have rows.
+    pub rows: bool,
+}
+
+/// What a restore of a complete dump must hold (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Contents {
+    /// Every `TABLE`, `TABLE DATA` and `INDEX` entry whose names are known whole, in
+    /// table-of-contents order (a table with data appears twice: as itself and as its
+    /// data, which carries `rows`).
+    pub relations: Vec<Relation>,
+    /// `CONSTRAINT` and `FK CONSTRAINT` entries (primary keys, unique, exclusion and
+    /// foreign keys): the restored database holds at least that many.
+    pub constraints: u64,
+    /// Whether `rows` means anything: only in a dump without compression does a
+    /// table without rows have no data bytes (a compressed block of nothing still
+    /// holds the compressor's header).
+    pub rows_known: bool,
 }
 
 /// The table-of-contents entry being read.
@@ -178,6 +225,8 @@ struct Draft {
     tag: String,
     desc: String,
     namespace: String,
+    /// The tag or namespace was longer than what is kept: its name is not known whole.
+    cut: bool,
 }
 
 /// Checks a custom-format dump fed to it in pieces of any size: [`DumpCheck::feed`]
@@ -193,6 +242,11 @@ pub struct DumpCheck {
     field_len: usize,
     /// The kept start of the current string.
     text: Vec<u8>,
+    /// The current string is longer than its kept start.
+    text_cut: bool,
+    contents: Contents,
+    /// The dump's names are UTF-8 (its `ENCODING` entry says so).
+    utf8: bool,
     minor: u8,
     int_size: usize,
     off_size: usize,
@@ -227,6 +281,9 @@ impl DumpCheck {
             field: [0; FIELD_MAX],
             field_len: 0,
             text: Vec::with_capacity(LABEL_MAX),
+            text_cut: false,
+            contents: Contents::default(),
+            utf8: false,
             minor: 0,
             int_size: 0,
             off_size: 0,
@@ -292,6 +349,17 @@ impl DumpCheck {
             blocks: self.blocks,
             bytes: self.at,
         })
+    }
+
+    /// What a restore of the dump must hold, as far as the stream has gone (whole once
+    /// [`DumpCheck::finish`] says the dump is complete).
+    pub fn contents(&self) -> &Contents {
+        &self.contents
+    }
+
+    /// [`DumpCheck::contents`], taken.
+    pub fn into_contents(self) -> Contents {
+        self.contents
     }
 
     /// How many bytes the header and table of contents take, once they have gone past
@@ -400,6 +468,7 @@ impl DumpCheck {
                     self.string(Some(b""))
                 } else {
                     self.text.clear();
+                    self.text_cut = len.unsigned_abs() > LABEL_MAX as u64;
                     self.need = Need::StrBody(len.unsigned_abs());
                     Ok(())
                 }
@@ -472,7 +541,17 @@ impl DumpCheck {
                 };
                 self.expect(Phase::Compression, need);
             }
-            Phase::Compression => self.expect(Phase::Time(7), Need::Int),
+            Phase::Compression => {
+                // 1.15 and later: the algorithm, 0 = none.
+                self.contents.rows_known = bytes[0] == 0;
+                self.expect(Phase::Time(7), Need::Int);
+            }
+            Phase::Chunk { blobs: false } => {
+                if bytes != COPY_END {
+                    self.table_has_rows();
+                }
+                self.chunk_done();
+            }
             Phase::BlockType => {
                 if self.pending == 0 {
                     return Err(self.malformed(
@@ -498,7 +577,11 @@ impl DumpCheck {
 
     fn integer(&mut self, value: i64, at: u64) -> Result<(), DumpError> {
         match self.phase {
-            Phase::Compression => self.expect(Phase::Time(7), Need::Int),
+            Phase::Compression => {
+                // Before 1.15: the zlib level, 0 = none (-1 is zlib's default).
+                self.contents.rows_known = value == 0;
+                self.expect(Phase::Time(7), Need::Int);
+            }
             Phase::Time(left) => {
                 if left > 1 {
                     self.expect(Phase::Time(left - 1), Need::Int);
@@ -532,7 +615,14 @@ impl DumpCheck {
             Phase::ChunkLen { blobs } => match value {
                 0 if blobs => self.expect(Phase::BlobOid, Need::Int),
                 0 => self.block_done(),
+                len if !blobs && len.unsigned_abs() == COPY_END.len() as u64 => {
+                    // Perhaps only the end of the COPY data: look at it.
+                    self.expect(Phase::Chunk { blobs }, Need::Raw(COPY_END.len()));
+                }
                 len if len > 0 => {
+                    if !blobs {
+                        self.table_has_rows();
+                    }
                     self.expect(Phase::Chunk { blobs }, Need::Skip(len.unsigned_abs()));
                 }
                 len => return Err(self.malformed(at, format!("a data chunk of length {len}"))),
@@ -568,6 +658,7 @@ impl DumpCheck {
                     Field::TableOid => (Field::Oid, Need::Str),
                     Field::Oid => (Field::Tag, Need::Str),
                     Field::Tag => {
+                        self.draft.cut |= self.text_cut && text.is_some_and(|t| !t.is_empty());
                         self.draft.tag = keep(text).unwrap_or_default();
                         (Field::Desc, Need::Str)
                     }
@@ -575,10 +666,18 @@ impl DumpCheck {
                         self.draft.desc = keep(text).unwrap_or_default();
                         (Field::Section, Need::Int)
                     }
-                    Field::Defn => (Field::DropStmt, Need::Str),
+                    Field::Defn => {
+                        if self.draft.desc == "ENCODING" {
+                            // `SET client_encoding = 'UTF8';`: the encoding of every
+                            // name in the dump.
+                            self.utf8 = text.is_some_and(|t| t.ends_with(b"'UTF8';\n"));
+                        }
+                        (Field::DropStmt, Need::Str)
+                    }
                     Field::DropStmt => (Field::CopyStmt, Need::Str),
                     Field::CopyStmt => (Field::Namespace, Need::Str),
                     Field::Namespace => {
+                        self.draft.cut |= self.text_cut && text.is_some_and(|t| !t.is_empty());
                         self.draft.namespace = keep(text).unwrap_or_default();
                         (Field::Tablespace, Need::Str)
                     }
@@ -614,6 +713,7 @@ impl DumpCheck {
             other => return Err(self.malformed(at, format!("data state {other}"))),
         };
         let draft = std::mem::take(&mut self.draft);
+        let table = self.expect_relation(&draft, has_data);
         if has_data {
             let label = match (draft.namespace.is_empty(), draft.tag.is_empty()) {
                 (_, true) => draft.desc,
@@ -628,6 +728,7 @@ impl DumpCheck {
                     WithData {
                         label: label.into_boxed_str(),
                         done: false,
+                        table,
                     },
                 )
                 .is_some()
@@ -639,6 +740,39 @@ impl DumpCheck {
         self.toc_read += 1;
         self.next_entry();
         Ok(())
+    }
+
+    /// Records what the entry `draft` makes a restore create; returns the index of a
+    /// `TABLE DATA` entry's table in the contents.
+    fn expect_relation(&mut self, draft: &Draft, has_data: bool) -> Option<usize> {
+        let kind = match draft.desc.as_str() {
+            "CONSTRAINT" | "FK CONSTRAINT" => {
+                self.contents.constraints += 1;
+                return None;
+            }
+            "TABLE" => RelKind::Table,
+            "TABLE DATA" if has_data => RelKind::Table,
+            "INDEX" => RelKind::Index,
+            _ => return None,
+        };
+        // A name longer than PostgreSQL's identifiers (63 bytes unless it was built
+        // otherwise) is not known whole, so it cannot be looked up.
+        if draft.cut || draft.namespace.is_empty() || draft.tag.is_empty() {
+            return None;
+        }
+        // Names are in the database's encoding: only in UTF-8 (or plain ASCII) are
+        // they what the check's UTF-8 session will look up.
+        let known = |n: &str| n.is_ascii() || (self.utf8 && !n.contains('\u{fffd}'));
+        if !known(&draft.namespace) || !known(&draft.tag) {
+            return None;
+        }
+        self.contents.relations.push(Relation {
+            kind,
+            schema: draft.namespace.clone(),
+            name: draft.tag.clone(),
+            rows: false,
+        });
+        (draft.desc == "TABLE DATA").then(|| self.contents.relations.len() - 1)
     }
 
     fn next_entry(&mut self) {
@@ -675,6 +809,15 @@ impl DumpCheck {
             self.expect(Phase::ChunkLen { blobs }, Need::Int);
         }
         Ok(())
+    }
+
+    /// The table whose block is being read has rows (a chunk other than the end mark).
+    fn table_has_rows(&mut self) {
+        if let Some(t) = self.with_data.get(&self.current).and_then(|e| e.table) {
+            if let Some(r) = self.contents.relations.get_mut(t) {
+                r.rows = true;
+            }
+        }
     }
 
     fn chunk_done(&mut self) {

@@ -359,3 +359,92 @@ fn unsupported_versions_are_refused_saying_what_is_supported() {
         );
     }
 }
+
+/// The contents a DumpCheck gathers from `bytes` fed `piece` bytes at a time.
+fn contents_of(bytes: &[u8], piece: usize) -> Contents {
+    let mut c = DumpCheck::new();
+    for part in bytes.chunks(piece) {
+        c.feed(part).unwrap();
+    }
+    c.finish().unwrap();
+    c.into_contents()
+}
+
+#[test]
+fn contents_list_tables_indexes_constraints_and_which_tables_have_rows() {
+    let db = format!("dbk_pgdump_contents_{}", std::process::id());
+    psql("postgres", &format!("DROP DATABASE IF EXISTS {db}"));
+    psql("postgres", &format!("CREATE DATABASE {db}"));
+    psql(
+        &db,
+        r#"CREATE TABLE full_t (id int PRIMARY KEY, v text);
+           INSERT INTO full_t SELECT i, 'v' FROM generate_series(1, 10) i;
+           CREATE TABLE empty_t (x int REFERENCES full_t);
+           CREATE INDEX empty_x ON empty_t (x);
+           CREATE SCHEMA "Odd Schema";
+           CREATE TABLE "Odd Schema"."We ""ird"" Name" (x int);
+           INSERT INTO "Odd Schema"."We ""ird"" Name" VALUES (1);
+           CREATE TABLE p (k int, v text) PARTITION BY RANGE (k);
+           CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10);
+           CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (10) TO (20);
+           INSERT INTO p VALUES (1, 'only in p1');
+           CREATE VIEW vw AS SELECT * FROM full_t;
+           CREATE TABLE "Tâble" (x int); INSERT INTO "Tâble" VALUES (1);"#,
+    );
+    let plain = dump(&db, &["--format=custom", "--compress=0"]);
+    let compressed = dump(&db, &["--format=custom"]);
+    psql("postgres", &format!("DROP DATABASE {db}"));
+
+    let c = contents_of(&plain, plain.len());
+    assert!(c.rows_known);
+    // One byte at a time gathers the same.
+    assert_eq!(contents_of(&plain, 1), c);
+    let table = |schema: &str, name: &str| {
+        let found: Vec<&Relation> = c
+            .relations
+            .iter()
+            .filter(|r| r.kind == RelKind::Table && r.schema == schema && r.name == name)
+            .collect();
+        assert!(!found.is_empty(), "{schema}.{name} not listed: {c:?}");
+        found.iter().any(|r| r.rows)
+    };
+    assert!(table("public", "full_t"));
+    // An empty table's data block holds only the end of its COPY (`\.`).
+    assert!(!table("public", "empty_t"));
+    assert!(table("Odd Schema", "We \"ird\" Name"));
+    assert!(table("public", "Tâble"));
+    // The partitioned table has no data of its own; its rows are its partitions'.
+    assert!(!table("public", "p"));
+    assert!(table("public", "p1"));
+    assert!(!table("public", "p2"));
+    assert!(c
+        .relations
+        .iter()
+        .any(|r| r.kind == RelKind::Index && r.schema == "public" && r.name == "empty_x"));
+    // Not a table: a view is not looked up as one.
+    assert!(!c.relations.iter().any(|r| r.name == "vw"));
+    // The primary key and the foreign key.
+    assert_eq!(c.constraints, 2);
+
+    // Compressed, an empty table's block holds the compressor's frame: rows unknown.
+    let z = contents_of(&compressed, 4096);
+    assert!(!z.rows_known);
+    assert_eq!(z.relations.len(), c.relations.len());
+
+    // In a LATIN1 database the same name is other bytes, which a UTF-8 session would
+    // not find: it is left out rather than looked up wrong.
+    psql("postgres", &format!("DROP DATABASE IF EXISTS {db}_l1"));
+    psql(
+        "postgres",
+        &format!("CREATE DATABASE {db}_l1 ENCODING 'LATIN1' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"),
+    );
+    psql(
+        &format!("{db}_l1"),
+        r#"CREATE TABLE "Tâble" (x int); INSERT INTO "Tâble" VALUES (1); CREATE TABLE plain (x int);"#,
+    );
+    let latin1 = dump(&format!("{db}_l1"), &["--format=custom", "--compress=0"]);
+    psql("postgres", &format!("DROP DATABASE {db}_l1"));
+    let l = contents_of(&latin1, latin1.len());
+    let names: Vec<&str> = l.relations.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["plain", "plain"], "{l:?}");
+}
