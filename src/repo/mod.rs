@@ -19,6 +19,7 @@ pub mod catalog;
 mod error;
 pub mod pg_restore;
 pub mod restore;
+mod settle;
 pub mod sibling;
 pub mod storage;
 pub mod verify;
