@@ -11,7 +11,7 @@
 //! leftover is told from a file in use by the lock alone.
 //!
 //! A restore makes the target self-contained before it parks anything (see
-//! [`super::restore`]: committed WAL frames checkpointed, a hot journal rolled back),
+//! [`super::settle`]: committed WAL frames checkpointed, a hot journal rolled back),
 //! so its parked side files normally hold nothing. A writer killed mid-way (kill -9,
 //! power loss) leaves plaintext and perhaps parked side files behind. The next writer
 //! into the same folder removes every stale `.tmp` there ([`remove_dead_temps`]); the
@@ -220,6 +220,10 @@ const JOURNAL_MAGIC: [u8; 8] = [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7];
 /// opens). Anything but a regular file counts as holding data: it is not ours to
 /// judge.
 fn holds_data(path: &Path, side: &str) -> io::Result<bool> {
+    // A link is never followed (opening it with O_NOFOLLOW would only fail).
+    if !fs::symlink_metadata(path)?.is_file() {
+        return Ok(true);
+    }
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -437,6 +441,9 @@ pub fn remove_dead_temps(target: &Path) -> Result<Vec<String>, BackupError> {
 /// Returns what it did, one line each, for the log.
 pub fn recover(target: &Path) -> Result<Vec<String>, BackupError> {
     let mut done = remove_dead_temps(target)?;
+    // Every parked file is looked at before any refusal: one left for the operator
+    // does not keep the others (empty ones, say) from being settled.
+    let mut refusals = Vec::new();
     let dir = folder_of(target);
     let name = name_of(target);
     for file_name in entries_of(target) {
@@ -482,21 +489,22 @@ pub fn recover(target: &Path) -> Result<Vec<String>, BackupError> {
             ));
         } else if now == was {
             if let Err(e) = put_back(&path, &side_path) {
-                return Err(BackupError::Refused(format!(
+                refusals.push(format!(
                     "{} was moved aside by an interrupted restore and cannot be put back \
                      ({e}); with the application stopped, move it back to {} by hand \
                      (or remove the newer {} if that one is empty) and try again",
                     path.display(),
                     side_path.display(),
                     side_path.display()
-                )));
+                ));
+                continue;
             }
             done.push(format!(
                 "put {} back: an interrupted restore had moved it aside",
                 side_path.display()
             ));
         } else {
-            return Err(BackupError::Refused(format!(
+            refusals.push(format!(
                 "{} was moved aside by an interrupted restore and still holds transactions, \
                  and {} has changed since (written, or replaced by another file): putting it \
                  back could replay old pages over newer ones, removing it could lose what it \
@@ -505,8 +513,15 @@ pub fn recover(target: &Path) -> Result<Vec<String>, BackupError> {
                 path.display(),
                 target.display(),
                 path.display()
-            )));
+            ));
         }
+    }
+    if !refusals.is_empty() {
+        // The caller logs what was done only on success: said here, it is not lost.
+        for line in &done {
+            tracing::warn!("{line}");
+        }
+        return Err(BackupError::Refused(refusals.join("; and ")));
     }
     Ok(done)
 }
@@ -653,8 +668,8 @@ mod tests {
         assert!(!holds_data(&at("h", &wal), "-shm").unwrap());
         std::os::unix::fs::symlink(dir.path().join("a"), dir.path().join("link")).unwrap();
         assert!(
-            holds_data(&dir.path().join("link"), "-wal").is_err(),
-            "never followed"
+            holds_data(&dir.path().join("link"), "-wal").unwrap(),
+            "not ours to judge"
         );
     }
 
