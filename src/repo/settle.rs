@@ -427,4 +427,55 @@ mod tests {
         ));
         assert!(with_suffix(&target, "-wal").exists(), "nothing settled");
     }
+
+    #[tokio::test]
+    async fn a_database_another_connection_reads_or_writes_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        // Rollback journal: a reader holds a shared lock for its whole transaction.
+        let target = dir.path().join("app.db");
+        hot_journal_target(&target).await;
+        let mut app = SqliteConnectOptions::new()
+            .filename(&target)
+            .connect()
+            .await
+            .unwrap();
+        let mut tx = app.begin().await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(n, 3000);
+        assert!(matches!(
+            settle(&target).await,
+            Err(BackupError::Refused(m)) if m.contains("in use") && m.contains("stop the application first")
+        ));
+        tx.commit().await.unwrap();
+        app.close().await.unwrap();
+        assert_eq!(settle(&target).await.unwrap(), None);
+
+        // WAL: a writer in the middle of a transaction.
+        let target = dir.path().join("wal.db");
+        wal_target(&target).await;
+        let mut app = SqliteConnectOptions::new()
+            .filename(&target)
+            .connect()
+            .await
+            .unwrap();
+        let mut tx = app.begin().await.unwrap();
+        sqlx::query("INSERT INTO t (s) VALUES ('pending')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        assert!(matches!(
+            settle(&target).await,
+            Err(BackupError::Refused(m)) if m.contains("in use")
+        ));
+        assert!(with_suffix(&target, "-wal").exists());
+        tx.commit().await.unwrap();
+        app.close().await.unwrap();
+        assert_eq!(settle(&target).await.unwrap(), None);
+        assert!(!with_suffix(&target, "-wal").exists(), "checkpointed");
+        let all = "SELECT group_concat(s) FROM t";
+        assert_eq!(rows(&target, all).await, ["old,only-in-wal,pending"]);
+    }
 }
