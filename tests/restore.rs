@@ -1,8 +1,8 @@
 //! Restores that cannot half-destroy their target, with the real binary, real SQLite
 //! files and real PostgreSQL: a PostgreSQL restore either replaces the target whole or
-//! leaves it exactly as it was; a SQLite restore keeps the target's WAL when it cannot
-//! replace the file and keeps its owner, mode and journal mode when it can; a restore
-//! test that cannot start, or whose pg_restore fails, does not condemn the backup; the
+//! leaves it exactly as it was; a SQLite restore keeps what the target's WAL held when
+//! it cannot replace the file, keeps its owner, mode and journal mode when it can, and
+//! refuses a database another process is reading; a restore test that cannot start, or whose pg_restore fails, does not condemn the backup; the
 //! scratch databases a crash leaves are dropped once their owner is gone, and nothing
 //! else is; URL secrets stay out of argv and logs; database names with spaces mean the
 //! same thing everywhere.
@@ -1154,4 +1154,63 @@ fn restore_test_whose_pg_restore_exits_0_having_restored_nothing_is_a_job_error(
         );
     assert_single_backup_passed(&w);
     assert_eq!(leftovers(&src.name), "0", "scratch database left");
+}
+
+#[test]
+fn forced_sqlite_restore_over_a_database_in_use_is_refused() {
+    // Settling the target (checkpointing its WAL into it) cannot complete while
+    // another process reads it: the restore must stop there, with nothing moved.
+    let w = sqlite_workdir();
+    let target = w.path().join("live.db");
+    wal_target(&target);
+    let mut reader = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+             c.execute('BEGIN')\nprint(c.execute('SELECT group_concat(s) FROM t').fetchone()[0], flush=True)\n\
+             sys.stdin.read()\n",
+        )
+        .arg(&target)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(reader.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("the reader's first row");
+    assert_eq!(line.trim(), "old,only-in-wal");
+    let restore = || {
+        w.cmd(&[
+            "restore",
+            "app",
+            "--to",
+            target.to_str().expect("utf-8"),
+            "--force",
+        ])
+        .assert()
+    };
+    restore().code(1).stderr(
+        predicate::str::contains("in use")
+            .and(predicate::str::contains("stop the application first")),
+    );
+    // Looked at while the reader still holds it (its close checkpoints the WAL).
+    assert!(with_suffix(&target, "-wal").exists(), "the WAL was moved");
+    assert!(!has_restore_temp(w.path()), "restore files left");
+    drop(reader.stdin.take());
+    reader.wait().expect("reader");
+    assert_eq!(
+        sqlite(&target, "SELECT group_concat(s) FROM t").trim(),
+        "old,only-in-wal",
+        "the target changed"
+    );
+    // With the application gone, the same restore goes through.
+    restore().success();
+    assert_eq!(
+        sqlite(&target, "SELECT group_concat(s) FROM t").trim(),
+        "a,b,c"
+    );
+    assert!(!has_restore_temp(w.path()), "restore files left");
 }

@@ -390,7 +390,7 @@ pub async fn decrypt(
         if out.exists() {
             bail!("{output} exists; remove it or choose another -o");
         }
-        for done in sibling::recover(out)? {
+        for done in sibling::remove_dead_temps(out)? {
             tracing::warn!("{done}");
         }
         // Locked while it exists: a decrypt killed mid-way leaves plaintext the next

@@ -20,6 +20,7 @@ mod error;
 pub mod pg_check;
 pub mod pg_restore;
 pub mod restore;
+mod settle;
 pub mod sibling;
 pub mod storage;
 pub mod verify;

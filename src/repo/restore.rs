@@ -8,9 +8,12 @@
 //! SQLite: the image is written beside the target, checked with
 //! `PRAGMA integrity_check`, given the target's owner, group, mode and journal mode,
 //! and renamed over it (`--force`) or hard-linked to it (which fails if a file
-//! appeared there meanwhile); the target's `-wal`/`-shm`/`-journal` are moved aside
-//! first and put back if anything fails, so committed transactions in a WAL are never
-//! lost. Only a regular file is ever a target: anything else is refused before it is
+//! appeared there meanwhile). A target that is replaced is first made self-contained
+//! by SQLite (see [`super::settle`]: WAL checkpointed, hot journal rolled back; refused
+//! while another connection is in a transaction), then its `-wal`/`-shm`/`-journal`
+//! are moved aside and put back if anything fails, so no committed transaction is ever
+//! lost and no uncommitted one ever shows, even if the restore is killed half-way.
+//! Only a regular file is ever a target: anything else is refused before it is
 //! opened.
 //!
 //! PostgreSQL: the archive is streamed into a fresh scratch database on the same
@@ -30,6 +33,7 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
+use super::settle;
 use super::sibling::{self, SiblingTemp};
 use super::verify::{self, Durability, Expect, PrivateDir};
 use super::{pg_restore, BackupError};
@@ -287,8 +291,15 @@ async fn restore_sqlite(
         return Err(BackupError::Cancelled);
     }
     // A WAL beside the new file would be replayed into it; park it (never delete it)
-    // until the rename below, the commit point, has happened.
-    let parked = tmp.park_side_files(target)?;
+    // until the rename below, the commit point, has happened. With --force the target
+    // is first made self-contained (WAL checkpointed, hot journal rolled back), so that
+    // a restore killed between here and the rename leaves a complete database behind
+    // and side files holding nothing (see `settle`). Without --force nothing was there.
+    let parked = if force {
+        settle::settle_and_park(&tmp, target).await?
+    } else {
+        tmp.park_side_files(target)?
+    };
     let published = if force {
         std::fs::rename(tmp.path(), target).map_err(|e| rename_refused(target, e))
     } else {
@@ -361,12 +372,12 @@ fn rename_refused(target: &Path, source: std::io::Error) -> BackupError {
         return BackupError::Refused(format!(
             "cannot replace {} atomically ({source}): it is a mount point or on another file system; \
              restore to a new file next to it and copy that over the target with the application stopped \
-             (the target and its WAL are untouched)",
+             (the target keeps all it held; its WAL, if it had one, was checkpointed into it)",
             target.display()
         ));
     }
     BackupError::Io {
-        what: "cannot move the restored file to (the target and its WAL are untouched)",
+        what: "cannot move the restored file to (the target keeps all it held)",
         path: target.to_owned(),
         source,
     }
