@@ -932,3 +932,31 @@ fn a_backup_found_damaged_is_still_pruned_once_a_newer_good_one_exists() {
     let newer = backup(&w, "app", &dest);
     assert_eq!(ids(&dest, "app"), [newer]);
 }
+
+#[test]
+fn decrypt_never_writes_through_or_over_a_dangling_link() {
+    // Adversary round 3 (noted): `-o` onto a dangling symbolic link replaced it with
+    // the plaintext, where an existing file is refused.
+    let (w, dest) = app_with_backups("");
+    let id = backup(&w, "app", &dest);
+    let archive = dest.join("app").join(format!("{id}.dbk"));
+    let link = w.path().join("out.db");
+    let elsewhere = w.path().join("elsewhere.db");
+    std::os::unix::fs::symlink(&elsewhere, &link).expect("symlink");
+    let out = w
+        .cmd(&[
+            "decrypt",
+            archive.to_str().expect("utf-8"),
+            "-o",
+            link.to_str().expect("utf-8"),
+        ])
+        .assert()
+        .failure();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(stderr.contains("exists"), "{stderr}");
+    assert!(std::fs::symlink_metadata(&link)
+        .expect("link")
+        .file_type()
+        .is_symlink());
+    assert!(!elsewhere.exists());
+}

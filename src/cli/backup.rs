@@ -297,6 +297,9 @@ pub async fn restore(
 ) -> anyhow::Result<Exit> {
     let jobs = backup_jobs(config, database)?;
     let (_, b) = backup_of(config, &jobs, database)?;
+    // Plaintext a killed restore left in the scratch folder goes now, not only at the
+    // daemon's next start.
+    b.clean_scratch(database);
     let dest = b.destination(database);
     let policy = b.trust_policy(database, how.allow_unencrypted);
     let listing = catalog_of(&*dest, &policy)?;
@@ -387,7 +390,8 @@ pub async fn decrypt(
         }
     } else {
         let out = Path::new(output);
-        if out.exists() {
+        // Not `exists()`: a dangling symbolic link is something there too.
+        if std::fs::symlink_metadata(out).is_ok() {
             bail!("{output} exists; remove it or choose another -o");
         }
         for done in sibling::remove_dead_temps(out)? {
