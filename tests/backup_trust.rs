@@ -960,3 +960,24 @@ fn decrypt_never_writes_through_or_over_a_dangling_link() {
         .is_symlink());
     assert!(!elsewhere.exists());
 }
+
+#[test]
+fn decrypt_refuses_a_name_with_sqlite_side_files_beside_it() {
+    // Adversary round 4, case 14: a stale `-wal` beside the output was replayed into
+    // the decrypted database by SQLite on first open.
+    let (w, dest) = app_with_backups("");
+    let id = backup(&w, "app", &dest);
+    let archive = dest.join("app").join(format!("{id}.dbk"));
+    let out = w.path().join("copy.db");
+    std::fs::write(w.path().join("copy.db-wal"), b"stale").expect("wal");
+    w.cmd(&[
+        "decrypt",
+        archive.to_str().expect("utf-8"),
+        "-o",
+        out.to_str().expect("utf-8"),
+    ])
+    .assert()
+    .failure()
+    .stderr(predicates::str::contains("copy.db-wal exists"));
+    assert!(!out.exists());
+}

@@ -1214,3 +1214,30 @@ fn forced_sqlite_restore_over_a_database_in_use_is_refused() {
     );
     assert!(!has_restore_temp(w.path()), "restore files left");
 }
+
+#[test]
+fn a_sqlite_target_sqlite_cannot_settle_is_refused_with_its_wal_in_place() {
+    // Adversary round 4, cases 11 and 12: a healthy database SQLite could not settle
+    // (read-only, disk full) had its WAL moved aside anyway, and a kill before the
+    // rename lost the committed rows in it. Here the file is mounted read-only.
+    let w = sqlite_workdir();
+    let target = w.path().join("live.db");
+    wal_target(&target);
+    let script = "mount --bind \"$1\" \"$1\" && mount -o remount,ro,bind \"$1\" \"$1\" && \
+                  exec \"$2\" restore app --to \"$1\" --force -c \"$3\"";
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", script, "sh"])
+        .arg(&target)
+        .arg(common::BIN)
+        .arg(w.config_path())
+        .output()
+        .expect("unshare");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot settle"), "{stderr}");
+    assert!(with_suffix(&target, "-wal").exists(), "the WAL was moved");
+    assert_eq!(
+        sqlite(&target, "SELECT group_concat(s) FROM t").trim(),
+        "old,only-in-wal"
+    );
+}

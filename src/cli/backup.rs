@@ -394,6 +394,18 @@ pub async fn decrypt(
         if std::fs::symlink_metadata(out).is_ok() {
             bail!("{output} exists; remove it or choose another -o");
         }
+        // SQLite would take a WAL or journal left beside the name for the new file's
+        // own and replay it into it (adversary round 4, case 14).
+        for side in sibling::SIDE_FILES {
+            let mut path = out.as_os_str().to_owned();
+            path.push(side);
+            if std::fs::symlink_metadata(&path).is_ok() {
+                bail!(
+                    "{} exists beside {output}: SQLite would read it as the decrypted database's own;                      remove it or choose another -o",
+                    Path::new(&path).display()
+                );
+            }
+        }
         for done in sibling::remove_dead_temps(out)? {
             tracing::warn!("{done}");
         }

@@ -106,6 +106,12 @@ pub async fn settle(target: &Path) -> Result<Option<String>, BackupError> {
             target.display()
         ))),
         Err(Unsettled::Failed(e)) => Ok(Some(e.to_string())),
+        Err(Unsettled::Cannot(e)) => Err(BackupError::Refused(format!(
+            "cannot settle {} with SQLite ({e}): its WAL or journal may hold committed \
+             transactions that moving them aside would put at risk; fix that (permissions, \
+             disk space) and try again; the target keeps everything it held",
+            target.display()
+        ))),
     }
 }
 
@@ -115,7 +121,15 @@ enum Unsettled {
     InUse(String),
     /// SQLite cannot read it as a database (damaged, encrypted…): left as it is.
     Failed(sqlx::Error),
+    /// A database SQLite could not settle for want of something (write permission,
+    /// disk space, memory): refused, since its side files may hold committed data
+    /// (adversary round 4, cases 11 and 12).
+    Cannot(sqlx::Error),
 }
+
+/// SQLite's result codes that mean the file is not a (readable) database.
+const SQLITE_CORRUPT: i64 = 11;
+const SQLITE_NOTADB: i64 = 26;
 
 impl From<sqlx::Error> for Unsettled {
     fn from(e: sqlx::Error) -> Self {
@@ -123,10 +137,10 @@ impl From<sqlx::Error> for Unsettled {
             .as_database_error()
             .and_then(|d| d.code())
             .and_then(|c| c.parse::<i64>().ok());
-        if code.is_some_and(|c| matches!(c & 0xff, SQLITE_BUSY | SQLITE_LOCKED)) {
-            Unsettled::InUse(e.to_string())
-        } else {
-            Unsettled::Failed(e)
+        match code.map(|c| c & 0xff) {
+            Some(SQLITE_BUSY | SQLITE_LOCKED) => Unsettled::InUse(e.to_string()),
+            Some(SQLITE_CORRUPT | SQLITE_NOTADB) => Unsettled::Failed(e),
+            _ => Unsettled::Cannot(e),
         }
     }
 }

@@ -206,10 +206,6 @@ fn state_of(path: &Path) -> io::Result<String> {
     }
 }
 
-fn inode_of(state: &str) -> &str {
-    state.split('-').next().unwrap_or_default()
-}
-
 /// The first bytes of a rollback journal that SQLite would play back (a journal
 /// without them, zeroed by `journal_mode=PERSIST` or truncated, is not hot).
 const JOURNAL_MAGIC: [u8; 8] = [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7];
@@ -327,6 +323,9 @@ fn wal_has_commit(wal: &mut impl Read) -> io::Result<bool> {
 enum Leftover<'a> {
     /// `.<name>.dbkeeper-restore.<tag>.tmp`
     Temp,
+    /// `.<name>.dbkeeper-restore.<tag>.tmp-journal` (or `-wal`, `-shm`): SQLite's side
+    /// file of a restored copy.
+    TempSide(&'static str),
     /// `.<target><side>.dbkeeper-restore.<tag>.<state>[.<restored>].parked` (older
     /// versions did not record the restored file's inode).
     Parked {
@@ -334,6 +333,9 @@ enum Leftover<'a> {
         side: &'static str,
         tag: &'a str,
         state: &'a str,
+        /// The restored file's inode at parking time: recorded for the operator, never
+        /// trusted to decide (inode numbers are reused).
+        #[allow(dead_code)]
         restored: Option<&'a str>,
     },
 }
@@ -343,6 +345,13 @@ fn parse(file_name: &str) -> Option<Leftover<'_>> {
     let (before, after) = rest.rsplit_once(MARK)?;
     if let Some(tag) = after.strip_suffix(TMP) {
         return is_tag(tag).then_some(Leftover::Temp);
+    }
+    // SQLite's own side files of the restored copy (a journal while its journal mode
+    // is set), left when a restore was killed (adversary round 4, case 04).
+    for side in SIDE_FILES {
+        if let Some(tag) = after.strip_suffix(side).and_then(|a| a.strip_suffix(TMP)) {
+            return is_tag(tag).then_some(Leftover::TempSide(side));
+        }
     }
     let fields: Vec<&str> = after.strip_suffix(PARKED)?.split('.').collect();
     let (tag, state, restored) = match fields[..] {
@@ -415,11 +424,14 @@ pub fn remove_dead_temps(target: &Path) -> Result<Vec<String>, BackupError> {
     let dir = folder_of(target);
     let mut done = Vec::new();
     for file_name in entries_of(target) {
-        if !matches!(parse(&file_name), Some(Leftover::Temp)) {
-            continue;
-        }
         let path = dir.join(&file_name);
-        match held(&path) {
+        // The writer's lock is on the copy itself, also for the copy's side files.
+        let owner = match parse(&file_name) {
+            Some(Leftover::Temp) => path.clone(),
+            Some(Leftover::TempSide(side)) => dir.join(&file_name[..file_name.len() - side.len()]),
+            _ => continue,
+        };
+        match held(&owner) {
             Ok(false) => {
                 fs::remove_file(&path)
                     .map_err(|e| io_error("cannot remove the leftover", &path, e))?;
@@ -452,7 +464,8 @@ pub fn recover(target: &Path) -> Result<Vec<String>, BackupError> {
             side,
             tag,
             state: was,
-            restored,
+            // Recorded, but no longer decides anything (see below).
+            restored: _,
         }) = parse(&file_name)
         else {
             continue;
@@ -480,14 +493,12 @@ pub fn recover(target: &Path) -> Result<Vec<String>, BackupError> {
             ));
             continue;
         }
+        // A parked file that holds transactions is never removed: an inode number says
+        // nothing once the file system has handed it to another file (adversary round
+        // 4, case 05). It goes back onto the very target it came from, or stays for the
+        // operator; a settled target (see `settle`) leaves none such.
         let now = state_of(target).map_err(|e| io_error("cannot look at", target, e))?;
-        if restored.is_some_and(|r| r == inode_of(&now)) {
-            fs::remove_file(&path).map_err(|e| io_error("cannot remove the leftover", &path, e))?;
-            done.push(format!(
-                "removed {}: it belonged to the database an interrupted restore replaced",
-                path.display()
-            ));
-        } else if now == was {
+        if now == was {
             if let Err(e) = put_back(&path, &side_path) {
                 refusals.push(format!(
                     "{} was moved aside by an interrupted restore and cannot be put back \
@@ -529,6 +540,22 @@ pub fn recover(target: &Path) -> Result<Vec<String>, BackupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dead_copys_sqlite_side_files_go_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("app.db");
+        let dead = dir
+            .path()
+            .join(".app.db.dbkeeper-restore.00000000000000aa.tmp-journal");
+        fs::write(&dead, b"plaintext").unwrap();
+        let live = SiblingTemp::create(&target).unwrap();
+        let live_side = with_suffix(live.path(), "-journal");
+        fs::write(&live_side, b"in use").unwrap();
+        remove_dead_temps(&target).unwrap();
+        assert!(!dead.exists());
+        assert!(live_side.exists(), "a live copy's journal stays");
+    }
 
     #[test]
     fn names_round_trip_and_strangers_are_ignored() {
@@ -704,18 +731,27 @@ mod tests {
             "the database and its WAL (the -shm went): {left:?}"
         );
 
-        // Killed after the rename: the parked WAL is the old database's.
+        // Killed after the rename: the parked WAL is the old database's, but an inode
+        // number proves nothing once it can have been reused (adversary round 4, case
+        // 05), so a WAL holding transactions stays for the operator.
         let temp = SiblingTemp::create(&target).unwrap();
         fs::write(temp.path(), b"new").unwrap();
         let parked = temp.park_side_files(&target).unwrap();
         fs::rename(temp.path(), &target).unwrap();
         std::mem::forget(parked);
         drop(temp);
-        recover(&target).unwrap();
-        assert!(!with_suffix(&target, "-wal").exists());
+        assert!(matches!(recover(&target), Err(BackupError::Refused(_))));
+        assert!(!with_suffix(&target, "-wal").exists(), "nothing put back");
         assert_eq!(fs::read(&target).unwrap(), b"new");
-        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().collect();
-        assert_eq!(left.len(), 1, "{left:?}");
+        let kept = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(PARKED))
+            .count();
+        assert_eq!(
+            kept, 1,
+            "the parked WAL holding transactions is never deleted"
+        );
     }
 
     #[tokio::test]
