@@ -131,7 +131,7 @@ fn a_real_prometheus_sees_a_failing_backup_alert_fire_and_resolve() {
         ),
     );
     let d = w.start();
-    let prom = start_prometheus(&w, w.port);
+    let prom = start_prometheus(&w, d.port);
     let log = || std::fs::read_to_string(w.path().join("prometheus.log")).unwrap_or_default();
     d.wait_for(
         "DbkeeperJobFailed pending or firing",

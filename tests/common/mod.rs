@@ -186,26 +186,41 @@ impl Workdir {
     }
 
     pub fn start_with_env(&self, env: &[(&str, &str)]) -> Daemon {
-        let log = self.path().join(format!("daemon-{}.log", free_port()));
-        let child = Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(self.config_path())
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("start dbkeeper");
-        let daemon = Daemon {
-            child,
-            port: self.port,
-            log,
-        };
-        daemon.wait_for("/healthz answers", Duration::from_secs(30), || {
-            http_get(daemon.port, "/healthz").is_some_and(|(code, _)| code == 200)
-        });
-        daemon
+        let mut port = self.port;
+        for _ in 0..5 {
+            let log = self.path().join(format!("daemon-{}.log", free_port()));
+            let child = Command::new(BIN)
+                .args(["run", "-c"])
+                .arg(self.config_path())
+                .env("RUST_LOG", "info")
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("log file"))
+                .spawn()
+                .expect("start dbkeeper");
+            let mut daemon = Daemon { child, port, log };
+            // Ours answering, not whatever else took the port between `free_port` and
+            // the daemon's bind (another test's process): then try another port.
+            let mut lost_port = false;
+            daemon.wait_for("/healthz answers", Duration::from_secs(30), || {
+                lost_port = daemon.log_text().contains("Address already in use");
+                lost_port || http_get(daemon.port, "/healthz").is_some_and(|(code, _)| code == 200)
+            });
+            if !lost_port {
+                return daemon;
+            }
+            let _ = daemon.child.wait();
+            let next = free_port();
+            let config = std::fs::read_to_string(self.config_path()).expect("config");
+            std::fs::write(
+                self.config_path(),
+                config.replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{next}")),
+            )
+            .expect("config");
+            port = next;
+        }
+        panic!("no free port for the daemon after 5 tries");
     }
 }
 
