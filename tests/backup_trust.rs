@@ -86,6 +86,14 @@ fn app_with_backups(extra: &str) -> (Workdir, PathBuf) {
     (w, dest)
 }
 
+/// The line of `backup list` output for backup `id` (empty if none).
+fn listed(list: &str, id: &str) -> String {
+    list.lines()
+        .find(|l| l.starts_with(id))
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Waits until the next backup gets another id (ids have one-second resolution).
 fn next_second() {
     std::thread::sleep(Duration::from_millis(1100));
@@ -795,12 +803,7 @@ fn a_retired_key_vouches_only_for_backups_older_than_the_current_keys_first() {
 
     w.write_config("", &rotated);
     let list = w.stdout(&["backup", "list", "app"]);
-    let line = |id: &str| {
-        list.lines()
-            .find(|l| l.starts_with(id))
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let line = |id: &str| listed(&list, id);
     assert!(line(&forged[0]).contains("UNTRUSTED"), "{list}");
     assert!(line(&forged[0]).contains("retired key"), "{list}");
     assert!(!line(&before_rotation[0]).contains("UNTRUSTED"), "{list}");
@@ -836,10 +839,7 @@ fn an_archive_cut_short_never_counts_as_good_nor_costs_an_intact_backup() {
     file.set_len(len - 1).expect("truncate");
     drop(file);
     let list = w.stdout(&["backup", "list", "app"]);
-    let line = list
-        .lines()
-        .find(|l| l.starts_with(&cut))
-        .unwrap_or_default();
+    let line = listed(&list, &cut);
     assert!(
         line.contains("UNTRUSTED") && line.contains("cut short"),
         "{list}"

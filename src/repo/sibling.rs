@@ -3,11 +3,10 @@
 //! parked while the restored file takes its place.
 //!
 //! Names: `.<name>.dbkeeper-restore.<tag>.tmp` for the new file and
-//! `.<name><side>.dbkeeper-restore.<tag>.<state>.<restored>.parked` for an old side
-//! file, with one random tag per writer (never a PID: PIDs repeat, and are 1 in every
-//! container), `<state>` the target's state when it was parked (inode, size,
-//! modification time) and `<restored>` the inode of the file about to replace it. The
-//! writer holds an advisory lock (`flock`) on its `.tmp` for as long as it lives, so a
+//! `.<name><side>.dbkeeper-restore.<tag>.<state>.parked` for an old side file, with
+//! one random tag per writer (never a PID: PIDs repeat, and are 1 in every
+//! container) and `<state>` the target's state when it was parked (inode, size,
+//! modification time). The writer holds an advisory lock (`flock`) on its `.tmp` for as long as it lives, so a
 //! leftover is told from a file in use by the lock alone.
 //!
 //! A restore makes the target self-contained before it parks anything (see
@@ -20,19 +19,19 @@
 //!   a WAL without a valid commit frame, a journal without a journal header) is
 //!   removed: whatever the target is now, it needs nothing from it;
 //! - one that still holds data (the target was not a database SQLite could settle, or
-//!   an older dbkeeper parked it) is never guessed about: it is removed only when the
-//!   target now is the restored file itself (its inode is `<restored>`: the rename,
-//!   the commit point, happened), put back only onto the target exactly as it was
-//!   parked (same inode, size and modification time: nothing wrote it since), and in
-//!   every other case (the target written since, or replaced by something else, a
-//!   copy with a new inode say) left where it is, and the restore refused, naming the
-//!   file for the operator to decide.
+//!   an older dbkeeper parked it) is never removed, since an inode number proves
+//!   nothing once the file system may have reused it: it is put back only onto the
+//!   target exactly as it was parked (same inode, size and modification time: nothing
+//!   wrote it since), and in every other case (the rename happened, the target was
+//!   written since or replaced by a copy) left where it is, and the restore refused,
+//!   naming the file for the operator to decide.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use super::storage::local::held;
 use super::BackupError;
 
 const MARK: &str = ".dbkeeper-restore.";
@@ -113,21 +112,15 @@ impl SiblingTemp {
             .map_err(|e| io_error("cannot write", &self.path, e))
     }
 
-    /// Moves `target`'s side files aside, named after this writer, the target's state
-    /// and the inode of this file (which the rename keeps), until [`Parked::discard`];
-    /// dropped before that, they are put back.
+    /// Moves `target`'s side files aside, named after this writer and the target's
+    /// state, until [`Parked::discard`]; dropped before that, they are put back.
     pub fn park_side_files(&self, target: &Path) -> Result<Parked, BackupError> {
         let state = state_of(target).map_err(|e| io_error("cannot look at", target, e))?;
-        let restored = self
-            .file
-            .metadata()
-            .map_err(|e| io_error("cannot look at", &self.path, e))?
-            .ino();
         let mut parked = Parked { moved: Vec::new() };
         for side in SIDE_FILES {
             let from = with_suffix(target, side);
             let to = folder_of(target).join(format!(
-                ".{}{side}{MARK}{}.{state}.{restored}{PARKED}",
+                ".{}{side}{MARK}{}.{state}{PARKED}",
                 name_of(target),
                 self.tag
             ));
@@ -326,17 +319,12 @@ enum Leftover<'a> {
     /// `.<name>.dbkeeper-restore.<tag>.tmp-journal` (or `-wal`, `-shm`): SQLite's side
     /// file of a restored copy.
     TempSide(&'static str),
-    /// `.<target><side>.dbkeeper-restore.<tag>.<state>[.<restored>].parked` (older
-    /// versions did not record the restored file's inode).
+    /// `.<target><side>.dbkeeper-restore.<tag>.<state>.parked`
     Parked {
         target: &'a str,
         side: &'static str,
         tag: &'a str,
         state: &'a str,
-        /// The restored file's inode at parking time: recorded for the operator, never
-        /// trusted to decide (inode numbers are reused).
-        #[allow(dead_code)]
-        restored: Option<&'a str>,
     },
 }
 
@@ -353,17 +341,9 @@ fn parse(file_name: &str) -> Option<Leftover<'_>> {
             return is_tag(tag).then_some(Leftover::TempSide(side));
         }
     }
-    let fields: Vec<&str> = after.strip_suffix(PARKED)?.split('.').collect();
-    let (tag, state, restored) = match fields[..] {
-        [tag, state] => (tag, state, None),
-        [tag, state, restored] => (tag, state, Some(restored)),
-        _ => return None,
-    };
+    let (tag, state) = after.strip_suffix(PARKED)?.split_once('.')?;
     let parts: Vec<&str> = state.split('-').collect();
     if parts.len() != 3 || parts.iter().any(|p| p.parse::<i128>().is_err()) {
-        return None;
-    }
-    if restored.is_some_and(|r| r.parse::<u64>().is_err()) {
         return None;
     }
     let side = SIDE_FILES.into_iter().find(|s| before.ends_with(s))?;
@@ -373,35 +353,11 @@ fn parse(file_name: &str) -> Option<Leftover<'_>> {
         side,
         tag,
         state,
-        restored,
     })
 }
 
 fn is_tag(tag: &str) -> bool {
     tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// True when a live writer holds the lock on `path`. Only our own regular files are
-/// looked at (opened without following links or waiting on a FIFO).
-fn held(path: &Path) -> io::Result<bool> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    if !file.metadata()?.is_file() {
-        return Err(io::Error::other("not a regular file"));
-    }
-    match file.try_lock() {
-        // Released when `file` is dropped.
-        Ok(()) => Ok(false),
-        Err(fs::TryLockError::WouldBlock) => Ok(true),
-        Err(fs::TryLockError::Error(e)) => Err(e),
-    }
 }
 
 /// The files in `target`'s folder, by name (the folder itself is checked, and
@@ -464,8 +420,6 @@ pub fn recover(target: &Path) -> Result<Vec<String>, BackupError> {
             side,
             tag,
             state: was,
-            // Recorded, but no longer decides anything (see below).
-            restored: _,
         }) = parse(&file_name)
         else {
             continue;
@@ -563,32 +517,17 @@ mod tests {
             parse(".app.db.dbkeeper-restore.0123456789abcdef.tmp"),
             Some(Leftover::Temp)
         ));
-        for (name, restored) in [
-            (
-                ".app.db-wal.dbkeeper-restore.0123456789abcdef.42-7-99.1234.parked",
-                Some("1234"),
+        match parse(".app.db-wal.dbkeeper-restore.0123456789abcdef.42-7-99.parked") {
+            Some(Leftover::Parked {
+                target,
+                side,
+                tag,
+                state,
+            }) => assert_eq!(
+                (target, side, tag, state),
+                ("app.db", "-wal", "0123456789abcdef", "42-7-99")
             ),
-            // Parked by an older dbkeeper.
-            (
-                ".app.db-wal.dbkeeper-restore.0123456789abcdef.42-7-99.parked",
-                None,
-            ),
-        ] {
-            match parse(name) {
-                Some(Leftover::Parked {
-                    target,
-                    side,
-                    tag,
-                    state,
-                    restored: r,
-                }) => {
-                    assert_eq!(
-                        (target, side, tag, state, r),
-                        ("app.db", "-wal", "0123456789abcdef", "42-7-99", restored)
-                    );
-                }
-                _ => panic!("a parked name must parse: {name}"),
-            }
+            _ => panic!("a parked name must parse"),
         }
         for stranger in [
             "app.db",
@@ -787,18 +726,6 @@ mod tests {
         );
         assert!(!with_suffix(&target, "-wal").exists());
 
-        // Parked by an older dbkeeper (no restored inode in the name): the same.
-        let old_name = wal.to_string_lossy().replacen(
-            &format!(
-                ".{}{PARKED}",
-                wal.to_string_lossy().rsplit('.').nth(1).unwrap()
-            ),
-            PARKED,
-            1,
-        );
-        fs::rename(&wal, &old_name).unwrap();
-        assert!(matches!(recover(&target), Err(BackupError::Refused(_))));
-        assert!(Path::new(&old_name).exists());
         assert_eq!(parked_count(dir.path()), 1);
     }
 

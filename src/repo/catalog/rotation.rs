@@ -425,7 +425,11 @@ mod tests {
         #[derive(Debug, Clone, Copy)]
         enum Sort {
             Good,
+            /// Recorded as failed, and damaged past its first segment (which a listing
+            /// authenticates), so reading it again confirms the failure.
             Failed,
+            /// Recorded as failed by an edited manifest; the archive reads whole.
+            FailedClaim,
             Future,
             /// A plain archive although a key is configured.
             Plain,
@@ -445,6 +449,7 @@ mod tests {
             prop_oneof![
                 4 => Just(Sort::Good),
                 2 => Just(Sort::Failed),
+                1 => Just(Sort::FailedClaim),
                 1 => Just(Sort::Future),
                 1 => Just(Sort::Plain),
                 1 => Just(Sort::OtherDatabase),
@@ -482,10 +487,12 @@ mod tests {
                 image: "sqlite".to_owned(),
                 created: at,
                 compression: Compression::None,
-                segment_size: crate::repo::archive::format::SEGMENT_SIZE,
+                // Small segments, so that a damaged one can follow an intact first.
+                segment_size: 1024,
                 encryption: None,
             };
-            let out = std::fs::File::create(dest.path(&format!("{file_id}{ARCHIVE}"))).unwrap();
+            let path = dest.path(&format!("{file_id}{ARCHIVE}"));
+            let out = std::fs::File::create(&path).unwrap();
             let settings = Settings {
                 header,
                 key,
@@ -494,9 +501,15 @@ mod tests {
                 threads: 1,
                 check_with: None,
             };
+            let image = vec![b'x'; 3000];
             let (_, stats) =
-                archive::write_archive(&b"image"[..], out, settings, &AtomicBool::new(false))
-                    .unwrap();
+                archive::write_archive(&image[..], out, settings, &AtomicBool::new(false)).unwrap();
+            if matches!(sort, Sort::Failed) {
+                let mut bytes = std::fs::read(&path).unwrap();
+                let last = bytes.len() - 5;
+                bytes[last] ^= 1;
+                std::fs::write(&path, bytes).unwrap();
+            }
             let m = Manifest {
                 id: id.to_owned(),
                 database: database.to_owned(),
@@ -515,7 +528,7 @@ mod tests {
                 schema_version: None,
                 verification: Verification {
                     mode: VerifyMode::Read,
-                    result: if matches!(sort, Sort::Failed) {
+                    result: if matches!(sort, Sort::Failed | Sort::FailedClaim) {
                         VerifyResult::Failed
                     } else {
                         VerifyResult::Passed
@@ -629,6 +642,7 @@ mod tests {
                 let mut used = BTreeSet::new();
                 let mut good_ids: Vec<(DateTime<Utc>, String)> = Vec::new();
                 let mut protected: BTreeSet<String> = BTreeSet::new();
+                let mut damaged: Vec<(DateTime<Utc>, String)> = Vec::new();
                 for (sort, hours) in &backups {
                     let at = match sort {
                         Sort::Future => now + chrono::Duration::hours(i64::from(*hours) + 1),
@@ -649,7 +663,7 @@ mod tests {
                         protected.insert(plant(&dest, &of.clone(), planted + 1, *sort));
                         continue;
                     }
-                    if matches!(sort, Sort::Good | Sort::Failed | Sort::Future) {
+                    if matches!(sort, Sort::Good | Sort::Failed | Sort::FailedClaim | Sort::Future) {
                         write(&twin, &file_id, &file_id, at, *sort, &key);
                         genuine.push(file_id.clone());
                     }
@@ -666,7 +680,7 @@ mod tests {
                     }
                     match sort {
                         Sort::Good => good_ids.push((at, file_id)),
-                        Sort::Failed => {}
+                        Sort::Failed => damaged.push((at, file_id)),
                         _ => { protected.insert(file_id); }
                     }
                 }
@@ -704,6 +718,14 @@ mod tests {
                 }
                 for id in &protected {
                     prop_assert!(after.contains(&format!("app/{id}{MANIFEST}")), "{id} lost");
+                }
+                // The README's rule, checked against the files: a backup whose failure
+                // reading confirms goes once a newer good one exists.
+                let newest_good = good_ids.iter().map(|(at, _)| *at).max();
+                for (at, id) in &damaged {
+                    if newest_good.is_some_and(|t| *at < t) {
+                        prop_assert!(!after.contains(&format!("app/{id}{MANIFEST}")), "damaged {id} kept");
+                    }
                 }
             }
         }

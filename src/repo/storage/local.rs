@@ -367,25 +367,13 @@ impl Storage for Destination {
         sync_dir(&self.dir)
     }
 
-    /// Temporary files no live writer holds locked: whether a writer is alive is
-    /// told by its lock, never by a PID.
-    /// Locally, the writer's lock on the file (see [`Upload::publish`]). Only a regular
-    /// file can be held: a link or FIFO under that name is never opened.
+    /// Locally, the writer's lock on the file (see [`Upload::publish`]).
     fn in_use(&self, name: &str) -> io::Result<bool> {
-        let file = match open_regular(&self.path(bare(name)?)) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::InvalidInput => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        match file.try_lock() {
-            // Released when `file` is dropped.
-            Ok(()) => Ok(false),
-            Err(fs::TryLockError::WouldBlock) => Ok(true),
-            Err(fs::TryLockError::Error(e)) => Err(e),
-        }
+        held(&self.path(bare(name)?))
     }
 
+    /// Temporary files no live writer holds locked: whether a writer is alive is
+    /// told by its lock, never by a PID.
     fn clean_uploads(&self) -> io::Result<Vec<String>> {
         let mut removed = Vec::new();
         for name in self.entries()? {
@@ -413,11 +401,20 @@ fn lock(file: &File) -> io::Result<()> {
     })
 }
 
-/// True when a live process holds the lock on `path` (a gone file is not held).
-fn held(path: &Path) -> io::Result<bool> {
-    let file = match File::open(path) {
+/// True when a live process holds the lock on `path`. A gone file is not held, nor
+/// is anything but a regular file (a link or FIFO planted under one of our names is
+/// never followed or waited on: see [`open_regular`]).
+pub fn held(path: &Path) -> io::Result<bool> {
+    let file = match open_regular(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::InvalidInput
+            ) =>
+        {
+            return Ok(false)
+        }
         Err(e) => return Err(e),
     };
     match file.try_lock() {
