@@ -129,7 +129,9 @@ pub fn plan(candidates: &[Candidate], keep: &Keep) -> Vec<Decision> {
             }
         }
     }
-    let newest_good = good.first().map(|c| c.at);
+    // A good backup whose id is claimed twice takes no slot but is never deleted
+    // either, so it still makes older failed backups redundant.
+    let newest_good = sorted.iter().find(|c| c.good && !c.future).map(|c| c.at);
     if let Some(c) = good.first() {
         let r = reasons.entry(&c.id).or_default();
         if r.is_empty() {
