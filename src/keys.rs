@@ -46,6 +46,10 @@ pub enum KeyError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// `generate-key-if-missing` has not created the key yet, and something was
+    /// about to write with it (read-only commands never create it).
+    #[error("key file {path} does not exist yet; it is created when the daemon starts or `dbkeeper run-job` runs (generate-key-if-missing), or make it with `dbkeeper key generate -o {path}`")]
+    NotGenerated { path: PathBuf },
     #[error("the system random number generator failed: {0}")]
     Random(String),
 }

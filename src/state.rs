@@ -170,6 +170,30 @@ impl StateDb {
         }
     }
 
+    /// Opens an existing `<dir>/state.db` to read it, creating and changing nothing
+    /// (see [`crate::db::read_only_options`]); `None` when there is no history yet.
+    /// Its schema is whatever the daemon that wrote it left.
+    pub async fn open_read_only(dir: &Path) -> Result<Option<Self>, StateError> {
+        let path = dir.join("state.db");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let options = crate::db::read_only_options(
+            SqliteConnectOptions::new()
+                .filename(&path)
+                .busy_timeout(Duration::from_secs(10)),
+        );
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .map_err(|source| StateError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Some(StateDb { pool }))
+    }
+
     async fn connect(path: &Path) -> Result<Self, StateError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -359,6 +383,36 @@ mod tests {
             .await
             .unwrap();
         id
+    }
+
+    /// Read-only opens create no `-wal`/`-shm` when nobody writes, and read what a
+    /// running writer committed when one does, leaving its files to it.
+    #[tokio::test]
+    async fn read_only_open_creates_nothing_and_sees_a_writers_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(StateDb::open_read_only(dir.path()).await.unwrap().is_none());
+        let files = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let writer = StateDb::open(dir.path()).await.unwrap();
+        run(&writer, "app.sql.a", t(1), RunResult::Success).await;
+        let reader = StateDb::open_read_only(dir.path()).await.unwrap().unwrap();
+        assert_eq!(reader.last_runs().await.unwrap().len(), 1);
+        run(&writer, "app.sql.b", t(2), RunResult::Success).await;
+        assert_eq!(reader.last_runs().await.unwrap().len(), 2);
+        reader.close().await;
+        writer.close().await;
+        assert_eq!(files(), ["state.db"]);
+        let reader = StateDb::open_read_only(dir.path()).await.unwrap().unwrap();
+        assert_eq!(reader.last_runs().await.unwrap().len(), 2);
+        assert_eq!(files(), ["state.db"], "no side files while reading");
+        reader.close().await;
+        assert_eq!(files(), ["state.db"]);
     }
 
     #[tokio::test]

@@ -33,13 +33,110 @@ fn check_on_the_demo_config_prints_three_run_times_per_job() {
         assert_eq!(line.matches(", ").count() + 1, 3, "three run times: {line}");
     }
     assert!(
-        text.contains("demo.sql.heartbeat") && text.contains("reachable"),
+        text.contains("demo.sql.heartbeat") && text.contains("var/demo.db does not exist yet"),
         "{text}"
     );
     assert!(
-        cwd.path().join("var/demo.db").exists(),
-        "the demo database is created under ./var/"
+        text.contains("key file var/demo.key does not exist yet"),
+        "{text}"
     );
+    assert!(
+        !cwd.path().join("var").exists(),
+        "check only looks: no database, key or directory is created"
+    );
+}
+
+/// Every file under `root` with its size, mode, modification time and contents.
+fn snapshot(root: &Path) -> Vec<(String, u64, u32, std::time::SystemTime, Vec<u8>)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read dir") {
+            let path = entry.expect("entry").path();
+            let meta = std::fs::symlink_metadata(&path).expect("stat");
+            let name = path
+                .strip_prefix(root)
+                .expect("under root")
+                .display()
+                .to_string();
+            let modified = meta.modified().expect("mtime");
+            if meta.is_dir() {
+                stack.push(path);
+                out.push((name, 0, meta.mode(), modified, Vec::new()));
+            } else {
+                let bytes = std::fs::read(&path).expect("read");
+                out.push((name, meta.len(), meta.mode(), modified, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `check`, `jobs`, `history` and `backup list` only look: on a fresh tree they
+/// create nothing, and after the daemon's jobs have run they change no file (no
+/// key, no database, no `-wal`/`-shm` beside the run history, no directory).
+#[test]
+fn read_only_commands_create_and_change_nothing() {
+    let cwd = tempfile::tempdir().expect("tmp");
+    let config = repo_file("config/demo.toml");
+    let read_only: [&[&str]; 5] = [
+        &["check"],
+        &["jobs"],
+        &["history"],
+        &["backup", "list"],
+        &["backup", "list", "demo"],
+    ];
+    let run = |args: &[&str]| {
+        assert_cmd::Command::new(BIN)
+            .args(args)
+            .args(["-c", &config])
+            .current_dir(cwd.path())
+            .output()
+            .expect("run")
+    };
+    for args in read_only {
+        let out = run(args);
+        assert!(
+            !cwd.path().join("var").exists(),
+            "{args:?} created files: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for job in ["demo.sql.heartbeat", "demo.backup"] {
+        let out = run(&["run-job", job]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let before = snapshot(cwd.path());
+    assert!(
+        before.iter().any(|(n, ..)| n == "var/demo.key"),
+        "{before:?}"
+    );
+    // mtimes are compared, so give a write something to show.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    for args in read_only {
+        let out = run(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let after = snapshot(cwd.path());
+        let names = |s: &[(String, u64, u32, std::time::SystemTime, Vec<u8>)]| {
+            s.iter().map(|f| f.0.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(&after),
+            names(&before),
+            "{args:?} created or removed files"
+        );
+        assert!(after == before, "{args:?} changed a file");
+    }
 }
 
 #[test]

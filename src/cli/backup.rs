@@ -69,7 +69,7 @@ fn trust_policy_of(database: &str, b: &BackupConfig) -> anyhow::Result<TrustPoli
     let (key, keys) = b
         .load_keys()
         .with_context(|| format!("database \"{database}\""))?;
-    Ok(BackupJob::policy(database, key.as_ref(), &keys, false))
+    Ok(BackupJob::policy(database, b, key.as_ref(), &keys, false))
 }
 
 /// The backups of a destination as `policy` judges them.
@@ -473,6 +473,22 @@ pub fn key_generate(output: &Path) -> anyhow::Result<Exit> {
         output.display(),
         key.id()
     );
+    // Made with sudo, the file is root's and mode 0600: the service user cannot
+    // read it directly, and should not need to.
+    let by_root = std::fs::metadata(output).is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    if by_root {
+        let name = output
+            .file_name()
+            .map_or("backup.key".into(), |n| n.to_string_lossy());
+        eprintln!(
+            "it belongs to root: let systemd hand it to the service with `LoadCredential={name}:{}` in the unit and write `encryption-key-file = \"{name}\"` (or `chown dbkeeper: {}`)",
+            output.display(),
+            output.display()
+        );
+    }
     Ok(Exit::Success)
 }
 

@@ -1,4 +1,7 @@
 //! `dbkeeper check`: is the configuration good, and is every database reachable?
+//!
+//! It only looks: SQLite files are opened read-only, no key is generated, no
+//! missing database file or directory is created.
 
 use chrono::{DateTime, Utc};
 
@@ -7,22 +10,51 @@ use crate::config::Config;
 use crate::jobs::{Job, Jobs};
 
 pub async fn check(config: &Config) -> anyhow::Result<Exit> {
-    let jobs = Jobs::build(config)?;
+    let jobs = Jobs::inspect(config)?;
     println!(
         "configuration {} is valid (databases: {}, jobs: {})",
         config.path.display(),
         jobs.databases().len(),
         jobs.len()
     );
+    for file in &config.drop_ins {
+        println!("drop-in {}", file.display());
+    }
+    for db in &config.databases {
+        let key = db.backup.as_ref().and_then(|b| {
+            let path = b.encryption_key_file.as_ref()?;
+            (b.generate_key_if_missing && !path.exists()).then_some(path)
+        });
+        if let Some(path) = key {
+            println!(
+                "database {}: key file {} does not exist yet; the daemon generates it at start (generate-key-if-missing)",
+                db.name,
+                path.display()
+            );
+        }
+    }
     let mut all_up = true;
     let mut misnamed = false;
     for db in jobs.databases() {
+        let source = config
+            .databases
+            .iter()
+            .find(|c| c.name == db.name())
+            .map(|c| c.source.display().to_string())
+            .unwrap_or_default();
         let what = format!(
-            "database {} ({}, {})",
+            "database {} ({}, {}, from {source})",
             db.name(),
             db.backend().as_str(),
             db.url()
         );
+        if let Some(file) = db.not_created_yet() {
+            println!(
+                "{what}: {} does not exist yet; the first job creates it (mode=rwc)",
+                file.display()
+            );
+            continue;
+        }
         match db.ping().await {
             Ok(()) => {
                 println!("{what}: reachable");

@@ -59,11 +59,7 @@ pub(super) fn print_table(header: &[&str], rows: &[Vec<String>]) {
 /// The run history if the state database exists; a read-only command does not
 /// create one.
 async fn open_history(config: &Config) -> anyhow::Result<Option<StateDb>> {
-    let dir = &config.daemon.state_dir;
-    if !dir.join("state.db").exists() {
-        return Ok(None);
-    }
-    Ok(Some(StateDb::open(dir).await?))
+    Ok(StateDb::open_read_only(&config.daemon.state_dir).await?)
 }
 
 /// The table of jobs: read from the configuration and the run history; opens no

@@ -107,6 +107,13 @@ pub struct Config {
     /// The file this configuration was read from (not a key; set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
+    /// The drop-in files merged into it, in the order read (not a key; see
+    /// [`Config::load`]).
+    #[serde(skip)]
+    pub drop_ins: Vec<PathBuf>,
+    /// Which file wrote `[daemon]` and `[notify]`, so that a second one is refused.
+    #[serde(skip)]
+    sections: Vec<(PathBuf, String)>,
     /// Daemon-wide settings (`[daemon]`). Every key has a default.
     #[serde(default)]
     pub daemon: DaemonConfig,
@@ -217,6 +224,10 @@ impl Default for DaemonConfig {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DatabaseConfig {
+    /// The file this database was configured in: the main file or a drop-in (not a
+    /// key; set at load).
+    #[serde(skip)]
+    pub source: PathBuf,
     /// Short name used in job ids, metric labels and backup paths: letters, digits,
     /// `_` and `-`. Required.
     pub name: String,
@@ -225,8 +236,8 @@ pub struct DatabaseConfig {
     /// missing file). Required. Never put a password here: use `password-file`.
     pub url: String,
     /// PostgreSQL only: file holding the password (trailing newline ignored). A
-    /// relative name is looked up in `$CREDENTIALS_DIRECTORY` (systemd
-    /// `LoadCredential=`). Default: none.
+    /// bare name (no `/`) is a systemd credential, read from
+    /// `$CREDENTIALS_DIRECTORY` when set (`LoadCredential=`). Default: none.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
     /// How long to wait for a connection before the database counts as down.
@@ -260,6 +271,7 @@ pub struct DatabaseConfig {
 impl std::fmt::Debug for DatabaseConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DatabaseConfig")
+            .field("source", &self.source)
             .field("name", &self.name)
             .field("url", &crate::redact::redact_url(&self.url))
             .field("password_file", &self.password_file)
@@ -600,18 +612,22 @@ job_table! {
         /// Compression level: zstd 1-19 (default 3), gzip 1-9 (default 6).
         #[serde(default)]
         pub level: Option<i32>,
-        /// 32-byte key file (`dbkeeper key generate`), mode 0600. Required unless
-        /// `encryption = "none"`.
+        /// 32-byte key file (`dbkeeper key generate`), mode 0600. A bare name (no
+        /// `/`) is a systemd credential, read from `$CREDENTIALS_DIRECTORY` when set.
+        /// Required unless `encryption = "none"`.
         #[serde(default)]
         pub encryption_key_file: Option<PathBuf>,
         /// Write `"none"` to store backups unencrypted, on purpose. Default: unset.
         #[serde(default)]
         pub encryption: Option<EncryptionSetting>,
-        /// Create `encryption-key-file` (mode 0600) if it does not exist, e.g. for a
-        /// demo or a first install. Default: `false`.
+        /// Create `encryption-key-file` (mode 0600) if it does not exist when a
+        /// backup is about to be written (the daemon's start, `run-job`), e.g. for a
+        /// demo or a first install; read-only commands never create it.
+        /// Default: `false`.
         #[serde(default)]
         pub generate_key_if_missing: bool,
-        /// Older key files, to read backups made before a key rotation. Default: none.
+        /// Older key files, to read backups made before a key rotation; bare names
+        /// are systemd credentials as for `encryption-key-file`. Default: none.
         #[serde(default)]
         pub decryption_key_files: Vec<PathBuf>,
         /// After writing: `none`, `read` (checksum + full decrypt + decompress) or
@@ -650,19 +666,59 @@ impl BackupConfig {
             .unwrap_or_else(|| self.compression.default_level())
     }
 
-    /// Loads the encryption key (creating it first if configured so) and every key
-    /// that may decrypt this database's backups.
+    /// Whether backups are encrypted: a key file is configured (it may not exist
+    /// yet when `generate-key-if-missing` will create it).
+    pub fn encrypting(&self) -> bool {
+        self.encryption_key_file.is_some()
+    }
+
+    /// Creates `encryption-key-file` (and its directory, mode 0700) when
+    /// `generate-key-if-missing` asks for it and it does not exist. Only commands
+    /// that are about to write backups call this; reading never creates a key.
+    pub fn ensure_key(&self) -> Result<(), KeyError> {
+        let Some(path) = &self.encryption_key_file else {
+            return Ok(());
+        };
+        if !self.generate_key_if_missing || path.exists() {
+            return Ok(());
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| KeyError::Create {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        let key = Key::generate(path)?;
+        tracing::warn!(
+            file = %path.display(),
+            key_id = key.id(),
+            "generated a new backup key; keep a copy of it apart from the backups"
+        );
+        Ok(())
+    }
+
+    /// The key new archives are encrypted with, given the loaded one: `None` only
+    /// for `encryption = "none"`. A configured key that is not there is an error,
+    /// never a reason to write plaintext.
+    pub fn writing_key<'k>(&self, loaded: Option<&'k Key>) -> Result<Option<&'k Key>, KeyError> {
+        match (&self.encryption_key_file, loaded) {
+            (Some(path), None) => Err(KeyError::NotGenerated { path: path.clone() }),
+            (_, key) => Ok(key),
+        }
+    }
+
+    /// Loads the encryption key and every key that may decrypt this database's
+    /// backups. Never writes: a key that `generate-key-if-missing` has not created
+    /// yet is `None` (see [`BackupConfig::ensure_key`]), and [`Self::encrypting`]
+    /// still says backups are encrypted.
     pub fn load_keys(&self) -> Result<(Option<Key>, KeyRing), KeyError> {
         let key = match &self.encryption_key_file {
-            Some(path) if self.generate_key_if_missing && !path.exists() => {
-                let key = Key::generate(path)?;
-                tracing::warn!(
-                    file = %path.display(),
-                    key_id = key.id(),
-                    "generated a new backup key; keep a copy of it apart from the backups"
-                );
-                Some(key)
-            }
+            Some(path) if self.generate_key_if_missing && !path.exists() => None,
             Some(path) => Some(Key::load(path)?),
             None => None,
         };
@@ -687,17 +743,80 @@ impl Config {
         Ok(KeyRing::new(keys))
     }
 
-    /// Reads, parses and validates the file at `path`.
+    /// Reads, parses and validates the file at `path` and its drop-ins: every
+    /// `*.toml` file in the `conf.d` directory beside it, in file-name order. A
+    /// drop-in adds `[[database]]` tables; `[daemon]` and `[notify]` may each be
+    /// written in one file only, and a database name in two files is an error that
+    /// names both.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut config = Self::read_one(path)?;
+        for file in drop_in_files(path)? {
+            let more = Self::read_one(&file)?;
+            config.merge(more, &file)?;
+            config.drop_ins.push(file);
+        }
+        config.resolve_credentials();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses and validates `text` alone (no drop-ins); `path` is only used in
+    /// error messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let mut config = Self::parse_one(path, text)?;
+        config.resolve_credentials();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// One file, parsed but not validated.
+    fn read_one(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(path, &text)
+        Self::parse_one(path, &text)
     }
 
-    /// Parses and validates `text`; `path` is only used in error messages.
-    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+    /// Adds the drop-in `more` (read from `file`).
+    fn merge(&mut self, more: Config, file: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: file.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        for (_, section) in &more.sections {
+            if let Some((earlier, _)) = self.sections.iter().find(|(_, s)| s == section) {
+                return Err(invalid(
+                    section,
+                    format!(
+                        "[{section}] is also written in {}; write it in one file only",
+                        earlier.display()
+                    ),
+                ));
+            }
+            match section.as_str() {
+                "daemon" => self.daemon = more.daemon.clone(),
+                _ => self.notify = more.notify.clone(),
+            }
+        }
+        self.sections.extend(more.sections);
+        for db in more.databases {
+            if let Some(other) = self.databases.iter().find(|d| d.name == db.name) {
+                return Err(invalid(
+                    &format!("database \"{}\".name", db.name),
+                    format!(
+                        "is also configured in {}; database names must be unique across the main file and its drop-ins",
+                        other.source.display()
+                    ),
+                ));
+            }
+            self.databases.push(db);
+        }
+        Ok(())
+    }
+
+    fn parse_one(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| {
             let (line, column) = e
                 .span()
@@ -711,8 +830,35 @@ impl Config {
             }
         })?;
         config.path = path.to_owned();
-        config.validate()?;
+        for db in &mut config.databases {
+            db.source = path.to_owned();
+        }
+        if let Ok(table) = text.parse::<toml::Table>() {
+            for section in ["daemon", "notify"] {
+                if table.contains_key(section) {
+                    config.sections.push((path.to_owned(), section.to_owned()));
+                }
+            }
+        }
         Ok(config)
+    }
+
+    /// Every secret-bearing path key, resolved once (see [`resolve_credential`]) so
+    /// that messages, `check` and every reader see the file actually read.
+    fn resolve_credentials(&mut self) {
+        for db in &mut self.databases {
+            if let Some(f) = &mut db.password_file {
+                *f = resolve_credential(f);
+            }
+            if let Some(b) = &mut db.backup {
+                if let Some(f) = &mut b.encryption_key_file {
+                    *f = resolve_credential(f);
+                }
+                for f in &mut b.decryption_key_files {
+                    *f = resolve_credential(f);
+                }
+            }
+        }
     }
 
     /// The path to use when `-c` was not given.
@@ -785,7 +931,27 @@ impl Config {
         self.duration(format!("{key}.jitter"), o.jitter, DAY)
     }
 
+    /// [`Config::check`], with an error about a database pointed at the file that
+    /// configured it (a drop-in, perhaps).
     fn validate(&self) -> Result<(), ConfigError> {
+        self.check().map_err(|e| match e {
+            ConfigError::Invalid { path, key, message } => {
+                let source = self
+                    .databases
+                    .iter()
+                    .find(|db| key.starts_with(&format!("database \"{}\"", db.name)))
+                    .map_or(path, |db| db.source.clone());
+                ConfigError::Invalid {
+                    path: source,
+                    key,
+                    message,
+                }
+            }
+            other => other,
+        })
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
         let d = &self.daemon;
         self.count(
             "daemon.max-concurrent-jobs",
@@ -855,13 +1021,13 @@ impl Config {
                         "only PostgreSQL databases take a password; remove this key",
                     ));
                 }
-                let resolved = resolve_credential(file);
-                if !resolved.is_file() {
+                if !file.is_file() {
                     return Err(self.invalid(
                         format!("{key}.password-file"),
                         format!(
-                            "{} is not a readable file; create it or fix the path",
-                            resolved.display()
+                            "{} is not a readable file; create it or fix the path{}",
+                            file.display(),
+                            credential_hint(file)
                         ),
                     ));
                 }
@@ -1117,9 +1283,24 @@ impl Config {
             .map(|f| ("decryption-key-files", f));
         for (name, file) in files.chain(old) {
             if name == "encryption-key-file" && b.generate_key_if_missing && !file.exists() {
+                let credentials = std::env::var_os("CREDENTIALS_DIRECTORY");
+                if credentials.is_some_and(|dir| !dir.is_empty() && file.starts_with(dir)) {
+                    return Err(self.invalid(
+                        format!("{key}.{name}"),
+                        format!(
+                            "{} is a systemd credential that was not loaded, and generate-key-if-missing cannot write into $CREDENTIALS_DIRECTORY; create the key with `dbkeeper key generate -o PATH` and add LoadCredential=NAME:PATH to the unit",
+                            file.display()
+                        ),
+                    ));
+                }
                 continue;
             }
-            Key::load(file).map_err(|e| self.invalid(format!("{key}.{name}"), e.to_string()))?;
+            Key::load(file).map_err(|e| {
+                self.invalid(
+                    format!("{key}.{name}"),
+                    format!("{e}{}", credential_hint(file)),
+                )
+            })?;
         }
         for (name, n) in ["last", "hourly", "daily", "weekly", "monthly", "yearly"]
             .iter()
@@ -1180,16 +1361,68 @@ impl Config {
     }
 }
 
-/// Resolves a credential file name: relative names live in `$CREDENTIALS_DIRECTORY`
-/// when systemd provides one (`LoadCredential=`).
+/// The drop-in directory of the config file at `main`: `conf.d` beside it.
+pub fn drop_in_dir(main: &Path) -> PathBuf {
+    main.parent().unwrap_or(Path::new(".")).join("conf.d")
+}
+
+/// The `*.toml` files in [`drop_in_dir`], in byte order of their names; none when
+/// the directory does not exist. Other files (editor backups, `.rpmnew`, hidden
+/// files) are ignored.
+fn drop_in_files(main: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let dir = drop_in_dir(main);
+    let read_err = |source| ConfigError::Read {
+        path: dir.clone(),
+        source,
+    };
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(read_err(e)),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(read_err)?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let wanted = name.is_some_and(|n| !n.starts_with('.') && n.ends_with(".toml"));
+        if wanted && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Resolves a secret file name: a bare name (no `/`) is a systemd credential when
+/// `$CREDENTIALS_DIRECTORY` is set (`LoadCredential=NAME:/path`), found at
+/// `$CREDENTIALS_DIRECTORY/NAME`; anything else is a path as written.
 pub fn resolve_credential(file: &Path) -> PathBuf {
     resolve_in(file, std::env::var_os("CREDENTIALS_DIRECTORY").as_deref())
 }
 
 fn resolve_in(file: &Path, credentials_dir: Option<&std::ffi::OsStr>) -> PathBuf {
     match credentials_dir {
-        Some(dir) if file.is_relative() => Path::new(dir).join(file),
+        Some(dir) if !dir.is_empty() && is_bare_name(file) => Path::new(dir).join(file),
         _ => file.to_owned(),
+    }
+}
+
+/// One plain file name, the only form a systemd credential name can take.
+fn is_bare_name(file: &Path) -> bool {
+    let mut parts = file.components();
+    matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    )
+}
+
+/// Added to "file not found" messages for secret files: a bare name outside the
+/// service is read from the working directory, which is rarely what was meant.
+fn credential_hint(file: &Path) -> &'static str {
+    if is_bare_name(file) && std::env::var_os("CREDENTIALS_DIRECTORY").is_none() {
+        " (a bare name is a systemd credential: $CREDENTIALS_DIRECTORY is not set here, so it was looked for in the working directory; run under the service, e.g. `systemd-run -P --property=LoadCredential=NAME:/path dbkeeper check`, or write a path)"
+    } else {
+        ""
     }
 }
 

@@ -155,17 +155,148 @@ fn missing_file_is_a_read_error() {
 }
 
 #[test]
-fn relative_password_file_is_read_from_credentials_directory() {
+fn bare_secret_names_are_read_from_credentials_directory() {
     let creds = std::ffi::OsStr::new("/run/credentials/dbkeeper.service");
     assert_eq!(
         resolve_in(Path::new("app-db"), Some(creds)),
         Path::new("/run/credentials/dbkeeper.service/app-db")
     );
-    assert_eq!(
-        resolve_in(Path::new("/etc/pw"), Some(creds)),
-        Path::new("/etc/pw")
-    );
+    for path in ["/etc/pw", "./pw", "keys/backup.key", "../pw"] {
+        assert_eq!(resolve_in(Path::new(path), Some(creds)), Path::new(path));
+    }
     assert_eq!(resolve_in(Path::new("app-db"), None), Path::new("app-db"));
+    let empty = std::ffi::OsStr::new("");
+    assert_eq!(
+        resolve_in(Path::new("app-db"), Some(empty)),
+        Path::new("app-db")
+    );
+}
+
+/// A main file and its `conf.d/`, written into a fresh directory.
+fn with_drop_ins(
+    main: &str,
+    drop_ins: &[(&str, &str)],
+) -> (tempfile::TempDir, Result<Config, ConfigError>) {
+    let dir = tempfile::tempdir().unwrap();
+    let conf_d = dir.path().join("conf.d");
+    std::fs::create_dir(&conf_d).unwrap();
+    std::fs::write(dir.path().join("dbkeeper.toml"), main).unwrap();
+    for (name, text) in drop_ins {
+        std::fs::write(conf_d.join(name), text).unwrap();
+    }
+    let loaded = Config::load(&dir.path().join("dbkeeper.toml"));
+    (dir, loaded)
+}
+
+fn database(name: &str) -> String {
+    format!("[[database]]\nname = \"{name}\"\nurl = \"sqlite://{name}.db\"\n")
+}
+
+#[test]
+fn drop_ins_add_databases_in_name_order_and_remember_their_file() {
+    let main = format!("[daemon]\nmax-concurrent-jobs = 3\n{}", database("main"));
+    let (dir, loaded) = with_drop_ins(
+        &main,
+        &[
+            ("20-b.toml", &database("b")),
+            (
+                "10-a.toml",
+                &format!("{}{}", database("a1"), database("a2")),
+            ),
+            ("notes.txt", "not toml at all ["),
+            (".hidden.toml", "not toml at all ["),
+            ("30-c.toml.dpkg-old", "not toml at all ["),
+            (
+                "40-notify.toml",
+                "[notify]\nwebhook = \"http://127.0.0.1:9/hook\"\n",
+            ),
+        ],
+    );
+    let c = loaded.unwrap();
+    let names: Vec<&str> = c.databases.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["main", "a1", "a2", "b"]);
+    let conf_d = dir.path().join("conf.d");
+    assert_eq!(c.databases[0].source, dir.path().join("dbkeeper.toml"));
+    assert_eq!(c.databases[1].source, conf_d.join("10-a.toml"));
+    assert_eq!(c.databases[3].source, conf_d.join("20-b.toml"));
+    assert_eq!(
+        c.drop_ins,
+        ["10-a.toml", "20-b.toml", "40-notify.toml"].map(|n| conf_d.join(n))
+    );
+    assert_eq!(c.daemon.max_concurrent_jobs, 3);
+    assert!(c.notify.is_some());
+    // Without conf.d, the file alone.
+    std::fs::remove_dir_all(&conf_d).unwrap();
+    let alone = Config::load(&dir.path().join("dbkeeper.toml")).unwrap();
+    assert_eq!(alone.databases.len(), 1);
+}
+
+#[test]
+fn drop_in_conflicts_name_both_files() {
+    let (dir, loaded) = with_drop_ins(
+        &database("app"),
+        &[("10-x.toml", &database("x")), ("20-y.toml", &database("x"))],
+    );
+    let err = loaded.unwrap_err().to_string();
+    let conf_d = dir.path().join("conf.d");
+    assert!(
+        err.starts_with(&conf_d.join("20-y.toml").display().to_string()),
+        "{err}"
+    );
+    assert!(
+        err.contains(&conf_d.join("10-x.toml").display().to_string()),
+        "{err}"
+    );
+
+    let (dir, loaded) = with_drop_ins(&database("app"), &[("10-app.toml", &database("app"))]);
+    let err = loaded.unwrap_err().to_string();
+    assert!(
+        err.contains(&dir.path().join("dbkeeper.toml").display().to_string()),
+        "{err}"
+    );
+    assert!(err.contains("10-app.toml"), "{err}");
+
+    let main = format!("[daemon]\nmax-concurrent-jobs = 3\n{}", database("app"));
+    let (dir, loaded) = with_drop_ins(
+        &main,
+        &[("10-d.toml", "[daemon]\nmax-concurrent-jobs = 9\n")],
+    );
+    let err = loaded.unwrap_err().to_string();
+    assert!(err.contains("[daemon] is also written in"), "{err}");
+    assert!(
+        err.contains(&dir.path().join("dbkeeper.toml").display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn errors_in_a_drop_in_point_at_the_drop_in() {
+    let (dir, loaded) = with_drop_ins(
+        &database("app"),
+        &[(
+            "10-bad.toml",
+            &format!("{}colour = \"blue\"\n", database("bad")),
+        )],
+    );
+    let err = loaded.unwrap_err().to_string();
+    let bad = dir.path().join("conf.d/10-bad.toml").display().to_string();
+    assert!(
+        err.starts_with(&format!("{bad}:4:1: unknown field `colour`")),
+        "{err}"
+    );
+
+    // A semantic error in a drop-in's database names the drop-in, not the main file.
+    let text = format!(
+        "{}[database.backup]\ndestination = \"/tmp/b\"\nschedule = \"@daily\"\nencryption = \"none\"\nlevel = 99\n",
+        database("late")
+    );
+    let (dir, loaded) = with_drop_ins(&database("app"), &[("10-late.toml", &text)]);
+    let err = loaded.unwrap_err().to_string();
+    let late = dir.path().join("conf.d/10-late.toml").display().to_string();
+    assert!(
+        err.starts_with(&format!("{late}: database \"late\".backup.level")),
+        "{err}"
+    );
 }
 
 /// Every configuration file shipped in `config/` must load.

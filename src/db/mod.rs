@@ -32,7 +32,7 @@ pub use postgres::{
     is_scratch_name, scratch_lock_key, set_timeout, Postgres, Scope, ScratchClaim, SwapMode,
     Swapped, Timeout, ToolFiles, UserObjects,
 };
-pub use sqlite::Sqlite;
+pub use sqlite::{read_only_options, Sqlite};
 
 /// Evaluates `$body` with `$b` bound to the backend of `$db` (`&Sqlite` or
 /// `&Postgres`). The body is written once and compiled once per backend, so it can
@@ -150,11 +150,26 @@ pub enum Database {
     Postgres(Postgres),
 }
 
+/// What a command means to do with a database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Run jobs: connections may create a missing SQLite file (`mode=rwc`).
+    ReadWrite,
+    /// Only look (`check`): a SQLite file is opened read-only and nothing is created
+    /// beside it (see [`read_only_options`]). PostgreSQL is opened as usual.
+    ReadOnly,
+}
+
 impl Database {
     /// Builds the pool for `cfg` without connecting yet.
     pub fn open(cfg: &DatabaseConfig) -> Result<Self, DbError> {
+        Self::open_for(cfg, Access::ReadWrite)
+    }
+
+    /// [`Database::open`] for `access`.
+    pub fn open_for(cfg: &DatabaseConfig, access: Access) -> Result<Self, DbError> {
         match Backend::from_url(&cfg.url) {
-            Ok(Backend::Sqlite) => Sqlite::open(cfg).map(Database::Sqlite),
+            Ok(Backend::Sqlite) => Sqlite::open(cfg, access).map(Database::Sqlite),
             Ok(Backend::Postgres) => Postgres::open(cfg).map(Database::Postgres),
             // Config validation rejects other schemes before we get here.
             Err(e) => Err(DbError::Url {
@@ -173,6 +188,15 @@ impl Database {
         match self {
             Database::Sqlite(_) => Backend::Sqlite,
             Database::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// A SQLite file that `mode=rwc` will create on first use and that does not
+    /// exist yet; `None` for PostgreSQL and for files that exist.
+    pub fn not_created_yet(&self) -> Option<std::path::PathBuf> {
+        match self {
+            Database::Sqlite(db) => db.not_created_yet(),
+            Database::Postgres(_) => None,
         }
     }
 

@@ -405,6 +405,7 @@ impl Postgres {
             options = options.password(pw);
         }
         if let Some(file) = &cfg.password_file {
+            // Already resolved at load, but a config built in code may not be.
             let path = resolve_credential(file);
             let text = std::fs::read_to_string(&path).map_err(|source| DbError::PasswordFile {
                 name: cfg.name.clone(),

@@ -9,7 +9,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{AssertSqlSafe, Executor};
 use tokio_util::sync::CancellationToken;
 
-use super::{redact_url, timeout_millis, DbError};
+use super::{redact_url, timeout_millis, Access, DbError};
 use crate::config::DatabaseConfig;
 
 /// How long a statement waits for another writer's lock before giving up.
@@ -18,6 +18,34 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 fn create_requested(url: &str) -> bool {
     url.split_once('?')
         .is_some_and(|(_, query)| query.split('&').any(|kv| kv == "mode=rwc"))
+}
+
+/// `options` changed to read the file without creating or changing anything, for
+/// commands that only look (`check`, `jobs`, `history`). A read-only connection to a
+/// WAL-mode database creates `-wal` and `-shm` files and leaves them behind when no
+/// writer has them open; then (no `-wal` file: nobody is writing) the file is read
+/// as immutable, which creates nothing. A writer starting during that read only
+/// appends to a new `-wal`, which the main file does not see until a checkpoint.
+pub fn read_only_options(options: SqliteConnectOptions) -> SqliteConnectOptions {
+    let path = options.get_filename().to_owned();
+    let options = options.read_only(true).create_if_missing(false);
+    let mut wal = path.clone().into_os_string();
+    wal.push("-wal");
+    if is_wal_mode(&path) && !Path::new(&wal).exists() {
+        options.immutable(true)
+    } else {
+        options
+    }
+}
+
+/// Whether the database header says WAL mode (file format versions 2 at offsets
+/// 18 and 19); unreadable or short files say no.
+fn is_wal_mode(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 20];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|()| head[18] == 2 && head[19] == 2)
 }
 
 #[derive(Clone)]
@@ -30,9 +58,9 @@ pub struct Sqlite {
 }
 
 impl Sqlite {
-    pub(super) fn open(cfg: &DatabaseConfig) -> Result<Self, DbError> {
+    pub(super) fn open(cfg: &DatabaseConfig, access: Access) -> Result<Self, DbError> {
         let url = redact_url(&cfg.url);
-        let options = SqliteConnectOptions::from_str(&cfg.url)
+        let mut options = SqliteConnectOptions::from_str(&cfg.url)
             .map_err(|source| DbError::Url {
                 name: cfg.name.clone(),
                 url: url.clone(),
@@ -43,7 +71,9 @@ impl Sqlite {
             // unless it says otherwise) has them off. Deleting with them on would
             // cascade into tables the operator never named.
             .foreign_keys(cfg.foreign_keys);
-        if create_requested(&cfg.url) {
+        if access == Access::ReadOnly {
+            options = read_only_options(options);
+        } else if create_requested(&cfg.url) {
             // `mode=rwc` asks for the file to be created; make its directory too, so a
             // fresh checkout's demo works. Failures surface when connecting.
             if let Some(dir) = options.get_filename().parent() {
@@ -62,6 +92,13 @@ impl Sqlite {
             pool,
             foreign_keys: cfg.foreign_keys,
         })
+    }
+
+    /// The database file when it does not exist yet but the URL asks for it to be
+    /// created (`mode=rwc`): not an outage, just nothing written so far.
+    pub fn not_created_yet(&self) -> Option<std::path::PathBuf> {
+        let path = self.pool.connect_options().get_filename().to_owned();
+        (create_requested(&self.url) && !path.exists()).then_some(path)
     }
 
     pub(crate) fn query_error(&self, source: sqlx::Error) -> DbError {

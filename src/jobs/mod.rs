@@ -35,7 +35,7 @@ use crate::config::{
     BackupConfig, Config, DatabaseConfig, JobOptions, MigrateConfig, RefreshConfig,
     RetentionConfig, SqlJobConfig,
 };
-use crate::db::{Database, DbError};
+use crate::db::{Access, Database, DbError};
 use crate::metrics::{self, JobLabels};
 use crate::repo::archive::{Key, KeyRing};
 use crate::repo::catalog::{BackupKind, TrustPolicy};
@@ -496,8 +496,22 @@ impl Jobs {
         Self::select(config, Select::All)
     }
 
-    /// The jobs `select` picks; only what they need is opened and loaded.
+    /// Every job, for looking only (`check`): SQLite files are opened read-only and
+    /// no key is generated, so nothing on disk is created or changed. A backup job
+    /// whose key `generate-key-if-missing` has not created yet has no key; it
+    /// refuses to run (see [`backup::BackupJob::run`]).
+    pub fn inspect(config: &Config) -> Result<Self, BuildError> {
+        Self::open(config, Select::All, Access::ReadOnly)
+    }
+
+    /// The jobs `select` picks; only what they need is opened and loaded. A missing
+    /// key that `generate-key-if-missing` asks for is created here, before a job
+    /// that writes backups can run.
     pub fn select(config: &Config, select: Select<'_>) -> Result<Self, BuildError> {
+        Self::open(config, select, Access::ReadWrite)
+    }
+
+    fn open(config: &Config, select: Select<'_>, access: Access) -> Result<Self, BuildError> {
         let entries = entries(config);
         let mut jobs = Jobs::default();
         for cfg in &config.databases {
@@ -508,11 +522,12 @@ impl Jobs {
             if wanted.is_empty() && !matches!(select, Select::All) {
                 continue;
             }
-            let database = Database::open(cfg)?;
+            let database = Database::open_for(cfg, access)?;
             jobs.databases.push(database.clone());
             let mut builder = Builder {
                 config,
                 cfg,
+                access,
                 keys: None,
                 backup: None,
             };
@@ -631,6 +646,7 @@ impl Jobs {
 struct Builder<'a> {
     config: &'a Config,
     cfg: &'a DatabaseConfig,
+    access: Access,
     keys: Option<(Option<Key>, KeyRing)>,
     backup: Option<Arc<backup::BackupJob>>,
 }
@@ -640,10 +656,14 @@ impl Builder<'_> {
         if let Some(loaded) = &self.keys {
             return Ok(loaded.clone());
         }
-        let loaded = b.load_keys().map_err(|source| BuildError::Key {
+        let key_err = |source| BuildError::Key {
             database: self.cfg.name.clone(),
             source,
-        })?;
+        };
+        if self.access == Access::ReadWrite {
+            b.ensure_key().map_err(key_err)?;
+        }
+        let loaded = b.load_keys().map_err(key_err)?;
         self.keys = Some(loaded.clone());
         Ok(loaded)
     }
@@ -680,6 +700,7 @@ impl Builder<'_> {
                                 &[&self.cfg.name, "retention", &r.job_name()],
                             ),
                             key,
+                            key_file: b.encryption_key_file.clone(),
                             compression: b.compression,
                             level: b.level(),
                         })
@@ -810,6 +831,31 @@ schedule = "@daily"
         // Everything: the key is loaded (here: generated).
         let jobs = Jobs::build(&config).unwrap();
         assert_eq!(jobs.len(), 5);
+        assert!(key.exists());
+    }
+
+    /// `check` builds the jobs without generating the key; such a backup job (and a
+    /// retention archive) refuses to run rather than write a plaintext archive.
+    #[tokio::test]
+    async fn inspected_jobs_make_no_key_and_never_write_plaintext() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("keys/backup.key");
+        let config = config(dir.path(), &key);
+        let jobs = Jobs::inspect(&config).unwrap();
+        assert_eq!(jobs.len(), 5);
+        assert!(!key.exists() && !dir.path().join("keys").exists());
+        let (job, backup) = jobs.backup_for("a").unwrap();
+        assert!(backup.key.is_none());
+        assert!(backup.trust_policy("a", false).encrypting);
+        let cancel = CancellationToken::new();
+        let err = backup
+            .run(&job.database, BackupKind::Manual, &cancel)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("does not exist yet"), "{err}");
+        assert!(!dir.path().join("backups").exists(), "nothing was written");
+        // Building to run makes the key (and its private directory).
+        Jobs::build(&config).unwrap();
         assert!(key.exists());
     }
 

@@ -404,6 +404,7 @@ async fn restore_postgres(
 /// A database entry for a restore target given only by its URL (`--to`).
 pub fn target_config(url: &str) -> DatabaseConfig {
     DatabaseConfig {
+        source: PathBuf::new(),
         name: "restore-target".to_owned(),
         url: url.to_owned(),
         password_file: None,

@@ -50,13 +50,20 @@ impl BackupJob {
     /// What a genuine backup of `database` looks like under this job's config;
     /// `allow_unencrypted` is the reader's `--allow-unencrypted`.
     pub fn trust_policy(&self, database: &str, allow_unencrypted: bool) -> TrustPolicy {
-        Self::policy(database, self.key.as_ref(), &self.keys, allow_unencrypted)
+        Self::policy(
+            database,
+            &self.cfg,
+            self.key.as_ref(),
+            &self.keys,
+            allow_unencrypted,
+        )
     }
 
     /// [`BackupJob::trust_policy`] from the keys alone, for readers that need no job
     /// (`backup list`).
     pub fn policy(
         database: &str,
+        cfg: &BackupConfig,
         key: Option<&Key>,
         keys: &KeyRing,
         allow_unencrypted: bool,
@@ -64,7 +71,9 @@ impl BackupJob {
         TrustPolicy {
             database: database.to_owned(),
             keys: keys.clone(),
-            encrypting: key.is_some(),
+            // From the config, not from the key: a key not generated yet must not
+            // make plain archives look expected.
+            encrypting: cfg.encrypting(),
             current_key: key.map(|k| k.id().to_owned()),
             allow_unencrypted,
         }
@@ -113,6 +122,9 @@ impl BackupJob {
         at_least: VerifyMode,
         cancel: &CancellationToken,
     ) -> Result<Outcome, BackupError> {
+        self.cfg
+            .writing_key(self.key.as_ref())
+            .map_err(|e| BackupError::Archive(e.into()))?;
         let verify = self.cfg.verify.max(at_least);
         let dest = self.destination(db.name());
         let dir = dest.location();

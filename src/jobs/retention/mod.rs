@@ -210,6 +210,9 @@ pub struct Preview {
 pub struct ArchiveTo {
     pub dest: Arc<dyn Storage>,
     pub key: Option<Key>,
+    /// The configured key file: with one, a missing key is an error, never a
+    /// plaintext archive.
+    pub key_file: Option<PathBuf>,
     pub compression: Compression,
     pub level: i32,
 }
@@ -754,6 +757,10 @@ impl BatchArchive<'_> {
     /// Writes the rows (one JSON object per line) and makes the file durable.
     fn write(&self, rows: &[String]) -> Result<(), RetentionError> {
         let fail = |e: ArchiveFailure| RetentionError::Archive(e);
+        if let (Some(path), None) = (&self.to.key_file, &self.to.key) {
+            let missing = crate::keys::KeyError::NotGenerated { path: path.clone() };
+            return Err(fail(ArchiveFailure::Write(missing.into())));
+        }
         let dest = &self.to.dest;
         dest.prepare().map_err(|source| {
             fail(ArchiveFailure::Directory {
