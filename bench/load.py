@@ -106,7 +106,7 @@ def main():
         problems.append(f"{failures:.0f} failed runs")
     short = []
     for job, interval in jobs.items():
-        runs = value("dbkeeper_job_runs_total", [f'job="{job}"', 'result="success"'])
+        runs = value("dbkeeper_job_runs_total", [f'job_id="{job}"', 'result="success"'])
         expected = duration / interval - 2
         if runs < expected:
             short.append(f"{job}: {runs:.0f} runs, expected at least {expected:.0f}")

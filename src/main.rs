@@ -10,19 +10,20 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli::init_logging();
+    let log_format = cli.log_format;
+    cli::init_logging(log_format);
     let config = match cli.command.config_path().map(|path| Config::load(&path)) {
         None => None,
         Some(Ok(config)) => Some(config),
         Some(Err(e)) => {
-            eprintln!("error: {e}");
+            cli::print_error(&e.to_string());
             return Exit::Usage.into();
         }
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            cli::print_error(&format!("cannot start the async runtime: {e}"));
             return Exit::Failed.into();
         }
     };
@@ -41,8 +42,11 @@ fn main() -> ExitCode {
                 match dbkeeper::run(config, shutdown).await {
                     Ok(()) => Exit::Success.into(),
                     Err(e) => {
-                        tracing::error!("{e}");
-                        eprintln!("error: {e}");
+                        // As JSON, print_error is this log line itself.
+                        if log_format != cli::LogFormat::Json {
+                            tracing::error!("{e}");
+                        }
+                        cli::print_error(&e.to_string());
                         Exit::Failed.into()
                     }
                 }

@@ -229,7 +229,12 @@ fn ts(t: Option<DateTime<Utc>>) -> f64 {
     t.map_or(0.0, |t| t.timestamp_millis() as f64 / 1000.0)
 }
 
-/// The `job`, `kind`, `database` labels of a job's series: plain text, so that this
+/// The label that names a job on its series. Not `job`: Prometheus sets `job` (and
+/// `instance`) on every series it scrapes, so with default scrape settings an exported
+/// `job` would arrive renamed to `exported_job` and the shipped rules would match nothing.
+pub const JOB_LABEL: &str = "job_id";
+
+/// The `job_id`, `kind`, `database` labels of a job's series: plain text, so that this
 /// module knows nothing of the jobs themselves.
 #[derive(Debug, Clone, Copy)]
 pub struct JobLabels<'a> {
@@ -241,7 +246,7 @@ pub struct JobLabels<'a> {
 impl JobLabels<'_> {
     fn pairs(&self) -> [(&'static str, String); 3] {
         [
-            ("job", self.job.to_owned()),
+            (JOB_LABEL, self.job.to_owned()),
             ("kind", self.kind.to_owned()),
             ("database", self.database.to_owned()),
         ]
@@ -262,7 +267,7 @@ pub fn register_job(
         counter!(JOB_RUNS, &with_result).increment(0);
     }
     for reason in SkipReason::ALL {
-        counter!(JOB_SKIPPED, "job" => job.job.to_owned(), "reason" => reason.as_str())
+        counter!(JOB_SKIPPED, JOB_LABEL => job.job.to_owned(), "reason" => reason.as_str())
             .increment(0);
     }
     // Registering the histogram makes its (empty) buckets appear in the output.
@@ -307,7 +312,7 @@ pub fn job_finished(job: JobLabels<'_>, started: DateTime<Utc>, success: bool, t
 }
 
 pub fn job_skipped(job: &str, reason: SkipReason) {
-    counter!(JOB_SKIPPED, "job" => job.to_owned(), "reason" => reason.as_str()).increment(1);
+    counter!(JOB_SKIPPED, JOB_LABEL => job.to_owned(), "reason" => reason.as_str()).increment(1);
 }
 
 pub fn job_next_run(job: JobLabels<'_>, next: Option<DateTime<Utc>>) {

@@ -140,7 +140,9 @@ fn alertmanager_body(e: &Event) -> serde_json::Value {
     serde_json::json!([{
         "labels": {
             "alertname": "DbkeeperJobFailed",
-            "job": e.job,
+            // The label the scraped DbkeeperJobFailed carries too (see
+            // metrics::JOB_LABEL), so one silence or route matches both.
+            (crate::metrics::JOB_LABEL): e.job,
             "kind": e.kind,
             "database": e.database,
             "severity": "warning",

@@ -15,6 +15,7 @@ use rand::Rng;
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::jobs::{Job, Outcome, Transient, Trigger};
 use crate::metrics::SkipReason;
@@ -25,6 +26,20 @@ use crate::state::{RunResult, StateDb};
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// After the grace period, how long cancelled jobs get to unwind.
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+/// Name of the span around each run (and each refused start) of a job. Its fields
+/// `job_id`, `database` and `kind` reach every event of the run, the job's own
+/// included: journald gets them as `JOB_ID`, `DATABASE`, `KIND` (see `cli::logging`).
+pub const JOB_SPAN: &str = "job";
+
+fn job_span(job: &Job) -> tracing::Span {
+    tracing::info_span!(
+        JOB_SPAN,
+        job_id = %job.id,
+        database = job.database_name(),
+        kind = job.kind()
+    )
+}
 
 /// How a call to [`Runner::run`] ended.
 #[derive(Debug, Clone)]
@@ -139,6 +154,7 @@ impl Runner {
 
     fn claim(&self, job: &Job) -> Option<Claim> {
         if !lock(&self.inner.running).insert(job.id.clone()) {
+            let _span = job_span(job).entered();
             tracing::warn!(job = %job.id, "previous run still going; this run is skipped");
             self.inner.report.job_skipped(job, SkipReason::Overlap);
             return None;
@@ -149,7 +165,12 @@ impl Runner {
         })
     }
 
-    async fn run_claimed(&self, _claim: Claim, job: Arc<Job>, trigger: Trigger) -> RunOutcome {
+    async fn run_claimed(&self, claim: Claim, job: Arc<Job>, trigger: Trigger) -> RunOutcome {
+        let span = job_span(&job);
+        self.supervise(claim, job, trigger).instrument(span).await
+    }
+
+    async fn supervise(&self, _claim: Claim, job: Arc<Job>, trigger: Trigger) -> RunOutcome {
         let inner = &self.inner;
         let db_lock = lock(&inner.db_locks)
             .entry(job.database_name().to_owned())
@@ -267,7 +288,9 @@ impl Runner {
         let stop = self.inner.abort.child_token();
         let work = job.clone();
         let token = stop.clone();
-        let mut handle = tokio::spawn(async move { work.execute(trigger, token).await });
+        // The job's own events belong to the run's span too.
+        let mut handle =
+            tokio::spawn(async move { work.execute(trigger, token).await }.in_current_span());
         let timeout = job.options.timeout;
         let cut_short = tokio::select! {
             joined = &mut handle => return joined_result(joined),

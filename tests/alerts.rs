@@ -75,6 +75,8 @@ impl Drop for Prometheus {
     }
 }
 
+/// A Prometheus scraping dbkeeper with a default scrape config: no `honor_labels`, so
+/// Prometheus's own `job` and `instance` labels win, as in most installations.
 fn start_prometheus(w: &Workdir, target_port: u16) -> Prometheus {
     let port = free_port();
     let config = w.path().join("prometheus.yml");
@@ -82,7 +84,7 @@ fn start_prometheus(w: &Workdir, target_port: u16) -> Prometheus {
         &config,
         format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
-             scrape_configs:\n  - job_name: dbkeeper\n    honor_labels: true\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n",
+             scrape_configs:\n  - job_name: dbkeeper\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n",
             repo("config/prometheus/dbkeeper.rules.yml")
         ),
     )
@@ -101,7 +103,8 @@ fn start_prometheus(w: &Workdir, target_port: u16) -> Prometheus {
     Prometheus { child, port }
 }
 
-/// State of `alert` for `job` in Prometheus: "pending", "firing", or None.
+/// State of `alert` for the dbkeeper job `job` in Prometheus: "pending", "firing", or
+/// None.
 fn alert_state(prom: &Prometheus, alert: &str, job: &str) -> Option<String> {
     let (code, body) = http_get(prom.port, "/api/v1/alerts")?;
     if code != 200 {
@@ -109,7 +112,10 @@ fn alert_state(prom: &Prometheus, alert: &str, job: &str) -> Option<String> {
     }
     let v: serde_json::Value = serde_json::from_str(&body).ok()?;
     v["data"]["alerts"].as_array()?.iter().find_map(|a| {
-        (a["labels"]["alertname"] == alert && a["labels"]["job"] == job)
+        // `job` is Prometheus's scrape job; dbkeeper's own job id is `job_id`.
+        (a["labels"]["alertname"] == alert
+            && a["labels"]["job_id"] == job
+            && a["labels"]["job"] == "dbkeeper")
             .then(|| a["state"].as_str().unwrap_or("").to_owned())
     })
 }
@@ -156,15 +162,99 @@ fn a_real_prometheus_sees_a_failing_backup_alert_fire_and_resolve() {
         alert_state(&prom, "DbkeeperJobFailed", "app.backup").is_none()
             && d.metric(
                 "dbkeeper_job_runs_total",
-                &["job=\"app.backup\"", "result=\"success\""],
+                &["job_id=\"app.backup\"", "result=\"success\""],
             )
             .unwrap_or(0.0)
                 >= 1.0
     });
+    dashboard_queries_return_data(&prom);
     assert!(
         !log().contains("level=error"),
         "prometheus reported errors:\n{}",
         log()
+    );
+}
+
+/// Percent-encodes a query-string value.
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Runs an instant query; the result vector, or None if Prometheus refused it.
+fn query(prom: &Prometheus, expr: &str) -> Option<Vec<serde_json::Value>> {
+    let (code, body) = http_get(prom.port, &format!("/api/v1/query?query={}", encode(expr)))?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    (code == 200 && v["status"] == "success")
+        .then(|| v["data"]["result"].as_array().cloned())
+        .flatten()
+}
+
+/// Every query of the shipped dashboard, with its template variable filled in as
+/// Grafana would (the one instance, regex-escaped), is accepted by Prometheus; those
+/// over series that a failed-then-fixed backup job produces return data. Retention,
+/// migration and refresh panels have no job of theirs here and may be empty.
+fn dashboard_queries_return_data(prom: &Prometheus) {
+    // Nothing was renamed on the way in: the scrape job is `job`, the dbkeeper job
+    // `job_id`.
+    let renamed = query(prom, r#"{__name__=~"dbkeeper_.+", exported_job!=""}"#).expect("query");
+    assert!(renamed.is_empty(), "series with exported_job: {renamed:?}");
+    let runs = query(
+        prom,
+        r#"dbkeeper_job_runs_total{job="dbkeeper", job_id="app.backup"}"#,
+    )
+    .expect("query");
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let builds = query(prom, "dbkeeper_build_info").expect("build_info query");
+    let instance = builds
+        .first()
+        .and_then(|b| b["metric"]["instance"].as_str())
+        .expect("dbkeeper_build_info has Prometheus's instance label")
+        .replace('.', "\\\\.");
+    let text = std::fs::read_to_string(repo("config/grafana/dbkeeper.json")).expect("dashboard");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let mut checked = 0;
+    let mut empty = Vec::new();
+    for _ in 0..100 {
+        checked = 0;
+        empty.clear();
+        for panel in dash["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"]
+                    .as_str()
+                    .expect("expr")
+                    .replace("$instance", &instance);
+                let result = query(prom, &expr)
+                    .unwrap_or_else(|| panic!("Prometheus refused {expr:?} of {}", panel["title"]));
+                let optional = ["retention_", "migrations_", "refresh_"]
+                    .iter()
+                    .any(|m| expr.contains(&format!("dbkeeper_{m}")));
+                if !optional {
+                    checked += 1;
+                    if result.is_empty() {
+                        empty.push(format!("{}: {expr}", panel["title"]));
+                    }
+                }
+            }
+        }
+        if empty.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(checked >= 10, "only {checked} dashboard queries checked");
+    assert!(
+        empty.is_empty(),
+        "dashboard queries without data:\n{}",
+        empty.join("\n")
     );
 }
 
@@ -203,6 +293,24 @@ fn grafana_dashboard_is_valid_and_uses_real_metrics() {
     .to_vec();
     let panels = dash["panels"].as_array().expect("panels");
     assert!(panels.len() >= 8);
+    // Prometheus owns the target labels: with a default scrape config a `job` label
+    // from dbkeeper would arrive as `exported_job` and match nothing.
+    let rules =
+        std::fs::read_to_string(repo("config/prometheus/dbkeeper.rules.yml")).expect("rules");
+    for (what, text) in [("dashboard", &text), ("rules", &rules)] {
+        for bad in [
+            "by (job)",
+            "by (job,",
+            "{{job}}",
+            "$labels.job }}",
+            "exported_job",
+        ] {
+            assert!(
+                !text.contains(bad),
+                "{what} uses {bad:?}; dbkeeper's label is job_id"
+            );
+        }
+    }
     for panel in panels {
         assert_eq!(
             panel["datasource"]["uid"], "${datasource}",
@@ -340,6 +448,14 @@ fn notifications_reach_a_webhook_and_alertmanager_on_failure_and_recovery() {
             .count(),
         1
     );
+    // Alertmanager gets the labels the scraped alert has: the job in `job_id`.
+    let pushed = all
+        .iter()
+        .find(|(p, _)| p.starts_with("/api/v2/alerts"))
+        .expect("an alert pushed");
+    let alerts: serde_json::Value = serde_json::from_str(&pushed.1).expect("JSON");
+    assert_eq!(alerts[0]["labels"]["job_id"], "app.sql.count", "{alerts}");
+    assert!(alerts[0]["labels"].get("job").is_none(), "{alerts}");
     let log = d.log_text();
     assert!(
         !log.contains("secret-token"),

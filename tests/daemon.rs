@@ -39,8 +39,8 @@ fn metrics_pass_promtool_and_show_success_and_failure() {
         ),
     );
     let d = w.start();
-    let ok = ["job=\"lite.sql.ok\"", "result=\"success\""];
-    let bad = ["job=\"lite.sql.bad\"", "result=\"failure\""];
+    let ok = ["job_id=\"lite.sql.ok\"", "result=\"success\""];
+    let bad = ["job_id=\"lite.sql.bad\"", "result=\"failure\""];
     d.wait_for("a success and a failure", Duration::from_secs(20), || {
         let m = d.metrics();
         metric_value(&m, RUNS, &ok).unwrap_or(0.0) >= 1.0
@@ -69,7 +69,7 @@ fn metrics_pass_promtool_and_show_success_and_failure() {
 
     let now = chrono::Utc::now().timestamp() as f64;
     let gauge = |name: &str, job: &str| {
-        metric_value(&m, name, &[&format!("job=\"{job}\"")]).unwrap_or(-1.0)
+        metric_value(&m, name, &[&format!("job_id=\"{job}\"")]).unwrap_or(-1.0)
     };
     assert!(
         (now - gauge("dbkeeper_job_last_success_timestamp_seconds", "lite.sql.ok")).abs() < 60.0
@@ -100,37 +100,40 @@ fn metrics_pass_promtool_and_show_success_and_failure() {
         ("dbkeeper_config_last_reload_successful", ""),
         ("dbkeeper_config_last_reload_success_timestamp_seconds", ""),
         ("dbkeeper_database_up", "database=\"lite\""),
-        (RUNS, "job=\"lite.sql.by-hand\""),
+        (RUNS, "job_id=\"lite.sql.by-hand\""),
         ("dbkeeper_job_skipped_total", "reason=\"overlap\""),
         ("dbkeeper_job_skipped_total", "reason=\"missed\""),
         ("dbkeeper_job_skipped_total", "reason=\"shutdown\""),
         (
             "dbkeeper_job_duration_seconds_count",
-            "job=\"lite.sql.by-hand\"",
+            "job_id=\"lite.sql.by-hand\"",
         ),
         ("dbkeeper_job_duration_seconds_bucket", "le=\"86400\""),
         (
             "dbkeeper_job_last_run_timestamp_seconds",
-            "job=\"lite.sql.by-hand\"",
+            "job_id=\"lite.sql.by-hand\"",
         ),
         (
             "dbkeeper_job_last_success_timestamp_seconds",
-            "job=\"lite.sql.by-hand\"",
+            "job_id=\"lite.sql.by-hand\"",
         ),
         (
             "dbkeeper_job_last_failure_timestamp_seconds",
-            "job=\"lite.sql.by-hand\"",
+            "job_id=\"lite.sql.by-hand\"",
         ),
         (
             "dbkeeper_job_next_run_timestamp_seconds",
-            "job=\"lite.sql.by-hand\"",
+            "job_id=\"lite.sql.by-hand\"",
         ),
         (
             "dbkeeper_job_expected_interval_seconds",
-            "job=\"lite.sql.by-hand\"",
+            "job_id=\"lite.sql.by-hand\"",
         ),
-        ("dbkeeper_job_timeout_seconds", "job=\"lite.sql.by-hand\""),
-        ("dbkeeper_job_running", "job=\"lite.sql.by-hand\""),
+        (
+            "dbkeeper_job_timeout_seconds",
+            "job_id=\"lite.sql.by-hand\"",
+        ),
+        ("dbkeeper_job_running", "job_id=\"lite.sql.by-hand\""),
     ] {
         assert!(
             metric_value(&m, name, &[labels]).is_some(),
@@ -191,7 +194,7 @@ fn slow_job_is_never_started_twice() {
         ),
     );
     let d = w.start();
-    let skipped = ["job=\"pg.sql.slow\"", "reason=\"overlap\""];
+    let skipped = ["job_id=\"pg.sql.slow\"", "reason=\"overlap\""];
     d.wait_for("two overlap skips", Duration::from_secs(30), || {
         d.metric("dbkeeper_job_skipped_total", &skipped)
             .unwrap_or(0.0)
@@ -224,7 +227,7 @@ fn sighup_with_a_broken_file_keeps_the_old_config_and_a_good_one_applies() {
         &format!("{lite}{}", sql_job("tick", "SELECT 1", "every 1s", "")),
     );
     let d = w.start();
-    let tick = ["job=\"lite.sql.tick\"", "result=\"success\""];
+    let tick = ["job_id=\"lite.sql.tick\"", "result=\"success\""];
     d.wait_for("first tick", Duration::from_secs(15), || {
         d.metric(RUNS, &tick).unwrap_or(0.0) >= 1.0
     });
@@ -251,13 +254,17 @@ fn sighup_with_a_broken_file_keeps_the_old_config_and_a_good_one_applies() {
         || {
             let m = d.metrics();
             metric_value(&m, "dbkeeper_config_last_reload_successful", &[]) == Some(1.0)
-                && metric_value(&m, RUNS, &["job=\"lite.sql.tock\"", "result=\"success\""])
-                    .unwrap_or(0.0)
+                && metric_value(
+                    &m,
+                    RUNS,
+                    &["job_id=\"lite.sql.tock\"", "result=\"success\""],
+                )
+                .unwrap_or(0.0)
                     >= 1.0
         },
     );
     // The removed job stops looking due, so schedule-based alerts leave it alone.
-    let gone = ["job=\"lite.sql.tick\""];
+    let gone = ["job_id=\"lite.sql.tick\""];
     assert_eq!(
         d.metric("dbkeeper_job_expected_interval_seconds", &gone),
         Some(0.0)
@@ -282,7 +289,7 @@ fn sigterm_lets_a_running_job_finish_within_the_grace_period() {
     );
     let mut d = w.start();
     d.wait_for("job running", Duration::from_secs(15), || {
-        d.metric("dbkeeper_job_running", &["job=\"pg.sql.nap\""]) == Some(1.0)
+        d.metric("dbkeeper_job_running", &["job_id=\"pg.sql.nap\""]) == Some(1.0)
     });
     d.signal("TERM");
     let (status, took) = d.wait_exit(Duration::from_secs(25));
@@ -310,7 +317,7 @@ fn sigterm_cancels_a_job_that_outlasts_the_grace_period() {
     );
     let mut d = w.start();
     d.wait_for("job running", Duration::from_secs(15), || {
-        d.metric("dbkeeper_job_running", &["job=\"pg.sql.long\""]) == Some(1.0)
+        d.metric("dbkeeper_job_running", &["job_id=\"pg.sql.long\""]) == Some(1.0)
     });
     d.signal("TERM");
     let (status, took) = d.wait_exit(Duration::from_secs(20));
@@ -349,7 +356,7 @@ fn last_success_survives_a_restart() {
         ),
     );
     w.cmd(&["run-job", "lite.sql.yearly"]).assert().success();
-    let labels = ["job=\"lite.sql.yearly\""];
+    let labels = ["job_id=\"lite.sql.yearly\""];
     let first = {
         let d = w.start();
         let v = d
@@ -398,7 +405,7 @@ fn unreachable_databases_are_reported_and_the_daemon_keeps_serving() {
             metric_value(
                 &m,
                 RUNS,
-                &[&format!("job=\"{db}.sql.ping\""), "result=\"failure\""],
+                &[&format!("job_id=\"{db}.sql.ping\""), "result=\"failure\""],
             )
             .unwrap_or(0.0)
                 >= 1.0
@@ -476,11 +483,11 @@ fn missed_run_once_runs_at_start_up_and_skip_waits() {
     {
         let d = w.start();
         d.wait_for("missed run done", Duration::from_secs(15), || {
-            d.metric(RUNS, &["job=\"lite.sql.hourly\"", "result=\"success\""]) == Some(1.0)
+            d.metric(RUNS, &["job_id=\"lite.sql.hourly\"", "result=\"success\""]) == Some(1.0)
         });
         std::thread::sleep(Duration::from_millis(500));
         assert_eq!(
-            d.metric(RUNS, &["job=\"lite.sql.fresh\"", "result=\"success\""]),
+            d.metric(RUNS, &["job_id=\"lite.sql.fresh\"", "result=\"success\""]),
             Some(0.0)
         );
     }
@@ -501,12 +508,12 @@ fn missed_run_once_runs_at_start_up_and_skip_waits() {
     d.wait_for("missed skip counted", Duration::from_secs(10), || {
         d.metric(
             "dbkeeper_job_skipped_total",
-            &["job=\"lite.sql.hourly\"", "reason=\"missed\""],
+            &["job_id=\"lite.sql.hourly\"", "reason=\"missed\""],
         ) == Some(1.0)
     });
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        d.metric(RUNS, &["job=\"lite.sql.hourly\"", "result=\"success\""]),
+        d.metric(RUNS, &["job_id=\"lite.sql.hourly\"", "result=\"success\""]),
         Some(0.0)
     );
 }
@@ -536,7 +543,7 @@ fn max_concurrent_jobs_limits_parallel_runs() {
         finished += metric_value(
             &m,
             RUNS,
-            &[&format!("job=\"pg.sql.{job}\""), "result=\"success\""],
+            &[&format!("job_id=\"pg.sql.{job}\""), "result=\"success\""],
         )
         .unwrap_or(0.0);
     }

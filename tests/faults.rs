@@ -64,14 +64,14 @@ fn secrets_never_reach_logs_errors_status_metrics_or_output() {
             metric_value(
                 &m,
                 "dbkeeper_job_runs_total",
-                &["job=\"down.sql.ping\"", "result=\"failure\""],
+                &["job_id=\"down.sql.ping\"", "result=\"failure\""],
             )
             .unwrap_or(0.0)
                 >= 1.0
                 && metric_value(
                     &m,
                     "dbkeeper_job_runs_total",
-                    &["job=\"pg.backup\"", "result=\"success\""],
+                    &["job_id=\"pg.backup\"", "result=\"success\""],
                 )
                 .unwrap_or(0.0)
                     >= 2.0
@@ -122,7 +122,7 @@ fn a_lost_or_damaged_run_history_is_survived_and_backups_stay_listed() {
     let success = |d: &common::Daemon| {
         d.metric(
             "dbkeeper_job_last_success_timestamp_seconds",
-            &["job=\"app.backup\""],
+            &["job_id=\"app.backup\""],
         )
         .unwrap_or(0.0)
     };
@@ -314,7 +314,7 @@ fn sigterm_during_every_job_kind_stops_cleanly_within_the_grace_period() {
         ]
         .iter()
         .all(|job| {
-            metric_value(&m, "dbkeeper_job_running", &[&format!("job=\"{job}\"")]) == Some(1.0)
+            metric_value(&m, "dbkeeper_job_running", &[&format!("job_id=\"{job}\"")]) == Some(1.0)
         })
     });
     std::thread::sleep(Duration::from_millis(500));
@@ -563,7 +563,7 @@ fn postgres_restarting_mid_job_fails_clearly_and_the_next_runs_succeed() {
     d.wait_for("all four kinds running", Duration::from_secs(30), || {
         let m = d.metrics();
         jobs.iter().all(|job| {
-            metric_value(&m, "dbkeeper_job_running", &[&format!("job=\"{job}\"")]) == Some(1.0)
+            metric_value(&m, "dbkeeper_job_running", &[&format!("job_id=\"{job}\"")]) == Some(1.0)
         })
     });
     let restarted_at = chrono::Utc::now().timestamp() as f64;
@@ -578,7 +578,7 @@ fn postgres_restarting_mid_job_fails_clearly_and_the_next_runs_succeed() {
                 metric_value(
                     &m,
                     "dbkeeper_job_last_success_timestamp_seconds",
-                    &[&format!("job=\"{job}\"")],
+                    &[&format!("job_id=\"{job}\"")],
                 )
                 .unwrap_or(0.0)
                     > restarted_at
@@ -635,7 +635,7 @@ fn kill_9_mid_refresh_and_mid_sql_then_restart_runs_them_again() {
     d.wait_for("both running", Duration::from_secs(15), || {
         let m = d.metrics();
         jobs.iter().all(|j| {
-            metric_value(&m, "dbkeeper_job_running", &[&format!("job=\"{j}\"")]) == Some(1.0)
+            metric_value(&m, "dbkeeper_job_running", &[&format!("job_id=\"{j}\"")]) == Some(1.0)
         })
     });
     d.signal("KILL");
@@ -652,7 +652,7 @@ fn kill_9_mid_refresh_and_mid_sql_then_restart_runs_them_again() {
                 metric_value(
                     &m,
                     "dbkeeper_job_runs_total",
-                    &[&format!("job=\"{j}\""), "result=\"success\""],
+                    &[&format!("job_id=\"{j}\""), "result=\"success\""],
                 )
                 .unwrap_or(0.0)
                     >= 1.0

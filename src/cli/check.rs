@@ -69,7 +69,11 @@ pub async fn check(config: &Config) -> anyhow::Result<Exit> {
                         Err(e) => {
                             misnamed = true;
                             println!("job {}: CONFIG ERROR: {e}", job.id);
-                            eprintln!("error: {}: job {}: {e}", config.path.display(), job.id);
+                            super::print_error(&format!(
+                                "{}: job {}: {e}",
+                                config.path.display(),
+                                job.id
+                            ));
                         }
                     }
                 }

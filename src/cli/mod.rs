@@ -3,6 +3,7 @@
 
 mod backup;
 mod check;
+mod logging;
 mod migrate;
 mod report;
 mod retention;
@@ -13,6 +14,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, CONFIG_ENV, DEFAULT_CONFIG_PATH};
+
+pub use logging::{init_logging, print_error, print_failure, LogFormat};
 
 /// Process exit codes, as documented in the README.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +45,16 @@ impl From<Exit> for ExitCode {
 3 verification failed.\nDocumentation: README.md; example configuration: config/dbkeeper.example.toml"
 )]
 pub struct Cli {
+    /// Log format on stderr: `text`, or `json` (one object per line, for container log
+    /// shippers). Under systemd, `text` sends structured entries to the journal.
+    #[arg(
+        long = "log-format",
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "DBKEEPER_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -343,7 +356,7 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
         }
     };
     result.unwrap_or_else(|e| {
-        eprintln!("error: {}", one_line(&e));
+        print_error(&one_line(&e));
         if is_verification_failure(&e) {
             Exit::Verification
         } else if is_config_error(&e) {
@@ -382,24 +395,4 @@ fn is_verification_failure(e: &anyhow::Error) -> bool {
                 .downcast_ref::<crate::repo::archive::ArchiveError>()
                 .is_some_and(|a| a.is_verification())
     })
-}
-
-/// Logs go to stderr (journald under systemd); `RUST_LOG` sets the level, e.g.
-/// `RUST_LOG=dbkeeper=debug`.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,sqlx=warn,tokio_cron_scheduler=warn")
-    });
-    // journald stamps each line itself.
-    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false);
-    if under_systemd {
-        builder.without_time().init();
-    } else {
-        builder.init();
-    }
 }

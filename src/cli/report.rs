@@ -145,15 +145,15 @@ pub async fn run_job(config: &Config, id: &str) -> anyhow::Result<Exit> {
     let Some(job) = chosen.get(id).cloned() else {
         let all = jobs::entries(config);
         let known: Vec<&str> = all.iter().map(|j| j.id.as_str()).collect();
-        eprintln!(
-            "error: no job \"{id}\" in {}; configured jobs: {}",
+        super::print_error(&format!(
+            "no job \"{id}\" in {}; configured jobs: {}",
             config.path.display(),
             if known.is_empty() {
                 "none".to_owned()
             } else {
                 known.join(", ")
             }
-        );
+        ));
         return Ok(Exit::Usage);
     };
     let state = StateDb::open(&config.daemon.state_dir).await?;
@@ -166,7 +166,7 @@ pub async fn run_job(config: &Config, id: &str) -> anyhow::Result<Exit> {
             Exit::Success
         }
         RunOutcome::Failure { message, config } => {
-            eprintln!("{id}: failed: {message}");
+            super::print_failure(&format!("{id}: failed: {message}"));
             if config {
                 Exit::Usage
             } else {
@@ -174,7 +174,7 @@ pub async fn run_job(config: &Config, id: &str) -> anyhow::Result<Exit> {
             }
         }
         RunOutcome::Skipped(reason) => {
-            eprintln!("{id}: not run ({})", reason.as_str());
+            super::print_failure(&format!("{id}: not run ({})", reason.as_str()));
             Exit::Failed
         }
     })

@@ -246,7 +246,7 @@ impl Daemon {
     }
 
     /// Value of the series `name{labels}`; `labels` is a substring of the label set,
-    /// e.g. `job="db.sql.ok",` or `result="success"`.
+    /// e.g. `job_id="db.sql.ok",` or `result="success"`.
     pub fn metric(&self, name: &str, labels: &[&str]) -> Option<f64> {
         metric_value(&self.metrics(), name, labels)
     }
