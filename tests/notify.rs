@@ -157,7 +157,9 @@ fn a_monitor_that_is_down_or_hangs_neither_fails_nor_slows_the_job() {
 
 #[test]
 fn daemon_pings_every_run_in_order_and_counts_failures() {
-    let (port, seen) = receiver(Answer::Ok);
+    // The first ping (the first run's start) gets a 500 and is retried a second
+    // later, long after that run ended: its end must still come after it.
+    let (port, seen) = receiver(Answer::FailFirst);
     let w = Workdir::new();
     config(
         &w,
@@ -175,10 +177,12 @@ fn daemon_pings_every_run_in_order_and_counts_failures() {
     );
     let d = w.start();
     d.wait_for("three runs pinged", Duration::from_secs(30), || {
-        requests(&seen, "/hc/").len() >= 6
+        requests(&seen, "/hc/").len() >= 7
     });
-    let got = requests(&seen, "/hc/");
-    // Start, end, start, end…: a run's end never overtakes its start.
+    let mut got = requests(&seen, "/hc/");
+    assert!(got[0].target.ends_with("/start"), "{got:?}");
+    got.remove(0); // the attempt that got the 500
+                   // Start, end, start, end…: a run's end never overtakes its start.
     for (i, r) in got.iter().enumerate() {
         let start = r.target.ends_with("/start");
         assert_eq!(start, i % 2 == 0, "out of order at {i}: {got:?}");
