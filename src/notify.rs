@@ -1,5 +1,5 @@
 //! Direct notifications (`[notify]`): a POST to each webhook (dbkeeper's JSON, a
-//! Slack-style message or a Teams card: [`message`]) and/or an alert to Alertmanager
+//! Slack-style message or a Teams card: `message`) and/or an alert to Alertmanager
 //! when a job fails and when it recovers, retried with backoff, each attempt under a
 //! timeout; and the dead-man pings of every run ([`ping`]). Delivery runs in the
 //! background and never delays a job.
