@@ -27,7 +27,7 @@ use crate::db::Database;
 use crate::http::BackupShelf;
 use crate::jobs::{self, Job, Jobs, Trigger};
 use crate::metrics::SkipReason;
-use crate::notify::{Notifier, NotifyError};
+use crate::notify::{ping, Notifier, NotifyError, Pinger};
 use crate::redact::url_has_password;
 use crate::reporter::Reporter;
 use crate::runner::Runner;
@@ -157,7 +157,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     ));
 
     let (tx, mut fires) = mpsc::unbounded_channel();
-    let report = Reporter::new(status);
+    let pinger = Pinger::new()?;
+    let report = Reporter::new(status).with_pinger(pinger.clone());
     let mut daemon = Daemon {
         runner: Runner::new(
             state.clone(),
@@ -225,6 +226,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     {
         tracing::warn!("some jobs were cancelled at the end of the grace period");
     }
+    // The last runs' pings, if their monitor is slow; never longer than a moment.
+    pinger.shutdown(ping::GRACE).await;
     http_stop.cancel();
     let _ = http_task.await;
     active.jobs.close().await;

@@ -9,7 +9,7 @@
 //! - [`db`]: SQLite and PostgreSQL connections; [`repo`]: the backup repository
 //!   (archive format, storage behind [`repo::storage::Storage`], catalog, verify,
 //!   restore); [`state`]: the run history; [`metrics`]: every Prometheus series;
-//!   [`notify`]: webhook and Alertmanager events;
+//!   [`notify`]: webhook and Alertmanager events, dead-man pings;
 //! - [`jobs`]: the one module that knows the job kinds — what each does, and the
 //!   registry of configured jobs ([`jobs::Jobs`]);
 //! - [`status`]: the status board; [`reporter`]: tells the board, the metrics and the

@@ -46,6 +46,7 @@ pub const MIGRATIONS_PENDING: &str = "dbkeeper_migrations_pending";
 pub const MIGRATIONS_APPLIED_VERSION: &str = "dbkeeper_migrations_applied_version";
 pub const MIGRATIONS_CHECKSUM_MISMATCH: &str = "dbkeeper_migrations_checksum_mismatch";
 pub const MIGRATIONS_BLOCKED: &str = "dbkeeper_migrations_blocked";
+pub const PING_FAILURES: &str = "dbkeeper_ping_failures_total";
 
 /// Buckets of `job_duration_seconds`: from a fast `ANALYZE` to a multi-hour dump.
 const DURATION_BUCKETS: &[f64] = &[
@@ -219,6 +220,10 @@ fn describe() {
         MIGRATIONS_CHECKSUM_MISMATCH,
         "Applied migrations whose file changed since."
     );
+    describe_counter!(
+        PING_FAILURES,
+        "Dead-man pings (ping-url) that did not reach the monitor after their retries."
+    );
     describe_gauge!(
         MIGRATIONS_BLOCKED,
         "Problems that block applying migrations (dirty, drift, missing, out-of-order, duplicate versions)."
@@ -309,6 +314,17 @@ pub fn job_finished(job: JobLabels<'_>, started: DateTime<Utc>, success: bool, t
     let mut with_result = l.to_vec();
     with_result.push(("result", result.to_owned()));
     counter!(JOB_RUNS, &with_result).increment(1);
+}
+
+/// Creates the ping failure counter of a job that pings a monitor. Its label is
+/// `job_id`, never `job` (Prometheus's own target label).
+pub fn register_ping(job: &str) {
+    counter!(PING_FAILURES, "job_id" => job.to_owned()).increment(0);
+}
+
+/// A dead-man ping of the job was not delivered.
+pub fn ping_failed(job: &str) {
+    counter!(PING_FAILURES, "job_id" => job.to_owned()).increment(1);
 }
 
 pub fn job_skipped(job: &str, reason: SkipReason) {

@@ -1,6 +1,14 @@
-//! Direct notifications (`[notify]`): a JSON POST to a webhook and/or an alert to
-//! Alertmanager when a job fails and when it recovers, retried with backoff, each
-//! attempt under a timeout. Delivery runs in the background and never delays a job.
+//! Direct notifications (`[notify]`): a POST to each webhook (dbkeeper's JSON, a
+//! Slack-style message or a Teams card: `message`) and/or an alert to Alertmanager
+//! when a job fails and when it recovers, retried with backoff, each attempt under a
+//! timeout; and the dead-man pings of every run ([`ping`]). Delivery runs in the
+//! background and never delays a job.
+
+mod message;
+pub mod ping;
+
+pub use message::status_link;
+pub use ping::{PingEvent, Pinger};
 
 use std::time::Duration;
 
@@ -34,7 +42,7 @@ pub struct Event {
 
 /// The HTTP client for `[notify]` could not be set up.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot set up the HTTP client for [notify]: {0}")]
+#[error("cannot set up the HTTP client for notifications and pings: {0}")]
 pub struct NotifyError(reqwest::Error);
 
 #[derive(Clone)]
@@ -88,13 +96,19 @@ impl Notifier {
     pub fn send(&self, event: Event) {
         let this = self.clone();
         tokio::spawn(async move {
-            if let Some(url) = this.cfg.webhook.clone() {
-                this.deliver(&url, serde_json::to_value(&event).unwrap_or_default())
-                    .await;
+            let link = this
+                .cfg
+                .public_url
+                .as_deref()
+                .map(|base| status_link(base, &event.job));
+            for hook in &this.cfg.webhook {
+                let body = message::webhook_body(hook.format, &event, link.as_deref());
+                this.deliver(hook.url.url().as_str(), body).await;
             }
             if let Some(base) = this.cfg.alertmanager.clone() {
                 let url = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
-                this.deliver(&url, alertmanager_body(&event)).await;
+                this.deliver(&url, alertmanager_body(&event, link.as_deref()))
+                    .await;
             }
         });
     }
@@ -130,14 +144,15 @@ impl Notifier {
     }
 }
 
-/// Alertmanager v2: one alert, firing on failure, resolved (`endsAt` now) on recovery.
-fn alertmanager_body(e: &Event) -> serde_json::Value {
+/// Alertmanager v2: one alert, firing on failure, resolved (`endsAt` now) on recovery;
+/// `link` (the job on the status page) becomes its `generatorURL`.
+fn alertmanager_body(e: &Event, link: Option<&str>) -> serde_json::Value {
     let ends = match e.event {
         EventKind::Recovery => e.time,
         // Stays firing until the recovery resolves it (or a week passes).
         EventKind::Failure => e.time + chrono::Duration::days(7),
     };
-    serde_json::json!([{
+    let mut alert = serde_json::json!({
         "labels": {
             "alertname": "DbkeeperJobFailed",
             // The label the scraped DbkeeperJobFailed carries too (see
@@ -154,5 +169,9 @@ fn alertmanager_body(e: &Event) -> serde_json::Value {
         },
         "startsAt": e.time,
         "endsAt": ends,
-    }])
+    });
+    if let Some(link) = link {
+        alert["generatorURL"] = link.into();
+    }
+    serde_json::json!([alert])
 }

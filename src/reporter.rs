@@ -1,8 +1,8 @@
 //! Where what happens to jobs and databases is told: the status board
-//! ([`crate::status`]), the Prometheus series ([`crate::metrics`]) and the
-//! notifications ([`crate::notify`]).
+//! ([`crate::status`]), the Prometheus series ([`crate::metrics`]), the
+//! notifications and the dead-man pings ([`crate::notify`]).
 //!
-//! Each of the three has its own home and knows nothing of the others; the runner
+//! Each has its own home and knows nothing of the others; the runner
 //! and the daemon tell a [`Reporter`] once, and it tells each of them.
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 
 use crate::jobs::Job;
 use crate::metrics::{self, SkipReason};
-use crate::notify::Notifier;
+use crate::notify::{Notifier, PingEvent, Pinger};
 use crate::state::JobLast;
 use crate::status::{DatabaseStatus, JobStatus, Status};
 
@@ -21,6 +21,9 @@ use crate::status::{DatabaseStatus, JobStatus, Status};
 pub struct Reporter {
     status: Status,
     notifier: Arc<Mutex<Option<Notifier>>>,
+    /// One for the whole process (not per configuration), so that the pings of a
+    /// run that spans a reload stay in order.
+    pinger: Option<Pinger>,
 }
 
 impl Reporter {
@@ -28,6 +31,20 @@ impl Reporter {
         Reporter {
             status,
             notifier: Arc::default(),
+            pinger: None,
+        }
+    }
+
+    /// Pings each job's `ping-url` (if it has one) through `pinger`.
+    pub fn with_pinger(mut self, pinger: Pinger) -> Self {
+        self.pinger = Some(pinger);
+        self
+    }
+
+    /// Queues a dead-man ping if the job has a ping URL.
+    fn ping(&self, job: &Job, event: PingEvent, message: &str) {
+        if let (Some(pinger), Some(target)) = (&self.pinger, &job.options.ping) {
+            pinger.ping(&job.id, target, event, message);
         }
     }
 
@@ -50,6 +67,9 @@ impl Reporter {
             .iter()
             .map(|(job, last, interval)| {
                 metrics::register_job(job.labels(), last, *interval, job.options.timeout);
+                if job.options.ping.is_some() {
+                    metrics::register_ping(&job.id);
+                }
                 JobStatus {
                     job: job.id.clone(),
                     kind: job.kind().to_owned(),
@@ -91,17 +111,24 @@ impl Reporter {
     }
 
     pub fn job_started(&self, job: &Job, at: DateTime<Utc>) {
+        self.ping(job, PingEvent::Start, "");
         metrics::job_started(job.labels(), at);
         self.status.job_started(&job.id, at);
     }
 
+    /// A run ended: `result` is its summary on success, its error on failure.
     pub fn job_finished(
         &self,
         job: &Job,
         started: DateTime<Utc>,
         took: Duration,
-        error: Option<&str>,
+        result: Result<&str, &str>,
     ) {
+        match result {
+            Ok(summary) => self.ping(job, PingEvent::Success, summary),
+            Err(error) => self.ping(job, PingEvent::Failure, error),
+        }
+        let error = result.err();
         metrics::job_finished(job.labels(), started, error.is_none(), took);
         let Some(failed_before) = self.status.job_finished(&job.id, started, error) else {
             return;

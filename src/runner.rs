@@ -229,9 +229,11 @@ impl Runner {
                 tracing::error!(job = %job.id, "cannot record run result: {e}");
             }
         }
-        inner
-            .report
-            .job_finished(&job, started, took, error.as_deref());
+        let told = match &result {
+            Ok(outcome) => Ok(outcome.summary.as_str()),
+            Err(failure) => Err(failure.message.as_str()),
+        };
+        inner.report.job_finished(&job, started, took, told);
         match result {
             Ok(outcome) => {
                 inner.report.database_probed(job.database_name(), Ok(()));

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, http_get, Workdir};
+use common::{free_port, http_get, receiver, Answer, Workdir};
 
 fn repo(rel: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -333,59 +333,9 @@ fn grafana_dashboard_is_valid_and_uses_real_metrics() {
     }
 }
 
-/// A local HTTP receiver: records (path, body) of each request; answers 500 to the
-/// first one (to exercise retries), 200 to the rest.
-type Requests = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
-
-fn receiver() -> (u16, Requests) {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = seen.clone();
-    std::thread::spawn(move || {
-        for (n, stream) in listener.incoming().enumerate() {
-            let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-            let mut request_line = String::new();
-            let _ = reader.read_line(&mut request_line);
-            let mut length = 0;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0; length];
-            let _ = reader.read_exact(&mut body);
-            let path = request_line
-                .split_whitespace()
-                .nth(1)
-                .unwrap_or("")
-                .to_owned();
-            log.lock()
-                .expect("lock")
-                .push((path, String::from_utf8_lossy(&body).into_owned()));
-            let status = if n == 0 {
-                "500 Internal Server Error"
-            } else {
-                "200 OK"
-            };
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-        }
-    });
-    (port, seen)
-}
-
 #[test]
 fn notifications_reach_a_webhook_and_alertmanager_on_failure_and_recovery() {
-    let (port, seen) = receiver();
+    let (port, seen) = receiver(Answer::FailFirst);
     let w = Workdir::new();
     let db = w.path().join("app.db");
     w.write_config(
@@ -403,7 +353,7 @@ fn notifications_reach_a_webhook_and_alertmanager_on_failure_and_recovery() {
         seen.lock()
             .expect("lock")
             .iter()
-            .filter(|(p, body)| p.starts_with(path) && body.contains(kind))
+            .filter(|r| r.target.starts_with(path) && r.body.contains(kind))
             .count()
     };
     d.wait_for(
@@ -420,9 +370,10 @@ fn notifications_reach_a_webhook_and_alertmanager_on_failure_and_recovery() {
     });
     std::thread::sleep(Duration::from_millis(1500));
     let all = seen.lock().expect("lock").clone();
-    let hooks: Vec<&(String, String)> = all
+    let hooks: Vec<(&str, &str)> = all
         .iter()
-        .filter(|(p, _)| p.starts_with("/hook/"))
+        .filter(|r| r.target.starts_with("/hook/"))
+        .map(|r| (r.target.as_str(), r.body.as_str()))
         .collect();
     // The first delivery got a 500 and was retried: the failure arrives twice at most,
     // and repeated failures do not notify again.
@@ -431,7 +382,7 @@ fn notifications_reach_a_webhook_and_alertmanager_on_failure_and_recovery() {
         .filter(|(_, b)| b.contains("\"failure\""))
         .count();
     assert!((1..=2).contains(&failures), "{hooks:?}");
-    let body: serde_json::Value = serde_json::from_str(&hooks[0].1).expect("JSON");
+    let body: serde_json::Value = serde_json::from_str(hooks[0].1).expect("JSON");
     assert_eq!(body["job"], "app.sql.count");
     assert_eq!(body["database"], "app");
     assert!(

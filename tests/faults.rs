@@ -29,7 +29,7 @@ fn secrets_never_reach_logs_errors_status_metrics_or_output() {
     w.write_config(
         "",
         &format!(
-            "[notify]\nwebhook = \"http://127.0.0.1:1/{HOOK}\"\nretries = 0\ntimeout = \"1s\"\n\
+            "[notify]\nwebhook = \"http://127.0.0.1:1/{HOOK}\"\nping-url = \"http://127.0.0.1:1/{HOOK}\"\nretries = 0\ntimeout = \"1s\"\n\
              [[database]]\nname = \"pg\"\nurl = \"{url}\"\n\
              [database.backup]\nschedule = \"every 2s\"\ndestination = \"{}\"\nencryption-key-file = \"{}\"\n\
              [[database.retention]]\ntable = \"t\"\ncolumn = \"created_at\"\nolder-than = \"30d\"\nschedule = \"every 2s\"\n\
@@ -84,6 +84,10 @@ fn secrets_never_reach_logs_errors_status_metrics_or_output() {
     assert!(
         seen.contains("pg.sql.bad") && seen.contains("down.sql.ping"),
         "the outputs were collected"
+    );
+    assert!(
+        seen.contains("dead-man ping not delivered"),
+        "the pings (to the same secret URL) were tried"
     );
     for secret in [INLINE, IN_FILE, HOOK, key_hex.as_str()] {
         assert!(!seen.contains(secret), "secret {secret:?} leaked");

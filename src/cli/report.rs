@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use super::Exit;
 use crate::config::Config;
 use crate::jobs::{self, Job, Jobs, Select, Trigger};
+use crate::notify::{ping, Pinger};
 use crate::reporter::Reporter;
 use crate::runner::{RunOutcome, Runner};
 use crate::schedule::TimeZone;
@@ -157,8 +158,13 @@ pub async fn run_job(config: &Config, id: &str) -> anyhow::Result<Exit> {
         return Ok(Exit::Usage);
     };
     let state = StateDb::open(&config.daemon.state_dir).await?;
-    let runner = Runner::new(state.clone(), Reporter::default(), 1);
+    // Pinged like a scheduled run: a run by hand (or from a cron job) is a run
+    // the monitor should know of.
+    let pinger = Pinger::new()?;
+    let report = Reporter::default().with_pinger(pinger.clone());
+    let runner = Runner::new(state.clone(), report, 1);
     let outcome = run_interruptible(&runner, job).await;
+    pinger.shutdown(ping::GRACE).await;
     state.close().await;
     Ok(match outcome {
         RunOutcome::Success(o) => {

@@ -30,6 +30,9 @@ pub struct JobOptions {
     pub retry_backoff: Duration,
     pub jitter: Duration,
     pub missed: Missed,
+    /// Where the job's start, success and failure are pinged (its own `ping-url` or
+    /// the `[notify]` default); `None`: nowhere.
+    pub ping: Option<crate::config::PingTarget>,
 }
 
 /// Declares a job table struct with the common job keys appended.
@@ -78,11 +81,25 @@ macro_rules! job_table {
             /// depends on the job kind.
             #[serde(default)]
             pub missed: Option<$crate::config::Missed>,
+            /// Dead-man ping URL of this job (healthchecks.io, Cronitor, Uptime Kuma;
+            /// see `ping-style`): told when each run starts, succeeds or fails. `false`
+            /// turns the `[notify]` `ping-url` off for this job. Treated as a secret.
+            /// Default: `[notify]`'s `ping-url`, else none.
+            #[serde(default)]
+            pub ping_url: Option<$crate::config::PingSetting>,
+            /// How this job's ping URL is spoken to: `healthchecks`, `cronitor` or
+            /// `uptime-kuma`. Default: `[notify]`'s `ping-style`, else `healthchecks`.
+            #[serde(default)]
+            pub ping_style: Option<$crate::config::PingStyle>,
         }
 
         impl $name {
-            /// The common job settings with this kind's defaults applied.
-            pub fn options(&self) -> $crate::config::JobOptions {
+            /// The common job settings with this kind's defaults and `notify`'s ping
+            /// defaults applied.
+            pub fn options(
+                &self,
+                notify: Option<&$crate::config::NotifyConfig>,
+            ) -> $crate::config::JobOptions {
                 $crate::config::JobOptions {
                     schedule: self.schedule.clone(),
                     timezone: self.timezone.clone().unwrap_or_default(),
@@ -93,6 +110,11 @@ macro_rules! job_table {
                         .unwrap_or(std::time::Duration::from_secs(30)),
                     jitter: self.jitter.unwrap_or_default(),
                     missed: self.missed.unwrap_or($missed),
+                    ping: $crate::config::PingTarget::resolve(
+                        self.ping_url.as_ref(),
+                        self.ping_style,
+                        notify,
+                    ),
                 }
             }
         }

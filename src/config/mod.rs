@@ -7,6 +7,7 @@
 
 mod backup;
 mod job_options;
+mod notify;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -17,6 +18,9 @@ use serde::Deserialize;
 
 pub(crate) use job_options::job_table;
 pub use job_options::{JobOptions, Missed};
+pub use notify::{
+    NotifyConfig, PingSetting, PingStyle, PingTarget, SecretUrl, Webhook, WebhookFormat,
+};
 
 use crate::keys::{Key, KeyError, KeyRing};
 
@@ -120,65 +124,10 @@ pub struct Config {
     /// The databases to look after (`[[database]]`); at least one is required.
     #[serde(default, rename = "database")]
     pub databases: Vec<DatabaseConfig>,
-    /// `[notify]`: direct notifications on job failure and recovery. Default: none.
+    /// `[notify]`: webhooks and Alertmanager alerts on job failure and recovery, the
+    /// default dead-man ping URL, the status page's public address. Default: none.
     #[serde(default)]
     pub notify: Option<NotifyConfig>,
-}
-
-/// `[notify]`: tell a webhook and/or Alertmanager when a job fails and when it
-/// recovers, for sites without Prometheus alerting.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct NotifyConfig {
-    /// URL that receives a JSON POST per event (`event`, `job`, `kind`, `database`,
-    /// `result`, `error`, `time`). Treated as a secret: logs show its host only.
-    /// Default: none.
-    #[serde(default)]
-    pub webhook: Option<String>,
-    /// Alertmanager base URL (e.g. `http://127.0.0.1:9093`); events go to
-    /// `/api/v2/alerts` as alert `DbkeeperJobFailed`, resolved on recovery.
-    /// Default: none.
-    #[serde(default)]
-    pub alertmanager: Option<String>,
-    /// Time limit of one delivery attempt. Default: `10s`.
-    #[serde(default = "default_notify_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Further attempts after a failed delivery. Default: `3`.
-    #[serde(default = "default_notify_retries")]
-    pub retries: u32,
-    /// Wait before the first retry, doubled each time. Default: `2s`.
-    #[serde(default = "default_notify_backoff", with = "humantime_serde")]
-    pub retry_backoff: Duration,
-}
-
-fn default_notify_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-
-fn default_notify_retries() -> u32 {
-    3
-}
-
-fn default_notify_backoff() -> Duration {
-    Duration::from_secs(2)
-}
-
-/// By hand: webhook URLs often carry a token.
-impl std::fmt::Debug for NotifyConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NotifyConfig")
-            .field(
-                "webhook",
-                &self.webhook.as_deref().map(crate::redact::url_host),
-            )
-            .field(
-                "alertmanager",
-                &self.alertmanager.as_deref().map(crate::redact::url_host),
-            )
-            .field("timeout", &self.timeout)
-            .field("retries", &self.retries)
-            .finish()
-    }
 }
 
 /// `[daemon]`: settings of the process itself.
@@ -965,30 +914,7 @@ impl Config {
             return Err(self.invalid("daemon.probe-interval", "must be longer than 0s"));
         }
         if let Some(n) = &self.notify {
-            self.duration("notify.timeout", n.timeout, Duration::from_secs(600))?;
-            self.count("notify.retries", n.retries.into(), 0..=100)?;
-            self.duration(
-                "notify.retry-backoff",
-                n.retry_backoff,
-                Duration::from_secs(3600),
-            )?;
-            for (key, url) in [
-                ("notify.webhook", &n.webhook),
-                ("notify.alertmanager", &n.alertmanager),
-            ] {
-                if let Some(url) = url {
-                    let ok =
-                        url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-                    if !ok {
-                        return Err(self.invalid(key, "is not an http:// or https:// URL"));
-                    }
-                }
-            }
-            if n.webhook.is_none() && n.alertmanager.is_none() {
-                return Err(
-                    self.invalid("notify", "set webhook or alertmanager (or remove [notify])")
-                );
-            }
+            self.validate_notify(n)?;
         }
         if self.databases.is_empty() {
             return Err(self.invalid(
@@ -1333,19 +1259,22 @@ impl Config {
     /// The shared job keys of every job on `db`, and the kind-specific timeouts.
     fn validate_jobs_of(&self, key: &str, db: &DatabaseConfig) -> Result<(), ConfigError> {
         if let Some(b) = &db.backup {
-            self.validate_job_options(&format!("{key}.backup"), &b.options())?;
+            self.validate_job_options(&format!("{key}.backup"), &b.options(self.notify.as_ref()))?;
         }
         for r in &db.retention {
-            self.validate_job_options(&format!("{key}.retention \"{}\"", r.table), &r.options())?;
+            self.validate_job_options(
+                &format!("{key}.retention \"{}\"", r.table),
+                &r.options(self.notify.as_ref()),
+            )?;
         }
         for r in &db.refresh {
             let k = format!("{key}.refresh \"{}\"", r.view);
-            self.validate_job_options(&k, &r.options())?;
+            self.validate_job_options(&k, &r.options(self.notify.as_ref()))?;
             self.duration(format!("{k}.lock-timeout"), r.lock_timeout, MAX_PG_TIMEOUT)?;
         }
         if let Some(m) = &db.migrate {
             let k = format!("{key}.migrate");
-            self.validate_job_options(&k, &m.options())?;
+            self.validate_job_options(&k, &m.options(self.notify.as_ref()))?;
             self.duration(format!("{k}.lock-timeout"), m.lock_timeout, MAX_PG_TIMEOUT)?;
             self.duration(
                 format!("{k}.statement-timeout"),
@@ -1355,7 +1284,10 @@ impl Config {
             self.duration(format!("{k}.lock-wait"), m.lock_wait, MAX_JOB_TIMEOUT)?;
         }
         for s in &db.sql {
-            self.validate_job_options(&format!("{key}.sql \"{}\"", s.name), &s.options())?;
+            self.validate_job_options(
+                &format!("{key}.sql \"{}\"", s.name),
+                &s.options(self.notify.as_ref()),
+            )?;
         }
         Ok(())
     }

@@ -23,7 +23,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.daemon.listen.to_string(), "127.0.0.1:9736");
     assert_eq!(c.daemon.max_concurrent_jobs, 2);
     assert_eq!(c.daemon.shutdown_grace, Duration::from_secs(300));
-    let opts = c.databases[0].sql[0].options();
+    let opts = c.databases[0].sql[0].options(None);
     assert_eq!(opts.timeout, Duration::from_secs(3600));
     assert_eq!(opts.missed, Missed::Skip);
     assert_eq!(opts.retries, 0);
@@ -352,4 +352,169 @@ fn debug_output_hides_a_password_in_the_url() {
         "{debug}"
     );
     assert!(debug.contains("REDACTED"));
+}
+
+#[test]
+fn ping_url_per_job_and_notify_default() {
+    let text = format!(
+        "[notify]\nping-url = \"https://hc-ping.com/default-uuid\"\nping-style = \"cronitor\"\n{MINIMAL}\
+         [[database.sql]]\nname = \"own\"\nstatement = \"SELECT 1\"\nschedule = \"@daily\"\n\
+         ping-url = \"https://kuma.example/api/push/tok?status=up&msg=OK&ping=\"\nping-style = \"uptime-kuma\"\n\
+         [[database.sql]]\nname = \"off\"\nstatement = \"SELECT 1\"\nschedule = \"@daily\"\nping-url = false\n\
+         [[database.sql]]\nname = \"empty\"\nstatement = \"SELECT 1\"\nschedule = \"@daily\"\nping-url = \"\"\n"
+    );
+    let c = parse(&text).unwrap();
+    let n = c.notify.as_ref();
+    let sql = &c.databases[0].sql;
+    let inherited = sql[0].options(n).ping.expect("the [notify] default");
+    assert_eq!(
+        inherited.url.url().as_str(),
+        "https://hc-ping.com/default-uuid"
+    );
+    assert_eq!(inherited.style, PingStyle::Cronitor);
+    let own = sql[1].options(n).ping.expect("its own");
+    assert_eq!(own.url.host(), "kuma.example");
+    assert_eq!(own.style, PingStyle::UptimeKuma);
+    assert!(sql[2].options(n).ping.is_none());
+    assert!(sql[3].options(n).ping.is_none());
+    // No [notify]: only jobs with their own URL ping.
+    assert!(sql[0].options(None).ping.is_none());
+    let debug = format!("{c:?}");
+    assert!(
+        !debug.contains("default-uuid") && !debug.contains("tok?"),
+        "{debug}"
+    );
+}
+
+#[test]
+fn webhook_forms_and_formats() {
+    let hook = |value: &str| {
+        parse(&format!("[notify]\nwebhook = {value}\n{MINIMAL}"))
+            .map(|c| c.notify.map(|n| n.webhook).unwrap_or_default())
+    };
+    let one = hook("\"https://example.com/hook/t0k3n\"").unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].format, WebhookFormat::Json);
+    let slack =
+        hook("{ url = \"https://hooks.slack.com/services/T/B/X\", format = \"slack\" }").unwrap();
+    assert_eq!(slack[0].format, WebhookFormat::Slack);
+    let many = hook(
+        "[\"https://example.com/a\", { url = \"https://example.com/b\", format = \"teams\" }]",
+    )
+    .unwrap();
+    assert_eq!(
+        many.iter().map(|w| w.format).collect::<Vec<_>>(),
+        [WebhookFormat::Json, WebhookFormat::Teams]
+    );
+    let debug = format!(
+        "{:?}",
+        parse(&format!(
+            "[notify]\nwebhook = \"https://example.com/hook/t0k3n\"\n{MINIMAL}"
+        ))
+        .unwrap()
+    );
+    assert!(!debug.contains("t0k3n"), "{debug}");
+    // The [[notify.webhook]] table-array form is the same list.
+    let c = parse(&format!(
+        "[[notify.webhook]]\nurl = \"https://chat.example/hooks/x\"\nformat = \"slack\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(c.notify.unwrap().webhook[0].format, WebhookFormat::Slack);
+}
+
+#[test]
+fn malformed_notify_values_say_what_to_write() {
+    let cases = [
+        (
+            "[notify]\nwebhook = { url = \"https://x/h\", format = \"discord\" }\n",
+            "2:",
+            "discord",
+        ),
+        (
+            "[notify]\nwebhook = \"ftp://x/secret-hook\"\n",
+            "2:",
+            "http:// or https://",
+        ),
+        (
+            "[notify]\nwebhook = { url = \"https://x/h\", fromat = \"slack\" }\n",
+            "2:",
+            "fromat",
+        ),
+        ("[notify]\nping-url = true\n", "2:", "false for no pings"),
+        (
+            "[notify]\nping-url = \"hc-ping.com/secret-uuid\"\n",
+            "2:",
+            "http:// or https://",
+        ),
+        (
+            "[notify]\nping-url = \"https://hc-ping.com/u\"\nping-style = \"nagios\"\n",
+            "3:",
+            "nagios",
+        ),
+        (
+            "[notify]\npublic-url = \"status page\"\nping-url = \"https://hc-ping.com/u\"\n",
+            "",
+            "notify.public-url",
+        ),
+        (
+            "[notify]\npublic-url = \"https://ops.example.com/\"\n",
+            "",
+            "set webhook, alertmanager, ping-url",
+        ),
+    ];
+    for (prefix, at, want) in cases {
+        let err = parse(&format!("{prefix}{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with(&format!("test.toml:{at}")), "{err}");
+        assert!(err.contains(want), "{want:?} not in {err}");
+        assert!(!err.contains("secret"), "the URL leaked: {err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+    }
+    let err = parse(&MINIMAL.replace(
+        "schedule = \"@daily\"",
+        "schedule = \"@daily\"\nping-url = \"mailto:ops@example.com\"",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("ping URL is not an http"), "{err}");
+}
+
+/// The commented-out notification keys of the example config are valid once
+/// uncommented (the example test only sees them as comments).
+#[test]
+fn example_notify_keys_parse_when_uncommented() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/dbkeeper.example.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let keys = [
+        "[notify]",
+        "webhook",
+        "alertmanager",
+        "public-url",
+        "ping-url",
+        "ping-style",
+    ];
+    let mut uncommented = 0;
+    let text: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("password-file"))
+        .filter(|l| !l.trim_start().starts_with("encryption-key-file"))
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest) if keys.iter().any(|k| rest.starts_with(k)) => {
+                uncommented += 1;
+                rest.to_owned()
+            }
+            _ => l.to_owned(),
+        })
+        .collect();
+    assert!(uncommented >= 6, "the example lost its notification keys");
+    let text = text.join("\n").replace(
+        "[database.backup]",
+        "[database.backup]\nencryption = \"none\"",
+    );
+    let c = Config::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+    let n = c.notify.expect("[notify]");
+    assert!(!n.webhook.is_empty() && n.ping_url.is_some() && n.public_url.is_some());
+    let backup = c.databases[0].backup.as_ref().expect("backup");
+    assert!(backup.options(Some(&n)).ping.is_some());
 }

@@ -108,7 +108,9 @@ pub fn render(s: &Snapshot, backups: &[Manifest], now: DateTime<Utc>) -> String 
         };
         let _ = write!(
             h,
-            "<tr><td><code>{}</code></td><td><code>{}</code>{}</td><td>{result}</td><td>{}</td><td>{}</td><td>{}</td><td>{error}</td></tr>",
+            // The row's id is what `[notify] public-url` links point at.
+            "<tr id=\"job-{}\"><td><code>{}</code></td><td><code>{}</code>{}</td><td>{result}</td><td>{}</td><td>{}</td><td>{}</td><td>{error}</td></tr>",
+            esc(&j.job),
             esc(&j.job),
             esc(&j.schedule),
             if j.timezone == "UTC" { String::new() } else { format!(" <span class=\"muted\">{}</span>", esc(&j.timezone)) },

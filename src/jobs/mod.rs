@@ -420,6 +420,7 @@ impl Entry<'_> {
 /// retention rules, refreshes, migrate, sql), without building any.
 pub fn entries(config: &Config) -> Vec<Entry<'_>> {
     let mut all = Vec::new();
+    let notify = config.notify.as_ref();
     for db in &config.databases {
         let name = &db.name;
         let mut add = |id: String, options, section| {
@@ -431,22 +432,30 @@ pub fn entries(config: &Config) -> Vec<Entry<'_>> {
             })
         };
         if let Some(b) = &db.backup {
-            add(format!("{name}.backup"), b.options(), Section::Backup(b));
+            add(
+                format!("{name}.backup"),
+                b.options(notify),
+                Section::Backup(b),
+            );
         }
         for r in &db.retention {
             let id = format!("{name}.retention.{}", r.job_name());
-            add(id, r.options(), Section::Retention(r));
+            add(id, r.options(notify), Section::Retention(r));
         }
         for r in &db.refresh {
             let id = format!("{name}.refresh.{}", r.job_name());
-            add(id, r.options(), Section::Refresh(r));
+            add(id, r.options(notify), Section::Refresh(r));
         }
         if let Some(m) = &db.migrate {
-            add(format!("{name}.migrate"), m.options(), Section::Migrate(m));
+            add(
+                format!("{name}.migrate"),
+                m.options(notify),
+                Section::Migrate(m),
+            );
         }
         for sql in &db.sql {
             let id = format!("{name}.sql.{}", sql.name);
-            add(id, sql.options(), Section::Sql(sql));
+            add(id, sql.options(notify), Section::Sql(sql));
         }
     }
     all

@@ -449,3 +449,74 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("runtime")
 }
+
+/// One request a [`receiver`] got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    /// Path and query, e.g. `/hook/token?state=run`.
+    pub target: String,
+    pub body: String,
+}
+
+/// What a [`receiver`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// 200 to everything.
+    Ok,
+    /// 500 to the first request (to exercise retries), 200 to the rest.
+    FailFirst,
+    /// Reads the request, then never answers (the connection stays open).
+    Hang,
+}
+
+pub type Requests = std::sync::Arc<std::sync::Mutex<Vec<Received>>>;
+
+/// A local HTTP receiver on a thread: records every request in arrival order.
+pub fn receiver(answer: Answer) -> (u16, Requests) {
+    use std::io::{BufRead, BufReader};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen: Requests = Default::default();
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        let mut hung = Vec::new();
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut request_line = String::new();
+            let _ = reader.read_line(&mut request_line);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let mut words = request_line.split_whitespace();
+            log.lock().expect("lock").push(Received {
+                method: words.next().unwrap_or("").to_owned(),
+                target: words.next().unwrap_or("").to_owned(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+            let status = match answer {
+                Answer::Hang => {
+                    hung.push(stream);
+                    continue;
+                }
+                Answer::FailFirst if n == 0 => "500 Internal Server Error",
+                _ => "200 OK",
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    (port, seen)
+}
