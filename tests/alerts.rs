@@ -402,9 +402,9 @@ fn notifications_reach_a_webhook_and_alertmanager_on_failure_and_recovery() {
     // Alertmanager gets the labels the scraped alert has: the job in `job_id`.
     let pushed = all
         .iter()
-        .find(|(p, _)| p.starts_with("/api/v2/alerts"))
+        .find(|r| r.target.starts_with("/api/v2/alerts"))
         .expect("an alert pushed");
-    let alerts: serde_json::Value = serde_json::from_str(&pushed.1).expect("JSON");
+    let alerts: serde_json::Value = serde_json::from_str(&pushed.body).expect("JSON");
     assert_eq!(alerts[0]["labels"]["job_id"], "app.sql.count", "{alerts}");
     assert!(alerts[0]["labels"].get("job").is_none(), "{alerts}");
     let log = d.log_text();

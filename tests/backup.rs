@@ -557,6 +557,75 @@ fn full_destination_disk_fails_cleanly_and_frees_the_space() {
     assert!(history.contains("No space left on device"), "{history}");
 }
 
+/// `keep` counts of `-1`/`"all"` and `within`, through the real binary: what
+/// `backup prune --dry-run` says and what a prune deletes.
+#[test]
+fn keep_all_and_within_on_disk() {
+    let w = Workdir::new();
+    let key = w.key("k");
+    fill_sqlite(&w.path().join("app.db"), 0);
+    let dest = w.path().join("backups");
+    let config = |keep: &str| {
+        w.write_config(
+            "",
+            &sqlite_db(&w, "app", &backup_table(&dest, Some(&key), keep)),
+        )
+    };
+    config("keep = { last = -1 }");
+    for _ in 0..3 {
+        w.cmd(&["run-job", "app.backup"]).assert().success();
+        std::thread::sleep(Duration::from_millis(1100)); // distinct ids
+    }
+    let ids: Vec<String> = archives(&dest, "app")
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .expect("name")
+                .to_string_lossy()
+                .replace(".dbk", "")
+        })
+        .collect();
+    assert_eq!(ids.len(), 3, "last = -1 keeps every backup: {ids:?}");
+
+    config("keep = { within = \"1h\" }");
+    let dry = w.stdout(&["backup", "prune", "app", "--dry-run"]);
+    assert_eq!(
+        dry.lines().filter(|l| l.contains("(within 1h)")).count(),
+        3,
+        "{dry}"
+    );
+
+    // daily = "all": the newest of each day, and the oldest backup (restic >= 0.16).
+    config("keep = { daily = \"all\" }");
+    let dry = w.stdout(&["backup", "prune", "app", "--dry-run"]);
+    assert!(
+        dry.contains(&format!(
+            "keep    {}  (daily (oldest; periods left))",
+            ids[0]
+        )),
+        "{dry}"
+    );
+    w.stdout(&["backup", "prune", "app"]);
+    let one_day = ids.iter().all(|id| id[..8] == ids[0][..8]);
+    if one_day {
+        let left: Vec<PathBuf> = archives(&dest, "app");
+        assert_eq!(left.len(), 2, "the middle backup goes: {left:?}");
+        assert!(!dry.contains(&format!("keep    {}", ids[1])), "{dry}");
+    }
+
+    // A value it cannot read is refused, naming the rule.
+    config("keep = { daily = -2 }");
+    w.cmd(&["check"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("keep.daily: -2 is not a count"));
+    config("keep = { within = \"a week\" }");
+    w.cmd(&["check"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("keep.within"));
+}
+
 #[test]
 fn rotation_on_disk_and_backup_metrics() {
     let w = Workdir::new();

@@ -24,7 +24,7 @@ pub use notify::{
 
 use crate::keys::{Key, KeyError, KeyRing};
 
-pub use backup::{Compression, Keep, VerifyMode};
+pub use backup::{short_duration, Compression, Count, Keep, KeepError, VerifyMode};
 
 /// Environment variable naming the config file when `-c` is not given.
 pub const CONFIG_ENV: &str = "DBKEEPER_CONFIG";
@@ -585,8 +585,9 @@ job_table! {
         #[serde(default)]
         pub verify: VerifyMode,
         /// Rotation after each successful backup: `{ last, hourly, daily, weekly,
-        /// monthly, yearly }`; rules left out are 0. Default (no `keep` at all):
-        /// `{ last = 3, daily = 7, weekly = 4, monthly = 12 }`.
+        /// monthly, yearly, within }`; a count of `-1` or `"all"` has no limit,
+        /// `within` is a duration (`"7d"`); rules left out are off. Default (no `keep`
+        /// at all): `{ last = 3, daily = 7, weekly = 4, monthly = 12 }`.
         #[serde(default = "Keep::recommended")]
         pub keep: Keep,
         /// PostgreSQL only: the `pg_dump` program (match the server's major version).
@@ -1228,16 +1229,18 @@ impl Config {
                 )
             })?;
         }
-        for (name, n) in ["last", "hourly", "daily", "weekly", "monthly", "yearly"]
-            .iter()
-            .zip(b.keep.counts())
-        {
-            self.count(format!("{key}.keep.{name}"), n.into(), 0..=1_000_000)?;
+        for (name, count) in b.keep.counts() {
+            if let Some(n) = count.limit() {
+                self.count(format!("{key}.keep.{name}"), n.into(), 0..=1_000_000)?;
+            }
+        }
+        if let Some(within) = b.keep.within {
+            self.duration(format!("{key}.keep.within"), within, MAX_AGE)?;
         }
         if !b.keep.keeps_something() {
             return Err(self.invalid(
                 format!("{key}.keep"),
-                "keeps no backup at all; set at least one of last, hourly, daily, weekly, monthly, yearly above 0",
+                "keeps no backup at all; set at least one of last, hourly, daily, weekly, monthly, yearly above 0 (or to \"all\"), or within to a duration",
             ));
         }
         Ok(())

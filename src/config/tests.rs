@@ -518,3 +518,118 @@ fn example_notify_keys_parse_when_uncommented() {
     let backup = c.databases[0].backup.as_ref().expect("backup");
     assert!(backup.options(Some(&n)).ping.is_some());
 }
+
+/// MINIMAL with an unencrypted `[database.backup]` whose `keep` line is `keep`.
+fn with_keep(keep: &str) -> String {
+    format!(
+        "{MINIMAL}\n[database.backup]\nschedule = \"manual\"\ndestination = \"/tmp\"\nencryption = \"none\"\n{keep}\n"
+    )
+}
+
+fn keep_of(keep: &str) -> Result<Keep, ConfigError> {
+    let c = parse(&with_keep(keep))?;
+    Ok(c.databases[0].backup.as_ref().unwrap().keep)
+}
+
+#[test]
+fn keep_takes_counts_all_and_within() {
+    assert_eq!(keep_of("").unwrap(), Keep::recommended());
+    let k = keep_of("keep = { last = -1, daily = \"all\", weekly = 4, within = \"7d\" }").unwrap();
+    assert_eq!(k.last, Count::All);
+    assert_eq!(k.daily, Count::All);
+    assert_eq!(k.weekly, Count::Limited(4));
+    assert_eq!(k.hourly, Count::Limited(0), "left out: off");
+    assert_eq!(k.within, Some(Duration::from_secs(7 * 86_400)));
+    // As a table of its own, too, with humantime's units.
+    let k = keep_of("[database.backup.keep]\nwithin = \"36h\"\nmonthly = 1000000").unwrap();
+    assert_eq!(k.within, Some(Duration::from_secs(36 * 3600)));
+    assert_eq!(k.monthly, Count::Limited(1_000_000));
+    assert_eq!(
+        keep_of("keep = { within = \"2w\" }").unwrap().within,
+        Some(Duration::from_secs(14 * 86_400))
+    );
+    assert_eq!(
+        keep_of("keep = { within = \"1y\" }").unwrap().within,
+        Some(Duration::from_secs(31_557_600))
+    );
+    // `within` alone, or one unlimited rule alone, keeps something.
+    assert!(keep_of("keep = { within = \"1h\" }").is_ok());
+    assert!(keep_of("keep = { yearly = -1 }").is_ok());
+}
+
+#[test]
+fn keep_values_it_cannot_read_are_errors_naming_the_rule() {
+    let cases = [
+        ("keep = { daily = -2 }", "keep.daily: -2 is not a count"),
+        (
+            "keep = { last = \"lots\" }",
+            "keep.last: \"lots\" is not a count",
+        ),
+        (
+            "keep = { weekly = \"ALL\" }",
+            "keep.weekly: \"ALL\" is not a count",
+        ),
+        (
+            "keep = { monthly = 1.5 }",
+            "keep.monthly: 1.5 is not a count",
+        ),
+        (
+            "keep = { yearly = true }",
+            "keep.yearly: true is not a count",
+        ),
+        (
+            "keep = { daily = [7] }",
+            "keep.daily: this value is not a count",
+        ),
+        (
+            "keep = { hourly = -9223372036854775808 }",
+            "keep.hourly: -9223372036854775808",
+        ),
+        (
+            "keep = { last = 4294967296 }",
+            "keep.last: 4294967296 is not a count",
+        ),
+        (
+            "keep = { within = \"7 fortnights\" }",
+            "keep.within: \"7 fortnights\" is not a duration",
+        ),
+        (
+            "keep = { within = \"-7d\" }",
+            "keep.within: \"-7d\" is not a duration",
+        ),
+        ("keep = { within = 7 }", "keep.within: 7 is not a duration"),
+        ("keep = { dayly = 7 }", "unknown field `dayly`"),
+    ];
+    for (keep, expected) in cases {
+        let err = keep_of(keep).unwrap_err().to_string();
+        assert!(err.contains(expected), "{keep}: {err}");
+        assert!(err.starts_with("test.toml:"), "{keep}: {err}");
+    }
+    // Values that read but are out of range: the full key.
+    let cases = [
+        ("keep = { last = 1000001 }", "backup.keep.last"),
+        ("keep = { within = \"2000y\" }", "backup.keep.within"),
+        ("keep = { within = \"0s\" }", "keeps no backup at all"),
+        ("keep = { daily = 0 }", "keeps no backup at all"),
+    ];
+    for (keep, expected) in cases {
+        let err = keep_of(keep).unwrap_err().to_string();
+        assert!(err.contains(expected), "{keep}: {err}");
+    }
+}
+
+/// The commented `keep` alternatives in the shipped example are valid too.
+#[test]
+fn example_keep_alternatives_parse() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/dbkeeper.example.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let alternatives: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("# keep = "))
+        .collect();
+    assert!(alternatives.len() >= 2, "{alternatives:?}");
+    for a in alternatives {
+        let line = format!("keep = {}", a.split(" #").next().unwrap_or(a));
+        keep_of(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+}

@@ -1,12 +1,17 @@
-//! Which backups to keep: `keep = { last, hourly, daily, weekly, monthly, yearly }`
-//! with restic/borg `forget` semantics.
+//! Which backups to keep: `keep = { last, hourly, daily, weekly, monthly, yearly,
+//! within }` with restic's `forget` semantics (0.16 and later).
 //!
 //! Backups are walked newest first. `last = n` keeps the n newest. Each period rule
 //! keeps the newest backup of each of the n most recent periods (hours, days, ISO
 //! weeks, months, years, in UTC) that have a backup, so a gap of failed days does not
-//! shorten how far back the policy reaches. Only good backups (complete, not failed
-//! verification) count; the newest good backup is always kept; failed ones older than
-//! it are removed.
+//! shorten how far back the policy reaches; a period rule that still has periods left
+//! once every backup is walked keeps the oldest backup too (restic 0.16), so a young
+//! policy keeps all the history there is. A count of [`Count::All`] (`-1`, `"all"`)
+//! has no limit. `within` keeps every backup made at most that long before the newest
+//! good one: measured from the newest backup, not from now, so a backup job that
+//! stops working does not let the window empty. Only good backups (complete, not
+//! failed verification) count; the newest good backup is always kept; failed ones
+//! older than it are removed.
 //!
 //! Rotation cannot be talked into deleting the wrong thing: it sees only trusted
 //! backups (see [`super::trust()`]), deletes only `<id>.dbk`/`<id>.manifest.json` in
@@ -28,7 +33,8 @@ use super::TrustPolicy;
 use crate::repo::archive::{self, KeyRing};
 use crate::repo::storage::{Storage, ARCHIVE_SUFFIX};
 
-pub use crate::config::Keep;
+use crate::config::short_duration;
+pub use crate::config::{Count, Keep};
 
 /// One backup as rotation sees it.
 #[derive(Debug, Clone)]
@@ -86,9 +92,14 @@ fn year(t: DateTime<Utc>) -> (i32, u32, u32) {
     (t.year(), 0, 0)
 }
 
+/// How many slots a rule has.
+fn slots(count: Count) -> usize {
+    count.limit().map_or(usize::MAX, |n| n as usize)
+}
+
 /// Decides for every candidate, newest first in the result.
-pub fn plan(candidates: &[Candidate], keep: &Keep) -> Vec<Decision> {
-    let mut sorted: Vec<&Candidate> = candidates.iter().collect();
+pub fn plan<'a>(candidates: &'a [Candidate], keep: &Keep) -> Vec<Decision> {
+    let mut sorted: Vec<&'a Candidate> = candidates.iter().collect();
     sorted.sort_by(|a, b| (b.at, &b.id).cmp(&(a.at, &a.id)));
     let mut reasons: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
@@ -104,10 +115,25 @@ pub fn plan(candidates: &[Candidate], keep: &Keep) -> Vec<Decision> {
         .filter(|c| c.good && !c.future && !duplicate(c))
         .collect();
 
-    for c in good.iter().take(keep.last as usize) {
-        reasons.entry(&c.id).or_default().push("last".to_owned());
+    let mut keep_for = |c: &'a Candidate, why: String| {
+        reasons.entry(c.id.as_str()).or_default().push(why);
+    };
+    for c in good.iter().take(slots(keep.last)) {
+        keep_for(c, "last".to_owned());
     }
-    let rules: [(&str, u32, Bucket); 5] = [
+    if let (Some(within), Some(newest)) = (keep.within, good.first()) {
+        // Measured from the newest good backup, as restic does, not from now (borg):
+        // a backup job that stops working must not let every backup expire.
+        let from = chrono::TimeDelta::from_std(within)
+            .ok()
+            .and_then(|d| newest.at.checked_sub_signed(d));
+        let why = format!("within {}", short_duration(within));
+        // A window reaching past the calendar's start keeps everything.
+        for c in good.iter().filter(|c| from.is_none_or(|from| c.at >= from)) {
+            keep_for(c, why.clone());
+        }
+    }
+    let rules: [(&str, Count, Bucket); 5] = [
         ("hourly", keep.hourly, hour),
         ("daily", keep.daily, day),
         ("weekly", keep.weekly, week),
@@ -115,9 +141,13 @@ pub fn plan(candidates: &[Candidate], keep: &Keep) -> Vec<Decision> {
         ("yearly", keep.yearly, year),
     ];
     for (name, count, bucket) in rules {
-        let mut left = count;
+        if !count.is_on() {
+            continue;
+        }
+        let mut left = slots(count);
         let mut previous = None;
-        for c in &good {
+        let mut kept_oldest = false;
+        for (i, c) in good.iter().enumerate() {
             if left == 0 {
                 break;
             }
@@ -125,7 +155,15 @@ pub fn plan(candidates: &[Candidate], keep: &Keep) -> Vec<Decision> {
             if previous != Some(b) {
                 previous = Some(b);
                 left -= 1;
-                reasons.entry(&c.id).or_default().push(name.to_owned());
+                kept_oldest = i + 1 == good.len();
+                keep_for(c, name.to_owned());
+            }
+        }
+        // restic >= 0.16: a rule with periods left once every backup is walked keeps
+        // the oldest backup too, so that it reaches as far back as there are backups.
+        if left > 0 && !kept_oldest {
+            if let Some(oldest) = good.last() {
+                keep_for(oldest, format!("{name} (oldest; periods left)"));
             }
         }
     }
@@ -288,6 +326,10 @@ mod tests {
     }
 
     fn only(field: &str, n: u32) -> Keep {
+        only_count(field, Count::Limited(n))
+    }
+
+    fn only_count(field: &str, n: Count) -> Keep {
         let mut k = Keep::default();
         match field {
             "last" => k.last = n,
@@ -346,7 +388,10 @@ mod tests {
         let monthly = plan(&c, &only("monthly", 3));
         assert_eq!(kept(&monthly), ["b000", "b030", "b061"]); // Jun 30, May 31, Apr 30
         let yearly = plan(&c, &only("yearly", 5));
-        assert_eq!(kept(&yearly).len(), 3, "only 2026, 2025, 2024 exist");
+        // Only 2026, 2025, 2024 exist: their newest, and (restic >= 0.16) the oldest
+        // backup, since the rule has years left.
+        assert_eq!(kept(&yearly), ["b000", "b181", "b546", "b799"]);
+        assert_eq!(yearly[799].reasons, ["yearly (oldest; periods left)"]);
     }
 
     #[test]
@@ -368,12 +413,10 @@ mod tests {
     #[test]
     fn rules_combine_as_a_union() {
         let keep = Keep {
-            last: 2,
-            hourly: 0,
-            daily: 3,
-            weekly: 3,
-            monthly: 0,
-            yearly: 0,
+            last: Count::Limited(2),
+            daily: Count::Limited(3),
+            weekly: Count::Limited(3),
+            ..Keep::default()
         };
         let d = plan(&daily_timeline(30, &[]), &keep);
         assert_eq!(kept(&d), ["b000", "b001", "b002", "b009"]);
@@ -406,6 +449,321 @@ mod tests {
         assert!(!only("last", 0).keeps_something());
         assert!(Keep::recommended().keeps_something());
         assert!(!Keep::default().keeps_something());
+        assert!(only_count("yearly", Count::All).keeps_something());
+        let within = |d| Keep {
+            within: Some(std::time::Duration::from_secs(d)),
+            ..Keep::default()
+        };
+        assert!(within(1).keeps_something());
+        assert!(!within(0).keeps_something());
+    }
+
+    /// Two backups a day, at 02:00 and 14:00.
+    fn twice_daily(days: i64) -> Vec<Candidate> {
+        (0..days)
+            .flat_map(|d| [(d, 14), (d, 2)])
+            .map(|(d, h)| Candidate::new(&format!("b{d:03}-{h:02}"), at(d, h), true, at(0, 23)))
+            .collect()
+    }
+
+    #[test]
+    fn last_all_keeps_every_good_backup() {
+        let c = twice_daily(10);
+        let d = plan(&c, &only_count("last", Count::All));
+        assert_eq!(kept(&d).len(), 20);
+        assert!(d.iter().all(|d| d.reasons.contains(&"last".to_owned())));
+    }
+
+    #[test]
+    fn daily_all_keeps_the_newest_of_every_day_and_the_oldest() {
+        let d = plan(&twice_daily(10), &only_count("daily", Count::All));
+        let k = kept(&d);
+        assert_eq!(k.len(), 11, "{k:?}");
+        assert!((0..10).all(|n| k.contains(&format!("b{n:03}-14").as_str())));
+        assert_eq!(d[19].id, "b009-02");
+        assert_eq!(d[19].reasons, ["daily (oldest; periods left)"]);
+        // Failed backups still go once a newer good one exists.
+        let mut c = twice_daily(10);
+        c[5].good = false;
+        assert!(!kept(&plan(&c, &only_count("daily", Count::All))).contains(&"b002-02"));
+    }
+
+    #[test]
+    fn a_period_rule_with_periods_left_keeps_the_oldest_backup() {
+        // restic >= 0.16: daily = 7 over 3 days of backups keeps each day's newest
+        // and the oldest backup, so the policy reaches as far back as it can.
+        let d = plan(&twice_daily(3), &only("daily", 7));
+        assert_eq!(kept(&d), ["b000-14", "b001-14", "b002-14", "b002-02"]);
+        // With no periods left, the oldest goes as before.
+        let d = plan(&twice_daily(3), &only("daily", 3));
+        assert_eq!(kept(&d), ["b000-14", "b001-14", "b002-14"]);
+        // The oldest opening a period of its own is kept once, for that period.
+        let d = plan(&daily_timeline(3, &[]), &only("daily", 7));
+        assert_eq!(d[2].reasons, ["daily"]);
+        // `last` is unchanged by the rule: it counts backups, not periods.
+        assert_eq!(kept(&plan(&twice_daily(3), &only("last", 2))).len(), 2);
+    }
+
+    #[test]
+    fn within_keeps_everything_near_the_newest_good_backup_not_near_now() {
+        let mut c = daily_timeline(40, &[]);
+        // The job stopped 10 days ago; what was made after is not good or not now.
+        c.retain(|c| c.at <= at(10, 2));
+        c.push(Candidate::new("failed", at(3, 2), false, at(0, 23)));
+        c.push(Candidate::new("future", at(-2, 2), true, at(0, 23)));
+        let keep = Keep {
+            within: Some(std::time::Duration::from_secs(7 * 86_400)),
+            ..Keep::default()
+        };
+        let d = plan(&c, &keep);
+        let k = kept(&d);
+        // Days 10 to 17: seven days before the newest good backup, both ends kept.
+        assert_eq!(
+            k,
+            ["future", "failed", "b010", "b011", "b012", "b013", "b014", "b015", "b016", "b017"]
+        );
+        assert_eq!(d[2].reasons, ["within 7d"]);
+        // A window beyond the calendar keeps everything rather than failing.
+        let all = Keep {
+            within: Some(std::time::Duration::from_secs(u64::MAX / 4)),
+            ..Keep::default()
+        };
+        assert_eq!(kept(&plan(&c, &all)).len(), c.len());
+    }
+
+    #[test]
+    fn reasons_name_the_rule_as_written() {
+        use std::time::Duration as D;
+        assert_eq!(short_duration(D::from_secs(14 * 86_400)), "14d");
+        assert_eq!(short_duration(D::from_secs(36 * 3600)), "36h");
+        assert_eq!(short_duration(D::from_secs(31_557_600)), "1y");
+        assert_eq!(short_duration(D::from_secs(90)), "90s");
+        let keep = Keep {
+            within: Some(D::from_secs(36 * 3600)),
+            ..Keep::default()
+        };
+        assert_eq!(
+            plan(&daily_timeline(1, &[]), &keep)[0].reasons,
+            ["within 36h"]
+        );
+    }
+
+    mod oracle {
+        //! `plan` against an oracle written from restic's documentation of `forget`
+        //! (doc/060_forget.rst, and the 0.16 changelog for the oldest backup) rather
+        //! than from `plan`: ranks and set sizes instead of one walk with counters,
+        //! periods told apart by formatted labels instead of bucket tuples, the
+        //! `within` window in whole seconds instead of chrono arithmetic. Inputs are
+        //! random policies (counts, `all`, `within`) over random clocks and backups.
+
+        use std::collections::{BTreeMap, BTreeSet};
+
+        use chrono::TimeZone;
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// The documented rules, one by one, over the backups that count.
+        fn oracle(cands: &[Candidate], keep: &Keep) -> BTreeSet<String> {
+            let mut out = BTreeSet::new();
+            // Never deleted, whatever the policy: dated in the future, made by this
+            // run, or an id that another manifest claims too.
+            for c in cands {
+                if c.future || c.just_made || c.claimed_twice {
+                    out.insert(c.id.clone());
+                }
+            }
+            // A failed backup stays until a good one (dated now or earlier) is newer.
+            let newest_good = cands
+                .iter()
+                .filter(|c| c.good && !c.future)
+                .map(|c| c.at)
+                .max();
+            for c in cands.iter().filter(|c| !c.good) {
+                if newest_good.is_none_or(|t| c.at > t) {
+                    out.insert(c.id.clone());
+                }
+            }
+            // The backups the rules choose from.
+            let counted: Vec<&Candidate> = cands
+                .iter()
+                .filter(|c| c.good && !c.future && !c.claimed_twice)
+                .collect();
+            let newer = |a: &Candidate, b: &Candidate| (a.at, &a.id) > (b.at, &b.id);
+            let within_n = |count: Count, rank: usize| match count {
+                Count::All => true,
+                Count::Limited(n) => rank < n as usize,
+            };
+            let Some(newest) = counted
+                .iter()
+                .copied()
+                .reduce(|a, b| if newer(a, b) { a } else { b })
+            else {
+                return out;
+            };
+            let oldest = counted
+                .iter()
+                .copied()
+                .reduce(|a, b| if newer(a, b) { b } else { a });
+            // The newest good backup, always.
+            out.insert(newest.id.clone());
+            // --keep-last n: a backup with fewer than n newer ones.
+            for c in &counted {
+                let rank = counted.iter().filter(|o| newer(o, c)).count();
+                if within_n(keep.last, rank) {
+                    out.insert(c.id.clone());
+                }
+            }
+            // --keep-within d: made at most d before the newest backup.
+            if let Some(d) = keep.within {
+                let d = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+                for c in &counted {
+                    if c.at.timestamp() >= newest.at.timestamp().saturating_sub(d) {
+                        out.insert(c.id.clone());
+                    }
+                }
+            }
+            // --keep-{hourly,…} n: the newest backup of each of the n newest periods
+            // that have one; if fewer than n periods have one, the oldest backup too.
+            let labels: [(Count, &str); 5] = [
+                (keep.hourly, "%Y-%m-%d %H"),
+                (keep.daily, "%Y-%m-%d"),
+                (keep.weekly, "%G-W%V"),
+                (keep.monthly, "%Y-%m"),
+                (keep.yearly, "%Y"),
+            ];
+            for (count, label) in labels {
+                if count == Count::Limited(0) {
+                    continue;
+                }
+                let mut periods: BTreeMap<String, &Candidate> = BTreeMap::new();
+                for c in &counted {
+                    let e = periods.entry(c.at.format(label).to_string()).or_insert(c);
+                    if newer(c, e) {
+                        *e = c;
+                    }
+                }
+                for p in periods.values() {
+                    let rank = periods.values().filter(|o| o.at > p.at).count();
+                    if within_n(count, rank) {
+                        out.insert(p.id.clone());
+                    }
+                }
+                if within_n(count, periods.len()) {
+                    if let Some(o) = oldest {
+                        out.insert(o.id.clone());
+                    }
+                }
+            }
+            out
+        }
+
+        fn count() -> impl Strategy<Value = Count> {
+            prop_oneof![
+                3 => Just(Count::Limited(0)),
+                4 => (1u32..6).prop_map(Count::Limited),
+                1 => Just(Count::All),
+            ]
+        }
+
+        /// Seconds before `now` (negative: after it), at every scale rotation has;
+        /// whole hours and days too, as schedules make them, so that backups fall
+        /// exactly on `within`'s edge.
+        fn offset() -> impl Strategy<Value = i64> {
+            prop_oneof![
+                2 => (0i64..72).prop_map(|h| h * 3600),
+                2 => (0i64..60).prop_map(|d| d * 86_400),
+                3 => 0i64..3 * 3600,
+                3 => 0i64..3 * 86_400,
+                3 => 0i64..90 * 86_400,
+                2 => 0i64..4 * 366 * 86_400,
+                1 => -86_400i64..0,
+            ]
+        }
+
+        fn within() -> impl Strategy<Value = Option<std::time::Duration>> {
+            prop_oneof![
+                2 => Just(None),
+                1 => (1u64..48).prop_map(|h| Some(std::time::Duration::from_secs(h * 3600))),
+                1 => (1u64..60).prop_map(|d| Some(std::time::Duration::from_secs(d * 86_400))),
+                1 => (1u64..10_000_000).prop_map(|s| Some(std::time::Duration::from_secs(s))),
+            ]
+        }
+
+        prop_compose! {
+            fn policy()(
+                c in proptest::array::uniform6(count()),
+                within in within(),
+            ) -> Keep {
+                Keep {
+                    last: c[0], hourly: c[1], daily: c[2], weekly: c[3], monthly: c[4],
+                    yearly: c[5], within,
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+            #[test]
+            fn plan_follows_the_documented_rules(
+                // Any clock from 1971 to 2200: period edges (years, ISO weeks that
+                // straddle a year) fall where they may.
+                now_secs in 40_000_000i64..7_258_118_400,
+                backups in proptest::collection::vec(
+                    (offset(), prop::bool::weighted(0.8), prop::bool::weighted(0.05), prop::bool::weighted(0.05)),
+                    0..24,
+                ),
+                keep in policy(),
+                bigger in (0usize..7, count()),
+            ) {
+                let now = Utc.timestamp_opt(now_secs, 0).single().unwrap_or_default();
+                let cands: Vec<Candidate> = backups
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(off, good, twice, just_made))| Candidate {
+                        just_made,
+                        claimed_twice: twice,
+                        ..Candidate::new(&format!("c{i:02}"), now - chrono::Duration::seconds(off), good, now)
+                    })
+                    .collect();
+                let decisions = plan(&cands, &keep);
+                prop_assert_eq!(decisions.len(), cands.len());
+                let got: BTreeSet<String> =
+                    decisions.iter().filter(|d| d.keep).map(|d| d.id.clone()).collect();
+                prop_assert_eq!(&got, &oracle(&cands, &keep), "policy {:?}", keep);
+                for d in &decisions {
+                    prop_assert_eq!(d.keep, !d.reasons.is_empty());
+                }
+                if let Some(w) = keep.within {
+                    let why = format!("within {}", short_duration(w));
+                    let newest = cands.iter().filter(|c| c.good && !c.future && !c.claimed_twice).map(|c| c.at).max();
+                    for (c, d) in cands.iter().filter_map(|c| Some((c, decisions.iter().find(|d| d.id == c.id)?))) {
+                        let inside = c.good && !c.future && !c.claimed_twice
+                            && newest.is_some_and(|t| t - c.at <= chrono::TimeDelta::from_std(w).unwrap_or(chrono::TimeDelta::MAX));
+                        prop_assert_eq!(d.reasons.contains(&why), inside, "{}: {:?}", c.id, d.reasons);
+                    }
+                }
+                // Keeping more never deletes more: raise one rule and nothing kept goes.
+                let (rule, raised) = bigger;
+                let mut more = keep;
+                let up = |c: Count| match (c, raised) {
+                    (Count::Limited(a), Count::Limited(b)) => Count::Limited(a + b),
+                    _ => Count::All,
+                };
+                match rule {
+                    0 => more.last = up(more.last),
+                    1 => more.hourly = up(more.hourly),
+                    2 => more.daily = up(more.daily),
+                    3 => more.weekly = up(more.weekly),
+                    4 => more.monthly = up(more.monthly),
+                    5 => more.yearly = up(more.yearly),
+                    _ => more.within = Some(keep.within.unwrap_or_default() + std::time::Duration::from_secs(3600)),
+                }
+                let wider: BTreeSet<String> =
+                    plan(&cands, &more).into_iter().filter(|d| d.keep).map(|d| d.id).collect();
+                prop_assert!(got.is_subset(&wider), "{:?} kept less than {:?}", more, keep);
+            }
+        }
     }
 
     mod on_disk {
@@ -617,15 +975,22 @@ mod tests {
             fn rotation_cannot_be_tricked(
                 backups in proptest::collection::vec((sort(), 1u32..4000), 0..10),
                 just_made in any::<bool>(),
-                counts in proptest::array::uniform6(0u32..4),
+                counts in proptest::array::uniform6(prop_oneof![
+                    4 => (0u32..4).prop_map(Count::Limited),
+                    1 => Just(Count::All),
+                ]),
+                within in proptest::option::weighted(0.3, (1u64..2000).prop_map(|h| std::time::Duration::from_secs(h * 3600))),
+                // Rotation's clock, not the machine's: periods and windows must not
+                // depend on when the test runs.
+                shift_days in -2000i64..2000,
             ) {
                 let keep = Keep {
                     last: counts[0], hourly: counts[1], daily: counts[2],
-                    weekly: counts[3], monthly: counts[4], yearly: counts[5],
+                    weekly: counts[3], monthly: counts[4], yearly: counts[5], within,
                 };
                 let root = tempfile::tempdir().unwrap();
                 let key = Key::random().unwrap();
-                let now = Utc::now();
+                let now = Utc::now() + chrono::Duration::days(shift_days);
                 let dest = Destination::new(root.path(), "app");
                 let other = Destination::new(root.path(), "other");
                 // The oracle: the same genuine backups without anything planted. What
