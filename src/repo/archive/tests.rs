@@ -16,6 +16,7 @@ fn header(compression: Compression) -> Header {
         compression,
         segment_size: SEG,
         encryption: None,
+        globals: None,
     }
 }
 
@@ -33,6 +34,7 @@ fn pack(plain: &[u8], key: Option<&Key>, compression: Compression) -> Vec<u8> {
         level: compression.default_level(),
         threads: 2,
         check_with: Some(KeyRing::new(key.into_iter().cloned().collect())),
+        globals: None,
     };
     let (out, stats) = write_archive(plain, Vec::new(), settings, &AtomicBool::new(false)).unwrap();
     assert!(matches!(stats.checked, Some(Ok(()))), "{:?}", stats.checked);
@@ -177,6 +179,7 @@ fn cancellation_stops_writing() {
         level: 1,
         threads: 1,
         check_with: None,
+        globals: None,
     };
     let err = write_archive(
         &data(10_000)[..],
@@ -198,6 +201,7 @@ fn inline_check_reports_a_key_it_cannot_use() {
         level: 3,
         threads: 2,
         check_with: Some(KeyRing::default()),
+        globals: None,
     };
     let (_, stats) = write_archive(
         &data(5000)[..],
