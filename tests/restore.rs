@@ -1501,3 +1501,55 @@ fn with_roles_on_a_sqlite_backup_is_a_usage_error() {
     let line = list.lines().nth(1).expect("a backup line");
     assert!(line.split_whitespace().any(|c| c == "-"), "{line}");
 }
+
+#[test]
+fn with_roles_from_an_unencrypted_archive_after_it_matched_its_manifest() {
+    let roles = Roles::new("wu", &["owner", "member"]);
+    let (owner, member) = (roles.name(0), roles.name(1));
+    server_sql(&format!(
+        "CREATE ROLE \"{owner}\" NOLOGIN; CREATE ROLE \"{member}\" LOGIN IN ROLE \"{owner}\""
+    ));
+    let src = PgDb::new("wu_src");
+    src.sql(&format!(
+        "CREATE TABLE t (i int); ALTER TABLE t OWNER TO \"{owner}\";
+         GRANT SELECT ON t TO \"{member}\";"
+    ));
+    let w = Workdir::new();
+    let dest = w.path().join("backups");
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"pg\"\nurl = \"{}\"\n{}",
+            src.url,
+            common::backup_table(&dest, None, "")
+        ),
+    );
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    assert_eq!(common::archives(&dest, "pg").len(), 1);
+    server_sql(&format!("DROP DATABASE \"{}\" WITH (FORCE)", src.name));
+    server_sql(&format!("DROP ROLE \"{member}\"; DROP ROLE \"{owner}\""));
+
+    let fresh = PgDb::unused("wu_new");
+    w.cmd(&[
+        "restore",
+        "pg",
+        "--to",
+        &fresh.url,
+        "--create",
+        "--with-roles",
+    ])
+    .assert()
+    .success();
+    assert_eq!(
+        fresh.sql("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 't'"),
+        *owner
+    );
+    assert_eq!(
+        server_sql(&format!(
+            "SELECT count(*) FROM pg_auth_members
+              WHERE roleid = '\"{owner}\"'::regrole AND member = '\"{member}\"'::regrole"
+        )),
+        "1"
+    );
+    drop(fresh);
+}

@@ -587,6 +587,7 @@ mod tests {
             database: db,
             args: &["--no-owner"],
             private_dir: dir.path(),
+            with_roles: false,
         };
         let keys = KeyRing::new(vec![key.clone()]);
         let file = crate::repo::storage::open_regular(archive_path).unwrap();
@@ -600,6 +601,7 @@ mod tests {
             &CancellationToken::new(),
         )
         .await
+        .map(|r| r.report)
     }
 
     #[tokio::test]
