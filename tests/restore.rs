@@ -1242,6 +1242,13 @@ fn a_sqlite_target_sqlite_cannot_settle_is_refused_with_its_wal_in_place() {
     );
 }
 
+/// `restore pg --to <url> --create <extra>`, asserted on.
+fn restore_new(w: &Workdir, url: &str, extra: &[&str]) -> assert_cmd::assert::Assert {
+    let mut args = vec!["restore", "pg", "--to", url, "--create"];
+    args.extend_from_slice(extra);
+    w.cmd(&args).assert()
+}
+
 /// Roles for one test with names unique to it (roles are cluster-wide and tests run
 /// in parallel), dropped at the end: declare it before the databases, so that they
 /// (whose objects the roles own) are dropped first.
@@ -1341,8 +1348,7 @@ fn with_roles_recreates_missing_roles_grants_and_memberships_and_never_alters_ex
 
     // Without --with-roles: fails, says what would help, leaves nothing.
     let fresh = PgDb::unused("wr_new");
-    w.cmd(&["restore", "pg", "--to", &fresh.url, "--create"])
-        .assert()
+    restore_new(&w, &fresh.url, &[])
         .code(1)
         .stderr(predicate::str::contains("--with-roles"));
     assert!(!fresh.exists(), "a half-restored database was left");
@@ -1355,16 +1361,7 @@ fn with_roles_recreates_missing_roles_grants_and_memberships_and_never_alters_ex
         "a role was created without --with-roles"
     );
 
-    let out = w
-        .cmd(&[
-            "restore",
-            "pg",
-            "--to",
-            &fresh.url,
-            "--create",
-            "--with-roles",
-        ])
-        .assert()
+    let out = restore_new(&w, &fresh.url, &["--with-roles"])
         .success()
         .get_output()
         .clone();
@@ -1457,22 +1454,12 @@ fn archives_without_globals_restore_as_before_and_refuse_with_roles() {
     w.cmd(&["backup", "verify", "pg"]).assert().success();
 
     let fresh = PgDb::unused("ng_new");
-    w.cmd(&[
-        "restore",
-        "pg",
-        "--to",
-        &fresh.url,
-        "--create",
-        "--with-roles",
-    ])
-    .assert()
-    .code(1)
-    .stderr(predicate::str::contains("carries no roles"));
+    restore_new(&w, &fresh.url, &["--with-roles"])
+        .code(1)
+        .stderr(predicate::str::contains("carries no roles"));
     assert!(!fresh.exists(), "a database was left");
     assert_eq!(leftovers(&fresh.name), "0", "scratch database left");
-    w.cmd(&["restore", "pg", "--to", &fresh.url, "--create"])
-        .assert()
-        .success();
+    restore_new(&w, &fresh.url, &[]).success();
     assert_eq!(fresh.sql("SELECT count(*) FROM t"), "4");
     assert_eq!(
         fresh.sql("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 't'"),
@@ -1504,8 +1491,8 @@ fn with_roles_on_a_sqlite_backup_is_a_usage_error() {
 
 #[test]
 fn with_roles_from_an_unencrypted_archive_after_it_matched_its_manifest() {
-    let roles = Roles::new("wu", &["owner", "member"]);
-    let (owner, member) = (roles.name(0), roles.name(1));
+    let roles = Roles::new("wu", &["owner", "member", "restorer"]);
+    let (owner, member, restorer) = (roles.name(0), roles.name(1), roles.name(2));
     server_sql(&format!(
         "CREATE ROLE \"{owner}\" NOLOGIN; CREATE ROLE \"{member}\" LOGIN IN ROLE \"{owner}\""
     ));
@@ -1530,16 +1517,28 @@ fn with_roles_from_an_unencrypted_archive_after_it_matched_its_manifest() {
     server_sql(&format!("DROP ROLE \"{member}\"; DROP ROLE \"{owner}\""));
 
     let fresh = PgDb::unused("wu_new");
-    w.cmd(&[
-        "restore",
-        "pg",
-        "--to",
-        &fresh.url,
-        "--create",
-        "--with-roles",
-    ])
-    .assert()
-    .success();
+    // A restorer that may create databases but not roles: refused before any role
+    // is created, and nothing is left.
+    server_sql(&format!("CREATE ROLE \"{restorer}\" LOGIN CREATEDB"));
+    let as_restorer = fresh.url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://{restorer}@"),
+        1,
+    );
+    if as_restorer != fresh.url {
+        restore_new(&w, &as_restorer, &["--with-roles"])
+            .code(1)
+            .stderr(predicate::str::contains("neither SUPERUSER nor CREATEROLE"));
+        assert!(!fresh.exists(), "a database was left");
+        assert_eq!(leftovers(&fresh.name), "0", "scratch database left");
+        assert_eq!(
+            server_sql(&format!(
+                "SELECT count(*) FROM pg_roles WHERE rolname IN ('{owner}', '{member}')"
+            )),
+            "0"
+        );
+    }
+    restore_new(&w, &fresh.url, &["--with-roles"]).success();
     assert_eq!(
         fresh.sql("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 't'"),
         *owner
