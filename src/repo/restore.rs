@@ -574,8 +574,15 @@ async fn fill_and_swap(
         Some((created, owner)) => {
             // A new database gets the owner the backed-up one had (pg_dump does not
             // carry it); an existing target keeps its own (create_database_like).
+            // Best effort: a restorer with CREATEROLE but no membership in the owner
+            // role may not hand the database over; the data is restored all the same.
             if let (Some(owner), SwapMode::RequireAbsent) = (owner, mode) {
-                pg.set_database_owner(scratch, &owner).await?;
+                if let Err(e) = pg.set_database_owner(scratch, &owner).await {
+                    tracing::warn!(
+                        "cannot give the restored database to its owner \"{owner}\" ({e}); \
+                         run ALTER DATABASE … OWNER TO … by hand"
+                    );
+                }
             }
             Some(created)
         }
