@@ -515,12 +515,19 @@ fn roles_note(created: &Created) -> String {
             names.join(", ")
         }
     };
-    format!(
+    let mut note = format!(
         "; roles created: {}; memberships granted: {}; existing roles left unchanged: {}",
         list(&created.roles),
         list(&created.memberships),
         list(&created.existing)
-    )
+    );
+    if !created.not_granted.is_empty() {
+        note.push_str(&format!(
+            "; NOT granted (role missing on this server): {}",
+            created.not_granted.join(", ")
+        ));
+    }
+    note
 }
 
 /// A pg_restore failure because a role is missing on this server: say what fixes it.

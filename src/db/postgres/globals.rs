@@ -114,6 +114,9 @@ pub struct Created {
     pub memberships: Vec<String>,
     /// Roles that existed already and were left exactly as they were.
     pub existing: Vec<String>,
+    /// `role → member` not granted because the role is not on this server (a
+    /// built-in role of another PostgreSQL version).
+    pub not_granted: Vec<String>,
 }
 
 /// The globals could not be read or recreated.
@@ -375,7 +378,13 @@ impl Postgres {
             let already = members
                 .iter()
                 .any(|(role, member)| *role == m.role && *member == m.member);
-            if already || !exists_now(&m.role) || !exists_now(&m.member) {
+            if already || !exists_now(&m.member) {
+                continue;
+            }
+            if !exists_now(&m.role) {
+                created
+                    .not_granted
+                    .push(format!("{} → {}", m.role, m.member));
                 continue;
             }
             let mut sql = format!("GRANT {} TO {}", quote(&m.role), quote(&m.member));
