@@ -899,6 +899,7 @@ fn a_dump_cut_short_is_never_published_and_an_archived_one_fails_verification() 
         header: Header {
             created,
             encryption: None,
+            globals: None,
             ..header.clone()
         },
         key: Some(&the_key),
@@ -906,6 +907,7 @@ fn a_dump_cut_short_is_never_published_and_an_archived_one_fails_verification() 
         level: 3,
         threads: 1,
         check_with: None,
+        globals: None,
     };
     let out = std::fs::File::create(folder.path(&format!("{id}.dbk"))).expect("create");
     let (_, stats) = archive::write_archive(&image[..CUT], out, settings, &AtomicBool::new(false))

@@ -345,12 +345,14 @@ fn plant_future_backup(dest: &Path, key: &Path, image: &Path, ahead: chrono::Dur
             compression: Compression::Gzip,
             segment_size: format::SEGMENT_SIZE,
             encryption: None,
+            globals: None,
         },
         key: Some(&key),
         compression: Compression::Gzip,
         level: 6,
         threads: 1,
         check_with: None,
+        globals: None,
     };
     let source = std::fs::File::open(image).expect("image");
     let (_, stats) = archive::write_archive(source, out, settings, &AtomicBool::new(false))
@@ -377,6 +379,7 @@ fn plant_future_backup(dest: &Path, key: &Path, image: &Path, ahead: chrono::Dur
             at: created,
             error: None,
         },
+        globals: None,
     }
     .save(&dest)
     .expect("manifest");

@@ -61,12 +61,14 @@ fn sample() -> &'static Sample {
                     compression,
                     segment_size: 1024,
                     encryption: None,
+                    globals: None,
                 },
                 key: encrypted.then_some(&key),
                 compression,
                 level: compression.default_level(),
                 threads: 1,
                 check_with: None,
+                globals: None,
             };
             archive::write_archive(&plain[..], Vec::new(), settings, &AtomicBool::new(false))
                 .expect("write")

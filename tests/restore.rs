@@ -1241,3 +1241,314 @@ fn a_sqlite_target_sqlite_cannot_settle_is_refused_with_its_wal_in_place() {
         "old,only-in-wal"
     );
 }
+
+/// `restore pg --to <url> --create <extra>`, asserted on.
+fn restore_new(w: &Workdir, url: &str, extra: &[&str]) -> assert_cmd::assert::Assert {
+    let mut args = vec!["restore", "pg", "--to", url, "--create"];
+    args.extend_from_slice(extra);
+    w.cmd(&args).assert()
+}
+
+/// Roles for one test with names unique to it (roles are cluster-wide and tests run
+/// in parallel), dropped at the end: declare it before the databases, so that they
+/// (whose objects the roles own) are dropped first.
+struct Roles(Vec<String>);
+
+impl Roles {
+    fn new(tag: &str, names: &[&str]) -> Self {
+        let roles = Roles(
+            names
+                .iter()
+                .map(|n| format!("dbk_{tag}_{n}_{}", std::process::id()))
+                .collect(),
+        );
+        roles.drop_all();
+        roles
+    }
+
+    fn name(&self, i: usize) -> &str {
+        &self.0[i]
+    }
+
+    fn drop_all(&self) {
+        for name in self.0.iter().rev() {
+            let _ = Command::new("psql")
+                .arg(format!("{}/postgres", pg_server()))
+                .arg("-qAtc")
+                .arg(format!("DROP ROLE IF EXISTS \"{name}\""))
+                .output();
+        }
+    }
+}
+
+impl Drop for Roles {
+    fn drop(&mut self) {
+        self.drop_all();
+    }
+}
+
+#[test]
+fn with_roles_recreates_missing_roles_grants_and_memberships_and_never_alters_existing_ones() {
+    let roles = Roles::new("wr", &["owner", "tables", "reader", "group", "existing"]);
+    let (owner, tables, reader, group, existing) = (
+        roles.name(0),
+        roles.name(1),
+        roles.name(2),
+        roles.name(3),
+        roles.name(4),
+    );
+    server_sql(&format!(
+        "CREATE ROLE \"{owner}\" LOGIN CREATEDB PASSWORD 'owner-secret-pw';
+         CREATE ROLE \"{tables}\" NOLOGIN;
+         CREATE ROLE \"{group}\" NOLOGIN;
+         CREATE ROLE \"{reader}\" LOGIN CONNECTION LIMIT 3;
+         ALTER ROLE \"{reader}\" SET work_mem = '3MB';
+         GRANT \"{group}\" TO \"{reader}\" WITH ADMIN OPTION;
+         CREATE ROLE \"{existing}\" LOGIN CONNECTION LIMIT 7;"
+    ));
+    let hash = server_sql(&format!(
+        "SELECT rolpassword FROM pg_authid WHERE rolname = '{owner}'"
+    ));
+    assert!(hash.starts_with("SCRAM-SHA-256$"), "{hash}");
+    let src = PgDb::new("wr_src");
+    src.sql(&format!(
+        "ALTER DATABASE \"{db}\" OWNER TO \"{owner}\";
+         CREATE TABLE t (i int); INSERT INTO t SELECT generate_series(1, 10);
+         ALTER TABLE t OWNER TO \"{tables}\";
+         GRANT SELECT ON t TO \"{reader}\";
+         GRANT INSERT ON t TO \"{existing}\";",
+        db = src.name
+    ));
+    let w = pg_workdir(&src.url, "");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    // `backup list` and the manifest say the archive carries them.
+    let list = w.stdout(&["backup", "list", "pg"]);
+    assert!(list.contains("ROLES"), "{list}");
+    let line = list.lines().nth(1).expect("a backup line");
+    assert!(line.contains("yes(5)"), "{line}");
+    let manifest = manifests(&w.path().join("backups").join("pg"))
+        .pop()
+        .expect("a manifest");
+    assert_eq!(manifest["globals"]["roles"], 5, "{manifest}");
+    assert_eq!(manifest["globals"]["memberships"], 1, "{manifest}");
+    assert_eq!(manifest["globals"]["passwords"], true, "{manifest}");
+    assert!(
+        !manifest.to_string().contains("SCRAM"),
+        "hash in the manifest"
+    );
+
+    // The cluster loses the database and its roles; the existing one comes back
+    // different, and must stay so.
+    server_sql(&format!("DROP DATABASE \"{}\" WITH (FORCE)", src.name));
+    server_sql(&format!(
+        "DROP ROLE \"{reader}\"; DROP ROLE \"{group}\"; DROP ROLE \"{tables}\";
+         DROP ROLE \"{owner}\"; DROP ROLE \"{existing}\";
+         CREATE ROLE \"{existing}\" NOLOGIN CONNECTION LIMIT 2;"
+    ));
+
+    // Without --with-roles: fails, says what would help, leaves nothing.
+    let fresh = PgDb::unused("wr_new");
+    restore_new(&w, &fresh.url, &[])
+        .code(1)
+        .stderr(predicate::str::contains("--with-roles"));
+    assert!(!fresh.exists(), "a half-restored database was left");
+    assert_eq!(leftovers(&fresh.name), "0", "scratch database left");
+    assert_eq!(
+        server_sql(&format!(
+            "SELECT count(*) FROM pg_roles WHERE rolname IN ('{owner}', '{tables}', '{reader}', '{group}')"
+        )),
+        "0",
+        "a role was created without --with-roles"
+    );
+
+    let out = restore_new(&w, &fresh.url, &["--with-roles"])
+        .success()
+        .get_output()
+        .clone();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(stdout.contains("roles created"), "{stdout}");
+    assert!(
+        !stdout.contains("SCRAM") && !stderr.contains("SCRAM"),
+        "a password hash was printed"
+    );
+    // Owners, grants and memberships are back.
+    assert_eq!(
+        fresh.sql("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 't'"),
+        *tables
+    );
+    let acl = fresh.sql("SELECT relacl::text FROM pg_class WHERE relname = 't'");
+    assert!(acl.contains(&format!("{reader}=r/")), "{acl}");
+    assert!(acl.contains(&format!("{existing}=a/")), "{acl}");
+    assert_eq!(
+        server_sql(&format!(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = '{}'",
+            fresh.name
+        )),
+        *owner
+    );
+    assert_eq!(
+        server_sql(&format!(
+            "SELECT admin_option FROM pg_auth_members
+              WHERE roleid = '\"{group}\"'::regrole AND member = '\"{reader}\"'::regrole"
+        )),
+        "t"
+    );
+    // Attributes, settings and the password hash of the created roles.
+    assert_eq!(
+        server_sql(&format!(
+            "SELECT rolcanlogin, rolcreatedb, rolpassword = '{hash}' FROM pg_authid WHERE rolname = '{owner}'"
+        )),
+        "t|t|t"
+    );
+    assert_eq!(
+        server_sql(&format!(
+            "SELECT r.rolconnlimit, s.setconfig::text FROM pg_roles r
+               JOIN pg_db_role_setting s ON s.setrole = r.oid AND s.setdatabase = 0
+              WHERE r.rolname = '{reader}'"
+        )),
+        "3|{work_mem=3MB}"
+    );
+    // The role that existed is exactly as it was.
+    assert_eq!(
+        server_sql(&format!(
+            "SELECT rolcanlogin, rolconnlimit FROM pg_roles WHERE rolname = '{existing}'"
+        )),
+        "f|2"
+    );
+    assert_eq!(fresh.sql("SELECT count(*) FROM t"), "10");
+    assert_eq!(leftovers(&fresh.name), "0", "scratch database left");
+    // Dropped before the roles that own it.
+    drop(fresh);
+}
+
+#[test]
+fn archives_without_globals_restore_as_before_and_refuse_with_roles() {
+    let roles = Roles::new("ng", &["owner"]);
+    let owner = roles.name(0);
+    server_sql(&format!("CREATE ROLE \"{owner}\" NOLOGIN"));
+    let src = PgDb::new("ng_src");
+    src.sql(&format!(
+        "CREATE TABLE t (i int); INSERT INTO t SELECT generate_series(1, 4);
+         ALTER TABLE t OWNER TO \"{owner}\";"
+    ));
+    // `globals = false` writes exactly the archives dbkeeper wrote before globals
+    // existed: format version 1, no globals member.
+    let w = pg_workdir(&src.url, "globals = false");
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let archive = common::archives(&w.path().join("backups"), "pg")
+        .pop()
+        .expect("an archive");
+    let bytes = std::fs::read(&archive).expect("archive");
+    assert_eq!(bytes[8], 1, "format version");
+    assert!(!String::from_utf8_lossy(&bytes[..600]).contains("globals"));
+    let manifest = manifests(&w.path().join("backups").join("pg"))
+        .pop()
+        .expect("a manifest");
+    assert!(manifest.get("globals").is_none(), "{manifest}");
+    let list = w.stdout(&["backup", "list", "pg"]);
+    let line = list.lines().nth(1).expect("a backup line");
+    assert!(line.split_whitespace().any(|c| c == "no"), "{line}");
+    w.cmd(&["backup", "verify", "pg"]).assert().success();
+
+    let fresh = PgDb::unused("ng_new");
+    restore_new(&w, &fresh.url, &["--with-roles"])
+        .code(1)
+        .stderr(predicate::str::contains("carries no roles"));
+    assert!(!fresh.exists(), "a database was left");
+    assert_eq!(leftovers(&fresh.name), "0", "scratch database left");
+    restore_new(&w, &fresh.url, &[]).success();
+    assert_eq!(fresh.sql("SELECT count(*) FROM t"), "4");
+    assert_eq!(
+        fresh.sql("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 't'"),
+        *owner
+    );
+    drop(fresh);
+    drop(src);
+}
+
+#[test]
+fn with_roles_on_a_sqlite_backup_is_a_usage_error() {
+    let w = sqlite_workdir();
+    let to = w.path().join("restored.db");
+    w.cmd(&[
+        "restore",
+        "app",
+        "--to",
+        to.to_str().expect("utf-8"),
+        "--with-roles",
+    ])
+    .assert()
+    .code(2)
+    .stderr(predicate::str::contains("--with-roles is for PostgreSQL"));
+    assert!(!to.exists());
+    let list = w.stdout(&["backup", "list", "app"]);
+    let line = list.lines().nth(1).expect("a backup line");
+    assert!(line.split_whitespace().any(|c| c == "-"), "{line}");
+}
+
+#[test]
+fn with_roles_from_an_unencrypted_archive_after_it_matched_its_manifest() {
+    let roles = Roles::new("wu", &["owner", "member", "restorer"]);
+    let (owner, member, restorer) = (roles.name(0), roles.name(1), roles.name(2));
+    server_sql(&format!(
+        "CREATE ROLE \"{owner}\" NOLOGIN; CREATE ROLE \"{member}\" LOGIN IN ROLE \"{owner}\""
+    ));
+    let src = PgDb::new("wu_src");
+    src.sql(&format!(
+        "CREATE TABLE t (i int); ALTER TABLE t OWNER TO \"{owner}\";
+         GRANT SELECT ON t TO \"{member}\";"
+    ));
+    let w = Workdir::new();
+    let dest = w.path().join("backups");
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"pg\"\nurl = \"{}\"\n{}",
+            src.url,
+            common::backup_table(&dest, None, "")
+        ),
+    );
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    assert_eq!(common::archives(&dest, "pg").len(), 1);
+    server_sql(&format!("DROP DATABASE \"{}\" WITH (FORCE)", src.name));
+    server_sql(&format!("DROP ROLE \"{member}\"; DROP ROLE \"{owner}\""));
+
+    let fresh = PgDb::unused("wu_new");
+    // A restorer that may create databases but not roles: refused before any role
+    // is created, and nothing is left.
+    server_sql(&format!("CREATE ROLE \"{restorer}\" LOGIN CREATEDB"));
+    let as_restorer = fresh.url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://{restorer}@"),
+        1,
+    );
+    if as_restorer != fresh.url {
+        restore_new(&w, &as_restorer, &["--with-roles"])
+            .code(1)
+            .stderr(predicate::str::contains("neither SUPERUSER nor CREATEROLE"));
+        assert!(!fresh.exists(), "a database was left");
+        assert_eq!(leftovers(&fresh.name), "0", "scratch database left");
+        assert_eq!(
+            server_sql(&format!(
+                "SELECT count(*) FROM pg_roles WHERE rolname IN ('{owner}', '{member}')"
+            )),
+            "0"
+        );
+    }
+    restore_new(&w, &fresh.url, &["--with-roles"]).success();
+    assert_eq!(
+        fresh.sql("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 't'"),
+        *owner
+    );
+    assert_eq!(
+        server_sql(&format!(
+            "SELECT count(*) FROM pg_auth_members
+              WHERE roleid = '\"{owner}\"'::regrole AND member = '\"{member}\"'::regrole"
+        )),
+        "1"
+    );
+    drop(fresh);
+}

@@ -119,6 +119,16 @@ fn verified_cell(v: &Verification) -> String {
     }
 }
 
+/// `yes` (with how many roles) when the archive carries the globals `restore
+/// --with-roles` needs, `no` for a PostgreSQL backup without them, `-` for SQLite.
+fn roles_cell(m: &Manifest) -> String {
+    match (&m.globals, m.backend()) {
+        (Some(g), _) => format!("yes({})", g.roles),
+        (None, Some(crate::config::Backend::Postgres)) => "no".to_owned(),
+        (None, _) => "-".to_owned(),
+    }
+}
+
 /// `, DUPLICATE ID <id> (<files>)`: more than one manifest claims this id.
 fn duplicate_note(d: &catalog::DuplicateId) -> String {
     format!(", DUPLICATE ID {} ({})", d.id, d.files.join(", "))
@@ -150,6 +160,7 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
                 m.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
                 human_bytes(m.stored_bytes),
                 human_bytes(m.raw_bytes),
+                roles_cell(m),
                 verified,
             ]);
         }
@@ -162,6 +173,7 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
                     || "-".to_owned(),
                     |m| m.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
                 ),
+                "-".to_owned(),
                 "-".to_owned(),
                 "-".to_owned(),
                 format!(
@@ -188,6 +200,7 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
             "TIME (UTC)",
             "SIZE",
             "RAW SIZE",
+            "ROLES",
             "VERIFIED",
         ],
         &rows,
@@ -286,6 +299,7 @@ pub struct RestoreFlags {
     pub force: bool,
     pub create: bool,
     pub allow_unencrypted: bool,
+    pub with_roles: bool,
 }
 
 pub async fn restore(
@@ -304,6 +318,13 @@ pub async fn restore(
     let policy = b.trust_policy(database, how.allow_unencrypted);
     let listing = catalog_of(&*dest, &policy)?;
     let manifest = selected(&listing, which, &*dest)?;
+    if how.with_roles && manifest.backend() == Some(crate::config::Backend::Sqlite) {
+        // A usage mistake, not a failed restore: nothing was tried.
+        eprintln!(
+            "error: --with-roles is for PostgreSQL backups; database \"{database}\" is SQLite, which has no roles"
+        );
+        return Ok(Exit::Usage);
+    }
     let cancel = cancel_on_signal();
     let opts = restoring::Options {
         force: how.force,
@@ -311,6 +332,7 @@ pub async fn restore(
         pg_restore: &b.cfg.pg_restore,
         trust: &policy,
         scratch_dir: &b.scratch_dir,
+        with_roles: how.with_roles,
     };
     // The one handle that is authenticated and restored: never reopened by name.
     let archive = verifying::open_archive(&*dest, &manifest.archive_name())

@@ -120,6 +120,11 @@ pub enum Tool {
         /// can write to the destination can forge one).
         #[arg(long)]
         allow_unencrypted: bool,
+        /// PostgreSQL: before the data, create the roles (and grant the memberships)
+        /// the backup carries that are missing on the target server. Existing roles
+        /// are never altered or dropped; roles created stay if the restore then fails.
+        #[arg(long)]
+        with_roles: bool,
     },
     /// Write the plain database image of an archive (a SQLite file or a pg_dump
     /// custom-format archive), e.g. `dbkeeper decrypt x.dbk | pg_restore -l`.
@@ -331,6 +336,7 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
                 force,
                 create,
                 allow_unencrypted,
+                with_roles,
                 ..
             },
             Some(c),
@@ -339,6 +345,7 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
                 force,
                 create,
                 allow_unencrypted,
+                with_roles,
             };
             backup::restore(c, &database, &id, &to, how).await
         }

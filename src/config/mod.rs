@@ -597,6 +597,13 @@ job_table! {
         /// PostgreSQL only: the `pg_restore` program. Default: `pg_restore` from `$PATH`.
         #[serde(default = "default_pg_restore")]
         pub pg_restore: PathBuf,
+        /// PostgreSQL only: store the cluster globals the database needs (the roles
+        /// that own or are granted its objects, with their attributes, role-wide
+        /// settings, memberships and, if the connecting role may read them, password
+        /// hashes; the tablespaces it uses) inside the archive, for `restore
+        /// --with-roles`. Default: `true`.
+        #[serde(default = "yes")]
+        pub globals: bool,
     }
     defaults(timeout = Duration::from_secs(6 * 3600), missed = Missed::RunOnce, retries = 0)
 }

@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 use super::{quote, quote_literal, redact_url, timeout_millis, DbError};
 use crate::config::{resolve_credential, DatabaseConfig};
 
+pub mod globals;
+
 #[derive(Clone)]
 pub struct Postgres {
     pub(crate) name: String,

@@ -11,6 +11,9 @@ use crate::db::DbError;
 pub enum BackupError {
     #[error(transparent)]
     Db(#[from] DbError),
+    /// `restore --with-roles` could not recreate the archive's roles.
+    #[error(transparent)]
+    Globals(#[from] crate::db::GlobalsError),
     #[error("{0}")]
     Archive(ArchiveError),
     #[error("{what} {path}: {source}{}", disk_hint(source))]
@@ -83,7 +86,14 @@ impl BackupError {
     /// Whether trying again can help: everything but a deliberate refusal (a
     /// restore test that cannot run here, a target that would be overwritten).
     pub fn is_transient(&self) -> bool {
-        !matches!(self, BackupError::Refused(_))
+        !matches!(
+            self,
+            BackupError::Refused(_)
+                | BackupError::Globals(
+                    crate::db::GlobalsError::NoCreateRole(..)
+                        | crate::db::GlobalsError::MissingTablespaces(_)
+                )
+        )
     }
 
     pub fn database_unreachable(&self) -> bool {

@@ -33,9 +33,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::verify::{self, Durability, Expect, ReadReport, TrustGate};
 use super::{blocking, tail, BackupError};
-use crate::db::Postgres;
+use crate::db::{Created, Globals, Postgres};
 use crate::repo::archive::pgdump::DumpCheck;
-use crate::repo::archive::{self, KeyRing};
+use crate::repo::archive::{self, GlobalsBytes, KeyRing};
 use crate::repo::storage::{Object, Reader};
 
 /// How much of the decoded stream is kept for the post-data pass. A table of contents
@@ -55,6 +55,18 @@ pub struct Target<'a> {
     pub args: &'a [&'a str],
     /// A private (0700) folder for the table-of-contents copy and libpq files.
     pub private_dir: &'a Path,
+    /// `restore --with-roles`: create the archive's missing roles and memberships on
+    /// the server before pg_restore starts (see [`create_roles`]).
+    pub with_roles: bool,
+}
+
+/// What a restore did besides the database.
+#[derive(Debug)]
+pub struct Restored {
+    pub report: ReadReport,
+    /// With `with_roles`: the roles and memberships created, and the owner of the
+    /// database that was backed up.
+    pub roles: Option<(Created, Option<String>)>,
 }
 
 /// Restores the archive open as `archive` into `target.database`, checking it against
@@ -65,8 +77,44 @@ pub async fn restore_archive(
     keys: &KeyRing,
     expect: Option<Expect<'_>>,
     cancel: &CancellationToken,
-) -> Result<ReadReport, BackupError> {
+) -> Result<Restored, BackupError> {
     restore_archive_with(target, archive, keys, expect, TOC_COPY_MAX, cancel).await
+}
+
+fn no_globals() -> BackupError {
+    BackupError::Refused(
+        "--with-roles: this backup carries no roles (it was made before dbkeeper stored them, \
+         or with globals = false); restore without --with-roles after creating the roles by hand"
+            .to_owned(),
+    )
+}
+
+/// Creates the missing roles and memberships of an archive's globals section (`None`:
+/// the archive has none, which `--with-roles` refuses). The section is parsed only
+/// here, after it authenticated (or, unencrypted, after the whole archive matched its
+/// manifest).
+async fn create_roles(
+    target: &Target<'_>,
+    globals: Option<&GlobalsBytes>,
+) -> Result<(Created, Option<String>), BackupError> {
+    let Some(bytes) = globals else {
+        return Err(BackupError::Refused(
+            "--with-roles: this backup carries no roles (it was made before dbkeeper stored them,              or with globals = false); restore without --with-roles after creating the roles by hand"
+                .to_owned(),
+        ));
+    };
+    let globals: Globals = serde_json::from_slice(bytes).map_err(|e| {
+        BackupError::Internal(format!("cannot read the archive's globals section: {e}"))
+    })?;
+    let created = target.pg.create_missing_globals(&globals).await?;
+    if !created.roles.is_empty() || !created.memberships.is_empty() {
+        tracing::info!(
+            roles = %created.roles.join(", "),
+            memberships = %created.memberships.join(", "),
+            "created missing roles and memberships"
+        );
+    }
+    Ok((created, globals.database_owner))
 }
 
 async fn restore_archive_with(
@@ -76,11 +124,14 @@ async fn restore_archive_with(
     expect: Option<Expect<'_>>,
     toc_copy_max: u64,
     cancel: &CancellationToken,
-) -> Result<ReadReport, BackupError> {
+) -> Result<Restored, BackupError> {
     // Every read goes through the one open handle, so nothing can be swapped in
     // between the check and the use.
     let header = archive::format::read_header(&mut verify::read_all(archive)?)
         .map_err(BackupError::from_archive)?;
+    if target.with_roles && header.0.globals.is_none() {
+        return Err(no_globals());
+    }
     let file = verify::read_all(archive)?;
     if header.0.encryption.is_none() {
         let image = target.private_dir.join("image.dump");
@@ -93,15 +144,52 @@ async fn restore_archive_with(
             cancel,
         )
         .await?;
+        // The whole archive matched its manifest: only now are its roles used.
+        let roles = match target.with_roles {
+            true => Some(create_roles(target, report.globals.as_deref()).await?),
+            false => None,
+        };
         pg_restore_file(target, &image, &[], cancel).await?;
         check(target, &report, cancel).await?;
-        return Ok(report);
+        return Ok(Restored { report, roles });
+    }
+    // The roles must exist before pg_restore reads the first object: their section
+    // is read first (every segment of it authenticated, the header through the same
+    // gate as the stream's), and the stream's copy must be the same bytes.
+    let mut roles = None;
+    let mut first_globals = None;
+    if target.with_roles {
+        let gate = TrustGate::of(expect.as_ref());
+        let keys_for = keys.clone();
+        let input = verify::read_all(archive)?;
+        let (_, globals) = blocking(cancel, move |_| {
+            let mut refused = None;
+            let read = archive::read_globals(input, &keys_for, |h| match gate.check(h) {
+                Err(e) => {
+                    refused = Some(e);
+                    Err(archive::ArchiveError::Cancelled)
+                }
+                Ok(()) => Ok(()),
+            });
+            match refused {
+                Some(e) => Err(e),
+                None => read.map_err(BackupError::from_archive),
+            }
+        })
+        .await?;
+        roles = Some(create_roles(target, globals.as_ref()).await?);
+        first_globals = globals;
     }
     let toc = target.private_dir.join("toc.dump");
     let copy = TocCopy::create(&toc, toc_copy_max)?;
     let sections = ["--section=pre-data", "--section=data"];
     let (report, copy) = stream(target, file, keys, &expect, &sections, copy, cancel).await?;
     verify::check_expected(&report, expect)?;
+    if target.with_roles && report.globals.as_deref() != first_globals.as_ref() {
+        return Err(BackupError::Verification(
+            "the archive's globals changed between two reads of it".to_owned(),
+        ));
+    }
     let whole_toc = copy.is_some_and(|c| c.whole_toc());
     if whole_toc {
         pg_restore_file(target, &toc, &["--section=post-data"], cancel).await?;
@@ -117,7 +205,7 @@ async fn restore_archive_with(
         }
     }
     check(target, &report, cancel).await?;
-    Ok(report)
+    Ok(Restored { report, roles })
 }
 
 /// Holds the restored database against what the dump lists: pg_restore's exit
@@ -462,12 +550,14 @@ mod tests {
                 compression: Compression::Zstd,
                 segment_size: 64 * 1024,
                 encryption: None,
+                globals: None,
             },
             key: Some(key),
             compression: Compression::Zstd,
             level: 3,
             threads: 1,
             check_with: None,
+            globals: None,
         };
         let file = File::create(path).unwrap();
         write_archive(&dump.stdout[..], file, settings, &AtomicBool::new(false)).unwrap();
@@ -497,6 +587,7 @@ mod tests {
             database: db,
             args: &["--no-owner"],
             private_dir: dir.path(),
+            with_roles: false,
         };
         let keys = KeyRing::new(vec![key.clone()]);
         let file = crate::repo::storage::open_regular(archive_path).unwrap();
@@ -510,6 +601,7 @@ mod tests {
             &CancellationToken::new(),
         )
         .await
+        .map(|r| r.report)
     }
 
     #[tokio::test]

@@ -38,7 +38,7 @@ use super::sibling::{self, SiblingTemp};
 use super::verify::{self, Durability, Expect, PrivateDir};
 use super::{pg_restore, BackupError};
 use crate::config::{Backend, DatabaseConfig};
-use crate::db::{Database, Postgres, SwapMode, Swapped};
+use crate::db::{Created, Database, Postgres, SwapMode, Swapped};
 use crate::repo::archive::KeyRing;
 use crate::repo::catalog::{Manifest, TrustPolicy};
 use crate::repo::storage::{sync_dir, Object};
@@ -53,6 +53,9 @@ pub struct Options<'a> {
     pub trust: &'a TrustPolicy,
     /// Private scratch space (`<state-dir>/tmp`) for the decoded PostgreSQL image.
     pub scratch_dir: &'a Path,
+    /// PostgreSQL: create the archive's roles and memberships that are missing on the
+    /// target server before the data (never altering an existing role).
+    pub with_roles: bool,
 }
 
 /// Restores the backup `manifest` (its archive open as `archive`) to `target`: a file path for
@@ -68,6 +71,9 @@ pub async fn restore(
     let expect = Expect::trusted(manifest, opts.trust);
     let is_url = target.starts_with("postgres://") || target.starts_with("postgresql://");
     match (manifest.backend(), is_url) {
+        (Some(Backend::Sqlite), _) if opts.with_roles => Err(BackupError::Refused(
+            "--with-roles is for PostgreSQL backups; a SQLite database has no roles".to_owned(),
+        )),
         (Some(Backend::Sqlite), false) => {
             restore_sqlite(archive, keys, expect, Path::new(target), opts.force, cancel).await
         }
@@ -471,11 +477,12 @@ async fn restore_postgres_with(
         database: &scratch,
         args: &[],
         private_dir: dir.path(),
+        with_roles: opts.with_roles,
     };
     let swapped = fill_and_swap(&fill, &name, mode, archive, keys, expect, cancel).await;
     drop(dir); // plaintext off the disk as soon as it is no longer needed
-    let old = match swapped {
-        Ok(old) => old,
+    let (old, roles) = match swapped {
+        Ok(done) => done,
         Err(e) => {
             // Nothing of the scratch database may survive a failed restore.
             if let Err(d) = pg.drop_database(&scratch).await {
@@ -493,7 +500,56 @@ async fn restore_postgres_with(
             );
         }
     }
-    Ok(format!("restored into database \"{name}\" ({})", pg.url))
+    let mut done = format!("restored into database \"{name}\" ({})", pg.url);
+    if let Some(created) = roles {
+        done.push_str(&roles_note(&created));
+    }
+    Ok(done)
+}
+
+/// `; roles created: …; memberships granted: …; existing roles left unchanged: …`.
+fn roles_note(created: &Created) -> String {
+    let list = |names: &[String]| {
+        if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        }
+    };
+    let mut note = format!(
+        "; roles created: {}; memberships granted: {}; existing roles left unchanged: {}",
+        list(&created.roles),
+        list(&created.memberships),
+        list(&created.existing)
+    );
+    if !created.not_granted.is_empty() {
+        note.push_str(&format!(
+            "; NOT granted (role missing on this server): {}",
+            created.not_granted.join(", ")
+        ));
+    }
+    note
+}
+
+/// A pg_restore failure because a role is missing on this server: say what fixes it.
+fn suggest_with_roles(e: BackupError, with_roles: bool) -> BackupError {
+    match e {
+        BackupError::Tool {
+            program,
+            status,
+            stderr,
+        } if !with_roles && stderr.contains("role \"") && stderr.contains("does not exist") => {
+            BackupError::Tool {
+                program,
+                status,
+                stderr: format!(
+                    "{stderr} (a role the backup needs is missing on this server: add --with-roles \
+                     to create the missing roles from the backup, or create them by hand)"
+                ),
+            }
+        }
+        other => other,
+    }
 }
 
 /// Restores the archive into the scratch database, then swaps it in for `name`; returns
@@ -512,16 +568,34 @@ async fn fill_and_swap(
     keys: &KeyRing,
     expect: Expect<'_>,
     cancel: &CancellationToken,
-) -> Result<Option<String>, BackupError> {
+) -> Result<(Option<String>, Option<Created>), BackupError> {
     let (pg, scratch) = (fill.pg, fill.database);
-    pg_restore::restore_archive(fill, archive, keys, Some(expect), cancel)
+    let restored = pg_restore::restore_archive(fill, archive, keys, Some(expect), cancel)
         .await
         .map_err(|e| match e {
             BackupError::Unrestored(m) => {
                 BackupError::Unrestored(format!("{m}; the target was not touched"))
             }
-            other => other,
+            other => suggest_with_roles(other, fill.with_roles),
         })?;
+    let roles = match restored.roles {
+        Some((created, owner)) => {
+            // A new database gets the owner the backed-up one had (pg_dump does not
+            // carry it); an existing target keeps its own (create_database_like).
+            // Best effort: a restorer with CREATEROLE but no membership in the owner
+            // role may not hand the database over; the data is restored all the same.
+            if let (Some(owner), SwapMode::RequireAbsent) = (owner, mode) {
+                if let Err(e) = pg.set_database_owner(scratch, &owner).await {
+                    tracing::warn!(
+                        "cannot give the restored database to its owner \"{owner}\" ({e}); \
+                         run ALTER DATABASE … OWNER TO … by hand"
+                    );
+                }
+            }
+            Some(created)
+        }
+        None => None,
+    };
     if cancel.is_cancelled() {
         return Err(BackupError::Cancelled);
     }
@@ -544,7 +618,7 @@ async fn fill_and_swap(
                  (other sessions on it? stop them or add --force to end them)"
             ))
         })?;
-    match swapped {
+    let kept = match swapped {
         Swapped::Created => Ok(None),
         Swapped::TargetAppeared => Err(BackupError::Refused(format!(
             "database \"{name}\" was created while restoring; nothing was replaced \
@@ -556,7 +630,7 @@ async fn fill_and_swap(
             // name: what it holds now is what the target held at the swap.
             let found = pg.user_objects_in(&old).await;
             if matches!(&found, Ok(f) if f.is_empty()) {
-                return Ok(Some(old));
+                return Ok((Some(old), roles));
             }
             let found = match found {
                 Ok(f) => f.to_string(),
@@ -574,5 +648,6 @@ async fn fill_and_swap(
                  (database \"{name}\" now holds {found}; add --force to replace it)"
             )))
         }
-    }
+    }?;
+    Ok((kept, roles))
 }

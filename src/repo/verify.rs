@@ -32,6 +32,8 @@ pub struct ReadReport {
     pub raw_bytes: u64,
     /// For a pg_dump image: what a restore of it must hold.
     pub contents: Option<std::sync::Arc<crate::repo::archive::pgdump::Contents>>,
+    /// The archive's globals section (roles, memberships, tablespaces), if it has one.
+    pub globals: Option<std::sync::Arc<archive::GlobalsBytes>>,
 }
 
 /// Expected values from the manifest (or from writing).
@@ -131,7 +133,13 @@ pub(super) fn read_hashed_gated<W: std::io::Write>(
     if let Some(e) = refused {
         return Err(e);
     }
-    let (sink, header, raw_bytes, contents) = read.map_err(BackupError::from_archive)?;
+    let archive::Decoded {
+        sink,
+        header,
+        raw: raw_bytes,
+        contents,
+        globals,
+    } = read.map_err(BackupError::from_archive)?;
     let (stored_bytes, sha256) = input
         .finish()
         .map_err(|e| BackupError::from_archive(e.into()))?;
@@ -141,6 +149,7 @@ pub(super) fn read_hashed_gated<W: std::io::Write>(
         stored_bytes,
         raw_bytes,
         contents: contents.map(std::sync::Arc::new),
+        globals: globals.map(std::sync::Arc::new),
     };
     Ok((sink, report))
 }
@@ -216,7 +225,7 @@ impl TrustGate {
         )
     }
 
-    fn check(&self, header: &Header) -> Result<(), BackupError> {
+    pub(super) fn check(&self, header: &Header) -> Result<(), BackupError> {
         match &self.0 {
             Some((manifest, policy)) => check_trust(manifest, policy, header),
             None => Ok(()),
@@ -492,6 +501,7 @@ async fn restore_test_postgres(
         database: &scratch,
         args: &["--no-owner", "--no-privileges"],
         private_dir: dir.path(),
+        with_roles: false,
     };
     let restored = super::pg_restore::restore_archive(&fill, archive, keys, None, cancel)
         .await

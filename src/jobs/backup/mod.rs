@@ -18,8 +18,11 @@ use tokio_util::sync::CancellationToken;
 use super::Outcome;
 use crate::config::BackupConfig;
 use crate::db::Database;
+use crate::db::GlobalsSummary;
 use crate::metrics;
-use crate::repo::archive::{ArchiveError, Header, Key, KeyRing};
+use crate::repo::archive::{
+    ArchiveError, GlobalsBytes, GlobalsFormat, GlobalsSection, Header, Key, KeyRing,
+};
 use crate::repo::catalog::rotation::{self, Decision};
 use crate::repo::catalog::{
     self, BackupKind, Manifest, TrustPolicy, Verification, VerifyMode, VerifyResult,
@@ -154,12 +157,15 @@ impl BackupJob {
             compression: self.cfg.compression,
             segment_size: crate::repo::archive::format::SEGMENT_SIZE,
             encryption: None,
+            globals: None,
         };
+        let (header, globals, globals_summary) = self.globals(db, header).await?;
+        let header_version = header.version();
         let upload = dest
             .put(&archive_name)
             .map_err(io_err("cannot create a file in", &dir))?;
         let check = verify != VerifyMode::None;
-        let (mut upload, stats) = source::dump(self, db, header, upload, check, cancel)
+        let (mut upload, stats) = source::dump(self, db, header, globals, upload, check, cancel)
             .await
             .map_err(|e| match e {
                 BackupError::Archive(ArchiveError::Io(source)) => BackupError::Io {
@@ -214,10 +220,11 @@ impl BackupJob {
             sha256: stats.sha256,
             key_id: self.key.as_ref().map(|k| k.id().to_owned()),
             compression: self.cfg.compression,
-            format_version: crate::repo::archive::format::VERSION,
+            format_version: header_version,
             dbkeeper_version: env!("CARGO_PKG_VERSION").to_owned(),
             schema_version,
             verification,
+            globals: globals_summary,
         };
         manifest
             .save(&*dest)
@@ -251,6 +258,31 @@ impl BackupJob {
                 "pruned": pruned,
             }),
         })
+    }
+
+    /// The globals section for `header`'s archive (PostgreSQL with `globals = true`):
+    /// collected just before the dump, so the roles match the objects closely.
+    async fn globals(
+        &self,
+        db: &Database,
+        mut header: Header,
+    ) -> Result<(Header, Option<GlobalsBytes>, Option<GlobalsSummary>), BackupError> {
+        let Database::Postgres(pg) = db else {
+            return Ok((header, None, None));
+        };
+        if !self.cfg.globals {
+            return Ok((header, None, None));
+        }
+        let globals = pg.collect_globals().await?;
+        let bytes = GlobalsBytes(zeroize::Zeroizing::new(
+            serde_json::to_vec(&globals)
+                .map_err(|e| BackupError::Internal(format!("cannot encode the globals: {e}")))?,
+        ));
+        header.globals = Some(GlobalsSection {
+            format: GlobalsFormat::PgJsonV1,
+            bytes: bytes.len() as u64,
+        });
+        Ok((header, Some(bytes), Some(globals.summary())))
     }
 
     /// `read`: every written byte was decrypted and decompressed as it was written

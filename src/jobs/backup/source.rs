@@ -22,19 +22,20 @@ use tokio_util::sync::CancellationToken;
 use super::BackupJob;
 use crate::db::{Database, Postgres, Sqlite};
 use crate::repo::archive::pgdump::{DumpCheck, DumpError};
-use crate::repo::archive::{self, compress, Header, Settings, WriteStats};
+use crate::repo::archive::{self, compress, GlobalsBytes, Header, Settings, WriteStats};
 use crate::repo::storage::{Scratch, Upload};
 use crate::repo::{blocking, tail, BackupError, NotAnImage};
 
 /// The upload the archive is written into (locally, a temporary file).
 type TempFile = Box<dyn Upload>;
 
-/// Dumps `db` and writes the archive into `tmp`; with `check`, every written byte is
+/// Dumps `db` and writes the archive (`globals` first, if any) into `tmp`; with `check`, every written byte is
 /// also decrypted and decompressed on another thread (see `WriteStats::checked`).
 pub async fn dump(
     job: &BackupJob,
     db: &Database,
     header: Header,
+    globals: Option<GlobalsBytes>,
     tmp: TempFile,
     check: bool,
     cancel: &CancellationToken,
@@ -53,6 +54,7 @@ pub async fn dump(
             level,
             threads: compress::threads(),
             check_with,
+            globals,
         };
         archive::write_archive(source, out, settings, flag)
     };

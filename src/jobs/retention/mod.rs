@@ -783,12 +783,14 @@ impl BatchArchive<'_> {
                 compression: self.to.compression,
                 segment_size: archive::format::SEGMENT_SIZE,
                 encryption: None,
+                globals: None,
             },
             key: self.to.key.as_ref(),
             compression: self.to.compression,
             level: self.to.level,
             threads: 1,
             check_with: Some(KeyRing::new(self.to.key.iter().cloned().collect())),
+            globals: None,
         };
         let (tmp, stats) = tokio::task::block_in_place(|| {
             archive::write_archive(

@@ -1,4 +1,4 @@
-//! The `.dbk` container, version 1 (specified in `docs/FORMAT.md`):
+//! The `.dbk` container, versions 1 and 2 (specified in `docs/FORMAT.md`):
 //!
 //! ```text
 //! "DBKEEPER" | version u8 = 1 | header length u32 BE | header (JSON)
@@ -19,6 +19,12 @@ use super::{ArchiveError, Compression};
 
 pub const MAGIC: &[u8; 8] = b"DBKEEPER";
 pub const VERSION: u8 = 1;
+/// Version 2 is version 1 with a [`GlobalsSection`] before the image: written only
+/// when there is one, so archives without it stay readable by every dbkeeper, and an
+/// older dbkeeper says "use a newer dbkeeper" instead of "the header was altered".
+pub const VERSION_GLOBALS: u8 = 2;
+/// The largest globals section a reader accepts (bounds its memory).
+pub const MAX_GLOBALS: u64 = 64 << 20;
 /// Plaintext bytes per segment.
 pub const SEGMENT_SIZE: u32 = 1 << 20;
 /// Headers are small; anything larger is not one of ours.
@@ -42,6 +48,38 @@ pub struct Header {
     pub segment_size: u32,
     /// `None` for unencrypted archives.
     pub encryption: Option<Encryption>,
+    /// Version 2 only: the plaintext starts with this many bytes of globals (roles,
+    /// memberships, tablespaces; JSON) before the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub globals: Option<GlobalsSection>,
+}
+
+/// The header's `globals` member.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalsSection {
+    /// What the section holds: always `pg-globals-json-v1`.
+    pub format: GlobalsFormat,
+    /// Length of the section in the decompressed plaintext.
+    pub bytes: u64,
+}
+
+/// The one globals encoding there is (`docs/FORMAT.md`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum GlobalsFormat {
+    #[serde(rename = "pg-globals-json-v1")]
+    PgJsonV1,
+}
+
+impl Header {
+    /// The format version this header is written with.
+    pub fn version(&self) -> u8 {
+        if self.globals.is_some() {
+            VERSION_GLOBALS
+        } else {
+            VERSION
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -66,7 +104,7 @@ fn encode_prefix(header: &Header) -> io::Result<(Vec<u8>, Vec<u8>)> {
     let json = serde_json::to_vec(header).map_err(io::Error::other)?;
     let mut prefix = Vec::with_capacity(13);
     prefix.extend_from_slice(MAGIC);
-    prefix.push(VERSION);
+    prefix.push(header.version());
     prefix.extend_from_slice(&(json.len() as u32).to_be_bytes());
     Ok((prefix, json))
 }
@@ -203,7 +241,7 @@ pub fn read_header(input: &mut impl Read) -> Result<(Header, Vec<u8>), ArchiveEr
     if &prefix[..8] != MAGIC {
         return Err(ArchiveError::NotAnArchive);
     }
-    if prefix[8] != VERSION {
+    if prefix[8] != VERSION && prefix[8] != VERSION_GLOBALS {
         return Err(ArchiveError::UnsupportedVersion(prefix[8]));
     }
     let len = u32::from_be_bytes([prefix[9], prefix[10], prefix[11], prefix[12]]);
@@ -220,6 +258,19 @@ pub fn read_header(input: &mut impl Read) -> Result<(Header, Vec<u8>), ArchiveEr
     )?;
     let header: Header = serde_json::from_slice(&header_bytes)
         .map_err(|e| ArchiveError::BadHeader(e.to_string()))?;
+    // The version byte is not authenticated; the header is: they must agree.
+    if header.version() != prefix[8] {
+        return Err(ArchiveError::BadHeader(format!(
+            "format version {} with{} a globals member",
+            prefix[8],
+            if header.globals.is_some() { "" } else { "out" }
+        )));
+    }
+    if header.globals.is_some_and(|g| g.bytes > MAX_GLOBALS) {
+        return Err(ArchiveError::BadHeader(
+            "the globals section is larger than 64 MiB".to_owned(),
+        ));
+    }
     if !SEGMENT_SIZE_RANGE.contains(&header.segment_size) {
         return Err(ArchiveError::BadHeader(format!(
             "segment size {} is out of range",

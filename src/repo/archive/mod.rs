@@ -18,14 +18,32 @@ use sha2::{Digest, Sha256};
 
 pub use compress::Compression;
 pub use crypto::{Key, KeyError, KeyRing};
-pub use format::{ArchiveReader, ArchiveWriter, Header};
+pub use format::{ArchiveReader, ArchiveWriter, GlobalsFormat, GlobalsSection, Header};
+
+/// A globals section's plaintext (it can hold password hashes): wiped when dropped,
+/// never printed (`Debug` shows its length only).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct GlobalsBytes(pub zeroize::Zeroizing<Vec<u8>>);
+
+impl std::ops::Deref for GlobalsBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for GlobalsBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GlobalsBytes(<{} bytes>)", self.0.len())
+    }
+}
 
 /// An archive could not be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
     #[error("not a dbkeeper archive (it does not start with DBKEEPER)")]
     NotAnArchive,
-    #[error("archive format version {0} is not supported by this dbkeeper (it reads version 1); use a newer dbkeeper")]
+    #[error("archive format version {0} is not supported by this dbkeeper (it reads versions 1 and 2); use a newer dbkeeper")]
     UnsupportedVersion(u8),
     #[error("the archive header is invalid ({0}): the archive is damaged or was altered")]
     BadHeader(String),
@@ -188,6 +206,9 @@ pub struct Settings<'a> {
     /// these keys. Together with a SHA-256 of the stored file this proves what a
     /// separate read pass would, without reading the file again.
     pub check_with: Option<KeyRing>,
+    /// The globals section, written before the image; `header.globals` must give its
+    /// length.
+    pub globals: Option<GlobalsBytes>,
 }
 
 /// Feeds the bytes written through it to a reader on another thread.
@@ -272,6 +293,12 @@ pub fn write_archive<R: Read, W: Write + Send>(
         }
         None => (None, None),
     };
+    let declared = settings.header.globals.map(|g| g.bytes);
+    if declared != settings.globals.as_ref().map(|g| g.len() as u64) {
+        return Err(ArchiveError::BadHeader(
+            "the header's globals length does not match the globals given".to_owned(),
+        ));
+    }
     let tee = Tee { inner: out, copy };
     let sealed = ArchiveWriter::new(Hashing::new(tee), settings.header, settings.key)?;
     let mut enc = compress::Encoder::new(
@@ -280,6 +307,10 @@ pub fn write_archive<R: Read, W: Write + Send>(
         settings.threads,
         sealed,
     )?;
+    // Before the image, so that a streamed restore has the roles before the data.
+    if let Some(globals) = &settings.globals {
+        enc.write_all(globals)?;
+    }
     let mut buf = vec![0u8; COPY_BUF];
     let mut raw_bytes = 0u64;
     loop {
@@ -330,8 +361,56 @@ pub fn read_archive<R: Read, W: Write>(
     sink: W,
     cancelled: &AtomicBool,
 ) -> Result<(W, Header, u64), ArchiveError> {
-    read_archive_gated(input, keys, sink, cancelled, |_| Ok(()))
-        .map(|(sink, header, raw, _)| (sink, header, raw))
+    read_archive_gated(input, keys, sink, cancelled, |_| Ok(())).map(|d| (d.sink, d.header, d.raw))
+}
+
+/// What [`read_archive_gated`] read.
+pub struct Decoded<W> {
+    pub sink: W,
+    pub header: Header,
+    /// Bytes of the image (the globals section not counted).
+    pub raw: u64,
+    /// For a `pg_dump-custom` image: what a restore of it must hold.
+    pub contents: Option<pgdump::Contents>,
+    /// The globals section, if the archive has one.
+    pub globals: Option<GlobalsBytes>,
+}
+
+/// Reads the start of the plaintext of `input` up to the end of its globals section
+/// (none: `None`), calling `admit` with the header first. Every segment read has
+/// authenticated (encrypted archives); the rest of the archive is not read, so the
+/// caller reads it whole afterwards before trusting it as a whole.
+pub fn read_globals<R: Read>(
+    input: R,
+    keys: &KeyRing,
+    admit: impl FnOnce(&Header) -> Result<(), ArchiveError>,
+) -> Result<(Header, Option<GlobalsBytes>), ArchiveError> {
+    let reader = ArchiveReader::open(input, keys)?;
+    let header = reader.header().clone();
+    let Some(section) = header.globals else {
+        admit(&header)?;
+        return Ok((header, None));
+    };
+    let mut plain = compress::decoder(header.compression, BufReader::new(reader))
+        .map_err(|e| ArchiveError::from_io(e, true))?;
+    let globals = read_section(&mut plain, section.bytes)?;
+    admit(&header)?;
+    Ok((header, Some(globals)))
+}
+
+/// Exactly `len` bytes of the decompressed plaintext.
+fn read_section(plain: &mut impl Read, len: u64) -> Result<GlobalsBytes, ArchiveError> {
+    let mut globals = GlobalsBytes::default();
+    plain
+        .take(len)
+        .read_to_end(&mut globals.0)
+        .map_err(|e| ArchiveError::from_io(e, true))?;
+    if globals.len() as u64 != len {
+        return Err(ArchiveError::Decompress(format!(
+            "the plaintext ends inside the {len}-byte globals section"
+        )));
+    }
+    Ok(globals)
 }
 
 /// [`read_archive`], calling `admit` with the header once it is authenticated (the
@@ -346,7 +425,7 @@ pub fn read_archive_gated<R: Read, W: Write>(
     mut sink: W,
     cancelled: &AtomicBool,
     admit: impl FnOnce(&Header) -> Result<(), ArchiveError>,
-) -> Result<(W, Header, u64, Option<pgdump::Contents>), ArchiveError> {
+) -> Result<Decoded<W>, ArchiveError> {
     let mut admit = Some(admit);
     let reader = ArchiveReader::open(input, keys)?;
     let header = reader.header().clone();
@@ -359,6 +438,10 @@ pub fn read_archive_gated<R: Read, W: Write>(
         BufReader::with_capacity(COPY_BUF, reader),
     )
     .map_err(|e| ArchiveError::from_io(e, true))?;
+    let globals = match header.globals {
+        Some(section) => Some(read_section(&mut plain, section.bytes)?),
+        None => None,
+    };
     let mut buf = vec![0u8; COPY_BUF];
     let mut raw = 0u64;
     loop {
@@ -386,12 +469,13 @@ pub fn read_archive_gated<R: Read, W: Write>(
     if let Some(dump) = &dump {
         dump.finish()?;
     }
-    Ok((
+    Ok(Decoded {
         sink,
         header,
         raw,
-        dump.map(pgdump::DumpCheck::into_contents),
-    ))
+        contents: dump.map(pgdump::DumpCheck::into_contents),
+        globals,
+    })
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ fn header(compression: Compression) -> Header {
         compression,
         segment_size: SEG,
         encryption: None,
+        globals: None,
     }
 }
 
@@ -33,6 +34,7 @@ fn pack(plain: &[u8], key: Option<&Key>, compression: Compression) -> Vec<u8> {
         level: compression.default_level(),
         threads: 2,
         check_with: Some(KeyRing::new(key.into_iter().cloned().collect())),
+        globals: None,
     };
     let (out, stats) = write_archive(plain, Vec::new(), settings, &AtomicBool::new(false)).unwrap();
     assert!(matches!(stats.checked, Some(Ok(()))), "{:?}", stats.checked);
@@ -161,10 +163,10 @@ fn not_an_archive_and_future_versions_are_refused() {
         Err(ArchiveError::NotAnArchive)
     ));
     let mut archive = pack(&data(10), None, Compression::None);
-    archive[8] = 2;
+    archive[8] = 4;
     assert!(matches!(
         unpack(&archive, &KeyRing::default()),
-        Err(ArchiveError::UnsupportedVersion(2))
+        Err(ArchiveError::UnsupportedVersion(4))
     ));
 }
 
@@ -177,6 +179,7 @@ fn cancellation_stops_writing() {
         level: 1,
         threads: 1,
         check_with: None,
+        globals: None,
     };
     let err = write_archive(
         &data(10_000)[..],
@@ -198,6 +201,7 @@ fn inline_check_reports_a_key_it_cannot_use() {
         level: 3,
         threads: 2,
         check_with: Some(KeyRing::default()),
+        globals: None,
     };
     let (_, stats) = write_archive(
         &data(5000)[..],
@@ -211,4 +215,91 @@ fn inline_check_reports_a_key_it_cannot_use() {
         "{:?}",
         stats.checked
     );
+}
+
+fn pack_with_globals(plain: &[u8], globals: &[u8], key: Option<&Key>) -> Vec<u8> {
+    let compression = Compression::Zstd;
+    let mut h = header(compression);
+    h.globals = Some(GlobalsSection {
+        format: GlobalsFormat::PgJsonV1,
+        bytes: globals.len() as u64,
+    });
+    let settings = Settings {
+        header: h,
+        key,
+        compression,
+        level: compression.default_level(),
+        threads: 2,
+        check_with: Some(KeyRing::new(key.into_iter().cloned().collect())),
+        globals: Some(GlobalsBytes(zeroize::Zeroizing::new(globals.to_vec()))),
+    };
+    let (out, stats) = write_archive(plain, Vec::new(), settings, &AtomicBool::new(false)).unwrap();
+    assert!(matches!(stats.checked, Some(Ok(()))), "{:?}", stats.checked);
+    // The image size, as the manifest records it, leaves the section out.
+    assert_eq!(stats.raw_bytes, plain.len() as u64);
+    out
+}
+
+#[test]
+fn a_globals_section_comes_back_apart_from_the_image_in_a_version_2_archive() {
+    let key = Key::random().unwrap();
+    let ring = KeyRing::new(vec![key.clone()]);
+    let globals = br#"{"roles":[]}"#;
+    for n in [0usize, 10, 3 * SEG as usize + 1] {
+        let plain = data(n);
+        for k in [Some(&key), None] {
+            let archive = pack_with_globals(&plain, globals, k);
+            assert_eq!(archive[8], format::VERSION_GLOBALS);
+            let read = read_archive_gated(
+                &archive[..],
+                &ring,
+                Vec::new(),
+                &AtomicBool::new(false),
+                |_| Ok(()),
+            )
+            .unwrap();
+            assert_eq!(read.sink, plain);
+            assert_eq!(read.raw, n as u64);
+            assert_eq!(read.globals.as_deref(), Some(&globals[..]));
+            let (header, first) = read_globals(&archive[..], &ring, |_| Ok(())).unwrap();
+            assert_eq!(first.as_deref(), Some(&globals[..]));
+            assert_eq!(header.globals.map(|g| g.bytes), Some(globals.len() as u64));
+        }
+    }
+    // An archive without one reads as before, with no section.
+    let archive = pack(&data(100), Some(&key), Compression::Zstd);
+    assert_eq!(archive[8], format::VERSION);
+    let (_, none) = read_globals(&archive[..], &ring, |_| Ok(())).unwrap();
+    assert!(none.is_none());
+}
+
+#[test]
+fn the_version_byte_and_the_globals_member_must_agree() {
+    let archive = pack_with_globals(&data(10), b"{}", None);
+    // Version 1 with a globals member, version 2 without one: both refused.
+    let mut v1 = archive.clone();
+    v1[8] = format::VERSION;
+    assert!(matches!(
+        unpack(&v1, &KeyRing::default()),
+        Err(ArchiveError::BadHeader(_))
+    ));
+    let plain = pack(&data(10), None, Compression::Zstd);
+    let mut v2 = plain.clone();
+    v2[8] = format::VERSION_GLOBALS;
+    assert!(matches!(
+        unpack(&v2, &KeyRing::default()),
+        Err(ArchiveError::BadHeader(_))
+    ));
+    let mut v3 = plain;
+    v3[8] = 3;
+    assert!(matches!(
+        unpack(&v3, &KeyRing::default()),
+        Err(ArchiveError::UnsupportedVersion(3))
+    ));
+}
+
+#[test]
+fn globals_are_never_printed() {
+    let secret = GlobalsBytes(zeroize::Zeroizing::new(b"SCRAM-SHA-256$secret".to_vec()));
+    assert!(!format!("{secret:?}").contains("SCRAM"));
 }

@@ -83,6 +83,10 @@ pub struct Manifest {
     /// Latest applied migration (`_sqlx_migrations`), if the database has any.
     pub schema_version: Option<i64>,
     pub verification: Verification,
+    /// PostgreSQL: the archive carries the globals the database needs (roles,
+    /// memberships, tablespaces), with their counts. Absent: it carries none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub globals: Option<crate::db::GlobalsSummary>,
 }
 
 impl Manifest {

@@ -850,6 +850,7 @@ mod tests {
                 // Small segments, so that a damaged one can follow an intact first.
                 segment_size: 1024,
                 encryption: None,
+                globals: None,
             };
             let path = dest.path(&format!("{file_id}{ARCHIVE}"));
             let out = std::fs::File::create(&path).unwrap();
@@ -860,6 +861,7 @@ mod tests {
                 level: 0,
                 threads: 1,
                 check_with: None,
+                globals: None,
             };
             let image = vec![b'x'; 3000];
             let (_, stats) =
@@ -896,6 +898,7 @@ mod tests {
                     at,
                     error: None,
                 },
+                globals: None,
             };
             let json = serde_json::to_vec_pretty(&m).unwrap();
             std::fs::write(dest.path(&format!("{file_id}{MANIFEST}")), json).unwrap();
