@@ -1289,13 +1289,17 @@ impl Drop for Roles {
 
 #[test]
 fn with_roles_recreates_missing_roles_grants_and_memberships_and_never_alters_existing_ones() {
-    let roles = Roles::new("wr", &["owner", "tables", "reader", "group", "existing"]);
-    let (owner, tables, reader, group, existing) = (
+    let roles = Roles::new(
+        "wr",
+        &["owner", "tables", "reader", "group", "existing", "egroup"],
+    );
+    let (owner, tables, reader, group, existing, egroup) = (
         roles.name(0),
         roles.name(1),
         roles.name(2),
         roles.name(3),
         roles.name(4),
+        roles.name(5),
     );
     server_sql(&format!(
         "CREATE ROLE \"{owner}\" LOGIN CREATEDB PASSWORD 'owner-secret-pw';
@@ -1304,7 +1308,9 @@ fn with_roles_recreates_missing_roles_grants_and_memberships_and_never_alters_ex
          CREATE ROLE \"{reader}\" LOGIN CONNECTION LIMIT 3;
          ALTER ROLE \"{reader}\" SET work_mem = '3MB';
          GRANT \"{group}\" TO \"{reader}\" WITH ADMIN OPTION;
-         CREATE ROLE \"{existing}\" LOGIN CONNECTION LIMIT 7;"
+         CREATE ROLE \"{existing}\" LOGIN CONNECTION LIMIT 7;
+         CREATE ROLE \"{egroup}\" NOLOGIN;
+         GRANT \"{egroup}\" TO \"{existing}\";"
     ));
     let hash = server_sql(&format!(
         "SELECT rolpassword FROM pg_authid WHERE rolname = '{owner}'"
@@ -1316,7 +1322,8 @@ fn with_roles_recreates_missing_roles_grants_and_memberships_and_never_alters_ex
          CREATE TABLE t (i int); INSERT INTO t SELECT generate_series(1, 10);
          ALTER TABLE t OWNER TO \"{tables}\";
          GRANT SELECT ON t TO \"{reader}\";
-         GRANT INSERT ON t TO \"{existing}\";",
+         GRANT INSERT ON t TO \"{existing}\";
+         GRANT UPDATE ON t TO \"{egroup}\";",
         db = src.name
     ));
     let w = pg_workdir(&src.url, "");
@@ -1325,12 +1332,12 @@ fn with_roles_recreates_missing_roles_grants_and_memberships_and_never_alters_ex
     let list = w.stdout(&["backup", "list", "pg"]);
     assert!(list.contains("ROLES"), "{list}");
     let line = list.lines().nth(1).expect("a backup line");
-    assert!(line.contains("yes(5)"), "{line}");
+    assert!(line.contains("yes(6)"), "{line}");
     let manifest = manifests(&w.path().join("backups").join("pg"))
         .pop()
         .expect("a manifest");
-    assert_eq!(manifest["globals"]["roles"], 5, "{manifest}");
-    assert_eq!(manifest["globals"]["memberships"], 1, "{manifest}");
+    assert_eq!(manifest["globals"]["roles"], 6, "{manifest}");
+    assert_eq!(manifest["globals"]["memberships"], 2, "{manifest}");
     assert_eq!(manifest["globals"]["passwords"], true, "{manifest}");
     assert!(
         !manifest.to_string().contains("SCRAM"),
@@ -1410,6 +1417,21 @@ fn with_roles_recreates_missing_roles_grants_and_memberships_and_never_alters_ex
               WHERE r.rolname = '{reader}'"
         )),
         "3|{work_mem=3MB}"
+    );
+    // A membership between two roles that both existed is not granted: it would
+    // change what an existing role may do.
+    assert!(
+        stdout.contains(&format!(
+            "NOT granted: {egroup} → {existing} (both roles existed"
+        )),
+        "{stdout}"
+    );
+    assert_eq!(
+        server_sql(&format!(
+            "SELECT count(*) FROM pg_auth_members
+              WHERE roleid = '\"{egroup}\"'::regrole AND member = '\"{existing}\"'::regrole"
+        )),
+        "0"
     );
     // The role that existed is exactly as it was.
     assert_eq!(

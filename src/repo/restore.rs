@@ -524,7 +524,7 @@ fn roles_note(created: &Created) -> String {
     );
     if !created.not_granted.is_empty() {
         note.push_str(&format!(
-            "; NOT granted (role missing on this server): {}",
+            "; NOT granted: {}",
             created.not_granted.join(", ")
         ));
     }

@@ -114,8 +114,8 @@ pub struct Created {
     pub memberships: Vec<String>,
     /// Roles that existed already and were left exactly as they were.
     pub existing: Vec<String>,
-    /// `role → member` not granted because the role is not on this server (a
-    /// built-in role of another PostgreSQL version).
+    /// `role → member (why)` not granted: the role is not on this server (a
+    /// built-in role of another PostgreSQL version), or both roles existed before.
     pub not_granted: Vec<String>,
 }
 
@@ -382,9 +382,21 @@ impl Postgres {
                 continue;
             }
             if !exists_now(&m.role) {
-                created
-                    .not_granted
-                    .push(format!("{} → {}", m.role, m.member));
+                created.not_granted.push(format!(
+                    "{} → {} (the role is not on this server)",
+                    m.role, m.member
+                ));
+                continue;
+            }
+            // Between two roles that both existed, a grant would change what an
+            // existing role may do (an existing login made a member of an existing
+            // admin group): that is altering it, which this never does.
+            let new_side = |name: &str| created.roles.iter().any(|r| r == name);
+            if !new_side(&m.role) && !new_side(&m.member) {
+                created.not_granted.push(format!(
+                    "{} → {} (both roles existed; grant it by hand if wanted)",
+                    m.role, m.member
+                ));
                 continue;
             }
             let mut sql = format!("GRANT {} TO {}", quote(&m.role), quote(&m.member));
