@@ -413,6 +413,28 @@ mod tests {
         assert_eq!(files(), ["state.db"], "no side files while reading");
         reader.close().await;
         assert_eq!(files(), ["state.db"]);
+
+        // What a killed daemon leaves: a -wal without its -shm (adversary round 5,
+        // case 11). Reading creates no -shm.
+        let writer = StateDb::open(dir.path()).await.unwrap();
+        run(&writer, "app.sql.c", t(3), RunResult::Success).await;
+        let crashed = tempfile::tempdir().unwrap();
+        for name in ["state.db", "state.db-wal"] {
+            std::fs::copy(dir.path().join(name), crashed.path().join(name)).unwrap();
+        }
+        writer.close().await;
+        let reader = StateDb::open_read_only(crashed.path())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(reader.last_runs().await.unwrap().len() >= 2);
+        reader.close().await;
+        let mut left: Vec<String> = std::fs::read_dir(crashed.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["state.db", "state.db-wal"]);
     }
 
     #[tokio::test]

@@ -116,6 +116,16 @@ fn key_files_given_as_credential_names_are_read_from_the_credentials_directory()
         "{err}"
     );
     assert!(!creds.join("backup.key").exists());
+    // Nor, outside the service, a key named like a credential in whatever
+    // directory the command ran from (adversary round 5, case 24).
+    let out = run(&["run-job", "app.backup"], false);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("generate-key-if-missing writes only to a path"),
+        "{err}"
+    );
+    assert!(!elsewhere.join("backup.key").exists());
 }
 
 /// A `[[database]]` for `<workdir>/<name>.db` with a sql job that records each run

@@ -1368,7 +1368,18 @@ fn with_roles_recreates_missing_roles_grants_and_memberships_and_never_alters_ex
         "a role was created without --with-roles"
     );
 
-    let out = restore_new(&w, &fresh.url, &["--with-roles"])
+    // At debug level too (adversary round 5, case 09: sqlx logs statements there).
+    let out = w
+        .cmd(&[
+            "restore",
+            "pg",
+            "--to",
+            &fresh.url,
+            "--create",
+            "--with-roles",
+        ])
+        .env("RUST_LOG", "trace")
+        .assert()
         .success()
         .get_output()
         .clone();
@@ -1376,6 +1387,7 @@ fn with_roles_recreates_missing_roles_grants_and_memberships_and_never_alters_ex
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
     );
+    assert!(stderr.contains("DEBUG"), "debug logging was on: {stderr}");
     assert!(stdout.contains("roles created"), "{stdout}");
     assert!(
         !stdout.contains("SCRAM") && !stderr.contains("SCRAM"),
@@ -1516,7 +1528,8 @@ fn with_roles_from_an_unencrypted_archive_after_it_matched_its_manifest() {
     let roles = Roles::new("wu", &["owner", "member", "restorer"]);
     let (owner, member, restorer) = (roles.name(0), roles.name(1), roles.name(2));
     server_sql(&format!(
-        "CREATE ROLE \"{owner}\" NOLOGIN; CREATE ROLE \"{member}\" LOGIN IN ROLE \"{owner}\""
+        "CREATE ROLE \"{owner}\" NOLOGIN; CREATE ROLE \"{member}\" LOGIN IN ROLE \"{owner}\"
+         PASSWORD 'member-secret-pw'"
     ));
     let src = PgDb::new("wu_src");
     src.sql(&format!(
@@ -1534,7 +1547,17 @@ fn with_roles_from_an_unencrypted_archive_after_it_matched_its_manifest() {
         ),
     );
     w.cmd(&["run-job", "pg.backup"]).assert().success();
-    assert_eq!(common::archives(&dest, "pg").len(), 1);
+    let archives = common::archives(&dest, "pg");
+    assert_eq!(archives.len(), 1);
+    // Adversary round 5, case 23: password hashes only ever inside an encrypted
+    // archive; a plain one carries the roles without them.
+    let bytes = std::fs::read(&archives[0]).expect("archive");
+    assert!(
+        !bytes.windows(6).any(|w| w == b"SCRAM-"),
+        "a password hash in a plain archive"
+    );
+    let manifest = manifests(&dest.join("pg")).pop().expect("a manifest");
+    assert_eq!(manifest["globals"]["passwords"], false, "{manifest}");
     server_sql(&format!("DROP DATABASE \"{}\" WITH (FORCE)", src.name));
     server_sql(&format!("DROP ROLE \"{member}\"; DROP ROLE \"{owner}\""));
 

@@ -48,16 +48,15 @@ pub async fn check(config: &Config) -> anyhow::Result<Exit> {
             db.backend().as_str(),
             db.url()
         );
-        if let Some(file) = db.not_created_yet() {
-            println!(
-                "{what}: {} does not exist yet; the first job creates it (mode=rwc)",
-                file.display()
-            );
-            continue;
-        }
         match db.ping().await {
             Ok(()) => {
-                println!("{what}: reachable");
+                match db.not_created_yet() {
+                    Some(file) => println!(
+                        "{what}: {} does not exist yet; the first job creates it (mode=rwc); checked as an empty database",
+                        file.display()
+                    ),
+                    None => println!("{what}: reachable"),
+                }
                 // Tables, columns and views named in the config must exist in the catalog.
                 for job in jobs.of_database(db.name()) {
                     match job.check().await {

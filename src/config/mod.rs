@@ -1218,6 +1218,19 @@ impl Config {
         for (name, file) in files.chain(old) {
             if name == "encryption-key-file" && b.generate_key_if_missing && !file.exists() {
                 let credentials = std::env::var_os("CREDENTIALS_DIRECTORY");
+                if is_bare_name(file) {
+                    // Outside the service (no $CREDENTIALS_DIRECTORY) a bare name is a
+                    // file in whatever directory the command ran from: a key made
+                    // there would be lost with it, and the service would not see it.
+                    return Err(self.invalid(
+                        format!("{key}.{name}"),
+                        format!(
+                            "{} is a bare name, which names a systemd credential, and $CREDENTIALS_DIRECTORY is not set here; generate-key-if-missing writes only to a path: write ./{} (the working directory) or an absolute path",
+                            file.display(),
+                            file.display()
+                        ),
+                    ));
+                }
                 if credentials.is_some_and(|dir| !dir.is_empty() && file.starts_with(dir)) {
                     return Err(self.invalid(
                         format!("{key}.{name}"),

@@ -19,7 +19,7 @@ use std::time::Duration;
 use zeroize::Zeroizing;
 
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
 use super::{quote, quote_literal, redact_url, timeout_millis, DbError};
@@ -545,6 +545,20 @@ impl Postgres {
     /// A connection to the server's `postgres` database, for CREATE/DROP DATABASE.
     async fn maintenance(&self) -> Result<PgConnection, DbError> {
         let options = self.access.options.clone().database("postgres");
+        PgConnection::connect_with(&options)
+            .await
+            .map_err(|e| DbError::connect(&self.name, &self.url, e))
+    }
+
+    /// [`Self::maintenance`] whose statements sqlx never logs, whatever `RUST_LOG`
+    /// says: for statements that carry secrets (`CREATE ROLE … PASSWORD`).
+    pub(crate) async fn maintenance_unlogged(&self) -> Result<PgConnection, DbError> {
+        let options = self
+            .access
+            .options
+            .clone()
+            .database("postgres")
+            .disable_statement_logging();
         PgConnection::connect_with(&options)
             .await
             .map_err(|e| DbError::connect(&self.name, &self.url, e))

@@ -20,18 +20,24 @@ fn create_requested(url: &str) -> bool {
         .is_some_and(|(_, query)| query.split('&').any(|kv| kv == "mode=rwc"))
 }
 
-/// `options` changed to read the file without creating or changing anything, for
-/// commands that only look (`check`, `jobs`, `history`). A read-only connection to a
-/// WAL-mode database creates `-wal` and `-shm` files and leaves them behind when no
-/// writer has them open; then (no `-wal` file: nobody is writing) the file is read
-/// as immutable, which creates nothing. A writer starting during that read only
-/// appends to a new `-wal`, which the main file does not see until a checkpoint.
+/// `options` changed to read the file without creating anything, for commands that
+/// only look (`check`, `jobs`, `history`). A read-only connection to a WAL-mode
+/// database creates the `-wal` and `-shm` files it lacks and leaves them behind.
+/// So unless both exist (a writer has the database open: the reader then takes its
+/// read mark in that writer's `-shm` index, as every SQLite reader does), the file
+/// is read as immutable, which creates and writes nothing. A `-wal` without `-shm`
+/// is what a killed writer leaves: its last transactions are not seen until the
+/// next writer recovers them. A writer starting during an immutable read appends
+/// to its `-wal`, which the main file does not see until a checkpoint.
 pub fn read_only_options(options: SqliteConnectOptions) -> SqliteConnectOptions {
     let path = options.get_filename().to_owned();
     let options = options.read_only(true).create_if_missing(false);
-    let mut wal = path.clone().into_os_string();
-    wal.push("-wal");
-    if is_wal_mode(&path) && !Path::new(&wal).exists() {
+    let side = |suffix: &str| {
+        let mut p = path.clone().into_os_string();
+        p.push(suffix);
+        Path::new(&p).exists()
+    };
+    if is_wal_mode(&path) && !(side("-wal") && side("-shm")) {
         options.immutable(true)
     } else {
         options
@@ -55,6 +61,8 @@ pub struct Sqlite {
     pub(crate) pool: SqlitePool,
     /// `foreign-keys` from the config: whether connections enforce foreign keys.
     pub(crate) foreign_keys: bool,
+    /// See [`Sqlite::not_created_yet`].
+    not_created: Option<std::path::PathBuf>,
 }
 
 impl Sqlite {
@@ -71,7 +79,14 @@ impl Sqlite {
             // unless it says otherwise) has them off. Deleting with them on would
             // cascade into tables the operator never named.
             .foreign_keys(cfg.foreign_keys);
-        if access == Access::ReadOnly {
+        let file = options.get_filename().to_owned();
+        let mut not_created = None;
+        if access == Access::ReadOnly && create_requested(&cfg.url) && !file.exists() {
+            // What the first job will find is an empty database: look at one in
+            // memory rather than create the file.
+            options = options.filename(":memory:").in_memory(true);
+            not_created = Some(file);
+        } else if access == Access::ReadOnly {
             options = read_only_options(options);
         } else if create_requested(&cfg.url) {
             // `mode=rwc` asks for the file to be created; make its directory too, so a
@@ -91,14 +106,15 @@ impl Sqlite {
             url,
             pool,
             foreign_keys: cfg.foreign_keys,
+            not_created,
         })
     }
 
-    /// The database file when it does not exist yet but the URL asks for it to be
-    /// created (`mode=rwc`): not an outage, just nothing written so far.
+    /// Opened read-only while its file did not exist yet but the URL asks for it to
+    /// be created (`mode=rwc`): the file, and the pool is an empty in-memory
+    /// database standing in for it. Not an outage, just nothing written so far.
     pub fn not_created_yet(&self) -> Option<std::path::PathBuf> {
-        let path = self.pool.connect_options().get_filename().to_owned();
-        (create_requested(&self.url) && !path.exists()).then_some(path)
+        self.not_created.clone()
     }
 
     pub(crate) fn query_error(&self, source: sqlx::Error) -> DbError {

@@ -301,7 +301,8 @@ impl Postgres {
     /// roles are never altered. Refused, before anything changes, when a tablespace is
     /// missing or when roles are missing and we may not create roles.
     pub async fn create_missing_globals(&self, globals: &Globals) -> Result<Created, GlobalsError> {
-        let mut conn = self.maintenance().await?;
+        // Password hashes travel in CREATE ROLE: never in a debug log.
+        let mut conn = self.maintenance_unlogged().await?;
         let q = |e| GlobalsError::Db(self.query_error(e));
         let existing_spaces: Vec<String> =
             sqlx::query_scalar("SELECT spcname::text FROM pg_tablespace")

@@ -273,7 +273,14 @@ impl BackupJob {
         if !self.cfg.globals {
             return Ok((header, None, None));
         }
-        let globals = pg.collect_globals().await?;
+        let mut globals = pg.collect_globals().await?;
+        if !self.cfg.encrypting() {
+            // Password hashes live only inside encrypted archives; a plain archive
+            // carries the roles without them (`"passwords": false`).
+            for role in &mut globals.roles {
+                role.password = None;
+            }
+        }
         let bytes = GlobalsBytes(zeroize::Zeroizing::new(
             serde_json::to_vec(&globals)
                 .map_err(|e| BackupError::Internal(format!("cannot encode the globals: {e}")))?,

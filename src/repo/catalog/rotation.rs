@@ -209,19 +209,31 @@ pub fn plan<'a>(candidates: &'a [Candidate], keep: &Keep) -> Vec<Decision> {
 /// authentic, cut short, damaged, an incomplete dump) confirms it; an archive that
 /// reads whole, or one that cannot be read now (I/O, a key not configured), does not.
 fn failure_confirmed(store: &dyn Storage, id: &str, keys: &KeyRing) -> bool {
-    let Ok(object) = store.open(&format!("{id}{ARCHIVE_SUFFIX}")) else {
-        return false;
-    };
-    let Ok(input) = object.read(None) else {
-        return false;
-    };
+    read_whole(store, id, keys).is_some_and(|read| read.is_err_and(|e| e.is_verification()))
+}
+
+/// Whether the archive of `id` authenticates, decompresses and checks whole. A
+/// read that fails for any reason (damage, I/O, a key not configured) says no: the
+/// backup is then not relied on to make older ones redundant.
+fn reads_whole(store: &dyn Storage, id: &str, keys: &KeyRing) -> bool {
+    read_whole(store, id, keys).is_some_and(|read| read.is_ok())
+}
+
+/// Reads the archive of `id` to the end; `None` when it cannot be opened.
+fn read_whole(
+    store: &dyn Storage,
+    id: &str,
+    keys: &KeyRing,
+) -> Option<Result<(), archive::ArchiveError>> {
+    let object = store.open(&format!("{id}{ARCHIVE_SUFFIX}")).ok()?;
+    let input = object.read(None).ok()?;
     let read = archive::read_archive(
         io::BufReader::with_capacity(1 << 20, input),
         keys,
         io::sink(),
         &AtomicBool::new(false),
     );
-    read.is_err_and(|e| e.is_verification())
+    Some(read.map(|_| ()))
 }
 
 /// What [`rotate`] found and did.
@@ -258,17 +270,50 @@ pub fn rotate(
             ..Candidate::new(&m.id, m.started_at, m.is_good(), now)
         })
         .collect();
-    let mut decisions = plan(&candidates, keep);
-    for d in decisions.iter_mut().filter(|d| !d.keep) {
-        let failed = candidates.iter().any(|c| c.id == d.id && !c.good);
-        if failed && !failure_confirmed(store, &d.id, &policy.keys) {
-            d.keep = true;
+    let mut candidates = candidates;
+    let mut unreadable: Vec<String> = Vec::new();
+    let decisions = loop {
+        let mut decisions = plan(&candidates, keep);
+        for d in decisions.iter_mut().filter(|d| !d.keep) {
+            let failed = candidates.iter().any(|c| c.id == d.id && !c.good);
+            if failed && !failure_confirmed(store, &d.id, &policy.keys) {
+                d.keep = true;
+                d.reasons.push(
+                    "recorded as failed, but its archive reads whole: kept (was its manifest edited?)"
+                        .to_owned(),
+                );
+            }
+        }
+        for d in decisions.iter_mut().filter(|d| unreadable.contains(&d.id)) {
             d.reasons.push(
-                "recorded as failed, but its archive reads whole: kept (was its manifest edited?)"
-                    .to_owned(),
+                "did not read whole when rotation checked it: not counted as good".to_owned(),
             );
         }
-    }
+        if decisions.iter().all(|d| d.keep) {
+            break decisions;
+        }
+        // Deleting is safe only if the newest good backup really is good. A listing
+        // authenticates an archive's first segment only; the one the running job
+        // just made was read whole while it was written. Any other is read whole
+        // now; one that does not read counts as failed (kept, newer than every good
+        // one) and the next newest is checked (adversary round 5, case 04).
+        let newest = candidates
+            .iter()
+            .filter(|c| c.good && !c.future)
+            .max_by(|a, b| (a.at, &a.id).cmp(&(b.at, &b.id)));
+        let Some(newest) = newest else {
+            break decisions;
+        };
+        if newest.just_made || reads_whole(store, &newest.id, &policy.keys) {
+            break decisions;
+        }
+        let id = newest.id.clone();
+        tracing::warn!(backup = %id, "the newest good backup does not read whole; rotation counts it as failed");
+        for c in candidates.iter_mut().filter(|c| c.id == id) {
+            c.good = false;
+        }
+        unreadable.push(id);
+    };
     if !dry_run {
         for d in decisions.iter().filter(|d| !d.keep) {
             // Ids come from file names in this folder; checked again so that no
@@ -790,6 +835,9 @@ mod tests {
             Failed,
             /// Recorded as failed by an edited manifest; the archive reads whole.
             FailedClaim,
+            /// Recorded as verified, then damaged past its first segment (bit rot, or
+            /// an attacker with write access): only a full read finds it.
+            Rotten,
             Future,
             /// A plain archive although a key is configured.
             Plain,
@@ -866,7 +914,7 @@ mod tests {
             let image = vec![b'x'; 3000];
             let (_, stats) =
                 archive::write_archive(&image[..], out, settings, &AtomicBool::new(false)).unwrap();
-            if matches!(sort, Sort::Failed) {
+            if matches!(sort, Sort::Failed | Sort::Rotten) {
                 let mut bytes = std::fs::read(&path).unwrap();
                 let last = bytes.len() - 5;
                 bytes[last] ^= 1;
@@ -902,6 +950,50 @@ mod tests {
             };
             let json = serde_json::to_vec_pretty(&m).unwrap();
             std::fs::write(dest.path(&format!("{file_id}{MANIFEST}")), json).unwrap();
+        }
+
+        /// Adversary round 5, case 04: a newest backup that rotted after it was
+        /// verified must not be what makes the last readable backup redundant.
+        #[test]
+        fn a_rotten_newest_backup_never_costs_the_last_readable_one() {
+            let root = tempfile::tempdir().unwrap();
+            let key = Key::random().unwrap();
+            let now = Utc::now();
+            let dest = Destination::new(root.path(), "app");
+            dest.prepare().unwrap();
+            let (older, newer) = (
+                now - chrono::Duration::hours(2),
+                now - chrono::Duration::hours(1),
+            );
+            let (good, rotten) = (id_at(older), id_at(newer));
+            write(&dest, &good, &good, older, Sort::Good, &key);
+            write(&dest, &rotten, &rotten, newer, Sort::Rotten, &key);
+            let policy = TrustPolicy {
+                database: "app".to_owned(),
+                keys: KeyRing::new(vec![key.clone()]),
+                encrypting: true,
+                current_key: Some(key.id().to_owned()),
+                allow_unencrypted: false,
+            };
+            let keep = super::only("last", 1);
+            let manifest = |id: &str| dest.path(&format!("{id}{MANIFEST}"));
+            for dry_run in [true, false] {
+                let r = rotate(&dest, &policy, &keep, now, None, dry_run).unwrap();
+                assert!(r.decisions.iter().all(|d| d.keep), "{:?}", r.decisions);
+                let why = &r.decisions.iter().find(|d| d.id == rotten).unwrap().reasons;
+                assert!(
+                    why.iter().any(|w| w.contains("did not read whole")),
+                    "{why:?}"
+                );
+                assert!(manifest(&good).exists() && manifest(&rotten).exists());
+            }
+            // A new backup (read whole as it was written) makes both redundant: the
+            // damaged one is not what protects anything any more.
+            let made = id_at(now);
+            write(&dest, &made, &made, now, Sort::Good, &key);
+            rotate(&dest, &policy, &keep, now, Some(&made), false).unwrap();
+            assert!(manifest(&made).exists());
+            assert!(!manifest(&good).exists() && !manifest(&rotten).exists());
         }
 
         /// Plants a copy, link or time-edited copy (per `sort`) of the backup `of`
