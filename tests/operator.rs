@@ -221,3 +221,47 @@ fn drop_ins_are_merged_shown_by_check_and_reloaded_on_sighup() {
         "{err}"
     );
 }
+
+/// `retention plan` only looks, like `check`: a `mode=rwc` database that does not
+/// exist is not created (adversary round 5, case 15), and planning against one that
+/// exists in WAL mode leaves no `-wal`/`-shm` beside it.
+#[test]
+fn retention_plan_creates_no_file() {
+    let w = Workdir::new();
+    let data = w.path().join("data");
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"app\"\nurl = \"sqlite://{}/app.db?mode=rwc\"\n[[database.retention]]\ntable = \"events\"\ncolumn = \"at\"\nolder-than = \"30d\"\nschedule = \"manual\"\n",
+            data.display()
+        ),
+    );
+    let out = w.cmd(&["retention", "plan", "app"]).output().expect("plan");
+    assert!(!out.status.success(), "no table to plan on");
+    assert!(!data.exists(), "retention plan created {}", data.display());
+
+    std::fs::create_dir(&data).expect("mkdir");
+    sqlite(
+        &data.join("app.db"),
+        "PRAGMA journal_mode = WAL; CREATE TABLE events (at TEXT); INSERT INTO events VALUES (datetime('now', '-40 days')), (datetime('now'))",
+    );
+    let files = || {
+        let mut names: Vec<String> = std::fs::read_dir(&data)
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(files(), ["app.db"]);
+    let plan = w.stdout(&["retention", "plan", "app"]);
+    let row = plan
+        .lines()
+        .find(|l| l.starts_with("app.retention"))
+        .unwrap_or("");
+    assert!(
+        row.split_whitespace().any(|c| c == "1"),
+        "one expired row: {plan}"
+    );
+    assert_eq!(files(), ["app.db"], "{plan}");
+}

@@ -7,10 +7,10 @@ use chrono::{DateTime, Utc};
 
 use super::Exit;
 use crate::config::Config;
-use crate::jobs::{Job, Jobs};
+use crate::jobs::{Job, Jobs, Select};
 
 pub async fn check(config: &Config) -> anyhow::Result<Exit> {
-    let jobs = Jobs::inspect(config)?;
+    let jobs = Jobs::inspect(config, Select::All)?;
     println!(
         "configuration {} is valid (databases: {}, jobs: {})",
         config.path.display(),

@@ -9,7 +9,8 @@ use crate::jobs::{Jobs, Kind, Select};
 
 pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
     let kind = Kind::Retention;
-    let jobs = Jobs::select(config, Select::Kind { database, kind })?;
+    // Only looks: a missing `mode=rwc` file is not created, nor a key.
+    let jobs = Jobs::inspect(config, Select::Kind { database, kind })?;
     let rules: Vec<_> = jobs.retention_rules(database).collect();
     if rules.is_empty() {
         anyhow::bail!(

@@ -505,12 +505,12 @@ impl Jobs {
         Self::select(config, Select::All)
     }
 
-    /// Every job, for looking only (`check`): SQLite files are opened read-only and
-    /// no key is generated, so nothing on disk is created or changed. A backup job
-    /// whose key `generate-key-if-missing` has not created yet has no key; it
-    /// refuses to run (see [`backup::BackupJob::run`]).
-    pub fn inspect(config: &Config) -> Result<Self, BuildError> {
-        Self::open(config, Select::All, Access::ReadOnly)
+    /// The jobs `select` picks, for looking only (`check`, `retention plan`): SQLite
+    /// files are opened read-only and no key is generated, so nothing on disk is
+    /// created or changed. A backup job whose key `generate-key-if-missing` has not
+    /// created yet has no key; it refuses to run (see [`backup::BackupJob::run`]).
+    pub fn inspect(config: &Config, select: Select<'_>) -> Result<Self, BuildError> {
+        Self::open(config, select, Access::ReadOnly)
     }
 
     /// The jobs `select` picks; only what they need is opened and loaded. A missing
@@ -850,7 +850,7 @@ schedule = "@daily"
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("keys/backup.key");
         let config = config(dir.path(), &key);
-        let jobs = Jobs::inspect(&config).unwrap();
+        let jobs = Jobs::inspect(&config, Select::All).unwrap();
         assert_eq!(jobs.len(), 5);
         assert!(!key.exists() && !dir.path().join("keys").exists());
         let (job, backup) = jobs.backup_for("a").unwrap();
