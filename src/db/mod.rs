@@ -28,7 +28,9 @@ pub use crate::ident::{
     check_expression, quote, quote_literal, ExpressionError, NameError, QualifiedName,
 };
 pub use crate::redact::{redact_url, url_has_password};
-pub use postgres::globals::{Created, Globals, GlobalsError, GlobalsSummary};
+pub use postgres::globals::{
+    Created, Globals, GlobalsError, GlobalsSummary, Membership, Role, Tablespace,
+};
 pub use postgres::{
     is_scratch_name, scratch_lock_key, set_timeout, Postgres, Scope, ScratchClaim, SwapMode,
     Swapped, Timeout, ToolFiles, UserObjects,

@@ -482,7 +482,13 @@ fn set_clause(setting: &str) -> Option<String> {
     // `myext.option` is a two-part name: each part quoted on its own.
     let name: Vec<String> = name.split('.').map(quote).collect();
     let values: Vec<String> = if LIST_SETTINGS.contains(&name_lower(setting).as_str()) {
-        split_list(value).iter().map(|v| quote_literal(v)).collect()
+        let items = split_list(value);
+        if items.is_empty() {
+            // `SET … TO` needs a value: a list with no item at all is the empty string.
+            vec![quote_literal("")]
+        } else {
+            items.iter().map(|v| quote_literal(v)).collect()
+        }
     } else {
         vec![quote_literal(value)]
     };
@@ -497,11 +503,17 @@ fn name_lower(setting: &str) -> String {
 }
 
 /// Splits a stored list value (`app, "$user", "a,b"`) into its items, unquoting
-/// double-quoted ones.
+/// double-quoted ones. The server stores a list as its items joined by `, `, each
+/// either a plain lower-case name or double-quoted (`quote_identifier`): whitespace
+/// outside quotes only follows a separating comma, and is dropped; inside quotes it
+/// is part of the item (`" lead"`). An item that was quoted is kept even when empty:
+/// `""` is the empty-string item of `SET search_path = ''` (without it the list
+/// was empty and `SET … TO` a syntax error that failed the whole restore).
 fn split_list(value: &str) -> Vec<String> {
     let mut items = Vec::new();
     let mut item = String::new();
     let mut quoted = false;
+    let mut was_quoted = false;
     let mut chars = value.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
@@ -509,13 +521,23 @@ fn split_list(value: &str) -> Vec<String> {
                 item.push('"');
                 chars.next();
             }
-            '"' => quoted = !quoted,
-            ',' if !quoted => items.push(std::mem::take(&mut item).trim().to_owned()),
+            '"' => {
+                quoted = !quoted;
+                was_quoted = true;
+            }
+            ',' if !quoted => {
+                if !item.is_empty() || was_quoted {
+                    items.push(std::mem::take(&mut item));
+                }
+                was_quoted = false;
+            }
+            c if c.is_whitespace() && !quoted => {}
             c => item.push(c),
         }
     }
-    items.push(item.trim().to_owned());
-    items.retain(|i| !i.is_empty());
+    if !item.is_empty() || was_quoted {
+        items.push(item);
+    }
     items
 }
 
@@ -538,6 +560,21 @@ mod tests {
             Some("SET \"myext\".\"opt\" TO 'it''s'")
         );
         assert_eq!(set_clause("nonsense"), None);
+        // Found by tests/roles_oracle.rs: `SET search_path = ''` is stored as `""`
+        // (it made `SET … TO` with no value, and the restore failed), and quoted
+        // spaces are part of an item.
+        assert_eq!(
+            set_clause("search_path=\"\"").as_deref(),
+            Some("SET \"search_path\" TO ''")
+        );
+        assert_eq!(
+            set_clause("search_path=\" lead\", \"\", \"trail \", app").as_deref(),
+            Some("SET \"search_path\" TO ' lead', '', 'trail ', 'app'")
+        );
+        assert_eq!(
+            set_clause("temp_tablespaces=").as_deref(),
+            Some("SET \"temp_tablespaces\" TO ''")
+        );
     }
 
     #[test]
