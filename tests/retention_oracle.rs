@@ -30,8 +30,10 @@ fn cases() -> u32 {
 fn runner() -> TestRunner {
     TestRunner::new(PropConfig {
         cases: cases(),
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions",
+        // `run` on a hand-made runner knows no source file, so `WithSource` saved
+        // nothing: the path is given whole (relative to the package).
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "tests/proptest-regressions/retention_oracle.txt",
         ))),
         ..PropConfig::default()
     })
