@@ -130,6 +130,27 @@ fn from_millis(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
+fn base_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .busy_timeout(Duration::from_secs(10))
+}
+
+async fn pool(
+    path: &Path,
+    options: SqliteConnectOptions,
+    connections: u32,
+) -> Result<SqlitePool, StateError> {
+    SqlitePoolOptions::new()
+        .max_connections(connections)
+        .connect_with(options)
+        .await
+        .map_err(|source| StateError::Open {
+            path: path.to_owned(),
+            source,
+        })
+}
+
 impl StateDb {
     /// Opens (creating if needed) `<dir>/state.db` and brings its schema up to date.
     pub async fn open(dir: &Path) -> Result<Self, StateError> {
@@ -178,36 +199,17 @@ impl StateDb {
         if !path.is_file() {
             return Ok(None);
         }
-        let options = crate::db::read_only_options(
-            SqliteConnectOptions::new()
-                .filename(&path)
-                .busy_timeout(Duration::from_secs(10)),
-        );
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await
-            .map_err(|source| StateError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        Ok(Some(StateDb { pool }))
+        let options = crate::db::read_only_options(base_options(&path));
+        Ok(Some(StateDb {
+            pool: pool(&path, options, 1).await?,
+        }))
     }
 
     async fn connect(path: &Path) -> Result<Self, StateError> {
-        let options = SqliteConnectOptions::new()
-            .filename(path)
+        let options = base_options(path)
             .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(options)
-            .await
-            .map_err(|source| StateError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+            .journal_mode(SqliteJournalMode::Wal);
+        let pool = pool(path, options, 2).await?;
         let migrated = MIGRATOR.run(&pool).await;
         if let Err(source) = migrated {
             pool.close().await;

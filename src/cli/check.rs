@@ -21,10 +21,7 @@ pub async fn check(config: &Config) -> anyhow::Result<Exit> {
         println!("drop-in {}", file.display());
     }
     for db in &config.databases {
-        let key = db.backup.as_ref().and_then(|b| {
-            let path = b.encryption_key_file.as_ref()?;
-            (b.generate_key_if_missing && !path.exists()).then_some(path)
-        });
+        let key = db.backup.as_ref().and_then(|b| b.key_to_generate());
         if let Some(path) = key {
             println!(
                 "database {}: key file {} does not exist yet; the daemon generates it at start (generate-key-if-missing)",

@@ -629,16 +629,20 @@ impl BackupConfig {
         self.encryption_key_file.is_some()
     }
 
+    /// The key file `generate-key-if-missing` has yet to create: configured, asked
+    /// for, and not there.
+    pub fn key_to_generate(&self) -> Option<&Path> {
+        let path = self.encryption_key_file.as_deref()?;
+        (self.generate_key_if_missing && !path.exists()).then_some(path)
+    }
+
     /// Creates `encryption-key-file` (and its directory, mode 0700) when
     /// `generate-key-if-missing` asks for it and it does not exist. Only commands
     /// that are about to write backups call this; reading never creates a key.
     pub fn ensure_key(&self) -> Result<(), KeyError> {
-        let Some(path) = &self.encryption_key_file else {
+        let Some(path) = self.key_to_generate() else {
             return Ok(());
         };
-        if !self.generate_key_if_missing || path.exists() {
-            return Ok(());
-        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
@@ -646,7 +650,7 @@ impl BackupConfig {
                 .mode(0o700)
                 .create(dir)
                 .map_err(|source| KeyError::Create {
-                    path: path.clone(),
+                    path: path.to_owned(),
                     source,
                 })?;
         }
@@ -675,7 +679,7 @@ impl BackupConfig {
     /// still says backups are encrypted.
     pub fn load_keys(&self) -> Result<(Option<Key>, KeyRing), KeyError> {
         let key = match &self.encryption_key_file {
-            Some(path) if self.generate_key_if_missing && !path.exists() => None,
+            Some(_) if self.key_to_generate().is_some() => None,
             Some(path) => Some(Key::load(path)?),
             None => None,
         };
@@ -1216,7 +1220,7 @@ impl Config {
             .iter()
             .map(|f| ("decryption-key-files", f));
         for (name, file) in files.chain(old) {
-            if name == "encryption-key-file" && b.generate_key_if_missing && !file.exists() {
+            if name == "encryption-key-file" && b.key_to_generate().is_some() {
                 let credentials = std::env::var_os("CREDENTIALS_DIRECTORY");
                 if is_bare_name(file) {
                     // Outside the service (no $CREDENTIALS_DIRECTORY) a bare name is a
