@@ -4,8 +4,8 @@
 //! How the contract of [`super`] is kept without rename or file locks:
 //! - **Streaming, bounded memory:** an archive goes up as a multipart upload straight
 //!   to its final key, in parts of [`PART_SIZE`] (growing past 2,000 parts, so the
-//!   10,000-part limit allows half a terabyte), at most [`IN_FLIGHT`] parts uploading
-//!   while the next fills. An archive smaller than one part is one conditional PUT.
+//!   10,000-part limit allows ~300 GB), at most [`IN_FLIGHT`] parts uploading while
+//!   the next fills, in buffers reused from part to part. An archive smaller than one part is one conditional PUT.
 //! - **Published atomically, never overwritten:** a multipart upload is invisible
 //!   until completed, and completes only after the key was found free (a single PUT
 //!   is `If-None-Match: *`, where the store supports it). The manifest, written last
@@ -51,9 +51,9 @@ use zeroize::Zeroizing;
 use super::{bare, Object, Publishing, Reader, Storage, Upload, Version};
 use crate::config::{Cloud, DestinationConfig, Location};
 
-/// Size of the first 2,000 parts of a multipart upload; it doubles every 2,000
-/// parts after that (S3 allows 10,000 parts of at least 5 MiB).
-pub const PART_SIZE: usize = 8 << 20;
+/// Size of the first 2,000 parts of a multipart upload (S3's minimum); it doubles
+/// every 2,000 parts after that (S3 allows 10,000 parts).
+pub const PART_SIZE: usize = 5 << 20;
 const PARTS_PER_SIZE: usize = 2_000;
 const MAX_PARTS: usize = 10_000;
 /// Parts uploading while the next one fills.
@@ -463,6 +463,7 @@ impl Storage for ObjectStorage {
             upload_id: None,
             parts: Vec::new(),
             in_flight: VecDeque::new(),
+            spare: Vec::new(),
             written: 0,
             done: None,
             published: false,
@@ -598,7 +599,11 @@ struct ObjectUpload {
     buf: Vec<u8>,
     upload_id: Option<String>,
     parts: Vec<PartId>,
-    in_flight: VecDeque<JoinHandle<Result<PartId, object_store::Error>>>,
+    in_flight: VecDeque<JoinHandle<(Result<PartId, object_store::Error>, Bytes)>>,
+    /// Buffers of parts already sent, for the next parts: the same few buffers
+    /// for the whole upload, instead of a fresh allocation per part that the
+    /// allocator may keep.
+    spare: Vec<Vec<u8>>,
     written: u64,
     /// Set once completed: the stored object.
     done: Option<Arc<RemoteObject>>,
@@ -613,10 +618,15 @@ impl ObjectUpload {
     /// Waits for the oldest part in flight.
     fn settle_one(&mut self) -> io::Result<()> {
         if let Some(task) = self.in_flight.pop_front() {
-            let part = block(task)?
-                .map_err(|e| io::Error::other(format!("upload task failed: {e}")))?
-                .map_err(|e| self.fail("cannot upload a part of", e))?;
+            let (part, data) = block(task)?
+                .map_err(|e| io::Error::other(format!("upload task failed: {e}")))?;
+            let part = part.map_err(|e| self.fail("cannot upload a part of", e))?;
             self.parts.push(part);
+            if let Ok(buf) = data.try_into_mut() {
+                let mut buf = Vec::from(buf);
+                buf.clear();
+                self.spare.push(buf);
+            }
         }
         Ok(())
     }
@@ -643,15 +653,19 @@ impl ObjectUpload {
                 self.url
             )));
         }
-        let next = Vec::with_capacity(part_size(index + 1));
-        let data = Bytes::from(std::mem::replace(&mut self.buf, next));
         while self.in_flight.len() >= IN_FLIGHT {
             self.settle_one()?;
         }
+        let next = self.spare.pop().unwrap_or_default();
+        let data = Bytes::from(std::mem::replace(&mut self.buf, next));
         let (mp, key) = (self.store.multipart.clone(), self.key.clone());
         let id = self.upload_id.clone().unwrap_or_default();
-        let task = io_runtime()?
-            .spawn(async move { mp.put_part(&key, &id, index, PutPayload::from(data)).await });
+        let task = io_runtime()?.spawn(async move {
+            let part = mp
+                .put_part(&key, &id, index, PutPayload::from(data.clone()))
+                .await;
+            (part, data)
+        });
         self.in_flight.push_back(task);
         Ok(())
     }
@@ -743,8 +757,8 @@ impl Write for ObjectUpload {
         let index = self.parts.len() + self.in_flight.len();
         let room = part_size(index).saturating_sub(self.buf.len());
         let n = data.len().min(room);
-        if self.buf.capacity() == 0 {
-            self.buf.reserve_exact(part_size(index));
+        if self.buf.capacity() < part_size(index) {
+            self.buf.reserve_exact(part_size(index) - self.buf.len());
         }
         self.buf.extend_from_slice(&data[..n]);
         self.written += n as u64;
@@ -974,9 +988,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parts_grow_so_that_half_a_terabyte_fits() {
+    fn parts_grow_so_that_300_gb_fit() {
         let total: u64 = (0..MAX_PARTS).map(|n| part_size(n) as u64).sum();
-        assert!(total > 500 << 30, "{total}");
+        assert!(total > 300 << 30, "{total}");
         assert_eq!(part_size(0), PART_SIZE);
         assert_eq!(part_size(PARTS_PER_SIZE), 2 * PART_SIZE);
     }
