@@ -450,9 +450,9 @@ class Moto:
         self.close()
 
 
-def pg_config(work, name, pg_name, destination):
+def pg_config(work, name, pg_name, destination, settings=""):
     """A config with the big PostgreSQL database only, backed up with the defaults
-    (zstd 3, encrypted, verify=read) to `destination` (a TOML value)."""
+    (zstd 3, encrypted, verify=read) or `settings` to `destination` (a TOML value)."""
     cfg = work / f"bench-{name}.toml"
     cfg.write_text(f"""[daemon]
 state-dir = "{work}/state-{name}"
@@ -466,6 +466,7 @@ schedule = "manual"
 destination = {destination}
 encryption-key-file = "{work}/bench.key"
 keep = {{ last = 1 }}
+{settings}
 """)
     return cfg
 
@@ -479,12 +480,14 @@ def s3_section(args, work, big_pg, out, env):
         shutil.rmtree(local_dir, ignore_errors=True)
         cfg_local = pg_config(work, "local", big_pg, f'"{local_dir}"')
         s3_url = f"s3://{moto.bucket}/bench"
-        cfg_s3 = pg_config(
-            work,
-            "s3",
-            big_pg,
-            f'{{ url = "{s3_url}", endpoint = "{moto.endpoint}", region = "us-east-1", allow-http = true }}',
-        )
+        s3_prefix = {"s3": "bench/", "s3nv": "bench-nv/"}
+
+        def s3_dest(prefix):
+            return (f'{{ url = "s3://{moto.bucket}/{prefix.rstrip("/")}", endpoint = "{moto.endpoint}", '
+                    'region = "us-east-1", allow-http = true }')
+
+        cfg_s3 = pg_config(work, "s3", big_pg, s3_dest(s3_prefix["s3"]))
+        cfg_s3nv = pg_config(work, "s3nv", big_pg, s3_dest(s3_prefix["s3nv"]), 'verify = "none"')
         s3_env = dict(env, **moto.env())
         upload = out / "upload_fileobj.py"
         upload.write_text(f"""import sys, boto3
@@ -508,6 +511,7 @@ s3.upload_fileobj(sys.stdin.buffer, "{moto.bucket}", sys.argv[1])
         ways = [("local", f"{BIN} run-job -c {cfg_local} pg.backup", env)]
         if s3_ok:
             ways.append(("s3", f"{BIN} run-job -c {cfg_s3} pg.backup", s3_env))
+            ways.append(("s3nv", f"{BIN} run-job -c {cfg_s3nv} pg.backup", s3_env))
         ways.append((
             "upload",
             f"set -o pipefail; pg_dump -Fc {PG}/{big_pg} | {sys.executable} {upload} {dump_key}",
@@ -517,17 +521,19 @@ s3.upload_fileobj(sys.stdin.buffer, "{moto.bucket}", sys.argv[1])
         rss = {name: 0.0 for name, _, _ in ways}
         for _ in range(args.runs):
             for name, cmd, run_env in list(ways):
-                if name == "s3" and not s3_ok:
+                if name in s3_prefix and not s3_ok:
                     continue
-                if name == "s3":
+                if name in s3_prefix:
                     out_run = subprocess.run(["/usr/bin/time", "-f", "%e %M", "bash", "-c", cmd], text=True,
                                              capture_output=True, env=run_env, cwd=out)
-                    archives = {k: v for k, v in moto.objects("bench/").items() if k.endswith(".dbk")}
+                    prefix = s3_prefix[name]
+                    archives = {k: v for k, v in moto.objects(prefix).items() if k.endswith(".dbk")}
                     if out_run.returncode != 0 or not archives:
                         s3_ok = False
                         why = ("it failed:\n    " + "\n    ".join(out_run.stderr.strip().splitlines()[-6:])
                                if out_run.returncode != 0 else
-                               f"it succeeded but no .dbk object is under {s3_url} (it wrote somewhere else)")
+                               f"it succeeded but no .dbk object is under s3://{moto.bucket}/{prefix} "
+                               "(it wrote somewhere else)")
                         print(f"  dbkeeper → S3: SKIPPED, {why}")
                         continue
                     secs, kib = out_run.stderr.strip().splitlines()[-1].split()
@@ -538,15 +544,14 @@ s3.upload_fileobj(sys.stdin.buffer, "{moto.bucket}", sys.argv[1])
                 rss[name] = max(rss[name], peak)
 
         local_size = newest_archive(local_dir / "pg").stat().st_size
-        s3_archives = {k: v for k, v in moto.objects("bench/").items() if k.endswith(".dbk")}
-        sizes = {
-            "local": local_size,
-            "s3": max(s3_archives.values()) if s3_archives else 0,
-            "upload": moto.objects(dump_key).get(dump_key, 0),
-        }
+        sizes = {"local": local_size}
+        for name, prefix in s3_prefix.items():
+            sizes[name] = max((v for k, v in moto.objects(prefix).items() if k.endswith(".dbk")), default=0)
+        sizes["upload"] = moto.objects(dump_key).get(dump_key, 0)
         labels = {
             "local": "dbkeeper → local folder (defaults, verify=read)",
             "s3": f"dbkeeper → {s3_url} only",
+            "s3nv": "  the same with verify=none",
             "upload": "pg_dump -Fc | boto3 upload_fileobj",
         }
         base = statistics.median(times["local"])
@@ -563,8 +568,8 @@ s3.upload_fileobj(sys.stdin.buffer, "{moto.bucket}", sys.argv[1])
             t = statistics.median(times["s3"])
             print(f"  dbkeeper S3 time / local time              {t / base:5.2f}  [<= 1.20]")
             print(f"  dbkeeper S3 peak RSS                       {rss['s3']:5.1f} MiB  [<= 64 MiB]")
-            print("  (all runs: " + "; ".join(f"{n} " + " ".join(f"{x:.2f}" for x in ts) for n, ts in times.items())
-                  + ")")
+        print("  (all runs: " + "; ".join(f"{n} " + " ".join(f"{x:.2f}" for x in ts) for n, ts in times.items())
+              + ")")
         print()
 
 
