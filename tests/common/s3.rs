@@ -137,7 +137,8 @@ impl S3Server {
     }
 
     /// SIGSTOP: the server keeps its port and accepts connections (the kernel does)
-    /// but never answers: a hung server. Undo with [`S3Server::resume`].
+    /// but never answers: a hung server. Undo with [`S3Server::resume`]. The
+    /// inspection helpers hang too meanwhile (30 s read timeout, then they panic).
     pub fn pause(&self) {
         self.signal("STOP");
     }
