@@ -37,6 +37,8 @@ pub const BACKUP_OLDEST: &str = "dbkeeper_backup_oldest_timestamp_seconds";
 pub const BACKUP_STORED_BYTES: &str = "dbkeeper_backup_stored_bytes";
 pub const BACKUP_PRUNED: &str = "dbkeeper_backup_pruned_total";
 pub const BACKUP_FUTURE_DATED: &str = "dbkeeper_backup_future_dated";
+pub const BACKUP_LAST_SUCCESS: &str = "dbkeeper_backup_last_success_timestamp_seconds";
+pub const BACKUP_UPLOAD_FAILURES: &str = "dbkeeper_backup_upload_failures_total";
 pub const RETENTION_DELETED: &str = "dbkeeper_retention_rows_deleted_total";
 pub const RETENTION_OLDEST: &str = "dbkeeper_retention_oldest_row_timestamp_seconds";
 pub const RETENTION_MAX_AGE: &str = "dbkeeper_retention_max_age_seconds";
@@ -189,6 +191,15 @@ fn describe() {
     );
     describe_counter!(BACKUP_PRUNED, "Backups deleted by rotation.");
     describe_gauge!(
+        BACKUP_LAST_SUCCESS,
+        Unit::Seconds,
+        "Finish time of the newest good backup in the destination (0: none)."
+    );
+    describe_counter!(
+        BACKUP_UPLOAD_FAILURES,
+        "Backups a destination did not get (it could not be prepared, written, published or given its manifest)."
+    );
+    describe_gauge!(
         BACKUP_FUTURE_DATED,
         "Trusted backups dated in the future (made while a clock was wrong): kept, and not counted by the keep policy."
     );
@@ -335,19 +346,22 @@ pub fn job_next_run(job: JobLabels<'_>, next: Option<DateTime<Utc>>) {
     gauge!(JOB_NEXT_RUN, &job.pairs()).set(ts(next));
 }
 
-/// Sets the `backup_*` gauges from the backups in a destination (oldest first).
+/// Sets the `backup_*` gauges of one destination from its backups (oldest first).
 /// `backups` are the trusted ones; `future_dated` of them are dated in the future.
 pub fn backup_catalog(
     database: &str,
+    destination: &str,
     backups: &[crate::repo::catalog::Manifest],
     future_dated: usize,
 ) {
-    let db = || [("database", database.to_owned())];
+    let db = || backup_labels(database, destination);
     counter!(BACKUP_PRUNED, &db()).increment(0);
+    counter!(BACKUP_UPLOAD_FAILURES, &db()).increment(0);
     gauge!(BACKUP_FUTURE_DATED, &db()).set(future_dated as f64);
     let newest_good = crate::repo::catalog::select(backups, "latest", chrono::Utc::now());
     gauge!(BACKUP_LAST_SIZE, &db()).set(newest_good.map_or(0.0, |m| m.stored_bytes as f64));
     gauge!(BACKUP_LAST_RAW_SIZE, &db()).set(newest_good.map_or(0.0, |m| m.raw_bytes as f64));
+    gauge!(BACKUP_LAST_SUCCESS, &db()).set(ts(newest_good.map(|m| m.finished_at)));
     let verified = backups
         .iter()
         .filter(|m| m.verification.result == crate::repo::catalog::VerifyResult::Passed)
@@ -360,8 +374,20 @@ pub fn backup_catalog(
         .set(backups.iter().map(|m| m.stored_bytes as f64).sum::<f64>());
 }
 
-pub fn backup_pruned(database: &str) {
-    counter!(BACKUP_PRUNED, "database" => database.to_owned()).increment(1);
+fn backup_labels(database: &str, destination: &str) -> [(&'static str, String); 2] {
+    [
+        ("database", database.to_owned()),
+        ("destination", destination.to_owned()),
+    ]
+}
+
+pub fn backup_pruned(database: &str, destination: &str) {
+    counter!(BACKUP_PRUNED, &backup_labels(database, destination)).increment(1);
+}
+
+/// A destination did not get a backup.
+pub fn backup_upload_failed(database: &str, destination: &str) {
+    counter!(BACKUP_UPLOAD_FAILURES, &backup_labels(database, destination)).increment(1);
 }
 
 /// Creates the retention series of a rule (the oldest-row gauge stays 0 until the

@@ -1,10 +1,12 @@
 //! `dbkeeper backup list|verify|prune`, `restore`, `decrypt` and `key generate`.
 //!
-//! Backups are reached through their [`Storage`] only (built by the backup job, or
-//! by `storage::for_backups` for `backup list`), so these commands work on any
-//! backend. `decrypt` reads a file the operator names, which is always local.
+//! Backups are reached through their [`Storage`] only (each destination of the
+//! config, opened by `storage::for_backups`), so these commands work on any backend.
+//! Readers take a backup from `--from DEST`, or else from the first destination that
+//! holds it ([`locate`]): a restore after the local disk is gone needs no flag.
+//! `decrypt` reads a file or object the operator names.
 
-use std::io::{Seek, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,7 +23,7 @@ use crate::repo::archive::{self, Key, KeyRing};
 use crate::repo::catalog::{
     self, Listing, Manifest, TrustPolicy, Verification, VerifyMode, VerifyResult,
 };
-use crate::repo::storage::{self, Storage};
+use crate::repo::storage::{self, LocalObject, Object, Place, Storage};
 use crate::repo::{restore as restoring, sibling, verify as verifying, BackupError};
 
 /// The `<database>.backup` job alone: only its database is opened (lazily) and
@@ -111,6 +113,92 @@ fn selected<'a>(
     )
 }
 
+/// The destinations of `database` a reader may use: the one `from` names, or all.
+fn places_from(
+    b: &BackupConfig,
+    database: &str,
+    from: Option<&str>,
+) -> anyhow::Result<Vec<Place>> {
+    let places = storage::for_backups(b, &[database]);
+    let Some(from) = from else {
+        return Ok(places);
+    };
+    let named: Vec<Place> = places
+        .into_iter()
+        .filter(|p| p.config.is_named(from))
+        .collect();
+    if named.is_empty() {
+        return Err(NotADestination(format!(
+            "{from} is not a destination of database \"{database}\"; its destinations: {}",
+            b.destination.labels().join(", ")
+        ))
+        .into());
+    }
+    Ok(named)
+}
+
+/// `--from` named no destination of the config: a usage error (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotADestination(String);
+
+/// The trusted backup `which` names and the destination to read it from: with
+/// `latest`, the newest trusted backup in any of `places`; the first place (in the
+/// configured order) that holds it. A destination that cannot be listed is skipped
+/// with a warning; an untrusted match anywhere is refused (exit 3) when no trusted
+/// one exists.
+fn locate(
+    places: Vec<Place>,
+    which: &str,
+    policy: &TrustPolicy,
+) -> anyhow::Result<(Place, Manifest)> {
+    let mut best: Option<(Place, Manifest)> = None;
+    let mut refusal = None;
+    let mut unreachable = Vec::new();
+    for place in places {
+        let listing = match catalog_of(&*place.store, policy) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("warning: {}: {e:#}", place.label());
+                unreachable.push(place.label());
+                continue;
+            }
+        };
+        match selected(&listing, which, &*place.store) {
+            Ok(m) => {
+                if best
+                    .as_ref()
+                    .is_none_or(|(_, b)| m.started_at > b.started_at)
+                {
+                    best = Some((place.clone(), m.clone()));
+                }
+            }
+            Err(e) if e.downcast_ref::<BackupError>().is_some() => {
+                refusal.get_or_insert(e);
+            }
+            Err(_) => {}
+        }
+        if which != "latest" && best.is_some() {
+            break;
+        }
+    }
+    if let Some(found) = best {
+        return Ok(found);
+    }
+    if let Some(e) = refusal {
+        return Err(e);
+    }
+    let unreachable = if unreachable.is_empty() {
+        String::new()
+    } else {
+        format!(" (could not be listed: {})", unreachable.join(", "))
+    };
+    if which == "latest" {
+        bail!("no good backup in any destination{unreachable}")
+    }
+    bail!("no backup \"{which}\" in any destination{unreachable}; `dbkeeper backup list` shows the ids")
+}
+
 fn verified_cell(v: &Verification) -> String {
     match v.result {
         VerifyResult::Passed => format!("{} {}", v.mode.as_str(), v.at.format("%Y-%m-%d %H:%M")),
@@ -136,6 +224,7 @@ fn duplicate_note(d: &catalog::DuplicateId) -> String {
 
 pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
     let mut rows = Vec::new();
+    let mut unreachable = Vec::new();
     let mut found_db = only.is_none();
     for db in &config.databases {
         let Some(b) = &db.backup else { continue };
@@ -144,46 +233,11 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
         }
         found_db = true;
         let policy = trust_policy_of(&db.name, b)?;
-        let listing = catalog_of(&*storage::for_backups(b, &[&db.name]), &policy)?;
-        let now = Utc::now();
-        for m in &listing.backups {
-            let mut verified = verified_cell(&m.verification);
-            if catalog::is_future(m.started_at, now) {
-                verified.push_str(", DATED IN THE FUTURE");
+        for place in storage::for_backups(b, &[&db.name]) {
+            match catalog_of(&*place.store, &policy) {
+                Ok(listing) => list_rows(&db.name, &place.label(), &listing, &mut rows),
+                Err(e) => unreachable.push(format!("{}: {e:#}", place.label())),
             }
-            if let Some(d) = listing.duplicate_of(&Manifest::manifest_name(&m.id)) {
-                verified.push_str(&duplicate_note(d));
-            }
-            rows.push(vec![
-                m.id.clone(),
-                m.database.clone(),
-                m.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
-                human_bytes(m.stored_bytes),
-                human_bytes(m.raw_bytes),
-                roles_cell(m),
-                verified,
-            ]);
-        }
-        for r in &listing.untrusted {
-            let id = catalog::id_of_manifest_file(&r.file).unwrap_or(&r.file);
-            rows.push(vec![
-                id.to_owned(),
-                db.name.clone(),
-                r.manifest.as_ref().map_or_else(
-                    || "-".to_owned(),
-                    |m| m.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
-                ),
-                "-".to_owned(),
-                "-".to_owned(),
-                "-".to_owned(),
-                format!(
-                    "UNTRUSTED: {}{}",
-                    r.reason,
-                    listing
-                        .duplicate_of(&r.file)
-                        .map_or_else(String::new, duplicate_note)
-                ),
-            ]);
         }
     }
     if !found_db {
@@ -197,6 +251,7 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
         &[
             "ID",
             "DATABASE",
+            "DESTINATION",
             "TIME (UTC)",
             "SIZE",
             "RAW SIZE",
@@ -205,22 +260,75 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
         ],
         &rows,
     );
-    Ok(Exit::Success)
+    if unreachable.is_empty() {
+        return Ok(Exit::Success);
+    }
+    // The table shows what could be read; a destination that could not is a failure.
+    for e in &unreachable {
+        super::print_error(e);
+    }
+    Ok(Exit::Failed)
+}
+
+/// The rows of one destination's backups, trusted then untrusted.
+fn list_rows(database: &str, destination: &str, listing: &Listing, rows: &mut Vec<Vec<String>>) {
+    let now = Utc::now();
+    for m in &listing.backups {
+        let mut verified = verified_cell(&m.verification);
+        if catalog::is_future(m.started_at, now) {
+            verified.push_str(", DATED IN THE FUTURE");
+        }
+        if let Some(d) = listing.duplicate_of(&Manifest::manifest_name(&m.id)) {
+            verified.push_str(&duplicate_note(d));
+        }
+        rows.push(vec![
+            m.id.clone(),
+            m.database.clone(),
+            destination.to_owned(),
+            m.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            human_bytes(m.stored_bytes),
+            human_bytes(m.raw_bytes),
+            roles_cell(m),
+            verified,
+        ]);
+    }
+    for r in &listing.untrusted {
+        let id = catalog::id_of_manifest_file(&r.file).unwrap_or(&r.file);
+        rows.push(vec![
+            id.to_owned(),
+            database.to_owned(),
+            destination.to_owned(),
+            r.manifest.as_ref().map_or_else(
+                || "-".to_owned(),
+                |m| m.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            ),
+            "-".to_owned(),
+            "-".to_owned(),
+            "-".to_owned(),
+            format!(
+                "UNTRUSTED: {}{}",
+                r.reason,
+                listing
+                    .duplicate_of(&r.file)
+                    .map_or_else(String::new, duplicate_note)
+            ),
+        ]);
+    }
 }
 
 pub async fn verify(
     config: &Config,
     database: &str,
     which: &str,
+    from: Option<&str>,
     restore_test: bool,
     allow_unencrypted: bool,
 ) -> anyhow::Result<Exit> {
     let jobs = backup_jobs(config, database)?;
     let (job, b) = backup_of(config, &jobs, database)?;
-    let dest = b.destination(database);
     let policy = b.trust_policy(database, allow_unencrypted);
-    let listing = catalog_of(&*dest, &policy)?;
-    let mut manifest = selected(&listing, which, &*dest)?.clone();
+    let (place, mut manifest) = locate(places_from(&b.cfg, database, from)?, which, &policy)?;
+    let dest = place.store.clone();
     let mode = if restore_test {
         VerifyMode::Restore
     } else {
@@ -269,29 +377,55 @@ pub async fn verify(
             .save(&*dest)
             .with_context(|| format!("cannot update the manifest of {}", manifest.id))?;
     }
-    result.with_context(|| format!("backup {}", manifest.id))?;
+    result.with_context(|| format!("backup {} in {}", manifest.id, place.label()))?;
     println!(
-        "backup {}: verification passed ({})",
+        "backup {} in {}: verification passed ({})",
         manifest.id,
+        place.label(),
         mode.as_str()
     );
     Ok(Exit::Success)
 }
 
-pub fn prune(config: &Config, database: &str, dry_run: bool) -> anyhow::Result<Exit> {
+pub fn prune(
+    config: &Config,
+    database: &str,
+    from: Option<&str>,
+    dry_run: bool,
+) -> anyhow::Result<Exit> {
     let jobs = backup_jobs(config, database)?;
     let (_, b) = backup_of(config, &jobs, database)?;
-    let decisions = b.prune(database, None, dry_run)?;
-    for d in &decisions {
-        if d.keep {
-            println!("keep    {}  ({})", d.id, d.reasons.join(", "));
-        } else if dry_run {
-            println!("would delete {}", d.id);
-        } else {
-            println!("deleted {}", d.id);
+    let places = places_from(&b.cfg, database, from)?;
+    let several = places.len() > 1;
+    let mut failed = Vec::new();
+    for place in &places {
+        if several {
+            println!("{}:", place.label());
+        }
+        // One destination that cannot be rotated does not stop the others.
+        let decisions = match b.prune(database, place, None, dry_run) {
+            Ok(d) => d,
+            Err(e) => {
+                super::print_error(&format!("{}: {e}", place.label()));
+                failed.push(place.label());
+                continue;
+            }
+        };
+        for d in &decisions {
+            if d.keep {
+                println!("keep    {}  ({})", d.id, d.reasons.join(", "));
+            } else if dry_run {
+                println!("would delete {}", d.id);
+            } else {
+                println!("deleted {}", d.id);
+            }
         }
     }
-    Ok(Exit::Success)
+    if failed.is_empty() {
+        Ok(Exit::Success)
+    } else {
+        Ok(Exit::Failed)
+    }
 }
 
 /// `restore`'s switches.
@@ -300,6 +434,8 @@ pub struct RestoreFlags {
     pub create: bool,
     pub allow_unencrypted: bool,
     pub with_roles: bool,
+    /// `--from DEST`.
+    pub from: Option<String>,
 }
 
 pub async fn restore(
@@ -314,10 +450,10 @@ pub async fn restore(
     // Plaintext a killed restore left in the scratch folder goes now, not only at the
     // daemon's next start.
     b.clean_scratch(database);
-    let dest = b.destination(database);
     let policy = b.trust_policy(database, how.allow_unencrypted);
-    let listing = catalog_of(&*dest, &policy)?;
-    let manifest = selected(&listing, which, &*dest)?;
+    let places = places_from(&b.cfg, database, how.from.as_deref())?;
+    let (place, manifest) = locate(places, which, &policy)?;
+    let (dest, manifest) = (place.store.clone(), &manifest);
     if how.with_roles && manifest.backend() == Some(crate::config::Backend::Sqlite) {
         // A usage mistake, not a failed restore: nothing was tried.
         eprintln!(
@@ -340,32 +476,101 @@ pub async fn restore(
     let done = restoring::restore(&*archive, manifest, &b.keys, to, &opts, &cancel)
         .await
         .with_context(|| format!("restore of backup {}", manifest.id))?;
-    println!("backup {}: {done}", manifest.id);
+    println!("backup {} (from {}): {done}", manifest.id, place.label());
     Ok(Exit::Success)
 }
 
-pub async fn decrypt(
-    config: Option<&Config>,
-    key_files: &[PathBuf],
-    archive_path: &Path,
-    output: &str,
-    allow_unencrypted: bool,
-) -> anyhow::Result<Exit> {
-    let keys = if key_files.is_empty() {
+/// `decrypt`'s arguments.
+pub struct DecryptArgs<'a> {
+    pub key_files: &'a [PathBuf],
+    /// A path, an object URL, or with `from` a name under that destination.
+    pub archive: &'a str,
+    pub from: Option<&'a str>,
+    pub output: &'a str,
+    pub allow_unencrypted: bool,
+}
+
+/// Opens the archive `decrypt` was given: one handle (a file, or an object pinned
+/// to its version) that every later read goes through.
+fn open_for_decrypt(config: Option<&Config>, args: &DecryptArgs<'_>) -> anyhow::Result<Box<dyn Object>> {
+    let destinations = || {
+        config
+            .into_iter()
+            .flat_map(|c| c.databases.iter())
+            .filter_map(|d| d.backup.as_ref())
+            .flat_map(|b| b.destination.iter())
+    };
+    if let Some(from) = args.from {
+        let dest = destinations().find(|d| d.is_named(from)).ok_or_else(|| {
+            NotADestination(format!("{from} is not a destination in the configuration"))
+        })?;
+        let (dir, name) = match args.archive.rsplit_once('/') {
+            Some((dir, name)) => (dir.split('/').collect::<Vec<_>>(), name),
+            None => (Vec::new(), args.archive),
+        };
+        let store = storage::open(dest, &dir);
+        return store
+            .open(name)
+            .with_context(|| format!("cannot open {} in {}", args.archive, dest.label()));
+    }
+    let location = crate::config::Location::parse(args.archive).map_err(|e| anyhow!("{e}"))?;
+    match location {
+        crate::config::Location::Local(path) => {
+            let file = storage::open_regular(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            Ok(Box::new(LocalObject::from_file(file, path)?))
+        }
+        crate::config::Location::Remote { cloud, bucket, prefix } => {
+            let Some((dir, name)) = prefix.rsplit_once('/').or(Some(("", prefix.as_str()))) else {
+                bail!("{} names no object", args.archive);
+            };
+            // A configured destination's settings (endpoint, credentials) apply to the
+            // objects under it; otherwise the environment's.
+            let bucket_dest = crate::config::DestinationConfig {
+                location: crate::config::Location::Remote {
+                    cloud,
+                    bucket,
+                    prefix: dir.to_owned(),
+                },
+                settings: Default::default(),
+            };
+            let configured = destinations().find(|d| match (&d.location, &bucket_dest.location) {
+                (
+                    crate::config::Location::Remote { cloud: c1, bucket: b1, prefix: p1 },
+                    crate::config::Location::Remote { cloud: c2, bucket: b2, prefix: p2 },
+                ) => c1 == c2 && b1 == b2 && (p1.is_empty() || p2 == p1 || p2.starts_with(&format!("{p1}/"))),
+                _ => false,
+            });
+            let dest = match configured {
+                Some(d) => crate::config::DestinationConfig {
+                    location: bucket_dest.location.clone(),
+                    settings: d.settings.clone(),
+                },
+                None => bucket_dest,
+            };
+            storage::open(&dest, &[])
+                .open(name)
+                .with_context(|| format!("cannot open {}", args.archive))
+        }
+    }
+}
+
+pub async fn decrypt(config: Option<&Config>, args: DecryptArgs<'_>) -> anyhow::Result<Exit> {
+    let keys = if args.key_files.is_empty() {
         config
             .map(Config::key_ring)
             .transpose()?
             .unwrap_or_default()
     } else {
         KeyRing::new(
-            key_files
+            args.key_files
                 .iter()
                 .map(|f| Key::load(f))
                 .collect::<Result<_, _>>()?,
         )
     };
     // With the config, the archive must be one of its databases'.
-    let databases: Option<Vec<&str>> = key_files.is_empty().then(|| {
+    let databases: Option<Vec<&str>> = args.key_files.is_empty().then(|| {
         config.map_or_else(Vec::new, |c| {
             c.databases
                 .iter()
@@ -374,27 +579,21 @@ pub async fn decrypt(
                 .collect()
         })
     });
-    // One open file for the checks and the output, so nothing can be swapped in between.
-    let mut file = std::fs::File::open(archive_path)
-        .with_context(|| format!("cannot open {}", archive_path.display()))?;
-    check_provenance(
-        &mut file,
-        archive_path,
-        &keys,
-        databases.as_deref(),
-        allow_unencrypted,
-    )?;
+    // One handle for the checks and the output, so nothing can be swapped in between.
+    let archive = open_for_decrypt(config, &args)?;
+    let context = || archive.location().display().to_string();
+    check_provenance(&*archive, &keys, databases.as_deref(), args.allow_unencrypted)?;
     let cancel = cancel_on_signal();
-    let context = || archive_path.display().to_string();
+    let output = args.output;
     if output == "-" {
         // Authenticate everything first: a consumer never sees data from a bad archive.
-        let checked = file.try_clone().with_context(context)?;
+        let checked = archive.read(None).with_context(context)?;
         let (_, first) = verifying::decode_handle_to(checked, &keys, std::io::sink(), &cancel)
             .await
             .with_context(context)?;
-        file.rewind().with_context(context)?;
+        let again = archive.read(None).with_context(context)?;
         let out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
-        match verifying::decode_handle_to(file, &keys, out, &cancel).await {
+        match verifying::decode_handle_to(again, &keys, out, &cancel).await {
             Ok((mut out, second)) => {
                 out.flush()
                     .with_context(|| "cannot write to stdout".to_owned())?;
@@ -435,7 +634,7 @@ pub async fn decrypt(
         // one into this folder removes.
         let tmp = sibling::SiblingTemp::create(out)?;
         verifying::decode_handle_into(
-            file,
+            archive.read(None).with_context(context)?,
             &keys,
             None,
             (tmp.writer()?, tmp.path()),
@@ -443,7 +642,7 @@ pub async fn decrypt(
             &cancel,
         )
         .await
-        .with_context(|| archive_path.display().to_string())?;
+        .with_context(context)?;
         std::fs::rename(tmp.path(), out).with_context(|| format!("cannot write {output}"))?;
         eprintln!("wrote {output}");
     }
@@ -457,18 +656,16 @@ pub async fn decrypt(
 /// read only with `--allow-unencrypted`; with a config (`databases`), the archive
 /// must be one of its databases'.
 fn check_provenance(
-    file: &mut std::fs::File,
-    archive_path: &Path,
+    archive: &dyn Object,
     keys: &KeyRing,
     databases: Option<&[&str]>,
     allow_unencrypted: bool,
 ) -> anyhow::Result<()> {
-    let (header, _) =
-        archive::format::read_header(file).with_context(|| archive_path.display().to_string())?;
-    file.rewind()
-        .with_context(|| archive_path.display().to_string())?;
+    let context = || archive.location().display().to_string();
+    let mut reader = archive.read(None).with_context(context)?;
+    let (header, _) = archive::format::read_header(&mut reader).with_context(context)?;
     let untrusted = |reason| BackupError::Untrusted {
-        id: archive_path.display().to_string(),
+        id: context(),
         reason,
     };
     if header.encryption.is_none() && !allow_unencrypted && !keys.ids().is_empty() {

@@ -120,6 +120,10 @@ pub enum Tool {
         /// can write to the destination can forge one).
         #[arg(long)]
         allow_unencrypted: bool,
+        /// Read from this destination (a folder or URL as written in the config);
+        /// default: the first destination that holds the backup.
+        #[arg(long = "from", value_name = "DEST")]
+        from: Option<String>,
         /// PostgreSQL: before the data, create the roles (and grant the memberships)
         /// the backup carries that are missing on the target server. Existing roles
         /// are never altered or dropped; roles created stay if the restore then fails.
@@ -136,8 +140,13 @@ pub enum Tool {
         /// Key file to decrypt with (repeatable); the config is not read then.
         #[arg(long = "key-file")]
         key_files: Vec<PathBuf>,
-        /// The `.dbk` archive.
-        archive: PathBuf,
+        /// The `.dbk` archive: a file, an object URL (`s3://bucket/prefix/db/ID.dbk`),
+        /// or with --from its name under that destination (`db/ID.dbk`).
+        archive: String,
+        /// A destination of the config (folder or URL as written there) the archive
+        /// is read from, with its settings (endpoint, credentials-file …).
+        #[arg(long = "from", value_name = "DEST")]
+        from: Option<String>,
         /// Output file (must not exist), or `-` for standard output (the default).
         #[arg(short = 'o', long = "output", default_value = "-")]
         output: String,
@@ -192,7 +201,8 @@ pub enum RetentionCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum BackupCommand {
-    /// One line per backup: id, database, time, size, raw size, verification.
+    /// One line per backup and destination: id, database, destination, time, size,
+    /// raw size, roles, verification.
     List {
         #[command(flatten)]
         config: ConfigArg,
@@ -212,16 +222,25 @@ pub enum BackupCommand {
         /// and check it.
         #[arg(long)]
         restore_test: bool,
+        /// Read from this destination (a folder or URL as written in the config);
+        /// default: the first destination that holds the backup.
+        #[arg(long = "from", value_name = "DEST")]
+        from: Option<String>,
+
         /// Accept an unencrypted archive although a key is configured (anyone who
         /// can write to the destination can forge one).
         #[arg(long)]
         allow_unencrypted: bool,
     },
-    /// Apply the keep policy now; with --dry-run only show what would be deleted.
+    /// Apply the keep policy now (in every destination, each with its own keep);
+    /// with --dry-run only show what would be deleted.
     Prune {
         #[command(flatten)]
         config: ConfigArg,
         database: String,
+        /// Only this destination (a folder or URL as written in the config).
+        #[arg(long = "from", value_name = "DEST")]
+        from: Option<String>,
         #[arg(long)]
         dry_run: bool,
     },
@@ -260,7 +279,11 @@ impl Command {
                 | BackupCommand::Verify { config, .. }
                 | BackupCommand::Prune { config, .. },
             ) => Some(config.path.clone()),
-            Tool::Decrypt { key_files, .. } if !key_files.is_empty() => None,
+            Tool::Decrypt {
+                key_files,
+                from: None,
+                ..
+            } if !key_files.is_empty() => None,
             Tool::Decrypt { config, .. } => {
                 Some(config.clone().unwrap_or_else(Config::default_path))
             }
@@ -285,20 +308,21 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
             Tool::Decrypt {
                 key_files,
                 archive,
+                from,
                 output,
                 allow_unencrypted,
                 ..
             },
             config,
         ) => {
-            backup::decrypt(
-                config.as_ref(),
-                &key_files,
-                &archive,
-                &output,
+            let what = backup::DecryptArgs {
+                key_files: &key_files,
+                archive: &archive,
+                from: from.as_deref(),
+                output: &output,
                 allow_unencrypted,
-            )
-            .await
+            };
+            backup::decrypt(config.as_ref(), what).await
         }
         (_, None) => Err(anyhow::anyhow!(
             "this command needs a configuration file (-c)"
@@ -318,16 +342,23 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
                 backup: id,
                 restore_test,
                 allow_unencrypted,
+                from,
                 ..
             }),
             Some(c),
-        ) => backup::verify(c, &database, &id, restore_test, allow_unencrypted).await,
+        ) => {
+            let from = from.as_deref();
+            backup::verify(c, &database, &id, from, restore_test, allow_unencrypted).await
+        }
         (
             Tool::Backup(BackupCommand::Prune {
-                database, dry_run, ..
+                database,
+                dry_run,
+                from,
+                ..
             }),
             Some(c),
-        ) => backup::prune(c, &database, dry_run),
+        ) => backup::prune(c, &database, from.as_deref(), dry_run),
         (
             Tool::Restore {
                 database,
@@ -337,6 +368,7 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
                 create,
                 allow_unencrypted,
                 with_roles,
+                from,
                 ..
             },
             Some(c),
@@ -346,6 +378,7 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
                 create,
                 allow_unencrypted,
                 with_roles,
+                from,
             };
             backup::restore(c, &database, &id, &to, how).await
         }
@@ -390,7 +423,9 @@ fn one_line(e: &anyhow::Error) -> String {
 /// A configuration error found while running a command (e.g. two migrations with one
 /// version): exit 2, as for a bad config file.
 fn is_config_error(e: &anyhow::Error) -> bool {
-    e.chain().any(crate::jobs::is_config_error)
+    e.chain().any(|cause| {
+        crate::jobs::is_config_error(cause) || cause.downcast_ref::<backup::NotADestination>().is_some()
+    })
 }
 
 fn is_verification_failure(e: &anyhow::Error) -> bool {

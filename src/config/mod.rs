@@ -6,6 +6,7 @@
 //! `dbkeeper check` and a reload on SIGHUP can say exactly what to fix.
 
 mod backup;
+mod destination;
 mod job_options;
 mod notify;
 
@@ -24,6 +25,7 @@ pub use notify::{
 
 use crate::keys::{Key, KeyError, KeyRing};
 
+pub use destination::{Cloud, DestinationConfig, DestinationSettings, Destinations, Location};
 pub use backup::{short_duration, Compression, Count, Keep, KeepError, VerifyMode};
 
 /// Environment variable naming the config file when `-c` is not given.
@@ -551,9 +553,12 @@ pub enum EncryptionSetting {
 job_table! {
     /// `[database.backup]`: the `<database>.backup` job.
     pub struct BackupConfig {
-        /// Directory that receives `<database>/<id>.dbk` and `<id>.manifest.json`;
-        /// created (mode 0700) if missing. Required.
-        pub destination: PathBuf,
+        /// Where backups go: a folder (receives `<database>/<id>.dbk` and
+        /// `<id>.manifest.json`, created mode 0700), a `file://`, `s3://bucket/prefix`,
+        /// `gs://bucket/prefix` or `az://container/prefix` URL, a table `{ url = …,
+        /// endpoint, region, path-style, allow-http, credentials-file, keep }`, or a
+        /// list of these: every backup is written to each. Required.
+        pub destination: Destinations,
         /// `zstd` (multithreaded), `gzip` (parallel, multi-member) or `none`.
         /// Default: `zstd`.
         #[serde(default)]
@@ -817,6 +822,11 @@ impl Config {
                 }
                 for f in &mut b.decryption_key_files {
                     *f = resolve_credential(f);
+                }
+                for d in &mut b.destination.0 {
+                    if let Some(f) = &mut d.settings.credentials_file {
+                        *f = resolve_credential(f);
+                    }
                 }
             }
         }
@@ -1253,19 +1263,86 @@ impl Config {
                 )
             })?;
         }
-        for (name, count) in b.keep.counts() {
+        self.validate_keep(&format!("{key}.keep"), &b.keep)?;
+        for d in &b.destination {
+            self.validate_destination(&format!("{key}.destination"), d)?;
+        }
+        Ok(())
+    }
+
+    fn validate_keep(&self, key: &str, keep: &Keep) -> Result<(), ConfigError> {
+        for (name, count) in keep.counts() {
             if let Some(n) = count.limit() {
-                self.count(format!("{key}.keep.{name}"), n.into(), 0..=1_000_000)?;
+                self.count(format!("{key}.{name}"), n.into(), 0..=1_000_000)?;
             }
         }
-        if let Some(within) = b.keep.within {
-            self.duration(format!("{key}.keep.within"), within, MAX_AGE)?;
+        if let Some(within) = keep.within {
+            self.duration(format!("{key}.within"), within, MAX_AGE)?;
         }
-        if !b.keep.keeps_something() {
+        if !keep.keeps_something() {
             return Err(self.invalid(
-                format!("{key}.keep"),
+                key,
                 "keeps no backup at all; set at least one of last, hourly, daily, weekly, monthly, yearly above 0 (or to \"all\"), or within to a duration",
             ));
+        }
+        Ok(())
+    }
+
+    /// Settings that mean nothing for the destination's kind are refused, and a
+    /// credentials file must be there and private (it is read when a backup starts).
+    fn validate_destination(&self, key: &str, d: &DestinationConfig) -> Result<(), ConfigError> {
+        use std::os::unix::fs::MetadataExt;
+        let s = &d.settings;
+        let key = format!("{key} ({})", d.label());
+        if let Some(keep) = &s.keep {
+            self.validate_keep(&format!("{key}.keep"), keep)?;
+        }
+        let remote_only = [
+            ("endpoint", s.endpoint.is_some()),
+            ("region", s.region.is_some()),
+            ("path-style", s.path_style.is_some()),
+            ("allow-http", s.allow_http.is_some()),
+            ("credentials-file", s.credentials_file.is_some()),
+            ("retry-timeout", s.retry_timeout.is_some()),
+        ];
+        if d.location.is_local() {
+            if let Some((name, _)) = remote_only.iter().find(|(_, set)| *set) {
+                return Err(self.invalid(
+                    format!("{key}.{name}"),
+                    "applies to object stores only (s3://, gs://, az://); remove it for a folder",
+                ));
+            }
+        }
+        if let Some(endpoint) = &s.endpoint {
+            let url = url::Url::parse(endpoint).map_err(|e| {
+                self.invalid(format!("{key}.endpoint"), format!("is not a URL: {e}"))
+            })?;
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(self.invalid(
+                    format!("{key}.endpoint"),
+                    "holds credentials; put them in credentials-file or the environment",
+                ));
+            }
+        }
+        if let Some(file) = &s.credentials_file {
+            let bad = |message: String| {
+                self.invalid(
+                    format!("{key}.credentials-file"),
+                    format!("{message}{}", credential_hint(file)),
+                )
+            };
+            let meta = std::fs::metadata(file)
+                .map_err(|e| bad(format!("cannot read {}: {e}", file.display())))?;
+            if !meta.is_file() {
+                return Err(bad(format!("{} is not a regular file", file.display())));
+            }
+            if meta.mode() & 0o077 != 0 {
+                return Err(bad(format!(
+                    "{} has mode {:o}; it holds secrets: chmod 0600 it",
+                    file.display(),
+                    meta.mode() & 0o7777
+                )));
+            }
         }
         Ok(())
     }

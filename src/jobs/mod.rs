@@ -158,21 +158,25 @@ impl Job {
         let database = self.database_name();
         match &self.work {
             Work::Backup(b) => {
-                let dest = b.destination(database);
                 if startup {
                     b.clean_scratch(database);
-                    match crate::repo::catalog::clean(&*dest) {
-                        Ok(removed) => {
-                            for name in removed {
-                                tracing::warn!(job = %self.id, file = %name, "removed what an interrupted backup left behind");
+                }
+                let policy = b.trust_policy(database, false);
+                for place in b.places(database) {
+                    if startup {
+                        match crate::repo::catalog::clean(&*place.store) {
+                            Ok(removed) => {
+                                for name in removed {
+                                    tracing::warn!(job = %self.id, destination = %place.label(), file = %name, "removed what an interrupted backup left behind");
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(job = %self.id, destination = %place.label(), "cannot clean up: {e}")
                             }
                         }
-                        Err(e) => {
-                            tracing::warn!(job = %self.id, "cannot clean up {}: {e}", dest.location().display())
-                        }
                     }
+                    backup::publish_catalog(database, &place, &policy, true);
                 }
-                backup::publish_catalog(database, &*dest, &b.trust_policy(database, false), true);
             }
             Work::Retention(r) => {
                 metrics::register_retention(database, &r.cfg.table, &r.rule, r.cfg.older_than)
@@ -204,8 +208,14 @@ impl Job {
         };
         let database = self.database_name();
         let policy = b.trust_policy(database, false);
-        let listing = crate::repo::catalog::list(&*b.destination(database), &policy).ok()?;
-        crate::repo::catalog::select(&listing.backups, "latest", Utc::now()).map(|m| m.started_at)
+        b.places(database)
+            .iter()
+            .filter_map(|place| crate::repo::catalog::list(&*place.store, &policy).ok())
+            .filter_map(|listing| {
+                crate::repo::catalog::select(&listing.backups, "latest", Utc::now())
+                    .map(|m| m.started_at)
+            })
+            .max()
     }
 
     /// What `dbkeeper check` asks of a job once its database answered: do the
@@ -633,12 +643,14 @@ impl Jobs {
         self.jobs
             .iter()
             .filter_map(|job| match &job.work {
-                Work::Backup(b) => Some((
-                    b.destination(job.database_name()),
-                    b.trust_policy(job.database_name(), false),
-                )),
+                Work::Backup(b) => Some(
+                    b.places(job.database_name())
+                        .into_iter()
+                        .map(|place| (place.store, b.trust_policy(job.database_name(), false))),
+                ),
                 _ => None,
             })
+            .flatten()
             .collect()
     }
 
@@ -704,7 +716,7 @@ impl Builder<'_> {
                     (Some(b), true) => {
                         let (key, _) = self.keys(b)?;
                         Some(retention::ArchiveTo {
-                            dest: storage::for_backups(
+                            places: storage::for_backups(
                                 b,
                                 &[&self.cfg.name, "retention", &r.job_name()],
                             ),

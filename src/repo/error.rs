@@ -52,10 +52,32 @@ pub enum BackupError {
     },
     #[error("{0}")]
     Refused(String),
+    /// Some destinations did not get the backup (the others did, see `stored`).
+    #[error("{}", destinations_message(id.as_deref(), stored, failed))]
+    Destinations {
+        id: Option<String>,
+        stored: Vec<String>,
+        failed: Vec<(String, String)>,
+    },
     #[error("cancelled")]
     Cancelled,
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+fn destinations_message(id: Option<&str>, stored: &[String], failed: &[(String, String)]) -> String {
+    let reasons = failed
+        .iter()
+        .map(|(d, e)| format!("{d}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    match (id, stored.is_empty()) {
+        (Some(id), false) => format!(
+            "backup {id} was stored in {} but not in every destination: {reasons}",
+            stored.join(", ")
+        ),
+        _ => format!("no destination could take the backup: {reasons}"),
+    }
 }
 
 fn disk_hint(e: &std::io::Error) -> &'static str {

@@ -5,12 +5,12 @@
 //! (locally: renamed into place) after verification, the manifest written last. A
 //! failed run discards its upload and leaves older backups alone; rotation only runs
 //! after a good backup and never removes the newest good one. The job sees its
-//! destination only as a [`Storage`], so it runs unchanged on any backend.
+//! destinations only as [`Storage`]s, so it runs unchanged on any backend, and
+//! writes one archive to all of them at once ([`FanOut`]).
 
 pub mod source;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +27,7 @@ use crate::repo::catalog::rotation::{self, Decision};
 use crate::repo::catalog::{
     self, BackupKind, Manifest, TrustPolicy, Verification, VerifyMode, VerifyResult,
 };
-use crate::repo::storage::{self, Storage, Upload, ARCHIVE_SUFFIX};
+use crate::repo::storage::{self, FanOut, Place, Storage, Upload, ARCHIVE_SUFFIX};
 use crate::repo::{io_err, verify};
 
 /// The job fails with the repository's error: most of what goes wrong is writing or
@@ -45,8 +45,8 @@ pub struct BackupJob {
 }
 
 impl BackupJob {
-    /// Where the backups of `database` are kept.
-    pub fn destination(&self, database: &str) -> Arc<dyn Storage> {
+    /// Every destination of the backups of `database`, in the configured order.
+    pub fn places(&self, database: &str) -> Vec<Place> {
         storage::for_backups(&self.cfg, &[database])
     }
 
@@ -118,6 +118,12 @@ impl BackupJob {
 
     /// Like [`BackupJob::run`], verifying at least as thoroughly as `at_least`
     /// (pre-migration backups are always read back).
+    ///
+    /// The archive is made once and written to every destination at once
+    /// ([`FanOut`]). A destination that fails (cannot be prepared, fails while
+    /// writing, publishing or storing the manifest) loses only its own copy: the
+    /// others are published, get their manifest and are rotated, and the job then
+    /// fails naming the destinations that did not get the backup.
     pub async fn run_verified(
         &self,
         db: &Database,
@@ -129,25 +135,31 @@ impl BackupJob {
             .writing_key(self.key.as_ref())
             .map_err(|e| BackupError::Archive(e.into()))?;
         let verify = self.cfg.verify.max(at_least);
-        let dest = self.destination(db.name());
-        let dir = dest.location();
-        dest.prepare()
-            .map_err(io_err("cannot create backup directory", &dir))?;
-        for name in catalog::clean(&*dest).map_err(io_err("cannot clean up", &dir))? {
-            tracing::warn!(database = db.name(), file = %name, "removed what an interrupted backup left behind");
+        let database = db.name();
+        let mut missed = Missed::default();
+        let mut ready = Vec::new();
+        for place in self.places(database) {
+            match prepare(database, &place) {
+                Ok(()) => ready.push(place),
+                Err(e) => missed.add(database, &place, e),
+            }
         }
-        self.clean_scratch(db.name());
+        if ready.is_empty() {
+            return Err(missed.into_error(None, &[]));
+        }
+        self.clean_scratch(database);
 
         let started = Utc::now();
-        let id = catalog::new_id(&*dest, started, kind);
+        let stores: Vec<&dyn Storage> = ready.iter().map(|p| &*p.store).collect();
+        let id = catalog::new_id(&stores, started, kind);
         let archive_name = format!("{id}{ARCHIVE_SUFFIX}");
         let server_version = db.server_version().await?;
         let schema_version = db.schema_version().await.unwrap_or_else(|e| {
-            tracing::warn!(database = db.name(), "cannot read the schema version: {e}");
+            tracing::warn!(database, "cannot read the schema version: {e}");
             None
         });
         let header = Header {
-            database: db.name().to_owned(),
+            database: database.to_owned(),
             backend: db.backend().as_str().to_owned(),
             image: match db {
                 Database::Sqlite(_) => "sqlite".to_owned(),
@@ -161,94 +173,134 @@ impl BackupJob {
         };
         let (header, globals, globals_summary) = self.globals(db, header).await?;
         let header_version = header.version();
-        let upload = dest
-            .put(&archive_name)
-            .map_err(io_err("cannot create a file in", &dir))?;
+        let uploads = FanOut::start(&ready, &archive_name);
+        let labels = ready.iter().map(Place::label).collect::<Vec<_>>().join(", ");
         let check = verify != VerifyMode::None;
-        let (mut upload, stats) = source::dump(self, db, header, globals, upload, check, cancel)
-            .await
-            .map_err(|e| match e {
-                BackupError::Archive(ArchiveError::Io(source)) => BackupError::Io {
-                    what: "cannot write the backup to",
-                    path: dir.clone(),
-                    source,
-                },
-                other => other,
-            })?;
+        let (uploads, stats) =
+            source::dump(self, db, header, globals, uploads, check, cancel)
+                .await
+                .map_err(|e| match e {
+                    BackupError::Archive(ArchiveError::Io(source)) => BackupError::Io {
+                        what: "cannot write the backup to",
+                        path: PathBuf::from(&labels),
+                        source,
+                    },
+                    other => other,
+                })?;
 
-        let verified = self
-            .verify_written(
-                db,
-                verify,
-                &mut upload,
-                &dir.join(&archive_name),
-                &stats,
-                cancel,
-            )
-            .await;
-        if matches!(verified, Err(BackupError::Cancelled)) {
-            return Err(BackupError::Cancelled);
-        }
-        let verification = Verification {
-            mode: verify,
-            result: match (&verified, verify) {
-                // Only a bad archive fails a backup; a restore test that could not run
-                // (no CREATEDB, server busy) leaves it unverified and fails the job.
-                (Err(e), _) if e.is_verification() => VerifyResult::Failed,
-                (Err(_), _) => VerifyResult::Skipped,
-                (Ok(()), VerifyMode::None) => VerifyResult::Skipped,
-                (Ok(()), _) => VerifyResult::Passed,
-            },
-            at: Utc::now(),
-            error: verified.as_ref().err().map(ToString::to_string),
-        };
-        // Held until the manifest is written, so that no clean-up (a daemon starting,
-        // another run) takes the archive for one a crash left without a manifest.
-        let publishing = upload
-            .publish()
-            .map_err(io_err("cannot store the backup in", &dir))?;
-        let manifest = Manifest {
+        let mut manifest = Manifest {
             id: id.clone(),
-            database: db.name().to_owned(),
+            database: database.to_owned(),
             backend: db.backend().as_str().to_owned(),
             server_version: Some(server_version),
             kind,
             started_at: started,
-            finished_at: Utc::now(),
+            finished_at: started,
             raw_bytes: stats.raw_bytes,
             stored_bytes: stats.stored_bytes,
-            sha256: stats.sha256,
+            sha256: stats.sha256.clone(),
             key_id: self.key.as_ref().map(|k| k.id().to_owned()),
             compression: self.cfg.compression,
             format_version: header_version,
             dbkeeper_version: env!("CARGO_PKG_VERSION").to_owned(),
             schema_version,
-            verification,
+            verification: Verification {
+                mode: verify,
+                result: VerifyResult::Skipped,
+                at: started,
+                error: None,
+            },
             globals: globals_summary,
         };
-        manifest
-            .save(&*dest)
-            .map_err(io_err("cannot write the manifest in", &dir))?;
-        drop(publishing);
-        let policy = self.trust_policy(db.name(), false);
-        if let Err(e) = verified {
-            publish_catalog(db.name(), &*dest, &policy, true);
+        // The restore test runs once, on the first copy; the other copies are read
+        // back (their SHA-256 must match, so they are the same bytes) and share its
+        // verdict.
+        let mut first: Option<(VerifyResult, Option<String>)> = None;
+        let mut bad: Option<BackupError> = None;
+        let mut stored = Vec::new();
+        let mut pruned = 0;
+        for (place, upload) in uploads.finish() {
+            let mut upload = match upload {
+                Ok(u) => u,
+                Err(e) => {
+                    missed.add(database, &place, e);
+                    continue;
+                }
+            };
+            let location = place.store.location().join(&archive_name);
+            let restore_test = verify == VerifyMode::Restore && first.is_none();
+            let verified = self
+                .verify_written(db, verify, &mut upload, &location, &stats, restore_test, cancel)
+                .await;
+            if matches!(verified, Err(BackupError::Cancelled)) {
+                return Err(BackupError::Cancelled);
+            }
+            let (result, error) = match (&verified, verify, &first) {
+                // Only a bad archive fails a backup; a restore test that could not run
+                // (no CREATEDB, server busy) leaves it unverified and fails the job.
+                (Err(e), _, _) if e.is_verification() => (VerifyResult::Failed, Some(e.to_string())),
+                (Err(e), _, _) => (VerifyResult::Skipped, Some(e.to_string())),
+                (Ok(()), VerifyMode::None, _) => (VerifyResult::Skipped, None),
+                (Ok(()), _, Some(verdict)) => verdict.clone(),
+                (Ok(()), _, None) => (VerifyResult::Passed, None),
+            };
+            if first.is_none() {
+                first = Some((result, error.clone()));
+            }
+            manifest.verification = Verification {
+                mode: verify,
+                result,
+                at: Utc::now(),
+                error,
+            };
+            manifest.finished_at = Utc::now();
+            // Held until the manifest is written, so that no clean-up (a daemon
+            // starting, another run) takes the archive for one a crash left without a
+            // manifest.
+            let saved = upload.publish().and_then(|publishing| {
+                manifest.save(&*place.store)?;
+                drop(publishing);
+                Ok(())
+            });
+            if let Err(e) = saved {
+                missed.add(database, &place, e);
+                continue;
+            }
+            stored.push(place.label());
+            let policy = self.trust_policy(database, false);
+            match verified {
+                Err(e) => {
+                    publish_catalog(database, &place, &policy, true);
+                    bad.get_or_insert(e);
+                }
+                Ok(()) => {
+                    match self.prune(database, &place, Some(&id), false) {
+                        Ok(d) => pruned += d.iter().filter(|d| !d.keep).count(),
+                        Err(e) => missed.add_rotation(database, &place, e),
+                    }
+                    publish_catalog(database, &place, &policy, false);
+                }
+            }
+        }
+        if let Some(e) = bad {
             return Err(e);
         }
-        let pruned = self
-            .prune(db.name(), Some(&id), false)?
-            .iter()
-            .filter(|d| !d.keep)
-            .count();
-        publish_catalog(db.name(), &*dest, &policy, false);
-        tracing::info!(database = db.name(), id, "backup stored");
+        if !missed.is_empty() {
+            return Err(missed.into_error(Some(&id), &stored));
+        }
+        tracing::info!(database, id, destinations = %stored.join(", "), "backup stored");
         Ok(Outcome {
             summary: format!(
-                "backup {id}: {} → {} ({}), verify {}, {pruned} pruned",
+                "backup {id}: {} → {} ({}), verify {}, {pruned} pruned{}",
                 human_bytes(manifest.raw_bytes),
                 human_bytes(manifest.stored_bytes),
                 manifest.compression.as_str(),
                 manifest.verification.mode.as_str(),
+                if stored.len() > 1 {
+                    format!(", {} copies", stored.len())
+                } else {
+                    String::new()
+                }
             ),
             details: serde_json::json!({
                 "backup_id": id,
@@ -256,6 +308,7 @@ impl BackupJob {
                 "stored_bytes": manifest.stored_bytes,
                 "verification": manifest.verification,
                 "pruned": pruned,
+                "destinations": stored,
             }),
         })
     }
@@ -294,8 +347,9 @@ impl BackupJob {
 
     /// `read`: every written byte was decrypted and decompressed as it was written
     /// (`stats.checked`); the stored bytes' SHA-256 must match what was written.
-    /// `restore`: additionally a restore into a scratch database. Both read the
+    /// `restore_test`: additionally a restore into a scratch database. Both read the
     /// upload before it is published (`location` names it in errors).
+    #[allow(clippy::too_many_arguments)]
     async fn verify_written(
         &self,
         db: &Database,
@@ -303,6 +357,7 @@ impl BackupJob {
         upload: &mut Box<dyn Upload>,
         location: &Path,
         stats: &crate::repo::archive::WriteStats,
+        restore_test: bool,
         cancel: &CancellationToken,
     ) -> Result<(), BackupError> {
         if verify == VerifyMode::None {
@@ -327,41 +382,85 @@ impl BackupJob {
             source,
         })?;
         verify::stored_sha_matches(&*stored, &stats.sha256, cancel).await?;
-        if verify == VerifyMode::Restore {
+        if restore_test {
             let target = self.scratch_target(db);
             verify::restore_test(&*stored, &self.keys, &target, cancel).await?;
         }
         Ok(())
     }
 
-    /// Applies the keep policy (or, with `dry_run`, only decides) to the trusted
-    /// backups; `just_made` (the id this run wrote) is never pruned. Returns every
-    /// trusted backup's verdict, newest first.
+    /// Applies the keep policy of `place` (its own `keep`, or the backup's) to the
+    /// trusted backups there (or, with `dry_run`, only decides); `just_made` (the id
+    /// this run wrote) is never pruned. Returns every trusted backup's verdict,
+    /// newest first.
     pub fn prune(
         &self,
         database: &str,
+        place: &Place,
         just_made: Option<&str>,
         dry_run: bool,
     ) -> Result<Vec<Decision>, BackupError> {
-        let dest = self.destination(database);
         let policy = self.trust_policy(database, false);
         let done = rotation::rotate(
-            &*dest,
+            &*place.store,
             &policy,
-            &self.cfg.keep,
+            place.config.keep(&self.cfg.keep),
             Utc::now(),
             just_made,
             dry_run,
         )
-        .map_err(io_err("cannot rotate the backups in", dest.location()))?;
+        .map_err(io_err("cannot rotate the backups in", place.store.location()))?;
         report_suspects(database, &done.untrusted, &done.future, &done.duplicates);
         if !dry_run {
+            let destination = place.label();
             for d in done.decisions.iter().filter(|d| !d.keep) {
-                tracing::info!(database, id = %d.id, "pruned backup");
-                metrics::backup_pruned(database);
+                tracing::info!(database, destination, id = %d.id, "pruned backup");
+                metrics::backup_pruned(database, &destination);
             }
         }
         Ok(done.decisions)
+    }
+}
+
+/// Prepares a destination for a new backup: creates it if needed and clears what
+/// an interrupted backup left there.
+fn prepare(database: &str, place: &Place) -> std::io::Result<()> {
+    place.store.prepare()?;
+    for name in catalog::clean(&*place.store)? {
+        tracing::warn!(database, destination = %place.label(), file = %name, "removed what an interrupted backup left behind");
+    }
+    Ok(())
+}
+
+/// The destinations that did not get this run's backup, and why.
+#[derive(Default)]
+struct Missed(Vec<(String, String)>);
+
+impl Missed {
+    fn add(&mut self, database: &str, place: &Place, e: std::io::Error) {
+        let destination = place.label();
+        tracing::error!(database, destination, "the backup could not be stored there: {e}");
+        metrics::backup_upload_failed(database, &destination);
+        self.0.push((destination, e.to_string()));
+    }
+
+    /// Rotation failing after the backup was stored: the job fails, the backup stays.
+    fn add_rotation(&mut self, database: &str, place: &Place, e: BackupError) {
+        let destination = place.label();
+        tracing::error!(database, destination, "rotation failed: {e}");
+        self.0.push((destination, format!("rotation failed: {e}")));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn into_error(self, id: Option<&str>, stored: &[String]) -> BackupError {
+        BackupError::Destinations {
+            id: id.map(str::to_owned),
+            stored: stored.to_vec(),
+            failed: self.0,
+        }
     }
 }
 
@@ -396,7 +495,9 @@ fn report_suspects(
 /// Sets the `backup_*` gauges of a database from the trusted backups of its
 /// destination; with `report`, also logs the suspect backups (callers that have just
 /// rotated pass `false`: rotation reported them already in this run).
-pub fn publish_catalog(database: &str, dest: &dyn Storage, policy: &TrustPolicy, report: bool) {
+pub fn publish_catalog(database: &str, place: &Place, policy: &TrustPolicy, report: bool) {
+    let dest = &*place.store;
+    let destination = place.label();
     match catalog::list(dest, policy) {
         Ok(listing) => {
             let now = Utc::now();
@@ -409,10 +510,10 @@ pub fn publish_catalog(database: &str, dest: &dyn Storage, policy: &TrustPolicy,
             if report {
                 report_suspects(database, &listing.untrusted, &future, &listing.duplicates);
             }
-            metrics::backup_catalog(database, &listing.backups, future.len());
+            metrics::backup_catalog(database, &destination, &listing.backups, future.len());
         }
         Err(e) => {
-            tracing::warn!(database, dir = %dest.location().display(), "cannot list backups: {e}")
+            tracing::warn!(database, destination, "cannot list backups: {e}")
         }
     }
 }

@@ -23,11 +23,11 @@ use super::BackupJob;
 use crate::db::{Database, Postgres, Sqlite};
 use crate::repo::archive::pgdump::{DumpCheck, DumpError};
 use crate::repo::archive::{self, compress, GlobalsBytes, Header, Settings, WriteStats};
-use crate::repo::storage::{Scratch, Upload};
+use crate::repo::storage::{FanOut, Scratch};
 use crate::repo::{blocking, tail, BackupError, NotAnImage};
 
-/// The upload the archive is written into (locally, a temporary file).
-type TempFile = Box<dyn Upload>;
+/// The uploads the archive is written into, one per destination.
+type TempFile = FanOut;
 
 /// Dumps `db` and writes the archive (`globals` first, if any) into `tmp`; with `check`, every written byte is
 /// also decrypted and decompressed on another thread (see `WriteStats::checked`).

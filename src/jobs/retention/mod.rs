@@ -28,7 +28,6 @@ mod reading;
 mod sqlite;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -41,7 +40,7 @@ use crate::config::{RetentionConfig, RetentionMode, ScanMode};
 use crate::db::{with_backend, Database, DbError, NameError, QualifiedName};
 use crate::metrics;
 use crate::repo::archive::{self, ArchiveError, Compression, Header, Key, KeyRing, Settings};
-use crate::repo::storage::Storage;
+use crate::repo::storage::{FanOut, Place};
 
 /// A retention run failed.
 #[derive(Debug, thiserror::Error)]
@@ -205,10 +204,11 @@ pub struct Preview {
     pub partitions: Vec<String>,
 }
 
-/// Where archived batches go: `<destination>/<database>/retention/<job>/`.
+/// Where archived batches go: `<destination>/<database>/retention/<job>/` in every
+/// destination of the database's backups.
 #[derive(Debug, Clone)]
 pub struct ArchiveTo {
-    pub dest: Arc<dyn Storage>,
+    pub places: Vec<Place>,
     pub key: Option<Key>,
     /// The configured key file: with one, a missing key is an error, never a
     /// plaintext archive.
@@ -761,19 +761,22 @@ impl BatchArchive<'_> {
             let missing = crate::keys::KeyError::NotGenerated { path: path.clone() };
             return Err(fail(ArchiveFailure::Write(missing.into())));
         }
-        let dest = &self.to.dest;
-        dest.prepare().map_err(|source| {
-            fail(ArchiveFailure::Directory {
-                dir: dest.location(),
-                source,
-            })
-        })?;
+        // Every destination must hold the export before the batch commits: rows are
+        // deleted only once each configured copy of them is durable.
+        for place in &self.to.places {
+            place.store.prepare().map_err(|source| {
+                fail(ArchiveFailure::Directory {
+                    dir: place.store.location(),
+                    source,
+                })
+            })?;
+        }
         let mut lines = Vec::with_capacity(rows.iter().map(|r| r.len() + 1).sum());
         for r in rows {
             lines.extend_from_slice(r.as_bytes());
             lines.push(b'\n');
         }
-        let tmp = dest.put(&self.name).map_err(|e| fail(e.into()))?;
+        let uploads = FanOut::start(&self.to.places, &self.name);
         let settings = Settings {
             header: Header {
                 database: self.database.to_owned(),
@@ -792,10 +795,10 @@ impl BatchArchive<'_> {
             check_with: Some(KeyRing::new(self.to.key.iter().cloned().collect())),
             globals: None,
         };
-        let (tmp, stats) = tokio::task::block_in_place(|| {
+        let (uploads, stats) = tokio::task::block_in_place(|| {
             archive::write_archive(
                 &lines[..],
-                tmp,
+                uploads,
                 settings,
                 &std::sync::atomic::AtomicBool::new(false),
             )
@@ -804,8 +807,21 @@ impl BatchArchive<'_> {
         if let Some(Err(e)) = stats.checked {
             return Err(fail(ArchiveFailure::ReadBack(e)));
         }
-        // Nothing completes an export after it is published: the guard can go.
-        tmp.publish().map_err(|e| fail(e.into()))?;
+        let uploads = uploads.finish();
+        // Nothing is published unless every destination took its copy.
+        let mut ready = Vec::with_capacity(uploads.len());
+        for (place, upload) in uploads {
+            ready.push(upload.map_err(|source| {
+                fail(ArchiveFailure::Directory {
+                    dir: place.store.location(),
+                    source,
+                })
+            })?);
+        }
+        for upload in ready {
+            // Nothing completes an export after it is published: the guard can go.
+            upload.publish().map_err(|e| fail(e.into()))?;
+        }
         Ok(())
     }
 }

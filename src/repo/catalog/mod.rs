@@ -117,12 +117,16 @@ impl Manifest {
     }
 }
 
-/// A new backup id for `at` that is not taken in `store` yet.
-pub fn new_id(store: &dyn Storage, at: DateTime<Utc>, kind: BackupKind) -> String {
+/// A new backup id for `at` that is taken in none of `stores` yet (every copy of a
+/// backup has the same id).
+pub fn new_id(stores: &[&dyn Storage], at: DateTime<Utc>, kind: BackupKind) -> String {
     let base = format!("{}-{}", at.format("%Y%m%dT%H%M%SZ"), kind.as_str());
     // A folder that cannot be listed takes the plain id: writing there fails next,
     // with the reason.
-    let names = store.list(&base).unwrap_or_default();
+    let names: Vec<String> = stores
+        .iter()
+        .flat_map(|store| store.list(&base).unwrap_or_default())
+        .collect();
     let taken = |id: &str| {
         names.contains(&format!("{id}{ARCHIVE_SUFFIX}"))
             || names.contains(&Manifest::manifest_name(id))

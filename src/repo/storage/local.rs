@@ -298,8 +298,8 @@ impl Destination {
 }
 
 /// A name that stays inside the folder: no separator, not hidden (temporary files
-/// are), not empty.
-fn bare(name: &str) -> io::Result<&str> {
+/// and leases are), not empty.
+pub fn bare(name: &str) -> io::Result<&str> {
     if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\', '\0']) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,

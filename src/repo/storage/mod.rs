@@ -1,6 +1,7 @@
 //! Where archives and manifests are kept: the [`Storage`] contract, [`for_backups`]
-//! which builds one from the configuration, and the local directory ([`local`],
-//! [`Destination`]) as its first implementation.
+//! which opens every configured destination ([`Place`]), the local directory
+//! ([`local`], [`Destination`]), object stores ([`object`]), and [`FanOut`], which
+//! writes one archive to several destinations at once.
 //!
 //! What a backend must guarantee, whatever it stores in: nothing is visible under
 //! its name until it is complete and durable (a streaming put is published
@@ -9,16 +10,16 @@
 //! return exactly what was published. Every reader of one opened [`Object`] sees the
 //! same version of it, however often it reads: a check and the use that follows it
 //! never read two different things. An object store (S3, GCS, Azure) implements the
-//! same traits: multipart upload to a staging key for [`Storage::put`], a
-//! conditional copy (`If-None-Match: *`) for [`Upload::publish`], GET pinned to a
-//! version id or ETag (ranged) for [`Object::read`], the ETag for [`Version`].
+//! same traits (see [`object`] for how).
 //!
 //! Callers (the catalog, rotation, verify, restore, the backup job and the CLI) hold
 //! an `Arc<dyn Storage>` and never a path; a new backend is one file here plus its
-//! case in [`for_backups`]. The scratch helpers re-exported below are not storage:
+//! case in [`open`]. The scratch helpers re-exported below are not storage:
 //! they work in the state directory (`<state-dir>/tmp`), which is always local.
 
+pub mod fanout;
 pub mod local;
+pub mod object;
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -26,10 +27,11 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::BackupConfig;
+use crate::config::{BackupConfig, DestinationConfig, Location};
 
+pub use fanout::FanOut;
 pub use local::{
-    clean_scratch, create_private_dir, open_regular, scratch_dir, scratch_file, sync_dir,
+    bare, clean_scratch, create_private_dir, open_regular, scratch_dir, scratch_file, sync_dir,
     Destination, LocalObject, Scratch, TempFile, ARCHIVE_SUFFIX, MANIFEST_SUFFIX,
 };
 
@@ -133,13 +135,96 @@ pub trait Object: Send + Sync {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Version(pub String);
 
+/// One destination of the configuration, opened at one namespace.
+#[derive(Debug, Clone)]
+pub struct Place {
+    /// The destination as configured (its label, `keep`, settings).
+    pub config: DestinationConfig,
+    pub store: Arc<dyn Storage>,
+}
+
+impl Place {
+    /// How metrics, `backup list` and messages name the destination.
+    pub fn label(&self) -> String {
+        self.config.label()
+    }
+}
+
 /// The namespace `parts` (e.g. `[database]`, or `[database, "retention", rule]`)
-/// under the destination of `cfg`. The one place that knows which backend a
-/// destination is: a new backend adds its case here.
-pub fn for_backups(cfg: &BackupConfig, parts: &[&str]) -> Arc<dyn Storage> {
-    let (last, parents) = parts.split_last().map_or(("", &[][..]), |(l, p)| (*l, p));
-    let root = parents
+/// under each destination of `cfg`, in the configured order.
+pub fn for_backups(cfg: &BackupConfig, parts: &[&str]) -> Vec<Place> {
+    cfg.destination
         .iter()
-        .fold(cfg.destination.clone(), |path, part| path.join(part));
-    Arc::new(Destination::new(&root, last))
+        .map(|d| Place {
+            config: d.clone(),
+            store: open(d, parts),
+        })
+        .collect()
+}
+
+/// The namespace `parts` under one destination. The one place that knows which
+/// backend a destination is: a new backend adds its case here. A destination that
+/// cannot be set up (an unreadable credentials file) becomes a [`Broken`] store
+/// whose every call fails with the reason, so that callers treat it like a
+/// destination that is down.
+pub fn open(dest: &DestinationConfig, parts: &[&str]) -> Arc<dyn Storage> {
+    match &dest.location {
+        Location::Local(dir) => {
+            let (last, parents) = parts.split_last().map_or(("", &[][..]), |(l, p)| (*l, p));
+            let root = parents.iter().fold(dir.clone(), |path, part| path.join(part));
+            Arc::new(Destination::new(&root, last))
+        }
+        Location::Remote { .. } => match object::ObjectStorage::open(dest, parts) {
+            Ok(store) => Arc::new(store),
+            Err(e) => Arc::new(Broken {
+                label: dest.label(),
+                reason: e.to_string(),
+                kind: e.kind(),
+            }),
+        },
+    }
+}
+
+/// A destination that could not be set up: every call fails with why.
+#[derive(Debug)]
+pub struct Broken {
+    label: String,
+    reason: String,
+    kind: io::ErrorKind,
+}
+
+impl Broken {
+    fn fail<T>(&self) -> io::Result<T> {
+        Err(io::Error::new(self.kind, self.reason.clone()))
+    }
+}
+
+impl Storage for Broken {
+    fn location(&self) -> PathBuf {
+        PathBuf::from(&self.label)
+    }
+    fn prepare(&self) -> io::Result<()> {
+        self.fail()
+    }
+    fn put(&self, _: &str) -> io::Result<Box<dyn Upload>> {
+        self.fail()
+    }
+    fn replace(&self, _: &str, _: &[u8]) -> io::Result<()> {
+        self.fail()
+    }
+    fn open(&self, _: &str) -> io::Result<Box<dyn Object>> {
+        self.fail()
+    }
+    fn list(&self, _: &str) -> io::Result<Vec<String>> {
+        self.fail()
+    }
+    fn delete(&self, _: &str) -> io::Result<()> {
+        self.fail()
+    }
+    fn clean_uploads(&self) -> io::Result<Vec<String>> {
+        self.fail()
+    }
+    fn in_use(&self, _: &str) -> io::Result<bool> {
+        self.fail()
+    }
 }
