@@ -22,8 +22,15 @@ of --runs:
 (`--restore-only` takes one dbkeeper backup and one pg_dump -Fc, then times only the
 restores: `python3 bench/backup.py --restore-only --size-mb 50 --runs 1` is a quick check.)
 
+  S3          (when moto is importable, or with --s3 alone) against a local moto server
+              started for the run: dbkeeper run-job <db>.backup to a local folder, the
+              same to s3://<bucket>/bench only, and pg_dump -Fc piped into boto3
+              upload_fileobj (what an `aws s3 cp - s3://…` cron job does), in turns.
+              `--s3` times only this section; `--no-s3` leaves it out.
+
 and prints times, sizes, ratios and peak RSS (dbkeeper's at two database sizes).
-Needs PostgreSQL on 127.0.0.1 (user postgres), pg_dump, sqlite3, gzip, openssl.
+Needs PostgreSQL on 127.0.0.1 (user postgres), pg_dump, sqlite3, gzip, openssl; for S3,
+python3 with `moto[server]` and boto3 (.ci/run installs them).
 """
 
 import argparse
@@ -35,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,6 +190,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", default="/var/tmp/dbkeeper-bench")
     ap.add_argument("--restore-only", action="store_true", help="time only the restores")
+    ap.add_argument("--s3", action="store_true", help="time only the S3 section (needs moto[server])")
+    ap.add_argument("--no-s3", action="store_true", help="leave the S3 section out of the full run")
     args = ap.parse_args()
 
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
@@ -197,8 +207,15 @@ def main():
     pass_file = work / "openssl.pass"
     pass_file.write_text("correct horse battery staple\n")
 
-    print(f"preparing data (~{args.size_mb} MB and ~{args.small_mb} MB) …", flush=True)
     big_pg, small_pg = f"dbk_bench_{args.size_mb}", f"dbk_bench_{args.small_mb}"
+    if args.s3:
+        if not moto_available():
+            sys.exit("--s3 needs moto[server] and boto3: pip install 'moto[server]' (see .ci/run)")
+        print(f"preparing data (~{args.size_mb} MB) …", flush=True)
+        ensure_pg(big_pg, args.size_mb)
+        s3_section(args, work, big_pg, out, dict(os.environ, RUST_LOG="warn"))
+        return
+    print(f"preparing data (~{args.size_mb} MB and ~{args.small_mb} MB) …", flush=True)
     ensure_pg(big_pg, args.size_mb)
     if not args.restore_only:
         ensure_pg(small_pg, args.small_mb)
@@ -299,6 +316,13 @@ def main():
     print(f"  peak RSS                                   {max(m_big, m_small, m_small_lite):5.1f} MiB  [<= 64 MiB]")
     print()
     restore_section(args, cfg, out, env)
+    print()
+    if args.no_s3:
+        pass
+    elif moto_available():
+        s3_section(args, work, big_pg, out, env)
+    else:
+        print("S3: skipped (moto is not installed: pip install 'moto[server]', see .ci/run)")
 
 
 def restore_section(args, cfg, out, env):
@@ -342,6 +366,211 @@ def restore_section(args, cfg, out, env):
           + "; ".join(f"{n.split(' (')[0]} " + " ".join(f"{t:.2f}" for t in ts) for n, ts in times.items()) + ")")
     print(f"  dbkeeper restore time / pg_restore -j {cores} time  {dbk / par:5.2f}  [<= 1.00]")
     print(f"  dbkeeper restore time / pg_restore -d time    {dbk / one:5.2f}")
+
+
+def moto_available():
+    try:
+        import boto3  # noqa: F401
+        import moto.server  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Moto:
+    """A moto S3 server on a free loopback port with one bucket, for the length of a
+    `with` block. It keeps objects in memory (large ones spill to temporary files)."""
+
+    def __init__(self, logdir, bucket="dbk-bench"):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.bucket = bucket
+        self.log = Path(logdir) / "moto.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        import urllib.request
+
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1).read()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    sys.exit(f"moto did not start; its log:\n{self.log.read_text()[-2000:]}")
+                time.sleep(0.05)
+        self.client().create_bucket(Bucket=bucket)
+
+    def env(self):
+        return {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ALLOW_HTTP": "true",
+        }
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+            config=Config(proxies={}),
+        )
+
+    def objects(self, prefix):
+        """{key: size} under prefix."""
+        found = {}
+        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            found.update((o["Key"], o["Size"]) for o in page.get("Contents", []))
+        return found
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def pg_config(work, name, pg_name, destination, settings=""):
+    """A config with the big PostgreSQL database only, backed up with the defaults
+    (zstd 3, encrypted, verify=read) or `settings` to `destination` (a TOML value)."""
+    cfg = work / f"bench-{name}.toml"
+    cfg.write_text(f"""[daemon]
+state-dir = "{work}/state-{name}"
+listen = "127.0.0.1:0"
+
+[[database]]
+name = "pg"
+url = "{PG}/{pg_name}"
+[database.backup]
+schedule = "manual"
+destination = {destination}
+encryption-key-file = "{work}/bench.key"
+keep = {{ last = 1 }}
+{settings}
+""")
+    return cfg
+
+
+def s3_section(args, work, big_pg, out, env):
+    """dbkeeper to a local folder, dbkeeper to S3 (moto on this machine), and
+    pg_dump -Fc | boto3 upload_fileobj, on the same database, in turns."""
+    print(f"S3 (moto on 127.0.0.1, same data, median of {args.runs}, runs in turns)")
+    with Moto(out) as moto:
+        local_dir = work / "backups-s3cmp"
+        shutil.rmtree(local_dir, ignore_errors=True)
+        cfg_local = pg_config(work, "local", big_pg, f'"{local_dir}"')
+        s3_url = f"s3://{moto.bucket}/bench"
+        s3_prefix = {"s3": "bench/", "s3nv": "bench-nv/"}
+
+        def s3_dest(prefix):
+            return (f'{{ url = "s3://{moto.bucket}/{prefix.rstrip("/")}", endpoint = "{moto.endpoint}", '
+                    'region = "us-east-1", allow-http = true }')
+
+        cfg_s3 = pg_config(work, "s3", big_pg, s3_dest(s3_prefix["s3"]))
+        cfg_s3nv = pg_config(work, "s3nv", big_pg, s3_dest(s3_prefix["s3nv"]), 'verify = "none"')
+        s3_env = dict(env, **moto.env())
+        upload = out / "upload_fileobj.py"
+        upload.write_text(f"""import sys, boto3
+from botocore.config import Config
+s3 = boto3.client("s3", endpoint_url="{moto.endpoint}", aws_access_key_id="test", aws_secret_access_key="test",
+                  region_name="us-east-1", config=Config(proxies={{}}))
+s3.upload_fileobj(sys.stdin.buffer, "{moto.bucket}", sys.argv[1])
+""")
+        dump_key = f"pgdump/{big_pg}.dump"
+
+        # A dbkeeper without S3 destinations rejects the table form; one that takes the
+        # config but writes somewhere else is caught after the first run below.
+        check = subprocess.run([str(BIN), "check", "-c", str(cfg_s3)], text=True, capture_output=True,
+                               env=s3_env, cwd=out)
+        s3_ok = check.returncode == 0
+        if not s3_ok:
+            print("  dbkeeper → S3: SKIPPED, this dbkeeper rejects the S3 destination config "
+                  "(S3 destinations not in this build yet?):")
+            print("    " + "\n    ".join((check.stderr or check.stdout).strip().splitlines()[-6:]))
+
+        ways = [("local", f"{BIN} run-job -c {cfg_local} pg.backup", env)]
+        if s3_ok:
+            ways.append(("s3", f"{BIN} run-job -c {cfg_s3} pg.backup", s3_env))
+            ways.append(("s3nv", f"{BIN} run-job -c {cfg_s3nv} pg.backup", s3_env))
+        ways.append((
+            "upload",
+            f"set -o pipefail; pg_dump -Fc {PG}/{big_pg} | {sys.executable} {upload} {dump_key}",
+            None,
+        ))
+        times = {name: [] for name, _, _ in ways}
+        rss = {name: 0.0 for name, _, _ in ways}
+        for _ in range(args.runs):
+            for name, cmd, run_env in list(ways):
+                if name in s3_prefix and not s3_ok:
+                    continue
+                if name in s3_prefix:
+                    out_run = subprocess.run(["/usr/bin/time", "-f", "%e %M", "bash", "-c", cmd], text=True,
+                                             capture_output=True, env=run_env, cwd=out)
+                    prefix = s3_prefix[name]
+                    archives = {k: v for k, v in moto.objects(prefix).items() if k.endswith(".dbk")}
+                    if out_run.returncode != 0 or not archives:
+                        s3_ok = False
+                        why = ("it failed:\n    " + "\n    ".join(out_run.stderr.strip().splitlines()[-6:])
+                               if out_run.returncode != 0 else
+                               f"it succeeded but no .dbk object is under s3://{moto.bucket}/{prefix} "
+                               "(it wrote somewhere else)")
+                        print(f"  dbkeeper → S3: SKIPPED, {why}")
+                        continue
+                    secs, kib = out_run.stderr.strip().splitlines()[-1].split()
+                    secs, peak = float(secs), int(kib) / 1024
+                else:
+                    secs, peak = timed(cmd, run_env)
+                times[name].append(secs)
+                rss[name] = max(rss[name], peak)
+
+        local_size = newest_archive(local_dir / "pg").stat().st_size
+        sizes = {"local": local_size}
+        for name, prefix in s3_prefix.items():
+            sizes[name] = max((v for k, v in moto.objects(prefix).items() if k.endswith(".dbk")), default=0)
+        sizes["upload"] = moto.objects(dump_key).get(dump_key, 0)
+        labels = {
+            "local": "dbkeeper → local folder (defaults, verify=read)",
+            "s3": f"dbkeeper → {s3_url} only",
+            "s3nv": "  the same with verify=none",
+            "upload": "pg_dump -Fc | boto3 upload_fileobj",
+        }
+        base = statistics.median(times["local"])
+        print(f"  {'':<48} {'seconds':>8} {'÷ local':>8} {'size MiB':>9} {'peak RSS':>9}")
+        for name in labels:
+            if not times.get(name):
+                print(f"  {labels[name]:<48} {'skipped':>8}")
+                continue
+            t = statistics.median(times[name])
+            print(f"  {labels[name]:<48} {t:8.2f} {t / base:8.2f} {sizes[name] / 2**20:9.1f} {rss[name]:7.1f} MiB")
+        print("  (peak RSS: the largest single process of the command; moto runs on this machine, so "
+              "its CPU time competes with every S3 row)")
+        if times.get("s3"):
+            t = statistics.median(times["s3"])
+            print(f"  dbkeeper S3 time / local time              {t / base:5.2f}  [<= 1.20]")
+            print(f"  dbkeeper S3 peak RSS                       {rss['s3']:5.1f} MiB  [<= 64 MiB]")
+        print("  (all runs: " + "; ".join(f"{n} " + " ".join(f"{x:.2f}" for x in ts) for n, ts in times.items())
+              + ")")
+        print()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 //! throw-away PostgreSQL database per test, and a tiny HTTP client.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod s3;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -183,6 +185,12 @@ impl Workdir {
     /// Starts `dbkeeper run` and waits until `/healthz` answers.
     pub fn start(&self) -> Daemon {
         self.start_with_env(&[])
+    }
+
+    /// [`Workdir::start_with_env`] with owned pairs, e.g. `S3Server::env()`.
+    pub fn start_with_envs(&self, env: &[(String, String)]) -> Daemon {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.start_with_env(&env)
     }
 
     pub fn start_with_env(&self, env: &[(&str, &str)]) -> Daemon {
