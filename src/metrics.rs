@@ -355,8 +355,7 @@ pub fn backup_catalog(
     future_dated: usize,
 ) {
     let db = || backup_labels(database, destination);
-    counter!(BACKUP_PRUNED, &db()).increment(0);
-    counter!(BACKUP_UPLOAD_FAILURES, &db()).increment(0);
+    backup_destination(database, destination);
     gauge!(BACKUP_FUTURE_DATED, &db()).set(future_dated as f64);
     let newest_good = crate::repo::catalog::select(backups, "latest", chrono::Utc::now());
     gauge!(BACKUP_LAST_SIZE, &db()).set(newest_good.map_or(0.0, |m| m.stored_bytes as f64));
@@ -381,13 +380,27 @@ fn backup_labels(database: &str, destination: &str) -> [(&'static str, String); 
     ]
 }
 
+/// Creates a destination's counters (at 0) without a catalog to read.
+pub fn backup_destination(database: &str, destination: &str) {
+    counter!(BACKUP_PRUNED, &backup_labels(database, destination)).increment(0);
+    counter!(
+        BACKUP_UPLOAD_FAILURES,
+        &backup_labels(database, destination)
+    )
+    .increment(0);
+}
+
 pub fn backup_pruned(database: &str, destination: &str) {
     counter!(BACKUP_PRUNED, &backup_labels(database, destination)).increment(1);
 }
 
 /// A destination did not get a backup.
 pub fn backup_upload_failed(database: &str, destination: &str) {
-    counter!(BACKUP_UPLOAD_FAILURES, &backup_labels(database, destination)).increment(1);
+    counter!(
+        BACKUP_UPLOAD_FAILURES,
+        &backup_labels(database, destination)
+    )
+    .increment(1);
 }
 
 /// Creates the retention series of a rule (the oldest-row gauge stays 0 until the

@@ -114,11 +114,7 @@ fn selected<'a>(
 }
 
 /// The destinations of `database` a reader may use: the one `from` names, or all.
-fn places_from(
-    b: &BackupConfig,
-    database: &str,
-    from: Option<&str>,
-) -> anyhow::Result<Vec<Place>> {
+fn places_from(b: &BackupConfig, database: &str, from: Option<&str>) -> anyhow::Result<Vec<Place>> {
     let places = storage::for_backups(b, &[database]);
     let Some(from) = from else {
         return Ok(places);
@@ -492,7 +488,10 @@ pub struct DecryptArgs<'a> {
 
 /// Opens the archive `decrypt` was given: one handle (a file, or an object pinned
 /// to its version) that every later read goes through.
-fn open_for_decrypt(config: Option<&Config>, args: &DecryptArgs<'_>) -> anyhow::Result<Box<dyn Object>> {
+fn open_for_decrypt(
+    config: Option<&Config>,
+    args: &DecryptArgs<'_>,
+) -> anyhow::Result<Box<dyn Object>> {
     let destinations = || {
         config
             .into_iter()
@@ -520,7 +519,11 @@ fn open_for_decrypt(config: Option<&Config>, args: &DecryptArgs<'_>) -> anyhow::
                 .with_context(|| format!("cannot open {}", path.display()))?;
             Ok(Box::new(LocalObject::from_file(file, path)?))
         }
-        crate::config::Location::Remote { cloud, bucket, prefix } => {
+        crate::config::Location::Remote {
+            cloud,
+            bucket,
+            prefix,
+        } => {
             let Some((dir, name)) = prefix.rsplit_once('/').or(Some(("", prefix.as_str()))) else {
                 bail!("{} names no object", args.archive);
             };
@@ -536,9 +539,21 @@ fn open_for_decrypt(config: Option<&Config>, args: &DecryptArgs<'_>) -> anyhow::
             };
             let configured = destinations().find(|d| match (&d.location, &bucket_dest.location) {
                 (
-                    crate::config::Location::Remote { cloud: c1, bucket: b1, prefix: p1 },
-                    crate::config::Location::Remote { cloud: c2, bucket: b2, prefix: p2 },
-                ) => c1 == c2 && b1 == b2 && (p1.is_empty() || p2 == p1 || p2.starts_with(&format!("{p1}/"))),
+                    crate::config::Location::Remote {
+                        cloud: c1,
+                        bucket: b1,
+                        prefix: p1,
+                    },
+                    crate::config::Location::Remote {
+                        cloud: c2,
+                        bucket: b2,
+                        prefix: p2,
+                    },
+                ) => {
+                    c1 == c2
+                        && b1 == b2
+                        && (p1.is_empty() || p2 == p1 || p2.starts_with(&format!("{p1}/")))
+                }
                 _ => false,
             });
             let dest = match configured {
@@ -582,7 +597,12 @@ pub async fn decrypt(config: Option<&Config>, args: DecryptArgs<'_>) -> anyhow::
     // One handle for the checks and the output, so nothing can be swapped in between.
     let archive = open_for_decrypt(config, &args)?;
     let context = || archive.location().display().to_string();
-    check_provenance(&*archive, &keys, databases.as_deref(), args.allow_unencrypted)?;
+    check_provenance(
+        &*archive,
+        &keys,
+        databases.as_deref(),
+        args.allow_unencrypted,
+    )?;
     let cancel = cancel_on_signal();
     let output = args.output;
     if output == "-" {

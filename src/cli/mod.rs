@@ -424,7 +424,8 @@ fn one_line(e: &anyhow::Error) -> String {
 /// version): exit 2, as for a bad config file.
 fn is_config_error(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
-        crate::jobs::is_config_error(cause) || cause.downcast_ref::<backup::NotADestination>().is_some()
+        crate::jobs::is_config_error(cause)
+            || cause.downcast_ref::<backup::NotADestination>().is_some()
     })
 }
 

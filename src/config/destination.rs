@@ -108,14 +108,14 @@ impl Location {
         };
         let bucket = url.host_str().unwrap_or_default().to_owned();
         if bucket.is_empty() {
-            return Err(format!("\"{text}\" names no bucket; write {scheme}://BUCKET/prefix"));
+            return Err(format!(
+                "\"{text}\" names no bucket; write {scheme}://BUCKET/prefix"
+            ));
         }
         let segments: Vec<&str> = url.path().split('/').filter(|s| !s.is_empty()).collect();
         let prefix = segments
             .iter()
-            .map(|s| {
-                percent_decode(s).ok_or_else(|| format!("\"{text}\": {s} is not valid UTF-8"))
-            })
+            .map(|s| percent_decode(s).ok_or_else(|| format!("\"{text}\": {s} is not valid UTF-8")))
             .collect::<Result<Vec<_>, _>>()?
             .join("/");
         Ok(Location::Remote {
@@ -243,6 +243,13 @@ pub struct DestinationSettings {
     /// the job fails naming this destination. Default: `1m`.
     #[serde(default, with = "humantime_serde")]
     pub retry_timeout: Option<std::time::Duration>,
+    /// Object stores: how long after its writer stopped renewing it (every fifth of
+    /// this, at most every minute) an upload lease is taken for a dead writer's, so
+    /// that a backup run or the daemon's start aborts its multipart upload and removes
+    /// what it left. Longer than any clock difference between hosts writing to the
+    /// bucket. Default: `5m`.
+    #[serde(default, with = "humantime_serde")]
+    pub stale_upload_after: Option<std::time::Duration>,
     /// This destination's rotation, replacing the backup's `keep` (same keys).
     /// Default: the backup's `keep`.
     #[serde(default)]
@@ -345,7 +352,9 @@ impl<'de> Deserialize<'de> for Destinations {
                     all.push(d);
                 }
                 if all.is_empty() {
-                    return Err(de::Error::custom("is an empty list; name at least one folder or URL"));
+                    return Err(de::Error::custom(
+                        "is an empty list; name at least one folder or URL",
+                    ));
                 }
                 Ok(Destinations(all))
             }
@@ -392,8 +401,14 @@ mod tests {
     fn refusals_say_what_to_write() {
         for (text, says) in [
             (r#"destination = []"#, "empty list"),
-            (r#"destination = "ftp://h/p""#, "not a supported destination"),
-            (r#"destination = "s3://AKIA:secret@bkt/p""#, "holds credentials"),
+            (
+                r#"destination = "ftp://h/p""#,
+                "not a supported destination",
+            ),
+            (
+                r#"destination = "s3://AKIA:secret@bkt/p""#,
+                "holds credentials",
+            ),
             (r#"destination = ["/a", "/a"]"#, "listed twice"),
             (r#"destination = { url = "s3://b", bogus = 1 }"#, "bogus"),
             (r#"destination = { region = "x" }"#, "needs url"),

@@ -25,8 +25,8 @@ pub use notify::{
 
 use crate::keys::{Key, KeyError, KeyRing};
 
-pub use destination::{Cloud, DestinationConfig, DestinationSettings, Destinations, Location};
 pub use backup::{short_duration, Compression, Count, Keep, KeepError, VerifyMode};
+pub use destination::{Cloud, DestinationConfig, DestinationSettings, Destinations, Location};
 
 /// Environment variable naming the config file when `-c` is not given.
 pub const CONFIG_ENV: &str = "DBKEEPER_CONFIG";
@@ -1304,6 +1304,7 @@ impl Config {
             ("allow-http", s.allow_http.is_some()),
             ("credentials-file", s.credentials_file.is_some()),
             ("retry-timeout", s.retry_timeout.is_some()),
+            ("stale-upload-after", s.stale_upload_after.is_some()),
         ];
         if d.location.is_local() {
             if let Some((name, _)) = remote_only.iter().find(|(_, set)| *set) {
@@ -1312,6 +1313,9 @@ impl Config {
                     "applies to object stores only (s3://, gs://, az://); remove it for a folder",
                 ));
             }
+        }
+        if let Some(d) = s.stale_upload_after {
+            self.duration(format!("{key}.stale-upload-after"), d, DAY)?;
         }
         if let Some(endpoint) = &s.endpoint {
             let url = url::Url::parse(endpoint).map_err(|e| {

@@ -65,7 +65,11 @@ pub enum BackupError {
     Internal(String),
 }
 
-fn destinations_message(id: Option<&str>, stored: &[String], failed: &[(String, String)]) -> String {
+fn destinations_message(
+    id: Option<&str>,
+    stored: &[String],
+    failed: &[(String, String)],
+) -> String {
     let reasons = failed
         .iter()
         .map(|(d, e)| format!("{d}: {e}"))

@@ -174,19 +174,22 @@ impl BackupJob {
         let (header, globals, globals_summary) = self.globals(db, header).await?;
         let header_version = header.version();
         let uploads = FanOut::start(&ready, &archive_name);
-        let labels = ready.iter().map(Place::label).collect::<Vec<_>>().join(", ");
+        let labels = ready
+            .iter()
+            .map(Place::label)
+            .collect::<Vec<_>>()
+            .join(", ");
         let check = verify != VerifyMode::None;
-        let (uploads, stats) =
-            source::dump(self, db, header, globals, uploads, check, cancel)
-                .await
-                .map_err(|e| match e {
-                    BackupError::Archive(ArchiveError::Io(source)) => BackupError::Io {
-                        what: "cannot write the backup to",
-                        path: PathBuf::from(&labels),
-                        source,
-                    },
-                    other => other,
-                })?;
+        let (uploads, stats) = source::dump(self, db, header, globals, uploads, check, cancel)
+            .await
+            .map_err(|e| match e {
+                BackupError::Archive(ArchiveError::Io(source)) => BackupError::Io {
+                    what: "cannot write the backup to",
+                    path: PathBuf::from(&labels),
+                    source,
+                },
+                other => other,
+            })?;
 
         let mut manifest = Manifest {
             id: id.clone(),
@@ -230,7 +233,15 @@ impl BackupJob {
             let location = place.store.location().join(&archive_name);
             let restore_test = verify == VerifyMode::Restore && first.is_none();
             let verified = self
-                .verify_written(db, verify, &mut upload, &location, &stats, restore_test, cancel)
+                .verify_written(
+                    db,
+                    verify,
+                    &mut upload,
+                    &location,
+                    &stats,
+                    restore_test,
+                    cancel,
+                )
                 .await;
             if matches!(verified, Err(BackupError::Cancelled)) {
                 return Err(BackupError::Cancelled);
@@ -238,7 +249,9 @@ impl BackupJob {
             let (result, error) = match (&verified, verify, &first) {
                 // Only a bad archive fails a backup; a restore test that could not run
                 // (no CREATEDB, server busy) leaves it unverified and fails the job.
-                (Err(e), _, _) if e.is_verification() => (VerifyResult::Failed, Some(e.to_string())),
+                (Err(e), _, _) if e.is_verification() => {
+                    (VerifyResult::Failed, Some(e.to_string()))
+                }
                 (Err(e), _, _) => (VerifyResult::Skipped, Some(e.to_string())),
                 (Ok(()), VerifyMode::None, _) => (VerifyResult::Skipped, None),
                 (Ok(()), _, Some(verdict)) => verdict.clone(),
@@ -409,7 +422,10 @@ impl BackupJob {
             just_made,
             dry_run,
         )
-        .map_err(io_err("cannot rotate the backups in", place.store.location()))?;
+        .map_err(io_err(
+            "cannot rotate the backups in",
+            place.store.location(),
+        ))?;
         report_suspects(database, &done.untrusted, &done.future, &done.duplicates);
         if !dry_run {
             let destination = place.label();
@@ -439,7 +455,11 @@ struct Missed(Vec<(String, String)>);
 impl Missed {
     fn add(&mut self, database: &str, place: &Place, e: std::io::Error) {
         let destination = place.label();
-        tracing::error!(database, destination, "the backup could not be stored there: {e}");
+        tracing::error!(
+            database,
+            destination,
+            "the backup could not be stored there: {e}"
+        );
         metrics::backup_upload_failed(database, &destination);
         self.0.push((destination, e.to_string()));
     }
@@ -513,6 +533,9 @@ pub fn publish_catalog(database: &str, place: &Place, policy: &TrustPolicy, repo
             metrics::backup_catalog(database, &destination, &listing.backups, future.len());
         }
         Err(e) => {
+            // The destination's counters exist even when it could never be listed, so
+            // that its first failure is an increase.
+            metrics::backup_destination(database, &destination);
             tracing::warn!(database, destination, "cannot list backups: {e}")
         }
     }

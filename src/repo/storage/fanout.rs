@@ -35,7 +35,10 @@ impl FanOut {
 
     /// Each place with its upload, or the error that ended it.
     pub fn finish(self) -> Vec<(Place, Result<Box<dyn Upload>, io::Error>)> {
-        self.sinks.into_iter().map(|s| (s.place, s.upload)).collect()
+        self.sinks
+            .into_iter()
+            .map(|s| (s.place, s.upload))
+            .collect()
     }
 
     /// Whether any upload is still going.

@@ -171,7 +171,9 @@ pub fn open(dest: &DestinationConfig, parts: &[&str]) -> Arc<dyn Storage> {
     match &dest.location {
         Location::Local(dir) => {
             let (last, parents) = parts.split_last().map_or(("", &[][..]), |(l, p)| (*l, p));
-            let root = parents.iter().fold(dir.clone(), |path, part| path.join(part));
+            let root = parents
+                .iter()
+                .fold(dir.clone(), |path, part| path.join(part));
             Arc::new(Destination::new(&root, last))
         }
         Location::Remote { .. } => match object::ObjectStorage::open(dest, parts) {

@@ -12,8 +12,9 @@
 //!   by the caller, is what makes a backup exist; an archive without one is ignored.
 //! - **Who is writing:** a writer keeps a small lease object `.<name>.upload` next to
 //!   the archive (hidden from [`Storage::list`]), naming its multipart upload and
-//!   rewritten every [`LEASE_REFRESH`] while the upload or its [`Publishing`] guard
-//!   lives. A lease older than [`LEASE_TTL`] (by the store's clock) is a dead writer's:
+//!   rewritten every minute (at most [`LEASE_REFRESH`]) while the upload or its
+//!   [`Publishing`] guard lives. A lease older than `stale-upload-after` (default
+//!   [`LEASE_TTL`], judged by the store's clock) is a dead writer's:
 //!   [`Storage::clean_uploads`] aborts its multipart upload and deletes the lease, and
 //!   the catalog's clean-up then removes an archive it left without a manifest.
 //! - **Reads see one version:** an opened object is pinned to its ETag; every read
@@ -41,8 +42,7 @@ use futures_util::StreamExt;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as Key;
 use object_store::{
-    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
-    RetryConfig,
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
 };
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
@@ -58,9 +58,10 @@ const PARTS_PER_SIZE: usize = 2_000;
 const MAX_PARTS: usize = 10_000;
 /// Parts uploading while the next one fills.
 pub const IN_FLIGHT: usize = 2;
-/// A lease not rewritten for this long is a dead writer's.
+/// Default `stale-upload-after`: a lease not rewritten for this long is a dead
+/// writer's.
 pub const LEASE_TTL: Duration = Duration::from_secs(300);
-/// How often a live writer rewrites its lease.
+/// How often a live writer rewrites its lease, at most.
 pub const LEASE_REFRESH: Duration = Duration::from_secs(60);
 const LEASE_SUFFIX: &str = ".upload";
 /// Default `retry-timeout`.
@@ -100,6 +101,21 @@ struct Store {
     multipart: Arc<dyn MultipartStore>,
     /// `s3://bucket`, for messages.
     bucket_url: String,
+    /// `stale-upload-after`.
+    lease_ttl: Duration,
+}
+
+impl Store {
+    /// How often a live writer renews its lease.
+    fn lease_refresh(&self) -> Duration {
+        (self.lease_ttl / 5).min(LEASE_REFRESH)
+    }
+
+    /// Whether a lease last written at `written` (by the store's clock) is alive.
+    fn lease_fresh(&self, written: chrono::DateTime<chrono::Utc>) -> bool {
+        let age = chrono::Utc::now() - written;
+        age < chrono::Duration::from_std(self.lease_ttl).unwrap_or(chrono::Duration::MAX)
+    }
 }
 
 /// One namespace (`<prefix>/<database>` …) in an object store.
@@ -142,18 +158,30 @@ fn is_live(key: &str) -> bool {
 /// puts a credential into its messages (it signs with headers).
 fn io_error(what: &str, e: object_store::Error) -> io::Error {
     use object_store::Error as E;
+    let text = e.to_string();
+    // Some stores' refusals arrive as generic errors carrying the HTTP status.
+    let refused = matches!(e, E::PermissionDenied { .. } | E::Unauthenticated { .. })
+        || [
+            "401 Unauthorized",
+            "403 Forbidden",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "AccessDenied",
+        ]
+        .iter()
+        .any(|m| text.contains(m));
+    if refused {
+        return io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{what}: access denied ({}); check the destination's credentials (the cloud's environment variables or credentials-file) and its permissions on the bucket", one_line(&text)),
+            );
+    }
     let kind = match &e {
         E::NotFound { .. } => io::ErrorKind::NotFound,
         E::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,
-        E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
-            return io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!("{what}: access denied ({}); check the destination's credentials (the cloud's environment variables or credentials-file) and its permissions on the bucket", one_line(&e.to_string())),
-            )
-        }
         _ => io::ErrorKind::Other,
     };
-    io::Error::new(kind, format!("{what}: {}", one_line(&e.to_string())))
+    io::Error::new(kind, format!("{what}: {}", one_line(&text)))
 }
 
 /// A store's error as one line of bounded length: servers answer with XML bodies
@@ -202,11 +230,7 @@ fn read_credentials(path: &Path) -> io::Result<Credentials> {
             // Never quote the line: it may be a secret.
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!(
-                    "{} line {}: expected NAME=value",
-                    path.display(),
-                    n + 1
-                ),
+                format!("{} line {}: expected NAME=value", path.display(), n + 1),
             ));
         };
         let value = value.trim().trim_matches('"').trim_matches('\'');
@@ -306,9 +330,8 @@ impl ObjectStorage {
                     b = b.with_base_url(e);
                 }
                 if let Some(h) = s.allow_http {
-                    b = b.with_client_options(
-                        object_store::ClientOptions::new().with_allow_http(h),
-                    );
+                    b = b
+                        .with_client_options(object_store::ClientOptions::new().with_allow_http(h));
                 }
                 let store = Arc::new(b.build().map_err(build_err)?);
                 (store.clone(), store)
@@ -350,6 +373,7 @@ impl ObjectStorage {
                 objects,
                 multipart,
                 bucket_url: format!("{}://{bucket}", cloud.scheme()),
+                lease_ttl: s.stale_upload_after.unwrap_or(LEASE_TTL),
             },
             dir,
         })
@@ -411,11 +435,16 @@ impl ObjectStorage {
 
     /// Starts rewriting the lease every [`LEASE_REFRESH`] until the returned task
     /// is aborted.
-    fn keep_lease(store: &Store, key: &Key, lease: Arc<Mutex<Lease>>) -> io::Result<JoinHandle<()>> {
+    fn keep_lease(
+        store: &Store,
+        key: &Key,
+        lease: Arc<Mutex<Lease>>,
+    ) -> io::Result<JoinHandle<()>> {
         let (objects, key) = (store.objects.clone(), key.clone());
+        let every = store.lease_refresh();
         Ok(io_runtime()?.spawn(async move {
             loop {
-                tokio::time::sleep(LEASE_REFRESH).await;
+                tokio::time::sleep(every).await;
                 let body = match lease.lock() {
                     Ok(l) => serde_json::to_vec(&*l).unwrap_or_default(),
                     Err(_) => return,
@@ -518,7 +547,7 @@ impl Storage for ObjectStorage {
             return Ok(true);
         }
         match self.head(key) {
-            Ok(meta) => Ok(lease_fresh(meta.last_modified)),
+            Ok(meta) => Ok(self.store.lease_fresh(meta.last_modified)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         }
@@ -544,7 +573,7 @@ impl Storage for ObjectStorage {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            if lease_fresh(meta.last_modified) {
+            if self.store.lease_fresh(meta.last_modified) {
                 continue;
             }
             let store = self.store.clone();
@@ -563,7 +592,10 @@ impl Storage for ObjectStorage {
                     match store.multipart.abort_multipart(&target, id).await {
                         Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                         Err(e) => {
-                            return Err(io_error(&format!("cannot abort the upload of {target}"), e))
+                            return Err(io_error(
+                                &format!("cannot abort the upload of {target}"),
+                                e,
+                            ))
                         }
                     }
                 }
@@ -576,11 +608,6 @@ impl Storage for ObjectStorage {
         }
         Ok(removed)
     }
-}
-
-fn lease_fresh(written: chrono::DateTime<chrono::Utc>) -> bool {
-    let age = chrono::Utc::now() - written;
-    age < chrono::Duration::from_std(LEASE_TTL).unwrap_or(chrono::Duration::MAX)
 }
 
 /// The part size for part number `n` (0-based).
@@ -618,8 +645,8 @@ impl ObjectUpload {
     /// Waits for the oldest part in flight.
     fn settle_one(&mut self) -> io::Result<()> {
         if let Some(task) = self.in_flight.pop_front() {
-            let (part, data) = block(task)?
-                .map_err(|e| io::Error::other(format!("upload task failed: {e}")))?;
+            let (part, data) =
+                block(task)?.map_err(|e| io::Error::other(format!("upload task failed: {e}")))?;
             let part = part.map_err(|e| self.fail("cannot upload a part of", e))?;
             self.parts.push(part);
             if let Ok(buf) = data.try_into_mut() {

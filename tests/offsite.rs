@@ -1,0 +1,486 @@
+//! Off-site destinations: backups to a real S3-compatible server (moto, started per
+//! test by tests/common/s3.rs) next to a local folder, through the real binary.
+//! What an operator counts on: every copy is written, a restore after the local disk
+//! is gone needs no flag, a destination that fails costs only its own copy and
+//! names itself, nothing half-written is ever visible, leftovers are cleaned.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::s3::S3Server;
+use common::*;
+
+/// `[[database]]` for a SQLite file `app.db` in `w` backed up to `destination` (TOML).
+fn sqlite_config(w: &Workdir, destination: &str, extra: &str) -> String {
+    let key = w.key("backup.key");
+    format!(
+        "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n[database.backup]\nschedule = \"manual\"\ndestination = {destination}\nencryption-key-file = \"{}\"\n{extra}\n",
+        w.path().join("app.db").display(),
+        key.display()
+    )
+}
+
+fn run(w: &Workdir, s3: &S3Server, args: &[&str]) -> std::process::Output {
+    let mut cmd = w.cmd(args);
+    cmd.envs(s3.env());
+    cmd.output().expect("run dbkeeper")
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn ok(w: &Workdir, s3: &S3Server, args: &[&str]) -> String {
+    let out = run(w, s3, args);
+    assert!(out.status.success(), "{args:?}: {}", text(&out));
+    text(&out)
+}
+
+/// The backup ids (`.dbk` keys) under `prefix` in the bucket.
+fn archive_keys(s3: &S3Server, prefix: &str) -> Vec<String> {
+    let mut keys: Vec<String> = s3
+        .keys(prefix)
+        .into_iter()
+        .filter(|k| k.ends_with(".dbk"))
+        .collect();
+    keys.sort();
+    keys
+}
+
+fn make_sqlite(path: &Path, rows: u32) {
+    sqlite(
+        path,
+        &format!(
+            "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); \
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {rows}) \
+             INSERT INTO t(v) SELECT 'row ' || i FROM n;"
+        ),
+    );
+}
+
+/// A SQLite database of `mb` MiB of random (incompressible) bytes: an archive of
+/// several multipart parts that takes a moment to upload.
+fn make_big_sqlite(path: &Path, mb: u32) {
+    sqlite(
+        path,
+        &format!(
+            "CREATE TABLE big(b BLOB); \
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {}) \
+             INSERT INTO big SELECT randomblob(65536) FROM n;",
+            mb * 16
+        ),
+    );
+}
+
+#[test]
+fn sqlite_round_trip_with_a_local_and_an_s3_copy_and_restore_after_the_disk_is_gone() {
+    let s3 = S3Server::start();
+    let w = Workdir::new();
+    make_sqlite(&w.path().join("app.db"), 500);
+    let local = w.path().join("backups");
+    let url = s3.url("db");
+    w.write_config(
+        "",
+        &sqlite_config(
+            &w,
+            &format!("[\"{}\", \"{url}\"]", local.display()),
+            "verify = \"restore\"",
+        ),
+    );
+    let out = ok(&w, &s3, &["run-job", "app.backup"]);
+    assert!(out.contains("2 copies"), "{out}");
+    assert_eq!(archives(&local, "app").len(), 1);
+    let keys = s3.keys("db/app/");
+    assert_eq!(
+        keys.len(),
+        2,
+        "archive and manifest only, no lease left: {keys:?}"
+    );
+    assert!(s3.multipart_uploads().is_empty());
+
+    let list = ok(&w, &s3, &["backup", "list"]);
+    assert!(list.contains("DESTINATION"), "{list}");
+    assert!(
+        list.contains(&url) && list.contains(&local.display().to_string()),
+        "{list}"
+    );
+    assert_eq!(
+        list.matches("restore 20").count(),
+        2,
+        "both copies verified: {list}"
+    );
+
+    // The local disk is lost: restore latest needs no flag.
+    std::fs::remove_dir_all(&local).unwrap();
+    let target = w.path().join("restored.db");
+    let out = ok(
+        &w,
+        &s3,
+        &["restore", "app", "--to", target.to_str().unwrap()],
+    );
+    assert!(out.contains(&format!("from {url}")), "{out}");
+    assert_eq!(sqlite(&target, "SELECT count(*) FROM t").trim(), "500");
+
+    // verify and decrypt straight from the bucket.
+    let out = ok(&w, &s3, &["backup", "verify", "app", "--from", &url]);
+    assert!(out.contains("verification passed"), "{out}");
+    let key = &archive_keys(&s3, "db/app/")[0];
+    let plain = w.path().join("plain.db");
+    ok(
+        &w,
+        &s3,
+        &[
+            "decrypt",
+            &format!("s3://{}/{key}", s3.bucket),
+            "-o",
+            plain.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(sqlite(&plain, "SELECT count(*) FROM t").trim(), "500");
+    let name = key.strip_prefix("db/").unwrap();
+    let plain2 = w.path().join("plain2.db");
+    ok(
+        &w,
+        &s3,
+        &[
+            "decrypt",
+            "--from",
+            &url,
+            name,
+            "-o",
+            plain2.to_str().unwrap(),
+        ],
+    );
+
+    // --from that names no destination is a usage error.
+    let out = run(
+        &w,
+        &s3,
+        &["backup", "verify", "app", "--from", "s3://elsewhere/x"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("is not a destination"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn postgres_round_trip_through_s3_only() {
+    let s3 = S3Server::start();
+    let w = Workdir::new();
+    let db = PgDb::new("offsite");
+    db.sql("CREATE TABLE items(id serial PRIMARY KEY, name text); INSERT INTO items(name) SELECT 'item ' || g FROM generate_series(1, 2000) g;");
+    let key = w.key("backup.key");
+    let url = s3.url("pg");
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"pg\"\nurl = \"{}\"\n[database.backup]\nschedule = \"manual\"\ndestination = \"{url}\"\nencryption-key-file = \"{}\"\nverify = \"restore\"\n",
+            db.url,
+            key.display()
+        ),
+    );
+    ok(&w, &s3, &["run-job", "pg.backup"]);
+    assert_eq!(archive_keys(&s3, "pg/pg/").len(), 1);
+    let target = PgDb::unused("offsite_restored");
+    ok(&w, &s3, &["restore", "pg", "--to", &target.url, "--create"]);
+    assert_eq!(target.sql("SELECT count(*) FROM items").trim(), "2000");
+}
+
+#[test]
+fn each_destination_rotates_with_its_own_keep() {
+    let s3 = S3Server::start();
+    let w = Workdir::new();
+    make_sqlite(&w.path().join("app.db"), 10);
+    let local = w.path().join("backups");
+    let url = s3.url("keep");
+    w.write_config(
+        "",
+        &sqlite_config(
+            &w,
+            &format!(
+                "[\"{}\", {{ url = \"{url}\", keep = {{ last = 3 }} }}]",
+                local.display()
+            ),
+            "keep = { last = 1 }",
+        ),
+    );
+    for _ in 0..4 {
+        ok(&w, &s3, &["run-job", "app.backup"]);
+        // Ids are to the second.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    assert_eq!(archives(&local, "app").len(), 1);
+    assert_eq!(archive_keys(&s3, "keep/app/").len(), 3);
+    let out = ok(
+        &w,
+        &s3,
+        &["backup", "prune", "app", "--from", &url, "--dry-run"],
+    );
+    assert_eq!(out.matches("keep ").count(), 3, "{out}");
+}
+
+#[test]
+fn s3_stopped_mid_upload_fails_the_job_keeps_the_local_copy_and_the_next_run_succeeds() {
+    let mut s3 = S3Server::start();
+    let w = Workdir::new();
+    make_big_sqlite(&w.path().join("app.db"), 48);
+    let local = w.path().join("backups");
+    let url = s3.url("mid");
+    w.write_config(
+        "",
+        &sqlite_config(
+            &w,
+            &format!(
+                "[\"{}\", {{ url = \"{url}\", retry-timeout = \"2s\" }}]",
+                local.display()
+            ),
+            "verify = \"read\"",
+        ),
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dbkeeper"));
+    cmd.args(["run-job", "app.backup", "-c"])
+        .arg(w.config_path())
+        .envs(s3.env())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    // Stop the server once a multipart upload is under way.
+    let start = Instant::now();
+    while s3.multipart_uploads().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no multipart upload started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s3.stop();
+    let out = child.wait_with_output().unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&url),
+        "the error names the destination: {said}"
+    );
+    assert!(said.contains("stored in"), "{said}");
+    // The local copy is whole and verified.
+    assert_eq!(archives(&local, "app").len(), 1);
+    s3.restart();
+    let target = w.path().join("from-local.db");
+    ok(
+        &w,
+        &s3,
+        &[
+            "restore",
+            "app",
+            "--from",
+            local.to_str().unwrap(),
+            "--to",
+            target.to_str().unwrap(),
+        ],
+    );
+    // The server is back (empty: moto keeps nothing): the next run succeeds.
+    std::thread::sleep(Duration::from_millis(1100));
+    ok(&w, &s3, &["run-job", "app.backup"]);
+    assert_eq!(archive_keys(&s3, "mid/app/").len(), 1);
+    assert_eq!(s3.keys("mid/app/").len(), 2, "{:?}", s3.keys("mid/app/"));
+}
+
+#[test]
+fn a_killed_upload_leaves_nothing_visible_and_its_leftovers_are_cleaned() {
+    let s3 = S3Server::start();
+    let w = Workdir::new();
+    make_big_sqlite(&w.path().join("app.db"), 32);
+    let url = s3.url("kill");
+    w.write_config(
+        "",
+        &sqlite_config(
+            &w,
+            &format!("{{ url = \"{url}\", stale-upload-after = \"3s\" }}"),
+            "verify = \"none\"",
+        ),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dbkeeper"))
+        .args(["run-job", "app.backup", "-c"])
+        .arg(w.config_path())
+        .envs(s3.env())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while s3.multipart_uploads().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Nothing under a backup's name: only the lease, and the unfinished upload.
+    assert!(archive_keys(&s3, "kill/").is_empty(), "{:?}", s3.keys(""));
+    assert!(
+        s3.keys("kill/app/").iter().all(|k| k.ends_with(".upload")),
+        "{:?}",
+        s3.keys("")
+    );
+    assert_eq!(s3.multipart_uploads().len(), 1);
+    let list = ok(&w, &s3, &["backup", "list"]);
+    assert!(!list.contains("kill/app"), "{list}");
+    // Once the lease is stale, the next run aborts the upload and deletes the lease.
+    std::thread::sleep(Duration::from_secs(4));
+    let out = ok(&w, &s3, &["run-job", "app.backup"]);
+    assert!(out.contains("success"), "{out}");
+    assert!(
+        s3.multipart_uploads().is_empty(),
+        "{:?}",
+        s3.multipart_uploads()
+    );
+    let keys = s3.keys("kill/app/");
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(keys.iter().all(|k| !k.ends_with(".upload")), "{keys:?}");
+}
+
+#[test]
+fn a_planted_object_without_manifest_is_ignored_and_cleaned() {
+    let s3 = S3Server::start();
+    let w = Workdir::new();
+    make_sqlite(&w.path().join("app.db"), 10);
+    let url = s3.url("plant");
+    w.write_config("", &sqlite_config(&w, &format!("\"{url}\""), ""));
+    s3.put("plant/app/20200101T000000Z-manual.dbk", b"not an archive");
+    let list = ok(&w, &s3, &["backup", "list"]);
+    assert!(!list.contains("20200101T000000Z"), "{list}");
+    let out = run(&w, &s3, &["restore", "app", "--to", "/nonexistent/x.db"]);
+    assert!(text(&out).contains("no good backup"), "{}", text(&out));
+    ok(&w, &s3, &["run-job", "app.backup"]);
+    let keys = s3.keys("plant/app/");
+    assert!(
+        !keys.iter().any(|k| k.contains("20200101T000000Z")),
+        "{keys:?}"
+    );
+    assert_eq!(keys.len(), 2, "{keys:?}");
+}
+
+/// A moto server that checks signatures: the test's credentials are unknown to it.
+fn strict_s3() -> (std::process::Child, u16) {
+    let port = free_port();
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .env("INITIAL_NO_AUTH_ACTION_COUNT", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 with moto (see .ci/run)");
+    let start = Instant::now();
+    while http_get(port, "/").is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "moto did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, port)
+}
+
+#[test]
+fn wrong_credentials_fail_clearly_naming_the_destination_and_print_no_secret() {
+    let (mut moto, port) = strict_s3();
+    let w = Workdir::new();
+    make_sqlite(&w.path().join("app.db"), 10);
+    let local = w.path().join("backups");
+    let secret = "wJalrXUtnFEMI-the-secret-part-K7MDENG";
+    let creds = write_file(
+        w.path(),
+        "s3.env",
+        &format!("AWS_ACCESS_KEY_ID=AKIAWRONG\nAWS_SECRET_ACCESS_KEY={secret}\n"),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let url = "s3://strict-bucket/db";
+    w.write_config(
+        "",
+        &sqlite_config(
+            &w,
+            &format!(
+                "[\"{}\", {{ url = \"{url}\", endpoint = \"http://127.0.0.1:{port}\", allow-http = true, region = \"us-east-1\", credentials-file = \"{}\", retry-timeout = \"1s\" }}]",
+                local.display(),
+                creds.display()
+            ),
+            "",
+        ),
+    );
+    let out = w.cmd(&["run-job", "app.backup"]).output().unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains(url), "{said}");
+    assert!(said.contains("credentials"), "says what to check: {said}");
+    assert!(!said.contains(secret), "{said}");
+    assert_eq!(archives(&local, "app").len(), 1, "the local copy was made");
+    let out = w.cmd(&["backup", "list"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(!text(&out).contains(secret));
+
+    // A credentials file others can read is refused at load, without its content.
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = w.cmd(&["check"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("chmod 0600") && !text(&out).contains(secret));
+    let _ = moto.kill();
+    let _ = moto.wait();
+}
+
+#[test]
+fn the_daemon_reports_each_destination() {
+    let s3 = S3Server::start();
+    let w = Workdir::new();
+    make_sqlite(&w.path().join("app.db"), 10);
+    let local = w.path().join("backups");
+    let url = s3.url("metrics");
+    w.write_config(
+        "",
+        &sqlite_config(&w, &format!("[\"{}\", \"{url}\"]", local.display()), ""),
+    );
+    ok(&w, &s3, &["run-job", "app.backup"]);
+    let daemon = w.start_with_envs(&s3.env());
+    let dest_local = format!("destination=\"{}\"", local.display());
+    let dest_s3 = format!("destination=\"{url}\"");
+    daemon.wait_for("catalog series", Duration::from_secs(20), || {
+        let m = daemon.metrics();
+        m.contains(&dest_local) && m.contains(&dest_s3)
+    });
+    for dest in [&dest_local, &dest_s3] {
+        let stored = daemon
+            .metric("dbkeeper_backups_stored", &["database=\"app\"", dest])
+            .unwrap();
+        assert_eq!(stored, 1.0, "{dest}");
+        let last = daemon
+            .metric(
+                "dbkeeper_backup_last_success_timestamp_seconds",
+                &["database=\"app\"", dest],
+            )
+            .unwrap();
+        assert!(last > 1.7e9, "{dest}: {last}");
+        assert_eq!(
+            daemon.metric(
+                "dbkeeper_backup_upload_failures_total",
+                &["database=\"app\"", dest]
+            ),
+            Some(0.0)
+        );
+    }
+}
