@@ -213,6 +213,16 @@ fn dashboard_queries_return_data(prom: &Prometheus) {
     )
     .expect("query");
     assert_eq!(runs.len(), 2, "{runs:?}");
+    // Backup series name their destination (the dashboard's legends and the rules use it).
+    let unnamed = query(
+        prom,
+        r#"{__name__=~"dbkeeper_backups?_.+", destination=""}"#,
+    )
+    .expect("query");
+    assert!(
+        unnamed.is_empty(),
+        "backup series without destination: {unnamed:?}"
+    );
     let builds = query(prom, "dbkeeper_build_info").expect("build_info query");
     let instance = builds
         .first()
@@ -282,6 +292,8 @@ fn grafana_dashboard_is_valid_and_uses_real_metrics() {
         dbkeeper::metrics::BACKUP_LAST_VERIFIED,
         dbkeeper::metrics::BACKUPS_STORED,
         dbkeeper::metrics::BACKUP_STORED_BYTES,
+        dbkeeper::metrics::BACKUP_LAST_SUCCESS,
+        dbkeeper::metrics::BACKUP_UPLOAD_FAILURES,
         dbkeeper::metrics::RETENTION_DELETED,
         dbkeeper::metrics::RETENTION_OLDEST,
         dbkeeper::metrics::RETENTION_MAX_AGE,
