@@ -8,6 +8,9 @@ use std::io::{self, Write};
 
 use super::{Place, Upload};
 
+/// Each place with its upload, or the error that ended it.
+pub type Finished = Vec<(Place, Result<Box<dyn Upload>, io::Error>)>;
+
 /// The uploads of one archive, one per destination, in the configured order.
 pub struct FanOut {
     sinks: Vec<Sink>,
@@ -34,7 +37,7 @@ impl FanOut {
     }
 
     /// Each place with its upload, or the error that ended it.
-    pub fn finish(self) -> Vec<(Place, Result<Box<dyn Upload>, io::Error>)> {
+    pub fn finish(self) -> Finished {
         self.sinks
             .into_iter()
             .map(|s| (s.place, s.upload))

@@ -119,6 +119,13 @@ impl Upload for TempFile {
     /// (mode 0600, locked), and the handle stays valid across the rename.
     fn written(&mut self) -> io::Result<Box<dyn Object>> {
         self.flush()?;
+        // As an object store, which completes the upload under its name here.
+        if fs::symlink_metadata(&self.target).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} already exists", self.target.display()),
+            ));
+        }
         let file = open_regular(&self.path)?;
         Ok(Box::new(LocalObject::from_file(file, self.target.clone())?))
     }

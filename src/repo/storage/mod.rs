@@ -99,6 +99,8 @@ pub trait Upload: Write + Send {
     /// Ends the write (no byte may follow) and opens what was written, before it is
     /// published: the backup job checks the stored bytes (and restores from them) and
     /// publishes only then. The [`Object`] stays valid after [`Upload::publish`].
+    /// `AlreadyExists` when the name is taken (an object store completes the upload
+    /// under it here; see [`object`]), as [`Upload::publish`] would say.
     fn written(&mut self) -> io::Result<Box<dyn Object>>;
 
     /// Makes the upload durable and visible under the name given to
