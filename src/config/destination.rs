@@ -375,7 +375,7 @@ mod tests {
     fn parse(toml_text: &str) -> Result<Destinations, String> {
         toml::from_str::<T>(toml_text)
             .map(|t| t.destination)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.message().to_owned())
     }
 
     #[test]
