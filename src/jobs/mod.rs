@@ -163,19 +163,31 @@ impl Job {
                 }
                 let policy = b.trust_policy(database, false);
                 for place in b.places(database) {
-                    if startup {
-                        match crate::repo::catalog::clean(&*place.store) {
-                            Ok(removed) => {
-                                for name in removed {
-                                    tracing::warn!(job = %self.id, destination = %place.label(), file = %name, "removed what an interrupted backup left behind");
+                    let local = place.config.location.is_local();
+                    let job = self.id.clone();
+                    let (database, policy) = (database.to_owned(), policy.clone());
+                    let work = move || {
+                        if startup {
+                            match crate::repo::catalog::clean(&*place.store) {
+                                Ok(removed) => {
+                                    for name in removed {
+                                        tracing::warn!(job = %job, destination = %place.label(), file = %name, "removed what an interrupted backup left behind");
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::warn!(job = %job, destination = %place.label(), "cannot clean up: {e}")
                                 }
                             }
-                            Err(e) => {
-                                tracing::warn!(job = %self.id, destination = %place.label(), "cannot clean up: {e}")
-                            }
                         }
+                        backup::publish_catalog(&database, &place, &policy, true);
+                    };
+                    // An object store that is down answers only after its retries: it
+                    // must not hold the daemon's start (and READY=1) for that long.
+                    if local {
+                        work();
+                    } else {
+                        tokio::task::spawn_blocking(work);
                     }
-                    backup::publish_catalog(database, &place, &policy, true);
                 }
             }
             Work::Retention(r) => {
