@@ -239,6 +239,29 @@ fn read_credentials(path: &Path) -> io::Result<Credentials> {
     Ok(Credentials::Pairs(pairs))
 }
 
+/// The settings of a credentials file as the cloud's configuration keys `K` (the
+/// lower-cased names of its environment variables); a JSON document is not such a file.
+fn settings_of<'a, K: std::str::FromStr>(
+    creds: &'a Option<(&Path, Credentials)>,
+) -> io::Result<Vec<(K, &'a str)>> {
+    let Some((path, creds)) = creds else {
+        return Ok(Vec::new());
+    };
+    let Credentials::Pairs(pairs) = creds else {
+        return Err(unknown_key(path, "a JSON document"));
+    };
+    pairs
+        .iter()
+        .map(|(name, value)| {
+            let key = name
+                .to_ascii_lowercase()
+                .parse()
+                .map_err(|_| unknown_key(path, name))?;
+            Ok((key, value.as_str()))
+        })
+        .collect()
+}
+
 fn unknown_key(path: &Path, name: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -279,17 +302,8 @@ impl ObjectStorage {
                 let mut b = AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .with_retry(retry);
-                if let Some((path, c)) = &creds {
-                    let Credentials::Pairs(pairs) = c else {
-                        return Err(unknown_key(path, "a JSON document"));
-                    };
-                    for (name, value) in pairs {
-                        let key: AmazonS3ConfigKey = name
-                            .to_ascii_lowercase()
-                            .parse()
-                            .map_err(|_| unknown_key(path, name))?;
-                        b = b.with_config(key, value.as_str());
-                    }
+                for (key, value) in settings_of::<AmazonS3ConfigKey>(&creds)? {
+                    b = b.with_config(key, value);
                 }
                 if let Some(e) = &s.endpoint {
                     b = b.with_endpoint(e);
@@ -311,20 +325,12 @@ impl ObjectStorage {
                 let mut b = GoogleCloudStorageBuilder::from_env()
                     .with_bucket_name(bucket)
                     .with_retry(retry);
-                match &creds {
-                    Some((_, Credentials::Json(json))) => {
-                        b = b.with_service_account_key(json.as_str());
+                if let Some((_, Credentials::Json(json))) = &creds {
+                    b = b.with_service_account_key(json.as_str());
+                } else {
+                    for (key, value) in settings_of::<GoogleConfigKey>(&creds)? {
+                        b = b.with_config(key, value);
                     }
-                    Some((path, Credentials::Pairs(pairs))) => {
-                        for (name, value) in pairs {
-                            let key: GoogleConfigKey = name
-                                .to_ascii_lowercase()
-                                .parse()
-                                .map_err(|_| unknown_key(path, name))?;
-                            b = b.with_config(key, value.as_str());
-                        }
-                    }
-                    None => {}
                 }
                 if let Some(e) = &s.endpoint {
                     b = b.with_base_url(e);
@@ -341,17 +347,8 @@ impl ObjectStorage {
                 let mut b = MicrosoftAzureBuilder::from_env()
                     .with_container_name(bucket)
                     .with_retry(retry);
-                if let Some((path, c)) = &creds {
-                    let Credentials::Pairs(pairs) = c else {
-                        return Err(unknown_key(path, "a JSON document"));
-                    };
-                    for (name, value) in pairs {
-                        let key: AzureConfigKey = name
-                            .to_ascii_lowercase()
-                            .parse()
-                            .map_err(|_| unknown_key(path, name))?;
-                        b = b.with_config(key, value.as_str());
-                    }
+                for (key, value) in settings_of::<AzureConfigKey>(&creds)? {
+                    b = b.with_config(key, value);
                 }
                 if let Some(e) = &s.endpoint {
                     b = b.with_endpoint(e.clone());
