@@ -484,3 +484,64 @@ fn the_daemon_reports_each_destination() {
         );
     }
 }
+
+#[test]
+fn retention_archives_go_to_every_destination_and_rows_stay_while_one_is_down() {
+    let mut s3 = S3Server::start();
+    let w = Workdir::new();
+    let db = w.path().join("app.db");
+    sqlite(
+        &db,
+        "CREATE TABLE ev(id INTEGER PRIMARY KEY, ts TEXT, msg TEXT);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 400)
+           INSERT INTO ev(ts, msg) SELECT datetime('now', '-' || (i % 60) || ' days', '-12 hours'), 'msg ' || i FROM n;",
+    );
+    let old = "SELECT count(*) FROM ev WHERE ts < datetime('now', '-30 days')";
+    let expired: usize = sqlite(&db, old).trim().parse().unwrap();
+    assert!(expired > 0);
+    let local = w.path().join("backups");
+    let url = s3.url("ret");
+    let retention = "[[database.retention]]\nname = \"ev\"\ntable = \"ev\"\ncolumn = \"ts\"\nolder-than = \"30d\"\nschedule = \"manual\"\nbatch-size = 50\narchive = true\n";
+    let config = sqlite_config(
+        &w,
+        &format!(
+            "[\"{}\", {{ url = \"{url}\", retry-timeout = \"1s\" }}]",
+            local.display()
+        ),
+        "",
+    ) + retention;
+    w.write_config("", &config);
+
+    // The S3 destination is down: no batch may commit, whatever the local copy.
+    s3.stop();
+    let out = run(&w, &s3, &["run-job", "app.retention.ev"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains(&url), "{}", text(&out));
+    assert_eq!(
+        sqlite(&db, old).trim(),
+        expired.to_string(),
+        "no row deleted"
+    );
+
+    s3.restart();
+    ok(&w, &s3, &["run-job", "app.retention.ev"]);
+    assert_eq!(sqlite(&db, old).trim(), "0");
+    // Every deleted row is in an export in each destination.
+    let count_rows = |archive: &str| -> usize {
+        let out = ok(&w, &s3, &["decrypt", archive]);
+        out.lines().filter(|l| l.starts_with('{')).count()
+    };
+    let local_dir = local.join("app/retention/ev");
+    let in_local: usize = std::fs::read_dir(&local_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".dbk"))
+        .map(|p| count_rows(p.to_str().unwrap()))
+        .sum();
+    let in_s3: usize = archive_keys(&s3, "ret/app/retention/ev/")
+        .iter()
+        .map(|k| count_rows(&format!("s3://{}/{k}", s3.bucket)))
+        .sum();
+    assert!(in_local >= expired, "{in_local} < {expired}");
+    assert_eq!(in_s3, expired);
+}
