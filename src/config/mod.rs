@@ -1267,6 +1267,21 @@ impl Config {
         for d in &b.destination {
             self.validate_destination(&format!("{key}.destination"), d)?;
         }
+        // One folder under two spellings (`./b` and `b`, a symbolic link) would get
+        // every backup twice and be rotated by two keep policies.
+        let folders: Vec<(String, PathBuf)> = b
+            .destination
+            .iter()
+            .filter_map(|d| Some((d.label(), d.local_dir()?.canonicalize().ok()?)))
+            .collect();
+        for (i, (label, real)) in folders.iter().enumerate() {
+            if let Some((other, _)) = folders[..i].iter().find(|(_, r)| r == real) {
+                return Err(self.invalid(
+                    format!("{key}.destination"),
+                    format!("{other} and {label} are the same folder; list it once"),
+                ));
+            }
+        }
         Ok(())
     }
 

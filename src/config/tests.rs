@@ -633,3 +633,47 @@ fn example_keep_alternatives_parse() {
         keep_of(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
     }
 }
+
+fn with_destination(destination: &str) -> Result<Config, ConfigError> {
+    parse(&format!(
+        "{MINIMAL}\n[database.backup]\nschedule = \"manual\"\ndestination = {destination}\nencryption = \"none\"\n"
+    ))
+}
+
+#[test]
+fn destinations_take_urls_tables_and_lists_and_refuse_what_cannot_work() {
+    let c = with_destination(
+        r#"["/tmp", { url = "s3://b/p", keep = { last = 2 }, retry-timeout = "5s" }]"#,
+    )
+    .unwrap();
+    let d = &c.databases[0].backup.as_ref().unwrap().destination;
+    assert_eq!(d.labels(), ["/tmp", "s3://b/p"]);
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+    let same = format!("[\"{}\", \"{}\"]", dir.path().display(), link.display());
+    let err = with_destination(&same).unwrap_err().to_string();
+    assert!(err.contains("are the same folder"), "{err}");
+    for (text, says) in [
+        (
+            r#"{ url = "/tmp", endpoint = "http://x" }"#,
+            "object stores only",
+        ),
+        (
+            r#"{ url = "s3://b/p", keep = { last = 0 } }"#,
+            "keeps no backup",
+        ),
+        (
+            r#"{ url = "s3://b/p", endpoint = "http://u:pw@x" }"#,
+            "holds credentials",
+        ),
+        (
+            r#"{ url = "s3://b/p", credentials-file = "/nonexistent/s3.env" }"#,
+            "cannot read",
+        ),
+    ] {
+        let err = with_destination(text).unwrap_err().to_string();
+        assert!(err.contains(says), "{text}: {err}");
+        assert!(!err.contains("pw@"), "{err}");
+    }
+}
