@@ -545,3 +545,48 @@ fn retention_archives_go_to_every_destination_and_rows_stay_while_one_is_down() 
     assert!(in_local >= expired, "{in_local} < {expired}");
     assert_eq!(in_s3, expired);
 }
+
+#[test]
+fn a_damaged_local_copy_is_restored_from_the_next_destination() {
+    let s3 = S3Server::start();
+    let w = Workdir::new();
+    make_big_sqlite(&w.path().join("app.db"), 3);
+    let local = w.path().join("backups");
+    let url = s3.url("damaged");
+    w.write_config(
+        "",
+        &sqlite_config(&w, &format!("[\"{}\", \"{url}\"]", local.display()), ""),
+    );
+    ok(&w, &s3, &["run-job", "app.backup"]);
+    // A byte flipped in place after the first segment: the copy still lists as good.
+    let archive = &archives(&local, "app")[0];
+    let mut bytes = std::fs::read(archive).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x40;
+    std::fs::write(archive, &bytes).unwrap();
+    let target = w.path().join("restored.db");
+    let out = ok(
+        &w,
+        &s3,
+        &["restore", "app", "--to", target.to_str().unwrap()],
+    );
+    assert!(out.contains("trying the copy in"), "{out}");
+    assert!(out.contains(&format!("from {url}")), "{out}");
+    assert_eq!(sqlite(&target, "SELECT count(*) FROM big").trim(), "48");
+    // With --from, the damaged copy is what was asked for: exit 3, nothing written.
+    let other = w.path().join("other.db");
+    let out = run(
+        &w,
+        &s3,
+        &[
+            "restore",
+            "app",
+            "--from",
+            local.to_str().unwrap(),
+            "--to",
+            other.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(!other.exists());
+}

@@ -448,8 +448,7 @@ pub async fn restore(
     b.clean_scratch(database);
     let policy = b.trust_policy(database, how.allow_unencrypted);
     let places = places_from(&b.cfg, database, how.from.as_deref())?;
-    let (place, manifest) = locate(places, which, &policy)?;
-    let (dest, manifest) = (place.store.clone(), &manifest);
+    let (mut place, mut manifest) = locate(places, which, &policy)?;
     if how.with_roles && manifest.backend() == Some(crate::config::Backend::Sqlite) {
         // A usage mistake, not a failed restore: nothing was tried.
         eprintln!(
@@ -466,14 +465,67 @@ pub async fn restore(
         scratch_dir: &b.scratch_dir,
         with_roles: how.with_roles,
     };
-    // The one handle that is authenticated and restored: never reopened by name.
-    let archive = verifying::open_archive(&*dest, &manifest.archive_name())
-        .with_context(|| format!("restore of backup {}", manifest.id))?;
-    let done = restoring::restore(&*archive, manifest, &b.keys, to, &opts, &cancel)
-        .await
-        .with_context(|| format!("restore of backup {}", manifest.id))?;
-    println!("backup {} (from {}): {done}", manifest.id, place.label());
-    Ok(Exit::Success)
+    let mut tried = vec![place.label()];
+    loop {
+        // The one handle that is authenticated and restored: never reopened by name.
+        let restored = match verifying::open_archive(&*place.store, &manifest.archive_name()) {
+            Ok(archive) => {
+                restoring::restore(&*archive, &manifest, &b.keys, to, &opts, &cancel).await
+            }
+            Err(e) => Err(e),
+        };
+        match restored {
+            Ok(done) => {
+                println!("backup {} (from {}): {done}", manifest.id, place.label());
+                return Ok(Exit::Success);
+            }
+            // A damaged copy never touched the target (it is decoded whole first): the
+            // same backup in the next destination may be intact.
+            Err(e) if how.from.is_none() && e.is_verification() => {
+                let Some(next) = other_copy(&b.cfg, database, &manifest.id, &policy, &tried) else {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "restore of backup {} from {}",
+                            manifest.id,
+                            tried.join(", then ")
+                        )
+                    });
+                };
+                eprintln!(
+                    "warning: the copy of backup {} in {} failed ({e}); trying the copy in {}",
+                    manifest.id,
+                    place.label(),
+                    next.0.label()
+                );
+                tried.push(next.0.label());
+                (place, manifest) = next;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("restore of backup {} from {}", manifest.id, place.label())
+                })
+            }
+        }
+    }
+}
+
+/// The trusted backup `id` in the first destination (in the configured order) not in
+/// `tried` that holds it.
+fn other_copy(
+    b: &BackupConfig,
+    database: &str,
+    id: &str,
+    policy: &TrustPolicy,
+    tried: &[String],
+) -> Option<(Place, Manifest)> {
+    storage::for_backups(b, &[database])
+        .into_iter()
+        .filter(|p| !tried.contains(&p.label()))
+        .find_map(|p| {
+            let listing = catalog::list(&*p.store, policy).ok()?;
+            let m = catalog::select(&listing.backups, id, Utc::now())?.clone();
+            Some((p, m))
+        })
 }
 
 /// `decrypt`'s arguments.
