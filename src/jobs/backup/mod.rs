@@ -541,7 +541,8 @@ pub fn publish_catalog(database: &str, place: &Place, policy: &TrustPolicy, repo
     }
 }
 
-/// The newest `n` trusted backups across `sources`, newest first, read from the
+/// The newest `n` trusted backups across `sources` (each once, however many
+/// destinations hold it), newest first, read from the
 /// manifests (so they are current even after `run-job` or another process): the
 /// status page's list. A destination that cannot be listed is left out.
 pub fn newest_backups(sources: &[super::BackupSource], n: usize) -> Vec<Manifest> {
@@ -551,6 +552,9 @@ pub fn newest_backups(sources: &[super::BackupSource], n: usize) -> Vec<Manifest
         .flat_map(|listing| listing.backups)
         .collect();
     all.sort_by_key(|m| std::cmp::Reverse(m.started_at));
+    // A backup kept in several destinations is one backup.
+    let mut seen = std::collections::HashSet::new();
+    all.retain(|m| seen.insert((m.database.clone(), m.id.clone())));
     all.truncate(n);
     all
 }
