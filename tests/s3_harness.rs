@@ -1,20 +1,37 @@
 //! Tests of the S3 test harness itself (tests/common/s3.rs): moto starts, objects go in
 //! and come out, a planted multipart leftover is listed, and stop/restart/pause do
-//! what the object-storage tests will rely on.
+//! what the object-storage tests will rely on. With `DBKEEPER_TEST_S3_BUCKET` set they
+//! run against that bucket instead (see tests/common/s3.rs); the stop/restart/pause
+//! tests are then skipped.
 
 mod common;
 
-use common::s3::S3Server;
+use common::s3::{S3Server, REAL_ROOT};
 use std::time::{Duration, Instant};
 
 #[test]
 fn put_get_keys_delete() {
     let s3 = S3Server::start();
-    assert!(s3.bucket.starts_with("dbk-"), "{}", s3.bucket);
-    assert_eq!(s3.url("a/b"), format!("s3://{}/a/b", s3.bucket));
     let env = s3.env();
-    assert!(env.contains(&("AWS_ENDPOINT_URL".to_owned(), s3.endpoint())));
-    assert!(env.contains(&("AWS_ALLOW_HTTP".to_owned(), "true".to_owned())));
+    if s3.is_local() {
+        assert!(s3.bucket.starts_with("dbk-"), "{}", s3.bucket);
+        assert_eq!(s3.root(), "");
+        assert_eq!(s3.url("a/b"), format!("s3://{}/a/b", s3.bucket));
+        assert!(env.contains(&("AWS_ENDPOINT_URL".to_owned(), s3.endpoint())));
+        assert!(env.contains(&("AWS_ALLOW_HTTP".to_owned(), "true".to_owned())));
+    } else {
+        assert!(
+            s3.root().starts_with(REAL_ROOT) && s3.root().ends_with('/'),
+            "{}",
+            s3.root()
+        );
+        assert_eq!(
+            s3.url("a/b"),
+            format!("s3://{}/{}a/b", s3.bucket, s3.root())
+        );
+        let id = std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default();
+        assert!(env.contains(&("AWS_ACCESS_KEY_ID".to_owned(), id)));
+    }
     assert_eq!(s3.keys(""), Vec::<String>::new());
 
     let binary: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
@@ -34,28 +51,55 @@ fn put_get_keys_delete() {
 fn two_servers_have_their_own_buckets() {
     let a = S3Server::start();
     let b = S3Server::start();
-    assert_ne!(a.port, b.port);
-    assert_ne!(a.bucket, b.bucket);
+    if a.is_local() {
+        assert_ne!(a.port, b.port);
+        assert_ne!(a.bucket, b.bucket);
+    } else {
+        assert_eq!(a.bucket, b.bucket);
+        assert_ne!(a.root(), b.root());
+    }
     a.put("k", b"a");
+    a.create_multipart("m");
     assert_eq!(b.keys(""), Vec::<String>::new());
+    assert!(b.multipart_uploads().is_empty());
 }
 
 #[test]
-fn multipart_leftover_is_listed_and_not_an_object() {
+fn clean_removes_objects_and_unfinished_uploads() {
     let s3 = S3Server::start();
+    for i in 0..3 {
+        s3.put(&format!("db/app/{i}.dbk"), b"x");
+    }
+    s3.create_multipart("db/app/half.dbk");
+    s3.clean();
+    assert!(s3.keys("").is_empty(), "{:?}", s3.keys(""));
     assert!(s3.multipart_uploads().is_empty());
-    let id = s3.create_multipart("db/half.dbk");
-    assert!(!id.is_empty());
-    assert_eq!(
-        s3.multipart_uploads(),
-        [("db/half.dbk".to_owned(), id.clone())]
-    );
-    assert!(s3.keys("").is_empty(), "an unfinished upload is no object");
+}
+
+#[test]
+fn a_real_bucket_root_is_emptied_on_drop() {
+    let s3 = S3Server::start();
+    if s3.is_local() {
+        println!("skipped: only for a real bucket (DBKEEPER_TEST_S3_BUCKET)");
+        return;
+    }
+    s3.put("db/app/x.dbk", b"x");
+    s3.create_multipart("db/app/half.dbk");
+    let root = s3.root().to_owned();
+    assert_eq!(s3.bucket_keys(&root), [format!("{root}db/app/x.dbk")]);
+    drop(s3);
+    let other = S3Server::start();
+    assert!(other.bucket_keys(&root).is_empty());
+    assert!(other.bucket_uploads(&root).is_empty());
 }
 
 #[test]
 fn stop_and_restart_come_back_empty_on_the_same_port() {
     let mut s3 = S3Server::start();
+    if !s3.is_local() {
+        println!("skipped: needs the local moto server");
+        return;
+    }
     let (port, bucket) = (s3.port, s3.bucket.clone());
     s3.put("before", b"1");
     s3.create_multipart("leftover");
@@ -85,6 +129,10 @@ fn stop_and_restart_come_back_empty_on_the_same_port() {
 #[test]
 fn paused_server_hangs_until_resumed() {
     let s3 = S3Server::start();
+    if !s3.is_local() {
+        println!("skipped: needs the local moto server");
+        return;
+    }
     s3.put("k", b"v");
     s3.pause();
     let port = s3.port;
