@@ -539,7 +539,7 @@ fn retention_archives_go_to_every_destination_and_rows_stay_while_one_is_down() 
         .sum();
     let in_s3: usize = archive_keys(&s3, "ret/app/retention/ev/")
         .iter()
-        .map(|k| count_rows(&format!("s3://{}/{k}", s3.bucket)))
+        .map(|k| count_rows(&s3.url(k)))
         .sum();
     assert!(in_local >= expired, "{in_local} < {expired}");
     assert_eq!(in_s3, expired);
