@@ -589,3 +589,113 @@ fn a_damaged_local_copy_is_restored_from_the_next_destination() {
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(!other.exists());
 }
+
+/// Adversary round 6, case 09: whoever holds a retired key and can write to the
+/// bucket forges a newer backup with it there and deletes the current-key backups
+/// from the bucket only. The retired-key boundary is the database's, not the
+/// bucket's: the forgery is untrusted everywhere, never restored or decrypted.
+#[test]
+fn a_retired_key_forgery_in_one_destination_is_never_believed() {
+    let s3 = S3Server::start();
+    let w = Workdir::new();
+    let app = w.path().join("app.db");
+    sqlite(&app, "CREATE TABLE t(x); INSERT INTO t VALUES ('genuine');");
+    let evil = w.path().join("evil.db");
+    sqlite(&evil, "CREATE TABLE t(x); INSERT INTO t VALUES ('FORGED');");
+    let (key1, key2) = (w.key("key1"), w.key("key2"));
+    let local = w.path().join("local");
+    let url = s3.url("p");
+    let config = |db: &Path, dest: &str, key: &Path, extra: &str| {
+        format!(
+            "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n[database.backup]\nschedule = \"manual\"\ndestination = {dest}\nencryption-key-file = \"{}\"\n{extra}\n",
+            db.display(),
+            key.display()
+        )
+    };
+    let both = format!("[\"{}\", \"{url}\"]", local.display());
+    w.write_config("", &config(&app, &both, &key1, ""));
+    ok(&w, &s3, &["run-job", "app.backup"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let rotated = config(
+        &app,
+        &both,
+        &key2,
+        &format!("decryption-key-files = [\"{}\"]", key1.display()),
+    );
+    w.write_config("", &rotated);
+    ok(&w, &s3, &["run-job", "app.backup"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    // The forger's own backup of "app" with key1, made in a folder of theirs.
+    let forger = Workdir::new();
+    let theirs = forger.path().join("theirs");
+    forger.write_config(
+        "",
+        &config(&evil, &format!("\"{}\"", theirs.display()), &key1, ""),
+    );
+    forger.cmd(&["run-job", "app.backup"]).assert().success();
+    // In the bucket: the current-key backup deleted, the forgery put in its place.
+    let newest = archive_keys(&s3, "p/app/").pop().unwrap();
+    let id = newest.strip_suffix(".dbk").unwrap().to_owned();
+    s3.delete(&newest);
+    s3.delete(&format!("{id}.manifest.json"));
+    for entry in std::fs::read_dir(theirs.join("app")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        s3.put(&format!("p/app/{name}"), &std::fs::read(&path).unwrap());
+    }
+    let list = ok(&w, &s3, &["backup", "list"]);
+    assert!(list.contains("a retired key"), "{list}");
+    let target = w.path().join("out.db");
+    let out = ok(
+        &w,
+        &s3,
+        &["restore", "app", "--to", target.to_str().unwrap()],
+    );
+    assert!(!out.contains(&format!("from {url}")), "{out}");
+    assert_eq!(sqlite(&target, "SELECT x FROM t").trim(), "genuine");
+    let out = run(
+        &w,
+        &s3,
+        &[
+            "restore",
+            "app",
+            "--from",
+            &url,
+            "--to",
+            w.path().join("o2.db").to_str().unwrap(),
+        ],
+    );
+    // From the bucket alone: its older genuine backup, never the forgery.
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        sqlite(&w.path().join("o2.db"), "SELECT x FROM t").trim(),
+        "genuine"
+    );
+    let forged = archive_keys(&s3, "p/app/").pop().unwrap();
+    let out = run(
+        &w,
+        &s3,
+        &[
+            "decrypt",
+            &s3.url(&forged),
+            "-o",
+            w.path().join("o3.db").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(!w.path().join("o3.db").exists());
+    let out = run(
+        &w,
+        &s3,
+        &[
+            "decrypt",
+            "--from",
+            &url,
+            forged.strip_prefix("p/").unwrap(),
+            "-o",
+            w.path().join("o4.db").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(!w.path().join("o4.db").exists());
+}

@@ -650,6 +650,7 @@ pub async fn decrypt(config: Option<&Config>, args: DecryptArgs<'_>) -> anyhow::
     let archive = open_for_decrypt(config, &args)?;
     let context = || archive.location().display().to_string();
     check_provenance(
+        databases.as_ref().and(config),
         &*archive,
         &keys,
         databases.as_deref(),
@@ -728,6 +729,7 @@ pub async fn decrypt(config: Option<&Config>, args: DecryptArgs<'_>) -> anyhow::
 /// read only with `--allow-unencrypted`; with a config (`databases`), the archive
 /// must be one of its databases'.
 fn check_provenance(
+    config: Option<&Config>,
     archive: &dyn Object,
     keys: &KeyRing,
     databases: Option<&[&str]>,
@@ -751,6 +753,30 @@ fn check_provenance(
                 expected: databases.join(", "),
             })
             .into());
+        }
+    }
+    // A retired key vouches only for archives older than the database's first backup
+    // under the current key, in any destination (as for every other reader).
+    let db = config
+        .and_then(|c| c.databases.iter().find(|d| d.name == header.database))
+        .and_then(|d| d.backup.as_ref());
+    if let (Some(b), Some(enc)) = (db, &header.encryption) {
+        let policy = trust_policy_of(&header.database, b)?;
+        if policy
+            .current_key
+            .as_ref()
+            .is_some_and(|k| *k != enc.key_id)
+        {
+            let places = storage::for_backups(b, &[&header.database]);
+            let first =
+                catalog::first_current_key_backup(places.iter().map(|p| &*p.store), &policy);
+            if let Some((_, id)) = first.filter(|(at, _)| header.created > *at) {
+                return Err(untrusted(catalog::Untrusted::RetiredKey {
+                    key: enc.key_id.clone(),
+                    first: id,
+                })
+                .into());
+            }
         }
     }
     Ok(())

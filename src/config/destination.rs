@@ -131,9 +131,10 @@ impl Location {
 }
 
 fn percent_decode(s: &str) -> Option<String> {
-    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
 }
 
 /// One destination with its settings (the table form; a plain string is a table
@@ -385,11 +386,20 @@ mod tests {
         let d = parse(r#"destination = "file:///var/b""#).unwrap();
         assert_eq!(d.0[0].location, Location::Local("/var/b".into()));
         let d = parse(
-            r#"destination = ["rel/dir", "s3://bkt/a/b/", { url = "gs://g", keep = { last = 2 } }, "az://c/p"]"#,
+            r#"destination = ["rel/dir", "s3://bkt/a/b/", { url = "gs://g", keep = { last = 2 } }, "az://c/p", "s3://bkt/a=b&c+d"]"#,
         )
         .unwrap();
         let labels = d.labels();
-        assert_eq!(labels, ["rel/dir", "s3://bkt/a/b", "gs://g", "az://c/p"]);
+        assert_eq!(
+            labels,
+            [
+                "rel/dir",
+                "s3://bkt/a/b",
+                "gs://g",
+                "az://c/p",
+                "s3://bkt/a=b&c+d"
+            ]
+        );
         assert!(d.0[2].settings.keep.is_some());
         let d = parse("[destination]\nurl = \"s3://x/y\"\nregion = \"eu-west-1\"\n").unwrap();
         assert_eq!(d.0[0].settings.region.as_deref(), Some("eu-west-1"));

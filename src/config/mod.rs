@@ -905,6 +905,7 @@ impl Config {
     /// [`Config::check`], with an error about a database pointed at the file that
     /// configured it (a drop-in, perhaps).
     fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_destination_overlap()?;
         self.check().map_err(|e| match e {
             ConfigError::Invalid { path, key, message } => {
                 let source = self
@@ -1285,6 +1286,32 @@ impl Config {
         Ok(())
     }
 
+    /// No destination may lie inside another (of any database): each one's clean-up
+    /// and rotation would take the other's files for its own.
+    fn validate_destination_overlap(&self) -> Result<(), ConfigError> {
+        let all: Vec<(&str, &DestinationConfig)> = self
+            .databases
+            .iter()
+            .filter_map(|db| Some((db.name.as_str(), db.backup.as_ref()?)))
+            .flat_map(|(name, b)| b.destination.iter().map(move |d| (name, d)))
+            .collect();
+        for (db, inner) in &all {
+            for (other_db, outer) in &all {
+                if destination_inside(&inner.location, &outer.location) {
+                    return Err(self.invalid(
+                        format!("{db}.backup.destination"),
+                        format!(
+                            "{} lies inside {} (a destination of {other_db}): their clean-up and rotation would take each other's files; use folders or prefixes side by side",
+                            inner.label(),
+                            outer.label()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn validate_keep(&self, key: &str, keep: &Keep) -> Result<(), ConfigError> {
         for (name, count) in keep.counts() {
             if let Some(n) = count.limit() {
@@ -1364,6 +1391,36 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether `inner` is strictly inside `outer`: a sub-folder (as far as the file
+/// system resolves what exists) or a longer key prefix in the same bucket.
+fn destination_inside(inner: &Location, outer: &Location) -> bool {
+    match (inner, outer) {
+        (Location::Local(i), Location::Local(o)) => {
+            let real = |p: &Path| {
+                p.canonicalize()
+                    .unwrap_or_else(|_| p.components().collect::<PathBuf>())
+            };
+            let (i, o) = (real(i), real(o));
+            i != o && i.starts_with(&o)
+        }
+        (
+            Location::Remote {
+                cloud: c1,
+                bucket: b1,
+                prefix: p1,
+            },
+            Location::Remote {
+                cloud: c2,
+                bucket: b2,
+                prefix: p2,
+            },
+        ) => {
+            c1 == c2 && b1 == b2 && p1 != p2 && (p2.is_empty() || p1.starts_with(&format!("{p2}/")))
+        }
+        _ => false,
     }
 }
 

@@ -677,3 +677,17 @@ fn destinations_take_urls_tables_and_lists_and_refuse_what_cannot_work() {
         assert!(!err.contains("pw@"), "{err}");
     }
 }
+
+#[test]
+fn a_destination_inside_another_is_refused() {
+    // Adversary round 6, case 20: an export folder of one destination taken for another.
+    let err = with_destination(r#"["s3://b/p", "s3://b/p/events/retention"]"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("lies inside"), "{err}");
+    let err = with_destination(r#"["/tmp/x", "/tmp/x/y"]"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("lies inside"), "{err}");
+    with_destination(r#"["/tmp/x", "/tmp/xy", "s3://b/p", "s3://b/pq", "s3://c/p"]"#).unwrap();
+}

@@ -71,7 +71,7 @@ impl BackupJob {
         keys: &KeyRing,
         allow_unencrypted: bool,
     ) -> TrustPolicy {
-        TrustPolicy {
+        let mut policy = TrustPolicy {
             database: database.to_owned(),
             keys: keys.clone(),
             // From the config, not from the key: a key not generated yet must not
@@ -79,7 +79,15 @@ impl BackupJob {
             encrypting: cfg.encrypting(),
             current_key: key.map(|k| k.id().to_owned()),
             allow_unencrypted,
+            current_key_since: None,
+        };
+        // The retired-key boundary is the database's, not one destination's.
+        if policy.current_key.is_some() && cfg.destination.0.len() > 1 {
+            let places = storage::for_backups(cfg, &[database]);
+            policy.current_key_since =
+                catalog::first_current_key_backup(places.iter().map(|p| &*p.store), &policy);
         }
+        policy
     }
 
     /// Removes plaintext scratch copies no live process owns (a crashed run's).
@@ -270,8 +278,18 @@ impl BackupJob {
             // Held until the manifest is written, so that no clean-up (a daemon
             // starting, another run) takes the archive for one a crash left without a
             // manifest.
-            let saved = upload.publish().and_then(|publishing| {
-                manifest.save(&*place.store)?;
+            let saved = upload.written().and_then(|stored| {
+                let version = stored.version().clone();
+                let publishing = upload.publish()?;
+                manifest.save_new(&*place.store)?;
+                if let Err(e) = place.store.confirm(&archive_name, &version) {
+                    // A manifest must not vouch for an archive that is gone. (One that
+                    // was replaced may be another writer's now, with its manifest.)
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        let _ = place.store.delete(&Manifest::manifest_name(&id));
+                    }
+                    return Err(e);
+                }
                 drop(publishing);
                 Ok(())
             });

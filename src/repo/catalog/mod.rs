@@ -109,11 +109,26 @@ impl Manifest {
         self.verification.result != VerifyResult::Failed
     }
 
-    /// Writes the manifest atomically beside its archive.
+    /// Writes the manifest atomically beside its archive, replacing the one there
+    /// (a later verification's result).
     pub fn save(&self, store: &dyn Storage) -> io::Result<()> {
+        store.replace(&Self::manifest_name(&self.id), &self.json()?)
+    }
+
+    /// Writes a new backup's manifest atomically, never over an existing one: two
+    /// writers that picked the same id cannot both believe they made it.
+    pub fn save_new(&self, store: &dyn Storage) -> io::Result<()> {
+        use std::io::Write;
+        let mut up = store.put(&Self::manifest_name(&self.id))?;
+        up.write_all(&self.json()?)?;
+        drop(up.publish()?);
+        Ok(())
+    }
+
+    fn json(&self) -> io::Result<Vec<u8>> {
         let mut json = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         json.push(b'\n');
-        store.replace(&Self::manifest_name(&self.id), &json)
+        Ok(json)
     }
 }
 
@@ -233,11 +248,15 @@ fn retire_old_keys(listing: &mut Listing, policy: &TrustPolicy) {
     let Some(current) = &policy.current_key else {
         return;
     };
-    let Some(first) = listing
+    let here = listing
         .backups
         .iter()
         .find(|m| m.key_id.as_ref() == Some(current))
-        .map(|m| (m.started_at, m.id.clone()))
+        .map(|m| (m.started_at, m.id.clone()));
+    let Some(first) = here
+        .into_iter()
+        .chain(policy.current_key_since.clone())
+        .min()
     else {
         return;
     };
@@ -258,6 +277,26 @@ fn retire_old_keys(listing: &mut Listing, policy: &TrustPolicy) {
             manifest: Some(m),
         });
     }
+}
+
+/// The first trusted backup made with the current key in any of `stores` (those that
+/// can be listed): [`TrustPolicy::current_key_since`] for readers of each of them.
+pub fn first_current_key_backup<'a>(
+    stores: impl IntoIterator<Item = &'a dyn Storage>,
+    policy: &TrustPolicy,
+) -> Option<(DateTime<Utc>, String)> {
+    let current = policy.current_key.as_ref()?;
+    stores
+        .into_iter()
+        .filter_map(|store| list(store, policy).ok())
+        .filter_map(|listing| {
+            listing
+                .backups
+                .iter()
+                .find(|m| m.key_id.as_ref() == Some(current))
+                .map(|m| (m.started_at, m.id.clone()))
+        })
+        .min()
 }
 
 /// Orders ids of one second: `<stamp>-<kind>` before `<stamp>-<kind>.2` before `.10`.
@@ -445,7 +484,12 @@ pub fn clean(store: &dyn Storage) -> io::Result<Vec<String>> {
     let mut removed = store.clean_uploads()?;
     let names = store.list("")?;
     for name in &names {
-        let Some(id) = name.strip_suffix(ARCHIVE_SUFFIX) else {
+        // Only what a backup writes: anything else (a retention export of a folder
+        // that another destination nests in this one) is not this clean-up's.
+        let Some(id) = name
+            .strip_suffix(ARCHIVE_SUFFIX)
+            .filter(|id| is_valid_id(id))
+        else {
             continue;
         };
         // A writer between publishing the archive and writing its manifest holds it.

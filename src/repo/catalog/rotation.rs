@@ -974,6 +974,7 @@ mod tests {
                 encrypting: true,
                 current_key: Some(key.id().to_owned()),
                 allow_unencrypted: false,
+                current_key_since: None,
             };
             let keep = super::only("last", 1);
             let manifest = |id: &str| dest.path(&format!("{id}{MANIFEST}"));
@@ -1164,6 +1165,7 @@ mod tests {
                     encrypting: true,
                     current_key: Some(key.id().to_owned()),
                     allow_unencrypted: false,
+                    current_key_since: None,
                 };
                 rotate(&dest, &policy, &keep, now, just_made.then_some(made.as_str()), false).unwrap();
                 rotate(&twin, &policy, &keep, now, just_made.then_some(made.as_str()), false).unwrap();

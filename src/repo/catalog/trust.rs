@@ -29,6 +29,11 @@ pub struct TrustPolicy {
     pub current_key: Option<String>,
     /// `--allow-unencrypted`: the operator accepts plain archives for this read.
     pub allow_unencrypted: bool,
+    /// The first trusted backup made with the current key in *any* destination of the
+    /// database (time, id), when there are several: a retired key vouches for nothing
+    /// newer anywhere, so an attacker who can write to one destination cannot bring a
+    /// forgery back by deleting the current-key backups there only.
+    pub current_key_since: Option<(chrono::DateTime<chrono::Utc>, String)>,
 }
 
 impl TrustPolicy {

@@ -84,6 +84,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// this process or another, are left alone.
     fn clean_uploads(&self) -> io::Result<Vec<String>>;
 
+    /// Checks, once its manifest is written, that the object `name` is still the
+    /// version `version` that was published (an object store has no lock that would
+    /// keep another writer, or a clean-up that took this writer for dead, from
+    /// replacing or removing it meanwhile). Locally the writer's lock did.
+    fn confirm(&self, name: &str, version: &Version) -> io::Result<()> {
+        let _ = (name, version);
+        Ok(())
+    }
+
     /// Whether a live writer still holds the published object `name` (the
     /// [`Publishing`] guard of its upload: its manifest is being written). Clean-ups
     /// never remove such an object.
@@ -229,6 +238,9 @@ impl Storage for Broken {
         self.fail()
     }
     fn in_use(&self, _: &str) -> io::Result<bool> {
+        self.fail()
+    }
+    fn confirm(&self, _: &str, _: &Version) -> io::Result<()> {
         self.fail()
     }
 }

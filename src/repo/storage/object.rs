@@ -111,9 +111,15 @@ impl Store {
         (self.lease_ttl / 5).min(LEASE_REFRESH)
     }
 
-    /// Whether a lease last written at `written` (by the store's clock) is alive.
-    fn lease_fresh(&self, written: chrono::DateTime<chrono::Utc>) -> bool {
-        let age = chrono::Utc::now() - written;
+    /// Whether a lease last written at `written` is alive at `now` (both by the
+    /// store's clock, so that a host whose clock runs ahead takes no live writer for
+    /// dead).
+    fn lease_fresh(
+        &self,
+        written: chrono::DateTime<chrono::Utc>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> bool {
+        let age = now - written;
         age < chrono::Duration::from_std(self.lease_ttl).unwrap_or(chrono::Duration::MAX)
     }
 }
@@ -400,6 +406,20 @@ impl ObjectStorage {
         format!("{}/{name}", self.label())
     }
 
+    /// The store's clock: the time it stamps on a small object written now.
+    fn server_now(&self) -> io::Result<chrono::DateTime<chrono::Utc>> {
+        let key = self.key(&format!(".clock.{:016x}", rand::random::<u64>()));
+        let store = self.store.objects.clone();
+        let what = format!("cannot read the clock of {}", self.label());
+        block(async move {
+            store.put(&key, PutPayload::from_static(b"")).await?;
+            let meta = store.head(&key).await;
+            let _ = store.delete(&key).await;
+            meta.map(|m| m.last_modified)
+        })?
+        .map_err(|e| io_error(&what, e))
+    }
+
     /// Every direct child's name, hidden ones included (leases).
     fn names(&self) -> io::Result<Vec<String>> {
         let store = self.store.objects.clone();
@@ -537,14 +557,37 @@ impl Storage for ObjectStorage {
         }
     }
 
-    /// A lease this process holds, or one rewritten within [`LEASE_TTL`].
+    fn confirm(&self, name: &str, version: &Version) -> io::Result<()> {
+        let meta = self.head(self.key(bare(name)?)).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                io::Error::new(io::ErrorKind::NotFound, format!(
+                    "{} was removed while its manifest was written (a clean-up that took this writer for dead? see stale-upload-after)",
+                    self.url_of(name)
+                ))
+            } else {
+                e
+            }
+        })?;
+        if version_of(&meta.e_tag, &meta.version, meta.size) != *version {
+            return Err(io::Error::other(format!(
+                "{} was replaced while its manifest was written (another writer of the same backup id?)",
+                self.url_of(name)
+            )));
+        }
+        Ok(())
+    }
+
+    /// A lease this process holds, or one rewritten within `stale-upload-after`
+    /// (by the store's clock).
     fn in_use(&self, name: &str) -> io::Result<bool> {
         let key = self.lease_key(bare(name)?);
         if is_live(key.as_ref()) {
             return Ok(true);
         }
         match self.head(key) {
-            Ok(meta) => Ok(self.store.lease_fresh(meta.last_modified)),
+            Ok(meta) => Ok(self
+                .store
+                .lease_fresh(meta.last_modified, self.server_now()?)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         }
@@ -554,6 +597,7 @@ impl Storage for ObjectStorage {
     /// freed), then the leases deleted.
     fn clean_uploads(&self) -> io::Result<Vec<String>> {
         let mut removed = Vec::new();
+        let mut now = None;
         for file in self.names()? {
             let Some(name) = file
                 .strip_prefix('.')
@@ -570,7 +614,11 @@ impl Storage for ObjectStorage {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            if self.store.lease_fresh(meta.last_modified) {
+            let now = match now {
+                Some(t) => t,
+                None => *now.insert(self.server_now()?),
+            };
+            if self.store.lease_fresh(meta.last_modified, now) {
                 continue;
             }
             let store = self.store.clone();
@@ -883,6 +931,15 @@ pub struct RemoteObject {
     size: u64,
 }
 
+/// The [`Version`] of an object as the store describes it.
+fn version_of(e_tag: &Option<String>, version_id: &Option<String>, size: u64) -> Version {
+    Version(format!(
+        "{}:{}:{size}",
+        e_tag.as_deref().unwrap_or("-"),
+        version_id.as_deref().unwrap_or("-"),
+    ))
+}
+
 impl RemoteObject {
     fn new(
         store: Store,
@@ -892,12 +949,7 @@ impl RemoteObject {
         version_id: &Option<String>,
         size: u64,
     ) -> Self {
-        let version = Version(format!(
-            "{}:{}:{}",
-            e_tag.as_deref().unwrap_or("-"),
-            version_id.as_deref().unwrap_or("-"),
-            size
-        ));
+        let version = version_of(e_tag, version_id, size);
         RemoteObject {
             store,
             key,
