@@ -698,4 +698,30 @@ fn a_retired_key_forgery_in_one_destination_is_never_believed() {
     );
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(!w.path().join("o4.db").exists());
+
+    // Round 7, cases 21 and 27: the current-key backups lost everywhere (the local disk
+    // gone, rotation) — the host remembers when the current key's first backup was
+    // made, so the retired key still vouches for nothing newer.
+    std::fs::remove_dir_all(&local).unwrap();
+    let list = run(&w, &s3, &["backup", "list"]);
+    assert!(text(&list).contains("a retired key"), "{}", text(&list));
+    let target = w.path().join("o5.db");
+    let out = ok(
+        &w,
+        &s3,
+        &["restore", "app", "--to", target.to_str().unwrap()],
+    );
+    assert!(out.contains(&format!("from {url}")), "{out}");
+    assert_eq!(sqlite(&target, "SELECT x FROM t").trim(), "genuine");
+    let out = run(
+        &w,
+        &s3,
+        &[
+            "decrypt",
+            &s3.url(&forged),
+            "-o",
+            w.path().join("o6.db").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
 }

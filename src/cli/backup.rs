@@ -67,11 +67,23 @@ fn no_backup(config: &Config, database: &str) -> anyhow::Error {
 
 /// How the backups of `database` are judged, from its config alone: no database is
 /// opened (`backup list` needs none).
-fn trust_policy_of(database: &str, b: &BackupConfig) -> anyhow::Result<TrustPolicy> {
+fn trust_policy_of(
+    config: &Config,
+    database: &str,
+    b: &BackupConfig,
+) -> anyhow::Result<TrustPolicy> {
     let (key, keys) = b
         .load_keys()
         .with_context(|| format!("database \"{database}\""))?;
-    Ok(BackupJob::policy(database, b, key.as_ref(), &keys, false))
+    let state_dir = Some(config.daemon.state_dir.as_path());
+    Ok(BackupJob::policy(
+        database,
+        b,
+        key.as_ref(),
+        &keys,
+        false,
+        state_dir,
+    ))
 }
 
 /// The backups of a destination as `policy` judges them.
@@ -228,7 +240,7 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
             continue;
         }
         found_db = true;
-        let policy = trust_policy_of(&db.name, b)?;
+        let policy = trust_policy_of(config, &db.name, b)?;
         for place in storage::for_backups(b, &[&db.name]) {
             match catalog_of(&*place.store, &policy) {
                 Ok(listing) => list_rows(&db.name, &place.label(), &listing, &mut rows),
@@ -482,7 +494,7 @@ pub async fn restore(
             // A damaged copy never touched the target (it is decoded whole first): the
             // same backup in the next destination may be intact.
             Err(e) if how.from.is_none() && e.is_verification() => {
-                let Some(next) = other_copy(&b.cfg, database, &manifest.id, &policy, &tried) else {
+                let Some(next) = other_copy(&b.cfg, database, &manifest, &policy, &tried) else {
                     return Err(e).with_context(|| {
                         format!(
                             "restore of backup {} from {}",
@@ -509,12 +521,14 @@ pub async fn restore(
     }
 }
 
-/// The trusted backup `id` in the first destination (in the configured order) not in
-/// `tried` that holds it.
+/// Another copy of the backup `of`: the same id, trusted, with the same SHA-256, size
+/// and key, in the first destination (in the configured order) not in `tried`. A
+/// different archive under the same id (another host's backup of that second, a
+/// forgery) is never taken for a copy (adversary round 7, cases 22 and 29).
 fn other_copy(
     b: &BackupConfig,
     database: &str,
-    id: &str,
+    of: &Manifest,
     policy: &TrustPolicy,
     tried: &[String],
 ) -> Option<(Place, Manifest)> {
@@ -523,8 +537,10 @@ fn other_copy(
         .filter(|p| !tried.contains(&p.label()))
         .find_map(|p| {
             let listing = catalog::list(&*p.store, policy).ok()?;
-            let m = catalog::select(&listing.backups, id, Utc::now())?.clone();
-            Some((p, m))
+            let m = catalog::select(&listing.backups, &of.id, Utc::now())?.clone();
+            let same =
+                m.sha256 == of.sha256 && m.stored_bytes == of.stored_bytes && m.key_id == of.key_id;
+            same.then_some((p, m))
         })
 }
 
@@ -757,20 +773,26 @@ fn check_provenance(
     }
     // A retired key vouches only for archives older than the database's first backup
     // under the current key, in any destination (as for every other reader).
-    let db = config
-        .and_then(|c| c.databases.iter().find(|d| d.name == header.database))
-        .and_then(|d| d.backup.as_ref());
-    if let (Some(b), Some(enc)) = (db, &header.encryption) {
-        let policy = trust_policy_of(&header.database, b)?;
+    let db = config.and_then(|c| {
+        let d = c.databases.iter().find(|d| d.name == header.database)?;
+        Some((c, d.backup.as_ref()?))
+    });
+    if let (Some((config, b)), Some(enc)) = (db, &header.encryption) {
+        let policy = trust_policy_of(config, &header.database, b)?;
         if policy
             .current_key
             .as_ref()
             .is_some_and(|k| *k != enc.key_id)
         {
             let places = storage::for_backups(b, &[&header.database]);
-            let first =
-                catalog::first_current_key_backup(places.iter().map(|p| &*p.store), &policy);
-            if let Some((_, id)) = first.filter(|(at, _)| header.created > *at) {
+            let seen = catalog::first_current_key_backup(places.iter().map(|p| &*p.store), &policy);
+            let first = seen
+                .into_iter()
+                .chain(policy.current_key_since.clone())
+                .min();
+            if let Some((_, id)) =
+                first.filter(|(at, _)| header.created.timestamp() >= at.timestamp())
+            {
                 return Err(untrusted(catalog::Untrusted::RetiredKey {
                     key: enc.key_id.clone(),
                     first: id,

@@ -45,6 +45,11 @@ pub struct BackupJob {
 }
 
 impl BackupJob {
+    /// The state directory (`scratch_dir`'s parent).
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.scratch_dir.parent()
+    }
+
     /// Every destination of the backups of `database`, in the configured order.
     pub fn places(&self, database: &str) -> Vec<Place> {
         storage::for_backups(&self.cfg, &[database])
@@ -59,6 +64,7 @@ impl BackupJob {
             self.key.as_ref(),
             &self.keys,
             allow_unencrypted,
+            self.state_dir(),
         )
     }
 
@@ -70,6 +76,7 @@ impl BackupJob {
         key: Option<&Key>,
         keys: &KeyRing,
         allow_unencrypted: bool,
+        state_dir: Option<&Path>,
     ) -> TrustPolicy {
         let mut policy = TrustPolicy {
             database: database.to_owned(),
@@ -81,11 +88,18 @@ impl BackupJob {
             allow_unencrypted,
             current_key_since: None,
         };
-        // The retired-key boundary is the database's, not one destination's.
-        if policy.current_key.is_some() && cfg.destination.0.len() > 1 {
-            let places = storage::for_backups(cfg, &[database]);
-            policy.current_key_since =
-                catalog::first_current_key_backup(places.iter().map(|p| &*p.store), &policy);
+        // The retired-key boundary is the database's, not one destination's, and
+        // what this host remembers of it outlives the backup that set it.
+        if let Some(current) = policy.current_key.clone() {
+            let seen = (cfg.destination.0.len() > 1)
+                .then(|| {
+                    let places = storage::for_backups(cfg, &[database]);
+                    catalog::first_current_key_backup(places.iter().map(|p| &*p.store), &policy)
+                })
+                .flatten();
+            let remembered =
+                state_dir.and_then(|dir| catalog::remembered_boundary(dir, database, &current));
+            policy.current_key_since = seen.into_iter().chain(remembered).min();
         }
         policy
     }
@@ -311,6 +325,16 @@ impl BackupJob {
                     }
                     publish_catalog(database, &place, &policy, false);
                 }
+            }
+        }
+        if let (Some(key), Some(dir), false) = (&self.key, self.state_dir(), stored.is_empty()) {
+            // The first backup under this key, for the retired-key rule.
+            if let Err(e) = catalog::remember_boundary(dir, database, key.id(), started, &id) {
+                tracing::warn!(
+                    database,
+                    "cannot record the key's first backup in {}: {e}",
+                    dir.display()
+                );
             }
         }
         if let Some(e) = bad {

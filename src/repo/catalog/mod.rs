@@ -20,7 +20,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::repo::storage::{Storage, Version, ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
-pub use trust::{id_of_manifest_file, is_valid_id, trust, TrustPolicy, Untrusted};
+pub use trust::{
+    id_of_manifest_file, is_valid_id, remember_boundary, remembered_boundary, trust, TrustPolicy,
+    Untrusted,
+};
 
 /// Why a backup was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -263,7 +266,10 @@ fn retire_old_keys(listing: &mut Listing, policy: &TrustPolicy) {
     let (kept, retired): (Vec<Manifest>, Vec<Manifest>) = std::mem::take(&mut listing.backups)
         .into_iter()
         .partition(|m| match &m.key_id {
-            Some(key) if key != current => m.started_at <= first.0,
+            // Strictly older, to the second (ids are to the second): a retired-key
+            // archive dated in the very second of the first current-key backup, or
+            // sharing its id (adversary round 7, case 22), is not.
+            Some(key) if key != current => m.started_at.timestamp() < first.0.timestamp(),
             _ => true,
         });
     listing.backups = kept;

@@ -228,3 +228,59 @@ mod tests {
         assert_eq!(id_of_manifest_file("x.manifest.json"), None);
     }
 }
+
+/// Where the retired-key boundaries are remembered: `<state-dir>/key-boundaries.json`,
+/// `{ "<database>": { "<current key id>": ["<time>", "<backup id>"] } }`.
+const BOUNDARIES: &str = "key-boundaries.json";
+
+type Boundaries = std::collections::BTreeMap<
+    String,
+    std::collections::BTreeMap<String, (chrono::DateTime<chrono::Utc>, String)>,
+>;
+
+fn read_boundaries(state_dir: &std::path::Path) -> Boundaries {
+    let path = state_dir.join(BOUNDARIES);
+    crate::repo::storage::open_regular(&path)
+        .ok()
+        .and_then(|f| {
+            use std::io::Read;
+            let mut text = String::new();
+            f.take(1 << 20).read_to_string(&mut text).ok()?;
+            serde_json::from_str(&text).ok()
+        })
+        .unwrap_or_default()
+}
+
+/// The first backup made with `key` that this host has seen for `database`, as
+/// remembered in the state directory: the retired-key boundary survives the loss,
+/// damage or rotation of that backup (adversary round 7, cases 21 and 27).
+pub fn remembered_boundary(
+    state_dir: &std::path::Path,
+    database: &str,
+    key: &str,
+) -> Option<(chrono::DateTime<chrono::Utc>, String)> {
+    read_boundaries(state_dir).get(database)?.get(key).cloned()
+}
+
+/// Remembers `at`/`id` as the first backup with `key` of `database` unless an
+/// earlier one is remembered. Written atomically (temporary file, rename).
+pub fn remember_boundary(
+    state_dir: &std::path::Path,
+    database: &str,
+    key: &str,
+    at: chrono::DateTime<chrono::Utc>,
+    id: &str,
+) -> std::io::Result<()> {
+    let mut all = read_boundaries(state_dir);
+    let entry = all.entry(database.to_owned()).or_default();
+    if entry.get(key).is_some_and(|(first, _)| *first <= at) {
+        return Ok(());
+    }
+    entry.insert(key.to_owned(), (at, id.to_owned()));
+    let json = serde_json::to_vec_pretty(&all).map_err(std::io::Error::other)?;
+    let tmp = state_dir.join(format!(".{BOUNDARIES}.{:016x}", rand::random::<u64>()));
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, state_dir.join(BOUNDARIES)).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
