@@ -194,41 +194,6 @@ fn seconds(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_are_plain_names_in_one_spelling() {
-        for ok in [
-            "20261121T020000Z-scheduled",
-            "20261121T020000Z-manual.2",
-            "20261121T020000Z-pre-migration.13",
-        ] {
-            assert!(is_valid_id(ok), "{ok}");
-        }
-        for bad in [
-            "../b/20261121T020000Z-scheduled",
-            "20261121T020000Z-scheduled/../../x",
-            "20261121T020000Z-other",
-            "20261121T020000Z-manual.02",
-            "20261121T020000Z-manual.1",
-            "20261121T020000Z-manual.",
-            "20261321T020000Z-manual",
-            "x0261121T020000Z-manual",
-            "",
-            "20261121T020000Z",
-        ] {
-            assert!(!is_valid_id(bad), "{bad}");
-        }
-        assert_eq!(
-            id_of_manifest_file("20261121T020000Z-manual.manifest.json"),
-            Some("20261121T020000Z-manual")
-        );
-        assert_eq!(id_of_manifest_file("x.manifest.json"), None);
-    }
-}
-
 /// Where the retired-key boundaries are remembered: `<state-dir>/key-boundaries.json`,
 /// `{ "<database>": { "<current key id>": ["<time>", "<backup id>"] } }`.
 const BOUNDARIES: &str = "key-boundaries.json";
@@ -283,4 +248,39 @@ pub fn remember_boundary(
     std::fs::rename(&tmp, state_dir.join(BOUNDARIES)).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_plain_names_in_one_spelling() {
+        for ok in [
+            "20261121T020000Z-scheduled",
+            "20261121T020000Z-manual.2",
+            "20261121T020000Z-pre-migration.13",
+        ] {
+            assert!(is_valid_id(ok), "{ok}");
+        }
+        for bad in [
+            "../b/20261121T020000Z-scheduled",
+            "20261121T020000Z-scheduled/../../x",
+            "20261121T020000Z-other",
+            "20261121T020000Z-manual.02",
+            "20261121T020000Z-manual.1",
+            "20261121T020000Z-manual.",
+            "20261321T020000Z-manual",
+            "x0261121T020000Z-manual",
+            "",
+            "20261121T020000Z",
+        ] {
+            assert!(!is_valid_id(bad), "{bad}");
+        }
+        assert_eq!(
+            id_of_manifest_file("20261121T020000Z-manual.manifest.json"),
+            Some("20261121T020000Z-manual")
+        );
+        assert_eq!(id_of_manifest_file("x.manifest.json"), None);
+    }
 }
