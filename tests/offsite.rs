@@ -54,6 +54,36 @@ fn archive_keys(s3: &S3Server, prefix: &str) -> Vec<String> {
     keys
 }
 
+/// Starts `run-job app.backup` (output captured) and returns once its multipart
+/// upload is under way.
+fn backup_mid_upload(w: &Workdir, s3: &S3Server) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_dbkeeper"))
+        .args(["run-job", "app.backup", "-c"])
+        .arg(w.config_path())
+        .envs(s3.env())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while s3.multipart_uploads().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no multipart upload started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+/// `destination = [<w>/backups, <s3>/<prefix>]` as TOML, with the folder and the URL.
+fn local_and_s3(w: &Workdir, s3: &S3Server, prefix: &str) -> (std::path::PathBuf, String, String) {
+    let local = w.path().join("backups");
+    let url = s3.url(prefix);
+    let toml = format!("[\"{}\", \"{url}\"]", local.display());
+    (local, url, toml)
+}
+
 fn make_sqlite(path: &Path, rows: u32) {
     sqlite(
         path,
@@ -84,16 +114,8 @@ fn sqlite_round_trip_with_a_local_and_an_s3_copy_and_restore_after_the_disk_is_g
     let s3 = S3Server::start();
     let w = Workdir::new();
     make_sqlite(&w.path().join("app.db"), 500);
-    let local = w.path().join("backups");
-    let url = s3.url("db");
-    w.write_config(
-        "",
-        &sqlite_config(
-            &w,
-            &format!("[\"{}\", \"{url}\"]", local.display()),
-            "verify = \"restore\"",
-        ),
-    );
+    let (local, url, both) = local_and_s3(&w, &s3, "db");
+    w.write_config("", &sqlite_config(&w, &both, "verify = \"restore\""));
     let out = ok(&w, &s3, &["run-job", "app.backup"]);
     assert!(out.contains("2 copies"), "{out}");
     assert_eq!(archives(&local, "app").len(), 1);
@@ -246,22 +268,8 @@ fn s3_stopped_mid_upload_fails_the_job_keeps_the_local_copy_and_the_next_run_suc
             "verify = \"read\"",
         ),
     );
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dbkeeper"));
-    cmd.args(["run-job", "app.backup", "-c"])
-        .arg(w.config_path())
-        .envs(s3.env())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().unwrap();
     // Stop the server once a multipart upload is under way.
-    let start = Instant::now();
-    while s3.multipart_uploads().is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no multipart upload started"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let child = backup_mid_upload(&w, &s3);
     s3.stop();
     let out = child.wait_with_output().unwrap();
     let said = text(&out);
@@ -308,19 +316,7 @@ fn a_killed_upload_leaves_nothing_visible_and_its_leftovers_are_cleaned() {
             "verify = \"none\"",
         ),
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dbkeeper"))
-        .args(["run-job", "app.backup", "-c"])
-        .arg(w.config_path())
-        .envs(s3.env())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while s3.multipart_uploads().is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut child = backup_mid_upload(&w, &s3);
     child.kill().unwrap();
     child.wait().unwrap();
     // Nothing under a backup's name: only the lease, and the unfinished upload.
@@ -448,12 +444,8 @@ fn the_daemon_reports_each_destination() {
     let s3 = S3Server::start();
     let w = Workdir::new();
     make_sqlite(&w.path().join("app.db"), 10);
-    let local = w.path().join("backups");
-    let url = s3.url("metrics");
-    w.write_config(
-        "",
-        &sqlite_config(&w, &format!("[\"{}\", \"{url}\"]", local.display()), ""),
-    );
+    let (local, url, both) = local_and_s3(&w, &s3, "metrics");
+    w.write_config("", &sqlite_config(&w, &both, ""));
     ok(&w, &s3, &["run-job", "app.backup"]);
     let daemon = w.start_with_envs(&s3.env());
     let dest_local = format!("destination=\"{}\"", local.display());
@@ -550,12 +542,8 @@ fn a_damaged_local_copy_is_restored_from_the_next_destination() {
     let s3 = S3Server::start();
     let w = Workdir::new();
     make_big_sqlite(&w.path().join("app.db"), 3);
-    let local = w.path().join("backups");
-    let url = s3.url("damaged");
-    w.write_config(
-        "",
-        &sqlite_config(&w, &format!("[\"{}\", \"{url}\"]", local.display()), ""),
-    );
+    let (local, url, both) = local_and_s3(&w, &s3, "damaged");
+    w.write_config("", &sqlite_config(&w, &both, ""));
     ok(&w, &s3, &["run-job", "app.backup"]);
     // A byte flipped in place after the first segment: the copy still lists as good.
     let archive = &archives(&local, "app")[0];

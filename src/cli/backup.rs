@@ -592,9 +592,10 @@ fn open_for_decrypt(
             bucket,
             prefix,
         } => {
-            let Some((dir, name)) = prefix.rsplit_once('/').or(Some(("", prefix.as_str()))) else {
+            let (dir, name) = prefix.rsplit_once('/').unwrap_or(("", prefix.as_str()));
+            if name.is_empty() {
                 bail!("{} names no object", args.archive);
-            };
+            }
             // A configured destination's settings (endpoint, credentials) apply to the
             // objects under it; otherwise the environment's.
             let bucket_dest = crate::config::DestinationConfig {
@@ -605,24 +606,8 @@ fn open_for_decrypt(
                 },
                 settings: Default::default(),
             };
-            let configured = destinations().find(|d| match (&d.location, &bucket_dest.location) {
-                (
-                    crate::config::Location::Remote {
-                        cloud: c1,
-                        bucket: b1,
-                        prefix: p1,
-                    },
-                    crate::config::Location::Remote {
-                        cloud: c2,
-                        bucket: b2,
-                        prefix: p2,
-                    },
-                ) => {
-                    c1 == c2
-                        && b1 == b2
-                        && (p1.is_empty() || p2 == p1 || p2.starts_with(&format!("{p1}/")))
-                }
-                _ => false,
+            let configured = destinations().find(|d| {
+                d.location == bucket_dest.location || d.location.contains(&bucket_dest.location)
             });
             let dest = match configured {
                 Some(d) => crate::config::DestinationConfig {

@@ -128,6 +128,39 @@ impl Location {
     pub fn is_local(&self) -> bool {
         matches!(self, Location::Local(_))
     }
+
+    /// Whether `inner` is strictly inside this location: a sub-folder (as far as the
+    /// file system resolves what exists) or a longer key prefix in the same bucket.
+    pub fn contains(&self, inner: &Location) -> bool {
+        match (inner, self) {
+            (Location::Local(i), Location::Local(o)) => {
+                let real = |p: &Path| {
+                    p.canonicalize()
+                        .unwrap_or_else(|_| p.components().collect::<PathBuf>())
+                };
+                let (i, o) = (real(i), real(o));
+                i != o && i.starts_with(&o)
+            }
+            (
+                Location::Remote {
+                    cloud: c1,
+                    bucket: b1,
+                    prefix: p1,
+                },
+                Location::Remote {
+                    cloud: c2,
+                    bucket: b2,
+                    prefix: p2,
+                },
+            ) => {
+                c1 == c2
+                    && b1 == b2
+                    && p1 != p2
+                    && (p2.is_empty() || p1.starts_with(&format!("{p2}/")))
+            }
+            _ => false,
+        }
+    }
 }
 
 fn percent_decode(s: &str) -> Option<String> {

@@ -1297,7 +1297,7 @@ impl Config {
             .collect();
         for (db, inner) in &all {
             for (other_db, outer) in &all {
-                if destination_inside(&inner.location, &outer.location) {
+                if outer.location.contains(&inner.location) {
                     return Err(self.invalid(
                         format!("{db}.backup.destination"),
                         format!(
@@ -1391,36 +1391,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-}
-
-/// Whether `inner` is strictly inside `outer`: a sub-folder (as far as the file
-/// system resolves what exists) or a longer key prefix in the same bucket.
-fn destination_inside(inner: &Location, outer: &Location) -> bool {
-    match (inner, outer) {
-        (Location::Local(i), Location::Local(o)) => {
-            let real = |p: &Path| {
-                p.canonicalize()
-                    .unwrap_or_else(|_| p.components().collect::<PathBuf>())
-            };
-            let (i, o) = (real(i), real(o));
-            i != o && i.starts_with(&o)
-        }
-        (
-            Location::Remote {
-                cloud: c1,
-                bucket: b1,
-                prefix: p1,
-            },
-            Location::Remote {
-                cloud: c2,
-                bucket: b2,
-                prefix: p2,
-            },
-        ) => {
-            c1 == c2 && b1 == b2 && p1 != p2 && (p2.is_empty() || p1.starts_with(&format!("{p2}/")))
-        }
-        _ => false,
     }
 }
 
