@@ -39,6 +39,7 @@ pub const BACKUP_PRUNED: &str = "dbkeeper_backup_pruned_total";
 pub const BACKUP_FUTURE_DATED: &str = "dbkeeper_backup_future_dated";
 pub const BACKUP_LAST_SUCCESS: &str = "dbkeeper_backup_last_success_timestamp_seconds";
 pub const BACKUP_UPLOAD_FAILURES: &str = "dbkeeper_backup_upload_failures_total";
+pub const DESTINATION_FREE: &str = "dbkeeper_destination_free_bytes";
 pub const RETENTION_DELETED: &str = "dbkeeper_retention_rows_deleted_total";
 pub const RETENTION_OLDEST: &str = "dbkeeper_retention_oldest_row_timestamp_seconds";
 pub const RETENTION_MAX_AGE: &str = "dbkeeper_retention_max_age_seconds";
@@ -198,6 +199,11 @@ fn describe() {
     describe_counter!(
         BACKUP_UPLOAD_FAILURES,
         "Backups a destination did not get (it could not be prepared, written, published or given its manifest)."
+    );
+    describe_gauge!(
+        DESTINATION_FREE,
+        Unit::Bytes,
+        "Free space at a folder destination (what an unprivileged writer may still add), read before each backup and with each catalog update."
     );
     describe_gauge!(
         BACKUP_FUTURE_DATED,
@@ -388,6 +394,11 @@ pub fn backup_destination(database: &str, destination: &str) {
         &backup_labels(database, destination)
     )
     .increment(0);
+}
+
+/// The free space read at a folder destination.
+pub fn destination_free(database: &str, destination: &str, bytes: u64) {
+    gauge!(DESTINATION_FREE, &backup_labels(database, destination)).set(bytes as f64);
 }
 
 pub fn backup_pruned(database: &str, destination: &str) {

@@ -9,7 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    archives, backup_table, metric_value, pg_server, psql, sqlite, sqlite_db, PgDb, Workdir,
+    archives, backup_table, metric_value, pg_server, psql, sqlite, sqlite_db, write_script, PgDb,
+    Tmpfs, Workdir,
 };
 use predicates::prelude::*;
 
@@ -499,29 +500,18 @@ fn full_destination_disk_fails_cleanly_and_frees_the_space() {
     let db = w.path().join("app.db");
     fill_sqlite(&db, 1);
     let dest = w.path().join("small");
-    std::fs::create_dir_all(&dest).expect("mkdir");
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
-        .arg(&dest)
-        .status()
-        .expect("mount");
-    assert!(
-        mounted.success(),
-        "this test mounts a 3 MiB tmpfs and must run as root"
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(dest.clone());
+    let _tmpfs = Tmpfs::mount(&dest, "3m");
     w.write_config(
         "",
         &sqlite_db(
             &w,
             "app",
-            &backup_table(&dest, Some(&key), "compression = \"none\""),
+            // The pre-flight check off: this is about a disk filling up mid-write.
+            &backup_table(
+                &dest,
+                Some(&key),
+                "compression = \"none\"\nfree-space-margin = 0",
+            ),
         ),
     );
     w.cmd(&["run-job", "app.backup"]).assert().success();
@@ -555,6 +545,96 @@ fn full_destination_disk_fails_cleanly_and_frees_the_space() {
     w.cmd(&["backup", "verify", "app"]).assert().success();
     let history = w.stdout(&["history", "app.backup"]);
     assert!(history.contains("No space left on device"), "{history}");
+}
+
+/// The pre-flight check: a folder without room for another backup as large as the
+/// newest one (× `free-space-margin`) gets none, and `pg_dump` does not even start
+/// when no destination qualifies; the older backups stay, other destinations still
+/// get theirs, and the free space is exported.
+#[test]
+fn preflight_refuses_a_small_destination_before_the_dump_starts() {
+    let w = Workdir::new();
+    let key = w.key("k");
+    let pg = PgDb::new("preflight");
+    pg.sql("CREATE TABLE blobs (data bytea); INSERT INTO blobs SELECT decode(string_agg(md5(random()::text), ''), 'hex') FROM generate_series(1, 80000);");
+    let small = w.path().join("small");
+    let _tmpfs = Tmpfs::mount(&small, "6m");
+    let big = w.path().join("big");
+    let marker = w.path().join("pg_dump-ran");
+    let wrapper = write_script(
+        w.path(),
+        "pg_dump",
+        &format!(
+            "#!/bin/sh
+touch '{}'
+exec pg_dump \"$@\"
+",
+            marker.display()
+        ),
+    );
+    let config = |dest: &str| {
+        w.write_config(
+            "",
+            &format!(
+                "[[database]]\nname = \"pg\"\nurl = \"{}\"\n[database.backup]\nschedule = \"manual\"\ndestination = {dest}\nencryption-key-file = \"{}\"\ncompression = \"none\"\nglobals = false\npg-dump = \"{}\"\n",
+                pg.url,
+                key.display(),
+                wrapper.display()
+            ),
+        )
+    };
+    config(&format!("\"{}\"", small.display()));
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    let first = dir_names(&small.join("pg"));
+    assert_eq!(first.len(), 2, "{first:?}");
+    let stored = archives(&small, "pg")[0].metadata().expect("stat").len();
+    // bytea is dumped as hex text.
+    assert!(
+        stored > 2_500_000 && stored < 2_700_000,
+        "a ~2.5 MiB archive: {stored}"
+    );
+
+    // ~3.5 MiB free < 2 × the newest backup: refused before pg_dump runs.
+    std::fs::remove_file(&marker).expect("marker");
+    w.cmd(&["run-job", "pg.backup"]).assert().code(1).stderr(
+        predicate::str::contains("pre-flight check")
+            .and(predicate::str::contains("free-space-margin"))
+            .and(predicate::str::contains(small.to_str().expect("utf-8"))),
+    );
+    assert!(!marker.exists(), "pg_dump never started");
+    assert_eq!(
+        dir_names(&small.join("pg")),
+        first,
+        "the older backup intact"
+    );
+
+    // With a second destination the backup goes there; the job still fails naming
+    // the small one, which keeps its older backup.
+    config(&format!("[\"{}\", \"{}\"]", small.display(), big.display()));
+    w.cmd(&["run-job", "pg.backup"]).assert().code(1).stderr(
+        predicate::str::contains("pre-flight check")
+            .and(predicate::str::contains("not in every destination")),
+    );
+    assert!(marker.exists(), "dumped for the other destination");
+    assert_eq!(archives(&big, "pg").len(), 1);
+    assert_eq!(dir_names(&small.join("pg")), first);
+
+    // A smaller margin lets it through; the daemon exports the free space.
+    config(&format!("\"{}\"\nfree-space-margin = 1.1", small.display()));
+    w.cmd(&["run-job", "pg.backup"]).assert().success();
+    assert_eq!(archives(&small, "pg").len(), 2);
+    let d = w.start();
+    let label = format!("destination=\"{}\"", small.display());
+    let labels = ["database=\"pg\"", label.as_str()];
+    d.wait_for("free space exported", Duration::from_secs(10), || {
+        d.metric("dbkeeper_destination_free_bytes", &labels)
+            .is_some()
+    });
+    let free = d
+        .metric("dbkeeper_destination_free_bytes", &labels)
+        .unwrap_or(0.0);
+    assert!(free > 0.0 && free < 2.0 * 1024.0 * 1024.0, "{free}");
+    w.cmd(&["backup", "verify", "pg"]).assert().success();
 }
 
 /// `keep` counts of `-1`/`"all"` and `within`, through the real binary: what

@@ -609,8 +609,18 @@ job_table! {
         /// --with-roles`. Default: `true`.
         #[serde(default = "yes")]
         pub globals: bool,
+        /// Pre-flight check: a folder destination must have at least the newest
+        /// backup's stored size × this much free space before a backup starts, or it
+        /// gets no copy of this one (the dump does not start if no destination
+        /// qualifies). `0` turns the check off. Default: `2.0`.
+        #[serde(default = "default_free_space_margin")]
+        pub free_space_margin: f64,
     }
     defaults(timeout = Duration::from_secs(6 * 3600), missed = Missed::RunOnce, retries = 0)
+}
+
+fn default_free_space_margin() -> f64 {
+    2.0
 }
 
 fn default_pg_dump() -> PathBuf {
@@ -1205,6 +1215,12 @@ impl Config {
                     range.start(),
                     range.end()
                 ),
+            ));
+        }
+        if !(b.free_space_margin.is_finite() && b.free_space_margin >= 0.0) {
+            return Err(self.invalid(
+                format!("{key}.free-space-margin"),
+                "must be a number ≥ 0 (0 turns the free-space check off)",
             ));
         }
         match (&b.encryption_key_file, b.encryption) {

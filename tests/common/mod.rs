@@ -439,6 +439,29 @@ pub fn sqlite_db(w: &Workdir, name: &str, backup: &str) -> String {
     )
 }
 
+/// A tmpfs of `size` (e.g. `"3m"`) mounted on `dir` (created) while it lives: a small
+/// disk. Root only.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount");
+        assert!(mounted.success(), "mounting a tmpfs needs root");
+        Tmpfs(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// The archives in `<dest>/<db>/`, sorted.
 pub fn archives(dest: &Path, db: &str) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dest.join(db))

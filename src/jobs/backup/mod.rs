@@ -128,6 +128,61 @@ impl BackupJob {
         }
     }
 
+    /// The pre-flight check: drops the folder destinations without room for another
+    /// backup as large as the newest one × `free-space-margin`, before anything is
+    /// dumped. A destination whose free space cannot be read (an object store) is
+    /// kept: its own errors will say more than a guess would.
+    fn preflight(&self, database: &str, ready: Vec<Place>, missed: &mut Missed) -> Vec<Place> {
+        let margin = self.cfg.free_space_margin;
+        let mut newest: Option<Option<u64>> = None;
+        let mut newest_size = || {
+            *newest.get_or_insert_with(|| {
+                let policy = self.trust_policy(database, false);
+                ready
+                    .iter()
+                    .filter_map(|p| catalog::list(&*p.store, &policy).ok())
+                    .flat_map(|listing| listing.backups)
+                    .max_by_key(|m| m.started_at)
+                    .map(|m| m.stored_bytes)
+            })
+        };
+        let mut kept = Vec::new();
+        for place in &ready {
+            let free = match place.store.free_bytes() {
+                Ok(Some(free)) => free,
+                Ok(None) => {
+                    kept.push(place.clone());
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(database, destination = %place.label(), "cannot read the free space: {e}");
+                    kept.push(place.clone());
+                    continue;
+                }
+            };
+            metrics::destination_free(database, &place.label(), free);
+            let last = if margin > 0.0 { newest_size() } else { None };
+            let needed = last.map(|b| (b as f64 * margin).ceil() as u64);
+            match (last, needed) {
+                (Some(last), Some(needed)) if free < needed => missed.add(
+                    database,
+                    place,
+                    std::io::Error::new(
+                        std::io::ErrorKind::StorageFull,
+                        format!(
+                            "pre-flight check: only {} free, but the newest backup took {} and free-space-margin is {margin} ({} needed), so nothing was written there; free space there or lower free-space-margin",
+                            human_bytes(free),
+                            human_bytes(last),
+                            human_bytes(needed)
+                        ),
+                    ),
+                ),
+                _ => kept.push(place.clone()),
+            }
+        }
+        kept
+    }
+
     /// Takes, verifies, stores and rotates one backup.
     pub async fn run(
         &self,
@@ -166,6 +221,7 @@ impl BackupJob {
                 Err(e) => missed.add(database, &place, e),
             }
         }
+        let ready = self.preflight(database, ready, &mut missed);
         if ready.is_empty() {
             return Err(missed.into_error(None, &[]));
         }
@@ -560,6 +616,9 @@ fn report_suspects(
 pub fn publish_catalog(database: &str, place: &Place, policy: &TrustPolicy, report: bool) {
     let dest = &*place.store;
     let destination = place.label();
+    if let Ok(Some(free)) = dest.free_bytes() {
+        metrics::destination_free(database, &destination, free);
+    }
     match catalog::list(dest, policy) {
         Ok(listing) => {
             let now = Utc::now();

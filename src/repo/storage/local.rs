@@ -331,6 +331,11 @@ impl Storage for Destination {
         self.real_dir()
     }
 
+    fn free_bytes(&self) -> io::Result<Option<u64>> {
+        let st = rustix::fs::statvfs(&self.dir)?;
+        Ok(Some(st.f_bavail.saturating_mul(st.f_frsize)))
+    }
+
     fn put(&self, name: &str) -> io::Result<Box<dyn Upload>> {
         Ok(Box::new(self.create_temp(bare(name)?)?))
     }

@@ -93,6 +93,14 @@ pub trait Storage: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// The bytes an unprivileged writer may still add to the namespace, where a
+    /// file system says (a folder); `None` where there is no such figure (an object
+    /// store). Read before a backup starts, so a destination too small for it is
+    /// dropped before anything is dumped.
+    fn free_bytes(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
+
     /// Whether a live writer still holds the published object `name` (the
     /// [`Publishing`] guard of its upload: its manifest is being written). Clean-ups
     /// never remove such an object.
