@@ -173,6 +173,10 @@ impl GaugeJob {
                 cap: self.cfg.max_series(),
             });
         }
+        if table.rows.is_empty() {
+            // No rows, no series (a SQLite column's type is known only from values).
+            return Ok((Vec::new(), 0));
+        }
         let value = table
             .numeric
             .iter()

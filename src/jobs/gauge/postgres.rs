@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use sqlx::postgres::{PgRow, PgValueRef};
-use sqlx::{AssertSqlSafe, Column, Row, SqlSafeStr, TypeInfo, ValueRef};
+use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
 use tokio_util::sync::CancellationToken;
 
 use super::{Cell, GaugeBackend, Table};
@@ -74,23 +74,7 @@ impl GaugeBackend for Postgres {
             }
         };
         let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-        let mut table = result?;
-        if table.columns.is_empty() {
-            // No rows: the columns still tell whether there is a value column.
-            let described = sqlx::Executor::describe(
-                &mut *conn,
-                AssertSqlSafe(query.to_owned()).into_sql_str(),
-            )
-            .await
-            .map_err(|e| self.query_error(e))?;
-            for column in described.columns() {
-                table.columns.push(column.name().to_owned());
-                table
-                    .numeric
-                    .push(NUMERIC.contains(&column.type_info().name()));
-            }
-        }
-        Ok(table)
+        result
     }
 
     async fn table_stats(&self, max: usize) -> Result<(Vec<TableStat>, usize), DbError> {
