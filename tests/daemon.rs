@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{metric_value, PgDb, Workdir};
+use common::{database, metric_value, PgDb, Workdir};
 
 const RUNS: &str = "dbkeeper_job_runs_total";
 
@@ -14,10 +14,6 @@ fn sql_job(name: &str, statement: &str, schedule: &str, extra: &str) -> String {
     format!(
         "[[database.sql]]\nname = \"{name}\"\nstatement = \"{statement}\"\nschedule = \"{schedule}\"\n{extra}\n"
     )
-}
-
-fn database(name: &str, url: &str, extra: &str) -> String {
-    format!("[[database]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
 }
 
 #[test]

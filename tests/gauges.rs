@@ -6,14 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{metric_value, sqlite, PgDb, Workdir};
+use common::{database, metric_value, sqlite, PgDb, Workdir};
 
 const VALUE: &str = "dbkeeper_query_value";
 const LAST_SUCCESS: &str = "dbkeeper_query_last_success_timestamp_seconds";
-
-fn database(name: &str, url: &str, extra: &str) -> String {
-    format!("[[database]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
-}
 
 fn gauge(name: &str, query: &str, schedule: &str, extra: &str) -> String {
     format!(

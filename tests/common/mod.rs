@@ -366,6 +366,11 @@ pub fn metric_value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
 }
 
+/// A `[[database]]` table; `extra` goes inside it (keys before any job table).
+pub fn database(name: &str, url: &str, extra: &str) -> String {
+    format!("[[database]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
+}
+
 /// Asserts that `promtool check metrics` accepts a scrape.
 pub fn promtool_check_metrics(scrape: &str) {
     let out = Command::new("promtool")

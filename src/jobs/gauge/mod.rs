@@ -332,13 +332,17 @@ mod tests {
         for name in [
             "job", "gauge", "database", "instance", "__x", "1a", "a-b", "",
         ] {
-            let t = table(&[name, "n"], &[false, true], vec![]);
+            let row = vec![Cell::Text("a".into()), Cell::Int(1)];
+            let t = table(&[name, "n"], &[false, true], vec![row]);
             let err = job(10).series(t).unwrap_err();
             assert!(matches!(err, GaugeError::BadLabel { .. }), "{name}: {err}");
             assert!(err.to_string().contains("rename it"), "{err}");
         }
-        let t = table(&["s"], &[false], vec![]);
+        let t = table(&["s"], &[false], vec![vec![Cell::Text("a".into())]]);
         assert!(matches!(job(10).series(t), Err(GaugeError::NoValue { .. })));
+        // No rows: no series, whatever the columns.
+        let t = table(&["job"], &[false], vec![]);
+        assert_eq!(job(10).series(t).unwrap(), (Vec::new(), 0));
         let row = || vec![Cell::Text("a".into()), Cell::Int(1)];
         let t = table(&["s", "n"], &[false, true], vec![row(), row()]);
         let err = job(10).series(t).unwrap_err();

@@ -27,25 +27,11 @@ impl GaugeBackend for Postgres {
         timeout: Duration,
         cancel: &CancellationToken,
     ) -> Result<Table, DbError> {
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| self.connect_error(e))?;
-        // The connection goes away with its transaction state whatever happens.
-        conn.close_on_drop();
-        let setup = format!(
-            "BEGIN READ ONLY; {}",
-            set_timeout(Scope::Transaction, Timeout::Statement, Some(timeout))
-        );
-        sqlx::raw_sql(AssertSqlSafe(setup))
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| self.query_error(e))?;
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| self.query_error(e))?;
+        let setup = [
+            "BEGIN READ ONLY".to_owned(),
+            set_timeout(Scope::Transaction, Timeout::Statement, Some(timeout)),
+        ];
+        let (mut conn, pid) = self.own_session(&setup).await?;
         // The operator's query, sent as one prepared statement: a second statement
         // (`COMMIT; DELETE …`) is a syntax error, so the read-only transaction holds.
         let read = async {
