@@ -507,11 +507,13 @@ pub fn config_loaded(success: bool, at: DateTime<Utc>) {
     }
 }
 
-/// Creates the series of a query gauge that exist before its first run.
+/// Creates the series of a query gauge that exist before its first run. Called at
+/// every (re)load: a series that exists keeps its value (adding 0), so a reload does
+/// not make the gauge look stale.
 pub fn register_query_gauge(database: &str, gauge: &str, help: Option<&str>) {
     let l = query_labels(database, gauge);
-    gauge!(QUERY_LAST_SUCCESS, &l).set(0.0);
-    gauge!(QUERY_SKIPPED_ROWS, &l).set(0.0);
+    gauge!(QUERY_LAST_SUCCESS, &l).increment(0.0);
+    gauge!(QUERY_SKIPPED_ROWS, &l).increment(0.0);
     if let Some(help) = help {
         let mut with_help = l.to_vec();
         with_help.push(("help", help.to_owned()));

@@ -452,3 +452,46 @@ fn bad_gauge_config_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("without table-stats = true"));
 }
+
+/// A reload keeps a gauge's values and staleness timestamp; a reload that removes
+/// the gauge removes its series.
+#[test]
+fn reloads_keep_gauge_values_and_removal_drops_them() {
+    let w = Workdir::new();
+    let file = w.path().join("app.db");
+    sqlite(
+        &file,
+        "CREATE TABLE t(k TEXT, v INTEGER); INSERT INTO t VALUES ('a',1),('b',2);",
+    );
+    let url = format!("sqlite://{}", file.display());
+    let config = |gauges: &str| format!("{}{gauges}", database("lite", &url, ""));
+    let kept = gauge("kept", "SELECT k, v FROM t", "@startup", "");
+    let gone = gauge("gone", "SELECT k, v * 10 FROM t", "@startup", "");
+    w.write_config("", &config(&format!("{kept}{gone}")));
+    let d = w.start();
+    d.wait_for("both gauges", Duration::from_secs(20), || {
+        let m = d.metrics();
+        series_of(&m, "kept").len() == 2 && series_of(&m, "gone").len() == 2
+    });
+    let stamp = d.metric(LAST_SUCCESS, &["gauge=\"kept\""]).unwrap();
+    assert!(stamp > 0.0);
+    w.write_config("", &config(&kept));
+    d.signal("HUP");
+    d.wait_for(
+        "the removed gauge's series gone",
+        Duration::from_secs(20),
+        || series_of(&d.metrics(), "gone").is_empty(),
+    );
+    let m = d.metrics();
+    assert_eq!(
+        metric_value(&m, LAST_SUCCESS, &["gauge=\"kept\""]),
+        Some(stamp)
+    );
+    assert_eq!(
+        series_of(&m, "kept"),
+        [
+            "dbkeeper_query_value{database=\"lite\",gauge=\"kept\",k=\"a\"} 1",
+            "dbkeeper_query_value{database=\"lite\",gauge=\"kept\",k=\"b\"} 2",
+        ]
+    );
+}
