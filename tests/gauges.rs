@@ -280,6 +280,25 @@ fn the_series_cap_and_reserved_labels_fail_the_run() {
         "{out}"
     );
 
+    // `check` runs the queries too and refuses what a run would refuse.
+    let out = w.cmd(&["check"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("job lite.gauge.fits: query returns 3 series"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "job lite.gauge.capped: CONFIG ERROR: gauge \"capped\" returned more than 2 rows"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("job lite.gauge.reserved: CONFIG ERROR"),
+        "{text}"
+    );
+
     // On the daemon: the capped gauge exports nothing and counts a failure.
     w.write_config(
         "",

@@ -264,7 +264,8 @@ impl Job {
                     notes.push(format!("{} migrations pending", status.pending.len()));
                 }
             }
-            Work::Backup(_) | Work::Sql(_) | Work::Gauge(_) | Work::TableStats(_) => {}
+            Work::Gauge(g) => notes.push(g.check(&self.database, self.options.timeout).await?),
+            Work::Backup(_) | Work::Sql(_) | Work::TableStats(_) => {}
         }
         Ok(notes)
     }

@@ -128,6 +128,20 @@ impl GaugeJob {
         metrics::register_query_gauge(database, &self.cfg.name, self.cfg.help.as_deref());
     }
 
+    /// What `dbkeeper check` asks: the query runs (read-only, as always) and its
+    /// rows make valid series. Returns a note with their number.
+    pub async fn check(&self, db: &Database, timeout: Duration) -> Result<String, GaugeError> {
+        let never = CancellationToken::new();
+        let cap = self.cfg.max_series();
+        let table =
+            with_backend!(db, b => b.read_only(&self.cfg.query, cap, timeout, &never).await)?;
+        let (rows, skipped) = self.series(table)?;
+        Ok(format!(
+            "query returns {} series ({skipped} rows with a NULL value)",
+            rows.len()
+        ))
+    }
+
     pub async fn run(
         &self,
         job: &str,
