@@ -376,6 +376,36 @@ fn writes_in_gauge_queries_fail_and_change_nothing() {
         sqlite(&file, "SELECT group_concat(v) FROM t").trim(),
         "1,2,3"
     );
+
+    // PostgreSQL stops reading at the cap (the rest of a huge result is never
+    // fetched), and the job's timeout is the statement's.
+    w.write_config(
+        "",
+        &format!(
+            "{}{}{}",
+            database("pg", &pg.url, ""),
+            gauge(
+                "huge",
+                "SELECT g::text AS k, 1 AS v FROM generate_series(1, 5000000) g",
+                "manual",
+                "max-series = 5"
+            ),
+            gauge(
+                "slow",
+                "SELECT 1 AS v FROM pg_sleep(30)",
+                "manual",
+                "timeout = \"1s\""
+            ),
+        ),
+    );
+    let started = std::time::Instant::now();
+    let (code, out) = run_job(&w, "pg.gauge.huge");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("more than 5 rows (max-series)"), "{out}");
+    let (code, out) = run_job(&w, "pg.gauge.slow");
+    assert_eq!(code, 1, "{out}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{out}");
+    assert_eq!(pg.sleeping_sessions(), 0, "the slow query was stopped");
 }
 
 /// PostgreSQL table stats: rows after ANALYZE, total bytes, scan counters; only the
