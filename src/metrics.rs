@@ -50,6 +50,14 @@ pub const MIGRATIONS_APPLIED_VERSION: &str = "dbkeeper_migrations_applied_versio
 pub const MIGRATIONS_CHECKSUM_MISMATCH: &str = "dbkeeper_migrations_checksum_mismatch";
 pub const MIGRATIONS_BLOCKED: &str = "dbkeeper_migrations_blocked";
 pub const PING_FAILURES: &str = "dbkeeper_ping_failures_total";
+pub const QUERY_VALUE: &str = "dbkeeper_query_value";
+pub const QUERY_LAST_SUCCESS: &str = "dbkeeper_query_last_success_timestamp_seconds";
+pub const QUERY_SKIPPED_ROWS: &str = "dbkeeper_query_skipped_rows";
+pub const QUERY_INFO: &str = "dbkeeper_query_info";
+pub const TABLE_ROWS: &str = "dbkeeper_table_rows";
+pub const TABLE_BYTES: &str = "dbkeeper_table_bytes";
+pub const TABLE_SEQ_SCANS: &str = "dbkeeper_table_seq_scans_total";
+pub const TABLE_INDEX_SCANS: &str = "dbkeeper_table_index_scans_total";
 
 /// Buckets of `job_duration_seconds`: from a fast `ANALYZE` to a multi-hour dump.
 const DURATION_BUCKETS: &[f64] = &[
@@ -242,6 +250,19 @@ fn describe() {
         "Dead-man pings (ping-url) that did not reach the monitor after their retries."
     );
     describe_gauge!(
+        QUERY_LAST_SUCCESS,
+        Unit::Seconds,
+        "Start time of the query gauge's latest successful run (0: none since start-up)."
+    );
+    describe_gauge!(
+        QUERY_SKIPPED_ROWS,
+        "Rows of the gauge's latest successful run whose value was NULL (not exported)."
+    );
+    describe_gauge!(
+        QUERY_INFO,
+        "Always 1; the help label says what the query gauge measures."
+    );
+    describe_gauge!(
         MIGRATIONS_BLOCKED,
         "Problems that block applying migrations (dirty, drift, missing, out-of-order, duplicate versions)."
     );
@@ -306,6 +327,7 @@ pub fn register_job(
 /// A reload removed the job. Its series cannot be deleted from the recorder, so
 /// they are set so that no schedule-based alert fires for it until the next restart.
 pub fn job_removed(job: JobLabels<'_>) {
+    data_series().forget(job.job);
     let l = job.pairs();
     gauge!(JOB_EXPECTED_INTERVAL, &l).set(0.0);
     gauge!(JOB_NEXT_RUN, &l).set(0.0);
@@ -493,5 +515,257 @@ pub fn config_loaded(success: bool, at: DateTime<Utc>) {
     gauge!(CONFIG_RELOAD_OK).set(if success { 1.0 } else { 0.0 });
     if success {
         gauge!(CONFIG_RELOAD_TS).set(ts(Some(at)));
+    }
+}
+
+/// Creates the series of a query gauge that exist before its first run. Called at
+/// every (re)load: a series that exists keeps its value (adding 0), so a reload does
+/// not make the gauge look stale.
+pub fn register_query_gauge(database: &str, gauge: &str, help: Option<&str>) {
+    let l = query_labels(database, gauge);
+    gauge!(QUERY_LAST_SUCCESS, &l).increment(0.0);
+    gauge!(QUERY_SKIPPED_ROWS, &l).increment(0.0);
+    if let Some(help) = help {
+        let mut with_help = l.to_vec();
+        with_help.push(("help", help.to_owned()));
+        gauge!(QUERY_INFO, &with_help).set(1.0);
+    }
+}
+
+fn query_labels(database: &str, gauge: &str) -> [(&'static str, String); 2] {
+    [
+        ("database", database.to_owned()),
+        ("gauge", gauge.to_owned()),
+    ]
+}
+
+/// A successful run of a query gauge: its rows replace every `query_value` series
+/// the job `job` exported before (rows that are gone lose their series).
+pub fn query_gauge(
+    job: &str,
+    database: &str,
+    gauge: &str,
+    started: DateTime<Utc>,
+    rows: &[(Vec<(String, String)>, f64)],
+    skipped: usize,
+) {
+    let series = rows
+        .iter()
+        .map(|(labels, value)| {
+            let mut all = vec![
+                ("database".to_owned(), database.to_owned()),
+                ("gauge".to_owned(), gauge.to_owned()),
+            ];
+            all.extend(labels.iter().cloned());
+            (all, *value)
+        })
+        .collect();
+    data_series().replace(job, &[QUERY_VALUE], vec![(QUERY_VALUE, series)]);
+    let l = query_labels(database, gauge);
+    gauge!(QUERY_LAST_SUCCESS, &l).set(ts(Some(started)));
+    gauge!(QUERY_SKIPPED_ROWS, &l).set(skipped as f64);
+}
+
+/// One table's figures from a `table-stats` run. The scan counters are PostgreSQL's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableStat {
+    pub table: String,
+    pub rows: f64,
+    pub bytes: f64,
+    pub seq_scans: Option<f64>,
+    pub index_scans: Option<f64>,
+}
+
+/// A successful `table-stats` run: its tables replace those the job `job` exported
+/// before (a dropped table loses its series).
+pub fn table_stats(job: &str, database: &str, tables: &[TableStat]) {
+    let families = [TABLE_ROWS, TABLE_BYTES, TABLE_SEQ_SCANS, TABLE_INDEX_SCANS];
+    let mut series: Vec<(&'static str, Vec<Series>)> =
+        families.iter().map(|f| (*f, Vec::new())).collect();
+    for t in tables {
+        let labels = vec![
+            ("database".to_owned(), database.to_owned()),
+            ("table".to_owned(), t.table.clone()),
+        ];
+        let values = [Some(t.rows), Some(t.bytes), t.seq_scans, t.index_scans];
+        for ((_, list), value) in series.iter_mut().zip(values) {
+            if let Some(v) = value {
+                list.push((labels.clone(), v));
+            }
+        }
+    }
+    data_series().replace(job, &families, series);
+}
+
+/// Renders the recorder's series followed by the data-defined ones.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    data_series().render_into(&mut text);
+    text
+}
+
+/// One series: its labels (in order) and value.
+type Series = (Vec<(String, String)>, f64);
+
+/// Series whose label sets come from the data (the rows of a query gauge, the
+/// tables of a database) and so must be able to disappear. The `metrics` recorder
+/// cannot delete a series, so these are kept here, per job and family, and
+/// appended to the recorder's output on every scrape.
+#[derive(Default)]
+struct DataSeries {
+    /// `(family, job)` → the series that job exported in that family at its last
+    /// successful run.
+    series: std::sync::Mutex<std::collections::BTreeMap<(&'static str, String), Vec<Series>>>,
+}
+
+/// The families [`DataSeries`] holds: name, type and help.
+const DATA_FAMILIES: [(&str, &str, &str); 5] = [
+    (
+        QUERY_VALUE,
+        "gauge",
+        "Value of a query gauge's row; the other columns are labels.",
+    ),
+    (
+        TABLE_ROWS,
+        "gauge",
+        "Rows in the table (PostgreSQL: the planner's estimate; SQLite: count(*)).",
+    ),
+    (
+        TABLE_BYTES,
+        "gauge",
+        "Bytes the table takes with its indexes (and TOAST on PostgreSQL).",
+    ),
+    (
+        TABLE_SEQ_SCANS,
+        "counter",
+        "Sequential scans of the table since statistics were reset (PostgreSQL).",
+    ),
+    (
+        TABLE_INDEX_SCANS,
+        "counter",
+        "Index scans on the table since statistics were reset (PostgreSQL).",
+    ),
+];
+
+fn data_series() -> &'static DataSeries {
+    static SERIES: OnceLock<DataSeries> = OnceLock::new();
+    SERIES.get_or_init(DataSeries::default)
+}
+
+impl DataSeries {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<(&'static str, String), Vec<Series>>>
+    {
+        self.series.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces what `job` exported in `families` by `series`, at once: a scrape
+    /// sees the old run's series or the new one's, never a mix.
+    fn replace(
+        &self,
+        job: &str,
+        families: &[&'static str],
+        series: Vec<(&'static str, Vec<Series>)>,
+    ) {
+        let mut all = self.lock();
+        for family in families {
+            all.remove(&(*family, job.to_owned()));
+        }
+        for (family, list) in series {
+            if !list.is_empty() {
+                all.insert((family, job.to_owned()), list);
+            }
+        }
+    }
+
+    /// Drops every series of `job` (a reload removed it).
+    fn forget(&self, job: &str) {
+        self.lock().retain(|(_, owner), _| owner != job);
+    }
+
+    /// Appends the families in the text format, each under one HELP and TYPE.
+    fn render_into(&self, out: &mut String) {
+        use std::fmt::Write;
+        let all = self.lock();
+        for (family, kind, help) in DATA_FAMILIES {
+            let mut lines = all
+                .range((family, String::new())..)
+                .take_while(|((f, _), _)| *f == family)
+                .flat_map(|(_, list)| list)
+                .peekable();
+            if lines.peek().is_none() {
+                continue;
+            }
+            if !out.is_empty() && !out.ends_with('\n') {
+                out.push('\n');
+            }
+            let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} {kind}");
+            for (labels, value) in lines {
+                let labels: Vec<String> = labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
+                    .collect();
+                let _ = writeln!(out, "{family}{{{}}} {}", labels.join(","), number(*value));
+            }
+            out.push('\n');
+        }
+    }
+}
+
+/// A label value in the text format: backslash, double quote and newline escaped.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// A sample value in the text format.
+fn number(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".to_owned()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.to_owned()
+    } else {
+        v.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(pairs: &[(&str, &str)], v: f64) -> Series {
+        let labels = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        (labels, v)
+    }
+
+    #[test]
+    fn data_series_are_replaced_per_job_and_rendered_once_per_family() {
+        let data = DataSeries::default();
+        let a = series(&[("database", "d"), ("status", "open")], 3.0);
+        let b = series(&[("database", "d"), ("status", "a\"b\\c\nd")], 1.5);
+        data.replace("d.gauge.x", &[QUERY_VALUE], vec![(QUERY_VALUE, vec![a, b])]);
+        let c = series(&[("database", "e")], f64::INFINITY);
+        data.replace("e.gauge.y", &[QUERY_VALUE], vec![(QUERY_VALUE, vec![c])]);
+        let mut text = String::new();
+        data.render_into(&mut text);
+        assert_eq!(text.matches("# TYPE dbkeeper_query_value gauge").count(), 1);
+        assert!(text.contains("dbkeeper_query_value{database=\"d\",status=\"open\"} 3\n"));
+        assert!(text.contains("status=\"a\\\"b\\\\c\\nd\"} 1.5\n"), "{text}");
+        assert!(text.contains("dbkeeper_query_value{database=\"e\"} +Inf\n"));
+        // A run with no rows removes the job's series; the other job keeps its own.
+        data.replace("d.gauge.x", &[QUERY_VALUE], vec![(QUERY_VALUE, vec![])]);
+        let mut text = String::new();
+        data.render_into(&mut text);
+        assert!(!text.contains("database=\"d\""), "{text}");
+        assert!(text.contains("database=\"e\""));
+        data.forget("e.gauge.y");
+        let mut text = String::new();
+        data.render_into(&mut text);
+        assert!(text.is_empty(), "{text}");
     }
 }

@@ -31,6 +31,14 @@ enum ScheduleKind {
 }
 
 impl Schedule {
+    /// `every <d>`, for a default written in code.
+    pub fn every(d: Duration) -> Self {
+        Schedule {
+            text: format!("every {}", humantime::format_duration(d)),
+            kind: ScheduleKind::Every(d),
+        }
+    }
+
     /// The schedule as written in the config.
     pub fn as_str(&self) -> &str {
         &self.text

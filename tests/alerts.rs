@@ -201,7 +201,8 @@ fn query(prom: &Prometheus, expr: &str) -> Option<Vec<serde_json::Value>> {
 /// Every query of the shipped dashboard, with its template variable filled in as
 /// Grafana would (the one instance, regex-escaped), is accepted by Prometheus; those
 /// over series that a failed-then-fixed backup job produces return data. Retention,
-/// migration and refresh panels have no job of theirs here and may be empty.
+/// migration, refresh, query-gauge and table panels have no job of theirs here and
+/// may be empty.
 fn dashboard_queries_return_data(prom: &Prometheus) {
     // Nothing was renamed on the way in: the scrape job is `job`, the dbkeeper job
     // `job_id`.
@@ -244,7 +245,7 @@ fn dashboard_queries_return_data(prom: &Prometheus) {
                     .replace("$instance", &instance);
                 let result = query(prom, &expr)
                     .unwrap_or_else(|| panic!("Prometheus refused {expr:?} of {}", panel["title"]));
-                let optional = ["retention_", "migrations_", "refresh_"]
+                let optional = ["retention_", "migrations_", "refresh_", "query_", "table_"]
                     .iter()
                     .any(|m| expr.contains(&format!("dbkeeper_{m}")));
                 if !optional {
@@ -301,6 +302,8 @@ fn grafana_dashboard_is_valid_and_uses_real_metrics() {
         dbkeeper::metrics::MIGRATIONS_PENDING,
         dbkeeper::metrics::MIGRATIONS_APPLIED_VERSION,
         dbkeeper::metrics::MIGRATIONS_CHECKSUM_MISMATCH,
+        dbkeeper::metrics::QUERY_VALUE,
+        dbkeeper::metrics::TABLE_BYTES,
     ]
     .to_vec();
     let panels = dash["panels"].as_array().expect("panels");

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{metric_value, PgDb, Workdir};
+use common::{database, metric_value, PgDb, Workdir};
 
 const RUNS: &str = "dbkeeper_job_runs_total";
 
@@ -16,18 +16,18 @@ fn sql_job(name: &str, statement: &str, schedule: &str, extra: &str) -> String {
     )
 }
 
-fn database(name: &str, url: &str, extra: &str) -> String {
-    format!("[[database]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
-}
-
 #[test]
 fn metrics_pass_promtool_and_show_success_and_failure() {
     let w = Workdir::new();
     w.write_config(
         "",
         &format!(
-            "{}{}{}{}",
-            database("lite", &w.sqlite_url("lite.db"), ""),
+            "{}{}{}{}{}",
+            database(
+                "lite",
+                &w.sqlite_url("lite.db"),
+                "table-stats = true\ntable-stats-schedule = \"every 1s\""
+            ),
             sql_job(
                 "ok",
                 "CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1)",
@@ -36,6 +36,9 @@ fn metrics_pass_promtool_and_show_success_and_failure() {
             ),
             sql_job("bad", "SELECT * FROM no_such_table", "every 1s", ""),
             sql_job("by-hand", "SELECT 1", "manual", ""),
+            // The data-defined series (issue 15) are in the scrape promtool checks.
+            "[[database.gauge]]\nname = \"rows\"\nschedule = \"every 1s\"\n\
+             query = \"SELECT 'x\\\"y' AS k, count(*) AS n FROM t\"\n",
         ),
     );
     let d = w.start();
@@ -45,27 +48,12 @@ fn metrics_pass_promtool_and_show_success_and_failure() {
         let m = d.metrics();
         metric_value(&m, RUNS, &ok).unwrap_or(0.0) >= 1.0
             && metric_value(&m, RUNS, &bad).unwrap_or(0.0) >= 1.0
+            && metric_value(&m, "dbkeeper_query_value", &["gauge=\"rows\""]).is_some()
+            && metric_value(&m, "dbkeeper_table_bytes", &["table=\"t\""]).is_some()
     });
     let m = d.metrics();
 
-    let out = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child.stdin.take().expect("stdin").write_all(m.as_bytes())?;
-            child.wait_with_output()
-        })
-        .expect("promtool must be installed (apt-get install prometheus; see .ci/run)");
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::promtool_check_metrics(&m);
 
     let now = chrono::Utc::now().timestamp() as f64;
     let gauge = |name: &str, job: &str| {

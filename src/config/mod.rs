@@ -216,6 +216,55 @@ pub struct DatabaseConfig {
     /// `[[database.sql]]`: statements run on a schedule. Default: none.
     #[serde(default)]
     pub sql: Vec<SqlJobConfig>,
+    /// `[[database.gauge]]`: read-only queries whose results are exported as
+    /// `dbkeeper_query_value`. Default: none.
+    #[serde(default)]
+    pub gauge: Vec<GaugeConfig>,
+    /// Export per-table rows, bytes and (PostgreSQL) scan counts from the
+    /// `<database>.table-stats` job. Default: `false`.
+    #[serde(default)]
+    pub table_stats: bool,
+    /// When the `table-stats` job runs (any job schedule). Default: `every 5m`.
+    #[serde(default)]
+    pub table_stats_schedule: Option<crate::schedule::Schedule>,
+    /// At most this many tables get series, the largest (total bytes) first.
+    /// Default: `100`.
+    #[serde(default)]
+    pub table_stats_max_tables: Option<usize>,
+}
+
+/// `table-stats-schedule` when none is written (`every 5m`): often enough for
+/// growth graphs, rarely enough that SQLite's `count(*)` over every table stays cheap.
+pub const DEFAULT_TABLE_STATS_INTERVAL: Duration = Duration::from_secs(300);
+/// `table-stats-max-tables` and `max-series` when none is written.
+pub const DEFAULT_MAX_SERIES: usize = 100;
+/// The largest `max-series` and `table-stats-max-tables` accepted: beyond this a
+/// scrape grows into megabytes.
+pub const MAX_MAX_SERIES: usize = 10_000;
+
+impl DatabaseConfig {
+    /// The options of the `<database>.table-stats` job: its schedule, a 5-minute
+    /// timeout, no retries, and `missed = "skip"` (the next slot refreshes it).
+    pub fn table_stats_options(&self, notify: Option<&NotifyConfig>) -> JobOptions {
+        JobOptions {
+            schedule: self
+                .table_stats_schedule
+                .clone()
+                .unwrap_or_else(|| crate::schedule::Schedule::every(DEFAULT_TABLE_STATS_INTERVAL)),
+            timezone: Default::default(),
+            timeout: Duration::from_secs(300),
+            retries: 0,
+            retry_backoff: Duration::from_secs(30),
+            jitter: Duration::ZERO,
+            missed: Missed::Skip,
+            ping: PingTarget::resolve(None, None, notify),
+        }
+    }
+
+    /// `table-stats-max-tables` with its default.
+    pub fn table_stats_max_tables(&self) -> usize {
+        self.table_stats_max_tables.unwrap_or(DEFAULT_MAX_SERIES)
+    }
 }
 
 /// By hand, so that a password written into `url` against advice stays out of logs.
@@ -233,6 +282,10 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("refresh", &self.refresh)
             .field("migrate", &self.migrate)
             .field("sql", &self.sql)
+            .field("gauge", &self.gauge)
+            .field("table_stats", &self.table_stats)
+            .field("table_stats_schedule", &self.table_stats_schedule)
+            .field("table_stats_max_tables", &self.table_stats_max_tables)
             .finish()
     }
 }
@@ -252,6 +305,36 @@ job_table! {
         pub statement: String,
     }
     defaults(timeout = Duration::from_secs(3600), missed = Missed::Skip, retries = 0)
+}
+
+job_table! {
+    /// `[[database.gauge]]`: a read-only query run on a schedule; its rows become
+    /// `dbkeeper_query_value{database, gauge, <label columns>}` series.
+    pub struct GaugeConfig {
+        /// Gauge name, unique per database: the `gauge` label and the job id
+        /// `<database>.gauge.<name>`. Required.
+        pub name: String,
+        /// One SQL query. The first numeric column is the value, every other column
+        /// a label named after it. Run in a read-only transaction (PostgreSQL) or on
+        /// a `query_only` connection (SQLite). Required.
+        pub query: String,
+        /// Most rows (series) one run may return; a run returning more fails and
+        /// exports nothing. Default: `100`, at most `10000`.
+        #[serde(default)]
+        pub max_series: Option<usize>,
+        /// What the gauge measures, exported as the `help` label of
+        /// `dbkeeper_query_info`. Default: none.
+        #[serde(default)]
+        pub help: Option<String>,
+    }
+    defaults(timeout = Duration::from_secs(60), missed = Missed::RunOnce, retries = 0)
+}
+
+impl GaugeConfig {
+    /// `max-series` with its default.
+    pub fn max_series(&self) -> usize {
+        self.max_series.unwrap_or(DEFAULT_MAX_SERIES)
+    }
 }
 
 /// How `[[database.retention]]` removes expired data.
@@ -1020,6 +1103,7 @@ impl Config {
                     ));
                 }
             }
+            self.validate_gauges(&key, db)?;
         }
         Ok(())
     }
@@ -1455,7 +1539,55 @@ impl Config {
                 &s.options(self.notify.as_ref()),
             )?;
         }
+        for g in &db.gauge {
+            self.validate_job_options(
+                &format!("{key}.gauge \"{}\"", g.name),
+                &g.options(self.notify.as_ref()),
+            )?;
+        }
         Ok(())
+    }
+
+    /// `[[database.gauge]]` entries and the `table-stats` keys.
+    fn validate_gauges(&self, key: &str, db: &DatabaseConfig) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        let cap = 1..=MAX_MAX_SERIES as u64;
+        for g in &db.gauge {
+            let k = format!("{key}.gauge \"{}\"", g.name);
+            self.claim_name(&mut names, &k, &g.name)?;
+            if g.query.trim().is_empty() {
+                return Err(self.invalid(
+                    format!("{k}.query"),
+                    "is empty; write the SELECT whose rows are the gauge's series",
+                ));
+            }
+            self.count(
+                format!("{k}.max-series"),
+                g.max_series() as u64,
+                cap.clone(),
+            )?;
+        }
+        if !db.table_stats {
+            for (set, name) in [
+                (db.table_stats_schedule.is_some(), "table-stats-schedule"),
+                (
+                    db.table_stats_max_tables.is_some(),
+                    "table-stats-max-tables",
+                ),
+            ] {
+                if set {
+                    return Err(self.invalid(
+                        format!("{key}.{name}"),
+                        "has no effect without table-stats = true; add that or remove this key",
+                    ));
+                }
+            }
+        }
+        self.count(
+            format!("{key}.table-stats-max-tables"),
+            db.table_stats_max_tables() as u64,
+            cap,
+        )
     }
 }
 

@@ -691,3 +691,45 @@ fn a_destination_inside_another_is_refused() {
     assert!(err.contains("lies inside"), "{err}");
     with_destination(r#"["/tmp/x", "/tmp/xy", "s3://b/p", "s3://b/pq", "s3://c/p"]"#).unwrap();
 }
+
+/// The commented gauge of the example config is valid once uncommented, and so is
+/// `table-stats` on its database.
+#[test]
+fn example_gauge_parses_when_uncommented() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/dbkeeper.example.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut inside = false;
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("password-file"))
+        .map(|l| {
+            inside |= l == "# [[database.gauge]]";
+            let line = match l.strip_prefix("# ") {
+                Some(rest) if inside => rest.split(" #").next().unwrap_or(rest).to_owned(),
+                _ => l.to_owned(),
+            };
+            inside &= !l.starts_with("# help");
+            line
+        })
+        .collect();
+    let text = lines
+        .join("\n")
+        .replace(
+            "[database.backup]",
+            "[database.backup]\nencryption = \"none\"",
+        )
+        .replacen(
+            "[database.backup]",
+            "table-stats = true\n[database.backup]",
+            1,
+        );
+    let text = text.replace("encryption-key-file", "# encryption-key-file");
+    let c = Config::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+    let db = &c.databases[0];
+    assert!(db.table_stats);
+    let g = db.gauge.first().expect("the example gauge");
+    assert_eq!((g.name.as_str(), g.max_series()), ("tickets", 20));
+    assert_eq!(g.options(None).schedule.as_str(), "every 1m");
+    assert_eq!(db.table_stats_options(None).schedule.as_str(), "every 5m");
+    assert_eq!(db.table_stats_max_tables(), 100);
+}

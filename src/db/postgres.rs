@@ -847,6 +847,24 @@ impl Postgres {
         sql: String,
         cancel: &CancellationToken,
     ) -> Result<u64, DbError> {
+        let (mut conn, pid) = self.own_session(setup).await?;
+        let script = sqlx::raw_sql(AssertSqlSafe(sql));
+        tokio::select! {
+            result = script.execute(&mut *conn) => Ok(result.map_err(|e| self.query_error(e))?.rows_affected()),
+            _ = cancel.cancelled() => {
+                self.cancel_backend(pid).await;
+                Err(DbError::Cancelled { name: self.name.clone() })
+            }
+        }
+    }
+
+    /// A connection of its own from the pool, closed when dropped (so its settings
+    /// and transaction state never reach the pool), after running `setup` (statements
+    /// we format ourselves) on it; with its backend pid for [`Self::cancel_backend`].
+    pub(crate) async fn own_session(
+        &self,
+        setup: &[String],
+    ) -> Result<(sqlx::pool::PoolConnection<sqlx::Postgres>, i32), DbError> {
         let mut conn = self
             .pool
             .acquire()
@@ -863,14 +881,7 @@ impl Postgres {
             .fetch_one(&mut *conn)
             .await
             .map_err(|e| self.query_error(e))?;
-        let script = sqlx::raw_sql(AssertSqlSafe(sql));
-        tokio::select! {
-            result = script.execute(&mut *conn) => Ok(result.map_err(|e| self.query_error(e))?.rows_affected()),
-            _ = cancel.cancelled() => {
-                self.cancel_backend(pid).await;
-                Err(DbError::Cancelled { name: self.name.clone() })
-            }
-        }
+        Ok((conn, pid))
     }
 
     /// Asks the server to stop whatever session `pid` is running, over a side

@@ -73,7 +73,7 @@ async fn metrics_text(State(app): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        app.metrics.render(),
+        crate::metrics::render(&app.metrics),
     )
         .into_response()
 }

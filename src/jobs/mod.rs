@@ -20,6 +20,7 @@
 //! to extend. Its own Prometheus series, if any, go in `metrics`.
 
 pub mod backup;
+pub mod gauge;
 pub mod migrate;
 pub mod refresh;
 pub mod retention;
@@ -32,7 +33,7 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    BackupConfig, Config, DatabaseConfig, JobOptions, MigrateConfig, RefreshConfig,
+    BackupConfig, Config, DatabaseConfig, GaugeConfig, JobOptions, MigrateConfig, RefreshConfig,
     RetentionConfig, SqlJobConfig,
 };
 use crate::db::{Access, Database, DbError};
@@ -73,6 +74,8 @@ pub enum Kind {
     Refresh,
     Migrate,
     Sql,
+    Gauge,
+    TableStats,
 }
 
 impl Kind {
@@ -83,6 +86,8 @@ impl Kind {
             Kind::Refresh => "refresh",
             Kind::Migrate => "migrate",
             Kind::Sql => "sql",
+            Kind::Gauge => "gauge",
+            Kind::TableStats => "table-stats",
         }
     }
 }
@@ -106,6 +111,8 @@ pub enum Work {
     Refresh(Box<refresh::RefreshJob>),
     Migrate(Box<migrate::MigrateJob>),
     Sql(SqlJob),
+    Gauge(Box<gauge::GaugeJob>),
+    TableStats(gauge::TableStatsJob),
 }
 
 impl Work {
@@ -116,6 +123,8 @@ impl Work {
             Work::Refresh(_) => Kind::Refresh,
             Work::Migrate(_) => Kind::Migrate,
             Work::Sql(_) => Kind::Sql,
+            Work::Gauge(_) => Kind::Gauge,
+            Work::TableStats(_) => Kind::TableStats,
         }
     }
 }
@@ -205,7 +214,8 @@ impl Job {
                     }
                 });
             }
-            Work::Sql(_) => {}
+            Work::Gauge(g) => g.register(database),
+            Work::Sql(_) | Work::TableStats(_) => {}
         }
     }
 
@@ -254,7 +264,8 @@ impl Job {
                     notes.push(format!("{} migrations pending", status.pending.len()));
                 }
             }
-            Work::Backup(_) | Work::Sql(_) => {}
+            Work::Gauge(g) => notes.push(g.check(&self.database, self.options.timeout).await?),
+            Work::Backup(_) | Work::Sql(_) | Work::TableStats(_) => {}
         }
         Ok(notes)
     }
@@ -278,6 +289,11 @@ impl Job {
             Work::Refresh(r) => Ok(r.run(&self.database, &cancel).await?),
             Work::Migrate(m) => Ok(m.run(&self.database, &cancel).await?),
             Work::Sql(sql) => sql.run(&self.database, self.options.timeout, &cancel).await,
+            Work::Gauge(g) => {
+                let timeout = self.options.timeout;
+                Ok(g.run(&self.id, &self.database, timeout, &cancel).await?)
+            }
+            Work::TableStats(t) => Ok(t.run(&self.id, &self.database).await?),
         }
     }
 }
@@ -329,6 +345,12 @@ impl Transient for refresh::RefreshError {
     }
 }
 
+impl Transient for gauge::GaugeError {
+    fn is_transient(&self) -> bool {
+        gauge::GaugeError::is_transient(self)
+    }
+}
+
 impl Transient for migrate::MigrateError {
     fn is_transient(&self) -> bool {
         migrate::MigrateError::is_transient(self)
@@ -348,6 +370,8 @@ pub enum JobError {
     Refresh(#[from] refresh::RefreshError),
     #[error(transparent)]
     Migrate(#[from] migrate::MigrateError),
+    #[error(transparent)]
+    Gauge(#[from] gauge::GaugeError),
 }
 
 impl Transient for JobError {
@@ -358,6 +382,7 @@ impl Transient for JobError {
             JobError::Retention(e) => e.is_transient(),
             JobError::Refresh(e) => e.is_transient(),
             JobError::Migrate(e) => e.is_transient(),
+            JobError::Gauge(e) => e.is_transient(),
         }
     }
 }
@@ -376,8 +401,12 @@ impl JobError {
             JobError::Backup(e) => e.database_unreachable(),
             JobError::Retention(retention::RetentionError::Db(e))
             | JobError::Refresh(refresh::RefreshError::Db(e)) => e.is_unreachable(),
-            JobError::Migrate(migrate::MigrateError::Db(e)) => e.is_unreachable(),
-            JobError::Retention(_) | JobError::Refresh(_) | JobError::Migrate(_) => false,
+            JobError::Migrate(migrate::MigrateError::Db(e))
+            | JobError::Gauge(gauge::GaugeError::Db(e)) => e.is_unreachable(),
+            JobError::Retention(_)
+            | JobError::Refresh(_)
+            | JobError::Migrate(_)
+            | JobError::Gauge(_) => false,
         }
     }
 }
@@ -424,6 +453,8 @@ enum Section<'a> {
     Refresh(&'a RefreshConfig),
     Migrate(&'a MigrateConfig),
     Sql(&'a SqlJobConfig),
+    Gauge(&'a GaugeConfig),
+    TableStats(usize),
 }
 
 impl Entry<'_> {
@@ -434,12 +465,15 @@ impl Entry<'_> {
             Section::Refresh(_) => Kind::Refresh,
             Section::Migrate(_) => Kind::Migrate,
             Section::Sql(_) => Kind::Sql,
+            Section::Gauge(_) => Kind::Gauge,
+            Section::TableStats(_) => Kind::TableStats,
         }
     }
 }
 
 /// Every job of the configuration, in config order (per database: backup,
-/// retention rules, refreshes, migrate, sql), without building any.
+/// retention rules, refreshes, migrate, sql, gauges, table-stats), without building
+/// any.
 pub fn entries(config: &Config) -> Vec<Entry<'_>> {
     let mut all = Vec::new();
     let notify = config.notify.as_ref();
@@ -478,6 +512,17 @@ pub fn entries(config: &Config) -> Vec<Entry<'_>> {
         for sql in &db.sql {
             let id = format!("{name}.sql.{}", sql.name);
             add(id, sql.options(notify), Section::Sql(sql));
+        }
+        for g in &db.gauge {
+            let id = format!("{name}.gauge.{}", g.name);
+            add(id, g.options(notify), Section::Gauge(g));
+        }
+        if db.table_stats {
+            add(
+                format!("{name}.table-stats"),
+                db.table_stats_options(notify),
+                Section::TableStats(db.table_stats_max_tables()),
+            );
         }
     }
     all
@@ -761,6 +806,10 @@ impl Builder<'_> {
             Section::Sql(sql) => Work::Sql(SqlJob {
                 statement: sql.statement.clone(),
             }),
+            Section::Gauge(g) => Work::Gauge(Box::new(gauge::GaugeJob { cfg: g.clone() })),
+            Section::TableStats(max_tables) => {
+                Work::TableStats(gauge::TableStatsJob { max_tables })
+            }
         })
     }
 }

@@ -421,6 +421,10 @@ pub fn target_config(url: &str) -> DatabaseConfig {
         refresh: Vec::new(),
         migrate: None,
         sql: Vec::new(),
+        gauge: Vec::new(),
+        table_stats: false,
+        table_stats_schedule: None,
+        table_stats_max_tables: None,
     }
 }
 

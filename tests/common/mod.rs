@@ -366,6 +366,36 @@ pub fn metric_value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
 }
 
+/// A `[[database]]` table; `extra` goes inside it (keys before any job table).
+pub fn database(name: &str, url: &str, extra: &str) -> String {
+    format!("[[database]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
+}
+
+/// Asserts that `promtool check metrics` accepts a scrape.
+pub fn promtool_check_metrics(scrape: &str) {
+    let out = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(scrape.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("promtool must be installed (apt-get install prometheus; see .ci/run)");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs SQL on a SQLite file with the sqlite3 shell; panics on failure. It waits up
 /// to 10 s for another process's lock instead of failing with "database is locked".
 pub fn sqlite(path: &Path, sql: &str) -> String {
