@@ -117,6 +117,13 @@ impl Sqlite {
         self.not_created.clone()
     }
 
+    /// The database file, absolute (relative URLs are taken from the working
+    /// directory, as SQLite does).
+    pub fn path(&self) -> std::path::PathBuf {
+        let file = self.pool.connect_options().get_filename().to_owned();
+        std::path::absolute(&file).unwrap_or(file)
+    }
+
     pub(crate) fn query_error(&self, source: sqlx::Error) -> DbError {
         DbError::Query {
             name: self.name.clone(),
