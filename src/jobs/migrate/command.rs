@@ -102,14 +102,18 @@ impl Target {
     fn secrets(&self) -> Vec<String> {
         let mut secrets = Vec::new();
         for (name, value) in &self.env {
-            if *name == "PGPASSWORD" && !value.is_empty() {
-                secrets.push(value.to_string());
-                let encoded: String =
-                    percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC)
-                        .collect();
-                secrets.push(encoded);
+            match *name {
+                "PGPASSWORD" => secrets.push(value.to_string()),
+                // As percent-encoded in the URL.
+                "DATABASE_URL" => {
+                    if let Some(pw) = url::Url::parse(value).ok().and_then(|u| u.password().map(str::to_owned)) {
+                        secrets.push(pw);
+                    }
+                }
+                _ => {}
             }
         }
+        secrets.retain(|s| !s.is_empty());
         secrets
     }
 }
