@@ -528,3 +528,51 @@ fn config_mistakes_exit_2_with_a_clear_message() {
         .code(2)
         .stderr(predicate::str::contains("backup-first = true"));
 }
+
+/// While one dbkeeper runs the command (holding the lock), another one waits for it
+/// and gives up after `lock-wait`, running nothing.
+fn second_migrator_waits(w: &Workdir, url: &str) {
+    let pidfile = w.path().join("sleep.pid");
+    let record = w.path().join("record.jsonl");
+    w.write_config(
+        "",
+        &config(
+            w,
+            url,
+            "",
+            &format!(
+                "lock-wait = \"1s\"\nenv = {{ FAKE_SLEEP_PIDFILE = \"{}\", FAKE_RECORD = \"{}\" }}",
+                pidfile.display(),
+                record.display()
+            ),
+        ),
+    );
+    let first = Command::new(BIN)
+        .args(["migrate", "apply", "db", "-c"])
+        .arg(w.config_path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("first migrator");
+    let grandchild = wait_for_pid(&pidfile);
+    let runs_before = std::fs::read_to_string(&record).expect("record").lines().count();
+    w.cmd(&["migrate", "apply", "db"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("another migrator held the migration lock"));
+    let runs_after = std::fs::read_to_string(&record).expect("record").lines().count();
+    assert_eq!(runs_before, runs_after, "the second migrator ran nothing");
+    let _ = Command::new("kill").args(["-TERM", &first.id().to_string()]).status();
+    let _ = first.wait_with_output();
+    assert_gone(grandchild, "the first migrator's command");
+}
+
+#[test]
+fn the_lock_keeps_a_second_migrator_out_on_sqlite_and_postgres() {
+    let w = Workdir::new();
+    second_migrator_waits(&w, &sqlite_url(&w));
+    let pg = PgDb::new("mig_cmd_lock");
+    let w = Workdir::new();
+    second_migrator_waits(&w, &pg.url);
+}
