@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use common::{archives, psql, sqlite, write_file, PgDb, Workdir, BIN};
 use predicates::prelude::*;
 
-const FAKE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fake_alembic.py");
+const FAKE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/fake_alembic.py"
+);
 
 /// The app directory (working-dir) with two Alembic-style revisions.
 fn app(w: &Workdir) -> PathBuf {
@@ -140,11 +143,12 @@ fn round_trip(w: &Workdir, version: impl Fn() -> String, has_users: impl Fn() ->
     );
 
     let status = w.stdout(&["migrate", "status", "db"]);
-    assert!(status.contains("db: up to date") && status.contains("0002"), "{status}");
+    assert!(
+        status.contains("db: up to date") && status.contains("0002"),
+        "{status}"
+    );
     // Up to date: no second backup.
-    assert!(w
-        .stdout(&["migrate", "apply", "db"])
-        .contains("up to date"));
+    assert!(w.stdout(&["migrate", "apply", "db"]).contains("up to date"));
     assert_eq!(pre_migration_archives(w).len(), 1);
 
     let daemon = w.start();
@@ -161,7 +165,11 @@ fn round_trip(w: &Workdir, version: impl Fn() -> String, has_users: impl Fn() ->
 fn alembic_round_trip_on_sqlite() {
     let w = Workdir::new();
     w.write_config("", &config(&w, &sqlite_url(&w), "", ""));
-    round_trip(&w, || version_sqlite(&w), || tables_sqlite(&w).contains("users"));
+    round_trip(
+        &w,
+        || version_sqlite(&w),
+        || tables_sqlite(&w).contains("users"),
+    );
 }
 
 #[test]
@@ -185,14 +193,11 @@ fn a_failing_command_keeps_the_backup_and_fails_the_job() {
         "",
         &config(&w, &sqlite_url(&w), "", "env = { FAKE_FAIL = \"1\" }"),
     );
-    w.cmd(&["migrate", "apply", "db"])
-        .assert()
-        .code(1)
-        .stderr(
-            predicate::str::contains("boom in revision")
-                .and(predicate::str::contains("exit status 1"))
-                .and(predicate::str::contains("pre-migration backup")),
-        );
+    w.cmd(&["migrate", "apply", "db"]).assert().code(1).stderr(
+        predicate::str::contains("boom in revision")
+            .and(predicate::str::contains("exit status 1"))
+            .and(predicate::str::contains("pre-migration backup")),
+    );
     assert_eq!(pre_migration_archives(&w).len(), 1, "the backup is kept");
     assert_eq!(version_sqlite(&w), "", "nothing applied");
     assert!(!tables_sqlite(&w).contains("users"));
@@ -214,7 +219,12 @@ fn assert_gone(pid: u32, what: &str) {
     while started.elapsed() < Duration::from_secs(15) {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => return,
-            Ok(stat) if stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z')) => {
+            Ok(stat)
+                if stat
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|s| s.trim_start().starts_with('Z')) =>
+            {
                 return
             }
             Ok(_) => std::thread::sleep(Duration::from_millis(100)),
@@ -232,6 +242,31 @@ fn wait_for_pid(file: &Path) -> u32 {
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("the fake never started its grandchild");
+}
+
+/// Starts `dbkeeper ARGS -c CONFIG` whose command starts a sleeping grandchild;
+/// returns it once the grandchild's pid is in `pidfile`.
+fn start_sleeping(w: &Workdir, args: &[&str], pidfile: &Path) -> (std::process::Child, u32) {
+    let child = Command::new(BIN)
+        .args(args)
+        .arg("-c")
+        .arg(w.config_path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dbkeeper");
+    let grandchild = wait_for_pid(pidfile);
+    (child, grandchild)
+}
+
+fn sigterm(child: &std::process::Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -TERM");
 }
 
 fn sleeper_config(w: &Workdir, extra: &str) -> (PathBuf, String) {
@@ -253,23 +288,15 @@ fn sigterm_to_run_job_kills_the_commands_process_group() {
     let w = Workdir::new();
     let (pidfile, cfg) = sleeper_config(&w, "");
     w.write_config("", &cfg);
-    let child = Command::new(BIN)
-        .args(["run-job", "db.migrate", "-c"])
-        .arg(w.config_path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run-job");
-    let grandchild = wait_for_pid(&pidfile);
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok);
+    let (child, grandchild) = start_sleeping(&w, &["run-job", "db.migrate"], &pidfile);
+    sigterm(&child);
     let out = child.wait_with_output().expect("wait");
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_gone(grandchild, "the command's grandchild `sleep`");
     assert_eq!(version_sqlite(&w), "", "nothing applied");
     assert_eq!(pre_migration_archives(&w).len(), 1);
@@ -334,7 +361,10 @@ fn timeout_kills_the_group_and_the_password_stays_out_of_argv_and_logs() {
     w.write_config("", &base(", FAKE_FAIL = \"1\""));
     let out = w.cmd(&["migrate", "apply", "db"]).assert().code(1);
     let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
-    assert!(stderr.contains("connecting to postgres://") && stderr.contains("***"), "{stderr}");
+    assert!(
+        stderr.contains("connecting to postgres://") && stderr.contains("***"),
+        "{stderr}"
+    );
 
     // The password reached the command's environment only.
     let runs = std::fs::read_to_string(&record).expect("record");
@@ -342,7 +372,10 @@ fn timeout_kills_the_group_and_the_password_stays_out_of_argv_and_logs() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("json"))
         .collect();
-    assert!(runs.len() >= 4, "pending check and command, twice: {runs:?}");
+    assert!(
+        runs.len() >= 4,
+        "pending check and command, twice: {runs:?}"
+    );
     for run in &runs {
         assert_eq!(run["env"]["PGPASSWORD"], password, "{run}");
         let url = run["env"]["DATABASE_URL"].as_str().expect("DATABASE_URL");
@@ -397,7 +430,10 @@ fn dry_run_on_copy_on_sqlite() {
             .filter(|l| l.contains("\"upgrade\", \"head\"]"))
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).expect("json");
-                v["env"]["DATABASE_URL"].as_str().unwrap_or_default().to_owned()
+                v["env"]["DATABASE_URL"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
             })
             .collect()
     };
@@ -411,7 +447,9 @@ fn dry_run_on_copy_on_sqlite() {
     w.cmd(&["migrate", "apply", "db", "--dry-run-on-copy"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("after it succeeded on a scratch copy"));
+        .stdout(predicate::str::contains(
+            "after it succeeded on a scratch copy",
+        ));
     let runs = upgrades(&std::fs::read_to_string(&record).expect("record"));
     assert_eq!(runs.len(), 2, "{runs:?}");
     assert!(runs[0].contains("dryrun"));
@@ -481,7 +519,10 @@ fn dry_run_on_copy_on_postgres() {
 #[test]
 fn config_mistakes_exit_2_with_a_clear_message() {
     let w = Workdir::new();
-    let db = format!("[[database]]\nname = \"db\"\nurl = \"{}\"\n", sqlite_url(&w));
+    let db = format!(
+        "[[database]]\nname = \"db\"\nurl = \"{}\"\n",
+        sqlite_url(&w)
+    );
     let cases = [
         (
             "dir = \"/tmp\"\ncommand = [\"alembic\", \"upgrade\", \"head\"]",
@@ -547,23 +588,23 @@ fn second_migrator_waits(w: &Workdir, url: &str) {
             ),
         ),
     );
-    let first = Command::new(BIN)
-        .args(["migrate", "apply", "db", "-c"])
-        .arg(w.config_path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("first migrator");
-    let grandchild = wait_for_pid(&pidfile);
-    let runs_before = std::fs::read_to_string(&record).expect("record").lines().count();
+    let (first, grandchild) = start_sleeping(w, &["migrate", "apply", "db"], &pidfile);
+    let runs_before = std::fs::read_to_string(&record)
+        .expect("record")
+        .lines()
+        .count();
     w.cmd(&["migrate", "apply", "db"])
         .assert()
         .code(1)
-        .stderr(predicate::str::contains("another migrator held the migration lock"));
-    let runs_after = std::fs::read_to_string(&record).expect("record").lines().count();
+        .stderr(predicate::str::contains(
+            "another migrator held the migration lock",
+        ));
+    let runs_after = std::fs::read_to_string(&record)
+        .expect("record")
+        .lines()
+        .count();
     assert_eq!(runs_before, runs_after, "the second migrator ran nothing");
-    let _ = Command::new("kill").args(["-TERM", &first.id().to_string()]).status();
+    sigterm(&first);
     let _ = first.wait_with_output();
     assert_gone(grandchild, "the first migrator's command");
 }
@@ -575,4 +616,78 @@ fn the_lock_keeps_a_second_migrator_out_on_sqlite_and_postgres() {
     let pg = PgDb::new("mig_cmd_lock");
     let w = Workdir::new();
     second_migrator_waits(&w, &pg.url);
+}
+
+/// `--dry-run-on-copy` with a migrations directory: a failure on the copy leaves the
+/// database without even the migrations before the failing one; once they all work on
+/// the copy, they are applied to the database.
+fn sqlx_dry_run(w: &Workdir, url: &str, applied: impl Fn() -> String) {
+    let dir = w.path().join("migrations");
+    write_file(
+        &dir,
+        "1_create.sql",
+        "CREATE TABLE t (id INTEGER PRIMARY KEY);",
+    );
+    write_file(
+        &dir,
+        "2_broken.sql",
+        "INSERT INTO no_such_table VALUES (1);",
+    );
+    let key = w.key("backup.key");
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"db\"\nurl = \"{url}\"\n{}[database.migrate]\nschedule = \"manual\"\ndir = \"{}\"\n",
+            common::backup_table(&w.path().join("backups"), Some(&key), ""),
+            dir.display()
+        ),
+    );
+    w.cmd(&["migrate", "apply", "db", "--dry-run-on-copy"])
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("the database was not touched")
+                .and(predicate::str::contains("2_broken.sql")),
+        );
+    assert_eq!(applied(), "", "not even migration 1 reached the database");
+    write_file(&dir, "2_broken.sql", "INSERT INTO t VALUES (1);");
+    w.cmd(&["migrate", "apply", "db", "--dry-run-on-copy"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("applied 2 migrations (1, 2)"));
+    assert_eq!(applied(), "1,2");
+}
+
+#[test]
+fn dry_run_on_copy_with_a_migrations_directory_on_sqlite_and_postgres() {
+    let w = Workdir::new();
+    let file = w.path().join("app.db");
+    sqlite(&file, "CREATE TABLE keep (id INTEGER);");
+    sqlx_dry_run(&w, &sqlite_url(&w), || {
+        sqlite(
+            &file,
+            "CREATE TABLE IF NOT EXISTS _sqlx_migrations (version INTEGER, success BOOLEAN); SELECT coalesce(group_concat(version), '') FROM (SELECT version FROM _sqlx_migrations WHERE success ORDER BY version);",
+        )
+        .trim()
+        .to_owned()
+    });
+    assert!(walk(&w.path().join("state"))
+        .iter()
+        .all(|p| !p.to_string_lossy().contains("dryrun")));
+
+    let pg = PgDb::new("mig_dir_copy");
+    let w = Workdir::new();
+    sqlx_dry_run(&w, &pg.url, || {
+        pg.sql("SELECT coalesce(string_agg(version::text, ',' ORDER BY version), '') FROM _sqlx_migrations WHERE success")
+            .trim()
+            .to_owned()
+    });
+    let left = psql(
+        &format!("{}/postgres", common::pg_server()),
+        &format!(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE '{}_dbk_dryrun_%'",
+            pg.name
+        ),
+    );
+    assert_eq!(left.trim(), "0");
 }

@@ -37,7 +37,8 @@ pub async fn status(config: &Config, database: &str) -> anyhow::Result<Exit> {
             match p.pending {
                 Some(true) => "pending (the pending-command exited 1)",
                 Some(false) => "up to date (the pending-command exited 0)",
-                None => "unknown: no pending-command is configured, so every apply runs the command",
+                None =>
+                    "unknown: no pending-command is configured, so every apply runs the command",
             }
         );
         return Ok(Exit::Success);

@@ -402,9 +402,7 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
                 ..
             }),
             Some(c),
-        ) => {
-            migrate::apply(c, &database, dry_run_on_copy).await
-        }
+        ) => migrate::apply(c, &database, dry_run_on_copy).await,
     };
     result.unwrap_or_else(|e| {
         print_error(&one_line(&e));

@@ -1224,12 +1224,14 @@ impl Config {
     /// `[database.migrate]` names exactly one source of migrations (`dir` or
     /// `command`), and the command keys only go with `command`.
     fn validate_migrate_source(&self, k: &str, m: &MigrateConfig) -> Result<(), ConfigError> {
-        let argv_ok = |key: &str, argv: &Option<Vec<String>>| match argv {
+        let argv_ok = |key: &str, argv: &Option<Vec<String>>| {
+            match argv {
             Some(a) if a.first().is_none_or(|p| p.trim().is_empty()) => Err(self.invalid(
                 format!("{k}.{key}"),
                 "is empty; give the program and its arguments, e.g. [\"alembic\", \"upgrade\", \"head\"]",
             )),
             _ => Ok(()),
+        }
         };
         match (&m.dir, &m.command) {
             (Some(_), Some(_)) => {

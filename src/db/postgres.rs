@@ -437,6 +437,21 @@ impl Postgres {
         })
     }
 
+    /// The same server and credentials, another database on it (a scratch copy):
+    /// a pool of its own, connecting lazily.
+    pub fn on_database(&self, database: &str) -> Postgres {
+        let options = self.access.options.clone().database(database);
+        Postgres {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            pool: PgPoolOptions::new()
+                .max_connections(2)
+                .min_connections(0)
+                .connect_lazy_with(options),
+            access: self.access.clone(),
+        }
+    }
+
     pub(crate) fn query_error(&self, source: sqlx::Error) -> DbError {
         DbError::Query {
             name: self.name.clone(),

@@ -512,6 +512,7 @@ async fn restore_test_postgres(
 /// nothing the next start does not clean up (private directory, scratch claim).
 pub enum ScratchCopy<'a> {
     Sqlite {
+        lite: &'a crate::db::Sqlite,
         _dir: PrivateDir,
         file: PathBuf,
     },
@@ -524,6 +525,15 @@ pub enum ScratchCopy<'a> {
 }
 
 impl ScratchCopy<'_> {
+    /// `db` pointed at this copy (same settings and credentials, a pool of its own;
+    /// close it before [`ScratchCopy::remove`]).
+    pub fn database(&self) -> Database {
+        match self {
+            ScratchCopy::Postgres { pg, name, .. } => Database::Postgres(pg.on_database(name)),
+            ScratchCopy::Sqlite { lite, file, .. } => Database::Sqlite(lite.on_file(file)),
+        }
+    }
+
     /// Drops the scratch database (or deletes the file).
     pub async fn remove(self) {
         if let ScratchCopy::Postgres { pg, name, .. } = &self {
@@ -544,9 +554,13 @@ pub async fn restore_scratch<'a>(
     cancel: &CancellationToken,
 ) -> Result<ScratchCopy<'a>, BackupError> {
     match target.db {
-        Database::Sqlite(_) => {
+        Database::Sqlite(lite) => {
             let (dir, file) = scratch_sqlite(archive, keys, target, what, cancel).await?;
-            Ok(ScratchCopy::Sqlite { _dir: dir, file })
+            Ok(ScratchCopy::Sqlite {
+                lite,
+                _dir: dir,
+                file,
+            })
         }
         Database::Postgres(pg) => scratch_postgres(pg, target, archive, keys, what, cancel).await,
     }

@@ -106,7 +106,10 @@ impl Target {
                 "PGPASSWORD" => secrets.push(value.to_string()),
                 // As percent-encoded in the URL.
                 "DATABASE_URL" => {
-                    if let Some(pw) = url::Url::parse(value).ok().and_then(|u| u.password().map(str::to_owned)) {
+                    if let Some(pw) = url::Url::parse(value)
+                        .ok()
+                        .and_then(|u| u.password().map(str::to_owned))
+                    {
                         secrets.push(pw);
                     }
                 }
@@ -314,10 +317,19 @@ impl MigrateJob {
         let status = match waited {
             Some(status) => status,
             None => {
-                tracing::warn!(command = which.key(), "stopping the migration command: SIGTERM to its process group");
+                tracing::warn!(
+                    command = which.key(),
+                    "stopping the migration command: SIGTERM to its process group"
+                );
                 group.signal(Signal::TERM);
-                if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
-                    tracing::warn!(command = which.key(), "the migration command outlived SIGTERM: SIGKILL to its process group");
+                if tokio::time::timeout(KILL_GRACE, child.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        command = which.key(),
+                        "the migration command outlived SIGTERM: SIGKILL to its process group"
+                    );
                     group.signal(Signal::KILL);
                     let _ = child.wait().await;
                 }
@@ -524,7 +536,11 @@ impl MigrateJob {
             self.dry_run(db, backup_id.as_deref(), cancel).await?;
         }
         let argv = self.argv(Which::Command).unwrap_or_default().join(" ");
-        tracing::info!(database = db.name(), command = argv, "running the migration command");
+        tracing::info!(
+            database = db.name(),
+            command = argv,
+            "running the migration command"
+        );
         let ran = self
             .run_ok(Which::Command, &real, cancel)
             .await
@@ -562,19 +578,16 @@ impl MigrateJob {
     ) -> Result<(), MigrateError> {
         let id = backup_id.ok_or(MigrateError::Copy(super::BackupFailure::NoBackup))?;
         let copy = self.scratch_copy(db, id, cancel).await?;
-        tracing::info!(database = db.name(), backup = id, "running the migration command on a scratch copy first");
+        tracing::info!(
+            database = db.name(),
+            backup = id,
+            "running the migration command on a scratch copy first"
+        );
         let result = self
             .run_ok(Which::Command, &Target::copy(db, &copy), cancel)
             .await;
         copy.remove().await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(MigrateError::Cancelled) => Err(MigrateError::Cancelled),
-            Err(e) => Err(MigrateError::DryRun {
-                backup: id.to_owned(),
-                source: Box::new(e),
-            }),
-        }
+        result.map(drop).map_err(|e| super::dry_run_failed(id, e))
     }
 }
 
@@ -642,7 +655,9 @@ mod tests {
         let text = t.text();
         assert!(text.starts_with('['), "{}", &text[..40]);
         assert!(text.ends_with("line 9999"), "{}", &text[text.len() - 40..]);
-        let total: u64 = (0..10_000u32).map(|i| format!("line {i}\n").len() as u64).sum();
+        let total: u64 = (0..10_000u32)
+            .map(|i| format!("line {i}\n").len() as u64)
+            .sum();
         assert_eq!(t.cut + TAIL as u64, total);
         let mut short = Tail::default();
         short.push(b"ok\n");
@@ -655,7 +670,10 @@ mod tests {
         assert_eq!(version_in("ae1027a6acf (head)"), None);
         assert_eq!(version_in(""), None);
         assert_eq!(
-            mask("postgres://u:p%40ss@h/db p@ss".to_owned(), &["p@ss".into(), "p%40ss".into()]),
+            mask(
+                "postgres://u:p%40ss@h/db p@ss".to_owned(),
+                &["p@ss".into(), "p%40ss".into()]
+            ),
             "postgres://u:***@h/db ***"
         );
         assert_eq!(PG_LOCK_KEY, 0x6462_6b6d_6967_6364);

@@ -148,6 +148,18 @@ pub enum MigrateError {
     Cancelled,
 }
 
+/// The dry run on the copy of pre-migration backup `backup` failed with `e`
+/// (cancelling is no failure of the dry run).
+fn dry_run_failed(backup: &str, e: MigrateError) -> MigrateError {
+    match e {
+        MigrateError::Cancelled => MigrateError::Cancelled,
+        e => MigrateError::DryRun {
+            backup: backup.to_owned(),
+            source: Box::new(e),
+        },
+    }
+}
+
 /// Why the migrations directory could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadFailure {
@@ -694,7 +706,7 @@ impl MigrateJob {
 
     /// Reads the files and the history (creating nothing) and publishes the metrics.
     pub async fn status(&self, db: &Database) -> Result<Assessment, MigrateError> {
-        let files = read_dir(&self.dir()).await.inspect_err(|e| {
+        let files = read_dir(self.dir()).await.inspect_err(|e| {
             // Two files with one version block applying like any other problem.
             if matches!(e, MigrateError::Duplicate { .. }) {
                 metrics::migrations_blocked(db.name(), 1);
@@ -703,13 +715,7 @@ impl MigrateJob {
         // A SQLite `-- no-transaction` migration holds no lock while it runs.
         let (applied, running) =
             with_backend!(db, b => (b.applied().await?, b.lock_holder().await?));
-        let a = assess(
-            &self.dir(),
-            &files,
-            &applied,
-            self.cfg.out_of_order,
-            running,
-        );
+        let a = assess(self.dir(), &files, &applied, self.cfg.out_of_order, running);
         metrics::migrations(
             db.name(),
             a.pending.len(),
@@ -764,7 +770,7 @@ impl MigrateJob {
         b: &B,
         cancel: &CancellationToken,
     ) -> Result<(Vec<i64>, Option<String>), MigrateError> {
-        let files = read_dir(&self.dir()).await?;
+        let files = read_dir(self.dir()).await?;
         let mut session = b.open(self, cancel).await?;
         let result = self
             .apply_pending(db, b, &mut session, &files, cancel)
@@ -784,12 +790,30 @@ impl MigrateJob {
     ) -> Result<(Vec<i64>, Option<String>), MigrateError> {
         let history = b.applied().await?;
         let (pending, backup_id) = self.prepare(db, files, &history, cancel).await?;
+        if self.cfg.dry_run_on_copy && !pending.is_empty() {
+            self.dry_run_files(db, backup_id.as_deref(), files, cancel)
+                .await?;
+        }
+        let done = self.apply_each(db, b, session, &pending, cancel).await?;
+        Ok((done, backup_id))
+    }
+
+    /// Applies `pending` in order in the backend's session; returns the versions
+    /// this run applied.
+    async fn apply_each<B: MigrationBackend>(
+        &self,
+        db: &Database,
+        b: &B,
+        session: &mut B::Session,
+        pending: &[Migration],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<i64>, MigrateError> {
         let mut done = Vec::new();
-        for m in &pending {
+        for m in pending {
             if cancel.is_cancelled() {
                 return Err(MigrateError::Cancelled);
             }
-            let file = file_name(&self.dir(), m.version);
+            let file = file_name(self.dir(), m.version);
             b.prepare(session, self, m).await?;
             tracing::info!(
                 database = db.name(),
@@ -809,7 +833,55 @@ impl MigrateJob {
                 done.push(m.version);
             }
         }
-        Ok((done, backup_id))
+        Ok(done)
+    }
+
+    /// `dry-run-on-copy` for migration files: the same assessment and apply loop on
+    /// a scratch copy restored from pre-migration backup `backup_id`, then removed.
+    async fn dry_run_files(
+        &self,
+        db: &Database,
+        backup_id: Option<&str>,
+        files: &[Migration],
+        cancel: &CancellationToken,
+    ) -> Result<(), MigrateError> {
+        let id = backup_id.ok_or(MigrateError::Copy(BackupFailure::NoBackup))?;
+        let copy = self.scratch_copy(db, id, cancel).await?;
+        tracing::info!(
+            database = db.name(),
+            backup = id,
+            "applying the migrations to a scratch copy first"
+        );
+        let copy_db = copy.database();
+        let result =
+            with_backend!(&copy_db, b => self.apply_on_copy(&copy_db, b, files, cancel).await);
+        copy_db.close().await;
+        copy.remove().await;
+        result.map_err(|e| dry_run_failed(id, e))
+    }
+
+    /// The apply loop on a scratch copy `db` (no backup: it is one).
+    async fn apply_on_copy<B: MigrationBackend>(
+        &self,
+        db: &Database,
+        b: &B,
+        files: &[Migration],
+        cancel: &CancellationToken,
+    ) -> Result<(), MigrateError> {
+        let mut session = b.open(self, cancel).await?;
+        let result = async {
+            let history = b.applied().await?;
+            let a = assess(self.dir(), files, &history, self.cfg.out_of_order, None);
+            if !a.problems.is_empty() {
+                return Err(MigrateError::Blocked(a.problems));
+            }
+            self.apply_each(db, b, &mut session, &a.pending, cancel)
+                .await
+                .map(drop)
+        }
+        .await;
+        b.close(session).await;
+        result
     }
 
     /// Compares files and history; when something is pending and nothing blocks, takes
@@ -823,7 +895,7 @@ impl MigrateJob {
         cancel: &CancellationToken,
     ) -> Result<(Vec<Migration>, Option<String>), MigrateError> {
         // Called under the migration lock (or SQLite): nobody else is running one.
-        let a = assess(&self.dir(), files, history, self.cfg.out_of_order, None);
+        let a = assess(self.dir(), files, history, self.cfg.out_of_order, None);
         if !a.problems.is_empty() {
             return Err(MigrateError::Blocked(a.problems));
         }
