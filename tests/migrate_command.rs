@@ -481,17 +481,7 @@ fn dry_run_on_copy_on_postgres() {
     let w = Workdir::new();
     pg.sql("CREATE TABLE keep (id int); INSERT INTO keep VALUES (1), (2)");
     let has_users = || pg.sql("SELECT to_regclass('users') IS NOT NULL").trim() == "t";
-    let scratch_left = || {
-        psql(
-            &format!("{}/postgres", common::pg_server()),
-            &format!(
-                "SELECT count(*) FROM pg_database WHERE datname LIKE '{}_dbk_dryrun_%'",
-                pg.name
-            ),
-        )
-        .trim()
-        .to_owned()
-    };
+    let scratch_left = || dry_run_databases(&pg);
     // The config switch; a command failing on the copy (its database name says so).
     w.write_config(
         "",
@@ -568,6 +558,17 @@ fn config_mistakes_exit_2_with_a_clear_message() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("backup-first = true"));
+    // `migrate plan` without a plan-command says what to add.
+    w.cmd(&["migrate", "plan", "db"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("has no plan-command"));
+    // `check` lists a command migration and says it runs none of its commands.
+    sqlite(&w.path().join("app.db"), "CREATE TABLE t (i INTEGER);");
+    w.cmd(&["check"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("check does not run commands"));
 }
 
 /// While one dbkeeper runs the command (holding the lock), another one waits for it
@@ -682,12 +683,18 @@ fn dry_run_on_copy_with_a_migrations_directory_on_sqlite_and_postgres() {
             .trim()
             .to_owned()
     });
-    let left = psql(
+    assert_eq!(dry_run_databases(&pg), "0");
+}
+
+/// How many scratch databases of dry runs of `pg` exist.
+fn dry_run_databases(pg: &PgDb) -> String {
+    psql(
         &format!("{}/postgres", common::pg_server()),
         &format!(
             "SELECT count(*) FROM pg_database WHERE datname LIKE '{}_dbk_dryrun_%'",
             pg.name
         ),
-    );
-    assert_eq!(left.trim(), "0");
+    )
+    .trim()
+    .to_owned()
 }
