@@ -17,6 +17,11 @@
 //! cancel, INVALID indexes; `sqlite.rs`: the file lock, foreign-key checks). Reading
 //! files, comparing them with the history, the pre-migration backup, the apply loop
 //! and the history rows are written once here.
+//!
+//! Another tool's migrations (`command`) are run by `command.rs`, with the same job,
+//! pre-migration backup and metrics around them. `dry-run-on-copy` (both kinds)
+//! first applies to a scratch copy restored from the pre-migration backup
+//! ([`verify::restore_scratch`], as the restore test makes one).
 
 pub mod command;
 mod postgres;
