@@ -21,11 +21,28 @@ fn no_migrate(config: &Config, database: &str) -> anyhow::Error {
 }
 
 /// Applied, pending and drifted migrations; exit 1 if something blocks `apply`.
+/// Command migrations: the pending-command's output and verdict.
 pub async fn status(config: &Config, database: &str) -> anyhow::Result<Exit> {
     let jobs = migrate_jobs(config, database)?;
     let (job, m) = jobs
         .migrate_for(database)
         .ok_or_else(|| no_migrate(config, database))?;
+    if m.is_command() {
+        let p = m.command_status(&job.database).await?;
+        if !p.output.is_empty() {
+            println!("{}", p.output);
+        }
+        println!(
+            "{database}: {}",
+            match p.pending {
+                Some(true) => "pending (the pending-command exited 1)",
+                Some(false) => "up to date (the pending-command exited 0)",
+                None =>
+                    "unknown: no pending-command is configured, so every apply runs the command",
+            }
+        );
+        return Ok(Exit::Success);
+    }
     let a = m.status(&job.database).await?;
     let rows: Vec<Vec<String>> = a
         .rows
@@ -53,12 +70,25 @@ pub async fn status(config: &Config, database: &str) -> anyhow::Result<Exit> {
     })
 }
 
-/// The exact SQL `apply` would run, in order; applies nothing.
+/// The exact SQL `apply` would run, in order; applies nothing. Command migrations:
+/// the plan-command's stdout.
 pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
     let jobs = migrate_jobs(config, database)?;
     let (job, m) = jobs
         .migrate_for(database)
         .ok_or_else(|| no_migrate(config, database))?;
+    if m.is_command() {
+        return match m.command_plan(&job.database).await? {
+            Some(_) => Ok(Exit::Success),
+            None => {
+                super::print_error(&format!(
+                    "database \"{database}\" has no plan-command in [database.migrate] of {}; add one (e.g. plan-command = [\"alembic\", \"upgrade\", \"head\", \"--sql\"]) to preview what apply runs",
+                    config.path.display()
+                ));
+                Ok(Exit::Usage)
+            }
+        };
+    }
     let a = m.status(&job.database).await?;
     for p in &a.problems {
         eprintln!("blocked: {p}");
@@ -70,7 +100,7 @@ pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
         println!(
             "-- migration {} ({}){}",
             mig.version,
-            file_name(&m.cfg.dir, mig.version),
+            file_name(m.dir(), mig.version),
             if mig.no_tx {
                 ", outside a transaction"
             } else {
@@ -86,11 +116,28 @@ pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
     })
 }
 
-/// Runs the migrate job now, exactly as the daemon would (and as `run-job` does).
-pub async fn apply(config: &Config, database: &str) -> anyhow::Result<Exit> {
+/// Runs the migrate job now, exactly as the daemon would (and as `run-job` does);
+/// `dry_run_on_copy` turns on `dry-run-on-copy` for this run.
+pub async fn apply(config: &Config, database: &str, dry_run_on_copy: bool) -> anyhow::Result<Exit> {
     let id = format!("{database}.migrate");
     if !jobs::entries(config).iter().any(|e| e.id == id) {
         return Err(no_migrate(config, database));
     }
-    super::report::run_job(config, &id).await
+    let mut config = config.clone();
+    if let Some(m) = config
+        .databases
+        .iter_mut()
+        .find(|d| d.name == database)
+        .and_then(|d| d.migrate.as_mut())
+    {
+        if dry_run_on_copy && !m.backup_first {
+            super::print_error(&format!(
+                "--dry-run-on-copy copies the pre-migration backup, but database \"{database}\" has backup-first = false in {}; set backup-first = true",
+                config.path.display()
+            ));
+            return Ok(Exit::Usage);
+        }
+        m.dry_run_on_copy |= dry_run_on_copy;
+    }
+    super::report::run_job(&config, &id).await
 }

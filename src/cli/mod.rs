@@ -185,6 +185,10 @@ pub enum MigrateCommand {
         #[command(flatten)]
         config: ConfigArg,
         database: String,
+        /// Apply to a scratch copy restored from the pre-migration backup first, and
+        /// to the database only if that succeeds (as `dry-run-on-copy = true`).
+        #[arg(long)]
+        dry_run_on_copy: bool,
     },
 }
 
@@ -391,9 +395,14 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
         (Tool::Migrate(MigrateCommand::Plan { database, .. }), Some(c)) => {
             migrate::plan(c, &database).await
         }
-        (Tool::Migrate(MigrateCommand::Apply { database, .. }), Some(c)) => {
-            migrate::apply(c, &database).await
-        }
+        (
+            Tool::Migrate(MigrateCommand::Apply {
+                database,
+                dry_run_on_copy,
+                ..
+            }),
+            Some(c),
+        ) => migrate::apply(c, &database, dry_run_on_copy).await,
     };
     result.unwrap_or_else(|e| {
         print_error(&one_line(&e));

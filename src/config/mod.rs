@@ -536,8 +536,43 @@ job_table! {
     pub struct MigrateConfig {
         /// Directory of migrations in sqlx's layout: `<version>_<description>.sql`, or
         /// `.up.sql`/`.down.sql` pairs; `-- no-transaction` as the first line runs a
-        /// file outside a transaction. Read at every run. Required.
-        pub dir: PathBuf,
+        /// file outside a transaction. Read at every run. Exactly one of `dir` and
+        /// `command` is required.
+        #[serde(default)]
+        pub dir: Option<PathBuf>,
+        /// Another tool's migrations: the command that applies them, as an argv list
+        /// (no shell), e.g. `["alembic", "upgrade", "head"]`. It runs with
+        /// `DATABASE_URL` in its environment, under dbkeeper's lock, after the
+        /// pre-migration backup; exit 0 is success. Default: none.
+        #[serde(default)]
+        pub command: Option<Vec<String>>,
+        /// With `command`: the argv that says whether anything is pending (exit 0: up
+        /// to date, 1: pending, anything else: an error); its output is shown by
+        /// `migrate status`. Default: none (every run counts as pending).
+        #[serde(default)]
+        pub pending_command: Option<Vec<String>>,
+        /// With `command`: the argv whose output `migrate plan` prints (what would
+        /// be applied, e.g. `["alembic", "upgrade", "head", "--sql"]`); it must
+        /// change nothing. Default: none.
+        #[serde(default)]
+        pub plan_command: Option<Vec<String>>,
+        /// With `command`: the working directory of the commands; a relative path is
+        /// taken from the directory of the config file that declares the database.
+        /// Default: that directory.
+        #[serde(default)]
+        pub working_dir: Option<PathBuf>,
+        /// With `command`: extra environment variables for the commands (they may not
+        /// override `DATABASE_URL`, `PGPASSWORD` or the `DBKEEPER_*` ones dbkeeper
+        /// sets). Values are never printed. Default: none.
+        #[serde(default)]
+        pub env: CommandEnv,
+        /// Before applying to the database, restore the pre-migration backup into a
+        /// scratch copy and apply there first; the real database is touched only if
+        /// that succeeds, and the copy is always removed. Needs `backup-first`.
+        /// `migrate apply --dry-run-on-copy` does the same for one run.
+        /// Default: `false`.
+        #[serde(default)]
+        pub dry_run_on_copy: bool,
         /// Before applying anything, take a `pre-migration` backup through
         /// `[database.backup]` and verify it; if that fails, apply nothing.
         /// Default: `true` (needs `[database.backup]`).
@@ -567,6 +602,25 @@ job_table! {
     defaults(timeout = Duration::from_secs(6 * 3600), missed = Missed::Skip, retries = 0)
 }
 
+/// `[database.migrate] env`: variables for migration commands. Its `Debug` shows the
+/// names only, since values may be secrets.
+#[derive(Clone, Default, Deserialize)]
+pub struct CommandEnv(pub std::collections::BTreeMap<String, String>);
+
+impl std::fmt::Debug for CommandEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
+/// Environment variables dbkeeper sets for migration commands itself.
+pub const COMMAND_ENV_RESERVED: [&str; 4] = [
+    "DATABASE_URL",
+    "PGPASSWORD",
+    "DBKEEPER_DATABASE",
+    "DBKEEPER_DATABASE_PATH",
+];
+
 fn default_migrate_lock_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -581,6 +635,22 @@ fn yes() -> bool {
 
 fn default_refresh_lock_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+impl MigrateConfig {
+    /// Where migration commands run: `working-dir`, relative to the directory of
+    /// `source` (the config file declaring the database), which is the default.
+    pub fn workdir(&self, source: &Path) -> PathBuf {
+        let base = match source.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_owned());
+        match &self.working_dir {
+            Some(dir) => base.join(dir),
+            None => base,
+        }
+    }
 }
 
 impl RetentionConfig {
@@ -1091,6 +1161,7 @@ impl Config {
                         "needs [database.backup] to take the pre-migration backup; add one or set backup-first = false",
                     ));
                 }
+                self.validate_migrate_source(&format!("{key}.migrate"), m)?;
             }
             self.validate_refresh(&key, db, backend)?;
             let mut jobs = HashSet::new();
@@ -1240,6 +1311,70 @@ impl Config {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// `[database.migrate]` names exactly one source of migrations (`dir` or
+    /// `command`), and the command keys only go with `command`.
+    fn validate_migrate_source(&self, k: &str, m: &MigrateConfig) -> Result<(), ConfigError> {
+        let argv_ok = |key: &str, argv: &Option<Vec<String>>| {
+            match argv {
+            Some(a) if a.first().is_none_or(|p| p.trim().is_empty()) => Err(self.invalid(
+                format!("{k}.{key}"),
+                "is empty; give the program and its arguments, e.g. [\"alembic\", \"upgrade\", \"head\"]",
+            )),
+            _ => Ok(()),
+        }
+        };
+        match (&m.dir, &m.command) {
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    format!("{k}.command"),
+                    "cannot be combined with dir; keep dir for sqlx migration files or command for another tool, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(self.invalid(
+                    k.to_owned(),
+                    "needs dir (a directory of sqlx migrations) or command (another tool's migrate command)",
+                ))
+            }
+            _ => {}
+        }
+        argv_ok("command", &m.command)?;
+        argv_ok("pending-command", &m.pending_command)?;
+        argv_ok("plan-command", &m.plan_command)?;
+        if m.command.is_none() {
+            let only_with_command = [
+                ("pending-command", m.pending_command.is_some()),
+                ("plan-command", m.plan_command.is_some()),
+                ("working-dir", m.working_dir.is_some()),
+                ("env", !m.env.0.is_empty()),
+            ];
+            if let Some((key, _)) = only_with_command.iter().find(|(_, set)| *set) {
+                return Err(self.invalid(
+                    format!("{k}.{key}"),
+                    "only applies to command migrations; add command = [...] or remove it",
+                ));
+            }
+        }
+        if let Some(name) = m
+            .env
+            .0
+            .keys()
+            .find(|n| COMMAND_ENV_RESERVED.contains(&n.as_str()))
+        {
+            return Err(self.invalid(
+                format!("{k}.env.{name}"),
+                "is set by dbkeeper itself from the database's url and password-file; remove it",
+            ));
+        }
+        if m.dry_run_on_copy && !m.backup_first {
+            return Err(self.invalid(
+                format!("{k}.dry-run-on-copy"),
+                "copies the pre-migration backup, so it needs backup-first = true",
+            ));
         }
         Ok(())
     }

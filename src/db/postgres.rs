@@ -437,6 +437,21 @@ impl Postgres {
         })
     }
 
+    /// The same server and credentials, another database on it (a scratch copy):
+    /// a pool of its own, connecting lazily.
+    pub fn on_database(&self, database: &str) -> Postgres {
+        let options = self.access.options.clone().database(database);
+        Postgres {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            pool: PgPoolOptions::new()
+                .max_connections(2)
+                .min_connections(0)
+                .connect_lazy_with(options),
+            access: self.access.clone(),
+        }
+    }
+
     pub(crate) fn query_error(&self, source: sqlx::Error) -> DbError {
         DbError::Query {
             name: self.name.clone(),
@@ -481,6 +496,24 @@ impl Postgres {
             cmd,
             _service: service,
         })
+    }
+
+    /// The environment a client program (a migration tool) connects with:
+    /// `DATABASE_URL` for `database` (default: this one) with the password in it,
+    /// and `PGPASSWORD`. Both hold the password: only ever put them in a child's
+    /// environment, never in argv or a message.
+    pub fn client_env(&self, database: Option<&str>) -> Vec<(&'static str, Zeroizing<String>)> {
+        let mut url = self.access.url.clone();
+        let db = database.map_or_else(|| self.database_name(), str::to_owned);
+        url.set_path(&format!("/{}", encode_path_segment(&db)));
+        let mut env = Vec::new();
+        if let Some(pw) = &self.access.password {
+            // Fails only for URLs that cannot have a user (none reach here).
+            let _ = url.set_password(Some(pw.as_str()));
+            env.push(("PGPASSWORD", pw.clone()));
+        }
+        env.push(("DATABASE_URL", Zeroizing::new(url.to_string())));
+        env
     }
 
     /// The database name in the URL.

@@ -117,6 +117,29 @@ impl Sqlite {
         self.not_created.clone()
     }
 
+    /// The same settings on another file (a scratch copy): a pool of its own,
+    /// connecting lazily.
+    pub fn on_file(&self, file: &std::path::Path) -> Sqlite {
+        let options = (*self.pool.connect_options()).clone().filename(file);
+        Sqlite {
+            name: self.name.clone(),
+            url: format!("sqlite://{}", file.display()),
+            pool: SqlitePoolOptions::new()
+                .max_connections(2)
+                .min_connections(0)
+                .connect_lazy_with(options),
+            foreign_keys: self.foreign_keys,
+            not_created: None,
+        }
+    }
+
+    /// The database file, absolute (relative URLs are taken from the working
+    /// directory, as SQLite does).
+    pub fn path(&self) -> std::path::PathBuf {
+        let file = self.pool.connect_options().get_filename().to_owned();
+        std::path::absolute(&file).unwrap_or(file)
+    }
+
     pub(crate) fn query_error(&self, source: sqlx::Error) -> DbError {
         DbError::Query {
             name: self.name.clone(),

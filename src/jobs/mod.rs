@@ -208,7 +208,7 @@ impl Job {
                 let job = self.clone();
                 tokio::spawn(async move {
                     if let Work::Migrate(m) = &job.work {
-                        if let Err(e) = m.status(&job.database).await {
+                        if let Err(e) = m.publish_status(&job.database).await {
                             tracing::warn!(job = %job.id, "cannot read migration status: {e}");
                         }
                     }
@@ -255,6 +255,10 @@ impl Job {
                 ));
             }
             Work::Refresh(r) => r.check(&self.database).await?,
+            Work::Migrate(m) if m.is_command() => notes.push(format!(
+                "runs `{}`; check does not run commands, `migrate status` runs the pending-command",
+                m.cfg.command.as_deref().unwrap_or_default().join(" ")
+            )),
             Work::Migrate(m) => {
                 let status = m.status(&self.database).await?;
                 for problem in &status.problems {
@@ -801,6 +805,7 @@ impl Builder<'_> {
                 Work::Migrate(Box::new(migrate::MigrateJob {
                     cfg: m.clone(),
                     backup,
+                    workdir: m.workdir(&self.cfg.source),
                 }))
             }
             Section::Sql(sql) => Work::Sql(SqlJob {

@@ -269,9 +269,7 @@ pub async fn restore_test(
 ) -> Result<(), BackupError> {
     match target.db {
         Database::Sqlite(_) => {
-            let dir = PrivateDir::new(target.scratch_dir)?;
-            let image = dir.path().join("verify.sqlite");
-            decode_to_file(archive, keys, None, &image, Durability::Transient, cancel).await?;
+            let (_dir, image) = scratch_sqlite(archive, keys, target, "verify", cancel).await?;
             integrity_check(&image).await
         }
         Database::Postgres(pg) => restore_test_postgres(pg, target, archive, keys, cancel).await,
@@ -485,44 +483,144 @@ async fn restore_test_postgres(
     keys: &KeyRing,
     cancel: &CancellationToken,
 ) -> Result<(), BackupError> {
-    // Named after the database it tests, so that a leftover says whose it was.
-    let scratch = scratch_database_name(&pg.database_name(), "verify")?;
+    let restored = scratch_postgres(pg, target, archive, keys, "verify", cancel).await;
+    // The archive authenticated, decompressed and held a complete dump (the decoder's
+    // verdict comes first), so a pg_restore failure is about this server (a missing
+    // role or extension, a full disk), not the backup: a job error, and the manifest
+    // is not marked failed.
+    match restored {
+        Ok(copy) => {
+            copy.remove().await;
+            Ok(())
+        }
+        Err(BackupError::Tool { status, stderr, .. }) => Err(BackupError::Refused(format!(
+            "pg_restore into a scratch database failed ({status}): {stderr}; the archive itself authenticated, \
+             decompressed and held a complete dump, so check the server (missing roles or extensions, disk space); the backup was not judged"
+        ))),
+        // The dump was read whole and complete: a restore that did not produce it
+        // says something about pg_restore (or its wrapper), not about the backup.
+        Err(BackupError::Unrestored(m)) => {
+            Err(BackupError::Refused(format!("{m}; the backup was not judged")))
+        }
+        Err(other) => Err(other),
+    }
+}
+
+/// A scratch copy of a database restored from an archive (a restore test, or a
+/// migration's dry run): a SQLite file in a private directory, or a scratch database
+/// on the same PostgreSQL server. [`ScratchCopy::remove`] removes it; a crash leaves
+/// nothing the next start does not clean up (private directory, scratch claim).
+pub enum ScratchCopy<'a> {
+    Sqlite {
+        lite: &'a crate::db::Sqlite,
+        _dir: PrivateDir,
+        file: PathBuf,
+    },
+    Postgres {
+        pg: &'a Postgres,
+        name: String,
+        _claim: crate::db::ScratchClaim,
+        _dir: PrivateDir,
+    },
+}
+
+impl ScratchCopy<'_> {
+    /// `db` pointed at this copy (same settings and credentials, a pool of its own;
+    /// close it before [`ScratchCopy::remove`]).
+    pub fn database(&self) -> Database {
+        match self {
+            ScratchCopy::Postgres { pg, name, .. } => Database::Postgres(pg.on_database(name)),
+            ScratchCopy::Sqlite { lite, file, .. } => Database::Sqlite(lite.on_file(file)),
+        }
+    }
+
+    /// Drops the scratch database (or deletes the file).
+    pub async fn remove(self) {
+        if let ScratchCopy::Postgres { pg, name, .. } = &self {
+            if let Err(e) = pg.drop_database(name).await {
+                tracing::warn!(database = %pg.name, scratch = %name, "cannot drop the scratch database: {e}");
+            }
+        }
+    }
+}
+
+/// Restores `archive` into a new scratch copy of `target.db` (`what` names it:
+/// `<db>_dbk_<what>_<random>` on PostgreSQL).
+pub async fn restore_scratch<'a>(
+    archive: &dyn Object,
+    keys: &KeyRing,
+    target: &ScratchTarget<'a>,
+    what: &str,
+    cancel: &CancellationToken,
+) -> Result<ScratchCopy<'a>, BackupError> {
+    match target.db {
+        Database::Sqlite(lite) => {
+            let (dir, file) = scratch_sqlite(archive, keys, target, what, cancel).await?;
+            Ok(ScratchCopy::Sqlite {
+                lite,
+                _dir: dir,
+                file,
+            })
+        }
+        Database::Postgres(pg) => scratch_postgres(pg, target, archive, keys, what, cancel).await,
+    }
+}
+
+/// [`restore_scratch`] on SQLite: the file, in a private directory removed on drop.
+async fn scratch_sqlite(
+    archive: &dyn Object,
+    keys: &KeyRing,
+    target: &ScratchTarget<'_>,
+    what: &str,
+    cancel: &CancellationToken,
+) -> Result<(PrivateDir, PathBuf), BackupError> {
     let dir = PrivateDir::new(target.scratch_dir)?;
-    let _claim = pg.claim_scratch(&scratch).await?;
+    let file = dir.path().join(format!("{what}.sqlite"));
+    decode_to_file(archive, keys, None, &file, Durability::Transient, cancel).await?;
+    Ok((dir, file))
+}
+
+/// [`restore_scratch`] on PostgreSQL; on an error the scratch database is dropped.
+async fn scratch_postgres<'a>(
+    pg: &'a Postgres,
+    target: &ScratchTarget<'_>,
+    archive: &dyn Object,
+    keys: &KeyRing,
+    what: &str,
+    cancel: &CancellationToken,
+) -> Result<ScratchCopy<'a>, BackupError> {
+    // Named after the database it copies, so that a leftover says whose it was.
+    let scratch = scratch_database_name(&pg.database_name(), what)?;
+    let dir = PrivateDir::new(target.scratch_dir)?;
+    let claim = pg.claim_scratch(&scratch).await?;
     pg.create_database(&scratch).await.map_err(|e| {
         BackupError::Refused(format!(
-            "cannot create a scratch database for the restore test ({e}); give the role CREATEDB, \
+            "cannot create a scratch database ({e}); give the role CREATEDB, \
              or check that the server accepts connections; the backup itself was not judged"
         ))
     })?;
+    let private_dir = dir.path().to_owned();
+    let copy = ScratchCopy::Postgres {
+        pg,
+        name: scratch.clone(),
+        _claim: claim,
+        _dir: dir,
+    };
     let fill = super::pg_restore::Target {
         pg,
         program: target.pg_restore,
         database: &scratch,
         args: &["--no-owner", "--no-privileges"],
-        private_dir: dir.path(),
+        private_dir: &private_dir,
         with_roles: false,
     };
-    let restored = super::pg_restore::restore_archive(&fill, archive, keys, None, cancel)
-        .await
-        .map(drop);
-    if let Err(e) = pg.drop_database(&scratch).await {
-        tracing::warn!(database = %pg.name, scratch, "cannot drop the scratch database: {e}");
+    match super::pg_restore::restore_archive(&fill, archive, keys, None, cancel).await {
+        Ok(_) => Ok(copy),
+        Err(e) => {
+            copy.remove().await;
+            Err(e)
+        }
     }
-    // The archive authenticated, decompressed and held a complete dump (the decoder's
-    // verdict comes first), so a pg_restore failure is about this server (a missing
-    // role or extension, a full disk), not the backup: a job error, and the manifest
-    // is not marked failed.
-    restored.map_err(|e| match e {
-        BackupError::Tool { status, stderr, .. } => BackupError::Refused(format!(
-            "pg_restore into a scratch database failed ({status}): {stderr}; the archive itself authenticated, \
-             decompressed and held a complete dump, so check the server (missing roles or extensions, disk space); the backup was not judged"
-        )),
-        // The dump was read whole and complete: a restore that did not produce it
-        // says something about pg_restore (or its wrapper), not about the backup.
-        BackupError::Unrestored(m) => BackupError::Refused(format!("{m}; the backup was not judged")),
-        other => other,
-    })
 }
 
 /// How many parallel jobs `pg_restore -j` gets: one per core.

@@ -17,13 +17,19 @@
 //! cancel, INVALID indexes; `sqlite.rs`: the file lock, foreign-key checks). Reading
 //! files, comparing them with the history, the pre-migration backup, the apply loop
 //! and the history rows are written once here.
+//!
+//! Another tool's migrations (`command`) are run by `command.rs`, with the same job,
+//! pre-migration backup and metrics around them. `dry-run-on-copy` (both kinds)
+//! first applies to a scratch copy restored from the pre-migration backup
+//! ([`verify::restore_scratch`], as the restore test makes one).
 
+pub mod command;
 mod postgres;
 mod sqlite;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use sqlx::migrate::{Migration, Migrator};
@@ -35,6 +41,8 @@ use crate::config::{MigrateConfig, OutOfOrder};
 use crate::db::{with_backend, Database, DbError};
 use crate::metrics;
 use crate::repo::catalog::{BackupKind, VerifyMode};
+use crate::repo::storage::ARCHIVE_SUFFIX;
+use crate::repo::verify::{self, ScratchCopy};
 
 /// A migration run failed.
 #[derive(Debug, thiserror::Error)]
@@ -104,8 +112,57 @@ pub enum MigrateError {
     },
     #[error("INVALID index {} named in it is still there (PostgreSQL skips CREATE INDEX … IF NOT EXISTS when an index of that name exists, even an INVALID one); drop it with DROP INDEX CONCURRENTLY, or set drop-invalid-indexes = true, and apply again", .0.join(", "))]
     InvalidIndexes(Vec<String>),
+    #[error("cannot start the {which} `{program}` in {}: {source}; check [database.migrate] {which} and working-dir", .dir.display())]
+    CommandStart {
+        which: &'static str,
+        program: String,
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `output`: the tail of what it printed, the password masked.
+    #[error("the {which} `{argv}` failed on {target} ({status}); its output: {output}")]
+    CommandFailed {
+        which: &'static str,
+        argv: String,
+        target: &'static str,
+        status: String,
+        output: String,
+    },
+    #[error("the dry run on a scratch copy restored from pre-migration backup {backup} failed, so the database was not touched: {source}")]
+    DryRun {
+        backup: String,
+        #[source]
+        source: Box<MigrateError>,
+    },
+    #[error("{source}; pre-migration backup {backup} was taken before it ran: check the database, and `dbkeeper restore` that backup if the command left it half-migrated")]
+    AfterBackup {
+        backup: String,
+        #[source]
+        source: Box<MigrateError>,
+    },
+    #[error("cannot make the scratch copy for the dry run, so the database was not touched: {0}")]
+    Copy(#[source] BackupFailure),
+    #[error("cannot lock {} for the migration command: {source}; check that dbkeeper may create files beside the database", .path.display())]
+    LockFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cancelled")]
     Cancelled,
+}
+
+/// The dry run on the copy of pre-migration backup `backup` failed with `e`
+/// (cancelling is no failure of the dry run).
+fn dry_run_failed(backup: &str, e: MigrateError) -> MigrateError {
+    match e {
+        MigrateError::Cancelled => MigrateError::Cancelled,
+        e => MigrateError::DryRun {
+            backup: backup.to_owned(),
+            source: Box::new(e),
+        },
+    }
 }
 
 /// Why the migrations directory could not be read.
@@ -124,6 +181,10 @@ pub enum ReadFailure {
 pub enum BackupFailure {
     #[error("no [database.backup] is configured")]
     NotConfigured,
+    #[error("backup-first = false, so there is no pre-migration backup to copy")]
+    NoBackup,
+    #[error("pre-migration backup {0} is in none of the destinations")]
+    NotFound(String),
     #[error(transparent)]
     Failed(Box<super::backup::BackupError>),
 }
@@ -135,7 +196,9 @@ impl MigrateError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            MigrateError::Duplicate { .. } | MigrateError::Read { .. }
+            MigrateError::Duplicate { .. }
+                | MigrateError::Read { .. }
+                | MigrateError::CommandStart { .. }
         )
     }
 
@@ -145,7 +208,15 @@ impl MigrateError {
     pub fn is_transient(&self) -> bool {
         use MigrateError as E;
         match self {
-            E::Blocked(_) | E::Read { .. } | E::Duplicate { .. } | E::RowRemoved { .. } => false,
+            // A command that failed may have done part of its work: not again unseen.
+            E::Blocked(_)
+            | E::Read { .. }
+            | E::Duplicate { .. }
+            | E::RowRemoved { .. }
+            | E::CommandStart { .. }
+            | E::CommandFailed { .. }
+            | E::AfterBackup { .. }
+            | E::DryRun { .. } => false,
             E::Db(_)
             | E::Failed { .. }
             | E::FailedDirty { .. }
@@ -155,6 +226,8 @@ impl MigrateError {
             | E::Backup(_)
             | E::ForeignKeys { .. }
             | E::InvalidIndexes(_)
+            | E::Copy(_)
+            | E::LockFile { .. }
             | E::Cancelled => true,
         }
     }
@@ -569,12 +642,76 @@ pub struct MigrateJob {
     /// The database's backup job, for `backup-first` (the same one its
     /// `<database>.backup` job runs; `None` without `[database.backup]`).
     pub backup: Option<Arc<BackupJob>>,
+    /// Where migration commands run: `working-dir`, taken from the directory of the
+    /// config file that declares the database (which is the default).
+    pub workdir: PathBuf,
+}
+
+/// Waiting for a migration lock by polling, never a blocking wait (see
+/// `postgres.rs`): after each failed try, [`LockWait::pause`].
+pub(crate) struct LockWait<'a> {
+    database: &'a str,
+    wait: Duration,
+    started: Instant,
+    told: bool,
+}
+
+impl<'a> LockWait<'a> {
+    pub(crate) fn new(database: &'a str, wait: Duration) -> Self {
+        LockWait {
+            database,
+            wait,
+            started: Instant::now(),
+            told: false,
+        }
+    }
+
+    /// The lock was not free: [`MigrateError::LockTimeout`] once `wait` is over,
+    /// [`MigrateError::Cancelled`] on `cancel`, else a pause before the next try.
+    pub(crate) async fn pause(&mut self, cancel: &CancellationToken) -> Result<(), MigrateError> {
+        const POLL: Duration = Duration::from_millis(250);
+        if self.started.elapsed() >= self.wait {
+            return Err(MigrateError::LockTimeout(self.wait));
+        }
+        if !self.told {
+            tracing::info!(
+                database = self.database,
+                "another migrator holds the migration lock; waiting"
+            );
+            self.told = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => Ok(()),
+            _ = cancel.cancelled() => Err(MigrateError::Cancelled),
+        }
+    }
 }
 
 impl MigrateJob {
+    /// The sqlx migrations directory (validation makes sure a job without
+    /// `command` has one).
+    pub fn dir(&self) -> &Path {
+        self.cfg.dir.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// Whether the migrations are another tool's, run by `command`.
+    pub fn is_command(&self) -> bool {
+        self.cfg.command.is_some()
+    }
+
+    /// Looks at what is pending and publishes the metrics, whichever kind of
+    /// migrations these are.
+    pub async fn publish_status(&self, db: &Database) -> Result<(), MigrateError> {
+        if self.is_command() {
+            self.command_status(db).await.map(drop)
+        } else {
+            self.status(db).await.map(drop)
+        }
+    }
+
     /// Reads the files and the history (creating nothing) and publishes the metrics.
     pub async fn status(&self, db: &Database) -> Result<Assessment, MigrateError> {
-        let files = read_dir(&self.cfg.dir).await.inspect_err(|e| {
+        let files = read_dir(self.dir()).await.inspect_err(|e| {
             // Two files with one version block applying like any other problem.
             if matches!(e, MigrateError::Duplicate { .. }) {
                 metrics::migrations_blocked(db.name(), 1);
@@ -583,13 +720,7 @@ impl MigrateJob {
         // A SQLite `-- no-transaction` migration holds no lock while it runs.
         let (applied, running) =
             with_backend!(db, b => (b.applied().await?, b.lock_holder().await?));
-        let a = assess(
-            &self.cfg.dir,
-            &files,
-            &applied,
-            self.cfg.out_of_order,
-            running,
-        );
+        let a = assess(self.dir(), &files, &applied, self.cfg.out_of_order, running);
         metrics::migrations(
             db.name(),
             a.pending.len(),
@@ -605,6 +736,9 @@ impl MigrateJob {
         db: &Database,
         cancel: &CancellationToken,
     ) -> Result<Outcome, MigrateError> {
+        if self.is_command() {
+            return self.run_commands(db, cancel).await;
+        }
         let result = with_backend!(db, b => self.apply_on(db, b, cancel).await);
         // Whatever happened, the metrics show the state now.
         if let Err(e) = self.status(db).await {
@@ -641,7 +775,7 @@ impl MigrateJob {
         b: &B,
         cancel: &CancellationToken,
     ) -> Result<(Vec<i64>, Option<String>), MigrateError> {
-        let files = read_dir(&self.cfg.dir).await?;
+        let files = read_dir(self.dir()).await?;
         let mut session = b.open(self, cancel).await?;
         let result = self
             .apply_pending(db, b, &mut session, &files, cancel)
@@ -661,12 +795,30 @@ impl MigrateJob {
     ) -> Result<(Vec<i64>, Option<String>), MigrateError> {
         let history = b.applied().await?;
         let (pending, backup_id) = self.prepare(db, files, &history, cancel).await?;
+        if self.cfg.dry_run_on_copy && !pending.is_empty() {
+            self.dry_run_files(db, backup_id.as_deref(), files, cancel)
+                .await?;
+        }
+        let done = self.apply_each(db, b, session, &pending, cancel).await?;
+        Ok((done, backup_id))
+    }
+
+    /// Applies `pending` in order in the backend's session; returns the versions
+    /// this run applied.
+    async fn apply_each<B: MigrationBackend>(
+        &self,
+        db: &Database,
+        b: &B,
+        session: &mut B::Session,
+        pending: &[Migration],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<i64>, MigrateError> {
         let mut done = Vec::new();
-        for m in &pending {
+        for m in pending {
             if cancel.is_cancelled() {
                 return Err(MigrateError::Cancelled);
             }
-            let file = file_name(&self.cfg.dir, m.version);
+            let file = file_name(self.dir(), m.version);
             b.prepare(session, self, m).await?;
             tracing::info!(
                 database = db.name(),
@@ -686,7 +838,55 @@ impl MigrateJob {
                 done.push(m.version);
             }
         }
-        Ok((done, backup_id))
+        Ok(done)
+    }
+
+    /// `dry-run-on-copy` for migration files: the same assessment and apply loop on
+    /// a scratch copy restored from pre-migration backup `backup_id`, then removed.
+    async fn dry_run_files(
+        &self,
+        db: &Database,
+        backup_id: Option<&str>,
+        files: &[Migration],
+        cancel: &CancellationToken,
+    ) -> Result<(), MigrateError> {
+        let id = backup_id.ok_or(MigrateError::Copy(BackupFailure::NoBackup))?;
+        let copy = self.scratch_copy(db, id, cancel).await?;
+        tracing::info!(
+            database = db.name(),
+            backup = id,
+            "applying the migrations to a scratch copy first"
+        );
+        let copy_db = copy.database();
+        let result =
+            with_backend!(&copy_db, b => self.apply_on_copy(&copy_db, b, files, cancel).await);
+        copy_db.close().await;
+        copy.remove().await;
+        result.map_err(|e| dry_run_failed(id, e))
+    }
+
+    /// The apply loop on a scratch copy `db` (no backup: it is one).
+    async fn apply_on_copy<B: MigrationBackend>(
+        &self,
+        db: &Database,
+        b: &B,
+        files: &[Migration],
+        cancel: &CancellationToken,
+    ) -> Result<(), MigrateError> {
+        let mut session = b.open(self, cancel).await?;
+        let result = async {
+            let history = b.applied().await?;
+            let a = assess(self.dir(), files, &history, self.cfg.out_of_order, None);
+            if !a.problems.is_empty() {
+                return Err(MigrateError::Blocked(a.problems));
+            }
+            self.apply_each(db, b, &mut session, &a.pending, cancel)
+                .await
+                .map(drop)
+        }
+        .await;
+        b.close(session).await;
+        result
     }
 
     /// Compares files and history; when something is pending and nothing blocks, takes
@@ -700,7 +900,7 @@ impl MigrateJob {
         cancel: &CancellationToken,
     ) -> Result<(Vec<Migration>, Option<String>), MigrateError> {
         // Called under the migration lock (or SQLite): nobody else is running one.
-        let a = assess(&self.cfg.dir, files, history, self.cfg.out_of_order, None);
+        let a = assess(self.dir(), files, history, self.cfg.out_of_order, None);
         if !a.problems.is_empty() {
             return Err(MigrateError::Blocked(a.problems));
         }
@@ -709,6 +909,30 @@ impl MigrateJob {
         }
         let backup_id = self.backup_first(db, cancel).await?;
         Ok((a.pending, backup_id))
+    }
+
+    /// A scratch copy of `db` restored from pre-migration backup `id` (from the first
+    /// destination that has it), for a dry run.
+    async fn scratch_copy<'a>(
+        &'a self,
+        db: &'a Database,
+        id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<ScratchCopy<'a>, MigrateError> {
+        let copy_err = MigrateError::Copy;
+        let b = self
+            .backup
+            .as_ref()
+            .ok_or(copy_err(BackupFailure::NotConfigured))?;
+        let name = format!("{id}{ARCHIVE_SUFFIX}");
+        let archive = b
+            .places(db.name())
+            .iter()
+            .find_map(|p| p.store.open(&name).ok())
+            .ok_or_else(|| copy_err(BackupFailure::NotFound(id.to_owned())))?;
+        verify::restore_scratch(&*archive, &b.keys, &b.scratch_target(db), "dryrun", cancel)
+            .await
+            .map_err(|e| copy_err(BackupFailure::Failed(Box::new(e))))
     }
 
     /// Takes and verifies the pre-migration backup (when configured); returns its id.

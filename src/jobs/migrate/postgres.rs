@@ -7,7 +7,7 @@
 //! blocking `pg_advisory_lock`. The lock is session-level on a connection of our own
 //! that is closed at the end, so it is released whatever happens.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::migrate::Migration;
 use sqlx::pool::PoolConnection;
@@ -16,8 +16,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Applied, AppliedRow, MigrateError, MigrateJob, MigrationBackend};
 use crate::db::{set_timeout, Postgres, Scope, Timeout};
-
-const POLL: Duration = Duration::from_millis(250);
 
 /// sqlx's migration lock key for a database name.
 fn lock_id(database_name: &str) -> i64 {
@@ -93,13 +91,7 @@ impl MigrationBackend for Postgres {
         cancel: &CancellationToken,
     ) -> Result<Session, MigrateError> {
         let pg = self;
-        let mut conn = pg
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| MigrateError::Db(pg.connect_error(e)))?;
-        // The session lock and settings end with this connection.
-        conn.close_on_drop();
+        let mut conn = own_connection(pg).await?;
         let database: String = sqlx::query_scalar("SELECT current_database()")
             .fetch_one(&mut *conn)
             .await
@@ -182,7 +174,7 @@ impl MigrationBackend for Postgres {
     }
 }
 
-/// Waits for sqlx's migration lock by polling, up to `wait`.
+/// Waits for the advisory lock `key` by polling, up to `wait`.
 async fn lock(
     pg: &Postgres,
     conn: &mut PoolConnection<sqlx::Postgres>,
@@ -190,8 +182,7 @@ async fn lock(
     wait: Duration,
     cancel: &CancellationToken,
 ) -> Result<(), MigrateError> {
-    let started = Instant::now();
-    let mut told = false;
+    let mut waiting = super::LockWait::new(&pg.name, wait);
     loop {
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(key)
@@ -201,17 +192,35 @@ async fn lock(
         if got {
             return Ok(());
         }
-        if started.elapsed() >= wait {
-            return Err(MigrateError::LockTimeout(wait));
-        }
-        if !told {
-            tracing::info!(database = %pg.name, "another migrator holds the migration lock; waiting");
-            told = true;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(POLL) => {}
-            _ = cancel.cancelled() => return Err(MigrateError::Cancelled),
-        }
+        waiting.pause(cancel).await?;
+    }
+}
+
+/// A connection of its own, closed when dropped, so that session locks and settings
+/// end with it whatever happens.
+async fn own_connection(pg: &Postgres) -> Result<PoolConnection<sqlx::Postgres>, MigrateError> {
+    let mut conn = pg
+        .pool
+        .acquire()
+        .await
+        .map_err(|e| MigrateError::Db(pg.connect_error(e)))?;
+    conn.close_on_drop();
+    Ok(conn)
+}
+
+impl Postgres {
+    /// Holds the command-migration lock ([`super::command::PG_LOCK_KEY`]) in a
+    /// session of its own, waiting up to `lock-wait`; [`MigrationBackend::close`]
+    /// releases it.
+    pub(super) async fn command_lock(
+        &self,
+        job: &MigrateJob,
+        cancel: &CancellationToken,
+    ) -> Result<Session, MigrateError> {
+        let mut conn = own_connection(self).await?;
+        let key = super::command::PG_LOCK_KEY;
+        lock(self, &mut conn, key, job.cfg.lock_wait, cancel).await?;
+        Ok(Session { conn, key, pid: 0 })
     }
 }
 

@@ -79,6 +79,40 @@ impl MigrationBackend for Sqlite {
     }
 }
 
+impl Sqlite {
+    /// Holds the command-migration lock: an exclusive `flock` on
+    /// [`super::command::sqlite_lock_path`], waiting up to `lock-wait`. Released when
+    /// the returned file is closed (also when the process dies).
+    pub(super) async fn command_lock(
+        &self,
+        job: &MigrateJob,
+        cancel: &CancellationToken,
+    ) -> Result<std::fs::File, MigrateError> {
+        use rustix::fs::{flock, FlockOperation};
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = super::command::sqlite_lock_path(&self.path());
+        let lock_err = |source: std::io::Error| MigrateError::LockFile {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(lock_err)?;
+        let mut waiting = super::LockWait::new(&self.name, job.cfg.lock_wait);
+        loop {
+            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(file),
+                Err(e) if e == rustix::io::Errno::WOULDBLOCK => waiting.pause(cancel).await?,
+                Err(e) => return Err(lock_err(e.into())),
+            }
+        }
+    }
+}
+
 /// Applies one migration unless it is applied already; `Ok(false)` if it was.
 ///
 /// Foreign keys are off while it runs, as SQLite's ALTER TABLE page prescribes for

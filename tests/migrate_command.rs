@@ -1,0 +1,700 @@
+//! Command migrations (`[database.migrate] command`) with the real binary against real
+//! PostgreSQL and SQLite, driven through a fake Alembic (`tests/fixtures/fake_alembic.py`):
+//! pending check, plan, the verified pre-migration backup, the dry run on a scratch
+//! copy, failures, the process group killed on SIGTERM and timeout, the password kept
+//! to the environment.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{archives, psql, sqlite, write_file, PgDb, Workdir, BIN};
+use predicates::prelude::*;
+
+const FAKE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/fake_alembic.py"
+);
+
+/// The app directory (working-dir) with two Alembic-style revisions.
+fn app(w: &Workdir) -> PathBuf {
+    let dir = w.path().join("app");
+    write_file(
+        &dir.join("versions"),
+        "0001.sql",
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT NOT NULL)",
+    );
+    write_file(
+        &dir.join("versions"),
+        "0002.sql",
+        "ALTER TABLE users ADD COLUMN name TEXT",
+    );
+    dir
+}
+
+/// A database `db` at `url` with an encrypted backup and command migrations through
+/// the fake Alembic; `db_extra` goes in `[[database]]`, `extra` in `[database.migrate]`.
+fn config(w: &Workdir, url: &str, db_extra: &str, extra: &str) -> String {
+    let dir = app(w);
+    let key = w.path().join("backup.key");
+    if !key.exists() {
+        w.key("backup.key");
+    }
+    format!(
+        "[[database]]\nname = \"db\"\nurl = \"{url}\"\n{db_extra}\n{}\
+         [database.migrate]\nschedule = \"manual\"\n\
+         command = [\"python3\", \"{FAKE}\", \"upgrade\", \"head\"]\n\
+         pending-command = [\"python3\", \"{FAKE}\", \"check\"]\n\
+         plan-command = [\"python3\", \"{FAKE}\", \"upgrade\", \"head\", \"--sql\"]\n\
+         working-dir = \"{}\"\n{extra}\n",
+        common::backup_table(&w.path().join("backups"), Some(&key), ""),
+        dir.display()
+    )
+}
+
+fn sqlite_url(w: &Workdir) -> String {
+    format!("sqlite://{}", w.path().join("app.db").display())
+}
+
+/// The version the fake recorded, or "" if none.
+fn version_sqlite(w: &Workdir) -> String {
+    sqlite(
+        &w.path().join("app.db"),
+        "CREATE TABLE IF NOT EXISTS alembic_version (version_num TEXT); SELECT version_num FROM alembic_version;",
+    )
+    .trim()
+    .to_owned()
+}
+
+fn tables_sqlite(w: &Workdir) -> String {
+    sqlite(
+        &w.path().join("app.db"),
+        "SELECT group_concat(name) FROM sqlite_master WHERE type = 'table' AND name = 'users';",
+    )
+}
+
+/// The last run of `db.migrate` in the state DB: (result, error, details).
+fn last_run(w: &Workdir) -> (String, String, String) {
+    let row = sqlite(
+        &w.path().join("state/state.db"),
+        "SELECT result || char(31) || coalesce(error, '') || char(31) || coalesce(details, '') FROM job_runs WHERE job = 'db.migrate' ORDER BY id DESC LIMIT 1;",
+    );
+    let mut parts = row.trim_end().split('\u{1f}').map(str::to_owned);
+    (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    )
+}
+
+fn pre_migration_archives(w: &Workdir) -> Vec<PathBuf> {
+    archives(&w.path().join("backups"), "db")
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("-pre-migration"))
+        .collect()
+}
+
+/// The pending → plan → apply → up to date round, on either backend; `version` and
+/// `has_users` read the database.
+fn round_trip(w: &Workdir, version: impl Fn() -> String, has_users: impl Fn() -> bool) {
+    let status = w.stdout(&["migrate", "status", "db"]);
+    assert!(status.contains("db: pending"), "{status}");
+    assert!(version().is_empty(), "nothing applied yet");
+
+    let plan = w.stdout(&["migrate", "plan", "db"]);
+    assert!(
+        plan.contains("Running upgrade None -> 0001")
+            && plan.contains("CREATE TABLE users")
+            && plan.contains("ADD COLUMN name"),
+        "{plan}"
+    );
+    assert!(!has_users(), "plan changes nothing");
+
+    let out = w.cmd(&["migrate", "apply", "db"]).assert().success();
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert!(stdout.contains("ran `python3"), "{stdout}");
+    assert_eq!(version(), "0002");
+    assert!(has_users());
+
+    // Backup first: one pre-migration backup, read back (verified) before the command.
+    let pre = pre_migration_archives(w);
+    assert_eq!(pre.len(), 1, "{pre:?}");
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(pre[0].to_string_lossy().replace(".dbk", ".manifest.json"))
+            .expect("manifest"),
+    )
+    .expect("manifest JSON");
+    assert_eq!(manifest["kind"], "pre-migration", "{manifest}");
+    assert_eq!(manifest["verification"]["mode"], "read", "{manifest}");
+    assert_eq!(manifest["verification"]["result"], "passed", "{manifest}");
+    let id = pre[0]
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".dbk"))
+        .expect("id")
+        .to_owned();
+    let (result, _, details) = last_run(w);
+    assert_eq!(result, "success");
+    assert!(
+        details.contains(&id) && details.contains("Running upgrade 0001 -> 0002"),
+        "the output and the backup are in the history: {details}"
+    );
+
+    let status = w.stdout(&["migrate", "status", "db"]);
+    assert!(
+        status.contains("db: up to date") && status.contains("0002"),
+        "{status}"
+    );
+    // Up to date: no second backup.
+    assert!(w.stdout(&["migrate", "apply", "db"]).contains("up to date"));
+    assert_eq!(pre_migration_archives(w).len(), 1);
+
+    let daemon = w.start();
+    daemon.wait_for("migration metrics", Duration::from_secs(20), || {
+        daemon.metric("dbkeeper_migrations_applied_version", &["database=\"db\""]) == Some(2.0)
+    });
+    assert_eq!(
+        daemon.metric("dbkeeper_migrations_pending", &["database=\"db\""]),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn alembic_round_trip_on_sqlite() {
+    let w = Workdir::new();
+    w.write_config("", &config(&w, &sqlite_url(&w), "", ""));
+    round_trip(
+        &w,
+        || version_sqlite(&w),
+        || tables_sqlite(&w).contains("users"),
+    );
+}
+
+#[test]
+fn alembic_round_trip_on_postgres() {
+    let pg = PgDb::new("mig_cmd");
+    let w = Workdir::new();
+    w.write_config("", &config(&w, &pg.url, "", ""));
+    let version = || {
+        pg.sql("CREATE TABLE IF NOT EXISTS alembic_version (version_num varchar(32)); SELECT coalesce(max(version_num), '') FROM alembic_version")
+            .trim()
+            .to_owned()
+    };
+    let has_users = || pg.sql("SELECT to_regclass('users') IS NOT NULL").trim() == "t";
+    round_trip(&w, version, has_users);
+}
+
+#[test]
+fn a_failing_command_keeps_the_backup_and_fails_the_job() {
+    let w = Workdir::new();
+    w.write_config(
+        "",
+        &config(&w, &sqlite_url(&w), "", "env = { FAKE_FAIL = \"1\" }"),
+    );
+    w.cmd(&["migrate", "apply", "db"]).assert().code(1).stderr(
+        predicate::str::contains("boom in revision")
+            .and(predicate::str::contains("exit status 1"))
+            .and(predicate::str::contains("pre-migration backup")),
+    );
+    assert_eq!(pre_migration_archives(&w).len(), 1, "the backup is kept");
+    assert_eq!(version_sqlite(&w), "", "nothing applied");
+    assert!(!tables_sqlite(&w).contains("users"));
+    let (result, error, _) = last_run(&w);
+    assert_eq!(result, "failure");
+    assert!(
+        error.contains("boom in revision") && error.contains("Will assume transactional DDL"),
+        "stdout and stderr tails in the history: {error}"
+    );
+    w.cmd(&["migrate", "status", "db"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("db: pending"));
+}
+
+/// Waits until `pid` is gone (or a zombie, which its parent has yet to reap).
+fn assert_gone(pid: u32, what: &str) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(15) {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return,
+            Ok(stat)
+                if stat
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|s| s.trim_start().starts_with('Z')) =>
+            {
+                return
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    panic!("{what} (pid {pid}) is still running");
+}
+
+fn wait_for_pid(file: &Path) -> u32 {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            return text.trim().parse().expect("pid");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the fake never started its grandchild");
+}
+
+/// Starts `dbkeeper ARGS -c CONFIG` whose command starts a sleeping grandchild;
+/// returns it once the grandchild's pid is in `pidfile`.
+fn start_sleeping(w: &Workdir, args: &[&str], pidfile: &Path) -> (std::process::Child, u32) {
+    let child = Command::new(BIN)
+        .args(args)
+        .arg("-c")
+        .arg(w.config_path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dbkeeper");
+    let grandchild = wait_for_pid(pidfile);
+    (child, grandchild)
+}
+
+fn sigterm(child: &std::process::Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -TERM");
+}
+
+fn sleeper_config(w: &Workdir, extra: &str) -> (PathBuf, String) {
+    let pidfile = w.path().join("sleep.pid");
+    let cfg = config(
+        w,
+        &sqlite_url(w),
+        "",
+        &format!(
+            "env = {{ FAKE_SLEEP_PIDFILE = \"{}\" }}\n{extra}",
+            pidfile.display()
+        ),
+    );
+    (pidfile, cfg)
+}
+
+#[test]
+fn sigterm_to_run_job_kills_the_commands_process_group() {
+    let w = Workdir::new();
+    let (pidfile, cfg) = sleeper_config(&w, "");
+    w.write_config("", &cfg);
+    let (child, grandchild) = start_sleeping(&w, &["run-job", "db.migrate"], &pidfile);
+    sigterm(&child);
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_gone(grandchild, "the command's grandchild `sleep`");
+    assert_eq!(version_sqlite(&w), "", "nothing applied");
+    assert_eq!(pre_migration_archives(&w).len(), 1);
+}
+
+#[test]
+fn daemon_shutdown_kills_the_commands_process_group() {
+    let w = Workdir::new();
+    let (pidfile, cfg) = sleeper_config(&w, "");
+    w.write_config(
+        "shutdown-grace = \"1s\"",
+        // A scheduled run (every second; runs never overlap).
+        &cfg.replace(
+            "schedule = \"manual\"\ncommand",
+            "schedule = \"* * * * * *\"\ncommand",
+        ),
+    );
+    let mut daemon = w.start();
+    let grandchild = wait_for_pid(&pidfile);
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(30));
+    assert_gone(grandchild, "the command's grandchild `sleep`");
+    assert!(
+        daemon.log_text().contains("SIGTERM to its process group"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[test]
+fn timeout_kills_the_group_and_the_password_stays_out_of_argv_and_logs() {
+    let pg = PgDb::new("mig_cmd_pw");
+    let w = Workdir::new();
+    let password = "s3cr3t-Pw/with@odd";
+    let pw_file = write_file(w.path(), "db-password", &format!("{password}\n"));
+    let record = w.path().join("record.jsonl");
+    let pidfile = w.path().join("sleep.pid");
+    let db_extra = format!("password-file = \"{}\"", pw_file.display());
+    let base = |env: &str| {
+        config(
+            &w,
+            &pg.url,
+            &db_extra,
+            &format!(
+                "timeout = \"3s\"\nenv = {{ FAKE_RECORD = \"{}\", FAKE_ECHO_URL = \"1\"{env} }}",
+                record.display()
+            ),
+        )
+    };
+    w.write_config(
+        "",
+        &base(&format!(", FAKE_SLEEP_PIDFILE = \"{}\"", pidfile.display())),
+    );
+    let started = Instant::now();
+    let out = w.cmd(&["run-job", "db.migrate"]).assert().code(1);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(stderr.contains("timed out after 3s"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_gone(wait_for_pid(&pidfile), "the command's grandchild `sleep`");
+
+    // A failing run prints DATABASE_URL on stderr: the job's error masks it.
+    w.write_config("", &base(", FAKE_FAIL = \"1\""));
+    let out = w.cmd(&["migrate", "apply", "db"]).assert().code(1);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(
+        stderr.contains("connecting to postgres://") && stderr.contains("***"),
+        "{stderr}"
+    );
+
+    // The password reached the command's environment only.
+    let runs = std::fs::read_to_string(&record).expect("record");
+    let runs: Vec<serde_json::Value> = runs
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert!(
+        runs.len() >= 4,
+        "pending check and command, twice: {runs:?}"
+    );
+    for run in &runs {
+        assert_eq!(run["env"]["PGPASSWORD"], password, "{run}");
+        let url = run["env"]["DATABASE_URL"].as_str().expect("DATABASE_URL");
+        let parsed = url::Url::parse(url).expect("url");
+        assert_eq!(
+            percent_decode(parsed.password().expect("a password in DATABASE_URL")),
+            password
+        );
+        assert!(url.ends_with(&format!("/{}", pg.name)), "{url}");
+        assert_eq!(run["env"]["DBKEEPER_DATABASE"], "db");
+        assert!(!run["argv"].to_string().contains("s3cr3t"), "{run}");
+    }
+    let mut seen = stderr;
+    seen += &w.stdout(&["history", "db.migrate"]);
+    seen += &sqlite(&w.path().join("state/state.db"), "SELECT * FROM job_runs;");
+    assert!(!seen.contains("s3cr3t"), "the password leaked: {seen}");
+}
+
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .expect("utf-8")
+        .into_owned()
+}
+
+#[test]
+fn dry_run_on_copy_on_sqlite() {
+    let w = Workdir::new();
+    let record = w.path().join("record.jsonl");
+    let cfg = |env: &str| {
+        config(
+            &w,
+            &sqlite_url(&w),
+            "",
+            &format!("env = {{ FAKE_RECORD = \"{}\"{env} }}", record.display()),
+        )
+    };
+    // Fails on the copy (its path names the dry run): the database is not touched.
+    w.write_config("", &cfg(", FAKE_FAIL_IF = \"dryrun\""));
+    w.cmd(&["migrate", "apply", "db", "--dry-run-on-copy"])
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("dry run on a scratch copy")
+                .and(predicate::str::contains("the database was not touched"))
+                .and(predicate::str::contains("boom in revision")),
+        );
+    assert_eq!(version_sqlite(&w), "");
+    assert!(!tables_sqlite(&w).contains("users"));
+    let upgrades = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains("\"upgrade\", \"head\"]"))
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("json");
+                v["env"]["DATABASE_URL"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let runs = upgrades(&std::fs::read_to_string(&record).expect("record"));
+    assert_eq!(runs.len(), 1, "only on the copy: {runs:?}");
+    assert!(runs[0].contains("dryrun") && !runs[0].contains("app.db"));
+
+    // Succeeds on the copy, then runs on the database.
+    std::fs::remove_file(&record).expect("rm");
+    w.write_config("", &cfg(""));
+    w.cmd(&["migrate", "apply", "db", "--dry-run-on-copy"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "after it succeeded on a scratch copy",
+        ));
+    let runs = upgrades(&std::fs::read_to_string(&record).expect("record"));
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(runs[0].contains("dryrun"));
+    assert_eq!(runs[1], sqlite_url(&w));
+    assert_eq!(version_sqlite(&w), "0002");
+    // No scratch copy left behind.
+    let leftovers: Vec<_> = walk(&w.path().join("state"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("dryrun"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+#[test]
+fn dry_run_on_copy_on_postgres() {
+    let pg = PgDb::new("mig_cmd_copy");
+    let w = Workdir::new();
+    pg.sql("CREATE TABLE keep (id int); INSERT INTO keep VALUES (1), (2)");
+    let has_users = || pg.sql("SELECT to_regclass('users') IS NOT NULL").trim() == "t";
+    let scratch_left = || dry_run_databases(&pg);
+    // The config switch; a command failing on the copy (its database name says so).
+    w.write_config(
+        "",
+        &config(
+            &w,
+            &pg.url,
+            "",
+            "dry-run-on-copy = true\nenv = { FAKE_FAIL_IF = \"_dbk_dryrun_\" }",
+        ),
+    );
+    w.cmd(&["migrate", "apply", "db"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("the database was not touched"));
+    assert!(!has_users());
+    assert_eq!(scratch_left(), "0", "the scratch database is dropped");
+
+    w.write_config("", &config(&w, &pg.url, "", "dry-run-on-copy = true"));
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
+    assert!(has_users());
+    assert_eq!(pg.sql("SELECT count(*) FROM keep").trim(), "2");
+    assert_eq!(scratch_left(), "0");
+}
+
+#[test]
+fn config_mistakes_exit_2_with_a_clear_message() {
+    let w = Workdir::new();
+    let db = format!(
+        "[[database]]\nname = \"db\"\nurl = \"{}\"\n",
+        sqlite_url(&w)
+    );
+    let cases = [
+        (
+            "dir = \"/tmp\"\ncommand = [\"alembic\", \"upgrade\", \"head\"]",
+            "cannot be combined with dir",
+        ),
+        ("command = []", "migrate.command: is empty"),
+        ("command = [\"\"]", "migrate.command: is empty"),
+        (
+            "dir = \"/tmp\"\npending-command = [\"alembic\", \"check\"]",
+            "migrate.pending-command: only applies to command migrations",
+        ),
+        ("schedule = \"@daily\"", "needs dir"),
+        (
+            "command = [\"x\"]\nenv = { DATABASE_URL = \"postgres://elsewhere\" }",
+            "env.DATABASE_URL: is set by dbkeeper itself",
+        ),
+        (
+            "command = [\"x\"]\ndry-run-on-copy = true",
+            "dry-run-on-copy: copies the pre-migration backup",
+        ),
+    ];
+    for (migrate, message) in cases {
+        let schedule = if migrate.contains("schedule") {
+            ""
+        } else {
+            "schedule = \"manual\"\n"
+        };
+        w.write_config(
+            "",
+            &format!("{db}[database.migrate]\nbackup-first = false\n{schedule}{migrate}\n"),
+        );
+        w.cmd(&["check"])
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(message));
+    }
+    // --dry-run-on-copy without a pre-migration backup to copy.
+    w.write_config(
+        "",
+        &format!("{db}[database.migrate]\nbackup-first = false\nschedule = \"manual\"\ncommand = [\"true\"]\n"),
+    );
+    w.cmd(&["migrate", "apply", "db", "--dry-run-on-copy"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("backup-first = true"));
+    // `migrate plan` without a plan-command says what to add.
+    w.cmd(&["migrate", "plan", "db"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("has no plan-command"));
+    // `check` lists a command migration and says it runs none of its commands.
+    sqlite(&w.path().join("app.db"), "CREATE TABLE t (i INTEGER);");
+    w.cmd(&["check"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("check does not run commands"));
+}
+
+/// While one dbkeeper runs the command (holding the lock), another one waits for it
+/// and gives up after `lock-wait`, running nothing.
+fn second_migrator_waits(w: &Workdir, url: &str) {
+    let pidfile = w.path().join("sleep.pid");
+    let record = w.path().join("record.jsonl");
+    w.write_config(
+        "",
+        &config(
+            w,
+            url,
+            "",
+            &format!(
+                "lock-wait = \"1s\"\nenv = {{ FAKE_SLEEP_PIDFILE = \"{}\", FAKE_RECORD = \"{}\" }}",
+                pidfile.display(),
+                record.display()
+            ),
+        ),
+    );
+    let (first, grandchild) = start_sleeping(w, &["migrate", "apply", "db"], &pidfile);
+    let runs_before = std::fs::read_to_string(&record)
+        .expect("record")
+        .lines()
+        .count();
+    w.cmd(&["migrate", "apply", "db"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "another migrator held the migration lock",
+        ));
+    let runs_after = std::fs::read_to_string(&record)
+        .expect("record")
+        .lines()
+        .count();
+    assert_eq!(runs_before, runs_after, "the second migrator ran nothing");
+    sigterm(&first);
+    let _ = first.wait_with_output();
+    assert_gone(grandchild, "the first migrator's command");
+}
+
+#[test]
+fn the_lock_keeps_a_second_migrator_out_on_sqlite_and_postgres() {
+    let w = Workdir::new();
+    second_migrator_waits(&w, &sqlite_url(&w));
+    let pg = PgDb::new("mig_cmd_lock");
+    let w = Workdir::new();
+    second_migrator_waits(&w, &pg.url);
+}
+
+/// `--dry-run-on-copy` with a migrations directory: a failure on the copy leaves the
+/// database without even the migrations before the failing one; once they all work on
+/// the copy, they are applied to the database.
+fn sqlx_dry_run(w: &Workdir, url: &str, applied: impl Fn() -> String) {
+    let dir = w.path().join("migrations");
+    write_file(
+        &dir,
+        "1_create.sql",
+        "CREATE TABLE t (id INTEGER PRIMARY KEY);",
+    );
+    write_file(
+        &dir,
+        "2_broken.sql",
+        "INSERT INTO no_such_table VALUES (1);",
+    );
+    let key = w.key("backup.key");
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"db\"\nurl = \"{url}\"\n{}[database.migrate]\nschedule = \"manual\"\ndir = \"{}\"\n",
+            common::backup_table(&w.path().join("backups"), Some(&key), ""),
+            dir.display()
+        ),
+    );
+    w.cmd(&["migrate", "apply", "db", "--dry-run-on-copy"])
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("the database was not touched")
+                .and(predicate::str::contains("2_broken.sql")),
+        );
+    assert_eq!(applied(), "", "not even migration 1 reached the database");
+    write_file(&dir, "2_broken.sql", "INSERT INTO t VALUES (1);");
+    w.cmd(&["migrate", "apply", "db", "--dry-run-on-copy"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("applied 2 migrations (1, 2)"));
+    assert_eq!(applied(), "1,2");
+}
+
+#[test]
+fn dry_run_on_copy_with_a_migrations_directory_on_sqlite_and_postgres() {
+    let w = Workdir::new();
+    let file = w.path().join("app.db");
+    sqlite(&file, "CREATE TABLE keep (id INTEGER);");
+    sqlx_dry_run(&w, &sqlite_url(&w), || {
+        sqlite(
+            &file,
+            "CREATE TABLE IF NOT EXISTS _sqlx_migrations (version INTEGER, success BOOLEAN); SELECT coalesce(group_concat(version), '') FROM (SELECT version FROM _sqlx_migrations WHERE success ORDER BY version);",
+        )
+        .trim()
+        .to_owned()
+    });
+    assert!(walk(&w.path().join("state"))
+        .iter()
+        .all(|p| !p.to_string_lossy().contains("dryrun")));
+
+    let pg = PgDb::new("mig_dir_copy");
+    let w = Workdir::new();
+    sqlx_dry_run(&w, &pg.url, || {
+        pg.sql("SELECT coalesce(string_agg(version::text, ',' ORDER BY version), '') FROM _sqlx_migrations WHERE success")
+            .trim()
+            .to_owned()
+    });
+    assert_eq!(dry_run_databases(&pg), "0");
+}
+
+/// How many scratch databases of dry runs of `pg` exist.
+fn dry_run_databases(pg: &PgDb) -> String {
+    psql(
+        &format!("{}/postgres", common::pg_server()),
+        &format!(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE '{}_dbk_dryrun_%'",
+            pg.name
+        ),
+    )
+    .trim()
+    .to_owned()
+}
