@@ -176,12 +176,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         daemon.timer.heartbeat(period).await?;
     }
     daemon.activate(&active, true).await;
-    let deferred = daemon.startup_migrations(&active, &mut fires).await;
-    for fire in deferred {
-        daemon.on_fire(&active, fire).await;
+    let grace = active.config.daemon.shutdown_grace;
+    let deferred = daemon
+        .startup_migrations(&active, &mut fires, &shutdown, grace)
+        .await;
+    if !shutdown.is_cancelled() {
+        for fire in deferred {
+            daemon.on_fire(&active, fire).await;
+        }
+        tracing::info!(%listen, "dbkeeper {} started: {}", env!("CARGO_PKG_VERSION"), active.summary());
+        systemd::ready(&active.summary());
     }
-    tracing::info!(%listen, "dbkeeper {} started: {}", env!("CARGO_PKG_VERSION"), active.summary());
-    systemd::ready(&active.summary());
 
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
     let mut probe_tick = tokio::time::interval(active.config.daemon.probe_interval);
@@ -191,6 +196,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     prune_tick.reset();
     loop {
         tokio::select! {
+            // First: a shutdown during start-up must not start anything.
+            biased;
             _ = shutdown.cancelled() => break,
             Some(fire) = fires.recv() => daemon.on_fire(&active, fire).await,
             _ = hup.recv() => {
@@ -239,11 +246,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
 impl Daemon {
     /// Runs `@startup` migrations before the daemon reports ready, feeding the
     /// watchdog from the timer's heartbeats meanwhile; a failure is reported like any
-    /// failed job and the daemon carries on.
+    /// failed job and the daemon carries on. A shutdown meanwhile gives the running
+    /// migration the grace period of any job, then cancels it (a migration command's
+    /// process group is killed), and starts no other.
     async fn startup_migrations(
         &mut self,
         active: &Active,
         fires: &mut mpsc::UnboundedReceiver<Fire>,
+        shutdown: &CancellationToken,
+        grace: Duration,
     ) -> Vec<Fire> {
         let mut deferred = Vec::new();
         for job in active.jobs.iter() {
@@ -256,6 +267,16 @@ impl Daemon {
             loop {
                 tokio::select! {
                     _ = &mut run => break,
+                    _ = shutdown.cancelled() => {
+                        // `run` is awaited here, not tracked by the runner: its
+                        // shutdown would not wait for it.
+                        if tokio::time::timeout(grace, &mut run).await.is_err() {
+                            tracing::warn!(job = %job.id, "grace period over; cancelling the start-up migration");
+                            self.runner.cancel_all();
+                            (&mut run).await;
+                        }
+                        return deferred;
+                    }
                     Some(fire) = fires.recv() => {
                         // Scheduled jobs wait until start-up is over.
                         if fire == Fire::Heartbeat {

@@ -326,6 +326,34 @@ fn daemon_shutdown_kills_the_commands_process_group() {
     );
 }
 
+/// SIGTERM while an `@startup` migration runs, before READY=1: the migration gets the
+/// grace period, then its process group is killed and the daemon exits.
+#[test]
+fn daemon_shutdown_during_a_startup_migration_kills_the_group() {
+    let w = Workdir::new();
+    let (pidfile, cfg) = sleeper_config(&w, "");
+    w.write_config(
+        "shutdown-grace = \"1s\"",
+        &cfg.replace(
+            "schedule = \"manual\"\ncommand",
+            "schedule = \"@startup\"\ncommand",
+        ),
+    );
+    let (child, grandchild) = start_sleeping(&w, &["run"], &pidfile);
+    let stopping = Instant::now();
+    sigterm(&child);
+    let out = child.wait_with_output().expect("wait");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(20),
+        "exited after {:?}: {log}",
+        stopping.elapsed()
+    );
+    assert_gone(grandchild, "the command's grandchild `sleep`");
+    assert!(!log.contains("started:"), "never reported started: {log}");
+    assert_eq!(version_sqlite(&w), "", "nothing applied");
+}
+
 #[test]
 fn timeout_kills_the_group_and_the_password_stays_out_of_argv_and_logs() {
     let pg = PgDb::new("mig_cmd_pw");
