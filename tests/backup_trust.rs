@@ -380,6 +380,7 @@ fn plant_future_backup(dest: &Path, key: &Path, image: &Path, ahead: chrono::Dur
             error: None,
         },
         globals: None,
+        files: None,
     }
     .save(&dest)
     .expect("manifest");

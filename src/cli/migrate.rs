@@ -26,7 +26,7 @@ pub async fn status(config: &Config, database: &str) -> anyhow::Result<Exit> {
     let (job, m) = jobs
         .migrate_for(database)
         .ok_or_else(|| no_migrate(config, database))?;
-    let a = m.status(&job.database).await?;
+    let a = m.status(job.db()?).await?;
     let rows: Vec<Vec<String>> = a
         .rows
         .iter()
@@ -59,7 +59,7 @@ pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
     let (job, m) = jobs
         .migrate_for(database)
         .ok_or_else(|| no_migrate(config, database))?;
-    let a = m.status(&job.database).await?;
+    let a = m.status(job.db()?).await?;
     for p in &a.problems {
         eprintln!("blocked: {p}");
     }

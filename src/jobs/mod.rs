@@ -32,7 +32,7 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    BackupConfig, Config, DatabaseConfig, JobOptions, MigrateConfig, RefreshConfig,
+    BackupConfig, Config, DatabaseConfig, FilesConfig, JobOptions, MigrateConfig, RefreshConfig,
     RetentionConfig, SqlJobConfig,
 };
 use crate::db::{Access, Database, DbError};
@@ -93,7 +93,11 @@ pub struct Job {
     /// `<database>.<kind>[.<name>]`, e.g. `app.sql.vacuum`.
     pub id: String,
     pub work: Work,
-    pub database: Database,
+    /// The database the job runs on; `None` for the backup of a `[[files]]` set.
+    pub database: Option<Database>,
+    /// The database's or files set's name: the first part of the id and the
+    /// `database` label.
+    pub name: String,
     pub options: JobOptions,
 }
 
@@ -127,7 +131,14 @@ impl Job {
     }
 
     pub fn database_name(&self) -> &str {
-        self.database.name()
+        &self.name
+    }
+
+    /// The database the job runs on; only a files set's backup has none.
+    pub fn db(&self) -> Result<&Database, JobError> {
+        self.database
+            .as_ref()
+            .ok_or_else(|| JobError::NoDatabase(self.id.clone()))
     }
 
     /// The labels of this job's metric series.
@@ -199,7 +210,11 @@ impl Job {
                 let job = self.clone();
                 tokio::spawn(async move {
                     if let Work::Migrate(m) = &job.work {
-                        if let Err(e) = m.status(&job.database).await {
+                        let status = match job.db() {
+                            Ok(db) => m.status(db).await.map_err(JobError::from),
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = status {
                             tracing::warn!(job = %job.id, "cannot read migration status: {e}");
                         }
                     }
@@ -238,15 +253,15 @@ impl Job {
         let mut notes = Vec::new();
         match &self.work {
             Work::Retention(r) => {
-                let target = r.check(&self.database).await?;
+                let target = r.check(self.db()?).await?;
                 notes.push(format!(
                     "reads {}.{} as {}",
                     r.cfg.table, r.cfg.column, target.reading
                 ));
             }
-            Work::Refresh(r) => r.check(&self.database).await?,
+            Work::Refresh(r) => r.check(self.db()?).await?,
             Work::Migrate(m) => {
-                let status = m.status(&self.database).await?;
+                let status = m.status(self.db()?).await?;
                 for problem in &status.problems {
                     notes.push(format!("WARNING: {problem}"));
                 }
@@ -254,7 +269,12 @@ impl Job {
                     notes.push(format!("{} migrations pending", status.pending.len()));
                 }
             }
-            Work::Backup(_) | Work::Sql(_) => {}
+            Work::Backup(b) => {
+                if let Some(files) = &b.files {
+                    notes.push(files.check()?);
+                }
+            }
+            Work::Sql(_) => {}
         }
         Ok(notes)
     }
@@ -272,12 +292,12 @@ impl Job {
                     Trigger::Manual => BackupKind::Manual,
                     _ => BackupKind::Scheduled,
                 };
-                Ok(b.run(&self.database, kind, &cancel).await?)
+                Ok(b.run(self.database.as_ref(), kind, &cancel).await?)
             }
-            Work::Retention(r) => Ok(r.run(&self.database, &cancel).await?),
-            Work::Refresh(r) => Ok(r.run(&self.database, &cancel).await?),
-            Work::Migrate(m) => Ok(m.run(&self.database, &cancel).await?),
-            Work::Sql(sql) => sql.run(&self.database, self.options.timeout, &cancel).await,
+            Work::Retention(r) => Ok(r.run(self.db()?, &cancel).await?),
+            Work::Refresh(r) => Ok(r.run(self.db()?, &cancel).await?),
+            Work::Migrate(m) => Ok(m.run(self.db()?, &cancel).await?),
+            Work::Sql(sql) => sql.run(self.db()?, self.options.timeout, &cancel).await,
         }
     }
 }
@@ -348,6 +368,9 @@ pub enum JobError {
     Refresh(#[from] refresh::RefreshError),
     #[error(transparent)]
     Migrate(#[from] migrate::MigrateError),
+    /// A job that needs a database was asked to run without one (a bug).
+    #[error("job {0} has no database to run on; this is a bug in dbkeeper, please report it")]
+    NoDatabase(String),
 }
 
 impl Transient for JobError {
@@ -358,6 +381,7 @@ impl Transient for JobError {
             JobError::Retention(e) => e.is_transient(),
             JobError::Refresh(e) => e.is_transient(),
             JobError::Migrate(e) => e.is_transient(),
+            JobError::NoDatabase(_) => false,
         }
     }
 }
@@ -377,7 +401,10 @@ impl JobError {
             JobError::Retention(retention::RetentionError::Db(e))
             | JobError::Refresh(refresh::RefreshError::Db(e)) => e.is_unreachable(),
             JobError::Migrate(migrate::MigrateError::Db(e)) => e.is_unreachable(),
-            JobError::Retention(_) | JobError::Refresh(_) | JobError::Migrate(_) => false,
+            JobError::Retention(_)
+            | JobError::Refresh(_)
+            | JobError::Migrate(_)
+            | JobError::NoDatabase(_) => false,
         }
     }
 }
@@ -411,7 +438,10 @@ pub enum BuildError {
 #[derive(Debug, Clone)]
 pub struct Entry<'a> {
     pub id: String,
-    pub database: &'a DatabaseConfig,
+    /// The database or files set the job belongs to.
+    pub name: &'a str,
+    /// The job's database; `None` for a files set's backup.
+    pub database: Option<&'a DatabaseConfig>,
     pub options: JobOptions,
     section: Section<'a>,
 }
@@ -424,12 +454,14 @@ enum Section<'a> {
     Refresh(&'a RefreshConfig),
     Migrate(&'a MigrateConfig),
     Sql(&'a SqlJobConfig),
+    /// A `[[files]]` set's backup (kind `backup`).
+    Files(&'a FilesConfig),
 }
 
 impl Entry<'_> {
     pub fn kind(&self) -> Kind {
         match self.section {
-            Section::Backup(_) => Kind::Backup,
+            Section::Backup(_) | Section::Files(_) => Kind::Backup,
             Section::Retention(_) => Kind::Retention,
             Section::Refresh(_) => Kind::Refresh,
             Section::Migrate(_) => Kind::Migrate,
@@ -448,7 +480,8 @@ pub fn entries(config: &Config) -> Vec<Entry<'_>> {
         let mut add = |id: String, options, section| {
             all.push(Entry {
                 id,
-                database: db,
+                name,
+                database: Some(db),
                 options,
                 section,
             })
@@ -480,6 +513,15 @@ pub fn entries(config: &Config) -> Vec<Entry<'_>> {
             add(id, sql.options(notify), Section::Sql(sql));
         }
     }
+    for f in &config.files {
+        all.push(Entry {
+            id: format!("{}.backup", f.name),
+            name: &f.name,
+            database: None,
+            options: f.backup.options(notify),
+            section: Section::Files(f),
+        });
+    }
     all
 }
 
@@ -501,9 +543,7 @@ impl Select<'_> {
         match *self {
             Select::All => true,
             Select::Id(id) => entry.id == id,
-            Select::Kind { database, kind } => {
-                entry.database.name == database && entry.kind() == kind
-            }
+            Select::Kind { database, kind } => entry.name == database && entry.kind() == kind,
         }
     }
 }
@@ -548,7 +588,7 @@ impl Jobs {
         for cfg in &config.databases {
             let wanted: Vec<&Entry<'_>> = entries
                 .iter()
-                .filter(|e| std::ptr::eq(e.database, cfg) && select.wants(e))
+                .filter(|e| e.database.is_some_and(|d| std::ptr::eq(d, cfg)) && select.wants(e))
                 .collect();
             if wanted.is_empty() && !matches!(select, Select::All) {
                 continue;
@@ -568,10 +608,25 @@ impl Jobs {
                 jobs.jobs.push(Arc::new(Job {
                     id: entry.id.clone(),
                     work,
-                    database: database.clone(),
+                    database: Some(database.clone()),
+                    name: cfg.name.clone(),
                     options: entry.options.clone(),
                 }));
             }
+        }
+        for entry in entries.iter().filter(|e| select.wants(e)) {
+            let Section::Files(f) = entry.section else {
+                continue;
+            };
+            let job = backup::BackupJob::for_files(config, f, access)?;
+            jobs.by_id.insert(entry.id.clone(), jobs.jobs.len());
+            jobs.jobs.push(Arc::new(Job {
+                id: entry.id.clone(),
+                work: Work::Backup(Arc::new(job)),
+                database: None,
+                name: f.name.clone(),
+                options: entry.options.clone(),
+            }));
         }
         Ok(jobs)
     }
@@ -711,6 +766,7 @@ impl Builder<'_> {
             key,
             keys,
             scratch_dir: self.config.daemon.state_dir.join("tmp"),
+            files: None,
         });
         self.backup = Some(job.clone());
         Ok(job)
@@ -761,6 +817,12 @@ impl Builder<'_> {
             Section::Sql(sql) => Work::Sql(SqlJob {
                 statement: sql.statement.clone(),
             }),
+            // Built by `Jobs::open` without a database.
+            Section::Files(f) => Work::Backup(Arc::new(backup::BackupJob::for_files(
+                self.config,
+                f,
+                self.access,
+            )?)),
         })
     }
 }
@@ -882,7 +944,7 @@ schedule = "@daily"
         assert!(backup.trust_policy("a", false).encrypting);
         let cancel = CancellationToken::new();
         let err = backup
-            .run(&job.database, BackupKind::Manual, &cancel)
+            .run(job.database.as_ref(), BackupKind::Manual, &cancel)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("does not exist yet"), "{err}");

@@ -90,6 +90,10 @@ pub struct Manifest {
     /// memberships, tablespaces), with their counts. Absent: it carries none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub globals: Option<crate::db::GlobalsSummary>,
+    /// A files set's backup: entries stored, and those that changed while read or
+    /// were skipped. Absent for databases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<crate::repo::files::FilesReport>,
 }
 
 impl Manifest {

@@ -947,6 +947,7 @@ mod tests {
                     error: None,
                 },
                 globals: None,
+                files: None,
             };
             let json = serde_json::to_vec_pretty(&m).unwrap();
             std::fs::write(dest.path(&format!("{file_id}{MANIFEST}")), json).unwrap();
