@@ -149,6 +149,8 @@ fn unpack(input: impl Read, root: Option<&Path>) -> Result<TreeCount, BackupErro
     let mut tar = tar::Archive::new(input);
     let mut count = TreeCount::default();
     let mut dirs = Vec::new();
+    // Checking only: the links seen so far (extracting asks the file system).
+    let mut links = std::collections::HashSet::new();
     for entry in tar.entries().map_err(tar_err)? {
         let mut entry = entry.map_err(tar_err)?;
         let raw = entry.path().map_err(tar_err)?.into_owned();
@@ -165,6 +167,13 @@ fn unpack(input: impl Read, root: Option<&Path>) -> Result<TreeCount, BackupErro
         let Some(root) = root else {
             if !(kind.is_file() || kind.is_dir() || kind.is_symlink()) {
                 return Err(refused(&raw, "is neither a file, a directory nor a link"));
+            }
+            // What an extraction would refuse: a path below a link stored earlier.
+            if rel.ancestors().skip(1).any(|a| links.contains(a)) {
+                return Err(refused(&raw, "would be written through a symbolic link"));
+            }
+            if kind.is_symlink() {
+                links.insert(rel);
             }
             io::copy(&mut entry, &mut io::sink()).map_err(tar_err)?;
             continue;
