@@ -299,3 +299,75 @@ impl Read for Exact {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(path: &Path) -> FilesSpec {
+        FilesSpec {
+            name: "t".to_owned(),
+            path: path.to_owned(),
+            exclude: GlobSet::empty(),
+        }
+    }
+
+    #[test]
+    fn a_file_that_shrank_is_padded_to_its_header_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let file = File::open(&path).unwrap();
+        // As if the header had been made when the file was 16 bytes long.
+        let mut body = Exact {
+            file,
+            left: 16,
+            padded: 0,
+        };
+        let mut out = Vec::new();
+        body.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"0123456789\0\0\0\0\0\0");
+        assert_eq!(body.padded, 6);
+        // One that grew is cut.
+        let mut body = Exact {
+            file: File::open(&path).unwrap(),
+            left: 4,
+            padded: 0,
+        };
+        let mut out = Vec::new();
+        body.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"0123");
+    }
+
+    #[test]
+    fn fifos_are_skipped_and_reported_and_the_rest_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("plain"), b"data").unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(dir.path().join("pipe"))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let mut stream = spec(dir.path()).stream().unwrap();
+        let slot = stream.report();
+        let mut tar = Vec::new();
+        stream.read_to_end(&mut tar).unwrap();
+        let report = slot.lock().unwrap().clone().unwrap();
+        assert_eq!((report.entries, report.skipped, report.changed), (1, 1, 0));
+        assert!(report.notes[0].starts_with("pipe: "), "{:?}", report.notes);
+        let mut archive = tar::Archive::new(&tar[..]);
+        let names: Vec<String> = archive
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["plain"]);
+    }
+
+    #[test]
+    fn a_missing_directory_fails_before_anything_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = spec(&dir.path().join("gone")).stream().err().unwrap();
+        assert!(err.to_string().contains("fix path in [[files]]"), "{err}");
+    }
+}
