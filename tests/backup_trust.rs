@@ -381,6 +381,7 @@ fn plant_future_backup(dest: &Path, key: &Path, image: &Path, ahead: chrono::Dur
         },
         globals: None,
         files: None,
+        with_files: Vec::new(),
     }
     .save(&dest)
     .expect("manifest");

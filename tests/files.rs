@@ -311,6 +311,7 @@ fn plant(dest: &Path, key: &Path, name: &str, tar: &[u8]) -> String {
         },
         globals: None,
         files: None,
+        with_files: Vec::new(),
     }
     .save(&dest)
     .expect("manifest");
@@ -461,4 +462,71 @@ fn files_sets_share_the_database_names_and_need_an_absolute_path() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("lie inside one another"));
+}
+
+/// The ids in `<dest>/<name>/`, sorted.
+fn ids(dest: &Path, name: &str) -> Vec<String> {
+    archives(dest, name)
+        .iter()
+        .map(|a| {
+            a.file_name().unwrap().to_string_lossy().trim_end_matches(".dbk").to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn with_files_takes_the_set_under_the_database_backups_id_pre_migration_too() {
+    let w = Workdir::new();
+    let key = w.key("k");
+    let tree = w.path().join("storage");
+    write(&tree.join("uploads/one.png"), "png");
+    let dest = w.path().join("backups");
+    let files_dest = w.path().join("files-backups");
+    let migrations = w.path().join("migrations");
+    write(&migrations.join("1_init.sql"), "CREATE TABLE t (x INTEGER);");
+    sqlite(&w.path().join("app.db"), "CREATE TABLE seed (x)");
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n[database.backup]\nschedule = \"manual\"\ndestination = \"{}\"\nencryption-key-file = \"{}\"\nwith-files = [\"storage\"]\n[database.migrate]\ndir = \"{}\"\nschedule = \"manual\"\n\n{}",
+            w.path().join("app.db").display(),
+            dest.display(),
+            key.display(),
+            migrations.display(),
+            files_set("storage", &tree, &files_dest, &key, "")
+        ),
+    );
+    w.stdout(&["run-job", "app.backup"]);
+    let db_ids = ids(&dest, "app");
+    assert_eq!(db_ids.len(), 1);
+    assert_eq!(ids(&files_dest, "storage"), db_ids, "one id for the pair");
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert!(list.contains("WITH FILES") && list.contains("storage (same id)"), "{list}");
+    let manifest = dest.join("app").join(format!("{}.manifest.json", db_ids[0]));
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+    assert_eq!(m["with_files"], serde_json::json!(["storage"]));
+
+    // The pre-migration backup takes the files too.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    w.stdout(&["migrate", "apply", "app"]);
+    let db_ids = ids(&dest, "app");
+    let pre: Vec<&String> = db_ids.iter().filter(|i| i.ends_with("pre-migration")).collect();
+    assert_eq!(pre.len(), 1, "{db_ids:?}");
+    assert!(ids(&files_dest, "storage").contains(pre[0]));
+
+    // The rollback restores the matching pair.
+    let target = w.path().join("rolled-back");
+    w.cmd(&["restore", "storage", "--backup", pre[0], "--to", target.to_str().unwrap()])
+        .assert()
+        .success();
+    assert_eq!(std::fs::read_to_string(target.join("uploads/one.png")).unwrap(), "png");
+
+    // A set that cannot be read fails the database's backup before it is taken.
+    std::fs::remove_dir_all(&tree).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    w.cmd(&["run-job", "app.backup"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("with-files"));
+    assert_eq!(ids(&dest, "app"), db_ids, "no database backup without its files");
 }

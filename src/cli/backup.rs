@@ -249,19 +249,24 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
             config.path.display()
         );
     }
-    print_table(
-        &[
-            "ID",
-            "DATABASE",
-            "DESTINATION",
-            "TIME (UTC)",
-            "SIZE",
-            "RAW SIZE",
-            "ROLES",
-            "VERIFIED",
-        ],
-        &rows,
-    );
+    let mut header = vec![
+        "ID",
+        "DATABASE",
+        "DESTINATION",
+        "TIME (UTC)",
+        "SIZE",
+        "RAW SIZE",
+        "ROLES",
+        "VERIFIED",
+    ];
+    // The pairing of `with-files`, shown only where there is one.
+    if rows.iter().any(|r| r.len() > header.len()) {
+        header.push("WITH FILES");
+        for r in &mut rows {
+            r.resize(header.len(), "-".to_owned());
+        }
+    }
+    print_table(&header, &rows);
     if unreachable.is_empty() {
         return Ok(Exit::Success);
     }
@@ -293,6 +298,12 @@ fn list_rows(database: &str, destination: &str, listing: &Listing, rows: &mut Ve
             roles_cell(m),
             verified,
         ]);
+        if !m.with_files.is_empty() {
+            if let Some(row) = rows.last_mut() {
+                // Restore the same id of each to roll back to a matching pair.
+                row.push(format!("{} (same id)", m.with_files.join(", ")));
+            }
+        }
     }
     for r in &listing.untrusted {
         let id = catalog::id_of_manifest_file(&r.file).unwrap_or(&r.file);

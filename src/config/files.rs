@@ -62,6 +62,17 @@ impl Config {
     /// The `[[files]]` entries: names unique among databases and files sets, an
     /// absolute path, patterns that compile, and the backup keys as for a database.
     pub(super) fn validate_files(&self) -> Result<(), ConfigError> {
+        for db in &self.databases {
+            let Some(b) = &db.backup else { continue };
+            for name in &b.with_files {
+                if !self.files.iter().any(|f| &f.name == name) {
+                    return Err(self.invalid(
+                        format!("database \"{}\".backup.with-files", db.name),
+                        format!("\"{name}\" is not a [[files]] set; add one with that name or remove it here"),
+                    ));
+                }
+            }
+        }
         let mut names: HashSet<&str> = self.databases.iter().map(|d| d.name.as_str()).collect();
         for f in &self.files {
             let key = format!("files \"{}\"", f.name);
@@ -102,6 +113,12 @@ impl Config {
                 }
             }
             let backup_key = format!("{key}.backup");
+            if !f.backup.with_files.is_empty() {
+                return Err(self.invalid(
+                    format!("{backup_key}.with-files"),
+                    "is for [database.backup] only: a files set is taken with a database, not the other way round; remove it",
+                ));
+            }
             self.validate_job_options(&backup_key, &f.backup.options(self.notify.as_ref()))?;
             self.validate_backup(&key, &f.backup)?;
         }

@@ -615,6 +615,13 @@ job_table! {
         /// --with-roles`. Default: `true`.
         #[serde(default = "yes")]
         pub globals: bool,
+        /// Databases only: the `[[files]]` sets (by name) taken in the same run
+        /// under the same backup id, pre-migration backups included, each to its own
+        /// destination (`<destination>/<files-name>/`); the database's manifest
+        /// records them, so a rollback restores a matching pair. Each set still
+        /// rotates by its own `keep`. Default: none.
+        #[serde(default)]
+        pub with_files: Vec<String>,
     }
     defaults(timeout = Duration::from_secs(6 * 3600), missed = Missed::RunOnce, retries = 0)
 }

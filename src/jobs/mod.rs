@@ -767,6 +767,13 @@ impl Builder<'_> {
             keys,
             scratch_dir: self.config.daemon.state_dir.join("tmp"),
             files: None,
+            with_files: self
+                .config
+                .files
+                .iter()
+                .filter(|f| b.with_files.contains(&f.name))
+                .map(|f| backup::BackupJob::for_files(self.config, f, self.access))
+                .collect::<Result<_, _>>()?,
         });
         self.backup = Some(job.clone());
         Ok(job)
@@ -817,7 +824,7 @@ impl Builder<'_> {
             Section::Sql(sql) => Work::Sql(SqlJob {
                 statement: sql.statement.clone(),
             }),
-            // Built by `Jobs::open` without a database.
+            // Built by `Jobs::open`, without a database.
             Section::Files(f) => Work::Backup(Arc::new(backup::BackupJob::for_files(
                 self.config,
                 f,

@@ -49,6 +49,9 @@ pub struct BackupJob {
     pub scratch_dir: PathBuf,
     /// Set for a `[[files]]` set's backup: the directory it reads.
     pub files: Option<files::FilesSpec>,
+    /// A database's `with-files`: the files sets' jobs, run first in every run of
+    /// this one under its backup id.
+    pub with_files: Vec<BackupJob>,
 }
 
 /// What one backup run reads: a database, or a files set's directory.
@@ -105,7 +108,14 @@ impl BackupJob {
                 path: f.path.clone(),
                 exclude,
             }),
+            with_files: Vec::new(),
         })
+    }
+
+    /// A files set's name (empty for a database's job, which learns its name from
+    /// the database).
+    fn subject_name(&self) -> &str {
+        self.files.as_ref().map_or("", |f| f.name.as_str())
     }
 
     /// What a run reads: this job's files set, or else `db`.
@@ -227,6 +237,19 @@ impl BackupJob {
         at_least: VerifyMode,
         cancel: &CancellationToken,
     ) -> Result<Outcome, BackupError> {
+        self.run_as(db, kind, at_least, None, cancel).await
+    }
+
+    /// [`BackupJob::run_verified`]; `paired`: the id and start time of the database
+    /// backup this files set is taken with (`with-files`), used instead of new ones.
+    async fn run_as(
+        &self,
+        db: Option<&Database>,
+        kind: BackupKind,
+        at_least: VerifyMode,
+        paired: Option<(&str, chrono::DateTime<Utc>)>,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, BackupError> {
         let subject = self.subject(db)?;
         self.cfg
             .writing_key(self.key.as_ref())
@@ -246,9 +269,36 @@ impl BackupJob {
         }
         self.clean_scratch(database);
 
-        let started = Utc::now();
-        let stores: Vec<&dyn Storage> = ready.iter().map(|p| &*p.store).collect();
-        let id = catalog::new_id(&stores, started, kind);
+        let started = paired.map_or_else(Utc::now, |(_, at)| at);
+        // Paired files sets live in their own folders: the id must be free there too.
+        let paired_places: Vec<Place> = self
+            .with_files
+            .iter()
+            .flat_map(|f| f.places(f.subject_name()))
+            .collect();
+        let stores: Vec<&dyn Storage> = ready
+            .iter()
+            .chain(&paired_places)
+            .map(|p| &*p.store)
+            .collect();
+        let id = match paired {
+            Some((id, _)) => id.to_owned(),
+            None => catalog::new_id(&stores, started, kind),
+        };
+        // Taken first: a database backup that names its files exists only with them.
+        let mut with_files = Vec::new();
+        for f in &self.with_files {
+            let name = f.subject_name();
+            Box::pin(f.run_as(None, kind, at_least, Some((&id, started)), cancel))
+                .await
+                .map_err(|e| BackupError::WithFiles {
+                    name: name.to_owned(),
+                    id: id.clone(),
+                    database: database.to_owned(),
+                    source: Box::new(e),
+                })?;
+            with_files.push(name.to_owned());
+        }
         let archive_name = format!("{id}{ARCHIVE_SUFFIX}");
         let (server_version, schema_version) = match subject {
             Subject::Database(db) => {
@@ -324,6 +374,7 @@ impl BackupJob {
             },
             globals: globals_summary,
             files: files_report,
+            with_files,
         };
         // The restore test runs once, on the first copy; the other copies are read
         // back (their SHA-256 must match, so they are the same bytes) and share its

@@ -94,6 +94,10 @@ pub struct Manifest {
     /// were skipped. Absent for databases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<crate::repo::files::FilesReport>,
+    /// A database's backup: the `[[files]]` sets taken with it under the same id
+    /// (`with-files`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub with_files: Vec<String>,
 }
 
 impl Manifest {
