@@ -9,13 +9,10 @@ mod common;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
 
 use chrono::Utc;
-use common::{archives, sqlite, Workdir};
-use dbkeeper::repo::archive::{self, format, Compression, Header, Key, Settings};
-use dbkeeper::repo::catalog::{BackupKind, Manifest, Verification, VerifyMode, VerifyResult};
-use dbkeeper::repo::storage::{Destination, Storage};
+use common::{archives, plant_backup, sqlite, Planted, Workdir};
+use dbkeeper::repo::catalog::BackupKind;
 use predicates::prelude::*;
 
 /// A `[[files]]` set `name` of `tree`, backed up to `dest` with `key`.
@@ -80,8 +77,7 @@ fn sample_tree(root: &Path) {
         .expect("chmod");
     set_mtime(&root.join("a/b/c/deep.txt"), 1_500_000_000);
     set_mtime(&root.join("a/to-top"), 1_400_000_000);
-    std::fs::set_permissions(root.join("a/b/c"), PermissionsExt::from_mode(0o750))
-        .expect("chmod");
+    std::fs::set_permissions(root.join("a/b/c"), PermissionsExt::from_mode(0o750)).expect("chmod");
     set_mtime(&root.join("a/b/c"), 1_300_000_000);
 }
 
@@ -105,17 +101,21 @@ fn round_trip_keeps_folders_links_modes_and_mtimes_and_leaves_out_excludes() {
     let out = w.stdout(&["run-job", "storage.backup"]);
     assert!(out.contains("0 changed while read, 0 skipped"), "{out}");
     let list = w.stdout(&["backup", "list", "storage"]);
-    assert!(list.contains("storage") && list.contains("restore "), "{list}");
+    assert!(
+        list.contains("storage") && list.contains("restore "),
+        "{list}"
+    );
 
     let target = w.path().join("restored");
-    w.cmd(&["restore", "storage", "--to", target.to_str().expect("utf-8")])
-        .assert()
-        .success();
+    restore(&w, "storage", &target, &[]).success();
     let mut expected = listing(&tree);
     expected.retain(|p| !p.starts_with("cache") && !p.ends_with(".tmp"));
     assert_eq!(listing(&target), expected);
     assert!(!target.join("cache").exists() && !target.join("a/b/scratch.tmp").exists());
-    assert_eq!(std::fs::read_to_string(target.join("a/b/c/deep.txt")).unwrap(), "deep");
+    assert_eq!(
+        std::fs::read_to_string(target.join("a/b/c/deep.txt")).unwrap(),
+        "deep"
+    );
     // Links are stored as links, never followed.
     assert_eq!(
         std::fs::read_link(target.join("a/to-top")).unwrap(),
@@ -125,7 +125,11 @@ fn round_trip_keeps_folders_links_modes_and_mtimes_and_leaves_out_excludes() {
         std::fs::read_link(target.join("dangling")).unwrap(),
         Path::new("/nonexistent/elsewhere")
     );
-    for (path, m) in [("a/secret.key", 0o600), ("top.txt", 0o754), ("a/b/c", 0o750)] {
+    for (path, m) in [
+        ("a/secret.key", 0o600),
+        ("top.txt", 0o754),
+        ("a/b/c", 0o750),
+    ] {
         assert_eq!(mode(&target.join(path)), m, "{path}");
     }
     for (path, t) in [
@@ -147,14 +151,23 @@ fn round_trip_keeps_folders_links_modes_and_mtimes_and_leaves_out_excludes() {
     ])
     .assert()
     .success();
-    let listed = Command::new("tar").arg("-tf").arg(&tar).output().expect("tar");
+    let listed = Command::new("tar")
+        .arg("-tf")
+        .arg(&tar)
+        .output()
+        .expect("tar");
     assert!(listed.status.success());
     let names = String::from_utf8_lossy(&listed.stdout);
     for name in ["top.txt", "a/b/c/deep.txt", "a/to-top", "dangling"] {
-        assert!(names.lines().any(|l| l.trim_end_matches('/') == name), "{name}: {names}");
+        assert!(
+            names.lines().any(|l| l.trim_end_matches('/') == name),
+            "{name}: {names}"
+        );
     }
     assert!(
-        !names.lines().any(|l| l.starts_with("cache") || l.ends_with(".tmp")),
+        !names
+            .lines()
+            .any(|l| l.starts_with("cache") || l.ends_with(".tmp")),
         "{names}"
     );
 
@@ -185,17 +198,14 @@ fn a_tampered_archive_exits_3_and_leaves_the_target_as_it_was() {
 
     let target = w.path().join("live");
     write(&target.join("old.txt"), "old");
-    w.cmd(&["restore", "tree", "--to", target.to_str().unwrap(), "--force"])
-        .assert()
-        .code(3);
+    restore(&w, "tree", &target, &["--force"]).code(3);
     assert_eq!(listing(&target), ["old.txt"]);
-    assert_eq!(std::fs::read_to_string(target.join("old.txt")).unwrap(), "old");
+    assert_eq!(
+        std::fs::read_to_string(target.join("old.txt")).unwrap(),
+        "old"
+    );
     // Nothing left beside it either.
-    let beside: Vec<String> = listing(w.path())
-        .into_iter()
-        .filter(|p| p.contains("dbkeeper-restore"))
-        .collect();
-    assert!(beside.is_empty(), "{beside:?}");
+    assert_eq!(leftovers(&w), Vec::<String>::new());
     w.cmd(&["backup", "verify", "tree"]).assert().code(3);
 }
 
@@ -211,8 +221,7 @@ fn a_non_empty_target_needs_force_and_force_swaps_in_the_complete_tree() {
 
     let target = w.path().join("live");
     write(&target.join("old.txt"), "old");
-    w.cmd(&["restore", "tree", "--to", target.to_str().unwrap()])
-        .assert()
+    restore(&w, "tree", &target, &[])
         .code(1)
         .stderr(predicate::str::contains("is not empty").and(predicate::str::contains("--force")));
     assert_eq!(listing(&target), ["old.txt"]);
@@ -220,22 +229,27 @@ fn a_non_empty_target_needs_force_and_force_swaps_in_the_complete_tree() {
     // An empty folder needs no --force.
     let empty = w.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    w.cmd(&["restore", "tree", "--to", empty.to_str().unwrap()])
-        .assert()
-        .success();
+    restore(&w, "tree", &empty, &[]).success();
     assert_eq!(listing(&empty), ["new", "new/inside.txt"]);
 
-    w.cmd(&["restore", "tree", "--to", target.to_str().unwrap(), "--force"])
-        .assert()
-        .success();
+    restore(&w, "tree", &target, &["--force"]).success();
     assert_eq!(listing(&target), ["new", "new/inside.txt"]);
-    let leftovers: Vec<String> = std::fs::read_dir(w.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("dbkeeper-restore"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(leftovers(&w), Vec::<String>::new());
+}
+
+/// `restore NAME --to TARGET` (and `extra`).
+fn restore(w: &Workdir, name: &str, target: &Path, extra: &[&str]) -> assert_cmd::assert::Assert {
+    let mut args = vec!["restore", name, "--to", target.to_str().expect("utf-8")];
+    args.extend_from_slice(extra);
+    w.cmd(&args).assert()
+}
+
+/// The restore directories left beside targets in the work directory.
+fn leftovers(w: &Workdir) -> Vec<String> {
+    listing(w.path())
+        .into_iter()
+        .filter(|p| p.contains("dbkeeper-restore"))
+        .collect()
 }
 
 /// A tar entry whose name is written as given (the `tar` crate refuses to write
@@ -258,64 +272,17 @@ fn raw_entry(out: &mut Vec<u8>, name: &str, kind: tar::EntryType, link: Option<&
     out.resize(out.len().div_ceil(512) * 512, 0);
 }
 
-/// Writes `tar` as a genuine encrypted backup of the files set `name` (archive and
-/// manifest), as a holder of the key could.
+/// Writes `tar` as a genuine encrypted backup of the files set `name`, as a holder
+/// of the key could.
 fn plant(dest: &Path, key: &Path, name: &str, tar: &[u8]) -> String {
-    let key = Key::load(key).expect("key");
-    let created = Utc::now();
-    let id = format!("{}-manual", created.format("%Y%m%dT%H%M%SZ"));
-    let dest = Destination::new(dest, name);
-    dest.prepare().expect("dest");
-    let out = std::fs::File::create(dest.path(&format!("{id}.dbk"))).expect("archive");
-    let settings = Settings {
-        header: Header {
-            database: name.into(),
-            backend: "files".into(),
-            image: "tar".into(),
-            created,
-            compression: Compression::Zstd,
-            segment_size: format::SEGMENT_SIZE,
-            encryption: None,
-            globals: None,
-        },
-        key: Some(&key),
-        compression: Compression::Zstd,
-        level: 3,
-        threads: 1,
-        check_with: None,
-        globals: None,
-    };
-    let (_, stats) =
-        archive::write_archive(tar, out, settings, &AtomicBool::new(false)).expect("write");
-    Manifest {
-        id: id.clone(),
-        database: name.into(),
-        backend: "files".into(),
-        server_version: None,
+    let what = Planted {
+        name,
+        backend: "files",
+        image: "tar",
+        created: Utc::now(),
         kind: BackupKind::Manual,
-        started_at: created,
-        finished_at: created,
-        raw_bytes: stats.raw_bytes,
-        stored_bytes: stats.stored_bytes,
-        sha256: stats.sha256,
-        key_id: Some(key.id().to_owned()),
-        compression: Compression::Zstd,
-        format_version: format::VERSION,
-        dbkeeper_version: "test".into(),
-        schema_version: None,
-        verification: Verification {
-            mode: VerifyMode::Read,
-            result: VerifyResult::Passed,
-            at: created,
-            error: None,
-        },
-        globals: None,
-        files: None,
-        with_files: Vec::new(),
-    }
-    .save(&dest)
-    .expect("manifest");
-    id
+    };
+    plant_backup(dest, key, what, tar)
 }
 
 #[test]
@@ -332,12 +299,18 @@ fn path_escapes_in_a_genuine_archive_are_refused_and_nothing_is_written() {
     let cases: Vec<(&str, Vec<Entry<'_>>, &str)> = vec![
         (
             "absolute",
-            vec![("ok.txt", Regular, None, b"fine"), (evil.to_str().unwrap(), Regular, None, b"x")],
+            vec![
+                ("ok.txt", Regular, None, b"fine"),
+                (evil.to_str().unwrap(), Regular, None, b"x"),
+            ],
             "absolute path",
         ),
         (
             "dotdot",
-            vec![("d", Directory, None, b""), ("d/../../outside/evil", Regular, None, b"x")],
+            vec![
+                ("d", Directory, None, b""),
+                ("d/../../outside/evil", Regular, None, b"x"),
+            ],
             "climbs out",
         ),
         (
@@ -350,7 +323,10 @@ fn path_escapes_in_a_genuine_archive_are_refused_and_nothing_is_written() {
         ),
         (
             "over-a-link",
-            vec![("l", Symlink, Some(evil.to_str().unwrap()), b""), ("l", Regular, None, b"x")],
+            vec![
+                ("l", Symlink, Some(evil.to_str().unwrap()), b""),
+                ("l", Regular, None, b"x"),
+            ],
             "cannot write",
         ),
     ];
@@ -365,10 +341,7 @@ fn path_escapes_in_a_genuine_archive_are_refused_and_nothing_is_written() {
         tar.extend_from_slice(&[0u8; 1024]);
         plant(&dest, &key, &name, &tar);
         let target = w.path().join(format!("restored-{i}"));
-        let out = w
-            .cmd(&["restore", &name, "--to", target.to_str().unwrap()])
-            .assert()
-            .failure();
+        let out = restore(&w, &name, &target, &[]).failure();
         let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
         assert!(stderr.contains(why), "{case}: {stderr}");
         assert!(!evil.exists(), "{case}: wrote outside the target");
@@ -409,21 +382,21 @@ fn a_file_growing_while_it_is_read_is_reported_and_the_backup_succeeds() {
     let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
     assert!(run.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("1 changed while read"), "{stdout}");
-    assert!(stderr.contains("app.log") && stderr.contains("while it was read"), "{stderr}");
+    assert!(
+        stderr.contains("app.log") && stderr.contains("while it was read"),
+        "{stderr}"
+    );
     let manifest = archives(&dest, "tree")
         .pop()
         .expect("archive")
         .with_extension("manifest.json");
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
     assert_eq!(m["backend"], "files");
     assert_eq!(m["files"]["changed"], 1);
     assert!(m["files"]["notes"][0].as_str().unwrap().contains("app.log"));
     // What was stored restores: the size its header gave.
     let target = w.path().join("restored");
-    w.cmd(&["restore", "tree", "--to", target.to_str().unwrap()])
-        .assert()
-        .success();
+    restore(&w, "tree", &target, &[]).success();
     assert!(std::fs::metadata(target.join("app.log")).unwrap().len() >= 20_000_000);
 }
 
@@ -438,12 +411,18 @@ fn files_sets_share_the_database_names_and_need_an_absolute_path() {
     );
     sqlite(&w.path().join("app.db"), "CREATE TABLE t (x)");
     let tree = w.path().join("tree");
-    w.write_config("", &format!("{db}\n{}", files_set("app", &tree, &dest, &key, "")));
+    w.write_config(
+        "",
+        &format!("{db}\n{}", files_set("app", &tree, &dest, &key, "")),
+    );
     w.cmd(&["check"])
         .assert()
         .code(2)
         .stderr(predicate::str::contains("files \"app\".name"));
-    w.write_config("", &files_set("rel", Path::new("relative/dir"), &dest, &key, ""));
+    w.write_config(
+        "",
+        &files_set("rel", Path::new("relative/dir"), &dest, &key, ""),
+    );
     w.cmd(&["check"])
         .assert()
         .code(2)
@@ -469,7 +448,11 @@ fn ids(dest: &Path, name: &str) -> Vec<String> {
     archives(dest, name)
         .iter()
         .map(|a| {
-            a.file_name().unwrap().to_string_lossy().trim_end_matches(".dbk").to_owned()
+            a.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .trim_end_matches(".dbk")
+                .to_owned()
         })
         .collect()
 }
@@ -483,7 +466,10 @@ fn with_files_takes_the_set_under_the_database_backups_id_pre_migration_too() {
     let dest = w.path().join("backups");
     let files_dest = w.path().join("files-backups");
     let migrations = w.path().join("migrations");
-    write(&migrations.join("1_init.sql"), "CREATE TABLE t (x INTEGER);");
+    write(
+        &migrations.join("1_init.sql"),
+        "CREATE TABLE t (x INTEGER);",
+    );
     sqlite(&w.path().join("app.db"), "CREATE TABLE seed (x)");
     w.write_config(
         "",
@@ -501,8 +487,13 @@ fn with_files_takes_the_set_under_the_database_backups_id_pre_migration_too() {
     assert_eq!(db_ids.len(), 1);
     assert_eq!(ids(&files_dest, "storage"), db_ids, "one id for the pair");
     let list = w.stdout(&["backup", "list", "app"]);
-    assert!(list.contains("WITH FILES") && list.contains("storage (same id)"), "{list}");
-    let manifest = dest.join("app").join(format!("{}.manifest.json", db_ids[0]));
+    assert!(
+        list.contains("WITH FILES") && list.contains("storage (same id)"),
+        "{list}"
+    );
+    let manifest = dest
+        .join("app")
+        .join(format!("{}.manifest.json", db_ids[0]));
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
     assert_eq!(m["with_files"], serde_json::json!(["storage"]));
 
@@ -510,16 +501,20 @@ fn with_files_takes_the_set_under_the_database_backups_id_pre_migration_too() {
     std::thread::sleep(std::time::Duration::from_millis(1100));
     w.stdout(&["migrate", "apply", "app"]);
     let db_ids = ids(&dest, "app");
-    let pre: Vec<&String> = db_ids.iter().filter(|i| i.ends_with("pre-migration")).collect();
+    let pre: Vec<&String> = db_ids
+        .iter()
+        .filter(|i| i.ends_with("pre-migration"))
+        .collect();
     assert_eq!(pre.len(), 1, "{db_ids:?}");
     assert!(ids(&files_dest, "storage").contains(pre[0]));
 
     // The rollback restores the matching pair.
     let target = w.path().join("rolled-back");
-    w.cmd(&["restore", "storage", "--backup", pre[0], "--to", target.to_str().unwrap()])
-        .assert()
-        .success();
-    assert_eq!(std::fs::read_to_string(target.join("uploads/one.png")).unwrap(), "png");
+    restore(&w, "storage", &target, &["--backup", pre[0]]).success();
+    assert_eq!(
+        std::fs::read_to_string(target.join("uploads/one.png")).unwrap(),
+        "png"
+    );
 
     // A set that cannot be read fails the database's backup before it is taken.
     std::fs::remove_dir_all(&tree).unwrap();
@@ -528,5 +523,9 @@ fn with_files_takes_the_set_under_the_database_backups_id_pre_migration_too() {
         .assert()
         .code(1)
         .stderr(predicate::str::contains("with-files"));
-    assert_eq!(ids(&dest, "app"), db_ids, "no database backup without its files");
+    assert_eq!(
+        ids(&dest, "app"),
+        db_ids,
+        "no database backup without its files"
+    );
 }

@@ -662,7 +662,9 @@ pub async fn decrypt(config: Option<&Config>, args: DecryptArgs<'_>) -> anyhow::
     };
     // With the config, the archive must be one of its databases'.
     let databases: Option<Vec<&str>> = args.key_files.is_empty().then(|| {
-        config.map_or_else(Vec::new, |c| c.named_backups().map(|(name, _)| name).collect())
+        config.map_or_else(Vec::new, |c| {
+            c.named_backups().map(|(name, _)| name).collect()
+        })
     });
     // One handle for the checks and the output, so nothing can be swapped in between.
     let archive = open_for_decrypt(config, &args)?;
@@ -776,7 +778,9 @@ fn check_provenance(
     // A retired key vouches only for archives older than the database's first backup
     // under the current key, in any destination (as for every other reader).
     let db = config.and_then(|c| {
-        let (_, b) = c.named_backups().find(|(name, _)| *name == header.database)?;
+        let (_, b) = c
+            .named_backups()
+            .find(|(name, _)| *name == header.database)?;
         Some((c, b))
     });
     if let (Some((config, b)), Some(enc)) = (db, &header.encryption) {

@@ -52,7 +52,11 @@ fn compile(patterns: &[String]) -> Result<GlobSet, globset::Error> {
         // `cache/**` leaves out the folder itself too, not only what is in it.
         let folder = p.strip_suffix("/**").filter(|f| !f.is_empty());
         for p in std::iter::once(p.as_str()).chain(folder) {
-            set.add(globset::GlobBuilder::new(p).literal_separator(true).build()?);
+            set.add(
+                globset::GlobBuilder::new(p)
+                    .literal_separator(true)
+                    .build()?,
+            );
         }
     }
     set.build()

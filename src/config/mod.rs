@@ -27,8 +27,8 @@ pub use notify::{
 use crate::keys::{Key, KeyError, KeyRing};
 
 pub use backup::{short_duration, Compression, Count, Keep, KeepError, VerifyMode};
-pub use files::FilesConfig;
 pub use destination::{Cloud, DestinationConfig, DestinationSettings, Destinations, Location};
+pub use files::FilesConfig;
 
 /// Environment variable naming the config file when `-c` is not given.
 pub const CONFIG_ENV: &str = "DBKEEPER_CONFIG";
@@ -804,18 +804,8 @@ impl Config {
             }
             self.databases.push(db);
         }
-        for f in more.files {
-            if let Some(other) = self.files.iter().find(|o| o.name == f.name) {
-                return Err(invalid(
-                    &format!("files \"{}\".name", f.name),
-                    format!(
-                        "is also configured in {}; files set names must be unique across the main file and its drop-ins",
-                        other.source.display()
-                    ),
-                ));
-            }
-            self.files.push(f);
-        }
+        // A name used twice (by files sets or a database) is refused by validation.
+        self.files.extend(more.files);
         Ok(())
     }
 

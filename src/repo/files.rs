@@ -102,9 +102,7 @@ fn confined(path: &Path) -> Result<PathBuf, BackupError> {
             Component::RootDir | Component::Prefix(_) => {
                 return Err(refused(path, "is an absolute path"))
             }
-            Component::ParentDir => {
-                return Err(refused(path, "climbs out of the target with .."))
-            }
+            Component::ParentDir => return Err(refused(path, "climbs out of the target with ..")),
         }
     }
     Ok(out)
@@ -204,9 +202,9 @@ fn unpack(input: impl Read, root: Option<&Path>) -> Result<TreeCount, BackupErro
                 .open(&path)
                 .map_err(write_err(&path))?;
             io::copy(&mut entry, &mut file).map_err(|e| match e.kind() {
-                io::ErrorKind::Other | io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof => {
-                    tar_err(e)
-                }
+                io::ErrorKind::Other
+                | io::ErrorKind::InvalidData
+                | io::ErrorKind::UnexpectedEof => tar_err(e),
                 _ => write_err(&path)(e),
             })?;
             file.set_permissions(std::fs::Permissions::from_mode(mode))
@@ -371,7 +369,10 @@ impl Beside {
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
-            .map_err(super::io_err("cannot create a directory beside the target:", &path))?;
+            .map_err(super::io_err(
+                "cannot create a directory beside the target:",
+                &path,
+            ))?;
         Ok(Beside(path))
     }
 

@@ -206,7 +206,10 @@ fn walk<W: Write>(
         } else if kind.is_file() {
             add_file(&full, &rel, tar, report)?;
         } else {
-            report.skipped(&rel, "not a regular file, directory or link (socket, fifo or device): skipped");
+            report.skipped(
+                &rel,
+                "not a regular file, directory or link (socket, fifo or device): skipped",
+            );
         }
     }
     Ok(())
@@ -255,7 +258,10 @@ fn add_file<W: Write>(
     } else if grew {
         report.changed(
             rel,
-            &format!("grew while it was read: stored cut at {} bytes", before.len()),
+            &format!(
+                "grew while it was read: stored cut at {} bytes",
+                before.len()
+            ),
         );
     } else if (after.mtime(), after.mtime_nsec(), after.len())
         != (before.mtime(), before.mtime_nsec(), before.len())
@@ -282,7 +288,9 @@ struct Exact {
 
 impl Read for Exact {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         if want == 0 {
             return Ok(0);
         }

@@ -340,15 +340,15 @@ impl BackupJob {
         let check = verify != VerifyMode::None;
         let (uploads, stats, files_report) =
             source::dump(self, subject, header, globals, uploads, check, cancel)
-            .await
-            .map_err(|e| match e {
-                BackupError::Archive(ArchiveError::Io(source)) => BackupError::Io {
-                    what: "cannot write the backup to",
-                    path: PathBuf::from(&labels),
-                    source,
-                },
-                other => other,
-            })?;
+                .await
+                .map_err(|e| match e {
+                    BackupError::Archive(ArchiveError::Io(source)) => BackupError::Io {
+                        what: "cannot write the backup to",
+                        path: PathBuf::from(&labels),
+                        source,
+                    },
+                    other => other,
+                })?;
 
         let mut manifest = Manifest {
             id: id.clone(),
@@ -495,10 +495,13 @@ impl BackupJob {
                 } else {
                     String::new()
                 },
-                manifest.files.as_ref().map_or_else(String::new, |f| format!(
-                    ", {} entries, {} changed while read, {} skipped",
-                    f.entries, f.changed, f.skipped
-                )),
+                manifest
+                    .files
+                    .as_ref()
+                    .map_or_else(String::new, |f| format!(
+                        ", {} entries, {} changed while read, {} skipped",
+                        f.entries, f.changed, f.skipped
+                    )),
             ),
             details: serde_json::json!({
                 "backup_id": id,

@@ -24,8 +24,8 @@ use super::{BackupJob, Subject};
 use crate::db::{Database, Postgres, Sqlite};
 use crate::repo::archive::pgdump::{DumpCheck, DumpError};
 use crate::repo::archive::{self, compress, GlobalsBytes, Header, Settings, WriteStats};
-use crate::repo::storage::{FanOut, Scratch};
 use crate::repo::files::FilesReport;
+use crate::repo::storage::{FanOut, Scratch};
 use crate::repo::{blocking, tail, BackupError, NotAnImage};
 
 /// The uploads the archive is written into, one per destination.

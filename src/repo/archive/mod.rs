@@ -250,9 +250,9 @@ pub(crate) struct ChannelWriter(std::sync::mpsc::SyncSender<Vec<u8>>);
 
 impl Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.send(buf.to_vec()).map_err(|_| {
-            io::Error::new(io::ErrorKind::BrokenPipe, "the reading side stopped")
-        })?;
+        self.0
+            .send(buf.to_vec())
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the reading side stopped"))?;
         Ok(buf.len())
     }
 
