@@ -583,19 +583,31 @@ impl BackupJob {
             path: location.to_owned(),
             source,
         })?;
-        verify::stored_sha_matches(&*stored, &stats.sha256, cancel).await?;
-        match (restore_test, subject) {
-            (false, Subject::Database(_)) => {}
-            (true, Subject::Database(db)) => {
-                let target = self.scratch_target(db);
-                verify::restore_test(&*stored, &self.keys, &target, cancel).await?;
+        match subject {
+            Subject::Database(db) => {
+                verify::stored_sha_matches(&*stored, &stats.sha256, cancel).await?;
+                if restore_test {
+                    let target = self.scratch_target(db);
+                    verify::restore_test(&*stored, &self.keys, &target, cancel).await?;
+                }
             }
-            // `read` parses the whole tar too (the checker above only decoded it);
-            // `restore` also extracts it into a scratch directory.
-            (extract, Subject::Files(_)) => {
+            // One more pass, not two: the whole tar is parsed (the checker only
+            // decoded it) while the stored bytes are hashed and compared with what
+            // was written; `restore` also extracts it into a scratch directory.
+            Subject::Files(_) => {
+                let written = verify::Expect {
+                    sha256: &stats.sha256,
+                    raw_bytes: stats.raw_bytes,
+                    trust: None,
+                };
                 let scratch = &self.scratch_dir;
                 crate::repo::files::verify_tree(
-                    &*stored, &self.keys, extract, None, scratch, cancel,
+                    &*stored,
+                    &self.keys,
+                    restore_test,
+                    Some(written),
+                    scratch,
+                    cancel,
                 )
                 .await?;
             }
