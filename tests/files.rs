@@ -7,7 +7,7 @@
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use chrono::Utc;
@@ -81,12 +81,18 @@ fn sample_tree(root: &Path) {
     set_mtime(&root.join("a/b/c"), 1_300_000_000);
 }
 
-#[test]
-fn round_trip_keeps_folders_links_modes_and_mtimes_and_leaves_out_excludes() {
+/// A work directory, a key `k`, and the paths of a tree (`tree`, not created) and
+/// of a backup folder (`backups`).
+fn setup() -> (Workdir, PathBuf, PathBuf, PathBuf) {
     let w = Workdir::new();
     let key = w.key("k");
-    let tree = w.path().join("storage");
-    let dest = w.path().join("backups");
+    let (tree, dest) = (w.path().join("tree"), w.path().join("backups"));
+    (w, key, tree, dest)
+}
+
+#[test]
+fn round_trip_keeps_folders_links_modes_and_mtimes_and_leaves_out_excludes() {
+    let (w, key, tree, dest) = setup();
     sample_tree(&tree);
     w.write_config(
         "",
@@ -183,10 +189,7 @@ fn round_trip_keeps_folders_links_modes_and_mtimes_and_leaves_out_excludes() {
 
 #[test]
 fn a_tampered_archive_exits_3_and_leaves_the_target_as_it_was() {
-    let w = Workdir::new();
-    let key = w.key("k");
-    let tree = w.path().join("tree");
-    let dest = w.path().join("backups");
+    let (w, key, tree, dest) = setup();
     write(&tree.join("f"), &"data ".repeat(100_000));
     w.write_config("", &files_set("tree", &tree, &dest, &key, ""));
     w.stdout(&["run-job", "tree.backup"]);
@@ -211,10 +214,7 @@ fn a_tampered_archive_exits_3_and_leaves_the_target_as_it_was() {
 
 #[test]
 fn a_non_empty_target_needs_force_and_force_swaps_in_the_complete_tree() {
-    let w = Workdir::new();
-    let key = w.key("k");
-    let tree = w.path().join("tree");
-    let dest = w.path().join("backups");
+    let (w, key, tree, dest) = setup();
     write(&tree.join("new/inside.txt"), "new");
     w.write_config("", &files_set("tree", &tree, &dest, &key, ""));
     w.stdout(&["run-job", "tree.backup"]);
@@ -288,9 +288,7 @@ fn plant(dest: &Path, key: &Path, name: &str, tar: &[u8]) -> String {
 #[test]
 fn path_escapes_in_a_genuine_archive_are_refused_and_nothing_is_written() {
     use tar::EntryType::{Directory, Regular, Symlink};
-    let w = Workdir::new();
-    let key = w.key("k");
-    let tree = w.path().join("tree");
+    let (w, key, tree, _) = setup();
     std::fs::create_dir(&tree).unwrap();
     let outside = w.path().join("outside");
     std::fs::create_dir(&outside).unwrap();
@@ -356,10 +354,7 @@ fn path_escapes_in_a_genuine_archive_are_refused_and_nothing_is_written() {
 
 #[test]
 fn a_file_growing_while_it_is_read_is_reported_and_the_backup_succeeds() {
-    let w = Workdir::new();
-    let key = w.key("k");
-    let tree = w.path().join("tree");
-    let dest = w.path().join("backups");
+    let (w, key, tree, dest) = setup();
     let log = tree.join("app.log");
     write(&log, &"line\n".repeat(4_000_000));
     // Appends for as long as the backup runs.
@@ -402,45 +397,38 @@ fn a_file_growing_while_it_is_read_is_reported_and_the_backup_succeeds() {
 
 #[test]
 fn files_sets_share_the_database_names_and_need_an_absolute_path() {
-    let w = Workdir::new();
-    let key = w.key("k");
-    let dest = w.path().join("backups");
+    let (w, key, tree, dest) = setup();
     let db = format!(
         "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n",
         w.path().join("app.db").display()
     );
     sqlite(&w.path().join("app.db"), "CREATE TABLE t (x)");
-    let tree = w.path().join("tree");
-    w.write_config(
-        "",
-        &format!("{db}\n{}", files_set("app", &tree, &dest, &key, "")),
-    );
-    w.cmd(&["check"])
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains("files \"app\".name"));
-    w.write_config(
-        "",
-        &files_set("rel", Path::new("relative/dir"), &dest, &key, ""),
-    );
-    w.cmd(&["check"])
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains("not an absolute path"));
-    w.write_config(
-        "",
-        &files_set("bad", &tree, &dest, &key, "exclude = [\"a[\"]"),
-    );
-    w.cmd(&["check"])
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains("not a glob pattern"));
-    // A destination inside the tree would back up its own backups.
-    w.write_config("", &files_set("loop", &tree, &tree.join("b"), &key, ""));
-    w.cmd(&["check"])
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains("lie inside one another"));
+    let cases = [
+        (
+            format!("{db}\n{}", files_set("app", &tree, &dest, &key, "")),
+            "files \"app\".name",
+        ),
+        (
+            files_set("rel", Path::new("relative/dir"), &dest, &key, ""),
+            "not an absolute path",
+        ),
+        (
+            files_set("bad", &tree, &dest, &key, "exclude = [\"a[\"]"),
+            "not a glob pattern",
+        ),
+        // A destination inside the tree would back up its own backups.
+        (
+            files_set("loop", &tree, &tree.join("b"), &key, ""),
+            "lie inside one another",
+        ),
+    ];
+    for (config, error) in cases {
+        w.write_config("", &config);
+        w.cmd(&["check"])
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(error));
+    }
 }
 
 /// The ids in `<dest>/<name>/`, sorted.
@@ -459,11 +447,8 @@ fn ids(dest: &Path, name: &str) -> Vec<String> {
 
 #[test]
 fn with_files_takes_the_set_under_the_database_backups_id_pre_migration_too() {
-    let w = Workdir::new();
-    let key = w.key("k");
-    let tree = w.path().join("storage");
+    let (w, key, tree, dest) = setup();
     write(&tree.join("uploads/one.png"), "png");
-    let dest = w.path().join("backups");
     let files_dest = w.path().join("files-backups");
     let migrations = w.path().join("migrations");
     write(
