@@ -514,3 +514,33 @@ fn with_files_takes_the_set_under_the_database_backups_id_pre_migration_too() {
         "no database backup without its files"
     );
 }
+
+#[test]
+fn the_daemon_runs_a_files_set_on_schedule_and_meters_it_like_a_database() {
+    let (w, key, tree, dest) = setup();
+    write(&tree.join("a.txt"), "a");
+    // Only a files set: no database is needed.
+    let config = files_set("storage", &tree, &dest, &key, "")
+        .replace("schedule = \"manual\"", "schedule = \"* * * * * *\"");
+    w.write_config("", &config);
+    let d = w.start();
+    let ok = [
+        "job_id=\"storage.backup\"",
+        "kind=\"backup\"",
+        "database=\"storage\"",
+        "result=\"success\"",
+    ];
+    d.wait_for(
+        "a scheduled files backup",
+        std::time::Duration::from_secs(30),
+        || {
+            d.metric("dbkeeper_job_runs_total", &ok).unwrap_or(0.0) >= 1.0
+                && d.metric("dbkeeper_backups_stored", &["database=\"storage\""])
+                    .unwrap_or(0.0)
+                    >= 1.0
+        },
+    );
+    assert!(!archives(&dest, "storage").is_empty());
+    let (code, _) = d.get("/readyz");
+    assert_eq!(code, 200, "ready without any database");
+}
