@@ -422,6 +422,17 @@ fn files_sets_share_the_database_names_and_need_an_absolute_path() {
             "lie inside one another",
         ),
     ];
+    // A directory that is not there: `check` fails (exit 1), as for a database down.
+    w.write_config("", &files_set("gone", &tree, &dest, &key, ""));
+    w.cmd(&["check"])
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains("UNREADABLE").and(predicate::str::contains("fix path")));
+    write(&tree.join("x"), "x");
+    w.cmd(&["check"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("backs up"));
     for (config, error) in cases {
         w.write_config("", &config);
         w.cmd(&["check"])
