@@ -7,14 +7,13 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use chrono::Utc;
-use common::{archives, backup_table, metric_value, sqlite, sqlite_db, Workdir};
-use dbkeeper::repo::archive::{self, format, Compression, Header, Key, Settings};
-use dbkeeper::repo::catalog::{BackupKind, Manifest, Verification, VerifyMode, VerifyResult};
-use dbkeeper::repo::storage::{Destination, Storage};
+use common::{
+    archives, backup_table, metric_value, plant_backup, sqlite, sqlite_db, Planted, Workdir,
+};
+use dbkeeper::repo::catalog::BackupKind;
 
 /// `<workdir>/<name>.db` holding one table `t` with one row `value`.
 fn marked_db(w: &Workdir, name: &str, value: &str) -> PathBuf {
@@ -330,60 +329,14 @@ fn a_duplicate_id_is_warned_about_once_per_run_and_listed_as_such() {
 /// Writes a genuine, encrypted backup of `app` (the image `image`) dated `ahead`
 /// into the future, as a run with a wrong clock would have; returns its id.
 fn plant_future_backup(dest: &Path, key: &Path, image: &Path, ahead: chrono::Duration) -> String {
-    let key = Key::load(key).expect("key");
-    let created = Utc::now() + ahead;
-    let id = format!("{}-scheduled", created.format("%Y%m%dT%H%M%SZ"));
-    let dest = Destination::new(dest, "app");
-    dest.prepare().expect("dest");
-    let out = std::fs::File::create(dest.path(&format!("{id}.dbk"))).expect("archive");
-    let settings = Settings {
-        header: Header {
-            database: "app".into(),
-            backend: "sqlite".into(),
-            image: "sqlite".into(),
-            created,
-            compression: Compression::Gzip,
-            segment_size: format::SEGMENT_SIZE,
-            encryption: None,
-            globals: None,
-        },
-        key: Some(&key),
-        compression: Compression::Gzip,
-        level: 6,
-        threads: 1,
-        check_with: None,
-        globals: None,
-    };
-    let source = std::fs::File::open(image).expect("image");
-    let (_, stats) = archive::write_archive(source, out, settings, &AtomicBool::new(false))
-        .expect("write archive");
-    Manifest {
-        id: id.clone(),
-        database: "app".into(),
-        backend: "sqlite".into(),
-        server_version: None,
+    let what = Planted {
+        name: "app",
+        backend: "sqlite",
+        image: "sqlite",
+        created: Utc::now() + ahead,
         kind: BackupKind::Scheduled,
-        started_at: created,
-        finished_at: created,
-        raw_bytes: stats.raw_bytes,
-        stored_bytes: stats.stored_bytes,
-        sha256: stats.sha256,
-        key_id: Some(key.id().to_owned()),
-        compression: Compression::Gzip,
-        format_version: format::VERSION,
-        dbkeeper_version: "test".into(),
-        schema_version: None,
-        verification: Verification {
-            mode: VerifyMode::Read,
-            result: VerifyResult::Passed,
-            at: created,
-            error: None,
-        },
-        globals: None,
-    }
-    .save(&dest)
-    .expect("manifest");
-    id
+    };
+    plant_backup(dest, key, what, std::fs::File::open(image).expect("image"))
 }
 
 #[test]

@@ -24,7 +24,7 @@ use crate::repo::catalog::{
     self, Listing, Manifest, TrustPolicy, Verification, VerifyMode, VerifyResult,
 };
 use crate::repo::storage::{self, LocalObject, Object, Place, Storage};
-use crate::repo::{restore as restoring, sibling, verify as verifying, BackupError};
+use crate::repo::{files, restore as restoring, sibling, verify as verifying, BackupError};
 
 /// The `<database>.backup` job alone: only its database is opened (lazily) and
 /// only its keys are loaded.
@@ -48,14 +48,9 @@ fn backup_of<'a>(
 }
 
 fn no_backup(config: &Config, database: &str) -> anyhow::Error {
-    let with_backups: Vec<String> = config
-        .databases
-        .iter()
-        .filter(|d| d.backup.is_some())
-        .map(|d| d.name.clone())
-        .collect();
+    let with_backups: Vec<&str> = config.named_backups().map(|(name, _)| name).collect();
     anyhow!(
-        "database \"{database}\" has no [database.backup] in {}; databases with backups: {}",
+        "database \"{database}\" has no [database.backup] (nor a [[files]] set of that name) in {}; databases and files sets with backups: {}",
         config.path.display(),
         if with_backups.is_empty() {
             "none".to_owned()
@@ -234,16 +229,15 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
     let mut rows = Vec::new();
     let mut unreachable = Vec::new();
     let mut found_db = only.is_none();
-    for db in &config.databases {
-        let Some(b) = &db.backup else { continue };
-        if only.is_some_and(|o| o != db.name) {
+    for (name, b) in config.named_backups() {
+        if only.is_some_and(|o| o != name) {
             continue;
         }
         found_db = true;
-        let policy = trust_policy_of(config, &db.name, b)?;
-        for place in storage::for_backups(b, &[&db.name]) {
+        let policy = trust_policy_of(config, name, b)?;
+        for place in storage::for_backups(b, &[name]) {
             match catalog_of(&*place.store, &policy) {
-                Ok(listing) => list_rows(&db.name, &place.label(), &listing, &mut rows),
+                Ok(listing) => list_rows(name, &place.label(), &listing, &mut rows),
                 Err(e) => unreachable.push(format!("{}: {e:#}", place.label())),
             }
         }
@@ -255,19 +249,24 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
             config.path.display()
         );
     }
-    print_table(
-        &[
-            "ID",
-            "DATABASE",
-            "DESTINATION",
-            "TIME (UTC)",
-            "SIZE",
-            "RAW SIZE",
-            "ROLES",
-            "VERIFIED",
-        ],
-        &rows,
-    );
+    let mut header = vec![
+        "ID",
+        "DATABASE",
+        "DESTINATION",
+        "TIME (UTC)",
+        "SIZE",
+        "RAW SIZE",
+        "ROLES",
+        "VERIFIED",
+    ];
+    // The pairing of `with-files`, shown only where there is one.
+    if rows.iter().any(|r| r.len() > header.len()) {
+        header.push("WITH FILES");
+        for r in &mut rows {
+            r.resize(header.len(), "-".to_owned());
+        }
+    }
+    print_table(&header, &rows);
     if unreachable.is_empty() {
         return Ok(Exit::Success);
     }
@@ -299,6 +298,12 @@ fn list_rows(database: &str, destination: &str, listing: &Listing, rows: &mut Ve
             roles_cell(m),
             verified,
         ]);
+        if !m.with_files.is_empty() {
+            if let Some(row) = rows.last_mut() {
+                // Restore the same id of each to roll back to a matching pair.
+                row.push(format!("{} (same id)", m.with_files.join(", ")));
+            }
+        }
     }
     for r in &listing.untrusted {
         let id = catalog::id_of_manifest_file(&r.file).unwrap_or(&r.file);
@@ -345,15 +350,25 @@ pub async fn verify(
     let cancel = cancel_on_signal();
     let result = match verifying::open_archive(&*dest, &manifest.archive_name()) {
         Ok(archive) => {
-            verifying::verify(
-                &*archive,
-                &b.keys,
-                mode,
-                Some(verifying::Expect::trusted(&manifest, &policy)),
-                &b.scratch_target(&job.database),
-                &cancel,
-            )
-            .await
+            let expect = Some(verifying::Expect::trusted(&manifest, &policy));
+            match (&b.files, job.db()) {
+                (Some(_), _) => {
+                    files::verify_tree(
+                        &*archive,
+                        &b.keys,
+                        restore_test,
+                        expect,
+                        &b.scratch_dir,
+                        &cancel,
+                    )
+                    .await
+                }
+                (None, Ok(db)) => {
+                    let target = b.scratch_target(db);
+                    verifying::verify(&*archive, &b.keys, mode, expect, &target, &cancel).await
+                }
+                (None, Err(e)) => Err(BackupError::Internal(e.to_string())),
+            }
         }
         Err(e) => Err(e),
     };
@@ -461,6 +476,10 @@ pub async fn restore(
     let policy = b.trust_policy(database, how.allow_unencrypted);
     let places = places_from(&b.cfg, database, how.from.as_deref())?;
     let (mut place, mut manifest) = locate(places, which, &policy)?;
+    if how.with_roles && b.files.is_some() {
+        eprintln!("error: --with-roles is for PostgreSQL backups; \"{database}\" is a files set");
+        return Ok(Exit::Usage);
+    }
     if how.with_roles && manifest.backend() == Some(crate::config::Backend::Sqlite) {
         // A usage mistake, not a failed restore: nothing was tried.
         eprintln!(
@@ -481,6 +500,11 @@ pub async fn restore(
     loop {
         // The one handle that is authenticated and restored: never reopened by name.
         let restored = match verifying::open_archive(&*place.store, &manifest.archive_name()) {
+            Ok(archive) if b.files.is_some() => {
+                let expect = verifying::Expect::trusted(&manifest, &policy);
+                let dir = Path::new(to);
+                files::restore_dir(&*archive, &b.keys, expect, dir, how.force, &cancel).await
+            }
             Ok(archive) => {
                 restoring::restore(&*archive, &manifest, &b.keys, to, &opts, &cancel).await
             }
@@ -563,9 +587,8 @@ fn open_for_decrypt(
     let destinations = || {
         config
             .into_iter()
-            .flat_map(|c| c.databases.iter())
-            .filter_map(|d| d.backup.as_ref())
-            .flat_map(|b| b.destination.iter())
+            .flat_map(|c| c.named_backups())
+            .flat_map(|(_, b)| b.destination.iter())
     };
     if let Some(from) = args.from {
         let dest = destinations().find(|d| d.is_named(from)).ok_or_else(|| {
@@ -640,11 +663,7 @@ pub async fn decrypt(config: Option<&Config>, args: DecryptArgs<'_>) -> anyhow::
     // With the config, the archive must be one of its databases'.
     let databases: Option<Vec<&str>> = args.key_files.is_empty().then(|| {
         config.map_or_else(Vec::new, |c| {
-            c.databases
-                .iter()
-                .filter(|d| d.backup.is_some())
-                .map(|d| d.name.as_str())
-                .collect()
+            c.named_backups().map(|(name, _)| name).collect()
         })
     });
     // One handle for the checks and the output, so nothing can be swapped in between.
@@ -759,8 +778,10 @@ fn check_provenance(
     // A retired key vouches only for archives older than the database's first backup
     // under the current key, in any destination (as for every other reader).
     let db = config.and_then(|c| {
-        let d = c.databases.iter().find(|d| d.name == header.database)?;
-        Some((c, d.backup.as_ref()?))
+        let (_, b) = c
+            .named_backups()
+            .find(|(name, _)| *name == header.database)?;
+        Some((c, b))
     });
     if let (Some((config, b)), Some(enc)) = (db, &header.encryption) {
         let policy = trust_policy_of(config, &header.database, b)?;

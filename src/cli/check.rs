@@ -81,6 +81,20 @@ pub async fn check(config: &Config) -> anyhow::Result<Exit> {
         }
         db.close().await;
     }
+    // A files set's backup has no database to ping: its directory must be there.
+    for job in jobs.iter().filter(|j| j.database.is_none()) {
+        match job.check().await {
+            Ok(notes) => {
+                for note in notes {
+                    println!("job {}: {note}", job.id);
+                }
+            }
+            Err(e) => {
+                all_up = false;
+                println!("job {}: UNREADABLE: {e}", job.id);
+            }
+        }
+    }
     let now = Utc::now();
     for job in jobs.iter() {
         println!("{}", describe(job, now));

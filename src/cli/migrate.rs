@@ -28,7 +28,7 @@ pub async fn status(config: &Config, database: &str) -> anyhow::Result<Exit> {
         .migrate_for(database)
         .ok_or_else(|| no_migrate(config, database))?;
     if m.is_command() {
-        let p = m.command_status(&job.database).await?;
+        let p = m.command_status(job.db()?).await?;
         if !p.output.is_empty() {
             println!("{}", p.output);
         }
@@ -43,7 +43,7 @@ pub async fn status(config: &Config, database: &str) -> anyhow::Result<Exit> {
         );
         return Ok(Exit::Success);
     }
-    let a = m.status(&job.database).await?;
+    let a = m.status(job.db()?).await?;
     let rows: Vec<Vec<String>> = a
         .rows
         .iter()
@@ -78,7 +78,7 @@ pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
         .migrate_for(database)
         .ok_or_else(|| no_migrate(config, database))?;
     if m.is_command() {
-        return match m.command_plan(&job.database).await? {
+        return match m.command_plan(job.db()?).await? {
             Some(_) => Ok(Exit::Success),
             None => {
                 super::print_error(&format!(
@@ -89,7 +89,7 @@ pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
             }
         };
     }
-    let a = m.status(&job.database).await?;
+    let a = m.status(job.db()?).await?;
     for p in &a.problems {
         eprintln!("blocked: {p}");
     }

@@ -23,7 +23,7 @@ pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
     let mut failed = false;
     let mut unreadable = false;
     for (job, r) in rules {
-        let preview = match r.preview(&job.database).await {
+        let preview = match r.preview(job.db()?).await {
             Ok(p) => p,
             Err(e) => {
                 failed = true;

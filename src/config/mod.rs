@@ -7,6 +7,7 @@
 
 mod backup;
 mod destination;
+mod files;
 mod job_options;
 mod notify;
 
@@ -27,6 +28,7 @@ use crate::keys::{Key, KeyError, KeyRing};
 
 pub use backup::{short_duration, Compression, Count, Keep, KeepError, VerifyMode};
 pub use destination::{Cloud, DestinationConfig, DestinationSettings, Destinations, Location};
+pub use files::FilesConfig;
 
 /// Environment variable naming the config file when `-c` is not given.
 pub const CONFIG_ENV: &str = "DBKEEPER_CONFIG";
@@ -126,6 +128,10 @@ pub struct Config {
     /// The databases to look after (`[[database]]`); at least one is required.
     #[serde(default, rename = "database")]
     pub databases: Vec<DatabaseConfig>,
+    /// The directories to back up (`[[files]]`), each with its `[files.backup]`.
+    /// Default: none.
+    #[serde(default)]
+    pub files: Vec<FilesConfig>,
     /// `[notify]`: webhooks and Alertmanager alerts on job failure and recovery, the
     /// default dead-man ping URL, the status page's public address. Default: none.
     #[serde(default)]
@@ -768,6 +774,13 @@ job_table! {
         /// qualifies). `0` turns the check off. Default: `2.0`.
         #[serde(default = "default_free_space_margin")]
         pub free_space_margin: f64,
+        /// Databases only: the `[[files]]` sets (by name) taken in the same run
+        /// under the same backup id, pre-migration backups included, each to its own
+        /// destination (`<destination>/<files-name>/`); the database's manifest
+        /// records them, so a rollback restores a matching pair. Each set still
+        /// rotates by its own `keep`. Default: none.
+        #[serde(default)]
+        pub with_files: Vec<String>,
     }
     defaults(timeout = Duration::from_secs(6 * 3600), missed = Missed::RunOnce, retries = 0)
 }
@@ -863,13 +876,25 @@ impl Config {
     /// Every key file of the configuration, for commands that decrypt any archive.
     pub fn key_ring(&self) -> Result<KeyRing, KeyError> {
         let mut keys = Vec::new();
-        for db in &self.databases {
-            if let Some(b) = &db.backup {
-                let (_, ring) = b.load_keys()?;
-                keys.extend(ring.into_keys());
-            }
+        for b in self.backups() {
+            let (_, ring) = b.load_keys()?;
+            keys.extend(ring.into_keys());
         }
         Ok(KeyRing::new(keys))
+    }
+
+    /// Every backup table with the name its backups are filed under: each
+    /// `[database.backup]`, then each `[files.backup]`.
+    pub fn named_backups(&self) -> impl Iterator<Item = (&str, &BackupConfig)> {
+        let dbs = self
+            .databases
+            .iter()
+            .filter_map(|db| Some((db.name.as_str(), db.backup.as_ref()?)));
+        dbs.chain(self.files.iter().map(|f| (f.name.as_str(), &f.backup)))
+    }
+
+    fn backups(&self) -> impl Iterator<Item = &BackupConfig> {
+        self.named_backups().map(|(_, b)| b)
     }
 
     /// Reads, parses and validates the file at `path` and its drop-ins: every
@@ -942,6 +967,8 @@ impl Config {
             }
             self.databases.push(db);
         }
+        // A name used twice (by files sets or a database) is refused by validation.
+        self.files.extend(more.files);
         Ok(())
     }
 
@@ -962,6 +989,9 @@ impl Config {
         for db in &mut config.databases {
             db.source = path.to_owned();
         }
+        for f in &mut config.files {
+            f.source = path.to_owned();
+        }
         if let Ok(table) = text.parse::<toml::Table>() {
             for section in ["daemon", "notify"] {
                 if table.contains_key(section) {
@@ -979,17 +1009,18 @@ impl Config {
             if let Some(f) = &mut db.password_file {
                 *f = resolve_credential(f);
             }
-            if let Some(b) = &mut db.backup {
-                if let Some(f) = &mut b.encryption_key_file {
+        }
+        let dbs = self.databases.iter_mut().filter_map(|d| d.backup.as_mut());
+        for b in dbs.chain(self.files.iter_mut().map(|f| &mut f.backup)) {
+            if let Some(f) = &mut b.encryption_key_file {
+                *f = resolve_credential(f);
+            }
+            for f in &mut b.decryption_key_files {
+                *f = resolve_credential(f);
+            }
+            for d in &mut b.destination.0 {
+                if let Some(f) = &mut d.settings.credentials_file {
                     *f = resolve_credential(f);
-                }
-                for f in &mut b.decryption_key_files {
-                    *f = resolve_credential(f);
-                }
-                for d in &mut b.destination.0 {
-                    if let Some(f) = &mut d.settings.credentials_file {
-                        *f = resolve_credential(f);
-                    }
                 }
             }
         }
@@ -1071,11 +1102,18 @@ impl Config {
         self.validate_destination_overlap()?;
         self.check().map_err(|e| match e {
             ConfigError::Invalid { path, key, message } => {
-                let source = self
+                let dbs = self
                     .databases
                     .iter()
-                    .find(|db| key.starts_with(&format!("database \"{}\"", db.name)))
-                    .map_or(path, |db| db.source.clone());
+                    .map(|db| (format!("database \"{}\"", db.name), &db.source));
+                let files = self
+                    .files
+                    .iter()
+                    .map(|f| (format!("files \"{}\"", f.name), &f.source));
+                let source = dbs
+                    .chain(files)
+                    .find(|(prefix, _)| key.starts_with(prefix.as_str()))
+                    .map_or(path, |(_, source)| source.clone());
                 ConfigError::Invalid {
                     path: source,
                     key,
@@ -1102,10 +1140,10 @@ impl Config {
         if let Some(n) = &self.notify {
             self.validate_notify(n)?;
         }
-        if self.databases.is_empty() {
+        if self.databases.is_empty() && self.files.is_empty() {
             return Err(self.invalid(
                 "database",
-                "no [[database]] is configured; add one with a name and url",
+                "no [[database]] (nor [[files]]) is configured; add one with a name and url",
             ));
         }
         let mut names = HashSet::new();
@@ -1176,7 +1214,7 @@ impl Config {
             }
             self.validate_gauges(&key, db)?;
         }
-        Ok(())
+        self.validate_files()
     }
 }
 
@@ -1525,9 +1563,7 @@ impl Config {
     /// and rotation would take the other's files for its own.
     fn validate_destination_overlap(&self) -> Result<(), ConfigError> {
         let all: Vec<(&str, &DestinationConfig)> = self
-            .databases
-            .iter()
-            .filter_map(|db| Some((db.name.as_str(), db.backup.as_ref()?)))
+            .named_backups()
             .flat_map(|(name, b)| b.destination.iter().map(move |d| (name, d)))
             .collect();
         for (db, inner) in &all {

@@ -508,10 +508,13 @@ fn example_notify_keys_parse_when_uncommented() {
         })
         .collect();
     assert!(uncommented >= 6, "the example lost its notification keys");
-    let text = text.join("\n").replace(
-        "[database.backup]",
-        "[database.backup]\nencryption = \"none\"",
-    );
+    let text = text
+        .join("\n")
+        .replace(
+            "[database.backup]",
+            "[database.backup]\nencryption = \"none\"",
+        )
+        .replace("[files.backup]", "[files.backup]\nencryption = \"none\"");
     let c = Config::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
     let n = c.notify.expect("[notify]");
     assert!(!n.webhook.is_empty() && n.ping_url.is_some() && n.public_url.is_some());

@@ -33,8 +33,8 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    BackupConfig, Config, DatabaseConfig, GaugeConfig, JobOptions, MigrateConfig, RefreshConfig,
-    RetentionConfig, SqlJobConfig,
+    BackupConfig, Config, DatabaseConfig, FilesConfig, GaugeConfig, JobOptions, MigrateConfig,
+    RefreshConfig, RetentionConfig, SqlJobConfig,
 };
 use crate::db::{Access, Database, DbError};
 use crate::metrics::{self, JobLabels};
@@ -98,7 +98,11 @@ pub struct Job {
     /// `<database>.<kind>[.<name>]`, e.g. `app.sql.vacuum`.
     pub id: String,
     pub work: Work,
-    pub database: Database,
+    /// The database the job runs on; `None` for the backup of a `[[files]]` set.
+    pub database: Option<Database>,
+    /// The database's or files set's name: the first part of the id and the
+    /// `database` label.
+    pub name: String,
     pub options: JobOptions,
 }
 
@@ -136,7 +140,14 @@ impl Job {
     }
 
     pub fn database_name(&self) -> &str {
-        self.database.name()
+        &self.name
+    }
+
+    /// The database the job runs on; only a files set's backup has none.
+    pub fn db(&self) -> Result<&Database, JobError> {
+        self.database
+            .as_ref()
+            .ok_or_else(|| JobError::NoDatabase(self.id.clone()))
     }
 
     /// The labels of this job's metric series.
@@ -208,7 +219,11 @@ impl Job {
                 let job = self.clone();
                 tokio::spawn(async move {
                     if let Work::Migrate(m) = &job.work {
-                        if let Err(e) = m.publish_status(&job.database).await {
+                        let status = match job.db() {
+                            Ok(db) => m.publish_status(db).await.map_err(JobError::from),
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = status {
                             tracing::warn!(job = %job.id, "cannot read migration status: {e}");
                         }
                     }
@@ -248,19 +263,19 @@ impl Job {
         let mut notes = Vec::new();
         match &self.work {
             Work::Retention(r) => {
-                let target = r.check(&self.database).await?;
+                let target = r.check(self.db()?).await?;
                 notes.push(format!(
                     "reads {}.{} as {}",
                     r.cfg.table, r.cfg.column, target.reading
                 ));
             }
-            Work::Refresh(r) => r.check(&self.database).await?,
+            Work::Refresh(r) => r.check(self.db()?).await?,
             Work::Migrate(m) if m.is_command() => notes.push(format!(
                 "runs `{}`; check does not run commands, `migrate status` runs the pending-command",
                 m.cfg.command.as_deref().unwrap_or_default().join(" ")
             )),
             Work::Migrate(m) => {
-                let status = m.status(&self.database).await?;
+                let status = m.status(self.db()?).await?;
                 for problem in &status.problems {
                     notes.push(format!("WARNING: {problem}"));
                 }
@@ -268,8 +283,13 @@ impl Job {
                     notes.push(format!("{} migrations pending", status.pending.len()));
                 }
             }
-            Work::Gauge(g) => notes.push(g.check(&self.database, self.options.timeout).await?),
-            Work::Backup(_) | Work::Sql(_) | Work::TableStats(_) => {}
+            Work::Gauge(g) => notes.push(g.check(self.db()?, self.options.timeout).await?),
+            Work::Backup(b) => {
+                if let Some(files) = &b.files {
+                    notes.push(files.check()?);
+                }
+            }
+            Work::Sql(_) | Work::TableStats(_) => {}
         }
         Ok(notes)
     }
@@ -287,17 +307,17 @@ impl Job {
                     Trigger::Manual => BackupKind::Manual,
                     _ => BackupKind::Scheduled,
                 };
-                Ok(b.run(&self.database, kind, &cancel).await?)
+                Ok(b.run(self.database.as_ref(), kind, &cancel).await?)
             }
-            Work::Retention(r) => Ok(r.run(&self.database, &cancel).await?),
-            Work::Refresh(r) => Ok(r.run(&self.database, &cancel).await?),
-            Work::Migrate(m) => Ok(m.run(&self.database, &cancel).await?),
-            Work::Sql(sql) => sql.run(&self.database, self.options.timeout, &cancel).await,
+            Work::Retention(r) => Ok(r.run(self.db()?, &cancel).await?),
+            Work::Refresh(r) => Ok(r.run(self.db()?, &cancel).await?),
+            Work::Migrate(m) => Ok(m.run(self.db()?, &cancel).await?),
+            Work::Sql(sql) => sql.run(self.db()?, self.options.timeout, &cancel).await,
             Work::Gauge(g) => {
                 let timeout = self.options.timeout;
-                Ok(g.run(&self.id, &self.database, timeout, &cancel).await?)
+                Ok(g.run(&self.id, self.db()?, timeout, &cancel).await?)
             }
-            Work::TableStats(t) => Ok(t.run(&self.id, &self.database).await?),
+            Work::TableStats(t) => Ok(t.run(&self.id, self.db()?).await?),
         }
     }
 }
@@ -376,6 +396,9 @@ pub enum JobError {
     Migrate(#[from] migrate::MigrateError),
     #[error(transparent)]
     Gauge(#[from] gauge::GaugeError),
+    /// A job that needs a database was asked to run without one (a bug).
+    #[error("job {0} has no database to run on; this is a bug in dbkeeper, please report it")]
+    NoDatabase(String),
 }
 
 impl Transient for JobError {
@@ -387,6 +410,7 @@ impl Transient for JobError {
             JobError::Refresh(e) => e.is_transient(),
             JobError::Migrate(e) => e.is_transient(),
             JobError::Gauge(e) => e.is_transient(),
+            JobError::NoDatabase(_) => false,
         }
     }
 }
@@ -410,7 +434,8 @@ impl JobError {
             JobError::Retention(_)
             | JobError::Refresh(_)
             | JobError::Migrate(_)
-            | JobError::Gauge(_) => false,
+            | JobError::Gauge(_)
+            | JobError::NoDatabase(_) => false,
         }
     }
 }
@@ -444,7 +469,10 @@ pub enum BuildError {
 #[derive(Debug, Clone)]
 pub struct Entry<'a> {
     pub id: String,
-    pub database: &'a DatabaseConfig,
+    /// The database or files set the job belongs to.
+    pub name: &'a str,
+    /// The job's database; `None` for a files set's backup.
+    pub database: Option<&'a DatabaseConfig>,
     pub options: JobOptions,
     section: Section<'a>,
 }
@@ -459,12 +487,14 @@ enum Section<'a> {
     Sql(&'a SqlJobConfig),
     Gauge(&'a GaugeConfig),
     TableStats(usize),
+    /// A `[[files]]` set's backup (kind `backup`).
+    Files(&'a FilesConfig),
 }
 
 impl Entry<'_> {
     pub fn kind(&self) -> Kind {
         match self.section {
-            Section::Backup(_) => Kind::Backup,
+            Section::Backup(_) | Section::Files(_) => Kind::Backup,
             Section::Retention(_) => Kind::Retention,
             Section::Refresh(_) => Kind::Refresh,
             Section::Migrate(_) => Kind::Migrate,
@@ -486,7 +516,8 @@ pub fn entries(config: &Config) -> Vec<Entry<'_>> {
         let mut add = |id: String, options, section| {
             all.push(Entry {
                 id,
-                database: db,
+                name,
+                database: Some(db),
                 options,
                 section,
             })
@@ -529,6 +560,15 @@ pub fn entries(config: &Config) -> Vec<Entry<'_>> {
             );
         }
     }
+    for f in &config.files {
+        all.push(Entry {
+            id: format!("{}.backup", f.name),
+            name: &f.name,
+            database: None,
+            options: f.backup.options(notify),
+            section: Section::Files(f),
+        });
+    }
     all
 }
 
@@ -550,9 +590,7 @@ impl Select<'_> {
         match *self {
             Select::All => true,
             Select::Id(id) => entry.id == id,
-            Select::Kind { database, kind } => {
-                entry.database.name == database && entry.kind() == kind
-            }
+            Select::Kind { database, kind } => entry.name == database && entry.kind() == kind,
         }
     }
 }
@@ -597,7 +635,7 @@ impl Jobs {
         for cfg in &config.databases {
             let wanted: Vec<&Entry<'_>> = entries
                 .iter()
-                .filter(|e| std::ptr::eq(e.database, cfg) && select.wants(e))
+                .filter(|e| e.database.is_some_and(|d| std::ptr::eq(d, cfg)) && select.wants(e))
                 .collect();
             if wanted.is_empty() && !matches!(select, Select::All) {
                 continue;
@@ -617,10 +655,25 @@ impl Jobs {
                 jobs.jobs.push(Arc::new(Job {
                     id: entry.id.clone(),
                     work,
-                    database: database.clone(),
+                    database: Some(database.clone()),
+                    name: cfg.name.clone(),
                     options: entry.options.clone(),
                 }));
             }
+        }
+        for entry in entries.iter().filter(|e| select.wants(e)) {
+            let Section::Files(f) = entry.section else {
+                continue;
+            };
+            let job = backup::BackupJob::for_files(config, f, access)?;
+            jobs.by_id.insert(entry.id.clone(), jobs.jobs.len());
+            jobs.jobs.push(Arc::new(Job {
+                id: entry.id.clone(),
+                work: Work::Backup(Arc::new(job)),
+                database: None,
+                name: f.name.clone(),
+                options: entry.options.clone(),
+            }));
         }
         Ok(jobs)
     }
@@ -760,6 +813,14 @@ impl Builder<'_> {
             key,
             keys,
             scratch_dir: self.config.daemon.state_dir.join("tmp"),
+            files: None,
+            with_files: self
+                .config
+                .files
+                .iter()
+                .filter(|f| b.with_files.contains(&f.name))
+                .map(|f| backup::BackupJob::for_files(self.config, f, self.access))
+                .collect::<Result<_, _>>()?,
         });
         self.backup = Some(job.clone());
         Ok(job)
@@ -815,6 +876,12 @@ impl Builder<'_> {
             Section::TableStats(max_tables) => {
                 Work::TableStats(gauge::TableStatsJob { max_tables })
             }
+            // Built by `Jobs::open`, without a database.
+            Section::Files(f) => Work::Backup(Arc::new(backup::BackupJob::for_files(
+                self.config,
+                f,
+                self.access,
+            )?)),
         })
     }
 }
@@ -936,7 +1003,7 @@ schedule = "@daily"
         assert!(backup.trust_policy("a", false).encrypting);
         let cancel = CancellationToken::new();
         let err = backup
-            .run(&job.database, BackupKind::Manual, &cancel)
+            .run(job.database.as_ref(), BackupKind::Manual, &cancel)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("does not exist yet"), "{err}");

@@ -52,6 +52,15 @@ pub enum BackupError {
     },
     #[error("{0}")]
     Refused(String),
+    /// A files set named by `with-files` could not be backed up: the database's
+    /// backup under that id was not taken.
+    #[error("the files set \"{name}\" (with-files) could not be backed up, so backup {id} of \"{database}\" was not taken: {source}")]
+    WithFiles {
+        name: String,
+        id: String,
+        database: String,
+        source: Box<BackupError>,
+    },
     /// Some destinations did not get the backup (the others did, see `stored`).
     #[error("{}", destinations_message(id.as_deref(), stored, failed))]
     Destinations {
@@ -105,6 +114,7 @@ impl BackupError {
         match self {
             BackupError::Archive(e) => e.is_verification(),
             BackupError::Verification(_) | BackupError::Untrusted { .. } => true,
+            BackupError::WithFiles { source, .. } => source.is_verification(),
             _ => false,
         }
     }
@@ -112,6 +122,9 @@ impl BackupError {
     /// Whether trying again can help: everything but a deliberate refusal (a
     /// restore test that cannot run here, a target that would be overwritten).
     pub fn is_transient(&self) -> bool {
+        if let BackupError::WithFiles { source, .. } = self {
+            return source.is_transient();
+        }
         !matches!(
             self,
             BackupError::Refused(_)

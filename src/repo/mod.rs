@@ -7,6 +7,7 @@
 //!   backups only through it;
 //! - [`catalog`]: manifests, listing, provenance (trust) and rotation;
 //! - [`verify`]: reading an archive back, and the restore test;
+//! - [`files`]: the tar of a `[[files]]` set: checked, extracted, `restore --to DIR`;
 //! - [`restore`] and [`pg_restore`]: putting a backup back; [`sibling`]: the
 //!   plaintext written beside a restore or decrypt target, and its crash recovery;
 //! - [`BackupError`]: what any of them (and the backup job) can fail with.
@@ -17,6 +18,7 @@
 pub mod archive;
 pub mod catalog;
 mod error;
+pub mod files;
 pub mod pg_check;
 pub mod pg_restore;
 pub mod restore;

@@ -581,3 +581,84 @@ pub fn receiver(answer: Answer) -> (u16, Requests) {
     });
     (port, seen)
 }
+
+/// What [`plant_backup`] writes: a backup of `name` (`backend`, `image`) made at
+/// `created` with `kind`.
+pub struct Planted<'a> {
+    pub name: &'a str,
+    pub backend: &'a str,
+    pub image: &'a str,
+    pub created: chrono::DateTime<chrono::Utc>,
+    pub kind: dbkeeper::repo::catalog::BackupKind,
+}
+
+/// Writes a genuine, encrypted backup (archive and manifest, gzip) of `source` into
+/// `<dest>/<name>/`, as a holder of the key could; returns its id.
+pub fn plant_backup(dest: &Path, key: &Path, what: Planted<'_>, source: impl Read) -> String {
+    use dbkeeper::repo::archive::{self, format, Compression, Header, Key, Settings};
+    use dbkeeper::repo::catalog::{Manifest, Verification, VerifyMode, VerifyResult};
+    use dbkeeper::repo::storage::{Destination, Storage};
+    let key = Key::load(key).expect("key");
+    let id = format!(
+        "{}-{}",
+        what.created.format("%Y%m%dT%H%M%SZ"),
+        what.kind.as_str()
+    );
+    let dest = Destination::new(dest, what.name);
+    dest.prepare().expect("dest");
+    let out = std::fs::File::create(dest.path(&format!("{id}.dbk"))).expect("archive");
+    let settings = Settings {
+        header: Header {
+            database: what.name.into(),
+            backend: what.backend.into(),
+            image: what.image.into(),
+            created: what.created,
+            compression: Compression::Gzip,
+            segment_size: format::SEGMENT_SIZE,
+            encryption: None,
+            globals: None,
+        },
+        key: Some(&key),
+        compression: Compression::Gzip,
+        level: 6,
+        threads: 1,
+        check_with: None,
+        globals: None,
+    };
+    let (_, stats) = archive::write_archive(
+        source,
+        out,
+        settings,
+        &std::sync::atomic::AtomicBool::new(false),
+    )
+    .expect("write archive");
+    Manifest {
+        id: id.clone(),
+        database: what.name.into(),
+        backend: what.backend.into(),
+        server_version: None,
+        kind: what.kind,
+        started_at: what.created,
+        finished_at: what.created,
+        raw_bytes: stats.raw_bytes,
+        stored_bytes: stats.stored_bytes,
+        sha256: stats.sha256,
+        key_id: Some(key.id().to_owned()),
+        compression: Compression::Gzip,
+        format_version: format::VERSION,
+        dbkeeper_version: "test".into(),
+        schema_version: None,
+        verification: Verification {
+            mode: VerifyMode::Read,
+            result: VerifyResult::Passed,
+            at: what.created,
+            error: None,
+        },
+        globals: None,
+        files: None,
+        with_files: Vec::new(),
+    }
+    .save(&dest)
+    .expect("manifest");
+    id
+}

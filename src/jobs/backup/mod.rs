@@ -7,7 +7,12 @@
 //! after a good backup and never removes the newest good one. The job sees its
 //! destinations only as [`Storage`]s, so it runs unchanged on any backend, and
 //! writes one archive to all of them at once ([`FanOut`]).
+//!
+//! The same job backs up a `[[files]]` set (`<name>.backup`): its source is the
+//! directory as a tar stream ([`files`]) instead of a dump, and nothing else differs
+//! (header and manifest say backend `files`, image `tar`).
 
+pub mod files;
 pub mod source;
 
 use std::path::{Path, PathBuf};
@@ -42,9 +47,88 @@ pub struct BackupJob {
     pub keys: KeyRing,
     /// `<state-dir>/tmp`: SQLite copies and restore tests (never the destination).
     pub scratch_dir: PathBuf,
+    /// Set for a `[[files]]` set's backup: the directory it reads.
+    pub files: Option<files::FilesSpec>,
+    /// A database's `with-files`: the files sets' jobs, run first in every run of
+    /// this one under its backup id.
+    pub with_files: Vec<BackupJob>,
+}
+
+/// What one backup run reads: a database, or a files set's directory.
+#[derive(Clone, Copy)]
+pub enum Subject<'a> {
+    Database(&'a Database),
+    Files(&'a files::FilesSpec),
+}
+
+impl Subject<'_> {
+    pub fn name(&self) -> &str {
+        match self {
+            Subject::Database(db) => db.name(),
+            Subject::Files(f) => &f.name,
+        }
+    }
+
+    /// The `backend` of header and manifest.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Subject::Database(db) => db.backend().as_str(),
+            Subject::Files(_) => crate::repo::files::BACKEND,
+        }
+    }
 }
 
 impl BackupJob {
+    /// The backup job of the `[[files]]` set `f`; `access` as for a database's (a
+    /// key is generated only to write).
+    pub fn for_files(
+        config: &crate::config::Config,
+        f: &crate::config::FilesConfig,
+        access: crate::db::Access,
+    ) -> Result<Self, super::BuildError> {
+        let key_err = |source| super::BuildError::Key {
+            database: f.name.clone(),
+            source,
+        };
+        if access == crate::db::Access::ReadWrite {
+            f.backup.ensure_key().map_err(key_err)?;
+        }
+        let (key, keys) = f.backup.load_keys().map_err(key_err)?;
+        let exclude = f.excludes().map_err(|e| super::BuildError::Name {
+            database: f.name.clone(),
+            message: format!("exclude: {e}"),
+        })?;
+        Ok(BackupJob {
+            cfg: f.backup.clone(),
+            key,
+            keys,
+            scratch_dir: config.daemon.state_dir.join("tmp"),
+            files: Some(files::FilesSpec {
+                name: f.name.clone(),
+                path: f.path.clone(),
+                exclude,
+            }),
+            with_files: Vec::new(),
+        })
+    }
+
+    /// A files set's name (empty for a database's job, which learns its name from
+    /// the database).
+    fn subject_name(&self) -> &str {
+        self.files.as_ref().map_or("", |f| f.name.as_str())
+    }
+
+    /// What a run reads: this job's files set, or else `db`.
+    pub fn subject<'a>(&'a self, db: Option<&'a Database>) -> Result<Subject<'a>, BackupError> {
+        match (&self.files, db) {
+            (Some(f), _) => Ok(Subject::Files(f)),
+            (None, Some(db)) => Ok(Subject::Database(db)),
+            (None, None) => Err(BackupError::Internal(
+                "a database backup without its database".to_owned(),
+            )),
+        }
+    }
+
     /// The state directory (`scratch_dir`'s parent).
     pub fn state_dir(&self) -> Option<&Path> {
         self.scratch_dir.parent()
@@ -186,7 +270,7 @@ impl BackupJob {
     /// Takes, verifies, stores and rotates one backup.
     pub async fn run(
         &self,
-        db: &Database,
+        db: Option<&Database>,
         kind: BackupKind,
         cancel: &CancellationToken,
     ) -> Result<Outcome, BackupError> {
@@ -203,16 +287,30 @@ impl BackupJob {
     /// fails naming the destinations that did not get the backup.
     pub async fn run_verified(
         &self,
-        db: &Database,
+        db: Option<&Database>,
         kind: BackupKind,
         at_least: VerifyMode,
         cancel: &CancellationToken,
     ) -> Result<Outcome, BackupError> {
+        self.run_as(db, kind, at_least, None, cancel).await
+    }
+
+    /// [`BackupJob::run_verified`]; `paired`: the id and start time of the database
+    /// backup this files set is taken with (`with-files`), used instead of new ones.
+    async fn run_as(
+        &self,
+        db: Option<&Database>,
+        kind: BackupKind,
+        at_least: VerifyMode,
+        paired: Option<(&str, chrono::DateTime<Utc>)>,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, BackupError> {
+        let subject = self.subject(db)?;
         self.cfg
             .writing_key(self.key.as_ref())
             .map_err(|e| BackupError::Archive(e.into()))?;
         let verify = self.cfg.verify.max(at_least);
-        let database = db.name();
+        let database = subject.name();
         let mut missed = Missed::default();
         let mut ready = Vec::new();
         for place in self.places(database) {
@@ -227,21 +325,56 @@ impl BackupJob {
         }
         self.clean_scratch(database);
 
-        let started = Utc::now();
-        let stores: Vec<&dyn Storage> = ready.iter().map(|p| &*p.store).collect();
-        let id = catalog::new_id(&stores, started, kind);
+        let started = paired.map_or_else(Utc::now, |(_, at)| at);
+        // Paired files sets live in their own folders: the id must be free there too.
+        let paired_places: Vec<Place> = self
+            .with_files
+            .iter()
+            .flat_map(|f| f.places(f.subject_name()))
+            .collect();
+        let stores: Vec<&dyn Storage> = ready
+            .iter()
+            .chain(&paired_places)
+            .map(|p| &*p.store)
+            .collect();
+        let id = match paired {
+            Some((id, _)) => id.to_owned(),
+            None => catalog::new_id(&stores, started, kind),
+        };
+        // Taken first: a database backup that names its files exists only with them.
+        let mut with_files = Vec::new();
+        for f in &self.with_files {
+            let name = f.subject_name();
+            Box::pin(f.run_as(None, kind, at_least, Some((&id, started)), cancel))
+                .await
+                .map_err(|e| BackupError::WithFiles {
+                    name: name.to_owned(),
+                    id: id.clone(),
+                    database: database.to_owned(),
+                    source: Box::new(e),
+                })?;
+            with_files.push(name.to_owned());
+        }
         let archive_name = format!("{id}{ARCHIVE_SUFFIX}");
-        let server_version = db.server_version().await?;
-        let schema_version = db.schema_version().await.unwrap_or_else(|e| {
-            tracing::warn!(database, "cannot read the schema version: {e}");
-            None
-        });
+        let (server_version, schema_version) = match subject {
+            Subject::Database(db) => {
+                let schema = db.schema_version().await.unwrap_or_else(|e| {
+                    tracing::warn!(database, "cannot read the schema version: {e}");
+                    None
+                });
+                (Some(db.server_version().await?), schema)
+            }
+            Subject::Files(_) => (None, None),
+        };
         let header = Header {
             database: database.to_owned(),
-            backend: db.backend().as_str().to_owned(),
-            image: match db {
-                Database::Sqlite(_) => "sqlite".to_owned(),
-                Database::Postgres(_) => crate::repo::archive::pgdump::IMAGE.to_owned(),
+            backend: subject.backend().to_owned(),
+            image: match subject {
+                Subject::Database(Database::Sqlite(_)) => "sqlite".to_owned(),
+                Subject::Database(Database::Postgres(_)) => {
+                    crate::repo::archive::pgdump::IMAGE.to_owned()
+                }
+                Subject::Files(_) => crate::repo::files::IMAGE.to_owned(),
             },
             created: started,
             compression: self.cfg.compression,
@@ -249,7 +382,10 @@ impl BackupJob {
             encryption: None,
             globals: None,
         };
-        let (header, globals, globals_summary) = self.globals(db, header).await?;
+        let (header, globals, globals_summary) = match subject {
+            Subject::Database(db) => self.globals(db, header).await?,
+            Subject::Files(_) => (header, None, None),
+        };
         let header_version = header.version();
         let uploads = FanOut::start(&ready, &archive_name);
         let labels = ready
@@ -258,22 +394,23 @@ impl BackupJob {
             .collect::<Vec<_>>()
             .join(", ");
         let check = verify != VerifyMode::None;
-        let (uploads, stats) = source::dump(self, db, header, globals, uploads, check, cancel)
-            .await
-            .map_err(|e| match e {
-                BackupError::Archive(ArchiveError::Io(source)) => BackupError::Io {
-                    what: "cannot write the backup to",
-                    path: PathBuf::from(&labels),
-                    source,
-                },
-                other => other,
-            })?;
+        let (uploads, stats, files_report) =
+            source::dump(self, subject, header, globals, uploads, check, cancel)
+                .await
+                .map_err(|e| match e {
+                    BackupError::Archive(ArchiveError::Io(source)) => BackupError::Io {
+                        what: "cannot write the backup to",
+                        path: PathBuf::from(&labels),
+                        source,
+                    },
+                    other => other,
+                })?;
 
         let mut manifest = Manifest {
             id: id.clone(),
             database: database.to_owned(),
-            backend: db.backend().as_str().to_owned(),
-            server_version: Some(server_version),
+            backend: subject.backend().to_owned(),
+            server_version,
             kind,
             started_at: started,
             finished_at: started,
@@ -292,6 +429,8 @@ impl BackupJob {
                 error: None,
             },
             globals: globals_summary,
+            files: files_report,
+            with_files,
         };
         // The restore test runs once, on the first copy; the other copies are read
         // back (their SHA-256 must match, so they are the same bytes) and share its
@@ -312,7 +451,7 @@ impl BackupJob {
             let restore_test = verify == VerifyMode::Restore && first.is_none();
             let verified = self
                 .verify_written(
-                    db,
+                    subject,
                     verify,
                     &mut upload,
                     &location,
@@ -402,7 +541,7 @@ impl BackupJob {
         tracing::info!(database, id, destinations = %stored.join(", "), "backup stored");
         Ok(Outcome {
             summary: format!(
-                "backup {id}: {} → {} ({}), verify {}, {pruned} pruned{}",
+                "backup {id}: {} → {} ({}), verify {}, {pruned} pruned{}{}",
                 human_bytes(manifest.raw_bytes),
                 human_bytes(manifest.stored_bytes),
                 manifest.compression.as_str(),
@@ -411,7 +550,14 @@ impl BackupJob {
                     format!(", {} copies", stored.len())
                 } else {
                     String::new()
-                }
+                },
+                manifest
+                    .files
+                    .as_ref()
+                    .map_or_else(String::new, |f| format!(
+                        ", {} entries, {} changed while read, {} skipped",
+                        f.entries, f.changed, f.skipped
+                    )),
             ),
             details: serde_json::json!({
                 "backup_id": id,
@@ -420,6 +566,7 @@ impl BackupJob {
                 "verification": manifest.verification,
                 "pruned": pruned,
                 "destinations": stored,
+                "files": manifest.files,
             }),
         })
     }
@@ -463,7 +610,7 @@ impl BackupJob {
     #[allow(clippy::too_many_arguments)]
     async fn verify_written(
         &self,
-        db: &Database,
+        subject: Subject<'_>,
         verify: VerifyMode,
         upload: &mut Box<dyn Upload>,
         location: &Path,
@@ -492,10 +639,34 @@ impl BackupJob {
             path: location.to_owned(),
             source,
         })?;
-        verify::stored_sha_matches(&*stored, &stats.sha256, cancel).await?;
-        if restore_test {
-            let target = self.scratch_target(db);
-            verify::restore_test(&*stored, &self.keys, &target, cancel).await?;
+        match subject {
+            Subject::Database(db) => {
+                verify::stored_sha_matches(&*stored, &stats.sha256, cancel).await?;
+                if restore_test {
+                    let target = self.scratch_target(db);
+                    verify::restore_test(&*stored, &self.keys, &target, cancel).await?;
+                }
+            }
+            // One more pass, not two: the whole tar is parsed (the checker only
+            // decoded it) while the stored bytes are hashed and compared with what
+            // was written; `restore` also extracts it into a scratch directory.
+            Subject::Files(_) => {
+                let written = verify::Expect {
+                    sha256: &stats.sha256,
+                    raw_bytes: stats.raw_bytes,
+                    trust: None,
+                };
+                let scratch = &self.scratch_dir;
+                crate::repo::files::verify_tree(
+                    &*stored,
+                    &self.keys,
+                    restore_test,
+                    Some(written),
+                    scratch,
+                    cancel,
+                )
+                .await?;
+            }
         }
         Ok(())
     }

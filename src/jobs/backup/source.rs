@@ -1,4 +1,5 @@
-//! Where the database image comes from, streamed into an archive.
+//! Where the database image comes from, streamed into an archive (a files set's
+//! tar comes from `files`).
 //!
 //! SQLite: `VACUUM INTO` a scratch file in the state directory (never the
 //! destination), then stream it. PostgreSQL: `pg_dump --format=custom --compress=0`
@@ -19,10 +20,11 @@ use std::sync::atomic::AtomicBool;
 use tokio_util::io::SyncIoBridge;
 use tokio_util::sync::CancellationToken;
 
-use super::BackupJob;
+use super::{BackupJob, Subject};
 use crate::db::{Database, Postgres, Sqlite};
 use crate::repo::archive::pgdump::{DumpCheck, DumpError};
 use crate::repo::archive::{self, compress, GlobalsBytes, Header, Settings, WriteStats};
+use crate::repo::files::FilesReport;
 use crate::repo::storage::{FanOut, Scratch};
 use crate::repo::{blocking, tail, BackupError, NotAnImage};
 
@@ -33,13 +35,13 @@ type TempFile = FanOut;
 /// also decrypted and decompressed on another thread (see `WriteStats::checked`).
 pub async fn dump(
     job: &BackupJob,
-    db: &Database,
+    subject: Subject<'_>,
     header: Header,
     globals: Option<GlobalsBytes>,
     tmp: TempFile,
     check: bool,
     cancel: &CancellationToken,
-) -> Result<(TempFile, WriteStats), BackupError> {
+) -> Result<(TempFile, WriteStats, Option<FilesReport>), BackupError> {
     let cfg = &job.cfg;
     let key = job.key.clone();
     let check_with = check.then(|| job.keys.clone());
@@ -59,13 +61,23 @@ pub async fn dump(
         archive::write_archive(source, out, settings, flag)
     };
     let encode: Box<Encode> = Box::new(encode);
-    let dumped = match db {
-        Database::Sqlite(lite) => dump_sqlite(lite, tmp, scratch_dir, cancel, encode).await,
-        Database::Postgres(pg) => {
+    let mut report = None;
+    let dumped = match subject {
+        Subject::Database(Database::Sqlite(lite)) => {
+            dump_sqlite(lite, tmp, scratch_dir, cancel, encode).await
+        }
+        Subject::Database(Database::Postgres(pg)) => {
             dump_postgres(pg, &cfg.pg_dump, tmp, scratch_dir, cancel, encode).await
         }
+        Subject::Files(spec) => {
+            let stream = spec.stream()?;
+            let slot = stream.report();
+            let written = run_encoder(encode, Box::new(stream), tmp, cancel).await;
+            report = slot.lock().ok().and_then(|mut r| r.take());
+            written
+        }
     };
-    dumped.map_err(|e| match e {
+    let (tmp, stats) = dumped.map_err(|e| match e {
         BackupError::Archive(archive::ArchiveError::Io(io)) if is_not_an_image(&io) => {
             match io.into_inner().map(|inner| inner.downcast::<NotAnImage>()) {
                 Some(Ok(not)) => BackupError::NotAnImage(*not),
@@ -79,7 +91,8 @@ pub async fn dump(
             }
         }
         other => other,
-    })
+    })?;
+    Ok((tmp, stats, report))
 }
 
 type Source = Box<dyn std::io::Read + Send>;

@@ -949,7 +949,7 @@ impl MigrateJob {
         };
         let started = Utc::now();
         let outcome = b
-            .run_verified(db, BackupKind::PreMigration, VerifyMode::Read, cancel)
+            .run_verified(Some(db), BackupKind::PreMigration, VerifyMode::Read, cancel)
             .await
             .map_err(|e| MigrateError::Backup(BackupFailure::Failed(Box::new(e))))?;
         let id = outcome.details["backup_id"].as_str().map(str::to_owned);

@@ -236,11 +236,42 @@ impl<W: Write> Write for Tee<W> {
     }
 }
 
-/// The reading end of a [`Tee`].
-struct ChannelReader {
+/// The reading end of a [`Tee`] or a [`ChannelWriter`]: a bounded queue of chunks
+/// between two threads, so a producer that writes and a consumer that reads stream
+/// into each other with memory bounded by the queue.
+pub(crate) struct ChannelReader {
     rx: std::sync::mpsc::Receiver<Vec<u8>>,
     chunk: Vec<u8>,
     pos: usize,
+}
+
+/// The writing end of [`channel`]: fails with `BrokenPipe` once the reader is gone.
+pub(crate) struct ChannelWriter(std::sync::mpsc::SyncSender<Vec<u8>>);
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .send(buf.to_vec())
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the reading side stopped"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A pipe between two threads holding at most `chunks` writes in flight.
+pub(crate) fn channel(chunks: usize) -> (ChannelWriter, ChannelReader) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(chunks);
+    (
+        ChannelWriter(tx),
+        ChannelReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+        },
+    )
 }
 
 impl Read for ChannelReader {
@@ -264,13 +295,8 @@ impl Read for ChannelReader {
 type Checker = std::thread::JoinHandle<Result<u64, ArchiveError>>;
 
 fn start_checker(keys: KeyRing) -> (std::sync::mpsc::SyncSender<Vec<u8>>, Checker) {
-    let (tx, rx) = std::sync::mpsc::sync_channel(4);
+    let (ChannelWriter(tx), input) = channel(4);
     let handle = std::thread::spawn(move || {
-        let input = ChannelReader {
-            rx,
-            chunk: Vec::new(),
-            pos: 0,
-        };
         read_archive(input, &keys, io::sink(), &AtomicBool::new(false)).map(|(_, _, raw)| raw)
     });
     (tx, handle)

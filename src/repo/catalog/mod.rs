@@ -90,6 +90,14 @@ pub struct Manifest {
     /// memberships, tablespaces), with their counts. Absent: it carries none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub globals: Option<crate::db::GlobalsSummary>,
+    /// A files set's backup: entries stored, and those that changed while read or
+    /// were skipped. Absent for databases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<crate::repo::files::FilesReport>,
+    /// A database's backup: the `[[files]]` sets taken with it under the same id
+    /// (`with-files`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub with_files: Vec<String>,
 }
 
 impl Manifest {

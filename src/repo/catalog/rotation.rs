@@ -947,6 +947,8 @@ mod tests {
                     error: None,
                 },
                 globals: None,
+                files: None,
+                with_files: Vec::new(),
             };
             let json = serde_json::to_vec_pretty(&m).unwrap();
             std::fs::write(dest.path(&format!("{file_id}{MANIFEST}")), json).unwrap();

@@ -1,0 +1,151 @@
+//! `[[files]]`: directories backed up like databases (a tar stream through the same
+//! archive pipeline), and their validation.
+//!
+//! A files set shares the database namespace: its name is the `database` label of
+//! its metrics, the folder of its backups and the first part of its job id
+//! (`<name>.backup`), so a name used by both is refused.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::Deserialize;
+
+use super::{check_name, BackupConfig, Config, ConfigError};
+
+/// `[[files]]`: one directory tree and its backup job.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FilesConfig {
+    /// The file this set was configured in (not a key; set at load).
+    #[serde(skip)]
+    pub source: PathBuf,
+    /// Short name used in the job id (`<name>.backup`), metric labels and backup
+    /// paths: letters, digits, `_` and `-`; no database may have the same name.
+    /// Required.
+    pub name: String,
+    /// The directory to back up, absolute. Its contents are stored relative to it;
+    /// symbolic links are stored as links, never followed. Required.
+    pub path: PathBuf,
+    /// Glob patterns, relative to `path`, of entries to leave out (`"cache/**"`,
+    /// `"*.tmp"`; `*` does not cross `/`, `**` does; `dir/**` leaves out `dir`
+    /// itself too). A directory that matches is left out with everything below it.
+    /// Default: none.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// `[files.backup]`: the same keys as `[database.backup]` (schedule,
+    /// destination(s), encryption, compression, level, keep, verify, …); `verify =
+    /// "restore"` extracts into a scratch directory. Required.
+    pub backup: BackupConfig,
+}
+
+impl FilesConfig {
+    /// The `exclude` patterns, compiled.
+    pub fn excludes(&self) -> Result<GlobSet, globset::Error> {
+        compile(&self.exclude)
+    }
+}
+
+fn compile(patterns: &[String]) -> Result<GlobSet, globset::Error> {
+    let mut set = GlobSetBuilder::new();
+    for p in patterns {
+        // `cache/**` leaves out the folder itself too, not only what is in it.
+        let folder = p.strip_suffix("/**").filter(|f| !f.is_empty());
+        for p in std::iter::once(p.as_str()).chain(folder) {
+            set.add(
+                globset::GlobBuilder::new(p)
+                    .literal_separator(true)
+                    .build()?,
+            );
+        }
+    }
+    set.build()
+}
+
+impl Config {
+    /// The `[[files]]` entries: names unique among databases and files sets, an
+    /// absolute path, patterns that compile, and the backup keys as for a database.
+    pub(super) fn validate_files(&self) -> Result<(), ConfigError> {
+        for db in &self.databases {
+            let Some(b) = &db.backup else { continue };
+            for name in &b.with_files {
+                if !self.files.iter().any(|f| &f.name == name) {
+                    return Err(self.invalid(
+                        format!("database \"{}\".backup.with-files", db.name),
+                        format!("\"{name}\" is not a [[files]] set; add one with that name or remove it here"),
+                    ));
+                }
+            }
+        }
+        let mut names: HashSet<&str> = self.databases.iter().map(|d| d.name.as_str()).collect();
+        for f in &self.files {
+            let key = format!("files \"{}\"", f.name);
+            check_name(&f.name).map_err(|m| self.invalid(format!("{key}.name"), m))?;
+            if !names.insert(f.name.as_str()) {
+                return Err(self.invalid(
+                    format!("{key}.name"),
+                    "is already the name of a database or another files set; files sets share the database names (job ids, metric labels, backup folders): pick another",
+                ));
+            }
+            if !f.path.is_absolute() {
+                return Err(self.invalid(
+                    format!("{key}.path"),
+                    format!(
+                        "{} is not an absolute path; write the directory's full path",
+                        f.path.display()
+                    ),
+                ));
+            }
+            for p in &f.exclude {
+                Glob::new(p).map_err(|e| {
+                    self.invalid(
+                        format!("{key}.exclude"),
+                        format!("{p:?} is not a glob pattern ({e}); write one like \"cache/**\" or \"*.tmp\""),
+                    )
+                })?;
+            }
+            for d in &f.backup.destination {
+                if d.local_dir().is_some_and(|dir| inside(dir, &f.path)) {
+                    return Err(self.invalid(
+                        format!("{key}.backup.destination"),
+                        format!(
+                            "{} and the backed-up directory {} lie inside one another: each backup would hold the ones before it, or a restore would delete them; keep them side by side",
+                            d.label(),
+                            f.path.display()
+                        ),
+                    ));
+                }
+            }
+            let backup_key = format!("{key}.backup");
+            if !f.backup.with_files.is_empty() {
+                return Err(self.invalid(
+                    format!("{backup_key}.with-files"),
+                    "is for [database.backup] only: a files set is taken with a database, not the other way round; remove it",
+                ));
+            }
+            self.validate_job_options(&backup_key, &f.backup.options(self.notify.as_ref()))?;
+            self.validate_backup(&key, &f.backup)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether one of the two paths lies inside the other (or they are the same).
+fn inside(path: &Path, other: &Path) -> bool {
+    path.starts_with(other) || other.starts_with(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn star_stays_in_its_folder_and_double_star_crosses() {
+        let set = compile(&["*.tmp".to_owned(), "cache/**".to_owned()]).unwrap();
+        assert!(set.is_match("a.tmp"));
+        assert!(!set.is_match("sub/a.tmp"));
+        assert!(set.is_match("cache/x/y"));
+        assert!(set.is_match("cache"), "the folder itself");
+        assert!(!set.is_match("cached"));
+    }
+}

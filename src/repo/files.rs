@@ -1,0 +1,402 @@
+//! Files-set backups (`[[files]]`) on the reading side: checking and extracting the
+//! tar an archive holds, and `restore --to DIR`.
+//!
+//! The tar is parsed as it is decrypted (a worker thread reads it from a bounded
+//! pipe fed by the archive reader, so memory stays bounded). Every entry is checked
+//! whether it is extracted or only read (`verify`): only regular files, directories
+//! and symbolic links are accepted, and a path must stay inside the target: an
+//! absolute path, a `..` component, or a path through a symbolic link extracted
+//! earlier is refused, which fails the whole read (a verification failure: exit 3).
+//!
+//! `restore --to DIR` never writes into DIR itself: the tree is extracted into a
+//! fresh directory beside it (same file system) and swapped in only once the whole
+//! archive has authenticated and matched its manifest. A failure (tampered archive,
+//! full disk, kill) leaves DIR exactly as it was; with `--force` the old contents are
+//! exchanged atomically with the new tree and only then removed.
+
+use std::fs::OpenOptions;
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::archive::{channel, ChannelWriter, KeyRing};
+use super::storage::Object;
+use super::verify::{self, Expect, ReadReport, TrustGate};
+use super::{blocking, BackupError};
+
+/// The header's `image` for a files set: a tar stream.
+pub const IMAGE: &str = "tar";
+/// The header's and manifest's `backend` for a files set.
+pub const BACKEND: &str = "files";
+
+/// What the backup of a files set met besides ordinary entries (kept in its
+/// manifest as `files`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct FilesReport {
+    /// Regular files, directories and symbolic links stored.
+    pub entries: u64,
+    /// Files that changed while they were read (grew, shrank, or a new mtime): stored
+    /// cut or padded to the size their header gives.
+    pub changed: u64,
+    /// Entries left out: vanished or unreadable during the walk, sockets, fifos and
+    /// devices.
+    pub skipped: u64,
+    /// The first few of those, `path: what happened`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// What reading a tar found.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TreeCount {
+    pub entries: u64,
+}
+
+/// Chunks in flight between the archive reader and the tar parser.
+const PIPE_CHUNKS: usize = 4;
+
+/// A sink for the plaintext of a files archive that parses (and, with `into`,
+/// extracts) the tar as it arrives. Drop the writer, then [`TreeSink::finish`].
+struct TreeSink {
+    worker: JoinHandle<Result<TreeCount, BackupError>>,
+}
+
+impl TreeSink {
+    /// `into`: an empty directory to extract into, or `None` to check only.
+    fn start(into: Option<PathBuf>) -> Result<(ChannelWriter, TreeSink), BackupError> {
+        let (out, input) = channel(PIPE_CHUNKS);
+        let worker = std::thread::Builder::new()
+            .name("files-untar".to_owned())
+            .spawn(move || unpack(input, into.as_deref()))
+            .map_err(|e| BackupError::Internal(format!("cannot start the tar thread: {e}")))?;
+        Ok((out, TreeSink { worker }))
+    }
+
+    /// The parser's verdict; call once the writer is dropped.
+    fn finish(self) -> Result<TreeCount, BackupError> {
+        self.worker
+            .join()
+            .map_err(|_| BackupError::Internal("the tar thread panicked".to_owned()))?
+    }
+}
+
+fn refused(path: &Path, why: &str) -> BackupError {
+    BackupError::Verification(format!(
+        "the archive's tar holds {}, which {why}: refused, nothing was restored",
+        path.display()
+    ))
+}
+
+/// The entry path made relative and checked: no root, no `..`.
+fn confined(path: &Path) -> Result<PathBuf, BackupError> {
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(refused(path, "is an absolute path"))
+            }
+            Component::ParentDir => return Err(refused(path, "climbs out of the target with ..")),
+        }
+    }
+    Ok(out)
+}
+
+/// Creates the missing parents of `rel` under `root`; an existing one must be a real
+/// directory, never a symbolic link (one extracted earlier could point anywhere).
+fn parents(root: &Path, rel: &Path) -> Result<(), BackupError> {
+    let mut at = root.to_owned();
+    let Some(parent) = rel.parent() else {
+        return Ok(());
+    };
+    for part in parent.components() {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(refused(rel, "would be written through a symbolic link"))
+            }
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(refused(rel, "lies below a file")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir(&at).map_err(write_err(&at))?;
+            }
+            Err(e) => return Err(write_err(&at)(e)),
+        }
+    }
+    Ok(())
+}
+
+fn write_err(path: &Path) -> impl FnOnce(io::Error) -> BackupError + use<> {
+    super::io_err("cannot write", path.to_owned())
+}
+
+fn tar_err(e: io::Error) -> BackupError {
+    BackupError::Verification(format!("the archive's tar cannot be read: {e}"))
+}
+
+/// Reads the whole tar from `input`; with `root`, extracts it there. Directories get
+/// their mode and mtime last (deepest first), so writing into them cannot change
+/// either, and a read-only one does not stop its contents.
+fn unpack(input: impl Read, root: Option<&Path>) -> Result<TreeCount, BackupError> {
+    let mut tar = tar::Archive::new(input);
+    let mut count = TreeCount::default();
+    let mut dirs = Vec::new();
+    // Checking only: the links seen so far (extracting asks the file system).
+    let mut links = std::collections::HashSet::new();
+    for entry in tar.entries().map_err(tar_err)? {
+        let mut entry = entry.map_err(tar_err)?;
+        let raw = entry.path().map_err(tar_err)?.into_owned();
+        let rel = confined(&raw)?;
+        let header = entry.header();
+        let kind = header.entry_type();
+        let mode = header.mode().map_err(tar_err)? & 0o7777;
+        let mtime = header.mtime().map_err(tar_err)?;
+        let mtime = filetime::FileTime::from_unix_time(i64::try_from(mtime).unwrap_or(0), 0);
+        if rel.as_os_str().is_empty() {
+            return Err(refused(&raw, "names the target itself"));
+        }
+        count.entries += 1;
+        let Some(root) = root else {
+            if !(kind.is_file() || kind.is_dir() || kind.is_symlink()) {
+                return Err(refused(&raw, "is neither a file, a directory nor a link"));
+            }
+            // What an extraction would refuse: a path below a link stored earlier.
+            if rel.ancestors().skip(1).any(|a| links.contains(a)) {
+                return Err(refused(&raw, "would be written through a symbolic link"));
+            }
+            if kind.is_symlink() {
+                links.insert(rel);
+            }
+            io::copy(&mut entry, &mut io::sink()).map_err(tar_err)?;
+            continue;
+        };
+        parents(root, &rel)?;
+        let path = root.join(&rel);
+        if kind.is_dir() {
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Err(refused(&raw, "is a directory where a file was")),
+                Err(_) => std::fs::create_dir(&path).map_err(write_err(&path))?,
+            }
+            dirs.push((path, mode, mtime));
+        } else if kind.is_symlink() {
+            let target = entry
+                .link_name()
+                .map_err(tar_err)?
+                .ok_or_else(|| refused(&raw, "is a link without a target"))?;
+            std::os::unix::fs::symlink(&target, &path).map_err(write_err(&path))?;
+            filetime::set_symlink_file_times(&path, mtime, mtime).map_err(write_err(&path))?;
+        } else if kind.is_file() {
+            // Never over anything: an earlier entry of the same name (a link) must
+            // not be followed.
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(write_err(&path))?;
+            io::copy(&mut entry, &mut file).map_err(|e| match e.kind() {
+                io::ErrorKind::Other
+                | io::ErrorKind::InvalidData
+                | io::ErrorKind::UnexpectedEof => tar_err(e),
+                _ => write_err(&path)(e),
+            })?;
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(write_err(&path))?;
+            filetime::set_file_handle_times(&file, Some(mtime), Some(mtime))
+                .map_err(write_err(&path))?;
+        } else {
+            return Err(refused(&raw, "is neither a file, a directory nor a link"));
+        }
+    }
+    // What follows the end marker must still be read: the archive's last segment
+    // authenticates the whole.
+    io::copy(&mut tar.into_inner(), &mut io::sink()).map_err(tar_err)?;
+    dirs.sort_by_key(|(p, _, _)| std::cmp::Reverse(p.components().count()));
+    for (path, mode, mtime) in dirs {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(write_err(&path))?;
+        filetime::set_file_mtime(&path, mtime).map_err(write_err(&path))?;
+    }
+    Ok(count)
+}
+
+/// Reads the archive open as `archive` whole into a tar parser (extracting into
+/// `into`, if given), hashing it; with `expect`, checks it against its manifest.
+pub async fn read_tree(
+    archive: &dyn Object,
+    keys: &KeyRing,
+    expect: Option<Expect<'_>>,
+    into: Option<PathBuf>,
+    cancel: &CancellationToken,
+) -> Result<ReadReport, BackupError> {
+    let input = verify::read_all(archive)?;
+    let keys = keys.clone();
+    let gate = TrustGate::of(expect.as_ref());
+    let report = blocking(cancel, move |stop| {
+        let (sink, tree) = TreeSink::start(into)?;
+        let read = verify::read_hashed_gated(input, &keys, sink, stop, Some(&gate));
+        let read = read.map(|(sink, report)| {
+            drop(sink);
+            report
+        });
+        // The parser's refusal explains a read that stopped because the parser quit.
+        let parsed = tree.finish();
+        let report = match (read, parsed) {
+            (Ok(report), Ok(_)) => report,
+            (Err(e), Ok(_)) => return Err(e),
+            (Ok(_), Err(e)) => return Err(e),
+            (Err(e), Err(p)) => return Err(if e.is_verification() { e } else { p }),
+        };
+        if report.header.image != IMAGE {
+            return Err(BackupError::Verification(format!(
+                "the archive holds a {} image, not a files set's tar",
+                report.header.image
+            )));
+        }
+        Ok(report)
+    })
+    .await?;
+    verify::check_expected(&report, expect)?;
+    Ok(report)
+}
+
+/// `read` verification of a files archive: the whole tar parsed and its entries
+/// checked; `restore` also extracts it into a scratch directory under `scratch_dir`,
+/// removed afterwards.
+pub async fn verify_tree(
+    archive: &dyn Object,
+    keys: &KeyRing,
+    extract: bool,
+    expect: Option<Expect<'_>>,
+    scratch_dir: &Path,
+    cancel: &CancellationToken,
+) -> Result<(), BackupError> {
+    if !extract {
+        return read_tree(archive, keys, expect, None, cancel)
+            .await
+            .map(drop);
+    }
+    let dir = verify::PrivateDir::new(scratch_dir)?;
+    let into = dir.path().join("tree");
+    std::fs::create_dir(&into).map_err(write_err(&into))?;
+    let read = read_tree(archive, keys, expect, Some(into), cancel).await;
+    let _ = make_writable(dir.path());
+    read.map(drop)
+}
+
+/// `restore NAME --to DIR`: see the module documentation. Returns what to print.
+pub async fn restore_dir(
+    archive: &dyn Object,
+    keys: &KeyRing,
+    expect: Expect<'_>,
+    target: &Path,
+    force: bool,
+    cancel: &CancellationToken,
+) -> Result<String, BackupError> {
+    let existing = match std::fs::symlink_metadata(target) {
+        Ok(m) if m.is_dir() => true,
+        Ok(_) => {
+            return Err(BackupError::Refused(format!(
+                "{} exists and is not a directory; restore a files set into a directory",
+                target.display()
+            )))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(super::io_err("cannot read", target)(e)),
+    };
+    if existing && !force && !is_empty(target)? {
+        return Err(BackupError::Refused(format!(
+            "{} is not empty; add --force to replace its contents (they are kept until the restored tree is complete)",
+            target.display()
+        )));
+    }
+    let name = target
+        .file_name()
+        .ok_or_else(|| BackupError::Refused(format!("{} names no directory", target.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    // Beside the target, so the swap is a rename on one file system.
+    let fresh = Beside::new(&parent, &name)?;
+    read_tree(archive, keys, Some(expect), Some(fresh.0.clone()), cancel).await?;
+    if let Ok(m) = std::fs::metadata(target) {
+        // The restored tree takes the mode the target had.
+        let _ = std::fs::set_permissions(&fresh.0, m.permissions());
+    } else {
+        let _ = std::fs::set_permissions(&fresh.0, std::fs::Permissions::from_mode(0o755));
+    }
+    if existing {
+        // Atomic: the target is the old tree or the new one, never neither.
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &fresh.0,
+            rustix::fs::CWD,
+            target,
+            rustix::fs::RenameFlags::EXCHANGE,
+        )
+        .map_err(|e| super::io_err("cannot swap the restored tree into", target)(e.into()))?;
+        // `fresh` now names the old contents, removed when it drops.
+    } else {
+        std::fs::rename(&fresh.0, target).map_err(super::io_err("cannot rename into", target))?;
+        fresh.keep();
+    }
+    Ok(format!("restored to {}", target.display()))
+}
+
+fn is_empty(dir: &Path) -> Result<bool, BackupError> {
+    let mut listing = std::fs::read_dir(dir).map_err(super::io_err("cannot read", dir))?;
+    Ok(listing.next().is_none())
+}
+
+/// A fresh directory beside the target, removed with its contents unless kept.
+struct Beside(PathBuf);
+
+impl Beside {
+    fn new(parent: &Path, name: &str) -> Result<Self, BackupError> {
+        let suffix: [u8; 8] = super::archive::crypto::random_bytes()
+            .map_err(|e| BackupError::Archive(super::archive::ArchiveError::from(e)))?;
+        let path = parent.join(format!(".{name}.dbkeeper-restore-{}", hex::encode(suffix)));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(super::io_err(
+                "cannot create a directory beside the target:",
+                &path,
+            ))?;
+        Ok(Beside(path))
+    }
+
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Beside {
+    fn drop(&mut self) {
+        let _ = make_writable(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Directories restored read-only must become writable again to be removed.
+fn make_writable(dir: &Path) -> io::Result<()> {
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for entry in std::fs::read_dir(dir)? {
+        make_writable(&entry?.path())?;
+    }
+    Ok(())
+}
