@@ -721,6 +721,7 @@ fn example_gauge_parses_when_uncommented() {
             "[database.backup]",
             "[database.backup]\nencryption = \"none\"",
         )
+        .replace("[files.backup]", "[files.backup]\nencryption = \"none\"")
         .replacen(
             "[database.backup]",
             "table-stats = true\n[database.backup]",
