@@ -390,6 +390,7 @@ impl Daemon {
                     tracing::info!(job = %job.id, "last success is older than one interval; running it now");
                     self.runner.spawn(job.clone(), Trigger::Missed, now);
                 }
+                _ if job.runs_at_start() => self.runner.spawn(job.clone(), Trigger::Startup, now),
                 Missed::Skip if missed && last.last_run.is_some() => {
                     tracing::info!(job = %job.id, "missed a run while down; waiting for the next slot (missed = skip)");
                     self.report.job_skipped(job, SkipReason::Missed);

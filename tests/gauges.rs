@@ -280,24 +280,34 @@ fn the_series_cap_and_reserved_labels_fail_the_run() {
         "{out}"
     );
 
-    // `check` runs the queries too and refuses what a run would refuse.
+    // `check` only plans the queries (EXPLAIN): it never runs one, so it cannot
+    // know a run's rows, but refuses a query that does not compile — and a query
+    // that would act outside its transaction does nothing.
+    let copy = w.path().join("copy.db");
+    w.write_config(
+        "",
+        &format!(
+            "{}{}{}{}",
+            database("lite", &url, ""),
+            gauge("fits", "SELECT k, v FROM t", "manual", "max-series = 3"),
+            gauge("typo", "SELEC k FROM t", "manual", ""),
+            gauge(
+                "vacuum",
+                &format!("VACUUM INTO '{}'", copy.display()),
+                "manual",
+                ""
+            ),
+        ),
+    );
     let out = w.cmd(&["check"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(
-        text.contains("job lite.gauge.fits: query returns 3 series"),
+        text.contains("job lite.gauge.fits: query compiles (check plans it and does not run it)"),
         "{text}"
     );
-    assert!(
-        text.contains(
-            "job lite.gauge.capped: CONFIG ERROR: gauge \"capped\" returned more than 2 rows"
-        ),
-        "{text}"
-    );
-    assert!(
-        text.contains("job lite.gauge.reserved: CONFIG ERROR"),
-        "{text}"
-    );
+    assert!(text.contains("job lite.gauge.typo: CONFIG ERROR"), "{text}");
+    assert!(!copy.exists(), "check ran a gauge query: {text}");
 
     // On the daemon: the capped gauge exports nothing and counts a failure.
     w.write_config(
@@ -466,6 +476,37 @@ fn postgres_table_stats() {
 
 /// Duplicate gauge names, an empty query, max-series = 0 and table-stats keys
 /// without table-stats are configuration errors (exit 2), named in the message.
+/// Table names holding `.` or `"` are quoted in the label, with their schema, so no
+/// two tables share one (adversary case: `"sales.2024"` in public is
+/// `public."sales.2024"`, `sales."2024"` is `sales.2024`).
+#[test]
+fn table_labels_are_unambiguous() {
+    let pg = PgDb::new("tlabels");
+    pg.sql(
+        "CREATE TABLE \"sales.2024\"(id int); INSERT INTO \"sales.2024\" VALUES (1);
+         CREATE SCHEMA sales; CREATE TABLE sales.\"2024\"(id int);
+         INSERT INTO sales.\"2024\" VALUES (1), (2);
+         CREATE TABLE \"say \"\"hi\"\"\"(id int);
+         ANALYZE;",
+    );
+    let w = Workdir::new();
+    w.write_config("", &database("pg", &pg.url, "table-stats = true"));
+    let d = w.start();
+    d.wait_for("table stats at start", Duration::from_secs(20), || {
+        d.metrics().matches("dbkeeper_table_rows{").count() == 3
+    });
+    let m = d.metrics();
+    let rows = |label: &str| metric_value(&m, "dbkeeper_table_rows", &[label]);
+    assert_eq!(rows("table=\"public.\\\"sales.2024\\\"\""), Some(1.0), "{m}");
+    assert_eq!(rows("table=\"sales.2024\""), Some(2.0), "{m}");
+    assert_eq!(
+        rows("table=\"public.\\\"say \\\"\\\"hi\\\"\\\"\\\"\""),
+        Some(0.0),
+        "{m}"
+    );
+    common::promtool_check_metrics(&m);
+}
+
 #[test]
 fn bad_gauge_config_exits_2() {
     let w = Workdir::new();

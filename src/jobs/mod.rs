@@ -170,6 +170,14 @@ impl Job {
         matches!(self.work, Work::Migrate(_)) && self.options.schedule.is_startup()
     }
 
+    /// True for a job whose results live only in the daemon's memory (query gauges,
+    /// table stats): after a start they are empty until it runs, so the daemon runs
+    /// it at once instead of leaving Prometheus without the series for up to an
+    /// interval. (Periodic schedules only: the daemon never runs a `manual` job.)
+    pub fn runs_at_start(&self) -> bool {
+        matches!(self.work, Work::Gauge(_) | Work::TableStats(_))
+    }
+
     /// Called for every job whenever a configuration is (re)loaded; `startup` on the
     /// daemon's start only. Publishes the kind's own series (retention rules,
     /// refreshed views, migration status, the backup catalog) and, at start-up,

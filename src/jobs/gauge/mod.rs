@@ -128,18 +128,14 @@ impl GaugeJob {
         metrics::register_query_gauge(database, &self.cfg.name, self.cfg.help.as_deref());
     }
 
-    /// What `dbkeeper check` asks: the query runs (read-only, as always) and its
-    /// rows make valid series. Returns a note with their number.
+    /// What `dbkeeper check` asks: does the query compile? It is planned
+    /// (`EXPLAIN`, read-only as always), never run: `check` only looks, and a
+    /// query may call functions that act outside its transaction.
     pub async fn check(&self, db: &Database, timeout: Duration) -> Result<String, GaugeError> {
         let never = CancellationToken::new();
-        let cap = self.cfg.max_series();
-        let table =
-            with_backend!(db, b => b.read_only(&self.cfg.query, cap, timeout, &never).await)?;
-        let (rows, skipped) = self.series(table)?;
-        Ok(format!(
-            "query returns {} series ({skipped} rows with a NULL value)",
-            rows.len()
-        ))
+        let explain = format!("EXPLAIN {}", self.cfg.query);
+        with_backend!(db, b => b.read_only(&explain, 0, timeout, &never).await)?;
+        Ok("query compiles (check plans it and does not run it)".to_owned())
     }
 
     pub async fn run(

@@ -67,8 +67,17 @@ impl GaugeBackend for Postgres {
         // reltuples is -1 until the table is first analyzed (PostgreSQL 14+); then
         // the statistics collector's live-tuple count stands in.
         let rows: Vec<(String, f64, f64, f64, f64, i64)> = sqlx::query_as(
-            "SELECT CASE WHEN s.schemaname = 'public' THEN s.relname::text
-                         ELSE s.schemaname || '.' || s.relname END,
+            // Names holding `.` or `"` are quoted, so that no two tables share a
+            // label (`"sales.2024"` in public, `sales."2024"` in schema sales).
+            "SELECT CASE WHEN s.schemaname = 'public' AND s.relname !~ '[.\"]'
+                         THEN s.relname::text
+                         ELSE (CASE WHEN s.schemaname ~ '[.\"]'
+                                    THEN '\"' || replace(s.schemaname, '\"', '\"\"') || '\"'
+                                    ELSE s.schemaname::text END)
+                              || '.' ||
+                              (CASE WHEN s.relname ~ '[.\"]'
+                                    THEN '\"' || replace(s.relname, '\"', '\"\"') || '\"'
+                                    ELSE s.relname::text END) END,
                     CASE WHEN c.reltuples >= 0 THEN c.reltuples::float8
                          ELSE s.n_live_tup::float8 END,
                     pg_total_relation_size(s.relid)::float8,
