@@ -497,7 +497,11 @@ fn table_labels_are_unambiguous() {
     });
     let m = d.metrics();
     let rows = |label: &str| metric_value(&m, "dbkeeper_table_rows", &[label]);
-    assert_eq!(rows("table=\"public.\\\"sales.2024\\\"\""), Some(1.0), "{m}");
+    assert_eq!(
+        rows("table=\"public.\\\"sales.2024\\\"\""),
+        Some(1.0),
+        "{m}"
+    );
     assert_eq!(rows("table=\"sales.2024\""), Some(2.0), "{m}");
     assert_eq!(
         rows("table=\"public.\\\"say \\\"\\\"hi\\\"\\\"\\\"\""),

@@ -302,18 +302,25 @@ fn sigterm_to_run_job_kills_the_commands_process_group() {
     assert_eq!(pre_migration_archives(&w).len(), 1);
 }
 
+/// A daemon config whose migration command sleeps, run on `schedule`, with a
+/// one-second shutdown grace; returns the sleeper's pid file.
+fn daemon_sleeper(w: &Workdir, schedule: &str) -> PathBuf {
+    let (pidfile, cfg) = sleeper_config(w, "");
+    w.write_config(
+        "shutdown-grace = \"1s\"",
+        &cfg.replace(
+            "schedule = \"manual\"\ncommand",
+            &format!("schedule = \"{schedule}\"\ncommand"),
+        ),
+    );
+    pidfile
+}
+
 #[test]
 fn daemon_shutdown_kills_the_commands_process_group() {
     let w = Workdir::new();
-    let (pidfile, cfg) = sleeper_config(&w, "");
-    w.write_config(
-        "shutdown-grace = \"1s\"",
-        // A scheduled run (every second; runs never overlap).
-        &cfg.replace(
-            "schedule = \"manual\"\ncommand",
-            "schedule = \"* * * * * *\"\ncommand",
-        ),
-    );
+    // A scheduled run (every second; runs never overlap).
+    let pidfile = daemon_sleeper(&w, "* * * * * *");
     let mut daemon = w.start();
     let grandchild = wait_for_pid(&pidfile);
     daemon.signal("TERM");
@@ -331,14 +338,7 @@ fn daemon_shutdown_kills_the_commands_process_group() {
 #[test]
 fn daemon_shutdown_during_a_startup_migration_kills_the_group() {
     let w = Workdir::new();
-    let (pidfile, cfg) = sleeper_config(&w, "");
-    w.write_config(
-        "shutdown-grace = \"1s\"",
-        &cfg.replace(
-            "schedule = \"manual\"\ncommand",
-            "schedule = \"@startup\"\ncommand",
-        ),
-    );
+    let pidfile = daemon_sleeper(&w, "@startup");
     let (child, grandchild) = start_sleeping(&w, &["run"], &pidfile);
     let stopping = Instant::now();
     sigterm(&child);
