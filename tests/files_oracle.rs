@@ -11,7 +11,7 @@
 //! seconds (docs/FORMAT.md); the restored tree must equal the model exactly, no
 //! path more or less. `restore --to` a non-empty directory must leave it byte for
 //! byte as it was without `--force` (exit 1) and make it the model tree with it.
-//! Cases: $DBKEEPER_ORACLE_CASES (default 24).
+//! Cases: $DBKEEPER_ORACLE_CASES (default 64).
 
 mod common;
 
@@ -23,25 +23,13 @@ use std::path::{Path, PathBuf};
 
 use common::Workdir;
 use proptest::prelude::*;
-use proptest::test_runner::{Config as PropConfig, FileFailurePersistence, TestRunner};
-
-fn cases() -> u32 {
-    std::env::var("DBKEEPER_ORACLE_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(24)
-}
+use proptest::test_runner::{Config as PropConfig, TestRunner};
 
 fn runner() -> TestRunner {
     TestRunner::new(PropConfig {
-        cases: cases(),
-        // A hand-made runner knows no source file: the path is given whole.
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
-            "tests/proptest-regressions/files_oracle.txt",
-        ))),
         // Each case runs the binary five times: shrinking is bounded in time.
         max_shrink_time: 240_000,
-        ..PropConfig::default()
+        ..common::oracle_config("tests/proptest-regressions/files_oracle.txt", 64)
     })
 }
 
@@ -187,10 +175,20 @@ fn case() -> impl Strategy<Value = Case> {
 /// An entry as the model says it must be, and as a real tree is read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
-    Dir { mode: u32, mtime: i64 },
-    File { data: Vec<u8>, mode: u32, mtime: i64 },
+    Dir {
+        mode: u32,
+        mtime: i64,
+    },
+    File {
+        data: Vec<u8>,
+        mode: u32,
+        mtime: i64,
+    },
     /// A link's own mode is always 0777 on Linux: not compared.
-    Link { target: OsString, mtime: i64 },
+    Link {
+        target: OsString,
+        mtime: i64,
+    },
 }
 
 /// Relative path (bytes, `/`-separated) → entry.
@@ -294,8 +292,7 @@ fn build(root: &Path, nodes: &[Node]) -> Vec<Made> {
     for m in made.iter().rev() {
         let path = rel_path(root, &m.rel);
         if !matches!(m.entry, Entry::Link { .. }) {
-            std::fs::set_permissions(&path, PermissionsExt::from_mode(m.node.mode))
-                .expect("chmod");
+            std::fs::set_permissions(&path, PermissionsExt::from_mode(m.node.mode)).expect("chmod");
         }
         let t = filetime::FileTime::from_unix_time(m.node.mtime.0, m.node.mtime.1);
         filetime::set_symlink_file_times(&path, t, t).expect("mtime");
@@ -374,7 +371,11 @@ fn read_tree(root: &Path) -> Tree {
     fn walk(root: &Path, dir: &Path, out: &mut Tree) {
         for e in std::fs::read_dir(dir).expect("read_dir") {
             let path = e.expect("entry").path();
-            let rel = path.strip_prefix(root).expect("below").as_os_str().as_bytes();
+            let rel = path
+                .strip_prefix(root)
+                .expect("below")
+                .as_os_str()
+                .as_bytes();
             let meta = std::fs::symlink_metadata(&path).expect("stat");
             let (mode, mtime) = (meta.mode() & 0o7777, meta.mtime());
             let entry = if meta.is_dir() {
@@ -382,7 +383,9 @@ fn read_tree(root: &Path) -> Tree {
                 Entry::Dir { mode, mtime }
             } else if meta.file_type().is_symlink() {
                 Entry::Link {
-                    target: std::fs::read_link(&path).expect("readlink").into_os_string(),
+                    target: std::fs::read_link(&path)
+                        .expect("readlink")
+                        .into_os_string(),
                     mtime,
                 }
             } else {
@@ -447,24 +450,35 @@ fn toml_list(patterns: &[String]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
-fn check_case(key: &Path, case: &Case) -> Result<(), TestCaseError> {
+/// A work directory with a copy of `key`; the tree goes in `tree`.
+fn workdir(key: &Path) -> Workdir {
     let w = Workdir::new();
     std::fs::copy(key, w.path().join("k")).expect("key");
-    let tree = w.path().join("tree");
-    let made = build(&tree, &case.nodes);
-    let patterns = patterns(&made, &case.excludes);
-    let want = model(&made, &patterns);
-    let dest = w.path().join("backups");
+    w
+}
+
+/// The files set `tree` of `<dir>/tree`, backed up to `<dir>/backups`, leaving out
+/// `patterns`.
+fn configure(w: &Workdir, patterns: &[String]) {
     w.write_config(
         "",
         &format!(
             "[[files]]\nname = \"tree\"\npath = \"{}\"\nexclude = {}\n\n[files.backup]\nschedule = \"manual\"\ndestination = \"{}\"\nencryption-key-file = \"{}\"\n",
-            tree.display(),
-            toml_list(&patterns),
-            dest.display(),
+            w.path().join("tree").display(),
+            toml_list(patterns),
+            w.path().join("backups").display(),
             w.path().join("k").display()
         ),
     );
+}
+
+fn check_case(key: &Path, case: &Case) -> Result<(), TestCaseError> {
+    let w = workdir(key);
+    let tree = w.path().join("tree");
+    let made = build(&tree, &case.nodes);
+    let patterns = patterns(&made, &case.excludes);
+    let want = model(&made, &patterns);
+    configure(&w, &patterns);
     let source_before = read_tree(&tree);
     w.stdout(&["run-job", "tree.backup"]);
     // The backed-up directory is only ever read.
@@ -474,7 +488,10 @@ fn check_case(key: &Path, case: &Case) -> Result<(), TestCaseError> {
     let fresh = w.path().join("fresh");
     restore(&w, &fresh, false).success();
     let d = diff(&read_tree(&fresh), &want);
-    prop_assert!(d.is_empty(), "restore --to a new directory, excludes {patterns:?}:\n{d}");
+    prop_assert!(
+        d.is_empty(),
+        "restore --to a new directory, excludes {patterns:?}:\n{d}"
+    );
 
     // A non-empty directory: untouched without --force, the model tree with it.
     let live = w.path().join("live");
@@ -482,11 +499,25 @@ fn check_case(key: &Path, case: &Case) -> Result<(), TestCaseError> {
     let before = read_tree(&live);
     let live_meta = std::fs::metadata(&live).expect("stat");
     restore(&w, &live, false).code(1);
-    prop_assert_eq!(&read_tree(&live), &before, "refused restore changed the target");
+    prop_assert_eq!(
+        &read_tree(&live),
+        &before,
+        "refused restore changed the target"
+    );
     let after_meta = std::fs::metadata(&live).expect("stat");
     prop_assert_eq!(
-        (live_meta.ino(), live_meta.mode(), live_meta.mtime(), live_meta.mtime_nsec()),
-        (after_meta.ino(), after_meta.mode(), after_meta.mtime(), after_meta.mtime_nsec()),
+        (
+            live_meta.ino(),
+            live_meta.mode(),
+            live_meta.mtime(),
+            live_meta.mtime_nsec()
+        ),
+        (
+            after_meta.ino(),
+            after_meta.mode(),
+            after_meta.mtime(),
+            after_meta.mtime_nsec()
+        ),
         "refused restore touched the target itself"
     );
     restore(&w, &live, true).success();
@@ -535,4 +566,93 @@ fn the_model_matcher_follows_the_readme_rules() {
     assert!(!excluded(b"a/bc", &pats(&["a/b"])));
     // Non-UTF-8 bytes are matched as bytes.
     assert!(excluded(b"bad\xff\xfe.tmp", &pats(&["*.tmp"])));
+}
+
+/// Found by the property above (minimal case: one folder with mtime -213930): an
+/// mtime before 1970 came back as 1970-01-01, because `tar` stores it unsigned. A
+/// folder, a file and a link, restored as they were, and GNU `tar` reads the same
+/// dates from `decrypt`'s tar.
+#[test]
+fn mtimes_before_1970_come_back_and_gnu_tar_reads_them() {
+    let keys = Workdir::new();
+    let key = keys.key("k");
+    let node = |stem, kind, secs| Node {
+        parent: 0,
+        stem,
+        ext: 0,
+        kind,
+        mode: 0o644,
+        mtime: (secs, 0),
+    };
+    let case = Case {
+        nodes: vec![
+            node(0, Kind::Dir, -213_930),
+            node(1, Kind::File(b"x".to_vec()), -1),
+            node(2, Kind::Link(Target::Dangling), -2_000_000_000),
+        ],
+        excludes: vec![],
+    };
+    check_case(&key, &case).unwrap();
+
+    let w = workdir(&key);
+    build(&w.path().join("tree"), &case.nodes);
+    configure(&w, &[]);
+    w.stdout(&["run-job", "tree.backup"]);
+    let archive = common::archives(&w.path().join("backups"), "tree")
+        .pop()
+        .expect("an archive");
+    let tar = w.path().join("tree.tar");
+    let (archive, tar) = (
+        archive.to_str().expect("utf-8"),
+        tar.to_str().expect("utf-8"),
+    );
+    w.stdout(&["decrypt", archive, "-o", tar]);
+    let listed = std::process::Command::new("tar")
+        .args(["--full-time", "-tvf"])
+        .arg(&tar)
+        .env("TZ", "UTC")
+        .output()
+        .expect("tar");
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{text}");
+    for (name, when) in [
+        ("a", "1969-12-29 12:34:30"),
+        ("data", "1969-12-31 23:59:59"),
+        ("with space", "1906-08-16 20:26:40"),
+    ] {
+        assert!(
+            text.lines().any(|l| l.contains(when) && l.contains(name)),
+            "{name} at {when}:\n{text}"
+        );
+    }
+}
+
+/// Found by the property above (minimal case: a folder `\x80latin` holding one
+/// named `L` × 251): a path of 100 bytes or more whose first byte is not UTF-8
+/// fails the whole backup ("paths in archives must have at least one component").
+/// `tar` 0.4.46 writes such a name as a GNU long name but also puts its UTF-8
+/// prefix, here empty, in the header, and refuses that (`prepare_header_path`).
+/// The name is valid on Linux, so the tree must back up and come back as it is.
+#[test]
+fn a_long_path_starting_with_a_non_utf8_byte_is_backed_up() {
+    let keys = Workdir::new();
+    let key = keys.key("k");
+    let dir = |parent, stem| Node {
+        parent,
+        stem,
+        ext: 0,
+        kind: Kind::Dir,
+        mode: 0o755,
+        mtime: (1_600_000_000, 0),
+    };
+    let stems = stems();
+    let (odd, long) = (
+        stems.iter().position(|s| s[0] == 0x80).expect("stem"),
+        stems.iter().position(|s| s.len() == 251).expect("stem"),
+    );
+    let case = Case {
+        nodes: vec![dir(0, odd), dir(1, long)],
+        excludes: vec![],
+    };
+    check_case(&key, &case).unwrap();
 }
