@@ -609,7 +609,7 @@ fn mtimes_before_1970_come_back_and_gnu_tar_reads_them() {
     w.stdout(&["decrypt", archive, "-o", tar]);
     let listed = std::process::Command::new("tar")
         .args(["--full-time", "-tvf"])
-        .arg(&tar)
+        .arg(tar)
         .env("TZ", "UTC")
         .output()
         .expect("tar");
