@@ -157,7 +157,9 @@ fn unpack(input: impl Read, root: Option<&Path>) -> Result<TreeCount, BackupErro
         let kind = header.entry_type();
         let mode = header.mode().map_err(tar_err)? & 0o7777;
         let mtime = header.mtime().map_err(tar_err)?;
-        let mtime = filetime::FileTime::from_unix_time(i64::try_from(mtime).unwrap_or(0), 0);
+        // `tar` reads a base-256 field's last 8 bytes unsigned; a negative one (GNU,
+        // before 1970) is their two's complement, so the bits are the i64.
+        let mtime = filetime::FileTime::from_unix_time(i64::from_ne_bytes(mtime.to_ne_bytes()), 0);
         if rel.as_os_str().is_empty() {
             return Err(refused(&raw, "names the target itself"));
         }

@@ -662,3 +662,19 @@ pub fn plant_backup(dest: &Path, key: &Path, what: Planted<'_>, source: impl Rea
     .expect("manifest");
     id
 }
+
+/// The proptest settings of an oracle test: $DBKEEPER_ORACLE_CASES cases (else
+/// `default_cases`), failures saved in `file`, given whole and relative to the
+/// package (a hand-made runner knows no source file, so `WithSource` saves nothing).
+pub fn oracle_config(file: &'static str, default_cases: u32) -> proptest::test_runner::Config {
+    proptest::test_runner::Config {
+        cases: std::env::var("DBKEEPER_ORACLE_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default_cases),
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::Direct(file),
+        )),
+        ..proptest::test_runner::Config::default()
+    }
+}

@@ -275,6 +275,14 @@ fn add_file<W: Write>(
 fn header_of(meta: &Metadata) -> tar::Header {
     let mut header = tar::Header::new_gnu();
     header.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
+    // `tar` takes the mtime unsigned, so one before 1970 would be stored as a date
+    // far in the future: write GNU's base-256 form of a negative number instead
+    // (two's complement, sign-extended over the 12 bytes, so the first is 0xff).
+    if meta.mtime() < 0 {
+        let field = &mut header.as_old_mut().mtime;
+        field[..4].fill(0xff);
+        field[4..].copy_from_slice(&meta.mtime().to_be_bytes());
+    }
     header
 }
 
