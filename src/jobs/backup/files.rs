@@ -189,7 +189,8 @@ fn walk<W: Write>(
         let kind = meta.file_type();
         if kind.is_dir() {
             let mut header = header_of(&meta);
-            tar.append_data(&mut header, &rel, io::empty())?;
+            let named = long_name(tar, &rel)?;
+            tar.append_data(&mut header, named, io::empty())?;
             report.entries += 1;
             walk(spec, &full, &rel, tar, report)?;
         } else if kind.is_symlink() {
@@ -201,7 +202,8 @@ fn walk<W: Write>(
                 }
             };
             let mut header = header_of(&meta);
-            tar.append_link(&mut header, &rel, &target)?;
+            let named = long_name(tar, &rel)?;
+            tar.append_link(&mut header, named, &target)?;
             report.entries += 1;
         } else if kind.is_file() {
             add_file(&full, &rel, tar, report)?;
@@ -241,7 +243,8 @@ fn add_file<W: Write>(
         left: before.len(),
         padded: 0,
     };
-    tar.append_data(&mut header, rel, &mut body)?;
+    let named = long_name(tar, rel)?;
+    tar.append_data(&mut header, named, &mut body)?;
     report.entries += 1;
     let mut extra = [0u8; 1];
     let grew = matches!(body.file.read(&mut extra), Ok(1));
@@ -270,6 +273,30 @@ fn add_file<W: Write>(
     }
     Ok(())
 }
+
+/// Where a path does not fit a tar header's 100-byte name field, writes the GNU
+/// long-name entry (`././@LongLink`, type `L`) carrying it, and returns the short
+/// stand-in name for the entry that follows (readers take the long one); otherwise
+/// returns `rel`. Written here rather than by the `tar` crate, which refuses a long
+/// name whose first byte is not UTF-8: such a name must not fail the backup.
+fn long_name<'p, W: Write>(tar: &mut tar::Builder<W>, rel: &'p Path) -> io::Result<&'p Path> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = rel.as_os_str().as_bytes();
+    if bytes.len() < 100 {
+        return Ok(rel);
+    }
+    let mut long = tar::Header::new_gnu();
+    long.set_path("././@LongLink")?;
+    long.set_entry_type(tar::EntryType::GNULongName);
+    long.set_mode(0o644);
+    long.set_size(bytes.len() as u64 + 1);
+    long.set_cksum();
+    tar.append(&long, bytes.chain(&[0u8][..]))?;
+    Ok(Path::new(LONG_NAME_STAND_IN))
+}
+
+/// The name in the header of an entry whose real name came in a long-name entry.
+const LONG_NAME_STAND_IN: &str = "././@LongLink-named";
 
 /// A tar header from `meta`: type, mode, owner, size and mtime.
 fn header_of(meta: &Metadata) -> tar::Header {
