@@ -248,7 +248,7 @@ fn restore(w: &Workdir, name: &str, target: &Path, extra: &[&str]) -> assert_cmd
 fn leftovers(w: &Workdir) -> Vec<String> {
     listing(w.path())
         .into_iter()
-        .filter(|p| p.contains("dbkeeper-restore"))
+        .filter(|p| p.contains(".dbkeeper-"))
         .collect()
 }
 

@@ -503,7 +503,9 @@ pub async fn restore(
             Ok(archive) if b.files.is_some() => {
                 let expect = verifying::Expect::trusted(&manifest, &policy);
                 let dir = Path::new(to);
-                files::restore_dir(&*archive, &b.keys, expect, dir, how.force, &cancel).await
+                let kept = config.kept_dirs();
+                files::restore_dir(&*archive, &b.keys, expect, dir, how.force, &kept, &cancel)
+                    .await
             }
             Ok(archive) => {
                 restoring::restore(&*archive, &manifest, &b.keys, to, &opts, &cancel).await

@@ -104,14 +104,15 @@ impl Config {
                     )
                 })?;
             }
-            for d in &f.backup.destination {
-                if d.local_dir().is_some_and(|dir| inside(dir, &f.path)) {
+            let path = resolve_path(&f.path);
+            for (what, dir) in self.kept_dirs() {
+                if paths_overlap(&resolve_path(&dir), &path) {
                     return Err(self.invalid(
-                        format!("{key}.backup.destination"),
+                        format!("{key}.path"),
                         format!(
-                            "{} and the backed-up directory {} lie inside one another: each backup would hold the ones before it, or a restore would delete them; keep them side by side",
-                            d.label(),
-                            f.path.display()
+                            "{} and {what} {} lie inside one another (comparing the paths with symbolic links resolved): each backup would hold dbkeeper's own files, and restoring the set would delete them; keep them side by side",
+                            f.path.display(),
+                            dir.display()
                         ),
                     ));
                 }
@@ -130,8 +131,58 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Every folder dbkeeper keeps its own data in, named for messages: the local
+    /// destinations of every database and files set, and the state dir. No files
+    /// set may hold one, and `restore --to` never writes over one.
+    pub fn kept_dirs(&self) -> Vec<(String, PathBuf)> {
+        let mut dirs = vec![("the state dir".to_owned(), self.daemon.state_dir.clone())];
+        let backups = self
+            .databases
+            .iter()
+            .filter_map(|d| Some((format!("database \"{}\"", d.name), d.backup.as_ref()?)))
+            .chain(
+                self.files
+                    .iter()
+                    .map(|f| (format!("files set \"{}\"", f.name), &f.backup)),
+            );
+        for (whose, b) in backups {
+            for d in &b.destination {
+                if let Some(dir) = d.local_dir() {
+                    dirs.push((format!("the backup destination of {whose}"), dir.to_owned()));
+                }
+            }
+        }
+        dirs
+    }
+}
+
+/// `path` absolute, with symbolic links resolved as far as it exists: the canonical
+/// form of its nearest existing ancestor, then the rest as written.
+pub fn resolve_path(path: &Path) -> PathBuf {
+    let path = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut rest = Vec::new();
+    let mut at = path.as_path();
+    loop {
+        if let Ok(real) = at.canonicalize() {
+            return rest.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                at = parent;
+            }
+            _ => return path,
+        }
+    }
+}
+
 /// Whether one of the two paths lies inside the other (or they are the same).
-fn inside(path: &Path, other: &Path) -> bool {
+pub fn paths_overlap(path: &Path, other: &Path) -> bool {
     path.starts_with(other) || other.starts_with(path)
 }
 

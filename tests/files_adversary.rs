@@ -1,0 +1,257 @@
+//! Cases found by an adversarial review of directory backups (given only the README
+//! and the binary, asked to make it lose data), kept as tests against the real
+//! binary. The case numbers are the review's.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{archives, sqlite, Workdir};
+use predicates::prelude::*;
+
+/// A `[[files]]` set `name` of `tree`, backed up unencrypted to `dest`.
+fn files_set(name: &str, tree: &Path, dest: &Path, extra: &str) -> String {
+    format!(
+        "[[files]]\nname = \"{name}\"\npath = \"{}\"\n{extra}\n[files.backup]\nschedule = \"manual\"\ndestination = \"{}\"\nencryption = \"none\"\nkeep = {{ last = 5 }}\n",
+        tree.display(),
+        dest.display(),
+    )
+}
+
+/// A SQLite database `name` with a backup to `dest` (and `extra` in its table).
+fn database(w: &Workdir, name: &str, dest: &Path, extra: &str) -> String {
+    let file = w.path().join(format!("{name}.db"));
+    sqlite(&file, "CREATE TABLE IF NOT EXISTS t (x)");
+    format!(
+        "[[database]]\nname = \"{name}\"\nurl = \"sqlite://{}\"\n[database.backup]\nschedule = \"manual\"\ndestination = \"{}\"\nencryption = \"none\"\nkeep = {{ last = 5 }}\n{extra}\n",
+        file.display(),
+        dest.display()
+    )
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, text).expect("write");
+}
+
+fn restore(w: &Workdir, name: &str, target: &Path, extra: &[&str]) -> assert_cmd::assert::Assert {
+    let mut args = vec!["restore", name, "--to", target.to_str().expect("utf-8")];
+    args.extend_from_slice(extra);
+    w.cmd(&args).assert()
+}
+
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Case 01: `restore --force` into a destination folder, a folder holding one, one
+/// inside one, or the state dir is refused (exit 1) and every backup is still there.
+#[test]
+fn case01_restore_never_targets_a_destination_or_the_state_dir() {
+    let w = Workdir::new();
+    let (tree, dest, db_dest) = (
+        w.path().join("src"),
+        w.path().join("dest"),
+        w.path().join("dbdest"),
+    );
+    write(&tree.join("a.txt"), "hello");
+    w.write_config(
+        "",
+        &format!(
+            "{}\n{}",
+            files_set("storage", &tree, &dest, ""),
+            database(&w, "app", &db_dest, "")
+        ),
+    );
+    w.stdout(&["run-job", "storage.backup"]);
+    w.stdout(&["run-job", "app.backup"]);
+    std::fs::create_dir_all(w.path().join("state")).unwrap();
+    let link = w.path().join("via-link");
+    std::os::unix::fs::symlink(&dest, &link).unwrap();
+    let before = (archives(&dest, "storage"), archives(&db_dest, "app"));
+    assert_eq!((before.0.len(), before.1.len()), (1, 1));
+    for target in [
+        dest.clone(),
+        dest.join("storage"),
+        dest.join("new-inside"),
+        db_dest.clone(),
+        w.path().join("state"),
+        w.path().to_owned(),
+        link,
+    ] {
+        restore(&w, "storage", &target, &["--force"])
+            .code(1)
+            .stderr(predicate::str::contains("lie inside one another"));
+        assert_eq!(
+            (archives(&dest, "storage"), archives(&db_dest, "app")),
+            before,
+            "{}",
+            target.display()
+        );
+    }
+    assert!(!dest.join("new-inside").exists());
+}
+
+/// Cases 03 and 04: a database's or another set's destination, or the state dir,
+/// inside a set's path (or holding it), also through a symbolic link, is a config
+/// error (exit 2).
+#[test]
+fn case03_04_no_destination_or_state_dir_inside_a_files_path() {
+    let w = Workdir::new();
+    let tree = w.path().join("src");
+    std::fs::create_dir_all(tree.join("bk")).unwrap();
+    let link = w.path().join("dlink");
+    std::os::unix::fs::symlink(tree.join("bk"), &link).unwrap();
+    let out = w.path().join("out");
+    let cases = [
+        // A database's destination inside the set.
+        format!(
+            "{}\n{}",
+            files_set("storage", &tree, &out, ""),
+            database(&w, "app", &tree.join("dbbk"), "with-files = [\"storage\"]")
+        ),
+        // Another set's destination inside the set.
+        format!(
+            "{}\n{}",
+            files_set("storage", &tree, &out, ""),
+            files_set("other", &w.path().join("other"), &tree.join("x"), "")
+        ),
+        // Its own destination, reached through a symbolic link.
+        files_set("storage", &tree, &link, ""),
+        // The set holds the whole work directory, state dir included.
+        files_set("storage", w.path(), &Path::new("/nonexistent-dbk").join("d"), ""),
+    ];
+    for config in cases {
+        w.write_config("", &config);
+        w.cmd(&["check"])
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("lie inside one another"));
+    }
+    // The state dir inside the set.
+    w.write_config("", &files_set("storage", &w.path().join("state"), &out, ""));
+    w.cmd(&["check"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("the state dir"));
+}
+
+/// Case 10: without `--force`, a file written into the empty target while the
+/// restore runs is never deleted: the restore fails and the file stays.
+#[test]
+fn case10_restore_without_force_never_deletes_what_appeared_in_the_target() {
+    let w = Workdir::new();
+    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    for i in 0..2000 {
+        write(&tree.join(format!("many/f{i}")), &i.to_string());
+    }
+    let noise: Vec<u8> = (0..30_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(tree.join("big"), noise).unwrap();
+    w.write_config("", &files_set("storage", &tree, &dest, ""));
+    w.stdout(&["run-job", "storage.backup"]);
+    let target = w.path().join("target");
+    std::fs::create_dir(&target).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dbkeeper"))
+        .args(["restore", "storage", "--to"])
+        .arg(&target)
+        .arg("-c")
+        .arg(w.config_path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the restore extracts beside the target, the application writes into it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !names(w.path()).iter().any(|n| n.contains("dbkeeper-restore")) {
+        assert!(std::time::Instant::now() < deadline, "no extraction seen");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    write(&target.join("new-upload"), "a user's upload");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no longer empty"), "{stderr}");
+    assert_eq!(names(&target), ["new-upload"]);
+    assert!(
+        !names(w.path()).iter().any(|n| n.contains("dbkeeper-")),
+        "{:?}",
+        names(w.path())
+    );
+}
+
+/// Case 06: `restore --force` over a directory with a file system mounted inside
+/// it is refused, and the mounted files stay (needs root for the mount).
+#[test]
+fn case06_force_refuses_a_target_with_a_mount_inside() {
+    let w = Workdir::new();
+    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    write(&tree.join("a.txt"), "new");
+    w.write_config("", &files_set("storage", &tree, &dest, ""));
+    w.stdout(&["run-job", "storage.backup"]);
+    let target = w.path().join("target");
+    write(&target.join("old.txt"), "old");
+    let mount = target.join("mnt");
+    let _fs = common::Tmpfs::mount(&mount, "1m");
+    write(&mount.join("precious"), "on another file system");
+    restore(&w, "storage", &target, &["--force"])
+        .code(1)
+        .stderr(predicate::str::contains("mounted at"));
+    assert_eq!(
+        std::fs::read_to_string(mount.join("precious")).unwrap(),
+        "on another file system"
+    );
+    assert_eq!(names(&target), ["mnt", "old.txt"]);
+}
+
+/// Case 11: after the swap the previous contents are renamed
+/// `.DIR.dbkeeper-replaced-*` before they are removed, so a kill during the
+/// removal leaves a sibling whose name says it holds the old tree.
+#[test]
+fn case11_the_old_tree_is_named_replaced_before_it_is_removed() {
+    let w = Workdir::new();
+    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    write(&tree.join("a.txt"), "new");
+    w.write_config("", &files_set("storage", &tree, &dest, ""));
+    w.stdout(&["run-job", "storage.backup"]);
+    let target = w.path().join("target");
+    for i in 0..40_000 {
+        write(&target.join(format!("d{}/old{i}", i % 100)), "old");
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dbkeeper"))
+        .args(["restore", "storage", "--force", "--to"])
+        .arg(&target)
+        .arg("-c")
+        .arg(w.config_path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let replaced: PathBuf = loop {
+        if let Some(n) = names(w.path())
+            .into_iter()
+            .find(|n| n.starts_with(".target.dbkeeper-replaced-"))
+        {
+            break w.path().join(n);
+        }
+        assert!(
+            std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+            "no replaced sibling seen: {:?}",
+            names(w.path())
+        );
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(names(&target), ["a.txt"]);
+    // What is left of the old tree is under the replaced name, never a restore one.
+    assert!(!names(w.path()).iter().any(|n| n.contains("dbkeeper-restore")));
+    let _ = std::fs::remove_dir_all(replaced);
+}
