@@ -255,3 +255,55 @@ fn case11_the_old_tree_is_named_replaced_before_it_is_removed() {
     assert!(!names(w.path()).iter().any(|n| n.contains("dbkeeper-restore")));
     let _ = std::fs::remove_dir_all(replaced);
 }
+
+/// The ids in `<dest>/<name>/`, sorted.
+fn ids(dest: &Path, name: &str) -> Vec<String> {
+    archives(dest, name)
+        .iter()
+        .map(|a| {
+            a.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .trim_end_matches(".dbk")
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Case 07: with `with-files`, a database backup that fails discards the files
+/// backups its run made and rotates nothing, so the good database backups keep
+/// their files; `backup list` shows a pairing only where the files backup exists.
+#[test]
+fn case07_a_failed_database_backup_keeps_the_pairs_and_drops_its_files() {
+    let w = Workdir::new();
+    let (tree, fd, dbd) = (
+        w.path().join("src"),
+        w.path().join("fd"),
+        w.path().join("dbd"),
+    );
+    write(&tree.join("f"), "v1");
+    let set = files_set("storage", &tree, &fd, "").replace("last = 5", "last = 2");
+    let db = database(&w, "app", &dbd, "with-files = [\"storage\"]").replace("last = 5", "last = 2");
+    w.write_config("", &format!("{set}\n{db}"));
+    for _ in 0..2 {
+        w.stdout(&["run-job", "app.backup"]);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let good = ids(&dbd, "app");
+    assert_eq!(good.len(), 2);
+    assert_eq!(ids(&fd, "storage"), good);
+    // The database dump now fails.
+    std::fs::write(w.path().join("app.db"), vec![0x5a; 8192]).unwrap();
+    for _ in 0..2 {
+        w.cmd(&["run-job", "app.backup"]).assert().code(1);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    assert_eq!(ids(&dbd, "app"), good);
+    assert_eq!(ids(&fd, "storage"), good, "the pairs keep their files");
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert_eq!(list.matches("storage (same id)").count(), 2, "{list}");
+    // A files backup deleted by hand: its pairing is no longer shown.
+    std::fs::remove_file(archives(&fd, "storage").remove(0)).unwrap();
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert_eq!(list.matches("storage (same id)").count(), 1, "{list}");
+}

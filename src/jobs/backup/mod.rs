@@ -345,16 +345,81 @@ impl BackupJob {
         let mut with_files = Vec::new();
         for f in &self.with_files {
             let name = f.subject_name();
-            Box::pin(f.run_as(None, kind, at_least, Some((&id, started)), cancel))
-                .await
-                .map_err(|e| BackupError::WithFiles {
+            let taken = Box::pin(f.run_as(None, kind, at_least, Some((&id, started)), cancel)).await;
+            if let Err(e) = taken {
+                self.settle_with_files(&id, false);
+                return Err(BackupError::WithFiles {
                     name: name.to_owned(),
                     id: id.clone(),
                     database: database.to_owned(),
                     source: Box::new(e),
-                })?;
+                });
+            }
             with_files.push(name.to_owned());
         }
+        let taken = self
+            .take(subject, kind, verify, &ready, missed, &id, started, with_files, paired.is_none(), cancel)
+            .await;
+        if !self.with_files.is_empty() {
+            let stored = ready.iter().any(|p| {
+                p.store
+                    .list(&Manifest::manifest_name(&id))
+                    .is_ok_and(|l| !l.is_empty())
+            });
+            self.settle_with_files(&id, stored);
+        }
+        taken
+    }
+
+    /// After a database backup with `with-files`: when it was stored (`paired`), the
+    /// files sets are rotated now (never before: a failed database backup must not
+    /// cost the good ones their files); when not, the files backups this run made
+    /// under `id` are deleted, as nothing pairs with them.
+    fn settle_with_files(&self, id: &str, paired: bool) {
+        for f in &self.with_files {
+            let name = f.subject_name();
+            let policy = f.trust_policy(name, false);
+            for place in f.places(name) {
+                if paired {
+                    if let Err(e) = f.prune(name, &place, Some(id), false) {
+                        tracing::error!(database = name, destination = %place.label(), "rotation failed: {e}");
+                    }
+                } else {
+                    for object in [format!("{id}{ARCHIVE_SUFFIX}"), Manifest::manifest_name(id)] {
+                        match place.store.delete(&object) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => tracing::error!(
+                                database = name,
+                                destination = %place.label(),
+                                "cannot delete the unpaired files backup {id}: {e}"
+                            ),
+                        }
+                    }
+                }
+                publish_catalog(name, &place, &policy, false);
+            }
+        }
+    }
+
+    /// The database (or files set) backup itself, under `id`: dump, verify, store,
+    /// manifest, rotate (a files set taken with a database is rotated by it instead).
+    #[allow(clippy::too_many_arguments)]
+    async fn take(
+        &self,
+        subject: Subject<'_>,
+        kind: BackupKind,
+        verify: VerifyMode,
+        ready: &[Place],
+        mut missed: Missed,
+        id: &str,
+        started: chrono::DateTime<Utc>,
+        with_files: Vec<String>,
+        rotate: bool,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, BackupError> {
+        let database = subject.name();
+        let id = id.to_owned();
         let archive_name = format!("{id}{ARCHIVE_SUFFIX}");
         let (server_version, schema_version) = match subject {
             Subject::Database(db) => {
@@ -513,6 +578,9 @@ impl BackupJob {
                     publish_catalog(database, &place, &policy, true);
                     bad.get_or_insert(e);
                 }
+                // A files set taken with a database waits for it (see
+                // `settle_with_files`).
+                Ok(()) if !rotate => {}
                 Ok(()) => {
                     match self.prune(database, &place, Some(&id), false) {
                         Ok(d) => pruned += d.iter().filter(|d| !d.keep).count(),
