@@ -307,3 +307,56 @@ fn case07_a_failed_database_backup_keeps_the_pairs_and_drops_its_files() {
     let list = w.stdout(&["backup", "list", "app"]);
     assert_eq!(list.matches("storage (same id)").count(), 1, "{list}");
 }
+
+/// Case 02: a SQLite database and a files set of one name in two configs sharing a
+/// destination and key: neither rotation deletes the other's backup, and the
+/// database never lists, verifies or restores the files archive as its own.
+#[test]
+fn case02_a_database_and_a_files_set_of_one_name_never_take_each_others_backups() {
+    let w = Workdir::new();
+    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    write(&tree.join("f"), "hi");
+    let key = w.key("k");
+    let keyed = |text: String| {
+        text.replace(
+            "encryption = \"none\"",
+            &format!("encryption-key-file = \"{}\"", key.display()),
+        )
+        .replace("last = 5", "last = 1")
+    };
+    let db_config = keyed(database(&w, "storage", &dest, ""));
+    let files_config = keyed(files_set("storage", &tree, &dest, ""));
+    w.write_config("", &db_config);
+    w.stdout(&["run-job", "storage.backup"]);
+    let db_backup = ids(&dest, "storage");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    w.write_config("", &files_config);
+    let out = w.stdout(&["run-job", "storage.backup"]);
+    assert!(out.contains("0 pruned"), "{out}");
+    let both = ids(&dest, "storage");
+    assert_eq!(both.len(), 2);
+    let files_backup: Vec<String> = both.iter().filter(|i| !db_backup.contains(i)).cloned().collect();
+    // The files set's view: its backup is trusted, the database's is not.
+    let list = w.stdout(&["backup", "list", "storage"]);
+    assert!(list.contains("not a files one"), "{list}");
+    // The database's view.
+    w.write_config("", &db_config);
+    let out = w.stdout(&["run-job", "storage.backup"]);
+    assert!(out.contains("1 pruned"), "its own older backup only: {out}");
+    assert!(ids(&dest, "storage").contains(&files_backup[0]));
+    let list = w.stdout(&["backup", "list", "storage"]);
+    assert!(list.contains("it is a files backup, not a sqlite one"), "{list}");
+    let restored = w.path().join("restored.sqlite");
+    w.cmd(&[
+        "restore",
+        "storage",
+        "--backup",
+        &files_backup[0],
+        "--to",
+        restored.to_str().expect("utf-8"),
+    ])
+    .assert()
+        .code(3)
+        .stderr(predicate::str::contains("files backup"));
+    assert!(!w.path().join("restored.sqlite").exists());
+}

@@ -73,6 +73,7 @@ fn trust_policy_of(
     let state_dir = Some(config.daemon.state_dir.as_path());
     Ok(BackupJob::policy(
         database,
+        config.backend_of(database),
         b,
         key.as_ref(),
         &keys,

@@ -157,6 +157,21 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The `backend` the backups of the database or files set `name` have: `files`,
+    /// `sqlite` or `postgres` (`None` for a name not configured).
+    pub fn backend_of(&self, name: &str) -> Option<&'static str> {
+        if self.files.iter().any(|f| f.name == name) {
+            return Some(FILES_BACKEND);
+        }
+        let db = self.databases.iter().find(|d| d.name == name)?;
+        super::Backend::from_url(&db.url).ok().map(super::Backend::as_str)
+    }
+}
+
+/// The `backend` of a files set's header and manifest.
+pub const FILES_BACKEND: &str = "files";
+
 /// `path` absolute, with symbolic links resolved as far as it exists: the canonical
 /// form of its nearest existing ancestor, then the rest as written.
 pub fn resolve_path(path: &Path) -> PathBuf {

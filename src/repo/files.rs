@@ -35,7 +35,7 @@ use super::{blocking, BackupError};
 /// The header's `image` for a files set: a tar stream.
 pub const IMAGE: &str = "tar";
 /// The header's and manifest's `backend` for a files set.
-pub const BACKEND: &str = "files";
+pub const BACKEND: &str = crate::config::FILES_BACKEND;
 
 /// What the backup of a files set met besides ordinary entries (kept in its
 /// manifest as `files`).

@@ -52,6 +52,9 @@ pub struct BackupJob {
     /// A database's `with-files`: the files sets' jobs, run first in every run of
     /// this one under its backup id.
     pub with_files: Vec<BackupJob>,
+    /// The `backend` its backups have (`files`, `sqlite`, `postgres`): what the
+    /// trust policy expects (`None`: any).
+    pub backend: Option<&'static str>,
 }
 
 /// What one backup run reads: a database, or a files set's directory.
@@ -109,6 +112,7 @@ impl BackupJob {
                 exclude,
             }),
             with_files: Vec::new(),
+            backend: Some(crate::repo::files::BACKEND),
         })
     }
 
@@ -144,6 +148,7 @@ impl BackupJob {
     pub fn trust_policy(&self, database: &str, allow_unencrypted: bool) -> TrustPolicy {
         Self::policy(
             database,
+            self.backend,
             &self.cfg,
             self.key.as_ref(),
             &self.keys,
@@ -156,6 +161,7 @@ impl BackupJob {
     /// (`backup list`).
     pub fn policy(
         database: &str,
+        backend: Option<&str>,
         cfg: &BackupConfig,
         key: Option<&Key>,
         keys: &KeyRing,
@@ -164,6 +170,7 @@ impl BackupJob {
     ) -> TrustPolicy {
         let mut policy = TrustPolicy {
             database: database.to_owned(),
+            backend: backend.map(str::to_owned),
             keys: keys.clone(),
             // From the config, not from the key: a key not generated yet must not
             // make plain archives look expected.
