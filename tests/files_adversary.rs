@@ -360,3 +360,77 @@ fn case02_a_database_and_a_files_set_of_one_name_never_take_each_others_backups(
         .stderr(predicate::str::contains("files backup"));
     assert!(!w.path().join("restored.sqlite").exists());
 }
+
+/// A tar of `n` small files `f1`…, with its end-of-archive blocks.
+fn small_tar(n: usize) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 1..=n {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3000);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, format!("f{i}"), &[b'x'; 3000][..])
+            .unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// Case 09: a genuine archive whose tar lacks its end-of-archive blocks, has data
+/// after them, or holds fewer entries than its manifest's `files.entries` fails
+/// `verify` and `restore` (exit 3), and the live tree is left as it was.
+#[test]
+fn case09_a_cut_or_padded_tar_or_a_wrong_entry_count_is_refused() {
+    use common::{plant_backup, Planted};
+    let w = Workdir::new();
+    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    std::fs::create_dir_all(&tree).unwrap();
+    let key = w.key("k");
+    w.write_config(
+        "",
+        &files_set("storage", &tree, &dest, "").replace(
+            "encryption = \"none\"",
+            &format!("encryption-key-file = \"{}\"", key.display()),
+        ),
+    );
+    let full = small_tar(5);
+    let cut = full[..2 * (512 + 3072)].to_vec();
+    let mut garbage = full.clone();
+    garbage.extend_from_slice(&small_tar(1));
+    let cases: [(&[u8], Option<u64>, &str); 4] = [
+        (&cut, None, "without its end-of-archive marker"),
+        (&garbage, None, "data after its end-of-archive marker"),
+        (&full, Some(7), "holds 5 entries, not the 7"),
+        (&full, Some(5), ""),
+    ];
+    let live = w.path().join("live");
+    write(&live.join("old.txt"), "old");
+    for (n, (tar, entries, error)) in cases.into_iter().enumerate() {
+        let created = chrono::Utc::now() - chrono::Duration::hours(10 - n as i64);
+        let what = Planted {
+            name: "storage",
+            backend: "files",
+            image: "tar",
+            created,
+            kind: dbkeeper::repo::catalog::BackupKind::Manual,
+        };
+        let id = plant_backup(&dest, &key, what, tar);
+        if let Some(entries) = entries {
+            let path = dest.join("storage").join(format!("{id}.manifest.json"));
+            let mut m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            m["files"] = serde_json::json!({ "entries": entries, "changed": 0, "skipped": 0 });
+            std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+        }
+        let verify = w.cmd(&["backup", "verify", "storage", "--backup", &id]).assert();
+        let restored = restore(&w, "storage", &live, &["--backup", &id, "--force"]);
+        if error.is_empty() {
+            verify.success();
+            restored.success();
+            assert_eq!(names(&live), ["f1", "f2", "f3", "f4", "f5"]);
+        } else {
+            verify.code(3).stderr(predicate::str::contains(error));
+            restored.code(3).stderr(predicate::str::contains(error));
+            assert_eq!(names(&live), ["old.txt"], "case {n}");
+        }
+    }
+}

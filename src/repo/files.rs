@@ -148,7 +148,9 @@ fn tar_err(e: io::Error) -> BackupError {
 /// their mode and mtime last (deepest first), so writing into them cannot change
 /// either, and a read-only one does not stop its contents.
 fn unpack(input: impl Read, root: Option<&Path>) -> Result<TreeCount, BackupError> {
-    let mut tar = tar::Archive::new(input);
+    let mut tar = tar::Archive::new(Counting { inner: input, read: 0 });
+    // Where the last entry's data ends: the end-of-archive blocks come next.
+    let mut end = 0;
     let mut count = TreeCount::default();
     let mut dirs = Vec::new();
     // Checking only: the links seen so far (extracting asks the file system).
@@ -157,6 +159,7 @@ fn unpack(input: impl Read, root: Option<&Path>) -> Result<TreeCount, BackupErro
         let mut entry = entry.map_err(tar_err)?;
         let raw = entry.path().map_err(tar_err)?.into_owned();
         let rel = confined(&raw)?;
+        end = entry.raw_file_position() + entry.size().div_ceil(512) * 512;
         let header = entry.header();
         let kind = header.entry_type();
         let mode = header.mode().map_err(tar_err)? & 0o7777;
@@ -219,9 +222,22 @@ fn unpack(input: impl Read, root: Option<&Path>) -> Result<TreeCount, BackupErro
             return Err(refused(&raw, "is neither a file, a directory nor a link"));
         }
     }
-    // What follows the end marker must still be read: the archive's last segment
-    // authenticates the whole.
-    io::copy(&mut tar.into_inner(), &mut io::sink()).map_err(tar_err)?;
+    // What follows the end marker must still be read (the archive's last segment
+    // authenticates the whole), and be nothing but zeros: the two end-of-archive
+    // blocks and padding. A tar cut at an entry boundary has no end marker.
+    let mut rest = tar.into_inner();
+    let mut zeros = Zeros(true);
+    io::copy(&mut rest, &mut zeros).map_err(tar_err)?;
+    if !zeros.0 {
+        return Err(BackupError::Verification(
+            "the archive's tar has data after its end-of-archive marker: refused, nothing was restored".to_owned(),
+        ));
+    }
+    if rest.read < end + 1024 {
+        return Err(BackupError::Verification(
+            "the archive's tar ends without its end-of-archive marker (cut short): refused, nothing was restored".to_owned(),
+        ));
+    }
     dirs.sort_by_key(|(p, _, _)| std::cmp::Reverse(p.components().count()));
     for (path, mode, mtime) in dirs {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
@@ -229,6 +245,34 @@ fn unpack(input: impl Read, root: Option<&Path>) -> Result<TreeCount, BackupErro
         filetime::set_file_mtime(&path, mtime).map_err(write_err(&path))?;
     }
     Ok(count)
+}
+
+/// A reader that counts the bytes read through it.
+struct Counting<R> {
+    inner: R,
+    read: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// A sink that notes whether everything written to it was zero.
+struct Zeros(bool);
+
+impl io::Write for Zeros {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 &= buf.iter().all(|b| *b == 0);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Reads the archive open as `archive` whole into a tar parser (extracting into
@@ -243,6 +287,11 @@ pub async fn read_tree(
     let input = verify::read_all(archive)?;
     let keys = keys.clone();
     let gate = TrustGate::of(expect.as_ref());
+    let claimed_entries = expect
+        .as_ref()
+        .and_then(|e| e.trust)
+        .and_then(|(m, _)| m.files.as_ref())
+        .map(|f| f.entries);
     let report = blocking(cancel, move |stop| {
         let (sink, tree) = TreeSink::start(into)?;
         let read = verify::read_hashed_gated(input, &keys, sink, stop, Some(&gate));
@@ -253,7 +302,16 @@ pub async fn read_tree(
         // The parser's refusal explains a read that stopped because the parser quit.
         let parsed = tree.finish();
         let report = match (read, parsed) {
-            (Ok(report), Ok(_)) => report,
+            (Ok(report), Ok(count)) => {
+                let claimed = claimed_entries.filter(|n| *n != count.entries);
+                if let Some(claimed) = claimed {
+                    return Err(BackupError::Verification(format!(
+                        "the archive's tar holds {} entries, not the {claimed} its manifest lists: refused, nothing was restored",
+                        count.entries
+                    )));
+                }
+                report
+            }
             (Err(e), Ok(_)) => return Err(e),
             (Ok(_), Err(e)) => return Err(e),
             (Err(e), Err(p)) => return Err(if e.is_verification() { e } else { p }),
