@@ -434,3 +434,28 @@ fn case09_a_cut_or_padded_tar_or_a_wrong_entry_count_is_refused() {
         }
     }
 }
+
+/// Case 05: an empty (unmounted) source directory fails the backup (exit 1, no
+/// archive), so rotation never replaces the backups that hold data.
+#[test]
+fn case05_an_empty_source_directory_fails_and_keeps_the_backups() {
+    let w = Workdir::new();
+    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    write(&tree.join("data"), "precious");
+    let set = files_set("storage", &tree, &dest, "").replace("last = 5", "last = 2");
+    w.write_config("", &set);
+    for _ in 0..2 {
+        w.stdout(&["run-job", "storage.backup"]);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let before = ids(&dest, "storage");
+    std::fs::remove_file(tree.join("data")).unwrap();
+    for _ in 0..2 {
+        w.cmd(&["run-job", "storage.backup"])
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains("is empty").and(predicate::str::contains("mounted")));
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    assert_eq!(ids(&dest, "storage"), before);
+}
