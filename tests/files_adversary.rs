@@ -459,3 +459,28 @@ fn case05_an_empty_source_directory_fails_and_keeps_the_backups() {
     }
     assert_eq!(ids(&dest, "storage"), before);
 }
+
+/// Case 08: a restore that runs out of space says to free space there, not to move
+/// the backup destination, and leaves the (empty) target as it was.
+#[test]
+fn case08_a_full_disk_during_a_restore_gets_a_restore_hint() {
+    let w = Workdir::new();
+    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    let noise: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("big"), noise).unwrap();
+    w.write_config("", &files_set("storage", &tree, &dest, ""));
+    w.stdout(&["run-job", "storage.backup"]);
+    let small = w.path().join("small");
+    let _fs = common::Tmpfs::mount(&small, "1m");
+    let target = small.join("t");
+    std::fs::create_dir(&target).unwrap();
+    restore(&w, "storage", &target, &[]).code(1).stderr(
+        predicate::str::contains("free space there and try again")
+            .and(predicate::str::contains("backup.destination").not()),
+    );
+    assert_eq!(names(&small), ["t"]);
+    assert!(names(&target).is_empty());
+}

@@ -471,7 +471,7 @@ impl BackupJob {
                 .await
                 .map_err(|e| match e {
                     BackupError::Archive(ArchiveError::Io(source)) => BackupError::Io {
-                        what: "cannot write the backup to",
+                        what: crate::repo::WRITING_BACKUP,
                         path: PathBuf::from(&labels),
                         source,
                     },
