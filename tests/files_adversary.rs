@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{archives, sqlite, Workdir};
+use common::{archives, backup_ids as ids, dir_names as names, sqlite, Workdir};
 use predicates::prelude::*;
 
 /// A `[[files]]` set `name` of `tree`, backed up unencrypted to `dest`.
@@ -16,6 +16,20 @@ fn files_set(name: &str, tree: &Path, dest: &Path, extra: &str) -> String {
         tree.display(),
         dest.display(),
     )
+}
+
+/// A work directory and the paths of a tree (`src`) and a backup folder (`dest`),
+/// neither created.
+fn setup() -> (Workdir, PathBuf, PathBuf) {
+    let w = Workdir::new();
+    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    (w, tree, dest)
+}
+
+/// Configures the set `storage` of `tree` and takes one backup of it.
+fn backed_up(w: &Workdir, tree: &Path, dest: &Path) {
+    w.write_config("", &files_set("storage", tree, dest, ""));
+    w.stdout(&["run-job", "storage.backup"]);
 }
 
 /// A SQLite database `name` with a backup to `dest` (and `extra` in its table).
@@ -40,28 +54,30 @@ fn restore(w: &Workdir, name: &str, target: &Path, extra: &[&str]) -> assert_cmd
     w.cmd(&args).assert()
 }
 
-/// The names in `dir`, sorted.
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+/// `restore storage --to TARGET` (and `extra`) started in the background.
+fn spawn_restore(
+    w: &Workdir,
+    target: &Path,
+    extra: &[&str],
+    stderr: std::process::Stdio,
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_dbkeeper"))
+        .args(["restore", "storage", "--to"])
+        .arg(target)
+        .args(extra)
+        .arg("-c")
+        .arg(w.config_path())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn restore")
 }
 
 /// Case 01: `restore --force` into a destination folder, a folder holding one, one
 /// inside one, or the state dir is refused (exit 1) and every backup is still there.
 #[test]
 fn case01_restore_never_targets_a_destination_or_the_state_dir() {
-    let w = Workdir::new();
-    let (tree, dest, db_dest) = (
-        w.path().join("src"),
-        w.path().join("dest"),
-        w.path().join("dbdest"),
-    );
+    let (w, tree, dest) = setup();
+    let db_dest = w.path().join("dbdest");
     write(&tree.join("a.txt"), "hello");
     w.write_config(
         "",
@@ -127,7 +143,12 @@ fn case03_04_no_destination_or_state_dir_inside_a_files_path() {
         // Its own destination, reached through a symbolic link.
         files_set("storage", &tree, &link, ""),
         // The set holds the whole work directory, state dir included.
-        files_set("storage", w.path(), &Path::new("/nonexistent-dbk").join("d"), ""),
+        files_set(
+            "storage",
+            w.path(),
+            &Path::new("/nonexistent-dbk").join("d"),
+            "",
+        ),
     ];
     for config in cases {
         w.write_config("", &config);
@@ -148,8 +169,7 @@ fn case03_04_no_destination_or_state_dir_inside_a_files_path() {
 /// restore runs is never deleted: the restore fails and the file stays.
 #[test]
 fn case10_restore_without_force_never_deletes_what_appeared_in_the_target() {
-    let w = Workdir::new();
-    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    let (w, tree, dest) = setup();
     for i in 0..2000 {
         write(&tree.join(format!("many/f{i}")), &i.to_string());
     }
@@ -157,21 +177,16 @@ fn case10_restore_without_force_never_deletes_what_appeared_in_the_target() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(tree.join("big"), noise).unwrap();
-    w.write_config("", &files_set("storage", &tree, &dest, ""));
-    w.stdout(&["run-job", "storage.backup"]);
+    backed_up(&w, &tree, &dest);
     let target = w.path().join("target");
     std::fs::create_dir(&target).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dbkeeper"))
-        .args(["restore", "storage", "--to"])
-        .arg(&target)
-        .arg("-c")
-        .arg(w.config_path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_restore(&w, &target, &[], std::process::Stdio::piped());
     // Once the restore extracts beside the target, the application writes into it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !names(w.path()).iter().any(|n| n.contains("dbkeeper-restore")) {
+    while !names(w.path())
+        .iter()
+        .any(|n| n.contains("dbkeeper-restore"))
+    {
         assert!(std::time::Instant::now() < deadline, "no extraction seen");
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
@@ -192,11 +207,9 @@ fn case10_restore_without_force_never_deletes_what_appeared_in_the_target() {
 /// it is refused, and the mounted files stay (needs root for the mount).
 #[test]
 fn case06_force_refuses_a_target_with_a_mount_inside() {
-    let w = Workdir::new();
-    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    let (w, tree, dest) = setup();
     write(&tree.join("a.txt"), "new");
-    w.write_config("", &files_set("storage", &tree, &dest, ""));
-    w.stdout(&["run-job", "storage.backup"]);
+    backed_up(&w, &tree, &dest);
     let target = w.path().join("target");
     write(&target.join("old.txt"), "old");
     let mount = target.join("mnt");
@@ -217,23 +230,14 @@ fn case06_force_refuses_a_target_with_a_mount_inside() {
 /// removal leaves a sibling whose name says it holds the old tree.
 #[test]
 fn case11_the_old_tree_is_named_replaced_before_it_is_removed() {
-    let w = Workdir::new();
-    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    let (w, tree, dest) = setup();
     write(&tree.join("a.txt"), "new");
-    w.write_config("", &files_set("storage", &tree, &dest, ""));
-    w.stdout(&["run-job", "storage.backup"]);
+    backed_up(&w, &tree, &dest);
     let target = w.path().join("target");
     for i in 0..40_000 {
         write(&target.join(format!("d{}/old{i}", i % 100)), "old");
     }
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dbkeeper"))
-        .args(["restore", "storage", "--force", "--to"])
-        .arg(&target)
-        .arg("-c")
-        .arg(w.config_path())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_restore(&w, &target, &["--force"], std::process::Stdio::null());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let replaced: PathBuf = loop {
         if let Some(n) = names(w.path())
@@ -252,22 +256,10 @@ fn case11_the_old_tree_is_named_replaced_before_it_is_removed() {
     child.wait().unwrap();
     assert_eq!(names(&target), ["a.txt"]);
     // What is left of the old tree is under the replaced name, never a restore one.
-    assert!(!names(w.path()).iter().any(|n| n.contains("dbkeeper-restore")));
-    let _ = std::fs::remove_dir_all(replaced);
-}
-
-/// The ids in `<dest>/<name>/`, sorted.
-fn ids(dest: &Path, name: &str) -> Vec<String> {
-    archives(dest, name)
+    assert!(!names(w.path())
         .iter()
-        .map(|a| {
-            a.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .trim_end_matches(".dbk")
-                .to_owned()
-        })
-        .collect()
+        .any(|n| n.contains("dbkeeper-restore")));
+    let _ = std::fs::remove_dir_all(replaced);
 }
 
 /// Case 07: with `with-files`, a database backup that fails discards the files
@@ -275,15 +267,12 @@ fn ids(dest: &Path, name: &str) -> Vec<String> {
 /// their files; `backup list` shows a pairing only where the files backup exists.
 #[test]
 fn case07_a_failed_database_backup_keeps_the_pairs_and_drops_its_files() {
-    let w = Workdir::new();
-    let (tree, fd, dbd) = (
-        w.path().join("src"),
-        w.path().join("fd"),
-        w.path().join("dbd"),
-    );
+    let (w, tree, fd) = setup();
+    let dbd = w.path().join("dbd");
     write(&tree.join("f"), "v1");
     let set = files_set("storage", &tree, &fd, "").replace("last = 5", "last = 2");
-    let db = database(&w, "app", &dbd, "with-files = [\"storage\"]").replace("last = 5", "last = 2");
+    let db =
+        database(&w, "app", &dbd, "with-files = [\"storage\"]").replace("last = 5", "last = 2");
     w.write_config("", &format!("{set}\n{db}"));
     for _ in 0..2 {
         w.stdout(&["run-job", "app.backup"]);
@@ -313,8 +302,7 @@ fn case07_a_failed_database_backup_keeps_the_pairs_and_drops_its_files() {
 /// database never lists, verifies or restores the files archive as its own.
 #[test]
 fn case02_a_database_and_a_files_set_of_one_name_never_take_each_others_backups() {
-    let w = Workdir::new();
-    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    let (w, tree, dest) = setup();
     write(&tree.join("f"), "hi");
     let key = w.key("k");
     let keyed = |text: String| {
@@ -335,7 +323,11 @@ fn case02_a_database_and_a_files_set_of_one_name_never_take_each_others_backups(
     assert!(out.contains("0 pruned"), "{out}");
     let both = ids(&dest, "storage");
     assert_eq!(both.len(), 2);
-    let files_backup: Vec<String> = both.iter().filter(|i| !db_backup.contains(i)).cloned().collect();
+    let files_backup: Vec<String> = both
+        .iter()
+        .filter(|i| !db_backup.contains(i))
+        .cloned()
+        .collect();
     // The files set's view: its backup is trusted, the database's is not.
     let list = w.stdout(&["backup", "list", "storage"]);
     assert!(list.contains("not a files one"), "{list}");
@@ -345,7 +337,10 @@ fn case02_a_database_and_a_files_set_of_one_name_never_take_each_others_backups(
     assert!(out.contains("1 pruned"), "its own older backup only: {out}");
     assert!(ids(&dest, "storage").contains(&files_backup[0]));
     let list = w.stdout(&["backup", "list", "storage"]);
-    assert!(list.contains("it is a files backup, not a sqlite one"), "{list}");
+    assert!(
+        list.contains("it is a files backup, not a sqlite one"),
+        "{list}"
+    );
     let restored = w.path().join("restored.sqlite");
     w.cmd(&[
         "restore",
@@ -356,8 +351,8 @@ fn case02_a_database_and_a_files_set_of_one_name_never_take_each_others_backups(
         restored.to_str().expect("utf-8"),
     ])
     .assert()
-        .code(3)
-        .stderr(predicate::str::contains("files backup"));
+    .code(3)
+    .stderr(predicate::str::contains("files backup"));
     assert!(!w.path().join("restored.sqlite").exists());
 }
 
@@ -381,8 +376,7 @@ fn small_tar(n: usize) -> Vec<u8> {
 #[test]
 fn case09_a_cut_or_padded_tar_or_a_wrong_entry_count_is_refused() {
     use common::{plant_backup, Planted};
-    let w = Workdir::new();
-    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    let (w, tree, dest) = setup();
     std::fs::create_dir_all(&tree).unwrap();
     let key = w.key("k");
     w.write_config(
@@ -421,7 +415,9 @@ fn case09_a_cut_or_padded_tar_or_a_wrong_entry_count_is_refused() {
             m["files"] = serde_json::json!({ "entries": entries, "changed": 0, "skipped": 0 });
             std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
         }
-        let verify = w.cmd(&["backup", "verify", "storage", "--backup", &id]).assert();
+        let verify = w
+            .cmd(&["backup", "verify", "storage", "--backup", &id])
+            .assert();
         let restored = restore(&w, "storage", &live, &["--backup", &id, "--force"]);
         if error.is_empty() {
             verify.success();
@@ -439,8 +435,7 @@ fn case09_a_cut_or_padded_tar_or_a_wrong_entry_count_is_refused() {
 /// archive), so rotation never replaces the backups that hold data.
 #[test]
 fn case05_an_empty_source_directory_fails_and_keeps_the_backups() {
-    let w = Workdir::new();
-    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    let (w, tree, dest) = setup();
     write(&tree.join("data"), "precious");
     let set = files_set("storage", &tree, &dest, "").replace("last = 5", "last = 2");
     w.write_config("", &set);
@@ -464,15 +459,13 @@ fn case05_an_empty_source_directory_fails_and_keeps_the_backups() {
 /// the backup destination, and leaves the (empty) target as it was.
 #[test]
 fn case08_a_full_disk_during_a_restore_gets_a_restore_hint() {
-    let w = Workdir::new();
-    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    let (w, tree, dest) = setup();
     let noise: Vec<u8> = (0..3_000_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::create_dir_all(&tree).unwrap();
     std::fs::write(tree.join("big"), noise).unwrap();
-    w.write_config("", &files_set("storage", &tree, &dest, ""));
-    w.stdout(&["run-job", "storage.backup"]);
+    backed_up(&w, &tree, &dest);
     let small = w.path().join("small");
     let _fs = common::Tmpfs::mount(&small, "1m");
     let target = small.join("t");

@@ -535,8 +535,7 @@ pub async fn restore(
                 let expect = verifying::Expect::trusted(&manifest, &policy);
                 let dir = Path::new(to);
                 let kept = config.kept_dirs();
-                files::restore_dir(&*archive, &b.keys, expect, dir, how.force, &kept, &cancel)
-                    .await
+                files::restore_dir(&*archive, &b.keys, expect, dir, how.force, &kept, &cancel).await
             }
             Ok(archive) => {
                 restoring::restore(&*archive, &manifest, &b.keys, to, &opts, &cancel).await

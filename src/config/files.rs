@@ -165,7 +165,9 @@ impl Config {
             return Some(FILES_BACKEND);
         }
         let db = self.databases.iter().find(|d| d.name == name)?;
-        super::Backend::from_url(&db.url).ok().map(super::Backend::as_str)
+        super::Backend::from_url(&db.url)
+            .ok()
+            .map(super::Backend::as_str)
     }
 }
 

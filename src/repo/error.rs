@@ -100,9 +100,7 @@ fn disk_hint(what: &str, e: &std::io::Error) -> &'static str {
         (std::io::ErrorKind::StorageFull, WRITING_BACKUP) => {
             "; free space there or point backup.destination elsewhere (older backups are untouched)"
         }
-        (std::io::ErrorKind::StorageFull, _) => {
-            "; free space there and try again"
-        }
+        (std::io::ErrorKind::StorageFull, _) => "; free space there and try again",
         _ => "",
     }
 }

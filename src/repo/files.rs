@@ -148,7 +148,10 @@ fn tar_err(e: io::Error) -> BackupError {
 /// their mode and mtime last (deepest first), so writing into them cannot change
 /// either, and a read-only one does not stop its contents.
 fn unpack(input: impl Read, root: Option<&Path>) -> Result<TreeCount, BackupError> {
-    let mut tar = tar::Archive::new(Counting { inner: input, read: 0 });
+    let mut tar = tar::Archive::new(Counting {
+        inner: input,
+        read: 0,
+    });
     // Where the last entry's data ends: the end-of-archive blocks come next.
     let mut end = 0;
     let mut count = TreeCount::default();
@@ -471,8 +474,10 @@ fn check_target(target: &Path, kept: &[(String, PathBuf)]) -> Result<(), BackupE
 /// files would go with it.
 fn refuse_mounts_below(target: &Path) -> Result<(), BackupError> {
     let real = crate::config::resolve_path(target);
-    let table = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(super::io_err("cannot read", Path::new("/proc/self/mountinfo")))?;
+    let table = std::fs::read_to_string("/proc/self/mountinfo").map_err(super::io_err(
+        "cannot read",
+        Path::new("/proc/self/mountinfo"),
+    ))?;
     let below = table
         .lines()
         .filter_map(|line| line.split(' ').nth(4))

@@ -34,8 +34,8 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use error::io_err;
-pub use error::{BackupError, NotAnImage};
 pub(crate) use error::WRITING_BACKUP;
+pub use error::{BackupError, NotAnImage};
 
 /// Runs a blocking archive operation; cancelling sets its stop flag.
 pub(crate) async fn blocking<T: Send + 'static>(

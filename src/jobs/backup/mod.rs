@@ -352,7 +352,8 @@ impl BackupJob {
         let mut with_files = Vec::new();
         for f in &self.with_files {
             let name = f.subject_name();
-            let taken = Box::pin(f.run_as(None, kind, at_least, Some((&id, started)), cancel)).await;
+            let taken =
+                Box::pin(f.run_as(None, kind, at_least, Some((&id, started)), cancel)).await;
             if let Err(e) = taken {
                 self.settle_with_files(&id, false);
                 return Err(BackupError::WithFiles {
@@ -365,7 +366,18 @@ impl BackupJob {
             with_files.push(name.to_owned());
         }
         let taken = self
-            .take(subject, kind, verify, &ready, missed, &id, started, with_files, paired.is_none(), cancel)
+            .take(
+                subject,
+                kind,
+                verify,
+                &ready,
+                missed,
+                &id,
+                started,
+                with_files,
+                paired.is_none(),
+                cancel,
+            )
             .await;
         if !self.with_files.is_empty() {
             let stored = ready.iter().any(|p| {
@@ -459,7 +471,7 @@ impl BackupJob {
             Subject::Files(_) => (header, None, None),
         };
         let header_version = header.version();
-        let uploads = FanOut::start(&ready, &archive_name);
+        let uploads = FanOut::start(ready, &archive_name);
         let labels = ready
             .iter()
             .map(Place::label)
