@@ -355,7 +355,7 @@ impl BackupJob {
             let taken =
                 Box::pin(f.run_as(None, kind, at_least, Some((&id, started)), cancel)).await;
             if let Err(e) = taken {
-                self.settle_with_files(&id, false);
+                self.settle_with_files(&id, false, false);
                 return Err(BackupError::WithFiles {
                     name: name.to_owned(),
                     id: id.clone(),
@@ -380,30 +380,28 @@ impl BackupJob {
             )
             .await;
         if !self.with_files.is_empty() {
-            let stored = ready.iter().any(|p| {
-                p.store
-                    .list(&Manifest::manifest_name(&id))
-                    .is_ok_and(|l| !l.is_empty())
-            });
-            self.settle_with_files(&id, stored);
+            let stored = ready.iter().any(|p| has_backup(p, &id));
+            self.settle_with_files(&id, stored, taken.is_ok());
         }
         taken
     }
 
-    /// After a database backup with `with-files`: when it was stored (`paired`), the
-    /// files sets are rotated now (never before: a failed database backup must not
-    /// cost the good ones their files); when not, the files backups this run made
-    /// under `id` are deleted, as nothing pairs with them.
-    fn settle_with_files(&self, id: &str, paired: bool) {
+    /// After a database backup with `with-files`: when it succeeded, the files sets
+    /// are rotated now (never before: a failed database backup must not cost the
+    /// good ones their files); when it was not stored (`paired` false), the files
+    /// backups this run made under `id` are deleted, as nothing pairs with them; when
+    /// it was stored but failed (verification, a destination), they stay unrotated.
+    fn settle_with_files(&self, id: &str, paired: bool, succeeded: bool) {
         for f in &self.with_files {
             let name = f.subject_name();
             let policy = f.trust_policy(name, false);
             for place in f.places(name) {
-                if paired {
+                // Like a backup's own rotation: only where this run's backup is.
+                if paired && succeeded && has_backup(&place, id) {
                     if let Err(e) = f.prune(name, &place, Some(id), false) {
                         tracing::error!(database = name, destination = %place.label(), "rotation failed: {e}");
                     }
-                } else {
+                } else if !paired {
                     for object in [format!("{id}{ARCHIVE_SUFFIX}"), Manifest::manifest_name(id)] {
                         match place.store.delete(&object) {
                             Ok(()) => {}
@@ -792,6 +790,14 @@ impl BackupJob {
         }
         Ok(done.decisions)
     }
+}
+
+/// Whether the manifest of backup `id` is in `place`.
+fn has_backup(place: &Place, id: &str) -> bool {
+    place
+        .store
+        .list(&Manifest::manifest_name(id))
+        .is_ok_and(|names| !names.is_empty())
 }
 
 /// Prepares a destination for a new backup: creates it if needed and clears what
