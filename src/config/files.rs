@@ -216,4 +216,22 @@ mod tests {
         assert!(set.is_match("cache"), "the folder itself");
         assert!(!set.is_match("cached"));
     }
+
+    #[test]
+    fn paths_resolve_through_links_as_far_as_they_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        let canon = real.canonicalize().unwrap();
+        assert_eq!(
+            resolve_path(&dir.path().join("link/not/yet")),
+            canon.join("not/yet")
+        );
+        assert!(paths_overlap(
+            &canon,
+            &resolve_path(&dir.path().join("link/x"))
+        ));
+        assert!(!paths_overlap(&canon, &canon.with_file_name("realm")));
+    }
 }

@@ -571,3 +571,18 @@ fn make_writable(dir: &Path) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_unescaped_as_mountinfo_writes_them() {
+        assert_eq!(
+            unescape_mount("/mnt/my\\040disk\\134x"),
+            PathBuf::from("/mnt/my disk\\x")
+        );
+        // A backslash not followed by three octal digits stays as it is.
+        assert_eq!(unescape_mount("/a\\9b"), PathBuf::from("/a\\9b"));
+    }
+}
