@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    archives, backup_table, metric_value, pg_server, psql, sqlite, sqlite_db, write_script, PgDb,
-    Tmpfs, Workdir,
+    archives, backup_table, dir_names, metric_value, pg_server, psql, sqlite, sqlite_db,
+    write_script, PgDb, Tmpfs, Workdir,
 };
 use predicates::prelude::*;
 
@@ -31,17 +31,6 @@ fn fill_sqlite(path: &Path, mib: u32) {
             mib * 16
         ),
     );
-}
-
-fn dir_names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{archives, psql, sqlite, write_file, write_script, PgDb, Workdir};
+use common::{archives, backup_ids, psql, sqlite, write_file, write_script, PgDb, Workdir};
 use predicates::prelude::*;
 
 const FAKE_ALEMBIC: &str = concat!(
@@ -254,8 +254,8 @@ fn postgres_app_example_end_to_end() {
 
     // The pre-migration backup took the storage folder under the same id.
     let backups = w.path().join("backups/wards");
-    let db_ids = ids(&archives(&backups, "wards"));
-    let files_ids = ids(&archives(&backups, "storage"));
+    let db_ids = backup_ids(&backups, "wards");
+    let files_ids = backup_ids(&backups, "storage");
     assert_eq!(db_ids.len(), 1, "{db_ids:?}");
     assert_eq!(db_ids, files_ids);
 
@@ -275,9 +275,9 @@ fn postgres_app_example_end_to_end() {
     ok(&w, &env, &["run-job", "wards.backup"]);
     let list = ok(&w, &env, &["backup", "list"]);
     assert!(list.contains("WITH FILES"), "{list}");
-    let db_ids = ids(&archives(&backups, "wards"));
+    let db_ids = backup_ids(&backups, "wards");
     assert_eq!(db_ids.len(), 2);
-    assert_eq!(db_ids, ids(&archives(&backups, "storage")));
+    assert_eq!(db_ids, backup_ids(&backups, "storage"));
 
     // A rollback restores the matching pre-migration pair: the database into a new
     // one, the folder into an empty directory (cache and temporary files were never
@@ -336,19 +336,4 @@ fn postgres_app_example_end_to_end() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("dry-run-on-a-copy"));
-}
-
-/// Backup ids from archive paths, sorted.
-fn ids(archives: &[PathBuf]) -> Vec<String> {
-    let mut v: Vec<String> = archives
-        .iter()
-        .filter_map(|p| {
-            p.file_name()?
-                .to_str()?
-                .strip_suffix(".dbk")
-                .map(str::to_owned)
-        })
-        .collect();
-    v.sort();
-    v
 }

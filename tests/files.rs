@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use chrono::Utc;
-use common::{archives, plant_backup, sqlite, Planted, Workdir};
+use common::{archives, backup_ids as ids, plant_backup, sqlite, Planted, Workdir};
 use dbkeeper::repo::catalog::BackupKind;
 use predicates::prelude::*;
 
@@ -248,7 +248,7 @@ fn restore(w: &Workdir, name: &str, target: &Path, extra: &[&str]) -> assert_cmd
 fn leftovers(w: &Workdir) -> Vec<String> {
     listing(w.path())
         .into_iter()
-        .filter(|p| p.contains("dbkeeper-restore"))
+        .filter(|p| p.contains(".dbkeeper-"))
         .collect()
 }
 
@@ -440,20 +440,6 @@ fn files_sets_share_the_database_names_and_need_an_absolute_path() {
             .code(2)
             .stderr(predicate::str::contains(error));
     }
-}
-
-/// The ids in `<dest>/<name>/`, sorted.
-fn ids(dest: &Path, name: &str) -> Vec<String> {
-    archives(dest, name)
-        .iter()
-        .map(|a| {
-            a.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .trim_end_matches(".dbk")
-                .to_owned()
-        })
-        .collect()
 }
 
 #[test]

@@ -73,6 +73,7 @@ fn trust_policy_of(
     let state_dir = Some(config.daemon.state_dir.as_path());
     Ok(BackupJob::policy(
         database,
+        config.backend_of(database),
         b,
         key.as_ref(),
         &keys,
@@ -237,7 +238,10 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
         let policy = trust_policy_of(config, name, b)?;
         for place in storage::for_backups(b, &[name]) {
             match catalog_of(&*place.store, &policy) {
-                Ok(listing) => list_rows(name, &place.label(), &listing, &mut rows),
+                Ok(listing) => {
+                    let paired = |set: &str, id: &str| files_backup_exists(config, set, id);
+                    list_rows(name, &place.label(), &listing, &paired, &mut rows)
+                }
                 Err(e) => unreachable.push(format!("{}: {e:#}", place.label())),
             }
         }
@@ -277,8 +281,29 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
     Ok(Exit::Failed)
 }
 
-/// The rows of one destination's backups, trusted then untrusted.
-fn list_rows(database: &str, destination: &str, listing: &Listing, rows: &mut Vec<Vec<String>>) {
+/// Whether the files set `set` has a backup `id` (archive and manifest) in one of
+/// its destinations: a `with-files` pairing is shown only then.
+fn files_backup_exists(config: &Config, set: &str, id: &str) -> bool {
+    let Some(f) = config.files.iter().find(|f| f.name == set) else {
+        return false;
+    };
+    let archive = format!("{id}{}", storage::ARCHIVE_SUFFIX);
+    storage::for_backups(&f.backup, &[set]).iter().any(|p| {
+        p.store.list(id).is_ok_and(|names| {
+            names.contains(&archive) && names.contains(&Manifest::manifest_name(id))
+        })
+    })
+}
+
+/// The rows of one destination's backups, trusted then untrusted; `paired(set,
+/// id)`: whether the files set's backup of a `with-files` pairing exists.
+fn list_rows(
+    database: &str,
+    destination: &str,
+    listing: &Listing,
+    paired: &dyn Fn(&str, &str) -> bool,
+    rows: &mut Vec<Vec<String>>,
+) {
     let now = Utc::now();
     for m in &listing.backups {
         let mut verified = verified_cell(&m.verification);
@@ -298,10 +323,16 @@ fn list_rows(database: &str, destination: &str, listing: &Listing, rows: &mut Ve
             roles_cell(m),
             verified,
         ]);
-        if !m.with_files.is_empty() {
+        let present: Vec<&str> = m
+            .with_files
+            .iter()
+            .map(String::as_str)
+            .filter(|set| paired(set, &m.id))
+            .collect();
+        if !present.is_empty() {
             if let Some(row) = rows.last_mut() {
                 // Restore the same id of each to roll back to a matching pair.
-                row.push(format!("{} (same id)", m.with_files.join(", ")));
+                row.push(format!("{} (same id)", present.join(", ")));
             }
         }
     }
@@ -503,7 +534,8 @@ pub async fn restore(
             Ok(archive) if b.files.is_some() => {
                 let expect = verifying::Expect::trusted(&manifest, &policy);
                 let dir = Path::new(to);
-                files::restore_dir(&*archive, &b.keys, expect, dir, how.force, &cancel).await
+                let kept = config.kept_dirs();
+                files::restore_dir(&*archive, &b.keys, expect, dir, how.force, &kept, &cancel).await
             }
             Ok(archive) => {
                 restoring::restore(&*archive, &manifest, &b.keys, to, &opts, &cancel).await

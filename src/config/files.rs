@@ -104,14 +104,15 @@ impl Config {
                     )
                 })?;
             }
-            for d in &f.backup.destination {
-                if d.local_dir().is_some_and(|dir| inside(dir, &f.path)) {
+            let path = resolve_path(&f.path);
+            for (what, dir) in self.kept_dirs() {
+                if paths_overlap(&resolve_path(&dir), &path) {
                     return Err(self.invalid(
-                        format!("{key}.backup.destination"),
+                        format!("{key}.path"),
                         format!(
-                            "{} and the backed-up directory {} lie inside one another: each backup would hold the ones before it, or a restore would delete them; keep them side by side",
-                            d.label(),
-                            f.path.display()
+                            "{} and {what} {} lie inside one another (comparing the paths with symbolic links resolved): each backup would hold dbkeeper's own files, and restoring the set would delete them; keep them side by side",
+                            f.path.display(),
+                            dir.display()
                         ),
                     ));
                 }
@@ -130,8 +131,75 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Every folder dbkeeper keeps its own data in, named for messages: the local
+    /// destinations of every database and files set, and the state dir. No files
+    /// set may hold one, and `restore --to` never writes over one.
+    pub fn kept_dirs(&self) -> Vec<(String, PathBuf)> {
+        let mut dirs = vec![("the state dir".to_owned(), self.daemon.state_dir.clone())];
+        let backups = self
+            .databases
+            .iter()
+            .filter_map(|d| Some((format!("database \"{}\"", d.name), d.backup.as_ref()?)))
+            .chain(
+                self.files
+                    .iter()
+                    .map(|f| (format!("files set \"{}\"", f.name), &f.backup)),
+            );
+        for (whose, b) in backups {
+            for d in &b.destination {
+                if let Some(dir) = d.local_dir() {
+                    dirs.push((format!("the backup destination of {whose}"), dir.to_owned()));
+                }
+            }
+        }
+        dirs
+    }
+}
+
+impl Config {
+    /// The `backend` the backups of the database or files set `name` have: `files`,
+    /// `sqlite` or `postgres` (`None` for a name not configured).
+    pub fn backend_of(&self, name: &str) -> Option<&'static str> {
+        if self.files.iter().any(|f| f.name == name) {
+            return Some(FILES_BACKEND);
+        }
+        let db = self.databases.iter().find(|d| d.name == name)?;
+        super::Backend::from_url(&db.url)
+            .ok()
+            .map(super::Backend::as_str)
+    }
+}
+
+/// The `backend` of a files set's header and manifest.
+pub const FILES_BACKEND: &str = "files";
+
+/// `path` absolute, with symbolic links resolved as far as it exists: the canonical
+/// form of its nearest existing ancestor, then the rest as written.
+pub fn resolve_path(path: &Path) -> PathBuf {
+    let path = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut rest = Vec::new();
+    let mut at = path.as_path();
+    loop {
+        if let Ok(real) = at.canonicalize() {
+            return rest.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                at = parent;
+            }
+            _ => return path,
+        }
+    }
+}
+
 /// Whether one of the two paths lies inside the other (or they are the same).
-fn inside(path: &Path, other: &Path) -> bool {
+pub fn paths_overlap(path: &Path, other: &Path) -> bool {
     path.starts_with(other) || other.starts_with(path)
 }
 
@@ -147,5 +215,23 @@ mod tests {
         assert!(set.is_match("cache/x/y"));
         assert!(set.is_match("cache"), "the folder itself");
         assert!(!set.is_match("cached"));
+    }
+
+    #[test]
+    fn paths_resolve_through_links_as_far_as_they_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        let canon = real.canonicalize().unwrap();
+        assert_eq!(
+            resolve_path(&dir.path().join("link/not/yet")),
+            canon.join("not/yet")
+        );
+        assert!(paths_overlap(
+            &canon,
+            &resolve_path(&dir.path().join("link/x"))
+        ));
+        assert!(!paths_overlap(&canon, &canon.with_file_name("realm")));
     }
 }

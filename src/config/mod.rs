@@ -28,7 +28,7 @@ use crate::keys::{Key, KeyError, KeyRing};
 
 pub use backup::{short_duration, Compression, Count, Keep, KeepError, VerifyMode};
 pub use destination::{Cloud, DestinationConfig, DestinationSettings, Destinations, Location};
-pub use files::FilesConfig;
+pub use files::{paths_overlap, resolve_path, FilesConfig, FILES_BACKEND};
 
 /// Environment variable naming the config file when `-c` is not given.
 pub const CONFIG_ENV: &str = "DBKEEPER_CONFIG";

@@ -829,6 +829,7 @@ impl Builder<'_> {
                 .filter(|f| b.with_files.contains(&f.name))
                 .map(|f| backup::BackupJob::for_files(self.config, f, self.access))
                 .collect::<Result<_, _>>()?,
+            backend: self.config.backend_of(&self.cfg.name),
         });
         self.backup = Some(job.clone());
         Ok(job)

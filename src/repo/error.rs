@@ -16,7 +16,7 @@ pub enum BackupError {
     Globals(#[from] crate::db::GlobalsError),
     #[error("{0}")]
     Archive(ArchiveError),
-    #[error("{what} {path}: {source}{}", disk_hint(source))]
+    #[error("{what} {path}: {source}{}", disk_hint(what, source))]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -93,13 +93,20 @@ fn destinations_message(
     }
 }
 
-fn disk_hint(e: &std::io::Error) -> &'static str {
-    if e.kind() == std::io::ErrorKind::StorageFull {
-        "; free space there or point backup.destination elsewhere (older backups are untouched)"
-    } else {
-        ""
+/// What to do about a full disk: a backup's destination can be moved; a restore's
+/// target or a scratch folder (restore tests, SQLite copies) only needs room.
+fn disk_hint(what: &str, e: &std::io::Error) -> &'static str {
+    match (e.kind(), what) {
+        (std::io::ErrorKind::StorageFull, WRITING_BACKUP) => {
+            "; free space there or point backup.destination elsewhere (older backups are untouched)"
+        }
+        (std::io::ErrorKind::StorageFull, _) => "; free space there and try again",
+        _ => "",
     }
 }
+
+/// The `what` of an [`BackupError::Io`] while a backup is written to a destination.
+pub(crate) const WRITING_BACKUP: &str = "cannot write the backup to";
 
 impl BackupError {
     pub(crate) fn from_archive(e: ArchiveError) -> Self {

@@ -11,8 +11,12 @@
 //! `restore --to DIR` never writes into DIR itself: the tree is extracted into a
 //! fresh directory beside it (same file system) and swapped in only once the whole
 //! archive has authenticated and matched its manifest. A failure (tampered archive,
-//! full disk, kill) leaves DIR exactly as it was; with `--force` the old contents are
-//! exchanged atomically with the new tree and only then removed.
+//! full disk, kill) leaves DIR exactly as it was. Into a missing or empty DIR the tree
+//! is renamed with rename(2), which fails if anything appeared in DIR meanwhile; with
+//! `--force` the old contents are exchanged atomically with the new tree, their
+//! sibling renamed `.DIR.dbkeeper-replaced-*`, and only then removed (never with a
+//! file system mounted below DIR). DIR may not be, hold or lie in a destination
+//! folder or the state dir.
 
 use std::fs::OpenOptions;
 use std::io::{self, Read};
@@ -31,7 +35,7 @@ use super::{blocking, BackupError};
 /// The header's `image` for a files set: a tar stream.
 pub const IMAGE: &str = "tar";
 /// The header's and manifest's `backend` for a files set.
-pub const BACKEND: &str = "files";
+pub const BACKEND: &str = crate::config::FILES_BACKEND;
 
 /// What the backup of a files set met besides ordinary entries (kept in its
 /// manifest as `files`).
@@ -144,7 +148,12 @@ fn tar_err(e: io::Error) -> BackupError {
 /// their mode and mtime last (deepest first), so writing into them cannot change
 /// either, and a read-only one does not stop its contents.
 fn unpack(input: impl Read, root: Option<&Path>) -> Result<TreeCount, BackupError> {
-    let mut tar = tar::Archive::new(input);
+    let mut tar = tar::Archive::new(Counting {
+        inner: input,
+        read: 0,
+    });
+    // Where the last entry's data ends: the end-of-archive blocks come next.
+    let mut end = 0;
     let mut count = TreeCount::default();
     let mut dirs = Vec::new();
     // Checking only: the links seen so far (extracting asks the file system).
@@ -153,6 +162,7 @@ fn unpack(input: impl Read, root: Option<&Path>) -> Result<TreeCount, BackupErro
         let mut entry = entry.map_err(tar_err)?;
         let raw = entry.path().map_err(tar_err)?.into_owned();
         let rel = confined(&raw)?;
+        end = entry.raw_file_position() + entry.size().div_ceil(512) * 512;
         let header = entry.header();
         let kind = header.entry_type();
         let mode = header.mode().map_err(tar_err)? & 0o7777;
@@ -217,9 +227,22 @@ fn unpack(input: impl Read, root: Option<&Path>) -> Result<TreeCount, BackupErro
             return Err(refused(&raw, "is neither a file, a directory nor a link"));
         }
     }
-    // What follows the end marker must still be read: the archive's last segment
-    // authenticates the whole.
-    io::copy(&mut tar.into_inner(), &mut io::sink()).map_err(tar_err)?;
+    // What follows the end marker must still be read (the archive's last segment
+    // authenticates the whole), and be nothing but zeros: the two end-of-archive
+    // blocks and padding. A tar cut at an entry boundary has no end marker.
+    let mut rest = tar.into_inner();
+    let mut zeros = Zeros(true);
+    io::copy(&mut rest, &mut zeros).map_err(tar_err)?;
+    if !zeros.0 {
+        return Err(BackupError::Verification(
+            "the archive's tar has data after its end-of-archive marker: refused, nothing was restored".to_owned(),
+        ));
+    }
+    if rest.read < end + 1024 {
+        return Err(BackupError::Verification(
+            "the archive's tar ends without its end-of-archive marker (cut short): refused, nothing was restored".to_owned(),
+        ));
+    }
     dirs.sort_by_key(|(p, _, _)| std::cmp::Reverse(p.components().count()));
     for (path, mode, mtime) in dirs {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
@@ -227,6 +250,34 @@ fn unpack(input: impl Read, root: Option<&Path>) -> Result<TreeCount, BackupErro
         filetime::set_file_mtime(&path, mtime).map_err(write_err(&path))?;
     }
     Ok(count)
+}
+
+/// A reader that counts the bytes read through it.
+struct Counting<R> {
+    inner: R,
+    read: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// A sink that notes whether everything written to it was zero.
+struct Zeros(bool);
+
+impl io::Write for Zeros {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 &= buf.iter().all(|b| *b == 0);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Reads the archive open as `archive` whole into a tar parser (extracting into
@@ -241,6 +292,11 @@ pub async fn read_tree(
     let input = verify::read_all(archive)?;
     let keys = keys.clone();
     let gate = TrustGate::of(expect.as_ref());
+    let claimed_entries = expect
+        .as_ref()
+        .and_then(|e| e.trust)
+        .and_then(|(m, _)| m.files.as_ref())
+        .map(|f| f.entries);
     let report = blocking(cancel, move |stop| {
         let (sink, tree) = TreeSink::start(into)?;
         let read = verify::read_hashed_gated(input, &keys, sink, stop, Some(&gate));
@@ -251,7 +307,16 @@ pub async fn read_tree(
         // The parser's refusal explains a read that stopped because the parser quit.
         let parsed = tree.finish();
         let report = match (read, parsed) {
-            (Ok(report), Ok(_)) => report,
+            (Ok(report), Ok(count)) => {
+                let claimed = claimed_entries.filter(|n| *n != count.entries);
+                if let Some(claimed) = claimed {
+                    return Err(BackupError::Verification(format!(
+                        "the archive's tar holds {} entries, not the {claimed} its manifest lists: refused, nothing was restored",
+                        count.entries
+                    )));
+                }
+                report
+            }
             (Err(e), Ok(_)) => return Err(e),
             (Ok(_), Err(e)) => return Err(e),
             (Err(e), Err(p)) => return Err(if e.is_verification() { e } else { p }),
@@ -293,15 +358,19 @@ pub async fn verify_tree(
     read.map(drop)
 }
 
-/// `restore NAME --to DIR`: see the module documentation. Returns what to print.
+/// `restore NAME --to DIR`: see the module documentation. `kept`: dbkeeper's own
+/// folders (see [`crate::config::Config::kept_dirs`]), which the target may neither
+/// be, hold nor lie in. Returns what to print.
 pub async fn restore_dir(
     archive: &dyn Object,
     keys: &KeyRing,
     expect: Expect<'_>,
     target: &Path,
     force: bool,
+    kept: &[(String, PathBuf)],
     cancel: &CancellationToken,
 ) -> Result<String, BackupError> {
+    check_target(target, kept)?;
     let existing = match std::fs::symlink_metadata(target) {
         Ok(m) if m.is_dir() => true,
         Ok(_) => {
@@ -319,6 +388,9 @@ pub async fn restore_dir(
             target.display()
         )));
     }
+    if existing && force {
+        refuse_mounts_below(target)?;
+    }
     let name = target
         .file_name()
         .ok_or_else(|| BackupError::Refused(format!("{} names no directory", target.display())))?
@@ -329,7 +401,7 @@ pub async fn restore_dir(
         _ => PathBuf::from("."),
     };
     // Beside the target, so the swap is a rename on one file system.
-    let fresh = Beside::new(&parent, &name)?;
+    let fresh = Beside::new(&parent, &name, "restore")?;
     read_tree(archive, keys, Some(expect), Some(fresh.0.clone()), cancel).await?;
     if let Ok(m) = std::fs::metadata(target) {
         // The restored tree takes the mode the target had.
@@ -337,22 +409,116 @@ pub async fn restore_dir(
     } else {
         let _ = std::fs::set_permissions(&fresh.0, std::fs::Permissions::from_mode(0o755));
     }
-    if existing {
-        // Atomic: the target is the old tree or the new one, never neither.
-        rustix::fs::renameat_with(
-            rustix::fs::CWD,
-            &fresh.0,
-            rustix::fs::CWD,
-            target,
-            rustix::fs::RenameFlags::EXCHANGE,
-        )
-        .map_err(|e| super::io_err("cannot swap the restored tree into", target)(e.into()))?;
-        // `fresh` now names the old contents, removed when it drops.
-    } else {
-        std::fs::rename(&fresh.0, target).map_err(super::io_err("cannot rename into", target))?;
-        fresh.keep();
+    if !(existing && force) {
+        // rename(2) replaces only an empty directory: whatever appeared in the target
+        // meanwhile fails it (ENOTEMPTY) and stays.
+        return match std::fs::rename(&fresh.0, target) {
+            Ok(()) => {
+                fresh.keep();
+                Ok(format!("restored to {}", target.display()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => {
+                Err(BackupError::Refused(format!(
+                    "{} is no longer empty (something was written into it during the restore), so it was left as it is; stop what writes there, then restore again (or add --force)",
+                    target.display()
+                )))
+            }
+            Err(e) => Err(super::io_err("cannot rename into", target)(e)),
+        };
     }
-    Ok(format!("restored to {}", target.display()))
+    // Atomic: the target is the old tree or the new one, never neither.
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        &fresh.0,
+        rustix::fs::CWD,
+        target,
+        rustix::fs::RenameFlags::EXCHANGE,
+    )
+    .map_err(|e| super::io_err("cannot swap the restored tree into", target)(e.into()))?;
+    // `fresh` now holds the previous contents: named so before they are removed, so
+    // a kill now leaves a sibling that says what it holds.
+    let old = fresh.0.clone();
+    fresh.keep();
+    let replaced = Beside::name(&parent, &name, "replaced")?;
+    let left = match std::fs::rename(&old, &replaced) {
+        Ok(()) => replaced,
+        Err(_) => old,
+    };
+    let _ = make_writable(&left);
+    match std::fs::remove_dir_all(&left) {
+        Ok(()) => Ok(format!("restored to {}", target.display())),
+        Err(e) => Ok(format!(
+            "restored to {}; the previous contents could not be removed ({e}) and are left in {}: remove it once they are no longer needed",
+            target.display(),
+            left.display()
+        )),
+    }
+}
+
+/// Refuses a target that is, holds or lies in one of dbkeeper's own folders
+/// (compared with symbolic links resolved): restoring there would delete backups
+/// or the state.
+fn check_target(target: &Path, kept: &[(String, PathBuf)]) -> Result<(), BackupError> {
+    let real = crate::config::resolve_path(target);
+    for (what, dir) in kept {
+        if crate::config::paths_overlap(&real, &crate::config::resolve_path(dir)) {
+            return Err(BackupError::Refused(format!(
+                "{} and {what} {} lie inside one another: restoring there would delete dbkeeper's own files; restore into another directory",
+                target.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `--force` removes the old tree: never with a file system mounted below it, whose
+/// files would go with it.
+fn refuse_mounts_below(target: &Path) -> Result<(), BackupError> {
+    let real = crate::config::resolve_path(target);
+    let table = std::fs::read_to_string("/proc/self/mountinfo").map_err(super::io_err(
+        "cannot read",
+        Path::new("/proc/self/mountinfo"),
+    ))?;
+    let below = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mount)
+        .find(|m| m != &real && m.starts_with(&real));
+    match below {
+        Some(m) => Err(BackupError::Refused(format!(
+            "a file system is mounted at {}, inside {}: --force would delete its files with the old contents; unmount it first, or restore into another directory",
+            m.display(),
+            target.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A mount point as `/proc/self/mountinfo` writes it: space, tab, newline and
+/// backslash as `\NNN` (octal).
+fn unescape_mount(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let code = bytes
+            .get(i + 1..i + 4)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        match (bytes[i], code) {
+            (b'\\', Some(c)) => {
+                out.push(c);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
 fn is_empty(dir: &Path) -> Result<bool, BackupError> {
@@ -364,10 +530,15 @@ fn is_empty(dir: &Path) -> Result<bool, BackupError> {
 struct Beside(PathBuf);
 
 impl Beside {
-    fn new(parent: &Path, name: &str) -> Result<Self, BackupError> {
+    /// A fresh sibling name: `.NAME.dbkeeper-<what>-<random>`.
+    fn name(parent: &Path, name: &str, what: &str) -> Result<PathBuf, BackupError> {
         let suffix: [u8; 8] = super::archive::crypto::random_bytes()
             .map_err(|e| BackupError::Archive(super::archive::ArchiveError::from(e)))?;
-        let path = parent.join(format!(".{name}.dbkeeper-restore-{}", hex::encode(suffix)));
+        Ok(parent.join(format!(".{name}.dbkeeper-{what}-{}", hex::encode(suffix))))
+    }
+
+    fn new(parent: &Path, name: &str, what: &str) -> Result<Self, BackupError> {
+        let path = Self::name(parent, name, what)?;
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
@@ -401,4 +572,19 @@ fn make_writable(dir: &Path) -> io::Result<()> {
         make_writable(&entry?.path())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_unescaped_as_mountinfo_writes_them() {
+        assert_eq!(
+            unescape_mount("/mnt/my\\040disk\\134x"),
+            PathBuf::from("/mnt/my disk\\x")
+        );
+        // A backslash not followed by three octal digits stays as it is.
+        assert_eq!(unescape_mount("/a\\9b"), PathBuf::from("/a\\9b"));
+    }
 }

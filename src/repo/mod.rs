@@ -34,6 +34,7 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use error::io_err;
+pub(crate) use error::WRITING_BACKUP;
 pub use error::{BackupError, NotAnImage};
 
 /// Runs a blocking archive operation; cancelling sets its stop flag.

@@ -678,3 +678,30 @@ pub fn oracle_config(file: &'static str, default_cases: u32) -> proptest::test_r
         ..proptest::test_runner::Config::default()
     }
 }
+
+/// The names in `dir`, sorted (none if it cannot be read).
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The ids of the archives in `<dest>/<name>/`, sorted.
+pub fn backup_ids(dest: &Path, name: &str) -> Vec<String> {
+    archives(dest, name)
+        .iter()
+        .filter_map(|a| {
+            Some(
+                a.file_name()?
+                    .to_string_lossy()
+                    .trim_end_matches(".dbk")
+                    .to_owned(),
+            )
+        })
+        .collect()
+}

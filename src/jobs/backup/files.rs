@@ -49,9 +49,19 @@ impl FilesSpec {
         ))
     }
 
-    /// Starts the worker; the stream ends with the tar's end marker.
+    /// Starts the worker; the stream ends with the tar's end marker. An empty
+    /// directory fails: it is more likely a file system that is not mounted than
+    /// data, and its backup would make rotation delete the ones that hold data.
     pub fn stream(&self) -> Result<TarStream, BackupError> {
         self.check()?;
+        let mut listing = std::fs::read_dir(&self.path)
+            .map_err(|e| self.missing(&format!("cannot be read ({e})")))?;
+        if listing.next().is_none() {
+            return Err(BackupError::Refused(format!(
+                "{} is empty (is a file system not mounted there?); the backup was not taken and older backups are kept: put the data back or fix path in [[files]]",
+                self.path.display()
+            )));
+        }
         let (out, input) = channel(PIPE_CHUNKS);
         let spec = self.clone();
         let report = Arc::new(Mutex::new(None));

@@ -52,6 +52,9 @@ pub struct BackupJob {
     /// A database's `with-files`: the files sets' jobs, run first in every run of
     /// this one under its backup id.
     pub with_files: Vec<BackupJob>,
+    /// The `backend` its backups have (`files`, `sqlite`, `postgres`): what the
+    /// trust policy expects (`None`: any).
+    pub backend: Option<&'static str>,
 }
 
 /// What one backup run reads: a database, or a files set's directory.
@@ -109,6 +112,7 @@ impl BackupJob {
                 exclude,
             }),
             with_files: Vec::new(),
+            backend: Some(crate::repo::files::BACKEND),
         })
     }
 
@@ -144,6 +148,7 @@ impl BackupJob {
     pub fn trust_policy(&self, database: &str, allow_unencrypted: bool) -> TrustPolicy {
         Self::policy(
             database,
+            self.backend,
             &self.cfg,
             self.key.as_ref(),
             &self.keys,
@@ -156,6 +161,7 @@ impl BackupJob {
     /// (`backup list`).
     pub fn policy(
         database: &str,
+        backend: Option<&str>,
         cfg: &BackupConfig,
         key: Option<&Key>,
         keys: &KeyRing,
@@ -164,6 +170,7 @@ impl BackupJob {
     ) -> TrustPolicy {
         let mut policy = TrustPolicy {
             database: database.to_owned(),
+            backend: backend.map(str::to_owned),
             keys: keys.clone(),
             // From the config, not from the key: a key not generated yet must not
             // make plain archives look expected.
@@ -345,16 +352,91 @@ impl BackupJob {
         let mut with_files = Vec::new();
         for f in &self.with_files {
             let name = f.subject_name();
-            Box::pin(f.run_as(None, kind, at_least, Some((&id, started)), cancel))
-                .await
-                .map_err(|e| BackupError::WithFiles {
+            let taken =
+                Box::pin(f.run_as(None, kind, at_least, Some((&id, started)), cancel)).await;
+            if let Err(e) = taken {
+                self.settle_with_files(&id, false, false);
+                return Err(BackupError::WithFiles {
                     name: name.to_owned(),
                     id: id.clone(),
                     database: database.to_owned(),
                     source: Box::new(e),
-                })?;
+                });
+            }
             with_files.push(name.to_owned());
         }
+        let taken = self
+            .take(
+                subject,
+                kind,
+                verify,
+                &ready,
+                missed,
+                &id,
+                started,
+                with_files,
+                paired.is_none(),
+                cancel,
+            )
+            .await;
+        if !self.with_files.is_empty() {
+            let stored = ready.iter().any(|p| has_backup(p, &id));
+            self.settle_with_files(&id, stored, taken.is_ok());
+        }
+        taken
+    }
+
+    /// After a database backup with `with-files`: when it succeeded, the files sets
+    /// are rotated now (never before: a failed database backup must not cost the
+    /// good ones their files); when it was not stored (`paired` false), the files
+    /// backups this run made under `id` are deleted, as nothing pairs with them; when
+    /// it was stored but failed (verification, a destination), they stay unrotated.
+    fn settle_with_files(&self, id: &str, paired: bool, succeeded: bool) {
+        for f in &self.with_files {
+            let name = f.subject_name();
+            let policy = f.trust_policy(name, false);
+            for place in f.places(name) {
+                // Like a backup's own rotation: only where this run's backup is.
+                if paired && succeeded && has_backup(&place, id) {
+                    if let Err(e) = f.prune(name, &place, Some(id), false) {
+                        tracing::error!(database = name, destination = %place.label(), "rotation failed: {e}");
+                    }
+                } else if !paired {
+                    for object in [format!("{id}{ARCHIVE_SUFFIX}"), Manifest::manifest_name(id)] {
+                        match place.store.delete(&object) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => tracing::error!(
+                                database = name,
+                                destination = %place.label(),
+                                "cannot delete the unpaired files backup {id}: {e}"
+                            ),
+                        }
+                    }
+                }
+                publish_catalog(name, &place, &policy, false);
+            }
+        }
+    }
+
+    /// The database (or files set) backup itself, under `id`: dump, verify, store,
+    /// manifest, rotate (a files set taken with a database is rotated by it instead).
+    #[allow(clippy::too_many_arguments)]
+    async fn take(
+        &self,
+        subject: Subject<'_>,
+        kind: BackupKind,
+        verify: VerifyMode,
+        ready: &[Place],
+        mut missed: Missed,
+        id: &str,
+        started: chrono::DateTime<Utc>,
+        with_files: Vec<String>,
+        rotate: bool,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, BackupError> {
+        let database = subject.name();
+        let id = id.to_owned();
         let archive_name = format!("{id}{ARCHIVE_SUFFIX}");
         let (server_version, schema_version) = match subject {
             Subject::Database(db) => {
@@ -387,7 +469,7 @@ impl BackupJob {
             Subject::Files(_) => (header, None, None),
         };
         let header_version = header.version();
-        let uploads = FanOut::start(&ready, &archive_name);
+        let uploads = FanOut::start(ready, &archive_name);
         let labels = ready
             .iter()
             .map(Place::label)
@@ -399,7 +481,7 @@ impl BackupJob {
                 .await
                 .map_err(|e| match e {
                     BackupError::Archive(ArchiveError::Io(source)) => BackupError::Io {
-                        what: "cannot write the backup to",
+                        what: crate::repo::WRITING_BACKUP,
                         path: PathBuf::from(&labels),
                         source,
                     },
@@ -513,6 +595,9 @@ impl BackupJob {
                     publish_catalog(database, &place, &policy, true);
                     bad.get_or_insert(e);
                 }
+                // A files set taken with a database waits for it (see
+                // `settle_with_files`).
+                Ok(()) if !rotate => {}
                 Ok(()) => {
                     match self.prune(database, &place, Some(&id), false) {
                         Ok(d) => pruned += d.iter().filter(|d| !d.keep).count(),
@@ -705,6 +790,14 @@ impl BackupJob {
         }
         Ok(done.decisions)
     }
+}
+
+/// Whether the manifest of backup `id` is in `place`.
+fn has_backup(place: &Place, id: &str) -> bool {
+    place
+        .store
+        .list(&Manifest::manifest_name(id))
+        .is_ok_and(|names| !names.is_empty())
 }
 
 /// Prepares a destination for a new backup: creates it if needed and clears what

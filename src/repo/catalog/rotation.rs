@@ -972,6 +972,7 @@ mod tests {
             write(&dest, &rotten, &rotten, newer, Sort::Rotten, &key);
             let policy = TrustPolicy {
                 database: "app".to_owned(),
+                backend: None,
                 keys: KeyRing::new(vec![key.clone()]),
                 encrypting: true,
                 current_key: Some(key.id().to_owned()),
@@ -1163,6 +1164,7 @@ mod tests {
                 let before = files(root.path());
                 let policy = TrustPolicy {
                     database: "app".to_owned(),
+                    backend: None,
                     keys: crate::repo::archive::KeyRing::new(vec![key.clone()]),
                     encrypting: true,
                     current_key: Some(key.id().to_owned()),

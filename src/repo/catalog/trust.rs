@@ -19,6 +19,10 @@ use crate::repo::storage::MANIFEST_SUFFIX;
 pub struct TrustPolicy {
     /// The database name of the `[[database]]` entry (and of its folder).
     pub database: String,
+    /// The backend a genuine backup has (`files`, `sqlite` or `postgres`): a database
+    /// and a files set of one name sharing a destination never take each other's
+    /// backups for their own. `None`: any (a reader that does not know it).
+    pub backend: Option<String>,
     /// Every configured key (`encryption-key-file` and `decryption-key-files`): a
     /// listing authenticates each encrypted archive's header with them.
     pub keys: KeyRing,
@@ -63,6 +67,8 @@ pub enum Untrusted {
         found: String,
         expected: String,
     },
+    #[error("it is a {found} backup, not a {expected} one (another database or files set of this name writes to this destination)")]
+    WrongBackend { found: String, expected: String },
     #[error("the manifest and the archive header disagree on the {0}")]
     Disagree(&'static str),
     #[error("the archive is not encrypted but a key is configured; pass --allow-unencrypted if you made it on purpose")]
@@ -119,6 +125,12 @@ pub fn trust(
     }
     if header.backend != manifest.backend {
         return Err(Untrusted::Disagree("backend"));
+    }
+    if let Some(expected) = policy.backend.as_ref().filter(|b| **b != header.backend) {
+        return Err(Untrusted::WrongBackend {
+            found: header.backend.clone(),
+            expected: expected.clone(),
+        });
     }
     // The time decides rotation and `latest`: the manifest may not move it.
     if header.created != manifest.started_at || at != seconds(manifest.started_at) {

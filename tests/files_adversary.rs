@@ -1,0 +1,479 @@
+//! Cases found by an adversarial review of directory backups (given only the README
+//! and the binary, asked to make it lose data), kept as tests against the real
+//! binary. The case numbers are the review's.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{archives, backup_ids as ids, dir_names as names, sqlite, Workdir};
+use predicates::prelude::*;
+
+/// A `[[files]]` set `name` of `tree`, backed up unencrypted to `dest`.
+fn files_set(name: &str, tree: &Path, dest: &Path, extra: &str) -> String {
+    format!(
+        "[[files]]\nname = \"{name}\"\npath = \"{}\"\n{extra}\n[files.backup]\nschedule = \"manual\"\ndestination = \"{}\"\nencryption = \"none\"\nkeep = {{ last = 5 }}\n",
+        tree.display(),
+        dest.display(),
+    )
+}
+
+/// A work directory and the paths of a tree (`src`) and a backup folder (`dest`),
+/// neither created.
+fn setup() -> (Workdir, PathBuf, PathBuf) {
+    let w = Workdir::new();
+    let (tree, dest) = (w.path().join("src"), w.path().join("dest"));
+    (w, tree, dest)
+}
+
+/// Configures the set `storage` of `tree` and takes one backup of it.
+fn backed_up(w: &Workdir, tree: &Path, dest: &Path) {
+    w.write_config("", &files_set("storage", tree, dest, ""));
+    w.stdout(&["run-job", "storage.backup"]);
+}
+
+/// A SQLite database `name` with a backup to `dest` (and `extra` in its table).
+fn database(w: &Workdir, name: &str, dest: &Path, extra: &str) -> String {
+    let file = w.path().join(format!("{name}.db"));
+    sqlite(&file, "CREATE TABLE IF NOT EXISTS t (x)");
+    format!(
+        "[[database]]\nname = \"{name}\"\nurl = \"sqlite://{}\"\n[database.backup]\nschedule = \"manual\"\ndestination = \"{}\"\nencryption = \"none\"\nkeep = {{ last = 5 }}\n{extra}\n",
+        file.display(),
+        dest.display()
+    )
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, text).expect("write");
+}
+
+fn restore(w: &Workdir, name: &str, target: &Path, extra: &[&str]) -> assert_cmd::assert::Assert {
+    let mut args = vec!["restore", name, "--to", target.to_str().expect("utf-8")];
+    args.extend_from_slice(extra);
+    w.cmd(&args).assert()
+}
+
+/// `restore storage --to TARGET` (and `extra`) started in the background.
+fn spawn_restore(
+    w: &Workdir,
+    target: &Path,
+    extra: &[&str],
+    stderr: std::process::Stdio,
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_dbkeeper"))
+        .args(["restore", "storage", "--to"])
+        .arg(target)
+        .args(extra)
+        .arg("-c")
+        .arg(w.config_path())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn restore")
+}
+
+/// Case 01: `restore --force` into a destination folder, a folder holding one, one
+/// inside one, or the state dir is refused (exit 1) and every backup is still there.
+#[test]
+fn case01_restore_never_targets_a_destination_or_the_state_dir() {
+    let (w, tree, dest) = setup();
+    let db_dest = w.path().join("dbdest");
+    write(&tree.join("a.txt"), "hello");
+    w.write_config(
+        "",
+        &format!(
+            "{}\n{}",
+            files_set("storage", &tree, &dest, ""),
+            database(&w, "app", &db_dest, "")
+        ),
+    );
+    w.stdout(&["run-job", "storage.backup"]);
+    w.stdout(&["run-job", "app.backup"]);
+    std::fs::create_dir_all(w.path().join("state")).unwrap();
+    let link = w.path().join("via-link");
+    std::os::unix::fs::symlink(&dest, &link).unwrap();
+    let before = (archives(&dest, "storage"), archives(&db_dest, "app"));
+    assert_eq!((before.0.len(), before.1.len()), (1, 1));
+    for target in [
+        dest.clone(),
+        dest.join("storage"),
+        dest.join("new-inside"),
+        db_dest.clone(),
+        w.path().join("state"),
+        w.path().to_owned(),
+        link,
+    ] {
+        restore(&w, "storage", &target, &["--force"])
+            .code(1)
+            .stderr(predicate::str::contains("lie inside one another"));
+        assert_eq!(
+            (archives(&dest, "storage"), archives(&db_dest, "app")),
+            before,
+            "{}",
+            target.display()
+        );
+    }
+    assert!(!dest.join("new-inside").exists());
+}
+
+/// Cases 03 and 04: a database's or another set's destination, or the state dir,
+/// inside a set's path (or holding it), also through a symbolic link, is a config
+/// error (exit 2).
+#[test]
+fn case03_04_no_destination_or_state_dir_inside_a_files_path() {
+    let w = Workdir::new();
+    let tree = w.path().join("src");
+    std::fs::create_dir_all(tree.join("bk")).unwrap();
+    let link = w.path().join("dlink");
+    std::os::unix::fs::symlink(tree.join("bk"), &link).unwrap();
+    let out = w.path().join("out");
+    let cases = [
+        // A database's destination inside the set.
+        format!(
+            "{}\n{}",
+            files_set("storage", &tree, &out, ""),
+            database(&w, "app", &tree.join("dbbk"), "with-files = [\"storage\"]")
+        ),
+        // Another set's destination inside the set.
+        format!(
+            "{}\n{}",
+            files_set("storage", &tree, &out, ""),
+            files_set("other", &w.path().join("other"), &tree.join("x"), "")
+        ),
+        // Its own destination, reached through a symbolic link.
+        files_set("storage", &tree, &link, ""),
+        // The set holds the whole work directory, state dir included.
+        files_set(
+            "storage",
+            w.path(),
+            &Path::new("/nonexistent-dbk").join("d"),
+            "",
+        ),
+    ];
+    for config in cases {
+        w.write_config("", &config);
+        w.cmd(&["check"])
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("lie inside one another"));
+    }
+    // The state dir inside the set.
+    w.write_config("", &files_set("storage", &w.path().join("state"), &out, ""));
+    w.cmd(&["check"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("the state dir"));
+}
+
+/// Case 10: without `--force`, a file written into the empty target while the
+/// restore runs is never deleted: the restore fails and the file stays.
+#[test]
+fn case10_restore_without_force_never_deletes_what_appeared_in_the_target() {
+    let (w, tree, dest) = setup();
+    for i in 0..2000 {
+        write(&tree.join(format!("many/f{i}")), &i.to_string());
+    }
+    let noise: Vec<u8> = (0..30_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(tree.join("big"), noise).unwrap();
+    backed_up(&w, &tree, &dest);
+    let target = w.path().join("target");
+    std::fs::create_dir(&target).unwrap();
+    let child = spawn_restore(&w, &target, &[], std::process::Stdio::piped());
+    // Once the restore extracts beside the target, the application writes into it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !names(w.path())
+        .iter()
+        .any(|n| n.contains("dbkeeper-restore"))
+    {
+        assert!(std::time::Instant::now() < deadline, "no extraction seen");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    write(&target.join("new-upload"), "a user's upload");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no longer empty"), "{stderr}");
+    assert_eq!(names(&target), ["new-upload"]);
+    assert!(
+        !names(w.path()).iter().any(|n| n.contains("dbkeeper-")),
+        "{:?}",
+        names(w.path())
+    );
+}
+
+/// Case 06: `restore --force` over a directory with a file system mounted inside
+/// it is refused, and the mounted files stay (needs root for the mount).
+#[test]
+fn case06_force_refuses_a_target_with_a_mount_inside() {
+    let (w, tree, dest) = setup();
+    write(&tree.join("a.txt"), "new");
+    backed_up(&w, &tree, &dest);
+    let target = w.path().join("target");
+    write(&target.join("old.txt"), "old");
+    let mount = target.join("mnt");
+    let _fs = common::Tmpfs::mount(&mount, "1m");
+    write(&mount.join("precious"), "on another file system");
+    restore(&w, "storage", &target, &["--force"])
+        .code(1)
+        .stderr(predicate::str::contains("mounted at"));
+    assert_eq!(
+        std::fs::read_to_string(mount.join("precious")).unwrap(),
+        "on another file system"
+    );
+    assert_eq!(names(&target), ["mnt", "old.txt"]);
+}
+
+/// Case 11: after the swap the previous contents are renamed
+/// `.DIR.dbkeeper-replaced-*` before they are removed, so a kill during the
+/// removal leaves a sibling whose name says it holds the old tree.
+#[test]
+fn case11_the_old_tree_is_named_replaced_before_it_is_removed() {
+    let (w, tree, dest) = setup();
+    write(&tree.join("a.txt"), "new");
+    backed_up(&w, &tree, &dest);
+    let target = w.path().join("target");
+    for i in 0..40_000 {
+        write(&target.join(format!("d{}/old{i}", i % 100)), "old");
+    }
+    let mut child = spawn_restore(&w, &target, &["--force"], std::process::Stdio::null());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let replaced: PathBuf = loop {
+        if let Some(n) = names(w.path())
+            .into_iter()
+            .find(|n| n.starts_with(".target.dbkeeper-replaced-"))
+        {
+            break w.path().join(n);
+        }
+        assert!(
+            std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+            "no replaced sibling seen: {:?}",
+            names(w.path())
+        );
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(names(&target), ["a.txt"]);
+    // What is left of the old tree is under the replaced name, never a restore one.
+    assert!(!names(w.path())
+        .iter()
+        .any(|n| n.contains("dbkeeper-restore")));
+    let _ = std::fs::remove_dir_all(replaced);
+}
+
+/// Case 07: with `with-files`, a database backup that fails discards the files
+/// backups its run made and rotates nothing, so the good database backups keep
+/// their files; `backup list` shows a pairing only where the files backup exists.
+#[test]
+fn case07_a_failed_database_backup_keeps_the_pairs_and_drops_its_files() {
+    let (w, tree, fd) = setup();
+    let dbd = w.path().join("dbd");
+    write(&tree.join("f"), "v1");
+    let set = files_set("storage", &tree, &fd, "").replace("last = 5", "last = 2");
+    let db =
+        database(&w, "app", &dbd, "with-files = [\"storage\"]").replace("last = 5", "last = 2");
+    w.write_config("", &format!("{set}\n{db}"));
+    for _ in 0..2 {
+        w.stdout(&["run-job", "app.backup"]);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let good = ids(&dbd, "app");
+    assert_eq!(good.len(), 2);
+    assert_eq!(ids(&fd, "storage"), good);
+    // The database dump now fails.
+    std::fs::write(w.path().join("app.db"), vec![0x5a; 8192]).unwrap();
+    for _ in 0..2 {
+        w.cmd(&["run-job", "app.backup"]).assert().code(1);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    assert_eq!(ids(&dbd, "app"), good);
+    assert_eq!(ids(&fd, "storage"), good, "the pairs keep their files");
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert_eq!(list.matches("storage (same id)").count(), 2, "{list}");
+    // A files backup deleted by hand: its pairing is no longer shown.
+    std::fs::remove_file(archives(&fd, "storage").remove(0)).unwrap();
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert_eq!(list.matches("storage (same id)").count(), 1, "{list}");
+}
+
+/// Case 02: a SQLite database and a files set of one name in two configs sharing a
+/// destination and key: neither rotation deletes the other's backup, and the
+/// database never lists, verifies or restores the files archive as its own.
+#[test]
+fn case02_a_database_and_a_files_set_of_one_name_never_take_each_others_backups() {
+    let (w, tree, dest) = setup();
+    write(&tree.join("f"), "hi");
+    let key = w.key("k");
+    let keyed = |text: String| {
+        text.replace(
+            "encryption = \"none\"",
+            &format!("encryption-key-file = \"{}\"", key.display()),
+        )
+        .replace("last = 5", "last = 1")
+    };
+    let db_config = keyed(database(&w, "storage", &dest, ""));
+    let files_config = keyed(files_set("storage", &tree, &dest, ""));
+    w.write_config("", &db_config);
+    w.stdout(&["run-job", "storage.backup"]);
+    let db_backup = ids(&dest, "storage");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    w.write_config("", &files_config);
+    let out = w.stdout(&["run-job", "storage.backup"]);
+    assert!(out.contains("0 pruned"), "{out}");
+    let both = ids(&dest, "storage");
+    assert_eq!(both.len(), 2);
+    let files_backup: Vec<String> = both
+        .iter()
+        .filter(|i| !db_backup.contains(i))
+        .cloned()
+        .collect();
+    // The files set's view: its backup is trusted, the database's is not.
+    let list = w.stdout(&["backup", "list", "storage"]);
+    assert!(list.contains("not a files one"), "{list}");
+    // The database's view.
+    w.write_config("", &db_config);
+    let out = w.stdout(&["run-job", "storage.backup"]);
+    assert!(out.contains("1 pruned"), "its own older backup only: {out}");
+    assert!(ids(&dest, "storage").contains(&files_backup[0]));
+    let list = w.stdout(&["backup", "list", "storage"]);
+    assert!(
+        list.contains("it is a files backup, not a sqlite one"),
+        "{list}"
+    );
+    let restored = w.path().join("restored.sqlite");
+    w.cmd(&[
+        "restore",
+        "storage",
+        "--backup",
+        &files_backup[0],
+        "--to",
+        restored.to_str().expect("utf-8"),
+    ])
+    .assert()
+    .code(3)
+    .stderr(predicate::str::contains("files backup"));
+    assert!(!w.path().join("restored.sqlite").exists());
+}
+
+/// A tar of `n` small files `f1`…, with its end-of-archive blocks.
+fn small_tar(n: usize) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 1..=n {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3000);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, format!("f{i}"), &[b'x'; 3000][..])
+            .unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// Case 09: a genuine archive whose tar lacks its end-of-archive blocks, has data
+/// after them, or holds fewer entries than its manifest's `files.entries` fails
+/// `verify` and `restore` (exit 3), and the live tree is left as it was.
+#[test]
+fn case09_a_cut_or_padded_tar_or_a_wrong_entry_count_is_refused() {
+    use common::{plant_backup, Planted};
+    let (w, tree, dest) = setup();
+    std::fs::create_dir_all(&tree).unwrap();
+    let key = w.key("k");
+    w.write_config(
+        "",
+        &files_set("storage", &tree, &dest, "").replace(
+            "encryption = \"none\"",
+            &format!("encryption-key-file = \"{}\"", key.display()),
+        ),
+    );
+    let full = small_tar(5);
+    let cut = full[..2 * (512 + 3072)].to_vec();
+    let mut garbage = full.clone();
+    garbage.extend_from_slice(&small_tar(1));
+    let cases: [(&[u8], Option<u64>, &str); 4] = [
+        (&cut, None, "without its end-of-archive marker"),
+        (&garbage, None, "data after its end-of-archive marker"),
+        (&full, Some(7), "holds 5 entries, not the 7"),
+        (&full, Some(5), ""),
+    ];
+    let live = w.path().join("live");
+    write(&live.join("old.txt"), "old");
+    for (n, (tar, entries, error)) in cases.into_iter().enumerate() {
+        let created = chrono::Utc::now() - chrono::Duration::hours(10 - n as i64);
+        let what = Planted {
+            name: "storage",
+            backend: "files",
+            image: "tar",
+            created,
+            kind: dbkeeper::repo::catalog::BackupKind::Manual,
+        };
+        let id = plant_backup(&dest, &key, what, tar);
+        if let Some(entries) = entries {
+            let path = dest.join("storage").join(format!("{id}.manifest.json"));
+            let mut m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            m["files"] = serde_json::json!({ "entries": entries, "changed": 0, "skipped": 0 });
+            std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+        }
+        let verify = w
+            .cmd(&["backup", "verify", "storage", "--backup", &id])
+            .assert();
+        let restored = restore(&w, "storage", &live, &["--backup", &id, "--force"]);
+        if error.is_empty() {
+            verify.success();
+            restored.success();
+            assert_eq!(names(&live), ["f1", "f2", "f3", "f4", "f5"]);
+        } else {
+            verify.code(3).stderr(predicate::str::contains(error));
+            restored.code(3).stderr(predicate::str::contains(error));
+            assert_eq!(names(&live), ["old.txt"], "case {n}");
+        }
+    }
+}
+
+/// Case 05: an empty (unmounted) source directory fails the backup (exit 1, no
+/// archive), so rotation never replaces the backups that hold data.
+#[test]
+fn case05_an_empty_source_directory_fails_and_keeps_the_backups() {
+    let (w, tree, dest) = setup();
+    write(&tree.join("data"), "precious");
+    let set = files_set("storage", &tree, &dest, "").replace("last = 5", "last = 2");
+    w.write_config("", &set);
+    for _ in 0..2 {
+        w.stdout(&["run-job", "storage.backup"]);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let before = ids(&dest, "storage");
+    std::fs::remove_file(tree.join("data")).unwrap();
+    for _ in 0..2 {
+        w.cmd(&["run-job", "storage.backup"])
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains("is empty").and(predicate::str::contains("mounted")));
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    assert_eq!(ids(&dest, "storage"), before);
+}
+
+/// Case 08: a restore that runs out of space says to free space there, not to move
+/// the backup destination, and leaves the (empty) target as it was.
+#[test]
+fn case08_a_full_disk_during_a_restore_gets_a_restore_hint() {
+    let (w, tree, dest) = setup();
+    let noise: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("big"), noise).unwrap();
+    backed_up(&w, &tree, &dest);
+    let small = w.path().join("small");
+    let _fs = common::Tmpfs::mount(&small, "1m");
+    let target = small.join("t");
+    std::fs::create_dir(&target).unwrap();
+    restore(&w, "storage", &target, &[]).code(1).stderr(
+        predicate::str::contains("free space there and try again")
+            .and(predicate::str::contains("backup.destination").not()),
+    );
+    assert_eq!(names(&small), ["t"]);
+    assert!(names(&target).is_empty());
+}
