@@ -403,12 +403,14 @@ fn restore_targets_that_cannot_work_are_refused_clearly() {
     .assert()
     .code(1)
     .stderr(predicate::str::contains("restored.db"));
-    // A directory as target.
+    // A directory as target (one that holds none of dbkeeper's own folders).
+    let dir = w.path().join("a-directory");
+    std::fs::create_dir(&dir).expect("mkdir");
     w.cmd(&[
         "restore",
         "app",
         "--to",
-        w.path().to_str().expect("utf-8"),
+        dir.to_str().expect("utf-8"),
         "--force",
     ])
     .assert()

@@ -1597,3 +1597,43 @@ fn with_roles_from_an_unencrypted_archive_after_it_matched_its_manifest() {
     );
     drop(fresh);
 }
+
+/// A SQLite restore never writes into a backup destination or the state directory:
+/// `--force` over an archive or the run history would replace it (the directory
+/// restores' rule, adversary round on issue 15, case 01, for files).
+#[test]
+fn a_sqlite_restore_never_targets_a_destination_or_the_state_dir() {
+    let w = Workdir::new();
+    let key = w.key("k");
+    sqlite(
+        &w.path().join("app.db"),
+        "CREATE TABLE t (x); INSERT INTO t VALUES (1);",
+    );
+    let dest = w.path().join("backups");
+    w.write_config(
+        "",
+        &common::sqlite_db(&w, "app", &common::backup_table(&dest, Some(&key), "")),
+    );
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let archive = common::archives(&dest, "app").remove(0);
+    let before = std::fs::read(&archive).expect("archive");
+    let state = w.path().join("state/state.db");
+    for target in [
+        archive.clone(),
+        dest.join("app/other.db"),
+        state.clone(),
+        w.path().join("backups-link/app/x.db"),
+    ] {
+        if target.starts_with(w.path().join("backups-link")) {
+            let _ = std::os::unix::fs::symlink(&dest, w.path().join("backups-link"));
+        }
+        w.cmd(&["restore", "app", "--to", target.to_str().expect("utf-8"), "--force"])
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains("lie inside one another"));
+    }
+    assert_eq!(std::fs::read(&archive).expect("archive"), before);
+    assert!(!dest.join("app/other.db").exists());
+    w.cmd(&["backup", "verify", "app"]).assert().success();
+    w.cmd(&["history"]).assert().success();
+}

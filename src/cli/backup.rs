@@ -538,7 +538,15 @@ pub async fn restore(
                 files::restore_dir(&*archive, &b.keys, expect, dir, how.force, &kept, &cancel).await
             }
             Ok(archive) => {
-                restoring::restore(&*archive, &manifest, &b.keys, to, &opts, &cancel).await
+                // A SQLite file restored into a destination or the state directory
+                // could replace an archive, a manifest or the run history.
+                let file_target = !to.starts_with("postgres:") && !to.starts_with("postgresql:");
+                match file_target.then(|| files::check_target(Path::new(to), &config.kept_dirs())) {
+                    Some(Err(e)) => Err(e),
+                    _ => {
+                        restoring::restore(&*archive, &manifest, &b.keys, to, &opts, &cancel).await
+                    }
+                }
             }
             Err(e) => Err(e),
         };

@@ -457,8 +457,8 @@ pub async fn restore_dir(
 
 /// Refuses a target that is, holds or lies in one of dbkeeper's own folders
 /// (compared with symbolic links resolved): restoring there would delete backups
-/// or the state.
-fn check_target(target: &Path, kept: &[(String, PathBuf)]) -> Result<(), BackupError> {
+/// or the state. Also asked of a SQLite restore's target file.
+pub fn check_target(target: &Path, kept: &[(String, PathBuf)]) -> Result<(), BackupError> {
     let real = crate::config::resolve_path(target);
     for (what, dir) in kept {
         if crate::config::paths_overlap(&real, &crate::config::resolve_path(dir)) {
