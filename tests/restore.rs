@@ -819,8 +819,9 @@ fn sqlite_restore_refuses_fifos_devices_sockets_and_links_without_opening_them()
                 real.display()
             ),
         ),
-        (w.path().to_owned(), "is a directory".to_owned()),
+        (w.path().join("a-directory"), "is a directory".to_owned()),
     ];
+    std::fs::create_dir(w.path().join("a-directory")).expect("mkdir");
     if have_device {
         cases.push((device.clone(), "a device".to_owned()));
     }
