@@ -102,21 +102,16 @@ impl Target {
     fn secrets(&self) -> Vec<String> {
         let mut secrets = Vec::new();
         for (name, value) in &self.env {
-            match *name {
-                "PGPASSWORD" => secrets.push(value.to_string()),
-                // As percent-encoded in the URL.
-                "DATABASE_URL" => {
-                    if let Some(pw) = url::Url::parse(value)
-                        .ok()
-                        .and_then(|u| u.password().map(str::to_owned))
-                    {
-                        secrets.push(pw);
-                    }
-                }
-                _ => {}
+            if *name == "PGPASSWORD" {
+                secrets.push(value.to_string());
+                // As percent-encoded in DATABASE_URL.
+                secrets.push(crate::db::encoded_password(value));
             }
         }
         secrets.retain(|s| !s.is_empty());
+        // Longest first, so that a secret containing another is masked whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
         secrets
     }
 }
@@ -140,54 +135,97 @@ fn database_env(
                 Some(ScratchCopy::Sqlite { file, .. }) => file.clone(),
                 _ => lite.path(),
             };
+            env.push(("DATABASE_URL", Zeroizing::new(sqlite_url(&path))));
             let path = path.to_string_lossy().into_owned();
-            env.push(("DATABASE_URL", Zeroizing::new(format!("sqlite://{path}"))));
             env.push(("DBKEEPER_DATABASE_PATH", Zeroizing::new(path)));
         }
     }
     env
 }
 
-/// The end of an output stream, at most [`TAIL`] bytes, and how much was cut before.
-#[derive(Debug, Default)]
+/// `sqlite://` and the absolute path, every byte but letters, digits, `/` and `-._~`
+/// percent-encoded: a URL-aware tool decodes exactly the path back (`?` or `#` in a
+/// name would otherwise end it).
+pub fn sqlite_url(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut url = String::from("sqlite://");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'.' | b'_' | b'~') {
+            url.push(char::from(b));
+        } else {
+            url.push_str(&format!("%{b:02X}"));
+        }
+    }
+    url
+}
+
+/// The end of an output stream, at most [`TAIL`] bytes once masked, and how much was
+/// cut before.
+#[derive(Debug)]
 pub struct Tail {
     kept: Vec<u8>,
     cut: u64,
+    /// How many bytes are read into `kept` at most: [`TAIL`] plus the longest secret,
+    /// so that a secret cut at the start can be dropped whole after masking.
+    limit: usize,
 }
 
 impl Tail {
+    fn new(limit: usize) -> Self {
+        Tail {
+            kept: Vec::new(),
+            cut: 0,
+            limit,
+        }
+    }
+
     fn push(&mut self, bytes: &[u8]) {
         self.kept.extend_from_slice(bytes);
         // Trimmed in steps, so that the copying stays linear in the output.
-        if self.kept.len() > 2 * TAIL {
+        if self.kept.len() > 2 * self.limit {
             self.trim();
         }
     }
 
     fn trim(&mut self) {
-        if self.kept.len() > TAIL {
-            let extra = self.kept.len() - TAIL;
+        if self.kept.len() > self.limit {
+            let extra = self.kept.len() - self.limit;
             self.kept.drain(..extra);
             self.cut += extra as u64;
         }
     }
 
-    /// The kept text (lossy UTF-8, trailing whitespace removed), saying so when the
-    /// beginning was cut.
-    pub fn text(&self) -> String {
-        let text = String::from_utf8_lossy(&self.kept);
-        let text = text.trim_end();
-        if self.cut > 0 {
-            format!("[{} earlier bytes not kept]\n{text}", self.cut)
+    /// The kept text (lossy UTF-8, trailing whitespace removed) with every secret
+    /// masked, then cut to its last [`TAIL`] bytes, saying so when the beginning was
+    /// cut. Masking comes first: a secret straddling the cut is never half shown (the
+    /// piece of one that the read limit cut is within the first `limit - TAIL`
+    /// bytes, which are dropped).
+    pub fn text(&self, secrets: &[String], max: usize) -> String {
+        let margin = self.limit.saturating_sub(max);
+        let masked = mask(String::from_utf8_lossy(&self.kept).into_owned(), secrets);
+        let masked = masked.trim_end();
+        let mut start = if self.cut > 0 {
+            margin.min(masked.len())
+        } else {
+            0
+        };
+        start = start.max(masked.len().saturating_sub(max));
+        while !masked.is_char_boundary(start) {
+            start += 1;
+        }
+        let cut = self.cut + start as u64;
+        let text = &masked[start..];
+        if cut > 0 {
+            format!("[{cut} earlier bytes not kept]\n{text}")
         } else {
             text.to_owned()
         }
     }
 }
 
-/// Reads a pipe to its end, keeping the tail.
-async fn read_tail(mut pipe: impl AsyncRead + Unpin) -> Tail {
-    let mut tail = Tail::default();
+/// Reads a pipe to its end, keeping the last `limit` bytes.
+async fn read_tail(mut pipe: impl AsyncRead + Unpin, limit: usize) -> Tail {
+    let mut tail = Tail::new(limit);
     let mut buf = vec![0; 16 * 1024];
     while let Ok(n) = pipe.read(&mut buf).await {
         if n == 0 {
@@ -198,6 +236,9 @@ async fn read_tail(mut pipe: impl AsyncRead + Unpin) -> Tail {
     tail.trim();
     tail
 }
+
+/// How much of a plan-command's stdout `migrate plan` prints at most (the end).
+pub const PLAN_MAX: usize = 64 * 1024 * 1024;
 
 /// What a command did.
 #[derive(Debug)]
@@ -298,18 +339,27 @@ impl MigrateJob {
             .stderr(Stdio::piped())
             .process_group(0)
             .envs(&self.cfg.env.0);
-        if which == Which::Plan {
-            // `migrate plan` prints it whole: a plan is not cut to a tail.
-            cmd.stdout(Stdio::inherit());
+        for name in crate::db::REDIRECTING_ENV {
+            cmd.env_remove(name);
         }
         for (name, value) in &target.env {
             cmd.env(name, value.as_str());
         }
+        let secrets = target.secrets();
+        let margin = secrets.iter().map(String::len).max().unwrap_or(0);
+        // `migrate plan` prints the plan (masked) whole, up to PLAN_MAX.
+        let out_max = if which == Which::Plan { PLAN_MAX } else { TAIL };
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(start_err)?;
         let mut group = Group(child.id().and_then(|id| Pid::from_raw(id as i32)));
-        let stdout = child.stdout.take().map(|p| tokio::spawn(read_tail(p)));
-        let stderr = child.stderr.take().map(|p| tokio::spawn(read_tail(p)));
+        let stdout = child
+            .stdout
+            .take()
+            .map(|p| tokio::spawn(read_tail(p, out_max + margin)));
+        let stderr = child
+            .stderr
+            .take()
+            .map(|p| tokio::spawn(read_tail(p, TAIL + margin)));
         let waited = tokio::select! {
             status = child.wait() => Some(status),
             _ = cancel.cancelled() => None,
@@ -340,8 +390,7 @@ impl MigrateJob {
         // The leader is gone; anything left in its group goes with it.
         group.done();
         let status = status.map_err(start_err)?;
-        let secrets = target.secrets();
-        let collect = |reader: Option<tokio::task::JoinHandle<Tail>>| {
+        let collect = |reader: Option<tokio::task::JoinHandle<Tail>>, max: usize| {
             let secrets = &secrets;
             async move {
                 let tail = match reader {
@@ -349,15 +398,15 @@ impl MigrateJob {
                         Ok(Ok(tail)) => tail,
                         _ => {
                             r.abort();
-                            Tail::default()
+                            Tail::new(0)
                         }
                     },
-                    None => Tail::default(),
+                    None => Tail::new(0),
                 };
-                mask(tail.text(), secrets)
+                tail.text(secrets, max)
             }
         };
-        let (stdout, stderr) = tokio::join!(collect(stdout), collect(stderr));
+        let (stdout, stderr) = tokio::join!(collect(stdout, out_max), collect(stderr, TAIL));
         Ok(Ran {
             status,
             stdout,
@@ -429,8 +478,8 @@ impl MigrateJob {
         result
     }
 
-    /// Runs the plan-command against the database (bounded by the job's `timeout`),
-    /// its stdout going straight to ours. `Ok(None)`: none is configured.
+    /// Runs the plan-command against the database (bounded by the job's `timeout`);
+    /// its stdout (password masked, at most [`PLAN_MAX`] bytes) is in the result. `Ok(None)`: none is configured.
     pub async fn command_plan(&self, db: &Database) -> Result<Option<Ran>, MigrateError> {
         if self.cfg.plan_command.is_none() {
             return Ok(None);
@@ -646,22 +695,53 @@ mod tests {
 
     #[test]
     fn the_tail_keeps_the_end_and_says_what_was_cut() {
-        let mut t = Tail::default();
+        let mut t = Tail::new(TAIL);
         for i in 0..10_000u32 {
             t.push(format!("line {i}\n").as_bytes());
         }
         t.trim();
         assert_eq!(t.kept.len(), TAIL);
-        let text = t.text();
+        let text = t.text(&[], TAIL);
         assert!(text.starts_with('['), "{}", &text[..40]);
         assert!(text.ends_with("line 9999"), "{}", &text[text.len() - 40..]);
         let total: u64 = (0..10_000u32)
             .map(|i| format!("line {i}\n").len() as u64)
             .sum();
         assert_eq!(t.cut + TAIL as u64, total);
-        let mut short = Tail::default();
+        let mut short = Tail::new(TAIL);
         short.push(b"ok\n");
-        assert_eq!(short.text(), "ok");
+        assert_eq!(short.text(&[], TAIL), "ok");
+    }
+
+    #[test]
+    fn a_secret_cut_at_the_start_of_the_tail_is_not_half_shown() {
+        let secret = "s3cr3t-PASSWORD-0123456789".to_owned();
+        for shift in 0..secret.len() {
+            let mut t = Tail::new(TAIL + secret.len());
+            t.push(&vec![b'x'; 100_000]);
+            t.push(secret.as_bytes());
+            t.push(&vec![b'y'; TAIL + secret.len() - 1 - shift]);
+            t.trim();
+            let text = t.text(std::slice::from_ref(&secret), TAIL);
+            for n in 4..secret.len() {
+                assert!(
+                    !text.contains(&secret[secret.len() - n..]),
+                    "shift {shift}: {n}"
+                );
+            }
+            assert!(text.len() <= TAIL + 40);
+        }
+        let mut whole = Tail::new(TAIL + secret.len());
+        whole.push(format!("a {secret} b").as_bytes());
+        assert_eq!(whole.text(std::slice::from_ref(&secret), TAIL), "a *** b");
+    }
+
+    #[test]
+    fn sqlite_urls_encode_what_a_url_parser_would_read_otherwise() {
+        assert_eq!(
+            sqlite_url(Path::new("/d/app?v2 #1%.db")),
+            "sqlite:///d/app%3Fv2%20%231%25.db"
+        );
     }
 
     #[test]

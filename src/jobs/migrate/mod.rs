@@ -924,6 +924,11 @@ impl MigrateJob {
             .backup
             .as_ref()
             .ok_or(copy_err(BackupFailure::NotConfigured))?;
+        // A dry run a crash interrupted left its copy: remove it (and any other
+        // scratch database no live process owns) before making another.
+        if let Database::Postgres(pg) = db {
+            pg.tidy_scratch_databases().await;
+        }
         let name = format!("{id}{ARCHIVE_SUFFIX}");
         let archive = b
             .places(db.name())
