@@ -47,9 +47,20 @@ const DRAIN: Duration = Duration::from_secs(2);
 pub const PG_LOCK_KEY: i64 = i64::from_be_bytes(*b"dbkmigcd");
 
 /// Beside a SQLite database: the file dbkeeper `flock`s while a migration command
-/// runs (SQLite's own locks cannot be held: the command writes the database).
+/// runs (SQLite's own locks cannot be held: the command writes the database). Named
+/// after the database's canonical path (symbolic links resolved, also in the
+/// directories), so that every path leading to the same file shares one lock.
 pub fn sqlite_lock_path(database: &Path) -> PathBuf {
-    let mut name = database.as_os_str().to_owned();
+    let canonical = std::fs::canonicalize(database).unwrap_or_else(|_| {
+        // Not there yet: its directory's canonical path and its name.
+        match (database.parent(), database.file_name()) {
+            (Some(dir), Some(file)) => std::fs::canonicalize(dir)
+                .map(|d| d.join(file))
+                .unwrap_or_else(|_| database.to_owned()),
+            _ => database.to_owned(),
+        }
+    });
+    let mut name = canonical.as_os_str().to_owned();
     name.push(".dbkeeper-migrate.lock");
     PathBuf::from(name)
 }
@@ -454,9 +465,9 @@ impl Drop for Deadline {
     }
 }
 
-/// A command-migration lock held: a PostgreSQL session, or a locked file.
+/// A command-migration lock held: a PostgreSQL session (kept alive), or a locked file.
 enum Held {
-    Postgres(super::postgres::Session),
+    Postgres(super::postgres::Watched),
     File(#[allow(dead_code)] std::fs::File),
 }
 
@@ -536,15 +547,35 @@ impl MigrateJob {
         db: &Database,
         cancel: &CancellationToken,
     ) -> Result<Outcome, MigrateError> {
+        // Cancelled with `cancel`, or when the lock session is lost.
+        let run_cancel = cancel.child_token();
         let held = match db {
-            Database::Postgres(pg) => Held::Postgres(pg.command_lock(self, cancel).await?),
+            Database::Postgres(pg) => {
+                let session = pg.command_lock(self, cancel).await?;
+                Held::Postgres(super::postgres::Watched::start(session, run_cancel.clone()))
+            }
             Database::Sqlite(lite) => Held::File(lite.command_lock(self, cancel).await?),
         };
-        let result = self.apply_command(db, cancel).await;
+        let mut result = self.apply_command(db, &run_cancel).await;
         match (held, db) {
-            (Held::Postgres(session), Database::Postgres(pg)) => {
-                MigrationBackend::close(pg, session).await
-            }
+            (Held::Postgres(watched), Database::Postgres(pg)) => match watched.stop().await {
+                Ok(session) => MigrationBackend::close(pg, session).await,
+                Err(reason) => {
+                    let lost = MigrateError::LockLost {
+                        database: db.name().to_owned(),
+                        reason,
+                    };
+                    result = Err(match result {
+                        Err(MigrateError::AfterBackup { backup, .. }) => {
+                            MigrateError::AfterBackup {
+                                backup,
+                                source: Box::new(lost),
+                            }
+                        }
+                        _ => lost,
+                    });
+                }
+            },
             (held, _) => drop(held),
         }
         // The metrics show the state now (not after a cancel: nothing more runs then).
@@ -575,7 +606,12 @@ impl MigrateJob {
         }
         let backup_id = self.backup_first(db, cancel).await?;
         let after_backup = |e: MigrateError| match (&backup_id, e) {
-            (Some(backup), e @ MigrateError::CommandFailed { .. }) => MigrateError::AfterBackup {
+            (
+                Some(backup),
+                e @ (MigrateError::CommandFailed { .. }
+                | MigrateError::Cancelled
+                | MigrateError::LockLost { .. }),
+            ) => MigrateError::AfterBackup {
                 backup: backup.clone(),
                 source: Box::new(e),
             },

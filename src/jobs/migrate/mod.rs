@@ -151,6 +151,8 @@ pub enum MigrateError {
     },
     #[error("cancelled")]
     Cancelled,
+    #[error("the session holding the migration lock on database \"{database}\" was lost while the command ran ({reason}), so another migrator could have started: the command was stopped; check the database before applying again")]
+    LockLost { database: String, reason: String },
 }
 
 /// The dry run on the copy of pre-migration backup `backup` failed with `e`
@@ -216,6 +218,7 @@ impl MigrateError {
             | E::CommandStart { .. }
             | E::CommandFailed { .. }
             | E::AfterBackup { .. }
+            | E::LockLost { .. }
             | E::DryRun { .. } => false,
             E::Db(_)
             | E::Failed { .. }
