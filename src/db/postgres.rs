@@ -123,6 +123,40 @@ impl Resolved {
     }
 }
 
+/// sqlx's options for a URL without secrets, and where it leads as libpq resolves it
+/// (`params`: its query parameters to pass on, as written); the options name the
+/// resolved database explicitly.
+fn resolve(
+    plain_url: &url::Url,
+    params: Vec<String>,
+) -> Result<(PgConnectOptions, Resolved), sqlx::Error> {
+    let options = PgConnectOptions::from_str(plain_url.as_str())?;
+    // libpq's default database is the user name; the server's default is the same,
+    // but every tool must be told it explicitly.
+    let database = options
+        .get_database()
+        .unwrap_or(options.get_username())
+        .to_owned();
+    let target = Resolved {
+        scheme: plain_url.scheme().to_owned(),
+        host: options.get_socket().map_or_else(
+            || {
+                options
+                    .get_host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned()
+            },
+            |s| s.to_string_lossy().into_owned(),
+        ),
+        port: options.get_port(),
+        user: options.get_username().to_owned(),
+        database: database.clone(),
+        params,
+    };
+    Ok((options.database(&database), target))
+}
+
 /// libpq variables that could send a tool elsewhere than the URL it is given: removed
 /// from the environment of every tool and command dbkeeper starts.
 pub const REDIRECTING_ENV: [&str; 3] = ["PGHOSTADDR", "PGSERVICE", "PGSERVICEFILE"];
@@ -529,31 +563,8 @@ impl Postgres {
                     .into(),
             )));
         }
-        let options = PgConnectOptions::from_str(plain_url.as_str()).map_err(url_error)?;
-        // libpq's default database is the user name; sqlx's would be the server's
-        // choice, which is the same, but every tool must be told it explicitly.
-        let database = options
-            .get_database()
-            .unwrap_or(options.get_username())
-            .to_owned();
-        let target = Resolved {
-            scheme: plain_url.scheme().to_owned(),
-            host: options.get_socket().map_or_else(
-                || {
-                    options
-                        .get_host()
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .to_owned()
-                },
-                |s| s.to_string_lossy().into_owned(),
-            ),
-            port: options.get_port(),
-            user: options.get_username().to_owned(),
-            database: database.clone(),
-            params,
-        };
-        let mut options = options.database(&database).application_name("dbkeeper");
+        let (options, target) = resolve(&plain_url, params).map_err(url_error)?;
+        let mut options = options.application_name("dbkeeper");
         if let Some(pw) = &password {
             options = options.password(pw);
         }
@@ -1235,8 +1246,53 @@ mod tests {
     #[test]
     fn ssl_passwords_leave_the_url() {
         let s = split_secrets("postgres://h/db?sslpassword=k%20ey&sslkey=/k.pem").unwrap();
-        assert_eq!(s.url.as_str(), "postgres://h/db?sslkey=%2Fk.pem");
+        assert_eq!(s.url.as_str(), "postgres://h/db?sslkey=/k.pem");
         assert_eq!(s.ssl_password.as_deref(), Some("k ey"));
+    }
+
+    /// The resolved target of a URL (adversary 15b, cases 01, 09, 11, 17).
+    fn target_of(raw: &str) -> (Resolved, Option<String>) {
+        let s = split_secrets(raw).unwrap();
+        assert!(!s.service);
+        (resolve(&s.url, s.params).unwrap().1, s.password)
+    }
+
+    #[test]
+    fn every_url_names_the_database_libpq_would_use_and_keeps_the_query() {
+        // dbname= wins over the path, and never reaches a scratch URL.
+        let (t, _) = target_of("postgres://u@127.0.0.1:5432/path?dbname=real&sslmode=disable");
+        assert_eq!(t.database, "real");
+        assert_eq!(
+            t.url("real_dbk_dryrun_0a1b2c3d", None),
+            "postgres://u@127.0.0.1:5432/real_dbk_dryrun_0a1b2c3d?sslmode=disable"
+        );
+        assert_eq!(t.env("x")[3], ("PGDATABASE", "x".to_owned()));
+        // No database: the user name, as libpq does.
+        let (t, _) = target_of("postgresql://c11@127.0.0.1:5432");
+        assert_eq!(t.database, "c11");
+        assert!(t
+            .url("c11", None)
+            .starts_with("postgresql://c11@127.0.0.1:5432/c11"));
+        // Query values as written (no `+` for spaces), the password fully encoded.
+        let (t, pw) = target_of(
+            "postgres://u:pa%2541ss%2F%40word@h:1/d?options=-c%20statement_timeout%3D0&application_name=my%20app&user=v",
+        );
+        assert_eq!(pw.as_deref(), Some("pa%41ss/@word"));
+        assert_eq!(
+            t.url("d", pw.as_deref()),
+            "postgres://v:pa%2541ss%2F%40word@h:1/d?options=-c%20statement_timeout%3D0&application_name=my%20app"
+        );
+        // A socket directory goes in host=.
+        let (t, _) = target_of("postgres://u@%2Fvar%2Frun%2Fpostgresql:5433/d");
+        assert_eq!(
+            t.url("d", None),
+            "postgres://u@/d?host=%2Fvar%2Frun%2Fpostgresql&port=5433"
+        );
+        assert!(
+            split_secrets("postgres://h/d?service=prod")
+                .unwrap()
+                .service
+        );
     }
 
     #[test]
