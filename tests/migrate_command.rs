@@ -1103,3 +1103,99 @@ fn adversary_libpq_variables_in_env_are_refused() {
         .code(2)
         .stderr(predicate::str::contains("env.PGDATABASE"));
 }
+
+/// A command that starts `sleep 300` in a session of its own (out of its process
+/// group, as a daemonising helper does), writes its pid to `pidfile`, then sleeps
+/// `secs` (0: exits at once).
+fn escaping_command(pidfile: &Path, secs: u32) -> String {
+    let script = format!(
+        "import subprocess, sys, time\n\
+         p = subprocess.Popen(['sleep', '300'], start_new_session=True)\n\
+         open(sys.argv[1] + '.tmp', 'w').write(str(p.pid))\n\
+         import os; os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n\
+         time.sleep({secs})"
+    );
+    format!(
+        "command = [\"python3\", \"-c\", {script:?}, \"{}\"]",
+        pidfile.display()
+    )
+}
+
+#[test]
+fn adversary_a_child_that_left_the_process_group_is_killed_too() {
+    // Cases 02 (timeout) and 02b (normal exit): a `setsid` child outlived the command.
+    let w = Workdir::new();
+    let pidfile = w.path().join("escaped.pid");
+    for (secs, extra, code) in [(600, "timeout = \"3s\"", 1), (0, "", 0)] {
+        let _ = std::fs::remove_file(&pidfile);
+        let cfg = config(&w, &sqlite_url(&w), "", extra);
+        let cfg = cfg
+            .lines()
+            .filter(|l| !l.starts_with("command =") && !l.starts_with("pending-command ="))
+            .collect::<Vec<_>>()
+            .join("\n");
+        w.write_config(
+            "",
+            &format!(
+                "{cfg}\nbackup-first = false\n{}\n",
+                escaping_command(&pidfile, secs)
+            ),
+        );
+        w.cmd(&["migrate", "apply", "db"]).assert().code(code);
+        let escaped = wait_for_pid(&pidfile);
+        assert_gone(escaped, "the command's child in a session of its own");
+    }
+}
+
+#[test]
+fn adversary_a_command_whose_dbkeeper_died_keeps_the_next_run_out() {
+    // Case 06: after kill -9 of dbkeeper the command ran on, and a second apply
+    // started at once.
+    let pg = PgDb::new("adv_orphan");
+    let w = Workdir::new();
+    let pidfile = w.path().join("sleep.pid");
+    w.write_config(
+        "",
+        &config(
+            &w,
+            &pg.url,
+            "",
+            &format!(
+                "backup-first = false\nenv = {{ FAKE_SLEEP_PIDFILE = \"{}\" }}",
+                pidfile.display()
+            ),
+        ),
+    );
+    let (mut child, grandchild) = start_sleeping(&w, &["migrate", "apply", "db"], &pidfile);
+    child.kill().expect("SIGKILL dbkeeper");
+    let _ = child.wait();
+    w.write_config("", &config(&w, &pg.url, "", "backup-first = false"));
+    let out = w.cmd(&["migrate", "apply", "db"]).assert().code(1);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert_eq!(
+        pg.sql("SELECT to_regclass('users') IS NOT NULL").trim(),
+        "f",
+        "the second run applied while the first command ran"
+    );
+    // "(pid 123, 124)": the fake and its sleeping child.
+    let pids: Vec<u32> = stderr
+        .split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .map(|list| list.split(", ").filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default();
+    for pid in &pids {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    assert!(
+        stderr.contains("still running") && pids.contains(&grandchild),
+        "{stderr}"
+    );
+    for pid in pids {
+        assert_gone(pid, "the orphaned command");
+    }
+    // Once it is gone, the next run applies.
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
+}

@@ -9,7 +9,10 @@
 //! its own process group: on timeout or shutdown the whole group (the tool and
 //! whatever it started) gets SIGTERM, then SIGKILL after [`KILL_GRACE`]; processes it
 //! leaves behind when it exits are killed too, since they would hold its output open
-//! and run unwatched. It finds the database in `DATABASE_URL` (with the password from
+//! and run unwatched — those still in its group, and those that left it (`setsid`)
+//! but carry its run's [`MARK`] in their environment. A `command` whose dbkeeper was
+//! killed (SIGKILL: nothing can stop it then without `unsafe`) is found by that mark
+//! by the next run, which refuses to start while it lives. It finds the database in `DATABASE_URL` (with the password from
 //! `password-file` in it, plus `PGPASSWORD`; for SQLite `sqlite:///abs/path` plus
 //! `DBKEEPER_DATABASE_PATH`) and `DBKEEPER_DATABASE`: never on argv. Its output is
 //! kept bounded ([`TAIL`] per stream, the end), with the password masked.
@@ -87,6 +90,9 @@ impl Which {
 pub struct Target {
     /// "the database" or "the scratch copy", for messages.
     pub label: &'static str,
+    /// [`identity`] of the real database (also for a copy): the start of every
+    /// [`MARK`] value of its commands.
+    identity: String,
     /// `DATABASE_URL` and friends; values may hold the password.
     env: Vec<(&'static str, Zeroizing<String>)>,
 }
@@ -96,6 +102,7 @@ impl Target {
     pub fn database(db: &Database) -> Self {
         Target {
             label: "the database",
+            identity: identity(db),
             env: database_env(db, None),
         }
     }
@@ -104,6 +111,7 @@ impl Target {
     pub fn copy(db: &Database, copy: &ScratchCopy<'_>) -> Self {
         Target {
             label: "the scratch copy",
+            identity: identity(db),
             env: database_env(db, Some(copy)),
         }
     }
@@ -124,6 +132,74 @@ impl Target {
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         secrets.dedup();
         secrets
+    }
+}
+
+/// The environment variable that marks every process a migration command starts
+/// (children inherit it, also those that leave the process group with `setsid`):
+/// `<database identity>:<which>:<run>`. Processes carrying a run's mark are killed
+/// when the command ends; a `command` run's mark still alive when the next run of the
+/// same database starts means a command whose dbkeeper died (`kill -9`) is still at
+/// work, and the run refuses to start.
+pub const MARK: &str = "DBKEEPER_MIGRATION_RUN";
+
+/// What identifies a database across dbkeepers and configs: a hash of the server and
+/// database (PostgreSQL, as resolved for tools) or of the canonical lock path (SQLite).
+fn identity(db: &Database) -> String {
+    use sha2::Digest;
+    let place = match db {
+        Database::Postgres(pg) => pg
+            .client_env(None)
+            .into_iter()
+            .filter(|(name, _)| matches!(*name, "PGHOST" | "PGPORT" | "PGDATABASE"))
+            .map(|(_, value)| value.to_string())
+            .collect::<Vec<_>>()
+            .join("\0"),
+        Database::Sqlite(lite) => sqlite_lock_path(&lite.path())
+            .to_string_lossy()
+            .into_owned(),
+    };
+    hex::encode(&sha2::Sha256::digest(place.as_bytes())[..8])
+}
+
+/// Live processes (not zombies) of ours whose environment has `MARK=<value>` exactly,
+/// or (`prefix`) starting with `value`. Other users' processes cannot be read and are
+/// not found; nor is one that started with a cleared environment.
+fn marked(value: &str, prefix: bool) -> Vec<Pid> {
+    let needle = format!("{MARK}={value}");
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                env.split(|&b| b == 0).any(|v| {
+                    if prefix {
+                        v.starts_with(needle.as_bytes())
+                    } else {
+                        v == needle.as_bytes()
+                    }
+                })
+            })
+        })
+        .filter(|pid| {
+            // "pid (comm) S …": the state follows the last ')'.
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+            })
+        })
+        .filter_map(|pid| i32::try_from(pid).ok().and_then(Pid::from_raw))
+        .collect()
+}
+
+/// SIGKILLs every live process carrying exactly the mark `value`.
+fn kill_marked(value: &str) {
+    for pid in marked(value, false) {
+        let _ = rustix::process::kill_process(pid, Signal::KILL);
     }
 }
 
@@ -280,28 +356,35 @@ impl Ran {
     }
 }
 
-/// The whole process group of a started command; SIGKILLed when dropped (the job's
-/// task aborted) unless [`Group::done`] said it is gone.
-struct Group(Option<Pid>);
+/// The whole process group of a started command, and every process carrying its
+/// run's [`MARK`]; SIGKILLed when dropped (the job's task aborted) unless
+/// [`Group::done`] said they are gone.
+struct Group {
+    leader: Option<Pid>,
+    mark: String,
+}
 
 impl Group {
     fn signal(&self, signal: Signal) {
-        if let Some(pid) = self.0 {
+        if let Some(pid) = self.leader {
             // ESRCH: nobody left in the group.
             let _ = kill_process_group(pid, signal);
         }
     }
 
-    /// Kills what is left of the group and forgets it.
+    /// Kills what is left of the group, and the run's marked processes that left it,
+    /// and forgets them.
     fn done(&mut self) {
         self.signal(Signal::KILL);
-        self.0 = None;
+        if self.leader.take().is_some() {
+            kill_marked(&self.mark);
+        }
     }
 }
 
 impl Drop for Group {
     fn drop(&mut self) {
-        self.signal(Signal::KILL);
+        self.done();
     }
 }
 
@@ -356,13 +439,23 @@ impl MigrateJob {
         for (name, value) in &target.env {
             cmd.env(name, value.as_str());
         }
+        let mark = format!(
+            "{}:{}:{}",
+            target.identity,
+            which.key(),
+            hex::encode(rand::random::<[u8; 8]>())
+        );
+        cmd.env(MARK, &mark);
         let secrets = target.secrets();
         let margin = secrets.iter().map(String::len).max().unwrap_or(0);
         // `migrate plan` prints the plan (masked) whole, up to PLAN_MAX.
         let out_max = if which == Which::Plan { PLAN_MAX } else { TAIL };
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(start_err)?;
-        let mut group = Group(child.id().and_then(|id| Pid::from_raw(id as i32)));
+        let mut group = Group {
+            leader: child.id().and_then(|id| Pid::from_raw(id as i32)),
+            mark,
+        };
         let stdout = child
             .stdout
             .take()
@@ -597,6 +690,22 @@ impl MigrateJob {
         cancel: &CancellationToken,
     ) -> Result<Outcome, MigrateError> {
         let real = Target::database(db);
+        // Under the lock, no command of ours runs on this database: a marked one is
+        // left from a dbkeeper that died without stopping it.
+        let left = marked(
+            &format!("{}:{}:", real.identity, Which::Command.key()),
+            true,
+        );
+        if !left.is_empty() {
+            return Err(MigrateError::StillRunning {
+                database: db.name().to_owned(),
+                pids: left
+                    .iter()
+                    .map(|p| p.as_raw_nonzero().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
         let before = self.pending(&real, cancel).await?;
         if before.pending == Some(false) {
             return Ok(Outcome {

@@ -153,6 +153,8 @@ pub enum MigrateError {
     Cancelled,
     #[error("the session holding the migration lock on database \"{database}\" was lost while the command ran ({reason}), so another migrator could have started: the command was stopped; check the database before applying again")]
     LockLost { database: String, reason: String },
+    #[error("a migration command started earlier for database \"{database}\" is still running (pid {pids}): the dbkeeper that started it died without stopping it; wait for it to end (or kill it), check the database, then apply again")]
+    StillRunning { database: String, pids: String },
 }
 
 /// The dry run on the copy of pre-migration backup `backup` failed with `e`
@@ -219,6 +221,7 @@ impl MigrateError {
             | E::CommandFailed { .. }
             | E::AfterBackup { .. }
             | E::LockLost { .. }
+            | E::StillRunning { .. }
             | E::DryRun { .. } => false,
             E::Db(_)
             | E::Failed { .. }
