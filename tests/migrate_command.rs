@@ -89,6 +89,16 @@ fn last_run(w: &Workdir) -> (String, String, String) {
     )
 }
 
+/// The id of the backup whose archive is `archive`.
+fn backup_id(archive: &Path) -> String {
+    archive
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".dbk"))
+        .expect("id")
+        .to_owned()
+}
+
 fn pre_migration_archives(w: &Workdir) -> Vec<PathBuf> {
     archives(&w.path().join("backups"), "db")
         .into_iter()
@@ -129,12 +139,7 @@ fn round_trip(w: &Workdir, version: impl Fn() -> String, has_users: impl Fn() ->
     assert_eq!(manifest["kind"], "pre-migration", "{manifest}");
     assert_eq!(manifest["verification"]["mode"], "read", "{manifest}");
     assert_eq!(manifest["verification"]["result"], "passed", "{manifest}");
-    let id = pre[0]
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_suffix(".dbk"))
-        .expect("id")
-        .to_owned();
+    let id = backup_id(&pre[0]);
     let (result, _, details) = last_run(w);
     assert_eq!(result, "success");
     assert!(
@@ -270,10 +275,15 @@ fn sigterm(child: &std::process::Child) {
 }
 
 fn sleeper_config(w: &Workdir, extra: &str) -> (PathBuf, String) {
+    sleeper_config_for(w, &sqlite_url(w), extra)
+}
+
+/// [`sleeper_config`] for the database at `url`.
+fn sleeper_config_for(w: &Workdir, url: &str, extra: &str) -> (PathBuf, String) {
     let pidfile = w.path().join("sleep.pid");
     let cfg = config(
         w,
-        &sqlite_url(w),
+        url,
         "",
         &format!(
             "env = {{ FAKE_SLEEP_PIDFILE = \"{}\" }}\n{extra}",
@@ -556,6 +566,11 @@ fn config_mistakes_exit_2_with_a_clear_message() {
         (
             "command = [\"x\"]\nenv = { DATABASE_URL = \"postgres://elsewhere\" }",
             "env.DATABASE_URL: is set by dbkeeper itself",
+        ),
+        // Adversary 15b, case 14: PGDATABASE in `env` reached the dry run.
+        (
+            "command = [\"x\"]\nenv = { PGDATABASE = \"prod\" }",
+            "env.PGDATABASE: is set by dbkeeper itself",
         ),
         (
             "command = [\"x\"]\ndry-run-on-copy = true",
@@ -982,53 +997,36 @@ fn adversary_migrate_plan_masks_the_password_and_shows_a_failed_plans_output() {
     let pg = PgDb::new("adv_plan");
     let w = Workdir::new();
     let password = "Zq8-plan-s3cr3t";
-    let print_url = "import os\nprint(os.environ['DATABASE_URL'])";
-    w.write_config(
-        "",
-        &script_config(
-            &w,
-            &pg,
-            password,
-            "pass",
-            &format!("plan-command = [\"python3\", \"-c\", {print_url:?}]"),
-        ),
-    );
+    let with_plan = |script: &str| {
+        let plan = format!("plan-command = [\"python3\", \"-c\", {script:?}]");
+        w.write_config("", &script_config(&w, &pg, password, "pass", &plan));
+    };
+    with_plan("import os\nprint(os.environ['DATABASE_URL'])");
     let plan = w.stdout(&["migrate", "plan", "db"]);
     assert!(plan.contains(":***@"), "{plan}");
     assert!(!plan.contains(password), "{plan}");
-    let failing = "print('the plan says no')\nraise SystemExit(3)";
-    w.write_config(
-        "",
-        &script_config(
-            &w,
-            &pg,
-            password,
-            "pass",
-            &format!("plan-command = [\"python3\", \"-c\", {failing:?}]"),
-        ),
-    );
+    with_plan("print('the plan says no')\nraise SystemExit(3)");
     w.cmd(&["migrate", "plan", "db"])
         .assert()
         .code(1)
         .stderr(predicate::str::contains("the plan says no"));
 }
 
+/// A new PostgreSQL database and `migrate apply` running on it, its command
+/// sleeping: (database, workdir, dbkeeper, the command's sleeping child).
+fn pg_apply_sleeping(tag: &str, extra: &str) -> (PgDb, Workdir, std::process::Child, u32) {
+    let pg = PgDb::new(tag);
+    let w = Workdir::new();
+    let (pidfile, cfg) = sleeper_config_for(&w, &pg.url, extra);
+    w.write_config("", &cfg);
+    let (child, grandchild) = start_sleeping(&w, &["migrate", "apply", "db"], &pidfile);
+    (pg, w, child, grandchild)
+}
+
 #[test]
 fn adversary_losing_the_lock_session_stops_the_command() {
     // Case 18: the lock's session ended while the command ran, and nobody noticed.
-    let pg = PgDb::new("adv_lost");
-    let w = Workdir::new();
-    let pidfile = w.path().join("sleep.pid");
-    w.write_config(
-        "",
-        &config(
-            &w,
-            &pg.url,
-            "",
-            &format!("env = {{ FAKE_SLEEP_PIDFILE = \"{}\" }}", pidfile.display()),
-        ),
-    );
-    let (child, grandchild) = start_sleeping(&w, &["migrate", "apply", "db"], &pidfile);
+    let (pg, _w, child, grandchild) = pg_apply_sleeping("adv_lost", "");
     // The session holding the command lock ("dbkmigcd") on this database.
     let ended = pg.sql(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' \
@@ -1059,12 +1057,7 @@ fn adversary_a_timed_out_migration_names_its_pre_migration_backup() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let pre = pre_migration_archives(&w);
     assert_eq!(pre.len(), 1);
-    let id = pre[0]
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_suffix(".dbk"))
-        .expect("id")
-        .to_owned();
+    let id = backup_id(&pre[0]);
     assert!(
         stderr.contains("timed out") && stderr.contains(&format!("pre-migration backup {id}")),
         "{stderr}"
@@ -1088,20 +1081,6 @@ fn adversary_rotation_keeps_the_pre_migration_backup_a_failure_names() {
     w.cmd(&["run-job", "db.backup"]).assert().success();
     assert!(pre[0].exists(), "the pre-migration backup was rotated away");
     assert_eq!(archives(&w.path().join("backups"), "db").len(), 2);
-}
-
-#[test]
-fn adversary_libpq_variables_in_env_are_refused() {
-    // Case 14: PGDATABASE in `env` reached the dry run.
-    let w = Workdir::new();
-    w.write_config(
-        "",
-        &config(&w, &sqlite_url(&w), "", "env = { PGDATABASE = \"prod\" }"),
-    );
-    w.cmd(&["check"])
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains("env.PGDATABASE"));
 }
 
 /// A command that starts `sleep 300` in a session of its own (out of its process
@@ -1151,22 +1130,7 @@ fn adversary_a_child_that_left_the_process_group_is_killed_too() {
 fn adversary_a_command_whose_dbkeeper_died_keeps_the_next_run_out() {
     // Case 06: after kill -9 of dbkeeper the command ran on, and a second apply
     // started at once.
-    let pg = PgDb::new("adv_orphan");
-    let w = Workdir::new();
-    let pidfile = w.path().join("sleep.pid");
-    w.write_config(
-        "",
-        &config(
-            &w,
-            &pg.url,
-            "",
-            &format!(
-                "backup-first = false\nenv = {{ FAKE_SLEEP_PIDFILE = \"{}\" }}",
-                pidfile.display()
-            ),
-        ),
-    );
-    let (mut child, grandchild) = start_sleeping(&w, &["migrate", "apply", "db"], &pidfile);
+    let (pg, w, mut child, grandchild) = pg_apply_sleeping("adv_orphan", "backup-first = false");
     child.kill().expect("SIGKILL dbkeeper");
     let _ = child.wait();
     w.write_config("", &config(&w, &pg.url, "", "backup-first = false"));
