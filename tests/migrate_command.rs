@@ -1163,3 +1163,38 @@ fn adversary_a_command_whose_dbkeeper_died_keeps_the_next_run_out() {
     // Once it is gone, the next run applies.
     w.cmd(&["migrate", "apply", "db"]).assert().success();
 }
+
+#[test]
+fn adversary_a_restore_test_on_a_dbname_url_restores_into_its_scratch_database() {
+    // Case 01, second half: verify = "restore" restored into the real database.
+    let pg = PgDb::new("adv_verify");
+    pg.sql("CREATE TABLE keep (id int PRIMARY KEY); INSERT INTO keep VALUES (1), (2)");
+    let w = Workdir::new();
+    let key = w.key("backup.key");
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"db\"\nurl = \"{}/elsewhere?dbname={}\"\n{}",
+            common::pg_server(),
+            pg.name,
+            common::backup_table(
+                &w.path().join("backups"),
+                Some(&key),
+                "verify = \"restore\""
+            )
+        ),
+    );
+    w.cmd(&["run-job", "db.backup"]).assert().success();
+    assert_eq!(pg.sql("SELECT count(*) FROM keep").trim(), "2");
+    assert_eq!(
+        psql(
+            &format!("{}/postgres", common::pg_server()),
+            &format!(
+                "SELECT count(*) FROM pg_database WHERE datname LIKE '{}_dbk_%'",
+                pg.name
+            ),
+        )
+        .trim(),
+        "0"
+    );
+}
