@@ -1059,7 +1059,9 @@ fn adversary_a_timed_out_migration_names_its_pre_migration_backup() {
     assert_eq!(pre.len(), 1);
     let id = backup_id(&pre[0]);
     assert!(
-        stderr.contains("timed out") && stderr.contains(&format!("pre-migration backup {id}")),
+        stderr.contains("timed out")
+            && stderr.contains("may still run")
+            && stderr.contains(&format!("pre-migration backup {id}")),
         "{stderr}"
     );
     assert_gone(grandchild, "the command's child");

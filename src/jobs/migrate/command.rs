@@ -672,7 +672,7 @@ impl MigrateJob {
             (held, _) => drop(held),
         }
         // The metrics show the state now (not after a cancel: nothing more runs then).
-        if !matches!(result, Err(MigrateError::Cancelled)) {
+        if !run_cancel.is_cancelled() {
             match self.command_status(db).await {
                 Ok(Pending { pending: None, .. }) if result.is_ok() => {
                     metrics::migrations(db.name(), 0, None, 0, 0)
@@ -715,11 +715,13 @@ impl MigrateJob {
         }
         let backup_id = self.backup_first(db, cancel).await?;
         let after_backup = |e: MigrateError| match (&backup_id, e) {
+            (Some(backup), MigrateError::Cancelled) => MigrateError::AfterBackup {
+                backup: backup.clone(),
+                source: Box::new(MigrateError::Stopped),
+            },
             (
                 Some(backup),
-                e @ (MigrateError::CommandFailed { .. }
-                | MigrateError::Cancelled
-                | MigrateError::LockLost { .. }),
+                e @ (MigrateError::CommandFailed { .. } | MigrateError::LockLost { .. }),
             ) => MigrateError::AfterBackup {
                 backup: backup.clone(),
                 source: Box::new(e),

@@ -151,6 +151,9 @@ pub enum MigrateError {
     },
     #[error("cancelled")]
     Cancelled,
+    /// A migration command cancelled (timeout, shutdown) once it had started.
+    #[error("the migration command was stopped; a statement it had sent to a PostgreSQL server may still run (and commit) there (see pg_stat_activity)")]
+    Stopped,
     #[error("the session holding the migration lock on database \"{database}\" was lost while the command ran ({reason}), so another migrator could have started: the command was stopped; check the database before applying again")]
     LockLost { database: String, reason: String },
     #[error("a migration command started earlier for database \"{database}\" is still running (pid {pids}): the dbkeeper that started it died without stopping it; wait for it to end (or kill it), check the database, then apply again")]
@@ -221,6 +224,7 @@ impl MigrateError {
             | E::CommandFailed { .. }
             | E::AfterBackup { .. }
             | E::LockLost { .. }
+            | E::Stopped
             | E::StillRunning { .. }
             | E::DryRun { .. } => false,
             E::Db(_)
