@@ -779,6 +779,13 @@ fn adversary_dbname_parameter_query_and_password_reach_every_tool_as_libpq_reads
         common::pg_server(),
         pg.name
     );
+    // service= could name another database for libpq tools: refused (exit 2).
+    let with_service = format!("{}/{}?service=prod", common::pg_server(), pg.name);
+    w.write_config("", &config(&w, &with_service, "", ""));
+    w.cmd(&["check"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("url: has service="));
     w.write_config(
         "",
         &config(

@@ -1164,6 +1164,16 @@ impl Config {
             }
             let backend = Backend::from_url(&db.url)
                 .map_err(|e| self.invalid(format!("{key}.url"), e.to_string()))?;
+            let service = url::Url::parse(&db.url)
+                .is_ok_and(|u| u.query_pairs().any(|(k, _)| k == "service"));
+            if backend == Backend::Postgres && service {
+                return Err(self.invalid(
+                    format!("{key}.url"),
+                    "has service=, which dbkeeper does not support (a service file could lead \
+                     pg_dump or a migration command to another database than dbkeeper's own \
+                     connections); write host, port, user and database in the URL instead",
+                ));
+            }
             if let Some(file) = &db.password_file {
                 if backend != Backend::Postgres {
                     return Err(self.invalid(
