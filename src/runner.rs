@@ -315,11 +315,11 @@ impl Runner {
         stop.cancel();
         let mut cut_short = cut_short;
         match tokio::time::timeout(CANCEL_WAIT, &mut handle).await {
-            // What the job said when it stopped, if more than that it was cancelled
+            // What the job said when it stopped, unless only that it was cancelled
             // (e.g. a migration naming its pre-migration backup).
             Ok(joined) => {
                 if let Err(said) = joined_result(joined) {
-                    if said.message != "cancelled" {
+                    if !said.message.contains("cancel") {
                         cut_short.message = format!("{}; {}", cut_short.message, said.message);
                     }
                 }

@@ -624,8 +624,9 @@ impl Postgres {
     /// A `pg_dump`/`pg_restore`/`psql` command aimed at this database (or at another
     /// database on the same server). The password goes in `PGPASSWORD` and
     /// `sslpassword` in a 0600 service file under `private_dir` (named by
-    /// `PGSERVICEFILE`), never in argv. The database name is the one decoded from the
-    /// URL, re-encoded so that libpq reads back exactly that name.
+    /// `PGSERVICEFILE`), never in argv. The URL and `PGHOST`/`PGPORT`/`PGUSER`/
+    /// `PGDATABASE` come from the resolved target (see [`Resolved`]), so they name
+    /// the same database; inherited [`REDIRECTING_ENV`] variables are removed.
     pub fn tool_command(
         &self,
         program: &Path,
@@ -665,7 +666,8 @@ impl Postgres {
 
     /// The environment a client program (a migration tool) connects with:
     /// `DATABASE_URL` for `database` (default: this one) with the password in it,
-    /// and `PGPASSWORD`. Both hold the password: only ever put them in a child's
+    /// `PGPASSWORD`, and `PGHOST`/`PGPORT`/`PGUSER`/`PGDATABASE` naming the same
+    /// place. The first two hold the password: only ever put them in a child's
     /// environment, never in argv or a message.
     pub fn client_env(&self, database: Option<&str>) -> Vec<(&'static str, Zeroizing<String>)> {
         let target = &self.access.target;
