@@ -313,11 +313,18 @@ impl Runner {
             },
         };
         stop.cancel();
-        if tokio::time::timeout(CANCEL_WAIT, &mut handle)
-            .await
-            .is_err()
-        {
-            handle.abort();
+        let mut cut_short = cut_short;
+        match tokio::time::timeout(CANCEL_WAIT, &mut handle).await {
+            // What the job said when it stopped, unless only that it was cancelled
+            // (e.g. a migration naming its pre-migration backup).
+            Ok(joined) => {
+                if let Err(said) = joined_result(joined) {
+                    if !said.message.contains("cancel") {
+                        cut_short.message = format!("{}; {}", cut_short.message, said.message);
+                    }
+                }
+            }
+            Err(_) => handle.abort(),
         }
         Err(cut_short)
     }

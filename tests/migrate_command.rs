@@ -89,6 +89,16 @@ fn last_run(w: &Workdir) -> (String, String, String) {
     )
 }
 
+/// The id of the backup whose archive is `archive`.
+fn backup_id(archive: &Path) -> String {
+    archive
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".dbk"))
+        .expect("id")
+        .to_owned()
+}
+
 fn pre_migration_archives(w: &Workdir) -> Vec<PathBuf> {
     archives(&w.path().join("backups"), "db")
         .into_iter()
@@ -129,12 +139,7 @@ fn round_trip(w: &Workdir, version: impl Fn() -> String, has_users: impl Fn() ->
     assert_eq!(manifest["kind"], "pre-migration", "{manifest}");
     assert_eq!(manifest["verification"]["mode"], "read", "{manifest}");
     assert_eq!(manifest["verification"]["result"], "passed", "{manifest}");
-    let id = pre[0]
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_suffix(".dbk"))
-        .expect("id")
-        .to_owned();
+    let id = backup_id(&pre[0]);
     let (result, _, details) = last_run(w);
     assert_eq!(result, "success");
     assert!(
@@ -270,10 +275,15 @@ fn sigterm(child: &std::process::Child) {
 }
 
 fn sleeper_config(w: &Workdir, extra: &str) -> (PathBuf, String) {
+    sleeper_config_for(w, &sqlite_url(w), extra)
+}
+
+/// [`sleeper_config`] for the database at `url`.
+fn sleeper_config_for(w: &Workdir, url: &str, extra: &str) -> (PathBuf, String) {
     let pidfile = w.path().join("sleep.pid");
     let cfg = config(
         w,
-        &sqlite_url(w),
+        url,
         "",
         &format!(
             "env = {{ FAKE_SLEEP_PIDFILE = \"{}\" }}\n{extra}",
@@ -557,6 +567,11 @@ fn config_mistakes_exit_2_with_a_clear_message() {
             "command = [\"x\"]\nenv = { DATABASE_URL = \"postgres://elsewhere\" }",
             "env.DATABASE_URL: is set by dbkeeper itself",
         ),
+        // Adversary 15b, case 14: PGDATABASE in `env` reached the dry run.
+        (
+            "command = [\"x\"]\nenv = { PGDATABASE = \"prod\" }",
+            "env.PGDATABASE: is set by dbkeeper itself",
+        ),
         (
             "command = [\"x\"]\ndry-run-on-copy = true",
             "dry-run-on-copy: copies the pre-migration backup",
@@ -725,4 +740,470 @@ fn dry_run_databases(pg: &PgDb) -> String {
     )
     .trim()
     .to_owned()
+}
+
+// Adversary round 15b: how other tools are pointed at the database.
+
+/// The JSON lines the fake recorded (`FAKE_RECORD`) for `upgrade head` runs.
+fn upgrades(record: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(record)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+        .filter(|e| {
+            let argv = e["argv"].to_string();
+            argv.contains("upgrade") && !argv.contains("--sql")
+        })
+        .collect()
+}
+
+/// `pg_server()` with `user` instead of its user.
+fn server_as(user: &str) -> String {
+    let mut url = url::Url::parse(&common::pg_server()).expect("server URL");
+    url.set_username(user).expect("user");
+    url.to_string().trim_end_matches('/').to_owned()
+}
+
+#[test]
+fn adversary_dbname_parameter_query_and_password_reach_every_tool_as_libpq_reads_them() {
+    // Cases 01 (dbname= sent the dry run to the real database), 09 (a % in the
+    // password), 14 (libpq variables from dbkeeper's environment), 17 (query values
+    // re-encoded with +).
+    let pg = PgDb::new("adv_dbname");
+    let w = Workdir::new();
+    let record = w.path().join("record.jsonl");
+    let password = "pa%41ss/@word";
+    let pwfile = write_file(w.path(), "pw", &format!("{password}\n"));
+    let url = format!(
+        "{}/not_this_one?dbname={}&application_name=my%20app",
+        common::pg_server(),
+        pg.name
+    );
+    // service= could name another database for libpq tools: refused (exit 2).
+    let with_service = format!("{}/{}?service=prod", common::pg_server(), pg.name);
+    w.write_config("", &config(&w, &with_service, "", ""));
+    w.cmd(&["check"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("url: has service="));
+    w.write_config(
+        "",
+        &config(
+            &w,
+            &url,
+            &format!("password-file = \"{}\"", pwfile.display()),
+            &format!(
+                "dry-run-on-copy = true\nenv = {{ FAKE_RECORD = \"{}\" }}",
+                record.display()
+            ),
+        ),
+    );
+    w.cmd(&["migrate", "apply", "db"])
+        .env("PGDATABASE", &pg.name)
+        .env("PGSERVICE", "no_such_service")
+        .assert()
+        .success();
+    let runs = upgrades(&record);
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let (copy, real) = (&runs[0], &runs[1]);
+    let scratch = copy["connected_to"].as_str().expect("connected_to");
+    assert!(
+        scratch.starts_with(&format!("{}_dbk_dryrun_", pg.name)),
+        "the dry run ran on {scratch}"
+    );
+    assert_eq!(copy["env"]["PGDATABASE"], scratch);
+    assert_eq!(real["connected_to"], pg.name.as_str());
+    assert_eq!(real["env"]["PGDATABASE"], pg.name.as_str());
+    for run in &runs {
+        let env_url = run["env"]["DATABASE_URL"].as_str().expect("DATABASE_URL");
+        assert!(!env_url.contains("dbname="), "{env_url}");
+        assert!(env_url.contains("application_name=my%20app"), "{env_url}");
+        let parsed = url::Url::parse(env_url).expect("a URL");
+        assert_eq!(
+            percent_decode(parsed.password().expect("password")),
+            password
+        );
+    }
+    assert_eq!(dry_run_databases(&pg), "0");
+}
+
+/// A login role for a test, dropped (with the database named like it) at the end.
+struct Role(PgDb);
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let server = format!("{}/postgres", common::pg_server());
+        let _ = Command::new("psql")
+            .args([&server, "-qAtc"])
+            .arg(format!(
+                "DROP DATABASE IF EXISTS \"{0}\" WITH (FORCE); DROP ROLE IF EXISTS \"{0}\"",
+                self.0.name
+            ))
+            .output();
+    }
+}
+
+#[test]
+fn adversary_a_url_without_a_database_means_the_user_name_for_every_tool() {
+    // Case 11: sqlx used the user name, pg_dump and the command `postgres`.
+    let role = Role(PgDb::new("adv_nodb"));
+    let name = role.0.name.clone();
+    psql(
+        &format!("{}/postgres", common::pg_server()),
+        &format!("CREATE ROLE {name} LOGIN SUPERUSER"),
+    );
+    let w = Workdir::new();
+    let record = w.path().join("record.jsonl");
+    w.write_config(
+        "",
+        &config(
+            &w,
+            &server_as(&name),
+            "",
+            &format!("env = {{ FAKE_RECORD = \"{}\" }}", record.display()),
+        ),
+    );
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
+    let runs = upgrades(&record);
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0]["connected_to"], name.as_str());
+    assert_eq!(
+        role.0.sql("SELECT to_regclass('users') IS NOT NULL").trim(),
+        "t"
+    );
+    assert_eq!(pre_migration_archives(&w).len(), 1);
+}
+
+#[test]
+fn adversary_sqlite_paths_reach_the_command_percent_encoded() {
+    // Case 05: `app?v2.db` reached a URL-aware tool as `…/app`.
+    let w = Workdir::new();
+    let file = w.path().join("app?v2.db");
+    sqlite(&file, "CREATE TABLE keep (x); INSERT INTO keep VALUES (1);");
+    let url = format!("sqlite://{}/app%3Fv2.db", w.path().display());
+    w.write_config("", &config(&w, &url, "", "dry-run-on-copy = true"));
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
+    assert_eq!(
+        sqlite(&file, "SELECT version_num FROM alembic_version;").trim(),
+        "0002"
+    );
+    assert!(!w.path().join("app").is_file(), "another file was migrated");
+}
+
+#[test]
+fn adversary_a_crashed_dry_runs_scratch_database_is_dropped_before_the_next() {
+    // Case 13: `<db>_dbk_dryrun_<hex>` outlived a kill -9 for good.
+    let pg = PgDb::new("adv_leftover");
+    let leftover = PgDb {
+        name: format!("{}_dbk_dryrun_0a1b2c3d", pg.name),
+        url: format!("{}/{}_dbk_dryrun_0a1b2c3d", common::pg_server(), pg.name),
+    };
+    psql(
+        &format!("{}/postgres", common::pg_server()),
+        &format!("CREATE DATABASE {}", leftover.name),
+    );
+    let w = Workdir::new();
+    w.write_config("", &config(&w, &pg.url, "", "dry-run-on-copy = true"));
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
+    assert!(
+        !leftover.exists(),
+        "the crashed dry run's copy is still there"
+    );
+    assert_eq!(dry_run_databases(&pg), "0");
+}
+
+#[test]
+fn adversary_the_sqlite_lock_is_shared_by_every_path_to_the_file() {
+    // Case 03: a symbolic link got a lock file of its own.
+    let w = Workdir::new();
+    let real_dir = w.path().join("a");
+    let link_dir = w.path().join("b");
+    std::fs::create_dir_all(&real_dir).expect("dir");
+    std::fs::create_dir_all(&link_dir).expect("dir");
+    sqlite(&real_dir.join("app.db"), "CREATE TABLE keep (x);");
+    std::os::unix::fs::symlink(real_dir.join("app.db"), link_dir.join("app.db")).expect("link");
+    // Another migrator holds the lock of the real path.
+    let lock = real_dir.join("app.db.dbkeeper-migrate.lock");
+    let mut holder = Command::new("python3")
+        .args([
+            "-c",
+            "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\nfcntl.flock(f, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)",
+        ])
+        .arg(&lock)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read");
+    assert_eq!(line.trim(), "locked");
+    let url = format!("sqlite://{}", link_dir.join("app.db").display());
+    w.write_config(
+        "",
+        &config(&w, &url, "", "backup-first = false\nlock-wait = \"1s\""),
+    );
+    let out = w.cmd(&["migrate", "apply", "db"]).assert().code(1);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(stderr.contains("lock"), "{stderr}");
+    assert_eq!(
+        sqlite(
+            &real_dir.join("app.db"),
+            "SELECT count(*) FROM sqlite_master WHERE name = 'users';"
+        )
+        .trim(),
+        "0",
+        "ran while another migrator held the lock"
+    );
+}
+
+/// A PostgreSQL database `db` with `password` in a password-file, whose migration
+/// command is `python3 -c SCRIPT` (no backup); `extra` goes in `[database.migrate]`.
+fn script_config(w: &Workdir, pg: &PgDb, password: &str, script: &str, extra: &str) -> String {
+    let pwfile = write_file(w.path(), "pw", password);
+    format!(
+        "[[database]]\nname = \"db\"\nurl = \"{}\"\npassword-file = \"{}\"\n\
+         [database.migrate]\nschedule = \"manual\"\nbackup-first = false\n\
+         command = [\"python3\", \"-c\", {script:?}]\n{extra}\n",
+        pg.url,
+        pwfile.display()
+    )
+}
+
+#[test]
+fn adversary_the_password_is_masked_before_the_output_is_cut() {
+    // Case 15: the kept tail began inside the password.
+    let pg = PgDb::new("adv_cut");
+    let w = Workdir::new();
+    let password = "Zq8-secret-Password-777x";
+    let script = "import os, sys\npw = os.environ['PGPASSWORD']\n\
+                  sys.stderr.write('x' * 100000 + pw + 'y' * (32768 - 10))\nsys.exit(1)";
+    w.write_config("", &script_config(&w, &pg, password, script, ""));
+    let out = w.cmd(&["migrate", "apply", "db"]).assert().code(1);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(
+        stderr.contains("earlier bytes not kept"),
+        "{}",
+        &stderr[..200]
+    );
+    for n in 4..=password.len() {
+        assert!(
+            !stderr.contains(&password[password.len() - n..]),
+            "{n} bytes of the password leaked"
+        );
+    }
+}
+
+#[test]
+fn adversary_migrate_plan_masks_the_password_and_shows_a_failed_plans_output() {
+    // Case 08.
+    let pg = PgDb::new("adv_plan");
+    let w = Workdir::new();
+    let password = "Zq8-plan-s3cr3t";
+    let with_plan = |script: &str| {
+        let plan = format!("plan-command = [\"python3\", \"-c\", {script:?}]");
+        w.write_config("", &script_config(&w, &pg, password, "pass", &plan));
+    };
+    with_plan("import os\nprint(os.environ['DATABASE_URL'])");
+    let plan = w.stdout(&["migrate", "plan", "db"]);
+    assert!(plan.contains(":***@"), "{plan}");
+    assert!(!plan.contains(password), "{plan}");
+    with_plan("print('the plan says no')\nraise SystemExit(3)");
+    w.cmd(&["migrate", "plan", "db"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("the plan says no"));
+}
+
+/// A new PostgreSQL database and `migrate apply` running on it, its command
+/// sleeping: (database, workdir, dbkeeper, the command's sleeping child).
+fn pg_apply_sleeping(tag: &str, extra: &str) -> (PgDb, Workdir, std::process::Child, u32) {
+    let pg = PgDb::new(tag);
+    let w = Workdir::new();
+    let (pidfile, cfg) = sleeper_config_for(&w, &pg.url, extra);
+    w.write_config("", &cfg);
+    let (child, grandchild) = start_sleeping(&w, &["migrate", "apply", "db"], &pidfile);
+    (pg, w, child, grandchild)
+}
+
+#[test]
+fn adversary_losing_the_lock_session_stops_the_command() {
+    // Case 18: the lock's session ended while the command ran, and nobody noticed.
+    let (pg, _w, child, grandchild) = pg_apply_sleeping("adv_lost", "");
+    // The session holding the command lock ("dbkmigcd") on this database.
+    let ended = pg.sql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' \
+         AND classid = 1684171629 AND objid = 1768383332 AND objsubid = 1 \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    );
+    assert_eq!(ended.trim(), "1", "the lock session");
+    let out = child.wait_with_output().expect("dbkeeper");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("migration lock") && stderr.contains("was lost"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("pre-migration backup"), "{stderr}");
+    assert_gone(grandchild, "the command's child");
+}
+
+#[test]
+fn adversary_a_timed_out_migration_names_its_pre_migration_backup() {
+    // Case 16.
+    let w = Workdir::new();
+    let (pidfile, cfg) = sleeper_config(&w, "timeout = \"3s\"");
+    w.write_config("", &cfg);
+    let (child, grandchild) = start_sleeping(&w, &["migrate", "apply", "db"], &pidfile);
+    let out = child.wait_with_output().expect("dbkeeper");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let pre = pre_migration_archives(&w);
+    assert_eq!(pre.len(), 1);
+    let id = backup_id(&pre[0]);
+    assert!(
+        stderr.contains("timed out")
+            && stderr.contains("may still run")
+            && stderr.contains(&format!("pre-migration backup {id}")),
+        "{stderr}"
+    );
+    assert_gone(grandchild, "the command's child");
+}
+
+#[test]
+fn adversary_rotation_keeps_the_pre_migration_backup_a_failure_names() {
+    // Case 07: keep = { last = 1 } pruned it with the next ordinary backup.
+    let w = Workdir::new();
+    let cfg = config(&w, &sqlite_url(&w), "", "env = { FAKE_FAIL = \"1\" }").replace(
+        "[database.backup]\n",
+        "[database.backup]\nkeep = { last = 1 }\n",
+    );
+    w.write_config("", &cfg);
+    w.cmd(&["migrate", "apply", "db"]).assert().code(1);
+    let pre = pre_migration_archives(&w);
+    assert_eq!(pre.len(), 1);
+    w.cmd(&["run-job", "db.backup"]).assert().success();
+    w.cmd(&["run-job", "db.backup"]).assert().success();
+    assert!(pre[0].exists(), "the pre-migration backup was rotated away");
+    assert_eq!(archives(&w.path().join("backups"), "db").len(), 2);
+}
+
+/// A command that starts `sleep 300` in a session of its own (out of its process
+/// group, as a daemonising helper does), writes its pid to `pidfile`, then sleeps
+/// `secs` (0: exits at once).
+fn escaping_command(pidfile: &Path, secs: u32) -> String {
+    let script = format!(
+        "import subprocess, sys, time\n\
+         p = subprocess.Popen(['sleep', '300'], start_new_session=True)\n\
+         open(sys.argv[1] + '.tmp', 'w').write(str(p.pid))\n\
+         import os; os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n\
+         time.sleep({secs})"
+    );
+    format!(
+        "command = [\"python3\", \"-c\", {script:?}, \"{}\"]",
+        pidfile.display()
+    )
+}
+
+#[test]
+fn adversary_a_child_that_left_the_process_group_is_killed_too() {
+    // Cases 02 (timeout) and 02b (normal exit): a `setsid` child outlived the command.
+    let w = Workdir::new();
+    let pidfile = w.path().join("escaped.pid");
+    for (secs, extra, code) in [(600, "timeout = \"3s\"", 1), (0, "", 0)] {
+        let _ = std::fs::remove_file(&pidfile);
+        let cfg = config(&w, &sqlite_url(&w), "", extra);
+        let cfg = cfg
+            .lines()
+            .filter(|l| !l.starts_with("command =") && !l.starts_with("pending-command ="))
+            .collect::<Vec<_>>()
+            .join("\n");
+        w.write_config(
+            "",
+            &format!(
+                "{cfg}\nbackup-first = false\n{}\n",
+                escaping_command(&pidfile, secs)
+            ),
+        );
+        w.cmd(&["migrate", "apply", "db"]).assert().code(code);
+        let escaped = wait_for_pid(&pidfile);
+        assert_gone(escaped, "the command's child in a session of its own");
+    }
+}
+
+#[test]
+fn adversary_a_command_whose_dbkeeper_died_keeps_the_next_run_out() {
+    // Case 06: after kill -9 of dbkeeper the command ran on, and a second apply
+    // started at once.
+    let (pg, w, mut child, grandchild) = pg_apply_sleeping("adv_orphan", "backup-first = false");
+    child.kill().expect("SIGKILL dbkeeper");
+    let _ = child.wait();
+    w.write_config("", &config(&w, &pg.url, "", "backup-first = false"));
+    let out = w.cmd(&["migrate", "apply", "db"]).assert().code(1);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert_eq!(
+        pg.sql("SELECT to_regclass('users') IS NOT NULL").trim(),
+        "f",
+        "the second run applied while the first command ran"
+    );
+    // "(pid 123, 124)": the fake and its sleeping child.
+    let pids: Vec<u32> = stderr
+        .split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .map(|list| list.split(", ").filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default();
+    for pid in &pids {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    assert!(
+        stderr.contains("still running") && pids.contains(&grandchild),
+        "{stderr}"
+    );
+    for pid in pids {
+        assert_gone(pid, "the orphaned command");
+    }
+    // Once it is gone, the next run applies.
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
+}
+
+#[test]
+fn adversary_a_restore_test_on_a_dbname_url_restores_into_its_scratch_database() {
+    // Case 01, second half: verify = "restore" restored into the real database.
+    let pg = PgDb::new("adv_verify");
+    pg.sql("CREATE TABLE keep (id int PRIMARY KEY); INSERT INTO keep VALUES (1), (2)");
+    let w = Workdir::new();
+    let key = w.key("backup.key");
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"db\"\nurl = \"{}/elsewhere?dbname={}\"\n{}",
+            common::pg_server(),
+            pg.name,
+            common::backup_table(
+                &w.path().join("backups"),
+                Some(&key),
+                "verify = \"restore\""
+            )
+        ),
+    );
+    w.cmd(&["run-job", "db.backup"]).assert().success();
+    assert_eq!(pg.sql("SELECT count(*) FROM keep").trim(), "2");
+    assert_eq!(
+        psql(
+            &format!("{}/postgres", common::pg_server()),
+            &format!(
+                "SELECT count(*) FROM pg_database WHERE datname LIKE '{}_dbk_%'",
+                pg.name
+            ),
+        )
+        .trim(),
+        "0"
+    );
 }

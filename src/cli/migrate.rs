@@ -79,7 +79,12 @@ pub async fn plan(config: &Config, database: &str) -> anyhow::Result<Exit> {
         .ok_or_else(|| no_migrate(config, database))?;
     if m.is_command() {
         return match m.command_plan(job.db()?).await? {
-            Some(_) => Ok(Exit::Success),
+            Some(ran) => {
+                if !ran.stdout.is_empty() {
+                    println!("{}", ran.stdout);
+                }
+                Ok(Exit::Success)
+            }
             None => {
                 super::print_error(&format!(
                     "database \"{database}\" has no plan-command in [database.migrate] of {}; add one (e.g. plan-command = [\"alembic\", \"upgrade\", \"head\", \"--sql\"]) to preview what apply runs",

@@ -568,8 +568,8 @@ job_table! {
         #[serde(default)]
         pub working_dir: Option<PathBuf>,
         /// With `command`: extra environment variables for the commands (they may not
-        /// override `DATABASE_URL`, `PGPASSWORD` or the `DBKEEPER_*` ones dbkeeper
-        /// sets). Values are never printed. Default: none.
+        /// override `DATABASE_URL`, the `DBKEEPER_*` ones dbkeeper sets, or any
+        /// libpq `PG*` variable). Values are never printed. Default: none.
         #[serde(default)]
         pub env: CommandEnv,
         /// Before applying to the database, restore the pre-migration backup into a
@@ -1164,6 +1164,16 @@ impl Config {
             }
             let backend = Backend::from_url(&db.url)
                 .map_err(|e| self.invalid(format!("{key}.url"), e.to_string()))?;
+            let service = url::Url::parse(&db.url)
+                .is_ok_and(|u| u.query_pairs().any(|(k, _)| k == "service"));
+            if backend == Backend::Postgres && service {
+                return Err(self.invalid(
+                    format!("{key}.url"),
+                    "has service=, which dbkeeper does not support (a service file could lead \
+                     pg_dump or a migration command to another database than dbkeeper's own \
+                     connections); write host, port, user and database in the URL instead",
+                ));
+            }
             if let Some(file) = &db.password_file {
                 if backend != Backend::Postgres {
                     return Err(self.invalid(
@@ -1401,11 +1411,13 @@ impl Config {
             .env
             .0
             .keys()
-            .find(|n| COMMAND_ENV_RESERVED.contains(&n.as_str()))
+            .find(|n| COMMAND_ENV_RESERVED.contains(&n.as_str()) || n.starts_with("PG"))
         {
             return Err(self.invalid(
                 format!("{k}.env.{name}"),
-                "is set by dbkeeper itself from the database's url and password-file; remove it",
+                "is set by dbkeeper itself from the database's url and password-file \
+                 (libpq's PG* variables too, so that a dry run cannot reach the real database); \
+                 remove it and put connection settings in the url",
             ));
         }
         if m.dry_run_on_copy && !m.backup_first {

@@ -32,8 +32,8 @@ pub use postgres::globals::{
     Created, Globals, GlobalsError, GlobalsSummary, Membership, Role, Tablespace,
 };
 pub use postgres::{
-    is_scratch_name, scratch_lock_key, set_timeout, Postgres, Scope, ScratchClaim, SwapMode,
-    Swapped, Timeout, ToolFiles, UserObjects,
+    encoded_password, is_scratch_name, scratch_lock_key, set_timeout, Postgres, Scope,
+    ScratchClaim, SwapMode, Swapped, Timeout, ToolFiles, UserObjects, REDIRECTING_ENV,
 };
 pub use sqlite::{read_only_options, Sqlite};
 

@@ -3,8 +3,8 @@
 //! The password comes from `password-file` (re-read each time the pool is built, so a
 //! rotated credential takes effect on reload) and never from the URL we log.
 //!
-//! Scratch databases (`<name>_dbk_(restore|old|verify)_<8 hex>`, made by `restore` and
-//! restore tests) are owned through a session-level advisory lock on the server's
+//! Scratch databases (`<name>_dbk_(restore|old|verify|dryrun)_<8 hex>`, made by
+//! `restore`, restore tests and migrations' dry runs) are owned through a session-level advisory lock on the server's
 //! maintenance database, derived from the scratch name: [`Postgres::claim_scratch`]
 //! takes it before the database is created and holds it until the owner is done, so
 //! [`Postgres::clean_scratch_databases`] can tell a crashed owner's leftover (lock
@@ -40,49 +40,202 @@ pub struct Postgres {
 struct Access {
     /// For side connections (cancel requests, maintenance database).
     options: PgConnectOptions,
-    /// The configured URL without any secret, for pg_dump and pg_restore.
-    url: url::Url,
+    /// Where the configured URL leads, as libpq resolves it: every URL and libpq
+    /// variable given to pg_dump, pg_restore, psql and migration commands is made
+    /// from it.
+    target: Resolved,
     password: Option<Zeroizing<String>>,
     /// libpq's `sslpassword` (passphrase of an encrypted client key). libpq reads it
     /// from no environment variable, so tools get it through a 0600 service file.
     ssl_password: Option<Zeroizing<String>>,
 }
 
+/// One PostgreSQL database as libpq resolves the configured URL: host, port and user
+/// (`host=`/`port=`/`user=` parameters over the URL's parts, the PG* variables for
+/// what is missing) and the database (`dbname=`, else the path, else the user name).
+/// The other query parameters are kept exactly as written (never re-encoded: libpq
+/// reads `+` as a plus sign). Every URL built from it names its database once, in the
+/// path, so that a scratch database name cannot be overridden by a parameter.
+#[derive(Clone)]
+struct Resolved {
+    /// `postgres` or `postgresql`, as configured.
+    scheme: String,
+    /// A host name, an IP address (no brackets) or a Unix socket directory.
+    host: String,
+    port: u16,
+    user: String,
+    database: String,
+    /// The other `key=value` query parameters, as written.
+    params: Vec<String>,
+}
+
+/// Query parameters that name where to connect: taken into [`Resolved`] (or refused,
+/// `service`), never passed on as written.
+const RESOLVED_PARAMS: [&str; 8] = [
+    "password",
+    "sslpassword",
+    "dbname",
+    "host",
+    "hostaddr",
+    "port",
+    "user",
+    "service",
+];
+
+impl Resolved {
+    /// A URL for `database` on this server (with `password` in it, if given).
+    fn url(&self, database: &str, password: Option<&str>) -> String {
+        let mut url = format!("{}://{}", self.scheme, encode_component(&self.user));
+        if let Some(pw) = password {
+            url.push(':');
+            url.push_str(&encode_component(pw));
+        }
+        url.push('@');
+        let mut params = Vec::new();
+        if self.host.starts_with('/') {
+            // A socket directory cannot be a URL host: libpq takes it as a parameter.
+            params.push(format!("host={}", encode_component(&self.host)));
+            params.push(format!("port={}", self.port));
+        } else if self.host.contains(':') {
+            url.push_str(&format!("[{}]:{}", self.host, self.port));
+        } else {
+            url.push_str(&format!("{}:{}", encode_component(&self.host), self.port));
+        }
+        url.push('/');
+        url.push_str(&encode_path_segment(database));
+        params.extend(self.params.iter().cloned());
+        if !params.is_empty() {
+            url.push('?');
+            url.push_str(&params.join("&"));
+        }
+        url
+    }
+
+    /// libpq's variables naming `database` on this server, the same place as
+    /// [`Resolved::url`]: for tools that read them rather than a URL.
+    fn env(&self, database: &str) -> [(&'static str, String); 4] {
+        [
+            ("PGHOST", self.host.clone()),
+            ("PGPORT", self.port.to_string()),
+            ("PGUSER", self.user.clone()),
+            ("PGDATABASE", database.to_owned()),
+        ]
+    }
+}
+
+/// sqlx's options for a URL without secrets, and where it leads as libpq resolves it
+/// (`params`: its query parameters to pass on, as written); the options name the
+/// resolved database explicitly.
+fn resolve(
+    plain_url: &url::Url,
+    params: Vec<String>,
+) -> Result<(PgConnectOptions, Resolved), sqlx::Error> {
+    let options = PgConnectOptions::from_str(plain_url.as_str())?;
+    // libpq's default database is the user name; the server's default is the same,
+    // but every tool must be told it explicitly.
+    let database = options
+        .get_database()
+        .unwrap_or(options.get_username())
+        .to_owned();
+    let target = Resolved {
+        scheme: plain_url.scheme().to_owned(),
+        host: options.get_socket().map_or_else(
+            || {
+                options
+                    .get_host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned()
+            },
+            |s| s.to_string_lossy().into_owned(),
+        ),
+        port: options.get_port(),
+        user: options.get_username().to_owned(),
+        database: database.clone(),
+        params,
+    };
+    Ok((options.database(&database), target))
+}
+
+/// libpq variables that could send a tool elsewhere than the URL it is given: removed
+/// from the environment of every tool and command dbkeeper starts.
+pub const REDIRECTING_ENV: [&str; 3] = ["PGHOSTADDR", "PGSERVICE", "PGSERVICEFILE"];
+
 /// The secrets a URL may carry, taken out of it so that they never reach argv or logs.
 struct Secrets {
-    /// The URL without them.
+    /// The URL without them (and without the parameters of [`RESOLVED_PARAMS`] that
+    /// are not for sqlx), query parameters as written.
     url: url::Url,
+    /// The query parameters not in [`RESOLVED_PARAMS`], as written.
+    params: Vec<String>,
     password: Option<String>,
     ssl_password: Option<String>,
+    /// A `service=` parameter was given (refused: a service file could name another
+    /// database than the one dbkeeper resolves).
+    service: bool,
 }
 
 /// Removes the password (userinfo or `password=` parameter) and `sslpassword=` from a
 /// URL and returns them separately, so that they can travel in the environment (or a
 /// private file) instead of argv, and never reach sqlx (which logs parameters it does
-/// not know, with their values).
+/// not know, with their values). The query is kept byte for byte otherwise.
 fn split_secrets(raw: &str) -> Option<Secrets> {
     let mut url = url::Url::parse(raw).ok()?;
     let mut password = url.password().map(percent_decode);
     let mut ssl_password = None;
+    let mut service = false;
     url.set_password(None).ok()?;
-    let mut pairs = Vec::new();
-    for (k, v) in url.query_pairs() {
-        match k.as_ref() {
-            "password" => password = Some(v.into_owned()),
-            "sslpassword" => ssl_password = Some(v.into_owned()),
-            _ => pairs.push((k.into_owned(), v.into_owned())),
+    let mut for_sqlx = Vec::new();
+    let mut params = Vec::new();
+    for piece in url.query().unwrap_or_default().split('&') {
+        if piece.is_empty() {
+            continue;
+        }
+        let (k, v) = piece.split_once('=').unwrap_or((piece, ""));
+        let (k, v) = (percent_decode(k), percent_decode(v));
+        match k.as_str() {
+            "password" => password = Some(v),
+            "sslpassword" => ssl_password = Some(v),
+            "service" => service = true,
+            k if RESOLVED_PARAMS.contains(&k) => for_sqlx.push(piece.to_owned()),
+            _ => {
+                for_sqlx.push(piece.to_owned());
+                params.push(piece.to_owned());
+            }
         }
     }
-    if pairs.is_empty() {
+    if for_sqlx.is_empty() {
         url.set_query(None);
     } else {
-        url.query_pairs_mut().clear().extend_pairs(pairs);
+        url.set_query(Some(&for_sqlx.join("&")));
     }
     Some(Secrets {
         url,
+        params,
         password,
         ssl_password,
+        service,
     })
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters: a user name,
+/// password or socket directory that any URL parser decodes back to exactly `s`.
+fn encode_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// [`encode_component`] for a password, as it appears in the URLs dbkeeper builds:
+/// what output must be masked for, besides the password itself.
+pub fn encoded_password(pw: &str) -> String {
+    encode_component(pw)
 }
 
 /// Percent-encodes a database name for a URL path, so that libpq decodes it back to
@@ -142,7 +295,7 @@ pub fn scratch_lock_key(name: &str) -> i64 {
 }
 
 /// True for exactly the names dbkeeper gives scratch databases:
-/// `<anything>_dbk_(restore|old|verify)_<8 lowercase hex digits>`. The cleaner never
+/// `<anything>_dbk_(restore|old|verify|dryrun)_<8 lowercase hex digits>`. The cleaner never
 /// looks at any other database.
 pub fn is_scratch_name(name: &str) -> bool {
     let Some(split) = name.len().checked_sub(8) else {
@@ -154,7 +307,7 @@ pub fn is_scratch_name(name: &str) -> bool {
     if !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return false;
     }
-    ["_dbk_restore_", "_dbk_old_", "_dbk_verify_"]
+    ["_dbk_restore_", "_dbk_old_", "_dbk_verify_", "_dbk_dryrun_"]
         .iter()
         .any(|kind| head.ends_with(kind))
 }
@@ -396,13 +549,22 @@ impl Postgres {
         };
         let Secrets {
             url: plain_url,
+            params,
             mut password,
             ssl_password,
+            service,
         } = split_secrets(&cfg.url)
             .ok_or_else(|| url_error(sqlx::Error::Configuration("unparseable URL".into())))?;
-        let mut options = PgConnectOptions::from_str(plain_url.as_str())
-            .map_err(url_error)?
-            .application_name("dbkeeper");
+        if service {
+            return Err(url_error(sqlx::Error::Configuration(
+                "service= is not supported (a service file could lead tools to another \
+                 database than dbkeeper backs up); write host, port, user and database \
+                 in the URL instead"
+                    .into(),
+            )));
+        }
+        let (options, target) = resolve(&plain_url, params).map_err(url_error)?;
+        let mut options = options.application_name("dbkeeper");
         if let Some(pw) = &password {
             options = options.password(pw);
         }
@@ -430,7 +592,7 @@ impl Postgres {
             pool,
             access: Arc::new(Access {
                 options,
-                url: plain_url,
+                target,
                 password: password.map(Zeroizing::new),
                 ssl_password: ssl_password.map(Zeroizing::new),
             }),
@@ -462,20 +624,24 @@ impl Postgres {
     /// A `pg_dump`/`pg_restore`/`psql` command aimed at this database (or at another
     /// database on the same server). The password goes in `PGPASSWORD` and
     /// `sslpassword` in a 0600 service file under `private_dir` (named by
-    /// `PGSERVICEFILE`), never in argv. The database name is the one decoded from the
-    /// URL, re-encoded so that libpq reads back exactly that name.
+    /// `PGSERVICEFILE`), never in argv. The URL and `PGHOST`/`PGPORT`/`PGUSER`/
+    /// `PGDATABASE` come from the resolved target (see [`Resolved`]), so they name
+    /// the same database; inherited [`REDIRECTING_ENV`] variables are removed.
     pub fn tool_command(
         &self,
         program: &Path,
         database: Option<&str>,
         private_dir: &Path,
     ) -> Result<ToolCommand, DbError> {
-        let mut url = self.access.url.clone();
         let db = database.map_or_else(|| self.database_name(), str::to_owned);
-        url.set_path(&format!("/{}", encode_path_segment(&db)));
+        let url = self.access.target.url(&db, None);
         let mut cmd = Command::new(direct_program(program));
         cmd.arg("--no-password").arg(format!("--dbname={url}"));
         cmd.env("PGAPPNAME", "dbkeeper");
+        for name in REDIRECTING_ENV {
+            cmd.env_remove(name);
+        }
+        cmd.envs(self.access.target.env(&db));
         if let Some(pw) = &self.access.password {
             cmd.env("PGPASSWORD", pw.as_str());
         }
@@ -500,29 +666,28 @@ impl Postgres {
 
     /// The environment a client program (a migration tool) connects with:
     /// `DATABASE_URL` for `database` (default: this one) with the password in it,
-    /// and `PGPASSWORD`. Both hold the password: only ever put them in a child's
+    /// `PGPASSWORD`, and `PGHOST`/`PGPORT`/`PGUSER`/`PGDATABASE` naming the same
+    /// place. The first two hold the password: only ever put them in a child's
     /// environment, never in argv or a message.
     pub fn client_env(&self, database: Option<&str>) -> Vec<(&'static str, Zeroizing<String>)> {
-        let mut url = self.access.url.clone();
+        let target = &self.access.target;
         let db = database.map_or_else(|| self.database_name(), str::to_owned);
-        url.set_path(&format!("/{}", encode_path_segment(&db)));
+        let password = self.access.password.as_ref().map(|pw| pw.as_str());
         let mut env = Vec::new();
         if let Some(pw) = &self.access.password {
-            // Fails only for URLs that cannot have a user (none reach here).
-            let _ = url.set_password(Some(pw.as_str()));
             env.push(("PGPASSWORD", pw.clone()));
         }
-        env.push(("DATABASE_URL", Zeroizing::new(url.to_string())));
+        env.push(("DATABASE_URL", Zeroizing::new(target.url(&db, password))));
+        for (name, value) in target.env(&db) {
+            env.push((name, Zeroizing::new(value)));
+        }
         env
     }
 
-    /// The database name in the URL.
+    /// The database dbkeeper works on, as libpq resolves the URL (`dbname=`, else
+    /// the path, else the user name).
     pub fn database_name(&self) -> String {
-        self.access
-            .options
-            .get_database()
-            .unwrap_or("postgres")
-            .to_owned()
+        self.access.target.database.clone()
     }
 
     pub async fn server_version(&self) -> Result<String, DbError> {
@@ -1083,8 +1248,53 @@ mod tests {
     #[test]
     fn ssl_passwords_leave_the_url() {
         let s = split_secrets("postgres://h/db?sslpassword=k%20ey&sslkey=/k.pem").unwrap();
-        assert_eq!(s.url.as_str(), "postgres://h/db?sslkey=%2Fk.pem");
+        assert_eq!(s.url.as_str(), "postgres://h/db?sslkey=/k.pem");
         assert_eq!(s.ssl_password.as_deref(), Some("k ey"));
+    }
+
+    /// The resolved target of a URL (adversary 15b, cases 01, 09, 11, 17).
+    fn target_of(raw: &str) -> (Resolved, Option<String>) {
+        let s = split_secrets(raw).unwrap();
+        assert!(!s.service);
+        (resolve(&s.url, s.params).unwrap().1, s.password)
+    }
+
+    #[test]
+    fn every_url_names_the_database_libpq_would_use_and_keeps_the_query() {
+        // dbname= wins over the path, and never reaches a scratch URL.
+        let (t, _) = target_of("postgres://u@127.0.0.1:5432/path?dbname=real&sslmode=disable");
+        assert_eq!(t.database, "real");
+        assert_eq!(
+            t.url("real_dbk_dryrun_0a1b2c3d", None),
+            "postgres://u@127.0.0.1:5432/real_dbk_dryrun_0a1b2c3d?sslmode=disable"
+        );
+        assert_eq!(t.env("x")[3], ("PGDATABASE", "x".to_owned()));
+        // No database: the user name, as libpq does.
+        let (t, _) = target_of("postgresql://c11@127.0.0.1:5432");
+        assert_eq!(t.database, "c11");
+        assert!(t
+            .url("c11", None)
+            .starts_with("postgresql://c11@127.0.0.1:5432/c11"));
+        // Query values as written (no `+` for spaces), the password fully encoded.
+        let (t, pw) = target_of(
+            "postgres://u:pa%2541ss%2F%40word@h:1/d?options=-c%20statement_timeout%3D0&application_name=my%20app&user=v",
+        );
+        assert_eq!(pw.as_deref(), Some("pa%41ss/@word"));
+        assert_eq!(
+            t.url("d", pw.as_deref()),
+            "postgres://v:pa%2541ss%2F%40word@h:1/d?options=-c%20statement_timeout%3D0&application_name=my%20app"
+        );
+        // A socket directory goes in host=.
+        let (t, _) = target_of("postgres://u@%2Fvar%2Frun%2Fpostgresql:5433/d");
+        assert_eq!(
+            t.url("d", None),
+            "postgres://u@/d?host=%2Fvar%2Frun%2Fpostgresql&port=5433"
+        );
+        assert!(
+            split_secrets("postgres://h/d?service=prod")
+                .unwrap()
+                .service
+        );
     }
 
     #[test]
@@ -1093,6 +1303,7 @@ mod tests {
             "app_dbk_restore_0123abcd",
             "app_dbk_old_deadbeef",
             "dbkeeper_dbk_verify_00000000",
+            "app_dbk_dryrun_0a1b2c3d",
             "a b_dbk_restore_12345678",
             "_dbk_restore_12345678",
             "x_dbk_old_dbk_restore_12345678",

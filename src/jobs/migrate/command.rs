@@ -9,7 +9,10 @@
 //! its own process group: on timeout or shutdown the whole group (the tool and
 //! whatever it started) gets SIGTERM, then SIGKILL after [`KILL_GRACE`]; processes it
 //! leaves behind when it exits are killed too, since they would hold its output open
-//! and run unwatched. It finds the database in `DATABASE_URL` (with the password from
+//! and run unwatched — those still in its group, and those that left it (`setsid`)
+//! but carry its run's [`MARK`] in their environment. A `command` whose dbkeeper was
+//! killed (SIGKILL: nothing can stop it then without `unsafe`) is found by that mark
+//! by the next run, which refuses to start while it lives. It finds the database in `DATABASE_URL` (with the password from
 //! `password-file` in it, plus `PGPASSWORD`; for SQLite `sqlite:///abs/path` plus
 //! `DBKEEPER_DATABASE_PATH`) and `DBKEEPER_DATABASE`: never on argv. Its output is
 //! kept bounded ([`TAIL`] per stream, the end), with the password masked.
@@ -47,9 +50,20 @@ const DRAIN: Duration = Duration::from_secs(2);
 pub const PG_LOCK_KEY: i64 = i64::from_be_bytes(*b"dbkmigcd");
 
 /// Beside a SQLite database: the file dbkeeper `flock`s while a migration command
-/// runs (SQLite's own locks cannot be held: the command writes the database).
+/// runs (SQLite's own locks cannot be held: the command writes the database). Named
+/// after the database's canonical path (symbolic links resolved, also in the
+/// directories), so that every path leading to the same file shares one lock.
 pub fn sqlite_lock_path(database: &Path) -> PathBuf {
-    let mut name = database.as_os_str().to_owned();
+    let canonical = std::fs::canonicalize(database).unwrap_or_else(|_| {
+        // Not there yet: its directory's canonical path and its name.
+        match (database.parent(), database.file_name()) {
+            (Some(dir), Some(file)) => std::fs::canonicalize(dir)
+                .map(|d| d.join(file))
+                .unwrap_or_else(|_| database.to_owned()),
+            _ => database.to_owned(),
+        }
+    });
+    let mut name = canonical.as_os_str().to_owned();
     name.push(".dbkeeper-migrate.lock");
     PathBuf::from(name)
 }
@@ -76,6 +90,9 @@ impl Which {
 pub struct Target {
     /// "the database" or "the scratch copy", for messages.
     pub label: &'static str,
+    /// [`identity`] of the real database (also for a copy): the start of every
+    /// [`MARK`] value of its commands.
+    identity: String,
     /// `DATABASE_URL` and friends; values may hold the password.
     env: Vec<(&'static str, Zeroizing<String>)>,
 }
@@ -85,6 +102,7 @@ impl Target {
     pub fn database(db: &Database) -> Self {
         Target {
             label: "the database",
+            identity: identity(db),
             env: database_env(db, None),
         }
     }
@@ -93,6 +111,7 @@ impl Target {
     pub fn copy(db: &Database, copy: &ScratchCopy<'_>) -> Self {
         Target {
             label: "the scratch copy",
+            identity: identity(db),
             env: database_env(db, Some(copy)),
         }
     }
@@ -102,22 +121,85 @@ impl Target {
     fn secrets(&self) -> Vec<String> {
         let mut secrets = Vec::new();
         for (name, value) in &self.env {
-            match *name {
-                "PGPASSWORD" => secrets.push(value.to_string()),
-                // As percent-encoded in the URL.
-                "DATABASE_URL" => {
-                    if let Some(pw) = url::Url::parse(value)
-                        .ok()
-                        .and_then(|u| u.password().map(str::to_owned))
-                    {
-                        secrets.push(pw);
-                    }
-                }
-                _ => {}
+            if *name == "PGPASSWORD" {
+                secrets.push(value.to_string());
+                // As percent-encoded in DATABASE_URL.
+                secrets.push(crate::db::encoded_password(value));
             }
         }
         secrets.retain(|s| !s.is_empty());
+        // Longest first, so that a secret containing another is masked whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
         secrets
+    }
+}
+
+/// The environment variable that marks every process a migration command starts
+/// (children inherit it, also those that leave the process group with `setsid`):
+/// `<database identity>:<which>:<run>`. Processes carrying a run's mark are killed
+/// when the command ends; a `command` run's mark still alive when the next run of the
+/// same database starts means a command whose dbkeeper died (`kill -9`) is still at
+/// work, and the run refuses to start.
+pub const MARK: &str = "DBKEEPER_MIGRATION_RUN";
+
+/// What identifies a database across dbkeepers and configs: a hash of the server and
+/// database (PostgreSQL, as resolved for tools) or of the canonical lock path (SQLite).
+fn identity(db: &Database) -> String {
+    use sha2::Digest;
+    let place = match db {
+        Database::Postgres(pg) => pg
+            .client_env(None)
+            .into_iter()
+            .filter(|(name, _)| matches!(*name, "PGHOST" | "PGPORT" | "PGDATABASE"))
+            .map(|(_, value)| value.to_string())
+            .collect::<Vec<_>>()
+            .join("\0"),
+        Database::Sqlite(lite) => sqlite_lock_path(&lite.path())
+            .to_string_lossy()
+            .into_owned(),
+    };
+    hex::encode(&sha2::Sha256::digest(place.as_bytes())[..8])
+}
+
+/// Live processes (not zombies) of ours whose environment has `MARK=<value>` exactly,
+/// or (`prefix`) starting with `value`. Other users' processes cannot be read and are
+/// not found; nor is one that started with a cleared environment.
+fn marked(value: &str, prefix: bool) -> Vec<Pid> {
+    let needle = format!("{MARK}={value}");
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                env.split(|&b| b == 0).any(|v| {
+                    if prefix {
+                        v.starts_with(needle.as_bytes())
+                    } else {
+                        v == needle.as_bytes()
+                    }
+                })
+            })
+        })
+        .filter(|pid| {
+            // "pid (comm) S …": the state follows the last ')'.
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+            })
+        })
+        .filter_map(|pid| i32::try_from(pid).ok().and_then(Pid::from_raw))
+        .collect()
+}
+
+/// SIGKILLs every live process carrying exactly the mark `value`.
+fn kill_marked(value: &str) {
+    for pid in marked(value, false) {
+        let _ = rustix::process::kill_process(pid, Signal::KILL);
     }
 }
 
@@ -140,54 +222,97 @@ fn database_env(
                 Some(ScratchCopy::Sqlite { file, .. }) => file.clone(),
                 _ => lite.path(),
             };
+            env.push(("DATABASE_URL", Zeroizing::new(sqlite_url(&path))));
             let path = path.to_string_lossy().into_owned();
-            env.push(("DATABASE_URL", Zeroizing::new(format!("sqlite://{path}"))));
             env.push(("DBKEEPER_DATABASE_PATH", Zeroizing::new(path)));
         }
     }
     env
 }
 
-/// The end of an output stream, at most [`TAIL`] bytes, and how much was cut before.
-#[derive(Debug, Default)]
+/// `sqlite://` and the absolute path, every byte but letters, digits, `/` and `-._~`
+/// percent-encoded: a URL-aware tool decodes exactly the path back (`?` or `#` in a
+/// name would otherwise end it).
+pub fn sqlite_url(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut url = String::from("sqlite://");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'.' | b'_' | b'~') {
+            url.push(char::from(b));
+        } else {
+            url.push_str(&format!("%{b:02X}"));
+        }
+    }
+    url
+}
+
+/// The end of an output stream, at most [`TAIL`] bytes once masked, and how much was
+/// cut before.
+#[derive(Debug)]
 pub struct Tail {
     kept: Vec<u8>,
     cut: u64,
+    /// How many bytes are read into `kept` at most: [`TAIL`] plus the longest secret,
+    /// so that a secret cut at the start can be dropped whole after masking.
+    limit: usize,
 }
 
 impl Tail {
+    fn new(limit: usize) -> Self {
+        Tail {
+            kept: Vec::new(),
+            cut: 0,
+            limit,
+        }
+    }
+
     fn push(&mut self, bytes: &[u8]) {
         self.kept.extend_from_slice(bytes);
         // Trimmed in steps, so that the copying stays linear in the output.
-        if self.kept.len() > 2 * TAIL {
+        if self.kept.len() > 2 * self.limit {
             self.trim();
         }
     }
 
     fn trim(&mut self) {
-        if self.kept.len() > TAIL {
-            let extra = self.kept.len() - TAIL;
+        if self.kept.len() > self.limit {
+            let extra = self.kept.len() - self.limit;
             self.kept.drain(..extra);
             self.cut += extra as u64;
         }
     }
 
-    /// The kept text (lossy UTF-8, trailing whitespace removed), saying so when the
-    /// beginning was cut.
-    pub fn text(&self) -> String {
-        let text = String::from_utf8_lossy(&self.kept);
-        let text = text.trim_end();
-        if self.cut > 0 {
-            format!("[{} earlier bytes not kept]\n{text}", self.cut)
+    /// The kept text (lossy UTF-8, trailing whitespace removed) with every secret
+    /// masked, then cut to its last [`TAIL`] bytes, saying so when the beginning was
+    /// cut. Masking comes first: a secret straddling the cut is never half shown (the
+    /// piece of one that the read limit cut is within the first `limit - TAIL`
+    /// bytes, which are dropped).
+    pub fn text(&self, secrets: &[String], max: usize) -> String {
+        let margin = self.limit.saturating_sub(max);
+        let masked = mask(String::from_utf8_lossy(&self.kept).into_owned(), secrets);
+        let masked = masked.trim_end();
+        let mut start = if self.cut > 0 {
+            margin.min(masked.len())
+        } else {
+            0
+        };
+        start = start.max(masked.len().saturating_sub(max));
+        while !masked.is_char_boundary(start) {
+            start += 1;
+        }
+        let cut = self.cut + start as u64;
+        let text = &masked[start..];
+        if cut > 0 {
+            format!("[{cut} earlier bytes not kept]\n{text}")
         } else {
             text.to_owned()
         }
     }
 }
 
-/// Reads a pipe to its end, keeping the tail.
-async fn read_tail(mut pipe: impl AsyncRead + Unpin) -> Tail {
-    let mut tail = Tail::default();
+/// Reads a pipe to its end, keeping the last `limit` bytes.
+async fn read_tail(mut pipe: impl AsyncRead + Unpin, limit: usize) -> Tail {
+    let mut tail = Tail::new(limit);
     let mut buf = vec![0; 16 * 1024];
     while let Ok(n) = pipe.read(&mut buf).await {
         if n == 0 {
@@ -198,6 +323,9 @@ async fn read_tail(mut pipe: impl AsyncRead + Unpin) -> Tail {
     tail.trim();
     tail
 }
+
+/// How much of a plan-command's stdout `migrate plan` prints at most (the end).
+pub const PLAN_MAX: usize = 64 * 1024 * 1024;
 
 /// What a command did.
 #[derive(Debug)]
@@ -228,28 +356,35 @@ impl Ran {
     }
 }
 
-/// The whole process group of a started command; SIGKILLed when dropped (the job's
-/// task aborted) unless [`Group::done`] said it is gone.
-struct Group(Option<Pid>);
+/// The whole process group of a started command, and every process carrying its
+/// run's [`MARK`]; SIGKILLed when dropped (the job's task aborted) unless
+/// [`Group::done`] said they are gone.
+struct Group {
+    leader: Option<Pid>,
+    mark: String,
+}
 
 impl Group {
     fn signal(&self, signal: Signal) {
-        if let Some(pid) = self.0 {
+        if let Some(pid) = self.leader {
             // ESRCH: nobody left in the group.
             let _ = kill_process_group(pid, signal);
         }
     }
 
-    /// Kills what is left of the group and forgets it.
+    /// Kills what is left of the group, and the run's marked processes that left it,
+    /// and forgets them.
     fn done(&mut self) {
         self.signal(Signal::KILL);
-        self.0 = None;
+        if self.leader.take().is_some() {
+            kill_marked(&self.mark);
+        }
     }
 }
 
 impl Drop for Group {
     fn drop(&mut self) {
-        self.signal(Signal::KILL);
+        self.done();
     }
 }
 
@@ -298,18 +433,37 @@ impl MigrateJob {
             .stderr(Stdio::piped())
             .process_group(0)
             .envs(&self.cfg.env.0);
-        if which == Which::Plan {
-            // `migrate plan` prints it whole: a plan is not cut to a tail.
-            cmd.stdout(Stdio::inherit());
+        for name in crate::db::REDIRECTING_ENV {
+            cmd.env_remove(name);
         }
         for (name, value) in &target.env {
             cmd.env(name, value.as_str());
         }
+        let mark = format!(
+            "{}:{}:{}",
+            target.identity,
+            which.key(),
+            hex::encode(rand::random::<[u8; 8]>())
+        );
+        cmd.env(MARK, &mark);
+        let secrets = target.secrets();
+        let margin = secrets.iter().map(String::len).max().unwrap_or(0);
+        // `migrate plan` prints the plan (masked) whole, up to PLAN_MAX.
+        let out_max = if which == Which::Plan { PLAN_MAX } else { TAIL };
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(start_err)?;
-        let mut group = Group(child.id().and_then(|id| Pid::from_raw(id as i32)));
-        let stdout = child.stdout.take().map(|p| tokio::spawn(read_tail(p)));
-        let stderr = child.stderr.take().map(|p| tokio::spawn(read_tail(p)));
+        let mut group = Group {
+            leader: child.id().and_then(|id| Pid::from_raw(id as i32)),
+            mark,
+        };
+        let stdout = child
+            .stdout
+            .take()
+            .map(|p| tokio::spawn(read_tail(p, out_max + margin)));
+        let stderr = child
+            .stderr
+            .take()
+            .map(|p| tokio::spawn(read_tail(p, TAIL + margin)));
         let waited = tokio::select! {
             status = child.wait() => Some(status),
             _ = cancel.cancelled() => None,
@@ -340,8 +494,7 @@ impl MigrateJob {
         // The leader is gone; anything left in its group goes with it.
         group.done();
         let status = status.map_err(start_err)?;
-        let secrets = target.secrets();
-        let collect = |reader: Option<tokio::task::JoinHandle<Tail>>| {
+        let collect = |reader: Option<tokio::task::JoinHandle<Tail>>, max: usize| {
             let secrets = &secrets;
             async move {
                 let tail = match reader {
@@ -349,15 +502,15 @@ impl MigrateJob {
                         Ok(Ok(tail)) => tail,
                         _ => {
                             r.abort();
-                            Tail::default()
+                            Tail::new(0)
                         }
                     },
-                    None => Tail::default(),
+                    None => Tail::new(0),
                 };
-                mask(tail.text(), secrets)
+                tail.text(secrets, max)
             }
         };
-        let (stdout, stderr) = tokio::join!(collect(stdout), collect(stderr));
+        let (stdout, stderr) = tokio::join!(collect(stdout, out_max), collect(stderr, TAIL));
         Ok(Ran {
             status,
             stdout,
@@ -405,9 +558,9 @@ impl Drop for Deadline {
     }
 }
 
-/// A command-migration lock held: a PostgreSQL session, or a locked file.
+/// A command-migration lock held: a PostgreSQL session (kept alive), or a locked file.
 enum Held {
-    Postgres(super::postgres::Session),
+    Postgres(super::postgres::Watched),
     File(#[allow(dead_code)] std::fs::File),
 }
 
@@ -429,8 +582,8 @@ impl MigrateJob {
         result
     }
 
-    /// Runs the plan-command against the database (bounded by the job's `timeout`),
-    /// its stdout going straight to ours. `Ok(None)`: none is configured.
+    /// Runs the plan-command against the database (bounded by the job's `timeout`);
+    /// its stdout (password masked, at most [`PLAN_MAX`] bytes) is in the result. `Ok(None)`: none is configured.
     pub async fn command_plan(&self, db: &Database) -> Result<Option<Ran>, MigrateError> {
         if self.cfg.plan_command.is_none() {
             return Ok(None);
@@ -487,19 +640,39 @@ impl MigrateJob {
         db: &Database,
         cancel: &CancellationToken,
     ) -> Result<Outcome, MigrateError> {
+        // Cancelled with `cancel`, or when the lock session is lost.
+        let run_cancel = cancel.child_token();
         let held = match db {
-            Database::Postgres(pg) => Held::Postgres(pg.command_lock(self, cancel).await?),
+            Database::Postgres(pg) => {
+                let session = pg.command_lock(self, cancel).await?;
+                Held::Postgres(super::postgres::Watched::start(session, run_cancel.clone()))
+            }
             Database::Sqlite(lite) => Held::File(lite.command_lock(self, cancel).await?),
         };
-        let result = self.apply_command(db, cancel).await;
+        let mut result = self.apply_command(db, &run_cancel).await;
         match (held, db) {
-            (Held::Postgres(session), Database::Postgres(pg)) => {
-                MigrationBackend::close(pg, session).await
-            }
+            (Held::Postgres(watched), Database::Postgres(pg)) => match watched.stop().await {
+                Ok(session) => MigrationBackend::close(pg, session).await,
+                Err(reason) => {
+                    let lost = MigrateError::LockLost {
+                        database: db.name().to_owned(),
+                        reason,
+                    };
+                    result = Err(match result {
+                        Err(MigrateError::AfterBackup { backup, .. }) => {
+                            MigrateError::AfterBackup {
+                                backup,
+                                source: Box::new(lost),
+                            }
+                        }
+                        _ => lost,
+                    });
+                }
+            },
             (held, _) => drop(held),
         }
         // The metrics show the state now (not after a cancel: nothing more runs then).
-        if !matches!(result, Err(MigrateError::Cancelled)) {
+        if !run_cancel.is_cancelled() {
             match self.command_status(db).await {
                 Ok(Pending { pending: None, .. }) if result.is_ok() => {
                     metrics::migrations(db.name(), 0, None, 0, 0)
@@ -517,6 +690,22 @@ impl MigrateJob {
         cancel: &CancellationToken,
     ) -> Result<Outcome, MigrateError> {
         let real = Target::database(db);
+        // Under the lock, no command of ours runs on this database: a marked one is
+        // left from a dbkeeper that died without stopping it.
+        let left = marked(
+            &format!("{}:{}:", real.identity, Which::Command.key()),
+            true,
+        );
+        if !left.is_empty() {
+            return Err(MigrateError::StillRunning {
+                database: db.name().to_owned(),
+                pids: left
+                    .iter()
+                    .map(|p| p.as_raw_nonzero().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
         let before = self.pending(&real, cancel).await?;
         if before.pending == Some(false) {
             return Ok(Outcome {
@@ -526,7 +715,14 @@ impl MigrateJob {
         }
         let backup_id = self.backup_first(db, cancel).await?;
         let after_backup = |e: MigrateError| match (&backup_id, e) {
-            (Some(backup), e @ MigrateError::CommandFailed { .. }) => MigrateError::AfterBackup {
+            (Some(backup), MigrateError::Cancelled) => MigrateError::AfterBackup {
+                backup: backup.clone(),
+                source: Box::new(MigrateError::Stopped),
+            },
+            (
+                Some(backup),
+                e @ (MigrateError::CommandFailed { .. } | MigrateError::LockLost { .. }),
+            ) => MigrateError::AfterBackup {
                 backup: backup.clone(),
                 source: Box::new(e),
             },
@@ -646,22 +842,53 @@ mod tests {
 
     #[test]
     fn the_tail_keeps_the_end_and_says_what_was_cut() {
-        let mut t = Tail::default();
+        let mut t = Tail::new(TAIL);
         for i in 0..10_000u32 {
             t.push(format!("line {i}\n").as_bytes());
         }
         t.trim();
         assert_eq!(t.kept.len(), TAIL);
-        let text = t.text();
+        let text = t.text(&[], TAIL);
         assert!(text.starts_with('['), "{}", &text[..40]);
         assert!(text.ends_with("line 9999"), "{}", &text[text.len() - 40..]);
         let total: u64 = (0..10_000u32)
             .map(|i| format!("line {i}\n").len() as u64)
             .sum();
         assert_eq!(t.cut + TAIL as u64, total);
-        let mut short = Tail::default();
+        let mut short = Tail::new(TAIL);
         short.push(b"ok\n");
-        assert_eq!(short.text(), "ok");
+        assert_eq!(short.text(&[], TAIL), "ok");
+    }
+
+    #[test]
+    fn a_secret_cut_at_the_start_of_the_tail_is_not_half_shown() {
+        let secret = "s3cr3t-PASSWORD-0123456789".to_owned();
+        for shift in 0..secret.len() {
+            let mut t = Tail::new(TAIL + secret.len());
+            t.push(&vec![b'x'; 100_000]);
+            t.push(secret.as_bytes());
+            t.push(&vec![b'y'; TAIL + secret.len() - 1 - shift]);
+            t.trim();
+            let text = t.text(std::slice::from_ref(&secret), TAIL);
+            for n in 4..secret.len() {
+                assert!(
+                    !text.contains(&secret[secret.len() - n..]),
+                    "shift {shift}: {n}"
+                );
+            }
+            assert!(text.len() <= TAIL + 40);
+        }
+        let mut whole = Tail::new(TAIL + secret.len());
+        whole.push(format!("a {secret} b").as_bytes());
+        assert_eq!(whole.text(std::slice::from_ref(&secret), TAIL), "a *** b");
+    }
+
+    #[test]
+    fn sqlite_urls_encode_what_a_url_parser_would_read_otherwise() {
+        assert_eq!(
+            sqlite_url(Path::new("/d/app?v2 #1%.db")),
+            "sqlite:///d/app%3Fv2%20%231%25.db"
+        );
     }
 
     #[test]

@@ -151,6 +151,13 @@ pub enum MigrateError {
     },
     #[error("cancelled")]
     Cancelled,
+    /// A migration command cancelled (timeout, shutdown) once it had started.
+    #[error("the migration command was stopped; a statement it had sent to a PostgreSQL server may still run (and commit) there (see pg_stat_activity)")]
+    Stopped,
+    #[error("the session holding the migration lock on database \"{database}\" was lost while the command ran ({reason}), so another migrator could have started: the command was stopped; check the database before applying again")]
+    LockLost { database: String, reason: String },
+    #[error("a migration command started earlier for database \"{database}\" is still running (pid {pids}): the dbkeeper that started it died without stopping it; wait for it to end (or kill it), check the database, then apply again")]
+    StillRunning { database: String, pids: String },
 }
 
 /// The dry run on the copy of pre-migration backup `backup` failed with `e`
@@ -216,6 +223,9 @@ impl MigrateError {
             | E::CommandStart { .. }
             | E::CommandFailed { .. }
             | E::AfterBackup { .. }
+            | E::LockLost { .. }
+            | E::Stopped
+            | E::StillRunning { .. }
             | E::DryRun { .. } => false,
             E::Db(_)
             | E::Failed { .. }
@@ -924,6 +934,11 @@ impl MigrateJob {
             .backup
             .as_ref()
             .ok_or(copy_err(BackupFailure::NotConfigured))?;
+        // A dry run a crash interrupted left its copy: remove it (and any other
+        // scratch database no live process owns) before making another.
+        if let Database::Postgres(pg) = db {
+            pg.tidy_scratch_databases().await;
+        }
         let name = format!("{id}{ARCHIVE_SUFFIX}");
         let archive = b
             .places(db.name())

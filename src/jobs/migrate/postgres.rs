@@ -218,9 +218,59 @@ impl Postgres {
         cancel: &CancellationToken,
     ) -> Result<Session, MigrateError> {
         let mut conn = own_connection(self).await?;
+        // The server's idle_session_timeout would end this idle session, releasing
+        // the lock while the command runs: off for it (PostgreSQL 14 and later; an
+        // older server does not know the setting and has no such timeout).
+        let _ = sqlx::raw_sql("SET idle_session_timeout = 0")
+            .execute(&mut *conn)
+            .await;
         let key = super::command::PG_LOCK_KEY;
         lock(self, &mut conn, key, job.cfg.lock_wait, cancel).await?;
         Ok(Session { conn, key, pid: 0 })
+    }
+}
+
+/// How often the command-migration lock session is used while the command runs, to
+/// keep it alive (NAT and firewall idle timeouts) and to notice when it is lost.
+pub const KEEPALIVE: Duration = Duration::from_secs(2);
+
+/// A command-migration lock session kept alive by a task while the command runs.
+pub(super) struct Watched {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<Session, String>>,
+}
+
+impl Watched {
+    /// Runs `SELECT 1` on `session` every [`KEEPALIVE`]; if that fails (the server
+    /// ended the session, the connection broke), cancels `lost`.
+    pub(super) fn start(mut session: Session, lost: CancellationToken) -> Self {
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = until.cancelled() => return Ok(session),
+                    _ = tokio::time::sleep(KEEPALIVE) => {}
+                }
+                let ping = sqlx::query("SELECT 1").execute(&mut *session.conn);
+                let reason = match tokio::time::timeout(KEEPALIVE * 5, ping).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "the server did not answer for 10s".to_owned(),
+                };
+                lost.cancel();
+                return Err(reason);
+            }
+        });
+        Watched { stop, task }
+    }
+
+    /// Stops the keep-alive: the session back, or why it was lost.
+    pub(super) async fn stop(self) -> Result<Session, String> {
+        self.stop.cancel();
+        self.task
+            .await
+            .unwrap_or_else(|e| Err(format!("the keep-alive task failed: {e}")))
     }
 }
 

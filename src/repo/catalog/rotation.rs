@@ -11,7 +11,10 @@
 //! good one: measured from the newest backup, not from now, so a backup job that
 //! stops working does not let the window empty. Only good backups (complete, not
 //! failed verification) count; the newest good backup is always kept; failed ones
-//! older than it are removed.
+//! older than it are removed. The newest good pre-migration backup is always kept
+//! too (it is the one a failed migration tells the operator to restore, and a
+//! policy like `last = 1` would otherwise prune it with the next ordinary backup);
+//! it takes its slots like any other good backup.
 //!
 //! Rotation cannot be talked into deleting the wrong thing: it sees only trusted
 //! backups (see [`super::trust()`]), deletes only `<id>.dbk`/`<id>.manifest.json` in
@@ -49,6 +52,8 @@ pub struct Candidate {
     /// Another manifest (trusted or not) claims the same id: which claim is right
     /// cannot be told, so it is kept and takes no slot.
     pub claimed_twice: bool,
+    /// Taken before a migration: the newest good one is always kept.
+    pub pre_migration: bool,
 }
 
 impl Candidate {
@@ -61,6 +66,7 @@ impl Candidate {
             future: super::is_future(at, now),
             just_made: false,
             claimed_twice: false,
+            pre_migration: false,
         }
     }
 }
@@ -170,6 +176,11 @@ pub fn plan<'a>(candidates: &'a [Candidate], keep: &Keep) -> Vec<Decision> {
     // A good backup whose id is claimed twice takes no slot but is never deleted
     // either, so it still makes older failed backups redundant.
     let newest_good = sorted.iter().find(|c| c.good && !c.future).map(|c| c.at);
+    // Sorted newest first: the first good pre-migration backup is the newest.
+    let newest_pre_migration = sorted
+        .iter()
+        .find(|c| c.good && c.pre_migration)
+        .map(|c| c.id.as_str());
     if let Some(c) = good.first() {
         let r = reasons.entry(&c.id).or_default();
         if r.is_empty() {
@@ -189,6 +200,9 @@ pub fn plan<'a>(candidates: &'a [Candidate], keep: &Keep) -> Vec<Decision> {
             }
             if c.just_made {
                 r.push("made by this run".to_owned());
+            }
+            if newest_pre_migration == Some(c.id.as_str()) {
+                r.push("newest good pre-migration backup".to_owned());
             }
             // A failed backup newer than every good one is left for inspection.
             if !c.good && newest_good.is_none_or(|t| c.at > t) {
@@ -267,6 +281,7 @@ pub fn rotate(
             just_made: just_made == Some(m.id.as_str()),
             // Untrusted manifests' claims count too (adversary round 3, case 09).
             claimed_twice: listing.duplicates.iter().any(|d| d.id == m.id),
+            pre_migration: m.kind == super::BackupKind::PreMigration,
             ..Candidate::new(&m.id, m.started_at, m.is_good(), now)
         })
         .collect();
@@ -358,6 +373,7 @@ mod tests {
                 future: false,
                 just_made: false,
                 claimed_twice: false,
+                pre_migration: false,
             })
             .collect()
     }
@@ -410,6 +426,7 @@ mod tests {
             future: false,
             just_made: false,
             claimed_twice: false,
+            pre_migration: false,
         });
         c.push(Candidate {
             id: "b001-late".into(),
@@ -418,6 +435,7 @@ mod tests {
             future: false,
             just_made: false,
             claimed_twice: false,
+            pre_migration: false,
         });
         let d = plan(&c, &only("daily", 2));
         assert_eq!(kept(&d), ["b000-late", "b001-late"]);
@@ -449,6 +467,7 @@ mod tests {
                 future: false,
                 just_made: false,
                 claimed_twice: false,
+                pre_migration: false,
             })
             .collect();
         // 20:00, 19:30, 19:00, 18:30 … -> newest of hours 20, 19, 18
@@ -487,6 +506,20 @@ mod tests {
         let mut c = daily_timeline(5, &[]);
         c[3].good = false;
         assert!(!kept(&plan(&c, &Keep::recommended())).contains(&"b003"));
+    }
+
+    #[test]
+    fn the_newest_good_pre_migration_backup_is_never_deleted() {
+        // Adversary 15b, case 07: last = 1 pruned the backup a failed migration named.
+        let mut c = daily_timeline(5, &[]);
+        c[2].pre_migration = true;
+        c[3].pre_migration = true;
+        let d = plan(&c, &only("last", 1));
+        assert_eq!(kept(&d), ["b000", "b002"]);
+        assert_eq!(d[2].reasons, ["newest good pre-migration backup"]);
+        // A failed one does not count: the newest good one before it stays.
+        c[2].good = false;
+        assert_eq!(kept(&plan(&c, &only("last", 1))), ["b000", "b003"]);
     }
 
     #[test]
@@ -615,6 +648,16 @@ mod tests {
             // run, or an id that another manifest claims too.
             for c in cands {
                 if c.future || c.just_made || c.claimed_twice {
+                    out.insert(c.id.clone());
+                }
+            }
+            // The newest good pre-migration backup: no other good pre-migration
+            // backup is newer (ties broken by id, as everywhere).
+            for c in cands.iter().filter(|c| c.good && c.pre_migration) {
+                let beaten = cands
+                    .iter()
+                    .any(|o| o.good && o.pre_migration && (o.at, &o.id) > (c.at, &c.id));
+                if !beaten {
                     out.insert(c.id.clone());
                 }
             }
@@ -755,7 +798,7 @@ mod tests {
                 // straddle a year) fall where they may.
                 now_secs in 40_000_000i64..7_258_118_400,
                 backups in proptest::collection::vec(
-                    (offset(), prop::bool::weighted(0.8), prop::bool::weighted(0.05), prop::bool::weighted(0.05)),
+                    (offset(), prop::bool::weighted(0.8), prop::bool::weighted(0.05), prop::bool::weighted(0.05), prop::bool::weighted(0.15)),
                     0..24,
                 ),
                 keep in policy(),
@@ -765,9 +808,10 @@ mod tests {
                 let cands: Vec<Candidate> = backups
                     .iter()
                     .enumerate()
-                    .map(|(i, &(off, good, twice, just_made))| Candidate {
+                    .map(|(i, &(off, good, twice, just_made, pre_migration))| Candidate {
                         just_made,
                         claimed_twice: twice,
+                        pre_migration,
                         ..Candidate::new(&format!("c{i:02}"), now - chrono::Duration::seconds(off), good, now)
                     })
                     .collect();
