@@ -1628,10 +1628,16 @@ fn a_sqlite_restore_never_targets_a_destination_or_the_state_dir() {
         if target.starts_with(w.path().join("backups-link")) {
             let _ = std::os::unix::fs::symlink(&dest, w.path().join("backups-link"));
         }
-        w.cmd(&["restore", "app", "--to", target.to_str().expect("utf-8"), "--force"])
-            .assert()
-            .code(1)
-            .stderr(predicate::str::contains("lie inside one another"));
+        w.cmd(&[
+            "restore",
+            "app",
+            "--to",
+            target.to_str().expect("utf-8"),
+            "--force",
+        ])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("lie inside one another"));
     }
     assert_eq!(std::fs::read(&archive).expect("archive"), before);
     assert!(!dest.join("app/other.db").exists());
