@@ -902,6 +902,7 @@ fn adversary_a_crashed_dry_runs_scratch_database_is_dropped_before_the_next() {
         &format!("{}/postgres", common::pg_server()),
         &format!("CREATE DATABASE {}", leftover.name),
     );
+    common::mark_scratch(&leftover.name);
     let w = Workdir::new();
     w.write_config("", &config(&w, &pg.url, "", "dry-run-on-copy = true"));
     w.cmd(&["migrate", "apply", "db"]).assert().success();

@@ -453,6 +453,13 @@ fn named_database(name: &str) -> PgDb {
     }
 }
 
+/// What a crashed dbkeeper leaves: a database of that name carrying its mark.
+fn leftover_database(name: &str) -> PgDb {
+    let db = named_database(name);
+    common::mark_scratch(name);
+    db
+}
+
 /// The library's handle on the test server's `postgres` database, to hold a scratch
 /// claim the way a live restore does.
 fn server_handle() -> dbkeeper::db::Postgres {
@@ -480,9 +487,9 @@ fn crash_leftover_scratch_databases_are_dropped_unless_their_owner_lives() {
     // What a kill -9 leaves: a scratch restore database, a swapped-out old one, a
     // restore test's database; none has a live owner.
     let orphans = [
-        named_database(&format!("{tag}_dbk_restore_{}", hex(1))),
-        named_database(&format!("{tag}_dbk_old_{}", hex(2))),
-        named_database(&format!("{tag}_dbk_verify_{}", hex(3))),
+        leftover_database(&format!("{tag}_dbk_restore_{}", hex(1))),
+        leftover_database(&format!("{tag}_dbk_old_{}", hex(2))),
+        leftover_database(&format!("{tag}_dbk_verify_{}", hex(3))),
     ];
     // One whose owner is alive (it holds the claim), and names that only look alike.
     let owned_name = format!("{tag}_dbk_restore_{}", hex(4));
@@ -493,8 +500,12 @@ fn crash_leftover_scratch_databases_are_dropped_unless_their_owner_lives() {
     let claim = rt
         .block_on(owner.claim_scratch(&owned_name))
         .expect("claim");
-    let owned = named_database(&owned_name);
+    let owned = leftover_database(&owned_name);
     let lookalikes = [
+        // Adversary round 2 (issue 15), case 01: a database with a scratch name that
+        // dbkeeper did not make (a configured one, a person's) is never dropped.
+        named_database(&format!("{tag}_dbk_verify_{}", hex(8))),
+        named_database(&format!("{tag}_dbk_old_{}", hex(9))),
         named_database(&format!("{tag}_dbk_restore_ZZZZ")),
         named_database(&format!("{tag}_dbk_restore_abc")),
         named_database(&format!("{tag}_dbk_restore_ABCDEF12")),
@@ -516,7 +527,7 @@ fn crash_leftover_scratch_databases_are_dropped_unless_their_owner_lives() {
     }
 
     // The daemon does the same at start-up, and says what it dropped.
-    let orphan = named_database(&format!("{tag}_dbk_verify_{}", hex(7)));
+    let orphan = leftover_database(&format!("{tag}_dbk_verify_{}", hex(7)));
     let d = w.start();
     d.wait_for(
         "the orphan is dropped",

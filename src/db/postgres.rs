@@ -312,6 +312,28 @@ pub fn is_scratch_name(name: &str) -> bool {
         .any(|kind| head.ends_with(kind))
 }
 
+/// The comment dbkeeper puts on every scratch database it creates (and on a replaced
+/// database renamed `_dbk_old_`): the cleaner drops only databases that carry it,
+/// so a database that merely has a scratch-like name — a configured one, one a
+/// person named `reports_dbk_old_20240101` — is never touched.
+const SCRATCH_MARK: &str = "dbkeeper scratch database: dropped when its owner is gone";
+
+/// `COMMENT ON DATABASE name IS …` (`None`: no comment), both quoted.
+async fn comment_on(
+    conn: &mut sqlx::PgConnection,
+    name: &str,
+    comment: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    let text = comment.map_or_else(|| "NULL".to_owned(), quote_literal);
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "COMMENT ON DATABASE {} IS {text}",
+        quote(name)
+    )))
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
 /// The service name dbkeeper writes into its private service files.
 const SERVICE: &str = "dbkeeper";
 
@@ -772,13 +794,16 @@ impl Postgres {
         Ok(found.is_some())
     }
 
+    /// Creates the scratch database `name`, marked as dbkeeper's ([`SCRATCH_MARK`]).
     pub async fn create_database(&self, name: &str) -> Result<(), DbError> {
         let mut conn = self.maintenance().await?;
         sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {}", quote(name))))
             .execute(&mut conn)
             .await
             .map_err(|e| self.query_error(e))?;
-        Ok(())
+        comment_on(&mut conn, name, Some(SCRATCH_MARK))
+            .await
+            .map_err(|e| self.query_error(e))
     }
 
     /// Creates `name` as a copy-to-be of `like`: same owner (when that is not us),
@@ -810,7 +835,9 @@ impl Postgres {
             .execute(&mut conn)
             .await
             .map_err(|e| self.query_error(e))?;
-        Ok(())
+        comment_on(&mut conn, name, Some(SCRATCH_MARK))
+            .await
+            .map_err(|e| self.query_error(e))
     }
 
     /// In one transaction, renames `target` (if it exists) to `old` and `new` to
@@ -827,12 +854,15 @@ impl Postgres {
     ) -> Result<Swapped, DbError> {
         let mut conn = self.maintenance().await?;
         let mut tx = conn.begin().await.map_err(|e| self.query_error(e))?;
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-                .bind(target)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(|e| self.query_error(e))?;
+        // The target's own comment, which the database swapped in takes over.
+        let existing: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+        )
+        .bind(target)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| self.query_error(e))?;
+        let exists = existing.is_some();
         if exists {
             match mode {
                 SwapMode::RequireAbsent => {
@@ -845,8 +875,14 @@ impl Postgres {
             rename(&mut tx, target, old)
                 .await
                 .map_err(|e| self.query_error(e))?;
+            comment_on(&mut tx, old, Some(SCRATCH_MARK))
+                .await
+                .map_err(|e| self.query_error(e))?;
         }
         rename(&mut tx, new, target)
+            .await
+            .map_err(|e| self.query_error(e))?;
+        comment_on(&mut tx, target, existing.flatten().as_deref())
             .await
             .map_err(|e| self.query_error(e))?;
         tx.commit().await.map_err(|e| self.query_error(e))?;
@@ -869,10 +905,24 @@ impl Postgres {
         let mut conn = self.maintenance().await?;
         let mut tx = conn.begin().await.map_err(|e| self.query_error(e))?;
         self.terminate_sessions(&mut tx, target).await?;
+        let comment: Option<String> = sqlx::query_scalar(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+        )
+        .bind(target)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| self.query_error(e))?
+        .flatten();
         rename(&mut tx, target, new)
             .await
             .map_err(|e| self.query_error(e))?;
+        comment_on(&mut tx, new, Some(SCRATCH_MARK))
+            .await
+            .map_err(|e| self.query_error(e))?;
         rename(&mut tx, old, target)
+            .await
+            .map_err(|e| self.query_error(e))?;
+        comment_on(&mut tx, target, comment.as_deref())
             .await
             .map_err(|e| self.query_error(e))?;
         tx.commit().await.map_err(|e| self.query_error(e))
@@ -918,14 +968,19 @@ impl Postgres {
     }
 
     /// Drops the scratch databases on this server whose owner is gone (see
-    /// [`ScratchClaim`]): each one matching [`is_scratch_name`] whose advisory lock can
-    /// be taken. A database with sessions is left (never terminated), as is one we may
+    /// [`ScratchClaim`]): each one matching [`is_scratch_name`] and marked as
+    /// dbkeeper's ([`SCRATCH_MARK`]) whose advisory lock can be taken. A database with sessions is left (never terminated), as is one we may
     /// not drop; both are logged. Returns the names dropped.
     pub async fn clean_scratch_databases(&self) -> Result<Vec<String>, DbError> {
         let mut conn = self.maintenance().await?;
+        // Only databases dbkeeper marked as its scratch (see SCRATCH_MARK).
         let names: Vec<String> = sqlx::query_scalar(
-            "SELECT datname::text FROM pg_database WHERE datname LIKE '%\\_dbk\\_%' ORDER BY datname",
+            "SELECT datname::text FROM pg_database
+             WHERE datname LIKE '%\\_dbk\\_%'
+               AND shobj_description(oid, 'pg_database') = $1
+             ORDER BY datname",
         )
+        .bind(SCRATCH_MARK)
         .fetch_all(&mut conn)
         .await
         .map_err(|e| self.query_error(e))?;

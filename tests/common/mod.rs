@@ -469,6 +469,18 @@ pub fn sqlite_db(w: &Workdir, name: &str, backup: &str) -> String {
     )
 }
 
+/// The comment dbkeeper puts on the scratch databases it creates; its clean-up drops
+/// only databases that carry it (a leftover of a crashed run is made with it here).
+pub const SCRATCH_MARK: &str = "dbkeeper scratch database: dropped when its owner is gone";
+
+/// Marks the database `name` as a dbkeeper scratch database ([`SCRATCH_MARK`]).
+pub fn mark_scratch(name: &str) {
+    psql(
+        &format!("{}/postgres", pg_server()),
+        &format!("COMMENT ON DATABASE \"{name}\" IS '{SCRATCH_MARK}'"),
+    );
+}
+
 /// A tmpfs of `size` (e.g. `"3m"`) mounted on `dir` (created) while it lives: a small
 /// disk. Root only.
 pub struct Tmpfs(PathBuf);
