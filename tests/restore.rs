@@ -1650,6 +1650,45 @@ fn a_sqlite_restore_never_targets_a_destination_or_the_state_dir() {
         .code(1)
         .stderr(predicate::str::contains("lie inside one another"));
     }
+    // Adversary round 2 (issue 15), cases 02 and 03: the same folders through a bind
+    // mount, and the key and configuration files themselves.
+    let bind = w.path().join("bind");
+    std::fs::create_dir(&bind).expect("mkdir");
+    let bound = Command::new("mount")
+        .arg("--bind")
+        .arg(&dest)
+        .arg(&bind)
+        .status()
+        .expect("mount")
+        .success();
+    assert!(bound, "a bind mount needs root");
+    let key_before = std::fs::read(&key).expect("key");
+    for target in [
+        bind.join("app/other.db"),
+        bind.join("app"),
+        key.clone(),
+        w.config_path(),
+    ] {
+        let out = w
+            .cmd(&[
+                "restore",
+                "app",
+                "--to",
+                target.to_str().expect("utf-8"),
+                "--force",
+            ])
+            .output()
+            .expect("restore");
+        assert_eq!(out.status.code(), Some(1), "{}", target.display());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("lie inside one another"),
+            "{}: {}",
+            target.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = Command::new("umount").arg(&bind).status();
+    assert_eq!(std::fs::read(&key).expect("key"), key_before);
     assert_eq!(std::fs::read(&archive).expect("archive"), before);
     assert!(!dest.join("app/other.db").exists());
     w.cmd(&["backup", "verify", "app"]).assert().success();

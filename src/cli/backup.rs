@@ -534,14 +534,16 @@ pub async fn restore(
             Ok(archive) if b.files.is_some() => {
                 let expect = verifying::Expect::trusted(&manifest, &policy);
                 let dir = Path::new(to);
-                let kept = config.kept_dirs();
+                let kept = config.protected_paths();
                 files::restore_dir(&*archive, &b.keys, expect, dir, how.force, &kept, &cancel).await
             }
             Ok(archive) => {
                 // A SQLite file restored into a destination or the state directory
                 // could replace an archive, a manifest or the run history.
                 let file_target = !to.starts_with("postgres:") && !to.starts_with("postgresql:");
-                match file_target.then(|| files::check_target(Path::new(to), &config.kept_dirs())) {
+                match file_target
+                    .then(|| files::check_target(Path::new(to), &config.protected_paths()))
+                {
                     Some(Err(e)) => Err(e),
                     _ => {
                         restoring::restore(&*archive, &manifest, &b.keys, to, &opts, &cancel).await

@@ -158,6 +158,37 @@ impl Config {
 }
 
 impl Config {
+    /// What a restore may never write over or into: [`Config::kept_dirs`], the
+    /// configuration files and every key and password file (losing a key loses
+    /// every archive made with it).
+    pub fn protected_paths(&self) -> Vec<(String, PathBuf)> {
+        let mut paths = self.kept_dirs();
+        paths.push(("the configuration file".to_owned(), self.path.clone()));
+        for f in &self.drop_ins {
+            paths.push(("the drop-in".to_owned(), f.clone()));
+        }
+        let backups = self
+            .databases
+            .iter()
+            .filter_map(|d| d.backup.as_ref())
+            .chain(self.files.iter().map(|f| &f.backup));
+        for b in backups {
+            for k in b.encryption_key_file.iter().chain(&b.decryption_key_files) {
+                paths.push(("the key file".to_owned(), k.clone()));
+            }
+        }
+        for f in self
+            .databases
+            .iter()
+            .filter_map(|d| d.password_file.as_ref())
+        {
+            paths.push(("the password file".to_owned(), f.clone()));
+        }
+        paths
+    }
+}
+
+impl Config {
     /// The `backend` the backups of the database or files set `name` have: `files`,
     /// `sqlite` or `postgres` (`None` for a name not configured).
     pub fn backend_of(&self, name: &str) -> Option<&'static str> {

@@ -455,13 +455,22 @@ pub async fn restore_dir(
     }
 }
 
-/// Refuses a target that is, holds or lies in one of dbkeeper's own folders
-/// (compared with symbolic links resolved): restoring there would delete backups
-/// or the state. Also asked of a SQLite restore's target file.
+/// Refuses a target that is, holds or lies in one of dbkeeper's own paths
+/// (`Config::protected_paths`: its folders, configuration and key files): restoring
+/// there would delete backups, the state or a key. Compared twice: as paths with
+/// symbolic links resolved, and by device and inode up the directory chain, which
+/// also sees through bind mounts. Also asked of a SQLite restore's target file.
 pub fn check_target(target: &Path, kept: &[(String, PathBuf)]) -> Result<(), BackupError> {
     let real = crate::config::resolve_path(target);
+    let target_chain = inode_chain(&real);
+    let target_id = file_id(&real);
     for (what, dir) in kept {
-        if crate::config::paths_overlap(&real, &crate::config::resolve_path(dir)) {
+        let kept_real = crate::config::resolve_path(dir);
+        let by_path = crate::config::paths_overlap(&real, &kept_real);
+        let kept_id = file_id(&kept_real);
+        let inside = kept_id.is_some_and(|id| target_chain.contains(&id));
+        let holds = target_id.is_some_and(|id| inode_chain(&kept_real).contains(&id));
+        if by_path || inside || holds {
             return Err(BackupError::Refused(format!(
                 "{} and {what} {} lie inside one another: restoring there would delete dbkeeper's own files; restore into another directory",
                 target.display(),
@@ -470,6 +479,18 @@ pub fn check_target(target: &Path, kept: &[(String, PathBuf)]) -> Result<(), Bac
         }
     }
     Ok(())
+}
+
+/// Device and inode of `path` (following links), if it exists.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The device and inode of `path` (or its nearest existing ancestor) and of every
+/// directory above it.
+fn inode_chain(path: &Path) -> Vec<(u64, u64)> {
+    path.ancestors().filter_map(file_id).collect()
 }
 
 /// `--force` removes the old tree: never with a file system mounted below it, whose
