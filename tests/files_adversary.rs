@@ -453,6 +453,16 @@ fn case05_an_empty_source_directory_fails_and_keeps_the_backups() {
         std::thread::sleep(std::time::Duration::from_millis(1100));
     }
     assert_eq!(ids(&dest, "storage"), before);
+    // Round 2, case 06: an unmounted file system often leaves an empty lost+found
+    // (and folders only): no file at all fails just the same.
+    std::fs::create_dir_all(tree.join("lost+found")).unwrap();
+    std::fs::create_dir_all(tree.join("a/b")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", tree.join("a/link")).unwrap();
+    w.cmd(&["run-job", "storage.backup"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("no file").and(predicate::str::contains("lost+found")));
+    assert_eq!(ids(&dest, "storage"), before);
 }
 
 /// Case 08: a restore that runs out of space says to free space there, not to move

@@ -49,16 +49,18 @@ impl FilesSpec {
         ))
     }
 
-    /// Starts the worker; the stream ends with the tar's end marker. An empty
-    /// directory fails: it is more likely a file system that is not mounted than
-    /// data, and its backup would make rotation delete the ones that hold data.
+    /// Starts the worker; the stream ends with the tar's end marker. A directory
+    /// without a single regular file anywhere below it fails: it is more likely a file
+    /// system that is not mounted (a bare mount point, or one left with an empty
+    /// `lost+found`) than data, and its backup would make rotation delete the ones
+    /// that hold data.
     pub fn stream(&self) -> Result<TarStream, BackupError> {
         self.check()?;
-        let mut listing = std::fs::read_dir(&self.path)
+        std::fs::read_dir(&self.path)
             .map_err(|e| self.missing(&format!("cannot be read ({e})")))?;
-        if listing.next().is_none() {
+        if !holds_a_file(&self.path) {
             return Err(BackupError::Refused(format!(
-                "{} is empty (is a file system not mounted there?); the backup was not taken and older backups are kept: put the data back or fix path in [[files]]",
+                "{} is empty or holds only folders and links, no file (is a file system not mounted there? an unmounted one often leaves an empty lost+found); the backup was not taken and older backups are kept: put the data back or fix path in [[files]]",
                 self.path.display()
             )));
         }
@@ -307,6 +309,23 @@ fn long_name<'p, W: Write>(tar: &mut tar::Builder<W>, rel: &'p Path) -> io::Resu
 
 /// The name in the header of an entry whose real name came in a long-name entry.
 const LONG_NAME_STAND_IN: &str = "././@LongLink-named";
+
+/// Whether a regular file lies anywhere below `dir` (links not followed); stops at
+/// the first one, so a tree with data costs a few reads.
+fn holds_a_file(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let mut dirs = Vec::new();
+    for entry in entries.flatten() {
+        match entry.file_type() {
+            Ok(t) if t.is_file() => return true,
+            Ok(t) if t.is_dir() => dirs.push(entry.path()),
+            _ => {}
+        }
+    }
+    dirs.iter().any(|d| holds_a_file(d))
+}
 
 /// A tar header from `meta`: type, mode, owner, size and mtime.
 fn header_of(meta: &Metadata) -> tar::Header {
