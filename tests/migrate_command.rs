@@ -1091,6 +1091,33 @@ fn adversary_rotation_keeps_the_pre_migration_backup_a_failure_names() {
     w.cmd(&["run-job", "db.backup"]).assert().success();
     assert!(pre[0].exists(), "the pre-migration backup was rotated away");
     assert_eq!(archives(&w.path().join("backups"), "db").len(), 2);
+
+    // Round 2, case 04: a second failing attempt takes a new pre-migration backup (of
+    // the half-migrated database), the newest one; the first stays pinned through it
+    // and through ordinary backups, until a migration succeeds.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    w.cmd(&["migrate", "apply", "db"]).assert().code(1);
+    assert_eq!(pre_migration_archives(&w).len(), 2);
+    w.cmd(&["run-job", "db.backup"]).assert().success();
+    assert!(
+        pre[0].exists(),
+        "the first failure's backup was rotated away"
+    );
+    let dry = w.stdout(&["backup", "prune", "db", "--dry-run"]);
+    assert!(dry.contains("pinned: a failed migration named it"), "{dry}");
+    w.write_config(
+        "",
+        &config(&w, &sqlite_url(&w), "", "").replace(
+            "[database.backup]\n",
+            "[database.backup]\nkeep = { last = 1 }\n",
+        ),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    w.cmd(&["run-job", "db.backup"]).assert().success();
+    assert!(!pre[0].exists(), "released once a migration succeeded");
+    assert_eq!(archives(&w.path().join("backups"), "db").len(), 2);
 }
 
 /// A command that starts `sleep 300` in a session of its own (out of its process

@@ -768,12 +768,17 @@ impl BackupJob {
         dry_run: bool,
     ) -> Result<Vec<Decision>, BackupError> {
         let policy = self.trust_policy(database, false);
+        let pinned = self
+            .state_dir()
+            .map(|dir| catalog::pins::pinned(dir, database))
+            .unwrap_or_default();
         let done = rotation::rotate(
             &*place.store,
             &policy,
             place.config.keep(&self.cfg.keep),
             Utc::now(),
             just_made,
+            &pinned,
             dry_run,
         )
         .map_err(io_err(

@@ -40,7 +40,7 @@ use super::Outcome;
 use crate::config::{MigrateConfig, OutOfOrder};
 use crate::db::{with_backend, Database, DbError};
 use crate::metrics;
-use crate::repo::catalog::{BackupKind, VerifyMode};
+use crate::repo::catalog::{self, BackupKind, VerifyMode};
 use crate::repo::storage::ARCHIVE_SUFFIX;
 use crate::repo::verify::{self, ScratchCopy};
 
@@ -741,14 +741,45 @@ impl MigrateJob {
         Ok(a)
     }
 
+    /// One migration run. Its pre-migration backup is pinned (see
+    /// `repo::catalog::pins`) as soon as it exists; a run that succeeds releases every
+    /// pin of the database and of the files sets taken with it.
     pub async fn run(
         &self,
         db: &Database,
         cancel: &CancellationToken,
     ) -> Result<Outcome, MigrateError> {
-        if self.is_command() {
-            return self.run_commands(db, cancel).await;
+        let outcome = if self.is_command() {
+            self.run_commands(db, cancel).await
+        } else {
+            self.run_directory(db, cancel).await
+        }?;
+        if let Some((dir, names)) = self.pin_scope(db) {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            if let Err(e) = catalog::pins::unpin_all(dir, db.name(), &names) {
+                tracing::warn!(
+                    database = db.name(),
+                    "cannot release the pinned pre-migration backups: {e}"
+                );
+            }
         }
+        Ok(outcome)
+    }
+
+    /// The state directory and the names (the database, its `with-files` sets) whose
+    /// backups this migration pins; `None` without a backup.
+    fn pin_scope(&self, db: &Database) -> Option<(&Path, Vec<String>)> {
+        let b = self.backup.as_ref()?;
+        let mut names = vec![db.name().to_owned()];
+        names.extend(b.cfg.with_files.iter().cloned());
+        Some((b.state_dir()?, names))
+    }
+
+    async fn run_directory(
+        &self,
+        db: &Database,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, MigrateError> {
         let result = with_backend!(db, b => self.apply_on(db, b, cancel).await);
         // Whatever happened, the metrics show the state now.
         if let Err(e) = self.status(db).await {
@@ -968,6 +999,12 @@ impl MigrateJob {
             .await
             .map_err(|e| MigrateError::Backup(BackupFailure::Failed(Box::new(e))))?;
         let id = outcome.details["backup_id"].as_str().map(str::to_owned);
+        if let (Some(id), Some((dir, names))) = (&id, self.pin_scope(db)) {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            if let Err(e) = catalog::pins::pin(dir, db.name(), &names, id) {
+                tracing::warn!(database = db.name(), backup = %id, "cannot pin the pre-migration backup against rotation: {e}");
+            }
+        }
         tracing::info!(
             database = db.name(),
             backup = id.as_deref().unwrap_or("?"),

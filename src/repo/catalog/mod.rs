@@ -10,6 +10,7 @@
 //! same on any backend; names are built here and in rotation only (from ids that
 //! came from names the storage listed), never from a manifest's text.
 
+pub mod pins;
 pub mod rotation;
 pub mod trust;
 

@@ -264,13 +264,15 @@ pub struct Rotation {
 }
 
 /// Applies `keep` to the trusted backups in `store` (or, with `dry_run`, only
-/// decides). `just_made` is the id of the backup the calling run wrote, if any.
+/// decides). `just_made` is the id of the backup the calling run wrote, if any;
+/// `pinned` are ids a failed migration named (see [`super::pins`]), never deleted.
 pub fn rotate(
     store: &dyn Storage,
     policy: &TrustPolicy,
     keep: &Keep,
     now: DateTime<Utc>,
     just_made: Option<&str>,
+    pinned: &std::collections::BTreeSet<String>,
     dry_run: bool,
 ) -> io::Result<Rotation> {
     let listing = super::list(store, policy)?;
@@ -298,6 +300,15 @@ pub fn rotate(
                         .to_owned(),
                 );
             }
+        }
+        for d in decisions
+            .iter_mut()
+            .filter(|d| !d.keep && pinned.contains(&d.id))
+        {
+            d.keep = true;
+            d.reasons.push(
+                "pinned: a failed migration named it; kept until a migration succeeds".to_owned(),
+            );
         }
         for d in decisions.iter_mut().filter(|d| unreadable.contains(&d.id)) {
             d.reasons.push(
@@ -1026,7 +1037,16 @@ mod tests {
             let keep = super::only("last", 1);
             let manifest = |id: &str| dest.path(&format!("{id}{MANIFEST}"));
             for dry_run in [true, false] {
-                let r = rotate(&dest, &policy, &keep, now, None, dry_run).unwrap();
+                let r = rotate(
+                    &dest,
+                    &policy,
+                    &keep,
+                    now,
+                    None,
+                    &Default::default(),
+                    dry_run,
+                )
+                .unwrap();
                 assert!(r.decisions.iter().all(|d| d.keep), "{:?}", r.decisions);
                 let why = &r.decisions.iter().find(|d| d.id == rotten).unwrap().reasons;
                 assert!(
@@ -1039,7 +1059,16 @@ mod tests {
             // damaged one is not what protects anything any more.
             let made = id_at(now);
             write(&dest, &made, &made, now, Sort::Good, &key);
-            rotate(&dest, &policy, &keep, now, Some(&made), false).unwrap();
+            rotate(
+                &dest,
+                &policy,
+                &keep,
+                now,
+                Some(&made),
+                &Default::default(),
+                false,
+            )
+            .unwrap();
             assert!(manifest(&made).exists());
             assert!(!manifest(&good).exists() && !manifest(&rotten).exists());
         }
@@ -1215,8 +1244,8 @@ mod tests {
                     allow_unencrypted: false,
                     current_key_since: None,
                 };
-                rotate(&dest, &policy, &keep, now, just_made.then_some(made.as_str()), false).unwrap();
-                rotate(&twin, &policy, &keep, now, just_made.then_some(made.as_str()), false).unwrap();
+                rotate(&dest, &policy, &keep, now, just_made.then_some(made.as_str()), &Default::default(), false).unwrap();
+                rotate(&twin, &policy, &keep, now, just_made.then_some(made.as_str()), &Default::default(), false).unwrap();
                 prop_assert_eq!(kept(&dest, &genuine), kept(&twin, &genuine), "planted files changed what rotation kept");
                 let after = files(root.path());
                 prop_assert!(after.is_subset(&before));

@@ -216,16 +216,7 @@ type Boundaries = std::collections::BTreeMap<
 >;
 
 fn read_boundaries(state_dir: &std::path::Path) -> Boundaries {
-    let path = state_dir.join(BOUNDARIES);
-    crate::repo::storage::open_regular(&path)
-        .ok()
-        .and_then(|f| {
-            use std::io::Read;
-            let mut text = String::new();
-            f.take(1 << 20).read_to_string(&mut text).ok()?;
-            serde_json::from_str(&text).ok()
-        })
-        .unwrap_or_default()
+    super::pins::read_record(state_dir, BOUNDARIES)
 }
 
 /// The first backup made with `key` that this host has seen for `database`, as
@@ -254,12 +245,7 @@ pub fn remember_boundary(
         return Ok(());
     }
     entry.insert(key.to_owned(), (at, id.to_owned()));
-    let json = serde_json::to_vec_pretty(&all).map_err(std::io::Error::other)?;
-    let tmp = state_dir.join(format!(".{BOUNDARIES}.{:016x}", rand::random::<u64>()));
-    std::fs::write(&tmp, json)?;
-    std::fs::rename(&tmp, state_dir.join(BOUNDARIES)).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
+    super::pins::write_record(state_dir, BOUNDARIES, &all)
 }
 
 #[cfg(test)]
