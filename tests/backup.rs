@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{
     archives, backup_table, dir_names, metric_value, pg_server, psql, sqlite, sqlite_db,
-    write_script, PgDb, Tmpfs, Workdir,
+    write_script, Mount, PgDb, Workdir,
 };
 use predicates::prelude::*;
 
@@ -489,7 +489,7 @@ fn full_destination_disk_fails_cleanly_and_frees_the_space() {
     let db = w.path().join("app.db");
     fill_sqlite(&db, 1);
     let dest = w.path().join("small");
-    let _tmpfs = Tmpfs::mount(&dest, "3m");
+    let _tmpfs = Mount::tmpfs(&dest, "3m");
     w.write_config(
         "",
         &sqlite_db(
@@ -547,7 +547,7 @@ fn preflight_refuses_a_small_destination_before_the_dump_starts() {
     let pg = PgDb::new("preflight");
     pg.sql("CREATE TABLE blobs (data bytea); INSERT INTO blobs SELECT decode(string_agg(md5(random()::text), ''), 'hex') FROM generate_series(1, 80000);");
     let small = w.path().join("small");
-    let _tmpfs = Tmpfs::mount(&small, "6m");
+    let _tmpfs = Mount::tmpfs(&small, "6m");
     let big = w.path().join("big");
     let marker = w.path().join("pg_dump-ran");
     let wrapper = write_script(

@@ -418,19 +418,13 @@ fn restore_targets_that_cannot_work_are_refused_clearly() {
     .stderr(predicate::str::contains("is a directory"));
     // Another file system (tmpfs): restored via a temporary file on that file system.
     let mnt = w.path().join("mnt");
-    std::fs::create_dir_all(&mnt).expect("mkdir");
-    assert!(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .expect("mount")
-        .success());
+    let mounted = common::Mount::tmpfs(&mnt, "8m");
     let target = mnt.join("app.db");
     let restored = w
         .cmd(&["restore", "app", "--to", target.to_str().expect("utf-8")])
         .output()
         .expect("restore");
-    let _ = Command::new("umount").arg(&mnt).status();
+    drop(mounted);
     assert!(
         restored.status.success(),
         "{}",

@@ -213,7 +213,7 @@ fn case06_force_refuses_a_target_with_a_mount_inside() {
     let target = w.path().join("target");
     write(&target.join("old.txt"), "old");
     let mount = target.join("mnt");
-    let _fs = common::Tmpfs::mount(&mount, "1m");
+    let _fs = common::Mount::tmpfs(&mount, "1m");
     write(&mount.join("precious"), "on another file system");
     restore(&w, "storage", &target, &["--force"])
         .code(1)
@@ -477,7 +477,7 @@ fn case08_a_full_disk_during_a_restore_gets_a_restore_hint() {
     std::fs::write(tree.join("big"), noise).unwrap();
     backed_up(&w, &tree, &dest);
     let small = w.path().join("small");
-    let _fs = common::Tmpfs::mount(&small, "1m");
+    let _fs = common::Mount::tmpfs(&small, "1m");
     let target = small.join("t");
     std::fs::create_dir(&target).unwrap();
     restore(&w, "storage", &target, &[]).code(1).stderr(

@@ -1653,15 +1653,7 @@ fn a_sqlite_restore_never_targets_a_destination_or_the_state_dir() {
     // Adversary round 2 (issue 15), cases 02 and 03: the same folders through a bind
     // mount, and the key and configuration files themselves.
     let bind = w.path().join("bind");
-    std::fs::create_dir(&bind).expect("mkdir");
-    let bound = Command::new("mount")
-        .arg("--bind")
-        .arg(&dest)
-        .arg(&bind)
-        .status()
-        .expect("mount")
-        .success();
-    assert!(bound, "a bind mount needs root");
+    let mounted = common::Mount::bind(&dest, &bind);
     let key_before = std::fs::read(&key).expect("key");
     for target in [
         bind.join("app/other.db"),
@@ -1687,7 +1679,7 @@ fn a_sqlite_restore_never_targets_a_destination_or_the_state_dir() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let _ = Command::new("umount").arg(&bind).status();
+    drop(mounted);
     assert_eq!(std::fs::read(&key).expect("key"), key_before);
     assert_eq!(std::fs::read(&archive).expect("archive"), before);
     assert!(!dest.join("app/other.db").exists());

@@ -481,24 +481,38 @@ pub fn mark_scratch(name: &str) {
     );
 }
 
-/// A tmpfs of `size` (e.g. `"3m"`) mounted on `dir` (created) while it lives: a small
-/// disk. Root only.
-pub struct Tmpfs(PathBuf);
+/// A file system mounted on `dir` while it lives, unmounted when dropped (also when
+/// a test fails). Root only.
+pub struct Mount(PathBuf);
 
-impl Tmpfs {
-    pub fn mount(dir: &Path, size: &str) -> Self {
+impl Mount {
+    /// A tmpfs of `size` (e.g. `"3m"`) on `dir` (created): a small disk.
+    pub fn tmpfs(dir: &Path, size: &str) -> Self {
         std::fs::create_dir_all(dir).expect("mkdir");
+        Self::run(
+            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"],
+            dir,
+        )
+    }
+
+    /// `source` bind-mounted on `dir` (created): the same folder by another path.
+    pub fn bind(source: &Path, dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        Self::run(&["--bind", source.to_str().expect("utf-8")], dir)
+    }
+
+    fn run(args: &[&str], dir: &Path) -> Self {
         let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(args)
             .arg(dir)
             .status()
             .expect("mount");
-        assert!(mounted.success(), "mounting a tmpfs needs root");
-        Tmpfs(dir.to_owned())
+        assert!(mounted.success(), "mounting needs root");
+        Mount(dir.to_owned())
     }
 }
 
-impl Drop for Tmpfs {
+impl Drop for Mount {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg(&self.0).status();
     }

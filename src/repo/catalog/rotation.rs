@@ -1234,6 +1234,10 @@ mod tests {
                 if let Some((_, newest)) = good_ids.iter().max() {
                     protected.insert(newest.clone());
                 }
+                // Backups a failed migration named (see `pins`): never deleted,
+                // whatever the policy and whatever they are.
+                let pinned: BTreeSet<String> = genuine.iter().skip(1).step_by(3).cloned().collect();
+                protected.extend(pinned.iter().cloned());
                 let before = files(root.path());
                 let policy = TrustPolicy {
                     database: "app".to_owned(),
@@ -1244,8 +1248,8 @@ mod tests {
                     allow_unencrypted: false,
                     current_key_since: None,
                 };
-                rotate(&dest, &policy, &keep, now, just_made.then_some(made.as_str()), &Default::default(), false).unwrap();
-                rotate(&twin, &policy, &keep, now, just_made.then_some(made.as_str()), &Default::default(), false).unwrap();
+                rotate(&dest, &policy, &keep, now, just_made.then_some(made.as_str()), &pinned, false).unwrap();
+                rotate(&twin, &policy, &keep, now, just_made.then_some(made.as_str()), &pinned, false).unwrap();
                 prop_assert_eq!(kept(&dest, &genuine), kept(&twin, &genuine), "planted files changed what rotation kept");
                 let after = files(root.path());
                 prop_assert!(after.is_subset(&before));
@@ -1261,10 +1265,10 @@ mod tests {
                     prop_assert!(after.contains(&format!("app/{id}{MANIFEST}")), "{id} lost");
                 }
                 // The README's rule, checked against the files: a backup whose failure
-                // reading confirms goes once a newer good one exists.
+                // reading confirms goes once a newer good one exists, unless pinned.
                 let newest_good = good_ids.iter().map(|(at, _)| *at).max();
                 for (at, id) in &damaged {
-                    if newest_good.is_some_and(|t| *at < t) {
+                    if newest_good.is_some_and(|t| *at < t) && !pinned.contains(id) {
                         prop_assert!(!after.contains(&format!("app/{id}{MANIFEST}")), "damaged {id} kept");
                     }
                 }
