@@ -47,6 +47,7 @@ pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod notify;
+pub mod pgurl;
 pub mod redact;
 pub mod repo;
 pub mod reporter;

@@ -827,6 +827,73 @@ fn adversary_dbname_parameter_query_and_password_reach_every_tool_as_libpq_reads
     assert_eq!(dry_run_databases(&pg), "0");
 }
 
+#[test]
+fn adversary_socket_urls_without_a_host_reach_the_database_for_every_tool() {
+    // Round 2, case 08: libpq's `postgres://user@/db?host=/socket/dir` and
+    // `postgresql:///db?host=…` were refused as "unparseable", a URL without a user
+    // meant "anonymous" to sqlx, and a failover list failed with a confusing message.
+    let pg = PgDb::new("adv_socket");
+    let w = Workdir::new();
+    let record = w.path().join("record.jsonl");
+    let socket_dir = "/var/run/postgresql";
+    assert!(
+        Path::new(socket_dir).join(".s.PGSQL.5432").exists(),
+        "the test server's socket"
+    );
+    let url = format!("postgres://postgres@/{}?host={socket_dir}", pg.name);
+    w.write_config(
+        "",
+        &config(
+            &w,
+            &url,
+            "",
+            &format!(
+                "dry-run-on-copy = true\nenv = {{ FAKE_RECORD = \"{}\" }}",
+                record.display()
+            ),
+        ),
+    );
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
+    let runs = upgrades(&record);
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(runs[0]["connected_to"]
+        .as_str()
+        .is_some_and(|db| db.starts_with(&format!("{}_dbk_dryrun_", pg.name))));
+    assert_eq!(runs[1]["connected_to"], pg.name.as_str());
+    for run in &runs {
+        assert_eq!(run["env"]["PGHOST"], socket_dir);
+        assert_eq!(run["env"]["PGUSER"], "postgres");
+    }
+    assert_eq!(
+        pg.sql("SELECT to_regclass('users') IS NOT NULL").trim(),
+        "t"
+    );
+    assert_eq!(pre_migration_archives(&w).len(), 1);
+    // No user: the operating-system user (a role of the test server), as libpq and
+    // pg_dump take it; sqlx alone took "anonymous", which no server knows.
+    let url = format!("postgresql:///{}?host=%2Fvar%2Frun%2Fpostgresql", pg.name);
+    w.write_config(
+        "",
+        &config(&w, &url, "", "env = { FAKE_RECORD = \"/dev/null\" }"),
+    );
+    w.cmd(&["check"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("reachable"));
+    w.cmd(&["run-job", "db.backup"]).assert().success();
+    for several in [
+        format!("postgres://127.0.0.1,localhost/{}", pg.name),
+        format!("postgres://postgres@127.0.0.1:5432,[::1]:5432/{}", pg.name),
+        format!("postgres:///{}?host=/var/run/postgresql,/tmp", pg.name),
+    ] {
+        w.write_config("", &config(&w, &several, "", ""));
+        w.cmd(&["check"])
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("\"db\".url: several hosts"));
+    }
+}
+
 /// A login role for a test, dropped (with the database named like it) at the end.
 struct Role(PgDb);
 
@@ -960,6 +1027,39 @@ fn adversary_the_sqlite_lock_is_shared_by_every_path_to_the_file() {
         "0",
         "ran while another migrator held the lock"
     );
+}
+
+#[test]
+fn adversary_a_sqlite_database_with_hard_links_is_not_migrated() {
+    // Round 2, case 07: a hard link to the database took a lock file of its own, so two
+    // configs migrated the same file at once.
+    let w = Workdir::new();
+    std::fs::create_dir_all(w.path().join("a")).expect("dir");
+    std::fs::create_dir_all(w.path().join("b")).expect("dir");
+    let real = w.path().join("a/app.db");
+    sqlite(&real, "CREATE TABLE keep (x);");
+    std::fs::hard_link(&real, w.path().join("b/app.db")).expect("hard link");
+    for path in [real.clone(), w.path().join("b/app.db")] {
+        let url = format!("sqlite://{}", path.display());
+        w.write_config("", &config(&w, &url, "", "backup-first = false"));
+        let out = w.cmd(&["migrate", "apply", "db"]).assert().code(1);
+        let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+        assert!(stderr.contains("has 2 hard links"), "{stderr}");
+    }
+    assert_eq!(
+        sqlite(
+            &real,
+            "SELECT count(*) FROM sqlite_master WHERE name = 'users';"
+        )
+        .trim(),
+        "0",
+        "a database with hard links was migrated"
+    );
+    // With the other link gone, it is.
+    std::fs::remove_file(w.path().join("b/app.db")).expect("unlink");
+    let url = format!("sqlite://{}", real.display());
+    w.write_config("", &config(&w, &url, "", "backup-first = false"));
+    w.cmd(&["migrate", "apply", "db"]).assert().success();
 }
 
 /// A PostgreSQL database `db` with `password` in a password-file, whose migration
@@ -1167,10 +1267,16 @@ fn adversary_a_child_that_left_the_process_group_is_killed_too() {
 fn adversary_a_command_whose_dbkeeper_died_keeps_the_next_run_out() {
     // Case 06: after kill -9 of dbkeeper the command ran on, and a second apply
     // started at once.
+    // Round 2, case 07: the second config spelled the same database another way (the
+    // socket rather than 127.0.0.1, no user name) and did not see the orphan.
     let (pg, w, mut child, grandchild) = pg_apply_sleeping("adv_orphan", "backup-first = false");
     child.kill().expect("SIGKILL dbkeeper");
     let _ = child.wait();
-    w.write_config("", &config(&w, &pg.url, "", "backup-first = false"));
+    let by_socket = format!(
+        "postgresql:///{}?host=/var/run/postgresql&user=postgres",
+        pg.name
+    );
+    w.write_config("", &config(&w, &by_socket, "", "backup-first = false"));
     let out = w.cmd(&["migrate", "apply", "db"]).assert().code(1);
     let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
     assert_eq!(

@@ -1164,9 +1164,15 @@ impl Config {
             }
             let backend = Backend::from_url(&db.url)
                 .map_err(|e| self.invalid(format!("{key}.url"), e.to_string()))?;
-            let service = url::Url::parse(&db.url)
-                .is_ok_and(|u| u.query_pairs().any(|(k, _)| k == "service"));
-            if backend == Backend::Postgres && service {
+            let service = match backend {
+                Backend::Postgres => {
+                    crate::pgurl::split_secrets(&db.url)
+                        .map_err(|m| self.invalid(format!("{key}.url"), m))?
+                        .service
+                }
+                Backend::Sqlite => false,
+            };
+            if service {
                 return Err(self.invalid(
                     format!("{key}.url"),
                     "has service=, which dbkeeper does not support (a service file could lead \

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{quote, quote_literal, redact_url, timeout_millis, DbError};
 use crate::config::{resolve_credential, DatabaseConfig};
+use crate::pgurl::{encode_component, split_secrets, Secrets};
 
 pub mod globals;
 
@@ -68,19 +69,6 @@ struct Resolved {
     /// The other `key=value` query parameters, as written.
     params: Vec<String>,
 }
-
-/// Query parameters that name where to connect: taken into [`Resolved`] (or refused,
-/// `service`), never passed on as written.
-const RESOLVED_PARAMS: [&str; 8] = [
-    "password",
-    "sslpassword",
-    "dbname",
-    "host",
-    "hostaddr",
-    "port",
-    "user",
-    "service",
-];
 
 impl Resolved {
     /// A URL for `database` on this server (with `password` in it, if given).
@@ -160,77 +148,6 @@ fn resolve(
 /// libpq variables that could send a tool elsewhere than the URL it is given: removed
 /// from the environment of every tool and command dbkeeper starts.
 pub const REDIRECTING_ENV: [&str; 3] = ["PGHOSTADDR", "PGSERVICE", "PGSERVICEFILE"];
-
-/// The secrets a URL may carry, taken out of it so that they never reach argv or logs.
-struct Secrets {
-    /// The URL without them (and without the parameters of [`RESOLVED_PARAMS`] that
-    /// are not for sqlx), query parameters as written.
-    url: url::Url,
-    /// The query parameters not in [`RESOLVED_PARAMS`], as written.
-    params: Vec<String>,
-    password: Option<String>,
-    ssl_password: Option<String>,
-    /// A `service=` parameter was given (refused: a service file could name another
-    /// database than the one dbkeeper resolves).
-    service: bool,
-}
-
-/// Removes the password (userinfo or `password=` parameter) and `sslpassword=` from a
-/// URL and returns them separately, so that they can travel in the environment (or a
-/// private file) instead of argv, and never reach sqlx (which logs parameters it does
-/// not know, with their values). The query is kept byte for byte otherwise.
-fn split_secrets(raw: &str) -> Option<Secrets> {
-    let mut url = url::Url::parse(raw).ok()?;
-    let mut password = url.password().map(percent_decode);
-    let mut ssl_password = None;
-    let mut service = false;
-    url.set_password(None).ok()?;
-    let mut for_sqlx = Vec::new();
-    let mut params = Vec::new();
-    for piece in url.query().unwrap_or_default().split('&') {
-        if piece.is_empty() {
-            continue;
-        }
-        let (k, v) = piece.split_once('=').unwrap_or((piece, ""));
-        let (k, v) = (percent_decode(k), percent_decode(v));
-        match k.as_str() {
-            "password" => password = Some(v),
-            "sslpassword" => ssl_password = Some(v),
-            "service" => service = true,
-            k if RESOLVED_PARAMS.contains(&k) => for_sqlx.push(piece.to_owned()),
-            _ => {
-                for_sqlx.push(piece.to_owned());
-                params.push(piece.to_owned());
-            }
-        }
-    }
-    if for_sqlx.is_empty() {
-        url.set_query(None);
-    } else {
-        url.set_query(Some(&for_sqlx.join("&")));
-    }
-    Some(Secrets {
-        url,
-        params,
-        password,
-        ssl_password,
-        service,
-    })
-}
-
-/// Percent-encodes everything but RFC 3986's unreserved characters: a user name,
-/// password or socket directory that any URL parser decodes back to exactly `s`.
-fn encode_component(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
 
 /// [`encode_component`] for a password, as it appears in the URLs dbkeeper builds:
 /// what output must be masked for, besides the password itself.
@@ -365,13 +282,6 @@ fn write_service_file(dir: &Path, ssl_password: &str) -> std::io::Result<Service
     writeln!(file, "[{SERVICE}]\nsslpassword={ssl_password}")?;
     file.sync_all()?;
     Ok(guard)
-}
-
-fn percent_decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
 }
 
 /// What [`Postgres::swap_databases`] may do to a target that exists at the moment of
@@ -575,8 +485,7 @@ impl Postgres {
             mut password,
             ssl_password,
             service,
-        } = split_secrets(&cfg.url)
-            .ok_or_else(|| url_error(sqlx::Error::Configuration("unparseable URL".into())))?;
+        } = split_secrets(&cfg.url).map_err(|e| url_error(sqlx::Error::Configuration(e.into())))?;
         if service {
             return Err(url_error(sqlx::Error::Configuration(
                 "service= is not supported (a service file could lead tools to another \
@@ -1284,7 +1193,44 @@ mod tests {
     }
 
     fn split_password(raw: &str) -> Option<(url::Url, Option<String>)> {
-        split_secrets(raw).map(|s| (s.url, s.password))
+        split_secrets(raw).ok().map(|s| (s.url, s.password))
+    }
+
+    #[test]
+    fn libpq_urls_without_a_host_are_read_and_several_hosts_refused() {
+        // Adversary round 2, case 08.
+        for (raw, url, pw) in [
+            (
+                "postgres://app:p%3Aw@/db?host=/run/pg",
+                "postgres:///db?host=/run/pg&user=app",
+                Some("p:w"),
+            ),
+            ("postgres://app@/db", "postgres:///db?user=app", None),
+            (
+                "postgresql:///db?host=%2Frun%2Fpg",
+                "postgresql:///db?host=%2Frun%2Fpg",
+                None,
+            ),
+            ("postgres:///db", "postgres:///db", None),
+            ("postgres://a%26b@?x=1", "postgres://?x=1&user=a%26b", None),
+        ] {
+            let (got, got_pw) = split_password(raw).unwrap();
+            assert_eq!((got.as_str(), got_pw.as_deref()), (url, pw), "{raw}");
+        }
+        for raw in [
+            "postgres://h1,h2/db",
+            "postgres://u@h1:5432,h2:5433/db",
+            "postgres:///db?host=a,b",
+            "postgres://h/db?port=5432,5433",
+        ] {
+            let err = split_secrets(raw).err().unwrap();
+            assert!(err.contains("several hosts"), "{raw}: {err}");
+        }
+        let (target, _) = target_of("postgres://app@/db?host=/run/pg");
+        assert_eq!(
+            (target.host.as_str(), target.user.as_str()),
+            ("/run/pg", "app")
+        );
     }
 
     #[test]

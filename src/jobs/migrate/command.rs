@@ -98,20 +98,26 @@ pub struct Target {
 }
 
 impl Target {
-    /// The database itself.
+    /// The database itself, for a command run outside the lock (its marks are only
+    /// used to stop that run's own processes).
     pub fn database(db: &Database) -> Self {
+        Self::database_at(db, spelled_identity(db))
+    }
+
+    /// The database itself, `identity` being [`Held::identity`].
+    fn database_at(db: &Database, identity: String) -> Self {
         Target {
             label: "the database",
-            identity: identity(db),
+            identity,
             env: database_env(db, None),
         }
     }
 
-    /// A scratch copy of `db`.
-    pub fn copy(db: &Database, copy: &ScratchCopy<'_>) -> Self {
+    /// A scratch copy of `db` (`identity`: the real database's).
+    fn copy(db: &Database, copy: &ScratchCopy<'_>, identity: String) -> Self {
         Target {
             label: "the scratch copy",
-            identity: identity(db),
+            identity,
             env: database_env(db, Some(copy)),
         }
     }
@@ -143,10 +149,11 @@ impl Target {
 /// work, and the run refuses to start.
 pub const MARK: &str = "DBKEEPER_MIGRATION_RUN";
 
-/// What identifies a database across dbkeepers and configs: a hash of the server and
-/// database (PostgreSQL, as resolved for tools) or of the canonical lock path (SQLite).
-fn identity(db: &Database) -> String {
-    use sha2::Digest;
+/// A database as its configuration spells it: a hash of the server and database
+/// (PostgreSQL, as resolved for tools) or of the canonical lock path (SQLite). Only for
+/// marks that no other run looks for; the lock gives the identity that does not depend
+/// on the spelling ([`Held::identity`]).
+fn spelled_identity(db: &Database) -> String {
     let place = match db {
         Database::Postgres(pg) => pg
             .client_env(None)
@@ -159,6 +166,12 @@ fn identity(db: &Database) -> String {
             .to_string_lossy()
             .into_owned(),
     };
+    hash_identity(&place)
+}
+
+/// A short hash of what names a database: the start of every [`MARK`] value.
+fn hash_identity(place: &str) -> String {
+    use sha2::Digest;
     hex::encode(&sha2::Sha256::digest(place.as_bytes())[..8])
 }
 
@@ -564,6 +577,26 @@ enum Held {
     File(#[allow(dead_code)] std::fs::File),
 }
 
+/// The lock on a database and what identifies the database whatever its spelling in
+/// a configuration: on PostgreSQL the server's system identifier and the database's
+/// oid (two URLs naming one database by host name and socket share it), on SQLite the
+/// device and inode of the database's directory and its file name (bind mounts and
+/// symbolic links share it; hard links are refused). A command of a dbkeeper that
+/// died is found by it, whichever configuration started it.
+pub(super) struct Locked<T> {
+    pub held: T,
+    pub identity: String,
+}
+
+impl<T> Locked<T> {
+    pub(super) fn new(held: T, place: &str) -> Self {
+        Locked {
+            held,
+            identity: hash_identity(place),
+        }
+    }
+}
+
 impl MigrateJob {
     /// Runs the pending-command against the database (bounded by the job's
     /// `timeout`) and publishes the metrics.
@@ -642,14 +675,18 @@ impl MigrateJob {
     ) -> Result<Outcome, MigrateError> {
         // Cancelled with `cancel`, or when the lock session is lost.
         let run_cancel = cancel.child_token();
-        let held = match db {
+        let (held, identity) = match db {
             Database::Postgres(pg) => {
-                let session = pg.command_lock(self, cancel).await?;
-                Held::Postgres(super::postgres::Watched::start(session, run_cancel.clone()))
+                let Locked { held, identity } = pg.command_lock(self, cancel).await?;
+                let watched = super::postgres::Watched::start(held, run_cancel.clone());
+                (Held::Postgres(watched), identity)
             }
-            Database::Sqlite(lite) => Held::File(lite.command_lock(self, cancel).await?),
+            Database::Sqlite(lite) => {
+                let Locked { held, identity } = lite.command_lock(self, cancel).await?;
+                (Held::File(held), identity)
+            }
         };
-        let mut result = self.apply_command(db, &run_cancel).await;
+        let mut result = self.apply_command(db, identity, &run_cancel).await;
         match (held, db) {
             (Held::Postgres(watched), Database::Postgres(pg)) => match watched.stop().await {
                 Ok(session) => MigrationBackend::close(pg, session).await,
@@ -687,9 +724,10 @@ impl MigrateJob {
     async fn apply_command(
         &self,
         db: &Database,
+        identity: String,
         cancel: &CancellationToken,
     ) -> Result<Outcome, MigrateError> {
-        let real = Target::database(db);
+        let real = Target::database_at(db, identity);
         // Under the lock, no command of ours runs on this database: a marked one is
         // left from a dbkeeper that died without stopping it.
         let left = marked(
@@ -729,7 +767,8 @@ impl MigrateJob {
             (_, e) => e,
         };
         if self.cfg.dry_run_on_copy {
-            self.dry_run(db, backup_id.as_deref(), cancel).await?;
+            self.dry_run(db, &real.identity, backup_id.as_deref(), cancel)
+                .await?;
         }
         let argv = self.argv(Which::Command).unwrap_or_default().join(" ");
         tracing::info!(
@@ -769,6 +808,7 @@ impl MigrateJob {
     async fn dry_run(
         &self,
         db: &Database,
+        identity: &str,
         backup_id: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<(), MigrateError> {
@@ -780,7 +820,11 @@ impl MigrateJob {
             "running the migration command on a scratch copy first"
         );
         let result = self
-            .run_ok(Which::Command, &Target::copy(db, &copy), cancel)
+            .run_ok(
+                Which::Command,
+                &Target::copy(db, &copy, identity.to_owned()),
+                cancel,
+            )
             .await;
         copy.remove().await;
         result.map(drop).map_err(|e| super::dry_run_failed(id, e))

@@ -149,6 +149,8 @@ pub enum MigrateError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{} has {links} hard links: SQLite cannot keep a database reached through several names consistent (its journal is named after the path), and the migration lock could not cover them; remove the other links (find them with `find / -samefile`) and apply again", .path.display())]
+    HardLinks { path: PathBuf, links: u64 },
     #[error("cancelled")]
     Cancelled,
     /// A migration command cancelled (timeout, shutdown) once it had started.
@@ -226,6 +228,7 @@ impl MigrateError {
             | E::LockLost { .. }
             | E::Stopped
             | E::StillRunning { .. }
+            | E::HardLinks { .. }
             | E::DryRun { .. } => false,
             E::Db(_)
             | E::Failed { .. }

@@ -216,7 +216,7 @@ impl Postgres {
         &self,
         job: &MigrateJob,
         cancel: &CancellationToken,
-    ) -> Result<Session, MigrateError> {
+    ) -> Result<super::command::Locked<Session>, MigrateError> {
         let mut conn = own_connection(self).await?;
         // The server's idle_session_timeout would end this idle session, releasing
         // the lock while the command runs: off for it (PostgreSQL 14 and later; an
@@ -226,7 +226,19 @@ impl Postgres {
             .await;
         let key = super::command::PG_LOCK_KEY;
         lock(self, &mut conn, key, job.cfg.lock_wait, cancel).await?;
-        Ok(Session { conn, key, pid: 0 })
+        // The advisory lock is the server's, whatever URL led here; the identity
+        // that finds a dead dbkeeper's command must not depend on the URL either.
+        let place: String = sqlx::query_scalar(
+            "SELECT 'postgres:' || (SELECT system_identifier FROM pg_control_system()) \
+             || ':' || (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| MigrateError::Db(self.query_error(e)))?;
+        Ok(super::command::Locked::new(
+            Session { conn, key, pid: 0 },
+            &place,
+        ))
     }
 }
 

@@ -87,14 +87,35 @@ impl Sqlite {
         &self,
         job: &MigrateJob,
         cancel: &CancellationToken,
-    ) -> Result<std::fs::File, MigrateError> {
+    ) -> Result<super::command::Locked<std::fs::File>, MigrateError> {
         use rustix::fs::{flock, FlockOperation};
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = super::command::sqlite_lock_path(&self.path());
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let database = self.path();
+        // A lock file beside the database is shared by every path that reaches it
+        // through symbolic links or bind mounts (the same directory), not by a hard
+        // link elsewhere: SQLite itself cannot work through several links (its journal
+        // is named after the path), so neither do migrations.
+        if let Ok(meta) = std::fs::metadata(&database) {
+            if meta.nlink() > 1 {
+                return Err(MigrateError::HardLinks {
+                    path: database,
+                    links: meta.nlink(),
+                });
+            }
+        }
+        let path = super::command::sqlite_lock_path(&database);
         let lock_err = |source: std::io::Error| MigrateError::LockFile {
             path: path.clone(),
             source,
         };
+        let dir = path.parent().unwrap_or(std::path::Path::new("/"));
+        let dir_meta = std::fs::metadata(dir).map_err(lock_err)?;
+        let place = format!(
+            "sqlite:{}:{}:{}",
+            dir_meta.dev(),
+            dir_meta.ino(),
+            path.file_name().unwrap_or_default().to_string_lossy()
+        );
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -105,7 +126,7 @@ impl Sqlite {
         let mut waiting = super::LockWait::new(&self.name, job.cfg.lock_wait);
         loop {
             match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => return Ok(file),
+                Ok(()) => return Ok(super::command::Locked::new(file, &place)),
                 Err(e) if e == rustix::io::Errno::WOULDBLOCK => waiting.pause(cancel).await?,
                 Err(e) => return Err(lock_err(e.into())),
             }
