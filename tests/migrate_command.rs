@@ -1220,6 +1220,127 @@ fn adversary_rotation_keeps_the_pre_migration_backup_a_failure_names() {
     assert_eq!(archives(&w.path().join("backups"), "db").len(), 2);
 }
 
+/// A SQLite database `app` whose migration command changes the database, then fails
+/// (`keep = { last = 1 }`, manual schedules); with `state`, a whole configuration
+/// with that state directory, else the part after `[daemon]` for `write_config`.
+fn half_migrating(w: &Workdir, state: Option<&str>, pending: &str) -> String {
+    let db = w.path().join("app.db");
+    if !db.exists() {
+        sqlite(&db, "CREATE TABLE t (x); INSERT INTO t VALUES ('clean');");
+        w.key("key");
+    }
+    let script = "import sqlite3, os, sys\n\
+                  c = sqlite3.connect(os.environ['DBKEEPER_DATABASE_PATH'])\n\
+                  c.execute(\"UPDATE t SET x = x || '+half'\"); c.commit(); sys.exit(1)";
+    let daemon = state.map_or(String::new(), |state| {
+        format!("[daemon]\nstate-dir = \"{}/{state}\"\n", w.path().display())
+    });
+    format!(
+        "{daemon}[[database]]\nname = \"app\"\nurl = \"sqlite://{dir}/app.db\"\n\
+         [database.backup]\nschedule = \"manual\"\ndestination = \"{dir}/bk\"\n\
+         encryption-key-file = \"{dir}/key\"\nkeep = {{ last = 1 }}\n\
+         [database.migrate]\nschedule = \"manual\"\n\
+         command = [\"python3\", \"-c\", {script:?}]\n{pending}\n",
+        dir = w.path().display()
+    )
+}
+
+fn first_pre_migration(w: &Workdir) -> PathBuf {
+    let mut pre: Vec<PathBuf> = archives(&w.path().join("bk"), "app")
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("pre-migration"))
+        .collect();
+    pre.sort();
+    pre.into_iter().next().expect("a pre-migration backup")
+}
+
+#[test]
+fn adversary3_case02_a_second_configuration_never_rotates_a_pinned_backup_away() {
+    // Round 3, case 02: the pins lived in the migrating configuration's state
+    // directory; a daemon with another state directory, same destination, pruned the
+    // only clean backup.
+    let w = Workdir::new();
+    let deploy = w.path().join("deploy.toml");
+    let daemon = w.path().join("daemon.toml");
+    std::fs::write(&deploy, half_migrating(&w, Some("state-deploy"), "")).expect("config");
+    std::fs::write(&daemon, half_migrating(&w, Some("state-daemon"), "")).expect("config");
+    let run = |cfg: &Path, args: &[&str]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).arg("-c").arg(cfg);
+        let status = cmd.status().expect("dbkeeper");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        status.code()
+    };
+    assert_eq!(run(&deploy, &["migrate", "apply", "app"]), Some(1));
+    let first = first_pre_migration(&w);
+    assert_eq!(run(&deploy, &["migrate", "apply", "app"]), Some(1));
+    assert_eq!(run(&daemon, &["run-job", "app.backup"]), Some(0));
+    assert_eq!(run(&daemon, &["run-job", "app.backup"]), Some(0));
+    assert!(
+        first.exists(),
+        "another configuration rotated the pinned backup away"
+    );
+}
+
+#[test]
+fn adversary3_case03_a_damaged_pin_record_stops_rotation() {
+    // Round 3, case 03: a damaged pinned-backups.json (the first version's record) was
+    // read as "no pins" and the retry pruned the pinned backup.
+    let w = Workdir::new();
+    w.write_config("", &half_migrating(&w, None, ""));
+    w.cmd(&["migrate", "apply", "app"]).assert().code(1);
+    let first = first_pre_migration(&w);
+    std::fs::write(
+        w.path().join("state/pinned-backups.json"),
+        "{\"app\": {\"2026",
+    )
+    .expect("damage");
+    // Pins are markers beside the backups now: the damaged record must not release
+    // them, and it stops rotation rather than being read as empty.
+    let marker = std::fs::read_dir(w.path().join("bk/app"))
+        .expect("folder")
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().contains(".pin.app"));
+    assert!(marker, "the pin marker beside the backup");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let out = w.cmd(&["run-job", "app.backup"]).assert().code(1);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(
+        stderr.contains("pinned-backups.json is damaged"),
+        "{stderr}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    w.cmd(&["migrate", "apply", "app"]).assert().code(1);
+    assert!(first.exists(), "the pinned backup was rotated away");
+    std::fs::remove_file(w.path().join("state/pinned-backups.json")).expect("remove");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    assert!(first.exists(), "the pinned backup was rotated away");
+}
+
+#[test]
+fn adversary3_case04_an_up_to_date_verdict_releases_no_pin() {
+    // Round 3, case 04: a pending-command that said "up to date" of a half-migrated
+    // database released the pins, and the next backup pruned the only clean one.
+    let w = Workdir::new();
+    w.write_config("", &half_migrating(&w, None, ""));
+    w.cmd(&["migrate", "apply", "app"]).assert().code(1);
+    let first = first_pre_migration(&w);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    w.write_config(
+        "",
+        &half_migrating(&w, None, "pending-command = [\"true\"]"),
+    );
+    w.cmd(&["migrate", "apply", "app"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("up to date"));
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    assert!(first.exists(), "an up-to-date verdict released the pin");
+}
+
 /// A command that starts `sleep 300` in a session of its own (out of its process
 /// group, as a daemonising helper does), writes its pid to `pidfile`, then sleeps
 /// `secs` (0: exits at once).

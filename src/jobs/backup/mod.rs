@@ -143,6 +143,21 @@ impl BackupJob {
         storage::for_backups(&self.cfg, &[database])
     }
 
+    /// Every destination of `database`'s backups and of the files sets taken with
+    /// it, each with the name its backups are filed under: where a pre-migration
+    /// backup's pins go.
+    pub fn places_with_files(&self, database: &str) -> Vec<(String, Place)> {
+        let own = self
+            .places(database)
+            .into_iter()
+            .map(|p| (database.to_owned(), p));
+        let sets = self.with_files.iter().flat_map(|f| {
+            let name = f.subject_name();
+            f.places(name).into_iter().map(|p| (name.to_owned(), p))
+        });
+        own.chain(sets).collect()
+    }
+
     /// What a genuine backup of `database` looks like under this job's config;
     /// `allow_unencrypted` is the reader's `--allow-unencrypted`.
     pub fn trust_policy(&self, database: &str, allow_unencrypted: bool) -> TrustPolicy {
@@ -768,10 +783,18 @@ impl BackupJob {
         dry_run: bool,
     ) -> Result<Vec<Decision>, BackupError> {
         let policy = self.trust_policy(database, false);
-        let pinned = self
-            .state_dir()
-            .map(|dir| catalog::pins::pinned(dir, database))
-            .unwrap_or_default();
+        // Pins beside the backups (any configuration's), and the state directory's of
+        // the first version; one that cannot be read stops the rotation.
+        let mut pinned = catalog::pins::pinned_in(&*place.store).map_err(io_err(
+            "cannot read the pinned backups in",
+            place.store.location(),
+        ))?;
+        if let Some(dir) = self.state_dir() {
+            pinned.extend(
+                catalog::pins::legacy_pinned(dir, database)
+                    .map_err(io_err("cannot read the pinned backups in", dir.to_owned()))?,
+            );
+        }
         let done = rotation::rotate(
             &*place.store,
             &policy,

@@ -151,6 +151,13 @@ pub enum MigrateError {
     },
     #[error("{} has {links} hard links: SQLite cannot keep a database reached through several names consistent (its journal is named after the path), and the migration lock could not cover them; remove the other links (find them with `find / -samefile`) and apply again", .path.display())]
     HardLinks { path: PathBuf, links: u64 },
+    #[error("cannot pin pre-migration backup {backup} in {destination} against rotation ({source}); the migration was not run: a retry after a failure could rotate an unpinned backup away. Make the destination writable and apply again")]
+    Pin {
+        backup: String,
+        destination: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cancelled")]
     Cancelled,
     /// A migration command cancelled (timeout, shutdown) once it had started.
@@ -229,6 +236,7 @@ impl MigrateError {
             | E::Stopped
             | E::StillRunning { .. }
             | E::HardLinks { .. }
+            | E::Pin { .. }
             | E::DryRun { .. } => false,
             E::Db(_)
             | E::Failed { .. }
@@ -745,8 +753,10 @@ impl MigrateJob {
     }
 
     /// One migration run. Its pre-migration backup is pinned (see
-    /// `repo::catalog::pins`) as soon as it exists; a run that succeeds releases every
-    /// pin of the database and of the files sets taken with it.
+    /// `repo::catalog::pins`) as soon as it exists; a run that applied successfully
+    /// releases every pin of the database and of the files sets taken with it. A run
+    /// that found nothing to apply releases nothing: a pending-command may say "up to
+    /// date" of a database a failed command left half-migrated (round 3, case 04).
     pub async fn run(
         &self,
         db: &Database,
@@ -757,25 +767,59 @@ impl MigrateJob {
         } else {
             self.run_directory(db, cancel).await
         }?;
-        if let Some((dir, names)) = self.pin_scope(db) {
+        let applied = !self.is_command() || outcome.details["applied"] == true;
+        if applied {
+            self.unpin(db);
+        }
+        Ok(outcome)
+    }
+
+    /// Releases `db`'s pins in every destination of its backups and files sets (and
+    /// in the state directory's record of the first version). One that cannot be
+    /// removed stays (it only keeps a backup longer) and is logged.
+    fn unpin(&self, db: &Database) {
+        let Some(b) = &self.backup else {
+            return;
+        };
+        let mut names = vec![db.name().to_owned()];
+        for (name, place) in b.places_with_files(db.name()) {
+            if let Err(e) = catalog::pins::unpin_all(&*place.store, db.name()) {
+                tracing::warn!(
+                    database = db.name(),
+                    destination = %place.label(),
+                    "cannot release the pinned pre-migration backups: {e}"
+                );
+            }
+            names.push(name);
+        }
+        if let Some(dir) = b.state_dir() {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            if let Err(e) = catalog::pins::unpin_all(dir, db.name(), &names) {
+            if let Err(e) = catalog::pins::legacy_unpin_all(dir, db.name(), &names) {
                 tracing::warn!(
                     database = db.name(),
                     "cannot release the pinned pre-migration backups: {e}"
                 );
             }
         }
-        Ok(outcome)
     }
 
-    /// The state directory and the names (the database, its `with-files` sets) whose
-    /// backups this migration pins; `None` without a backup.
-    fn pin_scope(&self, db: &Database) -> Option<(&Path, Vec<String>)> {
-        let b = self.backup.as_ref()?;
-        let mut names = vec![db.name().to_owned()];
-        names.extend(b.cfg.with_files.iter().cloned());
-        Some((b.state_dir()?, names))
+    /// Pins pre-migration backup `id` in every destination of the database and its
+    /// files sets. Any that cannot be written fails the run before the migration:
+    /// an unpinned backup could be rotated away by the retry of a failed one.
+    fn pin(&self, db: &Database, id: &str) -> Result<(), MigrateError> {
+        let Some(b) = &self.backup else {
+            return Ok(());
+        };
+        for (_, place) in b.places_with_files(db.name()) {
+            catalog::pins::pin(&*place.store, db.name(), id).map_err(|source| {
+                MigrateError::Pin {
+                    backup: id.to_owned(),
+                    destination: place.label(),
+                    source,
+                }
+            })?;
+        }
+        Ok(())
     }
 
     async fn run_directory(
@@ -1002,11 +1046,8 @@ impl MigrateJob {
             .await
             .map_err(|e| MigrateError::Backup(BackupFailure::Failed(Box::new(e))))?;
         let id = outcome.details["backup_id"].as_str().map(str::to_owned);
-        if let (Some(id), Some((dir, names))) = (&id, self.pin_scope(db)) {
-            let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            if let Err(e) = catalog::pins::pin(dir, db.name(), &names, id) {
-                tracing::warn!(database = db.name(), backup = %id, "cannot pin the pre-migration backup against rotation: {e}");
-            }
+        if let Some(id) = &id {
+            self.pin(db, id)?;
         }
         tracing::info!(
             database = db.name(),
