@@ -630,10 +630,13 @@ fn adversary3_case07_restore_into_an_empty_mount_point() {
         0o751
     );
     assert!(!names(w.path()).iter().any(|n| n.contains("dbkeeper-")));
-    // Not empty now: --force cannot swap a mount point, and says so.
-    restore(&w, "storage", &target, &["--force"])
-        .code(1)
-        .stderr(predicate::str::contains("is a mount point"));
+    // Not empty now: --force cannot swap a mount point, and says so (also without
+    // --force, rather than asking for it).
+    for extra in [&["--force"][..], &[][..]] {
+        restore(&w, "storage", &target, extra)
+            .code(1)
+            .stderr(predicate::str::contains("is a mount point and not empty"));
+    }
     assert_eq!(names(&target), ["a.txt", "sub"]);
     assert!(!names(w.path()).iter().any(|n| n.contains("dbkeeper-")));
 }

@@ -386,20 +386,21 @@ pub async fn restore_dir(
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
         Err(e) => return Err(super::io_err("cannot read", target)(e)),
     };
-    if existing && !force && !is_empty(target)? {
+    let mount_point = existing && is_mount_point(target)?;
+    if mount_point && is_empty(target)? {
+        return restore_into_mount(archive, keys, expect, target, cancel).await;
+    }
+    if mount_point {
+        // Not empty: --force would have to swap the mount point itself.
         return Err(BackupError::Refused(format!(
-            "{} is not empty; add --force to replace its contents (they are kept until the restored tree is complete)",
+            "{} is a mount point and not empty: --force swaps the restored tree in with rename(2), which cannot replace a mount point; restore into an empty {} (the tree is then assembled inside it) or a directory inside it",
+            target.display(),
             target.display()
         )));
     }
-    if existing && is_mount_point(target)? {
-        if is_empty(target)? {
-            return restore_into_mount(archive, keys, expect, target, cancel).await;
-        }
-        // `!force` was refused above: DIR is not empty.
+    if existing && !force && !is_empty(target)? {
         return Err(BackupError::Refused(format!(
-            "{} is a mount point: --force swaps the restored tree in with rename(2), which cannot replace a mount point; restore into an empty {} (the tree is then assembled inside it) or a directory inside it",
-            target.display(),
+            "{} is not empty; add --force to replace its contents (they are kept until the restored tree is complete)",
             target.display()
         )));
     }
