@@ -80,6 +80,35 @@ pub(crate) fn split_secrets(raw: &str) -> Result<Secrets, String> {
     })
 }
 
+/// libpq parameters that name a file on this host.
+const FILE_PARAMS: [&str; 5] = ["sslrootcert", "sslcert", "sslkey", "sslcrl", "passfile"];
+
+/// The files a PostgreSQL URL names in its query (`sslrootcert`, `sslcert`, `sslkey`,
+/// `sslcrl`, `passfile`), percent-decoded, as `(parameter, path)`. `sslrootcert=system`
+/// (libpq's "the system's CA store") names no file. A URL that cannot be read names
+/// none (it is refused elsewhere).
+pub(crate) fn named_files(raw: &str) -> Vec<(&'static str, std::path::PathBuf)> {
+    let Ok(raw) = without_empty_host(raw) else {
+        return Vec::new();
+    };
+    let Ok(url) = url::Url::parse(&raw) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for piece in url.query().unwrap_or_default().split('&') {
+        let (k, v) = piece.split_once('=').unwrap_or((piece, ""));
+        let (k, v) = (percent_decode(k), percent_decode(v));
+        let Some(param) = FILE_PARAMS.iter().find(|p| **p == k) else {
+            continue;
+        };
+        if v.is_empty() || (*param == "sslrootcert" && v == "system") {
+            continue;
+        }
+        out.push((*param, std::path::PathBuf::from(v)));
+    }
+    out
+}
+
 fn several_hosts() -> String {
     "several hosts (libpq's failover list) are not supported: dbkeeper's own connections \
      reach one server, and its tools must back up and restore that same one; name the \
@@ -148,4 +177,26 @@ fn percent_decode(s: &str) -> String {
         .next()
         .map(|(_, v)| v.into_owned())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn named_files_are_percent_decoded_and_system_is_no_file() {
+        let got = named_files(
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=system&sslcert=%2Fa%20b%2Fc.crt&sslkey=/k&passfile=p&sslcrl=",
+        );
+        assert_eq!(
+            got,
+            [
+                ("sslcert", PathBuf::from("/a b/c.crt")),
+                ("sslkey", PathBuf::from("/k")),
+                ("passfile", PathBuf::from("p")),
+            ]
+        );
+        assert!(named_files("not a url").is_empty());
+    }
 }

@@ -487,3 +487,156 @@ fn case08_a_full_disk_during_a_restore_gets_a_restore_hint() {
     assert_eq!(names(&small), ["t"]);
     assert!(names(&target).is_empty());
 }
+
+/// Round 3, case 05: a files set's directory that holds a configured SQLite
+/// database (left out of the set with `exclude`) is refused as a restore target,
+/// with or without `--force`, also by another path (or where a link to it points);
+/// the database, its `-wal` and the rows written since the backup stay. Another
+/// directory is still fine.
+#[test]
+fn adversary3_case05_restore_never_deletes_a_configured_sqlite_database() {
+    let w = Workdir::new();
+    let data = w.path().join("data");
+    let (bk, dbk) = (w.path().join("bk"), w.path().join("dbk"));
+    write(&data.join("uploads/a.jpg"), "pic");
+    let db = data.join("app.db");
+    sqlite(
+        &db,
+        "CREATE TABLE t (x); INSERT INTO t VALUES ('in backup')",
+    );
+    w.write_config(
+        "",
+        &format!(
+            "{}\n[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n[database.backup]\nschedule = \"manual\"\ndestination = \"{}\"\nencryption = \"none\"\nwith-files = [\"storage\"]\n",
+            files_set("storage", &data, &bk, "exclude = [\"app.db*\"]"),
+            db.display(),
+            dbk.display()
+        ),
+    );
+    w.stdout(&["run-job", "app.backup"]);
+    sqlite(&db, "INSERT INTO t VALUES ('written after the backup')");
+    write(&data.join("app.db-wal"), "");
+    let link = w.path().join("via-link");
+    std::os::unix::fs::symlink(&data, &link).unwrap();
+    for (target, extra) in [
+        (&data, &["--force"][..]),
+        (&data, &[][..]),
+        (&link, &["--force"][..]),
+    ] {
+        restore(&w, "storage", target, extra)
+            .code(1)
+            .stderr(predicate::str::contains("database \"app\""))
+            .stderr(predicate::str::contains("restore into another directory"));
+        assert_eq!(sqlite(&db, "SELECT count(*) FROM t").trim(), "2");
+        assert_eq!(names(&data), ["app.db", "app.db-wal", "uploads"]);
+    }
+    // A database file that is a symbolic link: the folder of the real file is its
+    // database's too.
+    let real = w.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::rename(&db, real.join("app.db")).unwrap();
+    std::os::unix::fs::symlink(real.join("app.db"), &db).unwrap();
+    restore(&w, "storage", &real, &["--force"])
+        .code(1)
+        .stderr(predicate::str::contains("database \"app\""));
+    assert_eq!(sqlite(&db, "SELECT count(*) FROM t").trim(), "2");
+    // Restoring elsewhere (then copying) works.
+    let elsewhere = w.path().join("elsewhere");
+    restore(&w, "storage", &elsewhere, &[]).success();
+    assert_eq!(names(&elsewhere), ["uploads"]);
+}
+
+/// Round 3, case 06: a destination's `credentials-file` and the files a PostgreSQL
+/// URL names (`sslrootcert`, `sslcert`, `sslkey`, `sslcrl`, `passfile`, also
+/// percent-encoded) are refused as restore targets like the key files.
+#[test]
+fn adversary3_case06_restore_never_deletes_credentials_or_tls_files() {
+    let w = Workdir::new();
+    let (data, bk) = (w.path().join("data"), w.path().join("bk"));
+    write(&data.join("a.txt"), "v1");
+    let local = files_set("storage", &data, &bk, "");
+    w.write_config("", &local);
+    w.stdout(&["run-job", "storage.backup"]);
+    let id = ids(&bk, "storage").pop().expect("one backup");
+    let secrets = w.path().join("secrets");
+    let s3env = secrets.join("s3.env");
+    write(
+        &s3env,
+        "AWS_ACCESS_KEY_ID=AKIAEXAMPLE\nAWS_SECRET_ACCESS_KEY=secretsecret\n",
+    );
+    std::fs::set_permissions(&s3env, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let mut dirs = vec![secrets.clone()];
+    let mut params = String::new();
+    for p in ["sslrootcert", "sslcert", "sslkey", "sslcrl", "passfile"] {
+        // A space in the folder name, percent-encoded in the URL.
+        let dir = w.path().join(format!("tls {p}"));
+        write(&dir.join("f"), p);
+        let encoded = dir.join("f").display().to_string().replace(' ', "%20");
+        params.push_str(&format!("&{p}={encoded}"));
+        dirs.push(dir);
+    }
+    w.write_config(
+        "",
+        &format!(
+            "{}\n[[database]]\nname = \"pg\"\nurl = \"postgres://postgres@127.0.0.1:5432/postgres?sslmode=prefer{params}\"\n",
+            local.replace(
+                &format!("destination = \"{}\"", bk.display()),
+                &format!(
+                    "destination = [\"{}\", {{ url = \"s3://bucket/prefix\", endpoint = \"http://127.0.0.1:9\", allow-http = true, region = \"us-east-1\", credentials-file = \"{}\" }}]",
+                    bk.display(),
+                    s3env.display()
+                )
+            )
+        ),
+    );
+    for dir in &dirs {
+        restore(
+            &w,
+            "storage",
+            dir,
+            &["--backup", &id, "--from", bk.to_str().unwrap(), "--force"],
+        )
+        .code(1)
+        .stderr(predicate::str::contains("lie inside one another"));
+    }
+    assert!(s3env.exists());
+    for dir in &dirs[1..] {
+        assert_eq!(names(dir), ["f"]);
+    }
+}
+
+/// Round 3, case 07: into an empty mount point (a freshly mounted volume) the tree
+/// is assembled inside it, not on the parent file system, and moved into place;
+/// the mount point keeps its mode and nothing is left behind. `--force` onto a
+/// mount point that is not empty is refused, saying why (needs root for the mount).
+#[test]
+fn adversary3_case07_restore_into_an_empty_mount_point() {
+    use std::os::unix::fs::PermissionsExt;
+    let (w, tree, dest) = setup();
+    write(&tree.join("a.txt"), "new");
+    write(&tree.join("sub/b.txt"), "deep");
+    backed_up(&w, &tree, &dest);
+    let target = w.path().join("volume");
+    let _fs = common::Mount::tmpfs(&target, "4m");
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o751)).unwrap();
+    restore(&w, "storage", &target, &[]).success();
+    assert_eq!(names(&target), ["a.txt", "sub"]);
+    assert_eq!(
+        std::fs::read_to_string(target.join("sub/b.txt")).unwrap(),
+        "deep"
+    );
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().permissions().mode() & 0o7777,
+        0o751
+    );
+    assert!(!names(w.path()).iter().any(|n| n.contains("dbkeeper-")));
+    // Not empty now: --force cannot swap a mount point, and says so (also without
+    // --force, rather than asking for it).
+    for extra in [&["--force"][..], &[][..]] {
+        restore(&w, "storage", &target, extra)
+            .code(1)
+            .stderr(predicate::str::contains("is a mount point and not empty"));
+    }
+    assert_eq!(names(&target), ["a.txt", "sub"]);
+    assert!(!names(w.path()).iter().any(|n| n.contains("dbkeeper-")));
+}

@@ -534,7 +534,7 @@ pub async fn restore(
             Ok(archive) if b.files.is_some() => {
                 let expect = verifying::Expect::trusted(&manifest, &policy);
                 let dir = Path::new(to);
-                let kept = config.protected_paths();
+                let kept = config.restore_dir_protected();
                 files::restore_dir(&*archive, &b.keys, expect, dir, how.force, &kept, &cancel).await
             }
             Ok(archive) => {

@@ -157,15 +157,47 @@ impl Config {
     }
 }
 
+/// A path a restore may never write over or into, and whose it is.
+#[derive(Debug, Clone)]
+pub struct Protected {
+    /// What it is, for messages: `the state dir`, `the key file`, …
+    pub what: String,
+    pub path: PathBuf,
+    /// The configured SQLite database this file belongs to (its file, `-wal`,
+    /// `-shm` or `-journal`): the application's live data rather than dbkeeper's
+    /// own, which a restore's message names.
+    pub database: Option<String>,
+}
+
+impl Protected {
+    fn own(what: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Protected {
+            what: what.into(),
+            path: path.into(),
+            database: None,
+        }
+    }
+}
+
+/// The files SQLite keeps beside a database: with the database file they are its data.
+const SQLITE_SIBLINGS: [&str; 3] = ["-wal", "-shm", "-journal"];
+
 impl Config {
     /// What a restore may never write over or into: [`Config::kept_dirs`], the
-    /// configuration files and every key and password file (losing a key loses
-    /// every archive made with it).
-    pub fn protected_paths(&self) -> Vec<(String, PathBuf)> {
-        let mut paths = self.kept_dirs();
-        paths.push(("the configuration file".to_owned(), self.path.clone()));
+    /// configuration files, every key, password and credentials file, the files a
+    /// PostgreSQL URL names (TLS certificates and keys, `passfile`) and the
+    /// migrations folders (losing a key loses every archive made with it; losing a
+    /// credentials file or a certificate cuts the daemon off from a destination or
+    /// a server). A SQLite restore's target file is checked against these.
+    pub fn protected_paths(&self) -> Vec<Protected> {
+        let mut paths: Vec<Protected> = self
+            .kept_dirs()
+            .into_iter()
+            .map(|(what, dir)| Protected::own(what, dir))
+            .collect();
+        paths.push(Protected::own("the configuration file", &self.path));
         for f in &self.drop_ins {
-            paths.push(("the drop-in".to_owned(), f.clone()));
+            paths.push(Protected::own("the drop-in", f));
         }
         let backups = self
             .databases
@@ -174,15 +206,62 @@ impl Config {
             .chain(self.files.iter().map(|f| &f.backup));
         for b in backups {
             for k in b.encryption_key_file.iter().chain(&b.decryption_key_files) {
-                paths.push(("the key file".to_owned(), k.clone()));
+                paths.push(Protected::own("the key file", k));
+            }
+            for d in &b.destination.0 {
+                if let Some(f) = &d.settings.credentials_file {
+                    paths.push(Protected::own(
+                        format!("the credentials file of destination {}", d.label()),
+                        f,
+                    ));
+                }
             }
         }
-        for f in self
-            .databases
-            .iter()
-            .filter_map(|d| d.password_file.as_ref())
-        {
-            paths.push(("the password file".to_owned(), f.clone()));
+        for d in &self.databases {
+            if let Some(f) = &d.password_file {
+                paths.push(Protected::own("the password file", f));
+            }
+            if super::Backend::from_url(&d.url).ok() == Some(super::Backend::Postgres) {
+                for (param, f) in crate::pgurl::named_files(&d.url) {
+                    paths.push(Protected::own(
+                        format!("the {param} of database \"{}\"", d.name),
+                        f,
+                    ));
+                }
+            }
+            if let Some(dir) = d.migrate.as_ref().and_then(|m| m.dir.as_ref()) {
+                paths.push(Protected::own(
+                    format!("the migrations folder of database \"{}\"", d.name),
+                    dir,
+                ));
+            }
+        }
+        paths
+    }
+
+    /// [`Config::protected_paths`] and every configured SQLite database with its
+    /// `-wal`, `-shm` and `-journal`: what a files restore (which replaces a whole
+    /// directory) may never write over or into. A SQLite restore may replace a
+    /// database file (that is what it is for), so its target is not checked
+    /// against these.
+    pub fn restore_dir_protected(&self) -> Vec<Protected> {
+        let mut paths = self.protected_paths();
+        for d in &self.databases {
+            let Some(file) = d.sqlite_file() else {
+                continue;
+            };
+            let siblings = SQLITE_SIBLINGS.iter().map(|s| {
+                let mut name = file.clone().into_os_string();
+                name.push(s);
+                PathBuf::from(name)
+            });
+            for f in std::iter::once(file.clone()).chain(siblings) {
+                paths.push(Protected {
+                    what: format!("the SQLite file of database \"{}\"", d.name),
+                    path: f,
+                    database: Some(d.name.clone()),
+                });
+            }
         }
         paths
     }

@@ -28,7 +28,7 @@ use crate::keys::{Key, KeyError, KeyRing};
 
 pub use backup::{short_duration, Compression, Count, Keep, KeepError, VerifyMode};
 pub use destination::{Cloud, DestinationConfig, DestinationSettings, Destinations, Location};
-pub use files::{paths_overlap, resolve_path, FilesConfig, FILES_BACKEND};
+pub use files::{paths_overlap, resolve_path, FilesConfig, Protected, FILES_BACKEND};
 
 /// Environment variable naming the config file when `-c` is not given.
 pub const CONFIG_ENV: &str = "DBKEEPER_CONFIG";
@@ -270,6 +270,24 @@ impl DatabaseConfig {
     /// `table-stats-max-tables` with its default.
     pub fn table_stats_max_tables(&self) -> usize {
         self.table_stats_max_tables.unwrap_or(DEFAULT_MAX_SERIES)
+    }
+
+    /// A SQLite database's file, absolute (a relative URL is read from the working
+    /// directory, as SQLite does); `None` for PostgreSQL, an in-memory database or a
+    /// URL that cannot be read (refused elsewhere).
+    pub fn sqlite_file(&self) -> Option<PathBuf> {
+        use std::str::FromStr;
+        if Backend::from_url(&self.url).ok()? != Backend::Sqlite {
+            return None;
+        }
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&self.url).ok()?;
+        let file = options.get_filename();
+        let name = file.to_string_lossy();
+        // sqlx names an in-memory database `file:sqlx-in-memory-*`.
+        if name.is_empty() || name.starts_with(':') || name.starts_with("file:") {
+            return None;
+        }
+        Some(std::path::absolute(file).unwrap_or_else(|_| file.to_owned()))
     }
 }
 

@@ -15,8 +15,11 @@
 //! is renamed with rename(2), which fails if anything appeared in DIR meanwhile; with
 //! `--force` the old contents are exchanged atomically with the new tree, their
 //! sibling renamed `.DIR.dbkeeper-replaced-*`, and only then removed (never with a
-//! file system mounted below DIR). DIR may not be, hold or lie in a destination
-//! folder or the state dir.
+//! file system mounted below DIR). An empty DIR that is a mount point (a fresh
+//! volume, which rename(2) cannot replace) gets the tree assembled inside it, in
+//! `DIR/.dbkeeper-restore-*`, and moved into place entry by entry, never replacing
+//! anything. DIR may not be, hold or lie in a destination folder, the state dir, a
+//! key, credentials or configuration file, or a configured SQLite database.
 
 use std::fs::OpenOptions;
 use std::io::{self, Read};
@@ -31,6 +34,7 @@ use super::archive::{channel, ChannelWriter, KeyRing};
 use super::storage::Object;
 use super::verify::{self, Expect, ReadReport, TrustGate};
 use super::{blocking, BackupError};
+use crate::config::Protected;
 
 /// The header's `image` for a files set: a tar stream.
 pub const IMAGE: &str = "tar";
@@ -358,16 +362,16 @@ pub async fn verify_tree(
     read.map(drop)
 }
 
-/// `restore NAME --to DIR`: see the module documentation. `kept`: dbkeeper's own
-/// folders (see [`crate::config::Config::kept_dirs`]), which the target may neither
-/// be, hold nor lie in. Returns what to print.
+/// `restore NAME --to DIR`: see the module documentation. `kept`: what the target
+/// may neither be, hold nor lie in (see
+/// [`crate::config::Config::restore_dir_protected`]). Returns what to print.
 pub async fn restore_dir(
     archive: &dyn Object,
     keys: &KeyRing,
     expect: Expect<'_>,
     target: &Path,
     force: bool,
-    kept: &[(String, PathBuf)],
+    kept: &[Protected],
     cancel: &CancellationToken,
 ) -> Result<String, BackupError> {
     check_target(target, kept)?;
@@ -382,6 +386,18 @@ pub async fn restore_dir(
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
         Err(e) => return Err(super::io_err("cannot read", target)(e)),
     };
+    let mount_point = existing && is_mount_point(target)?;
+    if mount_point && is_empty(target)? {
+        return restore_into_mount(archive, keys, expect, target, cancel).await;
+    }
+    if mount_point {
+        // Not empty: --force would have to swap the mount point itself.
+        return Err(BackupError::Refused(format!(
+            "{} is a mount point and not empty: --force swaps the restored tree in with rename(2), which cannot replace a mount point; restore into an empty {} (the tree is then assembled inside it) or a directory inside it",
+            target.display(),
+            target.display()
+        )));
+    }
     if existing && !force && !is_empty(target)? {
         return Err(BackupError::Refused(format!(
             "{} is not empty; add --force to replace its contents (they are kept until the restored tree is complete)",
@@ -455,28 +471,41 @@ pub async fn restore_dir(
     }
 }
 
-/// Refuses a target that is, holds or lies in one of dbkeeper's own paths
-/// (`Config::protected_paths`: its folders, configuration and key files): restoring
-/// there would delete backups, the state or a key. Compared twice: as paths with
-/// symbolic links resolved, and by device and inode up the directory chain, which
-/// also sees through bind mounts. Also asked of a SQLite restore's target file.
-pub fn check_target(target: &Path, kept: &[(String, PathBuf)]) -> Result<(), BackupError> {
+/// Refuses a target that is, holds or lies in one of the paths a restore must leave
+/// alone (`Config::protected_paths`: dbkeeper's folders, configuration, key and
+/// credentials files; for a files restore also the configured SQLite databases):
+/// restoring there would delete backups, the state, a key or a live database.
+/// Compared twice: as paths with symbolic links resolved, and by device and inode up
+/// the directory chain, which also sees through bind mounts. Also asked of a SQLite
+/// restore's target file.
+pub fn check_target(target: &Path, kept: &[Protected]) -> Result<(), BackupError> {
     let real = crate::config::resolve_path(target);
     let target_chain = inode_chain(&real);
     let target_id = file_id(&real);
-    for (what, dir) in kept {
-        let kept_real = crate::config::resolve_path(dir);
+    for p in kept {
+        let kept_real = crate::config::resolve_path(&p.path);
         let by_path = crate::config::paths_overlap(&real, &kept_real);
         let kept_id = file_id(&kept_real);
         let inside = kept_id.is_some_and(|id| target_chain.contains(&id));
         let holds = target_id.is_some_and(|id| inode_chain(&kept_real).contains(&id));
-        if by_path || inside || holds {
-            return Err(BackupError::Refused(format!(
-                "{} and {what} {} lie inside one another: restoring there would delete dbkeeper's own files; restore into another directory",
-                target.display(),
-                dir.display()
-            )));
+        if !(by_path || inside || holds) {
+            continue;
         }
+        return Err(BackupError::Refused(match &p.database {
+            Some(db) => format!(
+                "{} holds {} {}: restoring there would delete database \"{db}\" (and what was written to it since the backup), with or without --force; restore into another directory and copy the files over, or move the database out of {} (and keep it out of the set with exclude)",
+                target.display(),
+                p.what,
+                p.path.display(),
+                target.display()
+            ),
+            None => format!(
+                "{} and {} {} lie inside one another: restoring there would delete dbkeeper's own files; restore into another directory",
+                target.display(),
+                p.what,
+                p.path.display()
+            ),
+        }));
     }
     Ok(())
 }
@@ -493,18 +522,25 @@ fn inode_chain(path: &Path) -> Vec<(u64, u64)> {
     path.ancestors().filter_map(file_id).collect()
 }
 
-/// `--force` removes the old tree: never with a file system mounted below it, whose
-/// files would go with it.
-fn refuse_mounts_below(target: &Path) -> Result<(), BackupError> {
-    let real = crate::config::resolve_path(target);
+/// Every mount point `/proc/self/mountinfo` lists.
+fn mount_points() -> Result<Vec<PathBuf>, BackupError> {
     let table = std::fs::read_to_string("/proc/self/mountinfo").map_err(super::io_err(
         "cannot read",
         Path::new("/proc/self/mountinfo"),
     ))?;
-    let below = table
+    Ok(table
         .lines()
         .filter_map(|line| line.split(' ').nth(4))
         .map(unescape_mount)
+        .collect())
+}
+
+/// `--force` removes the old tree: never with a file system mounted below it, whose
+/// files would go with it.
+fn refuse_mounts_below(target: &Path) -> Result<(), BackupError> {
+    let real = crate::config::resolve_path(target);
+    let below = mount_points()?
+        .into_iter()
         .find(|m| m != &real && m.starts_with(&real));
     match below {
         Some(m) => Err(BackupError::Refused(format!(
@@ -514,6 +550,86 @@ fn refuse_mounts_below(target: &Path) -> Result<(), BackupError> {
         ))),
         None => Ok(()),
     }
+}
+
+/// Whether the directory `target` is a mount point (rename(2) cannot replace it:
+/// EBUSY): another device than its parent's, or listed as one (a bind mount of the
+/// same file system keeps the device).
+fn is_mount_point(target: &Path) -> Result<bool, BackupError> {
+    let real = crate::config::resolve_path(target);
+    let other_device = match (file_id(&real), real.parent().and_then(file_id)) {
+        (Some((dev, _)), Some((parent_dev, _))) => dev != parent_dev,
+        _ => false,
+    };
+    Ok(other_device || mount_points()?.contains(&real))
+}
+
+/// `restore --to DIR` where DIR is an empty mount point: a tree extracted beside DIR
+/// would fill the parent file system and could not be renamed over the mount point
+/// (EBUSY). So it is extracted into `DIR/.dbkeeper-restore-*` (on the mounted file
+/// system), then each top-level entry is moved into DIR with a rename that never
+/// replaces (RENAME_NOREPLACE), and the hidden folder is removed. DIR keeps its own
+/// mode. If something appeared in DIR meanwhile, the entries already moved go back
+/// and DIR is left with only what appeared. A kill leaves the hidden folder (and
+/// part of the tree already in DIR).
+async fn restore_into_mount(
+    archive: &dyn Object,
+    keys: &KeyRing,
+    expect: Expect<'_>,
+    target: &Path,
+    cancel: &CancellationToken,
+) -> Result<String, BackupError> {
+    let staged = Beside::inside(target, "restore")?;
+    read_tree(archive, keys, Some(expect), Some(staged.0.clone()), cancel).await?;
+    // A read-only root from the archive would stop the moves out of it.
+    std::fs::set_permissions(&staged.0, std::fs::Permissions::from_mode(0o700))
+        .map_err(write_err(&staged.0))?;
+    let listing = std::fs::read_dir(&staged.0).map_err(super::io_err("cannot read", &staged.0))?;
+    let mut names = Vec::new();
+    for entry in listing {
+        names.push(
+            entry
+                .map_err(super::io_err("cannot read", &staged.0))?
+                .file_name(),
+        );
+    }
+    let mut moved = Vec::new();
+    for name in &names {
+        let (from, to) = (staged.0.join(name), target.join(name));
+        let renamed = rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &from,
+            rustix::fs::CWD,
+            &to,
+            rustix::fs::RenameFlags::NOREPLACE,
+        );
+        match renamed {
+            Ok(()) => moved.push(name),
+            Err(e) => {
+                // Back out: DIR holds only what it held (or what appeared) again.
+                for back in &moved {
+                    let _ = rustix::fs::renameat_with(
+                        rustix::fs::CWD,
+                        target.join(back),
+                        rustix::fs::CWD,
+                        staged.0.join(back),
+                        rustix::fs::RenameFlags::NOREPLACE,
+                    );
+                }
+                return Err(if e == rustix::io::Errno::EXIST {
+                    BackupError::Refused(format!(
+                        "{} is no longer empty ({} appeared during the restore), so it was left as it was; stop what writes there, then restore again",
+                        target.display(),
+                        to.display()
+                    ))
+                } else {
+                    super::io_err("cannot move the restored tree into", target)(e.into())
+                });
+            }
+        }
+    }
+    drop(staged);
+    Ok(format!("restored to {}", target.display()))
 }
 
 /// A mount point as `/proc/self/mountinfo` writes it: space, tab, newline and
@@ -547,7 +663,8 @@ fn is_empty(dir: &Path) -> Result<bool, BackupError> {
     Ok(listing.next().is_none())
 }
 
-/// A fresh directory beside the target, removed with its contents unless kept.
+/// A fresh directory beside the target (or hidden inside it, for a mount point),
+/// removed with its contents unless kept.
 struct Beside(PathBuf);
 
 impl Beside {
@@ -565,6 +682,21 @@ impl Beside {
             .create(&path)
             .map_err(super::io_err(
                 "cannot create a directory beside the target:",
+                &path,
+            ))?;
+        Ok(Beside(path))
+    }
+
+    /// A fresh hidden directory inside `dir`: `DIR/.dbkeeper-<what>-<random>`.
+    fn inside(dir: &Path, what: &str) -> Result<Self, BackupError> {
+        let suffix: [u8; 8] = super::archive::crypto::random_bytes()
+            .map_err(|e| BackupError::Archive(super::archive::ArchiveError::from(e)))?;
+        let path = dir.join(format!(".dbkeeper-{what}-{}", hex::encode(suffix)));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(super::io_err(
+                "cannot create a directory inside the target:",
                 &path,
             ))?;
         Ok(Beside(path))
