@@ -32,6 +32,11 @@ pub enum StateError {
         path: PathBuf,
         source: sqlx::migrate::MigrateError,
     },
+    #[error("cannot lock the state directory {path} to open the run history: {source}; check daemon.state-dir and its permissions")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("run history: {0}")]
     Query(#[from] sqlx::Error),
 }
@@ -158,6 +163,9 @@ impl StateDb {
             path: dir.to_owned(),
             source,
         })?;
+        // Two processes starting at once (two `run-job`s from cron) would both create
+        // the schema and one would fail: creating and migrating are one at a time.
+        let _lock = Self::lock(dir).await?;
         let path = dir.join("state.db");
         if !path.exists() {
             tracing::info!(file = %path.display(), "no run history yet; starting a new one");
@@ -188,6 +196,34 @@ impl StateDb {
                 Self::connect(&path).await
             }
             other => other,
+        }
+    }
+
+    /// Takes the exclusive lock (`flock`) on the state directory itself, so that no
+    /// side file is needed (released when the handle is dropped, also when the
+    /// process dies), waiting for another process that is opening the history. Held
+    /// for milliseconds, so waiting is without limit but told after a while.
+    async fn lock(dir: &Path) -> Result<std::fs::File, StateError> {
+        let path = dir.to_owned();
+        let lock_err = |source| StateError::Lock {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(dir).map_err(lock_err)?;
+        let since = std::time::Instant::now();
+        let mut told = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(file),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    if !told && since.elapsed() > Duration::from_secs(10) {
+                        told = true;
+                        tracing::warn!(file = %path.display(), "waiting for another dbkeeper process to finish opening the run history");
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(lock_err(e)),
+            }
         }
     }
 

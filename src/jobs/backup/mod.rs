@@ -16,6 +16,7 @@ pub mod files;
 pub mod source;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
@@ -314,17 +315,21 @@ impl BackupJob {
         at_least: VerifyMode,
         cancel: &CancellationToken,
     ) -> Result<Outcome, BackupError> {
-        self.run_as(db, kind, at_least, None, cancel).await
+        self.run_as(db, kind, at_least, None, &mut Vec::new(), cancel)
+            .await
     }
 
     /// [`BackupJob::run_verified`]; `paired`: the id and start time of the database
-    /// backup this files set is taken with (`with-files`), used instead of new ones.
+    /// backup this files set is taken with (`with-files`), used instead of new ones
+    /// (the database's run reserved the id). `published` gets the location of every
+    /// namespace where this run published its archive: what its clean-up may delete.
     async fn run_as(
         &self,
         db: Option<&Database>,
         kind: BackupKind,
         at_least: VerifyMode,
         paired: Option<(&str, chrono::DateTime<Utc>)>,
+        published: &mut Vec<PathBuf>,
         cancel: &CancellationToken,
     ) -> Result<Outcome, BackupError> {
         let subject = self.subject(db)?;
@@ -354,23 +359,40 @@ impl BackupJob {
             .iter()
             .flat_map(|f| f.places(f.subject_name()))
             .collect();
-        let stores: Vec<&dyn Storage> = ready
-            .iter()
-            .chain(&paired_places)
-            .map(|p| &*p.store)
-            .collect();
-        let id = match paired {
-            Some((id, _)) => id.to_owned(),
-            None => catalog::new_id(&stores, started, kind),
+        // Held until the run is over (on every path: dropped), so that no other run,
+        // in this process or another, takes the same id meanwhile.
+        let (id, reservation) = match paired {
+            Some((id, _)) => (id.to_owned(), None),
+            None => {
+                for place in &paired_places {
+                    // Their folders may not exist yet; the files set's run reports
+                    // why one cannot be made.
+                    let _ = place.store.prepare();
+                }
+                let stores: Vec<Arc<dyn Storage>> = ready
+                    .iter()
+                    .chain(&paired_places)
+                    .map(|p| p.store.clone())
+                    .collect();
+                let reserved = catalog::reserve_id(&stores, started, kind);
+                (reserved.id().to_owned(), Some(reserved))
+            }
         };
         // Taken first: a database backup that names its files exists only with them.
         let mut with_files = Vec::new();
         for f in &self.with_files {
             let name = f.subject_name();
-            let taken =
-                Box::pin(f.run_as(None, kind, at_least, Some((&id, started)), cancel)).await;
+            let taken = Box::pin(f.run_as(
+                None,
+                kind,
+                at_least,
+                Some((&id, started)),
+                published,
+                cancel,
+            ))
+            .await;
             if let Err(e) = taken {
-                self.settle_with_files(&id, false, false);
+                self.settle_with_files(&id, false, false, published);
                 return Err(BackupError::WithFiles {
                     name: name.to_owned(),
                     id: id.clone(),
@@ -391,13 +413,15 @@ impl BackupJob {
                 started,
                 with_files,
                 paired.is_none(),
+                published,
                 cancel,
             )
             .await;
         if !self.with_files.is_empty() {
             let stored = ready.iter().any(|p| has_backup(p, &id));
-            self.settle_with_files(&id, stored, taken.is_ok());
+            self.settle_with_files(&id, stored, taken.is_ok(), published);
         }
+        drop(reservation);
         taken
     }
 
@@ -406,7 +430,10 @@ impl BackupJob {
     /// good ones their files); when it was not stored (`paired` false), the files
     /// backups this run made under `id` are deleted, as nothing pairs with them; when
     /// it was stored but failed (verification, a destination), they stay unrotated.
-    fn settle_with_files(&self, id: &str, paired: bool, succeeded: bool) {
+    /// What this run made is what it published (`published`, by the namespace's
+    /// location): a files backup under the same id that it did not write is never
+    /// its to delete.
+    fn settle_with_files(&self, id: &str, paired: bool, succeeded: bool, published: &[PathBuf]) {
         for f in &self.with_files {
             let name = f.subject_name();
             let policy = f.trust_policy(name, false);
@@ -416,7 +443,7 @@ impl BackupJob {
                     if let Err(e) = f.prune(name, &place, Some(id), false) {
                         tracing::error!(database = name, destination = %place.label(), "rotation failed: {e}");
                     }
-                } else if !paired {
+                } else if !paired && published.contains(&place.store.location()) {
                     for object in [format!("{id}{ARCHIVE_SUFFIX}"), Manifest::manifest_name(id)] {
                         match place.store.delete(&object) {
                             Ok(()) => {}
@@ -448,6 +475,7 @@ impl BackupJob {
         started: chrono::DateTime<Utc>,
         with_files: Vec<String>,
         rotate: bool,
+        published: &mut Vec<PathBuf>,
         cancel: &CancellationToken,
     ) -> Result<Outcome, BackupError> {
         let database = subject.name();
@@ -587,6 +615,7 @@ impl BackupJob {
             let saved = upload.written().and_then(|stored| {
                 let version = stored.version().clone();
                 let publishing = upload.publish()?;
+                published.push(place.store.location());
                 manifest.save_new(&*place.store)?;
                 if let Err(e) = place.store.confirm(&archive_name, &version) {
                     // A manifest must not vouch for an archive that is gone. (One that

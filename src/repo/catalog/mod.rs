@@ -4,13 +4,15 @@
 //! manifest is the source of truth (an archive without one is an interrupted write).
 //! Ids are `<UTC yyyymmddThhmmssZ>-<kind>[.<n>]`, so they sort by time; an id is
 //! taken from the manifest's file name, and a manifest is believed only when
-//! [`trust()`] accepts it.
+//! [`trust()`] accepts it. A run holds its id with a marker `<id>.reserved` while
+//! it writes ([`reservation`]); listings ignore markers.
 //!
 //! Everything here goes through [`Storage`] by name, never by path, so it works the
 //! same on any backend; names are built here and in rotation only (from ids that
 //! came from names the storage listed), never from a manifest's text.
 
 pub mod pins;
+pub mod reservation;
 pub mod rotation;
 pub mod trust;
 
@@ -21,6 +23,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::repo::storage::{Storage, Version, ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
+pub use reservation::{reserve_id, Reservation, RESERVED_SUFFIX};
 pub use trust::{
     id_of_manifest_file, is_valid_id, remember_boundary, remembered_boundary, trust, TrustPolicy,
     Untrusted,
@@ -144,27 +147,16 @@ impl Manifest {
     }
 }
 
-/// A new backup id for `at` that is taken in none of `stores` yet (every copy of a
-/// backup has the same id).
-pub fn new_id(stores: &[&dyn Storage], at: DateTime<Utc>, kind: BackupKind) -> String {
-    let base = format!("{}-{}", at.format("%Y%m%dT%H%M%SZ"), kind.as_str());
-    // A folder that cannot be listed takes the plain id: writing there fails next,
-    // with the reason.
-    let names: Vec<String> = stores
-        .iter()
-        .flat_map(|store| store.list(&base).unwrap_or_default())
-        .collect();
-    let taken = |id: &str| {
-        names.contains(&format!("{id}{ARCHIVE_SUFFIX}"))
-            || names.contains(&Manifest::manifest_name(id))
-    };
-    if !taken(&base) {
-        return base;
-    }
-    (2..)
-        .map(|n| format!("{base}.{n}"))
-        .find(|id| !taken(id))
-        .unwrap_or(base)
+/// The plain id of a backup of `kind` started at `at`.
+fn id_base(at: DateTime<Utc>, kind: BackupKind) -> String {
+    format!("{}-{}", at.format("%Y%m%dT%H%M%SZ"), kind.as_str())
+}
+
+/// The ids a backup of `kind` started at `at` may take, in order: the plain one,
+/// then `.2`, `.3` … (see [`reserve_id`]).
+fn id_candidates(at: DateTime<Utc>, kind: BackupKind) -> impl Iterator<Item = String> {
+    let base = id_base(at, kind);
+    std::iter::once(base.clone()).chain((2..).map(move |n| format!("{base}.{n}")))
 }
 
 /// A manifest that [`trust`] (or reading it) rejected, with the reason.
@@ -493,14 +485,23 @@ pub fn remove_backup(store: &dyn Storage, id: &str) -> io::Result<()> {
 }
 
 /// Removes what interrupted writes left behind: unfinished uploads no live writer
-/// holds ([`Storage::clean_uploads`]), and archives without a manifest (the manifest
-/// is written last). Returns the removed names.
+/// holds ([`Storage::clean_uploads`]), archives without a manifest (the manifest
+/// is written last) and id reservations of runs that died. Returns the removed
+/// names.
 pub fn clean(store: &dyn Storage) -> io::Result<Vec<String>> {
     let mut removed = store.clean_uploads()?;
     let names = store.list("")?;
     for name in &names {
         // Only what a backup writes: anything else (a retention export of a folder
         // that another destination nests in this one) is not this clean-up's.
+        // A reservation whose run died (a live run holds its marker).
+        if let Some(id) = name.strip_suffix(RESERVED_SUFFIX) {
+            if is_valid_id(id) && !store.in_use(name)? {
+                store.delete(name)?;
+                removed.push(name.clone());
+            }
+            continue;
+        }
         let Some(id) = name
             .strip_suffix(ARCHIVE_SUFFIX)
             .filter(|id| is_valid_id(id))

@@ -189,7 +189,7 @@ fn parse_id(id: &str) -> Option<(DateTime<Utc>, &str)> {
     if !known.iter().any(|k| k.as_str() == kind) {
         return None;
     }
-    // `new_id` numbers from 2; no leading zeros, so one id has one spelling.
+    // `reserve_id` numbers from 2; no leading zeros, so one id has one spelling.
     if let Some(n) = n {
         let ok = n.len() <= 9
             && !n.starts_with('0')

@@ -133,13 +133,7 @@ impl Upload for TempFile {
     /// The guard is the file itself, still locked: the lock moves with the rename.
     fn publish(mut self: Box<Self>) -> io::Result<Publishing> {
         let result = self.finish().and_then(|file| {
-            if self.target.exists() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!("{} already exists", self.target.display()),
-                ));
-            }
-            fs::rename(&self.path, &self.target)?;
+            rename_new(&self.path, &self.target)?;
             sync_dir(&self.dir)?;
             Ok(Box::new(file) as Publishing)
         });
@@ -148,6 +142,39 @@ impl Upload for TempFile {
         }
         result
     }
+}
+
+/// Renames `from` to `to` only if `to` does not exist, in one step: two writers
+/// publishing the same name at once (two runs reserving one backup id) cannot both
+/// succeed, which a check followed by a rename would allow. Where the file system
+/// has no `RENAME_NOREPLACE`, a hard link (which never replaces either) and the
+/// removal of `from` do the same; where it has neither, the check and rename.
+fn rename_new(from: &Path, to: &Path) -> io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    use rustix::io::Errno;
+    let exists = || {
+        io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} already exists", to.display()),
+        )
+    };
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => return Ok(()),
+        Err(Errno::EXIST) => return Err(exists()),
+        Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match fs::hard_link(from, to) {
+        Ok(()) => return fs::remove_file(from),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(exists()),
+        Err(e) if e.raw_os_error() == Some(Errno::PERM.raw_os_error()) => {}
+        Err(e) if e.raw_os_error() == Some(Errno::OPNOTSUPP.raw_os_error()) => {}
+        Err(e) => return Err(e),
+    }
+    if fs::symlink_metadata(to).is_ok() {
+        return Err(exists());
+    }
+    fs::rename(from, to)
 }
 
 /// A regular file open for reading, read by position so that every reader of one
