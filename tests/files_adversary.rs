@@ -639,6 +639,19 @@ fn adversary3_case07_restore_into_an_empty_mount_point() {
     }
     assert_eq!(names(&target), ["a.txt", "sub"]);
     assert!(!names(w.path()).iter().any(|n| n.contains("dbkeeper-")));
+    // A fresh ext4 volume holds an empty lost+found: still a new, empty volume.
+    let fresh = w.path().join("fresh");
+    let _fresh = common::Mount::tmpfs(&fresh, "4m");
+    std::fs::create_dir(fresh.join("lost+found")).unwrap();
+    restore(&w, "storage", &fresh, &[]).success();
+    assert_eq!(names(&fresh), ["a.txt", "lost+found", "sub"]);
+    // A lost+found with something in it is not.
+    let used = w.path().join("used");
+    let _used = common::Mount::tmpfs(&used, "4m");
+    write(&used.join("lost+found/#1234"), "recovered");
+    restore(&w, "storage", &used, &[])
+        .code(1)
+        .stderr(predicate::str::contains("is a mount point and not empty"));
 }
 
 /// The id a `run-job` summary names (`backup <id>: …`).

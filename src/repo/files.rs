@@ -387,7 +387,7 @@ pub async fn restore_dir(
         Err(e) => return Err(super::io_err("cannot read", target)(e)),
     };
     let mount_point = existing && is_mount_point(target)?;
-    if mount_point && is_empty(target)? {
+    if mount_point && is_empty_volume(target)? {
         return restore_into_mount(archive, keys, expect, target, cancel).await;
     }
     if mount_point {
@@ -656,6 +656,23 @@ fn unescape_mount(field: &str) -> PathBuf {
         }
     }
     PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// A freshly made file system: empty but for ext4's empty `lost+found` (which
+/// stays where it is).
+fn is_empty_volume(dir: &Path) -> Result<bool, BackupError> {
+    let listing = std::fs::read_dir(dir).map_err(super::io_err("cannot read", dir))?;
+    for entry in listing {
+        let entry = entry.map_err(super::io_err("cannot read", dir))?;
+        let path = entry.path();
+        let lost_found = entry.file_name() == "lost+found"
+            && entry.file_type().is_ok_and(|t| t.is_dir())
+            && is_empty(&path)?;
+        if !lost_found {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn is_empty(dir: &Path) -> Result<bool, BackupError> {
