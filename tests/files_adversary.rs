@@ -815,3 +815,57 @@ fn adversary3_case08_concurrent_first_runs_all_succeed() {
         }
     }
 }
+
+#[test]
+fn adversary4_case03_a_relative_sqlite_path_unseen_from_here_stops_a_restore() {
+    // Round 4, case 03: `url = "sqlite://data/app.db"` (relative to the daemon's
+    // working directory); a restore run from `/` protected `/data/app.db` and deleted
+    // the live database.
+    let (w, tree, dest) = setup();
+    write(&tree.join("a.txt"), "a");
+    let data = w.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    sqlite(
+        &data.join("app.db"),
+        "CREATE TABLE t (x); INSERT INTO t VALUES ('live');",
+    );
+    w.write_config(
+        "",
+        &format!(
+            "{}[[database]]\nname = \"app\"\nurl = \"sqlite://data/app.db\"\n",
+            files_set("storage", &tree, &dest, "")
+        ),
+    );
+    w.cmd(&["run-job", "storage.backup"])
+        .current_dir(w.path())
+        .assert()
+        .success();
+    // From the daemon's directory: seen, refused as holding the database.
+    w.cmd(&[
+        "restore",
+        "storage",
+        "--to",
+        data.to_str().unwrap(),
+        "--force",
+    ])
+    .current_dir(w.path())
+    .assert()
+    .code(1)
+    .stderr(predicate::str::contains("database \"app\""));
+    // From elsewhere: refused too, saying why.
+    w.cmd(&[
+        "restore",
+        "storage",
+        "--to",
+        data.to_str().unwrap(),
+        "--force",
+    ])
+    .current_dir("/")
+    .assert()
+    .code(1)
+    .stderr(predicate::str::contains("relative path data/app.db"));
+    assert_eq!(
+        sqlite(&data.join("app.db"), "SELECT x FROM t;").trim(),
+        "live"
+    );
+}

@@ -1341,6 +1341,21 @@ fn adversary3_case04_an_up_to_date_verdict_releases_no_pin() {
     assert!(first.exists(), "an up-to-date verdict released the pin");
 }
 
+#[test]
+fn adversary4_case02_a_pinned_archive_whose_manifest_went_missing_is_kept() {
+    // Round 4, case 02: the clean-up of interrupted writes deleted a pinned
+    // pre-migration archive once its manifest was gone.
+    let w = Workdir::new();
+    w.write_config("", &half_migrating(&w, None, ""));
+    w.cmd(&["migrate", "apply", "app"]).assert().code(1);
+    let first = first_pre_migration(&w);
+    let manifest = first.with_extension("manifest.json");
+    std::fs::remove_file(&manifest).expect("manifest");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    assert!(first.exists(), "the pinned archive was cleaned away");
+}
+
 /// A command that starts `sleep 300` in a session of its own (out of its process
 /// group, as a daemonising helper does), writes its pid to `pidfile`, then sleeps
 /// `secs` (0: exits at once).

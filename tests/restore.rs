@@ -1686,3 +1686,51 @@ fn a_sqlite_restore_never_targets_a_destination_or_the_state_dir() {
     w.cmd(&["backup", "verify", "app"]).assert().success();
     w.cmd(&["history"]).assert().success();
 }
+
+#[test]
+fn adversary4_case01_a_restore_onto_a_databases_wal_or_journal_is_refused() {
+    // Round 4, case 01: `restore app --to app.db-wal --force` (a tab-completion slip)
+    // replaced the write-ahead log holding committed rows; onto `-journal` it made a
+    // crashed transaction permanent.
+    let w = Workdir::new();
+    let db = w.path().join("app.db");
+    sqlite(
+        &db,
+        "PRAGMA journal_mode=WAL; CREATE TABLE t (x); INSERT INTO t VALUES ('kept');",
+    );
+    let dest = w.path().join("bk");
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n{}",
+            db.display(),
+            common::backup_table(&dest, None, "")
+        ),
+    );
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let side = w.path().join(format!("app.db{suffix}"));
+        std::fs::write(&side, b"side file").unwrap();
+        w.cmd(&["restore", "app", "--to", side.to_str().unwrap(), "--force"])
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains("not a database"));
+        assert_eq!(std::fs::read(&side).unwrap(), b"side file", "{suffix}");
+        std::fs::remove_file(&side).unwrap();
+    }
+    // An unconfigured database's side file too.
+    let other = w.path().join("other.db");
+    sqlite(&other, "CREATE TABLE t (x);");
+    let journal = w.path().join("other.db-journal");
+    std::fs::write(&journal, b"hot").unwrap();
+    w.cmd(&[
+        "restore",
+        "app",
+        "--to",
+        journal.to_str().unwrap(),
+        "--force",
+    ])
+    .assert()
+    .code(1);
+    assert_eq!(std::fs::read(&journal).unwrap(), b"hot");
+}

@@ -535,15 +535,33 @@ pub async fn restore(
                 let expect = verifying::Expect::trusted(&manifest, &policy);
                 let dir = Path::new(to);
                 let kept = config.restore_dir_protected();
-                files::restore_dir(&*archive, &b.keys, expect, dir, how.force, &kept, &cancel).await
+                match config
+                    .databases
+                    .iter()
+                    .find_map(|d| Some((d, d.sqlite_file_elsewhere()?)))
+                {
+                    // It could be inside DIR without dbkeeper seeing it.
+                    Some((d, file)) => Err(BackupError::Refused(format!(
+                        "database \"{}\" is a SQLite file at the relative path {}, which does not exist from this working directory: it could lie inside {} unseen; run the restore from the directory the daemon runs in, or make its url absolute",
+                        d.name,
+                        file.display(),
+                        dir.display()
+                    ))),
+                    None => {
+                        files::restore_dir(&*archive, &b.keys, expect, dir, how.force, &kept, &cancel)
+                            .await
+                    }
+                }
             }
             Ok(archive) => {
                 // A SQLite file restored into a destination or the state directory
                 // could replace an archive, a manifest or the run history.
                 let file_target = !to.starts_with("postgres:") && !to.starts_with("postgresql:");
-                match file_target
-                    .then(|| files::check_target(Path::new(to), &config.protected_paths()))
-                {
+                match file_target.then(|| {
+                    files::not_a_companion(Path::new(to)).and_then(|()| {
+                        files::check_target(Path::new(to), &config.sqlite_restore_protected())
+                    })
+                }) {
                     Some(Err(e)) => Err(e),
                     _ => {
                         restoring::restore(&*archive, &manifest, &b.keys, to, &opts, &cancel).await

@@ -180,7 +180,7 @@ impl Protected {
 }
 
 /// The files SQLite keeps beside a database: with the database file they are its data.
-const SQLITE_SIBLINGS: [&str; 3] = ["-wal", "-shm", "-journal"];
+pub const SQLITE_SIBLINGS: [&str; 3] = ["-wal", "-shm", "-journal"];
 
 impl Config {
     /// What a restore may never write over or into: [`Config::kept_dirs`], the
@@ -246,6 +246,24 @@ impl Config {
     /// against these.
     pub fn restore_dir_protected(&self) -> Vec<Protected> {
         let mut paths = self.protected_paths();
+        paths.extend(self.sqlite_files(true));
+        paths
+    }
+
+    /// What a SQLite restore's target file may not be: [`Config::protected_paths`]
+    /// and the `-wal`, `-shm` and `-journal` files of every configured SQLite
+    /// database (a restore onto a database's own file is what it is for; onto its
+    /// write-ahead log it would drop the transactions the log holds).
+    pub fn sqlite_restore_protected(&self) -> Vec<Protected> {
+        let mut paths = self.protected_paths();
+        paths.extend(self.sqlite_files(false));
+        paths
+    }
+
+    /// Every configured SQLite database's companion files (and, with `with_db`, the
+    /// database file itself).
+    fn sqlite_files(&self, with_db: bool) -> Vec<Protected> {
+        let mut paths = Vec::new();
         for d in &self.databases {
             let Some(file) = d.sqlite_file() else {
                 continue;
@@ -255,7 +273,8 @@ impl Config {
                 name.push(s);
                 PathBuf::from(name)
             });
-            for f in std::iter::once(file.clone()).chain(siblings) {
+            let own = with_db.then(|| file.clone());
+            for f in own.into_iter().chain(siblings) {
                 paths.push(Protected {
                     what: format!("the SQLite file of database \"{}\"", d.name),
                     path: f,

@@ -28,7 +28,9 @@ use crate::keys::{Key, KeyError, KeyRing};
 
 pub use backup::{short_duration, Compression, Count, Keep, KeepError, VerifyMode};
 pub use destination::{Cloud, DestinationConfig, DestinationSettings, Destinations, Location};
-pub use files::{paths_overlap, resolve_path, FilesConfig, Protected, FILES_BACKEND};
+pub use files::{
+    paths_overlap, resolve_path, FilesConfig, Protected, FILES_BACKEND, SQLITE_SIBLINGS,
+};
 
 /// Environment variable naming the config file when `-c` is not given.
 pub const CONFIG_ENV: &str = "DBKEEPER_CONFIG";
@@ -288,6 +290,20 @@ impl DatabaseConfig {
             return None;
         }
         Some(std::path::absolute(file).unwrap_or_else(|_| file.to_owned()))
+    }
+
+    /// A SQLite database whose URL names a relative path that does not exist from
+    /// the working directory: where it lives depends on where the daemon runs, which
+    /// a one-shot command cannot know. `Some(path as written)` then.
+    pub fn sqlite_file_elsewhere(&self) -> Option<PathBuf> {
+        use std::str::FromStr;
+        if Backend::from_url(&self.url).ok()? != Backend::Sqlite {
+            return None;
+        }
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&self.url).ok()?;
+        let file = options.get_filename();
+        (file.is_relative() && self.sqlite_file().is_some_and(|f| !f.exists()))
+            .then(|| file.to_owned())
     }
 }
 

@@ -478,6 +478,31 @@ pub async fn restore_dir(
 /// Compared twice: as paths with symbolic links resolved, and by device and inode up
 /// the directory chain, which also sees through bind mounts. Also asked of a SQLite
 /// restore's target file.
+/// A SQLite restore's target that is the `-wal`, `-shm` or `-journal` file of a
+/// database beside it (configured or not): replacing it would drop the transactions
+/// it holds, or leave the database inconsistent. Refused.
+pub fn not_a_companion(target: &Path) -> Result<(), BackupError> {
+    let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return Ok(());
+    };
+    for suffix in crate::config::SQLITE_SIBLINGS {
+        let Some(base) = name.strip_suffix(suffix).filter(|b| !b.is_empty()) else {
+            continue;
+        };
+        let database = target.with_file_name(base);
+        if database.is_file() {
+            return Err(BackupError::Refused(format!(
+                "{} is the {} file of the SQLite database {}, not a database: restoring over it would lose what it holds; restore to {} (with --force) or to a new file",
+                target.display(),
+                suffix.trim_start_matches('-'),
+                database.display(),
+                database.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub fn check_target(target: &Path, kept: &[Protected]) -> Result<(), BackupError> {
     let real = crate::config::resolve_path(target);
     let target_chain = inode_chain(&real);

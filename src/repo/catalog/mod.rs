@@ -509,7 +509,12 @@ pub fn clean(store: &dyn Storage) -> io::Result<Vec<String>> {
             continue;
         };
         // A writer between publishing the archive and writing its manifest holds it.
-        if !names.contains(&Manifest::manifest_name(id)) && !store.in_use(name)? {
+        // A pinned archive is no interrupted write, whatever became of its manifest
+        // (adversary round 4 on issue 15, case 02): kept, listed as untrusted.
+        let pinned = names
+            .iter()
+            .any(|n| n.split_once(pins::PIN_MARK).is_some_and(|(p, _)| p == id));
+        if !pinned && !names.contains(&Manifest::manifest_name(id)) && !store.in_use(name)? {
             store.delete(name)?;
             removed.push(name.clone());
         }
@@ -559,6 +564,10 @@ mod tests {
         plant(&format!("{cut}{ARCHIVE_SUFFIX}"));
         plant(".20261121T040000Z-manual.dbk.00000000deadbeef.tmp");
         plant("notes.txt");
+        // Pinned, its manifest lost (round 4, case 02): kept.
+        let pinned = "20261121T060000Z-pre-migration";
+        plant(&format!("{pinned}{ARCHIVE_SUFFIX}"));
+        plant(&pins::marker_name(pinned, "app"));
         let live = dest.put("20261121T050000Z-manual.dbk").unwrap();
         let mut removed = clean(&dest).unwrap();
         removed.sort();
@@ -576,6 +585,8 @@ mod tests {
             [
                 "20261121T020000Z-manual.dbk",
                 "20261121T020000Z-manual.manifest.json",
+                "20261121T060000Z-pre-migration.dbk",
+                "20261121T060000Z-pre-migration.pin.app",
                 "notes.txt"
             ]
         );
