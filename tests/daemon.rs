@@ -345,8 +345,16 @@ fn last_success_survives_a_restart() {
     );
     w.cmd(&["run-job", "lite.sql.yearly"]).assert().success();
     let labels = ["job_id=\"lite.sql.yearly\""];
+    // /healthz answers before the jobs are published: wait for the series.
+    let published = |d: &common::Daemon| {
+        d.wait_for("the job's series", Duration::from_secs(30), || {
+            d.metric("dbkeeper_job_last_run_timestamp_seconds", &labels)
+                .is_some()
+        })
+    };
     let first = {
         let d = w.start();
+        published(&d);
         let v = d
             .metric("dbkeeper_job_last_success_timestamp_seconds", &labels)
             .expect("gauge");
@@ -354,6 +362,7 @@ fn last_success_survives_a_restart() {
         v
     };
     let d = w.start();
+    published(&d);
     assert_eq!(
         d.metric("dbkeeper_job_last_success_timestamp_seconds", &labels),
         Some(first)
