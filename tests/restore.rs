@@ -1734,3 +1734,42 @@ fn adversary4_case01_a_restore_onto_a_databases_wal_or_journal_is_refused() {
     .code(1);
     assert_eq!(std::fs::read(&journal).unwrap(), b"hot");
 }
+
+#[test]
+fn adversary5_a_wal_without_its_database_is_never_deleted_by_a_restore() {
+    // Round 5, case 06: after a crash the operator moved app.db aside and restored to
+    // the free name; the orphan app.db-wal, holding the only copy of committed rows,
+    // was parked and deleted.
+    let w = Workdir::new();
+    let db = w.path().join("app.db");
+    sqlite(&db, "CREATE TABLE t (x); INSERT INTO t VALUES ('kept');");
+    let dest = w.path().join("bk");
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n{}",
+            db.display(),
+            common::backup_table(&dest, None, "")
+        ),
+    );
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    std::fs::rename(&db, w.path().join("app.db.broken")).unwrap();
+    for side in ["-wal", "-journal"] {
+        let orphan = w.path().join(format!("app.db{side}"));
+        std::fs::write(&orphan, b"committed pages").unwrap();
+        for force in [&[][..], &["--force"][..]] {
+            let mut args = vec!["restore", "app", "--to", db.to_str().unwrap()];
+            args.extend_from_slice(force);
+            w.cmd(&args)
+                .assert()
+                .code(1)
+                .stderr(predicate::str::contains("exists without its database"));
+            assert_eq!(std::fs::read(&orphan).unwrap(), b"committed pages");
+            assert!(!db.exists());
+        }
+        std::fs::remove_file(&orphan).unwrap();
+    }
+    w.cmd(&["restore", "app", "--to", db.to_str().unwrap()])
+        .assert()
+        .success();
+}

@@ -265,6 +265,23 @@ async fn restore_sqlite(
     if usable_target(target)? && !force {
         return Err(exists_refusal(target));
     }
+    // A side file without its database (moved aside after a crash) may hold the only
+    // copy of committed transactions: a new database there would make SQLite take it
+    // for its own, and parking it would delete it (adversary round 5 on issue 15).
+    if !target.exists() {
+        for side in ["-wal", "-journal"] {
+            let mut name = target.as_os_str().to_owned();
+            name.push(side);
+            let path = PathBuf::from(name);
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.len() > 0) {
+                return Err(BackupError::Refused(format!(
+                    "{} exists without its database: it may hold committed transactions of the database that was at {} (moved or deleted); move it away together with that database (SQLite needs both to recover them), or restore to another name",
+                    path.display(),
+                    target.display()
+                )));
+            }
+        }
+    }
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),

@@ -293,26 +293,48 @@ impl Destination {
     /// Opens a new temporary file that will become `name`, locked for as long as it
     /// is being written.
     fn create_temp(&self, name: &str) -> io::Result<TempFile> {
+        use std::os::unix::fs::MetadataExt;
         self.real_dir()?;
-        let path = self.dir.join(format!(
-            ".{name}.{:016x}{TMP_SUFFIX}",
-            rand::random::<u64>()
-        ));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)?;
-        if let Err(e) = lock(&file) {
-            let _ = fs::remove_file(&path);
-            return Err(e);
+        // Between creating the file and locking it, another process's
+        // `clean_uploads` can take it for a dead upload and remove it (or hold its
+        // lock for a moment while it looks): then the write would go to an unlinked
+        // file and its publish fail. So the file is ours only once it is locked and
+        // still the one at its path; otherwise another name is tried.
+        let mut last = None;
+        for _ in 0..8 {
+            let path = self.dir.join(format!(
+                ".{name}.{:016x}{TMP_SUFFIX}",
+                rand::random::<u64>()
+            ));
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            if let Err(e) = lock(&file) {
+                let _ = fs::remove_file(&path);
+                last = Some(e);
+                continue;
+            }
+            let (ours, there) = (file.metadata()?, fs::symlink_metadata(&path));
+            match there {
+                Ok(m) if m.dev() == ours.dev() && m.ino() == ours.ino() => {
+                    return Ok(TempFile {
+                        path,
+                        target: self.dir.join(name),
+                        dir: self.dir.clone(),
+                        file: Some(file),
+                    })
+                }
+                _ => {
+                    last = Some(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("{} was removed as it was created", path.display()),
+                    ))
+                }
+            }
         }
-        Ok(TempFile {
-            path,
-            target: self.dir.join(name),
-            dir: self.dir.clone(),
-            file: Some(file),
-        })
+        Err(last.unwrap_or_else(|| io::Error::other("cannot create a temporary file")))
     }
 
     /// The names in the folder, or none when it does not exist yet.
