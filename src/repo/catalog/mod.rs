@@ -514,7 +514,14 @@ pub fn clean(store: &dyn Storage) -> io::Result<Vec<String>> {
         let pinned = names
             .iter()
             .any(|n| n.split_once(pins::PIN_MARK).is_some_and(|(p, _)| p == id));
-        if !pinned && !names.contains(&Manifest::manifest_name(id)) && !store.in_use(name)? {
+        let manifest = Manifest::manifest_name(id);
+        if pinned || names.contains(&manifest) || store.in_use(name)? {
+            continue;
+        }
+        // The listing is older than the look at the writer's lock: a writer that
+        // finished its manifest and let go meanwhile is no dead one. No longer held
+        // means the manifest is written if it ever will be, so look again now.
+        if !store.list(&manifest)?.contains(&manifest) {
             store.delete(name)?;
             removed.push(name.clone());
         }
