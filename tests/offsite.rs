@@ -319,10 +319,13 @@ fn a_killed_upload_leaves_nothing_visible_and_its_leftovers_are_cleaned() {
     let mut child = backup_mid_upload(&w, &s3);
     child.kill().unwrap();
     child.wait().unwrap();
-    // Nothing under a backup's name: only the lease, and the unfinished upload.
+    // Nothing under a backup's name: only the leases, the unfinished upload and the
+    // dead run's id reservation.
     assert!(archive_keys(&s3, "kill/").is_empty(), "{:?}", s3.keys(""));
     assert!(
-        s3.keys("kill/app/").iter().all(|k| k.ends_with(".upload")),
+        s3.keys("kill/app/")
+            .iter()
+            .all(|k| k.ends_with(".upload") || k.ends_with(".reserved")),
         "{:?}",
         s3.keys("")
     );
@@ -340,7 +343,11 @@ fn a_killed_upload_leaves_nothing_visible_and_its_leftovers_are_cleaned() {
     );
     let keys = s3.keys("kill/app/");
     assert_eq!(keys.len(), 2, "{keys:?}");
-    assert!(keys.iter().all(|k| !k.ends_with(".upload")), "{keys:?}");
+    assert!(
+        keys.iter()
+            .all(|k| !k.ends_with(".upload") && !k.ends_with(".reserved")),
+        "{keys:?}"
+    );
 }
 
 #[test]
