@@ -514,6 +514,11 @@ fn retention_and_refresh_series_exist_from_start_up_and_follow_runs() {
     );
     let d = w.start();
     let labels = ["database=\"lite\"", "table=\"events\""];
+    // /healthz answers before the jobs are published: wait for the series.
+    d.wait_for("the retention series", Duration::from_secs(30), || {
+        d.metric("dbkeeper_retention_max_age_seconds", &labels)
+            .is_some()
+    });
     assert_eq!(
         d.metric("dbkeeper_retention_max_age_seconds", &labels),
         Some(30.0 * 86400.0)
