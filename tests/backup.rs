@@ -339,7 +339,7 @@ fn damaged_archives_and_wrong_keys_exit_3_and_write_nothing() {
     assert_eq!(out.status.code(), Some(3));
     let msg = String::from_utf8_lossy(&out.stderr);
     assert!(
-        msg.contains("was made with key ") && msg.contains(", you have key "),
+        msg.contains("was made for key ") && msg.contains("; you have key "),
         "{msg}"
     );
     // The good archive still verifies; with the old key configured as a decryption
@@ -969,6 +969,7 @@ fn a_dump_cut_short_is_never_published_and_an_archived_one_fails_verification() 
             created,
             encryption: None,
             globals: None,
+            sealed: None,
             ..header.clone()
         },
         key: Some(&the_key),

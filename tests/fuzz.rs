@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 
 use dbkeeper::repo::archive::pgdump::{DumpCheck, DumpError, Summary};
-use dbkeeper::repo::archive::{self, Compression, Header, Key, KeyRing, Settings};
+use dbkeeper::repo::archive::{self, Compression, Header, Identity, Key, KeyRing, Settings};
 use proptest::prelude::*;
 
 fn cases() -> u32 {
@@ -36,7 +36,8 @@ fn config() -> ProptestConfig {
 struct Sample {
     key: Key,
     plain: Vec<u8>,
-    /// Archives of `plain`: encrypted gzip, encrypted zstd, unencrypted none.
+    /// Archives of `plain`: encrypted gzip, encrypted zstd, unencrypted none, and the
+    /// first rewrapped to version 3 (the key and an age recipient).
     archives: Vec<Vec<u8>>,
 }
 
@@ -45,7 +46,7 @@ fn sample() -> &'static Sample {
     SAMPLE.get_or_init(|| {
         let key = Key::random().expect("key");
         let plain: Vec<u8> = (0..5000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
-        let archives = [
+        let mut archives: Vec<Vec<u8>> = [
             (Compression::Gzip, true),
             (Compression::Zstd, true),
             (Compression::None, false),
@@ -62,6 +63,7 @@ fn sample() -> &'static Sample {
                     segment_size: 1024,
                     encryption: None,
                     globals: None,
+                    sealed: None,
                 },
                 key: encrypted.then_some(&key),
                 compression,
@@ -75,6 +77,13 @@ fn sample() -> &'static Sample {
                 .0
         })
         .collect();
+        let recipient = Identity::generate().recipient();
+        let ring = KeyRing::new(vec![key.clone()]);
+        let re = archive::rewrap(&mut &archives[0][..], &ring, Some(&key), &[recipient])
+            .expect("rewrap");
+        let mut v3 = re.prefix.clone();
+        v3.extend_from_slice(&archives[0][re.segments_offset as usize..]);
+        archives.push(v3);
         Sample {
             key,
             plain,
@@ -252,7 +261,7 @@ proptest! {
 
     /// Mutated archives: an error, or — only if the edits cancelled out — the original.
     #[test]
-    fn mutated_archives_fail_cleanly(which in 0..3usize, edits in proptest::collection::vec(edit(), 1..4)) {
+    fn mutated_archives_fail_cleanly(which in 0..4usize, edits in proptest::collection::vec(edit(), 1..4)) {
         let original = &sample().archives[which];
         let mutated = apply(original.clone(), &edits);
         match read(&mutated) {

@@ -551,6 +551,7 @@ mod tests {
                 segment_size: 64 * 1024,
                 encryption: None,
                 globals: None,
+                sealed: None,
             },
             key: Some(key),
             compression: Compression::Zstd,

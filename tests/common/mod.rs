@@ -643,6 +643,7 @@ pub fn plant_backup(dest: &Path, key: &Path, what: Planted<'_>, source: impl Rea
             segment_size: format::SEGMENT_SIZE,
             encryption: None,
             globals: None,
+            sealed: None,
         },
         key: Some(&key),
         compression: Compression::Gzip,

@@ -506,6 +506,7 @@ impl BackupJob {
             segment_size: crate::repo::archive::format::SEGMENT_SIZE,
             encryption: None,
             globals: None,
+            sealed: None,
         };
         let (header, globals, globals_summary) = match subject {
             Subject::Database(db) => self.globals(db, header).await?,

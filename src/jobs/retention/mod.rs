@@ -787,6 +787,7 @@ impl BatchArchive<'_> {
                 segment_size: archive::format::SEGMENT_SIZE,
                 encryption: None,
                 globals: None,
+                sealed: None,
             },
             key: self.to.key.as_ref(),
             compression: self.to.compression,

@@ -13,7 +13,7 @@ use chacha20poly1305::XChaCha20Poly1305;
 use sha2::{Digest, Sha256};
 
 pub(crate) use crate::keys::random_bytes;
-pub use crate::keys::{Key, KeyError, KeyRing, KEY_LEN};
+pub use crate::keys::{Identity, Key, KeyError, KeyRing, Recipient, KEY_LEN};
 
 /// Bytes added to each segment: the Poly1305 tag (or the check value when unencrypted).
 pub const TAG_LEN: usize = 16;

@@ -1,4 +1,5 @@
-//! The `.dbk` container, versions 1 and 2 (specified in `docs/FORMAT.md`):
+//! The `.dbk` container, versions 1 and 2, and the entry points for version 3
+//! ([`super::envelope`]) (specified in `docs/FORMAT.md`):
 //!
 //! ```text
 //! "DBKEEPER" | version u8 = 1 | header length u32 BE | header (JSON)
@@ -14,7 +15,8 @@ use std::io::{self, Read, Write};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::crypto::{random_bytes, Key, KeyRing, Sealer, NONCE_PREFIX_LEN, TAG_LEN};
+use super::crypto::{random_bytes, Key, KeyRing, Recipient, Sealer, NONCE_PREFIX_LEN, TAG_LEN};
+use super::envelope::{self, Envelope, MAC_LEN, NO_KEY_ID, VERSION_ENVELOPE};
 use super::{ArchiveError, Compression};
 
 pub const MAGIC: &[u8; 8] = b"DBKEEPER";
@@ -46,12 +48,19 @@ pub struct Header {
     pub created: DateTime<Utc>,
     pub compression: Compression,
     pub segment_size: u32,
-    /// `None` for unencrypted archives.
+    /// `None` for unencrypted archives. In a version 3 archive `key_id` is
+    /// [`Envelope::stable_id`] (its first key id, or an id of its recipients) and the
+    /// wrap fields are empty: the data key is wrapped in the envelope.
     pub encryption: Option<Encryption>,
     /// Version 2 only: the plaintext starts with this many bytes of globals (roles,
     /// memberships, tablespaces; JSON) before the image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub globals: Option<GlobalsSection>,
+    /// Version 3 only: the envelope this header came in (not part of the header
+    /// bytes). A header read without opening the archive holds the envelope's
+    /// plaintext copies; an opened one is the inner header.
+    #[serde(skip)]
+    pub sealed: Option<Box<Envelope>>,
 }
 
 /// The header's `globals` member.
@@ -72,7 +81,30 @@ pub enum GlobalsFormat {
 }
 
 impl Header {
-    /// The format version this header is written with.
+    /// What the archive was made for: `key <id>` and `recipient age1…` entries
+    /// (version 1 and 2: the one key id; unencrypted: none).
+    pub fn made_for(&self) -> Vec<String> {
+        match (&self.sealed, &self.encryption) {
+            (Some(envelope), _) => envelope.made_for(),
+            (None, Some(enc)) => vec![format!("key {}", enc.key_id)],
+            (None, None) => Vec::new(),
+        }
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.encryption.is_some() || self.sealed.is_some()
+    }
+
+    /// The format version of the archive this header came from.
+    pub fn format_version(&self) -> u8 {
+        if self.sealed.is_some() {
+            VERSION_ENVELOPE
+        } else {
+            self.version()
+        }
+    }
+
+    /// The format version this (inner) header is written with.
     pub fn version(&self) -> u8 {
         if self.globals.is_some() {
             VERSION_GLOBALS
@@ -119,18 +151,60 @@ pub struct ArchiveWriter<W: Write> {
     buf: Vec<u8>,
     segment: usize,
     counter: u32,
+    data_key: Option<Key>,
 }
 
 impl<W: Write> ArchiveWriter<W> {
+    /// Writes a version 3 archive when there are `recipients` (the data key wrapped
+    /// under `key` too, if given, and for each recipient); without recipients, the
+    /// same as [`ArchiveWriter::new`] (version 1 or 2, byte for byte as before).
+    pub fn with_recipients(
+        mut out: W,
+        mut header: Header,
+        key: Option<&Key>,
+        recipients: &[Recipient],
+    ) -> Result<Self, ArchiveError> {
+        if recipients.is_empty() {
+            return Self::new(out, header, key);
+        }
+        check_segment_size(header.segment_size)?;
+        let data_key = Key::random()?;
+        let prefix: [u8; NONCE_PREFIX_LEN] = random_bytes()?;
+        header.sealed = None;
+        header.encryption = Some(Encryption {
+            algorithm: ALGORITHM.to_owned(),
+            key_id: NO_KEY_ID.to_owned(),
+            wrap_nonce: String::new(),
+            wrapped_key: String::new(),
+            nonce_prefix: hex::encode(prefix),
+        });
+        let json = serde_json::to_vec(&header).map_err(io::Error::other)?;
+        let sealed = envelope::seal(&header, &json, header.version(), &data_key, key, recipients)?;
+        out.write_all(&sealed)?;
+        let segment = header.segment_size as usize;
+        Ok(ArchiveWriter {
+            out,
+            sealer: Sealer::encrypted(&data_key, &prefix),
+            header: json,
+            buf: Vec::with_capacity(segment + TAG_LEN),
+            segment,
+            counter: 0,
+            data_key: Some(data_key),
+        })
+    }
+
+    /// The archive's data key (encrypted archives), so that the writer can read back
+    /// what it wrote with [`ArchiveReader::open_with_data_key`] without an identity.
+    /// Keep it in memory only.
+    pub fn data_key(&self) -> Option<Key> {
+        self.data_key.clone()
+    }
+
     /// Writes the header. With `key`, a fresh data key is made and wrapped under it.
     /// `header.segment_size` is used as given (normally [`SEGMENT_SIZE`]).
     pub fn new(mut out: W, mut header: Header, key: Option<&Key>) -> Result<Self, ArchiveError> {
-        if !SEGMENT_SIZE_RANGE.contains(&header.segment_size) {
-            return Err(ArchiveError::BadHeader(format!(
-                "segment size {} is out of range",
-                header.segment_size
-            )));
-        }
+        check_segment_size(header.segment_size)?;
+        header.sealed = None;
         let data_key = match key {
             Some(kek) => {
                 let data_key = Key::random()?;
@@ -165,6 +239,7 @@ impl<W: Write> ArchiveWriter<W> {
             buf: Vec::with_capacity(segment + TAG_LEN),
             segment,
             counter: 0,
+            data_key: data_key.map(|(k, _)| k),
         })
     }
 
@@ -232,37 +307,25 @@ fn fill(input: &mut impl Read, buf: &mut Vec<u8>, want: usize) -> io::Result<()>
     Ok(())
 }
 
-/// Reads and parses the prefix and header of an archive, and returns the header with
-/// its exact bytes. Nothing is authenticated yet: callers that need a header they can
-/// trust read the segments too (the header bytes are their associated data).
-pub fn read_header(input: &mut impl Read) -> Result<(Header, Vec<u8>), ArchiveError> {
-    let mut prefix = [0u8; 13];
-    read_exact_or(input, &mut prefix, ArchiveError::NotAnArchive)?;
-    if &prefix[..8] != MAGIC {
-        return Err(ArchiveError::NotAnArchive);
+fn check_segment_size(size: u32) -> Result<(), ArchiveError> {
+    if SEGMENT_SIZE_RANGE.contains(&size) {
+        Ok(())
+    } else {
+        Err(ArchiveError::BadHeader(format!(
+            "segment size {size} is out of range"
+        )))
     }
-    if prefix[8] != VERSION && prefix[8] != VERSION_GLOBALS {
-        return Err(ArchiveError::UnsupportedVersion(prefix[8]));
-    }
-    let len = u32::from_be_bytes([prefix[9], prefix[10], prefix[11], prefix[12]]);
-    if len == 0 || len > MAX_HEADER {
-        return Err(ArchiveError::BadHeader(format!(
-            "header length {len} is out of range"
-        )));
-    }
-    let mut header_bytes = vec![0u8; len as usize];
-    read_exact_or(
-        input,
-        &mut header_bytes,
-        ArchiveError::Truncated { segments: 0 },
-    )?;
-    let header: Header = serde_json::from_slice(&header_bytes)
-        .map_err(|e| ArchiveError::BadHeader(e.to_string()))?;
+}
+
+/// Parses v1/v2 header bytes that came with format version `version`.
+pub(crate) fn parse_header(bytes: &[u8], version: u8) -> Result<Header, ArchiveError> {
+    let header: Header =
+        serde_json::from_slice(bytes).map_err(|e| ArchiveError::BadHeader(e.to_string()))?;
     // The version byte is not authenticated; the header is: they must agree.
-    if header.version() != prefix[8] {
+    if header.version() != version {
         return Err(ArchiveError::BadHeader(format!(
             "format version {} with{} a globals member",
-            prefix[8],
+            version,
             if header.globals.is_some() { "" } else { "out" }
         )));
     }
@@ -271,52 +334,141 @@ pub fn read_header(input: &mut impl Read) -> Result<(Header, Vec<u8>), ArchiveEr
             "the globals section is larger than 64 MiB".to_owned(),
         ));
     }
-    if !SEGMENT_SIZE_RANGE.contains(&header.segment_size) {
+    check_segment_size(header.segment_size)?;
+    Ok(header)
+}
+
+/// An archive's prefix as stored, nothing authenticated yet.
+pub(crate) enum Raw {
+    /// Versions 1 and 2: the header, its exact bytes and the version byte.
+    Plain {
+        header: Header,
+        bytes: Vec<u8>,
+        version: u8,
+    },
+    /// Version 3: the envelope, the bytes its tag covers (magic through envelope)
+    /// and the tag.
+    Sealed {
+        envelope: Box<Envelope>,
+        covered: Vec<u8>,
+        tag: [u8; MAC_LEN],
+    },
+}
+
+pub(crate) fn read_raw(input: &mut impl Read) -> Result<Raw, ArchiveError> {
+    let mut prefix = [0u8; 13];
+    read_exact_or(input, &mut prefix, ArchiveError::NotAnArchive)?;
+    if &prefix[..8] != MAGIC {
+        return Err(ArchiveError::NotAnArchive);
+    }
+    let version = prefix[8];
+    if version == VERSION_ENVELOPE {
+        let (envelope, covered, tag) = envelope::read(input, &prefix)?;
+        return Ok(Raw::Sealed {
+            envelope: Box::new(envelope),
+            covered,
+            tag,
+        });
+    }
+    if version != VERSION && version != VERSION_GLOBALS {
+        return Err(ArchiveError::UnsupportedVersion(version));
+    }
+    let len = u32::from_be_bytes([prefix[9], prefix[10], prefix[11], prefix[12]]);
+    if len == 0 || len > MAX_HEADER {
         return Err(ArchiveError::BadHeader(format!(
-            "segment size {} is out of range",
-            header.segment_size
+            "header length {len} is out of range"
         )));
     }
-    Ok((header, header_bytes))
+    let mut bytes = vec![0u8; len as usize];
+    read_exact_or(input, &mut bytes, ArchiveError::Truncated { segments: 0 })?;
+    let header = parse_header(&bytes, version)?;
+    Ok(Raw::Plain {
+        header,
+        bytes,
+        version,
+    })
+}
+
+/// Reads and parses the prefix and header of an archive, and returns the header with
+/// its exact bytes. Nothing is authenticated yet: callers that need a header they can
+/// trust read the segments too (the header bytes are their associated data).
+///
+/// Version 3: the header is [`Envelope::listing_header`] (the envelope's plaintext
+/// copies, the envelope attached) and the bytes are the envelope's JSON; the tag
+/// after it is read too.
+pub fn read_header(input: &mut impl Read) -> Result<(Header, Vec<u8>), ArchiveError> {
+    match read_raw(input)? {
+        Raw::Plain { header, bytes, .. } => Ok((header, bytes)),
+        Raw::Sealed {
+            envelope,
+            mut covered,
+            ..
+        } => {
+            let header = envelope.listing_header();
+            covered.drain(..13);
+            Ok((header, covered))
+        }
+    }
 }
 
 impl<R: Read> ArchiveReader<R> {
     /// Parses the header and finds the key. `keys` may be empty for unencrypted archives.
-    pub fn open(mut input: R, keys: &KeyRing) -> Result<Self, ArchiveError> {
-        let (header, header_bytes) = read_header(&mut input)?;
-        let sealer = match &header.encryption {
-            None => Sealer::plain(&header_bytes),
-            Some(enc) => {
-                if enc.algorithm != ALGORITHM {
-                    return Err(ArchiveError::BadHeader(format!(
-                        "unknown algorithm {}",
-                        enc.algorithm
-                    )));
-                }
-                let kek = keys
-                    .find(&enc.key_id)
-                    .ok_or_else(|| ArchiveError::WrongKey {
-                        archive: enc.key_id.clone(),
-                        have: keys.ids().iter().map(|s| s.to_string()).collect(),
-                    })?;
-                let hex_field = |name: &str, v: &str| {
-                    hex::decode(v)
-                        .map_err(|_| ArchiveError::BadHeader(format!("{name} is not hex")))
-                };
-                let data_key = kek
-                    .unwrap_key(
-                        &hex_field("wrap_nonce", &enc.wrap_nonce)?,
-                        &hex_field("wrapped_key", &enc.wrapped_key)?,
-                    )
-                    .ok_or(ArchiveError::KeyUnwrap)?;
-                let prefix: [u8; NONCE_PREFIX_LEN] = hex_field("nonce_prefix", &enc.nonce_prefix)?
-                    .try_into()
-                    .map_err(|_| {
-                        ArchiveError::BadHeader("nonce_prefix has the wrong length".to_owned())
-                    })?;
-                Sealer::encrypted(&data_key, &prefix)
+    /// A version 3 archive opens with a key file it lists or an identity for one of
+    /// its recipients; [`ArchiveReader::header`] is then its inner header.
+    pub fn open(input: R, keys: &KeyRing) -> Result<Self, ArchiveError> {
+        Self::open_inner(input, keys, None)
+    }
+
+    /// Opens an archive whose data key is known (the writer's, see
+    /// [`ArchiveWriter::data_key`]) instead of unwrapping it.
+    pub fn open_with_data_key(input: R, data_key: &Key) -> Result<Self, ArchiveError> {
+        Self::open_inner(input, &KeyRing::default(), Some(data_key))
+    }
+
+    fn open_inner(mut input: R, keys: &KeyRing, known: Option<&Key>) -> Result<Self, ArchiveError> {
+        let (header, header_bytes, sealer) = match read_raw(&mut input)? {
+            Raw::Sealed {
+                envelope,
+                covered,
+                tag,
+            } => {
+                let opened = envelope::open(*envelope, &covered, &tag, keys, known)?;
+                let prefix = nonce_prefix(opened.header.encryption.as_ref())?;
+                let sealer = Sealer::encrypted(&opened.data_key, &prefix);
+                (opened.header, opened.inner_bytes, sealer)
+            }
+            Raw::Plain { header, bytes, .. } => {
+                let sealer = Self::plain_sealer(&header, &bytes, keys, known)?;
+                (header, bytes, sealer)
             }
         };
+        Self::start(input, header, header_bytes, sealer)
+    }
+
+    fn plain_sealer(
+        header: &Header,
+        header_bytes: &[u8],
+        keys: &KeyRing,
+        known: Option<&Key>,
+    ) -> Result<Sealer, ArchiveError> {
+        Ok(match &header.encryption {
+            None => Sealer::plain(header_bytes),
+            Some(enc) => {
+                let data_key = match known {
+                    Some(dk) => dk.clone(),
+                    None => envelope::unwrap_v1(enc, keys)?,
+                };
+                Sealer::encrypted(&data_key, &nonce_prefix(Some(enc))?)
+            }
+        })
+    }
+
+    fn start(
+        input: R,
+        header: Header,
+        header_bytes: Vec<u8>,
+        sealer: Sealer,
+    ) -> Result<Self, ArchiveError> {
         let stored_segment = header.segment_size as usize + TAG_LEN;
         let mut reader = ArchiveReader {
             input,
@@ -388,7 +540,16 @@ impl<R: Read> ArchiveReader<R> {
     }
 }
 
-fn read_exact_or(
+/// The STREAM nonce prefix of an encrypted header.
+fn nonce_prefix(enc: Option<&Encryption>) -> Result<[u8; NONCE_PREFIX_LEN], ArchiveError> {
+    let enc = enc.ok_or_else(|| ArchiveError::BadHeader("not encrypted".to_owned()))?;
+    hex::decode(&enc.nonce_prefix)
+        .ok()
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| ArchiveError::BadHeader("nonce_prefix is not 19 bytes of hex".to_owned()))
+}
+
+pub(crate) fn read_exact_or(
     input: &mut impl Read,
     buf: &mut [u8],
     short: ArchiveError,

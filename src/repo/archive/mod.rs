@@ -8,6 +8,7 @@
 
 pub mod compress;
 pub mod crypto;
+pub mod envelope;
 pub mod format;
 pub mod pgdump;
 
@@ -17,7 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use sha2::{Digest, Sha256};
 
 pub use compress::Compression;
-pub use crypto::{Key, KeyError, KeyRing};
+pub use crypto::{Identity, Key, KeyError, KeyRing, Recipient};
+pub use envelope::{rewrap, Envelope, Rewrapped};
 pub use format::{ArchiveReader, ArchiveWriter, GlobalsFormat, GlobalsSection, Header};
 
 /// A globals section's plaintext (it can hold password hashes): wiped when dropped,
@@ -43,13 +45,19 @@ impl std::fmt::Debug for GlobalsBytes {
 pub enum ArchiveError {
     #[error("not a dbkeeper archive (it does not start with DBKEEPER)")]
     NotAnArchive,
-    #[error("archive format version {0} is not supported by this dbkeeper (it reads versions 1 and 2); use a newer dbkeeper")]
+    #[error("archive format version {0} is not supported by this dbkeeper (it reads versions 1 to 3); use a newer dbkeeper")]
     UnsupportedVersion(u8),
     #[error("the archive header is invalid ({0}): the archive is damaged or was altered")]
     BadHeader(String),
-    #[error("the archive was made with key {archive}, you have {}; pass the key file that made it (decryption-key-files in the config, or --key-file)",
-        if have.is_empty() { "no key".to_owned() } else { format!("key {}", have.join(", key ")) })]
-    WrongKey { archive: String, have: Vec<String> },
+    /// `archive`: what the archive was made for (`key <id>`, `recipient age1…`);
+    /// `have`: what was given (`key <id>`, `identity for age1…`).
+    #[error("the archive was made for {}; you have {}; pass the key file or age identity that made it (decryption-key-files in the config, or --key-file)",
+        archive.join(", "),
+        if have.is_empty() { "no key".to_owned() } else { have.join(", ") })]
+    WrongKey {
+        archive: Vec<String>,
+        have: Vec<String>,
+    },
     #[error("the archive's data key does not open with its key: the header was altered")]
     KeyUnwrap,
     #[error("segment {segment} does not authenticate: the archive was altered or damaged")]

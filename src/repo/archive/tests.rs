@@ -4,6 +4,7 @@
 use std::sync::atomic::AtomicBool;
 
 use super::*;
+use std::io::{BufReader, Read, Write};
 
 const SEG: u32 = 1024;
 
@@ -17,6 +18,7 @@ fn header(compression: Compression) -> Header {
         segment_size: SEG,
         encryption: None,
         globals: None,
+        sealed: None,
     }
 }
 
@@ -147,7 +149,7 @@ fn wrong_key_names_both_key_ids() {
     let err = unpack(&archive, &KeyRing::new(vec![b.clone()])).unwrap_err();
     let msg = err.to_string();
     assert!(
-        msg.contains(&format!("made with key {}", a.id()))
+        msg.contains(&format!("made for key {}", a.id()))
             && msg.contains(&format!("you have key {}", b.id())),
         "{msg}"
     );
@@ -290,11 +292,18 @@ fn the_version_byte_and_the_globals_member_must_agree() {
         unpack(&v2, &KeyRing::default()),
         Err(ArchiveError::BadHeader(_))
     ));
-    let mut v3 = plain;
+    // Version 3 bytes are read as an envelope, which this is not.
+    let mut v3 = plain.clone();
     v3[8] = 3;
     assert!(matches!(
         unpack(&v3, &KeyRing::default()),
-        Err(ArchiveError::UnsupportedVersion(3))
+        Err(ArchiveError::BadHeader(_))
+    ));
+    let mut v4 = plain;
+    v4[8] = 4;
+    assert!(matches!(
+        unpack(&v4, &KeyRing::default()),
+        Err(ArchiveError::UnsupportedVersion(4))
     ));
 }
 
@@ -302,4 +311,239 @@ fn the_version_byte_and_the_globals_member_must_agree() {
 fn globals_are_never_printed() {
     let secret = GlobalsBytes(zeroize::Zeroizing::new(b"SCRAM-SHA-256$secret".to_vec()));
     assert!(!format!("{secret:?}").contains("SCRAM"));
+}
+
+// Version 3: recipients, envelopes, rewrap.
+
+fn pack_v3(plain: &[u8], key: Option<&Key>, recipients: &[Recipient]) -> Vec<u8> {
+    pack_v3_with(header(Compression::Zstd), plain, key, recipients)
+}
+
+fn pack_v3_with(h: Header, plain: &[u8], key: Option<&Key>, recipients: &[Recipient]) -> Vec<u8> {
+    let mut w = ArchiveWriter::with_recipients(Vec::new(), h, key, recipients).unwrap();
+    let dk = w.data_key().unwrap();
+    let mut enc = compress::Encoder::new(Compression::Zstd, 3, 1, w).unwrap();
+    enc.write_all(plain).unwrap();
+    w = enc.finish().unwrap();
+    let out = w.finish().unwrap();
+    // The writer can read back what it wrote with the data key alone.
+    let reader = ArchiveReader::open_with_data_key(&out[..], &dk).unwrap();
+    let mut back = Vec::new();
+    compress::decoder(Compression::Zstd, BufReader::new(reader))
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert_eq!(back, plain);
+    out
+}
+
+fn ring_of(keys: &[&Key], ids: &[&Identity]) -> KeyRing {
+    KeyRing::with_identities(
+        keys.iter().map(|&k| k.clone()).collect(),
+        ids.iter().map(|&i| i.clone()).collect(),
+    )
+}
+
+/// Where a v3 archive's segments start.
+fn v3_segments_start(archive: &[u8]) -> usize {
+    13 + u32::from_be_bytes(archive[9..13].try_into().unwrap()) as usize + envelope::MAC_LEN
+}
+
+#[test]
+fn version_3_round_trip_with_recipients_only_and_with_a_key_too() {
+    let r1 = Identity::generate();
+    let r2 = Identity::generate();
+    let key = Key::random().unwrap();
+    let plain = data(3 * SEG as usize + 5);
+    let only = pack_v3(&plain, None, &[r1.recipient(), r2.recipient()]);
+    assert_eq!(only[8], envelope::VERSION_ENVELOPE);
+    for id in [&r1, &r2] {
+        assert_eq!(unpack(&only, &ring_of(&[], &[id])).unwrap(), plain);
+    }
+    let (listed, _) = format::read_header(&mut &only[..]).unwrap();
+    assert!(listed.is_encrypted());
+    assert_eq!(listed.database, "app");
+    let made_for = listed.made_for();
+    assert_eq!(made_for.len(), 2);
+    let id = listed.encryption.as_ref().unwrap().key_id.clone();
+    assert!(id.starts_with('r') && id.len() == 16, "{id}");
+
+    let both = pack_v3(&plain, Some(&key), &[r1.recipient()]);
+    assert_eq!(unpack(&both, &ring_of(&[&key], &[])).unwrap(), plain);
+    assert_eq!(unpack(&both, &ring_of(&[], &[&r1])).unwrap(), plain);
+    let (_, h, _) = read_archive(
+        &both[..],
+        &ring_of(&[&key], &[]),
+        Vec::new(),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_eq!(h.encryption.as_ref().unwrap().key_id, key.id());
+    assert_eq!(
+        h.made_for(),
+        vec![
+            format!("key {}", key.id()),
+            format!("recipient {}", r1.recipient())
+        ]
+    );
+    assert_eq!(h.format_version(), 3);
+    assert!(!both.windows(4).any(|w| w == &plain[..4]) || plain.len() < 4);
+}
+
+#[test]
+fn without_recipients_the_writer_still_writes_version_1() {
+    let key = Key::random().unwrap();
+    let mut a = Vec::new();
+    ArchiveWriter::with_recipients(&mut a, header(Compression::None), Some(&key), &[])
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert_eq!(a[8], format::VERSION);
+}
+
+#[test]
+fn a_wrong_identity_names_what_the_archive_was_made_for_and_what_was_given() {
+    let r = Identity::generate();
+    let other = Identity::generate();
+    let key = Key::random().unwrap();
+    let wrong = Key::random().unwrap();
+    let archive = pack_v3(&data(100), Some(&key), &[r.recipient()]);
+    let err = unpack(&archive, &ring_of(&[&wrong], &[&other])).unwrap_err();
+    assert!(matches!(err, ArchiveError::WrongKey { .. }), "{err}");
+    assert!(err.is_verification());
+    let msg = err.to_string();
+    for want in [
+        format!("made for key {}, recipient {}", key.id(), r.recipient()),
+        format!(
+            "you have key {}, identity for {}",
+            wrong.id(),
+            other.recipient()
+        ),
+    ] {
+        assert!(msg.contains(&want), "{msg} lacks {want}");
+    }
+}
+
+#[test]
+fn every_flipped_byte_of_a_version_3_prefix_is_rejected() {
+    let r = Identity::generate();
+    let key = Key::random().unwrap();
+    let mut small = header(Compression::Zstd);
+    small.database = "d".into();
+    let archive = pack_v3_with(small, &data(2000), Some(&key), &[r.recipient()]);
+    let end = v3_segments_start(&archive);
+    for ring in [ring_of(&[&key], &[]), ring_of(&[], &[&r])] {
+        for pos in 0..end {
+            let mut bad = archive.clone();
+            bad[pos] ^= 0x20;
+            match unpack(&bad, &ring) {
+                Err(e) => assert!(
+                    e.is_verification() || matches!(e, ArchiveError::Key(_)),
+                    "byte {pos}: {e}"
+                ),
+                Ok(_) => panic!("flipped byte {pos} of {end} accepted"),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_cut_version_3_archive_is_detected() {
+    let r = Identity::generate();
+    let ring = ring_of(&[], &[&r]);
+    let archive = pack_v3(&data(40_000), None, &[r.recipient()]);
+    let start = v3_segments_start(&archive);
+    for cut in [
+        5,
+        12,
+        13,
+        start - 40,
+        start - 1,
+        start,
+        start + 10,
+        archive.len() - 1,
+    ] {
+        let err = unpack(&archive[..cut], &ring).expect_err(&format!("cut at {cut}"));
+        assert!(err.is_verification(), "cut at {cut}: {err}");
+    }
+}
+
+/// Applies a [`Rewrapped`] to a whole archive in memory.
+fn apply(archive: &[u8], re: &Rewrapped) -> Vec<u8> {
+    let mut out = re.prefix.clone();
+    out.extend_from_slice(&archive[re.segments_offset as usize..]);
+    out
+}
+
+#[test]
+fn rewrap_moves_version_1_and_2_archives_to_recipients_keeping_the_segments() {
+    let a = Key::random().unwrap();
+    let r = Identity::generate();
+    let plain = data(5 * SEG as usize);
+    for v in [1u8, 2] {
+        let archive = if v == 1 {
+            pack(&plain, Some(&a), Compression::Gzip)
+        } else {
+            pack_with_globals(&plain, br#"{"roles":[]}"#, Some(&a))
+        };
+        assert_eq!(archive[8], v);
+        let re = rewrap(
+            &mut &archive[..],
+            &ring_of(&[&a], &[]),
+            None,
+            &[r.recipient()],
+        )
+        .unwrap();
+        let header_end = 13 + u32::from_be_bytes(archive[9..13].try_into().unwrap()) as u64;
+        assert_eq!(re.segments_offset, header_end);
+        let moved = apply(&archive, &re);
+        assert_eq!(moved[8], 3);
+        assert_eq!(moved[re.prefix.len()..], archive[header_end as usize..]);
+        let read = read_archive_gated(
+            &moved[..],
+            &ring_of(&[], &[&r]),
+            Vec::new(),
+            &AtomicBool::new(false),
+            |_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(read.sink, plain);
+        assert_eq!(read.header.format_version(), 3);
+        assert_eq!(read.header.globals.is_some(), v == 2);
+        let err = unpack(&moved, &ring_of(&[&a], &[])).unwrap_err();
+        assert!(matches!(err, ArchiveError::WrongKey { .. }), "{err}");
+    }
+}
+
+#[test]
+fn rewrap_of_version_3_to_a_key_and_its_refusals() {
+    let r = Identity::generate();
+    let b = Key::random().unwrap();
+    let plain = data(2 * SEG as usize + 7);
+    let archive = pack_v3(&plain, None, &[r.recipient()]);
+    let re = rewrap(&mut &archive[..], &ring_of(&[], &[&r]), Some(&b), &[]).unwrap();
+    assert_eq!(re.segments_offset as usize, v3_segments_start(&archive));
+    let moved = apply(&archive, &re);
+    assert_eq!(
+        moved[re.prefix.len()..],
+        archive[v3_segments_start(&archive)..]
+    );
+    assert_eq!(unpack(&moved, &ring_of(&[&b], &[])).unwrap(), plain);
+    assert!(matches!(
+        unpack(&moved, &ring_of(&[], &[&r])),
+        Err(ArchiveError::WrongKey { .. })
+    ));
+    // Nothing to rewrap to; an unencrypted archive; the wrong key; a tampered envelope.
+    assert!(rewrap(&mut &archive[..], &ring_of(&[], &[&r]), None, &[]).is_err());
+    let plain_archive = pack(&data(10), None, Compression::None);
+    assert!(rewrap(&mut &plain_archive[..], &KeyRing::default(), Some(&b), &[]).is_err());
+    assert!(matches!(
+        rewrap(&mut &archive[..], &ring_of(&[&b], &[]), Some(&b), &[]),
+        Err(ArchiveError::WrongKey { .. })
+    ));
+    let mut bent = archive.clone();
+    let pos = 13 + 5; // inside the envelope's "database" value
+    bent[pos] ^= 0x01;
+    let err = rewrap(&mut &bent[..], &ring_of(&[], &[&r]), Some(&b), &[]).unwrap_err();
+    assert!(err.is_verification(), "{err}");
 }

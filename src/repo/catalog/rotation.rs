@@ -954,6 +954,7 @@ mod tests {
                 segment_size: 1024,
                 encryption: None,
                 globals: None,
+                sealed: None,
             };
             let path = dest.path(&format!("{file_id}{ARCHIVE}"));
             let out = std::fs::File::create(&path).unwrap();

@@ -1,5 +1,6 @@
 //! Key files: loading, generating, fingerprints (key ids), and wrapping a backup's
-//! data key under a key-encryption key.
+//! data key under a key-encryption key; age identities and recipients ([`age`]) wrap
+//! it for public keys.
 //!
 //! At the bottom of the crate: `config` checks the key files it names when it is
 //! loaded, and the archive format (`repo::archive::crypto`) seals segments with
@@ -16,6 +17,9 @@ use rand::rngs::OsRng;
 use rand::TryRngCore;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
+
+mod age;
+pub use self::age::{Identity, Recipient};
 
 /// Size of every key, data or key-encryption.
 pub const KEY_LEN: usize = 32;
@@ -52,6 +56,12 @@ pub enum KeyError {
     NotGenerated { path: PathBuf },
     #[error("the system random number generator failed: {0}")]
     Random(String),
+    /// An age identity or recipients file is unusable (`reason` never quotes a secret).
+    #[error("age file {path}: {reason}")]
+    AgeFile { path: PathBuf, reason: String },
+    /// Not an age recipient; `text` is what was given (a secret is never quoted).
+    #[error("{text:?} is not an age recipient: {reason}")]
+    BadRecipient { text: String, reason: String },
 }
 
 /// A 32-byte key with its public id. The key bytes are wiped on drop and never printed.
@@ -165,6 +175,11 @@ impl Key {
         Ok(key)
     }
 
+    /// The key bytes, for key derivation inside the crate (never printed).
+    pub(crate) fn expose(&self) -> &[u8; KEY_LEN] {
+        &self.bytes
+    }
+
     pub(crate) fn cipher(&self) -> XChaCha20Poly1305 {
         XChaCha20Poly1305::new(&(*self.bytes).into())
     }
@@ -205,15 +220,37 @@ impl Key {
     }
 }
 
-/// The key files a command or job may decrypt with, each loaded once.
+/// The key files and age identities a command or job may decrypt with, each loaded
+/// once.
 #[derive(Debug, Clone, Default)]
 pub struct KeyRing {
     keys: Vec<Key>,
+    identities: Vec<Identity>,
 }
 
 impl KeyRing {
     pub fn new(keys: Vec<Key>) -> Self {
-        KeyRing { keys }
+        KeyRing {
+            keys,
+            identities: Vec::new(),
+        }
+    }
+
+    pub fn with_identities(keys: Vec<Key>, identities: Vec<Identity>) -> Self {
+        KeyRing { keys, identities }
+    }
+
+    pub fn add_identity(&mut self, identity: Identity) {
+        self.identities.push(identity);
+    }
+
+    pub fn identities(&self) -> &[Identity] {
+        &self.identities
+    }
+
+    /// The public recipients of the identities held (for messages).
+    pub fn recipients(&self) -> Vec<Recipient> {
+        self.identities.iter().map(Identity::recipient).collect()
     }
 
     pub fn find(&self, id: &str) -> Option<&Key> {
