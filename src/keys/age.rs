@@ -301,4 +301,35 @@ mod tests {
             "{err}"
         );
     }
+
+    /// The standard `age` tool decrypts a wrapped key to the raw 32 bytes (the
+    /// no-dbkeeper recovery path in docs/FORMAT.md); skipped where it is not installed.
+    #[test]
+    fn the_age_tool_unwraps_a_data_key() {
+        let Ok(out) = std::process::Command::new("age").arg("--version").output() else {
+            eprintln!("age is not installed; skipped");
+            return;
+        };
+        assert!(out.status.success());
+        let dir = tempfile::tempdir().unwrap();
+        let id = Identity::generate();
+        let path = dir.path().join("key.txt");
+        id.save(&path).unwrap();
+        let dk = Key::random().unwrap();
+        let wrapped = dir.path().join("dk.age");
+        std::fs::write(&wrapped, id.recipient().wrap(&dk).unwrap()).unwrap();
+        let out = std::process::Command::new("age")
+            .arg("-d")
+            .arg("-i")
+            .arg(&path)
+            .arg(&wrapped)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, dk.expose());
+    }
 }

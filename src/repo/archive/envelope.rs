@@ -436,7 +436,7 @@ pub fn rewrap(
             };
             let dk = unwrap_v1(enc, keys)?;
             let offset = 13 + bytes.len() as u64;
-            (dk, header, bytes, version, offset)
+            (dk, *header, bytes, version, offset)
         }
         format::Raw::Sealed {
             envelope,

@@ -342,7 +342,7 @@ pub(crate) fn parse_header(bytes: &[u8], version: u8) -> Result<Header, ArchiveE
 pub(crate) enum Raw {
     /// Versions 1 and 2: the header, its exact bytes and the version byte.
     Plain {
-        header: Header,
+        header: Box<Header>,
         bytes: Vec<u8>,
         version: u8,
     },
@@ -383,7 +383,7 @@ pub(crate) fn read_raw(input: &mut impl Read) -> Result<Raw, ArchiveError> {
     read_exact_or(input, &mut bytes, ArchiveError::Truncated { segments: 0 })?;
     let header = parse_header(&bytes, version)?;
     Ok(Raw::Plain {
-        header,
+        header: Box::new(header),
         bytes,
         version,
     })
@@ -398,7 +398,7 @@ pub(crate) fn read_raw(input: &mut impl Read) -> Result<Raw, ArchiveError> {
 /// after it is read too.
 pub fn read_header(input: &mut impl Read) -> Result<(Header, Vec<u8>), ArchiveError> {
     match read_raw(input)? {
-        Raw::Plain { header, bytes, .. } => Ok((header, bytes)),
+        Raw::Plain { header, bytes, .. } => Ok((*header, bytes)),
         Raw::Sealed {
             envelope,
             mut covered,
@@ -439,7 +439,7 @@ impl<R: Read> ArchiveReader<R> {
             }
             Raw::Plain { header, bytes, .. } => {
                 let sealer = Self::plain_sealer(&header, &bytes, keys, known)?;
-                (header, bytes, sealer)
+                (*header, bytes, sealer)
             }
         };
         Self::start(input, header, header_bytes, sealer)
