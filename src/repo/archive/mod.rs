@@ -302,12 +302,16 @@ impl Read for ChannelReader {
 
 type Checker = std::thread::JoinHandle<Result<u64, ArchiveError>>;
 
-fn start_checker(keys: KeyRing) -> (std::sync::mpsc::SyncSender<Vec<u8>>, Checker) {
-    let (ChannelWriter(tx), input) = channel(4);
-    let handle = std::thread::spawn(move || {
-        read_archive(input, &keys, io::sink(), &AtomicBool::new(false)).map(|(_, _, raw)| raw)
-    });
-    (tx, handle)
+/// Reads back `input` on another thread: with the written archive's data key when
+/// given (an archive for recipients, which `keys` may not open), else with `keys`.
+fn start_checker(input: ChannelReader, keys: KeyRing, data_key: Option<Key>) -> Checker {
+    std::thread::spawn(move || {
+        let reader = match &data_key {
+            Some(dk) => ArchiveReader::open_with_data_key(input, dk)?,
+            None => ArchiveReader::open(input, &keys)?,
+        };
+        decode(reader, io::sink(), &AtomicBool::new(false), |_| Ok(())).map(|d| d.raw)
+    })
 }
 
 const COPY_BUF: usize = 256 * 1024;
@@ -315,26 +319,58 @@ const COPY_BUF: usize = 256 * 1024;
 /// Compresses and seals everything `source` yields into `out`. Checks `cancelled`
 /// between chunks and stops with [`ArchiveError::Cancelled`].
 pub fn write_archive<R: Read, W: Write + Send>(
-    mut source: R,
+    source: R,
     out: W,
     settings: Settings<'_>,
     cancelled: &AtomicBool,
 ) -> Result<(W, WriteStats), ArchiveError> {
-    let (copy, checker) = match settings.check_with {
-        Some(keys) => {
-            let (tx, handle) = start_checker(keys);
-            (Some(tx), Some(handle))
-        }
-        None => (None, None),
-    };
+    write_archive_for(source, out, settings, &[], cancelled)
+}
+
+/// [`write_archive`] for age `recipients` too: with recipients the archive is
+/// version 3 (the data key wrapped for each, and under `settings.key` if given), and
+/// [`Settings::check_with`] reads it back with the data key kept in memory, so the
+/// writer needs no identity (its `KeyRing` is then unused). Without recipients, the
+/// same as [`write_archive`].
+pub fn write_archive_for<R: Read, W: Write + Send>(
+    mut source: R,
+    out: W,
+    settings: Settings<'_>,
+    recipients: &[Recipient],
+    cancelled: &AtomicBool,
+) -> Result<(W, WriteStats), ArchiveError> {
     let declared = settings.header.globals.map(|g| g.bytes);
     if declared != settings.globals.as_ref().map(|g| g.len() as u64) {
         return Err(ArchiveError::BadHeader(
             "the header's globals length does not match the globals given".to_owned(),
         ));
     }
+    // The checker starts once the data key exists; the header waits in the channel.
+    let (copy, check_input) = match settings.check_with {
+        Some(_) => {
+            let (ChannelWriter(tx), input) = channel(4);
+            (Some(tx), Some(input))
+        }
+        None => (None, None),
+    };
     let tee = Tee { inner: out, copy };
-    let sealed = ArchiveWriter::new(Hashing::new(tee), settings.header, settings.key)?;
+    let sealed = ArchiveWriter::with_recipients(
+        Hashing::new(tee),
+        settings.header,
+        settings.key,
+        recipients,
+    )?;
+    let checker = match (check_input, settings.check_with) {
+        (Some(input), Some(keys)) => {
+            let data_key = if recipients.is_empty() {
+                None
+            } else {
+                sealed.data_key()
+            };
+            Some(start_checker(input, keys, data_key))
+        }
+        _ => None,
+    };
     let mut enc = compress::Encoder::new(
         settings.compression,
         settings.level,
@@ -456,12 +492,21 @@ fn read_section(plain: &mut impl Read, len: u64) -> Result<GlobalsBytes, Archive
 pub fn read_archive_gated<R: Read, W: Write>(
     input: R,
     keys: &KeyRing,
+    sink: W,
+    cancelled: &AtomicBool,
+    admit: impl FnOnce(&Header) -> Result<(), ArchiveError>,
+) -> Result<Decoded<W>, ArchiveError> {
+    decode(ArchiveReader::open(input, keys)?, sink, cancelled, admit)
+}
+
+/// The body of [`read_archive_gated`], on an opened reader.
+fn decode<R: Read, W: Write>(
+    reader: ArchiveReader<R>,
     mut sink: W,
     cancelled: &AtomicBool,
     admit: impl FnOnce(&Header) -> Result<(), ArchiveError>,
 ) -> Result<Decoded<W>, ArchiveError> {
     let mut admit = Some(admit);
-    let reader = ArchiveReader::open(input, keys)?;
     let header = reader.header().clone();
     // An archive proves only that these are the bytes pg_dump wrote: whether they
     // are a whole dump is checked as they pass (a dump cut short still starts with

@@ -437,10 +437,7 @@ fn every_flipped_byte_of_a_version_3_prefix_is_rejected() {
             let mut bad = archive.clone();
             bad[pos] ^= 0x20;
             match unpack(&bad, &ring) {
-                Err(e) => assert!(
-                    e.is_verification() || matches!(e, ArchiveError::Key(_)),
-                    "byte {pos}: {e}"
-                ),
+                Err(e) => assert!(e.is_verification(), "byte {pos}: {e}"),
                 Ok(_) => panic!("flipped byte {pos} of {end} accepted"),
             }
         }
@@ -546,4 +543,35 @@ fn rewrap_of_version_3_to_a_key_and_its_refusals() {
     bent[pos] ^= 0x01;
     let err = rewrap(&mut &bent[..], &ring_of(&[], &[&r]), Some(&b), &[]).unwrap_err();
     assert!(err.is_verification(), "{err}");
+}
+
+#[test]
+fn write_archive_for_recipients_checks_with_the_data_key_alone() {
+    let r = Identity::generate();
+    let key = Key::random().unwrap();
+    let plain = data(4 * SEG as usize + 1);
+    for k in [None, Some(&key)] {
+        let settings = Settings {
+            header: header(Compression::Zstd),
+            key: k,
+            compression: Compression::Zstd,
+            level: 3,
+            threads: 2,
+            check_with: Some(KeyRing::default()),
+            globals: None,
+        };
+        let (out, stats) = write_archive_for(
+            &plain[..],
+            Vec::new(),
+            settings,
+            &[r.recipient()],
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert!(matches!(stats.checked, Some(Ok(()))), "{:?}", stats.checked);
+        assert_eq!(out[8], envelope::VERSION_ENVELOPE);
+        assert_eq!(stats.sha256, sha256_of(&out[..]).unwrap().0);
+        assert_eq!(unpack(&out, &ring_of(&[], &[&r])).unwrap(), plain);
+        assert_eq!(unpack(&out, &ring_of(&[&key], &[])).is_ok(), k.is_some());
+    }
 }
