@@ -4,6 +4,8 @@
 //! why. Below both the configuration (which checks a URL when it is loaded) and the
 //! database layer (which resolves it).
 
+use std::path::{Path, PathBuf};
+
 /// Query parameters that name where to connect: read into the database layer's
 /// resolved target (or refused, `service`), never passed on as written.
 const RESOLVED_PARAMS: [&str; 8] = [
@@ -109,6 +111,34 @@ pub(crate) fn named_files(raw: &str) -> Vec<(&'static str, std::path::PathBuf)> 
     out
 }
 
+/// `raw` with the files its query names ([`named_files`]) passed through `anchor`
+/// (which makes a relative path absolute); everything else byte for byte as written,
+/// the password included.
+pub(crate) fn anchor_files(raw: &str, anchor: &dyn Fn(&Path) -> PathBuf) -> String {
+    let end = raw.find('#').unwrap_or(raw.len());
+    let Some(start) = raw[..end].find('?').map(|i| i + 1) else {
+        return raw.to_owned();
+    };
+    let pieces: Vec<String> = raw[start..end]
+        .split('&')
+        .map(|piece| {
+            let (k, v) = piece.split_once('=').unwrap_or((piece, ""));
+            let (k, v) = (percent_decode(k), percent_decode(v));
+            let names_file = FILE_PARAMS.contains(&k.as_str())
+                && !v.is_empty()
+                && !(k == "sslrootcert" && v == "system");
+            let path = Path::new(&v);
+            match anchor(path) {
+                a if names_file && a != path => {
+                    format!("{k}={}", encode_component(&a.to_string_lossy()))
+                }
+                _ => piece.to_owned(),
+            }
+        })
+        .collect();
+    format!("{}{}{}", &raw[..start], pieces.join("&"), &raw[end..])
+}
+
 fn several_hosts() -> String {
     "several hosts (libpq's failover list) are not supported: dbkeeper's own connections \
      reach one server, and its tools must back up and restore that same one; name the \
@@ -198,5 +228,25 @@ mod tests {
             ]
         );
         assert!(named_files("not a url").is_empty());
+    }
+
+    #[test]
+    fn anchored_files_keep_the_rest_of_the_url() {
+        let anchor = |p: &Path| Path::new("/etc/dbk").join(p);
+        let raw = "postgres://u:p%23w@h/db?sslmode=verify-full&sslrootcert=system&sslcert=c%20d.crt&sslkey=/k&passfile=pass#frag";
+        let got = anchor_files(raw, &anchor);
+        assert_eq!(
+            got,
+            "postgres://u:p%23w@h/db?sslmode=verify-full&sslrootcert=system&sslcert=%2Fetc%2Fdbk%2Fc%20d.crt&sslkey=/k&passfile=%2Fetc%2Fdbk%2Fpass#frag"
+        );
+        assert_eq!(
+            named_files(&got),
+            vec![
+                ("sslcert", PathBuf::from("/etc/dbk/c d.crt")),
+                ("sslkey", PathBuf::from("/k")),
+                ("passfile", PathBuf::from("/etc/dbk/pass")),
+            ]
+        );
+        assert_eq!(anchor_files("postgres://h/db", &anchor), "postgres://h/db");
     }
 }

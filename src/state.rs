@@ -383,15 +383,26 @@ impl StateDb {
     }
 
     /// Deletes finished runs older than `keep`, except each job's newest success and
-    /// newest failure, which the metrics and `dbkeeper jobs` still need.
+    /// newest failure, which the metrics and `dbkeeper jobs` still need. Only once
+    /// the history itself holds a run from the older half of the `keep` window: a
+    /// clock that jumped ahead (a bad real-time clock at boot, before NTP) makes every
+    /// run look old, and deletes nothing until it has been wrong for `keep / 2`.
     pub async fn prune(&self, keep: Duration, now: DateTime<Utc>) -> Result<u64, StateError> {
-        let cutoff = now - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
+        let keep = chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
+        let cutoff = now
+            .checked_sub_signed(keep)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let half = now
+            .checked_sub_signed(keep / 2)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
         let done = sqlx::query(
             "DELETE FROM job_runs
-             WHERE started_at < ? AND result <> 'running'
-               AND id NOT IN (SELECT max(id) FROM job_runs GROUP BY job, result)",
+             WHERE started_at < ?1 AND result <> 'running'
+               AND id NOT IN (SELECT max(id) FROM job_runs GROUP BY job, result)
+               AND EXISTS (SELECT 1 FROM job_runs WHERE started_at >= ?1 AND started_at <= ?2)",
         )
         .bind(millis(cutoff))
+        .bind(millis(half))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
@@ -541,7 +552,12 @@ mod tests {
         }
         run(&db, "app.sql.a", t(5), RunResult::Failure).await;
         run(&db, "app.sql.a", t(20), RunResult::Success).await;
-        let now = t(22);
+        let now = t(21) + chrono::Duration::minutes(50);
+        let pruned = db.prune(Duration::from_secs(3600), now).await.unwrap();
+        // Nothing from the older half of the last hour (20:50–21:20): the clock may
+        // have jumped; nothing goes.
+        assert_eq!(pruned, 0);
+        let now = t(21);
         let pruned = db.prune(Duration::from_secs(3600), now).await.unwrap();
         // Runs at 0..4h go (the newest success is the one at 20h); the only failure stays.
         assert_eq!(pruned, 5);
@@ -553,5 +569,37 @@ mod tests {
             .map(|r| r.started_at)
             .collect();
         assert_eq!(left, vec![t(20), t(5)]);
+    }
+
+    /// Adversary round 6, case 19: started with the clock a year ahead, the daemon
+    /// deleted runs seconds old. Property: whatever the jump, runs younger than
+    /// `keep` by the true clock survive a prune by a clock ahead by less than the
+    /// time since the newest run plus `keep / 2`.
+    #[tokio::test]
+    async fn a_clock_that_jumped_ahead_prunes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).await.unwrap();
+        for h in 0..6 {
+            run(&db, "app.sql.a", t(h), RunResult::Success).await;
+            run(&db, "app.sql.b", t(h), RunResult::Failure).await;
+        }
+        let keep = Duration::from_secs(90 * 86_400);
+        for days in [91, 200, 365, 3650, 100_000] {
+            let now = t(6) + chrono::Duration::days(days);
+            assert_eq!(db.prune(keep, now).await.unwrap(), 0, "{days} days ahead");
+        }
+        assert_eq!(db.history(None, 100).await.unwrap().len(), 12);
+        // The true clock, 46 days on with runs all along: old ones go.
+        for d in 1..=46 {
+            run(
+                &db,
+                "app.sql.a",
+                t(6) + chrono::Duration::days(d),
+                RunResult::Success,
+            )
+            .await;
+        }
+        let now = t(6) + chrono::Duration::days(91);
+        assert_eq!(db.prune(keep, now).await.unwrap(), 11);
     }
 }

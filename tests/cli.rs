@@ -15,11 +15,24 @@ fn repo_file(rel: &str) -> String {
         .to_string()
 }
 
+/// The demo config copied to `<root>/config/demo.toml`, so that its `../var`
+/// (relative paths are read from the config file's directory) is `<root>/var`.
+fn demo_copy(root: &Path) -> String {
+    let dir = root.join("config");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let file = dir.join("demo.toml");
+    std::fs::copy(repo_file("config/demo.toml"), &file).expect("copy demo.toml");
+    file.display().to_string()
+}
+
 #[test]
 fn check_on_the_demo_config_prints_three_run_times_per_job() {
+    let root = tempfile::tempdir().expect("tmp");
+    let config = demo_copy(root.path());
+    // Run from elsewhere: paths are the config's, not the working directory's.
     let cwd = tempfile::tempdir().expect("tmp");
     let out = assert_cmd::Command::new(BIN)
-        .args(["check", "-c", &repo_file("config/demo.toml")])
+        .args(["check", "-c", &config])
         .current_dir(cwd.path())
         .assert()
         .success()
@@ -33,15 +46,22 @@ fn check_on_the_demo_config_prints_three_run_times_per_job() {
         assert_eq!(line.matches(", ").count() + 1, 3, "three run times: {line}");
     }
     assert!(
-        text.contains("demo.sql.heartbeat") && text.contains("var/demo.db does not exist yet"),
+        text.contains("demo.sql.heartbeat")
+            && text.contains(&format!(
+                "{} does not exist yet",
+                root.path().join("var/demo.db").display()
+            )),
         "{text}"
     );
     assert!(
-        text.contains("key file var/demo.key does not exist yet"),
+        text.contains(&format!(
+            "key file {} does not exist yet",
+            root.path().join("var/demo.key").display()
+        )),
         "{text}"
     );
     assert!(
-        !cwd.path().join("var").exists(),
+        !root.path().join("var").exists() && std::fs::read_dir(cwd.path()).unwrap().count() == 0,
         "check only looks: no database, key or directory is created"
     );
 }
@@ -80,7 +100,7 @@ fn snapshot(root: &Path) -> Vec<(String, u64, u32, std::time::SystemTime, Vec<u8
 #[test]
 fn read_only_commands_create_and_change_nothing() {
     let cwd = tempfile::tempdir().expect("tmp");
-    let config = repo_file("config/demo.toml");
+    let config = demo_copy(cwd.path());
     let read_only: [&[&str]; 5] = [
         &["check"],
         &["jobs"],

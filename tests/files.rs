@@ -396,7 +396,7 @@ fn a_file_growing_while_it_is_read_is_reported_and_the_backup_succeeds() {
 }
 
 #[test]
-fn files_sets_share_the_database_names_and_need_an_absolute_path() {
+fn files_sets_share_the_database_names_and_read_relative_paths_beside_the_config() {
     let (w, key, tree, dest) = setup();
     let db = format!(
         "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n",
@@ -408,9 +408,17 @@ fn files_sets_share_the_database_names_and_need_an_absolute_path() {
             format!("{db}\n{}", files_set("app", &tree, &dest, &key, "")),
             "files \"app\".name",
         ),
+        // A relative path is the config file's directory's (`w`), wherever `check`
+        // runs: here it names the destination folder itself.
         (
-            files_set("rel", Path::new("relative/dir"), &dest, &key, ""),
-            "not an absolute path",
+            files_set(
+                "rel",
+                Path::new(dest.strip_prefix(w.path()).unwrap()),
+                &dest,
+                &key,
+                "",
+            ),
+            "lie inside one another",
         ),
         (
             files_set("bad", &tree, &dest, &key, "exclude = [\"a[\"]"),

@@ -816,56 +816,264 @@ fn adversary3_case08_concurrent_first_runs_all_succeed() {
     }
 }
 
-#[test]
-fn adversary4_case03_a_relative_sqlite_path_unseen_from_here_stops_a_restore() {
-    // Round 4, case 03: `url = "sqlite://data/app.db"` (relative to the daemon's
-    // working directory); a restore run from `/` protected `/data/app.db` and deleted
-    // the live database.
-    let (w, tree, dest) = setup();
-    write(&tree.join("a.txt"), "a");
-    let data = w.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
+/// A config in `w` whose every path is relative (read from the config file's
+/// directory): SQLite `app` at `data/app.db` (backed up with `keep = { last = 1 }`),
+/// the files set `storage` at `storage`, both to `backups`, state in `state`. The
+/// live database holds `live`; the tree one file.
+fn relative_config(w: &Workdir) {
+    write(&w.path().join("storage/a.txt"), "a");
+    std::fs::create_dir_all(w.path().join("data")).unwrap();
     sqlite(
-        &data.join("app.db"),
+        &w.path().join("data/app.db"),
         "CREATE TABLE t (x); INSERT INTO t VALUES ('live');",
     );
-    w.write_config(
-        "",
-        &format!(
-            "{}[[database]]\nname = \"app\"\nurl = \"sqlite://data/app.db\"\n",
-            files_set("storage", &tree, &dest, "")
+    let backup = "schedule = \"manual\"\ndestination = \"backups\"\nencryption = \"none\"\nkeep = { last = 1 }\n";
+    std::fs::write(
+        w.config_path(),
+        format!(
+            "[daemon]\nstate-dir = \"state\"\nlisten = \"127.0.0.1:{}\"\n\n[[database]]\nname = \"app\"\nurl = \"sqlite://data/app.db\"\n[database.backup]\n{backup}\n[[files]]\nname = \"storage\"\npath = \"storage\"\n[files.backup]\n{backup}",
+            w.port
         ),
+    )
+    .unwrap();
+}
+
+/// A directory other than the config's, holding a decoy `data/app.db` (`decoy`).
+fn elsewhere_with_decoy() -> tempfile::TempDir {
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(other.path().join("data")).unwrap();
+    sqlite(
+        &other.path().join("data/app.db"),
+        "CREATE TABLE t (x); INSERT INTO t VALUES ('decoy');",
     );
+    other
+}
+
+#[test]
+fn adversary4_case03_a_relative_sqlite_path_is_read_beside_the_config_from_anywhere() {
+    // Round 4, case 03: `url = "sqlite://data/app.db"`; a restore run from `/`
+    // protected `/data/app.db` and deleted the live database. Relative paths are
+    // now read from the config file's directory, whoever runs the command where.
+    let w = Workdir::new();
+    relative_config(&w);
     w.cmd(&["run-job", "storage.backup"])
-        .current_dir(w.path())
+        .current_dir("/")
         .assert()
         .success();
-    // From the daemon's directory: seen, refused as holding the database.
-    w.cmd(&[
-        "restore",
-        "storage",
-        "--to",
-        data.to_str().unwrap(),
-        "--force",
-    ])
-    .current_dir(w.path())
-    .assert()
-    .code(1)
-    .stderr(predicate::str::contains("database \"app\""));
-    // From elsewhere: refused too, saying why.
-    w.cmd(&[
-        "restore",
-        "storage",
-        "--to",
-        data.to_str().unwrap(),
-        "--force",
-    ])
-    .current_dir("/")
-    .assert()
-    .code(1)
-    .stderr(predicate::str::contains("relative path data/app.db"));
+    let data = w.path().join("data");
+    for cwd in [w.path(), Path::new("/")] {
+        w.cmd(&[
+            "restore",
+            "storage",
+            "--to",
+            data.to_str().unwrap(),
+            "--force",
+        ])
+        .current_dir(cwd)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("database \"app\""));
+    }
     assert_eq!(
         sqlite(&data.join("app.db"), "SELECT x FROM t;").trim(),
         "live"
+    );
+}
+
+#[test]
+fn adversary5_case01_a_restore_from_a_directory_with_its_own_data_protects_the_configured_one() {
+    // Round 5, case 01: run from a directory holding its own `data/app.db`, the
+    // restore protected that one and replaced the live `<app>/data` wholesale.
+    let w = Workdir::new();
+    relative_config(&w);
+    let other = elsewhere_with_decoy();
+    w.cmd(&["run-job", "storage.backup"])
+        .current_dir(other.path())
+        .assert()
+        .success();
+    let data = w.path().join("data");
+    w.cmd(&[
+        "restore",
+        "storage",
+        "--to",
+        data.to_str().unwrap(),
+        "--force",
+    ])
+    .current_dir(other.path())
+    .assert()
+    .code(1)
+    .stderr(predicate::str::contains("database \"app\""));
+    assert_eq!(
+        sqlite(&data.join("app.db"), "SELECT x FROM t;").trim(),
+        "live"
+    );
+    assert_eq!(
+        sqlite(&other.path().join("data/app.db"), "SELECT x FROM t;").trim(),
+        "decoy"
+    );
+}
+
+#[test]
+fn adversary5_case02_relative_destinations_and_state_dir_are_protected_from_anywhere() {
+    // Round 5, case 02: `destination = "backups"` and `state-dir = "state"` were
+    // looked for below `/` by a restore run from there, so `--to <app>/backups
+    // --force` replaced the backups folder with the restored tree.
+    let w = Workdir::new();
+    relative_config(&w);
+    w.cmd(&["run-job", "storage.backup"])
+        .current_dir("/")
+        .assert()
+        .success();
+    w.cmd(&["run-job", "app.backup"])
+        .current_dir("/")
+        .assert()
+        .success();
+    let before = archives(&w.path().join("backups"), "storage");
+    assert_eq!(before.len(), 1, "{before:?}");
+    for target in ["backups", "state"] {
+        let target = w.path().join(target);
+        w.cmd(&[
+            "restore",
+            "storage",
+            "--to",
+            target.to_str().unwrap(),
+            "--force",
+        ])
+        .current_dir("/")
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("dbkeeper's own files"));
+    }
+    assert_eq!(archives(&w.path().join("backups"), "storage"), before);
+    assert_eq!(archives(&w.path().join("backups"), "app").len(), 1);
+    assert!(w.path().join("state/state.db").exists());
+}
+
+#[test]
+fn adversary5_case05_run_job_from_elsewhere_backs_up_the_configured_database() {
+    // Round 5, case 05: `run-job app.backup` from a directory with another
+    // `data/app.db` backed that one up and, with `keep = { last = 1 }`, rotated the
+    // only good backup of the real database away.
+    let w = Workdir::new();
+    relative_config(&w);
+    let other = elsewhere_with_decoy();
+    for cwd in [w.path(), other.path()] {
+        w.cmd(&["run-job", "app.backup"])
+            .current_dir(cwd)
+            .assert()
+            .success();
+    }
+    let out = w.path().join("restored.db");
+    w.cmd(&["restore", "app", "--to", out.to_str().unwrap()])
+        .current_dir(other.path())
+        .assert()
+        .success();
+    assert_eq!(sqlite(&out, "SELECT x FROM t;").trim(), "live");
+    assert!(!other.path().join("backups").exists() && !other.path().join("state").exists());
+    assert_eq!(
+        sqlite(&other.path().join("data/app.db"), "SELECT x FROM t;").trim(),
+        "decoy"
+    );
+}
+
+#[test]
+fn adversary6_case10_a_config_named_through_a_link_or_its_real_path_is_one_config() {
+    // Round 6, case 10: `etc/dbkeeper.toml` linked to `opt/cfg/dbkeeper.toml`. Named
+    // through the link, relative paths and conf.d were the link's; through the real
+    // path, the target's: that config knew no database, and `restore --force`
+    // deleted the live `app.db` and the run history. A file is now read where it
+    // really is, and a conf.d beside the link (which that would ignore) is refused.
+    let w = Workdir::new();
+    let (etc, cfg) = (w.path().join("etc"), w.path().join("opt/cfg"));
+    write(
+        &cfg.join("dbkeeper.toml"),
+        &format!(
+            "[daemon]\nstate-dir = \"state\"\nlisten = \"127.0.0.1:{}\"\n\n{}",
+            w.port,
+            "[[files]]\nname = \"storage\"\npath = \"storage\"\n[files.backup]\nschedule = \"manual\"\ndestination = \"backups\"\nencryption = \"none\"\n"
+        ),
+    );
+    write(&cfg.join("storage/a.txt"), "a");
+    // The drop-in's relative paths are its own directory's (conf.d).
+    write(
+        &cfg.join("conf.d/10-app.toml"),
+        "[[database]]\nname = \"app\"\nurl = \"sqlite://../data/app.db\"\n",
+    );
+    std::fs::create_dir_all(cfg.join("data")).unwrap();
+    sqlite(
+        &cfg.join("data/app.db"),
+        "CREATE TABLE t (x); INSERT INTO t VALUES ('live');",
+    );
+    std::fs::create_dir_all(&etc).unwrap();
+    std::os::unix::fs::symlink("../opt/cfg/dbkeeper.toml", etc.join("dbkeeper.toml")).unwrap();
+    let run = |config: &Path, args: &[&str]| {
+        let mut cmd = assert_cmd::Command::new(env!("CARGO_BIN_EXE_dbkeeper"));
+        cmd.args(args).arg("-c").arg(config).current_dir("/");
+        cmd.assert()
+    };
+    let (link, real) = (etc.join("dbkeeper.toml"), cfg.join("dbkeeper.toml"));
+    run(&link, &["run-job", "storage.backup"]).success();
+    for config in [&link, &real] {
+        run(config, &["check"])
+            .success()
+            .stdout(predicate::str::contains("databases: 1"));
+        for target in [cfg.join("data"), cfg.join("state")] {
+            run(
+                config,
+                &[
+                    "restore",
+                    "storage",
+                    "--to",
+                    target.to_str().unwrap(),
+                    "--force",
+                ],
+            )
+            .code(1);
+        }
+        // One run history, whichever name: the run made through the link is seen.
+        run(config, &["history"])
+            .success()
+            .stdout(predicate::str::contains("storage.backup"));
+    }
+    assert_eq!(
+        sqlite(&cfg.join("data/app.db"), "SELECT x FROM t;").trim(),
+        "live"
+    );
+    assert!(cfg.join("state/state.db").exists() && !etc.join("state").exists());
+    // A conf.d beside the link would be ignored: refused, saying where to move it.
+    write(&etc.join("conf.d/20-more.toml"), "");
+    run(&link, &["check"]).code(2).stderr(
+        predicate::str::contains("symbolic link").and(predicate::str::contains("would be ignored")),
+    );
+    run(&real, &["check"]).success();
+}
+
+#[test]
+fn adversary6_case24_a_volume_roots_backup_restores_onto_a_fresh_volume() {
+    // Round 6, case 24: the set's path is a mount point with an empty lost+found;
+    // restoring it onto a fresh volume (with its own empty lost+found) failed with
+    // "lost+found appeared during the restore". The volume's own is kept.
+    let (w, _, dest) = setup();
+    let source = w.path().join("data-volume");
+    let _src = common::Mount::tmpfs(&source, "4m");
+    std::fs::create_dir(source.join("lost+found")).unwrap();
+    write(&source.join("a.txt"), "a");
+    write(&source.join("sub/b.txt"), "b");
+    backed_up(&w, &source, &dest);
+    let fresh = w.path().join("fresh");
+    let _fresh = common::Mount::tmpfs(&fresh, "4m");
+    std::fs::create_dir(fresh.join("lost+found")).unwrap();
+    let marker = std::fs::metadata(fresh.join("lost+found")).unwrap();
+    restore(&w, "storage", &fresh, &[]).success();
+    assert_eq!(names(&fresh), ["a.txt", "lost+found", "sub"]);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(fresh.join("lost+found")).unwrap().ino(),
+        marker.ino(),
+        "the volume's own lost+found stays"
+    );
+    assert_eq!(
+        std::fs::read_to_string(fresh.join("sub/b.txt")).unwrap(),
+        "b"
     );
 }

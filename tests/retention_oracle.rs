@@ -924,3 +924,88 @@ fn oracle_reads_wall_clocks_like_postgresql() {
     );
     assert_eq!(server, (us / 1_000_000).to_string());
 }
+
+/// Adversary round 6, case 21: with dbkeeper's clock a year ahead of the server's, a
+/// PostgreSQL rule deleted rows a day old. "Now" is the earlier of the two clocks:
+/// for generated host-clock offsets (behind, ahead, far ahead) and row ages, exactly
+/// the rows older than `older-than` by the earlier clock go, as the oracle says.
+#[test]
+fn postgres_retention_never_runs_on_a_host_clock_ahead_of_the_server() {
+    let rt = common::runtime();
+    let db = common::PgDb::new("clock");
+    common::psql(
+        &db.url,
+        "CREATE TABLE ev (id int PRIMARY KEY, at timestamptz NOT NULL)",
+    );
+    let toml = format!(
+        "[[database]]\nname = \"app\"\nurl = \"{}\"\n[[database.retention]]\ntable = \"ev\"\ncolumn = \"at\"\nolder-than = \"30d\"\nschedule = \"manual\"\n",
+        db.url
+    );
+    let config = Config::parse(Path::new("clock.toml"), &toml).expect("config");
+    let cfg = &config.databases[0];
+    let job = RetentionJob::new(cfg.retention[0].clone(), None).expect("job");
+    let day = 86_400i64;
+    // Host-clock offsets in seconds: behind, equal, ahead by a little and a lot.
+    let offsets = proptest::collection::vec(
+        prop_oneof![
+            Just(0i64),
+            -400 * day..-day,
+            -3600i64..3600,
+            day..400 * day,
+            Just(365 * day),
+        ],
+        6,
+    );
+    // Each case runs six jobs: a quarter of the oracle's case count is plenty.
+    let mut runner = TestRunner::new(PropConfig {
+        cases: (cases() / 4).max(4),
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "tests/proptest-regressions/retention_oracle.txt",
+        ))),
+        ..PropConfig::default()
+    });
+    runner
+        .run(&offsets, |offsets| {
+            rt.block_on(async {
+                // Rows aged 1 to 60 days by the server's clock; the rule keeps 30.
+                common::psql(
+                    &db.url,
+                    "TRUNCATE ev; INSERT INTO ev SELECT g, now() - g * interval '1 day' FROM generate_series(1, 60) g",
+                );
+                let handle = Database::open(cfg).expect("open");
+                for offset in offsets {
+                    let local = Utc::now() + chrono::Duration::seconds(offset);
+                    job.run_with_clock(&handle, local, &CancellationToken::new())
+                        .await
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    // The oracle: by the earlier clock, a row of age `g` days
+                    // (measured on the server) is expired when g - min(0, offset) > 30
+                    // days, i.e. g > 30 + offset for a host clock behind.
+                    let behind = offset.min(0);
+                    let left: i64 = common::psql(&db.url, "SELECT count(*) FROM ev")
+                        .parse()
+                        .expect("count");
+                    let oldest: i64 = common::psql(
+                        &db.url,
+                        "SELECT coalesce(max(id), 0) FROM ev",
+                    )
+                    .parse()
+                    .expect("max");
+                    // Survivors are always exactly ids 1..=oldest; nothing younger
+                    // than 30 days by the server's clock (ids 1..=29) is ever gone.
+                    prop_assert_eq!(left, oldest, "survivors are the youngest rows");
+                    prop_assert!(oldest >= 29, "a row younger than 30 days was deleted (offset {offset}s)");
+                    // And everything older than 30 days by the earlier clock is gone
+                    // (a minute of slack for the test's own time).
+                    let limit = (30 * day - behind + 60) / day;
+                    prop_assert!(
+                        oldest <= limit.max(30),
+                        "rows expired by the earlier clock were left (offset {offset}s, oldest {oldest})"
+                    );
+                }
+                handle.close().await;
+                Ok(())
+            })
+        })
+        .expect("property");
+}

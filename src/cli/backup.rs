@@ -535,23 +535,7 @@ pub async fn restore(
                 let expect = verifying::Expect::trusted(&manifest, &policy);
                 let dir = Path::new(to);
                 let kept = config.restore_dir_protected();
-                match config
-                    .databases
-                    .iter()
-                    .find_map(|d| Some((d, d.sqlite_file_elsewhere()?)))
-                {
-                    // It could be inside DIR without dbkeeper seeing it.
-                    Some((d, file)) => Err(BackupError::Refused(format!(
-                        "database \"{}\" is a SQLite file at the relative path {}, which does not exist from this working directory: it could lie inside {} unseen; run the restore from the directory the daemon runs in, or make its url absolute",
-                        d.name,
-                        file.display(),
-                        dir.display()
-                    ))),
-                    None => {
-                        files::restore_dir(&*archive, &b.keys, expect, dir, how.force, &kept, &cancel)
-                            .await
-                    }
-                }
+                files::restore_dir(&*archive, &b.keys, expect, dir, how.force, &kept, &cancel).await
             }
             Ok(archive) => {
                 // A SQLite file restored into a destination or the state directory

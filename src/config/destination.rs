@@ -268,7 +268,8 @@ pub struct DestinationSettings {
     /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
     /// `AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, …), or for `gs://` a
     /// service-account key (JSON). Must be a regular file of mode 0600 or stricter; a
-    /// bare name is a systemd credential (`LoadCredential=`). Default: none (the
+    /// bare name is a systemd credential (`LoadCredential=`), any other relative
+    /// path is read from the config file's directory. Default: none (the
     /// environment, then the instance's or workload's identity).
     #[serde(default)]
     pub credentials_file: Option<PathBuf>,

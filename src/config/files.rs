@@ -24,7 +24,8 @@ pub struct FilesConfig {
     /// paths: letters, digits, `_` and `-`; no database may have the same name.
     /// Required.
     pub name: String,
-    /// The directory to back up, absolute. Its contents are stored relative to it;
+    /// The directory to back up (a relative path is read from the directory of the
+    /// config file declaring it). Its contents are stored relative to it;
     /// symbolic links are stored as links, never followed. Required.
     pub path: PathBuf,
     /// Glob patterns, relative to `path`, of entries to leave out (`"cache/**"`,
@@ -85,15 +86,6 @@ impl Config {
                 return Err(self.invalid(
                     format!("{key}.name"),
                     "is already the name of a database or another files set; files sets share the database names (job ids, metric labels, backup folders): pick another",
-                ));
-            }
-            if !f.path.is_absolute() {
-                return Err(self.invalid(
-                    format!("{key}.path"),
-                    format!(
-                        "{} is not an absolute path; write the directory's full path",
-                        f.path.display()
-                    ),
                 ));
             }
             for p in &f.exclude {

@@ -10,6 +10,7 @@ mod destination;
 mod files;
 mod job_options;
 mod notify;
+mod paths;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -124,6 +125,10 @@ pub struct Config {
     /// Which file wrote `[daemon]` and `[notify]`, so that a second one is refused.
     #[serde(skip)]
     sections: Vec<(PathBuf, String)>,
+    /// Secret files written as a bare name and read beside their config file
+    /// (`$CREDENTIALS_DIRECTORY` was not set), for the hint when one is missing.
+    #[serde(skip)]
+    bare_credentials: Vec<PathBuf>,
     /// Daemon-wide settings (`[daemon]`). Every key has a default.
     #[serde(default)]
     pub daemon: DaemonConfig,
@@ -145,7 +150,8 @@ pub struct Config {
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct DaemonConfig {
     /// Directory for the run-history database (`state.db`) and temporary files; created
-    /// if missing. Default: `/var/lib/dbkeeper`.
+    /// if missing. Default: `/var/lib/dbkeeper`. (Every relative path in a config
+    /// file, this one included, is read from the directory of that file.)
     pub state_dir: PathBuf,
     /// Address of the HTTP listener serving `/metrics`, `/healthz`, `/readyz` and
     /// `/status`. Default: `127.0.0.1:9736`. A non-loopback address is logged at start-up.
@@ -191,12 +197,13 @@ pub struct DatabaseConfig {
     /// `_` and `-`. Required.
     pub name: String,
     /// `postgres://user@host:port/db` or `sqlite:///path/to/file.db` (a relative
-    /// SQLite path is read from the working directory; add `?mode=rwc` to create a
+    /// SQLite path is read from the directory of this config file; add `?mode=rwc` to create a
     /// missing file). Required. Never put a password here: use `password-file`.
     pub url: String,
     /// PostgreSQL only: file holding the password (trailing newline ignored). A
     /// bare name (no `/`) is a systemd credential, read from
-    /// `$CREDENTIALS_DIRECTORY` when set (`LoadCredential=`). Default: none.
+    /// `$CREDENTIALS_DIRECTORY` when set (`LoadCredential=`); otherwise a relative
+    /// path is read from this config file's directory. Default: none.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
     /// How long to wait for a connection before the database counts as down.
@@ -274,9 +281,10 @@ impl DatabaseConfig {
         self.table_stats_max_tables.unwrap_or(DEFAULT_MAX_SERIES)
     }
 
-    /// A SQLite database's file, absolute (a relative URL is read from the working
-    /// directory, as SQLite does); `None` for PostgreSQL, an in-memory database or a
-    /// URL that cannot be read (refused elsewhere).
+    /// A SQLite database's file, absolute (a relative path in a config file was
+    /// made absolute at load; in a config built in code it is read from the working
+    /// directory); `None` for PostgreSQL, an in-memory database or a URL that cannot
+    /// be read (refused elsewhere).
     pub fn sqlite_file(&self) -> Option<PathBuf> {
         use std::str::FromStr;
         if Backend::from_url(&self.url).ok()? != Backend::Sqlite {
@@ -290,20 +298,6 @@ impl DatabaseConfig {
             return None;
         }
         Some(std::path::absolute(file).unwrap_or_else(|_| file.to_owned()))
-    }
-
-    /// A SQLite database whose URL names a relative path that does not exist from
-    /// the working directory: where it lives depends on where the daemon runs, which
-    /// a one-shot command cannot know. `Some(path as written)` then.
-    pub fn sqlite_file_elsewhere(&self) -> Option<PathBuf> {
-        use std::str::FromStr;
-        if Backend::from_url(&self.url).ok()? != Backend::Sqlite {
-            return None;
-        }
-        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&self.url).ok()?;
-        let file = options.get_filename();
-        (file.is_relative() && self.sqlite_file().is_some_and(|f| !f.exists()))
-            .then(|| file.to_owned())
     }
 }
 
@@ -576,8 +570,9 @@ job_table! {
     pub struct MigrateConfig {
         /// Directory of migrations in sqlx's layout: `<version>_<description>.sql`, or
         /// `.up.sql`/`.down.sql` pairs; `-- no-transaction` as the first line runs a
-        /// file outside a transaction. Read at every run. Exactly one of `dir` and
-        /// `command` is required.
+        /// file outside a transaction. Read at every run; a relative path is read from
+        /// this config file's directory. Exactly one of `dir` and `command` is
+        /// required.
         #[serde(default)]
         pub dir: Option<PathBuf>,
         /// Another tool's migrations: the command that applies them, as an argv list
@@ -681,11 +676,7 @@ impl MigrateConfig {
     /// Where migration commands run: `working-dir`, relative to the directory of
     /// `source` (the config file declaring the database), which is the default.
     pub fn workdir(&self, source: &Path) -> PathBuf {
-        let base = match source.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_owned());
+        let base = paths::base_dir(source);
         match &self.working_dir {
             Some(dir) => base.join(dir),
             None => base,
@@ -747,7 +738,8 @@ job_table! {
     /// `[database.backup]`: the `<database>.backup` job.
     pub struct BackupConfig {
         /// Where backups go: a folder (receives `<database>/<id>.dbk` and
-        /// `<id>.manifest.json`, created mode 0700), a `file://`, `s3://bucket/prefix`,
+        /// `<id>.manifest.json`, created mode 0700; relative: from this config file's
+        /// directory), a `file://`, `s3://bucket/prefix`,
         /// `gs://bucket/prefix` or `az://container/prefix` URL, a table `{ url = …,
         /// endpoint, region, path-style, allow-http, credentials-file, keep }`, or a
         /// list of these: every backup is written to each. Required.
@@ -760,7 +752,8 @@ job_table! {
         #[serde(default)]
         pub level: Option<i32>,
         /// 32-byte key file (`dbkeeper key generate`), mode 0600. A bare name (no
-        /// `/`) is a systemd credential, read from `$CREDENTIALS_DIRECTORY` when set.
+        /// `/`) is a systemd credential, read from `$CREDENTIALS_DIRECTORY` when set;
+        /// otherwise a relative path is read from this config file's directory.
         /// Required unless `encryption = "none"`.
         #[serde(default)]
         pub encryption_key_file: Option<PathBuf>,
@@ -788,8 +781,9 @@ job_table! {
         /// at all): `{ last = 3, daily = 7, weekly = 4, monthly = 12 }`.
         #[serde(default = "Keep::recommended")]
         pub keep: Keep,
-        /// PostgreSQL only: the `pg_dump` program (match the server's major version).
-        /// Default: `pg_dump` from `$PATH`.
+        /// PostgreSQL only: the `pg_dump` program (match the server's major version;
+        /// a bare name is looked up in `$PATH`, a relative path with a `/` is read
+        /// from this config file's directory). Default: `pg_dump` from `$PATH`.
         #[serde(default = "default_pg_dump")]
         pub pg_dump: PathBuf,
         /// PostgreSQL only: the `pg_restore` program. Default: `pg_restore` from `$PATH`.
@@ -936,14 +930,21 @@ impl Config {
     /// drop-in adds `[[database]]` tables; `[daemon]` and `[notify]` may each be
     /// written in one file only, and a database name in two files is an error that
     /// names both.
+    ///
+    /// A file reached through a symbolic link is read where it really is: its
+    /// relative paths and its `conf.d` are those beside the real file, so that every
+    /// name of one file means one configuration. A `conf.d` beside the link that
+    /// would thereby be ignored is an error.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let mut config = Self::read_one(path)?;
-        for file in drop_in_files(path)? {
+        let real = paths::real_file(path)?;
+        paths::no_drop_ins_beside_link(path, &real)?;
+        let mut config = Self::read_one(&real)?;
+        for file in drop_in_files(&real)? {
+            let file = paths::real_file(&file)?;
             let more = Self::read_one(&file)?;
             config.merge(more, &file)?;
             config.drop_ins.push(file);
         }
-        config.resolve_credentials();
         config.validate()?;
         Ok(config)
     }
@@ -951,8 +952,7 @@ impl Config {
     /// Parses and validates `text` alone (no drop-ins); `path` is only used in
     /// error messages.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let mut config = Self::parse_one(path, text)?;
-        config.resolve_credentials();
+        let config = Self::parse_one(path, text)?;
         config.validate()?;
         Ok(config)
     }
@@ -989,6 +989,7 @@ impl Config {
             }
         }
         self.sections.extend(more.sections);
+        self.bare_credentials.extend(more.bare_credentials);
         for db in more.databases {
             if let Some(other) = self.databases.iter().find(|d| d.name == db.name) {
                 return Err(invalid(
@@ -1026,6 +1027,7 @@ impl Config {
         for f in &mut config.files {
             f.source = path.to_owned();
         }
+        config.anchor_paths(path)?;
         if let Ok(table) = text.parse::<toml::Table>() {
             for section in ["daemon", "notify"] {
                 if table.contains_key(section) {
@@ -1036,36 +1038,22 @@ impl Config {
         Ok(config)
     }
 
-    /// Every secret-bearing path key, resolved once (see [`resolve_credential`]) so
-    /// that messages, `check` and every reader see the file actually read.
-    fn resolve_credentials(&mut self) {
-        for db in &mut self.databases {
-            if let Some(f) = &mut db.password_file {
-                *f = resolve_credential(f);
-            }
-        }
-        let dbs = self.databases.iter_mut().filter_map(|d| d.backup.as_mut());
-        for b in dbs.chain(self.files.iter_mut().map(|f| &mut f.backup)) {
-            if let Some(f) = &mut b.encryption_key_file {
-                *f = resolve_credential(f);
-            }
-            for f in &mut b.decryption_key_files {
-                *f = resolve_credential(f);
-            }
-            for d in &mut b.destination.0 {
-                if let Some(f) = &mut d.settings.credentials_file {
-                    *f = resolve_credential(f);
-                }
-            }
-        }
-    }
-
     /// The path to use when `-c` was not given.
     pub fn default_path() -> PathBuf {
         std::env::var_os(CONFIG_ENV)
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+    }
+
+    /// Added to "file not found" messages for secret files: a bare name outside the
+    /// service is read beside the configuration file, which is rarely what was meant.
+    fn credential_hint(&self, file: &Path) -> &'static str {
+        if self.bare_credentials.iter().any(|b| b == file) {
+            " (a bare name is a systemd credential: $CREDENTIALS_DIRECTORY is not set here, so it was looked for beside the configuration file; run under the service, e.g. `systemd-run -P --property=LoadCredential=NAME:/path dbkeeper check`, or write a path)"
+        } else {
+            ""
+        }
     }
 
     fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -1227,7 +1215,7 @@ impl Config {
                         format!(
                             "{} is not a readable file; create it or fix the path{}",
                             file.display(),
-                            credential_hint(file)
+                            self.credential_hint(file)
                         ),
                     ));
                 }
@@ -1558,15 +1546,14 @@ impl Config {
         for (name, file) in files.chain(old) {
             if name == "encryption-key-file" && b.key_to_generate().is_some() {
                 let credentials = std::env::var_os("CREDENTIALS_DIRECTORY");
-                if is_bare_name(file) {
+                if self.bare_credentials.contains(file) {
                     // Outside the service (no $CREDENTIALS_DIRECTORY) a bare name is a
-                    // file in whatever directory the command ran from: a key made
-                    // there would be lost with it, and the service would not see it.
+                    // file beside the config: a key made there would not be the one
+                    // the service, reading its credentials directory, uses.
                     return Err(self.invalid(
                         format!("{key}.{name}"),
                         format!(
-                            "{} is a bare name, which names a systemd credential, and $CREDENTIALS_DIRECTORY is not set here; generate-key-if-missing writes only to a path: write ./{} (the working directory) or an absolute path",
-                            file.display(),
+                            "{} is a bare name, which names a systemd credential, and $CREDENTIALS_DIRECTORY is not set here; generate-key-if-missing writes only to a path: write ./NAME (beside the configuration file) or an absolute path",
                             file.display()
                         ),
                     ));
@@ -1585,7 +1572,7 @@ impl Config {
             Key::load(file).map_err(|e| {
                 self.invalid(
                     format!("{key}.{name}"),
-                    format!("{e}{}", credential_hint(file)),
+                    format!("{e}{}", self.credential_hint(file)),
                 )
             })?;
         }
@@ -1697,7 +1684,7 @@ impl Config {
             let bad = |message: String| {
                 self.invalid(
                     format!("{key}.credentials-file"),
-                    format!("{message}{}", credential_hint(file)),
+                    format!("{message}{}", self.credential_hint(file)),
                 )
             };
             let meta = std::fs::metadata(file)
@@ -1867,16 +1854,6 @@ fn is_bare_name(file: &Path) -> bool {
         (parts.next(), parts.next()),
         (Some(std::path::Component::Normal(_)), None)
     )
-}
-
-/// Added to "file not found" messages for secret files: a bare name outside the
-/// service is read from the working directory, which is rarely what was meant.
-fn credential_hint(file: &Path) -> &'static str {
-    if is_bare_name(file) && std::env::var_os("CREDENTIALS_DIRECTORY").is_none() {
-        " (a bare name is a systemd credential: $CREDENTIALS_DIRECTORY is not set here, so it was looked for in the working directory; run under the service, e.g. `systemd-run -P --property=LoadCredential=NAME:/path dbkeeper check`, or write a path)"
-    } else {
-        ""
-    }
 }
 
 /// Names end up in job ids (`db.kind.name`), metric labels and file paths, so they are

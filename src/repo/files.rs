@@ -621,6 +621,11 @@ async fn restore_into_mount(
     let mut moved = Vec::new();
     for name in &names {
         let (from, to) = (staged.0.join(name), target.join(name));
+        // A backup of a volume's root holds its empty lost+found; the fresh volume
+        // has its own (the file system's, with its preallocated blocks): keep that.
+        if name == "lost+found" && empty_dir(&from) && empty_dir(&to) {
+            continue;
+        }
         let renamed = rustix::fs::renameat_with(
             rustix::fs::CWD,
             &from,
@@ -698,6 +703,13 @@ fn is_empty_volume(dir: &Path) -> Result<bool, BackupError> {
         }
     }
     Ok(true)
+}
+
+/// A directory (not a link to one) with nothing in it; anything else, or an
+/// error, is not.
+fn empty_dir(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+        && std::fs::read_dir(path).is_ok_and(|mut l| l.next().is_none())
 }
 
 fn is_empty(dir: &Path) -> Result<bool, BackupError> {

@@ -245,6 +245,12 @@ pub(crate) trait RetentionBackend {
     /// SQL true exactly for values read as an instant before the cutoff.
     fn expired(&self, target: &Target, cutoff: Cutoff) -> String;
 
+    /// The database server's clock where it has its own (PostgreSQL); `None` where
+    /// it is this host's (SQLite).
+    async fn clock(&self) -> Result<Option<DateTime<Utc>>, RetentionError> {
+        Ok(None)
+    }
+
     /// SQL true for non-null values that are not a time.
     fn unreadable(&self, target: &Target) -> String;
 
@@ -392,7 +398,35 @@ impl RetentionJob {
 
     /// What a run would do now; deletes nothing.
     pub async fn preview(&self, db: &Database) -> Result<Preview, RetentionError> {
-        self.preview_at(db, Utc::now()).await
+        let now = self.now(db, Utc::now()).await?;
+        self.preview_at(db, now).await
+    }
+
+    /// "Now" for a rule: the earlier of this host's clock (`local`) and the database
+    /// server's. Rows are written with the server's clock; dbkeeper's running ahead
+    /// of it (a bad clock, a paused VM) must not make fresh rows look old, and the
+    /// earlier clock can only delete less.
+    pub async fn now(
+        &self,
+        db: &Database,
+        local: DateTime<Utc>,
+    ) -> Result<DateTime<Utc>, RetentionError> {
+        let server = with_backend!(db, b => b.clock().await)?;
+        Ok(match server {
+            Some(server) if server < local => {
+                if local - server > chrono::Duration::minutes(1) {
+                    tracing::warn!(
+                        database = db.name(),
+                        rule = %self.rule,
+                        %local,
+                        %server,
+                        "this host's clock is ahead of the database server's: retention uses the server's"
+                    );
+                }
+                server
+            }
+            _ => local,
+        })
     }
 
     /// [`RetentionJob::preview`] with the clock given.
@@ -432,7 +466,19 @@ impl RetentionJob {
         db: &Database,
         cancel: &CancellationToken,
     ) -> Result<Outcome, RetentionError> {
-        self.run_at(db, Utc::now(), cancel).await
+        self.run_with_clock(db, Utc::now(), cancel).await
+    }
+
+    /// [`RetentionJob::run`] with this host's clock given (`local`); the run uses
+    /// [`RetentionJob::now`].
+    pub async fn run_with_clock(
+        &self,
+        db: &Database,
+        local: DateTime<Utc>,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, RetentionError> {
+        let now = self.now(db, local).await?;
+        self.run_at(db, now, cancel).await
     }
 
     /// [`RetentionJob::run`] with the clock given: the cutoff is `now - older-than`.

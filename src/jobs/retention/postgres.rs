@@ -210,6 +210,15 @@ impl RetentionBackend for Postgres {
         Ok(())
     }
 
+    async fn clock(&self) -> Result<Option<DateTime<Utc>>, RetentionError> {
+        // The transaction's start time, as the rows' `DEFAULT now()` would be.
+        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| RetentionError::Db(self.query_error(e)))?;
+        Ok(Some(now))
+    }
+
     async fn count(&self, target: &Target, condition: &str) -> Result<u64, RetentionError> {
         let sql = format!(
             "SELECT count(*) FROM {} AS {} WHERE {condition}",
