@@ -25,7 +25,7 @@ pub use notify::{
     NotifyConfig, PingSetting, PingStyle, PingTarget, SecretUrl, Webhook, WebhookFormat,
 };
 
-use crate::keys::{Key, KeyError, KeyRing};
+use crate::keys::{Key, KeyError, KeyRing, Recipient};
 
 pub use backup::{short_duration, Compression, Count, Keep, KeepError, VerifyMode};
 pub use destination::{Cloud, DestinationConfig, DestinationSettings, Destinations, Location};
@@ -770,6 +770,19 @@ job_table! {
         /// are systemd credentials as for `encryption-key-file`. Default: none.
         #[serde(default)]
         pub decryption_key_files: Vec<PathBuf>,
+        /// age recipients (`age1…`, as `age-keygen` prints them): each backup's data
+        /// key is also wrapped for every one of them, so whoever holds a matching
+        /// identity (`--identity`, `identity-files`) reads the backups. With
+        /// recipients, `encryption-key-file` may be left out: this host then holds
+        /// no secret that reads its backups, and proves it wrote them with
+        /// `<state-dir>/writer.key` (created on first use). Default: none.
+        #[serde(default)]
+        pub recipients: Vec<String>,
+        /// A file of age recipients, one per line (`#` comments, blank lines), as
+        /// `age -R` reads it; added to `recipients`. A relative path is read from
+        /// this config file's directory. Default: none.
+        #[serde(default)]
+        pub recipients_file: Option<PathBuf>,
         /// After writing: `none`, `read` (checksum + full decrypt + decompress) or
         /// `restore` (also restore into a scratch database and check it).
         /// Default: `read`.
@@ -832,10 +845,30 @@ impl BackupConfig {
             .unwrap_or_else(|| self.compression.default_level())
     }
 
-    /// Whether backups are encrypted: a key file is configured (it may not exist
-    /// yet when `generate-key-if-missing` will create it).
+    /// Whether backups are encrypted: a key file (it may not exist yet when
+    /// `generate-key-if-missing` will create it) or recipients are configured.
     pub fn encrypting(&self) -> bool {
-        self.encryption_key_file.is_some()
+        self.encryption_key_file.is_some() || self.has_recipients()
+    }
+
+    /// `recipients` or `recipients-file` is given.
+    pub fn has_recipients(&self) -> bool {
+        !self.recipients.is_empty() || self.recipients_file.is_some()
+    }
+
+    /// The age recipients new backups are made for: `recipients`, then those of
+    /// `recipients-file`, without repeats.
+    pub fn load_recipients(&self) -> Result<Vec<Recipient>, KeyError> {
+        let mut all = Vec::new();
+        for text in &self.recipients {
+            all.push(text.parse::<Recipient>()?);
+        }
+        if let Some(file) = &self.recipients_file {
+            all.extend(Recipient::load_file(file)?);
+        }
+        let mut seen = HashSet::new();
+        all.retain(|r| seen.insert(r.to_string()));
+        Ok(all)
     }
 
     /// The key file `generate-key-if-missing` has yet to create: configured, asked
@@ -1520,6 +1553,19 @@ impl Config {
                 "must be a number ≥ 0 (0 turns the free-space check off)",
             ));
         }
+        b.load_recipients().map_err(|e| {
+            let name = match e {
+                KeyError::BadRecipient { .. } => "recipients",
+                _ => "recipients-file",
+            };
+            self.invalid(format!("{key}.{name}"), e.to_string())
+        })?;
+        if b.has_recipients() && b.encryption == Some(EncryptionSetting::None) {
+            return Err(self.invalid(
+                format!("{key}.encryption"),
+                "\"none\" contradicts recipients; remove one of the two",
+            ));
+        }
         match (&b.encryption_key_file, b.encryption) {
             (Some(_), Some(EncryptionSetting::None)) => {
                 return Err(self.invalid(
@@ -1527,6 +1573,7 @@ impl Config {
                     "\"none\" contradicts encryption-key-file; remove one of the two",
                 ))
             }
+            (None, None) if b.has_recipients() => {}
             (None, None) => {
                 return Err(self.invalid(
                     format!("{key}.encryption-key-file"),

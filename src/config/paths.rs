@@ -51,6 +51,9 @@ impl Config {
                 secret(f);
             }
             b.decryption_key_files.iter_mut().for_each(&mut secret);
+            if let Some(f) = &mut b.recipients_file {
+                *f = anchored(&base, f);
+            }
             for d in &mut b.destination.0 {
                 if let super::Location::Local(dir) = &mut d.location {
                     *dir = anchored(&base, dir);

@@ -19,7 +19,12 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 mod age;
+mod writer;
 pub use self::age::{Identity, Recipient};
+pub use self::writer::{
+    load_or_create_writer_key, writer_key, writer_key_path, writer_tag, writer_tag_matches,
+    WRITER_KEY_FILE,
+};
 
 /// Size of every key, data or key-encryption.
 pub const KEY_LEN: usize = 32;
@@ -226,6 +231,9 @@ impl Key {
 pub struct KeyRing {
     keys: Vec<Key>,
     identities: Vec<Identity>,
+    /// Data keys of archives this process just wrote for recipients: the job reads
+    /// its own archive back (verification) without holding any identity.
+    data_keys: Vec<Key>,
 }
 
 impl KeyRing {
@@ -233,11 +241,54 @@ impl KeyRing {
         KeyRing {
             keys,
             identities: Vec::new(),
+            data_keys: Vec::new(),
         }
     }
 
     pub fn with_identities(keys: Vec<Key>, identities: Vec<Identity>) -> Self {
-        KeyRing { keys, identities }
+        KeyRing {
+            keys,
+            identities,
+            data_keys: Vec::new(),
+        }
+    }
+
+    /// This ring and the data key of one archive just written (see `data_keys`).
+    pub fn with_data_key(&self, data_key: Key) -> Self {
+        let mut ring = self.clone();
+        ring.data_keys.push(data_key);
+        ring
+    }
+
+    /// Data keys held for archives this process wrote.
+    pub fn data_keys(&self) -> &[Key] {
+        &self.data_keys
+    }
+
+    /// Whether anything in the ring may open an archive made for `made_for` (as
+    /// [`crate::repo::archive::Header::made_for`] lists it: `key <id>`,
+    /// `recipient age1…`), data keys aside.
+    pub fn may_open(&self, made_for: &[String]) -> bool {
+        made_for.iter().any(|m| {
+            m.strip_prefix("key ").is_some_and(|id| self.find(id).is_some())
+                || m.strip_prefix("recipient ").is_some_and(|r| {
+                    self.identities
+                        .iter()
+                        .any(|i| i.recipient().to_string() == r)
+                })
+        })
+    }
+
+    /// Every key and identity of `other` added to this ring.
+    pub fn extend(&mut self, other: KeyRing) {
+        self.keys.extend(other.keys);
+        self.identities.extend(other.identities);
+        self.data_keys.extend(other.data_keys);
+    }
+
+    /// True when the ring holds nothing that reads an archive.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.identities.is_empty() && self.data_keys.is_empty()
     }
 
     pub fn add_identity(&mut self, identity: Identity) {

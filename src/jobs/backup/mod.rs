@@ -194,6 +194,7 @@ impl BackupJob {
             current_key: key.map(|k| k.id().to_owned()),
             allow_unencrypted,
             current_key_since: None,
+            writer: state_dir.and_then(crate::keys::writer_key),
         };
         // The retired-key boundary is the database's, not one destination's, and
         // what this host remembers of it outlives the backup that set it.
@@ -557,6 +558,7 @@ impl BackupJob {
             globals: globals_summary,
             files: files_report,
             with_files,
+            writer: None,
         };
         // The restore test runs once, on the first copy; the other copies are read
         // back (their SHA-256 must match, so they are the same bytes) and share its

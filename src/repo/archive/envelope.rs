@@ -340,8 +340,16 @@ pub(crate) fn open(
     keys: &KeyRing,
     data_key: Option<&Key>,
 ) -> Result<Opened, ArchiveError> {
-    let dk = match data_key {
-        Some(dk) => dk.clone(),
+    // A data key the ring holds for an archive this process wrote is the one whose
+    // tag matches; otherwise a key file or identity unwraps it.
+    let held = || {
+        keys.data_keys()
+            .iter()
+            .find(|dk| mac(dk, covered).verify_slice(tag).is_ok())
+            .cloned()
+    };
+    let dk = match data_key.cloned().or_else(held) {
+        Some(dk) => dk,
         None => unwrap_v3(&envelope, keys)?,
     };
     mac(&dk, covered)

@@ -152,6 +152,9 @@ pub struct ArchiveWriter<W: Write> {
     segment: usize,
     counter: u32,
     data_key: Option<Key>,
+    /// Version 3: the envelope's JSON bytes (what a listing reads as the header
+    /// bytes, and what a writer tag covers).
+    envelope: Option<Vec<u8>>,
 }
 
 impl<W: Write> ArchiveWriter<W> {
@@ -182,6 +185,9 @@ impl<W: Write> ArchiveWriter<W> {
         let sealed = envelope::seal(&header, &json, header.version(), &data_key, key, recipients)?;
         out.write_all(&sealed)?;
         let segment = header.segment_size as usize;
+        let envelope = sealed
+            .get(13..sealed.len().saturating_sub(envelope::MAC_LEN))
+            .map(<[u8]>::to_vec);
         Ok(ArchiveWriter {
             out,
             sealer: Sealer::encrypted(&data_key, &prefix),
@@ -190,6 +196,7 @@ impl<W: Write> ArchiveWriter<W> {
             segment,
             counter: 0,
             data_key: Some(data_key),
+            envelope,
         })
     }
 
@@ -198,6 +205,11 @@ impl<W: Write> ArchiveWriter<W> {
     /// Keep it in memory only.
     pub fn data_key(&self) -> Option<Key> {
         self.data_key.clone()
+    }
+
+    /// Version 3: the envelope's JSON bytes, as [`read_header`] returns them.
+    pub fn envelope(&self) -> Option<&[u8]> {
+        self.envelope.as_deref()
     }
 
     /// Writes the header. With `key`, a fresh data key is made and wrapped under it.
@@ -240,6 +252,7 @@ impl<W: Write> ArchiveWriter<W> {
             segment,
             counter: 0,
             data_key: data_key.map(|(k, _)| k),
+            envelope: None,
         })
     }
 

@@ -201,6 +201,10 @@ pub struct WriteStats {
     pub sha256: String,
     /// With [`Settings::check_with`]: the outcome of reading back the written bytes.
     pub checked: Option<Result<(), ArchiveError>>,
+    /// Version 3 (written for recipients): the data key, kept in memory so that the
+    /// writer reads its archive back without an identity, and the envelope's bytes
+    /// (see [`ArchiveWriter::envelope`]).
+    pub sealed: Option<(Key, Vec<u8>)>,
 }
 
 /// Encoding settings of one archive.
@@ -360,6 +364,10 @@ pub fn write_archive_for<R: Read, W: Write + Send>(
         settings.key,
         recipients,
     )?;
+    let sealed_with = match (sealed.data_key(), sealed.envelope()) {
+        (Some(dk), Some(envelope)) => Some((dk, envelope.to_vec())),
+        _ => None,
+    };
     let checker = match (check_input, settings.check_with) {
         (Some(input), Some(keys)) => {
             let data_key = if recipients.is_empty() {
@@ -419,6 +427,7 @@ pub fn write_archive_for<R: Read, W: Write + Send>(
             stored_bytes,
             sha256,
             checked,
+            sealed: sealed_with,
         },
     ))
 }

@@ -102,6 +102,21 @@ pub struct Manifest {
     /// (`with-files`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub with_files: Vec<String>,
+    /// A backup made for age recipients: the writing host's tag (see
+    /// [`crate::keys::writer_tag`]), its proof of having written it. Absent
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<WriterTag>,
+}
+
+/// `writer` in a manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WriterTag {
+    /// The id of the writer key (`<state-dir>/writer.key`) that made the tag.
+    pub key_id: String,
+    /// HMAC-SHA256 over the database, the backup id and the archive's envelope, hex.
+    pub tag: String,
 }
 
 impl Manifest {
@@ -362,8 +377,11 @@ fn examine(
     };
     let archive = format!("{id}{ARCHIVE_SUFFIX}");
     let verdict = authentic_header(store, &archive, &policy.keys, manifest.stored_bytes).and_then(
-        |(header, bytes)| {
+        |(header, bytes, opened)| {
             trust(&manifest, &header, name, policy)?;
+            if !opened && trust::recipients_only(&header) {
+                trust::check_writer(&manifest, &header, &bytes, policy)?;
+            }
             Ok(bytes)
         },
     );
@@ -396,12 +414,15 @@ fn read_manifest(store: &dyn Storage, name: &str) -> Result<Manifest, Untrusted>
 /// The archive must also have the size its manifest was written with: a file cut
 /// short (a failing disk, an interrupted copy) would otherwise count as good, and
 /// take a rotation slot from an intact backup, until something read it to the end.
+///
+/// A recipients-only archive that nothing in `keys` opens is returned unopened
+/// (`false`): its writer tag decides (see [`trust::check_writer`]).
 fn authentic_header(
     store: &dyn Storage,
     name: &str,
     keys: &crate::repo::archive::KeyRing,
     stored_bytes: u64,
-) -> Result<(crate::repo::archive::Header, Vec<u8>), Untrusted> {
+) -> Result<(crate::repo::archive::Header, Vec<u8>, bool), Untrusted> {
     use std::io::Read;
     let object = store.open(name).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Untrusted::ArchiveMissing,
@@ -417,17 +438,20 @@ fn authentic_header(
     // The version is read from the open handle, so what is cached is about the very
     // bytes read below.
     let identity = object.version().clone();
-    if let Some(known) = authenticated().get(&identity) {
-        return Ok(known);
+    if let Some((header, bytes)) = authenticated().get(&identity) {
+        return Ok((header, bytes, true));
     }
     let bad_header = |e: io::Error| Untrusted::BadHeader(e.to_string());
     let (header, bytes) =
         crate::repo::archive::format::read_header(&mut object.read(None).map_err(bad_header)?)
             .map_err(|e| Untrusted::BadHeader(e.to_string()))?;
     let Some(enc) = &header.encryption else {
-        return Ok((header, bytes));
+        return Ok((header, bytes, false));
     };
-    if keys.find(&enc.key_id).is_none() {
+    if !keys.may_open(&header.made_for()) {
+        if trust::recipients_only(&header) {
+            return Ok((header, bytes, false));
+        }
         return Err(Untrusted::UnknownKey(enc.key_id.clone()));
     }
     let file = object.read(None).map_err(bad_header)?;
@@ -437,7 +461,7 @@ fn authentic_header(
         .read(&mut [0u8; 1])
         .map_err(|e| Untrusted::NotAuthentic(e.to_string()))?;
     authenticated().put(identity, (header.clone(), bytes.clone()));
-    Ok((header, bytes))
+    Ok((header, bytes, true))
 }
 
 /// Headers this process has authenticated, so that the daemon, which lists its

@@ -1005,6 +1005,7 @@ mod tests {
                 globals: None,
                 files: None,
                 with_files: Vec::new(),
+            writer: None,
             };
             let json = serde_json::to_vec_pretty(&m).unwrap();
             std::fs::write(dest.path(&format!("{file_id}{MANIFEST}")), json).unwrap();
@@ -1034,6 +1035,7 @@ mod tests {
                 current_key: Some(key.id().to_owned()),
                 allow_unencrypted: false,
                 current_key_since: None,
+                writer: None,
             };
             let keep = super::only("last", 1);
             let manifest = |id: &str| dest.path(&format!("{id}{MANIFEST}"));
@@ -1248,6 +1250,7 @@ mod tests {
                     current_key: Some(key.id().to_owned()),
                     allow_unencrypted: false,
                     current_key_since: None,
+                writer: None,
                 };
                 rotate(&dest, &policy, &keep, now, just_made.then_some(made.as_str()), &pinned, false).unwrap();
                 rotate(&twin, &policy, &keep, now, just_made.then_some(made.as_str()), &pinned, false).unwrap();

@@ -38,6 +38,11 @@ pub struct TrustPolicy {
     /// newer anywhere, so an attacker who can write to one destination cannot bring a
     /// forgery back by deleting the current-key backups there only.
     pub current_key_since: Option<(chrono::DateTime<chrono::Utc>, String)>,
+    /// This host's writer key (`<state-dir>/writer.key`), if it has one: a backup
+    /// made for recipients only, which no configured key or identity opens, is
+    /// believed when its manifest carries this key's tag (see
+    /// [`crate::keys::writer_tag`]).
+    pub writer: Option<crate::keys::Key>,
 }
 
 impl TrustPolicy {
@@ -96,6 +101,8 @@ pub enum Untrusted {
     ManifestMismatch(String),
     #[error("its archive is {found} bytes, not the {claimed} it was written with: cut short or replaced")]
     SizeMismatch { found: u64, claimed: u64 },
+    #[error("it was made for recipients only ({0}), and nothing here proves who wrote it: no identity for those recipients is configured (identity-files, --identity), and its manifest carries no tag of this host's writer key (<state-dir>/writer.key){1}")]
+    NoWriterProof(String, String),
 }
 
 /// Rejects a backup whose manifest, header (`header`), file name (`file_name`, the
@@ -146,6 +153,15 @@ pub fn trust(
         None if !policy.accepts_plain() => Err(Untrusted::Unencrypted),
         None if manifest.key_id.is_some() => Err(Untrusted::Disagree("key id")),
         None => Ok(()),
+        // Made for recipients only: the manifest's key id is the recipient set's, and
+        // who wrote it is checked where the archive is read (an identity opens it, or
+        // the writer tag matches).
+        Some(enc) if recipients_only(header) => {
+            if manifest.key_id.as_deref() != Some(enc.key_id.as_str()) {
+                return Err(Untrusted::Disagree("key id"));
+            }
+            Ok(())
+        }
         Some(enc) if policy.keys.find(&enc.key_id).is_none() => {
             Err(Untrusted::UnknownKey(enc.key_id.clone()))
         }
@@ -153,6 +169,51 @@ pub fn trust(
             Err(Untrusted::Disagree("key id"))
         }
         Some(_) => Ok(()),
+    }
+}
+
+/// A version 3 archive whose data key is wrapped for age recipients only (no key
+/// file): anyone who knows the recipients could have made it.
+pub fn recipients_only(header: &Header) -> bool {
+    header.sealed.as_ref().is_some_and(|e| e.keys.is_empty())
+}
+
+/// The writer proof of a recipients-only backup: the manifest's tag, made with this
+/// host's writer key over the database, the id and the archive's envelope bytes.
+pub fn check_writer(
+    manifest: &Manifest,
+    header: &Header,
+    envelope: &[u8],
+    policy: &TrustPolicy,
+) -> Result<(), Untrusted> {
+    let made_for = header.made_for().join(", ");
+    let Some(key) = &policy.writer else {
+        return Err(Untrusted::NoWriterProof(
+            made_for,
+            " (this host has no writer key)".to_owned(),
+        ));
+    };
+    match &manifest.writer {
+        Some(w) if w.key_id == key.id() => {
+            if crate::keys::writer_tag_matches(key, &manifest.database, &manifest.id, envelope, &w.tag) {
+                Ok(())
+            } else {
+                Err(Untrusted::NoWriterProof(
+                    made_for,
+                    ": the tag does not match (forged, or the manifest or archive was edited)"
+                        .to_owned(),
+                ))
+            }
+        }
+        Some(w) => Err(Untrusted::NoWriterProof(
+            made_for,
+            format!(
+                ": it names writer key {}, this host's is {} (another host wrote it; read it where an identity is configured)",
+                w.key_id,
+                key.id()
+            ),
+        )),
+        None => Err(Untrusted::NoWriterProof(made_for, String::new())),
     }
 }
 
