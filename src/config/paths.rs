@@ -51,6 +51,7 @@ impl Config {
                 secret(f);
             }
             b.decryption_key_files.iter_mut().for_each(&mut secret);
+            b.identity_files.iter_mut().for_each(&mut secret);
             for d in &mut b.destination.0 {
                 if let super::Location::Local(dir) = &mut d.location {
                     *dir = anchored(&base, dir);
