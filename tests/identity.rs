@@ -40,13 +40,18 @@ fn backed_up(w: &Workdir, key: &Path, extra: &str) -> PathBuf {
         &db,
         "CREATE TABLE t (x TEXT); INSERT INTO t VALUES ('one'), ('two'), ('three');",
     );
+    configure(w, key, extra);
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    archives(&w.path().join("backups"), "app").remove(0)
+}
+
+/// The config of `app`: backups to `backups/` with `key`, and `extra`.
+fn configure(w: &Workdir, key: &Path, extra: &str) {
     let dest = w.path().join("backups");
     w.write_config(
         "",
         &sqlite_db(w, "app", &backup_table(&dest, Some(key), extra)),
     );
-    w.cmd(&["run-job", "app.backup"]).assert().success();
-    archives(&dest, "app").remove(0)
 }
 
 #[test]
@@ -163,6 +168,26 @@ fn identity_files_in_the_config_are_used_checked_and_protected() {
     assert!(std::fs::read_to_string(&id_file)
         .expect("id")
         .contains("AGE-SECRET-KEY-1"));
+
+    // A relative name is read beside the config (a bare name is a systemd credential
+    // only while $CREDENTIALS_DIRECTORY is set), whatever the working directory.
+    let elsewhere = w.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).expect("mkdir");
+    configure(&w, &key, "identity-files = [\"id.txt\"]");
+    w.cmd(&["backup", "verify", "app"])
+        .current_dir(&elsewhere)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .assert()
+        .success();
+    configure(&w, &key, "identity-files = [\"missing.txt\"]");
+    w.cmd(&["backup", "list"])
+        .current_dir(&elsewhere)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("identity-files"))
+        .stderr(predicate::str::contains("missing.txt"));
+    configure(&w, &key, &extra);
 
     // `--identity` readable by others: usage error before anything is read.
     std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o644)).expect("chmod");
