@@ -141,6 +141,21 @@ fn places_from(b: &BackupConfig, database: &str, from: Option<&str>) -> anyhow::
     Ok(named)
 }
 
+/// A `--key-file` or `--identity` of the command line is unusable (missing, readable
+/// by others, not a key): a usage error (exit 2), like a bad key in the config.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct GivenKey(#[from] pub crate::keys::KeyError);
+
+/// Checks the `--identity` files of `restore` and `backup verify` before anything is
+/// read, so a bad one is a usage error rather than a failed job.
+pub fn check_identities(files: &[PathBuf]) -> Result<(), GivenKey> {
+    for f in files {
+        archive::Identity::load(f)?;
+    }
+    Ok(())
+}
+
 /// `--from` named no destination of the config: a usage error (exit 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -615,6 +630,8 @@ fn other_copy(
 /// `decrypt`'s arguments.
 pub struct DecryptArgs<'a> {
     pub key_files: &'a [PathBuf],
+    /// `--identity` files: with or without key files, the config's keys are not used.
+    pub identities: &'a [PathBuf],
     /// A path, an object URL, or with `from` a name under that destination.
     pub archive: &'a str,
     pub from: Option<&'a str>,
@@ -691,21 +708,27 @@ fn open_for_decrypt(
 }
 
 pub async fn decrypt(config: Option<&Config>, args: DecryptArgs<'_>) -> anyhow::Result<Exit> {
-    let keys = if args.key_files.is_empty() {
+    let given = !args.key_files.is_empty() || !args.identities.is_empty();
+    let keys = if !given {
         config
             .map(Config::key_ring)
             .transpose()?
             .unwrap_or_default()
     } else {
-        KeyRing::new(
-            args.key_files
-                .iter()
-                .map(|f| Key::load(f))
-                .collect::<Result<_, _>>()?,
-        )
+        let keys = args
+            .key_files
+            .iter()
+            .map(|f| Key::load(f))
+            .collect::<Result<_, _>>()
+            .map_err(GivenKey)?;
+        let mut identities = Vec::new();
+        for f in args.identities {
+            identities.extend(archive::Identity::load(f).map_err(GivenKey)?);
+        }
+        KeyRing::with_identities(keys, identities)
     };
     // With the config, the archive must be one of its databases'.
-    let databases: Option<Vec<&str>> = args.key_files.is_empty().then(|| {
+    let databases: Option<Vec<&str>> = (!given).then(|| {
         config.map_or_else(Vec::new, |c| {
             c.named_backups().map(|(name, _)| name).collect()
         })

@@ -129,6 +129,10 @@ pub enum Tool {
         /// are never altered or dropped; roles created stay if the restore then fails.
         #[arg(long)]
         with_roles: bool,
+        /// age identity file (as `age-keygen` writes it, mode 0600) to open version 3
+        /// archives with, in addition to the configured keys (repeatable).
+        #[arg(long = "identity", value_name = "FILE")]
+        identities: Vec<PathBuf>,
     },
     /// Write the plain database image of an archive (a SQLite file or a pg_dump
     /// custom-format archive), e.g. `dbkeeper decrypt x.dbk | pg_restore -l`.
@@ -140,6 +144,11 @@ pub enum Tool {
         /// Key file to decrypt with (repeatable); the config is not read then.
         #[arg(long = "key-file")]
         key_files: Vec<PathBuf>,
+        /// age identity file (as `age-keygen` writes it, mode 0600) to decrypt a
+        /// version 3 archive with (repeatable); with --key-file or alone, the config
+        /// is not read.
+        #[arg(long = "identity", value_name = "FILE")]
+        identities: Vec<PathBuf>,
         /// The `.dbk` archive: a file, an object URL (`s3://bucket/prefix/db/ID.dbk`),
         /// or with --from its name under that destination (`db/ID.dbk`).
         archive: String,
@@ -235,6 +244,10 @@ pub enum BackupCommand {
         /// can write to the destination can forge one).
         #[arg(long)]
         allow_unencrypted: bool,
+        /// age identity file (as `age-keygen` writes it, mode 0600) to open version 3
+        /// archives with, in addition to the configured keys (repeatable).
+        #[arg(long = "identity", value_name = "FILE")]
+        identities: Vec<PathBuf>,
     },
     /// Apply the keep policy now (in every destination, each with its own keep);
     /// with --dry-run only show what would be deleted.
@@ -285,9 +298,10 @@ impl Command {
             ) => Some(config.path.clone()),
             Tool::Decrypt {
                 key_files,
+                identities,
                 from: None,
                 ..
-            } if !key_files.is_empty() => None,
+            } if !key_files.is_empty() || !identities.is_empty() => None,
             Tool::Decrypt { config, .. } => {
                 Some(config.clone().unwrap_or_else(Config::default_path))
             }
@@ -311,6 +325,7 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
         (
             Tool::Decrypt {
                 key_files,
+                identities,
                 archive,
                 from,
                 output,
@@ -321,6 +336,7 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
         ) => {
             let what = backup::DecryptArgs {
                 key_files: &key_files,
+                identities: &identities,
                 archive: &archive,
                 from: from.as_deref(),
                 output: &output,
@@ -347,11 +363,16 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
                 restore_test,
                 allow_unencrypted,
                 from,
+                identities,
                 ..
             }),
             Some(c),
         ) => {
             let from = from.as_deref();
+            if let Err(e) = backup::check_identities(&identities) {
+                return fail(e.into());
+            }
+            let c = &c.with_identities(&database, &identities);
             backup::verify(c, &database, &id, from, restore_test, allow_unencrypted).await
         }
         (
@@ -373,10 +394,15 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
                 allow_unencrypted,
                 with_roles,
                 from,
+                identities,
                 ..
             },
             Some(c),
         ) => {
+            if let Err(e) = backup::check_identities(&identities) {
+                return fail(e.into());
+            }
+            let c = &c.with_identities(&database, &identities);
             let how = backup::RestoreFlags {
                 force,
                 create,
@@ -404,16 +430,19 @@ pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
             Some(c),
         ) => migrate::apply(c, &database, dry_run_on_copy).await,
     };
-    result.unwrap_or_else(|e| {
-        print_error(&one_line(&e));
-        if is_verification_failure(&e) {
-            Exit::Verification
-        } else if is_config_error(&e) {
-            Exit::Usage
-        } else {
-            Exit::Failed
-        }
-    })
+    result.unwrap_or_else(fail)
+}
+
+/// Prints a command's error and gives its exit code.
+fn fail(e: anyhow::Error) -> Exit {
+    print_error(&one_line(&e));
+    if is_verification_failure(&e) {
+        Exit::Verification
+    } else if is_config_error(&e) {
+        Exit::Usage
+    } else {
+        Exit::Failed
+    }
 }
 
 /// The error and its causes on one line, skipping causes the message already quotes.
@@ -435,6 +464,7 @@ fn is_config_error(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         crate::jobs::is_config_error(cause)
             || cause.downcast_ref::<backup::NotADestination>().is_some()
+            || cause.downcast_ref::<backup::GivenKey>().is_some()
     })
 }
 

@@ -200,6 +200,9 @@ impl Config {
             for k in b.encryption_key_file.iter().chain(&b.decryption_key_files) {
                 paths.push(Protected::own("the key file", k));
             }
+            for k in &b.identity_files {
+                paths.push(Protected::own("the identity file", k));
+            }
             for d in &b.destination.0 {
                 if let Some(f) = &d.settings.credentials_file {
                     paths.push(Protected::own(

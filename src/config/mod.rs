@@ -25,7 +25,7 @@ pub use notify::{
     NotifyConfig, PingSetting, PingStyle, PingTarget, SecretUrl, Webhook, WebhookFormat,
 };
 
-use crate::keys::{Key, KeyError, KeyRing, Recipient};
+use crate::keys::{Identity, Key, KeyError, KeyRing, Recipient};
 
 pub use backup::{short_duration, Compression, Count, Keep, KeepError, VerifyMode};
 pub use destination::{Cloud, DestinationConfig, DestinationSettings, Destinations, Location};
@@ -783,6 +783,12 @@ job_table! {
         /// this config file's directory. Default: none.
         #[serde(default)]
         pub recipients_file: Option<PathBuf>,
+        /// age identity files (as `age-keygen` writes them, mode 0600 or stricter)
+        /// that every reader of these backups (restore, decrypt, verify, listing)
+        /// may open version 3 archives with; bare names are systemd credentials as
+        /// for `encryption-key-file`. Default: none.
+        #[serde(default)]
+        pub identity_files: Vec<PathBuf>,
         /// After writing: `none`, `read` (checksum + full decrypt + decompress) or
         /// `restore` (also restore into a scratch database and check it).
         /// Default: `read`.
@@ -929,7 +935,11 @@ impl BackupConfig {
         for path in &self.decryption_key_files {
             all.push(Key::load(path)?);
         }
-        Ok((key, KeyRing::new(all)))
+        let mut identities = Vec::new();
+        for path in &self.identity_files {
+            identities.extend(Identity::load(path)?);
+        }
+        Ok((key, KeyRing::with_identities(all, identities)))
     }
 }
 
@@ -937,11 +947,37 @@ impl Config {
     /// Every key file of the configuration, for commands that decrypt any archive.
     pub fn key_ring(&self) -> Result<KeyRing, KeyError> {
         let mut keys = Vec::new();
+        let mut identities = Vec::new();
         for b in self.backups() {
             let (_, ring) = b.load_keys()?;
+            identities.extend(ring.identities().iter().cloned());
             keys.extend(ring.into_keys());
         }
-        Ok(KeyRing::new(keys))
+        Ok(KeyRing::with_identities(keys, identities))
+    }
+
+    /// This configuration with `files` (command-line `--identity` files) added to
+    /// the `identity-files` of `database`'s backups, for a reader that may open
+    /// archives made for them.
+    pub fn with_identities(&self, database: &str, files: &[PathBuf]) -> Config {
+        let mut config = self.clone();
+        if files.is_empty() {
+            return config;
+        }
+        let dbs = config
+            .databases
+            .iter_mut()
+            .filter(|d| d.name == database)
+            .filter_map(|d| d.backup.as_mut());
+        let sets = config
+            .files
+            .iter_mut()
+            .filter(|f| f.name == database)
+            .map(|f| &mut f.backup);
+        for b in dbs.chain(sets) {
+            b.identity_files.extend(files.iter().cloned());
+        }
+        config
     }
 
     /// Every backup table with the name its backups are filed under: each
@@ -1619,6 +1655,14 @@ impl Config {
             Key::load(file).map_err(|e| {
                 self.invalid(
                     format!("{key}.{name}"),
+                    format!("{e}{}", self.credential_hint(file)),
+                )
+            })?;
+        }
+        for file in &b.identity_files {
+            Identity::load(file).map_err(|e| {
+                self.invalid(
+                    format!("{key}.identity-files"),
                     format!("{e}{}", self.credential_hint(file)),
                 )
             })?;

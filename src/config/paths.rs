@@ -54,6 +54,7 @@ impl Config {
             if let Some(f) = &mut b.recipients_file {
                 *f = anchored(&base, f);
             }
+            b.identity_files.iter_mut().for_each(&mut secret);
             for d in &mut b.destination.0 {
                 if let super::Location::Local(dir) = &mut d.location {
                     *dir = anchored(&base, dir);
