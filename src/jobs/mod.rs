@@ -816,10 +816,15 @@ impl Builder<'_> {
             return Ok(job.clone());
         }
         let (key, keys) = self.keys(b)?;
+        let recipients = b.load_recipients().map_err(|source| BuildError::Key {
+            database: self.cfg.name.clone(),
+            source,
+        })?;
         let job = Arc::new(backup::BackupJob {
             cfg: b.clone(),
             key,
             keys,
+            recipients,
             scratch_dir: self.config.daemon.state_dir.join("tmp"),
             files: None,
             with_files: self

@@ -270,7 +270,8 @@ impl KeyRing {
     /// `recipient age1…`), data keys aside.
     pub fn may_open(&self, made_for: &[String]) -> bool {
         made_for.iter().any(|m| {
-            m.strip_prefix("key ").is_some_and(|id| self.find(id).is_some())
+            m.strip_prefix("key ")
+                .is_some_and(|id| self.find(id).is_some())
                 || m.strip_prefix("recipient ").is_some_and(|r| {
                     self.identities
                         .iter()

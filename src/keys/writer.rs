@@ -78,10 +78,19 @@ mod tests {
     fn the_tag_binds_database_id_and_envelope() {
         let dir = tempfile::tempdir().unwrap();
         let key = load_or_create_writer_key(dir.path()).unwrap();
-        assert_eq!(load_or_create_writer_key(dir.path()).unwrap().id(), key.id());
+        assert_eq!(
+            load_or_create_writer_key(dir.path()).unwrap().id(),
+            key.id()
+        );
         assert_eq!(writer_key(dir.path()).unwrap().id(), key.id());
         let tag = writer_tag(&key, "app", "20261206T000000Z-manual", b"env");
-        assert!(writer_tag_matches(&key, "app", "20261206T000000Z-manual", b"env", &tag));
+        assert!(writer_tag_matches(
+            &key,
+            "app",
+            "20261206T000000Z-manual",
+            b"env",
+            &tag
+        ));
         for (db, id, env) in [
             ("ap", "20261206T000000Z-manual", &b"env"[..]),
             ("app", "20261206T000001Z-manual", b"env"),
@@ -91,8 +100,20 @@ mod tests {
             assert!(!writer_tag_matches(&key, db, id, env, &tag), "{db} {id}");
         }
         let other = Key::random().unwrap();
-        assert!(!writer_tag_matches(&other, "app", "20261206T000000Z-manual", b"env", &tag));
-        assert!(!writer_tag_matches(&key, "app", "20261206T000000Z-manual", b"env", "zz"));
+        assert!(!writer_tag_matches(
+            &other,
+            "app",
+            "20261206T000000Z-manual",
+            b"env",
+            &tag
+        ));
+        assert!(!writer_tag_matches(
+            &key,
+            "app",
+            "20261206T000000Z-manual",
+            b"env",
+            "zz"
+        ));
         assert!(writer_key(&dir.path().join("none")).is_none());
     }
 }

@@ -684,7 +684,7 @@ pub fn plant_backup(dest: &Path, key: &Path, what: Planted<'_>, source: impl Rea
         globals: None,
         files: None,
         with_files: Vec::new(),
-            writer: None,
+        writer: None,
     }
     .save(&dest)
     .expect("manifest");

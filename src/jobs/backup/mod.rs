@@ -46,6 +46,10 @@ pub struct BackupJob {
     pub cfg: BackupConfig,
     pub key: Option<Key>,
     pub keys: KeyRing,
+    /// The age recipients new backups are made for (`recipients`,
+    /// `recipients-file`): with them, archives are format version 3 and carry a
+    /// writer tag (see [`crate::keys::writer_tag`]).
+    pub recipients: Vec<crate::keys::Recipient>,
     /// `<state-dir>/tmp`: SQLite copies and restore tests (never the destination).
     pub scratch_dir: PathBuf,
     /// Set for a `[[files]]` set's backup: the directory it reads.
@@ -83,6 +87,21 @@ impl Subject<'_> {
 }
 
 impl BackupJob {
+    /// The key id a version 3 archive of this job shows: the key's, else the
+    /// recipients' (see [`crate::repo::archive::envelope::recipients_id`]).
+    fn recipients_key_id(&self) -> Option<String> {
+        match (&self.key, self.recipients.is_empty()) {
+            (Some(k), _) => Some(k.id().to_owned()),
+            (None, false) => {
+                let texts: Vec<String> = self.recipients.iter().map(ToString::to_string).collect();
+                Some(crate::repo::archive::envelope::recipients_id(
+                    texts.iter().map(String::as_str),
+                ))
+            }
+            (None, true) => None,
+        }
+    }
+
     /// The backup job of the `[[files]]` set `f`; `access` as for a database's (a
     /// key is generated only to write).
     pub fn for_files(
@@ -98,6 +117,7 @@ impl BackupJob {
             f.backup.ensure_key().map_err(key_err)?;
         }
         let (key, keys) = f.backup.load_keys().map_err(key_err)?;
+        let recipients = f.backup.load_recipients().map_err(key_err)?;
         let exclude = f.excludes().map_err(|e| super::BuildError::Name {
             database: f.name.clone(),
             message: format!("exclude: {e}"),
@@ -106,6 +126,7 @@ impl BackupJob {
             cfg: f.backup.clone(),
             key,
             keys,
+            recipients,
             scratch_dir: config.daemon.state_dir.join("tmp"),
             files: Some(files::FilesSpec {
                 name: f.name.clone(),
@@ -514,6 +535,7 @@ impl BackupJob {
             Subject::Files(_) => (header, None, None),
         };
         let header_version = header.version();
+        let header_key_id = self.recipients_key_id();
         let uploads = FanOut::start(ready, &archive_name);
         let labels = ready
             .iter()
@@ -544,7 +566,11 @@ impl BackupJob {
             raw_bytes: stats.raw_bytes,
             stored_bytes: stats.stored_bytes,
             sha256: stats.sha256.clone(),
-            key_id: self.key.as_ref().map(|k| k.id().to_owned()),
+            // Version 3: the id the header shows (the key's, else the recipients').
+            key_id: match &stats.sealed {
+                Some(_) => header_key_id.clone(),
+                None => self.key.as_ref().map(|k| k.id().to_owned()),
+            },
             compression: self.cfg.compression,
             format_version: header_version,
             dbkeeper_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -560,6 +586,22 @@ impl BackupJob {
             with_files,
             writer: None,
         };
+        if let Some((_, envelope)) = &stats.sealed {
+            manifest.format_version = crate::repo::archive::envelope::VERSION_ENVELOPE;
+            if self.key.is_none() {
+                // Nothing this host holds reads the archive: the writer tag is its
+                // proof of having written it (listing and rotation check it).
+                let dir = self.state_dir().ok_or_else(|| {
+                    BackupError::Internal("a backup job without a state directory".to_owned())
+                })?;
+                let writer = crate::keys::load_or_create_writer_key(dir)
+                    .map_err(|e| BackupError::Archive(ArchiveError::Key(e)))?;
+                manifest.writer = Some(catalog::WriterTag {
+                    key_id: writer.id().to_owned(),
+                    tag: crate::keys::writer_tag(&writer, database, &id, envelope),
+                });
+            }
+        }
         // The restore test runs once, on the first copy; the other copies are read
         // back (their SHA-256 must match, so they are the same bytes) and share its
         // verdict.
@@ -771,12 +813,18 @@ impl BackupJob {
             path: location.to_owned(),
             source,
         })?;
+        // An archive made for recipients is read back with its data key, held in
+        // memory for this run only: this host may hold no identity.
+        let keys = match &stats.sealed {
+            Some((data_key, _)) => self.keys.with_data_key(data_key.clone()),
+            None => self.keys.clone(),
+        };
         match subject {
             Subject::Database(db) => {
                 verify::stored_sha_matches(&*stored, &stats.sha256, cancel).await?;
                 if restore_test {
                     let target = self.scratch_target(db);
-                    verify::restore_test(&*stored, &self.keys, &target, cancel).await?;
+                    verify::restore_test(&*stored, &keys, &target, cancel).await?;
                 }
             }
             // One more pass, not two: the whole tar is parsed (the checker only
@@ -791,7 +839,7 @@ impl BackupJob {
                 let scratch = &self.scratch_dir;
                 crate::repo::files::verify_tree(
                     &*stored,
-                    &self.keys,
+                    &keys,
                     restore_test,
                     Some(written),
                     scratch,

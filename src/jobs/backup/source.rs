@@ -44,6 +44,7 @@ pub async fn dump(
 ) -> Result<(TempFile, WriteStats, Option<FilesReport>), BackupError> {
     let cfg = &job.cfg;
     let key = job.key.clone();
+    let recipients = job.recipients.clone();
     let check_with = check.then(|| job.keys.clone());
     let scratch_dir = &job.scratch_dir;
     let compression = cfg.compression;
@@ -58,7 +59,7 @@ pub async fn dump(
             check_with,
             globals,
         };
-        archive::write_archive(source, out, settings, flag)
+        archive::write_archive_for(source, out, settings, &recipients, flag)
     };
     let encode: Box<Encode> = Box::new(encode);
     let mut report = None;

@@ -101,14 +101,7 @@ impl Envelope {
         if let Some(k) = self.keys.first() {
             return k.key_id.clone();
         }
-        let mut rs: Vec<&str> = self
-            .recipients
-            .iter()
-            .map(|r| r.recipient.as_str())
-            .collect();
-        rs.sort_unstable();
-        let digest = Sha256::digest(rs.join("\n").as_bytes());
-        format!("r{}", &hex::encode(digest)[..15])
+        recipients_id(self.recipients.iter().map(|r| r.recipient.as_str()))
     }
 
     /// The header a listing sees before the archive is opened: the plaintext copies,
@@ -319,6 +312,17 @@ fn unwrap_v3(envelope: &Envelope, keys: &KeyRing) -> Result<Key, ArchiveError> {
         }
     }
     Err(wrong_key(envelope.made_for(), keys))
+}
+
+/// The id of a set of recipients (`age1…`): `r` + 15 hex digits of SHA-256 of the
+/// sorted set, one per line. The [`Envelope::stable_id`] of an archive made for
+/// recipients only.
+pub fn recipients_id<'a>(recipients: impl IntoIterator<Item = &'a str>) -> String {
+    let mut rs: Vec<&str> = recipients.into_iter().collect();
+    rs.sort_unstable();
+    rs.dedup();
+    let digest = Sha256::digest(rs.join("\n").as_bytes());
+    format!("r{}", &hex::encode(digest)[..15])
 }
 
 /// An opened envelope.

@@ -1005,7 +1005,7 @@ mod tests {
                 globals: None,
                 files: None,
                 with_files: Vec::new(),
-            writer: None,
+                writer: None,
             };
             let json = serde_json::to_vec_pretty(&m).unwrap();
             std::fs::write(dest.path(&format!("{file_id}{MANIFEST}")), json).unwrap();

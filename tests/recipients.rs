@@ -1,0 +1,195 @@
+//! Backups made for age recipients only (issue 16): the config holds no secret, the
+//! daemon writes and verifies what it cannot read later, proves that it wrote it
+//! with its writer key, and an identity reads it back. Real binary, real SQLite and
+//! PostgreSQL.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{archives, sqlite, PgDb, Workdir};
+use dbkeeper::keys::Identity;
+use predicates::prelude::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8")
+}
+
+/// An identity saved (0600) at `<w>/<name>.txt`, and its recipient.
+fn identity(w: &Workdir, name: &str) -> (PathBuf, String) {
+    let id = Identity::generate();
+    let path = w.path().join(format!("{name}.txt"));
+    id.save(&path).expect("save identity");
+    (path, id.recipient().to_string())
+}
+
+/// `[database.backup]` to `<w>/backups` for `recipient` only (no key file).
+fn backup_for(w: &Workdir, recipient: &str, extra: &str) -> String {
+    format!(
+        "[database.backup]\nschedule = \"manual\"\ndestination = \"{}\"\nrecipients = [\"{recipient}\"]\nverify = \"restore\"\n{extra}\n",
+        w.path().join("backups").display()
+    )
+}
+
+fn sqlite_config(w: &Workdir, recipient: &str) {
+    sqlite(
+        &w.path().join("app.db"),
+        "CREATE TABLE IF NOT EXISTS t (x TEXT); INSERT INTO t VALUES ('one'), ('two');",
+    );
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n{}",
+            w.path().join("app.db").display(),
+            backup_for(w, recipient, "")
+        ),
+    );
+}
+
+#[test]
+fn sqlite_round_trip_for_a_recipient_with_no_secret_in_the_config() {
+    let w = Workdir::new();
+    let (id_file, recipient) = identity(&w, "id");
+    let (wrong, _) = identity(&w, "wrong");
+    sqlite_config(&w, &recipient);
+    for _ in 0..2 {
+        w.cmd(&["run-job", "app.backup"]).assert().success();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    // Written for the recipient, proven by this host's writer key.
+    assert!(w.path().join("state/writer.key").exists());
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert_eq!(
+        list.lines().filter(|l| l.contains("app")).count(),
+        2,
+        "{list}"
+    );
+    assert!(!list.contains("UNTRUSTED"), "{list}");
+    // Read back with the identity only.
+    let out = w.path().join("out.db");
+    w.cmd(&["restore", "app", "--to", s(&out), "--identity", s(&id_file)])
+        .assert()
+        .success();
+    assert_eq!(sqlite(&out, "SELECT count(*) FROM t;").trim(), "2");
+    w.cmd(&["backup", "verify", "app", "--identity", s(&id_file)])
+        .assert()
+        .success();
+    // Without an identity, verify checks what it can and says what it did not.
+    w.cmd(&["backup", "verify", "app"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("NOT authenticated")
+                .and(predicate::str::contains(recipient.as_str())),
+        );
+    // A changed byte in the data is caught by the SHA-256 even so (exit 3).
+    let archive = archives(&w.path().join("backups"), "app").pop().unwrap();
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let last = bytes.len() - 20;
+    bytes[last] ^= 1;
+    std::fs::write(&archive, &bytes).unwrap();
+    w.cmd(&["backup", "verify", "app"]).assert().code(3);
+    // A wrong identity: exit 3, names what the archive was made for, writes nothing.
+    let nothing = w.path().join("nothing.db");
+    w.cmd(&[
+        "restore",
+        "app",
+        "--to",
+        s(&nothing),
+        "--identity",
+        s(&wrong),
+    ])
+    .assert()
+    .code(3)
+    .stderr(predicate::str::contains(recipient.as_str()));
+    assert!(!nothing.exists());
+    // No identity at all: the archive cannot be read.
+    w.cmd(&["restore", "app", "--to", s(&nothing)])
+        .assert()
+        .code(3);
+    assert!(!nothing.exists());
+}
+
+#[test]
+fn an_edited_recipient_list_or_a_forged_archive_is_never_trusted() {
+    let w = Workdir::new();
+    let (id_file, recipient) = identity(&w, "id");
+    sqlite_config(&w, &recipient);
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let archive = archives(&w.path().join("backups"), "app").remove(0);
+    // Edit one character of the recipient in the envelope.
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let at = bytes
+        .windows(recipient.len())
+        .position(|win| win == recipient.as_bytes())
+        .expect("recipient in the envelope");
+    bytes[at + 10] = if bytes[at + 10] == b'q' { b'p' } else { b'q' };
+    std::fs::write(&archive, &bytes).unwrap();
+    w.cmd(&["backup", "list", "app"])
+        .assert()
+        .stdout(predicate::str::contains("UNTRUSTED"));
+    let out = w.path().join("out.db");
+    w.cmd(&["restore", "app", "--to", s(&out), "--identity", s(&id_file)])
+        .assert()
+        .code(3);
+    assert!(!out.exists());
+
+    // A forgery: anyone with the public recipient makes an archive of another
+    // database file for it, and a manifest; the writing host never counts it.
+    let w = Workdir::new();
+    let (_, recipient) = identity(&w, "id");
+    sqlite_config(&w, &recipient);
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let forger = Workdir::new();
+    sqlite(
+        &forger.path().join("app.db"),
+        "CREATE TABLE t (x TEXT); INSERT INTO t VALUES ('forged');",
+    );
+    sqlite_config(&forger, &recipient);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    forger.cmd(&["run-job", "app.backup"]).assert().success();
+    for f in std::fs::read_dir(forger.path().join("backups/app")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(
+            &f,
+            w.path().join("backups/app").join(f.file_name().unwrap()),
+        )
+        .unwrap();
+    }
+    w.cmd(&["backup", "list", "app"])
+        .assert()
+        .stdout(predicate::str::contains("UNTRUSTED").and(predicate::str::contains("writer key")));
+}
+
+#[test]
+fn postgres_round_trip_for_a_recipient() {
+    let w = Workdir::new();
+    let (id_file, recipient) = identity(&w, "id");
+    let db = PgDb::new("recipients");
+    db.sql("CREATE TABLE t (x text); INSERT INTO t VALUES ('pg-one'), ('pg-two');");
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"app\"\nurl = \"{}\"\n{}",
+            db.url,
+            backup_for(&w, &recipient, "")
+        ),
+    );
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let target = PgDb::unused("recipients_out");
+    w.cmd(&[
+        "restore",
+        "app",
+        "--to",
+        &target.url,
+        "--identity",
+        s(&id_file),
+        "--create",
+    ])
+    .assert()
+    .success();
+    assert_eq!(
+        common::psql(&target.url, "SELECT string_agg(x, ',' ORDER BY x) FROM t"),
+        "pg-one,pg-two"
+    );
+}
