@@ -383,26 +383,45 @@ impl StateDb {
     }
 
     /// Deletes finished runs older than `keep`, except each job's newest success and
-    /// newest failure, which the metrics and `dbkeeper jobs` still need. Only once
-    /// the history itself holds a run from the older half of the `keep` window: a
-    /// clock that jumped ahead (a bad real-time clock at boot, before NTP) makes every
-    /// run look old, and deletes nothing until it has been wrong for `keep / 2`.
+    /// newest failure, which the metrics and `dbkeeper jobs` still need.
+    ///
+    /// A run's age is measured twice, and both must exceed `keep`: by the wall clock
+    /// (`now` minus its start), and along the history's own timeline, newest first:
+    /// the gaps between successive runs (in the order they were recorded), each
+    /// counted from 0 (a clock that went back) to `keep / 10` (a clock that jumped
+    /// ahead, or a stopped daemon), and the gap to `now` likewise. A wrong clock,
+    /// ahead or behind, at any number of starts, can then make a run look older by
+    /// at most `keep / 10` per jump: fresh runs survive. A daemon that was stopped
+    /// for long only keeps its history longer.
     pub async fn prune(&self, keep: Duration, now: DateTime<Utc>) -> Result<u64, StateError> {
-        let keep = chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
-        let cutoff = now
-            .checked_sub_signed(keep)
-            .unwrap_or(DateTime::<Utc>::MIN_UTC);
-        let half = now
-            .checked_sub_signed(keep / 2)
-            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        use futures_util::TryStreamExt;
+        let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+        let cap = keep_ms / 10;
+        let cutoff = millis(now).saturating_sub(keep_ms);
+        let mut newest_first =
+            sqlx::query_as::<_, (i64, i64)>("SELECT id, started_at FROM job_runs ORDER BY id DESC")
+                .fetch(&self.pool);
+        let (mut later, mut elapsed) = (millis(now), 0i64);
+        let mut oldest_kept_by_timeline = None;
+        while let Some((id, at)) = newest_first.try_next().await? {
+            elapsed = elapsed.saturating_add(later.saturating_sub(at).clamp(0, cap));
+            if elapsed > keep_ms {
+                oldest_kept_by_timeline = Some(id);
+                break;
+            }
+            later = at;
+        }
+        drop(newest_first);
+        let Some(last) = oldest_kept_by_timeline else {
+            return Ok(0);
+        };
         let done = sqlx::query(
             "DELETE FROM job_runs
-             WHERE started_at < ?1 AND result <> 'running'
-               AND id NOT IN (SELECT max(id) FROM job_runs GROUP BY job, result)
-               AND EXISTS (SELECT 1 FROM job_runs WHERE started_at >= ?1 AND started_at <= ?2)",
+             WHERE id <= ?1 AND started_at < ?2 AND result <> 'running'
+               AND id NOT IN (SELECT max(id) FROM job_runs GROUP BY job, result)",
         )
-        .bind(millis(cutoff))
-        .bind(millis(half))
+        .bind(last)
+        .bind(cutoff)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
@@ -547,59 +566,104 @@ mod tests {
     async fn prune_keeps_the_newest_success_and_failure() {
         let dir = tempfile::tempdir().unwrap();
         let db = StateDb::open(dir.path()).await.unwrap();
-        for h in 0..5 {
-            run(&db, "app.sql.a", t(h), RunResult::Success).await;
+        let min = |m: i64| t(0) + chrono::Duration::minutes(m);
+        run(&db, "app.sql.b", min(0), RunResult::Failure).await;
+        run(&db, "app.sql.b", min(1), RunResult::Failure).await;
+        for m in (0..180).step_by(5) {
+            run(&db, "app.sql.a", min(m), RunResult::Success).await;
         }
-        run(&db, "app.sql.a", t(5), RunResult::Failure).await;
-        run(&db, "app.sql.a", t(20), RunResult::Success).await;
-        let now = t(21) + chrono::Duration::minutes(50);
-        let pruned = db.prune(Duration::from_secs(3600), now).await.unwrap();
-        // Nothing from the older half of the last hour (20:50–21:20): the clock may
-        // have jumped; nothing goes.
-        assert_eq!(pruned, 0);
-        let now = t(21);
-        let pruned = db.prune(Duration::from_secs(3600), now).await.unwrap();
-        // Runs at 0..4h go (the newest success is the one at 20h); the only failure stays.
-        assert_eq!(pruned, 5);
-        let left: Vec<_> = db
-            .history(None, 100)
-            .await
-            .unwrap()
+        let pruned = db.prune(Duration::from_secs(3600), min(180)).await.unwrap();
+        // Runs every 5 minutes: those from more than an hour ago go (a's 0..115 =
+        // 24 runs), and b's older failure; b's newest failure stays.
+        assert_eq!(pruned, 25);
+        let left = db.history(None, 1000).await.unwrap();
+        assert!(
+            left.iter().any(|r| r.job == "app.sql.b"),
+            "newest failure kept"
+        );
+        assert!(left
             .iter()
-            .map(|r| r.started_at)
-            .collect();
-        assert_eq!(left, vec![t(20), t(5)]);
+            .all(|r| r.job == "app.sql.b" || r.started_at >= min(120)));
     }
 
-    /// Adversary round 6, case 19: started with the clock a year ahead, the daemon
-    /// deleted runs seconds old. Property: whatever the jump, runs younger than
-    /// `keep` by the true clock survive a prune by a clock ahead by less than the
-    /// time since the newest run plus `keep / 2`.
-    #[tokio::test]
-    async fn a_clock_that_jumped_ahead_prunes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = StateDb::open(dir.path()).await.unwrap();
-        for h in 0..6 {
-            run(&db, "app.sql.a", t(h), RunResult::Success).await;
-            run(&db, "app.sql.b", t(h), RunResult::Failure).await;
-        }
-        let keep = Duration::from_secs(90 * 86_400);
-        for days in [91, 200, 365, 3650, 100_000] {
-            let now = t(6) + chrono::Duration::days(days);
-            assert_eq!(db.prune(keep, now).await.unwrap(), 0, "{days} days ahead");
-        }
-        assert_eq!(db.history(None, 100).await.unwrap().len(), 12);
-        // The true clock, 46 days on with runs all along: old ones go.
-        for d in 1..=46 {
-            run(
-                &db,
-                "app.sql.a",
-                t(6) + chrono::Duration::days(d),
-                RunResult::Success,
-            )
-            .await;
-        }
-        let now = t(6) + chrono::Duration::days(91);
-        assert_eq!(db.prune(keep, now).await.unwrap(), 11);
+    /// Adversary rounds 6 and 7 (cases 19, 09, 11): a clock a year ahead at one or
+    /// several starts, or a year behind while runs were recorded, deleted runs
+    /// seconds old. Property, for any history whose recorded clock jumps ahead or
+    /// behind: no run is deleted before it is `keep` old by the true clock, less
+    /// `keep / 10` for each jump ahead after it; with a right clock and runs at
+    /// least every `keep / 10`, every run older than `keep` but the newest per job
+    /// and result is deleted.
+    #[test]
+    fn clock_jumps_never_make_fresh_runs_look_old() {
+        use proptest::prelude::*;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let keep = Duration::from_secs(3600);
+        // Each step: minutes since the previous run (true time), and how far the
+        // recorded clock is off (minutes; mostly right, sometimes a year either way).
+        let steps = proptest::collection::vec(
+            (
+                1i64..7,
+                prop_oneof![
+                    6 => Just(0i64),
+                    1 => Just(525_600i64),
+                    1 => Just(-525_600i64),
+                    1 => -120i64..120,
+                ],
+            ),
+            1..60,
+        );
+        let config = proptest::test_runner::Config {
+            cases: 48,
+            ..Default::default()
+        };
+        proptest!(config, |(steps in steps, now_off in prop_oneof![3 => Just(0i64), 1 => Just(525_600i64), 1 => Just(-525_600i64)])| {
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let db = StateDb::open(dir.path()).await.unwrap();
+                let mut truth = 0i64;
+                let mut true_times = Vec::new();
+                for (i, (gap, off)) in steps.iter().enumerate() {
+                    truth += gap;
+                    let recorded = t(0) + chrono::Duration::minutes(truth + off);
+                    let job = if i % 3 == 0 { "app.sql.a" } else { "app.sql.b" };
+                    let id = run(&db, job, recorded, RunResult::Success).await;
+                    true_times.push((id, truth));
+                }
+                let true_now = truth + 1;
+                let now = t(0) + chrono::Duration::minutes(true_now + now_off);
+                db.prune(keep, now).await.unwrap();
+                let left: std::collections::HashSet<i64> = sqlx::query_scalar("SELECT id FROM job_runs")
+                    .fetch_all(&db.pool)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .collect();
+                // Jumps ahead after run i: recorded offsets rising, the step to `now`
+                // included.
+                let offsets: Vec<i64> = steps.iter().map(|s| s.1).chain([now_off]).collect();
+                for (i, (id, at)) in true_times.iter().enumerate() {
+                    let ahead = offsets[i..].windows(2).filter(|w| w[1] > w[0]).count() as i64;
+                    if true_now - at < 60 - 6 * ahead {
+                        prop_assert!(left.contains(id), "run {id} is {} min old by the true clock ({ahead} jumps ahead after it) and was deleted", true_now - at);
+                    }
+                }
+                let right_clock = steps.iter().all(|s| s.1 == 0) && now_off == 0;
+                if right_clock {
+                    let newest: Vec<i64> = sqlx::query_scalar("SELECT max(id) FROM job_runs GROUP BY job, result")
+                        .fetch_all(&db.pool)
+                        .await
+                        .unwrap();
+                    for (id, at) in &true_times {
+                        if true_now - at > 60 && !newest.contains(id) {
+                            prop_assert!(!left.contains(id), "run {id}, {} min old, was kept", true_now - at);
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        });
     }
 }

@@ -1077,3 +1077,62 @@ fn adversary6_case24_a_volume_roots_backup_restores_onto_a_fresh_volume() {
         "b"
     );
 }
+
+/// A set `storage` (keep `last = 1`) and databases `a` and `b` taking it
+/// (`with-files`, keep `last = 2`), all to `dest`.
+fn shared_set(w: &Workdir, tree: &Path, dest: &Path) {
+    write(&tree.join("f.txt"), "v1");
+    let dbs = ["a", "b"]
+        .iter()
+        .map(|n| database(w, n, dest, "with-files = [\"storage\"]").replace("last = 5", "last = 2"))
+        .collect::<String>();
+    w.write_config(
+        "",
+        &format!(
+            "{}{dbs}",
+            files_set("storage", tree, dest, "").replace("last = 5", "last = 1")
+        ),
+    );
+}
+
+#[test]
+fn adversary7_case12_a_set_shared_by_two_databases_keeps_each_pairs_files() {
+    // Round 7, case 12: `a` and `b` both take `storage`; b's two runs rotated the
+    // set and deleted the files half of a's only backup.
+    let (w, tree, dest) = setup();
+    shared_set(&w, &tree, &dest);
+    let a_id = reported_id(&w.stdout(&["run-job", "a.backup"]));
+    for _ in 0..2 {
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        w.stdout(&["run-job", "b.backup"]);
+    }
+    assert!(
+        ids(&dest, "storage").contains(&a_id),
+        "{:?}",
+        ids(&dest, "storage")
+    );
+    let out = w.path().join("rolled-back");
+    restore(&w, "storage", &out, &["--backup", &a_id]).success();
+    assert_eq!(std::fs::read_to_string(out.join("f.txt")).unwrap(), "v1");
+}
+
+#[test]
+fn adversary7_case18_an_unpaired_files_backup_never_pushes_out_a_pairs_files() {
+    // Round 7, case 18: a run killed after its files backup left an unpaired one;
+    // with `keep = { last = 1 }` the set's next rotation kept it and deleted the
+    // files half of the database's newest backup. A set run of its own makes the
+    // same unpaired backup.
+    let (w, tree, dest) = setup();
+    shared_set(&w, &tree, &dest);
+    let pair = reported_id(&w.stdout(&["run-job", "a.backup"]));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    write(&tree.join("f.txt"), "v2");
+    let lone = reported_id(&w.stdout(&["run-job", "storage.backup"]));
+    w.stdout(&["backup", "prune", "storage"]);
+    let left = ids(&dest, "storage");
+    assert!(left.contains(&pair) && left.contains(&lone), "{left:?}");
+    // Once the database backup is gone, its files half rotates like any other.
+    std::fs::remove_file(dest.join("a").join(format!("{pair}.manifest.json"))).unwrap();
+    w.stdout(&["backup", "prune", "storage"]);
+    assert_eq!(ids(&dest, "storage"), [lone]);
+}

@@ -835,6 +835,7 @@ impl Builder<'_> {
                 .map(|f| backup::BackupJob::for_files(self.config, f, self.access))
                 .collect::<Result<_, _>>()?,
             backend: self.config.backend_of(&self.cfg.name),
+            paired_with: Vec::new(),
         });
         self.backup = Some(job.clone());
         Ok(job)

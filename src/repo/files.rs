@@ -646,7 +646,12 @@ async fn restore_into_mount(
                         rustix::fs::RenameFlags::NOREPLACE,
                     );
                 }
-                return Err(if e == rustix::io::Errno::EXIST {
+                return Err(if e == rustix::io::Errno::EXIST && name == "lost+found" {
+                    BackupError::Refused(format!(
+                        "{} has its own lost+found and the backup holds a lost+found with something in it, so the volume was left as it was; restore into another directory and move what you need, or back the set up with exclude = [\"lost+found/**\"]",
+                        target.display()
+                    ))
+                } else if e == rustix::io::Errno::EXIST {
                     BackupError::Refused(format!(
                         "{} is no longer empty ({} appeared during the restore), so it was left as it was; stop what writes there, then restore again",
                         target.display(),

@@ -60,6 +60,21 @@ pub struct BackupJob {
     /// The `backend` its backups have (`files`, `sqlite`, `postgres`): what the
     /// trust policy expects (`None`: any).
     pub backend: Option<&'static str>,
+    /// A files set's job: the databases whose backups take the set (`with-files`).
+    /// The set's rotation never deletes a backup of the set paired with a database
+    /// backup that still exists.
+    pub paired_with: Vec<Pairing>,
+}
+
+/// A database that takes a files set with its backups (`with-files`), with what
+/// its backups are listed with.
+#[derive(Debug, Clone)]
+pub struct Pairing {
+    pub database: String,
+    pub cfg: BackupConfig,
+    pub key: Option<Key>,
+    pub keys: KeyRing,
+    pub backend: Option<&'static str>,
 }
 
 /// What one backup run reads: a database, or a files set's directory.
@@ -122,6 +137,22 @@ impl BackupJob {
             database: f.name.clone(),
             message: format!("exclude: {e}"),
         })?;
+        let mut paired_with = Vec::new();
+        for (name, b) in config.named_backups() {
+            if b.with_files.contains(&f.name) {
+                let (key, keys) = b.load_keys().map_err(|source| super::BuildError::Key {
+                    database: name.to_owned(),
+                    source,
+                })?;
+                paired_with.push(Pairing {
+                    database: name.to_owned(),
+                    cfg: b.clone(),
+                    key,
+                    keys,
+                    backend: config.backend_of(name),
+                });
+            }
+        }
         Ok(BackupJob {
             cfg: f.backup.clone(),
             key,
@@ -135,6 +166,7 @@ impl BackupJob {
             }),
             with_files: Vec::new(),
             backend: Some(crate::repo::files::BACKEND),
+            paired_with,
         })
     }
 
@@ -875,6 +907,7 @@ impl BackupJob {
                     .map_err(io_err("cannot read the pinned backups in", dir.to_owned()))?,
             );
         }
+        pinned.extend(self.paired_ids(database)?);
         let done = rotation::rotate(
             &*place.store,
             &policy,
@@ -897,6 +930,43 @@ impl BackupJob {
             }
         }
         Ok(done.decisions)
+    }
+}
+
+impl BackupJob {
+    /// A files set's backups (the set is `name`) that a database's existing, trusted
+    /// backup names in `with_files`, in any of the database's destinations: kept
+    /// whatever the set's `keep` says, so that a database backup never loses its
+    /// files half (adversary round 7: another database sharing the set, or a run
+    /// killed after its files backup, pushed it out). A destination that cannot be
+    /// listed stops the rotation: which backups pair is then unknown.
+    fn paired_ids(&self, name: &str) -> Result<Vec<String>, BackupError> {
+        let mut ids = Vec::new();
+        for p in &self.paired_with {
+            let policy = Self::policy(
+                &p.database,
+                p.backend,
+                &p.cfg,
+                p.key.as_ref(),
+                &p.keys,
+                false,
+                self.state_dir(),
+            );
+            for place in storage::for_backups(&p.cfg, &[&p.database]) {
+                let listing = catalog::list(&*place.store, &policy).map_err(io_err(
+                    "cannot list the database backups that take this files set (nothing is rotated while they are unknown) in",
+                    place.store.location(),
+                ))?;
+                ids.extend(
+                    listing
+                        .backups
+                        .iter()
+                        .filter(|m| m.with_files.iter().any(|s| s == name))
+                        .map(|m| m.id.clone()),
+                );
+            }
+        }
+        Ok(ids)
     }
 }
 
