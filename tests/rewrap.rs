@@ -320,3 +320,55 @@ fn a_rewrap_killed_before_its_manifests_is_repaired() {
     config(&w, &b, &decryption(&[&a]));
     w.cmd(&["key", "rewrap"]).assert().code(1);
 }
+
+#[test]
+fn retention_exports_are_rewrapped_too() {
+    let w = Workdir::new();
+    let db = w.path().join("app.db");
+    sqlite(
+        &db,
+        "CREATE TABLE t (x TEXT);
+         CREATE TABLE logs (id INTEGER PRIMARY KEY, created_at TEXT NOT NULL, msg TEXT);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 500)
+           INSERT INTO logs (created_at, msg) SELECT datetime('now', '-40 days'), 'msg ' || i FROM n;",
+    );
+    let a = w.key("a.key");
+    let b = w.key("b.key");
+    let rule = "[[database.retention]]\ntable = 'logs'\nname = \"log\"\ncolumn = \"created_at\"\nolder-than = \"30d\"\nschedule = \"manual\"\nbatch-size = 200\narchive = true\n";
+    config(&w, &a, rule);
+    w.cmd(&["run-job", "app.retention.log"]).assert().success();
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let exports_dir = w.path().join("backups/app/retention/log");
+    let exports: Vec<PathBuf> = walk(&exports_dir)
+        .into_iter()
+        .filter(|p| s(p).ends_with(".jsonl.dbk"))
+        .collect();
+    assert!(!exports.is_empty());
+    config(&w, &b, &format!("{}\n{rule}", decryption(&[&a])));
+    let dry = w.stdout(&["key", "rewrap", "--dry-run"]);
+    assert!(
+        dry.contains(&format!("{} would rewrap", exports.len() + 1)),
+        "{dry}"
+    );
+    let out = w.stdout(&["key", "rewrap"]);
+    assert!(out.contains("retention/log/"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{} rewrapped, 0 already current",
+            exports.len() + 1
+        )),
+        "{out}"
+    );
+    for export in &exports {
+        assert!(opens(export, &b), "{}", export.display());
+        assert!(!opens(export, &a), "{}", export.display());
+    }
+    let again = w.stdout(&["key", "rewrap"]);
+    assert!(
+        again.contains(&format!(
+            "0 rewrapped, {} already current",
+            exports.len() + 1
+        )),
+        "{again}"
+    );
+}

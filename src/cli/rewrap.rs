@@ -10,7 +10,8 @@ use super::Exit;
 use crate::config::Config;
 use crate::keys::Key;
 use crate::repo::catalog::{self, Untrusted};
-use crate::repo::rewrap::{rewrap_backup, Outcome, Target};
+use crate::repo::rewrap::{rewrap_backup, rewrap_export, Outcome, Target};
+use crate::repo::storage;
 
 /// Whether an untrusted manifest may be one a killed rewrap left behind: its
 /// archive was replaced (another size, key id, digest or writer) before it was.
@@ -31,6 +32,26 @@ struct Tally {
     repaired: usize,
     skipped: usize,
     problems: usize,
+}
+
+/// Prints one archive's line and counts it.
+fn report(tally: &mut Tally, what: &str, result: Result<Outcome, impl std::fmt::Display>) {
+    match result {
+        Ok(outcome) => {
+            println!("{what}: {}", outcome.describe());
+            match outcome {
+                Outcome::Rewrapped | Outcome::WouldRewrap => tally.rewrapped += 1,
+                Outcome::AlreadyCurrent => tally.current += 1,
+                Outcome::Repaired | Outcome::WouldRepair => tally.repaired += 1,
+                Outcome::NotEncrypted => tally.skipped += 1,
+            }
+        }
+        Err(e) => {
+            println!("{what}: skipped: {e}");
+            tally.skipped += 1;
+            tally.problems += 1;
+        }
+    }
 }
 
 pub fn key_rewrap(
@@ -114,26 +135,55 @@ pub fn key_rewrap(
             for (m, trusted) in work {
                 let result =
                     rewrap_backup(&*place.store, &m, trusted, &keys, &target, &policy, dry_run);
-                match result {
-                    Ok(outcome) => {
-                        println!("{name} {label} {}: {}", m.id, outcome.describe());
-                        match outcome {
-                            Outcome::Rewrapped | Outcome::WouldRewrap => tally.rewrapped += 1,
-                            Outcome::AlreadyCurrent => tally.current += 1,
-                            Outcome::Repaired | Outcome::WouldRepair => tally.repaired += 1,
-                            Outcome::NotEncrypted => tally.skipped += 1,
-                        }
+                let what = format!("{name} {label} {}", m.id);
+                let result = result.map_err(|e| {
+                    if trusted {
+                        e.to_string()
+                    } else {
+                        format!("untrusted, {e}")
                     }
+                });
+                report(&mut tally, &what, result);
+            }
+        }
+        // The exports of retention rules with `archive = true`: no manifest, in
+        // `<destination>/<db>/retention/<rule>/`.
+        let rules = config
+            .databases
+            .iter()
+            .filter(|d| d.name == name)
+            .flat_map(|d| d.retention.iter())
+            .filter(|r| r.archive);
+        for rule in rules {
+            let rule_name = rule.job_name();
+            for place in storage::for_backups(b, &[name, "retention", &rule_name]) {
+                if from.is_some_and(|f| !place.config.is_named(f)) {
+                    continue;
+                }
+                let label = place.label();
+                let names = match place.store.list("") {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
                     Err(e) => {
-                        let why = if trusted {
-                            String::new()
-                        } else {
-                            "untrusted, ".to_owned()
-                        };
-                        println!("{name} {label} {}: skipped: {why}{e}", m.id);
+                        println!("{name} {label} retention {rule_name}: skipped: cannot list: {e}");
                         tally.skipped += 1;
                         tally.problems += 1;
+                        continue;
                     }
+                };
+                let mut exports: Vec<String> = names
+                    .into_iter()
+                    .filter(|n| n.ends_with(".jsonl.dbk") && !n.starts_with('.'))
+                    .collect();
+                exports.sort();
+                for export in exports.iter().rev() {
+                    let result =
+                        rewrap_export(&*place.store, export, name, &keys, &target, dry_run);
+                    report(
+                        &mut tally,
+                        &format!("{name} {label} retention/{rule_name}/{export}"),
+                        result,
+                    );
                 }
             }
         }

@@ -16,7 +16,7 @@ use std::io::{self, Write};
 use crate::keys::{Key, KeyRing, Recipient};
 use crate::repo::archive::{self, format, ArchiveError, ArchiveReader, HashRead, Hashing, Header};
 use crate::repo::catalog::{self, Manifest, TrustPolicy, WriterTag};
-use crate::repo::storage::{Object, Storage};
+use crate::repo::storage::{Object, Storage, Upload};
 
 /// What a backup is rewrapped to.
 #[derive(Debug, Clone, Copy)]
@@ -201,6 +201,62 @@ pub fn rewrap_backup(
             "its archive is not made for the new keys".to_owned(),
         ));
     }
+    if dry_run {
+        // Only the prefix is read: the current keys must open it.
+        archive::rewrap(
+            &mut object
+                .read(None)
+                .map_err(storage("cannot read the archive"))?,
+            keys,
+            target.key,
+            target.recipients,
+        )?;
+        return Ok(Outcome::WouldRewrap);
+    }
+    let Replacement {
+        upload,
+        written,
+        bytes: written_bytes,
+        sha256,
+    } = write_replacement(store, &name, &*object, keys, target)?;
+    let (new_header, new_envelope) = header_of(&*written)?;
+    let guard = upload
+        .publish()
+        .map_err(storage(format!("cannot replace {name}")))?;
+    let new = updated(
+        manifest,
+        &new_header,
+        &new_envelope,
+        written_bytes,
+        sha256,
+        target,
+    )?;
+    new.save(store).map_err(storage(format!(
+        "cannot write the manifest of {}",
+        manifest.id
+    )))?;
+    drop(guard);
+    Ok(Outcome::Rewrapped)
+}
+
+/// A rewrapped archive, written and read back, not yet published.
+struct Replacement {
+    upload: Box<dyn Upload>,
+    /// What the upload wrote, opened.
+    written: Box<dyn Object>,
+    bytes: u64,
+    sha256: String,
+}
+
+/// Streams the rewrapped `object` (`name` in `store`) to a replacing upload and reads
+/// it back whole with the target's keys.
+fn write_replacement(
+    store: &dyn Storage,
+    name: &str,
+    object: &dyn Object,
+    keys: &KeyRing,
+    target: &Target<'_>,
+) -> Result<Replacement, RewrapError> {
     let rewrapped = archive::rewrap(
         &mut object
             .read(None)
@@ -209,12 +265,9 @@ pub fn rewrap_backup(
         target.key,
         target.recipients,
     )?;
-    if dry_run {
-        return Ok(Outcome::WouldRewrap);
-    }
     let size = object.size();
     let upload = store
-        .put_replacing(&name)
+        .put_replacing(name)
         .map_err(storage(format!("cannot write {name}")))?;
     let mut out = Hashing::new(upload);
     out.write_all(&rewrapped.prefix)
@@ -238,23 +291,63 @@ pub fn rewrap_backup(
             "{read_bytes} bytes read back, {written_bytes} written"
         )));
     }
-    let (new_header, new_envelope) = header_of(&*written)?;
-    let guard = upload
-        .publish()
-        .map_err(storage(format!("cannot replace {name}")))?;
-    let new = updated(
-        manifest,
-        &new_header,
-        &new_envelope,
-        written_bytes,
+    Ok(Replacement {
+        upload,
+        written,
+        bytes: written_bytes,
         sha256,
-        target,
-    )?;
-    new.save(store).map_err(storage(format!(
-        "cannot write the manifest of {}",
-        manifest.id
-    )))?;
-    drop(guard);
+    })
+}
+
+/// Rewraps an archive that has no manifest (a retention rule's export,
+/// `<stamp>-NNNNNN.jsonl.dbk`) of `database` for `target`: replaced once it reads
+/// back whole with the target's keys. Such an export is made for the target or not,
+/// so there is nothing to repair. An archive of another database is refused.
+pub fn rewrap_export(
+    store: &dyn Storage,
+    name: &str,
+    database: &str,
+    keys: &KeyRing,
+    target: &Target<'_>,
+    dry_run: bool,
+) -> Result<Outcome, RewrapError> {
+    if target.key.is_none() && target.recipients.is_empty() {
+        return Err(RewrapError::NoTarget);
+    }
+    let object = store
+        .open(name)
+        .map_err(storage(format!("cannot open {name}")))?;
+    let (header, _) = header_of(&*object)?;
+    if header.database != database {
+        return Err(RewrapError::Unrepairable(format!(
+            "it belongs to database \"{}\", not \"{database}\"",
+            header.database
+        )));
+    }
+    if header.encryption.is_none() {
+        return Ok(Outcome::NotEncrypted);
+    }
+    let made_for: BTreeSet<String> = header.made_for().into_iter().collect();
+    if made_for == target.made_for() {
+        return Ok(Outcome::AlreadyCurrent);
+    }
+    if dry_run {
+        archive::rewrap(
+            &mut object
+                .read(None)
+                .map_err(storage("cannot read the archive"))?,
+            keys,
+            target.key,
+            target.recipients,
+        )?;
+        return Ok(Outcome::WouldRewrap);
+    }
+    let upload = write_replacement(store, name, &*object, keys, target)?.upload;
+    drop(
+        upload
+            .publish()
+            .map_err(storage(format!("cannot replace {name}")))?,
+    );
     Ok(Outcome::Rewrapped)
 }
 
