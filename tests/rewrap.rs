@@ -372,3 +372,52 @@ fn retention_exports_are_rewrapped_too() {
         "{again}"
     );
 }
+
+/// The same through an object store (moto): the replacing upload overwrites the
+/// object, and the backups read back with the new key alone.
+#[test]
+fn key_a_to_key_b_in_an_s3_bucket() {
+    let s3 = common::s3::S3Server::start();
+    let w = Workdir::new();
+    make_db(&w);
+    let a = w.key("a.key");
+    let b = w.key("b.key");
+    let url = s3.url("bk");
+    let write = |key: &Path, extra: &str| {
+        w.write_config(
+            "",
+            &format!(
+                "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n[database.backup]\nschedule = \"manual\"\ndestination = \"{url}\"\nencryption-key-file = \"{}\"\n{extra}\n",
+                w.path().join("app.db").display(),
+                key.display()
+            ),
+        )
+    };
+    let run = |args: &[&str]| {
+        let out = w.cmd(args).envs(s3.env()).output().expect("run");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    write(&a, "");
+    for _ in 0..2 {
+        run(&["run-job", "app.backup"]);
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    write(&b, &decryption(&[&a]));
+    let out = run(&["key", "rewrap"]);
+    assert!(out.contains("2 rewrapped, 0 already current"), "{out}");
+    write(&b, "");
+    let list = run(&["backup", "list", "app"]);
+    assert!(!list.contains("UNTRUSTED"), "{list}");
+    run(&["backup", "verify", "app"]);
+    let restored = w.path().join("out.db");
+    run(&["restore", "app", "--to", s(&restored)]);
+    assert_eq!(sqlite(&restored, "SELECT count(*) FROM t;").trim(), "3");
+    let again = run(&["key", "rewrap"]);
+    assert!(again.contains("0 rewrapped, 2 already current"), "{again}");
+}
