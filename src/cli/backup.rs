@@ -62,7 +62,7 @@ fn no_backup(config: &Config, database: &str) -> anyhow::Error {
 
 /// How the backups of `database` are judged, from its config alone: no database is
 /// opened (`backup list` needs none).
-fn trust_policy_of(
+pub(super) fn trust_policy_of(
     config: &Config,
     database: &str,
     b: &BackupConfig,
@@ -122,7 +122,11 @@ fn selected<'a>(
 }
 
 /// The destinations of `database` a reader may use: the one `from` names, or all.
-fn places_from(b: &BackupConfig, database: &str, from: Option<&str>) -> anyhow::Result<Vec<Place>> {
+pub(super) fn places_from(
+    b: &BackupConfig,
+    database: &str,
+    from: Option<&str>,
+) -> anyhow::Result<Vec<Place>> {
     let places = storage::for_backups(b, &[database]);
     let Some(from) = from else {
         return Ok(places);

@@ -7,6 +7,7 @@ mod logging;
 mod migrate;
 mod report;
 mod retention;
+mod rewrap;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -271,6 +272,21 @@ pub enum KeyCommand {
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
     },
+    /// Rewrap stored backups for the config's current encryption-key-file and
+    /// recipients, reading them with every configured key (no re-encryption: only
+    /// each archive's key wrapping changes). Prints one line per archive.
+    Rewrap {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Databases or files sets with a backup (default: all).
+        names: Vec<String>,
+        /// Only this destination (a folder or URL as written in the config).
+        #[arg(long = "from", value_name = "DEST")]
+        from: Option<String>,
+        /// Only say what would be done; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 impl Command {
@@ -286,6 +302,7 @@ impl Command {
             | Tool::History { config, .. }
             | Tool::Restore { config, .. }
             | Tool::Retention(RetentionCommand::Plan { config, .. })
+            | Tool::Key(KeyCommand::Rewrap { config, .. })
             | Tool::Migrate(
                 MigrateCommand::Status { config, .. }
                 | MigrateCommand::Plan { config, .. }
@@ -305,7 +322,7 @@ impl Command {
             Tool::Decrypt { config, .. } => {
                 Some(config.clone().unwrap_or_else(Config::default_path))
             }
-            Tool::Key(_) => None,
+            Tool::Key(KeyCommand::Generate { .. }) => None,
         }
     }
 }
@@ -322,6 +339,15 @@ pub struct ConfigArg {
 pub async fn execute(tool: Tool, config: Option<Config>) -> Exit {
     let result = match (tool, &config) {
         (Tool::Key(KeyCommand::Generate { output }), _) => backup::key_generate(&output),
+        (
+            Tool::Key(KeyCommand::Rewrap {
+                names,
+                from,
+                dry_run,
+                ..
+            }),
+            Some(c),
+        ) => rewrap::key_rewrap(c, &names, from.as_deref(), dry_run),
         (
             Tool::Decrypt {
                 key_files,

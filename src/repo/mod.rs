@@ -22,6 +22,7 @@ pub mod files;
 pub mod pg_check;
 pub mod pg_restore;
 pub mod restore;
+pub mod rewrap;
 mod settle;
 pub mod sibling;
 pub mod storage;

@@ -417,6 +417,9 @@ pub struct Rewrapped {
     pub prefix: Vec<u8>,
     /// Where the old archive's segments start.
     pub segments_offset: u64,
+    /// The archive's data key (unchanged): reads the result back when nothing the
+    /// caller holds opens it (a recipients-only target). Never printed.
+    pub data_key: Key,
 }
 
 /// Reads only the prefix and header/envelope of an archive, opens it with `keys`, and
@@ -478,5 +481,6 @@ pub fn rewrap(
     Ok(Rewrapped {
         prefix,
         segments_offset: offset,
+        data_key: dk,
     })
 }

@@ -72,6 +72,8 @@ pub struct TempFile {
     target: PathBuf,
     dir: PathBuf,
     file: Option<File>,
+    /// Made by [`Storage::put_replacing`]: published over an existing file.
+    replacing: bool,
 }
 
 impl TempFile {
@@ -120,7 +122,7 @@ impl Upload for TempFile {
     fn written(&mut self) -> io::Result<Box<dyn Object>> {
         self.flush()?;
         // As an object store, which completes the upload under its name here.
-        if fs::symlink_metadata(&self.target).is_ok() {
+        if !self.replacing && fs::symlink_metadata(&self.target).is_ok() {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 format!("{} already exists", self.target.display()),
@@ -133,7 +135,11 @@ impl Upload for TempFile {
     /// The guard is the file itself, still locked: the lock moves with the rename.
     fn publish(mut self: Box<Self>) -> io::Result<Publishing> {
         let result = self.finish().and_then(|file| {
-            rename_new(&self.path, &self.target)?;
+            if self.replacing {
+                fs::rename(&self.path, &self.target)?;
+            } else {
+                rename_new(&self.path, &self.target)?;
+            }
             sync_dir(&self.dir)?;
             Ok(Box::new(file) as Publishing)
         });
@@ -324,6 +330,7 @@ impl Destination {
                         target: self.dir.join(name),
                         dir: self.dir.clone(),
                         file: Some(file),
+                        replacing: false,
                     })
                 }
                 _ => {
@@ -387,6 +394,12 @@ impl Storage for Destination {
 
     fn put(&self, name: &str) -> io::Result<Box<dyn Upload>> {
         Ok(Box::new(self.create_temp(bare(name)?)?))
+    }
+
+    fn put_replacing(&self, name: &str) -> io::Result<Box<dyn Upload>> {
+        let mut tmp = self.create_temp(bare(name)?)?;
+        tmp.replacing = true;
+        Ok(Box::new(tmp))
     }
 
     fn replace(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
@@ -702,6 +715,36 @@ mod tests {
             !tmp_path.exists(),
             "failed commit removes its temporary file"
         );
+    }
+
+    #[test]
+    fn put_replacing_replaces_only_when_published() {
+        let (_root, dest) = in_temp_dir();
+        dest.replace("a.dbk", b"old").unwrap();
+        {
+            let mut up = dest.put_replacing("a.dbk").unwrap();
+            up.write_all(b"abandoned").unwrap();
+            let written = up.written().unwrap();
+            assert_eq!(written.size(), 9);
+        }
+        assert_eq!(fs::read(dest.path("a.dbk")).unwrap(), b"old");
+        assert!(dest.clean_uploads().unwrap().is_empty(), "no leftovers");
+        let mut up = dest.put_replacing("a.dbk").unwrap();
+        up.write_all(b"new bytes").unwrap();
+        let written = up.written().unwrap();
+        assert_eq!(fs::read(dest.path("a.dbk")).unwrap(), b"old");
+        let _guard = up.publish().unwrap();
+        assert_eq!(fs::read(dest.path("a.dbk")).unwrap(), b"new bytes");
+        let mut back = Vec::new();
+        written.read(None).unwrap().read_to_end(&mut back).unwrap();
+        assert_eq!(
+            back, b"new bytes",
+            "the written handle reads what was published"
+        );
+        let mut fresh = dest.put_replacing("b.dbk").unwrap();
+        fresh.write_all(b"b").unwrap();
+        fresh.publish().unwrap();
+        assert_eq!(fs::read(dest.path("b.dbk")).unwrap(), b"b");
     }
 
     #[test]

@@ -54,6 +54,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// `name` until [`Upload::publish`]; dropped unpublished, the upload is removed.
     fn put(&self, name: &str) -> io::Result<Box<dyn Upload>>;
 
+    /// [`Storage::put`] whose [`Upload::publish`] atomically replaces an existing
+    /// object `name` (rewrapping an archive under new keys). Locally the old object
+    /// stays intact until the rename; on an object store, completing the upload
+    /// ([`Upload::written`]) already replaces it, and a completed replacement is
+    /// not removed when dropped.
+    fn put_replacing(&self, name: &str) -> io::Result<Box<dyn Upload>>;
+
     /// Writes a small object in one go, atomically, replacing it if present (a
     /// manifest, rewritten when a backup is verified again).
     fn replace(&self, name: &str, bytes: &[u8]) -> io::Result<()>;
@@ -228,6 +235,9 @@ impl Storage for Broken {
         self.fail()
     }
     fn put(&self, _: &str) -> io::Result<Box<dyn Upload>> {
+        self.fail()
+    }
+    fn put_replacing(&self, _: &str) -> io::Result<Box<dyn Upload>> {
         self.fail()
     }
     fn replace(&self, _: &str, _: &[u8]) -> io::Result<()> {

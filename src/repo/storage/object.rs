@@ -481,17 +481,10 @@ struct Lease {
     upload_id: Option<String>,
 }
 
-impl Storage for ObjectStorage {
-    fn location(&self) -> PathBuf {
-        PathBuf::from(self.label())
-    }
-
-    /// Nothing to create: a prefix exists once something is written under it.
-    fn prepare(&self) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn put(&self, name: &str) -> io::Result<Box<dyn Upload>> {
+impl ObjectStorage {
+    /// A streaming upload of `name`; `replacing` lets it overwrite an existing
+    /// object (see [`Storage::put_replacing`]).
+    fn start_upload(&self, name: &str, replacing: bool) -> io::Result<Box<dyn Upload>> {
         let name = bare(name)?;
         let lease_key = self.lease_key(name);
         let lease = Arc::new(Mutex::new(Lease::default()));
@@ -513,7 +506,27 @@ impl Storage for ObjectStorage {
             written: 0,
             done: None,
             published: false,
+            replacing,
         }))
+    }
+}
+
+impl Storage for ObjectStorage {
+    fn location(&self) -> PathBuf {
+        PathBuf::from(self.label())
+    }
+
+    /// Nothing to create: a prefix exists once something is written under it.
+    fn prepare(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn put(&self, name: &str) -> io::Result<Box<dyn Upload>> {
+        self.start_upload(name, false)
+    }
+
+    fn put_replacing(&self, name: &str) -> io::Result<Box<dyn Upload>> {
+        self.start_upload(name, true)
     }
 
     /// One PUT: atomic on every store, replacing what was there.
@@ -680,6 +693,8 @@ struct ObjectUpload {
     /// Set once completed: the stored object.
     done: Option<Arc<RemoteObject>>,
     published: bool,
+    /// Made by [`Storage::put_replacing`]: completing overwrites the object.
+    replacing: bool,
 }
 
 impl ObjectUpload {
@@ -752,7 +767,11 @@ impl ObjectUpload {
         let result = if self.upload_id.is_none() {
             let body = PutPayload::from(Bytes::from(std::mem::take(&mut self.buf)));
             let opts = PutOptions {
-                mode: PutMode::Create,
+                mode: if self.replacing {
+                    PutMode::Overwrite
+                } else {
+                    PutMode::Create
+                },
                 ..PutOptions::default()
             };
             match block(async move { objects.put_opts(&key, body, opts).await })? {
@@ -773,8 +792,18 @@ impl ObjectUpload {
                 self.settle_one()?;
             }
             // Never replace an object: the key must still be free when the upload
-            // completes (object_store offers no conditional completion).
-            match block(async move { objects.head(&key).await })? {
+            // completes (object_store offers no conditional completion), unless
+            // replacing it is the point.
+            let head = if self.replacing {
+                Err(object_store::Error::NotFound {
+                    path: String::new(),
+                    source: "replacing".into(),
+                })
+            } else {
+                let (objects, key) = (objects.clone(), key.clone());
+                block(async move { objects.head(&key).await })?
+            };
+            match head {
                 Err(object_store::Error::NotFound { .. }) => {}
                 Ok(_) => {
                     return Err(io::Error::new(
@@ -879,7 +908,9 @@ impl Drop for ObjectUpload {
         let store = self.store.clone();
         let (key, lease_key) = (self.key.clone(), self.lease_key.clone());
         let upload_id = self.upload_id.take();
-        let completed = self.done.is_some();
+        // A completed replacement has already overwritten the old object: deleting
+        // it would leave nothing, so it stays (its manifest is repaired later).
+        let completed = self.done.is_some() && !self.replacing;
         let cleaned = block(async move {
             if let Some(id) = upload_id {
                 store.multipart.abort_multipart(&key, &id).await?;

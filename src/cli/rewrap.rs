@@ -1,0 +1,205 @@
+//! `dbkeeper key rewrap`: every backup of the named databases and files sets (all
+//! by default), in every destination (or `--from DEST`), rewrapped for the
+//! config's current `encryption-key-file` and `recipients` (see
+//! [`crate::repo::rewrap`]). One line per archive, then a summary.
+
+use anyhow::{bail, Context};
+
+use super::backup::{places_from, trust_policy_of};
+use super::Exit;
+use crate::config::Config;
+use crate::keys::Key;
+use crate::repo::catalog::{self, Untrusted};
+use crate::repo::rewrap::{rewrap_backup, rewrap_export, Outcome, Target};
+use crate::repo::storage;
+
+/// Whether an untrusted manifest may be one a killed rewrap left behind: its
+/// archive was replaced (another size, key id, digest or writer) before it was.
+fn maybe_interrupted(reason: &Untrusted) -> bool {
+    matches!(
+        reason,
+        Untrusted::SizeMismatch { .. }
+            | Untrusted::Disagree("key id")
+            | Untrusted::ManifestMismatch(_)
+            | Untrusted::NoWriterProof(..)
+    )
+}
+
+#[derive(Default)]
+struct Tally {
+    rewrapped: usize,
+    current: usize,
+    repaired: usize,
+    skipped: usize,
+    problems: usize,
+}
+
+/// Prints one archive's line and counts it.
+fn report(tally: &mut Tally, what: &str, result: Result<Outcome, impl std::fmt::Display>) {
+    match result {
+        Ok(outcome) => {
+            println!("{what}: {}", outcome.describe());
+            match outcome {
+                Outcome::Rewrapped | Outcome::WouldRewrap => tally.rewrapped += 1,
+                Outcome::AlreadyCurrent => tally.current += 1,
+                Outcome::Repaired | Outcome::WouldRepair => tally.repaired += 1,
+                Outcome::NotEncrypted => tally.skipped += 1,
+            }
+        }
+        Err(e) => {
+            println!("{what}: skipped: {e}");
+            tally.skipped += 1;
+            tally.problems += 1;
+        }
+    }
+}
+
+pub fn key_rewrap(
+    config: &Config,
+    names: &[String],
+    from: Option<&str>,
+    dry_run: bool,
+) -> anyhow::Result<Exit> {
+    let all: Vec<_> = config.named_backups().collect();
+    for n in names {
+        if !all.iter().any(|(name, _)| name == n) {
+            bail!(
+                "\"{n}\" has no [database.backup] nor a [[files]] set of that name in {}",
+                config.path.display()
+            );
+        }
+    }
+    let mut tally = Tally::default();
+    for (name, b) in all {
+        if !names.is_empty() && !names.iter().any(|n| n == name) {
+            continue;
+        }
+        let (key, keys) = b
+            .load_keys()
+            .with_context(|| format!("database \"{name}\""))?;
+        let recipients = b
+            .load_recipients()
+            .with_context(|| format!("database \"{name}\""))?;
+        if key.is_none() && recipients.is_empty() {
+            println!("{name}: skipped: no encryption-key-file or recipients to rewrap to");
+            tally.skipped += 1;
+            tally.problems += 1;
+            continue;
+        }
+        // Made for recipients only, the manifest carries this host's writer tag;
+        // a dry run creates nothing, so a throwaway key stands in for a missing one.
+        let writer = match (&key, dry_run) {
+            (Some(_), _) => None,
+            (None, false) => Some(
+                crate::keys::load_or_create_writer_key(&config.daemon.state_dir)
+                    .context("cannot load or create the writer key")?,
+            ),
+            (None, true) => Some(match crate::keys::writer_key(&config.daemon.state_dir) {
+                Some(k) => k,
+                None => Key::random()?,
+            }),
+        };
+        let target = Target {
+            key: key.as_ref(),
+            recipients: &recipients,
+            writer: writer.as_ref(),
+        };
+        let policy = trust_policy_of(config, name, b)?;
+        for place in places_from(b, name, from)? {
+            let label = place.label();
+            let listing = match catalog::list(&*place.store, &policy) {
+                Ok(l) => l,
+                Err(e) => {
+                    println!("{name} {label}: skipped: cannot list backups: {e}");
+                    tally.skipped += 1;
+                    tally.problems += 1;
+                    continue;
+                }
+            };
+            let mut work: Vec<(catalog::Manifest, bool)> = Vec::new();
+            for r in &listing.untrusted {
+                match &r.manifest {
+                    Some(m) if maybe_interrupted(&r.reason) => work.push((m.clone(), false)),
+                    _ => {
+                        let id = catalog::id_of_manifest_file(&r.file).unwrap_or(&r.file);
+                        println!("{name} {label} {id}: skipped: untrusted: {}", r.reason);
+                        tally.skipped += 1;
+                        tally.problems += 1;
+                    }
+                }
+            }
+            // Newest first: if the run is killed, the backups still under a retired
+            // key are all older than those under the current one, which is what the
+            // retired-key rule of the listing accepts.
+            work.extend(listing.backups.iter().rev().map(|m| (m.clone(), true)));
+            for (m, trusted) in work {
+                let result =
+                    rewrap_backup(&*place.store, &m, trusted, &keys, &target, &policy, dry_run);
+                let what = format!("{name} {label} {}", m.id);
+                let result = result.map_err(|e| {
+                    if trusted {
+                        e.to_string()
+                    } else {
+                        format!("untrusted, {e}")
+                    }
+                });
+                report(&mut tally, &what, result);
+            }
+        }
+        // The exports of retention rules with `archive = true`: no manifest, in
+        // `<destination>/<db>/retention/<rule>/`.
+        let rules = config
+            .databases
+            .iter()
+            .filter(|d| d.name == name)
+            .flat_map(|d| d.retention.iter())
+            .filter(|r| r.archive);
+        for rule in rules {
+            let rule_name = rule.job_name();
+            for place in storage::for_backups(b, &[name, "retention", &rule_name]) {
+                if from.is_some_and(|f| !place.config.is_named(f)) {
+                    continue;
+                }
+                let label = place.label();
+                let names = match place.store.list("") {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                    Err(e) => {
+                        println!("{name} {label} retention {rule_name}: skipped: cannot list: {e}");
+                        tally.skipped += 1;
+                        tally.problems += 1;
+                        continue;
+                    }
+                };
+                let mut exports: Vec<String> = names
+                    .into_iter()
+                    .filter(|n| n.ends_with(".jsonl.dbk") && !n.starts_with('.'))
+                    .collect();
+                exports.sort();
+                for export in exports.iter().rev() {
+                    let result =
+                        rewrap_export(&*place.store, export, name, &keys, &target, dry_run);
+                    report(
+                        &mut tally,
+                        &format!("{name} {label} retention/{rule_name}/{export}"),
+                        result,
+                    );
+                }
+            }
+        }
+    }
+    let (rw, rp) = if dry_run {
+        ("would rewrap", "would repair")
+    } else {
+        ("rewrapped", "repaired")
+    };
+    println!(
+        "{} {rw}, {} already current, {} {rp}, {} skipped",
+        tally.rewrapped, tally.current, tally.repaired, tally.skipped
+    );
+    Ok(if tally.problems == 0 {
+        Exit::Success
+    } else {
+        Exit::Failed
+    })
+}

@@ -1,0 +1,423 @@
+//! `dbkeeper key rewrap` (issue 16, part 2): rotating the key of stored backups
+//! without re-encrypting them. Real binary, real SQLite: key A to key B, key A to an
+//! age recipient, kill -9 at random moments (every archive always opens with A or
+//! B), and the time it takes for 100 small archives.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{archives, backup_table, plant_backup, sqlite, sqlite_db, Planted, Workdir, BIN};
+use dbkeeper::keys::Identity;
+use dbkeeper::repo::catalog::BackupKind;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8")
+}
+
+fn make_db(w: &Workdir) {
+    sqlite(
+        &w.path().join("app.db"),
+        "CREATE TABLE IF NOT EXISTS t (x TEXT); INSERT INTO t VALUES ('one'), ('two'), ('three');",
+    );
+}
+
+/// The config: backups of `app` to `<w>/backups` with `key` (and `extra` lines).
+fn config(w: &Workdir, key: &Path, extra: &str) {
+    let dest = w.path().join("backups");
+    w.write_config(
+        "",
+        &sqlite_db(w, "app", &backup_table(&dest, Some(key), extra)),
+    );
+}
+
+fn decryption(keys: &[&Path]) -> String {
+    let list: Vec<String> = keys
+        .iter()
+        .map(|k| format!("\"{}\"", k.display()))
+        .collect();
+    format!("decryption-key-files = [{}]", list.join(", "))
+}
+
+/// Whether `decrypt FILE --key-file key` opens the archive (exit 0; 3 otherwise).
+fn opens(archive: &Path, key: &Path) -> bool {
+    let out = assert_cmd::Command::new(BIN)
+        .args(["decrypt", s(archive), "--key-file", s(key)])
+        .output()
+        .expect("decrypt");
+    out.status.success()
+}
+
+/// Every byte under `dir`, by path.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut all = Vec::new();
+    for entry in walk(dir) {
+        let bytes = std::fs::read(&entry).expect("read");
+        all.push((entry, bytes));
+    }
+    all.sort();
+    all
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// `n` genuine backups of `app` made with `key`, one second apart.
+fn plant(w: &Workdir, key: &Path, n: usize) {
+    let image = std::fs::read(w.path().join("app.db")).expect("db");
+    let start = chrono::Utc::now() - chrono::Duration::days(1);
+    for i in 0..n {
+        plant_backup(
+            &w.path().join("backups"),
+            key,
+            Planted {
+                name: "app",
+                backend: "sqlite",
+                image: "app.db",
+                created: start + chrono::Duration::seconds(i as i64),
+                kind: BackupKind::Manual,
+            },
+            image.as_slice(),
+        );
+    }
+}
+
+#[test]
+fn key_a_to_key_b_in_place() {
+    let w = Workdir::new();
+    make_db(&w);
+    let a = w.key("a.key");
+    let b = w.key("b.key");
+    config(&w, &a, "");
+    for _ in 0..3 {
+        w.cmd(&["run-job", "app.backup"]).assert().success();
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    config(&w, &b, &decryption(&[&a]));
+    let before = snapshot(&w.path().join("backups"));
+    let dry = w.stdout(&["key", "rewrap", "--dry-run"]);
+    assert!(dry.contains("3 would rewrap"), "{dry}");
+    assert_eq!(before, snapshot(&w.path().join("backups")), "dry run wrote");
+
+    let out = w.stdout(&["key", "rewrap"]);
+    assert!(
+        out.contains("3 rewrapped, 0 already current, 0 repaired, 0 skipped"),
+        "{out}"
+    );
+
+    // B alone reads everything.
+    config(&w, &b, "");
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert_eq!(
+        list.lines().filter(|l| l.contains("app")).count(),
+        3,
+        "{list}"
+    );
+    assert!(!list.contains("UNTRUSTED"), "{list}");
+    w.cmd(&["backup", "verify", "app"]).assert().success();
+    let restored = w.path().join("out.db");
+    w.cmd(&["restore", "app", "--to", s(&restored)])
+        .assert()
+        .success();
+    assert_eq!(sqlite(&restored, "SELECT count(*) FROM t;").trim(), "3");
+    for archive in archives(&w.path().join("backups"), "app") {
+        assert!(!opens(&archive, &a), "A still opens {}", archive.display());
+        assert!(opens(&archive, &b));
+        let code = assert_cmd::Command::new(BIN)
+            .args(["decrypt", s(&archive), "--key-file", s(&a)])
+            .output()
+            .expect("decrypt")
+            .status
+            .code();
+        assert_eq!(code, Some(3));
+    }
+    let again = w.stdout(&["key", "rewrap"]);
+    assert!(again.contains("0 rewrapped, 3 already current"), "{again}");
+}
+
+#[test]
+fn key_a_to_an_age_recipient() {
+    let w = Workdir::new();
+    make_db(&w);
+    let a = w.key("a.key");
+    config(&w, &a, "");
+    for _ in 0..2 {
+        w.cmd(&["run-job", "app.backup"]).assert().success();
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let id = Identity::generate();
+    let id_file = w.path().join("id.txt");
+    id.save(&id_file).expect("save identity");
+    let recipient_config = format!(
+        "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n[database.backup]\nschedule = \"manual\"\ndestination = \"{}\"\nrecipients = [\"{}\"]\n{}\n",
+        w.path().join("app.db").display(),
+        w.path().join("backups").display(),
+        id.recipient(),
+        decryption(&[&a]),
+    );
+    w.write_config("", &recipient_config);
+    let out = w.stdout(&["key", "rewrap", "app"]);
+    assert!(out.contains("2 rewrapped, 0 already current"), "{out}");
+    // Trusted on this host's writer tag, read with the identity, no longer with A.
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert_eq!(
+        list.lines().filter(|l| l.contains("app")).count(),
+        2,
+        "{list}"
+    );
+    assert!(!list.contains("UNTRUSTED"), "{list}");
+    let restored = w.path().join("out.db");
+    w.cmd(&[
+        "restore",
+        "app",
+        "--to",
+        s(&restored),
+        "--identity",
+        s(&id_file),
+    ])
+    .assert()
+    .success();
+    assert_eq!(sqlite(&restored, "SELECT count(*) FROM t;").trim(), "3");
+    for archive in archives(&w.path().join("backups"), "app") {
+        assert!(!opens(&archive, &a));
+    }
+    let again = w.stdout(&["key", "rewrap", "app"]);
+    assert!(again.contains("0 rewrapped, 2 already current"), "{again}");
+}
+
+#[test]
+fn kill_9_never_leaves_an_archive_unreadable() {
+    let w = Workdir::new();
+    make_db(&w);
+    let a = w.key("a.key");
+    let b = w.key("b.key");
+    plant(&w, &a, 20);
+    config(&w, &b, &decryption(&[&a]));
+    let dest = w.path().join("backups");
+    for round in 0..5u64 {
+        let mut child = Command::new(BIN)
+            .args(["key", "rewrap", "-c", s(&w.config_path())])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn");
+        // A pseudo-random delay from the clock: 5 to 60 ms (a run of 20 takes a few hundred).
+        let nanos = u64::from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .subsec_nanos(),
+        );
+        std::thread::sleep(Duration::from_millis(5 + (nanos / 7 + round * 31) % 56));
+        let _ = child.kill();
+        let _ = child.wait();
+        let all = archives(&dest, "app");
+        assert_eq!(all.len(), 20);
+        for archive in all {
+            assert!(
+                opens(&archive, &a) || opens(&archive, &b),
+                "round {round}: {} opens with neither key",
+                archive.display()
+            );
+        }
+    }
+    let out = w.stdout(&["key", "rewrap"]);
+    println!("after 5 kills: {}", out.lines().last().unwrap_or(""));
+    let summary = out.lines().last().expect("summary");
+    let counts: Vec<usize> = summary
+        .split(", ")
+        .filter_map(|part| part.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(counts.len(), 4, "{summary}");
+    assert_eq!(counts[0] + counts[1] + counts[2], 20, "{out}");
+    assert_eq!(counts[3], 0, "{out}");
+    config(&w, &b, "");
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert!(!list.contains("UNTRUSTED"), "{list}");
+    for id in common::backup_ids(&dest, "app") {
+        w.cmd(&["backup", "verify", "app", "--backup", &id])
+            .assert()
+            .success();
+    }
+}
+
+#[test]
+fn rewrap_of_100_small_archives_is_timed() {
+    let w = Workdir::new();
+    make_db(&w);
+    let a = w.key("a.key");
+    let b = w.key("b.key");
+    plant(&w, &a, 100);
+    config(&w, &b, &decryption(&[&a]));
+    let started = Instant::now();
+    let out = w.stdout(&["key", "rewrap"]);
+    let took = started.elapsed();
+    assert!(out.contains("100 rewrapped"), "{out}");
+    println!(
+        "key rewrap of 100 small archives: {:.2} s",
+        took.as_secs_f64()
+    );
+    eprintln!(
+        "key rewrap of 100 small archives: {:.2} s",
+        took.as_secs_f64()
+    );
+}
+
+#[test]
+fn a_rewrap_killed_before_its_manifests_is_repaired() {
+    let w = Workdir::new();
+    make_db(&w);
+    let a = w.key("a.key");
+    let b = w.key("b.key");
+    plant(&w, &a, 3);
+    config(&w, &b, &decryption(&[&a]));
+    let folder = w.path().join("backups/app");
+    let manifests: Vec<(PathBuf, Vec<u8>)> = snapshot(&folder)
+        .into_iter()
+        .filter(|(p, _)| s(p).ends_with(".manifest.json"))
+        .collect();
+    assert_eq!(manifests.len(), 3);
+    w.stdout(&["key", "rewrap"]);
+    // As if killed after every archive was replaced and before any manifest was.
+    for (path, bytes) in &manifests {
+        std::fs::write(path, bytes).expect("old manifest");
+    }
+    let dry = w.stdout(&["key", "rewrap", "--dry-run"]);
+    assert!(dry.contains("3 would repair"), "{dry}");
+    let out = w.stdout(&["key", "rewrap"]);
+    assert!(
+        out.contains("0 rewrapped, 0 already current, 3 repaired, 0 skipped"),
+        "{out}"
+    );
+    config(&w, &b, "");
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert_eq!(
+        list.lines().filter(|l| l.contains("app")).count(),
+        3,
+        "{list}"
+    );
+    assert!(!list.contains("UNTRUSTED"), "{list}");
+    let again = w.stdout(&["key", "rewrap"]);
+    assert!(again.contains("3 already current"), "{again}");
+    // An archive edited meanwhile is never repaired: it does not read whole.
+    let victim = archives(&w.path().join("backups"), "app").remove(0);
+    let mut bytes = std::fs::read(&victim).expect("archive");
+    let at = bytes.len() - 10;
+    bytes[at] ^= 1;
+    std::fs::write(&victim, &bytes).expect("edit");
+    config(&w, &b, &decryption(&[&a]));
+    w.cmd(&["key", "rewrap"]).assert().code(1);
+}
+
+#[test]
+fn retention_exports_are_rewrapped_too() {
+    let w = Workdir::new();
+    let db = w.path().join("app.db");
+    sqlite(
+        &db,
+        "CREATE TABLE t (x TEXT);
+         CREATE TABLE logs (id INTEGER PRIMARY KEY, created_at TEXT NOT NULL, msg TEXT);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 500)
+           INSERT INTO logs (created_at, msg) SELECT datetime('now', '-40 days'), 'msg ' || i FROM n;",
+    );
+    let a = w.key("a.key");
+    let b = w.key("b.key");
+    let rule = "[[database.retention]]\ntable = 'logs'\nname = \"log\"\ncolumn = \"created_at\"\nolder-than = \"30d\"\nschedule = \"manual\"\nbatch-size = 200\narchive = true\n";
+    config(&w, &a, rule);
+    w.cmd(&["run-job", "app.retention.log"]).assert().success();
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let exports_dir = w.path().join("backups/app/retention/log");
+    let exports: Vec<PathBuf> = walk(&exports_dir)
+        .into_iter()
+        .filter(|p| s(p).ends_with(".jsonl.dbk"))
+        .collect();
+    assert!(!exports.is_empty());
+    config(&w, &b, &format!("{}\n{rule}", decryption(&[&a])));
+    let dry = w.stdout(&["key", "rewrap", "--dry-run"]);
+    assert!(
+        dry.contains(&format!("{} would rewrap", exports.len() + 1)),
+        "{dry}"
+    );
+    let out = w.stdout(&["key", "rewrap"]);
+    assert!(out.contains("retention/log/"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{} rewrapped, 0 already current",
+            exports.len() + 1
+        )),
+        "{out}"
+    );
+    for export in &exports {
+        assert!(opens(export, &b), "{}", export.display());
+        assert!(!opens(export, &a), "{}", export.display());
+    }
+    let again = w.stdout(&["key", "rewrap"]);
+    assert!(
+        again.contains(&format!(
+            "0 rewrapped, {} already current",
+            exports.len() + 1
+        )),
+        "{again}"
+    );
+}
+
+/// The same through an object store (moto): the replacing upload overwrites the
+/// object, and the backups read back with the new key alone.
+#[test]
+fn key_a_to_key_b_in_an_s3_bucket() {
+    let s3 = common::s3::S3Server::start();
+    let w = Workdir::new();
+    make_db(&w);
+    let a = w.key("a.key");
+    let b = w.key("b.key");
+    let url = s3.url("bk");
+    let write = |key: &Path, extra: &str| {
+        w.write_config(
+            "",
+            &format!(
+                "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n[database.backup]\nschedule = \"manual\"\ndestination = \"{url}\"\nencryption-key-file = \"{}\"\n{extra}\n",
+                w.path().join("app.db").display(),
+                key.display()
+            ),
+        )
+    };
+    let run = |args: &[&str]| {
+        let out = w.cmd(args).envs(s3.env()).output().expect("run");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    write(&a, "");
+    for _ in 0..2 {
+        run(&["run-job", "app.backup"]);
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    write(&b, &decryption(&[&a]));
+    let out = run(&["key", "rewrap"]);
+    assert!(out.contains("2 rewrapped, 0 already current"), "{out}");
+    write(&b, "");
+    let list = run(&["backup", "list", "app"]);
+    assert!(!list.contains("UNTRUSTED"), "{list}");
+    run(&["backup", "verify", "app"]);
+    let restored = w.path().join("out.db");
+    run(&["restore", "app", "--to", s(&restored)]);
+    assert_eq!(sqlite(&restored, "SELECT count(*) FROM t;").trim(), "3");
+    let again = run(&["key", "rewrap"]);
+    assert!(again.contains("0 rewrapped, 2 already current"), "{again}");
+}
