@@ -683,6 +683,7 @@ pub fn plant_backup(dest: &Path, key: &Path, what: Planted<'_>, source: impl Rea
         globals: None,
         files: None,
         with_files: Vec::new(),
+        taken_with: None,
     }
     .save(&dest)
     .expect("manifest");
