@@ -1136,3 +1136,63 @@ fn adversary7_case18_an_unpaired_files_backup_never_pushes_out_a_pairs_files() {
     w.stdout(&["backup", "prune", "storage"]);
     assert_eq!(ids(&dest, "storage"), [lone]);
 }
+
+/// `storage` (keep `last = 1`) to `<w>/setdest`, taken by `app` (keep `db_keep`) to
+/// `<w>/dbdest`; with `with_db` false, a files-only config of the same set.
+fn paired_config(w: &Workdir, tree: &Path, with_db: bool, db_keep: u32) {
+    let set =
+        files_set("storage", tree, &w.path().join("setdest"), "").replace("last = 5", "last = 1");
+    let db = if with_db {
+        database(
+            w,
+            "app",
+            &w.path().join("dbdest"),
+            "with-files = [\"storage\"]",
+        )
+        .replace("last = 5", &format!("last = {db_keep}"))
+    } else {
+        String::new()
+    };
+    w.write_config("", &format!("{set}{db}"));
+}
+
+#[test]
+fn adversary8_files_halves_stay_while_their_database_backups_may_exist() {
+    let (w, tree, _) = setup();
+    write(&tree.join("f.txt"), "v1");
+    paired_config(&w, &tree, true, 5);
+    let mut pairs = Vec::new();
+    for _ in 0..3 {
+        pairs.push(reported_id(&w.stdout(&["run-job", "app.backup"])));
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let setdest = w.path().join("setdest");
+    assert_eq!(ids(&setdest, "storage"), pairs);
+    // Case 01: a files-only config (the database left out of it) prunes the set:
+    // the pairs' files halves stay.
+    paired_config(&w, &tree, false, 5);
+    w.stdout(&["backup", "prune", "storage"]);
+    assert_eq!(ids(&setdest, "storage"), pairs, "case 01");
+    // Cases 03 and 04: the database's destination missing, or an empty folder (an
+    // unmounted file system): nothing proves the pairs gone; they stay.
+    paired_config(&w, &tree, true, 5);
+    let (dbdest, aside) = (w.path().join("dbdest"), w.path().join("dbdest.aside"));
+    std::fs::rename(&dbdest, &aside).unwrap();
+    w.stdout(&["backup", "prune", "storage"]);
+    assert_eq!(ids(&setdest, "storage"), pairs, "case 04");
+    std::fs::create_dir_all(dbdest.join("app")).unwrap();
+    w.stdout(&["backup", "prune", "storage"]);
+    assert_eq!(ids(&setdest, "storage"), pairs, "case 03");
+    std::fs::remove_dir_all(&dbdest).unwrap();
+    std::fs::rename(&aside, &dbdest).unwrap();
+    // Round 8, case 11: the reason shown is the pairing, not a migration.
+    let dry = w.stdout(&["backup", "prune", "storage", "--dry-run"]);
+    assert!(dry.contains("files half of database \"app\""), "{dry}");
+    assert!(!dry.contains("migration"), "{dry}");
+    // Once the database's own rotation lets its backups go, their files halves go
+    // with the set's rotation.
+    paired_config(&w, &tree, true, 1);
+    let last = reported_id(&w.stdout(&["run-job", "app.backup"]));
+    assert_eq!(ids(&dbdest, "app"), [last.clone()]);
+    assert_eq!(ids(&setdest, "storage"), [last]);
+}

@@ -195,13 +195,17 @@ fn two_rules_on_one_table_have_their_own_series() {
     );
     let d = w.start();
     // `/healthz` answers before the jobs are published: wait for the series.
-    d.wait_for("the retention series", std::time::Duration::from_secs(20), || {
-        d.metric(
-            "dbkeeper_retention_max_age_seconds",
-            &["table=\"ev\"", "rule=\"info\""],
-        )
-        .is_some()
-    });
+    d.wait_for(
+        "the retention series",
+        std::time::Duration::from_secs(20),
+        || {
+            d.metric(
+                "dbkeeper_retention_max_age_seconds",
+                &["table=\"ev\"", "rule=\"info\""],
+            )
+            .is_some()
+        },
+    );
     for (rule, days) in [("debug", 7.0), ("info", 30.0)] {
         let label = format!("rule=\"{rule}\"");
         assert_eq!(

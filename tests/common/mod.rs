@@ -685,6 +685,7 @@ pub fn plant_backup(dest: &Path, key: &Path, what: Planted<'_>, source: impl Rea
         files: None,
         with_files: Vec::new(),
         writer: None,
+        taken_with: None,
     }
     .save(&dest)
     .expect("manifest");

@@ -382,7 +382,7 @@ impl BackupJob {
         db: Option<&Database>,
         kind: BackupKind,
         at_least: VerifyMode,
-        paired: Option<(&str, chrono::DateTime<Utc>)>,
+        paired: Option<(&str, chrono::DateTime<Utc>, &str)>,
         published: &mut Vec<PathBuf>,
         cancel: &CancellationToken,
     ) -> Result<Outcome, BackupError> {
@@ -406,7 +406,7 @@ impl BackupJob {
         }
         self.clean_scratch(database);
 
-        let started = paired.map_or_else(Utc::now, |(_, at)| at);
+        let started = paired.map_or_else(Utc::now, |(_, at, _)| at);
         // Paired files sets live in their own folders: the id must be free there too.
         let paired_places: Vec<Place> = self
             .with_files
@@ -416,7 +416,7 @@ impl BackupJob {
         // Held until the run is over (on every path: dropped), so that no other run,
         // in this process or another, takes the same id meanwhile.
         let (id, reservation) = match paired {
-            Some((id, _)) => (id.to_owned(), None),
+            Some((id, _, _)) => (id.to_owned(), None),
             None => {
                 for place in &paired_places {
                     // Their folders may not exist yet; the files set's run reports
@@ -440,7 +440,7 @@ impl BackupJob {
                 None,
                 kind,
                 at_least,
-                Some((&id, started)),
+                Some((&id, started, database)),
                 published,
                 cancel,
             ))
@@ -466,7 +466,7 @@ impl BackupJob {
                 &id,
                 started,
                 with_files,
-                paired.is_none(),
+                paired.map(|(_, _, database)| database),
                 published,
                 cancel,
             )
@@ -528,7 +528,7 @@ impl BackupJob {
         id: &str,
         started: chrono::DateTime<Utc>,
         with_files: Vec<String>,
-        rotate: bool,
+        taken_with: Option<&str>,
         published: &mut Vec<PathBuf>,
         cancel: &CancellationToken,
     ) -> Result<Outcome, BackupError> {
@@ -617,6 +617,7 @@ impl BackupJob {
             files: files_report,
             with_files,
             writer: None,
+            taken_with: taken_with.map(str::to_owned),
         };
         if let Some((_, envelope)) = &stats.sealed {
             manifest.format_version = crate::repo::archive::envelope::VERSION_ENVELOPE;
@@ -718,7 +719,7 @@ impl BackupJob {
                 }
                 // A files set taken with a database waits for it (see
                 // `settle_with_files`).
-                Ok(()) if !rotate => {}
+                Ok(()) if taken_with.is_some() => {}
                 Ok(()) => {
                     match self.prune(database, &place, Some(&id), false) {
                         Ok(d) => pruned += d.iter().filter(|d| !d.keep).count(),
@@ -897,17 +898,28 @@ impl BackupJob {
         let policy = self.trust_policy(database, false);
         // Pins beside the backups (any configuration's), and the state directory's of
         // the first version; one that cannot be read stops the rotation.
-        let mut pinned = catalog::pins::pinned_in(&*place.store).map_err(io_err(
+        let mut pins = catalog::pins::pinned_in(&*place.store).map_err(io_err(
             "cannot read the pinned backups in",
             place.store.location(),
         ))?;
         if let Some(dir) = self.state_dir() {
-            pinned.extend(
+            pins.extend(
                 catalog::pins::legacy_pinned(dir, database)
                     .map_err(io_err("cannot read the pinned backups in", dir.to_owned()))?,
             );
         }
-        pinned.extend(self.paired_ids(database)?);
+        let mut pinned: std::collections::BTreeMap<String, String> = pins
+            .into_iter()
+            .map(|id| {
+                let why = "pinned: a failed migration named it; kept until a migration succeeds";
+                (id, why.to_owned())
+            })
+            .collect();
+        if self.files.is_some() {
+            for (id, why) in self.paired_ids(database, place)? {
+                pinned.entry(id).or_insert(why);
+            }
+        }
         let done = rotation::rotate(
             &*place.store,
             &policy,
@@ -934,14 +946,31 @@ impl BackupJob {
 }
 
 impl BackupJob {
-    /// A files set's backups (the set is `name`) that a database's existing, trusted
-    /// backup names in `with_files`, in any of the database's destinations: kept
-    /// whatever the set's `keep` says, so that a database backup never loses its
-    /// files half (adversary round 7: another database sharing the set, or a run
-    /// killed after its files backup, pushed it out). A destination that cannot be
-    /// listed stops the rotation: which backups pair is then unknown.
-    fn paired_ids(&self, name: &str) -> Result<Vec<String>, BackupError> {
-        let mut ids = Vec::new();
+    /// The backups of the files set `name` in `place` that the set's rotation must
+    /// keep because they are the files half of a database backup, with the reason
+    /// shown. A backup taken with database X's backup (its manifest's `taken_with`)
+    /// is let go only once X is configured with this set, every destination of X
+    /// lists, each holds at least one trusted backup of X (an unmounted, empty or
+    /// missing folder proves nothing), and none holds that id (adversary rounds 7
+    /// and 8). A backup written before `taken_with` existed is kept while a
+    /// configured database's listed backup names the set under its id.
+    fn paired_ids(
+        &self,
+        name: &str,
+        place: &Place,
+    ) -> Result<std::collections::BTreeMap<String, String>, BackupError> {
+        use std::collections::{BTreeMap, HashSet};
+        let mut kept = BTreeMap::new();
+        if self.paired_with.is_empty() && self.files.is_none() {
+            return Ok(kept);
+        }
+        let own = catalog::list(&*place.store, &self.trust_policy(name, false)).map_err(io_err(
+            "cannot list the backups of the files set in",
+            place.store.location(),
+        ))?;
+        // Per configured database: the ids of its trusted backups that take this set,
+        // or `None` when some destination does not show its backups.
+        let mut known: BTreeMap<&str, Option<HashSet<String>>> = BTreeMap::new();
         for p in &self.paired_with {
             let policy = Self::policy(
                 &p.database,
@@ -952,21 +981,54 @@ impl BackupJob {
                 false,
                 self.state_dir(),
             );
-            for place in storage::for_backups(&p.cfg, &[&p.database]) {
-                let listing = catalog::list(&*place.store, &policy).map_err(io_err(
-                    "cannot list the database backups that take this files set (nothing is rotated while they are unknown) in",
-                    place.store.location(),
-                ))?;
-                ids.extend(
-                    listing
-                        .backups
-                        .iter()
-                        .filter(|m| m.with_files.iter().any(|s| s == name))
-                        .map(|m| m.id.clone()),
-                );
+            let mut ids = Some(HashSet::new());
+            for db_place in storage::for_backups(&p.cfg, &[&p.database]) {
+                match catalog::list(&*db_place.store, &policy) {
+                    Ok(listing) if !listing.backups.is_empty() => {
+                        if let Some(ids) = ids.as_mut() {
+                            ids.extend(
+                                listing
+                                    .backups
+                                    .iter()
+                                    .filter(|m| m.with_files.iter().any(|s| s == name))
+                                    .map(|m| m.id.clone()),
+                            );
+                        }
+                    }
+                    Ok(_) | Err(_) => ids = None,
+                }
+            }
+            known.insert(p.database.as_str(), ids);
+        }
+        for m in &own.backups {
+            let why = match (&m.taken_with, &m.taken_with.as_deref().map(|d| known.get(d))) {
+                (Some(db), Some(None)) => Some(format!(
+                    "taken with database \"{db}\"'s backup {}, and this configuration does not take this set with that database: kept (delete it by hand once that backup is gone)",
+                    m.id
+                )),
+                (Some(db), Some(Some(None))) => Some(format!(
+                    "taken with database \"{db}\"'s backup {}; a destination of \"{db}\" is missing, cannot be listed or shows none of its backups: kept",
+                    m.id
+                )),
+                (Some(db), Some(Some(Some(ids)))) if ids.contains(&m.id) => Some(format!(
+                    "the files half of database \"{db}\"'s backup {}: kept while that backup exists",
+                    m.id
+                )),
+                (Some(_), _) => None,
+                // Written before `taken_with`: paired if a configured database says so.
+                (None, _) => known.iter().find_map(|(db, ids)| match ids {
+                    Some(ids) if ids.contains(&m.id) => Some(format!(
+                        "the files half of database \"{db}\"'s backup {}: kept while that backup exists",
+                        m.id
+                    )),
+                    _ => None,
+                }),
+            };
+            if let Some(why) = why {
+                kept.insert(m.id.clone(), why);
             }
         }
-        Ok(ids)
+        Ok(kept)
     }
 }
 

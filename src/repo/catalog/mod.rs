@@ -107,6 +107,11 @@ pub struct Manifest {
     /// otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writer: Option<WriterTag>,
+    /// A files set's backup taken with a database's backup under the same id
+    /// (`with-files`): that database. The set's rotation keeps it until that backup is
+    /// known to be gone. Absent otherwise (and in manifests written before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_with: Option<String>,
 }
 
 /// `writer` in a manifest.

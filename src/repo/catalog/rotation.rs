@@ -265,14 +265,15 @@ pub struct Rotation {
 
 /// Applies `keep` to the trusted backups in `store` (or, with `dry_run`, only
 /// decides). `just_made` is the id of the backup the calling run wrote, if any;
-/// `pinned` are ids a failed migration named (see [`super::pins`]), never deleted.
+/// `pinned` are ids never deleted, each with the reason shown (a failed migration
+/// named it, see [`super::pins`]; a database backup pairs with it).
 pub fn rotate(
     store: &dyn Storage,
     policy: &TrustPolicy,
     keep: &Keep,
     now: DateTime<Utc>,
     just_made: Option<&str>,
-    pinned: &std::collections::BTreeSet<String>,
+    pinned: &std::collections::BTreeMap<String, String>,
     dry_run: bool,
 ) -> io::Result<Rotation> {
     let listing = super::list(store, policy)?;
@@ -301,14 +302,11 @@ pub fn rotate(
                 );
             }
         }
-        for d in decisions
-            .iter_mut()
-            .filter(|d| !d.keep && pinned.contains(&d.id))
-        {
-            d.keep = true;
-            d.reasons.push(
-                "pinned: a failed migration named it; kept until a migration succeeds".to_owned(),
-            );
+        for d in decisions.iter_mut().filter(|d| !d.keep) {
+            if let Some(why) = pinned.get(&d.id) {
+                d.keep = true;
+                d.reasons.push(why.clone());
+            }
         }
         for d in decisions.iter_mut().filter(|d| unreadable.contains(&d.id)) {
             d.reasons.push(
@@ -1006,6 +1004,7 @@ mod tests {
                 files: None,
                 with_files: Vec::new(),
                 writer: None,
+                taken_with: None,
             };
             let json = serde_json::to_vec_pretty(&m).unwrap();
             std::fs::write(dest.path(&format!("{file_id}{MANIFEST}")), json).unwrap();
@@ -1239,8 +1238,13 @@ mod tests {
                 }
                 // Backups a failed migration named (see `pins`): never deleted,
                 // whatever the policy and whatever they are.
-                let pinned: BTreeSet<String> = genuine.iter().skip(1).step_by(3).cloned().collect();
-                protected.extend(pinned.iter().cloned());
+                let pinned: std::collections::BTreeMap<String, String> = genuine
+                    .iter()
+                    .skip(1)
+                    .step_by(3)
+                    .map(|id| (id.clone(), "pinned".to_owned()))
+                    .collect();
+                protected.extend(pinned.keys().cloned());
                 let before = files(root.path());
                 let policy = TrustPolicy {
                     database: "app".to_owned(),
