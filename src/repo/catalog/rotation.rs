@@ -1276,7 +1276,7 @@ mod tests {
                 // reading confirms goes once a newer good one exists, unless pinned.
                 let newest_good = good_ids.iter().map(|(at, _)| *at).max();
                 for (at, id) in &damaged {
-                    if newest_good.is_some_and(|t| *at < t) && !pinned.contains(id) {
+                    if newest_good.is_some_and(|t| *at < t) && !pinned.contains_key(id) {
                         prop_assert!(!after.contains(&format!("app/{id}{MANIFEST}")), "damaged {id} kept");
                     }
                 }
