@@ -1193,6 +1193,6 @@ fn adversary8_files_halves_stay_while_their_database_backups_may_exist() {
     // with the set's rotation.
     paired_config(&w, &tree, true, 1);
     let last = reported_id(&w.stdout(&["run-job", "app.backup"]));
-    assert_eq!(ids(&dbdest, "app"), [last.clone()]);
+    assert_eq!(ids(&dbdest, "app"), std::slice::from_ref(&last));
     assert_eq!(ids(&setdest, "storage"), [last]);
 }
