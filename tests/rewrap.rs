@@ -421,3 +421,105 @@ fn key_a_to_key_b_in_an_s3_bucket() {
     let again = run(&["key", "rewrap"]);
     assert!(again.contains("0 rewrapped, 2 already current"), "{again}");
 }
+
+/// Adversary round of issue 16, cases 02 and 03: with `identity-files` configured
+/// (a recipients-only rewrap needs it to read), a forgery made for the public
+/// recipient was rewrapped — or "repaired" when planted over a real backup's archive
+/// — and so got this host's writer tag: trusted, and restored as `latest`. A rewrap
+/// now vouches only for what a key file opens or this host's writer tag covers.
+#[test]
+fn a_rewrap_never_vouches_for_a_planted_archive() {
+    let w = Workdir::new();
+    make_db(&w);
+    let (id, id2) = (Identity::generate(), Identity::generate());
+    let id_file = w.path().join("id.txt");
+    id.save(&id_file).expect("save identity");
+    let for_recipients = |w: &Workdir, recipients: &[String], extra: &str| {
+        let list: Vec<String> = recipients.iter().map(|r| format!("\"{r}\"")).collect();
+        format!(
+            "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n[database.backup]\nschedule = \"manual\"\ndestination = \"{}\"\nrecipients = [{}]\n{extra}\n",
+            w.path().join("app.db").display(),
+            w.path().join("backups").display(),
+            list.join(", "),
+        )
+    };
+    let r1 = id.recipient().to_string();
+    w.write_config("", &for_recipients(&w, std::slice::from_ref(&r1), ""));
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    // The forger knows only the public recipient.
+    let forger = Workdir::new();
+    sqlite(
+        &forger.path().join("app.db"),
+        "CREATE TABLE t (x TEXT); INSERT INTO t VALUES ('FORGED');",
+    );
+    forger.write_config("", &for_recipients(&forger, std::slice::from_ref(&r1), ""));
+    std::thread::sleep(Duration::from_millis(1100));
+    forger.cmd(&["run-job", "app.backup"]).assert().success();
+    for f in std::fs::read_dir(forger.path().join("backups/app")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(
+            &f,
+            w.path().join("backups/app").join(f.file_name().unwrap()),
+        )
+        .unwrap();
+    }
+    // Case 02: a new recipient, and the identity to read with.
+    let identities = format!("identity-files = [\"{}\"]", id_file.display());
+    w.write_config(
+        "",
+        &for_recipients(&w, &[r1.clone(), id2.recipient().to_string()], &identities),
+    );
+    let out = w.cmd(&["key", "rewrap", "app"]).assert().code(1);
+    let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert!(text.contains("1 rewrapped"), "{text}");
+    assert!(text.contains("nothing proves this host wrote it"), "{text}");
+    // Without the identity (the writing host's view), the forgery is still
+    // untrusted, and the real backup, rewrapped, reads with the new identity.
+    w.write_config(
+        "",
+        &for_recipients(&w, &[r1.clone(), id2.recipient().to_string()], ""),
+    );
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert_eq!(list.matches("UNTRUSTED").count(), 1, "{list}");
+    let id2_file = w.path().join("id2.txt");
+    id2.save(&id2_file).expect("save identity");
+    let out_db = w.path().join("out.db");
+    w.cmd(&[
+        "restore",
+        "app",
+        "--to",
+        s(&out_db),
+        "--identity",
+        s(&id2_file),
+    ])
+    .assert()
+    .success();
+    assert_eq!(sqlite(&out_db, "SELECT count(*) FROM t;").trim(), "3");
+
+    // Case 03: a forgery copied over the real (rewrapped) backup's archive, as if a
+    // rewrap had been killed before the manifest: never "repaired".
+    let real = archives(&w.path().join("backups"), "app")
+        .into_iter()
+        .find(|a| !a.to_string_lossy().contains(&*forged_id(&forger)))
+        .expect("the real archive");
+    let planted = archives(&forger.path().join("backups"), "app").remove(0);
+    std::fs::copy(&planted, &real).unwrap();
+    w.write_config(
+        "",
+        &for_recipients(&w, &[r1, id2.recipient().to_string()], &identities),
+    );
+    let out = w.cmd(&["key", "rewrap", "app"]).assert().code(1);
+    let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert!(!text.contains("1 repaired"), "{text}");
+    std::fs::remove_file(&id_file).unwrap();
+}
+
+/// The id of the forger's one backup.
+fn forged_id(forger: &Workdir) -> String {
+    let a = archives(&forger.path().join("backups"), "app").remove(0);
+    a.file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches(".dbk")
+        .to_owned()
+}

@@ -6,8 +6,8 @@
 //! dbkeeper. Secrets (identities) never appear in `Debug` output or errors.
 
 use std::fmt;
-use std::io::Read;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -137,27 +137,7 @@ impl Identity {
     /// and one or more `AGE-SECRET-KEY-1…` lines. Like a key file, it must be a
     /// regular file not readable by group or others.
     pub fn load(path: &Path) -> Result<Vec<Identity>, KeyError> {
-        let read_err = |source| KeyError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let meta = std::fs::metadata(path).map_err(read_err)?;
-        if !meta.is_file() {
-            return Err(KeyError::NotAFile {
-                path: path.to_owned(),
-            });
-        }
-        let mode = meta.mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::Permissions {
-                path: path.to_owned(),
-                mode,
-            });
-        }
-        let mut raw = Zeroizing::new(Vec::new());
-        std::fs::File::open(path)
-            .and_then(|f| f.take(MAX_IDENTITY_FILE).read_to_end(&mut raw))
-            .map_err(read_err)?;
+        let raw = super::read_secret_file(path, MAX_IDENTITY_FILE)?;
         let bad = |reason: String| KeyError::AgeFile {
             path: path.to_owned(),
             reason,

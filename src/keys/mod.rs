@@ -69,6 +69,34 @@ pub enum KeyError {
     BadRecipient { text: String, reason: String },
 }
 
+/// The contents (at most `max` bytes) of a secret file (a key file, an age
+/// identity file): a regular file, not readable by group or others; anything else is
+/// refused with the reason.
+pub(crate) fn read_secret_file(path: &Path, max: u64) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    let read_err = |source| KeyError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(KeyError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::Permissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let mut raw = Zeroizing::new(Vec::new());
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max).read_to_end(&mut raw))
+        .map_err(read_err)?;
+    Ok(raw)
+}
+
 /// A 32-byte key with its public id. The key bytes are wiped on drop and never printed.
 #[derive(Clone)]
 pub struct Key {
@@ -115,32 +143,12 @@ impl Key {
     /// Loads a key file: a regular file, not readable by group or others, holding 32
     /// raw bytes or 64 hex digits (surrounding whitespace ignored).
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let read_err = |source| KeyError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let meta = std::fs::metadata(path).map_err(read_err)?;
-        if !meta.is_file() {
-            return Err(KeyError::NotAFile {
-                path: path.to_owned(),
-            });
-        }
-        let mode = meta.mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::Permissions {
-                path: path.to_owned(),
-                mode,
-            });
-        }
         let format = |problem: String| KeyError::Format {
             path: path.to_owned(),
             problem,
         };
-        let mut raw = Zeroizing::new(Vec::new());
         // Never read more than a key file can hold, whatever the file turns out to be.
-        std::fs::File::open(path)
-            .and_then(|f| f.take(256).read_to_end(&mut raw))
-            .map_err(read_err)?;
+        let raw = read_secret_file(path, 256)?;
         let mut key = [0u8; KEY_LEN];
         let text = std::str::from_utf8(&raw).map(str::trim).unwrap_or("");
         if text.len() == 2 * KEY_LEN && text.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -103,6 +103,46 @@ pub enum RewrapError {
     ReadBack(String),
     #[error("the archive is made for the new keys but its manifest cannot be repaired: {0}")]
     Unrepairable(String),
+    #[error("nothing proves this host wrote it ({0}); an identity alone proves only that it was made for you, and rewrapping would vouch for a planted archive: left as it is (check it, then delete it or restore it by hand)")]
+    NotWrittenHere(String),
+}
+
+/// Whether this host can tell that it wrote the archive: a key file of the
+/// configuration opens it (only holders of the key make such archives), or it is
+/// made for recipients only and its manifest's writer tag checks with this host's
+/// writer key (`policy.writer`). An identity opening it proves nothing of the kind:
+/// anyone who knows the public recipient makes archives it opens, and a rewrap (new
+/// wraps, a new writer tag) or a repair would then vouch for a planted archive
+/// (adversary round of issue 16, cases 02 and 03).
+fn written_here(
+    object: &dyn Object,
+    header: &Header,
+    envelope: &[u8],
+    manifest: &Manifest,
+    keys: &KeyRing,
+    policy: &TrustPolicy,
+) -> Result<(), RewrapError> {
+    use std::io::Read;
+    let key_files = KeyRing::new(keys.clone().into_keys());
+    if key_files.may_open(&header.made_for()) {
+        let opened = ArchiveReader::open(
+            object
+                .read(None)
+                .map_err(storage("cannot read the archive"))?,
+            &key_files,
+        )
+        .and_then(|mut r| r.read(&mut [0u8; 1]).map_err(ArchiveError::Io).map(|_| ()));
+        return opened.map_err(|e| {
+            RewrapError::NotWrittenHere(format!("its key file does not open it: {e}"))
+        });
+    }
+    if catalog::trust::recipients_only(header) {
+        return catalog::trust::check_writer(manifest, header, envelope, policy)
+            .map_err(|e| RewrapError::NotWrittenHere(e.to_string()));
+    }
+    Err(RewrapError::NotWrittenHere(
+        "no configured key file opens it".to_owned(),
+    ))
 }
 
 fn storage(what: impl Into<String>) -> impl FnOnce(io::Error) -> RewrapError {
@@ -201,6 +241,7 @@ pub fn rewrap_backup(
             "its archive is not made for the new keys".to_owned(),
         ));
     }
+    written_here(&*object, &header, &envelope, manifest, keys, policy)?;
     if dry_run {
         // Only the prefix is read: the current keys must open it.
         archive::rewrap(
@@ -394,6 +435,9 @@ fn current_or_repair(
     if agrees {
         return Ok(Outcome::AlreadyCurrent);
     }
+    // The archive was replaced: only a key file proves that this host's rewrap
+    // did it (a recipients-only one carries no tag of its new envelope yet).
+    written_here(object, header, envelope, manifest, keys, policy)?;
     let ring = target.ring(keys);
     if !ring.may_open(&header.made_for()) {
         return Err(RewrapError::Unrepairable(
