@@ -7,7 +7,6 @@
 
 use std::fmt;
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -167,26 +166,13 @@ impl Identity {
     /// Writes this identity to a new file (mode 0600) in `age-keygen`'s format.
     pub fn save(&self, path: &Path) -> Result<(), KeyError> {
         use ::age::secrecy::ExposeSecret;
-        use std::io::Write;
-        let create_err = |source| KeyError::Create {
-            path: path.to_owned(),
-            source,
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(create_err)?;
         let secret = self.inner.to_string();
         let text = Zeroizing::new(format!(
             "# public key: {}\n{}\n",
             self.recipient,
             secret.expose_secret()
         ));
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(create_err)
+        super::write_secret_file(path, &text)
     }
 
     /// Decrypts a data key wrapped by [`Recipient::wrap`]; `None` if it was not

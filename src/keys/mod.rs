@@ -97,6 +97,24 @@ pub(crate) fn read_secret_file(path: &Path, max: u64) -> Result<Zeroizing<Vec<u8
     Ok(raw)
 }
 
+/// Writes `text` to a new secret file (mode 0600, synced); never overwrites one.
+pub(crate) fn write_secret_file(path: &Path, text: &str) -> Result<(), KeyError> {
+    use std::io::Write;
+    let create_err = |source| KeyError::Create {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(create_err)?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(create_err)
+}
+
 /// A 32-byte key with its public id. The key bytes are wiped on drop and never printed.
 #[derive(Clone)]
 pub struct Key {
@@ -169,22 +187,9 @@ impl Key {
     /// Writes a new random key as 64 hex digits to a new file with mode 0600 and
     /// returns it. Refuses to overwrite an existing file.
     pub fn generate(path: &Path) -> Result<Self, KeyError> {
-        use std::io::Write;
         let key = Self::random()?;
-        let create_err = |source| KeyError::Create {
-            path: path.to_owned(),
-            source,
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(create_err)?;
         let text = Zeroizing::new(format!("{}\n", hex::encode(*key.bytes)));
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(create_err)?;
+        write_secret_file(path, &text)?;
         Ok(key)
     }
 

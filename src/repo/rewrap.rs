@@ -243,16 +243,7 @@ pub fn rewrap_backup(
     }
     written_here(&*object, &header, &envelope, manifest, keys, policy)?;
     if dry_run {
-        // Only the prefix is read: the current keys must open it.
-        archive::rewrap(
-            &mut object
-                .read(None)
-                .map_err(storage("cannot read the archive"))?,
-            keys,
-            target.key,
-            target.recipients,
-        )?;
-        return Ok(Outcome::WouldRewrap);
+        return would_rewrap(&*object, keys, target);
     }
     let Replacement {
         upload,
@@ -278,6 +269,23 @@ pub fn rewrap_backup(
     )))?;
     drop(guard);
     Ok(Outcome::Rewrapped)
+}
+
+/// `--dry-run`: only the prefix is read, and the current keys must open it.
+fn would_rewrap(
+    object: &dyn Object,
+    keys: &KeyRing,
+    target: &Target<'_>,
+) -> Result<Outcome, RewrapError> {
+    archive::rewrap(
+        &mut object
+            .read(None)
+            .map_err(storage("cannot read the archive"))?,
+        keys,
+        target.key,
+        target.recipients,
+    )?;
+    Ok(Outcome::WouldRewrap)
 }
 
 /// A rewrapped archive, written and read back, not yet published.
@@ -373,15 +381,7 @@ pub fn rewrap_export(
         return Ok(Outcome::AlreadyCurrent);
     }
     if dry_run {
-        archive::rewrap(
-            &mut object
-                .read(None)
-                .map_err(storage("cannot read the archive"))?,
-            keys,
-            target.key,
-            target.recipients,
-        )?;
-        return Ok(Outcome::WouldRewrap);
+        return would_rewrap(&*object, keys, target);
     }
     let upload = write_replacement(store, name, &*object, keys, target)?.upload;
     drop(
