@@ -165,6 +165,11 @@ def write_config(work, pg_name, lite, variant=""):
         "gzip6": 'compression = "gzip"\nlevel = 6',
         "gzip4": 'compression = "gzip"\nlevel = 4',
     }.get(variant, "")
+    encryption = f'encryption-key-file = "{work}/bench.key"'
+    if variant == "recipients":
+        # The data key wrapped for an age recipient instead of the key file.
+        recipient = (work / "bench-age.txt").read_text().split("public key: ")[1].split()[0]
+        encryption = f'recipients = ["{recipient}"]'
     databases = "".join(
         f"""
 [[database]]
@@ -173,7 +178,7 @@ url = "{url}"
 [database.backup]
 schedule = "manual"
 destination = "{work}/backups"
-encryption-key-file = "{work}/bench.key"
+{encryption}
 keep = {{ last = 1 }}
 {settings}
 """
@@ -234,6 +239,12 @@ def main():
     cfg_gz6 = write_config(work, big_pg, big_lite, "gzip6")
     cfg_gz4 = write_config(work, big_pg, big_lite, "gzip4")
     cfg_small = write_config(work, small_pg, small_lite, "small")
+    cfg_rcpt = None
+    if shutil.which("age-keygen"):
+        identity = work / "bench-age.txt"
+        identity.unlink(missing_ok=True)
+        sh(["age-keygen", "-o", str(identity)])
+        cfg_rcpt = write_config(work, big_pg, big_lite, "recipients")
     env = dict(os.environ, RUST_LOG="warn")
     url = f"{PG}/{big_pg}"
     rows = []
@@ -248,6 +259,16 @@ def main():
         restore_section(args, cfg, out, env)
         return
 
+    def recipients_row(db):
+        """The default backup of `db` with the data key wrapped for an age recipient
+        instead of the key file: its time, or None without age-keygen."""
+        if not cfg_rcpt:
+            return None
+        t, m = median_run(f"{BIN} run-job -c {cfg_rcpt} {db}.backup", args.runs, env)
+        row("dbkeeper (defaults, age recipient instead of key)", t, m,
+            newest_archive(work / "backups" / db).stat().st_size)
+        return t
+
     print("PostgreSQL")
     t, m = median_run(f"{BIN} run-job -c {cfg} pg.backup", args.runs, env)
     dbk_pg_size = newest_archive(work / "backups" / "pg").stat().st_size
@@ -260,6 +281,7 @@ def main():
     row("dbkeeper (gzip 6, encrypted, verify=read)", t, m, newest_archive(work / "backups" / "pg").stat().st_size)
     t, m = median_run(f"{BIN} run-job -c {cfg_gz4} pg.backup", args.runs, env)
     row("dbkeeper (gzip 4, encrypted, verify=read)", t, m, newest_archive(work / "backups" / "pg").stat().st_size)
+    dbk_pg_rcpt = recipients_row("pg")
     t, m = median_run(f"pg_dump -Fc -f {out}/fc.dump {url}", args.runs)
     fc_size = (out / "fc.dump").stat().st_size
     row("pg_dump -Fc", t, m, fc_size)
@@ -279,6 +301,7 @@ def main():
     dbk_lite_size = newest_archive(work / "backups" / "lite").stat().st_size
     row("dbkeeper (defaults: zstd 3, encrypted, verify=read)", t, m, dbk_lite_size)
     dbk_lite = t
+    dbk_lite_rcpt = recipients_row("lite")
     t, m = median_run(
         f"set -o pipefail; rm -f {out}/copy.db; sqlite3 {big_lite} '.backup {out}/copy.db' && "
         f"gzip -6 -c {out}/copy.db | openssl enc -aes-256-cbc -pbkdf2 -pass file:{pass_file} > {out}/lite.enc",
@@ -312,6 +335,11 @@ def main():
     print(f"    (verify=none: {dbk_pg_nv / fc:.2f} of -Fc, {dbk_pg_nv / floor:.2f} of the floor)")
     print(f"  dbkeeper PG time / pg_dump|gzip|openssl    {dbk_pg / pipe:5.2f}")
     print(f"  dbkeeper SQLite time / .backup+gzip+openssl {dbk_lite / lite_pipe:5.2f}  [<= 0.50]")
+    if dbk_pg_rcpt:
+        print(f"  age recipient time / key file time         {dbk_pg_rcpt / dbk_pg:5.2f} (PostgreSQL), "
+              f"{dbk_lite_rcpt / dbk_lite:.2f} (SQLite)  [~1.00: one X25519 operation per backup]")
+    else:
+        print("  age recipient vs key file: skipped (age-keygen is not installed: apt-get install age)")
     print(f"  decrypt+decompress speed                   {read_speed:5.0f} MiB/s  [>= 300 MB/s]")
     print(f"  peak RSS                                   {max(m_big, m_small, m_small_lite):5.1f} MiB  [<= 64 MiB]")
     print()
@@ -464,7 +492,7 @@ url = "{PG}/{pg_name}"
 [database.backup]
 schedule = "manual"
 destination = {destination}
-encryption-key-file = "{work}/bench.key"
+{encryption}
 keep = {{ last = 1 }}
 {settings}
 """)

@@ -65,6 +65,20 @@ fn sqlite_round_trip_for_a_recipient_with_no_secret_in_the_config() {
         "{list}"
     );
     assert!(!list.contains("UNTRUSTED"), "{list}");
+    // The KEY column: the recipient's fingerprint (its first 12 and last 4
+    // characters), no key id.
+    let chars: Vec<char> = recipient.chars().collect();
+    let fingerprint = format!(
+        "{}…{}",
+        chars[..12].iter().collect::<String>(),
+        chars[chars.len() - 4..].iter().collect::<String>()
+    );
+    assert!(
+        list.lines()
+            .filter(|l| l.contains("app"))
+            .all(|l| l.contains(&fingerprint) && !l.contains("key ")),
+        "{list}"
+    );
     // Read back with the identity only.
     let out = w.path().join("out.db");
     w.cmd(&["restore", "app", "--to", s(&out), "--identity", s(&id_file)])

@@ -523,3 +523,90 @@ fn forged_id(forger: &Workdir) -> String {
         .trim_end_matches(".dbk")
         .to_owned()
 }
+
+/// A daemon still running with the old key while `key rewrap` runs (the operator
+/// forgot to reload it) writes backups the rewrap never saw. The rewrap must not
+/// end with "done" (exit 0) then: the operator would destroy the old key those
+/// backups need. Every backup that finished before the rewrap's last archive line
+/// was printed (so before its closing re-list) is named, and the run exits 1.
+#[test]
+fn a_backup_written_with_the_old_key_during_a_rewrap_is_reported() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let w = Workdir::new();
+    make_db(&w);
+    let a = w.key("a.key");
+    let b = w.key("b.key");
+    let n = 150;
+    plant(&w, &a, n);
+    // The daemon's config, never reloaded: still key A, keeping everything.
+    config(&w, &a, "keep = { last = -1 }");
+    let old = w.path().join("old.toml");
+    std::fs::copy(w.config_path(), &old).expect("old config");
+    config(&w, &b, &decryption(&[&a]));
+
+    let mut rewrap = Command::new(BIN)
+        .args(["key", "rewrap", "-c", s(&w.config_path())])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("rewrap");
+    let stdout = rewrap.stdout.take().expect("stdout");
+    let lines = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(stdout).lines() {
+                let line = line.expect("line");
+                if line.ends_with(": rewrapped") {
+                    lines.fetch_add(1, Ordering::SeqCst);
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        })
+    };
+    // Old-key backups, one after another, until the rewrap has printed its last
+    // archive line; only those that finished before it count.
+    let mut surely_seen_late = 0;
+    while lines.load(Ordering::SeqCst) < n {
+        let before = lines.load(Ordering::SeqCst);
+        let out = Command::new(BIN)
+            .args(["run-job", "app.backup", "-c", s(&old)])
+            .output()
+            .expect("run-job");
+        assert!(out.status.success(), "{out:?}");
+        if before > 0 && lines.load(Ordering::SeqCst) < n {
+            surely_seen_late += 1;
+        }
+    }
+    let status = rewrap.wait().expect("wait");
+    let out = reader.join().expect("reader");
+    assert!(
+        surely_seen_late > 0,
+        "no backup finished during the rewrap; the test proved nothing:\n{out}"
+    );
+    let named = out
+        .lines()
+        .filter(|l| l.contains("written during the rewrap"))
+        .count();
+    assert!(named >= surely_seen_late, "{surely_seen_late} late:\n{out}");
+    assert_eq!(status.code(), Some(1), "{out}");
+    // Once the daemon is reloaded, a new backup is made with key B: the newest
+    // trusted backup needs no old key, and `backup list` says which key it has.
+    w.stdout(&["run-job", "app.backup"]);
+    let list = w.stdout(&["backup", "list", "app"]);
+    let b_id = dbkeeper::keys::Key::load(&b)
+        .expect("key b")
+        .id()
+        .to_owned();
+    let newest = list
+        .lines()
+        .rfind(|l| l.contains(" app ") && !l.contains("UNTRUSTED"))
+        .expect("a trusted backup");
+    assert!(newest.contains(&format!("key {b_id}")), "{list}");
+    assert!(list.contains("KEY"), "{list}");
+}

@@ -280,6 +280,7 @@ pub fn list(config: &Config, only: Option<&str>) -> anyhow::Result<Exit> {
         "SIZE",
         "RAW SIZE",
         "ROLES",
+        "KEY",
         "VERIFIED",
     ];
     // The pairing of `with-files`, shown only where there is one.
@@ -340,6 +341,7 @@ fn list_rows(
             human_bytes(m.stored_bytes),
             human_bytes(m.raw_bytes),
             roles_cell(m),
+            key_cell(listing.made_for(&m.id)),
             verified,
         ]);
         let present: Vec<&str> = m
@@ -368,6 +370,7 @@ fn list_rows(
             "-".to_owned(),
             "-".to_owned(),
             "-".to_owned(),
+            "-".to_owned(),
             format!(
                 "UNTRUSTED: {}{}",
                 r.reason,
@@ -377,6 +380,31 @@ fn list_rows(
             ),
         ]);
     }
+}
+
+/// The KEY cell: the key ids and recipients an archive was made for, recipients cut
+/// to a fingerprint (`age1` and 8 characters, `…`, the last 4) that tells them apart
+/// in a table; `none` for an unencrypted archive.
+fn key_cell(made_for: &[String]) -> String {
+    if made_for.is_empty() {
+        return "none".to_owned();
+    }
+    made_for
+        .iter()
+        .map(|entry| match entry.strip_prefix("recipient ") {
+            Some(r) => {
+                let chars: Vec<char> = r.chars().collect();
+                if chars.len() <= 20 {
+                    return r.to_owned();
+                }
+                let head: String = chars[..12].iter().collect();
+                let tail: String = chars[chars.len() - 4..].iter().collect();
+                format!("{head}…{tail}")
+            }
+            None => entry.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub async fn verify(

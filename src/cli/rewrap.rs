@@ -3,6 +3,8 @@
 //! config's current `encryption-key-file` and `recipients` (see
 //! [`crate::repo::rewrap`]). One line per archive, then a summary.
 
+use std::collections::BTreeSet;
+
 use anyhow::{bail, Context};
 
 use super::backup::{places_from, trust_policy_of};
@@ -51,6 +53,52 @@ fn report(tally: &mut Tally, what: &str, result: Result<Outcome, impl std::fmt::
             tally.skipped += 1;
             tally.problems += 1;
         }
+    }
+}
+
+/// Backups that appeared in `store` while it was being rewrapped (not in `seen`) and
+/// are not made for the target: a daemon or another host still writing with the old
+/// key, which the operator is about to destroy. Such a backup is listed as trusted,
+/// or (newer than the first backup under the current key) as made with a retired
+/// key; each is reported and makes the run fail, so "done" is never said while a
+/// backup needs the old key.
+fn late_arrivals(
+    store: &dyn storage::Storage,
+    policy: &catalog::TrustPolicy,
+    seen: &BTreeSet<String>,
+    target: &Target,
+    tally: &mut Tally,
+    what: &str,
+) {
+    let Ok(after) = catalog::list(store, policy) else {
+        return;
+    };
+    let wanted = target.made_for();
+    let trusted = after.backups.iter().filter_map(|m| {
+        let made_for: BTreeSet<String> = after.made_for(&m.id).iter().cloned().collect();
+        (!made_for.is_empty() && made_for != wanted).then(|| {
+            let made_for = made_for.into_iter().collect::<Vec<_>>().join(", ");
+            (
+                m.id.clone(),
+                format!("still made for {made_for}: run key rewrap again"),
+            )
+        })
+    });
+    // Newer than the first backup under the current key: nothing tells it from one
+    // forged with the leaked key, so it is never rewrapped; a new backup replaces it.
+    let retired = after.untrusted.iter().filter_map(|r| match (&r.reason, &r.manifest) {
+        (Untrusted::RetiredKey { key, .. }, Some(m)) => Some((
+            m.id.clone(),
+            format!("made with the retired key {key}, which nothing tells from a forgery: not rewrapped; take a new backup (dbkeeper run-job {}.backup)", m.database),
+        )),
+        _ => None,
+    });
+    for (id, what_now) in trusted.chain(retired).filter(|(id, _)| !seen.contains(id)) {
+        println!(
+            "{what} {id}: written during the rewrap (is a daemon running with the old key? reload it: systemctl reload dbkeeper), {what_now}"
+        );
+        tally.skipped += 1;
+        tally.problems += 1;
     }
 }
 
@@ -132,6 +180,19 @@ pub fn key_rewrap(
             // key are all older than those under the current one, which is what the
             // retired-key rule of the listing accepts.
             work.extend(listing.backups.iter().rev().map(|m| (m.clone(), true)));
+            // Every id listed before the work, trusted or not: what appears after it
+            // was written meanwhile.
+            let seen: BTreeSet<String> = listing
+                .backups
+                .iter()
+                .map(|m| m.id.clone())
+                .chain(
+                    listing
+                        .untrusted
+                        .iter()
+                        .filter_map(|r| catalog::id_of_manifest_file(&r.file).map(str::to_owned)),
+                )
+                .collect();
             for (m, trusted) in work {
                 let result =
                     rewrap_backup(&*place.store, &m, trusted, &keys, &target, &policy, dry_run);
@@ -144,6 +205,16 @@ pub fn key_rewrap(
                     }
                 });
                 report(&mut tally, &what, result);
+            }
+            if !dry_run {
+                late_arrivals(
+                    &*place.store,
+                    &policy,
+                    &seen,
+                    &target,
+                    &mut tally,
+                    &format!("{name} {label}"),
+                );
             }
         }
         // The exports of retention rules with `archive = true`: no manifest, in

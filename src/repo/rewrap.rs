@@ -33,7 +33,7 @@ pub struct Target<'a> {
 impl Target<'_> {
     /// What an archive made for this target is made for, as
     /// [`Header::made_for`] lists it.
-    fn made_for(&self) -> BTreeSet<String> {
+    pub fn made_for(&self) -> BTreeSet<String> {
         self.key
             .map(|k| format!("key {}", k.id()))
             .into_iter()

@@ -206,9 +206,18 @@ pub struct Listing {
     pub backups: Vec<Manifest>,
     pub untrusted: Vec<Rejected>,
     pub duplicates: Vec<DuplicateId>,
+    /// What each trusted backup's archive was made for, by id: `key <id>` and
+    /// `recipient age1…` entries from its authenticated header (see
+    /// [`Header::made_for`]).
+    pub made_for: HashMap<String, Vec<String>>,
 }
 
 impl Listing {
+    /// What the trusted backup `id` was made for (empty: unencrypted or unknown).
+    pub fn made_for(&self, id: &str) -> &[String] {
+        self.made_for.get(id).map_or(&[], Vec::as_slice)
+    }
+
     /// The duplicate-id group the manifest file `file` belongs to, if any.
     pub fn duplicate_of(&self, file: &str) -> Option<&DuplicateId> {
         self.duplicates
@@ -225,13 +234,17 @@ pub fn list(store: &dyn Storage, policy: &TrustPolicy) -> io::Result<Listing> {
     // Trusted backups by their archive's header bytes: a copy of an archive (a
     // duplicate under another `.n` id, a hard link) has the same header as the
     // original, while two genuine archives never do (random data key and nonce).
-    let mut by_header: HashMap<Vec<u8>, Vec<Manifest>> = HashMap::new();
+    let mut by_header: HashMap<Vec<u8>, (Vec<String>, Vec<Manifest>)> = HashMap::new();
     for name in store.list("")? {
         if !name.ends_with(MANIFEST_SUFFIX) || name.starts_with('.') {
             continue;
         }
         match examine(store, &name, policy) {
-            (Some(m), Ok(header)) => by_header.entry(header).or_default().push(m),
+            (Some(m), Ok((header, made_for))) => {
+                let entry = by_header.entry(header).or_default();
+                entry.0 = made_for;
+                entry.1.push(m);
+            }
             (manifest, verdict) => listing.untrusted.push(Rejected {
                 file: name,
                 manifest,
@@ -239,7 +252,7 @@ pub fn list(store: &dyn Storage, policy: &TrustPolicy) -> io::Result<Listing> {
             }),
         }
     }
-    for (_, mut same) in by_header {
+    for (_, (made_for, mut same)) in by_header {
         // The original is the id without a suffix, or with the lowest one.
         same.sort_by(|a, b| id_order(&a.id).cmp(&id_order(&b.id)));
         let mut same = same.into_iter();
@@ -253,6 +266,7 @@ pub fn list(store: &dyn Storage, policy: &TrustPolicy) -> io::Result<Listing> {
                 manifest: Some(copy),
             });
         }
+        listing.made_for.insert(original.id.clone(), made_for);
         listing.backups.push(original);
     }
     listing
@@ -365,13 +379,18 @@ fn duplicate_ids(listing: &Listing) -> Vec<DuplicateId> {
 /// endless one must not be read into memory).
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
+/// What [`examine`] finds of a trusted backup: its archive header's exact bytes, and
+/// what the archive was made for.
+type Authentic = (Vec<u8>, Vec<String>);
+
 /// Reads one manifest and its archive's authenticated header and judges them; with
-/// the header's exact bytes, which tell a copy of an archive from another archive.
+/// the header's exact bytes, which tell a copy of an archive from another archive, and
+/// what the archive was made for.
 fn examine(
     store: &dyn Storage,
     name: &str,
     policy: &TrustPolicy,
-) -> (Option<Manifest>, Result<Vec<u8>, Untrusted>) {
+) -> (Option<Manifest>, Result<Authentic, Untrusted>) {
     let manifest = match read_manifest(store, name) {
         Ok(m) => m,
         Err(e) => return (None, Err(e)),
@@ -387,7 +406,7 @@ fn examine(
             if !opened && trust::recipients_only(&header) {
                 trust::check_writer(&manifest, &header, &bytes, policy)?;
             }
-            Ok(bytes)
+            Ok((bytes, header.made_for()))
         },
     );
     (Some(manifest), verdict)
