@@ -207,3 +207,80 @@ fn postgres_round_trip_for_a_recipient() {
         "pg-one,pg-two"
     );
 }
+
+/// Adversary round 2, case 03: `backup verify` with an identity that does not open
+/// the backup, or asked for a restore test with none, never looks like a pass.
+#[test]
+fn verify_with_a_wrong_identity_or_none_for_a_restore_test_fails() {
+    let w = Workdir::new();
+    let (_, recipient) = identity(&w, "id");
+    let (wrong, _) = identity(&w, "wrong");
+    sqlite_config(&w, &recipient);
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    w.cmd(&["backup", "verify", "app", "--identity", s(&wrong)])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains(&recipient));
+    w.cmd(&["backup", "verify", "app", "--restore-test"])
+        .assert()
+        .code(3);
+    // With no identity and no restore test, the partial check still passes and
+    // says what it did not do.
+    w.cmd(&["backup", "verify", "app"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("NOT authenticated"));
+}
+
+/// Adversary round 2, case 04: on the writing host (it has a writer key), an
+/// identity opening a backup proves only that it was made for the recipient: a
+/// forgery planted by someone who knows the public recipient stays untrusted, and
+/// `restore --identity` restores the genuine latest backup, not the forgery.
+#[test]
+fn an_identity_on_the_writing_host_never_vouches_for_a_forgery() {
+    let w = Workdir::new();
+    let (id_file, recipient) = identity(&w, "id");
+    sqlite_config(&w, &recipient);
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let forger = Workdir::new();
+    sqlite(
+        &forger.path().join("app.db"),
+        "CREATE TABLE t (x TEXT); INSERT INTO t VALUES ('EVIL');",
+    );
+    forger.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n{}",
+            forger.path().join("app.db").display(),
+            backup_for(&w, &recipient, "")
+        ),
+    );
+    forger.cmd(&["run-job", "app.backup"]).assert().success();
+    // The writing host also restores: its identity is in the config.
+    w.write_config(
+        "",
+        &format!(
+            "[[database]]\nname = \"app\"\nurl = \"sqlite://{}\"\n{}",
+            w.path().join("app.db").display(),
+            backup_for(
+                &w,
+                &recipient,
+                &format!("identity-files = [\"{}\"]", id_file.display())
+            )
+        ),
+    );
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert_eq!(list.matches("UNTRUSTED").count(), 1, "{list}");
+    assert!(list.contains("this host did not write it"), "{list}");
+    let out = w.path().join("out.db");
+    w.cmd(&["restore", "app", "--to", s(&out), "--identity", s(&id_file)])
+        .assert()
+        .success();
+    assert_eq!(sqlite(&out, "SELECT count(*) FROM t;").trim(), "2");
+    // A host that writes none (a rebuilt server, no writer key) trusts what its
+    // identity opens, as the README says: both are listed there.
+    std::fs::remove_file(w.path().join("state/writer.key")).expect("writer key");
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert!(!list.contains("UNTRUSTED"), "{list}");
+}

@@ -426,9 +426,13 @@ pub async fn verify(
         VerifyMode::Read
     };
     let cancel = cancel_on_signal();
-    if let Some(made_for) = unreadable_here(&*dest, &manifest, &b.keys)? {
-        // Made for recipients whose identity is not here: what can be checked without
-        // it is, and the reader is told what was not.
+    // Made for recipients and no identity at all here: what can be checked without
+    // one is, and the reader is told what was not. With an identity that does not
+    // open it, or asked for a restore test, the full read below fails (exit 3) saying
+    // what the archive was made for and what is here (adversary round 2 of issue 16,
+    // case 03: a wrong identity must never look like a passed check).
+    let partial = b.keys.identities().is_empty() && !restore_test;
+    if let Some(made_for) = unreadable_here(&*dest, &manifest, &b.keys)?.filter(|_| partial) {
         let archive = verifying::open_archive(&*dest, &manifest.archive_name())
             .with_context(|| format!("backup {} in {}", manifest.id, place.label()))?;
         verifying::stored_sha_matches(&*archive, &manifest.sha256, &cancel)

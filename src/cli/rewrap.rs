@@ -56,6 +56,47 @@ fn report(tally: &mut Tally, what: &str, result: Result<Outcome, impl std::fmt::
     }
 }
 
+/// The backups (id, raw size) that the destinations other than `here` hold trusted
+/// and made for `target`: their copies here under a retired key are the same backups,
+/// not yet rewrapped.
+fn current_twins(
+    places: &[storage::Place],
+    here: &storage::Place,
+    policy: &catalog::TrustPolicy,
+    target: &Target,
+) -> std::collections::HashMap<String, u64> {
+    let wanted = target.made_for();
+    places
+        .iter()
+        .filter(|p| p.label() != here.label())
+        .filter_map(|p| catalog::list(&*p.store, policy).ok())
+        .flat_map(|listing| {
+            let current: Vec<(String, u64)> = listing
+                .backups
+                .iter()
+                .filter(|m| {
+                    listing
+                        .made_for(&m.id)
+                        .iter()
+                        .cloned()
+                        .collect::<BTreeSet<_>>()
+                        == wanted
+                })
+                .map(|m| (m.id.clone(), m.raw_bytes))
+                .collect();
+            current
+        })
+        .collect()
+}
+
+/// The configured folder of a local destination, when it does not exist.
+fn missing_folder(place: &storage::Place) -> Option<std::path::PathBuf> {
+    match &place.config.location {
+        crate::config::Location::Local(dir) if !dir.exists() => Some(dir.clone()),
+        _ => None,
+    }
+}
+
 /// Backups that appeared in `store` while it was being rewrapped (not in `seen`) and
 /// are not made for the target: a daemon or another host still writing with the old
 /// key, which the operator is about to destroy. Such a backup is listed as trusted,
@@ -134,6 +175,22 @@ pub fn key_rewrap(
             tally.problems += 1;
             continue;
         }
+        // The rotation is under way: from now on, nothing newer made with the old key
+        // is believed (a state directory not made yet is made by the writer key
+        // below, or has nothing to remember against).
+        if !dry_run {
+            if let Some(current) = crate::jobs::backup::current_key_id(key.as_ref(), &recipients) {
+                if config.daemon.state_dir.is_dir() {
+                    catalog::note_current_key(
+                        &config.daemon.state_dir,
+                        name,
+                        &current,
+                        chrono::Utc::now(),
+                    )
+                    .context("cannot record the key change in the state directory")?;
+                }
+            }
+        }
         // Made for recipients only, the manifest carries this host's writer tag;
         // a dry run creates nothing, so a throwaway key stands in for a missing one.
         let writer = match (&key, dry_run) {
@@ -153,7 +210,8 @@ pub fn key_rewrap(
             writer: writer.as_ref(),
         };
         let policy = trust_policy_of(config, name, b)?;
-        for place in places_from(b, name, from)? {
+        let places = places_from(b, name, from)?;
+        for place in &places {
             let label = place.label();
             let listing = match catalog::list(&*place.store, &policy) {
                 Ok(l) => l,
@@ -164,10 +222,32 @@ pub fn key_rewrap(
                     continue;
                 }
             };
+            if let Some(missing) = missing_folder(&place) {
+                // An unmounted disk lists as empty: saying nothing would let the
+                // operator destroy the old key its backups need (adversary round 2
+                // of issue 16, case 02).
+                println!(
+                    "{name} {label}: skipped: the destination folder {} does not exist (not mounted?); its backups, if any, were not rewrapped",
+                    missing.display()
+                );
+                tally.skipped += 1;
+                tally.problems += 1;
+                continue;
+            }
+            let twins = current_twins(&places, &place, &policy, &target);
             let mut work: Vec<(catalog::Manifest, bool)> = Vec::new();
             for r in &listing.untrusted {
                 match &r.manifest {
                     Some(m) if maybe_interrupted(&r.reason) => work.push((m.clone(), false)),
+                    // A copy of a backup another destination holds already rewrapped
+                    // (a run cut short, `--from` one destination at a time): that
+                    // copy moved the retired key's boundary before this one.
+                    Some(m)
+                        if matches!(r.reason, Untrusted::RetiredKey { .. })
+                            && twins.get(&m.id) == Some(&m.raw_bytes) =>
+                    {
+                        work.push((m.clone(), true))
+                    }
                     _ => {
                         let id = catalog::id_of_manifest_file(&r.file).unwrap_or(&r.file);
                         println!("{name} {label} {id}: skipped: untrusted: {}", r.reason);

@@ -189,6 +189,8 @@ impl Job {
                 if startup {
                     b.clean_scratch(database);
                 }
+                // Before the policy: a key rotation just loaded retires the old key now.
+                b.note_current_key(database);
                 let policy = b.trust_policy(database, false);
                 for place in b.places(database) {
                     let local = place.config.location.is_local();

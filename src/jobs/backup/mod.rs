@@ -101,19 +101,41 @@ impl Subject<'_> {
     }
 }
 
+/// The id new archives show and the retired-key rule calls current: the key file's,
+/// else that of the recipient set (a version 3 archive made for recipients only:
+/// see [`crate::repo::archive::envelope::recipients_id`]).
+pub fn current_key_id(key: Option<&Key>, recipients: &[crate::keys::Recipient]) -> Option<String> {
+    match key {
+        Some(k) => Some(k.id().to_owned()),
+        None if recipients.is_empty() => None,
+        None => {
+            let texts: Vec<String> = recipients.iter().map(ToString::to_string).collect();
+            Some(crate::repo::archive::envelope::recipients_id(
+                texts.iter().map(String::as_str),
+            ))
+        }
+    }
+}
+
 impl BackupJob {
-    /// The key id a version 3 archive of this job shows: the key's, else the
-    /// recipients' (see [`crate::repo::archive::envelope::recipients_id`]).
+    /// The key id this job's archives show: the key's, else the recipients' (see
+    /// [`current_key_id`]).
     fn recipients_key_id(&self) -> Option<String> {
-        match (&self.key, self.recipients.is_empty()) {
-            (Some(k), _) => Some(k.id().to_owned()),
-            (None, false) => {
-                let texts: Vec<String> = self.recipients.iter().map(ToString::to_string).collect();
-                Some(crate::repo::archive::envelope::recipients_id(
-                    texts.iter().map(String::as_str),
-                ))
+        current_key_id(self.key.as_ref(), &self.recipients)
+    }
+
+    /// Notes in the state directory that this job's key is the current one (see
+    /// [`catalog::note_current_key`]): from the moment a rotation is configured,
+    /// nothing newer made with the old key is believed.
+    pub fn note_current_key(&self, database: &str) {
+        if let (Some(key), Some(dir)) = (self.recipients_key_id(), self.state_dir()) {
+            if let Err(e) = catalog::note_current_key(dir, database, &key, Utc::now()) {
+                tracing::warn!(
+                    database,
+                    "cannot record the current key in {}: {e}",
+                    dir.display()
+                );
             }
-            (None, true) => None,
         }
     }
 
@@ -244,10 +266,21 @@ impl BackupJob {
             // From the config, not from the key: a key not generated yet must not
             // make plain archives look expected.
             encrypting: cfg.encrypting(),
-            current_key: key.map(|k| k.id().to_owned()),
+            // Made for recipients only, the recipient set is the current "key": a
+            // key file it replaced is retired like any other (adversary round 2 of
+            // issue 16, case 06). A recipients file that cannot be read names none.
+            current_key: current_key_id(
+                key,
+                &(if key.is_none() && cfg.has_recipients() {
+                    cfg.load_recipients().unwrap_or_default()
+                } else {
+                    Vec::new()
+                }),
+            ),
             allow_unencrypted,
             current_key_since: None,
             writer: state_dir.and_then(crate::keys::writer_key),
+            writer_since: state_dir.and_then(crate::keys::writer_key_since),
         };
         // The retired-key boundary is the database's, not one destination's, and
         // what this host remembers of it outlives the backup that set it.
@@ -533,6 +566,7 @@ impl BackupJob {
         cancel: &CancellationToken,
     ) -> Result<Outcome, BackupError> {
         let database = subject.name();
+        self.note_current_key(database);
         let id = id.to_owned();
         let archive_name = format!("{id}{ARCHIVE_SUFFIX}");
         let (server_version, schema_version) = match subject {
@@ -729,9 +763,13 @@ impl BackupJob {
                 }
             }
         }
-        if let (Some(key), Some(dir), false) = (&self.key, self.state_dir(), stored.is_empty()) {
+        if let (Some(key), Some(dir), false) = (
+            self.recipients_key_id(),
+            self.state_dir(),
+            stored.is_empty(),
+        ) {
             // The first backup under this key, for the retired-key rule.
-            if let Err(e) = catalog::remember_boundary(dir, database, key.id(), started, &id) {
+            if let Err(e) = catalog::remember_boundary(dir, database, &key, started, &id) {
                 tracing::warn!(
                     database,
                     "cannot record the key's first backup in {}: {e}",

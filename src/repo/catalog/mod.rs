@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use crate::repo::storage::{Storage, Version, ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
 pub use reservation::{reserve_id, Reservation, RESERVED_SUFFIX};
 pub use trust::{
-    id_of_manifest_file, is_valid_id, remember_boundary, remembered_boundary, trust, TrustPolicy,
-    Untrusted,
+    id_of_manifest_file, is_valid_id, note_current_key, remember_boundary, remembered_boundary,
+    trust, TrustPolicy, Untrusted,
 };
 
 /// Why a backup was taken.
@@ -403,8 +403,12 @@ fn examine(
     let verdict = authentic_header(store, &archive, &policy.keys, manifest.stored_bytes).and_then(
         |(header, bytes, opened)| {
             trust(&manifest, &header, name, policy)?;
-            if !opened && trust::recipients_only(&header) {
-                trust::check_writer(&manifest, &header, &bytes, policy)?;
+            if trust::recipients_only(&header) {
+                if opened {
+                    trust::check_opened_writer(&manifest, &header, &bytes, policy)?;
+                } else {
+                    trust::check_writer(&manifest, &header, &bytes, policy)?;
+                }
             }
             Ok((bytes, header.made_for()))
         },

@@ -1035,6 +1035,7 @@ mod tests {
                 allow_unencrypted: false,
                 current_key_since: None,
                 writer: None,
+                writer_since: None,
             };
             let keep = super::only("last", 1);
             let manifest = |id: &str| dest.path(&format!("{id}{MANIFEST}"));
@@ -1255,6 +1256,7 @@ mod tests {
                     allow_unencrypted: false,
                     current_key_since: None,
                 writer: None,
+                writer_since: None,
                 };
                 rotate(&dest, &policy, &keep, now, just_made.then_some(made.as_str()), &pinned, false).unwrap();
                 rotate(&twin, &policy, &keep, now, just_made.then_some(made.as_str()), &pinned, false).unwrap();

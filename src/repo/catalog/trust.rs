@@ -43,6 +43,10 @@ pub struct TrustPolicy {
     /// believed when its manifest carries this key's tag (see
     /// [`crate::keys::writer_tag`]).
     pub writer: Option<crate::keys::Key>,
+    /// When that writer key was made ([`crate::keys::writer_key_since`]): a
+    /// recipients-only backup an identity opens but this host did not tag is believed
+    /// only if it is older (made before this host wrote any: a previous host's).
+    pub writer_since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl TrustPolicy {
@@ -93,8 +97,8 @@ pub enum Untrusted {
     )]
     CopyOf(String),
     #[error(
-        "it was made with key {key}, a retired key (decryption-key-files), after {first}, the first \
-         backup made with the current key: retired keys only read older backups"
+        "it was made with key {key}, a retired key (decryption-key-files), after the current key \
+         took over ({first}): retired keys only read older backups"
     )]
     RetiredKey { key: String, first: String },
     #[error("its archive authenticates whole, but the manifest's {0} does not match it: the manifest was edited")]
@@ -103,6 +107,8 @@ pub enum Untrusted {
     SizeMismatch { found: u64, claimed: u64 },
     #[error("it was made for recipients only ({0}), and nothing here proves who wrote it: no identity for those recipients is configured (identity-files, --identity), and its manifest carries no tag of this host's writer key (<state-dir>/writer.key){1}")]
     NoWriterProof(String, String),
+    #[error("it was made for recipients only ({0}) and an identity here opens it, but it is dated after this host's writer key was made ({1}) and its manifest carries no valid tag of it: this host did not write it, and anyone who knows the public recipient could have; if you trust it, read it with `dbkeeper decrypt FILE --identity ID`")]
+    NotWrittenHere(String, String),
 }
 
 /// Rejects a backup whose manifest, header (`header`), file name (`file_name`, the
@@ -217,6 +223,31 @@ pub fn check_writer(
     }
 }
 
+/// The provenance of a recipients-only backup an identity here opened: on a host
+/// with a writer key (one that writes such backups), anything dated after the key
+/// was made must carry its tag, since an identity proves only that a backup was made
+/// *for* its recipient, not by whom (adversary round 2 of issue 16, case 04). Older
+/// ones are a previous host's (a rebuilt server restoring with its identity).
+pub fn check_opened_writer(
+    manifest: &Manifest,
+    header: &Header,
+    envelope: &[u8],
+    policy: &TrustPolicy,
+) -> Result<(), Untrusted> {
+    let (Some(_), Some(since)) = (&policy.writer, policy.writer_since) else {
+        return Ok(());
+    };
+    if header.created.timestamp() < since.timestamp() {
+        return Ok(());
+    }
+    check_writer(manifest, header, envelope, policy).map_err(|_| {
+        Untrusted::NotWrittenHere(
+            header.made_for().join(", "),
+            since.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        )
+    })
+}
+
 /// The backup id of a manifest file name, if it has the manifest suffix and the id
 /// is well formed. Ids come only from file names, never from the manifest's JSON.
 pub fn id_of_manifest_file(file_name: &str) -> Option<&str> {
@@ -306,6 +337,49 @@ pub fn remember_boundary(
         return Ok(());
     }
     entry.insert(key.to_owned(), (at, id.to_owned()));
+    super::pins::write_record(state_dir, BOUNDARIES, &all)
+}
+
+/// The entry of a database in `key-boundaries.json` that holds the current key id
+/// (with when it became current), not a key's boundary.
+const CURRENT: &str = "@current";
+
+/// Notes that `key` (a key id, or a recipient set's id) is the current key of
+/// `database` at `now`. When the remembered current key was another one, the key was
+/// changed: `now` becomes `key`'s boundary, so that from the moment a rotation is
+/// configured nothing newer made with the old key is believed, even before a backup
+/// under the new one exists (adversary round 2 of issue 16, case 01), and a key
+/// made current again starts afresh (case 05). With no current key remembered (a
+/// state directory from before this record), the earlier of a remembered first
+/// backup and `now` stays.
+pub fn note_current_key(
+    state_dir: &std::path::Path,
+    database: &str,
+    key: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> std::io::Result<()> {
+    let mut all = read_boundaries(state_dir);
+    let entry = all.entry(database.to_owned()).or_default();
+    // From the next whole second: ids and the rule are to the second, and a backup
+    // started in the second of the switch was started before it.
+    let now = DateTime::from_timestamp(now.timestamp() + 1, 0).unwrap_or(now);
+    let switched_at = (
+        now,
+        format!(
+            "the switch to key {key} at {}",
+            now.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
+    );
+    match entry.get(CURRENT) {
+        Some((_, current)) if current == key => return Ok(()),
+        Some(_) => {
+            entry.insert(key.to_owned(), switched_at);
+        }
+        None => {
+            entry.entry(key.to_owned()).or_insert(switched_at);
+        }
+    }
+    entry.insert(CURRENT.to_owned(), (now, key.to_owned()));
     super::pins::write_record(state_dir, BOUNDARIES, &all)
 }
 
