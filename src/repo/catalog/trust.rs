@@ -416,4 +416,42 @@ mod tests {
         );
         assert_eq!(id_of_manifest_file("x.manifest.json"), None);
     }
+
+    #[test]
+    fn a_key_change_is_remembered_from_the_moment_it_is_first_seen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).expect("time");
+        // A state directory from before the record: an earlier first backup stays.
+        remember_boundary(dir.path(), "app", "k1", t(0), "first-k1").expect("remember");
+        note_current_key(dir.path(), "app", "k1", t(100)).expect("note");
+        assert_eq!(
+            remembered_boundary(dir.path(), "app", "k1").map(|b| b.0),
+            Some(t(0))
+        );
+        // Seen again: nothing moves.
+        note_current_key(dir.path(), "app", "k1", t(200)).expect("note");
+        assert_eq!(
+            remembered_boundary(dir.path(), "app", "k1").map(|b| b.0),
+            Some(t(0))
+        );
+        // A switch counts from the next whole second after it was first seen.
+        note_current_key(dir.path(), "app", "k2", t(300)).expect("note");
+        assert_eq!(
+            remembered_boundary(dir.path(), "app", "k2").map(|b| b.0),
+            Some(t(301))
+        );
+        note_current_key(dir.path(), "app", "k2", t(400)).expect("note");
+        assert_eq!(
+            remembered_boundary(dir.path(), "app", "k2").map(|b| b.0),
+            Some(t(301))
+        );
+        // Back to k1: it starts afresh, and its old boundary no longer retires k2.
+        note_current_key(dir.path(), "app", "k1", t(500)).expect("note");
+        assert_eq!(
+            remembered_boundary(dir.path(), "app", "k1").map(|b| b.0),
+            Some(t(501))
+        );
+        // Other databases are their own.
+        assert_eq!(remembered_boundary(dir.path(), "other", "k1"), None);
+    }
 }
