@@ -222,7 +222,7 @@ pub fn key_rewrap(
                     continue;
                 }
             };
-            if let Some(missing) = missing_folder(&place) {
+            if let Some(missing) = missing_folder(place) {
                 // An unmounted disk lists as empty: saying nothing would let the
                 // operator destroy the old key its backups need (adversary round 2
                 // of issue 16, case 02).
@@ -234,7 +234,7 @@ pub fn key_rewrap(
                 tally.problems += 1;
                 continue;
             }
-            let twins = current_twins(&places, &place, &policy, &target);
+            let twins = current_twins(&places, place, &policy, &target);
             let mut work: Vec<(catalog::Manifest, bool)> = Vec::new();
             for r in &listing.untrusted {
                 match &r.manifest {
