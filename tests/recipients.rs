@@ -270,6 +270,14 @@ fn an_identity_on_the_writing_host_never_vouches_for_a_forgery() {
             )
         ),
     );
+    // Round 3, case 03: the writer key's file times count for nothing (a copy to a
+    // replica, configuration management): a forgery stays untrusted.
+    let later = std::process::Command::new("touch")
+        .args(["-d", "+1 day"])
+        .arg(w.path().join("state/writer.key"))
+        .status()
+        .expect("touch");
+    assert!(later.success());
     let list = w.stdout(&["backup", "list", "app"]);
     assert_eq!(list.matches("UNTRUSTED").count(), 1, "{list}");
     assert!(list.contains("this host did not write it"), "{list}");

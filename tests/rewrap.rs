@@ -740,3 +740,180 @@ fn rotating_to_recipients_only_retires_the_old_key() {
         .success();
     assert_eq!(sqlite(&to, "SELECT count(*) FROM t;").trim(), "3");
 }
+
+/// `[database.backup]` for recipient `recipient` only, to `<w>/backups`.
+fn recipients_only(w: &Workdir, recipient: &str, extra: &str) {
+    w.write_config(
+        "",
+        &sqlite_db(
+            w,
+            "app",
+            &format!(
+                "[database.backup]\nschedule = \"manual\"\ndestination = \"{}\"\nrecipients = [\"{recipient}\"]\n{extra}\n",
+                w.path().join("backups").display(),
+            ),
+        ),
+    )
+}
+
+/// Adversary round 3, case 01: two destinations with their own `keep` (the second
+/// holds backups the first does not), rewrapped one destination at a time. The
+/// rewrapped copies keep their old dates and never mark when the new key took
+/// over, so the second destination's backups stay trusted and are rewrapped too.
+#[test]
+fn destinations_rewrapped_one_at_a_time_keep_every_backup() {
+    let w = Workdir::new();
+    make_db(&w);
+    let (a, b) = (w.key("a.key"), w.key("b.key"));
+    let (d1, d2) = (w.path().join("d1"), w.path().join("d2"));
+    let cfg = |key: &Path, extra: &str| {
+        w.write_config(
+            "",
+            &sqlite_db(
+                &w,
+                "app",
+                &format!(
+                    "[database.backup]\nschedule = \"manual\"\ndestination = [{{ url = \"{}\", keep = {{ last = 1 }} }}, {{ url = \"{}\", keep = {{ last = -1 }} }}]\nencryption-key-file = \"{}\"\n{extra}\n",
+                    d1.display(),
+                    d2.display(),
+                    key.display()
+                ),
+            ),
+        )
+    };
+    cfg(&a, "");
+    for _ in 0..3 {
+        w.cmd(&["run-job", "app.backup"]).assert().success();
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    assert_eq!(archives(&d1, "app").len(), 1);
+    assert_eq!(archives(&d2, "app").len(), 3);
+    cfg(&b, &decryption(&[&a]));
+    let first = w.stdout(&["key", "rewrap", "--from", s(&d1)]);
+    assert!(first.contains("1 rewrapped"), "{first}");
+    let second = w.stdout(&["key", "rewrap", "--from", s(&d2)]);
+    assert!(second.contains("3 rewrapped"), "{second}");
+    cfg(&b, "");
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert!(!list.contains("UNTRUSTED"), "{list}");
+    for archive in archives(&d1, "app").iter().chain(&archives(&d2, "app")) {
+        assert!(
+            opens(archive, &b) && !opens(archive, &a),
+            "{}",
+            archive.display()
+        );
+    }
+}
+
+/// Adversary round 3, case 02: K1, then K2 (a backup made with it), then K1 again
+/// with K2 in `decryption-key-files`: the K2 backup stays trusted, though K1 has
+/// backups from before K2 existed.
+#[test]
+fn a_backup_of_the_key_before_a_switch_back_stays_trusted() {
+    let w = Workdir::new();
+    make_db(&w);
+    let (k1, k2) = (w.key("k1.key"), w.key("k2.key"));
+    config(&w, &k1, "");
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    std::thread::sleep(Duration::from_millis(1100));
+    config(&w, &k2, &decryption(&[&k1]));
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    std::thread::sleep(Duration::from_millis(1100));
+    config(&w, &k1, &decryption(&[&k2]));
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let list = w.stdout(&["backup", "list", "app"]);
+    assert!(!list.contains("UNTRUSTED"), "{list}");
+    let out = w.stdout(&["key", "rewrap"]);
+    assert!(out.contains("1 rewrapped, 2 already current"), "{out}");
+}
+
+/// Adversary round 3, case 05: an archive whose manifest is gone (a pinned
+/// pre-migration archive) is not rewrapped, and the run says so and exits 1: it
+/// still needs the old key.
+#[test]
+fn an_archive_without_a_manifest_is_reported() {
+    let w = Workdir::new();
+    make_db(&w);
+    let (a, b) = (w.key("a.key"), w.key("b.key"));
+    plant(&w, &a, 2);
+    let manifest = std::fs::read_dir(w.path().join("backups/app"))
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| s(p).ends_with(".manifest.json"))
+        .expect("a manifest");
+    std::fs::remove_file(&manifest).expect("remove");
+    config(&w, &b, &decryption(&[&a]));
+    let out = w.cmd(&["key", "rewrap"]).assert().code(1);
+    let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert!(text.contains("an archive without a manifest"), "{text}");
+    assert!(text.contains("1 rewrapped"), "{text}");
+}
+
+/// Adversary round 3, case 07: with recipients only, retention exports are made for
+/// them (format version 3), never written in plain; the identity reads them.
+#[test]
+fn retention_exports_are_made_for_the_recipients() {
+    let w = Workdir::new();
+    sqlite(
+        &w.path().join("app.db"),
+        "CREATE TABLE logs (id INTEGER PRIMARY KEY, created_at TEXT NOT NULL, msg TEXT);
+         INSERT INTO logs (created_at, msg) VALUES (datetime('now', '-40 days'), 'SECRET ROW');",
+    );
+    let id = Identity::generate();
+    let id_file = w.path().join("id.txt");
+    id.save(&id_file).expect("save identity");
+    let rule = "[[database.retention]]\ntable = 'logs'\nname = \"log\"\ncolumn = \"created_at\"\nolder-than = \"30d\"\nschedule = \"manual\"\narchive = true\n";
+    recipients_only(&w, &id.recipient().to_string(), rule);
+    w.cmd(&["run-job", "app.retention.log"]).assert().success();
+    let exports: Vec<PathBuf> = walk(&w.path().join("backups/app/retention/log"))
+        .into_iter()
+        .filter(|p| s(p).ends_with(".jsonl.dbk"))
+        .collect();
+    assert_eq!(exports.len(), 1);
+    let bytes = std::fs::read(&exports[0]).expect("export");
+    assert_eq!(&bytes[..8], b"DBKEEPER");
+    assert_eq!(bytes[8], 3, "format version");
+    assert!(!String::from_utf8_lossy(&bytes).contains("SECRET ROW"));
+    let out = assert_cmd::Command::new(BIN)
+        .args(["decrypt", s(&exports[0]), "--identity", s(&id_file)])
+        .assert()
+        .success();
+    assert!(String::from_utf8_lossy(&out.get_output().stdout).contains("SECRET ROW"));
+}
+
+/// Adversary round 3, case 08: `decrypt --identity` refuses a plain archive (anyone
+/// who can write to the destination can put one there) unless
+/// `--allow-unencrypted` says it is expected, as `--key-file` does.
+#[test]
+fn decrypt_with_an_identity_refuses_a_plain_archive() {
+    let w = Workdir::new();
+    make_db(&w);
+    w.write_config(
+        "",
+        &sqlite_db(
+            &w,
+            "app",
+            &backup_table(&w.path().join("backups"), None, ""),
+        ),
+    );
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let plain = archives(&w.path().join("backups"), "app").remove(0);
+    let id = Identity::generate();
+    let id_file = w.path().join("id.txt");
+    id.save(&id_file).expect("save identity");
+    assert_cmd::Command::new(BIN)
+        .args(["decrypt", s(&plain), "--identity", s(&id_file)])
+        .assert()
+        .code(3);
+    assert_cmd::Command::new(BIN)
+        .args([
+            "decrypt",
+            s(&plain),
+            "--identity",
+            s(&id_file),
+            "--allow-unencrypted",
+        ])
+        .assert()
+        .success();
+}

@@ -898,7 +898,7 @@ fn check_provenance(
         id: context(),
         reason,
     };
-    if header.encryption.is_none() && !allow_unencrypted && !keys.ids().is_empty() {
+    if header.encryption.is_none() && !allow_unencrypted && !keys.is_empty() {
         return Err(untrusted(catalog::Untrusted::Unencrypted).into());
     }
     if let Some(databases) = databases {
@@ -928,10 +928,7 @@ fn check_provenance(
         {
             let places = storage::for_backups(b, &[&header.database]);
             let seen = catalog::first_current_key_backup(places.iter().map(|p| &*p.store), &policy);
-            let first = seen
-                .into_iter()
-                .chain(policy.current_key_since.clone())
-                .min();
+            let first = policy.retired_boundary(seen);
             if let Some((_, id)) =
                 first.filter(|(at, _)| header.created.timestamp() >= at.timestamp())
             {

@@ -89,6 +89,32 @@ fn current_twins(
         .collect()
 }
 
+/// Archives without a manifest (a pinned pre-migration archive whose manifest went
+/// missing, a backup cut short): nothing vouches for them, so they are not
+/// rewrapped, but they still need the old key, and saying "done" would let the
+/// operator destroy it (adversary round 3 of issue 16, case 05).
+fn orphans(store: &dyn storage::Storage, tally: &mut Tally, what: &str) {
+    let Ok(names) = store.list("") else {
+        return;
+    };
+    let manifests: BTreeSet<&str> = names
+        .iter()
+        .filter_map(|n| n.strip_suffix(storage::MANIFEST_SUFFIX))
+        .collect();
+    for archive in &names {
+        let Some(id) = archive.strip_suffix(storage::ARCHIVE_SUFFIX) else {
+            continue;
+        };
+        if catalog::is_valid_id(id) && !manifests.contains(id) {
+            println!(
+                "{what} {id}: skipped: an archive without a manifest (a pinned pre-migration archive, or a backup cut short): not rewrapped, so it still needs the old key; read it with `dbkeeper decrypt {archive}` and keep what you need, or delete it"
+            );
+            tally.skipped += 1;
+            tally.problems += 1;
+        }
+    }
+}
+
 /// The configured folder of a local destination, when it does not exist.
 fn missing_folder(place: &storage::Place) -> Option<std::path::PathBuf> {
     match &place.config.location {
@@ -234,6 +260,7 @@ pub fn key_rewrap(
                 tally.problems += 1;
                 continue;
             }
+            orphans(&*place.store, &mut tally, &format!("{name} {label}"));
             let twins = current_twins(&places, place, &policy, &target);
             let mut work: Vec<(catalog::Manifest, bool)> = Vec::new();
             for r in &listing.untrusted {

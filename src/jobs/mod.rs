@@ -854,12 +854,20 @@ impl Builder<'_> {
                 let archive = match (&self.cfg.backup, r.archive) {
                     (Some(b), true) => {
                         let (key, _) = self.keys(b)?;
+                        // Exports are made for the backups' recipients too: with
+                        // recipients only they were written in plain (adversary
+                        // round 3 of issue 16, case 07).
+                        let recipients = b.load_recipients().map_err(|source| BuildError::Key {
+                            database: self.cfg.name.clone(),
+                            source,
+                        })?;
                         Some(retention::ArchiveTo {
                             places: storage::for_backups(
                                 b,
                                 &[&self.cfg.name, "retention", &r.job_name()],
                             ),
                             key,
+                            recipients,
                             key_file: b.encryption_key_file.clone(),
                             compression: b.compression,
                             level: b.level(),

@@ -44,7 +44,9 @@ impl FromStr for Recipient {
         let s = s.trim();
         // Someone pasting an identity where a recipient belongs must not see the
         // secret echoed back in an error (or a log).
-        if s.to_ascii_uppercase().starts_with(SECRET_PREFIX) {
+        // Anywhere in the line: quoted, after a list dash, behind `age1 ` (adversary
+        // round 3 of issue 16, case 06).
+        if s.to_ascii_uppercase().contains(SECRET_PREFIX) {
             return Err(KeyError::BadRecipient {
                 text: "AGE-SECRET-KEY-1…".to_owned(),
                 reason: "this is a secret identity, not a recipient (use `age-keygen -y` to get its age1… recipient)".to_owned(),
@@ -254,6 +256,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("QQQQSECRET"), "{err}");
+        for pasted in [
+            "- AGE-SECRET-KEY-1QQQQSECRET",
+            "\"AGE-SECRET-KEY-1QQQQSECRET\"",
+            "'age-secret-key-1qqqqsecret'",
+            "age1 AGE-SECRET-KEY-1QQQQSECRET",
+        ] {
+            let err = pasted.parse::<Recipient>().unwrap_err().to_string();
+            assert!(!err.to_uppercase().contains("QQQQSECRET"), "{err}");
+        }
 
         let dir = tempfile::tempdir().unwrap();
         let b = Identity::generate().recipient();

@@ -22,8 +22,8 @@ mod age;
 mod writer;
 pub use self::age::{Identity, Recipient};
 pub use self::writer::{
-    load_or_create_writer_key, writer_key, writer_key_path, writer_key_since, writer_tag,
-    writer_tag_matches, WRITER_KEY_FILE,
+    load_or_create_writer_key, writer_key, writer_key_path, writer_tag, writer_tag_matches,
+    WRITER_KEY_FILE,
 };
 
 /// Size of every key, data or key-encryption.

@@ -48,15 +48,6 @@ pub fn writer_key(state_dir: &Path) -> Option<Key> {
     Key::load(&writer_key_path(state_dir)).ok()
 }
 
-/// When the writer key of `state_dir` was made: its file's modification time (the
-/// file is written once, when the key is created, and never again).
-pub fn writer_key_since(state_dir: &Path) -> Option<chrono::DateTime<chrono::Utc>> {
-    let modified = std::fs::metadata(writer_key_path(state_dir))
-        .and_then(|m| m.modified())
-        .ok()?;
-    Some(modified.into())
-}
-
 fn tagger(key: &Key, database: &str, id: &str, envelope: &[u8]) -> Hmac<Sha256> {
     let mut m = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(key.expose())
         .expect("HMAC takes keys of any length");

@@ -188,6 +188,7 @@ fn updated(
     m.stored_bytes = size;
     m.sha256 = sha256;
     m.format_version = header.format_version();
+    m.rewrapped = Some(chrono::Utc::now());
     m.writer = match target.key {
         Some(_) => None,
         None => {

@@ -686,6 +686,7 @@ pub fn plant_backup(dest: &Path, key: &Path, what: Planted<'_>, source: impl Rea
         with_files: Vec::new(),
         writer: None,
         taken_with: None,
+        rewrapped: None,
     }
     .save(&dest)
     .expect("manifest");

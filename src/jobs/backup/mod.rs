@@ -279,8 +279,8 @@ impl BackupJob {
             ),
             allow_unencrypted,
             current_key_since: None,
+            boundary_remembered: false,
             writer: state_dir.and_then(crate::keys::writer_key),
-            writer_since: state_dir.and_then(crate::keys::writer_key_since),
         };
         // The retired-key boundary is the database's, not one destination's, and
         // what this host remembers of it outlives the backup that set it.
@@ -293,7 +293,8 @@ impl BackupJob {
                 .flatten();
             let remembered =
                 state_dir.and_then(|dir| catalog::remembered_boundary(dir, database, &current));
-            policy.current_key_since = seen.into_iter().chain(remembered).min();
+            policy.boundary_remembered = remembered.is_some();
+            policy.current_key_since = remembered.or(seen);
         }
         policy
     }
@@ -652,6 +653,7 @@ impl BackupJob {
             with_files,
             writer: None,
             taken_with: taken_with.map(str::to_owned),
+            rewrapped: None,
         };
         if let Some((_, envelope)) = &stats.sealed {
             manifest.format_version = crate::repo::archive::envelope::VERSION_ENVELOPE;

@@ -210,6 +210,9 @@ pub struct Preview {
 pub struct ArchiveTo {
     pub places: Vec<Place>,
     pub key: Option<Key>,
+    /// The backups' age recipients: the export's data key is wrapped for them too
+    /// (format version 3), as for a backup.
+    pub recipients: Vec<crate::keys::Recipient>,
     /// The configured key file: with one, a missing key is an error, never a
     /// plaintext archive.
     pub key_file: Option<PathBuf>,
@@ -843,10 +846,11 @@ impl BatchArchive<'_> {
             globals: None,
         };
         let (uploads, stats) = tokio::task::block_in_place(|| {
-            archive::write_archive(
+            archive::write_archive_for(
                 &lines[..],
                 uploads,
                 settings,
+                &self.to.recipients,
                 &std::sync::atomic::AtomicBool::new(false),
             )
         })

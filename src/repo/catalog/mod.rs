@@ -112,6 +112,11 @@ pub struct Manifest {
     /// known to be gone. Absent otherwise (and in manifests written before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub taken_with: Option<String>,
+    /// When `key rewrap` rewrote the archive for another key: its time is then the
+    /// backup's, not that of a backup made with the key it now has, so it never marks
+    /// when that key took over (the retired-key rule). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrapped: Option<DateTime<Utc>>,
 }
 
 /// `writer` in a manifest.
@@ -289,13 +294,9 @@ fn retire_old_keys(listing: &mut Listing, policy: &TrustPolicy) {
     let here = listing
         .backups
         .iter()
-        .find(|m| m.key_id.as_ref() == Some(current))
+        .find(|m| m.key_id.as_ref() == Some(current) && m.rewrapped.is_none())
         .map(|m| (m.started_at, m.id.clone()));
-    let Some(first) = here
-        .into_iter()
-        .chain(policy.current_key_since.clone())
-        .min()
-    else {
+    let Some(first) = policy.retired_boundary(here) else {
         return;
     };
     let (kept, retired): (Vec<Manifest>, Vec<Manifest>) = std::mem::take(&mut listing.backups)
@@ -334,7 +335,7 @@ pub fn first_current_key_backup<'a>(
             listing
                 .backups
                 .iter()
-                .find(|m| m.key_id.as_ref() == Some(current))
+                .find(|m| m.key_id.as_ref() == Some(current) && m.rewrapped.is_none())
                 .map(|m| (m.started_at, m.id.clone()))
         })
         .min()

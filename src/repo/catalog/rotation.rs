@@ -1005,6 +1005,7 @@ mod tests {
                 with_files: Vec::new(),
                 writer: None,
                 taken_with: None,
+                rewrapped: None,
             };
             let json = serde_json::to_vec_pretty(&m).unwrap();
             std::fs::write(dest.path(&format!("{file_id}{MANIFEST}")), json).unwrap();
@@ -1034,8 +1035,8 @@ mod tests {
                 current_key: Some(key.id().to_owned()),
                 allow_unencrypted: false,
                 current_key_since: None,
+                boundary_remembered: false,
                 writer: None,
-                writer_since: None,
             };
             let keep = super::only("last", 1);
             let manifest = |id: &str| dest.path(&format!("{id}{MANIFEST}"));
@@ -1255,8 +1256,8 @@ mod tests {
                     current_key: Some(key.id().to_owned()),
                     allow_unencrypted: false,
                     current_key_since: None,
+                    boundary_remembered: false,
                 writer: None,
-                writer_since: None,
                 };
                 rotate(&dest, &policy, &keep, now, just_made.then_some(made.as_str()), &pinned, false).unwrap();
                 rotate(&twin, &policy, &keep, now, just_made.then_some(made.as_str()), &pinned, false).unwrap();

@@ -38,18 +38,32 @@ pub struct TrustPolicy {
     /// newer anywhere, so an attacker who can write to one destination cannot bring a
     /// forgery back by deleting the current-key backups there only.
     pub current_key_since: Option<(chrono::DateTime<chrono::Utc>, String)>,
+    /// `current_key_since` is what this host remembers of when the current key took
+    /// over (`<state-dir>/key-boundaries.json`): it is then the boundary, and older
+    /// backups under the current key in a destination (made before a switch back to
+    /// a key used earlier) do not move it.
+    pub boundary_remembered: bool,
     /// This host's writer key (`<state-dir>/writer.key`), if it has one: a backup
     /// made for recipients only, which no configured key or identity opens, is
     /// believed when its manifest carries this key's tag (see
     /// [`crate::keys::writer_tag`]).
     pub writer: Option<crate::keys::Key>,
-    /// When that writer key was made ([`crate::keys::writer_key_since`]): a
-    /// recipients-only backup an identity opens but this host did not tag is believed
-    /// only if it is older (made before this host wrote any: a previous host's).
-    pub writer_since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl TrustPolicy {
+    /// The retired-key boundary: the remembered one, else the earlier of `here` (the
+    /// first backup made with the current key that a listing found) and
+    /// `current_key_since`.
+    pub fn retired_boundary(
+        &self,
+        here: Option<(chrono::DateTime<chrono::Utc>, String)>,
+    ) -> Option<(chrono::DateTime<chrono::Utc>, String)> {
+        if self.boundary_remembered {
+            return self.current_key_since.clone();
+        }
+        here.into_iter().chain(self.current_key_since.clone()).min()
+    }
+
     /// A plain archive is believed only where the configuration writes plain ones,
     /// or the operator said so for this one command: anyone can forge one.
     pub fn accepts_plain(&self) -> bool {
@@ -107,8 +121,8 @@ pub enum Untrusted {
     SizeMismatch { found: u64, claimed: u64 },
     #[error("it was made for recipients only ({0}), and nothing here proves who wrote it: no identity for those recipients is configured (identity-files, --identity), and its manifest carries no tag of this host's writer key (<state-dir>/writer.key){1}")]
     NoWriterProof(String, String),
-    #[error("it was made for recipients only ({0}) and an identity here opens it, but it is dated after this host's writer key was made ({1}) and its manifest carries no valid tag of it: this host did not write it, and anyone who knows the public recipient could have; if you trust it, read it with `dbkeeper decrypt FILE --identity ID`")]
-    NotWrittenHere(String, String),
+    #[error("it was made for recipients only ({0}) and an identity here opens it, but its manifest carries no valid tag of this host's writer key (<state-dir>/writer.key): this host did not write it, and anyone who knows the public recipient could have; if you trust it, read it with `dbkeeper decrypt FILE --identity ID`, or restore on a host without a writer key (or with the writer.key of the host that wrote it)")]
+    NotWrittenHere(String),
 }
 
 /// Rejects a backup whose manifest, header (`header`), file name (`file_name`, the
@@ -224,28 +238,22 @@ pub fn check_writer(
 }
 
 /// The provenance of a recipients-only backup an identity here opened: on a host
-/// with a writer key (one that writes such backups), anything dated after the key
-/// was made must carry its tag, since an identity proves only that a backup was made
-/// *for* its recipient, not by whom (adversary round 2 of issue 16, case 04). Older
-/// ones are a previous host's (a rebuilt server restoring with its identity).
+/// with a writer key (one that writes such backups) it must carry that key's tag,
+/// since an identity proves only that a backup was made *for* its recipient, not by
+/// whom (adversary rounds 2 and 3 of issue 16: an exception for backups older than
+/// the writer key let anyone who knows the public recipient plant backdated ones). A
+/// host without a writer key (a restore host) goes by the identity alone.
 pub fn check_opened_writer(
     manifest: &Manifest,
     header: &Header,
     envelope: &[u8],
     policy: &TrustPolicy,
 ) -> Result<(), Untrusted> {
-    let (Some(_), Some(since)) = (&policy.writer, policy.writer_since) else {
-        return Ok(());
-    };
-    if header.created.timestamp() < since.timestamp() {
+    if policy.writer.is_none() {
         return Ok(());
     }
-    check_writer(manifest, header, envelope, policy).map_err(|_| {
-        Untrusted::NotWrittenHere(
-            header.made_for().join(", "),
-            since.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
-        )
-    })
+    check_writer(manifest, header, envelope, policy)
+        .map_err(|_| Untrusted::NotWrittenHere(header.made_for().join(", ")))
 }
 
 /// The backup id of a manifest file name, if it has the manifest suffix and the id
