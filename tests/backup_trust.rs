@@ -747,10 +747,12 @@ fn a_retired_key_vouches_only_for_backups_older_than_the_current_keys_first() {
     assert_eq!(genuine.len(), 2);
     std::thread::sleep(Duration::from_millis(1100));
 
-    // The attacker: the old key, and write access to the destination.
-    let evil = marked_db(&w, "evil", "FORGED");
-    w.write_config("", &config(&old, "", &evil));
-    w.cmd(&["run-job", "app.backup"]).assert().success();
+    // The attacker: the old key, and write access to the destination (not this
+    // host's state directory, which remembers when the key changed).
+    let attacker = Workdir::new();
+    let evil = marked_db(&attacker, "evil", "FORGED");
+    attacker.write_config("", &config(&old, "", &evil));
+    attacker.cmd(&["run-job", "app.backup"]).assert().success();
     let forged: Vec<String> = ids(&dest, "app")
         .into_iter()
         .filter(|id| !genuine.contains(id))

@@ -54,7 +54,14 @@ impl FromStr for Recipient {
         }
         let inner =
             ::age::x25519::Recipient::from_str(s).map_err(|reason| KeyError::BadRecipient {
-                text: s.chars().take(80).collect(),
+                // Only what looks like a recipient is shown: anything else may be a
+                // secret pasted in the wrong place, such as a key file's hex
+                // (adversary round 4 of issue 16, case 02).
+                text: if s.to_ascii_lowercase().starts_with("age1") {
+                    s.chars().take(80).collect()
+                } else {
+                    format!("{}…", s.chars().take(4).collect::<String>())
+                },
                 reason: format!("{reason}; expected an age X25519 recipient (age1…)"),
             })?;
         Ok(Recipient {
@@ -256,6 +263,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("QQQQSECRET"), "{err}");
+        let hex_key = "917c".repeat(16);
+        let err = hex_key.parse::<Recipient>().unwrap_err().to_string();
+        assert!(!err.contains(&hex_key[..12]), "{err}");
         for pasted in [
             "- AGE-SECRET-KEY-1QQQQSECRET",
             "\"AGE-SECRET-KEY-1QQQQSECRET\"",

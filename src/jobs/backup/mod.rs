@@ -126,7 +126,11 @@ impl BackupJob {
 
     /// Notes in the state directory that this job's key is the current one (see
     /// [`catalog::note_current_key`]): from the moment a rotation is configured,
-    /// nothing newer made with the old key is believed.
+    /// nothing newer made with the old key is believed. Done where a configuration
+    /// is taken up (the daemon's start and reload, `key rewrap`), never by a backup
+    /// run: a daemon not yet reloaded, still on the old key, must not turn the
+    /// record back (adversary round 4 of issue 16, case 07); a backup run only ever
+    /// moves a boundary earlier ([`catalog::remember_boundary`]).
     pub fn note_current_key(&self, database: &str) {
         if let (Some(key), Some(dir)) = (self.recipients_key_id(), self.state_dir()) {
             if let Err(e) = catalog::note_current_key(dir, database, &key, Utc::now()) {
@@ -567,7 +571,6 @@ impl BackupJob {
         cancel: &CancellationToken,
     ) -> Result<Outcome, BackupError> {
         let database = subject.name();
-        self.note_current_key(database);
         let id = id.to_owned();
         let archive_name = format!("{id}{ARCHIVE_SUFFIX}");
         let (server_version, schema_version) = match subject {

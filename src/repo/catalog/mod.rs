@@ -245,7 +245,14 @@ pub fn list(store: &dyn Storage, policy: &TrustPolicy) -> io::Result<Listing> {
             continue;
         }
         match examine(store, &name, policy) {
-            (Some(m), Ok((header, made_for))) => {
+            (Some(mut m), Ok((header, made_for, enveloped))) => {
+                // Only a version 3 archive can have been rewrapped (a rewrap always
+                // writes one): the manifest's word for it is dropped otherwise, so an
+                // edited manifest cannot take a genuine backup out of the retired-key
+                // boundary (adversary round 4 of issue 16, case 01).
+                if !enveloped {
+                    m.rewrapped = None;
+                }
                 let entry = by_header.entry(header).or_default();
                 entry.0 = made_for;
                 entry.1.push(m);
@@ -380,9 +387,9 @@ fn duplicate_ids(listing: &Listing) -> Vec<DuplicateId> {
 /// endless one must not be read into memory).
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
-/// What [`examine`] finds of a trusted backup: its archive header's exact bytes, and
-/// what the archive was made for.
-type Authentic = (Vec<u8>, Vec<String>);
+/// What [`examine`] finds of a trusted backup: its archive header's exact bytes, what
+/// the archive was made for, and whether it is a version 3 (envelope) archive.
+type Authentic = (Vec<u8>, Vec<String>, bool);
 
 /// Reads one manifest and its archive's authenticated header and judges them; with
 /// the header's exact bytes, which tell a copy of an archive from another archive, and
@@ -411,7 +418,7 @@ fn examine(
                     trust::check_writer(&manifest, &header, &bytes, policy)?;
                 }
             }
-            Ok((bytes, header.made_for()))
+            Ok((bytes, header.made_for(), header.sealed.is_some()))
         },
     );
     (Some(manifest), verdict)

@@ -383,8 +383,20 @@ pub fn note_current_key(
         Some(_) => {
             entry.insert(key.to_owned(), switched_at);
         }
+        // No record of the current key (a state directory from before it, or only
+        // backup runs so far): the key whose first backup is the latest was current
+        // last; any other is being switched to.
         None => {
-            entry.entry(key.to_owned()).or_insert(switched_at);
+            let last = entry
+                .iter()
+                .filter(|(k, _)| k.as_str() != CURRENT)
+                .max_by_key(|(_, (at, _))| *at)
+                .map(|(k, _)| k.clone());
+            if last.as_ref().is_some_and(|last| last != key) {
+                entry.insert(key.to_owned(), switched_at);
+            } else {
+                entry.entry(key.to_owned()).or_insert(switched_at);
+            }
         }
     }
     entry.insert(CURRENT.to_owned(), (now, key.to_owned()));
@@ -429,6 +441,15 @@ mod tests {
     fn a_key_change_is_remembered_from_the_moment_it_is_first_seen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let t = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).expect("time");
+        // Backup runs only, K2 last: taking up K1 again is a switch.
+        let runs = tempfile::tempdir().expect("tempdir");
+        remember_boundary(runs.path(), "app", "k1", t(0), "first-k1").expect("remember");
+        remember_boundary(runs.path(), "app", "k2", t(50), "first-k2").expect("remember");
+        note_current_key(runs.path(), "app", "k1", t(100)).expect("note");
+        assert_eq!(
+            remembered_boundary(runs.path(), "app", "k1").map(|b| b.0),
+            Some(t(101))
+        );
         // A state directory from before the record: an earlier first backup stays.
         remember_boundary(dir.path(), "app", "k1", t(0), "first-k1").expect("remember");
         note_current_key(dir.path(), "app", "k1", t(100)).expect("note");
