@@ -17,26 +17,33 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 pub(super) async fn run(cluster: Cluster, interrupted: UnboundedSender<Interrupted>) {
     let lease_time = cluster.inner.lease;
-    let mut tick = tokio::time::interval(lease::tick_every(lease_time));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_round: Option<Instant> = None;
+    // Fencing has its own task: a round stuck on a slow coordination database must not
+    // delay it.
+    let fencer = cluster.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(lease::tick_every(lease_time));
+        loop {
+            tokio::select! {
+                _ = fencer.inner.stop.cancelled() => return,
+                _ = tick.tick() => fencer.fence_overdue(),
+            }
+        }
+    });
+    let mut rounds = tokio::time::interval(lease::renew_every(lease_time));
+    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune = Instant::now();
     let mut alive = BTreeSet::new();
     loop {
         tokio::select! {
             _ = cluster.inner.stop.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = rounds.tick() => {}
         }
-        if last_round.is_none_or(|t| t.elapsed() >= lease::renew_every(lease_time)) {
-            last_round = Some(Instant::now());
-            if cluster.round(&interrupted, &mut alive).await.is_ok()
-                && last_prune.elapsed() >= PRUNE_EVERY
-            {
-                last_prune = Instant::now();
-                let _ = cluster.query(cluster.prune()).await;
-            }
+        if cluster.round(&interrupted, &mut alive).await.is_ok()
+            && last_prune.elapsed() >= PRUNE_EVERY
+        {
+            last_prune = Instant::now();
+            let _ = cluster.query(cluster.prune()).await;
         }
-        cluster.fence_overdue();
     }
 }
 
@@ -86,52 +93,50 @@ impl Cluster {
         Ok(())
     }
 
-    /// Extends the leases of this replica's running claims. A running claim the
-    /// database no longer has as ours (another replica found it expired) is fenced at
-    /// once.
+    /// Extends the leases of this replica's running claims that are older than
+    /// [`lease::renew_after_age`], and counts the renewal (the overlap guard's sign
+    /// that the run is long and its replica alive).
     async fn renew(&self) -> Result<(), ClusterError> {
         let inner = &self.inner;
         let sent = Instant::now();
         let rows = self
             .query(
                 sqlx::query(
-                    "UPDATE dbkeeper.claims SET lease_until = now() + make_interval(secs => $3) \
+                    "UPDATE dbkeeper.claims SET lease_until = now() + make_interval(secs => $3), \
+                         renewals = renewals + 1 \
                      WHERE cluster = $1 AND replica = $2 AND finished_at IS NULL \
+                         AND claimed_at < now() - make_interval(secs => $4) \
                      RETURNING job, fire_at",
                 )
                 .bind(&inner.name)
                 .bind(&inner.replica)
                 .bind(inner.lease.as_secs_f64())
+                .bind(lease::renew_after_age(inner.lease).as_secs_f64())
                 .fetch_all(&inner.pool),
             )
             .await?;
-        let mut renewed = std::collections::HashSet::new();
+        let mut live = lock(&inner.live);
         for row in &rows {
-            renewed.insert((row.try_get::<String, _>(0)?, row.try_get(1)?));
-        }
-        *lock(&inner.renewed) = Some(sent);
-        for (key, live) in lock(&inner.live).iter() {
-            // Claims made after the renewal was sent are not in its answer.
-            if live.sent < sent && !renewed.contains(key) && !live.fence.is_cancelled() {
-                tracing::error!(job = %key.0, "this replica's claim was taken from it (its lease had expired); cancelling the run");
-                live.fence.cancel();
+            let key = (row.try_get::<String, _>(0)?, row.try_get(1)?);
+            if let Some(claim) = live.get_mut(&key) {
+                claim.renewed = sent;
             }
         }
         Ok(())
     }
 
-    /// Cancels the runs whose lease could not be renewed in time (self-fencing).
+    /// Cancels the runs whose lease could not be renewed in time (self-fencing). Once
+    /// this replica cannot renew, another one may soon see the claim expired: the run
+    /// must be stopped before that.
     fn fence_overdue(&self) {
         let inner = &self.inner;
-        let renewed = *lock(&inner.renewed);
         let now = Instant::now();
         for (key, live) in lock(&inner.live).iter() {
-            let base = renewed.map_or(live.sent, |r| r.max(live.sent));
-            if now >= lease::fence_at(base, inner.lease) && !live.fence.is_cancelled() {
+            if now >= lease::fence_at(live.renewed, inner.lease) && !live.fence.is_cancelled() {
                 tracing::error!(
                     job = %key.0,
                     "cannot renew the lease of this run in the coordination database for {}: cancelling it, so that no other replica can run it at the same time",
-                    humantime::format_duration(Duration::from_secs(now.duration_since(base).as_secs()))
+                    humantime::format_duration(Duration::from_secs(now.duration_since(live.renewed).as_secs()))
                 );
                 live.fence.cancel();
             }

@@ -17,22 +17,32 @@ pub fn renew_every(lease: Duration) -> Duration {
     lease / 3
 }
 
-/// How often the lease keeper wakes up to check its deadlines (twice per renewal).
+/// How often the fencing check looks at the deadlines (four times per renewal).
 pub fn tick_every(lease: Duration) -> Duration {
+    lease / 12
+}
+
+/// A claim is renewed once it is this old (by the database's clock). A run that ends
+/// sooner is never renewed, which is what the cluster-wide overlap guard looks at: a
+/// claim blocks the job's next claims only once renewed, so that a replica killed in
+/// the middle of a short run (a claim nobody will ever finish) does not hold up the
+/// next slots for a whole lease. Renewal rounds are [`renew_every`] apart, so the first
+/// renewal comes by half the lease, before [`fence_at`].
+pub fn renew_after_age(lease: Duration) -> Duration {
     lease / 6
 }
 
 /// The longest one coordination query may take before it counts as failed; a query
-/// stuck behind a partition must not hold up fencing.
+/// stuck behind a partition must not hold up the next renewal round.
 pub fn query_timeout(lease: Duration) -> Duration {
     (lease / 6).max(Duration::from_millis(500))
 }
 
 /// When a replica must have cancelled a claimed run whose lease it could not renew
 /// since it sent the renewal (or claim) at `renewed`: two thirds into the lease. The
-/// keeper looks every [`tick_every`], so it cancels at most five sixths into the lease,
-/// which leaves the job a sixth of the lease to stop before any replica may see the
-/// claim expired (in the database's clock, which starts later than `renewed`).
+/// check runs every [`tick_every`], so it cancels at most three quarters into the
+/// lease, which leaves the job a quarter of the lease to stop before any replica may
+/// see the claim expired (in the database's clock, which starts later than `renewed`).
 pub fn fence_at(renewed: Instant, lease: Duration) -> Instant {
     renewed + lease * 2 / 3
 }
@@ -72,14 +82,19 @@ mod tests {
     #[test]
     fn renewals_checks_and_fences_fit_in_one_lease() {
         let lease = Duration::from_secs(20);
-        assert_eq!(renew_every(lease), Duration::from_millis(6666));
+        assert_eq!(renew_every(Duration::from_secs(21)), Duration::from_secs(7));
         // Fenced at the latest one check after the deadline, still inside the lease.
         let t0 = Instant::now();
         let latest_cancel = fence_at(t0, lease) + tick_every(lease);
-        assert!(latest_cancel < t0 + lease);
-        assert!(fence_at(t0, lease) > t0 + renew_every(lease) * 2 - Duration::from_millis(1));
-        // A query never waits longer than a check period (but never less than 500 ms).
-        assert!(query_timeout(lease) <= tick_every(lease));
+        assert!(latest_cancel + lease / 5 < t0 + lease);
+        // A healthy claim is first renewed (by age, then at the next round, which may
+        // wait for a query timeout) well before it would be fenced.
+        let first_renewal = renew_after_age(lease) + renew_every(lease) + tick_every(lease);
+        assert!(t0 + first_renewal < fence_at(t0, lease));
+        // Two renewals in a row may fail before the fence falls.
+        assert!(fence_at(t0, lease) >= t0 + renew_every(lease) * 2);
+        // A query never waits longer than half a renewal period (but at least 500 ms).
+        assert!(query_timeout(lease) <= renew_every(lease) / 2);
         assert_eq!(
             query_timeout(Duration::from_secs(3)),
             Duration::from_millis(500)

@@ -104,8 +104,6 @@ struct Inner {
     up: AtomicBool,
     /// This replica's running claims.
     live: Mutex<HashMap<(String, DateTime<Utc>), Live>>,
-    /// When the last renewal that the database confirmed was sent.
-    renewed: Mutex<Option<Instant>>,
     /// The configured jobs, for the cluster-wide last-run gauges.
     jobs: Mutex<Vec<Arc<Job>>>,
     stop: CancellationToken,
@@ -113,8 +111,9 @@ struct Inner {
 }
 
 struct Live {
-    /// When the claim was sent: its lease lasts at least `lease` from here.
-    sent: Instant,
+    /// When the claim or its latest confirmed renewal was sent: its lease lasts at
+    /// least `lease` from here.
+    renewed: Instant,
     fence: CancellationToken,
 }
 
@@ -175,7 +174,6 @@ impl Cluster {
                 ready: AtomicBool::new(false),
                 up: AtomicBool::new(true),
                 live: Mutex::new(HashMap::new()),
-                renewed: Mutex::new(None),
                 jobs: Mutex::new(Vec::new()),
                 stop: CancellationToken::new(),
                 report,
@@ -329,9 +327,10 @@ impl Cluster {
                 }
             }
         }
+        // The overlap guard: only renewed claims count (see `lease::renew_after_age`).
         let busy = sqlx::query(
             "SELECT replica FROM dbkeeper.claims WHERE cluster = $1 AND job = $2 \
-             AND finished_at IS NULL AND lease_until > now() LIMIT 1",
+             AND finished_at IS NULL AND lease_until > now() AND renewals > 0 LIMIT 1",
         )
         .bind(&inner.name)
         .bind(job)
@@ -346,7 +345,7 @@ impl Cluster {
         let won = sqlx::query(
             "WITH taken AS ( \
                  UPDATE dbkeeper.claims SET replica = $4, trigger = $5, claimed_at = now(), \
-                     lease_until = now() + make_interval(secs => $6), attempt = attempt + 1, \
+                     lease_until = now() + make_interval(secs => $6), attempt = attempt + 1, renewals = 0, \
                      finished_at = NULL, result = NULL, message = NULL \
                  WHERE cluster = $1 AND job = $2 AND fire_at = $3 AND result = 'interrupted' \
                      AND attempt < 3 AND $5 = 'missed' \
@@ -381,7 +380,7 @@ impl Cluster {
         lock(&self.inner.live).insert(
             (job.to_owned(), fire_at),
             Live {
-                sent,
+                renewed: sent,
                 fence: fence.clone(),
             },
         );

@@ -36,6 +36,7 @@ CREATE TABLE dbkeeper.claims (
     claimed_at  timestamptz NOT NULL DEFAULT now(),
     lease_until timestamptz NOT NULL,
     attempt     integer     NOT NULL DEFAULT 1,
+    renewals    integer     NOT NULL DEFAULT 0,
     finished_at timestamptz,
     result      text,
     message     text,
