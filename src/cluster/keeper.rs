@@ -4,13 +4,12 @@
 //! job's newest run) on the status board and in the metrics.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use sqlx::Row;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{alive_members, last_runs, lease, lock, schema, Cluster, ClusterError, Interrupted};
+use super::{alive_members, last_runs, lease, lock, Cluster, ClusterError, Interrupted};
 
 /// How often finished claims older than a day and members gone for a day are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -55,10 +54,7 @@ impl Cluster {
         alive: &mut BTreeSet<String>,
     ) -> Result<(), ClusterError> {
         let inner = &self.inner;
-        if !inner.ready.load(Ordering::Acquire) {
-            self.query(schema::migrate(&inner.pool)).await?;
-            inner.ready.store(true, Ordering::Release);
-        }
+        self.ensure_schema().await?;
         self.renew().await?;
         self.query(self.heartbeat()).await?;
         let members = self

@@ -58,8 +58,6 @@ pub enum ClusterError {
     Timeout(Duration),
     #[error("coordination database: schema dbkeeper is at version {found}, newer than this dbkeeper knows ({known}); upgrade this replica")]
     SchemaTooNew { found: usize, known: usize },
-    #[error("coordination database: dbkeeper's schema is not created yet (the database has not answered since start-up)")]
-    NotReady,
     #[error("daemon.coordination is not set: this daemon is not a replica")]
     NotConfigured,
 }
@@ -241,12 +239,22 @@ impl Cluster {
         }
     }
 
+    /// Creates or migrates the schema unless done already (by the keeper's first round
+    /// or an earlier claim: a start-up migration may claim before the keeper ran).
+    async fn ensure_schema(&self) -> Result<(), ClusterError> {
+        let inner = &self.inner;
+        if !inner.ready.load(Ordering::Acquire) {
+            self.query(schema::migrate(&inner.pool)).await?;
+            inner.ready.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// Claims `(job, fire_at)` for this replica. `trigger` decides the rule: a
     /// `Startup` claim has no fire time of its own ([`lease::startup_claim_wins`]);
     /// a `Missed` claim may take over a run of that slot that was interrupted.
     pub async fn claim(&self, job: &str, fire_at: DateTime<Utc>, trigger: Trigger) -> Claimed {
-        if !self.inner.ready.load(Ordering::Acquire) {
-            self.seen(Some(&ClusterError::NotReady));
+        if self.ensure_schema().await.is_err() {
             return Claimed::Unavailable;
         }
         let sent = Instant::now();
