@@ -94,7 +94,9 @@ impl Active {
             .as_deref()
             .is_some_and(url_has_password)
         {
-            tracing::warn!("daemon.coordination contains a password; move it to coordination-password-file");
+            tracing::warn!(
+                "daemon.coordination contains a password; move it to coordination-password-file"
+            );
         }
         for db in &config.databases {
             if url_has_password(&db.url) {
@@ -360,7 +362,8 @@ impl Daemon {
         };
         if job.kind() == jobs::Kind::Backup.as_str() && job.options.missed == Missed::RunOnce {
             tracing::info!(job = %job.id, replica = %gone.replica, "taking over the interrupted backup (missed = run-once)");
-            self.runner.spawn(job.clone(), Trigger::Missed, gone.fire_at);
+            self.runner
+                .spawn(job.clone(), Trigger::Missed, gone.fire_at);
         }
     }
 

@@ -160,6 +160,10 @@ impl Reporter {
     /// Replicas: whether the coordination database answered.
     pub fn coordination_seen(&self, cluster: &str, replica: &str, up: bool) {
         metrics::coordination_up(cluster, up);
+        if !up {
+            // Nobody can be seen alive: the "no replica alive" alert counts on it.
+            metrics::cluster_members(cluster, 0);
+        }
         self.status.coordination_seen(cluster, replica, up);
     }
 

@@ -85,7 +85,10 @@ fn kill(mut d: common::Daemon) {
 fn claims(d: &common::Daemon, job: &str, result: &str) -> f64 {
     d.metric(
         "dbkeeper_job_claims_total",
-        &[&format!("job_id=\"{job}\""), &format!("result=\"{result}\"")],
+        &[
+            &format!("job_id=\"{job}\""),
+            &format!("result=\"{result}\""),
+        ],
     )
     .unwrap_or(0.0)
 }
@@ -136,7 +139,12 @@ fn three_replicas_run_each_second_once_while_one_is_killed_and_restarted() {
     let dups = app.sql(
         "SELECT count(*) FROM (SELECT date_trunc('second', at) FROM beats GROUP BY 1 HAVING count(*) > 1) d",
     );
-    assert_eq!(dups, "0", "a second ran twice: {}", app.sql("SELECT string_agg(at::text, ', ' ORDER BY at) FROM beats"));
+    assert_eq!(
+        dups,
+        "0",
+        "a second ran twice: {}",
+        app.sql("SELECT string_agg(at::text, ', ' ORDER BY at) FROM beats")
+    );
     // Gaps: seconds without a run between the first and last one.
     let span: i64 = app
         .sql("SELECT extract(epoch FROM date_trunc('second', max(at)) - date_trunc('second', min(at)))::bigint + 1 FROM beats")
@@ -169,11 +177,13 @@ fn three_replicas_run_each_second_once_while_one_is_killed_and_restarted() {
     )
     .parse()
     .expect("count");
-    let rows: i64 = app.sql("SELECT count(*) FROM beats").parse().expect("count");
+    let rows: i64 = app
+        .sql("SELECT count(*) FROM beats")
+        .parse()
+        .expect("count");
     assert_eq!(won, rows, "every inserted row is one successful claim");
-    let replicas_that_ran = coord_sql(
-        "SELECT count(DISTINCT replica) FROM dbkeeper.claims WHERE job = 'app.sql.beat'",
-    );
+    let replicas_that_ran =
+        coord_sql("SELECT count(DISTINCT replica) FROM dbkeeper.claims WHERE job = 'app.sql.beat'");
     assert!(
         replicas_that_ran.parse::<i64>().expect("count") >= 2,
         "the work is shared"
@@ -218,12 +228,13 @@ fn a_killed_replicas_backup_is_taken_over_and_leaves_no_partial_archive() {
     // Start just after a 20 s slot: the start-up (missed) run is claimed at once, and
     // the next slot comes after A's lease was renewed, which is when other replicas
     // see the run as going (a run younger than a sixth of the lease is not guarded).
-    while !(1..=3).contains(&(std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        % 20))
-    {
+    while !(1..=3).contains(
+        &(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            % 20),
+    ) {
         std::thread::sleep(Duration::from_millis(200));
     }
     let mut daemons = start_together(&dirs);
@@ -278,13 +289,22 @@ fn a_killed_replicas_backup_is_taken_over_and_leaves_no_partial_archive() {
         "SELECT count(*) FROM dbkeeper.claims WHERE job = 'app.backup' AND message LIKE '%stopped renewing%'",
     );
     assert!(
-        interrupted == "1" || coord.sql("SELECT count(*) FROM dbkeeper.claims WHERE job = 'app.backup' AND attempt > 1") == "1",
+        interrupted == "1"
+            || coord.sql(
+                "SELECT count(*) FROM dbkeeper.claims WHERE job = 'app.backup' AND attempt > 1"
+            ) == "1",
         "A's claim was found interrupted"
     );
     let status: serde_json::Value =
         serde_json::from_str(&b_daemon.get("/status").1).expect("status JSON");
-    assert_eq!(status["cluster"]["members"].as_array().map(Vec::len), Some(1));
-    let replica_b = status["cluster"]["replica"].as_str().expect("replica").to_owned();
+    assert_eq!(
+        status["cluster"]["members"].as_array().map(Vec::len),
+        Some(1)
+    );
+    let replica_b = status["cluster"]["replica"]
+        .as_str()
+        .expect("replica")
+        .to_owned();
     let job = status["jobs"]
         .as_array()
         .and_then(|j| j.iter().find(|j| j["job"] == "app.backup"))
@@ -319,14 +339,21 @@ fn a_killed_replicas_backup_is_taken_over_and_leaves_no_partial_archive() {
                 "archive {name} has no manifest: {names:?}"
             );
         } else {
-            assert!(name.ends_with(".manifest.json") || name.ends_with(".json"), "stray file {name}");
+            assert!(
+                name.ends_with(".manifest.json") || name.ends_with(".json"),
+                "stray file {name}"
+            );
         }
     }
     let verify = dirs[b]
         .cmd(&["backup", "verify", "app", "--backup", "latest"])
         .output()
         .expect("verify");
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -371,8 +398,14 @@ fn three_replicas_started_together_apply_a_startup_migration_once() {
             claims(d, "app.migrate", "won") + claims(d, "app.migrate", "lost") >= 1.0
         });
     }
-    let won: f64 = daemons.iter().map(|d| claims(d, "app.migrate", "won")).sum();
-    let lost: f64 = daemons.iter().map(|d| claims(d, "app.migrate", "lost")).sum();
+    let won: f64 = daemons
+        .iter()
+        .map(|d| claims(d, "app.migrate", "won"))
+        .sum();
+    let lost: f64 = daemons
+        .iter()
+        .map(|d| claims(d, "app.migrate", "lost"))
+        .sum();
     assert_eq!((won, lost), (1.0, 2.0));
     for d in &daemons {
         d.wait_for("the migration in", Duration::from_secs(30), || {
@@ -387,7 +420,10 @@ fn three_replicas_started_together_apply_a_startup_migration_once() {
     );
     for d in &daemons {
         assert_eq!(
-            d.metric("dbkeeper_job_skipped_total", &["job_id=\"app.migrate\"", "reason=\"claimed-elsewhere\""]),
+            d.metric(
+                "dbkeeper_job_skipped_total",
+                &["job_id=\"app.migrate\"", "reason=\"claimed-elsewhere\""]
+            ),
             Some(claims(d, "app.migrate", "lost"))
         );
     }
@@ -472,7 +508,10 @@ fn coordination_down_for_ten_seconds_runs_nothing_twice_and_resumes() {
     let app = PgDb::new("clu_app");
     app.sql("CREATE TABLE beats (at timestamptz NOT NULL)");
     let proxy = Proxy::start("127.0.0.1:5432");
-    let via_proxy = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, coord.name);
+    let via_proxy = format!(
+        "postgres://postgres@127.0.0.1:{}/{}",
+        proxy.port, coord.name
+    );
     let rest = format!(
         "{}{}",
         database("app", &app.url, ""),
@@ -488,7 +527,9 @@ fn coordination_down_for_ten_seconds_runs_nothing_twice_and_resumes() {
     proxy.set_down(true);
     let down_at = app.sql("SELECT now()");
     for d in &daemons {
-        d.wait_for("coordination_up 0", Duration::from_secs(5), || up(d) == Some(0.0));
+        d.wait_for("coordination_up 0", Duration::from_secs(5), || {
+            up(d) == Some(0.0)
+        });
     }
     std::thread::sleep(Duration::from_secs(10));
     let unavailable: f64 = daemons
@@ -496,7 +537,10 @@ fn coordination_down_for_ten_seconds_runs_nothing_twice_and_resumes() {
         .map(|d| {
             d.metric(
                 "dbkeeper_job_skipped_total",
-                &["job_id=\"app.sql.beat\"", "reason=\"coordination-unavailable\""],
+                &[
+                    "job_id=\"app.sql.beat\"",
+                    "reason=\"coordination-unavailable\"",
+                ],
             )
             .unwrap_or(0.0)
         })
@@ -507,16 +551,26 @@ fn coordination_down_for_ten_seconds_runs_nothing_twice_and_resumes() {
         "SELECT count(*) FROM beats WHERE at > '{down_at}'::timestamptz + interval '2 seconds'"
     ));
     proxy.set_down(false);
-    assert_eq!(during, "0", "jobs ran while the coordination database was down");
+    assert_eq!(
+        during, "0",
+        "jobs ran while the coordination database was down"
+    );
     for d in &daemons {
-        d.wait_for("coordination_up 1", Duration::from_secs(10), || up(d) == Some(1.0));
-        let outages = d.log_text().matches("coordination database unavailable").count();
+        d.wait_for("coordination_up 1", Duration::from_secs(10), || {
+            up(d) == Some(1.0)
+        });
+        let outages = d
+            .log_text()
+            .matches("coordination database unavailable")
+            .count();
         assert_eq!(outages, 1, "logged once per outage:\n{}", d.log_text());
     }
     let resumed_from = app.sql("SELECT now()");
     std::thread::sleep(Duration::from_secs(5));
     let after: i64 = app
-        .sql(&format!("SELECT count(*) FROM beats WHERE at > '{resumed_from}'"))
+        .sql(&format!(
+            "SELECT count(*) FROM beats WHERE at > '{resumed_from}'"
+        ))
         .parse()
         .expect("count");
     assert!(after >= 3, "jobs resumed: {after} runs in 5 s");
@@ -544,7 +598,8 @@ fn a_single_daemon_has_no_cluster_series() {
     );
     let d = w.start();
     d.wait_for("job series", Duration::from_secs(20), || {
-        d.metric("dbkeeper_job_running", &["job_id=\"app.sql.one\""]).is_some()
+        d.metric("dbkeeper_job_running", &["job_id=\"app.sql.one\""])
+            .is_some()
     });
     let text = d.metrics();
     for name in [

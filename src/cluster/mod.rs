@@ -228,13 +228,17 @@ impl Cluster {
                 if !inner.up.swap(true, Ordering::AcqRel) {
                     tracing::info!(cluster = %inner.name, "the coordination database answers again; claiming jobs again");
                 }
-                inner.report.coordination_seen(&inner.name, &inner.replica, true);
+                inner
+                    .report
+                    .coordination_seen(&inner.name, &inner.replica, true);
             }
             Some(e) => {
                 if inner.up.swap(false, Ordering::AcqRel) {
                     tracing::error!(cluster = %inner.name, "coordination database unavailable, no job runs on this replica until it answers: {e}");
                 }
-                inner.report.coordination_seen(&inner.name, &inner.replica, false);
+                inner
+                    .report
+                    .coordination_seen(&inner.name, &inner.replica, false);
             }
         }
     }
@@ -402,7 +406,13 @@ impl Cluster {
 
     /// Records the end of a claimed run (in the background, retried while its lease
     /// lasts; a result that never arrives leaves the claim to expire as interrupted).
-    fn finish(&self, job: String, fire_at: DateTime<Utc>, result: &'static str, message: Option<String>) {
+    fn finish(
+        &self,
+        job: String,
+        fire_at: DateTime<Utc>,
+        result: &'static str,
+        message: Option<String>,
+    ) {
         let cluster = self.clone();
         tokio::spawn(async move {
             let deadline = Instant::now() + cluster.inner.lease;
@@ -562,7 +572,10 @@ async fn alive_members(
 }
 
 /// Each job's newest run, success and failure across the cluster.
-async fn last_runs(pool: &PgPool, cluster: &str) -> Result<HashMap<String, ClusterLast>, ClusterError> {
+async fn last_runs(
+    pool: &PgPool,
+    cluster: &str,
+) -> Result<HashMap<String, ClusterLast>, ClusterError> {
     let rows = sqlx::query(
         "SELECT job, last_run, last_success, last_failure, last_result, last_replica \
          FROM dbkeeper.jobs_last WHERE cluster = $1",

@@ -2038,7 +2038,10 @@ impl Config {
         let Some(url) = &d.coordination else {
             for (set, key) in [
                 (d.cluster.is_some(), "daemon.cluster"),
-                (d.coordination_password_file.is_some(), "daemon.coordination-password-file"),
+                (
+                    d.coordination_password_file.is_some(),
+                    "daemon.coordination-password-file",
+                ),
             ] {
                 if set {
                     return Err(self.invalid(
@@ -2058,8 +2061,8 @@ impl Config {
                 "must be a postgres:// URL: replicas coordinate through a PostgreSQL database",
             ));
         }
-        let secrets = crate::pgurl::split_secrets(url)
-            .map_err(|m| self.invalid("daemon.coordination", m))?;
+        let secrets =
+            crate::pgurl::split_secrets(url).map_err(|m| self.invalid("daemon.coordination", m))?;
         if secrets.service {
             return Err(self.invalid(
                 "daemon.coordination",
@@ -2078,7 +2081,11 @@ impl Config {
                 ));
             }
         }
-        self.duration("daemon.lease-timeout", d.lease_timeout, Duration::from_secs(3600))?;
+        self.duration(
+            "daemon.lease-timeout",
+            d.lease_timeout,
+            Duration::from_secs(3600),
+        )?;
         if d.lease_timeout < Duration::from_secs(3) {
             return Err(self.invalid(
                 "daemon.lease-timeout",
