@@ -613,3 +613,60 @@ fn a_single_daemon_has_no_cluster_series() {
     let status: serde_json::Value = serde_json::from_str(&d.get("/status").1).expect("JSON");
     assert!(status.get("cluster").is_none());
 }
+
+/// `config/examples/replicas.toml` as shipped (machine paths and URLs pointed at this
+/// test's): a replica joins, `dbkeeper jobs` shows the cluster, and `run-job` runs
+/// without a claim.
+#[test]
+fn the_shipped_replicas_example_runs_and_jobs_shows_the_cluster() {
+    let coord = PgDb::new("clu_coord");
+    let app = PgDb::new("clu_app");
+    app.sql("CREATE TABLE sessions (expires_at timestamptz)");
+    let w = Workdir::new();
+    let key = w.key("backup.key");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/replicas.toml");
+    let mut text = std::fs::read_to_string(path).expect("example");
+    let root = w.path().display().to_string();
+    for (from, to) in [
+        ("/var/lib/dbkeeper", format!("{root}/state")),
+        ("/var/backups", format!("{root}/backups")),
+        ("127.0.0.1:9736", format!("127.0.0.1:{}", w.port)),
+        ("postgres://dbkeeper@127.0.0.1:5432/wards", coord.url.clone()),
+        ("postgres://wards@127.0.0.1:5432/wards", app.url.clone()),
+        ("/etc/dbkeeper/backup.key", key.display().to_string()),
+    ] {
+        assert!(text.contains(from), "the example mentions {from}");
+        text = text.replace(from, &to);
+    }
+    std::fs::write(w.config_path(), text).expect("config");
+    let d = w.start();
+    d.wait_for("the replica joined", Duration::from_secs(30), || {
+        d.metric("dbkeeper_cluster_members", &["cluster=\"wards\""]) == Some(1.0)
+    });
+    let out = w.stdout(&["run-job", "wards.sql.expire-sessions"]);
+    assert!(!out.contains("claimed"), "{out}");
+    assert_eq!(
+        coord.sql("SELECT count(*) FROM dbkeeper.claims WHERE job = 'wards.sql.expire-sessions'"),
+        "0",
+        "run-job is not claimed"
+    );
+    // The start-up backup (missed = run-once) ran here, claimed.
+    d.wait_for("the backup claimed and done", Duration::from_secs(60), || {
+        claims(&d, "wards.backup", "won") == 1.0
+            && d.metric("dbkeeper_job_running", &["job_id=\"wards.backup\""]) == Some(0.0)
+    });
+    let status: serde_json::Value = serde_json::from_str(&d.get("/status").1).expect("JSON");
+    let me = status["cluster"]["replica"].as_str().expect("replica").to_owned();
+    d.wait_for("the result recorded", Duration::from_secs(20), || {
+        coord.sql("SELECT count(*) FROM dbkeeper.jobs_last WHERE job = 'wards.backup'") == "1"
+    });
+    let jobs = w.stdout(&["jobs"]);
+    assert!(jobs.contains("LAST REPLICA"), "{jobs}");
+    assert!(jobs.contains("cluster wards: 1 replica(s) alive"), "{jobs}");
+    let backup_row = jobs
+        .lines()
+        .find(|l| l.starts_with("wards.backup"))
+        .expect("backup row");
+    assert!(backup_row.contains(&me), "{jobs}");
+    stop(d);
+}
