@@ -155,11 +155,11 @@ fn three_replicas_run_each_second_once_while_one_is_killed_and_restarted() {
         .parse()
         .expect("count");
     assert!(span >= 50, "the test ran {span} s");
-    let missing = app.sql(&format!(
+    let missing = app.sql(
         "SELECT coalesce(string_agg(s::text, ', '), '') FROM generate_series( \
            (SELECT date_trunc('second', min(at)) FROM beats), (SELECT date_trunc('second', max(at)) FROM beats), '1 second') s \
-         WHERE NOT EXISTS (SELECT 1 FROM beats WHERE date_trunc('second', at) = s)"
-    ));
+         WHERE NOT EXISTS (SELECT 1 FROM beats WHERE date_trunc('second', at) = s)",
+    );
     // One tick may be lost around the kill (a slot claimed by the dying replica);
     // allow one more for a run delayed past its second on a loaded machine.
     assert!(
@@ -631,7 +631,10 @@ fn the_shipped_replicas_example_runs_and_jobs_shows_the_cluster() {
         ("/var/lib/dbkeeper", format!("{root}/state")),
         ("/var/backups", format!("{root}/backups")),
         ("127.0.0.1:9736", format!("127.0.0.1:{}", w.port)),
-        ("postgres://dbkeeper@127.0.0.1:5432/wards", coord.url.clone()),
+        (
+            "postgres://dbkeeper@127.0.0.1:5432/wards",
+            coord.url.clone(),
+        ),
         ("postgres://wards@127.0.0.1:5432/wards", app.url.clone()),
         ("/etc/dbkeeper/backup.key", key.display().to_string()),
     ] {
@@ -651,12 +654,19 @@ fn the_shipped_replicas_example_runs_and_jobs_shows_the_cluster() {
         "run-job is not claimed"
     );
     // The start-up backup (missed = run-once) ran here, claimed.
-    d.wait_for("the backup claimed and done", Duration::from_secs(60), || {
-        claims(&d, "wards.backup", "won") == 1.0
-            && d.metric("dbkeeper_job_running", &["job_id=\"wards.backup\""]) == Some(0.0)
-    });
+    d.wait_for(
+        "the backup claimed and done",
+        Duration::from_secs(60),
+        || {
+            claims(&d, "wards.backup", "won") == 1.0
+                && d.metric("dbkeeper_job_running", &["job_id=\"wards.backup\""]) == Some(0.0)
+        },
+    );
     let status: serde_json::Value = serde_json::from_str(&d.get("/status").1).expect("JSON");
-    let me = status["cluster"]["replica"].as_str().expect("replica").to_owned();
+    let me = status["cluster"]["replica"]
+        .as_str()
+        .expect("replica")
+        .to_owned();
     d.wait_for("the result recorded", Duration::from_secs(20), || {
         coord.sql("SELECT count(*) FROM dbkeeper.jobs_last WHERE job = 'wards.backup'") == "1"
     });

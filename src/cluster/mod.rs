@@ -40,6 +40,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::DaemonConfig;
 use crate::db::{Database, DbError};
@@ -106,6 +107,9 @@ struct Inner {
     jobs: Mutex<Vec<Arc<Job>>>,
     stop: CancellationToken,
     report: Reporter,
+    /// Results being recorded: waited for at shutdown, so that a clean stop leaves no
+    /// claim to be found interrupted (and a finished backup run again elsewhere).
+    finishing: TaskTracker,
 }
 
 struct Live {
@@ -175,6 +179,7 @@ impl Cluster {
                 jobs: Mutex::new(Vec::new()),
                 stop: CancellationToken::new(),
                 report,
+                finishing: TaskTracker::new(),
             }),
         };
         cluster
@@ -401,6 +406,7 @@ impl Cluster {
             job: job.to_owned(),
             fire_at,
             fence,
+            finished: false,
         }
     }
 
@@ -414,7 +420,7 @@ impl Cluster {
         message: Option<String>,
     ) {
         let cluster = self.clone();
-        tokio::spawn(async move {
+        self.inner.finishing.spawn(async move {
             let deadline = Instant::now() + cluster.inner.lease;
             loop {
                 let done = cluster
@@ -475,8 +481,10 @@ impl Cluster {
     /// Leaves the cluster: stops the keeper and removes this replica's membership row
     /// (best effort; a row left behind simply ages out).
     pub async fn stop(&self) {
-        self.inner.stop.cancel();
         let inner = &self.inner;
+        inner.finishing.close();
+        let _ = tokio::time::timeout(inner.lease, inner.finishing.wait()).await;
+        inner.stop.cancel();
         let _ = self
             .query(
                 sqlx::query("DELETE FROM dbkeeper.members WHERE cluster = $1 AND replica = $2")
@@ -503,6 +511,7 @@ pub struct Lease {
     job: String,
     fire_at: DateTime<Utc>,
     fence: CancellationToken,
+    finished: bool,
 }
 
 impl Lease {
@@ -512,9 +521,27 @@ impl Lease {
     }
 
     /// The run ended: `message` is its error if it failed.
-    pub fn finish(self, success: bool, message: Option<String>) {
+    pub fn finish(mut self, success: bool, message: Option<String>) {
+        self.finished = true;
         let result = if success { "success" } else { "failure" };
-        self.cluster.finish(self.job, self.fire_at, result, message);
+        self.cluster
+            .finish(self.job.clone(), self.fire_at, result, message);
+    }
+}
+
+/// A lease dropped without a result (its run was abandoned) is recorded as
+/// interrupted at once: the keeper would otherwise renew it for as long as this
+/// replica lives, and keep the job's next fire times from running anywhere.
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.finished && tokio::runtime::Handle::try_current().is_ok() {
+            self.cluster.finish(
+                self.job.clone(),
+                self.fire_at,
+                "interrupted",
+                Some("the run was abandoned".to_owned()),
+            );
+        }
     }
 }
 
