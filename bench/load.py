@@ -61,6 +61,15 @@ def free_port():
     return port
 
 
+def wait_healthy(port):
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
 def psql(url, sql):
     out = subprocess.run(["psql", url, "-v", "ON_ERROR_STOP=1", "-qAtc", sql], check=True, capture_output=True, text=True)
     return out.stdout.strip()
@@ -97,13 +106,8 @@ def replicas_main(args):
             proc = subprocess.Popen([args.binary, "run", "-c", str(work / f"r{r}.toml")], stderr=log,
                                     env={"RUST_LOG": "warn", "PATH": "/usr/bin:/bin"})
             procs.append((proc, port))
-        for proc, port in procs:
-            for _ in range(100):
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                    break
-                except OSError:
-                    time.sleep(0.1)
+        for _, port in procs:
+            wait_healthy(port)
         duration = args.minutes * 60
         started = time.time()
         samples = {i: [] for i in range(len(procs))}
@@ -188,11 +192,7 @@ def main():
         return replicas_main(args)
 
     work = Path(tempfile.mkdtemp(prefix="dbkeeper-load-"))
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     lines = [f'[daemon]\nstate-dir = "{work}/state"\nlisten = "127.0.0.1:{port}"\nmax-concurrent-jobs = 2\n']
     jobs = {}
     for d in range(args.databases):
@@ -209,12 +209,7 @@ def main():
     log = open(work / "daemon.log", "w")
     proc = subprocess.Popen([args.binary, "run", "-c", str(work / "load.toml")], stderr=log, env={"RUST_LOG": "warn", "PATH": "/usr/bin:/bin"})
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_healthy(port)
         start = time.monotonic()
         duration = args.minutes * 60
         samples = []
@@ -228,12 +223,7 @@ def main():
         proc.wait(timeout=60)
 
     def value(name, labels):
-        pattern = re.compile(r"^" + re.escape(name) + r"\{([^}]*)\} (\S+)$", re.M)
-        total = 0.0
-        for m in pattern.finditer(metrics):
-            if all(l in m.group(1) for l in labels):
-                total += float(m.group(2))
-        return total
+        return metric_sum(metrics, name, labels)
 
     problems = []
     overlap = value("dbkeeper_job_skipped_total", ['reason="overlap"'])

@@ -248,23 +248,12 @@ impl DaemonConfig {
     /// The coordination database as a `[[database]]` entry named `coordination`, so
     /// that it is opened with the same URL and password-file rules as the others.
     pub fn coordination_database(&self, connect_timeout: Duration) -> Option<DatabaseConfig> {
-        Some(DatabaseConfig {
-            source: PathBuf::new(),
-            name: "coordination".to_owned(),
-            url: self.coordination.clone()?,
-            password_file: self.coordination_password_file.clone(),
+        Some(DatabaseConfig::connection_only(
+            "coordination",
+            self.coordination.as_deref()?,
+            self.coordination_password_file.clone(),
             connect_timeout,
-            foreign_keys: false,
-            backup: None,
-            retention: Vec::new(),
-            refresh: Vec::new(),
-            migrate: None,
-            sql: Vec::new(),
-            gauge: Vec::new(),
-            table_stats: false,
-            table_stats_schedule: None,
-            table_stats_max_tables: None,
-        })
+        ))
     }
 }
 
@@ -381,6 +370,35 @@ impl DatabaseConfig {
             return None;
         }
         Some(std::path::absolute(file).unwrap_or_else(|_| file.to_owned()))
+    }
+}
+
+impl DatabaseConfig {
+    /// An entry with only what a connection needs and no jobs (a restore target, the
+    /// coordination database), not read from a config file.
+    pub fn connection_only(
+        name: &str,
+        url: &str,
+        password_file: Option<PathBuf>,
+        connect_timeout: Duration,
+    ) -> Self {
+        DatabaseConfig {
+            source: PathBuf::new(),
+            name: name.to_owned(),
+            url: url.to_owned(),
+            password_file,
+            connect_timeout,
+            foreign_keys: false,
+            backup: None,
+            retention: Vec::new(),
+            refresh: Vec::new(),
+            migrate: None,
+            sql: Vec::new(),
+            gauge: Vec::new(),
+            table_stats: false,
+            table_stats_schedule: None,
+            table_stats_max_tables: None,
+        }
     }
 }
 
