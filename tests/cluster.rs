@@ -680,3 +680,62 @@ fn the_shipped_replicas_example_runs_and_jobs_shows_the_cluster() {
     assert!(backup_row.contains(&me), "{jobs}");
     stop(d);
 }
+
+/// Self-fencing: a replica that cannot renew the lease of its running job cancels the
+/// job (the statement is cancelled on the server) before the lease runs out, so that no
+/// other replica can run the same claim at the same time.
+#[test]
+fn a_replica_cut_off_from_coordination_cancels_its_running_job_within_the_lease() {
+    let coord = PgDb::new("clu_coord");
+    let app = PgDb::new("clu_app");
+    let proxy = Proxy::start("127.0.0.1:5432");
+    let via_proxy = format!(
+        "postgres://postgres@127.0.0.1:{}/{}",
+        proxy.port, coord.name
+    );
+    let rest = format!(
+        "{}{}",
+        database("app", &app.url, ""),
+        sql_job("long", "@startup", "SELECT pg_sleep(120)")
+    );
+    let dirs = replicas(1, &via_proxy, &rest);
+    let d = dirs[0].start();
+    d.wait_for("the long job runs", Duration::from_secs(20), || {
+        app.sleeping_sessions() == 1
+    });
+    // Renewed once (it is older than a sixth of the lease): a long run.
+    d.wait_for("the claim renewed", Duration::from_secs(10), || {
+        coord.sql(
+            "SELECT coalesce(max(renewals), 0) FROM dbkeeper.claims WHERE job = 'app.sql.long'",
+        ) != "0"
+    });
+    proxy.set_down(true);
+    let cut = Instant::now();
+    d.wait_for("the run cancelled", Duration::from_secs(10), || {
+        d.metric(
+            "dbkeeper_job_runs_total",
+            &["job_id=\"app.sql.long\"", "result=\"failure\""],
+        ) == Some(1.0)
+    });
+    // Fenced at two thirds of the 6 s lease (checked every half second), well before
+    // the lease could have run out in the database.
+    assert!(
+        cut.elapsed() < Duration::from_secs(6),
+        "cancelled after {:?}",
+        cut.elapsed()
+    );
+    d.wait_for("the statement gone", Duration::from_secs(10), || {
+        app.sleeping_sessions() == 0
+    });
+    assert!(
+        d.log_text().contains("cannot renew the lease"),
+        "{}",
+        d.log_text()
+    );
+    proxy.set_down(false);
+    // Back: the claim is found expired and marked interrupted (not run again: an sql job).
+    d.wait_for("the claim closed", Duration::from_secs(20), || {
+        coord.sql("SELECT count(*) FROM dbkeeper.claims WHERE job = 'app.sql.long' AND finished_at IS NULL") == "0"
+    });
+    stop(d);
+}
