@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use sqlx::Row;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -94,6 +95,16 @@ impl Cluster {
     /// that the run is long and its replica alive).
     async fn renew(&self) -> Result<(), ClusterError> {
         let inner = &self.inner;
+        // Only the runs going on here: a claim whose run ended while its result could
+        // not be recorded must expire, not be kept alive (and block the job) for ever.
+        let (jobs, fire_times): (Vec<String>, Vec<DateTime<Utc>>) = lock(&inner.live)
+            .iter()
+            .filter(|(_, live)| !live.fence.is_cancelled())
+            .map(|(key, _)| key.clone())
+            .unzip();
+        if jobs.is_empty() {
+            return Ok(());
+        }
         let sent = Instant::now();
         let rows = self
             .query(
@@ -102,12 +113,15 @@ impl Cluster {
                          renewals = renewals + 1 \
                      WHERE cluster = $1 AND replica = $2 AND finished_at IS NULL \
                          AND claimed_at < now() - make_interval(secs => $4) \
+                         AND (job, fire_at) IN (SELECT * FROM unnest($5::text[], $6::timestamptz[])) \
                      RETURNING job, fire_at",
                 )
                 .bind(&inner.name)
                 .bind(&inner.replica)
                 .bind(inner.lease.as_secs_f64())
                 .bind(lease::renew_after_age(inner.lease).as_secs_f64())
+                .bind(jobs)
+                .bind(fire_times)
                 .fetch_all(&inner.pool),
             )
             .await?;
