@@ -654,6 +654,12 @@ fn the_shipped_replicas_example_runs_and_jobs_shows_the_cluster() {
         text = text.replace(from, &to);
     }
     std::fs::write(w.config_path(), text).expect("config");
+    // Before any replica ran: reachable, nobody alive.
+    let check = w.stdout(&["check"]);
+    assert!(
+        check.contains("coordination database (cluster wards): reachable, 0 replica(s) alive"),
+        "{check}"
+    );
     let d = w.start();
     d.wait_for("the replica joined", Duration::from_secs(30), || {
         d.metric("dbkeeper_cluster_members", &["cluster=\"wards\""]) == Some(1.0)

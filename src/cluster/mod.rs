@@ -560,8 +560,19 @@ pub async fn read_view(daemon: &DaemonConfig) -> Result<View, ClusterError> {
         .ok_or(ClusterError::NotConfigured)?
         .to_owned();
     let pool = open_pool(daemon)?;
-    let members = alive_members(&pool, &name, daemon.lease_timeout).await?;
-    let jobs = last_runs(&pool, &name).await?;
+    // Before any replica ran, the schema is not there: no members, no runs.
+    let created: bool = sqlx::query("SELECT to_regclass('dbkeeper.jobs_last') IS NOT NULL")
+        .fetch_one(&pool)
+        .await?
+        .try_get(0)?;
+    let (members, jobs) = if created {
+        (
+            alive_members(&pool, &name, daemon.lease_timeout).await?,
+            last_runs(&pool, &name).await?,
+        )
+    } else {
+        (Vec::new(), HashMap::new())
+    };
     pool.close().await;
     Ok(View {
         name,
