@@ -266,6 +266,57 @@ mod tests {
     }
 
     #[test]
+    fn replicas_put_every_slots_on_the_epoch_grid() {
+        let tz = TimeZone::default();
+        let every: Schedule = "every 5s".parse().unwrap();
+        let grid = every.on_grid();
+        assert!(
+            !grid.is_every(),
+            "grid slots do not follow the previous run"
+        );
+        // Whenever a replica looks, it names the same slots: multiples of 5 s.
+        let a = utc(2026, 12, 6, 10, 0, 1) + chrono::Duration::milliseconds(250);
+        let b = utc(2026, 12, 6, 10, 0, 4) + chrono::Duration::milliseconds(999);
+        assert_eq!(grid.next_after(a, &tz), Some(utc(2026, 12, 6, 10, 0, 5)));
+        assert_eq!(grid.next_after(b, &tz), Some(utc(2026, 12, 6, 10, 0, 5)));
+        // A slot itself is not "after" itself.
+        let slot = utc(2026, 12, 6, 10, 0, 5);
+        assert_eq!(
+            grid.next_after(slot, &tz),
+            Some(utc(2026, 12, 6, 10, 0, 10))
+        );
+        assert_eq!(grid.expected_interval(a, &tz), Some(Duration::from_secs(5)));
+        // A single daemon's `every` follows the previous run instead.
+        assert_eq!(
+            every.next_after(a, &tz),
+            Some(a + chrono::Duration::seconds(5))
+        );
+        // Cron schedules are the same on every replica already.
+        let cron: Schedule = "0 */15 * * * *".parse().unwrap();
+        assert_eq!(cron.on_grid().next_after(a, &tz), cron.next_after(a, &tz));
+    }
+
+    #[test]
+    fn the_missed_slot_is_the_latest_one_at_or_before_now() {
+        let tz = TimeZone::default();
+        let now = utc(2026, 12, 6, 10, 7, 3);
+        let grid = "every 5m".parse::<Schedule>().unwrap().on_grid();
+        assert_eq!(
+            grid.last_slot_until(now, &tz),
+            Some(utc(2026, 12, 6, 10, 5, 0))
+        );
+        let cron: Schedule = "0 0 */6 * * *".parse().unwrap();
+        assert_eq!(
+            cron.last_slot_until(now, &tz),
+            Some(utc(2026, 12, 6, 6, 0, 0))
+        );
+        let exact = utc(2026, 12, 6, 12, 0, 0);
+        assert_eq!(cron.last_slot_until(exact, &tz), Some(exact));
+        let startup: Schedule = "@startup".parse().unwrap();
+        assert_eq!(startup.last_slot_until(now, &tz), None);
+    }
+
+    #[test]
     fn six_field_cron_has_seconds_first() {
         let s: Schedule = "30 0 2 * * *".parse().unwrap();
         let next = s.next_after(utc(2026, 1, 1, 0, 0, 0), &TimeZone::default());
