@@ -97,6 +97,15 @@ fn sql_job(name: &str, schedule: &str, statement: &str) -> String {
     format!("[[database.sql]]\nname = \"{name}\"\nschedule = \"{schedule}\"\nstatement = \"{statement}\"\n")
 }
 
+/// The database `app` with one `sql` job.
+fn app_with_job(app: &PgDb, name: &str, schedule: &str, statement: &str) -> String {
+    format!(
+        "{}{}",
+        database("app", &app.url, ""),
+        sql_job(name, schedule, statement)
+    )
+}
+
 /// Acceptance 1: three replicas, a PostgreSQL `sql` job every second inserting `now()`;
 /// one replica is SIGKILLed and restarted mid-way. Every fire time runs at most once.
 ///
@@ -111,10 +120,11 @@ fn three_replicas_run_each_second_once_while_one_is_killed_and_restarted() {
     let coord = PgDb::new("clu_coord");
     let app = PgDb::new("clu_app");
     app.sql("CREATE TABLE beats (at timestamptz NOT NULL)");
-    let rest = format!(
-        "{}{}",
-        database("app", &app.url, ""),
-        sql_job("beat", "every 1s", "INSERT INTO beats (at) VALUES (now())")
+    let rest = app_with_job(
+        &app,
+        "beat",
+        "every 1s",
+        "INSERT INTO beats (at) VALUES (now())",
     );
     let dirs = replicas(3, &coord.url, &rest);
     let mut daemons = start_together(&dirs);
@@ -468,6 +478,13 @@ impl Proxy {
         Proxy { port, down, open }
     }
 
+    /// A proxy in front of `db`, and the URL of `db` through it.
+    fn in_front_of(db: &PgDb) -> (Proxy, String) {
+        let proxy = Proxy::start("127.0.0.1:5432");
+        let url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, db.name);
+        (proxy, url)
+    }
+
     fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
         if down {
@@ -507,15 +524,12 @@ fn coordination_down_for_ten_seconds_runs_nothing_twice_and_resumes() {
     let coord = PgDb::new("clu_coord");
     let app = PgDb::new("clu_app");
     app.sql("CREATE TABLE beats (at timestamptz NOT NULL)");
-    let proxy = Proxy::start("127.0.0.1:5432");
-    let via_proxy = format!(
-        "postgres://postgres@127.0.0.1:{}/{}",
-        proxy.port, coord.name
-    );
-    let rest = format!(
-        "{}{}",
-        database("app", &app.url, ""),
-        sql_job("beat", "every 1s", "INSERT INTO beats (at) VALUES (now())")
+    let (proxy, via_proxy) = Proxy::in_front_of(&coord);
+    let rest = app_with_job(
+        &app,
+        "beat",
+        "every 1s",
+        "INSERT INTO beats (at) VALUES (now())",
     );
     let dirs = replicas(2, &via_proxy, &rest);
     let daemons = start_together(&dirs);
@@ -706,16 +720,8 @@ fn the_shipped_replicas_example_runs_and_jobs_shows_the_cluster() {
 fn a_replica_cut_off_from_coordination_cancels_its_running_job_within_the_lease() {
     let coord = PgDb::new("clu_coord");
     let app = PgDb::new("clu_app");
-    let proxy = Proxy::start("127.0.0.1:5432");
-    let via_proxy = format!(
-        "postgres://postgres@127.0.0.1:{}/{}",
-        proxy.port, coord.name
-    );
-    let rest = format!(
-        "{}{}",
-        database("app", &app.url, ""),
-        sql_job("long", "@startup", "SELECT pg_sleep(120)")
-    );
+    let (proxy, via_proxy) = Proxy::in_front_of(&coord);
+    let rest = app_with_job(&app, "long", "@startup", "SELECT pg_sleep(120)");
     let dirs = replicas(1, &via_proxy, &rest);
     let d = dirs[0].start();
     d.wait_for("the long job runs", Duration::from_secs(20), || {
