@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::{Cluster, ClusterError, Interrupted};
 use crate::config::{Config, Missed};
 use crate::db::Database;
 use crate::http::BackupShelf;
@@ -73,6 +74,8 @@ pub enum DaemonError {
     Notify(#[from] NotifyError),
     #[error("cannot install the signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 /// The live objects of one loaded configuration.
@@ -85,6 +88,16 @@ struct Active {
 impl Active {
     fn build(config: Config) -> Result<Self, DaemonError> {
         let jobs = Jobs::build(&config)?;
+        if config
+            .daemon
+            .coordination
+            .as_deref()
+            .is_some_and(url_has_password)
+        {
+            tracing::warn!(
+                "daemon.coordination contains a password; move it to coordination-password-file"
+            );
+        }
         for db in &config.databases {
             if url_has_password(&db.url) {
                 tracing::warn!(
@@ -121,6 +134,8 @@ struct Daemon {
     shelf: BackupShelf,
     runner: Runner,
     timer: Timer,
+    /// Replicas only.
+    cluster: Option<Cluster>,
 }
 
 /// Runs the daemon until `shutdown` is cancelled. Returns `Ok` after a clean stop.
@@ -158,17 +173,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
 
     let (tx, mut fires) = mpsc::unbounded_channel();
     let pinger = Pinger::new()?;
-    let report = Reporter::new(status).with_pinger(pinger.clone());
+    let mut report = Reporter::new(status).with_pinger(pinger.clone());
+    let (gone_tx, mut interrupted) = mpsc::unbounded_channel();
+    let cluster = match config.daemon.coordination {
+        Some(_) => {
+            report = report.clustered();
+            Some(Cluster::start(&config.daemon, report.clone(), gone_tx)?)
+        }
+        None => None,
+    };
     let mut daemon = Daemon {
-        runner: Runner::new(
+        runner: Runner::with_cluster(
             state.clone(),
             report.clone(),
             config.daemon.max_concurrent_jobs,
+            cluster.clone(),
         ),
         timer: Timer::start(tx).await?,
         state,
         report,
         shelf,
+        cluster,
     };
     let mut active = Active::build(config)?;
     probe(&active, &daemon.report).await;
@@ -200,6 +225,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             biased;
             _ = shutdown.cancelled() => break,
             Some(fire) = fires.recv() => daemon.on_fire(&active, fire).await,
+            Some(gone) = interrupted.recv() => daemon.on_interrupted(&active, gone),
             _ = hup.recv() => {
                 if let Some(new) = daemon.reload(&active).await {
                     active = new;
@@ -232,6 +258,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         .await
     {
         tracing::warn!("some jobs were cancelled at the end of the grace period");
+    }
+    if let Some(cluster) = &daemon.cluster {
+        cluster.stop().await;
     }
     // The last runs' pings, if their monitor is slow; never longer than a moment.
     pinger.shutdown(ping::GRACE).await;
@@ -302,14 +331,39 @@ impl Daemon {
             } if generation == self.timer.generation() => {
                 if let Some(job) = active.jobs.get(&job).cloned() {
                     self.runner.spawn(job.clone(), Trigger::Schedule, at);
-                    let next =
-                        job.options
-                            .schedule
-                            .next_fire(at, Utc::now(), &job.options.timezone);
+                    let next = self
+                        .slots(&job)
+                        .next_fire(at, Utc::now(), &job.options.timezone);
                     self.arm_at(&job, next).await;
                 }
             }
             Fire::Due { .. } => {} // armed before a reload
+        }
+    }
+
+    /// The job's schedule as this daemon arms it: a replica's `every` slots lie on the
+    /// grid every replica computes alike (see [`crate::schedule::Schedule::on_grid`]).
+    fn slots<'j>(&self, job: &'j Job) -> std::borrow::Cow<'j, crate::schedule::Schedule> {
+        let schedule = &job.options.schedule;
+        if self.cluster.is_some() && schedule.is_every() {
+            std::borrow::Cow::Owned(schedule.on_grid())
+        } else {
+            std::borrow::Cow::Borrowed(schedule)
+        }
+    }
+
+    /// Replicas: another replica died while running `gone`. An interrupted backup
+    /// with `missed = "run-once"` is run again here at once, claimed as the missed run
+    /// of the same slot (a takeover only one replica wins); any other job simply runs
+    /// at its next slot.
+    fn on_interrupted(&mut self, active: &Active, gone: Interrupted) {
+        let Some(job) = active.jobs.get(&gone.job) else {
+            return;
+        };
+        if job.kind() == jobs::Kind::Backup.as_str() && job.options.missed == Missed::RunOnce {
+            tracing::info!(job = %job.id, replica = %gone.replica, "taking over the interrupted backup (missed = run-once)");
+            self.runner
+                .spawn(job.clone(), Trigger::Missed, gone.fire_at);
         }
     }
 
@@ -353,6 +407,9 @@ impl Daemon {
             now,
         );
         self.shelf.set(active.jobs.backup_sources());
+        if let Some(cluster) = &self.cluster {
+            cluster.set_jobs(active.jobs.iter().cloned().collect());
+        }
         if startup {
             clean_scratch_databases(active);
         }
@@ -388,7 +445,14 @@ impl Daemon {
             match job.options.missed {
                 Missed::RunOnce if missed => {
                     tracing::info!(job = %job.id, "last success is older than one interval; running it now");
-                    self.runner.spawn(job.clone(), Trigger::Missed, now);
+                    // A replica claims the missed slot itself: if another replica ran
+                    // it, the claim is lost and nothing runs twice.
+                    let slot = match &self.cluster {
+                        Some(_) => self.slots(job).last_slot_until(now, &job.options.timezone),
+                        None => None,
+                    };
+                    self.runner
+                        .spawn(job.clone(), Trigger::Missed, slot.unwrap_or(now));
                 }
                 _ if job.runs_at_start() => self.runner.spawn(job.clone(), Trigger::Startup, now),
                 Missed::Skip if missed && last.last_run.is_some() => {
@@ -407,10 +471,7 @@ impl Daemon {
     }
 
     async fn arm_next(&mut self, job: &Arc<Job>, after: chrono::DateTime<Utc>) {
-        let next = job
-            .options
-            .schedule
-            .next_after(after, &job.options.timezone);
+        let next = self.slots(job).next_after(after, &job.options.timezone);
         self.arm_at(job, next).await;
     }
 
@@ -443,6 +504,12 @@ impl Daemon {
         let (old_d, new_d) = (&active.config.daemon, &new.config.daemon);
         if old_d.listen != new_d.listen || old_d.state_dir != new_d.state_dir {
             tracing::warn!("daemon.listen and daemon.state-dir only change on restart");
+        }
+        if old_d.coordination != new_d.coordination
+            || old_d.cluster != new_d.cluster
+            || old_d.lease_timeout != new_d.lease_timeout
+        {
+            tracing::warn!("daemon.cluster, coordination and lease-timeout only change on restart");
         }
         if old_d.max_concurrent_jobs != new_d.max_concurrent_jobs {
             self.runner.set_max_concurrent(new_d.max_concurrent_jobs);

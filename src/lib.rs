@@ -13,7 +13,8 @@
 //! - [`jobs`]: the one module that knows the job kinds — what each does, and the
 //!   registry of configured jobs ([`jobs::Jobs`]);
 //! - [`status`]: the status board; [`reporter`]: tells the board, the metrics and the
-//!   notifier what happened; [`runner`]: overlap guard, concurrency limit, timeout,
+//!   notifier what happened; [`cluster`]: replicas claiming runs through a PostgreSQL
+//!   database; [`runner`]: overlap guard, cluster claim, concurrency limit, timeout,
 //!   retries; [`scheduler`]: the timer that fires due jobs;
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`, `/status`; [`systemd`]: sd_notify;
 //!   [`daemon`]: the scheduling loop; [`cli`]: the one-shot commands.
@@ -38,6 +39,7 @@
 //!   in a message; passwords, key bytes and webhook tokens are never formatted.
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod db;

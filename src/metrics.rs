@@ -58,6 +58,10 @@ pub const TABLE_ROWS: &str = "dbkeeper_table_rows";
 pub const TABLE_BYTES: &str = "dbkeeper_table_bytes";
 pub const TABLE_SEQ_SCANS: &str = "dbkeeper_table_seq_scans_total";
 pub const TABLE_INDEX_SCANS: &str = "dbkeeper_table_index_scans_total";
+pub const CLUSTER_MEMBERS: &str = "dbkeeper_cluster_members";
+pub const COORDINATION_UP: &str = "dbkeeper_coordination_up";
+pub const JOB_CLAIMS: &str = "dbkeeper_job_claims_total";
+pub const CLUSTER_REPLICAS_GONE: &str = "dbkeeper_cluster_replicas_gone_total";
 
 /// Buckets of `job_duration_seconds`: from a fast `ANALYZE` to a multi-hour dump.
 const DURATION_BUCKETS: &[f64] = &[
@@ -74,6 +78,10 @@ pub enum SkipReason {
     Missed,
     /// The daemon was shutting down.
     Shutdown,
+    /// Replicas: another replica claimed this fire time (it runs it).
+    ClaimedElsewhere,
+    /// Replicas: the coordination database did not answer, so no replica may run it.
+    CoordinationUnavailable,
 }
 
 impl SkipReason {
@@ -82,8 +90,16 @@ impl SkipReason {
             SkipReason::Overlap => "overlap",
             SkipReason::Missed => "missed",
             SkipReason::Shutdown => "shutdown",
+            SkipReason::ClaimedElsewhere => "claimed-elsewhere",
+            SkipReason::CoordinationUnavailable => "coordination-unavailable",
         }
     }
+    /// Reasons only replicas have: their series exist only with `coordination`, so a
+    /// single daemon's output does not change.
+    const CLUSTER: [SkipReason; 2] = [
+        SkipReason::ClaimedElsewhere,
+        SkipReason::CoordinationUnavailable,
+    ];
     const ALL: [SkipReason; 3] = [
         SkipReason::Overlap,
         SkipReason::Missed,
@@ -263,6 +279,22 @@ fn describe() {
         "Always 1; the help label says what the query gauge measures."
     );
     describe_gauge!(
+        CLUSTER_MEMBERS,
+        "Replicas of the cluster whose heartbeat the coordination database saw within the lease timeout."
+    );
+    describe_gauge!(
+        COORDINATION_UP,
+        "1 if the coordination database answered this replica's latest query."
+    );
+    describe_counter!(
+        JOB_CLAIMS,
+        "Claims of a job's fire times by this replica: won (it ran them) or lost (another replica did, or still ran the previous one)."
+    );
+    describe_counter!(
+        CLUSTER_REPLICAS_GONE,
+        "Replicas this replica saw stop sending heartbeats."
+    );
+    describe_gauge!(
         MIGRATIONS_BLOCKED,
         "Problems that block applying migrations (dirty, drift, missing, out-of-order, duplicate versions)."
     );
@@ -322,6 +354,56 @@ pub fn register_job(
     gauge!(JOB_TIMEOUT, &l).set(timeout.as_secs_f64());
     gauge!(JOB_RUNNING, &l).set(0.0);
     gauge!(JOB_NEXT_RUN, &l).set(0.0);
+}
+
+/// Replicas: creates a job's claim counters and its cluster-only skip reasons (at 0).
+pub fn register_claims(job: JobLabels<'_>) {
+    for result in ["won", "lost"] {
+        let mut with_result = job.pairs().to_vec();
+        with_result.push(("result", result.to_owned()));
+        counter!(JOB_CLAIMS, &with_result).increment(0);
+    }
+    for reason in SkipReason::CLUSTER {
+        counter!(JOB_SKIPPED, JOB_LABEL => job.job.to_owned(), "reason" => reason.as_str())
+            .increment(0);
+    }
+}
+
+/// Replicas: this replica won or lost a claim of the job.
+pub fn job_claimed(job: JobLabels<'_>, won: bool) {
+    let mut with_result = job.pairs().to_vec();
+    with_result.push(("result", if won { "won" } else { "lost" }.to_owned()));
+    counter!(JOB_CLAIMS, &with_result).increment(1);
+}
+
+/// Replicas: the alive members the coordination database shows.
+pub fn cluster_members(cluster: &str, alive: usize) {
+    gauge!(CLUSTER_MEMBERS, "cluster" => cluster.to_owned()).set(alive as f64);
+    counter!(CLUSTER_REPLICAS_GONE, "cluster" => cluster.to_owned()).increment(0);
+}
+
+/// Replicas: whether the coordination database answered.
+pub fn coordination_up(cluster: &str, up: bool) {
+    gauge!(COORDINATION_UP, "cluster" => cluster.to_owned()).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Replicas: a replica stopped sending heartbeats.
+pub fn replica_gone(cluster: &str) {
+    counter!(CLUSTER_REPLICAS_GONE, "cluster" => cluster.to_owned()).increment(1);
+}
+
+/// Replicas: the job's newest runs across the cluster (already merged with this
+/// replica's own), so the schedule alerts hold whichever replica is scraped.
+pub fn job_last_times(
+    job: JobLabels<'_>,
+    last_run: Option<DateTime<Utc>>,
+    last_success: Option<DateTime<Utc>>,
+    last_failure: Option<DateTime<Utc>>,
+) {
+    let l = job.pairs();
+    gauge!(JOB_LAST_RUN, &l).set(ts(last_run));
+    gauge!(JOB_LAST_SUCCESS, &l).set(ts(last_success));
+    gauge!(JOB_LAST_FAILURE, &l).set(ts(last_failure));
 }
 
 /// A reload removed the job. Its series cannot be deleted from the recorder, so

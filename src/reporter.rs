@@ -14,7 +14,7 @@ use crate::jobs::Job;
 use crate::metrics::{self, SkipReason};
 use crate::notify::{Notifier, PingEvent, Pinger};
 use crate::state::JobLast;
-use crate::status::{DatabaseStatus, JobStatus, Status};
+use crate::status::{ClusterLast, DatabaseStatus, JobStatus, MemberStatus, Status};
 
 /// Shared handle; cheap to clone.
 #[derive(Clone, Default)]
@@ -24,6 +24,8 @@ pub struct Reporter {
     /// One for the whole process (not per configuration), so that the pings of a
     /// run that spans a reload stay in order.
     pinger: Option<Pinger>,
+    /// Replicas: the series of claims exist for every job.
+    clustered: bool,
 }
 
 impl Reporter {
@@ -32,7 +34,14 @@ impl Reporter {
             status,
             notifier: Arc::default(),
             pinger: None,
+            clustered: false,
         }
+    }
+
+    /// This daemon is a replica: claim series are created for every job.
+    pub fn clustered(mut self) -> Self {
+        self.clustered = true;
+        self
     }
 
     /// Pings each job's `ping-url` (if it has one) through `pinger`.
@@ -70,6 +79,9 @@ impl Reporter {
                 if job.options.ping.is_some() {
                     metrics::register_ping(&job.id);
                 }
+                if self.clustered {
+                    metrics::register_claims(job.labels());
+                }
                 JobStatus {
                     job: job.id.clone(),
                     kind: job.kind().to_owned(),
@@ -83,6 +95,7 @@ impl Reporter {
                     last_failure: last.last_failure,
                     last_error: last.last_error.clone(),
                     next_run: None,
+                    last_replica: None,
                 }
             })
             .collect();
@@ -140,6 +153,48 @@ impl Reporter {
                 job.database_name(),
                 failed_before,
                 error,
+            );
+        }
+    }
+
+    /// Replicas: whether the coordination database answered.
+    pub fn coordination_seen(&self, cluster: &str, replica: &str, up: bool) {
+        metrics::coordination_up(cluster, up);
+        if !up {
+            // Nobody can be seen alive: the "no replica alive" alert counts on it.
+            metrics::cluster_members(cluster, 0);
+        }
+        self.status.coordination_seen(cluster, replica, up);
+    }
+
+    /// Replicas: the members seen alive.
+    pub fn cluster_seen(&self, cluster: &str, replica: &str, members: Vec<MemberStatus>) {
+        metrics::cluster_members(cluster, members.len());
+        self.status.cluster_seen(cluster, replica, members);
+    }
+
+    /// Replicas: a replica stopped sending heartbeats.
+    pub fn replica_gone(&self, cluster: &str) {
+        metrics::replica_gone(cluster);
+    }
+
+    /// Replicas: this replica won (and runs) or lost a claim of the job.
+    pub fn job_claimed(&self, job: &Job, won: Option<&str>) {
+        metrics::job_claimed(job.labels(), won.is_some());
+        if let Some(replica) = won {
+            self.status.job_ran_here(&job.id, replica);
+        }
+    }
+
+    /// Replicas: the job's newest runs across the cluster; the board and the
+    /// last-run gauges keep the newer of theirs and these.
+    pub fn job_cluster_last(&self, job: &Job, last: &ClusterLast) {
+        if let Some(merged) = self.status.job_cluster_last(&job.id, last) {
+            metrics::job_last_times(
+                job.labels(),
+                merged.last_run,
+                merged.last_success,
+                merged.last_failure,
             );
         }
     }

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::cluster::{Claimed, Cluster, Lease};
 use crate::jobs::{Job, Outcome, Transient, Trigger};
 use crate::metrics::SkipReason;
 use crate::reporter::Reporter;
@@ -70,6 +71,8 @@ struct Inner {
     running: Mutex<HashSet<String>>,
     db_locks: Mutex<HashMap<String, Arc<RwLock<()>>>>,
     slots: Mutex<Arc<Semaphore>>,
+    /// Replicas: every run but a manual one is claimed here first.
+    cluster: Option<Cluster>,
 }
 
 /// Removes the job from the running set when the run ends, however it ends.
@@ -95,6 +98,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Runner {
     pub fn new(state: StateDb, report: Reporter, max_concurrent: usize) -> Self {
+        Self::with_cluster(state, report, max_concurrent, None)
+    }
+
+    /// [`Runner::new`] for a replica of `cluster` (or a single daemon with `None`).
+    pub fn with_cluster(
+        state: StateDb,
+        report: Reporter,
+        max_concurrent: usize,
+        cluster: Option<Cluster>,
+    ) -> Self {
         Runner {
             inner: Arc::new(Inner {
                 state,
@@ -105,6 +118,7 @@ impl Runner {
                 running: Mutex::new(HashSet::new()),
                 db_locks: Mutex::new(HashMap::new()),
                 slots: Mutex::new(Arc::new(Semaphore::new(max_concurrent))),
+                cluster,
             }),
         }
     }
@@ -118,7 +132,8 @@ impl Runner {
         lock(&self.inner.running).contains(job)
     }
 
-    /// Starts a scheduled run in the background, at `at` plus the job's jitter.
+    /// Starts a scheduled run in the background, at `at` plus the job's jitter. `at` is
+    /// also the fire time a replica claims (for `Trigger::Missed`, the missed slot's).
     pub fn spawn(&self, job: Arc<Job>, trigger: Trigger, at: DateTime<Utc>) {
         // Claim now, so an overlap is counted at the scheduled time, not after jitter.
         let Some(claim) = self.claim(&job) else {
@@ -140,14 +155,14 @@ impl Runner {
                     return;
                 }
             }
-            runner.run_claimed(claim, job, trigger).await;
+            runner.run_claimed(claim, job, trigger, at).await;
         });
     }
 
     /// Runs the job now and waits for the result.
     pub async fn run(&self, job: Arc<Job>, trigger: Trigger) -> RunOutcome {
         match self.claim(&job) {
-            Some(claim) => self.run_claimed(claim, job, trigger).await,
+            Some(claim) => self.run_claimed(claim, job, trigger, Utc::now()).await,
             None => RunOutcome::Skipped(SkipReason::Overlap),
         }
     }
@@ -165,12 +180,65 @@ impl Runner {
         })
     }
 
-    async fn run_claimed(&self, claim: Claim, job: Arc<Job>, trigger: Trigger) -> RunOutcome {
+    async fn run_claimed(
+        &self,
+        claim: Claim,
+        job: Arc<Job>,
+        trigger: Trigger,
+        fire_at: DateTime<Utc>,
+    ) -> RunOutcome {
         let span = job_span(&job);
-        self.supervise(claim, job, trigger).instrument(span).await
+        self.supervise(claim, job, trigger, fire_at)
+            .instrument(span)
+            .await
     }
 
-    async fn supervise(&self, _claim: Claim, job: Arc<Job>, trigger: Trigger) -> RunOutcome {
+    /// Replicas: claims the run's fire time in the cluster. `Ok(None)` when there is
+    /// nothing to claim (a single daemon, a manual run, a per-replica exporter);
+    /// `Err` with the skip when another replica runs it or nobody may.
+    async fn claim_in_cluster(
+        &self,
+        job: &Job,
+        trigger: Trigger,
+        fire_at: DateTime<Utc>,
+    ) -> Result<Option<Lease>, RunOutcome> {
+        let Some(cluster) = &self.inner.cluster else {
+            return Ok(None);
+        };
+        // An operator asked for a manual run; gauges and table stats feed this
+        // replica's own /metrics.
+        if trigger == Trigger::Manual || !job.coordinated() {
+            return Ok(None);
+        }
+        let report = &self.inner.report;
+        let reason = match cluster.claim(&job.id, fire_at, trigger).await {
+            Claimed::Won(lease) => {
+                report.job_claimed(job, Some(cluster.replica()));
+                return Ok(Some(lease));
+            }
+            Claimed::Lost { by } => {
+                tracing::debug!(job = %job.id, %fire_at, replica = %by, "claimed by another replica; skipped here");
+                report.job_claimed(job, None);
+                SkipReason::ClaimedElsewhere
+            }
+            Claimed::Busy { by } => {
+                tracing::info!(job = %job.id, replica = %by, "previous run still going on another replica; this run is skipped");
+                report.job_claimed(job, None);
+                SkipReason::Overlap
+            }
+            Claimed::Unavailable => SkipReason::CoordinationUnavailable,
+        };
+        report.job_skipped(job, reason);
+        Err(RunOutcome::Skipped(reason))
+    }
+
+    async fn supervise(
+        &self,
+        _claim: Claim,
+        job: Arc<Job>,
+        trigger: Trigger,
+        fire_at: DateTime<Utc>,
+    ) -> RunOutcome {
         let inner = &self.inner;
         let db_lock = lock(&inner.db_locks)
             .entry(job.database_name().to_owned())
@@ -195,6 +263,16 @@ impl Runner {
             }
         };
 
+        let lease = match self.claim_in_cluster(&job, trigger, fire_at).await {
+            Ok(lease) => lease,
+            Err(skipped) => return skipped,
+        };
+        // Cancelled when a replica cannot renew its lease (self-fencing); never for a
+        // single daemon.
+        let fence = lease
+            .as_ref()
+            .map_or_else(CancellationToken::new, Lease::fence);
+
         let started = Utc::now();
         let clock = Instant::now();
         let run_id = inner
@@ -212,10 +290,13 @@ impl Runner {
         inner.report.job_started(&job, started);
         tracing::info!(job = %job.id, trigger = trigger.as_str(), "job started");
 
-        let (result, attempts) = self.attempts(&job, trigger).await;
+        let (result, attempts) = self.attempts(&job, trigger, &fence).await;
 
         let took = clock.elapsed();
         let error = result.as_ref().err().map(|e| e.message.clone());
+        if let Some(lease) = lease {
+            lease.finish(result.is_ok(), error.clone());
+        }
         if let Some(id) = run_id {
             let (res, details) = match &result {
                 Ok(outcome) => (RunResult::Success, outcome.details.clone()),
@@ -256,11 +337,16 @@ impl Runner {
     }
 
     /// Runs attempts until one succeeds, retries are used up, or shutdown stops us.
-    async fn attempts(&self, job: &Arc<Job>, trigger: Trigger) -> (Result<Outcome, Failure>, u32) {
+    async fn attempts(
+        &self,
+        job: &Arc<Job>,
+        trigger: Trigger,
+        fence: &CancellationToken,
+    ) -> (Result<Outcome, Failure>, u32) {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let result = self.attempt(job, trigger).await;
+            let result = self.attempt(job, trigger, fence).await;
             let Err(failure) = &result else {
                 return (result, attempt);
             };
@@ -279,6 +365,7 @@ impl Runner {
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = self.inner.stopping.cancelled() => return (result, attempt),
+                _ = fence.cancelled() => return (result, attempt),
             }
         }
     }
@@ -286,7 +373,12 @@ impl Runner {
     /// One attempt, in its own task (a panic becomes a failure), under the timeout.
     /// On timeout or shutdown the job is asked to stop and given [`CANCEL_WAIT`] to
     /// clean up (e.g. cancel its statement on the server) before it is dropped.
-    async fn attempt(&self, job: &Arc<Job>, trigger: Trigger) -> Result<Outcome, Failure> {
+    async fn attempt(
+        &self,
+        job: &Arc<Job>,
+        trigger: Trigger,
+        fence: &CancellationToken,
+    ) -> Result<Outcome, Failure> {
         let stop = self.inner.abort.child_token();
         let work = job.clone();
         let token = stop.clone();
@@ -307,6 +399,13 @@ impl Runner {
             },
             _ = stop.cancelled() => Failure {
                 message: "cancelled: the daemon shut down and the grace period ran out".to_owned(),
+                unreachable: false,
+                final_: true,
+                config: false,
+            },
+            _ = fence.cancelled() => Failure {
+                message: "cancelled: this replica could not renew its claim in the coordination database, \
+                          so the run was stopped before another replica may take it over".to_owned(),
                 unreachable: false,
                 final_: true,
                 config: false,

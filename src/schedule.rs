@@ -26,6 +26,9 @@ pub struct Schedule {
 enum ScheduleKind {
     Cron(Box<Cron>),
     Every(Duration),
+    /// `every <d>` in a cluster: slots on a grid counted from the Unix epoch, so that
+    /// every replica computes the same fire times (see [`Schedule::on_grid`]).
+    Grid(Duration),
     Startup,
     Manual,
 }
@@ -49,6 +52,44 @@ impl Schedule {
         matches!(self.kind, ScheduleKind::Startup)
     }
 
+    /// The same schedule with `every <d>` slots fixed on a grid counted from the Unix
+    /// epoch (multiples of `d`) instead of following the previous run. Replicas use it:
+    /// the fire time is the key of a claim, so every replica must compute the same
+    /// instants, whenever each started. Other schedules are returned unchanged.
+    pub fn on_grid(&self) -> Self {
+        match &self.kind {
+            ScheduleKind::Every(d) => Schedule {
+                text: self.text.clone(),
+                kind: ScheduleKind::Grid(*d),
+            },
+            _ => self.clone(),
+        }
+    }
+
+    /// The latest slot at or before `now` (at most a few hundred slots back are
+    /// searched): the fire time a missed run stands for. `None` if not periodic.
+    pub fn last_slot_until(&self, now: DateTime<Utc>, tz: &TimeZone) -> Option<DateTime<Utc>> {
+        match &self.kind {
+            ScheduleKind::Grid(d) => grid_floor(now, *d),
+            ScheduleKind::Every(_) => Some(now),
+            ScheduleKind::Cron(_) => {
+                let interval = chrono::Duration::from_std(self.expected_interval(now, tz)?).ok()?;
+                let mut slot = self.next_after(now.checked_sub_signed(interval * 2)?, tz)?;
+                if slot > now {
+                    return None;
+                }
+                for _ in 0..1000 {
+                    match self.next_after(slot, tz) {
+                        Some(next) if next <= now => slot = next,
+                        _ => break,
+                    }
+                }
+                Some(slot)
+            }
+            ScheduleKind::Startup | ScheduleKind::Manual => None,
+        }
+    }
+
     /// True for `every <duration>`, whose slots follow the previous run.
     pub fn is_every(&self) -> bool {
         matches!(self.kind, ScheduleKind::Every(_))
@@ -66,6 +107,8 @@ impl Schedule {
             ScheduleKind::Every(d) => chrono::Duration::from_std(*d)
                 .ok()
                 .and_then(|d| after.checked_add_signed(d)),
+            ScheduleKind::Grid(d) => grid_floor(after, *d)
+                .and_then(|t| t.checked_add_signed(chrono::Duration::from_std(*d).ok()?)),
             ScheduleKind::Startup | ScheduleKind::Manual => None,
         }
     }
@@ -95,13 +138,20 @@ impl Schedule {
     /// The usual gap between two runs, as seen from `now`: the distance between the
     /// next two run times. `None` for schedules that are not periodic.
     pub fn expected_interval(&self, now: DateTime<Utc>, tz: &TimeZone) -> Option<Duration> {
-        if let ScheduleKind::Every(d) = self.kind {
+        if let ScheduleKind::Every(d) | ScheduleKind::Grid(d) = self.kind {
             return Some(d);
         }
         let first = self.next_after(now, tz)?;
         let second = self.next_after(first, tz)?;
         (second - first).to_std().ok()
     }
+}
+
+/// The multiple of `step` (counted in milliseconds from the Unix epoch) at or before `t`.
+fn grid_floor(t: DateTime<Utc>, step: Duration) -> Option<DateTime<Utc>> {
+    let step = i64::try_from(step.as_millis()).ok().filter(|s| *s > 0)?;
+    let ms = t.timestamp_millis();
+    DateTime::from_timestamp_millis(ms - ms.rem_euclid(step))
 }
 
 impl FromStr for Schedule {
@@ -213,6 +263,57 @@ mod tests {
 
     fn berlin() -> TimeZone {
         TimeZone("Europe/Berlin".parse().unwrap())
+    }
+
+    #[test]
+    fn replicas_put_every_slots_on_the_epoch_grid() {
+        let tz = TimeZone::default();
+        let every: Schedule = "every 5s".parse().unwrap();
+        let grid = every.on_grid();
+        assert!(
+            !grid.is_every(),
+            "grid slots do not follow the previous run"
+        );
+        // Whenever a replica looks, it names the same slots: multiples of 5 s.
+        let a = utc(2026, 12, 6, 10, 0, 1) + chrono::Duration::milliseconds(250);
+        let b = utc(2026, 12, 6, 10, 0, 4) + chrono::Duration::milliseconds(999);
+        assert_eq!(grid.next_after(a, &tz), Some(utc(2026, 12, 6, 10, 0, 5)));
+        assert_eq!(grid.next_after(b, &tz), Some(utc(2026, 12, 6, 10, 0, 5)));
+        // A slot itself is not "after" itself.
+        let slot = utc(2026, 12, 6, 10, 0, 5);
+        assert_eq!(
+            grid.next_after(slot, &tz),
+            Some(utc(2026, 12, 6, 10, 0, 10))
+        );
+        assert_eq!(grid.expected_interval(a, &tz), Some(Duration::from_secs(5)));
+        // A single daemon's `every` follows the previous run instead.
+        assert_eq!(
+            every.next_after(a, &tz),
+            Some(a + chrono::Duration::seconds(5))
+        );
+        // Cron schedules are the same on every replica already.
+        let cron: Schedule = "0 */15 * * * *".parse().unwrap();
+        assert_eq!(cron.on_grid().next_after(a, &tz), cron.next_after(a, &tz));
+    }
+
+    #[test]
+    fn the_missed_slot_is_the_latest_one_at_or_before_now() {
+        let tz = TimeZone::default();
+        let now = utc(2026, 12, 6, 10, 7, 3);
+        let grid = "every 5m".parse::<Schedule>().unwrap().on_grid();
+        assert_eq!(
+            grid.last_slot_until(now, &tz),
+            Some(utc(2026, 12, 6, 10, 5, 0))
+        );
+        let cron: Schedule = "0 0 */6 * * *".parse().unwrap();
+        assert_eq!(
+            cron.last_slot_until(now, &tz),
+            Some(utc(2026, 12, 6, 6, 0, 0))
+        );
+        let exact = utc(2026, 12, 6, 12, 0, 0);
+        assert_eq!(cron.last_slot_until(exact, &tz), Some(exact));
+        let startup: Schedule = "@startup".parse().unwrap();
+        assert_eq!(startup.last_slot_until(now, &tz), None);
     }
 
     #[test]

@@ -80,7 +80,8 @@ impl RunResult {
         }
     }
 
-    fn parse(s: &str) -> Self {
+    /// The result as stored (`success`, `failure`, …); anything else is a failure.
+    pub fn parse(s: &str) -> Self {
         match s {
             "running" => RunResult::Running,
             "success" => RunResult::Success,

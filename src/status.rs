@@ -29,6 +29,38 @@ pub struct JobStatus {
     pub last_failure: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub next_run: Option<DateTime<Utc>>,
+    /// Replicas: the replica that ran the job last, cluster-wide.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_replica: Option<String>,
+}
+
+/// Replicas: this replica and the members the coordination database shows alive.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    pub name: String,
+    pub replica: String,
+    pub coordination_up: bool,
+    pub members: Vec<MemberStatus>,
+}
+
+/// Replicas: a job's newest runs across the cluster.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterLast {
+    pub last_run: Option<DateTime<Utc>>,
+    pub last_success: Option<DateTime<Utc>>,
+    pub last_failure: Option<DateTime<Utc>>,
+    pub last_result: Option<String>,
+    pub last_replica: Option<String>,
+}
+
+/// One alive replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemberStatus {
+    pub replica: String,
+    pub host: String,
+    pub pid: i32,
+    pub started_at: DateTime<Utc>,
+    pub seen_at: DateTime<Utc>,
 }
 
 /// One database as `/status` shows it.
@@ -52,6 +84,9 @@ pub struct Snapshot {
     pub last_reload_error: Option<String>,
     pub databases: Vec<DatabaseStatus>,
     pub jobs: Vec<JobStatus>,
+    /// Replicas only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
 }
 
 #[derive(Default)]
@@ -62,6 +97,7 @@ struct Board {
     databases: BTreeMap<String, DatabaseStatus>,
     jobs: BTreeMap<String, JobStatus>,
     order: Vec<String>,
+    cluster: Option<ClusterStatus>,
 }
 
 /// Shared handle to the board.
@@ -104,6 +140,9 @@ impl Status {
         let mut still_running = Vec::new();
         for mut job in jobs {
             job.running = old_jobs.get(&job.job).is_some_and(|j| j.running);
+            if job.last_replica.is_none() {
+                job.last_replica = old_jobs.get(&job.job).and_then(|j| j.last_replica.clone());
+            }
             if job.running {
                 still_running.push(job.job.clone());
             }
@@ -163,6 +202,58 @@ impl Status {
         }
     }
 
+    /// Replicas: the coordination database answered (or not).
+    pub fn coordination_seen(&self, name: &str, replica: &str, up: bool) {
+        let mut board = self.board();
+        let cluster = board.cluster.get_or_insert_with(|| ClusterStatus {
+            name: name.to_owned(),
+            replica: replica.to_owned(),
+            coordination_up: up,
+            members: Vec::new(),
+        });
+        cluster.coordination_up = up;
+    }
+
+    /// Replicas: the members seen alive.
+    pub fn cluster_seen(&self, name: &str, replica: &str, members: Vec<MemberStatus>) {
+        self.board().cluster = Some(ClusterStatus {
+            name: name.to_owned(),
+            replica: replica.to_owned(),
+            coordination_up: true,
+            members,
+        });
+    }
+
+    /// Replicas: merges a job's newest runs across the cluster into the board (a time
+    /// only moves forward). Returns the merged last run, success and failure.
+    pub fn job_cluster_last(&self, job: &str, last: &ClusterLast) -> Option<ClusterLast> {
+        let mut board = self.board();
+        let j = board.jobs.get_mut(job)?;
+        if last.last_run > j.last_run && !j.running {
+            j.last_run = last.last_run;
+            j.last_result.clone_from(&last.last_result);
+            j.last_replica.clone_from(&last.last_replica);
+        } else if j.last_replica.is_none() {
+            j.last_replica.clone_from(&last.last_replica);
+        }
+        j.last_success = j.last_success.max(last.last_success);
+        j.last_failure = j.last_failure.max(last.last_failure);
+        Some(ClusterLast {
+            last_run: j.last_run,
+            last_success: j.last_success,
+            last_failure: j.last_failure,
+            last_result: j.last_result.clone(),
+            last_replica: j.last_replica.clone(),
+        })
+    }
+
+    /// Replicas: this replica ran the job.
+    pub fn job_ran_here(&self, job: &str, replica: &str) {
+        if let Some(j) = self.board().jobs.get_mut(job) {
+            j.last_replica = Some(replica.to_owned());
+        }
+    }
+
     /// Ready when a configuration is loaded and every database answered its last probe;
     /// otherwise the reasons.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
@@ -203,6 +294,7 @@ impl Status {
                 .iter()
                 .filter_map(|id| board.jobs.get(id).cloned())
                 .collect(),
+            cluster: board.cluster.clone(),
         }
     }
 }

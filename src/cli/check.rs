@@ -95,6 +95,18 @@ pub async fn check(config: &Config) -> anyhow::Result<Exit> {
             }
         }
     }
+    if let Some(cluster) = config.daemon.cluster_name() {
+        match crate::cluster::read_view(&config.daemon).await {
+            Ok(view) => println!(
+                "coordination database (cluster {cluster}): reachable, {} replica(s) alive",
+                view.members.len()
+            ),
+            Err(e) => {
+                all_up = false;
+                println!("coordination database (cluster {cluster}): UNREACHABLE: {e}");
+            }
+        }
+    }
     let now = Utc::now();
     for job in jobs.iter() {
         println!("{}", describe(job, now));

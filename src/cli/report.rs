@@ -13,7 +13,7 @@ use crate::notify::{ping, Pinger};
 use crate::reporter::Reporter;
 use crate::runner::{RunOutcome, Runner};
 use crate::schedule::TimeZone;
-use crate::state::{JobLast, RunRecord, StateDb};
+use crate::state::{JobLast, RunRecord, RunResult, StateDb};
 
 /// `2026-11-22 03:00:00 UTC`, or with the job's zone: `2026-11-22 03:00:00 CET (02:00:00Z)`.
 pub fn format_time_in(t: DateTime<Utc>, tz: &TimeZone) -> String {
@@ -64,20 +64,42 @@ async fn open_history(config: &Config) -> anyhow::Result<Option<StateDb>> {
 }
 
 /// The table of jobs: read from the configuration and the run history; opens no
-/// database and loads no key.
+/// database and loads no key. A replica also reads the coordination database: each
+/// job's newest run across the cluster, the replica that ran it, and the alive members.
 pub async fn jobs(config: &Config) -> anyhow::Result<Exit> {
     let jobs = jobs::entries(config);
-    let last: HashMap<String, JobLast> = match open_history(config).await? {
+    let mut last: HashMap<String, JobLast> = match open_history(config).await? {
         Some(state) => state.last_runs().await?,
         None => HashMap::new(),
     };
+    let view = match config.daemon.coordination {
+        Some(_) => match crate::cluster::read_view(&config.daemon).await {
+            Ok(view) => Some(view),
+            Err(e) => {
+                eprintln!("warning: {e}; showing this host's run history only");
+                None
+            }
+        },
+        None => None,
+    };
+    if let Some(view) = &view {
+        for (job, c) in &view.jobs {
+            let l = last.entry(job.clone()).or_default();
+            if c.last_run > l.last_run {
+                l.last_run = c.last_run;
+                l.last_result = c.last_result.as_deref().map(RunResult::parse);
+            }
+            l.last_success = l.last_success.max(c.last_success);
+            l.last_failure = l.last_failure.max(c.last_failure);
+        }
+    }
     let now = Utc::now();
     let rows: Vec<Vec<String>> = jobs
         .iter()
         .map(|job| {
             let l = last.get(&job.id).cloned().unwrap_or_default();
             let opts = &job.options;
-            vec![
+            let mut row = vec![
                 job.id.clone(),
                 job.kind().as_str().to_owned(),
                 opts.schedule.to_string(),
@@ -86,20 +108,50 @@ pub async fn jobs(config: &Config) -> anyhow::Result<Exit> {
                 opts.schedule
                     .next_after(now, &opts.timezone)
                     .map_or_else(|| "-".to_owned(), |t| format_time_in(t, &opts.timezone)),
-            ]
+            ];
+            if let Some(view) = &view {
+                let by = view.jobs.get(&job.id).and_then(|c| c.last_replica.clone());
+                row.push(by.unwrap_or_else(|| "-".to_owned()));
+            }
+            row
         })
         .collect();
-    print_table(
-        &[
-            "JOB",
-            "KIND",
-            "SCHEDULE",
-            "LAST RESULT",
-            "LAST SUCCESS (UTC)",
-            "NEXT RUN",
-        ],
-        &rows,
-    );
+    let mut header = vec![
+        "JOB",
+        "KIND",
+        "SCHEDULE",
+        "LAST RESULT",
+        "LAST SUCCESS (UTC)",
+        "NEXT RUN",
+    ];
+    if view.is_some() {
+        header.push("LAST REPLICA");
+    }
+    print_table(&header, &rows);
+    if let Some(view) = &view {
+        println!(
+            "\ncluster {}: {} replica(s) alive",
+            view.name,
+            view.members.len()
+        );
+        let members: Vec<Vec<String>> = view
+            .members
+            .iter()
+            .map(|m| {
+                vec![
+                    m.replica.clone(),
+                    m.host.clone(),
+                    m.pid.to_string(),
+                    format_opt(Some(m.started_at)),
+                    format_opt(Some(m.seen_at)),
+                ]
+            })
+            .collect();
+        print_table(
+            &["REPLICA", "HOST", "PID", "STARTED (UTC)", "SEEN (UTC)"],
+            &members,
+        );
+    }
     Ok(Exit::Success)
 }
 

@@ -212,6 +212,9 @@ impl Config {
                 }
             }
         }
+        if let Some(f) = &self.daemon.coordination_password_file {
+            paths.push(Protected::own("the coordination password file", f));
+        }
         for d in &self.databases {
             if let Some(f) = &d.password_file {
                 paths.push(Protected::own("the password file", f));

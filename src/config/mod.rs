@@ -146,7 +146,7 @@ pub struct Config {
 }
 
 /// `[daemon]`: settings of the process itself.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct DaemonConfig {
     /// Directory for the run-history database (`state.db`) and temporary files; created
@@ -170,6 +170,23 @@ pub struct DaemonConfig {
     /// `/readyz`. Default: `30s`.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
+    /// Name of the group of replicas that share one schedule through `coordination`:
+    /// replicas with the same `cluster` (and the same jobs) run each scheduled fire time
+    /// of a job once between them. Only with `coordination`. Default: `default`.
+    pub cluster: Option<String>,
+    /// `postgres://…` URL of the database the replicas coordinate through (it may be one
+    /// of the managed databases); dbkeeper keeps its schema `dbkeeper` there. Without it
+    /// this daemon runs every job itself, as a single daemon. Never put a password here:
+    /// use `coordination-password-file`. Default: none.
+    pub coordination: Option<String>,
+    /// File holding the password of `coordination`, with the rules of
+    /// `[[database]] password-file` (a bare name is a systemd credential). Default: none.
+    pub coordination_password_file: Option<PathBuf>,
+    /// How long a replica's claim on a running job (and its membership) lives without
+    /// renewal; renewed every third of it. A replica that dies is seen gone and its
+    /// runs interrupted after at most this long. Between `3s` and `1h`. Default: `20s`.
+    #[serde(with = "humantime_serde")]
+    pub lease_timeout: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -181,7 +198,62 @@ impl Default for DaemonConfig {
             shutdown_grace: Duration::from_secs(300),
             history_keep: Duration::from_secs(90 * 86_400),
             probe_interval: Duration::from_secs(30),
+            cluster: None,
+            coordination: None,
+            coordination_password_file: None,
+            lease_timeout: DEFAULT_LEASE_TIMEOUT,
         }
+    }
+}
+
+/// By hand, so that a password written into `coordination` against advice stays out of logs.
+impl std::fmt::Debug for DaemonConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonConfig")
+            .field("state_dir", &self.state_dir)
+            .field("listen", &self.listen)
+            .field("max_concurrent_jobs", &self.max_concurrent_jobs)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("history_keep", &self.history_keep)
+            .field("probe_interval", &self.probe_interval)
+            .field("cluster", &self.cluster)
+            .field(
+                "coordination",
+                &self.coordination.as_deref().map(crate::redact::redact_url),
+            )
+            .field(
+                "coordination_password_file",
+                &self.coordination_password_file,
+            )
+            .field("lease_timeout", &self.lease_timeout)
+            .finish()
+    }
+}
+
+/// `lease-timeout` when none is written: well under a minute, so that a dead replica's
+/// jobs are taken over quickly, and long enough that a busy coordination server or a
+/// short network hiccup does not make replicas cancel their own runs.
+pub const DEFAULT_LEASE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The cluster name when `coordination` is set without `cluster`.
+pub const DEFAULT_CLUSTER: &str = "default";
+
+impl DaemonConfig {
+    /// The cluster name, when this daemon coordinates with replicas.
+    pub fn cluster_name(&self) -> Option<&str> {
+        self.coordination
+            .as_ref()
+            .map(|_| self.cluster.as_deref().unwrap_or(DEFAULT_CLUSTER))
+    }
+
+    /// The coordination database as a `[[database]]` entry named `coordination`, so
+    /// that it is opened with the same URL and password-file rules as the others.
+    pub fn coordination_database(&self, connect_timeout: Duration) -> Option<DatabaseConfig> {
+        Some(DatabaseConfig::connection_only(
+            "coordination",
+            self.coordination.as_deref()?,
+            self.coordination_password_file.clone(),
+            connect_timeout,
+        ))
     }
 }
 
@@ -298,6 +370,35 @@ impl DatabaseConfig {
             return None;
         }
         Some(std::path::absolute(file).unwrap_or_else(|_| file.to_owned()))
+    }
+}
+
+impl DatabaseConfig {
+    /// An entry with only what a connection needs and no jobs (a restore target, the
+    /// coordination database), not read from a config file.
+    pub fn connection_only(
+        name: &str,
+        url: &str,
+        password_file: Option<PathBuf>,
+        connect_timeout: Duration,
+    ) -> Self {
+        DatabaseConfig {
+            source: PathBuf::new(),
+            name: name.to_owned(),
+            url: url.to_owned(),
+            password_file,
+            connect_timeout,
+            foreign_keys: false,
+            backup: None,
+            retention: Vec::new(),
+            refresh: Vec::new(),
+            migrate: None,
+            sql: Vec::new(),
+            gauge: Vec::new(),
+            table_stats: false,
+            table_stats_schedule: None,
+            table_stats_max_tables: None,
+        }
     }
 }
 
@@ -1228,6 +1329,7 @@ impl Config {
         if d.probe_interval.is_zero() {
             return Err(self.invalid("daemon.probe-interval", "must be longer than 0s"));
         }
+        self.validate_coordination()?;
         if let Some(n) = &self.notify {
             self.validate_notify(n)?;
         }
@@ -1945,6 +2047,71 @@ fn is_bare_name(file: &Path) -> bool {
         (parts.next(), parts.next()),
         (Some(std::path::Component::Normal(_)), None)
     )
+}
+
+impl Config {
+    /// `cluster`, `coordination`, `coordination-password-file` and `lease-timeout`.
+    fn validate_coordination(&self) -> Result<(), ConfigError> {
+        let d = &self.daemon;
+        let Some(url) = &d.coordination else {
+            for (set, key) in [
+                (d.cluster.is_some(), "daemon.cluster"),
+                (
+                    d.coordination_password_file.is_some(),
+                    "daemon.coordination-password-file",
+                ),
+            ] {
+                if set {
+                    return Err(self.invalid(
+                        key,
+                        "only takes effect with daemon.coordination; add the coordination URL or remove this key",
+                    ));
+                }
+            }
+            return Ok(());
+        };
+        if let Some(name) = &d.cluster {
+            check_name(name).map_err(|m| self.invalid("daemon.cluster", m))?;
+        }
+        if Backend::from_url(url).ok() != Some(Backend::Postgres) {
+            return Err(self.invalid(
+                "daemon.coordination",
+                "must be a postgres:// URL: replicas coordinate through a PostgreSQL database",
+            ));
+        }
+        let secrets =
+            crate::pgurl::split_secrets(url).map_err(|m| self.invalid("daemon.coordination", m))?;
+        if secrets.service {
+            return Err(self.invalid(
+                "daemon.coordination",
+                "has service=, which dbkeeper does not support; write host, port, user and database in the URL instead",
+            ));
+        }
+        if let Some(file) = &d.coordination_password_file {
+            if !file.is_file() {
+                return Err(self.invalid(
+                    "daemon.coordination-password-file",
+                    format!(
+                        "{} is not a readable file; create it or fix the path{}",
+                        file.display(),
+                        self.credential_hint(file)
+                    ),
+                ));
+            }
+        }
+        self.duration(
+            "daemon.lease-timeout",
+            d.lease_timeout,
+            Duration::from_secs(3600),
+        )?;
+        if d.lease_timeout < Duration::from_secs(3) {
+            return Err(self.invalid(
+                "daemon.lease-timeout",
+                "must be at least 3s (it is renewed every third of it)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Names end up in job ids (`db.kind.name`), metric labels and file paths, so they are

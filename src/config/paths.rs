@@ -29,6 +29,9 @@ impl Config {
             *p = resolved;
         };
         self.daemon.state_dir = anchored(&base, &self.daemon.state_dir);
+        if let Some(f) = &mut self.daemon.coordination_password_file {
+            secret(f);
+        }
         for db in &mut self.databases {
             db.url = anchor_url(&base, &db.url).map_err(|message| ConfigError::Invalid {
                 path: file.to_owned(),

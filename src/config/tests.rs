@@ -737,3 +737,77 @@ fn example_gauge_parses_when_uncommented() {
     assert_eq!(db.table_stats_options(None).schedule.as_str(), "every 5m");
     assert_eq!(db.table_stats_max_tables(), 100);
 }
+
+#[test]
+fn replica_keys_parse_with_defaults_and_are_checked() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(
+        c.daemon.cluster_name(),
+        None,
+        "no coordination: a single daemon"
+    );
+    let with = |keys: &str| parse(&format!("[daemon]\n{keys}\n{MINIMAL}"));
+    let c = with("coordination = \"postgres://dbkeeper@db1/coord\"").unwrap();
+    assert_eq!(c.daemon.cluster_name(), Some("default"));
+    assert_eq!(c.daemon.lease_timeout, Duration::from_secs(20));
+    let c = with(
+        "cluster = \"prod\"\ncoordination = \"postgres://dbkeeper@db1/coord\"\nlease-timeout = \"45s\"",
+    )
+    .unwrap();
+    assert_eq!(c.daemon.cluster_name(), Some("prod"));
+    assert_eq!(c.daemon.lease_timeout, Duration::from_secs(45));
+    let coord = c
+        .daemon
+        .coordination_database(Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(coord.url, "postgres://dbkeeper@db1/coord");
+
+    // kebab-case, unknown keys rejected with their place.
+    let e = with("coordination_url = \"postgres://db1/coord\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("coordination_url") && e.contains("test.toml:2:1"),
+        "{e}"
+    );
+    for (keys, key, says) in [
+        (
+            "cluster = \"prod\"",
+            "daemon.cluster",
+            "daemon.coordination",
+        ),
+        (
+            "coordination = \"sqlite:///tmp/c.db\"",
+            "daemon.coordination",
+            "postgres://",
+        ),
+        (
+            "coordination = \"postgres://db1/c\"\nlease-timeout = \"1s\"",
+            "daemon.lease-timeout",
+            "at least 3s",
+        ),
+        (
+            "coordination = \"postgres://db1/c\"\ncluster = \"a b\"",
+            "daemon.cluster",
+            "not a valid name",
+        ),
+        (
+            "coordination = \"postgres://db1/c\"\ncoordination-password-file = \"/nonexistent/pw\"",
+            "daemon.coordination-password-file",
+            "not a readable file",
+        ),
+    ] {
+        let e = with(keys).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains(says), "{keys}: {e}");
+    }
+}
+
+#[test]
+fn debug_output_hides_a_password_in_the_coordination_url() {
+    let c = parse(&format!(
+        "[daemon]\ncoordination = \"postgres://dbk:hunter2@db1/coord\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    let debug = format!("{c:?}");
+    assert!(!debug.contains("hunter2"), "{debug}");
+}

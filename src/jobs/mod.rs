@@ -174,6 +174,12 @@ impl Job {
     /// table stats): after a start they are empty until it runs, so the daemon runs
     /// it at once instead of leaving Prometheus without the series for up to an
     /// interval. (Periodic schedules only: the daemon never runs a `manual` job.)
+    /// Replicas: whether runs are claimed cluster-wide. Query gauges and table stats
+    /// are not: they only read, and each replica serves its own `/metrics`.
+    pub fn coordinated(&self) -> bool {
+        !self.runs_at_start()
+    }
+
     pub fn runs_at_start(&self) -> bool {
         matches!(self.work, Work::Gauge(_) | Work::TableStats(_))
     }

@@ -426,23 +426,7 @@ async fn restore_postgres(
 
 /// A database entry for a restore target given only by its URL (`--to`).
 pub fn target_config(url: &str) -> DatabaseConfig {
-    DatabaseConfig {
-        source: PathBuf::new(),
-        name: "restore-target".to_owned(),
-        url: url.to_owned(),
-        password_file: None,
-        connect_timeout: Duration::from_secs(10),
-        foreign_keys: false,
-        backup: None,
-        retention: Vec::new(),
-        refresh: Vec::new(),
-        migrate: None,
-        sql: Vec::new(),
-        gauge: Vec::new(),
-        table_stats: false,
-        table_stats_schedule: None,
-        table_stats_max_tables: None,
-    }
+    DatabaseConfig::connection_only("restore-target", url, None, Duration::from_secs(10))
 }
 
 async fn restore_postgres_with(
