@@ -919,3 +919,107 @@ fn decrypt_with_an_identity_refuses_a_plain_archive() {
         .assert()
         .success();
 }
+
+/// Adversary round 4, case 01: with the state directory lost, the first backups made
+/// with the new key mark the key change in the destination; an attacker who adds
+/// `rewrapped` to their manifests (version 1 archives, which no rewrap ever wrote)
+/// does not take them out of that, so a backup made with the leaked old key stays
+/// untrusted. A state record that cannot be read is warned about.
+#[test]
+fn an_edited_rewrapped_mark_never_brings_a_retired_key_back() {
+    let w = Workdir::new();
+    make_db(&w);
+    let (k1, k2) = (w.key("k1.key"), w.key("k2.key"));
+    config(&w, &k1, "");
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    std::thread::sleep(Duration::from_millis(1100));
+    config(&w, &k2, &decryption(&[&k1]));
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    std::thread::sleep(Duration::from_millis(1100));
+    let attacker = Workdir::new();
+    sqlite(
+        &attacker.path().join("app.db"),
+        "CREATE TABLE t (x TEXT); INSERT INTO t VALUES ('EVIL');",
+    );
+    attacker.write_config(
+        "",
+        &sqlite_db(
+            &attacker,
+            "app",
+            &backup_table(&w.path().join("backups"), Some(&k1), ""),
+        ),
+    );
+    attacker.cmd(&["run-job", "app.backup"]).assert().success();
+    // The state record is damaged, and every K2 manifest claims a rewrap.
+    std::fs::write(w.path().join("state/key-boundaries.json"), "{ damaged").expect("damage");
+    for entry in std::fs::read_dir(w.path().join("backups/app"))
+        .expect("dir")
+        .flatten()
+    {
+        let path = entry.path();
+        if !s(&path).ends_with(".manifest.json") {
+            continue;
+        }
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("manifest")).expect("json");
+        m["rewrapped"] = serde_json::Value::String("2020-01-01T00:00:00Z".to_owned());
+        std::fs::write(&path, m.to_string()).expect("edit");
+    }
+    let out = w.cmd(&["backup", "list", "app"]).output().expect("list");
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{list}");
+    assert_eq!(list.matches("UNTRUSTED").count(), 1, "{list}");
+    assert!(list.contains("a retired key"), "{list}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read key-boundaries.json"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let to = w.path().join("out.db");
+    w.cmd(&["restore", "app", "--to", s(&to)])
+        .assert()
+        .success();
+    assert_eq!(sqlite(&to, "SELECT count(*) FROM t;").trim(), "3");
+}
+
+/// Adversary round 4, case 07: a daemon not yet reloaded (still on K1) makes one
+/// backup after `key rewrap` took up K2; that run must not turn the key-change record
+/// back, so a later rewrap does not take K2 for "made current again" and rewrap a
+/// forgery made with the leaked K1 after the change.
+#[test]
+fn a_backup_run_on_the_old_key_never_resets_the_key_change() {
+    let w = Workdir::new();
+    make_db(&w);
+    let (k1, k2) = (w.key("k1.key"), w.key("k2.key"));
+    config(&w, &k1, "keep = { last = -1 }");
+    w.cmd(&["run-job", "app.backup"]).assert().success();
+    let stale = w.path().join("stale.toml");
+    std::fs::copy(w.config_path(), &stale).expect("stale config");
+    std::thread::sleep(Duration::from_millis(1100));
+    config(&w, &k2, &decryption(&[&k1]));
+    w.stdout(&["key", "rewrap"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    Command::new(BIN)
+        .args(["run-job", "app.backup", "-c", s(&stale)])
+        .output()
+        .expect("stale run");
+    let attacker = Workdir::new();
+    sqlite(
+        &attacker.path().join("app.db"),
+        "CREATE TABLE t (x TEXT); INSERT INTO t VALUES ('EVIL');",
+    );
+    attacker.write_config(
+        "",
+        &sqlite_db(
+            &attacker,
+            "app",
+            &backup_table(&w.path().join("backups"), Some(&k1), "keep = { last = -1 }"),
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    attacker.cmd(&["run-job", "app.backup"]).assert().success();
+    let out = w.cmd(&["key", "rewrap"]).assert().code(1);
+    let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert!(!text.contains(": rewrapped"), "{text}");
+    assert!(text.contains("a retired key"), "{text}");
+}
