@@ -360,11 +360,32 @@ impl Daemon {
         let Some(job) = active.jobs.get(&gone.job) else {
             return;
         };
-        if job.kind() == jobs::Kind::Backup.as_str() && job.options.missed == Missed::RunOnce {
-            tracing::info!(job = %job.id, replica = %gone.replica, "taking over the interrupted backup (missed = run-once)");
-            self.runner
-                .spawn(job.clone(), Trigger::Missed, gone.fire_at);
+        let jobs::Work::Backup(backup) = &job.work else {
+            return;
+        };
+        if job.options.missed != Missed::RunOnce {
+            return;
         }
+        // A replica that stored the backup but could not record it before its lease ran
+        // out (a coordination outage at the end) did not cut it short.
+        let (backup, job, runner) = (backup.clone(), job.clone(), self.runner.clone());
+        tokio::spawn(async move {
+            let (database, fire_at) = (job.database_name().to_owned(), gone.fire_at);
+            let stored =
+                tokio::task::spawn_blocking(move || backup.stored_since(&database, fire_at))
+                    .await
+                    .ok()
+                    .flatten();
+            match stored {
+                Some(id) => {
+                    tracing::info!(job = %job.id, replica = %gone.replica, backup = %id, "the interrupted backup was stored before its replica lost its lease; not taken over")
+                }
+                None => {
+                    tracing::info!(job = %job.id, replica = %gone.replica, "taking over the interrupted backup (missed = run-once)");
+                    runner.spawn(job, Trigger::Missed, fire_at);
+                }
+            }
+        });
     }
 
     /// Publishes the configuration's jobs and databases and arms every job.

@@ -763,3 +763,80 @@ fn a_replica_cut_off_from_coordination_cancels_its_running_job_within_the_lease(
     });
     stop(d);
 }
+
+/// Adversary round of issue 17, case 08: replica A stores its backup but loses the
+/// coordination database just before it can record the result, so its claim expires
+/// as interrupted. That backup was not cut short: B must not run the fire time again
+/// (two full dumps and two rotation slots for one fire time).
+#[test]
+fn a_backup_stored_before_its_replica_lost_the_lease_is_not_taken_over() {
+    let coord = PgDb::new("clu_coord");
+    let app = PgDb::new("clu_app");
+    app.sql("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g");
+    let shared = Workdir::new();
+    let key = shared.key("backup.key");
+    let dest = shared.path().join("backups");
+    let marker = shared.path().join("hold");
+    std::fs::write(&marker, "").expect("marker");
+    // Waits while the marker exists, then dumps for real.
+    let dump = common::write_script(
+        shared.path(),
+        "held-pg-dump",
+        &format!(
+            "#!/bin/sh\nwhile [ -e '{m}' ]; do sleep 0.1; done\nexec pg_dump \"$@\"\n",
+            m = marker.display()
+        ),
+    );
+    let backup = format!(
+        "[database.backup]\nschedule = \"every 1h\"\ndestination = \"{}\"\nencryption-key-file = \"{}\"\npg-dump = \"{}\"\nverify = \"read\"\nkeep = {{ last = -1 }}\n",
+        dest.display(),
+        key.display(),
+        dump.display()
+    );
+    let rest = database("app", &app.url, &backup);
+    let (proxy, via_proxy) = Proxy::in_front_of(&coord);
+    let a_dir = Workdir::new();
+    a_dir.write_config(&replica_keys(&via_proxy), &rest);
+    let b_dir = Workdir::new();
+    b_dir.write_config(&replica_keys(&coord.url), &rest);
+    // A alone at first: it claims the start-up (missed) run and holds in the dump.
+    let a = start_together(std::slice::from_ref(&a_dir)).remove(0);
+    a.wait_for("A runs the backup", Duration::from_secs(30), || {
+        a.metric("dbkeeper_job_running", &["job_id=\"app.backup\""]) == Some(1.0)
+    });
+    let b = start_together(std::slice::from_ref(&b_dir)).remove(0);
+    wait_members(&b, 2.0, Duration::from_secs(30));
+    // A's lease was renewed (a third of 6 s); now A loses the coordination database
+    // and its dump goes on at once: it stores the backup well before it would fence.
+    std::thread::sleep(Duration::from_secs(3));
+    proxy.set_down(true);
+    std::fs::remove_file(&marker).expect("marker");
+    a.wait_for("A's backup succeeds", Duration::from_secs(4), || {
+        a.metric(
+            "dbkeeper_job_runs_total",
+            &["job_id=\"app.backup\"", "result=\"success\""],
+        ) == Some(1.0)
+    });
+    // B sees the claim expire (lease 6 s) and decides about a takeover.
+    b.wait_for(
+        "B decides about the interrupted backup",
+        Duration::from_secs(20),
+        || b.log_text().contains("not taken over") || b.log_text().contains("taking over"),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        b.log_text().contains("not taken over"),
+        "B took the stored backup over:\n{}",
+        b.log_text()
+    );
+    assert_eq!(
+        common::archives(&dest, "app").len(),
+        1,
+        "one backup for one fire time; A:\n{}\nB:\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    proxy.set_down(false);
+    stop(b);
+    stop(a);
+}

@@ -223,6 +223,23 @@ impl BackupJob {
         storage::for_backups(&self.cfg, &[database])
     }
 
+    /// A trusted backup of `database` started at or after `since` in one of its
+    /// destinations (blocking: it lists them). Replicas: an interrupted backup whose
+    /// replica stored it before it lost its lease (the result could not be recorded)
+    /// was not cut short, and is not run again (adversary round of issue 17, case 08).
+    pub fn stored_since(&self, database: &str, since: chrono::DateTime<Utc>) -> Option<String> {
+        let policy = self.trust_policy(database, false);
+        self.places(database).iter().find_map(|place| {
+            let listing = catalog::list(&*place.store, &policy).ok()?;
+            listing
+                .backups
+                .iter()
+                .rev()
+                .find(|m| m.started_at.timestamp() >= since.timestamp())
+                .map(|m| m.id.clone())
+        })
+    }
+
     /// Every destination of `database`'s backups and of the files sets taken with
     /// it, each with the name its backups are filed under: where a pre-migration
     /// backup's pins go.
