@@ -94,6 +94,25 @@ fn plant(w: &Workdir, key: &Path, n: usize) {
     }
 }
 
+/// Whoever holds `key` (a leaked one) and can write to `w`'s destination plants a
+/// backup of `app` holding 'EVIL', made with a dbkeeper and a state of their own.
+fn plant_forgery(w: &Workdir, key: &Path) {
+    let attacker = Workdir::new();
+    sqlite(
+        &attacker.path().join("app.db"),
+        "CREATE TABLE t (x TEXT); INSERT INTO t VALUES ('EVIL');",
+    );
+    attacker.write_config(
+        "",
+        &sqlite_db(
+            &attacker,
+            "app",
+            &backup_table(&w.path().join("backups"), Some(key), "keep = { last = -1 }"),
+        ),
+    );
+    attacker.cmd(&["run-job", "app.backup"]).assert().success();
+}
+
 #[test]
 fn key_a_to_key_b_in_place() {
     let w = Workdir::new();
@@ -714,20 +733,7 @@ fn rotating_to_recipients_only_retires_the_old_key() {
     assert!(out.contains("1 rewrapped"), "{out}");
     // Whoever holds the leaked key plants a newer backup, with a state of its own.
     std::thread::sleep(Duration::from_millis(1100));
-    let attacker = Workdir::new();
-    sqlite(
-        &attacker.path().join("app.db"),
-        "CREATE TABLE t (x TEXT); INSERT INTO t VALUES ('EVIL');",
-    );
-    attacker.write_config(
-        "",
-        &sqlite_db(
-            &attacker,
-            "app",
-            &backup_table(&w.path().join("backups"), Some(&old), ""),
-        ),
-    );
-    attacker.cmd(&["run-job", "app.backup"]).assert().success();
+    plant_forgery(&w, &old);
     let list = w.stdout(&["backup", "list", "app"]);
     assert_eq!(list.matches("UNTRUSTED").count(), 1, "{list}");
     assert!(list.contains("a retired key"), "{list}");
@@ -936,20 +942,7 @@ fn an_edited_rewrapped_mark_never_brings_a_retired_key_back() {
     config(&w, &k2, &decryption(&[&k1]));
     w.cmd(&["run-job", "app.backup"]).assert().success();
     std::thread::sleep(Duration::from_millis(1100));
-    let attacker = Workdir::new();
-    sqlite(
-        &attacker.path().join("app.db"),
-        "CREATE TABLE t (x TEXT); INSERT INTO t VALUES ('EVIL');",
-    );
-    attacker.write_config(
-        "",
-        &sqlite_db(
-            &attacker,
-            "app",
-            &backup_table(&w.path().join("backups"), Some(&k1), ""),
-        ),
-    );
-    attacker.cmd(&["run-job", "app.backup"]).assert().success();
+    plant_forgery(&w, &k1);
     // The state record is damaged, and every K2 manifest claims a rewrap.
     std::fs::write(w.path().join("state/key-boundaries.json"), "{ damaged").expect("damage");
     for entry in std::fs::read_dir(w.path().join("backups/app"))
@@ -1003,21 +996,8 @@ fn a_backup_run_on_the_old_key_never_resets_the_key_change() {
         .args(["run-job", "app.backup", "-c", s(&stale)])
         .output()
         .expect("stale run");
-    let attacker = Workdir::new();
-    sqlite(
-        &attacker.path().join("app.db"),
-        "CREATE TABLE t (x TEXT); INSERT INTO t VALUES ('EVIL');",
-    );
-    attacker.write_config(
-        "",
-        &sqlite_db(
-            &attacker,
-            "app",
-            &backup_table(&w.path().join("backups"), Some(&k1), "keep = { last = -1 }"),
-        ),
-    );
     std::thread::sleep(Duration::from_millis(1100));
-    attacker.cmd(&["run-job", "app.backup"]).assert().success();
+    plant_forgery(&w, &k1);
     let out = w.cmd(&["key", "rewrap"]).assert().code(1);
     let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
     assert!(!text.contains(": rewrapped"), "{text}");

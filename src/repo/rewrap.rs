@@ -278,15 +278,25 @@ fn would_rewrap(
     keys: &KeyRing,
     target: &Target<'_>,
 ) -> Result<Outcome, RewrapError> {
-    archive::rewrap(
+    rewrapped_prefix(object, keys, target)?;
+    Ok(Outcome::WouldRewrap)
+}
+
+/// The new prefix of `object` for `target` (see [`archive::rewrap`]): its data key
+/// opened with `keys` and wrapped again, the segments untouched.
+fn rewrapped_prefix(
+    object: &dyn Object,
+    keys: &KeyRing,
+    target: &Target<'_>,
+) -> Result<archive::Rewrapped, RewrapError> {
+    Ok(archive::rewrap(
         &mut object
             .read(None)
             .map_err(storage("cannot read the archive"))?,
         keys,
         target.key,
         target.recipients,
-    )?;
-    Ok(Outcome::WouldRewrap)
+    )?)
 }
 
 /// A rewrapped archive, written and read back, not yet published.
@@ -307,14 +317,7 @@ fn write_replacement(
     keys: &KeyRing,
     target: &Target<'_>,
 ) -> Result<Replacement, RewrapError> {
-    let rewrapped = archive::rewrap(
-        &mut object
-            .read(None)
-            .map_err(storage("cannot read the archive"))?,
-        keys,
-        target.key,
-        target.recipients,
-    )?;
+    let rewrapped = rewrapped_prefix(object, keys, target)?;
     let size = object.size();
     let upload = store
         .put_replacing(name)
